@@ -1,0 +1,204 @@
+"""CloudBridge's classified errors: one tree, each class with a stable ``code``.
+
+The ``code`` is the same string in wire messages, logs, metrics labels and CLI output;
+``retryable`` and ``retry_delay`` (seconds) say whether and when to try again;
+``exit_code`` is what a one-shot CLI command exits with (see ``docs/errors.md``)::
+
+    CloudBridgeError                     error             exit 1
+    ├── UsageError                       usage             exit 2
+    │   └── PluginSelectionError         plugin_unknown    exit 2
+    ├── ConfigError                      config_invalid    exit 3
+    ├── ProviderNotInstalled             provider_missing  exit 1
+    ├── AuthError                        auth_failed       exit 4
+    │   ├── InvalidToken                 invalid_token     exit 4
+    │   ├── TokenExpired                 token_expired     exit 4
+    │   └── Unauthorized                 unauthorized      exit 4
+    ├── RateLimitExceeded                rate_limited      exit 5  retry after 5s
+    ├── ServerUnavailable                unavailable       exit 5  retry after 10s
+    ├── ConnectionTimeout                timeout           exit 5  retry after 3s
+    ├── HeartbeatFailed                  heartbeat_failed  exit 5  retry after 2s
+    ├── CircuitOpen                      circuit_open      exit 5  retry after the breaker's reset
+    ├── P2PConnectionFailed              p2p_failed        exit 1  retry after 5s
+    ├── TunnelClosed                     tunnel_closed     exit 1
+    └── Unhealthy                        unhealthy         exit 6
+
+Messages never contain secrets: callers pass names and paths, never token values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import ClassVar
+
+
+class ExitCode(IntEnum):
+    """Exit codes of the ``cloudbridge`` command."""
+
+    OK = 0
+    FAILURE = 1
+    USAGE = 2
+    CONFIG_INVALID = 3
+    AUTH = 4
+    RELAY_UNAVAILABLE = 5
+    UNHEALTHY = 6
+    INTERRUPTED = 130
+
+
+class CloudBridgeError(Exception):
+    """Base of every error CloudBridge raises on purpose."""
+
+    code: ClassVar[str] = "error"
+    retryable: ClassVar[bool] = False
+    retry_delay: ClassVar[float | None] = None
+    exit_code: ClassVar[ExitCode] = ExitCode.FAILURE
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def to_dict(self) -> dict[str, str]:
+        """The ``{"code", "message", "hint"}`` object used in JSON output and wire errors."""
+        out = {"code": self.code, "message": self.message}
+        if self.hint:
+            out["hint"] = self.hint
+        return out
+
+
+class UsageError(CloudBridgeError):
+    code = "usage"
+    exit_code = ExitCode.USAGE
+
+
+class PluginSelectionError(UsageError):
+    """A plugin name given to select or disable plugins is not installed."""
+
+    code = "plugin_unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    """One thing wrong with a configuration, located as precisely as we can."""
+
+    path: str
+    message: str
+    source: str | None = None
+    line: int | None = None
+
+    def location(self) -> str:
+        where = self.source or ""
+        if self.line is not None:
+            where = f"{where}:{self.line}"
+        return where
+
+    def __str__(self) -> str:
+        where = self.location()
+        prefix = f"{where}: " if where else ""
+        return f"{prefix}{self.path or '<root>'}: {self.message}"
+
+
+class ConfigError(CloudBridgeError):
+    """The configuration is invalid; ``issues`` lists every problem found."""
+
+    code = "config_invalid"
+    exit_code = ExitCode.CONFIG_INVALID
+
+    def __init__(self, issues: list[ConfigIssue], *, hint: str | None = None) -> None:
+        count = len(issues)
+        summary = "; ".join(str(issue) for issue in issues[:3])
+        more = f" (and {count - 3} more)" if count > 3 else ""
+        super().__init__(
+            f"configuration has {count} error{'s' if count != 1 else ''}: {summary}{more}",
+            hint=hint,
+        )
+        self.issues = issues
+
+
+class ProviderNotInstalled(CloudBridgeError):
+    """A command needs a provider (``transport 'quic'``) that no active plugin offers."""
+
+    code = "provider_missing"
+
+
+class AuthError(CloudBridgeError):
+    code = "auth_failed"
+    exit_code = ExitCode.AUTH
+
+
+class InvalidToken(AuthError):
+    code = "invalid_token"
+
+
+class TokenExpired(AuthError):
+    code = "token_expired"
+
+
+class Unauthorized(AuthError):
+    code = "unauthorized"
+
+
+class RateLimitExceeded(CloudBridgeError):
+    code = "rate_limited"
+    retryable = True
+    retry_delay = 5.0
+    exit_code = ExitCode.RELAY_UNAVAILABLE
+
+
+class ServerUnavailable(CloudBridgeError):
+    code = "unavailable"
+    retryable = True
+    retry_delay = 10.0
+    exit_code = ExitCode.RELAY_UNAVAILABLE
+
+
+class ConnectionTimeout(CloudBridgeError):
+    code = "timeout"
+    retryable = True
+    retry_delay = 3.0
+    exit_code = ExitCode.RELAY_UNAVAILABLE
+
+
+class HeartbeatFailed(CloudBridgeError):
+    code = "heartbeat_failed"
+    retryable = True
+    retry_delay = 2.0
+    exit_code = ExitCode.RELAY_UNAVAILABLE
+
+
+class CircuitOpen(CloudBridgeError):
+    """Calls are refused because the circuit breaker for an endpoint is open."""
+
+    code = "circuit_open"
+    retryable = True
+    exit_code = ExitCode.RELAY_UNAVAILABLE
+
+    def __init__(self, message: str, *, retry_after: float, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.retry_after = retry_after
+
+
+class P2PConnectionFailed(CloudBridgeError):
+    code = "p2p_failed"
+    retryable = True
+    retry_delay = 5.0
+
+
+class TunnelClosed(CloudBridgeError):
+    code = "tunnel_closed"
+
+
+class Unhealthy(CloudBridgeError):
+    code = "unhealthy"
+    exit_code = ExitCode.UNHEALTHY
+
+
+def all_error_classes() -> list[type[CloudBridgeError]]:
+    """Every class of the tree, base first; used to document and test the codes."""
+    found: list[type[CloudBridgeError]] = []
+    pending: list[type[CloudBridgeError]] = [CloudBridgeError]
+    while pending:
+        cls = pending.pop(0)
+        found.append(cls)
+        pending.extend(cls.__subclasses__())
+    return found

@@ -1,0 +1,212 @@
+"""What plugins provide: typed provider specs and the interfaces of the providers.
+
+Hooks are synchronous factories that return :class:`ProviderSpec` records. A spec is
+cheap to build: its ``load`` callable imports the heavy library and returns the provider
+object only when the core actually selects it. Every method that waits is ``async``;
+long-lived objects are async resources with an idempotent ``aclose()``.
+
+See ``docs/plugins/`` for worked examples of each interface.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+ProviderT = TypeVar("ProviderT")
+
+FAMILIES = ("transport", "auth_provider", "nat_strategy", "overlay", "exporter")
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderSpec(Generic[ProviderT]):
+    """One provider a plugin offers.
+
+    ``name`` is the public name users select it by (``transport.mode: quic``).
+    ``priority`` orders providers of one family: higher is preferred (QUIC over gRPC
+    over WebSocket; direct before TURN). ``load`` builds the provider; it may import
+    heavy libraries and may raise, which the core reports as a failure of that provider.
+    """
+
+    name: str
+    load: Callable[[], ProviderT]
+    priority: int = 0
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigSection:
+    """A plugin's own configuration section.
+
+    ``path`` is dotted (``transport.quic``); ``schema`` is a JSON Schema (2020-12)
+    fragment that validates the value found at that path.
+    """
+
+    path: str
+    schema: Mapping[str, Any]
+
+
+# ---- transports --------------------------------------------------------------------
+
+
+class Stream(Protocol):
+    """A reliable, ordered, bidirectional byte stream inside a :class:`Session`."""
+
+    async def read(self, max_bytes: int = 65536) -> bytes:
+        """Return up to ``max_bytes``; ``b""`` once the peer has closed its side."""
+
+    async def write(self, data: bytes) -> None:
+        """Send ``data``, waiting while the peer's window is full (flow control)."""
+
+    async def close_write(self) -> None:
+        """Half-close: the peer reads EOF, this side can still read."""
+
+    async def aclose(self) -> None:
+        """Close both directions; idempotent."""
+
+
+class Session(Protocol):
+    """One connection to a peer carrying many independent streams."""
+
+    async def open_stream(self) -> Stream: ...
+
+    async def accept_stream(self) -> Stream:
+        """Wait for the peer to open a stream; raises ``TransportClosed`` when closed."""
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where a transport connects to or listens on."""
+
+    host: str
+    port: int
+    tls: ssl.SSLContext
+    connect_timeout: float = 5.0
+
+
+class Listener(Protocol):
+    """A running server side of a transport."""
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when listening on port 0)."""
+
+    async def aclose(self) -> None: ...
+
+
+class Transport(Protocol):
+    """Carries bytes between a client and the relay; everything above is shared code."""
+
+    async def connect(self, endpoint: Endpoint) -> Session: ...
+
+    async def serve(
+        self, endpoint: Endpoint, handler: Callable[[Session], Awaitable[None]]
+    ) -> Listener: ...
+
+
+# ---- auth ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    """The validated identity a token carries. Everything is scoped to ``tenant_id``."""
+
+    subject: str
+    tenant_id: str
+    permissions: frozenset[str]
+    expires_at: float
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+class AuthProvider(Protocol):
+    """Validates bearer tokens on the relay.
+
+    ``validate`` raises ``InvalidToken``, ``TokenExpired`` or ``Unauthorized``
+    from :mod:`cloudbridge_core.errors`.
+    """
+
+    async def validate(self, token: str) -> Claims: ...
+
+
+class TokenSource(Protocol):
+    """Client side of an auth provider that can obtain tokens (OIDC device flow)."""
+
+    async def obtain_token(self) -> str: ...
+
+
+# ---- NAT traversal -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    """A peer of the same tenant, as the relay announces it."""
+
+    peer_id: str
+    name: str
+    public_key: str
+    endpoints: Sequence[str] = ()
+
+
+class SignalChannel(Protocol):
+    """Exchanges signalling messages (ICE credentials, candidates) with one peer via the relay."""
+
+    async def send(self, message: Mapping[str, Any]) -> None: ...
+
+    async def receive(self) -> Mapping[str, Any]: ...
+
+
+class PeerPath(Protocol):
+    """A datagram path to a peer, as established by a NAT strategy."""
+
+    @property
+    def kind(self) -> str:
+        """One of ``direct``, ``stun``, ``turn``, ``relay``, ``derp``."""
+
+    async def send(self, datagram: bytes) -> None: ...
+
+    async def receive(self) -> bytes: ...
+
+    async def aclose(self) -> None: ...
+
+
+class NatStrategy(Protocol):
+    """One way through NAT. Strategies are tried by descending ``priority``."""
+
+    async def connect(self, peer: PeerInfo, signal: SignalChannel) -> PeerPath: ...
+
+
+# ---- overlays and exporters ----------------------------------------------------------
+
+
+class Overlay(Protocol):
+    """An L3 overlay (WireGuard) over the paths to peers."""
+
+    async def up(self, address: str, private_key: str) -> None: ...
+
+    async def update_peers(self, peers: Sequence[PeerInfo]) -> None: ...
+
+    async def down(self) -> None:
+        """Remove everything ``up`` created; idempotent."""
+
+
+class Exporter(Protocol):
+    """Ships metrics from a prometheus-client registry somewhere."""
+
+    async def start(self, registry: CollectorRegistry) -> None: ...
+
+    async def stop(self) -> None:
+        """Flush and stop; idempotent."""
+
+
+TransportSpec = ProviderSpec[Transport]
+AuthProviderSpec = ProviderSpec[AuthProvider]
+NatStrategySpec = ProviderSpec[NatStrategy]
+OverlaySpec = ProviderSpec[Overlay]
+ExporterSpec = ProviderSpec[Exporter]
