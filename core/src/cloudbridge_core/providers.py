@@ -23,7 +23,7 @@ ProviderT = TypeVar("ProviderT")
 FAMILIES = ("transport", "auth_provider", "nat_strategy", "overlay", "exporter")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)  # no slots: they break generic aliases' instantiation on 3.11
 class ProviderSpec(Generic[ProviderT]):
     """One provider a plugin offers.
 

@@ -1,0 +1,128 @@
+"""What every command shares: global options, the config sources, the loaded plugins."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cloudbridge_core.config import (
+    Config,
+    RawConfig,
+    merged_schema,
+    read_sources,
+    search_path,
+    validate,
+)
+from cloudbridge_core.config.schema import Schema
+from cloudbridge_core.log import LEVELS, configure_logging, get_logger
+from cloudbridge_core.plugins import Plugins, PluginSelection, load_plugins
+
+log = get_logger("cli")
+
+
+@dataclass
+class Runtime:
+    """Built once per invocation from the root command's options."""
+
+    config_flag: str | None = None
+    overrides: dict[str, tuple[Any, str]] = field(default_factory=dict)
+    flag_plugins: tuple[str, ...] = ()
+    no_plugins: bool = False
+    color: bool = True
+    environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> Runtime:
+        overrides: dict[str, tuple[Any, str]] = {}
+        verbosity = params.get("verbose", 0) - params.get("quiet", 0)
+        if params.get("log_level"):
+            overrides["logging.level"] = (params["log_level"], "--log-level")
+        elif verbosity:
+            overrides["logging.level"] = ("debug" if verbosity > 0 else "error", "-v/-q")
+        if params.get("log_format"):
+            overrides["logging.format"] = (params["log_format"], "--log-format")
+        return cls(
+            config_flag=params.get("config"),
+            overrides=overrides,
+            flag_plugins=tuple(params.get("plugin") or ()),
+            no_plugins=bool(params.get("no_plugins")),
+            color=not params.get("no_color") and "NO_COLOR" not in os.environ,
+        )
+
+    @cached_property
+    def config_path(self) -> Path | None:
+        """The config file in use; raises ``ConfigError`` if an explicit one is missing."""
+        return search_path(self.config_flag, self.environ)
+
+    def read(self, path: Path | None) -> RawConfig:
+        return read_sources(path, environ=self.environ, overrides=self.overrides)
+
+    @cached_property
+    def raw(self) -> RawConfig:
+        return self.read(self.config_path)
+
+    @cached_property
+    def plugins(self) -> Plugins:
+        section = self.raw.data.get("plugins")
+        section = section if isinstance(section, dict) else {}
+        selection = PluginSelection.from_sources(
+            flag_plugins=self.flag_plugins,
+            no_plugins=self.no_plugins,
+            env=self.environ,
+            config_enabled=_names(section.get("enabled")),
+            config_disabled=_names(section.get("disabled")) or (),
+        )
+        return load_plugins(selection)
+
+    @cached_property
+    def schema(self) -> Schema:
+        return merged_schema(self.plugins.config_sections())
+
+    def config(self) -> Config:
+        """The validated effective config; raises ``ConfigError`` listing every problem."""
+        return validate(self.raw, self.schema)
+
+    def configure_logging(self) -> None:
+        """Log as the config says when it can be read, else with defaults and flags."""
+        section = self.raw.data.get("logging")
+        section = section if isinstance(section, dict) else {}
+        level = section.get("level")
+        fmt = section.get("format")
+        output = section.get("output")
+        configure_logging(
+            level=level if level in LEVELS else "info",
+            fmt=fmt if fmt in ("json", "text") else "text",
+            output=output if isinstance(output, str) and output else "stderr",
+            max_bytes=_int(section.get("max_bytes"), 100 * 1024 * 1024),
+            backup_count=_int(section.get("backup_count"), 5),
+            color=self.color and sys.stderr.isatty(),
+        )
+
+
+def runtime_of(ctx: click.Context) -> Runtime:
+    """The invocation's runtime, created from the root options on first use."""
+    root = ctx.find_root()
+    runtime = root.obj
+    if not isinstance(runtime, Runtime):
+        runtime = root.obj = Runtime.from_params(root.params)
+    return runtime
+
+
+def _names(value: object) -> list[str] | None:
+    """A list of plugin names from the raw config, or None if it is not one (validation says why)."""
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    return None
+
+
+def _int(value: object, default: int) -> int:
+    return (
+        value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else default
+    )

@@ -1,0 +1,23 @@
+"""Configuration: schema, sources (defaults < file < env < flags), validation, hot reload."""
+
+from cloudbridge_core.config.loader import (
+    Config,
+    RawConfig,
+    load_config,
+    read_sources,
+    search_path,
+    validate,
+)
+from cloudbridge_core.config.reload import ConfigWatcher
+from cloudbridge_core.config.schema import merged_schema
+
+__all__ = [
+    "Config",
+    "ConfigWatcher",
+    "RawConfig",
+    "load_config",
+    "merged_schema",
+    "read_sources",
+    "search_path",
+    "validate",
+]

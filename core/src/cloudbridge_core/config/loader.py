@@ -1,0 +1,198 @@
+"""Loading the effective configuration: defaults < YAML file < environment < flags."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import platformdirs
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError, best_match
+
+from cloudbridge_core.config import sources
+from cloudbridge_core.config.schema import Schema, core_schema, defaults, node_at, secret_paths
+from cloudbridge_core.config.sources import Layer, Origin, Path_, dotted, leaves
+from cloudbridge_core.errors import ConfigError, ConfigIssue
+
+SYSTEM_CONFIG = Path("/etc/cloudbridge/config.yaml")
+REDACTED = "<redacted>"
+_T = TypeVar("_T")
+
+
+def search_path(explicit: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Path | None:
+    """The config file to read: ``--config``, ``CLOUDBRIDGE_CONFIG``, user dir, /etc.
+
+    An explicitly named file that does not exist is an error; the others are optional.
+    """
+    named = explicit or environ.get("CLOUDBRIDGE_CONFIG")
+    if named:
+        path = Path(named)
+        if not path.is_file():
+            where = "--config" if explicit else "CLOUDBRIDGE_CONFIG"
+            raise ConfigError([ConfigIssue("", f"config file not found ({where})", str(path))])
+        return path
+    for candidate in (platformdirs.user_config_path("cloudbridge") / "config.yaml", SYSTEM_CONFIG):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated, effective configuration and where each of its values came from."""
+
+    data: Mapping[str, Any]
+    source: Path | None
+    origins: Mapping[Path_, Origin] = field(repr=False)
+    secrets: frozenset[Path_] = field(repr=False)
+
+    def get(self, key: str) -> Any:
+        """The value at a dotted path (``relay.ports.quic``); ``KeyError`` if absent."""
+        value: Any = self.data
+        for part in key.split("."):
+            value = value[int(part)] if isinstance(value, list) else value[part]
+        return value
+
+    def origin(self, path: Path_) -> Origin:
+        return _longest_prefix(self.origins, path) or Origin("default")
+
+    def redacted(self) -> dict[str, Any]:
+        """The data with every secret replaced by ``<redacted>`` (for display and logs)."""
+        redacted: dict[str, Any] = _redact(self.data, (), self.secrets)
+        return redacted
+
+    def with_origins(self) -> list[dict[str, Any]]:
+        """Every leaf as ``{"key", "value", "origin"}``, secrets redacted."""
+        return [
+            {"key": dotted(path), "value": value, "origin": str(self.origin(path))}
+            for path, value in leaves(self.redacted())
+        ]
+
+
+@dataclass
+class RawConfig:
+    """Every source read and merged, not yet validated."""
+
+    data: dict[str, Any]
+    source: Path | None
+    origins: dict[Path_, Origin]
+    lines: dict[Path_, int]
+    issues: list[ConfigIssue]
+
+
+def read_sources(
+    path: Path | None,
+    *,
+    environ: Mapping[str, str],
+    overrides: Mapping[str, tuple[Any, str]] | None = None,
+    schema: Schema | None = None,
+) -> RawConfig:
+    """Read and merge every source; never raises for a problem in the sources."""
+    schema = schema or core_schema()
+    layers = [Layer(name="defaults", data=defaults(schema))]  # origin "default" is implied
+    if path is not None:
+        layers.append(sources.file_layer(path, environ))
+    layers.append(sources.env_layer(environ, schema))
+    layers.append(sources.overrides_layer(overrides or {}))
+    data: dict[str, Any] = {}
+    origins: dict[Path_, Origin] = {}
+    lines: dict[Path_, int] = {}
+    issues: list[ConfigIssue] = []
+    for layer in layers:
+        data = sources.merge(data, layer.data)
+        for changed, _ in leaves(layer.data):
+            for old in [p for p in origins if p[: len(changed)] == changed]:
+                del origins[old]
+        origins.update(layer.origins)
+        lines.update(layer.lines)
+        issues.extend(layer.issues)
+    return RawConfig(data, path, origins, lines, issues)
+
+
+def validate(raw: RawConfig, schema: Schema) -> Config:
+    """Check ``raw`` against ``schema``; raise :class:`ConfigError` listing every problem."""
+    secrets = frozenset(secret_paths(schema))
+    issues = list(raw.issues)
+    for error in Draft202012Validator(schema).iter_errors(raw.data):
+        issues.extend(_issues_from(error, raw, schema, secrets))
+    if issues:
+        issues.sort(key=lambda i: (i.line is None, i.line or 0, i.path))
+        raise ConfigError(issues, hint="run 'cloudbridge config validate' to see every error")
+    return Config(raw.data, raw.source, raw.origins, secrets)
+
+
+def load_config(
+    path: Path | None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, tuple[Any, str]] | None = None,
+    schema: Schema | None = None,
+) -> Config:
+    """Read every source and validate the result against ``schema`` (default: the core's)."""
+    environ = os.environ if environ is None else environ
+    schema = schema or core_schema()
+    return validate(read_sources(path, environ=environ, overrides=overrides, schema=schema), schema)
+
+
+def _issues_from(
+    error: ValidationError, raw: RawConfig, schema: Schema, secrets: frozenset[Path_]
+) -> list[ConfigIssue]:
+    path = tuple(str(p) for p in error.absolute_path)
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        declared = node_at(schema, path) or {}
+        known = list(declared.get("properties", {}))
+        extras = [k for k in error.instance if k not in known]
+        return [_unknown_key(path, key, known, raw) for key in extras]
+    if error.context:
+        error = best_match(error.context)
+        path = tuple(str(p) for p in error.absolute_path)
+    message = error.message
+    if _is_secret(path, secrets):
+        message = f"invalid value (fails '{error.validator}'; the value is a secret and not shown)"
+    return [_located(path, message, raw)]
+
+
+def _unknown_key(parent: Path_, key: str, known: Sequence[str], raw: RawConfig) -> ConfigIssue:
+    message = f"unknown key {key!r}"
+    close = difflib.get_close_matches(key, known, n=1)
+    if close:
+        message += f" (did you mean {close[0]!r}?)"
+    elif known:
+        message += f" (allowed: {', '.join(known)})"
+    return _located((*parent, key), message, raw)
+
+
+def _located(path: Path_, message: str, raw: RawConfig) -> ConfigIssue:
+    origin = _longest_prefix(raw.origins, path)
+    if origin is None:
+        return ConfigIssue(dotted(path), message, "default")
+    line = _longest_prefix(raw.lines, path) if origin.line is not None else None
+    return ConfigIssue(dotted(path), message, origin.source, line)
+
+
+def _longest_prefix(found: Mapping[Path_, _T], path: Path_) -> _T | None:
+    for end in range(len(path), 0, -1):
+        if path[:end] in found:
+            return found[path[:end]]
+    return None
+
+
+def _is_secret(path: Path_, secrets: frozenset[Path_]) -> bool:
+    return any(
+        len(secret) == len(path) and all(s in ("*", p) for s, p in zip(secret, path, strict=True))
+        for secret in secrets
+    )
+
+
+def _redact(value: Any, path: Path_, secrets: frozenset[Path_]) -> Any:
+    if _is_secret(path, secrets) and value is not None:
+        return REDACTED
+    if isinstance(value, Mapping):
+        return {k: _redact(v, (*path, str(k)), secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact(v, (*path, str(i)), secrets) for i, v in enumerate(value)]
+    return value

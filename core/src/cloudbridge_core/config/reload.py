@@ -1,0 +1,143 @@
+"""Hot reload: keep a configuration current while a long-running command works.
+
+The watcher observes the config file's *directory*, because editors and Kubernetes
+ConfigMaps replace files atomically (a new inode, or a swapped ``..data`` symlink) and a
+watch on the old inode would silently stop firing. SIGHUP forces a reload. A new file is
+validated before anyone sees it: when it is invalid, the paths at fault are logged and
+the configuration in force stays in force.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import watchfiles
+
+from cloudbridge_core.config.loader import Config
+from cloudbridge_core.errors import ConfigError
+from cloudbridge_core.log import get_logger
+
+Subscriber = Callable[[Config], Awaitable[None] | None]
+
+log = get_logger("config.reload")
+
+
+class ConfigWatcher:
+    """Reloads ``path`` with ``load`` on change or SIGHUP and hands new configs to subscribers.
+
+    Use as ``async with ConfigWatcher(...) as watcher:``; ``current`` is always the config
+    in force. ``load`` reads and validates, raising :class:`ConfigError` when invalid.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        load: Callable[[], Config],
+        initial: Config,
+        *,
+        debounce_ms: int = 100,
+        force_polling: bool | None = None,
+    ) -> None:
+        self._path = path.absolute()
+        self._load = load
+        self.current = initial
+        self._digest = self._read_digest()
+        self._subscribers: list[Subscriber] = []
+        self._debounce_ms = debounce_ms
+        self._force_polling = force_polling
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._signalled: set[asyncio.Task[bool]] = set()
+        self.applied = 0
+        self.rejected = 0
+
+    def subscribe(self, callback: Subscriber) -> None:
+        """Call ``callback(config)`` (sync or async) after each successful reload."""
+        self._subscribers.append(callback)
+
+    async def reload(self, reason: str) -> bool:
+        """Reload now; return whether a new config was applied."""
+        digest = self._read_digest()
+        if reason != "sighup" and digest == self._digest:
+            return False
+        try:
+            config = self._load()
+        except ConfigError as exc:
+            self.rejected += 1
+            self._digest = digest
+            log.warning(
+                "reload_rejected",
+                reason=reason,
+                path=str(self._path),
+                errors=[str(issue) for issue in exc.issues],
+                note="the previous configuration stays in force",
+            )
+            return False
+        self._digest = digest
+        self.current = config
+        self.applied += 1
+        log.info("reloaded", reason=reason, path=str(self._path))
+        for callback in self._subscribers:
+            try:
+                result = callback(config)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:  # a subscriber's bug must not stop the others
+                log.exception(
+                    "subscriber_failed", subscriber=getattr(callback, "__qualname__", "?")
+                )
+        return True
+
+    async def __aenter__(self) -> ConfigWatcher:
+        ready = asyncio.Event()
+        self._task = asyncio.create_task(self._run(ready))
+        await ready.wait()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+
+    async def _run(self, ready: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup, loop)
+        try:
+            watcher = watchfiles.awatch(
+                self._path.parent,
+                debounce=self._debounce_ms,
+                step=20,
+                stop_event=self._stop,
+                force_polling=self._force_polling,
+                recursive=False,
+                yield_on_timeout=True,
+                rust_timeout=200,
+            )
+            async for _changes in watcher:
+                # the first (timeout) yield means the watch is armed
+                ready.set()
+                if _changes:
+                    await self.reload("file_changed")
+        finally:
+            loop.remove_signal_handler(signal.SIGHUP)
+            ready.set()
+
+    def _on_sighup(self, loop: asyncio.AbstractEventLoop) -> None:
+        task = loop.create_task(self.reload("sighup"))
+        self._signalled.add(task)
+        task.add_done_callback(self._signalled.discard)
+
+    def _read_digest(self) -> str | None:
+        try:
+            return hashlib.sha256(self._path.read_bytes()).hexdigest()
+        except OSError:
+            return None

@@ -1,0 +1,130 @@
+"""Structured logging: JSON or text, with ``component`` and ``event`` fields, secrets scrubbed.
+
+Everything goes through the standard library's ``logging`` (so library logs are formatted
+the same way) with structlog rendering. Output is stderr by default because stdout
+carries command data; ``stdout`` or a file path (rotated by size) can be chosen.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import re
+import sys
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+import structlog
+
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+REDACTED = "<redacted>"
+
+#: keys whose values are never logged, whatever they hold
+SECRET_KEY = re.compile(
+    r"(^|_)(token|access_token|refresh_token|id_token|secret|client_secret|password|passwd|"
+    r"credential|credentials|private_key|authorization|api_key)$",
+    re.IGNORECASE,
+)
+#: secret-looking values inside any string: JWTs, bearer tokens, PEM private keys, URL passwords
+SECRET_VALUE = re.compile(
+    r"eyJ[\w-]+\.[\w-]+\.[\w-]*"
+    r"|(?i:bearer)\s+[\w.~+/-]+=*"
+    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?(-----END [A-Z ]*PRIVATE KEY-----|$)"
+    r"|(?<=://)[^/\s:@]+:[^/\s@]+(?=@)"
+)
+
+
+def scrub(value: Any, key: str = "") -> Any:
+    """Replace secrets in ``value``: by key name, and secret-looking substrings anywhere."""
+    if key and SECRET_KEY.search(key) and value not in (None, ""):
+        return REDACTED
+    if isinstance(value, str):
+        return SECRET_VALUE.sub(REDACTED, value)
+    if isinstance(value, Mapping):
+        return {k: scrub(v, str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [scrub(v) for v in value]
+    return value
+
+
+def _scrub_event(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    for key in list(event):
+        event[key] = scrub(event[key], key)
+    return event
+
+
+def _default_component(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    # library loggers ("watchfiles.main") get their logger name as component
+    record = event.get("_record")
+    event.setdefault("component", record.name if record is not None else "cloudbridge")
+    return event
+
+
+def configure_logging(
+    *,
+    level: str = "info",
+    fmt: str = "text",
+    output: str = "stderr",
+    max_bytes: int = 100 * 1024 * 1024,
+    backup_count: int = 5,
+    color: bool = False,
+) -> None:
+    """Set up logging for the whole process; safe to call again (hot reload, tests)."""
+    handler: logging.Handler
+    if output == "stderr":
+        handler = logging.StreamHandler(sys.stderr)
+    elif output == "stdout":
+        handler = logging.StreamHandler(sys.stdout)
+    else:
+        handler = logging.handlers.RotatingFileHandler(
+            output, maxBytes=max_bytes, backupCount=backup_count, encoding="utf-8"
+        )
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=color)
+    )
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
+    ]
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=shared,
+            processors=[
+                _default_component,
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                _scrub_event,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    for old in root.handlers[:]:
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(handler)
+    root.setLevel(LEVELS[level])
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(component: str) -> structlog.stdlib.BoundLogger:
+    """A logger whose events carry ``component`` (``config.reload``, ``relay.client``)."""
+    logger: structlog.stdlib.BoundLogger = structlog.stdlib.get_logger(f"cloudbridge.{component}")
+    return logger.bind(component=component)
