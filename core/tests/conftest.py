@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from stevedore.extension import ExtensionManager
-
 from cloudbridge_core.cli.main import cli, run
+from stevedore.extension import ExtensionManager
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-
 from cloudbridge_core.errors import PluginSelectionError, ProviderNotInstalled
 from cloudbridge_core.plugins import Plugins, PluginSelection, load_plugins
 

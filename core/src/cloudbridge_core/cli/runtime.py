@@ -116,7 +116,7 @@ def runtime_of(ctx: click.Context) -> Runtime:
 
 
 def _names(value: object) -> list[str] | None:
-    """A list of plugin names from the raw config, or None if it is not one (validation says why)."""
+    """Plugin names from the raw config, or None if it holds something else (validation says)."""
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return value
     return None

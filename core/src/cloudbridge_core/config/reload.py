@@ -55,16 +55,29 @@ class ConfigWatcher:
         self._signalled: set[asyncio.Task[bool]] = set()
         self.applied = 0
         self.rejected = 0
+        self._attempted = asyncio.Condition()
 
     def subscribe(self, callback: Subscriber) -> None:
         """Call ``callback(config)`` (sync or async) after each successful reload."""
         self._subscribers.append(callback)
+
+    async def wait_attempts(self, count: int) -> None:
+        """Wait until ``count`` reloads have been attempted (applied or rejected) in total."""
+        async with self._attempted:
+            await self._attempted.wait_for(lambda: self.applied + self.rejected >= count)
 
     async def reload(self, reason: str) -> bool:
         """Reload now; return whether a new config was applied."""
         digest = self._read_digest()
         if reason != "sighup" and digest == self._digest:
             return False
+        try:
+            return await self._apply(reason, digest)
+        finally:
+            async with self._attempted:
+                self._attempted.notify_all()
+
+    async def _apply(self, reason: str, digest: str | None) -> bool:
         try:
             config = self._load()
         except ConfigError as exc:

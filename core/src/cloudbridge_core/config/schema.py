@@ -20,7 +20,9 @@ Schema = dict[str, Any]
 
 @cache
 def _core_schema_text() -> str:
-    return (resources.files("cloudbridge_core") / "schemas" / "config.schema.json").read_text()
+    return (resources.files("cloudbridge_core") / "schemas" / "config.schema.json").read_text(
+        encoding="utf-8"
+    )
 
 
 def core_schema() -> Schema:
@@ -32,7 +34,7 @@ def core_schema() -> Schema:
 def cli_schema(name: str) -> Schema:
     """The JSON Schema of a CLI command's ``--json`` output (``plugins-list``, ...)."""
     text = resources.files("cloudbridge_core") / "schemas" / "cli" / f"{name}.schema.json"
-    loaded: Schema = json.loads(text.read_text())
+    loaded: Schema = json.loads(text.read_text(encoding="utf-8"))
     return loaded
 
 
