@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match
 
 from cloudbridge_core.config import sources
-from cloudbridge_core.config.schema import Schema, core_schema, defaults, node_at, secret_paths
+from cloudbridge_core.config.schema import Schema, core_schema, defaults, secret_paths
 from cloudbridge_core.config.sources import Layer, Origin, Path_, dotted, leaves
 from cloudbridge_core.errors import ConfigError, ConfigIssue
 
@@ -105,6 +106,8 @@ def read_sources(
     for layer in layers:
         data = sources.merge(data, layer.data)
         for changed, _ in leaves(layer.data):
+            if not changed:  # an empty layer changes nothing
+                continue
             for old in [p for p in origins if p[: len(changed)] == changed]:
                 del origins[old]
         origins.update(layer.origins)
@@ -117,8 +120,12 @@ def validate(raw: RawConfig, schema: Schema) -> Config:
     """Check ``raw`` against ``schema``; raise :class:`ConfigError` listing every problem."""
     secrets = frozenset(secret_paths(schema))
     issues = list(raw.issues)
-    for error in Draft202012Validator(schema).iter_errors(raw.data):
-        issues.extend(_issues_from(error, raw, schema, secrets))
+    # a value already reported while reading (an unset ${VAR}) would only be reported again
+    reported = {issue.path for issue in raw.issues}
+    validator = Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+    for error in validator.iter_errors(raw.data):
+        found = _issues_from(error, raw, secrets)
+        issues.extend(issue for issue in found if issue.path not in reported)
     if issues:
         issues.sort(key=lambda i: (i.line is None, i.line or 0, i.path))
         raise ConfigError(issues, hint="run 'cloudbridge config validate' to see every error")
@@ -139,13 +146,17 @@ def load_config(
 
 
 def _issues_from(
-    error: ValidationError, raw: RawConfig, schema: Schema, secrets: frozenset[Path_]
+    error: ValidationError, raw: RawConfig, secrets: frozenset[Path_]
 ) -> list[ConfigIssue]:
     path = tuple(str(p) for p in error.absolute_path)
     if error.validator == "additionalProperties" and isinstance(error.instance, dict):
-        declared = node_at(schema, path) or {}
-        known = list(declared.get("properties", {}))
-        extras = [k for k in error.instance if k not in known]
+        known = list(error.schema.get("properties", {}))
+        patterns = list(error.schema.get("patternProperties", {}))
+        extras = [
+            k
+            for k in error.instance
+            if k not in known and not any(re.search(p, k) for p in patterns)
+        ]
         return [_unknown_key(path, key, known, raw) for key in extras]
     if error.context:
         error = best_match(error.context)
