@@ -90,3 +90,10 @@ def test_bad_values_are_reported_at_their_path(tmp_path: Path, yaml_text: str, p
     with pytest.raises(ConfigError) as caught:
         load_config(config_file, environ={})
     assert [issue.path for issue in caught.value.issues] == [path]
+
+
+def test_every_key_is_documented() -> None:
+    documented = (ROOT / "docs" / "configuration.md").read_text()
+    for path, _key, node in properties(core_schema()):
+        if "properties" not in node and "[]" not in path and ".*" not in path:
+            assert f"`{path}`" in documented, f"{path} is missing from docs/configuration.md"
