@@ -149,9 +149,14 @@ def _issues_from(
     error: ValidationError, raw: RawConfig, secrets: frozenset[Path_]
 ) -> list[ConfigIssue]:
     path = tuple(str(p) for p in error.absolute_path)
-    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
-        known = list(error.schema.get("properties", {}))
-        patterns = list(error.schema.get("patternProperties", {}))
+    failed_schema = error.schema
+    if (
+        error.validator == "additionalProperties"
+        and isinstance(error.instance, dict)
+        and isinstance(failed_schema, Mapping)
+    ):
+        known = list(failed_schema.get("properties", {}))
+        patterns = list(failed_schema.get("patternProperties", {}))
         extras = [
             k
             for k in error.instance
