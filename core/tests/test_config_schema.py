@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from jsonschema import Draft202012Validator
-
 from cloudbridge_core.config import load_config
 from cloudbridge_core.config.schema import core_schema
 from cloudbridge_core.errors import ConfigError
+from jsonschema import Draft202012Validator
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "core" / "src" / "cloudbridge_core" / "schemas"

@@ -5,10 +5,9 @@ from __future__ import annotations
 import re
 
 import pytest
+from cloudbridge_core.durations import DURATION_PATTERN, format_duration, parse_duration
 from hypothesis import given
 from hypothesis import strategies as st
-
-from cloudbridge_core.durations import DURATION_PATTERN, format_duration, parse_duration
 
 
 @pytest.mark.parametrize(
