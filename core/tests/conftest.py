@@ -57,7 +57,7 @@ from cloudbridge_core.providers import ConfigSection, TransportSpec
 
 @hookimpl
 def cloudbridge_transports():
-    return [TransportSpec(name="{name}", load=lambda: object(), priority={priority})]
+    return [TransportSpec(name="{name}", load=lambda settings: object(), priority={priority})]
 
 
 @hookimpl

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from cloudbridge_core.hookspecs import hookimpl
 from cloudbridge_core.providers import Transport, TransportSpec
 
 
-def _load_tls() -> Transport:
+def _load_tls(_settings: Mapping[str, Any]) -> Transport:
     from cloudbridge_core.transports.tls import TlsTransport
 
     return TlsTransport()

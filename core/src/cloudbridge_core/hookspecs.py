@@ -40,10 +40,10 @@ def cloudbridge_transports() -> Sequence[TransportSpec]:
 
         @hookimpl
         def cloudbridge_transports():
-            def load():
+            def load(settings):
                 from cloudbridge_quic.transport import QuicTransport  # heavy: aioquic
 
-                return QuicTransport()
+                return QuicTransport(settings)
 
             return [TransportSpec(name="quic", load=load, priority=30)]
     """
@@ -58,10 +58,10 @@ def cloudbridge_auth_providers() -> Sequence[AuthProviderSpec]:
 
         @hookimpl
         def cloudbridge_auth_providers():
-            def load():
+            def load(settings):
                 from cloudbridge_jwt.validator import JwtValidator
 
-                return JwtValidator()
+                return JwtValidator(settings)
 
             return [AuthProviderSpec(name="jwt", load=load)]
     """
@@ -76,10 +76,10 @@ def cloudbridge_nat_strategies() -> Sequence[NatStrategySpec]:
 
         @hookimpl
         def cloudbridge_nat_strategies():
-            def load():
+            def load(settings):
                 from cloudbridge_turn.strategy import TurnStrategy  # heavy: aioice
 
-                return TurnStrategy()
+                return TurnStrategy(settings)
 
             return [NatStrategySpec(name="turn", load=load, priority=20)]
     """
@@ -94,10 +94,10 @@ def cloudbridge_overlays() -> Sequence[OverlaySpec]:
 
         @hookimpl
         def cloudbridge_overlays():
-            def load():
+            def load(settings):
                 from cloudbridge_wireguard.overlay import WireGuardOverlay
 
-                return WireGuardOverlay()
+                return WireGuardOverlay(settings)
 
             return [OverlaySpec(name="wireguard", load=load)]
     """
@@ -112,10 +112,10 @@ def cloudbridge_exporters() -> Sequence[ExporterSpec]:
 
         @hookimpl
         def cloudbridge_exporters():
-            def load():
+            def load(settings):
                 from cloudbridge_pushgateway.exporter import PushgatewayExporter
 
-                return PushgatewayExporter()
+                return PushgatewayExporter(settings)
 
             return [ExporterSpec(name="pushgateway", load=load)]
     """

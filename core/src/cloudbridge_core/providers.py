@@ -29,12 +29,13 @@ class ProviderSpec(Generic[ProviderT]):
 
     ``name`` is the public name users select it by (``transport.mode: quic``).
     ``priority`` orders providers of one family: higher is preferred (QUIC over gRPC
-    over WebSocket; direct before TURN). ``load`` builds the provider; it may import
-    heavy libraries and may raise, which the core reports as a failure of that provider.
+    over WebSocket; direct before TURN). ``load(settings)`` builds the provider from the
+    plugin's validated config section (``{}`` when it has none); it may import heavy
+    libraries and may raise, which the core reports as a failure of that provider.
     """
 
     name: str
-    load: Callable[[], ProviderT]
+    load: Callable[[Mapping[str, Any]], ProviderT]
     priority: int = 0
     description: str = ""
 

@@ -1,0 +1,99 @@
+"""The plugin template renders working, tested plugins, and broken plugins stay contained."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import copier
+import pytest
+from venvs import ROOT, Venv
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+FAMILIES = ["transport", "auth_provider", "nat_strategy", "overlay", "exporter"]
+
+BROKEN_PYPROJECT = """
+[build-system]
+requires = ["hatchling>=1.27"]
+build-backend = "hatchling.build"
+
+[project]
+name = "cloudbridge-broken"
+version = "0.0.1"
+dependencies = ["cloudbridge-core"]
+
+[project.entry-points.cloudbridge]
+broken = "cloudbridge_broken.hooks"
+
+[tool.hatch.build.targets.wheel]
+packages = ["src/cloudbridge_broken"]
+"""
+
+
+def render(family: str, destination: Path) -> Path:
+    name = f"gen_{family}"
+    target = destination / f"cloudbridge-{name}"
+    copier.run_copy(
+        str(ROOT / "plugin-template"),
+        str(target),
+        data={"plugin_name": name, "family": family, "description": f"Generated {family} plugin"},
+        defaults=True,
+        quiet=True,
+        vcs_ref="HEAD" if (ROOT / ".git").exists() else None,
+    )
+    return target
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generated_plugin_passes_its_tests_and_is_listed(
+    family: str, plugin_venv: Venv, tmp_path: Path
+) -> None:
+    project = render(family, tmp_path)
+    name = f"gen_{family}"
+    ruff = Path(sys.executable).with_name("ruff")
+    for check in (["check", "--no-cache", "."], ["format", "--no-cache", "--check", "."]):
+        linted = subprocess.run(
+            [ruff, *check], cwd=project, capture_output=True, text=True, check=False
+        )
+        assert linted.returncode == 0, linted.stdout + linted.stderr
+
+    plugin_venv.install(project)
+    tested = plugin_venv.run(
+        "python", "-m", "pytest", "-q", "-p", "no:cacheprovider", project / "tests"
+    )
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+
+    listed = {p["name"]: p for p in plugin_venv.cloudbridge_json("plugins", "list")["plugins"]}
+    record = listed[name]
+    assert record["status"] == "active", record["error"]
+    assert record["distribution"] == f"cloudbridge-gen-{family.replace('_', '-')}"
+    assert record["families"] == [family]
+    assert record["providers"] == {family: [name]}
+
+
+def test_broken_plugin_is_listed_as_failed_next_to_working_ones(
+    plugin_venv: Venv, tmp_path: Path
+) -> None:
+    working = render("exporter", tmp_path)
+    broken = tmp_path / "cloudbridge-broken"
+    (broken / "src" / "cloudbridge_broken").mkdir(parents=True)
+    (broken / "pyproject.toml").write_text(BROKEN_PYPROJECT)
+    (broken / "src" / "cloudbridge_broken" / "__init__.py").write_text("")
+    (broken / "src" / "cloudbridge_broken" / "hooks.py").write_text("raise RuntimeError('boom')\n")
+    plugin_venv.install(working, broken)
+
+    result = plugin_venv.run("cloudbridge", "plugins", "list", "--json")
+    assert result.returncode == 0, result.stderr
+    listed = {p["name"]: p for p in json.loads(result.stdout)["plugins"]}
+    assert listed["gen_exporter"]["status"] == "active"
+    assert listed["broken"]["status"] == "failed"
+    assert "RuntimeError: boom" in listed["broken"]["error"]
+    assert listed["broken"]["distribution"] == "cloudbridge-broken"
+    # everything else still works with the broken plugin installed
+    assert plugin_venv.run("cloudbridge", "--help").returncode == 0
+    selected = plugin_venv.run("cloudbridge", "--plugin", "broken", "config", "show")
+    assert selected.returncode == 1
+    assert "plugin 'broken' was selected but failed to load" in selected.stderr
