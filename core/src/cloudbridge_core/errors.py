@@ -20,6 +20,11 @@ The ``code`` is the same string in wire messages, logs, metrics labels and CLI o
     ├── CircuitOpen                      circuit_open      exit 5  retry after the breaker's reset
     ├── P2PConnectionFailed              p2p_failed        exit 1  retry after 5s
     ├── TunnelClosed                     tunnel_closed     exit 1
+    ├── TransportError                   transport_error   exit 1
+    │   ├── TransportClosed              transport_closed  exit 5  retry after 1s
+    │   ├── StreamAborted                stream_reset      exit 1
+    │   ├── ProtocolViolation            protocol_error    exit 1
+    │   └── TlsVerificationFailed        tls_verify_failed exit 1
     └── Unhealthy                        unhealthy         exit 6
 
 Messages never contain secrets: callers pass names and paths, never token values.
@@ -186,6 +191,39 @@ class P2PConnectionFailed(CloudBridgeError):
 
 class TunnelClosed(CloudBridgeError):
     code = "tunnel_closed"
+
+
+class TransportError(CloudBridgeError):
+    """Something went wrong below the protocol: the pipe, a stream, TLS."""
+
+    code = "transport_error"
+
+
+class TransportClosed(TransportError):
+    """The session is gone (peer closed it, or the connection dropped)."""
+
+    code = "transport_closed"
+    retryable = True
+    retry_delay = 1.0
+    exit_code = ExitCode.RELAY_UNAVAILABLE
+
+
+class StreamAborted(TransportError):
+    """The peer reset the stream."""
+
+    code = "stream_reset"
+
+
+class ProtocolViolation(TransportError):
+    """The peer sent bytes that break the protocol; the connection is closed."""
+
+    code = "protocol_error"
+
+
+class TlsVerificationFailed(TransportError):
+    """The peer's certificate is not trusted (wrong CA, name or pin)."""
+
+    code = "tls_verify_failed"
 
 
 class Unhealthy(CloudBridgeError):

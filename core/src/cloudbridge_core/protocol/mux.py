@@ -1,0 +1,325 @@
+"""The stream multiplexer, sans-IO: many reliable, ordered streams over one byte pipe.
+
+Bytes in (:meth:`MuxConnection.receive_data`), events out; bytes to send are collected
+with :meth:`MuxConnection.data_to_send`. No sockets, no clocks, no asyncio: the core's
+TLS transport, the WebSocket plugin and third-party transports drive it over whatever
+ordered pipe they have.
+
+Frame format (network byte order, in the spirit of yamux)::
+
+    +--------+--------+-----------------+-----------------+----------------
+    | type 8 | flags 8| stream id 32    | length 32       | payload (DATA)
+    +--------+--------+-----------------+-----------------+----------------
+
+    type   DATA (0): payload is ``length`` bytes of stream data
+           WINDOW_UPDATE (1): ``length`` is the number of bytes the sender may now send
+           PING (2): ``length`` is an opaque value echoed back with ACK
+           GO_AWAY (3): stream 0; ``length`` is a close code; the connection ends
+    flags  SYN (1) opens a stream, FIN (2) half-closes it, RST (4) resets it, ACK (8)
+           answers a PING
+
+Streams opened by the dialing side have odd ids, by the accepting side even ids. Each
+stream has a receive window (flow control): a peer that sends beyond it, or frames larger
+than the limit, breaks the protocol and the connection is closed.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum, IntFlag
+
+from cloudbridge_core.errors import ProtocolViolation
+
+HEADER = struct.Struct("!BBII")
+
+
+class FrameType(IntEnum):
+    DATA = 0
+    WINDOW_UPDATE = 1
+    PING = 2
+    GO_AWAY = 3
+
+
+class Flag(IntFlag):
+    NONE = 0
+    SYN = 1
+    FIN = 2
+    RST = 4
+    ACK = 8
+
+
+class CloseCode(IntEnum):
+    NORMAL = 0
+    PROTOCOL_ERROR = 1
+    GOING_AWAY = 2
+
+
+@dataclass(frozen=True)
+class MuxLimits:
+    """Named bounds; each protects the receiver's memory (these are security limits)."""
+
+    max_frame_size: int = 64 * 1024
+    initial_window: int = 256 * 1024
+    max_streams: int = 1024
+
+
+# ---- events --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StreamOpened:
+    stream_id: int
+
+
+@dataclass(frozen=True)
+class DataReceived:
+    stream_id: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class StreamEnded:
+    """The peer half-closed the stream: no more data will arrive on it."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True)
+class StreamReset:
+    stream_id: int
+
+
+@dataclass(frozen=True)
+class WindowUpdated:
+    """The peer's window for this stream grew: pending data may be sent."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True)
+class PongReceived:
+    opaque: int
+
+
+@dataclass(frozen=True)
+class ConnectionClosed:
+    code: int
+
+
+Event = (
+    StreamOpened
+    | DataReceived
+    | StreamEnded
+    | StreamReset
+    | WindowUpdated
+    | PongReceived
+    | ConnectionClosed
+)
+
+
+@dataclass
+class _Stream:
+    send_window: int
+    receive_window: int
+    consumed: int = 0
+    local_closed: bool = False
+    remote_closed: bool = False
+
+
+@dataclass
+class MuxConnection:
+    """One side of a multiplexed connection."""
+
+    is_dialer: bool
+    limits: MuxLimits = field(default_factory=MuxLimits)
+
+    def __post_init__(self) -> None:
+        self._streams: dict[int, _Stream] = {}
+        self._next_id = 1 if self.is_dialer else 2
+        self._inbound = bytearray()
+        self._outbound = bytearray()
+        self.closed = False
+
+    # ---- sending ------------------------------------------------------------------------
+
+    def open_stream(self) -> int:
+        """Open a stream and announce it to the peer; return its id."""
+        self._check_open()
+        stream_id = self._next_id
+        self._next_id += 2
+        self._streams[stream_id] = self._new_stream()
+        self._frame(FrameType.WINDOW_UPDATE, Flag.SYN, stream_id, 0)
+        return stream_id
+
+    def send_data(self, stream_id: int, data: bytes) -> int:
+        """Queue as much of ``data`` as the peer's window allows; return how much."""
+        self._check_open()
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.local_closed:
+            raise ProtocolViolation(f"stream {stream_id} is not open for sending")
+        allowed = min(len(data), stream.send_window)
+        for start in range(0, allowed, self.limits.max_frame_size):
+            chunk = data[start : min(start + self.limits.max_frame_size, allowed)]
+            self._frame(FrameType.DATA, Flag.NONE, stream_id, len(chunk), chunk)
+        stream.send_window -= allowed
+        return allowed
+
+    def send_window(self, stream_id: int) -> int:
+        stream = self._streams.get(stream_id)
+        return stream.send_window if stream is not None else 0
+
+    def end_stream(self, stream_id: int) -> None:
+        """Half-close: the peer will read EOF after the data already sent."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.local_closed or self.closed:
+            return
+        stream.local_closed = True
+        self._frame(FrameType.WINDOW_UPDATE, Flag.FIN, stream_id, 0)
+        self._forget_if_done(stream_id)
+
+    def reset_stream(self, stream_id: int) -> None:
+        """Abort both directions of a stream."""
+        if self._streams.pop(stream_id, None) is not None and not self.closed:
+            self._frame(FrameType.WINDOW_UPDATE, Flag.RST, stream_id, 0)
+
+    def stream_consumed(self, stream_id: int, count: int) -> None:
+        """The application read ``count`` bytes: let the peer send that much more."""
+        stream = self._streams.get(stream_id)
+        if stream is None or self.closed:
+            return
+        stream.consumed += count
+        # update in batches, not per read, to keep the control traffic small
+        if stream.consumed >= self.limits.initial_window // 2 and not stream.remote_closed:
+            stream.receive_window += stream.consumed
+            self._frame(FrameType.WINDOW_UPDATE, Flag.NONE, stream_id, stream.consumed)
+            stream.consumed = 0
+
+    def ping(self, opaque: int) -> None:
+        self._check_open()
+        self._frame(FrameType.PING, Flag.SYN, 0, opaque)
+
+    def close(self, code: int = CloseCode.NORMAL) -> None:
+        if not self.closed:
+            self._frame(FrameType.GO_AWAY, Flag.NONE, 0, code)
+            self.closed = True
+            self._streams.clear()
+
+    def abandon(self) -> None:
+        """The pipe is gone: forget every stream without telling the peer."""
+        self.closed = True
+        self._streams.clear()
+
+    def has_stream(self, stream_id: int) -> bool:
+        return stream_id in self._streams
+
+    def data_to_send(self) -> bytes:
+        data = bytes(self._outbound)
+        self._outbound.clear()
+        return data
+
+    # ---- receiving ----------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Feed bytes from the peer; return what happened.
+
+        Raises :class:`ProtocolViolation` when the peer breaks the protocol; a GO_AWAY
+        with ``PROTOCOL_ERROR`` is then queued and the connection is closed.
+        """
+        if self.closed:
+            return []
+        self._inbound += data
+        events: list[Event] = []
+        try:
+            while len(self._inbound) >= HEADER.size:
+                kind, flags, stream_id, length = HEADER.unpack_from(self._inbound)
+                payload_size = length if kind == FrameType.DATA else 0
+                if payload_size > self.limits.max_frame_size:
+                    raise ProtocolViolation(
+                        f"frame of {payload_size} bytes exceeds the limit of "
+                        f"{self.limits.max_frame_size}"
+                    )
+                if len(self._inbound) < HEADER.size + payload_size:
+                    break
+                payload = bytes(self._inbound[HEADER.size : HEADER.size + payload_size])
+                del self._inbound[: HEADER.size + payload_size]
+                events.extend(self._handle(kind, Flag(flags & 0x0F), stream_id, length, payload))
+                if self.closed:
+                    break
+        except (ProtocolViolation, ValueError) as exc:
+            self.close(CloseCode.PROTOCOL_ERROR)
+            raise ProtocolViolation(f"peer broke the multiplexing protocol: {exc}") from None
+        return events
+
+    def _handle(
+        self, kind: int, flags: Flag, stream_id: int, length: int, payload: bytes
+    ) -> list[Event]:
+        frame_type = FrameType(kind)  # ValueError for an unknown type
+        if frame_type is FrameType.PING:
+            if flags & Flag.ACK:
+                return [PongReceived(length)]
+            self._frame(FrameType.PING, Flag.ACK, 0, length)
+            return []
+        if frame_type is FrameType.GO_AWAY:
+            self.abandon()
+            return [ConnectionClosed(length)]
+        if stream_id == 0:
+            raise ProtocolViolation(f"{frame_type.name} frame on stream 0")
+        events: list[Event] = []
+        if flags & Flag.SYN:
+            events.extend(self._peer_opens(stream_id))
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return events  # refused, or already reset or finished here: nothing to do
+        if flags & Flag.RST:
+            del self._streams[stream_id]
+            return [*events, StreamReset(stream_id)]
+        if frame_type is FrameType.DATA and payload:
+            events.append(self._data(stream_id, stream, payload))
+        elif frame_type is FrameType.WINDOW_UPDATE and length:
+            stream.send_window += length
+            events.append(WindowUpdated(stream_id))
+        if flags & Flag.FIN and not stream.remote_closed:
+            stream.remote_closed = True
+            events.append(StreamEnded(stream_id))
+            self._forget_if_done(stream_id)
+        return events
+
+    def _peer_opens(self, stream_id: int) -> list[Event]:
+        if stream_id in self._streams or (stream_id % 2 == 1) == self.is_dialer:
+            raise ProtocolViolation(f"stream {stream_id} cannot be opened by the peer")
+        if len(self._streams) >= self.limits.max_streams:
+            self._frame(FrameType.WINDOW_UPDATE, Flag.RST, stream_id, 0)
+            return []
+        self._streams[stream_id] = self._new_stream()
+        return [StreamOpened(stream_id)]
+
+    def _data(self, stream_id: int, stream: _Stream, payload: bytes) -> DataReceived:
+        if stream.remote_closed:
+            raise ProtocolViolation(f"data on stream {stream_id} after its end")
+        if len(payload) > stream.receive_window:
+            raise ProtocolViolation(f"peer overran the flow-control window of stream {stream_id}")
+        stream.receive_window -= len(payload)
+        return DataReceived(stream_id, payload)
+
+    # ---- helpers ------------------------------------------------------------------------
+
+    def _new_stream(self) -> _Stream:
+        return _Stream(
+            send_window=self.limits.initial_window, receive_window=self.limits.initial_window
+        )
+
+    def _forget_if_done(self, stream_id: int) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is not None and stream.local_closed and stream.remote_closed:
+            del self._streams[stream_id]
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ProtocolViolation("the connection is closed")
+
+    def _frame(
+        self, kind: FrameType, flags: Flag, stream_id: int, length: int, payload: bytes = b""
+    ) -> None:
+        self._outbound += HEADER.pack(kind, flags, stream_id, length)
+        self._outbound += payload

@@ -1,0 +1,1 @@
+"""Helpers for testing CloudBridge plugins: throwaway TLS, and (later) conformance kits."""

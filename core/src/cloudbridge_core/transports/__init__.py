@@ -1,0 +1,1 @@
+"""The core's built-in transport and the session machinery transports share."""

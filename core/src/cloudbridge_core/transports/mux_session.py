@@ -1,0 +1,266 @@
+"""asyncio sessions and streams on the sans-IO multiplexer, over any ordered byte pipe.
+
+A transport only supplies a :class:`Pipe` (TLS over TCP here; a WebSocket elsewhere) and
+gets a :class:`~cloudbridge_core.providers.Session` with flow-controlled streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Protocol
+
+from cloudbridge_core.errors import ProtocolViolation, StreamAborted, TransportClosed
+from cloudbridge_core.protocol import mux
+
+
+class Pipe(Protocol):
+    """An ordered, reliable byte pipe; ``receive`` returns ``b""`` at its end."""
+
+    async def receive(self) -> bytes: ...
+
+    async def send(self, data: bytes) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class StreamPipe:
+    """A :class:`Pipe` over an asyncio reader/writer pair (TCP, TLS)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    async def receive(self) -> bytes:
+        return await self._reader.read(65536)
+
+    async def send(self, data: bytes) -> None:
+        self._writer.write(data)
+        await self._writer.drain()
+
+    async def aclose(self) -> None:
+        self._writer.close()
+        with contextlib.suppress(OSError, ConnectionError):
+            await self._writer.wait_closed()
+
+
+class MuxStream:
+    """One stream of a :class:`MuxSession`."""
+
+    def __init__(self, session: MuxSession, stream_id: int) -> None:
+        self._session = session
+        self.stream_id = stream_id
+        self._buffer = bytearray()
+        self._eof = False
+        self._error: Exception | None = None
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._closed = False
+
+    async def read(self, max_bytes: int = 65536) -> bytes:
+        while not self._buffer and not self._eof and self._error is None:
+            self._readable.clear()
+            await self._readable.wait()
+        if self._buffer:
+            data = bytes(self._buffer[:max_bytes])
+            del self._buffer[:max_bytes]
+            self._session.consumed(self.stream_id, len(data))
+            with contextlib.suppress(TransportClosed):  # the next read reports it
+                await self._session.flush()
+            return data
+        if self._error is not None:
+            raise self._error
+        return b""
+
+    async def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if self._error is not None:
+                raise self._error
+            if self._closed:
+                raise TransportClosed(f"stream {self.stream_id} is closed for writing")
+            sent = self._session.send(self.stream_id, bytes(view))
+            view = view[sent:]
+            await self._session.flush()
+            if view:
+                self._writable.clear()
+                await self._writable.wait()
+
+    async def close_write(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._session.end(self.stream_id)
+            await self._session.flush()
+
+    async def aclose(self) -> None:
+        """Close gracefully (FIN) once the peer has finished sending, otherwise reset."""
+        if self._error is not None:
+            return
+        if self._eof:
+            with contextlib.suppress(TransportClosed):
+                await self.close_write()
+            return
+        self._session.reset(self.stream_id)
+        self.fail(StreamAborted(f"stream {self.stream_id} was closed locally"))
+        self._closed = True
+        await self._session.flush()
+
+    # called by the session when the peer's frames arrive
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+        self._readable.set()
+
+    def end_of_data(self) -> None:
+        self._eof = True
+        self._readable.set()
+
+    def fail(self, error: Exception) -> None:
+        if self._error is None:
+            self._error = error
+        self._readable.set()
+        self._writable.set()
+
+    def window_opened(self) -> None:
+        self._writable.set()
+
+
+class MuxSession:
+    """A :class:`~cloudbridge_core.providers.Session` driving a :class:`MuxConnection`."""
+
+    def __init__(self, pipe: Pipe, *, is_dialer: bool, limits: mux.MuxLimits | None = None) -> None:
+        self._pipe = pipe
+        self._connection = mux.MuxConnection(is_dialer, limits or mux.MuxLimits())
+        self._streams: dict[int, MuxStream] = {}
+        self._incoming: asyncio.Queue[MuxStream] = asyncio.Queue()
+        self._send_lock = asyncio.Lock()
+        self._closed = asyncio.Event()
+        self._close_reason = "session closed"
+        self._reader = asyncio.create_task(self._read_loop())
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed.is_set()
+
+    async def open_stream(self) -> MuxStream:
+        self._raise_if_closed()
+        stream_id = self._connection.open_stream()
+        stream = self._streams[stream_id] = MuxStream(self, stream_id)
+        await self.flush()
+        return stream
+
+    async def accept_stream(self) -> MuxStream:
+        while True:
+            if not self._incoming.empty():
+                return self._incoming.get_nowait()
+            self._raise_if_closed()
+            getter = asyncio.ensure_future(self._incoming.get())
+            closed = asyncio.ensure_future(self._closed.wait())
+            done, _ = await asyncio.wait({getter, closed}, return_when=asyncio.FIRST_COMPLETED)
+            closed.cancel()
+            if getter in done:
+                return getter.result()
+            getter.cancel()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def aclose(self) -> None:
+        if not self._closed.is_set():
+            self._connection.close()
+            with contextlib.suppress(OSError, ConnectionError, TransportClosed):
+                await self.flush()
+            self._shut("session closed locally")
+        await self._pipe.aclose()
+        if self._reader is not asyncio.current_task():
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+
+    # used by the streams
+
+    def send(self, stream_id: int, data: bytes) -> int:
+        self._raise_if_closed()
+        return self._connection.send_data(stream_id, data)
+
+    def end(self, stream_id: int) -> None:
+        self._connection.end_stream(stream_id)
+        self._forget_if_done(stream_id)
+
+    def reset(self, stream_id: int) -> None:
+        self._connection.reset_stream(stream_id)
+        self._streams.pop(stream_id, None)
+
+    def consumed(self, stream_id: int, count: int) -> None:
+        self._connection.stream_consumed(stream_id, count)
+
+    async def flush(self) -> None:
+        async with self._send_lock:
+            data = self._connection.data_to_send()
+            if data:
+                try:
+                    await self._pipe.send(data)
+                except (OSError, ConnectionError) as exc:
+                    self._shut(f"connection lost: {exc}")
+                    raise TransportClosed(self._close_reason) from exc
+
+    # the reader
+
+    async def _read_loop(self) -> None:
+        try:
+            while not self._closed.is_set():
+                data = await self._pipe.receive()
+                if not data:
+                    self._shut("the peer closed the connection")
+                    break
+                for event in self._connection.receive_data(data):
+                    self._dispatch(event)
+                await self.flush()
+        except ProtocolViolation as exc:
+            self._shut(str(exc))
+            with contextlib.suppress(OSError, ConnectionError, TransportClosed):
+                await self.flush()
+        except (OSError, ConnectionError, TransportClosed) as exc:
+            self._shut(f"connection lost: {exc}")
+
+    def _dispatch(self, event: mux.Event) -> None:
+        if isinstance(event, mux.ConnectionClosed):
+            self._shut(f"the peer closed the session (code {event.code})")
+            return
+        if isinstance(event, mux.PongReceived):
+            return
+        if isinstance(event, mux.StreamOpened):
+            opened = self._streams[event.stream_id] = MuxStream(self, event.stream_id)
+            self._incoming.put_nowait(opened)
+            return
+        stream = self._streams.get(event.stream_id)
+        if stream is None:
+            return
+        if isinstance(event, mux.DataReceived):
+            stream.feed(event.data)
+        elif isinstance(event, mux.StreamEnded):
+            stream.end_of_data()
+            self._forget_if_done(event.stream_id)
+        elif isinstance(event, mux.StreamReset):
+            stream.fail(StreamAborted(f"stream {event.stream_id} was reset by the peer"))
+            self._streams.pop(event.stream_id, None)
+        elif isinstance(event, mux.WindowUpdated):
+            stream.window_opened()
+
+    def _forget_if_done(self, stream_id: int) -> None:
+        if not self._connection.has_stream(stream_id):
+            self._streams.pop(stream_id, None)
+
+    def _shut(self, reason: str) -> None:
+        if self._closed.is_set():
+            return
+        self._close_reason = reason
+        self._closed.set()
+        self._connection.abandon()
+        for stream in self._streams.values():
+            stream.fail(TransportClosed(reason))
+        self._streams.clear()
+
+    def _raise_if_closed(self) -> None:
+        if self._closed.is_set():
+            raise TransportClosed(self._close_reason)
