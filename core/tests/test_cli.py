@@ -91,6 +91,23 @@ def test_unknown_plugin_name_lists_installed(cloudbridge: Invoke) -> None:
     assert "unknown plugin 'nope' (from --plugin); installed plugins: tls" in result.err
 
 
+def test_unknown_plugin_in_config_is_a_config_error(cloudbridge: Invoke, tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("plugins:\n  disabled: [quic]\n")
+    result = cloudbridge("--config", str(path), "plugins", "list")
+    assert result.code == 3
+    assert "plugins.disabled: unknown plugin 'quic'; installed plugins: tls" in result.err
+
+
+def test_unwritable_log_file_falls_back_to_stderr(cloudbridge: Invoke, tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(f"logging:\n  output: {tmp_path}/missing-dir/x.log\n")
+    result = cloudbridge("--config", str(path), "plugins", "list", "--json")
+    assert result.code == 0
+    assert "cannot log to" in result.err
+    assert result.json()["schema_version"] == 1
+
+
 def test_plugin_commands(cloudbridge: Invoke, install_plugin: Callable[..., None]) -> None:
     install_plugin("greeter", COMMAND_PLUGIN)
     assert cloudbridge("hello").out == "hello from a plugin\n"

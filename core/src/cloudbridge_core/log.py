@@ -85,9 +85,17 @@ def configure_logging(
     elif output == "stdout":
         handler = logging.StreamHandler(sys.stdout)
     else:
-        handler = logging.handlers.RotatingFileHandler(
-            output, maxBytes=max_bytes, backupCount=backup_count, encoding="utf-8"
-        )
+        try:
+            handler = logging.handlers.RotatingFileHandler(
+                output, maxBytes=max_bytes, backupCount=backup_count, encoding="utf-8"
+            )
+        except OSError as exc:
+            # losing the logs is worse than logging to the wrong place: say so, use stderr
+            print(
+                f"warning: cannot log to {output} ({exc.strerror}); logging to stderr",
+                file=sys.stderr,
+            )
+            handler = logging.StreamHandler(sys.stderr)
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if fmt == "json"

@@ -21,7 +21,12 @@ from jsonschema.exceptions import SchemaError
 from stevedore import NamedExtensionManager
 
 from cloudbridge_core import __version__, builtin, hookspecs
-from cloudbridge_core.errors import PluginSelectionError, ProviderNotInstalled
+from cloudbridge_core.errors import (
+    ConfigError,
+    ConfigIssue,
+    PluginSelectionError,
+    ProviderNotInstalled,
+)
 from cloudbridge_core.providers import ConfigSection, ProviderSpec
 
 if TYPE_CHECKING:
@@ -136,16 +141,28 @@ class PluginSelection:
         return cls(allow=allow, deny=deny, explicit=explicit, sources=sources)
 
     def check_known(self, installed: Iterable[str]) -> None:
-        """Raise :class:`PluginSelectionError` naming any unknown plugin and the installed ones."""
+        """Raise an error naming any unknown plugin and the installed ones.
+
+        Names from the config file are config errors (exit 3), others usage errors (exit 2).
+        """
         known = set(installed)
         named = (self.allow or frozenset()) | self.deny
         unknown = sorted(named - known)
-        if unknown:
-            where = ", ".join(f"{name!r} (from {self.sources.get(name, '?')})" for name in unknown)
-            raise PluginSelectionError(
-                f"unknown plugin {where}; installed plugins: {', '.join(sorted(known)) or 'none'}",
-                hint="run 'cloudbridge plugins list' to see what is installed",
+        if not unknown:
+            return
+        listing = f"installed plugins: {', '.join(sorted(known)) or 'none'}"
+        hint = "run 'cloudbridge plugins list' to see what is installed"
+        in_config = [n for n in unknown if self.sources.get(n, "").startswith("plugins.")]
+        if in_config:
+            raise ConfigError(
+                [
+                    ConfigIssue(self.sources[n], f"unknown plugin {n!r}; {listing}")
+                    for n in in_config
+                ],
+                hint=hint,
             )
+        where = ", ".join(f"{name!r} (from {self.sources.get(name, '?')})" for name in unknown)
+        raise PluginSelectionError(f"unknown plugin {where}; {listing}", hint=hint)
 
     def wants(self, name: str, *, is_builtin: bool) -> bool:
         if name in self.deny:
