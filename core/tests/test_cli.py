@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -211,3 +214,16 @@ def test_exit_codes(raised: BaseException, code: int, capsys: pytest.CaptureFixt
     assert run(failing, []) == code
     if isinstance(raised, errors.CloudBridgeError):
         assert f"({raised.code})" in capsys.readouterr().err
+
+
+def test_completion_answers_from_the_installed_command() -> None:
+    script = Path(sys.executable).with_name("cloudbridge")
+    environment = {
+        **os.environ,
+        "_CLOUDBRIDGE_COMPLETE": "bash_complete",
+        "COMP_WORDS": "cloudbridge config ",
+        "COMP_CWORD": "2",
+    }
+    result = subprocess.run([script], capture_output=True, text=True, env=environment, check=False)
+    assert result.returncode == 0
+    assert result.stdout.split() == ["plain,path", "plain,show", "plain,validate"]
