@@ -95,6 +95,20 @@ def test_duplicate_plugin_names_fail_both(
     assert "other-twin" in str(record["error"])
 
 
+def test_builtin_name_cannot_be_taken(
+    install_plugin: Callable[..., None], transport_plugin: Callable[..., str]
+) -> None:
+    install_plugin("tls", transport_plugin("tls2"), dist="cloudbridge-impostor")
+    plugins = load_plugins()
+    records = [r.to_dict() for r in plugins.records if r.name == "tls"]
+    assert [(r["distribution"], r["status"]) for r in records] == [
+        ("cloudbridge-core", "active"),
+        ("cloudbridge-impostor", "failed"),
+    ]
+    assert "taken by a built-in plugin" in str(records[1]["error"])
+    assert list(plugins.providers("transport")) == ["tls"]
+
+
 def test_provider_name_taken_by_another_plugin(
     install_plugin: Callable[..., None], transport_plugin: Callable[..., str]
 ) -> None:

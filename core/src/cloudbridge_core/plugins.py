@@ -268,11 +268,14 @@ def load_plugins(
     to_load = []
     for name, candidates in entry_points.items():
         dist, version = candidates[0]
-        record = records.setdefault(name, PluginRecord(name, dist, version))
-        if len(candidates) > 1 or record.builtin:
-            owners = [c[0] for c in candidates] + ([CORE_DISTRIBUTION] if record.builtin else [])
+        if name in builtins:  # a built-in keeps its name; the newcomer is listed as failed
+            clash = records[f"{name} ({dist})"] = PluginRecord(name, dist, version)
+            clash.fail(f"plugin name {name!r} is taken by a built-in plugin of {CORE_DISTRIBUTION}")
+            continue
+        record = records[name] = PluginRecord(name, dist, version)
+        if len(candidates) > 1:
+            owners = [owner for owner, _ in candidates]
             record.fail(f"plugin name {name!r} is provided by several distributions: {owners}")
-            _unregister(manager, name)
         elif not selection.wants(name, is_builtin=False):
             record.status = "disabled"
         else:
@@ -323,11 +326,6 @@ def _register(manager: pluggy.PluginManager, record: PluginRecord, module: objec
         record.fail(f"implements unknown hooks {unknown} (misspelt, or for a newer core?)")
         return
     record.hooks = sorted(caller.name for caller in callers)
-
-
-def _unregister(manager: pluggy.PluginManager, name: str) -> None:
-    if manager.get_plugin(name) is not None:
-        manager.unregister(name=name)
 
 
 def _call_one(manager: pluggy.PluginManager, plugin: object, hook: str, **kwargs: Any) -> Any:
