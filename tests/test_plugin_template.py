@@ -53,11 +53,14 @@ def test_generated_plugin_passes_its_tests_and_is_listed(
 ) -> None:
     project = render(family, tmp_path)
     name = f"gen_{family}"
-    ruff = Path(sys.executable).with_name("ruff")
-    for check in (["check", "--no-cache", "."], ["format", "--no-cache", "--check", "."]):
-        linted = subprocess.run(
-            [ruff, *check], cwd=project, capture_output=True, text=True, check=False
-        )
+    tools = Path(sys.executable).parent
+    checks = (
+        [tools / "ruff", "check", "--no-cache", "."],
+        [tools / "ruff", "format", "--no-cache", "--check", "."],
+        [tools / "mypy", "--no-incremental"],  # the generated pyproject asks for --strict on src/
+    )
+    for check in checks:
+        linted = subprocess.run(check, cwd=project, capture_output=True, text=True, check=False)
         assert linted.returncode == 0, linted.stdout + linted.stderr
 
     plugin_venv.install(project)
