@@ -1,0 +1,161 @@
+"""Control messages and stream-open headers, sans-IO.
+
+Each message is a JSON object preceded by its length (4 bytes, big-endian); its shape is
+``schemas/protocol/messages.schema.json``, checked on every decode because the bytes come
+from the network. The control stream (the first stream a client opens) carries hello →
+welcome or error, then ping/pong; every other stream starts with ``open``, answered by
+``accept`` or ``reject``, after which raw bytes flow.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import asdict, dataclass, field
+from functools import cache
+from importlib import resources
+from typing import Any, ClassVar
+
+from jsonschema import Draft202012Validator
+
+from cloudbridge_core.errors import ProtocolViolation
+
+PROTOCOL_VERSION = 1
+LENGTH = struct.Struct("!I")
+#: largest message accepted; a hello with a large token fits (this is a security limit)
+MAX_MESSAGE_SIZE = 16 * 1024
+
+
+@dataclass(frozen=True)
+class Hello:
+    TYPE: ClassVar[str] = "hello"
+    token: str = field(repr=False)
+    client_version: str
+    capabilities: tuple[str, ...] = ()
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
+class Welcome:
+    TYPE: ClassVar[str] = "welcome"
+    session_id: str
+    tenant_id: str
+    heartbeat_interval_seconds: float
+    server_time: float
+
+
+@dataclass(frozen=True)
+class ErrorMessage:
+    TYPE: ClassVar[str] = "error"
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Ping:
+    TYPE: ClassVar[str] = "ping"
+    nonce: int
+
+
+@dataclass(frozen=True)
+class Pong:
+    TYPE: ClassVar[str] = "pong"
+    nonce: int
+
+
+@dataclass(frozen=True)
+class Open:
+    TYPE: ClassVar[str] = "open"
+    target: str
+
+
+@dataclass(frozen=True)
+class Accept:
+    TYPE: ClassVar[str] = "accept"
+
+
+@dataclass(frozen=True)
+class Reject:
+    TYPE: ClassVar[str] = "reject"
+    code: str
+    message: str
+
+
+Message = Hello | Welcome | ErrorMessage | Ping | Pong | Open | Accept | Reject
+_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls for cls in (Hello, Welcome, ErrorMessage, Ping, Pong, Open, Accept, Reject)
+}
+
+
+@cache
+def _validators() -> dict[str, Draft202012Validator]:
+    """One validator per message type, from the schema's ``oneOf`` branches."""
+    text = resources.files("cloudbridge_core") / "schemas" / "protocol" / "messages.schema.json"
+    schema = json.loads(text.read_text(encoding="utf-8"))
+    return {
+        branch["properties"]["type"]["const"]: Draft202012Validator(branch)
+        for branch in schema["oneOf"]
+    }
+
+
+def encode(message: Message) -> bytes:
+    body = {"type": message.TYPE, **asdict(message)}
+    if "capabilities" in body:
+        body["capabilities"] = list(body["capabilities"])
+    data = json.dumps(body, separators=(",", ":")).encode()
+    if len(data) > MAX_MESSAGE_SIZE:
+        raise ValueError(f"{message.TYPE} message of {len(data)} bytes exceeds {MAX_MESSAGE_SIZE}")
+    return LENGTH.pack(len(data)) + data
+
+
+def decode_body(data: bytes) -> Message:
+    """One message body (without its length prefix); :class:`ProtocolViolation` if invalid."""
+    try:
+        body: Any = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ProtocolViolation("message is not valid UTF-8 JSON") from None
+    kind = body.get("type") if isinstance(body, dict) else None
+    validator = _validators().get(kind) if isinstance(kind, str) else None
+    if validator is None:
+        raise ProtocolViolation("invalid message: unknown or missing 'type'")
+    error = next(iter(validator.iter_errors(body)), None)
+    if error is not None:
+        # the schema's message may quote a token: name the field only
+        where = ".".join(str(p) for p in error.absolute_path) or "message"
+        raise ProtocolViolation(f"invalid {kind}: field {where!r} fails {error.validator!r}")
+    fields = {k: v for k, v in body.items() if k != "type"}
+    if "capabilities" in fields:
+        fields["capabilities"] = tuple(fields["capabilities"])
+    return _TYPES[body["type"]](**fields)
+
+
+class MessageReader:
+    """Splits a byte stream into messages; keeps whatever follows for the caller."""
+
+    def __init__(self, max_size: int = MAX_MESSAGE_SIZE) -> None:
+        self._max_size = max_size
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def next_message(self) -> Message | None:
+        """The next complete message, or None until more bytes arrive."""
+        if len(self._buffer) < LENGTH.size:
+            return None
+        (size,) = LENGTH.unpack_from(self._buffer)
+        if size > self._max_size:
+            raise ProtocolViolation(
+                f"message of {size} bytes exceeds the limit of {self._max_size}"
+            )
+        if len(self._buffer) < LENGTH.size + size:
+            return None
+        body = bytes(self._buffer[LENGTH.size : LENGTH.size + size])
+        del self._buffer[: LENGTH.size + size]
+        return decode_body(body)
+
+    def take_buffered(self) -> bytes:
+        """Bytes received after the last message (a stream's first raw data)."""
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        return data
