@@ -20,6 +20,9 @@ The ``code`` is the same string in wire messages, logs, metrics labels and CLI o
     ├── CircuitOpen                      circuit_open      exit 5  retry after the breaker's reset
     ├── P2PConnectionFailed              p2p_failed        exit 1  retry after 5s
     ├── TunnelClosed                     tunnel_closed     exit 1
+    ├── EgressDenied                     egress_denied     exit 1
+    ├── TargetUnreachable                unreachable       exit 1  retry after 2s
+    ├── LimitExceeded                    limit_exceeded    exit 1  retry after 5s
     ├── TransportError                   transport_error   exit 1
     │   ├── TransportClosed              transport_closed  exit 5  retry after 1s
     │   ├── StreamAborted                stream_reset      exit 1
@@ -193,6 +196,28 @@ class TunnelClosed(CloudBridgeError):
     code = "tunnel_closed"
 
 
+class EgressDenied(CloudBridgeError):
+    """The relay's egress policy does not allow this tunnel target."""
+
+    code = "egress_denied"
+
+
+class TargetUnreachable(CloudBridgeError):
+    """The relay could not connect to the tunnel target."""
+
+    code = "unreachable"
+    retryable = True
+    retry_delay = 2.0
+
+
+class LimitExceeded(CloudBridgeError):
+    """A named limit (sessions per tenant, streams per session, ...) is reached."""
+
+    code = "limit_exceeded"
+    retryable = True
+    retry_delay = 5.0
+
+
 class TransportError(CloudBridgeError):
     """Something went wrong below the protocol: the pipe, a stream, TLS."""
 
@@ -229,6 +254,16 @@ class TlsVerificationFailed(TransportError):
 class Unhealthy(CloudBridgeError):
     code = "unhealthy"
     exit_code = ExitCode.UNHEALTHY
+
+
+def error_for_code(code: str, message: str) -> CloudBridgeError:
+    """Rebuild a classified error received on the wire (unknown codes stay generic)."""
+    for cls in all_error_classes():
+        if cls.code == code and cls not in (ConfigError, CircuitOpen):
+            return cls(message)
+    error = CloudBridgeError(message)
+    error.message = f"{message} ({code})"
+    return error
 
 
 def all_error_classes() -> list[type[CloudBridgeError]]:

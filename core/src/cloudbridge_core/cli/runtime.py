@@ -56,6 +56,13 @@ class Runtime:
             color=not params.get("no_color") and "NO_COLOR" not in os.environ,
         )
 
+    def use_config(self, path: str) -> None:
+        """A subcommand's own ``--config`` (``cloudbridge tunnel --config C``) wins."""
+        self.config_flag = path
+        for cached in ("config_path", "raw", "plugins", "schema"):
+            self.__dict__.pop(cached, None)
+        self.configure_logging()
+
     @cached_property
     def config_path(self) -> Path | None:
         """The config file in use; raises ``ConfigError`` if an explicit one is missing."""
@@ -113,6 +120,21 @@ def runtime_of(ctx: click.Context) -> Runtime:
     if not isinstance(runtime, Runtime):
         runtime = root.obj = Runtime.from_params(root.params)
     return runtime
+
+
+def _use_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        runtime_of(ctx).use_config(value)
+
+
+config_option = click.option(
+    "-c",
+    "--config",
+    type=click.Path(dir_okay=False),
+    expose_value=False,
+    callback=_use_config,
+    help="Config file for this command (same as the global --config).",
+)
 
 
 def _names(value: object) -> list[str] | None:

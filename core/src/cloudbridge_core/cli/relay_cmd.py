@@ -1,0 +1,115 @@
+"""``cloudbridge relay``: serve, and issue tokens signed by the relay's own key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from cloudbridge_core.cli.output import message
+from cloudbridge_core.cli.runtime import config_option, runtime_of
+from cloudbridge_core.cli.serving import run_async, wait_for_stop
+from cloudbridge_core.durations import parse_duration
+from cloudbridge_core.errors import UsageError
+from cloudbridge_core.relay.runner import start_relay, state_dir_of
+from cloudbridge_core.relay.state import RelayState
+from cloudbridge_core.relay.tokens import issue_token, jwks
+
+state_dir_option = click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the relay keeps its CA, keys and client.yaml (default: server.state_dir).",
+)
+
+
+@click.group()
+def relay() -> None:
+    """Run a relay and issue its tokens."""
+
+
+@relay.command()
+@config_option
+@state_dir_option
+@click.option(
+    "--dev", is_flag=True, help="Development mode: tunnels may reach the relay's loopback."
+)
+@click.pass_context
+def serve(ctx: click.Context, state_dir: Path | None, dev: bool) -> None:
+    """Serve clients on every installed transport (ports from relay.ports)."""
+    runtime = runtime_of(ctx)
+    config = runtime.config()
+
+    async def main() -> None:
+        running = await start_relay(config, runtime.plugins, state_dir=state_dir, dev=dev)
+        try:
+            for name, listener in running.listeners.items():
+                message(f"relay listening: {name} on {config.get('server.listen')}:{listener.port}")
+            message(f"CA fingerprint (sha256): {running.state.ca.fingerprint()}")
+            message(f"client config: {running.client_config}")
+            if dev:
+                message("development mode: tunnels may reach this host's loopback")
+            await wait_for_stop()
+        finally:
+            await running.aclose()
+
+    run_async(main)
+
+
+@relay.group()
+def token() -> None:
+    """Tokens signed by the relay's own key."""
+
+
+@token.command("issue")
+@config_option
+@state_dir_option
+@click.option(
+    "--tenant", required=True, help="Tenant id (everything the token allows is scoped to it)."
+)
+@click.option("--subject", required=True, help="Who or what the token is for (a machine name).")
+@click.option(
+    "--permission", "permissions", multiple=True, help="relay:connect, tunnel:create, p2p:mesh ..."
+)
+@click.option("--ttl", default=None, help='Lifetime, like "24h" (default: server.token_ttl).')
+@click.pass_context
+def issue(
+    ctx: click.Context,
+    state_dir: Path | None,
+    tenant: str,
+    subject: str,
+    permissions: tuple[str, ...],
+    ttl: str | None,
+) -> None:
+    """Print a signed token (stdout) for a client of this relay."""
+    config = runtime_of(ctx).config()
+    try:
+        lifetime = parse_duration(ttl or config.get("server.token_ttl"))
+        state = RelayState.load(state_dir_of(config, state_dir))
+    except ValueError as exc:
+        raise UsageError(f"--ttl: {exc}") from None
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc)) from None
+    click.echo(
+        issue_token(
+            state.signing_key,
+            issuer=state.issuer,
+            tenant=tenant,
+            subject=subject,
+            permissions=permissions or ("relay:connect",),
+            ttl=lifetime,
+        )
+    )
+
+
+@token.command("jwks")
+@state_dir_option
+@click.pass_context
+def show_jwks(ctx: click.Context, state_dir: Path | None) -> None:
+    """Print the relay's public JWKS (what an external validator needs)."""
+    config = runtime_of(ctx).config()
+    try:
+        state = RelayState.load(state_dir_of(config, state_dir))
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc)) from None
+    click.echo(json.dumps(jwks(state.signing_key), indent=2))

@@ -1,0 +1,134 @@
+"""Connecting to the relay: pick a transport, authenticate, open tunnel streams."""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cloudbridge_core import __version__
+from cloudbridge_core.config import Config
+from cloudbridge_core.durations import parse_duration
+from cloudbridge_core.errors import (
+    AuthError,
+    CloudBridgeError,
+    ProviderNotInstalled,
+    error_for_code,
+)
+from cloudbridge_core.log import get_logger
+from cloudbridge_core.plugins import Plugins
+from cloudbridge_core.protocol import messages
+from cloudbridge_core.providers import Endpoint, ProviderSpec, Session, Stream, Transport
+from cloudbridge_core.tlsutil import client_context
+from cloudbridge_core.wire import MessageStream
+
+log = get_logger("relay.client")
+
+CAPABILITIES = ("mux", "tunnel")
+
+
+@dataclass
+class RelayConnection:
+    """An authenticated session with the relay."""
+
+    session: Session
+    welcome: messages.Welcome
+    transport: str
+    control: MessageStream
+
+    async def open_tunnel(self, target: str) -> tuple[Stream, bytes]:
+        """A stream connected by the relay to ``target``; raises the relay's classified error."""
+        stream = await self.session.open_stream()
+        header = MessageStream(stream)
+        await header.send(messages.Open(target))
+        reply = await header.expect(messages.Accept, messages.Reject)
+        if isinstance(reply, messages.Reject):
+            with contextlib.suppress(CloudBridgeError):
+                await stream.aclose()
+            raise error_for_code(reply.code, reply.message)
+        return stream, header.take_buffered()
+
+    async def aclose(self) -> None:
+        await self.session.aclose()
+
+
+def tls_for(relay: Mapping[str, Any]) -> ssl.SSLContext:
+    tls = relay["tls"]
+    ca = Path(tls["ca_file"]).read_bytes() if tls.get("ca_file") else None
+    context = client_context(ca)
+    if tls["min_version"] == "1.2":
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if not tls["verify_cert"]:
+        log.warning(
+            "tls_verification_disabled",
+            note="relay.tls.verify_cert is false: anyone can impersonate the relay",
+        )
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def transport_order(config: Config, plugins: Plugins) -> list[tuple[str, ProviderSpec[Transport]]]:
+    """The transports to try, best first: the one configured, or every one with a port."""
+    mode = config.get("transport.mode")
+    ports = config.get("relay.ports")
+    if mode != "auto":
+        if mode not in ports:
+            raise ProviderNotInstalled(f"transport {mode!r} has no port in relay.ports")
+        return [(mode, plugins.require("transport", mode))]
+    preferred = config.get("transport.prefer_protocol")
+    candidates = [(n, s) for n, s in plugins.providers("transport").items() if n in ports]
+    candidates.sort(key=lambda item: item[0] != preferred)
+    if not candidates:
+        raise ProviderNotInstalled("no installed transport matches relay.ports")
+    return candidates
+
+
+async def connect(config: Config, plugins: Plugins) -> RelayConnection:
+    """Connect with the first transport that works, then authenticate."""
+    token = config.get("auth.token")
+    if not token:
+        raise AuthError(
+            "no token: set auth.token or CLOUDBRIDGE_TOKEN",
+            hint="cloudbridge relay token issue ...",
+        )
+    host = config.get("relay.host")
+    context = tls_for(config.get("relay"))
+    timeout = parse_duration(config.get("transport.connect_timeout"))
+    last: CloudBridgeError | None = None
+    for name, spec in transport_order(config, plugins):
+        transport = spec.load(config.data["transport"].get(name, {}))
+        endpoint = Endpoint(host, config.get(f"relay.ports.{name}"), context, timeout)
+        try:
+            session = await transport.connect(endpoint)
+        except CloudBridgeError as error:
+            log.warning("transport_failed", transport=name, code=error.code, reason=error.message)
+            last = error
+            if not error.retryable or not config.get("transport.fallback_enabled"):
+                raise
+            continue
+        return await _authenticate(session, token, name)
+    assert last is not None  # transport_order never returns an empty list
+    raise last
+
+
+async def _authenticate(session: Session, token: str, transport: str) -> RelayConnection:
+    try:
+        control = MessageStream(await session.open_stream())
+        await control.send(
+            messages.Hello(token=token, client_version=__version__, capabilities=CAPABILITIES)
+        )
+        reply = await control.expect(messages.Welcome, messages.ErrorMessage)
+        if isinstance(reply, messages.ErrorMessage):
+            raise error_for_code(reply.code, reply.message)
+    except BaseException:
+        await session.aclose()
+        raise
+    assert isinstance(reply, messages.Welcome)  # expect() allowed only these two kinds
+    log.info(
+        "connected", transport=transport, tenant_id=reply.tenant_id, session_id=reply.session_id
+    )
+    return RelayConnection(session, reply, transport, control)

@@ -1,0 +1,1 @@
+"""The relay: authenticated sessions, tunnel streams, egress policy, its own state."""

@@ -1,0 +1,92 @@
+"""Assembling a running relay from config: state, auth provider, transports, listeners."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cloudbridge_core.config import Config
+from cloudbridge_core.errors import ProviderNotInstalled
+from cloudbridge_core.log import get_logger
+from cloudbridge_core.plugins import Plugins
+from cloudbridge_core.providers import AuthProvider, Endpoint, Listener
+from cloudbridge_core.relay.egress import EgressPolicy
+from cloudbridge_core.relay.server import Relay, RelayLimits
+from cloudbridge_core.relay.state import RelayState, default_state_dir, local_hostnames
+from cloudbridge_core.relay.tokens import AUDIENCE
+from cloudbridge_core.tlsutil import server_context
+
+log = get_logger("relay")
+
+
+@dataclass
+class RunningRelay:
+    state: RelayState
+    relay: Relay
+    listeners: dict[str, Listener] = field(default_factory=dict)
+    client_config: Path | None = None
+
+    async def aclose(self) -> None:
+        for listener in self.listeners.values():
+            await listener.aclose()
+
+
+def state_dir_of(config: Config, override: Path | None) -> Path:
+    configured = config.get("server.state_dir")
+    return override or (Path(configured) if configured else default_state_dir())
+
+
+def auth_settings(config: Config, state: RelayState) -> tuple[str, Mapping[str, Any]]:
+    """The auth provider and its settings; by default JWTs are checked with the relay's own key."""
+    kind = config.get("auth.type")
+    settings = dict(config.data["auth"].get(kind) or {})
+    if kind == "jwt" and not settings.get("public_key_file") and not settings.get("jwks_url"):
+        settings.update(
+            public_key_file=str(state.public_key_file), issuer=state.issuer, audience=AUDIENCE
+        )
+    return kind, settings
+
+
+async def start_relay(
+    config: Config,
+    plugins: Plugins,
+    *,
+    state_dir: Path | None = None,
+    dev: bool = False,
+    port_override: int | None = None,
+) -> RunningRelay:
+    """Start listening on every installed transport that has a port in ``relay.ports``."""
+    public_host = config.get("server.public_host") or config.get("relay.host")
+    state = RelayState.load_or_create(
+        state_dir_of(config, state_dir), [public_host, *local_hostnames()]
+    )
+    kind, settings = auth_settings(config, state)
+    auth: AuthProvider = plugins.require("auth_provider", kind).load(settings)
+    egress = EgressPolicy.from_config(config.get("server.egress"), dev=dev)
+    relay = Relay(
+        auth, egress, RelayLimits.from_config(config.get("server"), config.get("performance"))
+    )
+    running = RunningRelay(state, relay)
+    tls: ssl.SSLContext = server_context(state.server)
+    listen = config.get("server.listen")
+    ports = config.get("relay.ports")
+    transports = {n: s for n, s in plugins.providers("transport").items() if n in ports}
+    if not transports:
+        raise ProviderNotInstalled("no installed transport has a port in relay.ports")
+    try:
+        for name, spec in transports.items():
+            transport = spec.load(config.data["transport"].get(name, {}))
+            port = port_override if port_override is not None else ports[name]
+            running.listeners[name] = await transport.serve(
+                Endpoint(listen, port, tls), relay.handle
+            )
+            log.info("listening", transport=name, address=listen, port=running.listeners[name].port)
+    except BaseException:
+        await running.aclose()
+        raise
+    actual = {name: listener.port for name, listener in running.listeners.items()}
+    running.client_config = state.write_client_config(public_host, actual)
+    return running

@@ -1,0 +1,222 @@
+"""The relay's session logic, independent of the transport that carried the session.
+
+Every session authenticates on its control stream before anything else; every tunnel
+stream is checked against the token's permissions and the egress policy; everything is
+counted and bounded per tenant. A misbehaving session is closed without disturbing others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import secrets
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cloudbridge_core.durations import parse_duration
+from cloudbridge_core.errors import (
+    CloudBridgeError,
+    ConnectionTimeout,
+    LimitExceeded,
+    TargetUnreachable,
+    TransportError,
+    Unauthorized,
+)
+from cloudbridge_core.log import get_logger
+from cloudbridge_core.protocol import messages
+from cloudbridge_core.providers import AuthProvider, Claims, Session, Stream
+from cloudbridge_core.pump import pump, tune
+from cloudbridge_core.relay.egress import EgressPolicy
+from cloudbridge_core.wire import MessageStream
+
+log = get_logger("relay.server")
+
+CONNECT = "relay:connect"
+TUNNEL = "tunnel:create"
+
+
+@dataclass(frozen=True)
+class RelayLimits:
+    """Named bounds, all configurable under ``server``."""
+
+    handshake_timeout: float = 10.0
+    connect_timeout: float = 10.0
+    max_sessions_per_tenant: int = 100
+    max_streams_per_session: int = 1024
+    buffer_size: int = 65536
+    heartbeat_interval: float = 30.0
+
+    @classmethod
+    def from_config(cls, server: Mapping[str, Any], performance: Mapping[str, Any]) -> RelayLimits:
+        return cls(
+            handshake_timeout=parse_duration(server["handshake_timeout"]),
+            connect_timeout=parse_duration(server["connect_timeout"]),
+            max_sessions_per_tenant=server["max_sessions_per_tenant"],
+            max_streams_per_session=server["max_streams_per_session"],
+            buffer_size=performance["buffer_size"],
+        )
+
+
+class Relay:
+    """Serves sessions from any transport: ``await relay.handle(session)``."""
+
+    def __init__(self, auth: AuthProvider, egress: EgressPolicy, limits: RelayLimits) -> None:
+        self._auth = auth
+        self._egress = egress
+        self._limits = limits
+        self.sessions_by_tenant: Counter[str] = Counter()
+
+    async def handle(self, session: Session) -> None:
+        try:
+            control = MessageStream(
+                await asyncio.wait_for(session.accept_stream(), self._limits.handshake_timeout)
+            )
+            claims = await asyncio.wait_for(
+                self._authenticate(control), self._limits.handshake_timeout
+            )
+        except TimeoutError:
+            log.info("handshake_timeout")
+            return
+        except CloudBridgeError as error:
+            log.info("session_rejected", code=error.code, reason=error.message)
+            return
+        tenant = claims.tenant_id
+        self.sessions_by_tenant[tenant] += 1
+        try:
+            await self._serve(session, control, claims)
+        finally:
+            self.sessions_by_tenant[tenant] -= 1
+            log.info("session_closed", tenant_id=tenant, subject=claims.subject)
+
+    async def _authenticate(self, control: MessageStream) -> Claims:
+        hello = await control.expect(messages.Hello)
+        assert isinstance(hello, messages.Hello)  # expect() checked the kind
+        try:
+            claims = await self._auth.validate(hello.token)
+            if CONNECT not in claims.permissions:
+                raise Unauthorized(f"token lacks the {CONNECT} permission")
+            if self.sessions_by_tenant[claims.tenant_id] >= self._limits.max_sessions_per_tenant:
+                raise LimitExceeded(
+                    f"tenant already holds {self._limits.max_sessions_per_tenant} sessions"
+                )
+        except CloudBridgeError as error:
+            with contextlib.suppress(TransportError):
+                await control.send(messages.ErrorMessage(error.code, error.message))
+            raise
+        session_id = secrets.token_urlsafe(12)
+        await control.send(
+            messages.Welcome(
+                session_id=session_id,
+                tenant_id=claims.tenant_id,
+                heartbeat_interval_seconds=self._limits.heartbeat_interval,
+                server_time=time.time(),
+            )
+        )
+        log.info(
+            "session_opened",
+            tenant_id=claims.tenant_id,
+            subject=claims.subject,
+            session_id=session_id,
+        )
+        return claims
+
+    async def _serve(self, session: Session, control: MessageStream, claims: Claims) -> None:
+        streams: set[asyncio.Task[None]] = set()
+        controller = asyncio.create_task(self._control_loop(control))
+        try:
+            while True:
+                try:
+                    stream = await session.accept_stream()
+                except TransportError:
+                    return
+                if len(streams) >= self._limits.max_streams_per_session:
+                    await _reject(stream, LimitExceeded("too many streams in this session"))
+                    continue
+                task = asyncio.create_task(self._tunnel(stream, claims))
+                streams.add(task)
+                task.add_done_callback(streams.discard)
+        finally:
+            controller.cancel()
+            for task in list(streams):
+                task.cancel()
+            await asyncio.gather(controller, *streams, return_exceptions=True)
+
+    async def _control_loop(self, control: MessageStream) -> None:
+        with contextlib.suppress(TransportError):
+            while True:
+                message = await control.receive()
+                if isinstance(message, messages.Ping):
+                    await control.send(messages.Pong(message.nonce))
+
+    async def _tunnel(self, stream: Stream, claims: Claims) -> None:
+        header = MessageStream(stream)
+        try:
+            opened = await asyncio.wait_for(
+                header.expect(messages.Open), self._limits.handshake_timeout
+            )
+        except (TimeoutError, CloudBridgeError) as error:
+            log.info("stream_dropped", tenant_id=claims.tenant_id, reason=str(error) or "timeout")
+            with contextlib.suppress(CloudBridgeError):
+                await stream.aclose()
+            return
+        assert isinstance(opened, messages.Open)  # expect() checked the kind
+        try:
+            if TUNNEL not in claims.permissions:
+                raise Unauthorized(f"token lacks the {TUNNEL} permission")
+            reader, writer = await self._dial(opened.target)
+        except CloudBridgeError as error:
+            log.info(
+                "tunnel_rejected", tenant_id=claims.tenant_id, target=opened.target, code=error.code
+            )
+            await _reject(stream, error)
+            return
+        tune(writer)
+        try:
+            await header.send(messages.Accept())
+        except TransportError:
+            writer.close()
+            return
+        early = header.take_buffered()
+        if early:
+            writer.write(early)
+        result = await pump(stream, reader, writer, buffer_size=self._limits.buffer_size)
+        log.debug(
+            "tunnel_closed",
+            tenant_id=claims.tenant_id,
+            target=opened.target,
+            sent=result.sent,
+            received=result.received,
+            error=result.error,
+        )
+
+    async def _dial(self, target: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        host, _, port_text = target.rpartition(":")
+        host, port = host.strip("[]"), int(port_text)
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await asyncio.wait_for(
+                loop.getaddrinfo(host, port, type=1), self._limits.connect_timeout
+            )
+        except (OSError, TimeoutError) as exc:
+            raise TargetUnreachable(f"cannot resolve {host}") from exc
+        addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+        self._egress.check(host, addresses, port)
+        try:
+            # connect to the address that was checked, not to a name that could re-resolve
+            return await asyncio.wait_for(
+                asyncio.open_connection(str(addresses[0]), port), self._limits.connect_timeout
+            )
+        except TimeoutError as exc:
+            raise ConnectionTimeout(f"{target} did not answer in time") from exc
+        except OSError as exc:
+            raise TargetUnreachable(f"cannot connect to {target}: {exc.strerror or exc}") from exc
+
+
+async def _reject(stream: Stream, error: CloudBridgeError) -> None:
+    with contextlib.suppress(TransportError):
+        await MessageStream(stream).send(messages.Reject(error.code, error.message))
+        await stream.close_write()

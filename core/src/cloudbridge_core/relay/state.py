@@ -1,0 +1,103 @@
+"""Everything the relay generates lives in its state directory, created on first start.
+
+ca.pem / ca.key             the relay's private CA (clients pin it)
+server.pem / server.key     its TLS certificate, signed by the CA
+signing-key.pem             RS256 key that signs the tokens it issues
+signing-key.pub.pem         its public half (the auth plugin validates with it)
+client.yaml                 a ready client config that only lacks a token
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+import yaml
+
+from cloudbridge_core import tlsutil
+from cloudbridge_core.relay import tokens
+
+
+def default_state_dir() -> Path:
+    return platformdirs.user_state_path("cloudbridge") / "relay"
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    path.touch(mode=0o600)
+    os.chmod(path, 0o600)
+    path.write_bytes(data)
+
+
+@dataclass(frozen=True)
+class RelayState:
+    directory: Path
+    ca: tlsutil.KeyPair
+    server: tlsutil.KeyPair
+    signing_key: bytes
+
+    @property
+    def issuer(self) -> str:
+        return f"cloudbridge-relay:{tokens.key_id(self.signing_key)}"
+
+    @property
+    def public_key_file(self) -> Path:
+        return self.directory / "signing-key.pub.pem"
+
+    @classmethod
+    def load_or_create(cls, directory: Path, hostnames: list[str]) -> RelayState:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ca = _pair(directory, "ca", lambda: tlsutil.generate_ca("CloudBridge relay CA"))
+        server = _pair(directory, "server", lambda: tlsutil.issue_server_certificate(ca, hostnames))
+        key_file = directory / "signing-key.pem"
+        if not key_file.exists():
+            _write_secret(key_file, tokens.generate_signing_key())
+        signing_key = key_file.read_bytes()
+        (directory / "signing-key.pub.pem").write_bytes(tokens.public_pem(signing_key))
+        return cls(directory, ca, server, signing_key)
+
+    @classmethod
+    def load(cls, directory: Path) -> RelayState:
+        """An existing state directory (for ``relay token issue``); never creates one."""
+        key_file = directory / "signing-key.pem"
+        if not key_file.is_file():
+            raise FileNotFoundError(
+                f"no relay state in {directory}: start 'cloudbridge relay serve' first"
+            )
+        ca = tlsutil.KeyPair(
+            (directory / "ca.pem").read_bytes(), (directory / "ca.key").read_bytes()
+        )
+        server = tlsutil.KeyPair(
+            (directory / "server.pem").read_bytes(), (directory / "server.key").read_bytes()
+        )
+        return cls(directory, ca, server, key_file.read_bytes())
+
+    def write_client_config(self, host: str, ports: dict[str, int]) -> Path:
+        path = self.directory / "client.yaml"
+        config = {
+            "relay": {
+                "host": host,
+                "ports": ports,
+                "tls": {"ca_file": str(self.directory / "ca.pem")},
+            },
+            "auth": {"type": "jwt", "token": "${CLOUDBRIDGE_TOKEN}"},
+        }
+        header = "# Written by 'cloudbridge relay serve'. Set CLOUDBRIDGE_TOKEN (or auth.token).\n"
+        path.write_text(header + yaml.safe_dump(config, sort_keys=False))
+        return path
+
+
+def _pair(directory: Path, name: str, make: Callable[[], tlsutil.KeyPair]) -> tlsutil.KeyPair:
+    certificate, key = directory / f"{name}.pem", directory / f"{name}.key"
+    if not certificate.exists() or not key.exists():
+        pair = make()
+        certificate.write_bytes(pair.certificate)
+        _write_secret(key, pair.key)
+    return tlsutil.KeyPair(certificate.read_bytes(), key.read_bytes())
+
+
+def local_hostnames() -> list[str]:
+    return ["localhost", "127.0.0.1", "::1", socket.gethostname()]
