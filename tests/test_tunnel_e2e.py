@@ -1,0 +1,269 @@
+"""Relay, JWT auth and tunnels end to end, on real loopback sockets, in one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cloudbridge_core.client.connection import RelayConnection, connect
+from cloudbridge_core.client.tunnel import Tunnel, TunnelSpec
+from cloudbridge_core.config import Config, load_config, merged_schema
+from cloudbridge_core.errors import (
+    EgressDenied,
+    InvalidToken,
+    LimitExceeded,
+    TargetUnreachable,
+    TokenExpired,
+    Unauthorized,
+)
+from cloudbridge_core.plugins import Plugins, load_plugins
+from cloudbridge_core.relay.runner import RunningRelay, start_relay
+from cloudbridge_core.relay.tokens import issue_token
+
+pytestmark = pytest.mark.timeout(120)
+BOTH = ["relay:connect", "tunnel:create"]
+
+
+@dataclass
+class Bed:
+    relay: RunningRelay
+    plugins: Plugins
+    state_dir: Path
+
+    def token(
+        self, tenant: str = "acme", permissions: list[str] = BOTH, ttl: float = 3600, **kw: Any
+    ) -> str:
+        state = self.relay.state
+        return issue_token(
+            state.signing_key,
+            issuer=state.issuer,
+            tenant=tenant,
+            subject="laptop",
+            permissions=permissions,
+            ttl=ttl,
+            **kw,
+        )
+
+    def client_config(self, token: str) -> Config:
+        overrides = {
+            "relay.host": ("127.0.0.1", "test"),
+            "relay.ports": ({"tls": self.relay.listeners["tls"].port}, "test"),
+            "relay.tls.ca_file": (str(self.state_dir / "ca.pem"), "test"),
+            "auth.token": (token, "test"),
+            "transport.mode": ("tls", "test"),
+        }
+        return load_config(
+            None,
+            environ={},
+            overrides=overrides,
+            schema=merged_schema(self.plugins.config_sections()),
+        )
+
+    async def connect(self, token: str | None = None) -> RelayConnection:
+        return await connect(self.client_config(token or self.token()), self.plugins)
+
+
+@asynccontextmanager
+async def relay_bed(tmp_path: Path, *, dev: bool = True, **server: Any) -> AsyncIterator[Bed]:
+    plugins = load_plugins()
+    overrides = {
+        "server.state_dir": (str(tmp_path / "state"), "test"),
+        "server.listen": ("127.0.0.1", "test"),
+    }
+    overrides.update({f"server.{k}": (v, "test") for k, v in server.items()})
+    config = load_config(
+        None, environ={}, overrides=overrides, schema=merged_schema(plugins.config_sections())
+    )
+    running = await start_relay(config, plugins, dev=dev, port_override=0)
+    try:
+        yield Bed(running, plugins, tmp_path / "state")
+    finally:
+        await running.aclose()
+
+
+@asynccontextmanager
+async def echo_server() -> AsyncIterator[int]:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.write_eof()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def round_trip(port: int, payload: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+    async def send() -> None:
+        for start in range(0, len(payload), 1 << 20):
+            writer.write(payload[start : start + (1 << 20)])
+            await writer.drain()
+        writer.write_eof()
+
+    sender = asyncio.create_task(send())
+    received = bytearray()
+    while data := await reader.read(1 << 20):
+        received += data
+    await sender
+    writer.close()
+    await writer.wait_closed()
+    return bytes(received)
+
+
+def run(tmp_path: Path, scenario: Callable[[Bed], Awaitable[None]], **server: Any) -> None:
+    async def main() -> None:
+        async with relay_bed(tmp_path, **server) as bed:
+            await scenario(bed)
+
+    asyncio.run(main())
+
+
+def test_100_mib_each_way_and_50_concurrent_connections(tmp_path: Path) -> None:
+    async def scenario(bed: Bed) -> None:
+        connection = await bed.connect()
+        async with echo_server() as target:
+            tunnel = Tunnel(TunnelSpec(0, "127.0.0.1", target), connection)
+            await tunnel.start()
+            payload = os.urandom(100 * 1024 * 1024)
+            echoed = await round_trip(tunnel.port, payload)
+            assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
+            small = [os.urandom(64 * 1024 + i) for i in range(50)]
+            results = await asyncio.gather(*(round_trip(tunnel.port, p) for p in small))
+            assert results == small
+            stats = tunnel.statistics.to_dict()
+            assert stats["total_connections"] == 51
+            assert stats["active_connections"] == 0
+            assert stats["errors"] == 0
+            assert (
+                stats["bytes_sent"]
+                == stats["bytes_received"]
+                == len(payload) + sum(map(len, small))
+            )
+            await tunnel.aclose()
+        await connection.aclose()
+
+    run(tmp_path, scenario)
+
+
+def test_several_tunnels_and_tenants_at_once(tmp_path: Path) -> None:
+    async def scenario(bed: Bed) -> None:
+        acme, globex = await bed.connect(bed.token("acme")), await bed.connect(bed.token("globex"))
+        assert bed.relay.relay.sessions_by_tenant == {"acme": 1, "globex": 1}
+        async with echo_server() as first, echo_server() as second:
+            tunnels = [
+                Tunnel(TunnelSpec(0, "127.0.0.1", port), c)
+                for c in (acme, globex)
+                for port in (first, second)
+            ]
+            for tunnel in tunnels:
+                await tunnel.start()
+            replies = await asyncio.gather(
+                *(round_trip(t.port, f"via {i}".encode()) for i, t in enumerate(tunnels))
+            )
+            assert replies == [f"via {i}".encode() for i in range(4)]
+            for tunnel in tunnels:
+                await tunnel.aclose()
+        await acme.aclose()
+        await globex.aclose()
+
+    run(tmp_path, scenario)
+
+
+@pytest.mark.parametrize(
+    ("make_token", "error"),
+    [
+        (lambda bed: bed.token(ttl=-120), TokenExpired),
+        (lambda bed: bed.token(now=time.time() + 3600), InvalidToken),
+        (lambda bed: bed.token(permissions=["tunnel:create"]), Unauthorized),
+        (lambda bed: bed.token()[:-8] + "AAAAAAAA", InvalidToken),
+    ],
+    ids=["expired", "not-yet-valid", "no-relay-connect", "bad-signature"],
+)
+def test_session_rejections_reach_the_client(
+    tmp_path: Path, make_token: Any, error: type[Exception]
+) -> None:
+    async def scenario(bed: Bed) -> None:
+        with pytest.raises(error):
+            await bed.connect(make_token(bed))
+        good = await bed.connect()  # the relay keeps serving
+        await good.aclose()
+
+    run(tmp_path, scenario)
+
+
+def test_stream_rejections_reach_the_client(tmp_path: Path) -> None:
+    async def scenario(bed: Bed) -> None:
+        connect_only = await bed.connect(bed.token(permissions=["relay:connect"]))
+        with pytest.raises(Unauthorized, match="tunnel:create"):
+            await connect_only.open_tunnel("127.0.0.1:9")
+        full = await bed.connect()
+        with pytest.raises(EgressDenied, match="link-local"):
+            await full.open_tunnel("169.254.169.254:80")
+        with pytest.raises(EgressDenied, match="private"):
+            await full.open_tunnel("10.1.2.3:22")
+        with pytest.raises(TargetUnreachable):
+            await full.open_tunnel("127.0.0.1:1")
+        async with echo_server() as target:  # the same session still works
+            stream, _ = await full.open_tunnel(f"127.0.0.1:{target}")
+            await stream.write(b"ok")
+            await stream.close_write()
+            assert await stream.read() == b"ok"
+        await connect_only.aclose()
+        await full.aclose()
+
+    run(tmp_path, scenario)
+
+
+def test_loopback_is_denied_outside_dev_mode(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with relay_bed(tmp_path, dev=False) as bed, echo_server() as target:
+            connection = await bed.connect()
+            with pytest.raises(EgressDenied, match="loopback"):
+                await connection.open_tunnel(f"127.0.0.1:{target}")
+            await connection.aclose()
+
+    asyncio.run(main())
+
+
+def test_garbage_and_silent_sessions_do_not_disturb_others(tmp_path: Path) -> None:
+    async def scenario(bed: Bed) -> None:
+        port = bed.relay.listeners["tls"].port
+        _, raw = await asyncio.open_connection("127.0.0.1", port)  # never completes TLS
+        raw.write(b"\x16\x03\x01 not a handshake" * 100)
+        connection = await bed.connect()
+        async with echo_server() as target:
+            stream, _ = await connection.open_tunnel(f"127.0.0.1:{target}")
+            await stream.write(b"still fine")
+            await stream.close_write()
+            assert await stream.read() == b"still fine"
+        raw.close()
+        await connection.aclose()
+
+    run(tmp_path, scenario)
+
+
+def test_session_limit_per_tenant(tmp_path: Path) -> None:
+    async def scenario(bed: Bed) -> None:
+        first = await bed.connect(bed.token("acme"))
+        with pytest.raises(LimitExceeded, match="sessions"):
+            await bed.connect(bed.token("acme"))
+        other = await bed.connect(bed.token("globex"))  # other tenants are not affected
+        await first.aclose()
+        await other.aclose()
+
+    run(tmp_path, scenario, max_sessions_per_tenant=1)
