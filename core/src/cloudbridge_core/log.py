@@ -134,5 +134,8 @@ def configure_logging(
 
 def get_logger(component: str) -> structlog.stdlib.BoundLogger:
     """A logger whose events carry ``component`` (``config.reload``, ``relay.client``)."""
-    logger: structlog.stdlib.BoundLogger = structlog.stdlib.get_logger(f"cloudbridge.{component}")
-    return logger.bind(component=component)
+    # a lazy proxy: loggers made at import time still follow configure_logging() later
+    logger: structlog.stdlib.BoundLogger = structlog.stdlib.get_logger(
+        f"cloudbridge.{component}", component=component
+    )
+    return logger

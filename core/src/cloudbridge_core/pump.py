@@ -39,9 +39,13 @@ async def pump(
     writer: asyncio.StreamWriter,
     *,
     buffer_size: int = 65536,
+    result: PumpResult | None = None,
 ) -> PumpResult:
-    """Run until both directions have ended; never raises for a peer's failure."""
-    result = PumpResult()
+    """Run until both directions have ended; never raises for a peer's failure.
+
+    ``result`` is updated as bytes move, so a caller sees the counts even if cancelled.
+    """
+    result = result if result is not None else PumpResult()
 
     async def tcp_to_stream() -> None:
         while data := await reader.read(buffer_size):

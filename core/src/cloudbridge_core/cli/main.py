@@ -13,7 +13,14 @@ from collections.abc import Sequence
 import click
 
 from cloudbridge_core import __version__
-from cloudbridge_core.cli import config_cmd, plugins_cmd, relay_cmd, tunnel_cmd, version_cmd
+from cloudbridge_core.cli import (
+    config_cmd,
+    demo_cmd,
+    plugins_cmd,
+    relay_cmd,
+    tunnel_cmd,
+    version_cmd,
+)
 from cloudbridge_core.cli.completion_cmd import completion
 from cloudbridge_core.cli.output import report_error
 from cloudbridge_core.cli.runtime import log, runtime_of
@@ -98,6 +105,7 @@ cli.add_command(version_cmd.version)
 cli.add_command(completion)
 cli.add_command(relay_cmd.relay)
 cli.add_command(tunnel_cmd.tunnel)
+cli.add_command(demo_cmd.demo)
 
 
 def run(command: click.Command, args: Sequence[str]) -> int:

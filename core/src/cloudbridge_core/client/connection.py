@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -89,11 +90,11 @@ def transport_order(config: Config, plugins: Plugins) -> list[tuple[str, Provide
 
 async def connect(config: Config, plugins: Plugins) -> RelayConnection:
     """Connect with the first transport that works, then authenticate."""
-    token = config.get("auth.token")
+    token = config.get("auth.token") or os.environ.get("CLOUDBRIDGE_TOKEN")
     if not token:
         raise AuthError(
-            "no token: set auth.token or CLOUDBRIDGE_TOKEN",
-            hint="cloudbridge relay token issue ...",
+            "no token: set auth.token, CLOUDBRIDGE_AUTH__TOKEN or CLOUDBRIDGE_TOKEN",
+            hint="a relay's operator issues one with 'cloudbridge relay token issue'",
         )
     host = config.get("relay.host")
     context = tls_for(config.get("relay"))

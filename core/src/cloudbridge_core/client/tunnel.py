@@ -11,7 +11,7 @@ from typing import Any
 from cloudbridge_core.client.connection import RelayConnection
 from cloudbridge_core.errors import CloudBridgeError
 from cloudbridge_core.log import get_logger
-from cloudbridge_core.pump import pump, tune
+from cloudbridge_core.pump import PumpResult, pump, tune
 
 log = get_logger("tunnel")
 
@@ -82,6 +82,7 @@ class Tunnel:
         stats.total_connections += 1
         stats.active_connections += 1
         started = time.perf_counter()
+        moved = PumpResult()
         try:
             tune(writer)
             try:
@@ -98,12 +99,15 @@ class Tunnel:
             stats.setup_seconds_total += time.perf_counter() - started
             if early:
                 writer.write(early)
-            result = await pump(stream, reader, writer, buffer_size=self._buffer_size)
-            stats.bytes_sent += result.sent
-            stats.bytes_received += result.received
-            if result.error:
+            await pump(stream, reader, writer, buffer_size=self._buffer_size, result=moved)
+            if moved.error:
                 stats.errors += 1
+        except asyncio.CancelledError:
+            # the tunnel is closing; ending quietly keeps asyncio from logging the callback
+            return
         finally:
+            stats.bytes_sent += moved.sent
+            stats.bytes_received += moved.received
             stats.active_connections -= 1
             if task is not None:
                 self._handlers.discard(task)

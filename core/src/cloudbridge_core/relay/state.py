@@ -83,9 +83,12 @@ class RelayState:
                 "ports": ports,
                 "tls": {"ca_file": str(self.directory / "ca.pem")},
             },
-            "auth": {"type": "jwt", "token": "${CLOUDBRIDGE_TOKEN}"},
+            "auth": {"type": "jwt"},
         }
-        header = "# Written by 'cloudbridge relay serve'. Set CLOUDBRIDGE_TOKEN (or auth.token).\n"
+        header = (
+            "# Written by 'cloudbridge relay serve'. The token goes in auth.token,\n"
+            "# CLOUDBRIDGE_AUTH__TOKEN or CLOUDBRIDGE_TOKEN: see 'cloudbridge relay token issue'.\n"
+        )
         path.write_text(header + yaml.safe_dump(config, sort_keys=False))
         return path
 

@@ -51,6 +51,8 @@ class TlsListener:
         self._sessions[session] = asyncio.current_task()
         try:
             await self._handler(session)
+        except asyncio.CancelledError:
+            return  # the listener is closing; asyncio would log a cancelled callback as an error
         except Exception:  # a handler's bug ends its session, never the listener
             log.exception("session_handler_failed")
         finally:

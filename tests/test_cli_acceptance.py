@@ -1,0 +1,174 @@
+"""The acceptance interface exactly as users type it: relay serve, token issue, tunnel, demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(120)
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def environment(**extra: str) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDBRIDGE_")}
+    return {**clean, **extra}
+
+
+def start(*args: str, env: dict[str, str], ready: str) -> subprocess.Popen[str]:
+    """Start a long-running command and wait until it prints the line saying it is ready."""
+    process = subprocess.Popen(
+        [BIN / "cloudbridge", *args], stderr=subprocess.PIPE, text=True, env=env
+    )
+    assert process.stderr is not None
+    for line in process.stderr:
+        if ready in line:
+            # keep draining, so that a chatty process never blocks on a full pipe
+            threading.Thread(target=process.stderr.read, daemon=True).start()
+            return process
+    process.wait()
+    process.stderr.close()
+    pytest.fail(f"{args[0]} exited with {process.returncode} before printing {ready!r}")
+
+
+def stop(process: subprocess.Popen[str]) -> int:
+    process.send_signal(signal.SIGTERM)
+    code = process.wait(timeout=30)
+    assert process.stderr is not None
+    process.stderr.close()
+    return code
+
+
+class Echo(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        while data := self.request.recv(65536):
+            self.request.sendall(data)
+
+
+@pytest.fixture
+def echo_port() -> Iterator[int]:
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Echo)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def test_relay_token_tunnel(tmp_path: Path, echo_port: int) -> None:
+    state = tmp_path / "D"
+    relay_env = environment(
+        CLOUDBRIDGE_RELAY__PORTS__TLS=str(free_port()), CLOUDBRIDGE_SERVER__LISTEN="127.0.0.1"
+    )
+    relay = start(
+        "relay", "serve", "--dev", "--state-dir", str(state), env=relay_env, ready="client config:"
+    )
+    try:
+        assert (state / "client.yaml").is_file()
+        issued = subprocess.run(
+            [
+                BIN / "cloudbridge",
+                "relay",
+                "token",
+                "issue",
+                "--state-dir",
+                str(state),
+                "--tenant",
+                "acme",
+                "--subject",
+                "laptop",
+                "--permission",
+                "relay:connect",
+                "--permission",
+                "tunnel:create",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=environment(),
+        )
+        token = issued.stdout.strip()
+        assert token.count(".") == 2
+        local = free_port()
+        tunnel = start(
+            "tunnel",
+            "--config",
+            str(state / "client.yaml"),
+            "--local-port",
+            str(local),
+            "--remote-host",
+            "127.0.0.1",
+            "--remote-port",
+            str(echo_port),
+            env=environment(CLOUDBRIDGE_AUTH__TOKEN=token),
+            ready="tunnel 127.0.0.1:",
+        )
+        try:
+            with socket.create_connection(("127.0.0.1", local)) as client:
+                client.sendall(b"through the relay")
+                client.shutdown(socket.SHUT_WR)
+                received = b""
+                while data := client.recv(65536):
+                    received += data
+            assert received == b"through the relay"
+        finally:
+            assert stop(tunnel) == 0
+    finally:
+        assert stop(relay) == 0
+    assert token not in (state / "client.yaml").read_text()
+
+
+def test_tunnel_without_token_exits_4(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("relay:\n  host: 127.0.0.1\n")
+    result = subprocess.run(
+        [
+            BIN / "cloudbridge",
+            "tunnel",
+            "--config",
+            str(config),
+            "--local-port",
+            "0",
+            "--remote-host",
+            "h",
+            "--remote-port",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env=environment(),
+        check=False,
+    )
+    assert result.returncode == 4
+    assert "no token" in result.stderr
+
+
+def test_demo_runs_by_itself(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [BIN / "cloudbridge", "demo", "--duration", "2", "--json"],
+        capture_output=True,
+        text=True,
+        env=environment(XDG_STATE_HOME=str(tmp_path)),
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)["tunnel"]
+    assert stats["errors"] == 0
+    assert stats["bytes_sent"] > 0
+    assert "MB/s through the tunnel" in result.stderr
