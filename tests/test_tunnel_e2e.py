@@ -37,6 +37,7 @@ class Bed:
     relay: RunningRelay
     plugins: Plugins
     state_dir: Path
+    transport: str = "tls"
 
     def token(
         self, tenant: str = "acme", permissions: list[str] = BOTH, ttl: float = 3600, **kw: Any
@@ -55,10 +56,10 @@ class Bed:
     def client_config(self, token: str) -> Config:
         overrides = {
             "relay.host": ("127.0.0.1", "test"),
-            "relay.ports": ({"tls": self.relay.listeners["tls"].port}, "test"),
+            "relay.ports": ({self.transport: self.relay.listeners[self.transport].port}, "test"),
             "relay.tls.ca_file": (str(self.state_dir / "ca.pem"), "test"),
             "auth.token": (token, "test"),
-            "transport.mode": ("tls", "test"),
+            "transport.mode": (self.transport, "test"),
         }
         return load_config(
             None,
@@ -125,15 +126,25 @@ async def round_trip(port: int, payload: bytes) -> bytes:
     return bytes(received)
 
 
-def run(tmp_path: Path, scenario: Callable[[Bed], Awaitable[None]], **server: Any) -> None:
+def run(
+    tmp_path: Path,
+    scenario: Callable[[Bed], Awaitable[None]],
+    transport: str = "tls",
+    **server: Any,
+) -> None:
     async def main() -> None:
         async with relay_bed(tmp_path, **server) as bed:
+            bed.transport = transport
             await scenario(bed)
 
     asyncio.run(main())
 
 
-def test_100_mib_each_way_and_50_concurrent_connections(tmp_path: Path) -> None:
+TRANSPORTS = pytest.mark.parametrize("transport", ["tls", "websocket"])
+
+
+@TRANSPORTS
+def test_100_mib_each_way_and_50_concurrent_connections(tmp_path: Path, transport: str) -> None:
     async def scenario(bed: Bed) -> None:
         connection = await bed.connect()
         async with echo_server() as target:
@@ -157,7 +168,7 @@ def test_100_mib_each_way_and_50_concurrent_connections(tmp_path: Path) -> None:
             await tunnel.aclose()
         await connection.aclose()
 
-    run(tmp_path, scenario)
+    run(tmp_path, scenario, transport)
 
 
 def test_several_tunnels_and_tenants_at_once(tmp_path: Path) -> None:
@@ -194,8 +205,9 @@ def test_several_tunnels_and_tenants_at_once(tmp_path: Path) -> None:
     ],
     ids=["expired", "not-yet-valid", "no-relay-connect", "bad-signature"],
 )
+@TRANSPORTS
 def test_session_rejections_reach_the_client(
-    tmp_path: Path, make_token: Any, error: type[Exception]
+    tmp_path: Path, make_token: Any, error: type[Exception], transport: str
 ) -> None:
     async def scenario(bed: Bed) -> None:
         with pytest.raises(error):
@@ -203,10 +215,11 @@ def test_session_rejections_reach_the_client(
         good = await bed.connect()  # the relay keeps serving
         await good.aclose()
 
-    run(tmp_path, scenario)
+    run(tmp_path, scenario, transport)
 
 
-def test_stream_rejections_reach_the_client(tmp_path: Path) -> None:
+@TRANSPORTS
+def test_stream_rejections_reach_the_client(tmp_path: Path, transport: str) -> None:
     async def scenario(bed: Bed) -> None:
         connect_only = await bed.connect(bed.token(permissions=["relay:connect"]))
         with pytest.raises(Unauthorized, match="tunnel:create"):
@@ -226,7 +239,7 @@ def test_stream_rejections_reach_the_client(tmp_path: Path) -> None:
         await connect_only.aclose()
         await full.aclose()
 
-    run(tmp_path, scenario)
+    run(tmp_path, scenario, transport)
 
 
 def test_loopback_is_denied_outside_dev_mode(tmp_path: Path) -> None:

@@ -1,0 +1,135 @@
+"""The core multiplexer over a TLS WebSocket; `websockets` exceptions end at this boundary."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from cloudbridge_core.durations import parse_duration
+from cloudbridge_core.errors import (
+    ConnectionTimeout,
+    ProtocolViolation,
+    ServerUnavailable,
+    TlsVerificationFailed,
+    TransportClosed,
+    TransportError,
+)
+from cloudbridge_core.log import get_logger
+from cloudbridge_core.providers import Endpoint, Session
+from cloudbridge_core.transports.mux_session import MuxSession
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, WebSocketException
+
+SUBPROTOCOL = "cloudbridge.v1"
+log = get_logger("transport.websocket")
+
+
+class WebSocketPipe:
+    """A :class:`~cloudbridge_core.transports.mux_session.Pipe` over binary WebSocket messages."""
+
+    def __init__(self, websocket: ClientConnection | ServerConnection, max_message: int) -> None:
+        self._websocket = websocket
+        self._max_message = max_message
+
+    async def receive(self) -> bytes:
+        try:
+            message = await self._websocket.recv()
+        except ConnectionClosed:
+            return b""
+        if isinstance(message, str):
+            raise ProtocolViolation("text WebSocket message on a binary channel")
+        return message
+
+    async def send(self, data: bytes) -> None:
+        try:
+            for start in range(0, len(data), self._max_message):
+                await self._websocket.send(data[start : start + self._max_message])
+        except ConnectionClosed as exc:
+            raise TransportClosed(f"WebSocket closed: {exc}") from exc
+
+    async def aclose(self) -> None:
+        await self._websocket.close()
+
+
+class WebSocketListener:
+    def __init__(self, server: Server) -> None:
+        self._server = server
+
+    @property
+    def port(self) -> int:
+        port: int = next(iter(self._server.sockets)).getsockname()[1]
+        return port
+
+    async def aclose(self) -> None:
+        self._server.close()
+        await self._server.wait_closed()
+
+
+class WebSocketTransport:
+    """Implements :class:`~cloudbridge_core.providers.Transport`."""
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        self._path = str(settings.get("path", "/cloudbridge"))
+        self._ping_interval = parse_duration(str(settings.get("ping_interval", "20s")))
+        self._ping_timeout = parse_duration(str(settings.get("ping_timeout", "20s")))
+        self._max_message = int(settings.get("max_message_bytes", 1 << 20))
+
+    def _options(self) -> dict[str, Any]:
+        return {
+            "subprotocols": [SUBPROTOCOL],
+            "ping_interval": self._ping_interval,
+            "ping_timeout": self._ping_timeout,
+            "max_size": self._max_message,
+            "compression": None,  # tunnelled bytes are often compressed already; spare the CPU
+        }
+
+    async def connect(self, endpoint: Endpoint) -> Session:
+        host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
+        uri = f"wss://{host}:{endpoint.port}{self._path}"
+        where = f"{endpoint.host}:{endpoint.port}"
+        try:
+            websocket = await asyncio.wait_for(
+                connect(uri, ssl=endpoint.tls, open_timeout=None, **self._options()),
+                endpoint.connect_timeout,
+            )
+        except TimeoutError as exc:
+            raise ConnectionTimeout(f"no WebSocket connection to {where} in time") from exc
+        except ssl.SSLCertVerificationError as exc:
+            raise TlsVerificationFailed(
+                f"the certificate of {where} is not trusted: {exc.verify_message}"
+            ) from exc
+        except (InvalidHandshake, WebSocketException, ssl.SSLError) as exc:
+            raise TransportError(f"WebSocket handshake with {where} failed: {exc}") from exc
+        except OSError as exc:
+            raise ServerUnavailable(f"cannot connect to {where}: {exc.strerror or exc}") from exc
+        if websocket.subprotocol != SUBPROTOCOL:
+            await websocket.close()
+            raise TransportError(f"{where} does not speak {SUBPROTOCOL}")
+        return MuxSession(WebSocketPipe(websocket, self._max_message), is_dialer=True)
+
+    async def serve(
+        self, endpoint: Endpoint, handler: Callable[[Session], Awaitable[None]]
+    ) -> WebSocketListener:
+        async def accepted(websocket: ServerConnection) -> None:
+            if (
+                websocket.subprotocol != SUBPROTOCOL
+                or websocket.request is None
+                or websocket.request.path != self._path
+            ):
+                await websocket.close(1002, f"expected subprotocol {SUBPROTOCOL} at {self._path}")
+                return
+            session = MuxSession(WebSocketPipe(websocket, self._max_message), is_dialer=False)
+            try:
+                await handler(session)
+            except Exception:  # a handler's bug ends its session, never the listener
+                log.exception("session_handler_failed")
+            finally:
+                await session.aclose()
+
+        server = await serve(
+            accepted, endpoint.host, endpoint.port, ssl=endpoint.tls, **self._options()
+        )
+        return WebSocketListener(server)

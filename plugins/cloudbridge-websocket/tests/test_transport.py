@@ -1,0 +1,91 @@
+"""The WebSocket transport on real loopback sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+
+import pytest
+from cloudbridge_core.errors import TlsVerificationFailed, TransportError
+from cloudbridge_core.plugins import load_plugins
+from cloudbridge_core.providers import Endpoint, Session, Stream
+from cloudbridge_core.testing.tls import loopback_tls
+from cloudbridge_core.tlsutil import client_context, generate_ca
+from cloudbridge_websocket.transport import WebSocketTransport
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+pytestmark = pytest.mark.timeout(60)
+SETTINGS = {
+    "path": "/cloudbridge",
+    "ping_interval": "20s",
+    "ping_timeout": "20s",
+    "max_message_bytes": 1 << 20,
+}
+
+
+async def read_all(stream: Stream) -> bytes:
+    chunks = []
+    while chunk := await stream.read():
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def echo(session: Session) -> None:
+    async def one(stream: Stream) -> None:
+        await stream.write(await read_all(stream))
+        await stream.close_write()
+
+    tasks = set()
+    try:
+        while True:
+            task = asyncio.create_task(one(await session.accept_stream()))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+    except TransportError:
+        pass
+
+
+def test_discovered_as_a_transport() -> None:
+    [record] = [r for r in load_plugins().records if r.name == "websocket"]
+    assert record.status == "active"
+    assert record.providers == {"transport": ["websocket"]}
+
+
+def test_streams_round_trip_with_integrity() -> None:
+    async def main() -> None:
+        server_tls, client_tls = loopback_tls()
+        transport = WebSocketTransport(SETTINGS)
+        listener = await transport.serve(Endpoint("127.0.0.1", 0, server_tls), echo)
+        session = await transport.connect(Endpoint("127.0.0.1", listener.port, client_tls))
+
+        async def round_trip(size: int) -> None:
+            payload = os.urandom(size)
+            stream = await session.open_stream()
+            await stream.write(payload)
+            await stream.close_write()
+            assert (
+                hashlib.sha256(await read_all(stream)).digest() == hashlib.sha256(payload).digest()
+            )
+
+        await asyncio.gather(round_trip(8 << 20), *(round_trip(1000 + i) for i in range(20)))
+        await session.aclose()
+        await listener.aclose()
+
+    asyncio.run(main())
+
+
+def test_untrusted_certificate_and_wrong_subprotocol() -> None:
+    async def main() -> None:
+        server_tls, client_tls = loopback_tls()
+        transport = WebSocketTransport(SETTINGS)
+        listener = await transport.serve(Endpoint("127.0.0.1", 0, server_tls), echo)
+        stranger = client_context(generate_ca("someone else").certificate)
+        with pytest.raises(TlsVerificationFailed):
+            await transport.connect(Endpoint("127.0.0.1", listener.port, stranger))
+        with pytest.raises(InvalidStatus, match="400"):  # no cloudbridge.v1 subprotocol offered
+            await connect(f"wss://127.0.0.1:{listener.port}/cloudbridge", ssl=client_tls)
+        await listener.aclose()
+
+    asyncio.run(main())
