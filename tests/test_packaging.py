@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from venvs import ROOT, Venv
+from venvs import ROOT, Venv, make_venv
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -83,3 +83,13 @@ def test_wheel_ships_its_schemas(core_alone: Venv) -> None:
     assert shipped == sorted(
         p.relative_to(ROOT / "schemas") for p in (ROOT / "schemas").rglob("*.json")
     )
+
+
+def test_each_plugin_installs_with_only_the_core(tmp_path: Path) -> None:
+    for plugin, family in (("jwt", "auth_provider"), ("websocket", "transport")):
+        venv = make_venv(tmp_path / plugin)
+        venv.install(ROOT / "core", ROOT / "plugins" / f"cloudbridge-{plugin}")
+        listed = {p["name"]: p for p in venv.cloudbridge_json("plugins", "list")["plugins"]}
+        assert listed[plugin]["status"] == "active", listed[plugin]["error"]
+        assert listed[plugin]["families"] == [family]
+        assert set(listed) == {"tls", plugin}

@@ -280,3 +280,42 @@ def test_session_limit_per_tenant(tmp_path: Path) -> None:
         await other.aclose()
 
     run(tmp_path, scenario, max_sessions_per_tenant=1)
+
+
+def test_no_task_or_socket_leak_after_1000_connections(tmp_path: Path) -> None:
+    def open_sockets() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    async def scenario(bed: Bed) -> None:
+        connection = await bed.connect()
+        async with echo_server() as target:
+            tunnel = Tunnel(TunnelSpec(0, "127.0.0.1", target), connection)
+            await tunnel.start()
+            assert await round_trip(tunnel.port, b"warm-up") == b"warm-up"
+            tasks_before, fds_before = len(asyncio.all_tasks()), open_sockets()
+            for batch in range(20):
+                replies = await asyncio.gather(
+                    *(round_trip(tunnel.port, b"x" * (i + 1)) for i in range(50))
+                )
+                assert replies == [b"x" * (i + 1) for i in range(50)], batch
+            refused = Tunnel(TunnelSpec(0, "127.0.0.1", 1), connection)  # nothing listens on port 1
+            await refused.start()
+            for _ in range(20):
+                assert await round_trip(refused.port, b"lost") == b""
+            assert refused.statistics.errors == 20
+            await refused.aclose()
+            # every connection's task and socket is gone once its bytes are delivered
+            assert tunnel.statistics.total_connections == 1001
+            assert tunnel.statistics.active_connections == 0
+            # the relay side finishes its close handshakes a few loop turns later
+            for _ in range(1000):
+                if len(asyncio.all_tasks()) <= tasks_before and open_sockets() <= fds_before:
+                    break
+                await asyncio.sleep(0)
+            assert len(asyncio.all_tasks()) <= tasks_before
+            assert open_sockets() <= fds_before
+            assert len(bed.relay.relay.sessions_by_tenant) == 1
+            await tunnel.aclose()
+        await connection.aclose()
+
+    run(tmp_path, scenario)
