@@ -105,10 +105,13 @@ def test_relay_token_tunnel(tmp_path: Path, echo_port: int) -> None:
         token = issued.stdout.strip()
         assert token.count(".") == 2
         local = free_port()
+        control = tmp_path / "client.sock"
         tunnel = start(
             "tunnel",
             "--config",
             str(state / "client.yaml"),
+            "--control-socket",
+            str(control),
             "--local-port",
             str(local),
             "--remote-host",
@@ -126,11 +129,34 @@ def test_relay_token_tunnel(tmp_path: Path, echo_port: int) -> None:
                 while data := client.recv(65536):
                     received += data
             assert received == b"through the relay"
+            listed = subprocess.run(
+                [BIN / "cloudbridge", "tunnel", "list", "--json", "--control-socket", str(control)],
+                capture_output=True,
+                text=True,
+                check=True,
+                env=environment(),
+            )
+            [entry] = json.loads(listed.stdout)["tunnels"]
+            assert entry["target"] == f"127.0.0.1:{echo_port}"
+            assert entry["statistics"]["total_connections"] == 1
+            assert entry["statistics"]["bytes_sent"] == len(b"through the relay")
         finally:
             assert stop(tunnel) == 0
     finally:
         assert stop(relay) == 0
     assert token not in (state / "client.yaml").read_text()
+
+
+def test_tunnel_list_without_a_client_says_what_to_do(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [BIN / "cloudbridge", "tunnel", "list", "--control-socket", str(tmp_path / "none.sock")],
+        capture_output=True,
+        text=True,
+        env=environment(),
+        check=False,
+    )
+    assert result.returncode == 5
+    assert "no running cloudbridge client" in result.stderr
 
 
 def test_tunnel_without_token_exits_4(tmp_path: Path) -> None:
