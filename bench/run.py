@@ -1,0 +1,300 @@
+"""CloudBridge tunnel benchmark: direct TCP, socat and CloudBridge, measured in one run.
+
+For each path to the same echo service it measures bulk throughput (1 and 8
+connections), 64-byte request/response latency (p50, p99), connection setup rate, and
+the forwarder's resident memory with 1,000 idle connections; then prints ratios to
+direct TCP and to socat. Run it with `./dev bench`; it is not part of the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+ECHO = """
+import asyncio, sys
+async def echo(reader, writer):
+    try:
+        while data := await reader.read(1 << 16):
+            writer.write(data)
+            await writer.drain()
+    finally:
+        writer.close()
+async def main():
+    server = await asyncio.start_server(echo, "127.0.0.1", int(sys.argv[1]), backlog=4096)
+    print("ready", flush=True)
+    await server.serve_forever()
+asyncio.run(main())
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def rss_bytes(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            continue
+        total += next(
+            int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS")
+        )
+    return total
+
+
+def children_of(pid: int) -> list[int]:
+    found = [pid]
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        found += children_of(int(child))
+    return found
+
+
+@contextmanager
+def started(
+    command: list[str], ready: str, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[str]]:
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    assert process.stdout is not None
+    for line in process.stdout:
+        if ready in line:
+            break
+    else:
+        raise RuntimeError(f"{command[0]} exited before it was ready")
+    # keep draining its output so that it never blocks on a full pipe
+    threading.Thread(target=process.stdout.read, daemon=True).start()
+    try:
+        yield process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@dataclass
+class Results:
+    name: str
+    figures: dict[str, float] = field(default_factory=dict)
+
+
+async def bulk(port: int, connections: int, megabytes: int) -> float:
+    """Echo throughput in bytes per second (both directions counted)."""
+    block = os.urandom(1 << 20)
+
+    async def one() -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+        async def send() -> None:
+            for _ in range(megabytes):
+                writer.write(block)
+                await writer.drain()
+
+        sender = asyncio.create_task(send())
+        received = 0
+        while received < megabytes << 20:
+            received += len(await reader.read(1 << 20))
+        await sender
+        writer.close()
+        return 2 * received
+
+    started_at = time.perf_counter()
+    moved = sum(await asyncio.gather(*(one() for _ in range(connections))))
+    return moved / (time.perf_counter() - started_at)
+
+
+async def latency(port: int, rounds: int) -> tuple[float, float]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    message = b"x" * 64
+    samples = []
+    for _ in range(rounds):
+        begin = time.perf_counter()
+        writer.write(message)
+        await reader.readexactly(64)
+        samples.append(time.perf_counter() - begin)
+    writer.close()
+    quantiles = statistics.quantiles(samples, n=100)
+    return quantiles[49], quantiles[98]
+
+
+async def setup_rate(port: int, count: int) -> float:
+    begin = time.perf_counter()
+    for _ in range(count):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"!")
+        await reader.readexactly(1)
+        writer.close()
+        await writer.wait_closed()
+    return count / (time.perf_counter() - begin)
+
+
+async def idle_memory(port: int, count: int, pids: list[int]) -> float:
+    before = rss_bytes([p for pid in pids for p in children_of(pid)])
+    held = []
+    for _ in range(count):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"!")
+        await reader.readexactly(1)
+        held.append(writer)
+    after = rss_bytes([p for pid in pids for p in children_of(pid)])
+    for writer in held:
+        writer.close()
+    return float(after - before) if pids else 0.0
+
+
+async def measure(name: str, port: int, pids: list[int], args: argparse.Namespace) -> Results:
+    result = Results(name)
+    result.figures["bulk_1_bytes_per_second"] = await bulk(port, 1, args.megabytes)
+    result.figures["bulk_8_bytes_per_second"] = await bulk(port, 8, max(1, args.megabytes // 8))
+    p50, p99 = await latency(port, args.rounds)
+    result.figures["latency_p50_seconds"] = p50
+    result.figures["latency_p99_seconds"] = p99
+    result.figures["setup_per_second"] = await setup_rate(port, args.setups)
+    result.figures["idle_1000_rss_bytes"] = await idle_memory(port, args.idle, pids)
+    return result
+
+
+def report(results: list[Results]) -> None:
+    by_name = {r.name: r for r in results}
+    keys = list(results[0].figures)
+    print(f"{'':28}" + "".join(f"{r.name:>24}" for r in results))
+    for key in keys:
+        print(f"{key:28}" + "".join(f"{r.figures[key]:>24.6g}" for r in results))
+    for reference in ("direct", "socat"):
+        if reference not in by_name:
+            continue
+        print(f"\nratio to {reference} (higher is better for rates, lower for latency and memory)")
+        base = by_name[reference].figures
+        for r in results:
+            if r.name == reference:
+                continue
+            ratios = [f"{key}={r.figures[key] / base[key]:.2f}" for key in keys if base[key]]
+            print(f"  {r.name:22} " + "  ".join(ratios))
+
+
+async def run_all(args: argparse.Namespace) -> None:
+    target = free_port()
+    results: list[Results] = []
+    with (
+        tempfile.TemporaryDirectory() as state,
+        started([sys.executable, "-c", ECHO, str(target)], "ready"),
+    ):
+        results.append(await measure("direct", target, [], args))
+        if shutil.which("socat"):
+            socat_port = free_port()
+            command = [
+                "socat",
+                f"TCP-LISTEN:{socat_port},fork,reuseaddr,backlog=4096,bind=127.0.0.1",
+                f"TCP:127.0.0.1:{target},nodelay",
+            ]
+            with subprocess.Popen(command) as socat:
+                await asyncio.sleep(0.3)  # socat prints nothing when ready
+                results.append(await measure("socat", socat_port, [socat.pid], args))
+                socat.terminate()
+        else:
+            print("socat is not installed: skipping the reference forwarder", file=sys.stderr)
+        ports = {"tls": free_port(), "websocket": free_port()}
+        relay_env = {
+            "CLOUDBRIDGE_RELAY__PORTS__TLS": str(ports["tls"]),
+            "CLOUDBRIDGE_RELAY__PORTS__WEBSOCKET": str(ports["websocket"]),
+            "CLOUDBRIDGE_SERVER__LISTEN": "127.0.0.1",
+            "CLOUDBRIDGE_LOGGING__LEVEL": "warning",
+        }
+        with started(
+            [str(BIN / "cloudbridge"), "relay", "serve", "--dev", "--state-dir", state],
+            "client config:",
+            relay_env,
+        ) as relay:
+            token = subprocess.run(
+                [
+                    str(BIN / "cloudbridge"),
+                    "relay",
+                    "token",
+                    "issue",
+                    "--state-dir",
+                    state,
+                    "--tenant",
+                    "bench",
+                    "--subject",
+                    "bench",
+                    "--permission",
+                    "relay:connect",
+                    "--permission",
+                    "tunnel:create",
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+            for transport in ("tls", "websocket"):
+                local = free_port()
+                tunnel_env = {
+                    "CLOUDBRIDGE_AUTH__TOKEN": token,
+                    "CLOUDBRIDGE_TRANSPORT__MODE": transport,
+                    "CLOUDBRIDGE_LOGGING__LEVEL": "warning",
+                }
+                command = [
+                    str(BIN / "cloudbridge"),
+                    "tunnel",
+                    "--config",
+                    f"{state}/client.yaml",
+                    "--control-socket",
+                    f"{state}/{transport}.sock",
+                    "--local-port",
+                    str(local),
+                    "--remote-host",
+                    "127.0.0.1",
+                    "--remote-port",
+                    str(target),
+                ]
+                with started(command, "tunnel 127.0.0.1:", tunnel_env) as client:
+                    results.append(
+                        await measure(
+                            f"cloudbridge-{transport}", local, [relay.pid, client.pid], args
+                        )
+                    )
+    report(results)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--megabytes", type=int, default=256, help="bulk size per run")
+    parser.add_argument("--rounds", type=int, default=2000, help="latency round trips")
+    parser.add_argument("--setups", type=int, default=300, help="connections for the setup rate")
+    parser.add_argument(
+        "--idle", type=int, default=1000, help="idle connections for the memory figure"
+    )
+    asyncio.run(run_all(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
