@@ -11,8 +11,9 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from cloudbridge_core.errors import ConfigError, ConfigIssue, EgressDenied
 
@@ -72,27 +73,34 @@ class EgressPolicy:
     allow: Sequence[Rule] = ()
     deny: Sequence[Rule] = ()
     allow_loopback: bool = False
+    tenants: Mapping[str, tuple[Sequence[Rule], Sequence[Rule]]] = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, section: dict[str, list[str]], *, dev: bool = False) -> EgressPolicy:
+    def from_config(cls, section: Mapping[str, Any], *, dev: bool = False) -> EgressPolicy:
+        def rules(entries: Sequence[str], where: str) -> list[Rule]:
+            return [Rule.parse(rule, f"{where}.{index}") for index, rule in enumerate(entries)]
+
+        tenants = {
+            tenant: (
+                rules(extra.get("allow", []), f"server.egress.tenants.{tenant}.allow"),
+                rules(extra.get("deny", []), f"server.egress.tenants.{tenant}.deny"),
+            )
+            for tenant, extra in section.get("tenants", {}).items()
+        }
         return cls(
-            allow=[
-                Rule.parse(r, f"server.egress.allow.{i}")
-                for i, r in enumerate(section.get("allow", []))
-            ],
-            deny=[
-                Rule.parse(r, f"server.egress.deny.{i}")
-                for i, r in enumerate(section.get("deny", []))
-            ],
+            allow=rules(section.get("allow", []), "server.egress.allow"),
+            deny=rules(section.get("deny", []), "server.egress.deny"),
             allow_loopback=dev,
+            tenants=tenants,
         )
 
-    def check(self, host: str, addresses: Sequence[IpAddress], port: int) -> None:
-        """Raise :class:`EgressDenied` unless every resolved address may be reached."""
+    def check(self, tenant: str, host: str, addresses: Sequence[IpAddress], port: int) -> None:
+        """Raise :class:`EgressDenied` unless ``tenant`` may reach every resolved address."""
         target = f"{host}:{port}"
-        if any(rule.matches(host, addresses, port) for rule in self.deny):
+        extra_allow, extra_deny = self.tenants.get(tenant, ((), ()))
+        if any(rule.matches(host, addresses, port) for rule in [*self.deny, *extra_deny]):
             raise EgressDenied(f"{target} is denied by the relay's egress policy")
-        if any(rule.matches(host, addresses, port) for rule in self.allow):
+        if any(rule.matches(host, addresses, port) for rule in [*self.allow, *extra_allow]):
             return
         for resolved in addresses:
             mapped = resolved.ipv4_mapped if isinstance(resolved, ipaddress.IPv6Address) else None

@@ -167,7 +167,7 @@ class Relay:
         try:
             if TUNNEL not in claims.permissions:
                 raise Unauthorized(f"token lacks the {TUNNEL} permission")
-            reader, writer = await self._dial(opened.target)
+            reader, writer = await self._dial(claims.tenant_id, opened.target)
         except CloudBridgeError as error:
             log.info(
                 "tunnel_rejected", tenant_id=claims.tenant_id, target=opened.target, code=error.code
@@ -193,7 +193,9 @@ class Relay:
             error=result.error,
         )
 
-    async def _dial(self, target: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _dial(
+        self, tenant: str, target: str
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         host, _, port_text = target.rpartition(":")
         host, port = host.strip("[]"), int(port_text)
         loop = asyncio.get_running_loop()
@@ -204,7 +206,7 @@ class Relay:
         except (OSError, TimeoutError) as exc:
             raise TargetUnreachable(f"cannot resolve {host}") from exc
         addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
-        self._egress.check(host, addresses, port)
+        self._egress.check(tenant, host, addresses, port)
         try:
             # connect to the address that was checked, not to a name that could re-resolve
             return await asyncio.wait_for(
