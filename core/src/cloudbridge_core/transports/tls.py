@@ -99,7 +99,7 @@ class TlsTransport:
         except ssl.SSLCertVerificationError as exc:
             raise TlsVerificationFailed(
                 f"the certificate of {where} is not trusted: {exc.verify_message}",
-                hint="check relay.tls.ca_file / ca_fingerprint",
+                hint="check relay.tls.ca_file (the relay prints its CA fingerprint on start)",
             ) from exc
         except ssl.SSLError as exc:
             raise TransportError(f"TLS with {where} failed: {exc.reason}") from exc
