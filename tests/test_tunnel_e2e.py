@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
+import ssl
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -27,6 +30,8 @@ from cloudbridge_core.errors import (
 from cloudbridge_core.plugins import Plugins, load_plugins
 from cloudbridge_core.relay.runner import RunningRelay, start_relay
 from cloudbridge_core.relay.tokens import issue_token
+from joserfc import jwt
+from joserfc.jwk import KeySet
 
 pytestmark = pytest.mark.timeout(120)
 BOTH = ["relay:connect", "tunnel:create"]
@@ -317,5 +322,24 @@ def test_no_task_or_socket_leak_after_1000_connections(tmp_path: Path) -> None:
             assert len(bed.relay.relay.sessions_by_tenant) == 1
             await tunnel.aclose()
         await connection.aclose()
+
+    run(tmp_path, scenario)
+
+
+def test_relay_serves_its_jwks_and_they_verify_its_tokens(tmp_path: Path) -> None:
+    async def scenario(bed: Bed) -> None:
+        port = bed.relay.listeners["websocket"].port
+        url = f"https://localhost:{port}/.well-known/jwks.json"
+        context = ssl.create_default_context(cafile=str(bed.state_dir / "ca.pem"))
+
+        def fetch() -> dict[str, Any]:
+            with urllib.request.urlopen(url, context=context, timeout=10) as response:
+                return dict(json.load(response))
+
+        document = await asyncio.to_thread(fetch)
+        [key] = document["keys"]
+        assert set(key) == {"kty", "use", "alg", "kid", "n", "e"}  # public parts only
+        token = jwt.decode(bed.token(), KeySet.import_key_set(document), algorithms=["RS256"])
+        assert token.claims["custom:tenant_id"] == "acme"
 
     run(tmp_path, scenario)

@@ -84,12 +84,17 @@ class Session(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """Where a transport connects to or listens on."""
+    """Where a transport connects to or listens on.
+
+    ``documents`` (path -> (content type, body)) are answered to plain HTTP GETs by
+    transports that speak HTTP anyway (WebSocket): the relay's ``/.well-known/jwks.json``.
+    """
 
     host: str
     port: int
     tls: ssl.SSLContext
     connect_timeout: float = 5.0
+    documents: Mapping[str, tuple[str, bytes]] = field(default_factory=dict)
 
 
 class Listener(Protocol):

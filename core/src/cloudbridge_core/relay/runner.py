@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,10 +17,12 @@ from cloudbridge_core.providers import AuthProvider, Endpoint, Listener
 from cloudbridge_core.relay.egress import EgressPolicy
 from cloudbridge_core.relay.server import Relay, RelayLimits
 from cloudbridge_core.relay.state import RelayState, default_state_dir, local_hostnames
-from cloudbridge_core.relay.tokens import AUDIENCE
+from cloudbridge_core.relay.tokens import AUDIENCE, jwks
 from cloudbridge_core.tlsutil import server_context
 
 log = get_logger("relay")
+
+JWKS_PATH = "/.well-known/jwks.json"
 
 
 @dataclass
@@ -76,12 +79,13 @@ async def start_relay(
     transports = {n: s for n, s in plugins.providers("transport").items() if n in ports}
     if not transports:
         raise ProviderNotInstalled("no installed transport has a port in relay.ports")
+    documents = {JWKS_PATH: ("application/json", json.dumps(jwks(state.signing_key)).encode())}
     try:
         for name, spec in transports.items():
             transport = spec.load(config.data["transport"].get(name, {}))
             port = port_override if port_override is not None else ports[name]
             running.listeners[name] = await transport.serve(
-                Endpoint(listen, port, tls), relay.handle
+                Endpoint(listen, port, tls, documents=documents), relay.handle
             )
             log.info("listening", transport=name, address=listen, port=running.listeners[name].port)
     except BaseException:

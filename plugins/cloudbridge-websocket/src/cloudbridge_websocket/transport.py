@@ -21,7 +21,9 @@ from cloudbridge_core.providers import Endpoint, Session
 from cloudbridge_core.transports.mux_session import MuxSession
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, WebSocketException
+from websockets.http11 import Request, Response
 
 SUBPROTOCOL = "cloudbridge.v1"
 log = get_logger("transport.websocket")
@@ -129,7 +131,20 @@ class WebSocketTransport:
             finally:
                 await session.aclose()
 
+        def documents(_connection: ServerConnection, request: Request) -> Response | None:
+            found = endpoint.documents.get(request.path)
+            if found is None or "upgrade" in request.headers.get("Connection", "").lower():
+                return None  # a WebSocket handshake (or a 404 from websockets)
+            content_type, body = found
+            headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body)))])
+            return Response(200, "OK", headers, body)
+
         server = await serve(
-            accepted, endpoint.host, endpoint.port, ssl=endpoint.tls, **self._options()
+            accepted,
+            endpoint.host,
+            endpoint.port,
+            ssl=endpoint.tls,
+            process_request=documents,
+            **self._options(),
         )
         return WebSocketListener(server)
