@@ -120,7 +120,10 @@ async def bulk(port: int, connections: int, megabytes: int) -> float:
         sender = asyncio.create_task(send())
         received = 0
         while received < megabytes << 20:
-            received += len(await reader.read(1 << 20))
+            data = await reader.read(1 << 20)
+            if not data:
+                raise RuntimeError(f"port {port} closed the connection after {received} bytes")
+            received += len(data)
         await sender
         writer.close()
         return 2 * received
@@ -179,7 +182,7 @@ async def measure(name: str, port: int, pids: list[int], args: argparse.Namespac
     result.figures["latency_p50_seconds"] = p50
     result.figures["latency_p99_seconds"] = p99
     result.figures["setup_per_second"] = await setup_rate(port, args.setups)
-    result.figures["idle_1000_rss_bytes"] = await idle_memory(port, args.idle, pids)
+    result.figures[f"idle_{args.idle}_rss_bytes"] = await idle_memory(port, args.idle, pids)
     return result
 
 
@@ -287,7 +290,7 @@ async def run_all(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--megabytes", type=int, default=256, help="bulk size per run")
+    parser.add_argument("--megabytes", type=int, default=64, help="bulk size per run")
     parser.add_argument("--rounds", type=int, default=2000, help="latency round trips")
     parser.add_argument("--setups", type=int, default=300, help="connections for the setup rate")
     parser.add_argument(
