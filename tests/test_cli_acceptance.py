@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cloudbridge_core.relay.state import RelayState
 
 pytestmark = pytest.mark.timeout(120)
 BIN = Path(sys.executable).parent
@@ -198,3 +200,49 @@ def test_demo_runs_by_itself(tmp_path: Path) -> None:
     assert stats["errors"] == 0
     assert stats["bytes_sent"] > 0
     assert "MB/s through the tunnel" in result.stderr
+
+
+def test_token_issue_claims_and_bad_input(tmp_path: Path) -> None:
+    state = RelayState.load_or_create(tmp_path / "D", ["localhost"])
+    base = [
+        BIN / "cloudbridge",
+        "relay",
+        "token",
+        "issue",
+        "--state-dir",
+        str(state.directory),
+        "--tenant",
+        "acme",
+        "--subject",
+        "db1",
+    ]
+    issued = subprocess.run(
+        [*base, "--mesh-config", '{"peer_ip": "100.96.0.5"}', "--ttl", "1h"],
+        capture_output=True,
+        text=True,
+        env=environment(),
+        check=True,
+    )
+    payload = issued.stdout.strip().split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    assert claims["custom:mesh_config"] == {"peer_ip": "100.96.0.5"}
+    assert claims["custom:tenant_id"] == "acme"
+    assert claims["exp"] - claims["iat"] == 3600
+    for bad, message in (
+        (["--mesh-config", "{nope"], "--mesh-config: not valid JSON"),
+        (["--ttl", "soon"], "--ttl"),
+    ):
+        result = subprocess.run(
+            [*base, *bad], capture_output=True, text=True, env=environment(), check=False
+        )
+        assert result.returncode == 2
+        assert message in result.stderr
+    missing = subprocess.run(
+        [*base[:5], str(tmp_path / "none"), *base[6:]],
+        capture_output=True,
+        text=True,
+        env=environment(),
+        check=False,
+    )
+    assert missing.returncode == 2
+    assert "start 'cloudbridge relay serve' first" in missing.stderr

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
+import hmac
 import json
 import os
 import ssl
@@ -16,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cloudbridge_core import tlsutil
 from cloudbridge_core.client.connection import RelayConnection, connect
 from cloudbridge_core.client.tunnel import Tunnel, TunnelSpec
 from cloudbridge_core.config import Config, load_config, merged_schema
 from cloudbridge_core.errors import (
+    ConfigError,
     EgressDenied,
     InvalidToken,
     LimitExceeded,
@@ -50,7 +54,7 @@ class Bed:
         state = self.relay.state
         return issue_token(
             state.signing_key,
-            issuer=state.issuer,
+            issuer=kw.pop("issuer", state.issuer),
             tenant=tenant,
             subject="laptop",
             permissions=permissions,
@@ -75,6 +79,18 @@ class Bed:
 
     async def connect(self, token: str | None = None) -> RelayConnection:
         return await connect(self.client_config(token or self.token()), self.plugins)
+
+
+def forged(bed: Bed, algorithm: str) -> str:
+    """A token with the relay's claims, unsigned ("none") or HMAC-keyed with its public key."""
+    genuine = bed.token()
+    _, body, _ = genuine.split(".")
+    header = base64.urlsafe_b64encode(json.dumps({"alg": algorithm}).encode()).rstrip(b"=").decode()
+    if algorithm == "none":
+        return f"{header}.{body}."
+    secret = bed.relay.state.public_key_file.read_bytes()
+    mac = hmac.new(secret, f"{header}.{body}".encode(), hashlib.sha256).digest()
+    return f"{header}.{body}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
 
 
 @asynccontextmanager
@@ -207,8 +223,23 @@ def test_several_tunnels_and_tenants_at_once(tmp_path: Path) -> None:
         (lambda bed: bed.token(now=time.time() + 3600), InvalidToken),
         (lambda bed: bed.token(permissions=["tunnel:create"]), Unauthorized),
         (lambda bed: bed.token()[:-8] + "AAAAAAAA", InvalidToken),
+        (lambda bed: bed.token(issuer="https://someone-else.example.com"), InvalidToken),
+        (lambda bed: bed.token(audience="another-service"), InvalidToken),
+        (lambda bed: bed.token(extra={"custom:tenant_id": ""}), InvalidToken),
+        (lambda bed: forged(bed, "none"), InvalidToken),
+        (lambda bed: forged(bed, "HS256"), InvalidToken),
     ],
-    ids=["expired", "not-yet-valid", "no-relay-connect", "bad-signature"],
+    ids=[
+        "expired",
+        "not-yet-valid",
+        "no-relay-connect",
+        "bad-signature",
+        "wrong-iss",
+        "wrong-aud",
+        "no-tenant",
+        "alg-none",
+        "hs256-with-public-key",
+    ],
 )
 @TRANSPORTS
 def test_session_rejections_reach_the_client(
@@ -343,3 +374,28 @@ def test_relay_serves_its_jwks_and_they_verify_its_tokens(tmp_path: Path) -> Non
         assert token.claims["custom:tenant_id"] == "acme"
 
     run(tmp_path, scenario)
+
+
+def test_relay_with_its_own_configured_certificate(tmp_path: Path) -> None:
+    ca = tlsutil.generate_ca("Example Corp CA")
+    server = tlsutil.issue_server_certificate(ca, ["127.0.0.1"])
+    (tmp_path / "cert.pem").write_bytes(server.certificate)
+    (tmp_path / "key.pem").write_bytes(server.key)
+    (tmp_path / "corp-ca.pem").write_bytes(ca.certificate)
+
+    async def main() -> None:
+        files = {
+            "tls_cert_file": str(tmp_path / "cert.pem"),
+            "tls_key_file": str(tmp_path / "key.pem"),
+        }
+        async with relay_bed(tmp_path, **files) as bed:
+            (bed.state_dir / "ca.pem").write_bytes(
+                ca.certificate
+            )  # clients now trust the corporate CA
+            connection = await bed.connect()
+            await connection.aclose()
+        with pytest.raises(ConfigError, match="go together"):
+            async with relay_bed(tmp_path, tls_cert_file=str(tmp_path / "cert.pem")):
+                pass
+
+    asyncio.run(main())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -72,6 +73,10 @@ def token() -> None:
     "--permission", "permissions", multiple=True, help="relay:connect, tunnel:create, p2p:mesh ..."
 )
 @click.option("--ttl", default=None, help='Lifetime, like "24h" (default: server.token_ttl).')
+@click.option("--mesh-config", "mesh", help="JSON object for the custom:mesh_config claim.")
+@click.option(
+    "--network-config", "network", help="JSON object for the custom:network_config claim."
+)
 @click.pass_context
 def issue(
     ctx: click.Context,
@@ -80,6 +85,8 @@ def issue(
     subject: str,
     permissions: tuple[str, ...],
     ttl: str | None,
+    mesh: str | None,
+    network: str | None,
 ) -> None:
     """Print a signed token (stdout) for a client of this relay."""
     config = runtime_of(ctx).config()
@@ -98,8 +105,24 @@ def issue(
             subject=subject,
             permissions=permissions or ("relay:connect",),
             ttl=lifetime,
+            extra={
+                **_json_claim("custom:mesh_config", "--mesh-config", mesh),
+                **_json_claim("custom:network_config", "--network-config", network),
+            },
         )
     )
+
+
+def _json_claim(claim: str, flag: str, text: str | None) -> dict[str, Any]:
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{flag}: not valid JSON ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{flag}: must be a JSON object")
+    return {claim: value}
 
 
 @token.command("jwks")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from cloudbridge_core.config import Config
-from cloudbridge_core.errors import ProviderNotInstalled
+from cloudbridge_core.errors import ConfigError, ConfigIssue, ProviderNotInstalled
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.plugins import Plugins
 from cloudbridge_core.providers import AuthProvider, Endpoint, Listener
@@ -18,7 +18,7 @@ from cloudbridge_core.relay.egress import EgressPolicy
 from cloudbridge_core.relay.server import Relay, RelayLimits
 from cloudbridge_core.relay.state import RelayState, default_state_dir, local_hostnames
 from cloudbridge_core.relay.tokens import AUDIENCE, jwks
-from cloudbridge_core.tlsutil import server_context
+from cloudbridge_core.tlsutil import KeyPair, server_context
 
 log = get_logger("relay")
 
@@ -40,6 +40,20 @@ class RunningRelay:
 def state_dir_of(config: Config, override: Path | None) -> Path:
     configured = config.get("server.state_dir")
     return override or (Path(configured) if configured else default_state_dir())
+
+
+def _server_pair(config: Config, state: RelayState) -> KeyPair:
+    """The configured certificate and key, or the one the relay's own CA signed."""
+    cert_file, key_file = config.get("server.tls_cert_file"), config.get("server.tls_key_file")
+    if not cert_file and not key_file:
+        return state.server
+    if not (cert_file and key_file):
+        missing = "server.tls_key_file" if cert_file else "server.tls_cert_file"
+        raise ConfigError([ConfigIssue(missing, "tls_cert_file and tls_key_file go together")])
+    try:
+        return KeyPair(Path(cert_file).read_bytes(), Path(key_file).read_bytes())
+    except OSError as exc:
+        raise ConfigError([ConfigIssue("server.tls_cert_file", f"cannot read: {exc}")]) from None
 
 
 def auth_settings(config: Config, state: RelayState) -> tuple[str, Mapping[str, Any]]:
@@ -73,7 +87,12 @@ async def start_relay(
         auth, egress, RelayLimits.from_config(config.get("server"), config.get("performance"))
     )
     running = RunningRelay(state, relay)
-    tls: ssl.SSLContext = server_context(state.server)
+    try:
+        tls: ssl.SSLContext = server_context(_server_pair(config, state))
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            [ConfigIssue("server.tls_cert_file", f"unusable certificate or key: {exc.reason}")]
+        ) from None
     listen = config.get("server.listen")
     ports = config.get("relay.ports")
     transports = {n: s for n, s in plugins.providers("transport").items() if n in ports}
