@@ -216,7 +216,7 @@ async def run_all(args: argparse.Namespace) -> None:
             socat_port = free_port()
             command = [
                 "socat",
-                f"TCP-LISTEN:{socat_port},fork,reuseaddr,backlog=4096,bind=127.0.0.1",
+                f"TCP-LISTEN:{socat_port},fork,reuseaddr,nodelay,backlog=4096,bind=127.0.0.1",
                 f"TCP:127.0.0.1:{target},nodelay",
             ]
             with subprocess.Popen(command) as socat:

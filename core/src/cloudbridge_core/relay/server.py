@@ -90,6 +90,8 @@ class Relay:
             await self._serve(session, control, claims)
         finally:
             self.sessions_by_tenant[tenant] -= 1
+            if not self.sessions_by_tenant[tenant]:
+                del self.sessions_by_tenant[tenant]
             log.info("session_closed", tenant_id=tenant, subject=claims.subject)
 
     async def _authenticate(self, control: MessageStream) -> Claims:
