@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -56,9 +57,11 @@ def rss_bytes(pids: list[int]) -> int:
             status = Path(f"/proc/{pid}/status").read_text()
         except FileNotFoundError:
             continue
-        total += next(
+        # a zombie (an exited child not yet reaped) has no VmRSS line: it holds no memory
+        sizes = [
             int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS")
-        )
+        ]
+        total += sum(sizes)
     return total
 
 
@@ -171,17 +174,22 @@ async def idle_memory(port: int, count: int, pids: list[int]) -> float:
     after = rss_bytes([p for pid in pids for p in children_of(pid)])
     for writer in held:
         writer.close()
+    await asyncio.gather(*(writer.wait_closed() for writer in held), return_exceptions=True)
     return float(after - before) if pids else 0.0
 
 
 async def measure(name: str, port: int, pids: list[int], args: argparse.Namespace) -> Results:
     result = Results(name)
+    print(f"{name}: bulk", file=sys.stderr, flush=True)
     result.figures["bulk_1_bytes_per_second"] = await bulk(port, 1, args.megabytes)
     result.figures["bulk_8_bytes_per_second"] = await bulk(port, 8, max(1, args.megabytes // 8))
+    print(f"{name}: latency", file=sys.stderr, flush=True)
     p50, p99 = await latency(port, args.rounds)
     result.figures["latency_p50_seconds"] = p50
     result.figures["latency_p99_seconds"] = p99
+    print(f"{name}: connection setup", file=sys.stderr, flush=True)
     result.figures["setup_per_second"] = await setup_rate(port, args.setups)
+    print(f"{name}: {args.idle} idle connections", file=sys.stderr, flush=True)
     result.figures[f"idle_{args.idle}_rss_bytes"] = await idle_memory(port, args.idle, pids)
     return result
 
@@ -220,9 +228,11 @@ async def run_all(args: argparse.Namespace) -> None:
                 f"TCP:127.0.0.1:{target},nodelay",
             ]
             with subprocess.Popen(command) as socat:
-                await asyncio.sleep(0.3)  # socat prints nothing when ready
-                results.append(await measure("socat", socat_port, [socat.pid], args))
-                socat.terminate()
+                try:
+                    await asyncio.sleep(0.3)  # socat prints nothing when ready
+                    results.append(await measure("socat", socat_port, [socat.pid], args))
+                finally:
+                    socat.terminate()
         else:
             print("socat is not installed: skipping the reference forwarder", file=sys.stderr)
         ports = {"tls": free_port(), "websocket": free_port()}
@@ -289,6 +299,9 @@ async def run_all(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    # thousands of idle connections need more descriptors than the usual 1024 (children inherit it)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--megabytes", type=int, default=64, help="bulk size per run")
     parser.add_argument("--rounds", type=int, default=2000, help="latency round trips")
