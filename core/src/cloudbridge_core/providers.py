@@ -61,8 +61,11 @@ class Stream(Protocol):
     async def read(self, max_bytes: int = 65536) -> bytes:
         """Return up to ``max_bytes``; ``b""`` once the peer has closed its side."""
 
-    async def write(self, data: bytes) -> None:
-        """Send ``data``, waiting while the peer's window is full (flow control)."""
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Send ``data``, waiting while the peer's window is full (flow control).
+
+        The stream copies what it keeps, so the caller may reuse ``data``'s buffer.
+        """
 
     async def close_write(self) -> None:
         """Half-close: the peer reads EOF, this side can still read."""

@@ -1,9 +1,10 @@
-"""Copy bytes both ways between a multiplexed stream and a TCP connection.
+"""Copy bytes both ways between a multiplexed stream and a TCP socket.
 
 Each direction ends on its own (half-close propagates: EOF from one side becomes
-``close_write`` / ``write_eof`` on the other); an error on either side aborts both. Reads
-are bounded by ``buffer_size`` and writes wait for the other side (backpressure end to
-end), so a slow reader never makes memory grow.
+``close_write`` / ``shutdown(SHUT_WR)`` on the other); an error on either side aborts
+both. The TCP side reads into pooled buffers (see :class:`BufferPool`), and every write
+waits for the other side (backpressure end to end), so a slow reader never makes memory
+grow.
 """
 
 from __future__ import annotations
@@ -26,40 +27,90 @@ class PumpResult:
     error: str | None = None
 
 
-def tune(writer: asyncio.StreamWriter) -> None:
-    """TCP_NODELAY: tunnelled request/response traffic must not wait for Nagle."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+def prepare(sock: socket.socket) -> socket.socket:
+    """Non-blocking, and TCP_NODELAY: tunnelled request/response must not wait for Nagle."""
+    sock.setblocking(False)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+class BufferPool:
+    """Receive buffers shared by all connections, held only while bytes are in hand.
+
+    An idle connection holds no buffer (it waits for readability first), so memory follows
+    the traffic, not the number of connections; a busy one reuses buffers instead of
+    allocating one per read.
+    """
+
+    def __init__(self, keep: int = 64) -> None:
+        self._free: dict[int, list[bytearray]] = {}
+        self._keep = keep
+
+    def acquire(self, size: int) -> bytearray:
+        free = self._free.get(size)
+        return free.pop() if free else bytearray(size)
+
+    def release(self, buffer: bytearray) -> None:
+        free = self._free.setdefault(len(buffer), [])
+        if len(free) < self._keep:
+            free.append(buffer)
+
+
+POOL = BufferPool()
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(sock.fileno(), wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(sock.fileno())
 
 
 async def pump(
     stream: Stream,
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
+    sock: socket.socket,
     *,
     buffer_size: int = 65536,
     result: PumpResult | None = None,
 ) -> PumpResult:
-    """Run until both directions have ended; never raises for a peer's failure.
+    """Run until both directions have ended, then close both; never raises for a peer's failure.
 
     ``result`` is updated as bytes move, so a caller sees the counts even if cancelled.
     """
     result = result if result is not None else PumpResult()
+    loop = asyncio.get_running_loop()
 
     async def tcp_to_stream() -> None:
-        while data := await reader.read(buffer_size):
-            await stream.write(data)
-            result.sent += len(data)
+        while True:
+            await _readable(loop, sock)
+            buffer = POOL.acquire(buffer_size)
+            try:
+                try:
+                    count = sock.recv_into(buffer)
+                except (BlockingIOError, InterruptedError):
+                    continue  # a spurious wake-up: wait again
+                if not count:
+                    break
+                await stream.write(memoryview(buffer)[:count])  # the stream copies what it keeps
+            finally:
+                POOL.release(buffer)
+            result.sent += count
         await stream.close_write()
 
     async def stream_to_tcp() -> None:
         while data := await stream.read(buffer_size):
-            writer.write(data)
-            await writer.drain()
+            await loop.sock_sendall(sock, data)
             result.received += len(data)
-        if writer.can_write_eof():
-            writer.write_eof()
+        with contextlib.suppress(OSError):  # the peer may already be gone entirely
+            sock.shutdown(socket.SHUT_WR)
 
     tasks = [asyncio.create_task(tcp_to_stream()), asyncio.create_task(stream_to_tcp())]
     try:
@@ -73,7 +124,5 @@ async def pump(
         await asyncio.gather(*tasks, return_exceptions=True)
         with contextlib.suppress(TransportError):
             await stream.aclose()
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+        sock.close()
     return result

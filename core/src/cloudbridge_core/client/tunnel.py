@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import socket
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -11,7 +11,7 @@ from typing import Any
 from cloudbridge_core.client.connection import RelayConnection
 from cloudbridge_core.errors import CloudBridgeError
 from cloudbridge_core.log import get_logger
-from cloudbridge_core.pump import PumpResult, pump, tune
+from cloudbridge_core.pump import PumpResult, prepare, pump
 
 log = get_logger("tunnel")
 
@@ -53,6 +53,8 @@ class TunnelSpec:
 
 
 class Tunnel:
+    """One local listener; each accepted connection becomes one stream to the target."""
+
     def __init__(
         self, spec: TunnelSpec, connection: RelayConnection, buffer_size: int = 65536
     ) -> None:
@@ -60,31 +62,37 @@ class Tunnel:
         self.statistics = TunnelStatistics()
         self._connection = connection
         self._buffer_size = buffer_size
-        self._server: asyncio.Server | None = None
-        self._handlers: set[asyncio.Task[Any]] = set()
+        self._listener: socket.socket | None = None
+        self._acceptor: asyncio.Task[None] | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
 
     @property
     def port(self) -> int:
-        assert self._server is not None  # set by start()
-        port: int = self._server.sockets[0].getsockname()[1]
+        assert self._listener is not None  # set by start()
+        port: int = self._listener.getsockname()[1]
         return port
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._accepted, self.spec.local_host, self.spec.local_port
-        )
+        listener = socket.create_server((self.spec.local_host, self.spec.local_port), backlog=1024)
+        listener.setblocking(False)
+        self._listener = listener
+        self._acceptor = asyncio.create_task(self._accept_loop(listener))
 
-    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            client, _ = await loop.sock_accept(listener)
+            task = asyncio.create_task(self._carry(prepare(client)))
             self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
+
+    async def _carry(self, client: socket.socket) -> None:
         stats = self.statistics
         stats.total_connections += 1
         stats.active_connections += 1
         started = time.perf_counter()
         moved = PumpResult()
         try:
-            tune(writer)
             try:
                 stream, early = await self._connection.open_tunnel(self.spec.target)
             except CloudBridgeError as error:
@@ -92,31 +100,26 @@ class Tunnel:
                 log.warning(
                     "tunnel_refused", target=self.spec.target, code=error.code, reason=error.message
                 )
-                writer.close()
-                with contextlib.suppress(OSError):
-                    await writer.wait_closed()
+                client.close()
                 return
             stats.setup_seconds_total += time.perf_counter() - started
             if early:
-                writer.write(early)
-            await pump(stream, reader, writer, buffer_size=self._buffer_size, result=moved)
+                await asyncio.get_running_loop().sock_sendall(client, early)
+            await pump(stream, client, buffer_size=self._buffer_size, result=moved)
             if moved.error:
                 stats.errors += 1
-        except asyncio.CancelledError:
-            # the tunnel is closing; ending quietly keeps asyncio from logging the callback
-            return
         finally:
+            client.close()
             stats.bytes_sent += moved.sent
             stats.bytes_received += moved.received
             stats.active_connections -= 1
-            if task is not None:
-                self._handlers.discard(task)
 
     async def aclose(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            for task in list(self._handlers):
-                task.cancel()
-            await asyncio.gather(*self._handlers, return_exceptions=True)
-            await self._server.wait_closed()
-            self._server = None
+        if self._listener is None:
+            return
+        tasks = [t for t in (self._acceptor, *self._handlers) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._listener.close()
+        self._listener = None

@@ -152,7 +152,7 @@ class MuxConnection:
         self._frame(FrameType.WINDOW_UPDATE, Flag.SYN, stream_id, 0)
         return stream_id
 
-    def send_data(self, stream_id: int, data: bytes) -> int:
+    def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> int:
         """Queue as much of ``data`` as the peer's window allows; return how much."""
         self._check_open()
         stream = self._streams.get(stream_id)
@@ -319,7 +319,12 @@ class MuxConnection:
             raise ProtocolViolation("the connection is closed")
 
     def _frame(
-        self, kind: FrameType, flags: Flag, stream_id: int, length: int, payload: bytes = b""
+        self,
+        kind: FrameType,
+        flags: Flag,
+        stream_id: int,
+        length: int,
+        payload: bytes | bytearray | memoryview = b"",
     ) -> None:
         self._outbound += HEADER.pack(kind, flags, stream_id, length)
         self._outbound += payload

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import ipaddress
 import secrets
+import socket
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -29,7 +30,7 @@ from cloudbridge_core.errors import (
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.protocol import messages
 from cloudbridge_core.providers import AuthProvider, Claims, Session, Stream
-from cloudbridge_core.pump import pump, tune
+from cloudbridge_core.pump import prepare, pump
 from cloudbridge_core.relay.egress import EgressPolicy
 from cloudbridge_core.wire import MessageStream
 
@@ -169,23 +170,22 @@ class Relay:
         try:
             if TUNNEL not in claims.permissions:
                 raise Unauthorized(f"token lacks the {TUNNEL} permission")
-            reader, writer = await self._dial(claims.tenant_id, opened.target)
+            target = await self._dial(claims.tenant_id, opened.target)
         except CloudBridgeError as error:
             log.info(
                 "tunnel_rejected", tenant_id=claims.tenant_id, target=opened.target, code=error.code
             )
             await _reject(stream, error)
             return
-        tune(writer)
         try:
             await header.send(messages.Accept())
-        except TransportError:
-            writer.close()
+            early = header.take_buffered()
+            if early:
+                await asyncio.get_running_loop().sock_sendall(target, early)
+        except (TransportError, OSError):
+            target.close()
             return
-        early = header.take_buffered()
-        if early:
-            writer.write(early)
-        result = await pump(stream, reader, writer, buffer_size=self._limits.buffer_size)
+        result = await pump(stream, target, buffer_size=self._limits.buffer_size)
         log.debug(
             "tunnel_closed",
             tenant_id=claims.tenant_id,
@@ -195,29 +195,30 @@ class Relay:
             error=result.error,
         )
 
-    async def _dial(
-        self, tenant: str, target: str
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _dial(self, tenant: str, target: str) -> socket.socket:
         host, _, port_text = target.rpartition(":")
         host, port = host.strip("[]"), int(port_text)
         loop = asyncio.get_running_loop()
         try:
             infos = await asyncio.wait_for(
-                loop.getaddrinfo(host, port, type=1), self._limits.connect_timeout
+                loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), self._limits.connect_timeout
             )
         except (OSError, TimeoutError) as exc:
             raise TargetUnreachable(f"cannot resolve {host}") from exc
         addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
         self._egress.check(tenant, host, addresses, port)
+        # connect to the address that was checked, not to a name that could re-resolve
+        family, _, _, _, address = infos[0]
+        sock = prepare(socket.socket(family, socket.SOCK_STREAM))
         try:
-            # connect to the address that was checked, not to a name that could re-resolve
-            return await asyncio.wait_for(
-                asyncio.open_connection(str(addresses[0]), port), self._limits.connect_timeout
-            )
+            await asyncio.wait_for(loop.sock_connect(sock, address), self._limits.connect_timeout)
         except TimeoutError as exc:
+            sock.close()
             raise ConnectionTimeout(f"{target} did not answer in time") from exc
         except OSError as exc:
+            sock.close()
             raise TargetUnreachable(f"cannot connect to {target}: {exc.strerror or exc}") from exc
+        return sock
 
 
 async def _reject(stream: Stream, error: CloudBridgeError) -> None:

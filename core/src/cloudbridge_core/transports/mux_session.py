@@ -72,14 +72,14 @@ class MuxStream:
             raise self._error
         return b""
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
         while view:
             if self._error is not None:
                 raise self._error
             if self._closed:
                 raise TransportClosed(f"stream {self.stream_id} is closed for writing")
-            sent = self._session.send(self.stream_id, bytes(view))
+            sent = self._session.send(self.stream_id, view)
             view = view[sent:]
             await self._session.flush()
             if view:
@@ -179,7 +179,7 @@ class MuxSession:
 
     # used by the streams
 
-    def send(self, stream_id: int, data: bytes) -> int:
+    def send(self, stream_id: int, data: bytes | bytearray | memoryview) -> int:
         self._raise_if_closed()
         return self._connection.send_data(stream_id, data)
 
