@@ -7,15 +7,19 @@ import hashlib
 import os
 import socket
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
+from cloudbridge_core.config import load_config, merged_schema
 from cloudbridge_core.errors import (
+    ConfigError,
     ConnectionTimeout,
     ServerUnavailable,
     StreamAborted,
     TlsVerificationFailed,
     TransportClosed,
 )
+from cloudbridge_core.plugins import load_plugins
 from cloudbridge_core.protocol.mux import MuxLimits
 from cloudbridge_core.providers import Endpoint, Session, Stream
 from cloudbridge_core.testing.tls import loopback_tls
@@ -206,3 +210,18 @@ def test_connect_timeout_and_refused() -> None:
             await TlsTransport().connect(Endpoint("127.0.0.1", port, client_tls))
 
     asyncio.run(main())
+
+
+def test_limits_come_from_the_transport_tls_section(tmp_path: Path) -> None:
+    schema = merged_schema(load_plugins().config_sections())
+    path = tmp_path / "c.yaml"
+    path.write_text("transport:\n  tls:\n    max_frame_size: 16\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={}, schema=schema)
+    assert [issue.path for issue in caught.value.issues] == ["transport.tls.max_frame_size"]
+    settings = load_config(None, environ={}, schema=schema).get("transport.tls")
+    assert settings == {"max_frame_size": 65536, "initial_window": 262144, "max_streams": 1024}
+    transport = load_plugins().require("transport", "tls").load({**settings, "max_streams": 7})
+    assert transport._limits == MuxLimits(
+        max_frame_size=65536, initial_window=262144, max_streams=7
+    )
