@@ -33,8 +33,12 @@ from cloudbridge_core.errors import (
     Unauthorized,
 )
 from cloudbridge_core.plugins import Plugins, load_plugins
+from cloudbridge_core.protocol import messages
+from cloudbridge_core.providers import Endpoint
 from cloudbridge_core.relay.runner import RunningRelay, start_relay
 from cloudbridge_core.relay.tokens import issue_token
+from cloudbridge_core.transports.mux_session import MuxSession
+from cloudbridge_core.transports.tls import TlsTransport
 from joserfc import jwt
 from joserfc.jwk import KeySet
 
@@ -401,3 +405,33 @@ def test_relay_with_its_own_configured_certificate(tmp_path: Path) -> None:
                 pass
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\xff\xff\xff\xff",  # a length far beyond the message limit
+        b"\x00\x00\x00\x05nope!",  # not JSON
+        messages.encode(messages.Open("127.0.0.1:22")),  # not a hello
+    ],
+    ids=["oversized", "not-json", "wrong-message"],
+)
+def test_malformed_hello_closes_only_that_session(tmp_path: Path, garbage: bytes) -> None:
+    async def scenario(bed: Bed) -> None:
+        client_tls = tlsutil.client_context((bed.state_dir / "ca.pem").read_bytes())
+        port = bed.relay.listeners["tls"].port
+        bad = await TlsTransport().connect(Endpoint("127.0.0.1", port, client_tls))
+        control = await bad.open_stream()
+        await control.write(garbage)
+        assert isinstance(bad, MuxSession)
+        await asyncio.wait_for(bad.wait_closed(), 10)  # the relay hung up on this session
+        good = await bed.connect()
+        async with echo_server() as target:
+            stream, _ = await good.open_tunnel(f"127.0.0.1:{target}")
+            await stream.write(b"unaffected")
+            await stream.close_write()
+            assert await stream.read() == b"unaffected"
+        await bad.aclose()
+        await good.aclose()
+
+    run(tmp_path, scenario)
