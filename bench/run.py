@@ -3,7 +3,8 @@
 For each path to the same echo service it measures bulk throughput (1 and 8
 connections), 64-byte request/response latency (p50, p99), connection setup rate, and
 the forwarder's resident memory (socat with its children; CloudBridge's relay) holding
-1,000 idle connections; then prints ratios to direct TCP and to socat. Run it with `./dev bench`; it is not part of the tests.
+1,000 idle connections; then prints ratios to direct TCP and to socat. Run it with
+`./dev bench`; it is not part of the tests.
 """
 
 from __future__ import annotations
