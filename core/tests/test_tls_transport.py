@@ -21,7 +21,8 @@ from cloudbridge_core.errors import (
 )
 from cloudbridge_core.plugins import load_plugins
 from cloudbridge_core.protocol.mux import MuxLimits
-from cloudbridge_core.providers import Endpoint, Session, Stream
+from cloudbridge_core.providers import Endpoint, Session
+from cloudbridge_core.testing.streams import echo_streams, read_all
 from cloudbridge_core.testing.tls import loopback_tls
 from cloudbridge_core.tlsutil import client_context, generate_ca
 from cloudbridge_core.transports.mux_session import MuxSession
@@ -30,28 +31,6 @@ from cloudbridge_core.transports.tls import TlsListener, TlsTransport
 pytestmark = pytest.mark.timeout(60)
 
 Scenario = Callable[[MuxSession, TlsListener, asyncio.Queue[MuxSession]], Awaitable[None]]
-
-
-async def read_all(stream: Stream) -> bytes:
-    chunks = []
-    while chunk := await stream.read():
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def echo_streams(session: Session) -> None:
-    async def echo(stream: Stream) -> None:
-        await stream.write(await read_all(stream))
-        await stream.close_write()
-
-    tasks = set()
-    try:
-        while True:
-            task = asyncio.create_task(echo(await session.accept_stream()))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-    except TransportClosed:
-        pass
 
 
 async def idle(session: Session) -> None:

@@ -7,9 +7,10 @@ import hashlib
 import os
 
 import pytest
-from cloudbridge_core.errors import TlsVerificationFailed, TransportError
+from cloudbridge_core.errors import TlsVerificationFailed
 from cloudbridge_core.plugins import load_plugins
-from cloudbridge_core.providers import Endpoint, Session, Stream
+from cloudbridge_core.providers import Endpoint
+from cloudbridge_core.testing.streams import echo_streams, read_all
 from cloudbridge_core.testing.tls import loopback_tls
 from cloudbridge_core.tlsutil import client_context, generate_ca
 from cloudbridge_websocket.transport import WebSocketTransport
@@ -25,28 +26,6 @@ SETTINGS = {
 }
 
 
-async def read_all(stream: Stream) -> bytes:
-    chunks = []
-    while chunk := await stream.read():
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def echo(session: Session) -> None:
-    async def one(stream: Stream) -> None:
-        await stream.write(await read_all(stream))
-        await stream.close_write()
-
-    tasks = set()
-    try:
-        while True:
-            task = asyncio.create_task(one(await session.accept_stream()))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-    except TransportError:
-        pass
-
-
 def test_discovered_as_a_transport() -> None:
     [record] = [r for r in load_plugins().records if r.name == "websocket"]
     assert record.status == "active"
@@ -57,7 +36,7 @@ def test_streams_round_trip_with_integrity() -> None:
     async def main() -> None:
         server_tls, client_tls = loopback_tls()
         transport = WebSocketTransport(SETTINGS)
-        listener = await transport.serve(Endpoint("127.0.0.1", 0, server_tls), echo)
+        listener = await transport.serve(Endpoint("127.0.0.1", 0, server_tls), echo_streams)
         session = await transport.connect(Endpoint("127.0.0.1", listener.port, client_tls))
 
         async def round_trip(size: int) -> None:
@@ -80,7 +59,7 @@ def test_untrusted_certificate_and_wrong_subprotocol() -> None:
     async def main() -> None:
         server_tls, client_tls = loopback_tls()
         transport = WebSocketTransport(SETTINGS)
-        listener = await transport.serve(Endpoint("127.0.0.1", 0, server_tls), echo)
+        listener = await transport.serve(Endpoint("127.0.0.1", 0, server_tls), echo_streams)
         stranger = client_context(generate_ca("someone else").certificate)
         with pytest.raises(TlsVerificationFailed):
             await transport.connect(Endpoint("127.0.0.1", listener.port, stranger))
