@@ -42,8 +42,7 @@ def render(family: str, destination: Path) -> Path:
         data={"plugin_name": name, "family": family, "description": f"Generated {family} plugin"},
         defaults=True,
         quiet=True,
-        vcs_ref="HEAD" if (ROOT / ".git").exists() else None,
-    )
+    )  # plugin-template/ is not a git root: copier renders the working tree as it is
     return target
 
 

@@ -4,41 +4,109 @@ from __future__ import annotations
 
 import asyncio
 import random
+from dataclasses import replace
+from typing import Any
 
 import pytest
 from cloudbridge_core import errors
 from cloudbridge_core.retry import Backoff, RetryPolicies, call_with_retry
 from hypothesis import given
 from hypothesis import strategies as st
+from tenacity import Retrying
 
 backoffs = st.builds(
     Backoff,
-    initial_delay=st.floats(min_value=0.001, max_value=60),
+    initial_delay=st.floats(min_value=0, max_value=60),
     multiplier=st.floats(min_value=1, max_value=10),
-    max_delay=st.floats(min_value=0.001, max_value=3600),
+    max_delay=st.floats(min_value=0, max_value=3600),
     jitter=st.floats(min_value=0, max_value=10),
     max_retries=st.integers(min_value=0, max_value=20),
 )
 attempts = st.integers(min_value=0, max_value=5000)
 
 
+def capped(backoff: Backoff, attempt: int) -> float:
+    """The spec, written out independently: min(initial * multiplier**n, max_delay)."""
+    try:
+        return min(backoff.initial_delay * backoff.multiplier**attempt, backoff.max_delay)
+    except OverflowError:
+        return backoff.max_delay if backoff.initial_delay else 0.0
+
+
 @given(backoffs, attempts, st.integers())
 def test_delay_stays_within_bounds(backoff: Backoff, attempt: int, seed: int) -> None:
-    delay = backoff.delay(attempt, random.Random(seed))
-    base = backoff.base_delay(attempt)
-    assert base <= backoff.max_delay
-    assert base <= delay <= base + backoff.jitter
+    delay = backoff.delay_for(attempt, random.Random(seed))
+    assert capped(backoff, attempt) <= delay <= capped(backoff, attempt) + backoff.jitter
     assert delay <= backoff.max_delay + backoff.jitter
 
 
 @given(backoffs, attempts)
-def test_base_delay_never_shrinks(backoff: Backoff, attempt: int) -> None:
-    assert backoff.base_delay(attempt + 1) >= backoff.base_delay(attempt)
+def test_delay_without_jitter_never_shrinks(backoff: Backoff, attempt: int) -> None:
+    steady = replace(backoff, jitter=0)
+    assert steady.delay_for(attempt + 1) >= steady.delay_for(attempt) == capped(backoff, attempt)
+
+
+@given(backoffs, st.integers())
+def test_tenacity_strategies_follow_the_policy(backoff: Backoff, seed: int) -> None:
+    sleeps: list[float] = []
+    tries = 0
+
+    def always_fails() -> None:
+        nonlocal tries
+        tries += 1
+        raise ConnectionResetError
+
+    retrying = Retrying(
+        wait=backoff.wait(random.Random(seed)),
+        stop=backoff.stop(),
+        sleep=sleeps.append,
+        reraise=True,
+    )
+    with pytest.raises(ConnectionResetError):
+        retrying(always_fails)
+    rng = random.Random(seed)
+    assert tries == backoff.max_retries + 1
+    assert sleeps == [backoff.delay_for(n, rng) for n in range(backoff.max_retries)]
 
 
 def test_seed_sequence_without_jitter() -> None:
     backoff = Backoff(jitter=0)
-    assert [backoff.delay(n) for n in range(8)] == [1, 2, 4, 8, 16, 32, 60, 60]
+    assert [backoff.delay_for(n) for n in range(8)] == [1, 2, 4, 8, 16, 32, 60, 60]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"initial_delay": -1}, {"jitter": -0.5}, {"max_retries": -1}, {"multiplier": 0.5}],
+)
+def test_backoff_rejects_shrinking_or_negative_values(fields: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match=r"must"):
+        Backoff(**fields)
+
+
+def test_from_config_fills_missing_keys_with_defaults() -> None:
+    assert RetryPolicies.from_config({}) == RetryPolicies()
+    assert RetryPolicies.from_config({"per_error": None}) == RetryPolicies()
+
+
+def test_per_error_entries_start_from_the_section() -> None:
+    policies = RetryPolicies.from_config(
+        {"jitter": "0s", "max_delay": "2m", "per_error": {"timeout": {"initial_delay": "3s"}}}
+    )
+    assert policies.default == Backoff(jitter=0, max_delay=120)
+    assert policies.per_error["timeout"] == Backoff(initial_delay=3, jitter=0, max_delay=120)
+
+
+def test_policy_falls_back_to_the_errors_own_delay() -> None:
+    policies = RetryPolicies.from_config({"max_retries": 2})
+    assert policies.policy_for(errors.HeartbeatFailed("quiet")) == Backoff(
+        initial_delay=2, max_retries=2
+    )
+    assert policies.policy_for(errors.CircuitOpen("open", retry_after=3)) == policies.default
+
+
+def test_from_config_rejects_bad_durations() -> None:
+    with pytest.raises(ValueError, match="invalid duration"):
+        RetryPolicies.from_config({"per_error": {"timeout": {"initial_delay": "3 seconds"}}})
 
 
 SECTION = {
@@ -47,11 +115,15 @@ SECTION = {
     "max_delay": "60s",
     "jitter": "0s",
     "max_retries": 5,
-    "per_error": {"unavailable": {"max_retries": 3, "initial_delay": "10s"}},
+    "per_error": {
+        "unavailable": {"max_retries": 3, "initial_delay": "10s"},
+        "timeout": {"max_retries": 0},
+    },
 }
 
 
 def run_retries(failures: list[BaseException]) -> tuple[object, list[float], list[str]]:
+    """Run call_with_retry on an operation raising ``failures`` in turn, then "ok"."""
     sleeps: list[float] = []
     retried: list[str] = []
     remaining = list(failures)
@@ -64,13 +136,13 @@ def run_retries(failures: list[BaseException]) -> tuple[object, list[float], lis
     async def fake_sleep(seconds: float) -> None:
         sleeps.append(seconds)
 
+    def on_retry(error: errors.CloudBridgeError, number: int, delay: float) -> None:
+        retried.append(f"{error.code}#{number}:{delay:g}")
+
     async def main() -> object:
         try:
             return await call_with_retry(
-                operation,
-                RetryPolicies.from_config(SECTION),
-                sleep=fake_sleep,
-                on_retry=lambda error, number, _delay: retried.append(f"{error.code}#{number}"),
+                operation, RetryPolicies.from_config(SECTION), sleep=fake_sleep, on_retry=on_retry
             )
         except errors.CloudBridgeError as error:
             return error
@@ -82,7 +154,7 @@ def test_per_error_policy_and_success() -> None:
     result, sleeps, retried = run_retries([errors.ServerUnavailable("down")] * 2)
     assert result == "ok"
     assert sleeps == [10, 20]
-    assert retried == ["unavailable#1", "unavailable#2"]
+    assert retried == ["unavailable#1:10", "unavailable#2:20"]
 
 
 def test_gives_up_after_max_retries_and_reraises_the_last_error() -> None:
@@ -98,6 +170,21 @@ def test_error_without_override_starts_at_its_own_delay() -> None:
     assert sleeps == [5, 10]
 
 
+def test_the_error_that_just_failed_picks_the_policy() -> None:
+    result, sleeps, _ = run_retries(
+        [errors.RateLimitExceeded("slow down"), errors.ServerUnavailable("down")]
+    )
+    assert result == "ok"
+    assert sleeps == [5, 20]  # retry numbers run on: the second retry doubles 10s once
+
+
+def test_max_retries_zero_never_retries() -> None:
+    timeout = errors.ConnectionTimeout("no answer")
+    result, sleeps, _ = run_retries([timeout])
+    assert result is timeout
+    assert sleeps == []
+
+
 @pytest.mark.parametrize(
     "error", [errors.InvalidToken("bad"), errors.TokenExpired("old"), errors.TunnelClosed("gone")]
 )
@@ -107,7 +194,15 @@ def test_non_retryable_errors_are_never_retried(error: errors.CloudBridgeError) 
     assert sleeps == []
 
 
-def test_circuit_open_waits_for_the_breaker() -> None:
-    result, sleeps, _ = run_retries([errors.CircuitOpen("open", retry_after=7.5)])
+def test_unclassified_errors_propagate_at_once() -> None:
+    with pytest.raises(KeyError):
+        run_retries([KeyError("bug")])
+
+
+@pytest.mark.parametrize(("retry_after", "waited"), [(7.5, 7.5), (0.0, 1.0)])
+def test_circuit_open_waits_for_the_breaker_and_backs_off(
+    retry_after: float, waited: float
+) -> None:
+    result, sleeps, _ = run_retries([errors.CircuitOpen("open", retry_after=retry_after)])
     assert result == "ok"
-    assert sleeps == [7.5]
+    assert sleeps == [waited]

@@ -6,13 +6,14 @@ half_open up to ``half_open_max_calls`` trial calls at once; ``success_threshold
           successes close the circuit, any failure opens it again.
 
 Only failures that say something about the endpoint count: retryable classified errors,
-timeouts and OS-level connection errors. A rejected token is the caller's problem, and
-proves the endpoint answered.
+timeouts and OS-level connection errors. A non-retryable classified error (a rejected
+token) is the caller's problem and proves the endpoint answered, so it counts as a
+success. Anything else (cancellation, a bug) gives no verdict and only frees the call's
+half-open slot.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -25,6 +26,8 @@ from cloudbridge_core.errors import CircuitOpen, CloudBridgeError
 
 
 class BreakerState(StrEnum):
+    """The state of a circuit; the values are what logs and metrics show."""
+
     CLOSED = "closed"
     OPEN = "open"
     HALF_OPEN = "half_open"
@@ -32,6 +35,8 @@ class BreakerState(StrEnum):
 
 @dataclass(frozen=True)
 class BreakerSettings:
+    """The ``retry.circuit_breaker`` config section; ``reset_timeout`` in seconds."""
+
     failure_threshold: int = 5
     reset_timeout: float = 30.0
     half_open_max_calls: int = 1
@@ -39,6 +44,7 @@ class BreakerSettings:
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any]) -> BreakerSettings:
+        """Read the section; a missing key keeps its default. ``ValueError`` on a bad duration."""
         defaults = cls()
         return cls(
             failure_threshold=section.get("failure_threshold", defaults.failure_threshold),
@@ -53,12 +59,23 @@ class BreakerSettings:
 def counts_as_failure(error: BaseException) -> bool:
     """Whether ``error`` says the endpoint is unwell."""
     if isinstance(error, CloudBridgeError):
+        # another breaker's refusal says nothing about this endpoint
         return error.retryable and not isinstance(error, CircuitOpen)
-    return isinstance(error, (OSError, TimeoutError))
+    return isinstance(error, OSError)  # TimeoutError and ConnectionError are OSErrors
+
+
+def proves_answer(error: BaseException) -> bool:
+    """Whether ``error`` shows the endpoint answered: a deliberate, final refusal."""
+    return isinstance(error, CloudBridgeError) and not error.retryable
 
 
 class CircuitBreaker:
-    """The breaker for one endpoint (``name``, e.g. ``relay.example.com:5553/quic``)."""
+    """The breaker for one endpoint (``name``, e.g. ``relay.example.com:5553/quic``).
+
+    ``on_transition(name, old, new)`` is called on every state change (metrics, logs);
+    the move from open to half-open happens when ``state`` or :meth:`allow` notices the
+    ``reset_timeout`` has passed. Not thread-safe: use it from one event loop.
+    """
 
     def __init__(
         self,
@@ -77,15 +94,22 @@ class CircuitBreaker:
         self._successes = 0
         self._trials = 0
         self._opened_at = 0.0
+        # bumped on every transition so guard() can tell outcomes of calls from before it
+        self._epoch = 0
 
     @property
     def state(self) -> BreakerState:
+        """The current state; an open circuit turns half-open once ``reset_timeout`` passed."""
         if self._state is BreakerState.OPEN and self._remaining() <= 0:
             self._move(BreakerState.HALF_OPEN)
         return self._state
 
     def allow(self) -> None:
-        """Admit one call or raise :class:`CircuitOpen` saying when to try again."""
+        """Admit one call or raise :class:`CircuitOpen` saying when to try again.
+
+        Every admitted call must end in :meth:`record_success`, :meth:`record_failure` or
+        :meth:`release`; :meth:`guard` does that for you.
+        """
         state = self.state
         if state is BreakerState.OPEN:
             raise CircuitOpen(
@@ -101,6 +125,7 @@ class CircuitBreaker:
             self._trials += 1
 
     def record_success(self) -> None:
+        """An admitted call worked (or the endpoint answered it)."""
         if self._state is BreakerState.HALF_OPEN:
             self._trials = max(0, self._trials - 1)
             self._successes += 1
@@ -110,6 +135,7 @@ class CircuitBreaker:
             self._failures = 0
 
     def record_failure(self) -> None:
+        """An admitted call failed in a way that blames the endpoint."""
         if self._state is BreakerState.HALF_OPEN:
             self._move(BreakerState.OPEN)
         elif self._state is BreakerState.CLOSED:
@@ -118,26 +144,37 @@ class CircuitBreaker:
                 self._move(BreakerState.OPEN)
 
     def release(self) -> None:
-        """A call ended without a verdict (cancelled): free its half-open trial slot."""
+        """A call ended without a verdict (cancelled, a bug): free its half-open trial slot."""
         if self._state is BreakerState.HALF_OPEN:
             self._trials = max(0, self._trials - 1)
 
     @asynccontextmanager
     async def guard(self) -> AsyncIterator[None]:
-        """``async with breaker.guard(): await call()``: admit, then record the outcome."""
+        """``async with breaker.guard(): await call()``: admit, then record the outcome.
+
+        Raises :class:`CircuitOpen` instead of entering when the call is refused; errors
+        from the body propagate unchanged.
+        """
         self.allow()
+        epoch = self._epoch
         try:
             yield
-        except asyncio.CancelledError:
-            self.release()
-            raise
         except BaseException as error:
-            if counts_as_failure(error):
-                self.record_failure()
-            else:
-                self.record_success()
+            self._settle(epoch, error)
             raise
-        self.record_success()
+        self._settle(epoch, None)
+
+    def _settle(self, epoch: int, error: BaseException | None) -> None:
+        if epoch != self._epoch:
+            # The call started before the last transition: its outcome describes a state
+            # that is gone, and the transition already reset its half-open slot.
+            return
+        if error is None or proves_answer(error):
+            self.record_success()
+        elif counts_as_failure(error):
+            self.record_failure()
+        else:
+            self.release()
 
     def _remaining(self) -> float:
         return max(0.0, self._opened_at + self.settings.reset_timeout - self._clock())
@@ -145,6 +182,7 @@ class CircuitBreaker:
     def _move(self, new: BreakerState) -> None:
         old, self._state = self._state, new
         self._failures = self._successes = self._trials = 0
+        self._epoch += 1
         if new is BreakerState.OPEN:
             self._opened_at = self._clock()
         if self._on_transition is not None:

@@ -1,33 +1,49 @@
 """Retries with exponential backoff and jitter, with a policy per classified error.
 
-A delay is ``min(initial_delay * multiplier ** n, max_delay) + uniform(0, jitter)`` for
-the n-th retry (n from 0): the cap bounds the exponential part and jitter is added after
-it, so that many clients capped at the same delay still spread out (the seed's Part 7.2).
-Only :class:`~cloudbridge_core.errors.CloudBridgeError` subclasses with ``retryable``
-set are retried; the loop itself is tenacity's.
+The delay before retry ``n`` (from 0) is::
+
+    min(initial_delay * multiplier ** n, max_delay) + uniform(0, jitter)
+
+The cap bounds the exponential part and jitter is added after it, so that many clients
+stuck at the cap still spread out instead of reconnecting in lockstep (the seed's
+Part 7.2); a delay is therefore at most ``max_delay + jitter``.
+
+Only :class:`~cloudbridge_core.errors.CloudBridgeError` subclasses with ``retryable`` set
+are retried, and the loop itself is tenacity's: :class:`Backoff` gives tenacity wait and
+stop strategies, and :func:`call_with_retry` picks them by the error actually raised.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+from tenacity.stop import stop_base
+from tenacity.wait import wait_base
 
 from cloudbridge_core.durations import parse_duration
 from cloudbridge_core.errors import CircuitOpen, CloudBridgeError
 
 T = TypeVar("T")
 
-_DURATION_KEYS = ("initial_delay", "max_delay", "jitter")
+_KEYS = ("initial_delay", "multiplier", "max_delay", "jitter", "max_retries")
+_DURATION_KEYS = frozenset({"initial_delay", "max_delay", "jitter"})
+# Jitter exists to spread clients apart, so it must not be reproducible across processes.
+_RANDOM = random.SystemRandom()
 
 
 @dataclass(frozen=True)
 class Backoff:
-    """One exponential backoff policy; delays are in seconds."""
+    """One exponential backoff policy; delays are in seconds.
+
+    Raises ``ValueError`` for a negative delay or retry count, or a multiplier below 1
+    (delays would shrink); the config schema rejects those before they get here.
+    """
 
     initial_delay: float = 1.0
     multiplier: float = 2.0
@@ -35,30 +51,53 @@ class Backoff:
     jitter: float = 1.0
     max_retries: int = 5
 
+    def __post_init__(self) -> None:
+        if min(self.initial_delay, self.max_delay, self.jitter, self.max_retries) < 0:
+            raise ValueError(f"{self}: delays and max_retries must not be negative")
+        if self.multiplier < 1:
+            raise ValueError(f"{self}: multiplier must be at least 1")
+
     def base_delay(self, attempt: int) -> float:
         """The capped exponential part of the delay before retry ``attempt`` (from 0)."""
         try:
             grown = self.initial_delay * self.multiplier**attempt
-        except OverflowError:
-            return self.max_delay
+        except OverflowError:  # far beyond any cap, unless there is nothing to grow
+            grown = math.inf if self.initial_delay else 0.0
         return min(grown, self.max_delay)
 
-    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
-        """The delay before retry ``attempt`` (from 0), jitter included."""
+    def delay_for(self, attempt: int, rng: random.Random | None = None) -> float:
+        """The delay before retry ``attempt`` (from 0), jitter from ``rng`` included."""
         spread = (rng or _RANDOM).uniform(0, self.jitter) if self.jitter > 0 else 0.0
         return self.base_delay(attempt) + spread
 
+    def wait(self, rng: random.Random | None = None) -> BackoffWait:
+        """This policy as a tenacity wait strategy."""
+        return BackoffWait(self, rng)
+
+    def stop(self) -> stop_base:
+        """This policy as a tenacity stop strategy: the first try plus ``max_retries``."""
+        return stop_after_attempt(self.max_retries + 1)
+
     def overridden(self, section: Mapping[str, Any]) -> Backoff:
         """This policy with the keys present in a config ``section`` replaced."""
-        changes: dict[str, Any] = {}
-        for key in ("initial_delay", "multiplier", "max_delay", "jitter", "max_retries"):
-            if key in section:
-                value = section[key]
-                changes[key] = parse_duration(value) if key in _DURATION_KEYS else value
+        changes: dict[str, Any] = {
+            key: parse_duration(section[key]) if key in _DURATION_KEYS else section[key]
+            for key in _KEYS
+            if key in section
+        }
         return replace(self, **changes)
 
 
-_RANDOM = random.SystemRandom()
+class BackoffWait(wait_base):
+    """Tenacity wait strategy computing :meth:`Backoff.delay_for` for each retry."""
+
+    def __init__(self, backoff: Backoff, rng: random.Random | None = None) -> None:
+        self.backoff = backoff
+        self.rng = rng
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        # tenacity counts attempts from 1 and waits after each; retry n follows attempt n+1
+        return self.backoff.delay_for(retry_state.attempt_number - 1, self.rng)
 
 
 @dataclass(frozen=True)
@@ -70,15 +109,21 @@ class RetryPolicies:
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any]) -> RetryPolicies:
+        """Read the ``retry`` section; a missing key keeps its default.
+
+        A ``per_error`` entry starts from the section's own values, so ``jitter: 0s`` at
+        the top applies to every error that does not set its own. Raises ``ValueError``
+        for a malformed duration.
+        """
         default = Backoff().overridden(section)
         per_error = {
             code: default.overridden(overrides)
-            for code, overrides in section.get("per_error", {}).items()
+            for code, overrides in (section.get("per_error") or {}).items()
         }
         return cls(default, per_error)
 
     def policy_for(self, error: CloudBridgeError) -> Backoff:
-        """The configured policy for ``error``'s code, else the default started at its delay."""
+        """The configured policy for ``error``'s code, else the default from its own delay."""
         if error.code in self.per_error:
             return self.per_error[error.code]
         if error.retry_delay is not None:
@@ -87,6 +132,7 @@ class RetryPolicies:
 
 
 def is_retryable(error: BaseException) -> bool:
+    """Whether ``error`` is a classified error worth trying again."""
     return isinstance(error, CloudBridgeError) and error.retryable
 
 
@@ -98,10 +144,15 @@ async def call_with_retry(
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     rng: random.Random | None = None,
 ) -> T:
-    """Run ``operation`` until it succeeds, a non-retryable error occurs, or retries run out.
+    """Await ``operation()`` until it succeeds, fails for good, or retries run out.
 
-    The policy is chosen by the error actually raised; the last error is re-raised as it
-    is. ``on_retry(error, retry_number, delay)`` is called before each wait (logs, metrics).
+    The error that just failed picks the policy, for the wait and for when to stop;
+    retries are numbered over the whole call, whichever errors caused the earlier ones.
+    A :class:`CircuitOpen` waits at least until the breaker lets a trial through.
+    ``on_retry(error, retry_number, delay)`` runs before each wait (logs, metrics).
+
+    Raises the last error as it is (never ``tenacity.RetryError``): a non-retryable one
+    at once, a retryable one when its policy's ``max_retries`` are used up.
     """
 
     def failure(state: RetryCallState) -> CloudBridgeError:
@@ -112,12 +163,14 @@ async def call_with_retry(
 
     def wait(state: RetryCallState) -> float:
         error = failure(state)
+        delay = policies.policy_for(error).wait(rng)(state)
         if isinstance(error, CircuitOpen):
-            return error.retry_after
-        return policies.policy_for(error).delay(state.attempt_number - 1, rng)
+            # retry_after is 0 while half-open trials are in flight: back off anyway
+            return max(error.retry_after, delay)
+        return delay
 
     def stop(state: RetryCallState) -> bool:
-        return state.attempt_number > policies.policy_for(failure(state)).max_retries
+        return policies.policy_for(failure(state)).stop()(state)
 
     def before_sleep(state: RetryCallState) -> None:
         if on_retry is not None and state.next_action is not None:
