@@ -57,17 +57,24 @@ class WebSocketPipe:
 
 
 class WebSocketListener:
-    def __init__(self, server: Server) -> None:
-        self._server = server
+    def __init__(self) -> None:
+        self.server: Server | None = None
+        self.handlers: set[asyncio.Task[None]] = set()
 
     @property
     def port(self) -> int:
-        port: int = next(iter(self._server.sockets)).getsockname()[1]
+        assert self.server is not None
+        port: int = next(iter(self.server.sockets)).getsockname()[1]
         return port
 
     async def aclose(self) -> None:
-        self._server.close()
-        await self._server.wait_closed()
+        # websockets waits for every handler to return; a handler waiting on its session
+        # would hold the listener open forever, so closing ends them
+        for task in self.handlers:
+            task.cancel()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
 
 
 class WebSocketTransport:
@@ -115,6 +122,8 @@ class WebSocketTransport:
     async def serve(
         self, endpoint: Endpoint, handler: Callable[[Session], Awaitable[None]]
     ) -> WebSocketListener:
+        listener = WebSocketListener()
+
         async def accepted(websocket: ServerConnection) -> None:
             if (
                 websocket.subprotocol != SUBPROTOCOL
@@ -124,11 +133,17 @@ class WebSocketTransport:
                 await websocket.close(1002, f"expected subprotocol {SUBPROTOCOL} at {self._path}")
                 return
             session = MuxSession(WebSocketPipe(websocket, self._max_message), is_dialer=False)
+            task = asyncio.current_task()
+            assert task is not None
+            listener.handlers.add(task)
             try:
                 await handler(session)
+            except asyncio.CancelledError:
+                pass  # the listener is closing
             except Exception:  # a handler's bug ends its session, never the listener
                 log.exception("session_handler_failed")
             finally:
+                listener.handlers.discard(task)
                 await session.aclose()
 
         def documents(_connection: ServerConnection, request: Request) -> Response | None:
@@ -139,7 +154,7 @@ class WebSocketTransport:
             headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body)))])
             return Response(200, "OK", headers, body)
 
-        server = await serve(
+        listener.server = await serve(
             accepted,
             endpoint.host,
             endpoint.port,
@@ -147,4 +162,4 @@ class WebSocketTransport:
             process_request=documents,
             **self._options(),
         )
-        return WebSocketListener(server)
+        return listener
