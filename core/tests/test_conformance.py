@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
 import pytest
-from cloudbridge_core.testing.conformance import CHECKS, TransportKit, run_check
+from cloudbridge_core.testing.conformance import (
+    TransportKit,
+    oversized_mux_frame_over_tls,
+    run_check,
+)
+from cloudbridge_core.testing.fixtures import Check, conformance_check  # noqa: F401 - fixture
 from cloudbridge_core.transports.tls import TlsTransport
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("check", CHECKS, ids=lambda check: check.__name__)
-def test_tls_transport(check: Callable[[TransportKit], Awaitable[None]]) -> None:
-    run_check(check, TransportKit(TlsTransport))
+def test_tls_transport(conformance_check: Check) -> None:  # noqa: F811 - the fixture
+    run_check(conformance_check, TransportKit(TlsTransport, oversized_mux_frame_over_tls))

@@ -86,9 +86,24 @@ class Session(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class TlsMaterial:
+    """The PEM behind an endpoint's SSL context, for transports doing TLS themselves (QUIC, gRPC).
+
+    A server has ``certificate`` (the chain) and ``key`` (a secret: never log it); a client
+    has ``ca`` (``None``: the system trust store) and ``verify``.
+    """
+
+    certificate: bytes | None = None
+    key: bytes | None = None
+    ca: bytes | None = None
+    verify: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class Endpoint:
     """Where a transport connects to or listens on.
 
+    ``tls`` serves transports built on Python's ``ssl`` module, ``material`` the others.
     ``documents`` (path -> (content type, body)) are answered to plain HTTP GETs by
     transports that speak HTTP anyway (WebSocket): the relay's ``/.well-known/jwks.json``.
     """
@@ -98,6 +113,7 @@ class Endpoint:
     tls: ssl.SSLContext
     connect_timeout: float = 5.0
     documents: Mapping[str, tuple[str, bytes]] = field(default_factory=dict)
+    material: TlsMaterial | None = None
 
 
 class Listener(Protocol):

@@ -22,7 +22,14 @@ from cloudbridge_core.errors import (
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.plugins import Plugins
 from cloudbridge_core.protocol import messages
-from cloudbridge_core.providers import Endpoint, ProviderSpec, Session, Stream, Transport
+from cloudbridge_core.providers import (
+    Endpoint,
+    ProviderSpec,
+    Session,
+    Stream,
+    TlsMaterial,
+    Transport,
+)
 from cloudbridge_core.tlsutil import client_context
 from cloudbridge_core.wire import MessageStream
 
@@ -56,9 +63,10 @@ class RelayConnection:
         await self.session.aclose()
 
 
-def tls_for(relay: Mapping[str, Any]) -> ssl.SSLContext:
+def tls_for(relay: Mapping[str, Any]) -> tuple[ssl.SSLContext, TlsMaterial]:
     tls = relay["tls"]
     ca = Path(tls["ca_file"]).read_bytes() if tls.get("ca_file") else None
+    material = TlsMaterial(ca=ca, verify=tls["verify_cert"])
     context = client_context(ca)
     if tls["min_version"] == "1.2":
         context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -69,7 +77,7 @@ def tls_for(relay: Mapping[str, Any]) -> ssl.SSLContext:
         )
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-    return context
+    return context, material
 
 
 def transport_order(config: Config, plugins: Plugins) -> list[tuple[str, ProviderSpec[Transport]]]:
@@ -97,12 +105,13 @@ async def connect(config: Config, plugins: Plugins) -> RelayConnection:
             hint="a relay's operator issues one with 'cloudbridge relay token issue'",
         )
     host = config.get("relay.host")
-    context = tls_for(config.get("relay"))
+    context, material = tls_for(config.get("relay"))
     timeout = parse_duration(config.get("transport.connect_timeout"))
     last: CloudBridgeError | None = None
     for name, spec in transport_order(config, plugins):
         transport = spec.load(config.data["transport"].get(name, {}))
-        endpoint = Endpoint(host, config.get(f"relay.ports.{name}"), context, timeout)
+        port = config.get(f"relay.ports.{name}")
+        endpoint = Endpoint(host, port, context, timeout, material=material)
         try:
             session = await transport.connect(endpoint)
         except CloudBridgeError as error:

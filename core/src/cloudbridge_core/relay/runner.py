@@ -13,7 +13,7 @@ from cloudbridge_core.config import Config
 from cloudbridge_core.errors import ConfigError, ConfigIssue, ProviderNotInstalled
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.plugins import Plugins
-from cloudbridge_core.providers import AuthProvider, Endpoint, Listener
+from cloudbridge_core.providers import AuthProvider, Endpoint, Listener, TlsMaterial
 from cloudbridge_core.relay.egress import EgressPolicy
 from cloudbridge_core.relay.server import Relay, RelayLimits
 from cloudbridge_core.relay.state import RelayState, default_state_dir, local_hostnames
@@ -87,8 +87,10 @@ async def start_relay(
         auth, egress, RelayLimits.from_config(config.get("server"), config.get("performance"))
     )
     running = RunningRelay(state, relay)
+    pair = _server_pair(config, state)
+    material = TlsMaterial(certificate=pair.certificate, key=pair.key)
     try:
-        tls: ssl.SSLContext = server_context(_server_pair(config, state))
+        tls: ssl.SSLContext = server_context(pair)
     except ssl.SSLError as exc:
         raise ConfigError(
             [ConfigIssue("server.tls_cert_file", f"unusable certificate or key: {exc.reason}")]
@@ -104,7 +106,7 @@ async def start_relay(
             transport = spec.load(config.data["transport"].get(name, {}))
             port = port_override if port_override is not None else ports[name]
             running.listeners[name] = await transport.serve(
-                Endpoint(listen, port, tls, documents=documents), relay.handle
+                Endpoint(listen, port, tls, documents=documents, material=material), relay.handle
             )
             log.info("listening", transport=name, address=listen, port=running.listeners[name].port)
     except BaseException:

@@ -8,7 +8,13 @@ them all on loopback::
 
     @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
     def test_conformance(check):
-        run_check(check, TransportKit(MyTransport))
+        run_check(check, TransportKit(MyTransport, send_oversized=my_oversized_frame))
+
+``send_oversized`` is the one transport-specific part: it connects to the endpoint as a
+misbehaving client and sends a single frame larger than the transport accepts.
+:func:`oversized_mux_frame_over_tls` does that for transports carrying the core
+multiplexer over TLS. Pytest users can import the ``conformance_check`` fixture from
+:mod:`cloudbridge_core.testing.fixtures` instead, parametrised over every check.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import contextlib
 import hashlib
 import os
 import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,9 +36,17 @@ from cloudbridge_core.errors import (
     TlsVerificationFailed,
     TransportError,
 )
-from cloudbridge_core.providers import Endpoint, Listener, Session, Transport
+from cloudbridge_core.protocol.mux import HEADER, Flag, FrameType, MuxLimits
+from cloudbridge_core.providers import (
+    Endpoint,
+    Listener,
+    Session,
+    Stream,
+    TlsMaterial,
+    Transport,
+)
 from cloudbridge_core.testing.streams import echo_streams, read_all
-from cloudbridge_core.testing.tls import loopback_tls
+from cloudbridge_core.testing.tls import loopback_material, loopback_tls
 from cloudbridge_core.tlsutil import client_context, generate_ca
 
 Handler = Callable[[Session], Awaitable[None]]
@@ -42,14 +57,23 @@ class TransportKit:
     """How to build the transport under test (called once per endpoint)."""
 
     make: Callable[[], Transport]
+    send_oversized: Callable[[Endpoint], Awaitable[None]] | None = None
     host: str = "127.0.0.1"
+
+    def server_endpoint(self, port: int = 0) -> Endpoint:
+        server_tls, _ = loopback_tls()
+        return Endpoint(self.host, port, server_tls, material=loopback_material()[0])
+
+    def client_endpoint(self, port: int, connect_timeout: float = 5.0) -> Endpoint:
+        _, client_tls = loopback_tls()
+        material = loopback_material()[1]
+        return Endpoint(self.host, port, client_tls, connect_timeout, material=material)
 
     @contextlib.asynccontextmanager
     async def pair(
         self, handler: Handler | None = None
     ) -> AsyncIterator[tuple[Session, asyncio.Queue[Session]]]:
         """A client session to a listener; server-side sessions arrive on the queue."""
-        server_tls, client_tls = loopback_tls()
         accepted: asyncio.Queue[Session] = asyncio.Queue()
 
         async def handle(session: Session) -> None:
@@ -59,8 +83,8 @@ class TransportKit:
             else:
                 await handler(session)
 
-        listener: Listener = await self.make().serve(Endpoint(self.host, 0, server_tls), handle)
-        session = await self.make().connect(Endpoint(self.host, listener.port, client_tls))
+        listener: Listener = await self.make().serve(self.server_endpoint(), handle)
+        session = await self.make().connect(self.client_endpoint(listener.port))
         try:
             yield session, accepted
         finally:
@@ -170,11 +194,13 @@ async def session_close_reaches_every_stream(kit: TransportKit) -> None:
 
 
 async def connect_timeout(kit: TransportKit) -> None:
-    _, client_tls = loopback_tls()
-    with socket.socket() as silent:  # accepts TCP in its backlog, never answers
+    # accepts TCP in its backlog and UDP in its buffer, never answers either
+    with socket.socket() as silent, socket.socket(type=socket.SOCK_DGRAM) as silent_udp:
         silent.bind((kit.host, 0))
         silent.listen(1)
-        endpoint = Endpoint(kit.host, silent.getsockname()[1], client_tls, connect_timeout=0.5)
+        port = silent.getsockname()[1]
+        silent_udp.bind((kit.host, port))
+        endpoint = kit.client_endpoint(port, connect_timeout=0.5)
         try:
             await asyncio.wait_for(kit.make().connect(endpoint), 10)
         except ConnectionTimeout:
@@ -183,11 +209,13 @@ async def connect_timeout(kit: TransportKit) -> None:
 
 
 async def untrusted_certificate_rejected(kit: TransportKit) -> None:
-    server_tls, _ = loopback_tls()
-    stranger = client_context(generate_ca("someone else").certificate)
-    listener = await kit.make().serve(Endpoint(kit.host, 0, server_tls), echo_streams)
+    someone_else = generate_ca("someone else").certificate
+    listener = await kit.make().serve(kit.server_endpoint(), echo_streams)
+    stranger = Endpoint(
+        kit.host, listener.port, client_context(someone_else), material=TlsMaterial(ca=someone_else)
+    )
     try:
-        await kit.make().connect(Endpoint(kit.host, listener.port, stranger))
+        await kit.make().connect(stranger)
     except TlsVerificationFailed:
         return
     except CloudBridgeError as error:
@@ -195,6 +223,63 @@ async def untrusted_certificate_rejected(kit: TransportKit) -> None:
     finally:
         await listener.aclose()
     raise AssertionError("a server with an untrusted certificate was accepted")
+
+
+async def oversized_frame_rejected(kit: TransportKit) -> None:
+    """A frame over the limit never reaches a reader, and the listener serves on."""
+    if kit.send_oversized is None:
+        raise AssertionError("TransportKit.send_oversized is needed for this check")
+    delivered = 0
+
+    async def count(stream: Stream) -> None:
+        nonlocal delivered
+        with contextlib.suppress(TransportError):
+            while chunk := await stream.read():
+                delivered += len(chunk)
+
+    async def handler(session: Session) -> None:
+        with contextlib.suppress(TransportError):
+            while True:
+                stream = await session.accept_stream()
+                asyncio.create_task(count(stream))  # noqa: RUF006 - ends with the session
+
+    listener = await kit.make().serve(kit.server_endpoint(), handler)
+    try:
+        endpoint = kit.client_endpoint(listener.port)
+        with contextlib.suppress(TransportError):
+            await asyncio.wait_for(kit.send_oversized(endpoint), 10)
+        await asyncio.sleep(0.2)
+        assert delivered == 0, f"{delivered} bytes of an oversized frame reached a reader"
+    finally:
+        await listener.aclose()
+    await echo_still_works(kit)
+
+
+async def echo_still_works(kit: TransportKit) -> None:
+    async with kit.pair(echo_streams) as (client, _):
+        stream = await client.open_stream()
+        await stream.write(b"still serving")
+        await stream.close_write()
+        assert await read_all(stream) == b"still serving"
+
+
+async def oversized_mux_frame_over_tls(endpoint: Endpoint) -> None:
+    """``send_oversized`` for transports carrying the core multiplexer over plain TLS."""
+    reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port, ssl=endpoint.tls)
+    try:
+        writer.write(oversized_mux_frame())
+        await writer.drain()
+        await asyncio.wait_for(reader.read(), 10)  # the relay hangs up
+    except (ConnectionError, ssl.SSLError):
+        pass
+    finally:
+        writer.close()
+
+
+def oversized_mux_frame() -> bytes:
+    """The start of a DATA frame opening a stream, one byte over the default limit."""
+    size = MuxLimits().max_frame_size + 1
+    return HEADER.pack(FrameType.DATA, Flag.SYN, 1, size) + b"x" * size
 
 
 CHECKS: list[Callable[[TransportKit], Awaitable[None]]] = [
@@ -207,6 +292,7 @@ CHECKS: list[Callable[[TransportKit], Awaitable[None]]] = [
     session_close_reaches_every_stream,
     connect_timeout,
     untrusted_certificate_rejected,
+    oversized_frame_rejected,
 ]
 
 
