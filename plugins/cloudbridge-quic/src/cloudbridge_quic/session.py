@@ -1,0 +1,282 @@
+"""A QUIC connection as a CloudBridge session: native QUIC streams, bounded buffers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.quic import events
+from aioquic.quic.connection import QuicConnection
+from cloudbridge_core.errors import StreamAborted, TransportClosed, TransportError
+
+from cloudbridge_quic.flow import BoundedQuicConnection
+from cloudbridge_quic.pmtu import (
+    apply_datagram_size,
+    forbid_fragmentation,
+    is_too_big,
+    path_payload_size,
+)
+
+#: application error code of a stream closed before both sides finished
+STREAM_CANCELLED = 0x10C
+#: the largest piece handed to aioquic at once, so one writer cannot hog the loop
+_WRITE_PIECE = 64 * 1024
+
+
+class QuicStream:
+    """Implements :class:`~cloudbridge_core.providers.Stream` on one bidirectional QUIC stream."""
+
+    def __init__(self, session: QuicSession, stream_id: int) -> None:
+        self._session = session
+        self.stream_id = stream_id
+        self._received: deque[bytes] = deque()
+        self._readable = asyncio.Event()
+        self._eof = False
+        self._error: TransportError | None = None
+        self._write_closed = False
+
+    # ---- fed by the session ----------------------------------------------------------------
+
+    def data_received(self, data: bytes, end: bool) -> None:
+        if data:
+            self._received.append(data)
+        self._eof = self._eof or end
+        self._readable.set()
+
+    def failed(self, error: TransportError) -> None:
+        if self._error is None:
+            self._error = error
+        self._readable.set()
+
+    # ---- Stream ----------------------------------------------------------------------------
+
+    async def read(self, max_bytes: int = 65536) -> bytes:
+        while not self._received:
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                self._session.forget(self.stream_id)
+                return b""
+            self._readable.clear()
+            await self._readable.wait()
+        chunk = self._received.popleft()
+        if len(chunk) > max_bytes:
+            self._received.appendleft(chunk[max_bytes:])
+            chunk = chunk[:max_bytes]
+        self._session.consumed(self.stream_id, len(chunk))
+        return chunk
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            self._check_writable()
+            await self._session.send_space(self.stream_id)
+            self._check_writable()
+            piece = bytes(view[:_WRITE_PIECE])
+            self._session.send(self.stream_id, piece, end=False)
+            view = view[len(piece) :]
+
+    async def close_write(self) -> None:
+        if self._write_closed or self._error is not None:
+            return
+        self._write_closed = True
+        self._session.send(self.stream_id, b"", end=True)
+
+    async def aclose(self) -> None:
+        if self._error is None and not (self._write_closed and self._eof):
+            self._session.cancel(
+                self.stream_id, reading=not self._eof, writing=not self._write_closed
+            )
+        self._write_closed = True
+        self.failed(StreamAborted("the stream was closed"))
+        self._session.forget(self.stream_id)
+
+    def _check_writable(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._write_closed:
+            raise TransportError("write after close_write")
+
+
+class QuicSession(QuicConnectionProtocol):
+    """Implements :class:`~cloudbridge_core.providers.Session` on an aioquic connection."""
+
+    def __init__(
+        self,
+        quic: QuicConnection,
+        stream_handler: Any = None,
+        *,
+        datagram_ceiling: int,
+        keepalive: float | None = None,
+        on_ready: Callable[[QuicSession], None] | None = None,
+    ) -> None:
+        super().__init__(quic, stream_handler)
+        assert isinstance(quic, BoundedQuicConnection)
+        self._bounded = quic
+        self._datagram_ceiling = datagram_ceiling
+        self._on_ready = on_ready
+        self._keepalive_interval = keepalive
+        self._keepalive: asyncio.Task[None] | None = None
+        self._streams: dict[int, QuicStream] = {}
+        self._incoming: asyncio.Queue[QuicStream | None] = asyncio.Queue()
+        self._progress: asyncio.Future[None] | None = None
+        self._error: TransportError | None = None
+        self.handshake: events.HandshakeCompleted | None = None
+
+    # ---- Session ---------------------------------------------------------------------------
+
+    async def open_stream(self) -> QuicStream:
+        if self._error is not None:
+            raise self._error
+        stream_id = self._quic.get_next_available_stream_id()
+        self._quic._get_or_create_stream_for_send(stream_id)  # reserves the id
+        stream = self._streams[stream_id] = QuicStream(self, stream_id)
+        return stream
+
+    async def accept_stream(self) -> QuicStream:
+        stream = await self._incoming.get() if self._error is None else None
+        if stream is None:
+            self._incoming.put_nowait(None)  # every later caller learns it too
+            raise self._error or TransportClosed("the QUIC connection is closed")
+        return stream
+
+    async def aclose(self) -> None:
+        if self._error is None:
+            self.close(error_code=0, reason_phrase="session closed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wait_closed(), 1.0)
+            self._terminate(TransportClosed("the session was closed"))
+        if self._quic.configuration.is_client and self._transport is not None:
+            self._transport.close()
+
+    @property
+    def datagram_size(self) -> int:
+        """The size of the datagrams sent now (from the path MTU)."""
+        return self._quic._max_datagram_size
+
+    async def rebind(self) -> None:
+        """Continue from a new local port, as after a NAT rebinding or a network change."""
+        if self._transport is None:
+            return
+        old = self._transport
+        family = old.get_extra_info("socket").family
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))  # noqa: S104 - any local address
+        forbid_fragmentation(sock)
+        await self._loop.create_datagram_endpoint(lambda: self, sock=sock)  # sets _transport
+        old.close()
+        self._quic.send_ping(0)
+        self.transmit()
+
+    # ---- used by streams ------------------------------------------------------------------
+
+    def send(self, stream_id: int, data: bytes, *, end: bool) -> None:
+        self._quic.send_stream_data(stream_id, data, end)
+        self._transmit_soon()
+
+    async def send_space(self, stream_id: int) -> None:
+        """Wait until the stream's unacknowledged bytes are under one window."""
+        while True:
+            if self._error is not None:
+                raise self._error
+            quic_stream = self._quic._streams.get(stream_id)
+            if quic_stream is None or len(quic_stream.sender._buffer) < self._bounded.stream_window:
+                return
+            if self._progress is None:
+                self._progress = self._loop.create_future()
+            await self._progress
+
+    def consumed(self, stream_id: int, count: int) -> None:
+        if self._bounded.credit(stream_id, count):
+            self._transmit_soon()
+
+    def cancel(self, stream_id: int, *, reading: bool, writing: bool) -> None:
+        with contextlib.suppress(ValueError, AssertionError):  # the stream already ended
+            if writing:
+                self._quic.reset_stream(stream_id, STREAM_CANCELLED)
+            if reading:
+                self._quic.stop_stream(stream_id, STREAM_CANCELLED)
+        self._transmit_soon()
+
+    def forget(self, stream_id: int) -> None:
+        self._streams.pop(stream_id, None)
+        self._bounded.forget(stream_id)
+
+    # ---- aioquic callbacks ------------------------------------------------------------------
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        super().datagram_received(data, addr)
+        self._wake_writers()
+
+    def error_received(self, exc: Exception) -> None:
+        if is_too_big(exc):  # the path MTU dropped: ask the kernel again
+            self._fit_datagrams()
+
+    def quic_event_received(self, event: events.QuicEvent) -> None:
+        if isinstance(event, events.StreamDataReceived):
+            stream = self._streams.get(event.stream_id)
+            if stream is None:
+                stream = self._streams[event.stream_id] = QuicStream(self, event.stream_id)
+                self._incoming.put_nowait(stream)
+            stream.data_received(event.data, event.end_stream)
+        elif isinstance(event, events.StreamReset):
+            self._fail_stream(event.stream_id, "the peer reset the stream")
+        elif isinstance(event, events.StopSendingReceived):
+            self._fail_stream(event.stream_id, "the peer stopped reading the stream")
+            with contextlib.suppress(ValueError, AssertionError):
+                self._quic.reset_stream(event.stream_id, event.error_code)
+        elif isinstance(event, events.HandshakeCompleted):
+            self.handshake = event
+            self._fit_datagrams()
+            if self._keepalive_interval:
+                self._keepalive = self._loop.create_task(self._keep_alive(self._keepalive_interval))
+            if self._on_ready is not None:
+                self._on_ready(self)
+        elif isinstance(event, events.ConnectionTerminated):
+            reason = event.reason_phrase or f"error {event.error_code:#x}"
+            self._terminate(TransportClosed(f"the QUIC connection ended: {reason}"))
+
+    # ---- internals -------------------------------------------------------------------------
+
+    def _fit_datagrams(self) -> None:
+        path = self._quic._network_paths[0] if self._quic._network_paths else None
+        if path is not None:
+            size = path_payload_size(path.addr, self._datagram_ceiling)
+            apply_datagram_size(self._quic, size)
+
+    async def _keep_alive(self, interval: float) -> None:
+        """PINGs keep NAT bindings open and find a dead path before the idle timeout."""
+        with contextlib.suppress(ConnectionError):
+            while self._error is None:
+                await asyncio.sleep(interval)
+                self._quic.send_ping(0)
+                self.transmit()
+
+    def _fail_stream(self, stream_id: int, why: str) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            stream.failed(StreamAborted(why))
+        self._wake_writers()
+
+    def _terminate(self, error: TransportError) -> None:
+        if self._error is not None:
+            return
+        self._error = error
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+        for stream in self._streams.values():
+            stream.failed(error)
+        self._streams.clear()
+        self._incoming.put_nowait(None)
+        self._wake_writers()
+
+    def _wake_writers(self) -> None:
+        if self._progress is not None:
+            if not self._progress.done():
+                self._progress.set_result(None)
+            self._progress = None

@@ -1,0 +1,214 @@
+"""QUIC transport: TLS 1.3, ALPN cloudbridge/1, one native QUIC stream per CloudBridge stream."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import socket
+import ssl
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from aioquic.asyncio.server import QuicServer, serve
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.tls import SessionTicket, load_pem_private_key, load_pem_x509_certificates
+from cloudbridge_core.durations import parse_duration
+from cloudbridge_core.errors import (
+    ConnectionTimeout,
+    ServerUnavailable,
+    TlsVerificationFailed,
+    TransportError,
+)
+from cloudbridge_core.log import get_logger
+from cloudbridge_core.providers import Endpoint, Session, TlsMaterial
+from cloudbridge_core.tlsutil import ALPN
+
+from cloudbridge_quic.flow import bound
+from cloudbridge_quic.pmtu import forbid_fragmentation
+from cloudbridge_quic.session import QuicSession
+
+log = get_logger("transport.quic")
+
+#: session tickets a relay remembers for resumption (memory bound)
+MAX_TICKETS = 10_000
+#: TLS alerts the client raises for a certificate it does not trust
+_CERTIFICATE_ALERTS = (0x100 + 42, 0x100 + 48)  # bad_certificate, unknown_ca
+
+
+class TicketStore:
+    """Session tickets by label, oldest forgotten first."""
+
+    def __init__(self) -> None:
+        self._tickets: OrderedDict[bytes, SessionTicket] = OrderedDict()
+
+    def add(self, ticket: SessionTicket) -> None:
+        self._tickets[ticket.ticket] = ticket
+        while len(self._tickets) > MAX_TICKETS:
+            self._tickets.popitem(last=False)
+
+    def pop(self, label: bytes) -> SessionTicket | None:
+        return self._tickets.pop(label, None)
+
+
+class QuicListener:
+    """A running QUIC server; ``aclose`` closes every session and ends their handlers."""
+
+    def __init__(self, handler: Callable[[Session], Awaitable[None]]) -> None:
+        self._handler = handler
+        self.server: QuicServer | None = None
+        self.tickets = TicketStore()
+        self._handlers: dict[QuicSession, asyncio.Task[None]] = {}
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        assert self.server._transport is not None
+        port: int = self.server._transport.get_extra_info("sockname")[1]
+        return port
+
+    def session_ready(self, session: QuicSession) -> None:
+        self._handlers[session] = asyncio.get_running_loop().create_task(self._run(session))
+
+    async def _run(self, session: QuicSession) -> None:
+        try:
+            await self._handler(session)
+        except asyncio.CancelledError:
+            pass  # the listener is closing
+        except Exception:  # a handler's bug ends its session, never the listener
+            log.exception("session_handler_failed")
+        finally:
+            self._handlers.pop(session, None)
+            await session.aclose()
+
+    async def aclose(self) -> None:
+        handlers, self._handlers = self._handlers, {}
+        for session, task in handlers.items():
+            await session.aclose()
+            task.cancel()
+        await asyncio.gather(*handlers.values(), return_exceptions=True)
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+
+class QuicTransport:
+    """Implements :class:`~cloudbridge_core.providers.Transport` with aioquic."""
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        self._idle_timeout = parse_duration(str(settings.get("idle_timeout", "30s")))
+        self._keepalive = parse_duration(str(settings.get("keepalive_interval", "10s")))
+        self._datagram_ceiling = int(settings.get("max_datagram_size", 16384))
+        self._stream_window = int(settings.get("stream_window", 1 << 20))
+        self._connection_window = int(settings.get("connection_window", 16 << 20))
+        self._max_streams = int(settings.get("max_streams", 1024))
+        self._max_datagram_frame = int(settings.get("max_datagram_frame_bytes", 2048))
+        self._tickets: dict[tuple[str, int], SessionTicket] = {}
+
+    def _configuration(self, *, is_client: bool) -> QuicConfiguration:
+        return QuicConfiguration(
+            is_client=is_client,
+            alpn_protocols=[ALPN],
+            idle_timeout=self._idle_timeout,
+            max_data=self._connection_window,
+            max_stream_data=self._stream_window,
+            max_datagram_frame_size=self._max_datagram_frame,
+            congestion_control_algorithm="cubic",
+        )
+
+    def _bound(self, connection: QuicConnection) -> QuicConnection:
+        return bound(
+            connection,
+            stream_window=self._stream_window,
+            connection_window=self._connection_window,
+            max_streams=self._max_streams,
+        )
+
+    async def connect(self, endpoint: Endpoint) -> QuicSession:
+        material = _material(endpoint)
+        where = f"{endpoint.host}:{endpoint.port}"
+        configuration = self._configuration(is_client=True)
+        configuration.server_name = endpoint.host
+        if material.ca is not None:
+            configuration.cadata = material.ca
+        if not material.verify:
+            configuration.verify_mode = ssl.CERT_NONE
+        key = (endpoint.host, endpoint.port)
+        configuration.session_ticket = self._tickets.get(key)
+        connection = self._bound(
+            QuicConnection(
+                configuration=configuration,
+                session_ticket_handler=functools.partial(self._tickets.__setitem__, key),
+            )
+        )
+        loop = asyncio.get_running_loop()
+        try:
+            [(family, _, _, _, address), *_] = await loop.getaddrinfo(
+                endpoint.host, endpoint.port, type=socket.SOCK_DGRAM
+            )
+        except OSError as exc:
+            raise ServerUnavailable(f"cannot resolve {endpoint.host}: {exc}") from exc
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))  # noqa: S104 - any local address
+        forbid_fragmentation(sock)
+        transport, session = await loop.create_datagram_endpoint(
+            lambda: QuicSession(
+                connection, datagram_ceiling=self._datagram_ceiling, keepalive=self._keepalive
+            ),
+            sock=sock,
+        )
+        session.connect(address)
+        try:
+            await asyncio.wait_for(session.wait_connected(), endpoint.connect_timeout)
+        except TimeoutError as exc:
+            transport.close()
+            raise ConnectionTimeout(f"no QUIC handshake with {where} in time") from exc
+        except ConnectionError as exc:
+            transport.close()
+            closing = connection._close_event
+            if closing is not None and closing.error_code in _CERTIFICATE_ALERTS:
+                raise TlsVerificationFailed(
+                    f"the certificate of {where} is not trusted: {closing.reason_phrase}"
+                ) from exc
+            reason = closing.reason_phrase if closing is not None else str(exc)
+            raise TransportError(f"QUIC handshake with {where} failed: {reason}") from exc
+        return session
+
+    async def serve(
+        self, endpoint: Endpoint, handler: Callable[[Session], Awaitable[None]]
+    ) -> QuicListener:
+        material = _material(endpoint)
+        if material.certificate is None or material.key is None:
+            raise TransportError("the QUIC transport needs a certificate and key to serve")
+        configuration = self._configuration(is_client=False)
+        certificate, *chain = load_pem_x509_certificates(material.certificate)
+        configuration.certificate = certificate
+        configuration.certificate_chain = chain
+        configuration.private_key = load_pem_private_key(material.key)
+        listener = QuicListener(handler)
+
+        def create_session(connection: QuicConnection, **_: Any) -> QuicSession:
+            return QuicSession(
+                self._bound(connection),
+                datagram_ceiling=self._datagram_ceiling,
+                on_ready=listener.session_ready,
+            )
+
+        listener.server = await serve(
+            endpoint.host,
+            endpoint.port,
+            configuration=configuration,
+            create_protocol=create_session,
+            session_ticket_fetcher=listener.tickets.pop,
+            session_ticket_handler=listener.tickets.add,
+        )
+        assert listener.server._transport is not None  # bound by serve()
+        forbid_fragmentation(listener.server._transport.get_extra_info("socket"))
+        return listener
+
+
+def _material(endpoint: Endpoint) -> TlsMaterial:
+    if endpoint.material is None:
+        raise TransportError("the QUIC transport needs the endpoint's TLS material (PEM)")
+    return endpoint.material

@@ -1,0 +1,120 @@
+"""QUIC specifics on real loopback sockets: resumption, migration, datagrams, path MTU."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+from cloudbridge_core.plugins import load_plugins
+from cloudbridge_core.providers import Endpoint
+from cloudbridge_core.testing.conformance import TransportKit
+from cloudbridge_core.testing.streams import echo_streams, read_all
+from cloudbridge_quic.pmtu import path_payload_size
+from cloudbridge_quic.session import QuicSession
+from cloudbridge_quic.transport import QuicTransport
+
+pytestmark = pytest.mark.timeout(60)
+KIT = TransportKit(lambda: QuicTransport({}))
+
+
+def test_discovered_as_the_preferred_transport() -> None:
+    plugins = load_plugins()
+    [record] = [r for r in plugins.records if r.name == "quic"]
+    assert record.status == "active"
+    assert record.providers == {"transport": ["quic"]}
+    assert plugins.providers("transport")["quic"].priority == max(
+        spec.priority for spec in plugins.providers("transport").values()
+    )
+
+
+async def _echo(session: QuicSession, payload: bytes) -> bytes:
+    stream = await session.open_stream()
+    writer = asyncio.create_task(stream.write(payload))
+    echoed = asyncio.create_task(read_all(stream))
+    await writer
+    await stream.close_write()
+    return await echoed
+
+
+def test_reconnect_resumes_the_tls_session() -> None:
+    async def main() -> None:
+        transport = QuicTransport({})
+        listener = await transport.serve(KIT.server_endpoint(), echo_streams)
+        endpoint = KIT.client_endpoint(listener.port)
+        first = await transport.connect(endpoint)
+        assert await _echo(first, b"one") == b"one"  # tickets arrive after the handshake
+        await first.aclose()
+        second = await transport.connect(endpoint)
+        assert second.handshake is not None
+        assert second.handshake.session_resumed
+        assert second.handshake.alpn_protocol == "cloudbridge/1"
+        assert await _echo(second, b"two") == b"two"
+        await second.aclose()
+        await listener.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_new_client_port_keeps_the_connection_and_its_streams() -> None:
+    async def main() -> None:
+        listener = await QuicTransport({}).serve(KIT.server_endpoint(), echo_streams)
+        session = await QuicTransport({}).connect(KIT.client_endpoint(listener.port))
+        assert session._transport is not None
+        before = session._transport.get_extra_info("sockname")[1]
+        stream = await session.open_stream()
+        await stream.write(b"before the move, ")
+        await session.rebind()
+        assert session._transport.get_extra_info("sockname")[1] != before
+        payload = os.urandom(4 << 20)
+        await stream.write(payload)
+        await stream.close_write()
+        echoed = await asyncio.wait_for(read_all(stream), 30)
+        assert echoed == b"before the move, " + payload
+        assert await _echo(session, b"new stream after the move") == b"new stream after the move"
+        await session.aclose()
+        await listener.aclose()
+
+    asyncio.run(main())
+
+
+def test_datagrams_are_negotiated_and_sizes_follow_the_path_mtu() -> None:
+    async def main() -> None:
+        listener = await QuicTransport({}).serve(KIT.server_endpoint(), echo_streams)
+        session = await QuicTransport({}).connect(KIT.client_endpoint(listener.port))
+        assert session._quic._remote_max_datagram_frame_size == 2048
+        # loopback's MTU is about 64 KiB: the configured ceiling wins over QUIC's 1,200 minimum
+        assert session.datagram_size == 16384
+        await session.aclose()
+        await listener.aclose()
+
+    asyncio.run(main())
+    assert path_payload_size(("127.0.0.1", 9), ceiling=1452) == 1452
+    loopback_mtu = min(int(Path("/sys/class/net/lo/mtu").read_text()), 65535)  # IP maximum
+    assert path_payload_size(("127.0.0.1", 9), ceiling=1_000_000) == loopback_mtu - 28
+
+
+def test_large_transfer_integrity_over_many_streams() -> None:
+    async def main() -> None:
+        listener = await QuicTransport({}).serve(KIT.server_endpoint(), echo_streams)
+        session = await QuicTransport({}).connect(KIT.client_endpoint(listener.port))
+        payloads = [os.urandom(size) for size in (8 << 20, 1 << 20, 1, 0, 70_000)]
+        echoed = await asyncio.gather(*(_echo(session, p) for p in payloads))
+        digests = [hashlib.sha256(p).digest() for p in payloads]
+        assert [hashlib.sha256(e).digest() for e in echoed] == digests
+        await session.aclose()
+        await listener.aclose()
+
+    asyncio.run(main())
+
+
+def test_serving_without_a_certificate_is_a_clear_error() -> None:
+    async def main() -> None:
+        endpoint = KIT.client_endpoint(0)  # client material only: no certificate or key
+        server = Endpoint(endpoint.host, 0, endpoint.tls, material=endpoint.material)
+        with pytest.raises(Exception, match="needs a certificate and key"):
+            await QuicTransport({}).serve(server, echo_streams)
+
+    asyncio.run(main())
