@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import resource
 import shutil
@@ -28,6 +29,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+#: the transports measured, in auto mode's preference order (plugins that are installed)
+TRANSPORTS = [
+    name
+    for name, module in (
+        ("quic", "cloudbridge_quic"),
+        ("grpc", "cloudbridge_grpc"),
+        ("websocket", "cloudbridge_websocket"),
+        ("tls", "cloudbridge_core"),
+    )
+    if importlib.util.find_spec(module) is not None
+]
 ECHO = """
 import asyncio, sys
 async def echo(reader, writer):
@@ -201,7 +213,7 @@ def report(results: list[Results]) -> None:
     print(f"{'':28}" + "".join(f"{r.name:>24}" for r in results))
     for key in keys:
         print(f"{key:28}" + "".join(f"{r.figures[key]:>24.6g}" for r in results))
-    for reference in ("direct", "socat"):
+    for reference in ("direct", "socat", "cloudbridge-websocket"):
         if reference not in by_name:
             continue
         print(f"\nratio to {reference} (higher is better for rates, lower for latency and memory)")
@@ -236,10 +248,9 @@ async def run_all(args: argparse.Namespace) -> None:
                     socat.terminate()
         else:
             print("socat is not installed: skipping the reference forwarder", file=sys.stderr)
-        ports = {"tls": free_port(), "websocket": free_port()}
+        ports = {name: free_port() for name in TRANSPORTS}
         relay_env = {
-            "CLOUDBRIDGE_RELAY__PORTS__TLS": str(ports["tls"]),
-            "CLOUDBRIDGE_RELAY__PORTS__WEBSOCKET": str(ports["websocket"]),
+            **{f"CLOUDBRIDGE_RELAY__PORTS__{n.upper()}": str(p) for n, p in ports.items()},
             "CLOUDBRIDGE_SERVER__LISTEN": "127.0.0.1",
             "CLOUDBRIDGE_LOGGING__LEVEL": "warning",
         }
@@ -269,11 +280,12 @@ async def run_all(args: argparse.Namespace) -> None:
                 text=True,
                 check=True,
             ).stdout.strip()
-            for transport in ("tls", "websocket"):
+            for transport in TRANSPORTS:
                 local = free_port()
                 tunnel_env = {
                     "CLOUDBRIDGE_AUTH__TOKEN": token,
                     "CLOUDBRIDGE_TRANSPORT__MODE": transport,
+                    "CLOUDBRIDGE_METRICS__ENABLED": "false",
                     "CLOUDBRIDGE_LOGGING__LEVEL": "warning",
                 }
                 command = [

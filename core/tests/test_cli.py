@@ -97,10 +97,10 @@ def test_unknown_plugin_name_lists_installed(cloudbridge: Invoke) -> None:
 
 def test_unknown_plugin_in_config_is_a_config_error(cloudbridge: Invoke, tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text("plugins:\n  disabled: [quic]\n")
+    path.write_text("plugins:\n  disabled: [carrier-pigeon]\n")
     result = cloudbridge("--config", str(path), "plugins", "list")
     assert result.code == 3
-    assert "plugins.disabled: unknown plugin 'quic'; installed plugins: " in result.err
+    assert "plugins.disabled: unknown plugin 'carrier-pigeon'; installed plugins: " in result.err
 
 
 def test_unwritable_log_file_falls_back_to_stderr(cloudbridge: Invoke, tmp_path: Path) -> None:
@@ -145,12 +145,12 @@ def test_config_validate_good_file_warns_about_missing_providers(
     cloudbridge: Invoke, tmp_path: Path
 ) -> None:
     path = tmp_path / "good.yaml"
-    path.write_text("transport:\n  mode: quic\n")
+    path.write_text("transport:\n  mode: carrier-pigeon\n")
     result = cloudbridge("config", "validate", str(path), "--json")
     assert result.code == 0
     document = result.json()
     assert document["valid"] is True
-    assert any("pip install cloudbridge-quic" in w for w in document["warnings"])
+    assert any("pip install cloudbridge-carrier-pigeon" in w for w in document["warnings"])
     assert cloudbridge("config", "validate", str(tmp_path / "missing.yaml")).code == 3
 
 

@@ -166,8 +166,8 @@ def test_missing_provider_names_the_distribution(
 ) -> None:
     install_plugin("off", transport_plugin("off"))
     plugins = load_plugins(PluginSelection.from_sources(config_disabled=["off"]))
-    with pytest.raises(ProviderNotInstalled, match=r"pip install cloudbridge-quic"):
-        plugins.require("transport", "quic")
+    with pytest.raises(ProviderNotInstalled, match=r"pip install cloudbridge-carrier-pigeon"):
+        plugins.require("transport", "carrier-pigeon")
     with pytest.raises(ProviderNotInstalled, match=r"which is disabled"):
         plugins.require("transport", "off")
     assert plugins.require("transport", "tls").name == "tls"

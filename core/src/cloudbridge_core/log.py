@@ -124,6 +124,9 @@ def configure_logging(
         old.close()
     root.addHandler(handler)
     root.setLevel(LEVELS[level])
+    # watchfiles reports every change at info: with the log file next to the config file
+    # that would log its own writes forever; the reload watcher logs what matters
+    logging.getLogger("watchfiles").setLevel(max(LEVELS[level], logging.WARNING))
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),

@@ -18,6 +18,7 @@ from cloudbridge_core.cli import (
     demo_cmd,
     plugins_cmd,
     relay_cmd,
+    status_cmd,
     tunnel_cmd,
     version_cmd,
 )
@@ -105,6 +106,7 @@ cli.add_command(version_cmd.version)
 cli.add_command(completion)
 cli.add_command(relay_cmd.relay)
 cli.add_command(tunnel_cmd.tunnel)
+cli.add_command(status_cmd.status)
 cli.add_command(demo_cmd.demo)
 
 

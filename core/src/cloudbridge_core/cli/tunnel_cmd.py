@@ -4,25 +4,31 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 import click
 
 from cloudbridge_core.cli.output import emit_json, json_option, message, table
-from cloudbridge_core.cli.runtime import config_option, runtime_of
+from cloudbridge_core.cli.runtime import Runtime, config_option, runtime_of
 from cloudbridge_core.cli.serving import run_async, wait_for_stop
-from cloudbridge_core.client.connection import connect
-from cloudbridge_core.client.control import ControlServer, default_socket, query
+from cloudbridge_core.client.control import ControlServer, query, socket_for
+from cloudbridge_core.client.link import RelayLink
+from cloudbridge_core.client.metrics import ClientMetrics
+from cloudbridge_core.client.status import RunningClient
 from cloudbridge_core.client.tunnel import Tunnel, TunnelSpec
+from cloudbridge_core.config import Config, ConfigWatcher, validate
 from cloudbridge_core.errors import UsageError
 
 socket_option = click.option(
     "--control-socket",
     type=click.Path(dir_okay=False, path_type=Path),
-    default=default_socket,
-    show_default="the user's runtime directory",
-    help="Where the running client answers `tunnel list`.",
+    default=None,
+    show_default="derived from --config, in the user's runtime directory",
+    help="Where the running client answers `status` and `tunnel list`.",
 )
+
+
+def control_socket_of(runtime: Runtime, given: Path | None) -> Path:
+    return given or socket_for(runtime.config_path)
 
 
 @click.group(invoke_without_command=True)
@@ -61,50 +67,62 @@ def tunnel(
         )
 
     async def main() -> None:
-        connection = await connect(config, runtime.plugins)
-        tunnels = [
-            Tunnel(spec, connection, config.get("performance.buffer_size")) for spec in specs
-        ]
-        control = ControlServer(
-            control_socket, {"tunnels": lambda: _describe(tunnels, connection.transport)}
-        )
-        try:
-            for forward in tunnels:
-                await forward.start()
-                local = f"{forward.spec.local_host}:{forward.port}"
-                message(f"tunnel {local} -> {forward.spec.target} via {connection.transport}")
-            await control.start()
-            await wait_for_stop()
-        finally:
-            await control.aclose()
-            for forward in tunnels:
-                await forward.aclose()
-            await connection.aclose()
+        await run_client(runtime, config, specs, control_socket_of(runtime, control_socket))
 
     run_async(main)
 
 
-def _describe(tunnels: list[Tunnel], transport: str) -> dict[str, Any]:
-    return {
-        "tunnels": [
-            {
-                "name": t.spec.name,
-                "local": f"{t.spec.local_host}:{t.port}",
-                "target": t.spec.target,
-                "transport": transport,
-                "statistics": t.statistics.to_dict(),
-            }
-            for t in tunnels
-        ]
-    }
+async def run_client(
+    runtime: Runtime, config: Config, specs: list[TunnelSpec], control_socket: Path
+) -> None:
+    """Connect, forward, answer on the control socket and follow config reloads until stopped."""
+    transports = list(runtime.plugins.providers("transport"))
+    metrics = ClientMetrics(transports)
+    link = RelayLink(config, runtime.plugins)
+    link.on_switch.append(metrics.transport_selected)
+    await link.start()
+    tunnels = [Tunnel(spec, link, config.get("performance.buffer_size")) for spec in specs]
+    client = RunningClient(link, tunnels, config.get("relay.host"))
+    control = ControlServer(
+        control_socket, {"tunnels": client.tunnels_document, "status": client.status_document}
+    )
+    try:
+        if config.get("metrics.enabled"):
+            client.metrics_url = metrics.serve(
+                config.get("metrics.listen"), config.get("metrics.port")
+            )
+        for forward in tunnels:
+            await forward.start()
+            local = f"{forward.spec.local_host}:{forward.port}"
+            message(f"tunnel {local} -> {forward.spec.target} via {link.current.transport}")
+        await control.start()
+        path = runtime.config_path
+        if path is None:
+            await wait_for_stop()
+        else:
+            reload = ConfigWatcher(
+                path, lambda: validate(runtime.read(path), runtime.schema), config
+            )
+            reload.subscribe(link.apply)
+            async with reload:
+                await wait_for_stop()
+    finally:
+        await control.aclose()
+        for forward in tunnels:
+            await forward.aclose()
+        await link.aclose()
+        metrics.close()
 
 
 @tunnel.command("list")
+@config_option
 @json_option
 @socket_option
-def list_tunnels(as_json: bool, control_socket: Path) -> None:
+@click.pass_context
+def list_tunnels(ctx: click.Context, as_json: bool, control_socket: Path | None) -> None:
     """Show the running client's tunnels and their statistics."""
-    reply = asyncio.run(query(control_socket, "tunnels"))
+    path = control_socket_of(runtime_of(ctx), control_socket)
+    reply = asyncio.run(query(path, "tunnels"))
     if as_json:
         emit_json(reply)
         return

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import secrets
 import ssl
-from collections.abc import Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,8 @@ from cloudbridge_core.durations import parse_duration
 from cloudbridge_core.errors import (
     AuthError,
     CloudBridgeError,
+    ConnectionTimeout,
+    HeartbeatFailed,
     ProviderNotInstalled,
     error_for_code,
 )
@@ -38,14 +43,44 @@ log = get_logger("relay.client")
 CAPABILITIES = ("mux", "tunnel")
 
 
-@dataclass
+@dataclass(eq=False)
 class RelayConnection:
-    """An authenticated session with the relay."""
+    """An authenticated session with the relay.
+
+    ``leases`` counts tunnelled connections using it, so that a connection the client has
+    moved away from is closed only once they have finished.
+    """
 
     session: Session
     welcome: messages.Welcome
     transport: str
     control: MessageStream
+    leases: int = 0
+    _pinging: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @contextlib.asynccontextmanager
+    async def use(self) -> AsyncIterator[RelayConnection]:
+        """Hold the connection for one tunnelled connection."""
+        self.leases += 1
+        try:
+            yield self
+        finally:
+            self.leases -= 1
+
+    async def ping(self, within: float) -> float:
+        """The round-trip time to the relay over this session, in seconds."""
+        async with self._pinging:
+            nonce = secrets.randbits(31)
+            started = time.perf_counter()
+            try:
+                async with asyncio.timeout(within):
+                    await self.control.send(messages.Ping(nonce))
+                    while True:
+                        reply = await self.control.expect(messages.Pong)
+                        if isinstance(reply, messages.Pong) and reply.nonce == nonce:
+                            return time.perf_counter() - started
+            except TimeoutError:
+                raise HeartbeatFailed(f"no pong over {self.transport} in {within:g}s") from None
 
     async def open_tunnel(self, target: str) -> tuple[Stream, bytes]:
         """A stream connected by the relay to ``target``; raises the relay's classified error."""
@@ -96,31 +131,44 @@ def transport_order(config: Config, plugins: Plugins) -> list[tuple[str, Provide
     return candidates
 
 
-async def connect(config: Config, plugins: Plugins) -> RelayConnection:
-    """Connect with the first transport that works, then authenticate."""
-    token = config.get("auth.token") or os.environ.get("CLOUDBRIDGE_TOKEN")
+def token_of(config: Config) -> str:
+    token: str | None = config.get("auth.token") or os.environ.get("CLOUDBRIDGE_TOKEN")
     if not token:
         raise AuthError(
             "no token: set auth.token, CLOUDBRIDGE_AUTH__TOKEN or CLOUDBRIDGE_TOKEN",
             hint="a relay's operator issues one with 'cloudbridge relay token issue'",
         )
-    host = config.get("relay.host")
+    return token
+
+
+async def attempt(config: Config, name: str, spec: ProviderSpec[Transport]) -> RelayConnection:
+    """Connect over one transport and authenticate, within ``transport.connect_timeout``."""
+    token = token_of(config)
     context, material = tls_for(config.get("relay"))
     timeout = parse_duration(config.get("transport.connect_timeout"))
+    transport = spec.load(config.data["transport"].get(name, {}))
+    port = config.get(f"relay.ports.{name}")
+    endpoint = Endpoint(config.get("relay.host"), port, context, timeout, material=material)
+    try:
+        async with asyncio.timeout(timeout):
+            session = await transport.connect(endpoint)
+    except TimeoutError:
+        raise ConnectionTimeout(f"no {name} connection to the relay in {timeout:g}s") from None
+    return await _authenticate(session, token, name)
+
+
+async def connect(config: Config, plugins: Plugins) -> RelayConnection:
+    """Connect with the first transport that works, one after the other, then authenticate."""
+    token_of(config)
     last: CloudBridgeError | None = None
     for name, spec in transport_order(config, plugins):
-        transport = spec.load(config.data["transport"].get(name, {}))
-        port = config.get(f"relay.ports.{name}")
-        endpoint = Endpoint(host, port, context, timeout, material=material)
         try:
-            session = await transport.connect(endpoint)
+            return await attempt(config, name, spec)
         except CloudBridgeError as error:
             log.warning("transport_failed", transport=name, code=error.code, reason=error.message)
             last = error
             if not error.retryable or not config.get("transport.fallback_enabled"):
                 raise
-            continue
-        return await _authenticate(session, token, name)
     assert last is not None  # transport_order never returns an empty list
     raise last
 

@@ -1,15 +1,18 @@
 """The running client's local control socket: other commands ask it how things are.
 
 A Unix socket only the user can open (0600 in a 0700 directory); one JSON request line in,
-one JSON response line out. ``cloudbridge tunnel list`` reads tunnel statistics through it.
+one JSON response line out. ``cloudbridge status`` and ``cloudbridge tunnel list`` read
+the client's state through it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,8 +25,16 @@ MAX_REQUEST = 4096
 Handler = Callable[[], dict[str, Any]]
 
 
-def default_socket() -> Path:
-    return platformdirs.user_runtime_path("cloudbridge") / "client.sock"
+def socket_for(config_path: Path | None) -> Path:
+    """Where the client run with ``config_path`` answers: one socket per config file, so
+    ``cloudbridge status --config C`` finds the ``cloudbridge tunnel --config C`` running."""
+    with warnings.catch_warnings():  # without XDG_RUNTIME_DIR it says it uses /tmp/runtime-UID
+        warnings.simplefilter("ignore")
+        runtime = platformdirs.user_runtime_path("cloudbridge")
+    if config_path is None:
+        return runtime / "client.sock"
+    digest = hashlib.sha256(str(config_path.resolve()).encode()).hexdigest()[:16]
+    return runtime / f"client-{digest}.sock"
 
 
 class ControlServer:
@@ -74,7 +85,7 @@ async def query(path: Path, command: str) -> dict[str, Any]:
     except OSError as exc:
         raise ServerUnavailable(
             f"no running cloudbridge client at {path}",
-            hint="start one with 'cloudbridge tunnel ...' (or pass --control-socket)",
+            hint="start one with 'cloudbridge tunnel --config ...' and pass the same --config",
         ) from exc
     writer.write(json.dumps({"command": command}).encode() + b"\n")
     reply: dict[str, Any] = json.loads(await reader.readline())

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from cloudbridge_core.client.connection import RelayConnection
 from cloudbridge_core.errors import CloudBridgeError
@@ -38,6 +39,12 @@ class TunnelStatistics:
         return {**data, "average_latency_seconds": round(self.average_latency_seconds, 6)}
 
 
+class ConnectionSource(Protocol):
+    """A relay connection (or a link that moves between them), held per tunnelled connection."""
+
+    def use(self) -> AbstractAsyncContextManager[RelayConnection]: ...
+
+
 @dataclass(frozen=True)
 class TunnelSpec:
     local_port: int
@@ -56,7 +63,7 @@ class Tunnel:
     """One local listener; each accepted connection becomes one stream to the target."""
 
     def __init__(
-        self, spec: TunnelSpec, connection: RelayConnection, buffer_size: int = 65536
+        self, spec: TunnelSpec, connection: ConnectionSource, buffer_size: int = 65536
     ) -> None:
         self.spec = spec
         self.statistics = TunnelStatistics()
@@ -93,21 +100,19 @@ class Tunnel:
         started = time.perf_counter()
         moved = PumpResult()
         try:
-            try:
-                stream, early = await self._connection.open_tunnel(self.spec.target)
-            except CloudBridgeError as error:
-                stats.errors += 1
-                log.warning(
-                    "tunnel_refused", target=self.spec.target, code=error.code, reason=error.message
-                )
-                client.close()
-                return
-            stats.setup_seconds_total += time.perf_counter() - started
-            if early:
-                await asyncio.get_running_loop().sock_sendall(client, early)
-            await pump(stream, client, buffer_size=self._buffer_size, result=moved)
-            if moved.error:
-                stats.errors += 1
+            async with self._connection.use() as connection:
+                stream, early = await connection.open_tunnel(self.spec.target)
+                stats.setup_seconds_total += time.perf_counter() - started
+                if early:
+                    await asyncio.get_running_loop().sock_sendall(client, early)
+                await pump(stream, client, buffer_size=self._buffer_size, result=moved)
+                if moved.error:
+                    stats.errors += 1
+        except CloudBridgeError as error:
+            stats.errors += 1
+            log.warning(
+                "tunnel_refused", target=self.spec.target, code=error.code, reason=error.message
+            )
         finally:
             client.close()
             stats.bytes_sent += moved.sent

@@ -210,7 +210,11 @@ class QuicSession(QuicConnectionProtocol):
     # ---- aioquic callbacks ------------------------------------------------------------------
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
-        super().datagram_received(data, addr)
+        # aioquic transmits after every datagram; transmitting once per batch of datagrams
+        # read together (uvloop reads up to 32 per wakeup) acknowledges them in one packet
+        self._quic.receive_datagram(data, addr, now=self._loop.time())  # type: ignore[arg-type]
+        self._process_events()
+        self._transmit_soon()
         self._wake_writers()
 
     def error_received(self, exc: Exception) -> None:

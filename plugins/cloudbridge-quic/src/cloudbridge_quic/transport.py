@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import socket
 import ssl
 from collections import OrderedDict
@@ -105,6 +106,8 @@ class QuicTransport:
         self._max_streams = int(settings.get("max_streams", 1024))
         self._max_datagram_frame = int(settings.get("max_datagram_frame_bytes", 2048))
         self._tickets: dict[tuple[str, int], SessionTicket] = {}
+        # aioquic logs every handshake step at info under "quic"; ours say what matters
+        logging.getLogger("quic").setLevel(logging.WARNING)
 
     def _configuration(self, *, is_client: bool) -> QuicConfiguration:
         return QuicConfiguration(
@@ -144,11 +147,13 @@ class QuicTransport:
         )
         loop = asyncio.get_running_loop()
         try:
-            [(family, _, _, _, address), *_] = await loop.getaddrinfo(
-                endpoint.host, endpoint.port, type=socket.SOCK_DGRAM
-            )
+            found = await loop.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_DGRAM)
         except OSError as exc:
             raise ServerUnavailable(f"cannot resolve {endpoint.host}: {exc}") from exc
+        # UDP says nothing when a port is closed, so unlike TCP there is no cheap way to try
+        # each address: IPv4 first, as relays commonly listen on 0.0.0.0 ("localhost" -> ::1)
+        found.sort(key=lambda info: info[0] != socket.AF_INET)
+        family, _, _, _, address = found[0]
         sock = socket.socket(family, socket.SOCK_DGRAM)
         sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))  # noqa: S104 - any local address
         forbid_fragmentation(sock)

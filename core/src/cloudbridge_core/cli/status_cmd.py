@@ -1,0 +1,61 @@
+"""``cloudbridge status``: what the running client is doing, asked over its control socket."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cloudbridge_core.cli.output import emit_json, json_option, table
+from cloudbridge_core.cli.runtime import config_option, runtime_of
+from cloudbridge_core.cli.tunnel_cmd import control_socket_of, socket_option
+from cloudbridge_core.client.control import query
+
+
+@click.command()
+@config_option
+@json_option
+@socket_option
+@click.pass_context
+def status(ctx: click.Context, as_json: bool, control_socket: Path | None) -> None:
+    """Show the relay, the transport in use and why, latency, tunnels and the last error."""
+    path = control_socket_of(runtime_of(ctx), control_socket)
+    reply = asyncio.run(query(path, "status"))
+    if as_json:
+        emit_json(reply)
+        return
+    click.echo(_text(reply))
+
+
+def _text(reply: dict[str, Any]) -> str:
+    transport = reply["transport"]
+    rtt = transport["rtt_seconds"]
+    lines = [
+        f"State:      {reply['state']}",
+        f"Relay:      {reply['relay']['host']} (tenant {reply['relay']['tenant_id']})",
+        f"Transport:  {transport['name']} (mode {transport['mode']}) - {transport['reason']}",
+        f"Latency:    {f'{rtt * 1000:.1f} ms' if rtt is not None else 'not measured yet'}",
+    ]
+    if transport["draining"]:
+        lines.append(f"Draining:   {', '.join(transport['draining'])} (open connections finish)")
+    if transport["note"]:
+        lines.append(f"Note:       {transport['note']}")
+    if reply["last_error"]:
+        lines.append(f"Last error: {reply['last_error']}")
+    if reply["metrics_url"]:
+        lines.append(f"Metrics:    {reply['metrics_url']}")
+    rows = [
+        (
+            t["local"],
+            t["target"],
+            f"{t['statistics']['active_connections']}/{t['statistics']['total_connections']}",
+            str(t["statistics"]["bytes_sent"]),
+            str(t["statistics"]["bytes_received"]),
+        )
+        for t in reply["tunnels"]
+    ]
+    if rows:
+        lines += ["", table(rows, ("LOCAL", "TARGET", "ACTIVE/TOTAL", "SENT", "RECEIVED"))]
+    return "\n".join(lines)

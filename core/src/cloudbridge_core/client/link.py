@@ -1,0 +1,251 @@
+"""Staying on the best transport to the relay: race to connect, watch the RTT, move, come back.
+
+``transport.mode: auto`` starts the preferred transport first and the next one after a
+short head start (Happy Eyeballs), so a blocked QUIC costs ``race_head_start``, not a
+whole ``connect_timeout``. Every ``health_check_interval`` the link pings the relay:
+a lost session is replaced; an RTT above ``rtt_threshold`` makes it probe the other
+transports and move to one that is clearly better (hysteresis); while on a fallback it
+tries the preferred transports again and moves back when they work (fall-forward).
+New tunnelled connections go to the new session; open ones finish on the old one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from cloudbridge_core.client.connection import RelayConnection, attempt, transport_order
+from cloudbridge_core.client.race import Candidate, race
+from cloudbridge_core.config import Config
+from cloudbridge_core.durations import parse_duration
+from cloudbridge_core.errors import AuthError, CloudBridgeError, TransportError
+from cloudbridge_core.log import get_logger
+from cloudbridge_core.plugins import Plugins
+from cloudbridge_core.providers import ProviderSpec, Transport
+
+log = get_logger("relay.link")
+
+#: a probe must win by this much and be under this share of the current RTT to move
+SWITCH_MARGIN_SECONDS = 0.010
+SWITCH_RATIO = 2 / 3
+#: pings per RTT measurement; the minimum is kept (queueing only ever adds delay)
+PINGS_PER_MEASUREMENT = 3
+SWITCH_HISTORY = 20
+#: below this, QUIC in Python is CPU-bound well under the TCP-based transports
+SMALL_DATAGRAMS = 4096
+
+SwitchListener = Callable[[str, str | None, str], None]
+
+
+def clearly_better(probe_rtt: float, current_rtt: float) -> bool:
+    """The hysteresis rule: at least 10 ms faster and under 2/3 of the current RTT."""
+    return (
+        probe_rtt <= current_rtt - SWITCH_MARGIN_SECONDS and probe_rtt < current_rtt * SWITCH_RATIO
+    )
+
+
+class RelayLink:
+    """The client's connection to the relay, on whichever transport is best right now."""
+
+    def __init__(self, config: Config, plugins: Plugins) -> None:
+        self._config = config
+        self._plugins = plugins
+        self._current: RelayConnection | None = None
+        self._retired: set[RelayConnection] = set()
+        self._switching = asyncio.Lock()
+        self._watcher: asyncio.Task[None] | None = None
+        self.reason = ""
+        self.since = 0.0
+        self.rtt_seconds: float | None = None
+        self.switches: deque[dict[str, Any]] = deque(maxlen=SWITCH_HISTORY)
+        self.last_error: str | None = None
+        self.on_switch: list[SwitchListener] = []
+
+    # ---- lifecycle ----
+
+    async def start(self) -> None:
+        connection, reason = await self._race(self._candidates())
+        self._install(connection, reason)
+        self._watcher = asyncio.create_task(self._watch())
+
+    async def aclose(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+        for connection in (*self._retired, *([self._current] if self._current else [])):
+            await connection.aclose()
+        self._retired.clear()
+        self._current = None
+
+    async def apply(self, config: Config) -> None:
+        """Take a reloaded config; a changed ``transport.mode`` takes effect now."""
+        before = self._config.get("transport.mode")
+        self._config = config
+        mode = config.get("transport.mode")
+        if mode != before:
+            async with self._switching:
+                try:
+                    connection, why = await self._race(self._candidates())
+                except CloudBridgeError as error:
+                    self.last_error = error.message
+                    log.warning("mode_change_failed", mode=mode, reason=error.message)
+                    return
+                self._install(connection, f"transport.mode changed to {mode}; {why}")
+
+    # ---- what the rest of the client uses ----
+
+    @property
+    def current(self) -> RelayConnection:
+        if self._current is None:
+            raise TransportError("not connected to the relay")
+        return self._current
+
+    @contextlib.asynccontextmanager
+    async def use(self) -> AsyncIterator[RelayConnection]:
+        """The current connection, held for one tunnelled connection."""
+        connection = self.current
+        async with connection.use():
+            yield connection
+        if connection in self._retired and connection.leases == 0:
+            self._retired.discard(connection)
+            await connection.aclose()
+
+    def status(self) -> dict[str, Any]:
+        """The ``transport`` object of ``cloudbridge status --json``."""
+        current = self._current
+        datagram_size = getattr(current.session, "datagram_size", None) if current else None
+        return {
+            "name": current.transport if current else None,
+            "reason": self.reason,
+            "mode": self._config.get("transport.mode"),
+            "since": self.since,
+            "rtt_seconds": self.rtt_seconds,
+            "session_id": current.welcome.session_id if current else None,
+            "draining": [c.transport for c in self._retired],
+            "switches": list(self.switches),
+            "last_error": self.last_error,
+            "datagram_size": datagram_size,
+            "note": _slow_quic_note(datagram_size),
+        }
+
+    # ---- health ----
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(parse_duration(self._config.get("transport.health_check_interval")))
+            try:
+                async with self._switching:
+                    await self.check()
+            except AuthError as error:  # not worth retrying every interval
+                self.last_error = error.message
+                log.error("reconnect_refused", code=error.code, reason=error.message)
+                return
+            except CloudBridgeError as error:
+                self.last_error = error.message
+                log.warning("health_check_failed", code=error.code, reason=error.message)
+
+    async def check(self) -> None:
+        """One health round: replace a lost session, or move to a better transport."""
+        current = self.current
+        try:
+            self.rtt_seconds = await self._measure(current)
+        except CloudBridgeError as error:
+            self.last_error = f"{current.transport} session lost: {error.message}"
+            log.warning("session_lost", transport=current.transport, reason=error.message)
+            connection, why = await self._race(self._candidates())
+            self._install(connection, f"{current.transport} session lost; {why}")
+            return
+        if self._config.get("transport.mode") != "auto":
+            return
+        candidates = [c for c in self._candidates() if c[0] != current.transport]
+        preferred = [c for c in candidates if self._rank(c[0]) < self._rank(current.transport)]
+        slow = self.rtt_seconds > parse_duration(self._config.get("transport.rtt_threshold"))
+        for name, spec in candidates if slow else preferred:
+            probe_rtt, probe = await self._probe(name, spec)
+            if probe is None:
+                continue
+            if clearly_better(probe_rtt, self.rtt_seconds):
+                why = "lower latency" if slow else "fall-forward: preferred and no slower"
+                self._install(probe, f"{why} ({_ms(probe_rtt)} vs {_ms(self.rtt_seconds)})")
+                self.rtt_seconds = probe_rtt
+                return
+            if not slow and not clearly_better(self.rtt_seconds, probe_rtt):
+                self._install(probe, f"fall-forward: {name} works again ({_ms(probe_rtt)})")
+                self.rtt_seconds = probe_rtt
+                return
+            await probe.aclose()
+
+    async def _measure(self, connection: RelayConnection) -> float:
+        timeout = parse_duration(self._config.get("transport.connect_timeout"))
+        return min([await connection.ping(timeout) for _ in range(PINGS_PER_MEASUREMENT)])
+
+    async def _probe(self, name: str, spec: ProviderSpec[Transport]) -> tuple[float, Any]:
+        try:
+            probe = await attempt(self._config, name, spec)
+        except CloudBridgeError as error:
+            log.debug("probe_failed", transport=name, code=error.code, reason=error.message)
+            return 0.0, None
+        try:
+            return await self._measure(probe), probe
+        except CloudBridgeError:
+            await probe.aclose()
+            return 0.0, None
+
+    # ---- connecting ----
+
+    def _candidates(self) -> list[Candidate]:
+        return transport_order(self._config, self._plugins)
+
+    def _rank(self, name: str) -> int:
+        names = [candidate[0] for candidate in self._candidates()]
+        return names.index(name) if name in names else len(names)
+
+    async def _race(self, candidates: list[Candidate]) -> tuple[RelayConnection, str]:
+        head_start = parse_duration(self._config.get("transport.race_head_start"))
+        return await race(self._config, candidates, head_start)
+
+    def _install(self, connection: RelayConnection, reason: str) -> None:
+        previous = self._current
+        self._current = connection
+        self.reason = reason
+        self.since = time.time()
+        self.switches.append(
+            {
+                "at": self.since,
+                "from": previous.transport if previous else None,
+                "to": connection.transport,
+                "reason": reason,
+            }
+        )
+        log.info(
+            "transport_selected",
+            transport=connection.transport,
+            previous=previous.transport if previous else None,
+            reason=reason,
+        )
+        for listener in self.on_switch:
+            listener(connection.transport, previous.transport if previous else None, reason)
+        if previous is not None:
+            if previous.leases:
+                self._retired.add(previous)  # closed when its last tunnelled connection ends
+            else:
+                asyncio.get_running_loop().create_task(previous.aclose())
+
+
+def _slow_quic_note(datagram_size: int | None) -> str | None:
+    """Said in ``status`` because it is not obvious: QUIC's cost in Python is per packet."""
+    if datagram_size is None or datagram_size >= SMALL_DATAGRAMS:
+        return None
+    return (
+        f"QUIC with {datagram_size}-byte datagrams (the path MTU) moves several times fewer"
+        " bytes per CPU second than grpc or websocket; for bulk transfers set"
+        " transport.mode: grpc"
+    )
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms"

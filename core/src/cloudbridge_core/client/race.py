@@ -1,0 +1,97 @@
+"""Happy Eyeballs for transports: each candidate starts a head start after the previous one.
+
+The first to connect and authenticate wins; a candidate that fails starts the next at
+once; the others are cancelled, and any that succeeded too are closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+
+from cloudbridge_core.client.connection import RelayConnection, attempt
+from cloudbridge_core.config import Config
+from cloudbridge_core.errors import AuthError, CloudBridgeError
+from cloudbridge_core.log import get_logger
+from cloudbridge_core.providers import ProviderSpec, Transport
+
+log = get_logger("relay.link")
+
+Candidate = tuple[str, ProviderSpec[Transport]]
+Attempt = asyncio.Task[RelayConnection]
+
+
+async def race(
+    config: Config, candidates: list[Candidate], head_start: float
+) -> tuple[RelayConnection, str]:
+    """The first candidate to connect, and why it was chosen."""
+    names: dict[Attempt, str] = {}
+    failures: dict[str, CloudBridgeError] = {}
+    winner: Attempt | None = None
+    try:
+        for index, (name, spec) in enumerate(candidates):
+            names[asyncio.create_task(attempt(config, name, spec))] = name
+            last = index == len(candidates) - 1
+            winner = await _first_success(names, failures, None if last else head_start, config)
+            if winner is not None:
+                return winner.result(), _reason(names[winner], candidates, failures, config)
+    finally:
+        await _discard([task for task in names if task is not winner])
+    raise next(reversed(failures.values()))
+
+
+async def _first_success(
+    names: dict[Attempt, str],
+    failures: dict[str, CloudBridgeError],
+    wait_at_most: float | None,
+    config: Config,
+) -> Attempt | None:
+    """Wait up to ``wait_at_most`` s (None: until all end) for a success; None if one fails."""
+    running = {task for task in names if not task.done()}
+    while running:
+        done, running = await asyncio.wait(
+            running, timeout=wait_at_most, return_when=asyncio.FIRST_COMPLETED
+        )
+        if not done:
+            return None  # the head start is over
+        for task in done:
+            error = task.exception()
+            if error is None:
+                return task
+            if isinstance(error, AuthError) or not isinstance(error, CloudBridgeError):
+                raise error  # a refused token is refused on every transport alike
+            failures[names[task]] = error
+            log.warning(
+                "transport_failed", transport=names[task], code=error.code, reason=error.message
+            )
+            if not config.get("transport.fallback_enabled"):
+                raise error
+        if wait_at_most is not None:
+            return None  # start the next candidate now rather than after the head start
+    return None
+
+
+async def _discard(tasks: list[Attempt]) -> None:
+    for task in tasks:
+        task.cancel()
+    results: list[Awaitable[object]] = []
+    for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+        if isinstance(outcome, RelayConnection):
+            results.append(outcome.aclose())
+    await asyncio.gather(*results, return_exceptions=True)
+
+
+def _reason(
+    name: str, candidates: list[Candidate], failures: dict[str, CloudBridgeError], config: Config
+) -> str:
+    if config.get("transport.mode") != "auto":
+        return f"transport.mode is {name}"
+    failed = "; ".join(f"{n} failed: {e.message}" for n, e in failures.items())
+    if name == candidates[0][0]:
+        return "preferred transport"
+    ahead = [n for n, _ in candidates[: [n for n, _ in candidates].index(name)]]
+    slower = [n for n in ahead if n not in failures]
+    parts = [failed] if failed else []
+    if slower:
+        parts.append(f"{', '.join(slower)} did not answer within the head start")
+    return f"fallback: {'; '.join(parts)}"
