@@ -62,8 +62,10 @@ class RelayLink:
         self.since = 0.0
         self.rtt_seconds: float | None = None
         self.switches: deque[dict[str, Any]] = deque(maxlen=SWITCH_HISTORY)
+        self.probes: dict[str, dict[str, Any]] = {}
         self.last_error: str | None = None
         self.on_switch: list[SwitchListener] = []
+        self._closing: set[asyncio.Task[None]] = set()
 
     # ---- lifecycle ----
 
@@ -78,6 +80,7 @@ class RelayLink:
             await asyncio.gather(self._watcher, return_exceptions=True)
         for connection in (*self._retired, *([self._current] if self._current else [])):
             await connection.aclose()
+        await asyncio.gather(*self._closing, return_exceptions=True)
         self._retired.clear()
         self._current = None
 
@@ -127,6 +130,7 @@ class RelayLink:
             "session_id": current.welcome.session_id if current else None,
             "draining": [c.transport for c in self._retired],
             "switches": list(self.switches),
+            "probes": self.probes,
             "last_error": self.last_error,
             "datagram_size": datagram_size,
             "note": _slow_quic_note(datagram_size),
@@ -184,16 +188,20 @@ class RelayLink:
         return min([await connection.ping(timeout) for _ in range(PINGS_PER_MEASUREMENT)])
 
     async def _probe(self, name: str, spec: ProviderSpec[Transport]) -> tuple[float, Any]:
+        """Connect over another transport and measure it; the result is kept for ``status``."""
         try:
             probe = await attempt(self._config, name, spec)
+            try:
+                rtt = await self._measure(probe)
+            except BaseException:  # a failed ping, or the link closing mid-probe
+                await probe.aclose()
+                raise
         except CloudBridgeError as error:
             log.debug("probe_failed", transport=name, code=error.code, reason=error.message)
+            self.probes[name] = {"at": time.time(), "rtt_seconds": None, "error": error.message}
             return 0.0, None
-        try:
-            return await self._measure(probe), probe
-        except CloudBridgeError:
-            await probe.aclose()
-            return 0.0, None
+        self.probes[name] = {"at": time.time(), "rtt_seconds": rtt, "error": None}
+        return rtt, probe
 
     # ---- connecting ----
 
@@ -233,7 +241,9 @@ class RelayLink:
             if previous.leases:
                 self._retired.add(previous)  # closed when its last tunnelled connection ends
             else:
-                asyncio.get_running_loop().create_task(previous.aclose())
+                closing = asyncio.get_running_loop().create_task(previous.aclose())
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
 
 
 def _slow_quic_note(datagram_size: int | None) -> str | None:

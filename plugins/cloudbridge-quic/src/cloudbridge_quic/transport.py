@@ -166,6 +166,9 @@ class QuicTransport:
         session.connect(address)
         try:
             await asyncio.wait_for(session.wait_connected(), endpoint.connect_timeout)
+        except asyncio.CancelledError:
+            transport.close()  # a race for the fastest transport was won by another
+            raise
         except TimeoutError as exc:
             transport.close()
             raise ConnectionTimeout(f"no QUIC handshake with {where} in time") from exc
