@@ -1,0 +1,53 @@
+"""Hooks of the `grpc` plugin (nothing heavy: grpcio is imported by `_load`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from cloudbridge_core.hookspecs import hookimpl
+from cloudbridge_core.providers import ConfigSection, Transport, TransportSpec
+
+SETTINGS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "max_message_bytes": {
+            "type": "integer",
+            "minimum": 65536,
+            "maximum": 67108864,
+            "default": 4194304,
+            "description": "Largest gRPC message sent or accepted (a security limit).",
+        },
+        "keepalive_interval": {
+            "$ref": "#/$defs/duration",
+            "default": "20s",
+            "description": "HTTP/2 keepalive pings (keep NAT bindings open, find dead paths).",
+        },
+        "keepalive_timeout": {
+            "$ref": "#/$defs/duration",
+            "default": "20s",
+            "description": "A keepalive ping unanswered this long ends the connection.",
+        },
+    },
+}
+
+
+def _load(settings: Mapping[str, Any]) -> Transport:
+    from cloudbridge_grpc.transport import GrpcTransport
+
+    return GrpcTransport(settings)
+
+
+@hookimpl
+def cloudbridge_transports() -> list[TransportSpec]:
+    return [
+        TransportSpec(
+            name="grpc", load=_load, priority=30, description="gRPC over TLS (HTTP/2, grpcio)"
+        )
+    ]
+
+
+@hookimpl
+def cloudbridge_config_schema() -> list[ConfigSection]:
+    return [ConfigSection(path="transport.grpc", schema=SETTINGS_SCHEMA)]

@@ -1,0 +1,161 @@
+"""Sessions: a ``Session`` control call ties a client's ``Stream`` calls together.
+
+Servers cannot start calls, so a server that opens a stream asks the client to, on the
+control call (``Control.open_reverse``); the client's call carries the number back in its
+metadata. When the control call ends, the session ends, and every stream of it with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import weakref
+from typing import Any
+
+import grpc
+from cloudbridge_core.errors import TransportClosed, TransportError
+
+from cloudbridge_grpc._generated.tunnel_pb2 import Chunk, Control
+from cloudbridge_grpc.streams import ClientStream, ServerStream
+
+SESSION_HEADER = "cloudbridge-session"
+REVERSE_HEADER = "cloudbridge-reverse"
+STREAM_METHOD = "/cloudbridge.v1.Tunnel/Stream"
+SESSION_METHOD = "/cloudbridge.v1.Tunnel/Session"
+
+
+class _Incoming:
+    """Streams the peer opened, until the session ends."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.error: TransportError | None = None
+
+    def put(self, stream: Any) -> None:
+        self._queue.put_nowait(stream)
+
+    def end(self, error: TransportError) -> None:
+        if self.error is None:
+            self.error = error
+            self._queue.put_nowait(None)
+
+    async def get(self) -> Any:
+        stream = await self._queue.get() if self.error is None else None
+        if stream is None:
+            self._queue.put_nowait(None)  # later callers learn it too
+            raise self.error or TransportClosed("the gRPC session ended")
+        return stream
+
+
+class ClientSession:
+    """Implements :class:`~cloudbridge_core.providers.Session` over a gRPC channel."""
+
+    def __init__(self, channel: grpc.aio.Channel, session_id: str, piece: int) -> None:
+        self._channel = channel
+        self._metadata = ((SESSION_HEADER, session_id),)
+        self._piece = piece
+        self._open_call = channel.stream_stream(
+            STREAM_METHOD,
+            request_serializer=Chunk.SerializeToString,
+            response_deserializer=Chunk.FromString,
+        )
+        self._control: Any = channel.stream_stream(
+            SESSION_METHOD,
+            request_serializer=Control.SerializeToString,
+            response_deserializer=Control.FromString,
+        )(metadata=self._metadata)
+        self._incoming = _Incoming()
+        self._listener: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Wait for the server's acknowledgement, then follow its requests."""
+        acknowledgement = await self._control.read()
+        if acknowledgement is grpc.aio.EOF:
+            raise TransportError("the gRPC server did not accept the session")
+        self._listener = asyncio.create_task(self._follow_requests())
+
+    async def _follow_requests(self) -> None:
+        try:
+            while (request := await self._control.read()) is not grpc.aio.EOF:
+                reverse = (REVERSE_HEADER, str(request.open_reverse))
+                self._incoming.put(self._stream([*self._metadata, reverse]))
+        except grpc.aio.AioRpcError as exc:
+            self._incoming.end(TransportClosed(f"the gRPC session ended: {exc.details()}"))
+        finally:
+            self._incoming.end(TransportClosed("the gRPC session ended"))
+
+    def _stream(self, metadata: list[tuple[str, str]]) -> ClientStream:
+        return ClientStream(self._open_call(metadata=tuple(metadata)), self._piece)
+
+    async def open_stream(self) -> ClientStream:
+        if self._incoming.error is not None:
+            raise self._incoming.error
+        return self._stream(list(self._metadata))
+
+    async def accept_stream(self) -> ClientStream:
+        stream: ClientStream = await self._incoming.get()
+        return stream
+
+    async def aclose(self) -> None:
+        self._incoming.end(TransportClosed("the session was closed"))
+        self._control.cancel()
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+        await self._channel.close()
+
+
+class ServerSession:
+    """The server's view of one client session."""
+
+    def __init__(self, context: Any, piece: int) -> None:
+        self._context = context
+        self._piece = piece
+        self._incoming = _Incoming()
+        self._reverse_numbers = itertools.count(1)
+        self._reverse_waiting: dict[int, asyncio.Future[ServerStream]] = {}
+        self._streams: weakref.WeakSet[ServerStream] = weakref.WeakSet()
+        self.ended = asyncio.Event()
+
+    def stream_arrived(self, stream: ServerStream, reverse: str | None) -> None:
+        self._streams.add(stream)
+        waiting = self._reverse_waiting.pop(int(reverse), None) if reverse else None
+        if waiting is not None and not waiting.done():
+            waiting.set_result(stream)
+        elif reverse is None:
+            self._incoming.put(stream)
+        else:
+            stream.reset_by_peer()  # an answer nobody asked for
+
+    async def open_stream(self) -> ServerStream:
+        if self._incoming.error is not None:
+            raise self._incoming.error
+        number = next(self._reverse_numbers)
+        arrived = self._reverse_waiting[number] = asyncio.get_running_loop().create_future()
+        try:
+            await self._context.write(Control(open_reverse=number))
+            stream: ServerStream = await arrived
+            return stream
+        except (grpc.aio.AbortError, grpc.aio.UsageError, RuntimeError) as exc:
+            raise TransportClosed(f"the gRPC session ended: {exc}") from None
+        finally:
+            self._reverse_waiting.pop(number, None)
+
+    async def accept_stream(self) -> ServerStream:
+        stream: ServerStream = await self._incoming.get()
+        return stream
+
+    def end(self, error: TransportError) -> None:
+        self._incoming.end(error)
+        for waiting in self._reverse_waiting.values():
+            if not waiting.done():
+                waiting.set_exception(error)
+        for stream in self._streams:
+            stream.reset_by_peer()
+        self.ended.set()
+
+    async def aclose(self) -> None:
+        self.end(TransportClosed("the session was closed"))
+        with contextlib.suppress(Exception):
+            self._context.cancel()

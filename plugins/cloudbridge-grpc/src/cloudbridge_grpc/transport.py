@@ -1,0 +1,228 @@
+"""gRPC transport (grpcio's asyncio API): TLS, HTTP/2, one bidirectional call per stream."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import ssl
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import grpc
+from cloudbridge_core.durations import parse_duration
+from cloudbridge_core.errors import (
+    ConnectionTimeout,
+    ServerUnavailable,
+    TlsVerificationFailed,
+    TransportClosed,
+    TransportError,
+)
+from cloudbridge_core.log import get_logger
+from cloudbridge_core.providers import Endpoint, Session, TlsMaterial
+from cloudbridge_core.tlsutil import client_context
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from cloudbridge_grpc._generated.tunnel_pb2 import Chunk, Control
+from cloudbridge_grpc.sessions import (
+    REVERSE_HEADER,
+    SESSION_HEADER,
+    ClientSession,
+    ServerSession,
+)
+from cloudbridge_grpc.streams import ServerStream
+
+log = get_logger("transport.grpc")
+Context = grpc.aio.ServicerContext[Any, Any]
+SERVICE = "cloudbridge.v1.Tunnel"
+#: room for the message and field headers around a chunk's data
+_FRAMING = 64
+
+
+class GrpcListener:
+    """A running gRPC server; ``aclose`` ends every session and its handler."""
+
+    def __init__(self, handler: Callable[[Session], Awaitable[None]], piece: int) -> None:
+        self._handler = handler
+        self._piece = piece
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self._sessions: dict[str, ServerSession] = {}
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    # ---- the Tunnel service ------------------------------------------------------------
+
+    async def session_call(self, _requests: Any, context: Context) -> None:
+        session_id = _header(context, SESSION_HEADER)
+        if not session_id or session_id in self._sessions:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "missing or reused session id")
+            return
+        session = self._sessions[session_id] = ServerSession(context, self._piece)
+        handler = asyncio.create_task(self._run(session))
+        self._handlers.add(handler)
+        handler.add_done_callback(self._handlers.discard)
+        try:
+            await context.write(Control())  # the acknowledgement
+            while (await context.read()) is not grpc.aio.EOF:
+                pass  # clients send nothing more; the call lasts as long as the session
+        finally:
+            self._sessions.pop(session_id, None)
+            session.end(TransportClosed("the client closed the session"))
+            handler.cancel()
+
+    async def stream_call(self, _requests: Any, context: Context) -> None:
+        session = self._sessions.get(_header(context, SESSION_HEADER) or "")
+        if session is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "unknown session")
+            return
+        stream = ServerStream(context, self._piece)
+        session.stream_arrived(stream, _header(context, REVERSE_HEADER))
+        pumping = asyncio.create_task(stream.pump_requests())
+        try:
+            await stream.done.wait()
+            if stream.reset:
+                await context.abort(grpc.StatusCode.ABORTED, "the stream was reset")
+        except asyncio.CancelledError:
+            stream.reset_by_peer()  # the client cancelled the call
+            raise
+        finally:
+            pumping.cancel()
+
+    async def _run(self, session: ServerSession) -> None:
+        try:
+            await self._handler(session)
+        except asyncio.CancelledError:
+            pass  # the session or the listener ended
+        except Exception:  # a handler's bug ends its session, never the listener
+            log.exception("session_handler_failed")
+        finally:
+            await session.aclose()
+
+    async def aclose(self) -> None:
+        for session in list(self._sessions.values()):
+            session.end(TransportClosed("the relay is closing"))
+        for task in list(self._handlers):
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+        if self.server is not None:
+            await self.server.stop(grace=1.0)
+            self.server = None
+
+
+class GrpcTransport:
+    """Implements :class:`~cloudbridge_core.providers.Transport` with grpcio."""
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        self._max_message = int(settings.get("max_message_bytes", 4 << 20))
+        self._keepalive = parse_duration(str(settings.get("keepalive_interval", "20s")))
+        self._keepalive_timeout = parse_duration(str(settings.get("keepalive_timeout", "20s")))
+        self._piece = min(self._max_message - _FRAMING, 1 << 20)
+
+    def _options(self) -> list[tuple[str, Any]]:
+        return [
+            ("grpc.max_receive_message_length", self._max_message),
+            ("grpc.max_send_message_length", self._max_message),
+            ("grpc.keepalive_time_ms", int(self._keepalive * 1000)),
+            ("grpc.keepalive_timeout_ms", int(self._keepalive_timeout * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+
+    async def connect(self, endpoint: Endpoint) -> ClientSession:
+        material = _material(endpoint)
+        if not material.verify:
+            raise TransportError("the gRPC transport always verifies the relay's certificate")
+        where = f"{endpoint.host}:{endpoint.port}"
+        await _check_tls(endpoint, material, where)
+        host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
+        channel = grpc.aio.secure_channel(
+            f"{host}:{endpoint.port}",
+            grpc.ssl_channel_credentials(root_certificates=material.ca),
+            options=self._options(),
+        )
+        session = ClientSession(channel, secrets.token_hex(16), self._piece)
+        try:
+            await asyncio.wait_for(session.start(), endpoint.connect_timeout)
+        except TimeoutError as exc:
+            await session.aclose()
+            raise ConnectionTimeout(f"no gRPC session with {where} in time") from exc
+        except grpc.aio.AioRpcError as exc:
+            await session.aclose()
+            raise ServerUnavailable(f"gRPC session with {where} failed: {exc.details()}") from exc
+        except BaseException:
+            await session.aclose()
+            raise
+        return session
+
+    async def serve(
+        self, endpoint: Endpoint, handler: Callable[[Session], Awaitable[None]]
+    ) -> GrpcListener:
+        material = _material(endpoint)
+        if material.certificate is None or material.key is None:
+            raise TransportError("the gRPC transport needs a certificate and key to serve")
+        listener = GrpcListener(handler, self._piece)
+        server = grpc.aio.server(options=self._options())
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    SERVICE,
+                    {
+                        "Session": grpc.stream_stream_rpc_method_handler(
+                            listener.session_call,
+                            request_deserializer=Control.FromString,
+                            response_serializer=Control.SerializeToString,
+                        ),
+                        "Stream": grpc.stream_stream_rpc_method_handler(
+                            listener.stream_call,
+                            request_deserializer=Chunk.FromString,
+                            response_serializer=Chunk.SerializeToString,
+                        ),
+                    },
+                ),
+            )
+        )
+        health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
+        credentials = grpc.ssl_server_credentials([(material.key, material.certificate)])
+        listener.port = server.add_secure_port(f"{host}:{endpoint.port}", credentials)
+        await server.start()
+        for service in ("", SERVICE):
+            await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        listener.server = server
+        return listener
+
+
+async def _check_tls(endpoint: Endpoint, material: TlsMaterial, where: str) -> None:
+    """One TLS handshake first: gRPC would report an untrusted certificate as "unavailable"."""
+    context = client_context(material.ca)
+    context.set_alpn_protocols(["h2"])
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(endpoint.host, endpoint.port, ssl=context),
+            endpoint.connect_timeout,
+        )
+    except TimeoutError as exc:
+        raise ConnectionTimeout(f"no TLS handshake with {where} in time") from exc
+    except ssl.SSLCertVerificationError as exc:
+        raise TlsVerificationFailed(
+            f"the certificate of {where} is not trusted: {exc.verify_message}"
+        ) from exc
+    except ssl.SSLError as exc:
+        raise TransportError(f"TLS handshake with {where} failed: {exc.reason}") from exc
+    except OSError as exc:
+        raise ServerUnavailable(f"cannot connect to {where}: {exc.strerror or exc}") from exc
+    writer.close()
+
+
+def _header(context: Context, name: str) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == name:
+            return str(value)
+    return None
+
+
+def _material(endpoint: Endpoint) -> TlsMaterial:
+    if endpoint.material is None:
+        raise TransportError("the gRPC transport needs the endpoint's TLS material (PEM)")
+    return endpoint.material
