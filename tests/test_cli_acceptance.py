@@ -11,10 +11,14 @@ import socketserver
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 from cloudbridge_core.relay.state import RelayState
 
 pytestmark = pytest.mark.timeout(120)
@@ -246,3 +250,114 @@ def test_token_issue_claims_and_bad_input(tmp_path: Path) -> None:
     )
     assert missing.returncode == 2
     assert "start 'cloudbridge relay serve' first" in missing.stderr
+
+
+def cloudbridge_json(*args: str) -> Any:
+    done = subprocess.run(
+        [BIN / "cloudbridge", *args, "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=environment(),
+    )
+    return json.loads(done.stdout)
+
+
+def echo_once(port: int, payload: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        client.sendall(payload)
+        client.shutdown(socket.SHUT_WR)
+        received = b""
+        while data := client.recv(65536):
+            received += data
+    return received
+
+
+def scrape(url: str) -> str:
+    assert url.startswith("http://127.0.0.1:")  # the client serves metrics on loopback
+    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - checked above
+        return str(response.read().decode())
+
+
+def wait_for(condition: Callable[[], bool], within: float) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.2)
+
+
+def test_status_shows_the_transport_and_follows_a_mode_reload(
+    tmp_path: Path, echo_port: int
+) -> None:
+    plugins = {p["name"]: p["status"] for p in cloudbridge_json("plugins", "list")["plugins"]}
+    assert {plugins[name] for name in ("quic", "grpc", "websocket")} == {"active"}
+    state = tmp_path / "D"
+    ports = {name: free_port() for name in ("quic", "grpc", "websocket", "tls")}
+    relay_env = environment(
+        CLOUDBRIDGE_SERVER__LISTEN="127.0.0.1",
+        **{f"CLOUDBRIDGE_RELAY__PORTS__{name.upper()}": str(p) for name, p in ports.items()},
+    )
+    relay = start(
+        "relay", "serve", "--dev", "--state-dir", str(state), env=relay_env, ready="client config:"
+    )
+    token = relay_token(state)
+    written = yaml.safe_load((state / "client.yaml").read_text())
+    assert written["relay"]["ports"] == ports  # every enabled transport's port
+    config = tmp_path / "client.yaml"
+    metrics_port = free_port()
+    written["metrics"] = {"port": metrics_port}
+    written["transport"] = {"health_check_interval": "1s"}
+    config.write_text(yaml.safe_dump(written))
+    local = free_port()
+    tunnel = start(
+        *("tunnel", "--config", str(config), "--local-port", str(local)),
+        *("--remote-host", "127.0.0.1", "--remote-port", str(echo_port)),
+        env=environment(CLOUDBRIDGE_AUTH__TOKEN=token),
+        ready="tunnel 127.0.0.1:",
+    )
+    try:
+        status = cloudbridge_json("status", "--config", str(config))
+        assert status["transport"]["name"] == "quic"
+        assert status["transport"]["reason"] == "preferred transport"
+        assert echo_once(local, b"over quic") == b"over quic"
+        metrics = scrape(status["metrics_url"])
+        assert 'cloudbridge_client_transport_mode{mode="quic"} 1.0' in metrics
+
+        config.write_text(yaml.safe_dump({**written, "transport": {"mode": "websocket"}}))
+
+        def on_websocket() -> bool:
+            current = cloudbridge_json("status", "--config", str(config))["transport"]
+            return bool(current["name"] == "websocket")
+
+        wait_for(on_websocket, within=15)
+        status = cloudbridge_json("status", "--config", str(config))
+        assert status["transport"]["reason"].startswith("transport.mode changed to websocket")
+        assert echo_once(local, b"over websocket") == b"over websocket"
+        metrics = scrape(status["metrics_url"])
+        assert 'cloudbridge_client_transport_mode{mode="websocket"} 1.0' in metrics
+        assert 'cloudbridge_client_transport_mode{mode="quic"} 0.0' in metrics
+        text = subprocess.run(
+            [BIN / "cloudbridge", "status", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=environment(),
+        ).stdout
+        assert "Transport:  websocket (mode websocket) - transport.mode changed" in text
+    finally:
+        assert stop(tunnel) == 0
+        assert stop(relay) == 0
+
+
+def relay_token(state: Path) -> str:
+    return subprocess.run(
+        [
+            *(BIN / "cloudbridge", "relay", "token", "issue", "--state-dir", str(state)),
+            *("--tenant", "acme", "--subject", "laptop"),
+            *("--permission", "relay:connect", "--permission", "tunnel:create"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=environment(),
+    ).stdout.strip()
