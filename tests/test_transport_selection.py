@@ -1,0 +1,126 @@
+"""Choosing a transport at start: the Happy Eyeballs race and fixed modes, on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cloudbridge_core.client.link import RelayLink, clearly_better
+from cloudbridge_core.config import Config, load_config, merged_schema
+from cloudbridge_core.errors import ConnectionTimeout
+from cloudbridge_core.plugins import Plugins, load_plugins
+from cloudbridge_core.relay.runner import RunningRelay, start_relay
+from cloudbridge_core.relay.tokens import issue_token
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@asynccontextmanager
+async def relay_on_loopback(tmp_path: Path, plugins: Plugins) -> AsyncIterator[RunningRelay]:
+    overrides = {
+        "server.state_dir": (str(tmp_path / "state"), "test"),
+        "server.listen": ("127.0.0.1", "test"),
+    }
+    schema = merged_schema(plugins.config_sections())
+    config = load_config(None, environ={}, overrides=overrides, schema=schema)
+    running = await start_relay(config, plugins, dev=True, port_override=0)
+    try:
+        yield running
+    finally:
+        await running.aclose()
+
+
+def client_config(relay: RunningRelay, plugins: Plugins, **settings: Any) -> Config:
+    state = relay.state
+    token = issue_token(
+        state.signing_key,
+        issuer=state.issuer,
+        tenant="acme",
+        subject="laptop",
+        permissions=["relay:connect", "tunnel:create"],
+        ttl=600,
+    )
+    ports = {name: listener.port for name, listener in relay.listeners.items()}
+    overrides = {
+        "relay.host": ("127.0.0.1", "test"),
+        "relay.ports": ({**ports, **settings.pop("ports", {})}, "test"),
+        "relay.tls.ca_file": (str(state.directory / "ca.pem"), "test"),
+        "auth.token": (token, "test"),
+        "metrics.enabled": (False, "test"),
+        **{key.replace("__", "."): (value, "test") for key, value in settings.items()},
+    }
+    schema = merged_schema(plugins.config_sections())
+    return load_config(None, environ={}, overrides=overrides, schema=schema)
+
+
+@pytest.fixture
+def silent_udp_port() -> Iterator[int]:
+    """A UDP port where nothing answers: a QUIC relay behind a firewall dropping UDP."""
+    with socket.socket(type=socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        yield silent.getsockname()[1]
+
+
+def test_a_blocked_quic_costs_the_head_start_not_the_timeout(
+    tmp_path: Path, silent_udp_port: int
+) -> None:
+    async def main() -> None:
+        plugins = load_plugins()
+        async with relay_on_loopback(tmp_path, plugins) as relay:
+            config = client_config(
+                relay,
+                plugins,
+                ports={"quic": silent_udp_port},
+                transport__connect_timeout="10s",
+                transport__race_head_start="300ms",
+            )
+            link = RelayLink(config, plugins)
+            started = time.monotonic()
+            await link.start()
+            took = time.monotonic() - started
+            status = link.status()
+            assert status["name"] == "grpc"  # the next in preference order
+            assert status["reason"] == "fallback: quic did not answer within the head start"
+            assert took < 3, f"{took:.2f} s: the race waited for QUIC's timeout"
+            await link.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_fixed_mode_uses_only_that_transport_and_says_so_when_it_fails(
+    tmp_path: Path, silent_udp_port: int
+) -> None:
+    async def main() -> None:
+        plugins = load_plugins()
+        async with relay_on_loopback(tmp_path, plugins) as relay:
+            config = client_config(relay, plugins, transport__mode="websocket")
+            link = RelayLink(config, plugins)
+            await link.start()
+            assert link.status()["name"] == "websocket"
+            assert link.status()["reason"] == "transport.mode is websocket"
+            await link.aclose()
+
+            blocked = client_config(
+                relay,
+                plugins,
+                ports={"quic": silent_udp_port},
+                transport__mode="quic",
+                transport__connect_timeout="1s",
+            )
+            with pytest.raises(ConnectionTimeout, match="no quic connection to the relay in 1s"):
+                await RelayLink(blocked, plugins).start()
+
+    asyncio.run(main())
+
+
+def test_the_hysteresis_rule() -> None:
+    assert clearly_better(0.100, 0.300)  # 200 ms faster and a third of it
+    assert not clearly_better(0.220, 0.300)  # faster, but not under 2/3
+    assert not clearly_better(0.0015, 0.010)  # under 2/3, but not 10 ms faster
+    assert clearly_better(0.001, 0.020)
