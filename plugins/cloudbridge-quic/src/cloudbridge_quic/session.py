@@ -146,13 +146,15 @@ class QuicSession(QuicConnectionProtocol):
         return stream
 
     async def aclose(self) -> None:
-        if self._error is None:
-            self.close(error_code=0, reason_phrase="session closed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wait_closed(), 1.0)
-            self._terminate(TransportClosed("the session was closed"))
-        if self._quic.configuration.is_client and self._transport is not None:
-            self._transport.close()
+        try:
+            if self._error is None:
+                self.close(error_code=0, reason_phrase="session closed")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wait_closed(), 1.0)
+                self._terminate(TransportClosed("the session was closed"))
+        finally:
+            if self._quic.configuration.is_client and self._transport is not None:
+                self._transport.close()  # the client's own socket (a server's is shared)
 
     @property
     def datagram_size(self) -> int:
@@ -166,9 +168,13 @@ class QuicSession(QuicConnectionProtocol):
         old = self._transport
         family = old.get_extra_info("socket").family
         sock = socket.socket(family, socket.SOCK_DGRAM)
-        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))  # noqa: S104 - any local address
-        forbid_fragmentation(sock)
-        await self._loop.create_datagram_endpoint(lambda: self, sock=sock)  # sets _transport
+        try:
+            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))  # noqa: S104 - any local address
+            forbid_fragmentation(sock)
+            await self._loop.create_datagram_endpoint(lambda: self, sock=sock)  # sets _transport
+        except BaseException:
+            sock.close()
+            raise
         old.close()
         self._quic.send_ping(0)
         self.transmit()

@@ -155,19 +155,23 @@ class QuicTransport:
         found.sort(key=lambda info: info[0] != socket.AF_INET)
         family, _, _, _, address = found[0]
         sock = socket.socket(family, socket.SOCK_DGRAM)
-        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))  # noqa: S104 - any local address
-        forbid_fragmentation(sock)
-        transport, session = await loop.create_datagram_endpoint(
-            lambda: QuicSession(
-                connection, datagram_ceiling=self._datagram_ceiling, keepalive=self._keepalive
-            ),
-            sock=sock,
-        )
+        try:
+            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))  # noqa: S104 - any local address
+            forbid_fragmentation(sock)
+            transport, session = await loop.create_datagram_endpoint(
+                lambda: QuicSession(
+                    connection, datagram_ceiling=self._datagram_ceiling, keepalive=self._keepalive
+                ),
+                sock=sock,
+            )
+        except BaseException:  # cancelled by a race another transport won, among others
+            sock.close()
+            raise
         session.connect(address)
         try:
             await asyncio.wait_for(session.wait_connected(), endpoint.connect_timeout)
         except asyncio.CancelledError:
-            transport.close()  # a race for the fastest transport was won by another
+            transport.close()
             raise
         except TimeoutError as exc:
             transport.close()
