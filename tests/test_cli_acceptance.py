@@ -305,7 +305,7 @@ def test_status_shows_the_transport_and_follows_a_mode_reload(
     assert written["relay"]["ports"] == ports  # every enabled transport's port
     config = tmp_path / "client.yaml"
     metrics_port = free_port()
-    written["metrics"] = {"port": metrics_port}
+    written["metrics"] = {"prometheus_port": metrics_port}
     written["transport"] = {"health_check_interval": "1s"}
     config.write_text(yaml.safe_dump(written))
     local = free_port()

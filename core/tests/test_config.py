@@ -26,7 +26,7 @@ def issues_of(path: Path | None, environ: dict[str, str] | None = None, **kw: ob
 def test_defaults_come_from_the_schema() -> None:
     config = load_config(None, environ={})
     assert config.get("relay.ports.quic") == 5553
-    assert config.get("metrics.port") != 9090  # Prometheus' own port
+    assert config.get("metrics.prometheus_port") != 9090  # Prometheus' own port
     assert config.get("logging.level") == "info"
     assert config.get("transport.mode") == "auto"
     assert config.origin(("relay", "host")).source == "default"

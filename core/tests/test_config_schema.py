@@ -232,8 +232,8 @@ def test_defaults_form_a_valid_config() -> None:
         ("p2p.ice.stun_servers", []),
         ("p2p.mesh.peer_ip", None),
         ("tunnels", []),
-        ("metrics.listen", "127.0.0.1"),
-        ("metrics.port", 9464),
+        ("metrics.prometheus_host", "127.0.0.1"),
+        ("metrics.prometheus_port", 9464),
         ("metrics.tenant_labels", False),
         ("logging.level", "info"),
         ("logging.format", "text"),
@@ -338,7 +338,7 @@ def test_example_keeps_secrets_out_of_the_file() -> None:
     assert (turn["username"], turn["credential"]) == ("${TURN_USER}", "${TURN_PASS}")
     assert document["p2p"]["wireguard"]["private_key"] == "${WG_PRIVATE_KEY}"
     assert "client_secret" not in document["auth"]["oidc"]
-    assert document["metrics"]["port"] != 9090
+    assert document["metrics"]["prometheus_port"] != 9090
 
 
 # --- bad configs -------------------------------------------------------------------------
@@ -352,8 +352,8 @@ def test_example_keeps_secrets_out_of_the_file() -> None:
         ("relay: {connect_timeout_ms: 5000}\n", "relay.connect_timeout_ms"),
         ("relay: {ports: {masque: 8443}}\n", "relay.ports.masque"),
         ("relay: {tls: {min_version: '1.1'}}\n", "relay.tls.min_version"),
-        ("metrics: {port: 0}\n", "metrics.port"),
-        ("metrics: {prometheus_port: 9464}\n", "metrics.prometheus_port"),
+        ("metrics: {prometheus_port: 0}\n", "metrics.prometheus_port"),
+        ("metrics: {port: 9464}\n", "metrics.port"),
         ("transport: {mode: QUIC}\n", "transport.mode"),
         ("tunnels: [{local_port: 80, remote_host: h}]\n", "tunnels.0"),
         (
@@ -472,7 +472,7 @@ GOOD_DOCUMENTS: dict[str, list[dict[str, Any]]] = {
             "source": "/etc/cloudbridge/config.yaml",
             "errors": [
                 {
-                    "path": "metrics.port",
+                    "path": "metrics.prometheus_port",
                     "message": "0 is less than the minimum of 1",
                     "line": 3,
                     "source": "/etc/cloudbridge/config.yaml",

@@ -89,7 +89,7 @@ async def run_client(
     try:
         if config.get("metrics.enabled"):
             client.metrics_url = metrics.serve(
-                config.get("metrics.listen"), config.get("metrics.port")
+                config.get("metrics.prometheus_host"), config.get("metrics.prometheus_port")
             )
         for forward in tunnels:
             await forward.start()
