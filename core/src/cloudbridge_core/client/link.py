@@ -22,10 +22,18 @@ from cloudbridge_core.client.connection import RelayConnection, attempt, transpo
 from cloudbridge_core.client.race import Candidate, race
 from cloudbridge_core.config import Config
 from cloudbridge_core.durations import parse_duration
-from cloudbridge_core.errors import AuthError, CloudBridgeError, TransportError
+from cloudbridge_core.errors import (
+    AuthError,
+    CloudBridgeError,
+    HeartbeatFailed,
+    ServerUnavailable,
+    TransportClosed,
+    TransportError,
+)
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.plugins import Plugins
 from cloudbridge_core.providers import ProviderSpec, Transport
+from cloudbridge_core.retry import RetryPolicies
 
 log = get_logger("relay.link")
 
@@ -66,6 +74,9 @@ class RelayLink:
         self.last_error: str | None = None
         self.on_switch: list[SwitchListener] = []
         self._closing: set[asyncio.Task[None]] = set()
+        self._connected = asyncio.Event()
+        self._wake = asyncio.Event()
+        self.state = "connecting"
 
     # ---- lifecycle ----
 
@@ -73,6 +84,12 @@ class RelayLink:
         connection, reason = await self._race(self._candidates())
         self._install(connection, reason)
         self._watcher = asyncio.create_task(self._watch())
+
+    def lost(self, connection: RelayConnection) -> None:
+        """A tunnel found the session dead: check now rather than at the next interval."""
+        if connection is self._current and self._connected.is_set():
+            self._connected.clear()
+            self._wake.set()
 
     async def aclose(self) -> None:
         if self._watcher is not None:
@@ -109,10 +126,25 @@ class RelayLink:
 
     @contextlib.asynccontextmanager
     async def use(self) -> AsyncIterator[RelayConnection]:
-        """The current connection, held for one tunnelled connection."""
+        """The current connection, held for one tunnelled connection.
+
+        While the relay is away this waits up to ``relay.connect_timeout`` for it to return.
+        """
+        if not self._connected.is_set():
+            wait = parse_duration(self._config.get("relay.connect_timeout"))
+            try:
+                await asyncio.wait_for(self._connected.wait(), wait)
+            except TimeoutError:
+                raise ServerUnavailable(
+                    f"the relay did not come back within {wait:g}s ({self.last_error})"
+                ) from None
         connection = self.current
         async with connection.use():
-            yield connection
+            try:
+                yield connection
+            except TransportClosed:
+                self.lost(connection)
+                raise
         if connection in self._retired and connection.leases == 0:
             self._retired.discard(connection)
             await connection.aclose()
@@ -122,6 +154,7 @@ class RelayLink:
         current = self._current
         datagram_size = getattr(current.session, "datagram_size", None) if current else None
         return {
+            "state": self.state,
             "name": current.transport if current else None,
             "reason": self.reason,
             "mode": self._config.get("transport.mode"),
@@ -140,11 +173,15 @@ class RelayLink:
 
     async def _watch(self) -> None:
         while True:
-            await asyncio.sleep(parse_duration(self._config.get("transport.health_check_interval")))
+            interval = parse_duration(self._config.get("transport.health_check_interval"))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), interval)
+            self._wake.clear()
             try:
                 async with self._switching:
                     await self.check()
-            except AuthError as error:  # not worth retrying every interval
+            except AuthError as error:  # reported once; retrying would only repeat it
+                self.state = "refused"
                 self.last_error = error.message
                 log.error("reconnect_refused", code=error.code, reason=error.message)
                 return
@@ -160,8 +197,7 @@ class RelayLink:
         except CloudBridgeError as error:
             self.last_error = f"{current.transport} session lost: {error.message}"
             log.warning("session_lost", transport=current.transport, reason=error.message)
-            connection, why = await self._race(self._candidates())
-            self._install(connection, f"{current.transport} session lost; {why}")
+            await self._reconnect(f"{current.transport} session lost")
             return
         if self._config.get("transport.mode") != "auto":
             return
@@ -184,8 +220,53 @@ class RelayLink:
             await probe.aclose()
 
     async def _measure(self, connection: RelayConnection) -> float:
+        """The best of a few pings; the session counts as dead only when every one fails."""
         timeout = parse_duration(self._config.get("transport.connect_timeout"))
-        return min([await connection.ping(timeout) for _ in range(PINGS_PER_MEASUREMENT)])
+        rtts: list[float] = []
+        failure: CloudBridgeError | None = None
+        for _ in range(PINGS_PER_MEASUREMENT):
+            try:
+                rtts.append(await connection.ping(timeout))
+            except TransportError as error:  # the session itself is gone: no point retrying
+                raise HeartbeatFailed(f"{connection.transport} session ended: {error}") from None
+            except HeartbeatFailed as error:
+                failure = error
+        if not rtts:
+            assert failure is not None
+            raise failure
+        return min(rtts)
+
+    async def _reconnect(self, why: str) -> None:
+        """Race again until a transport works, backing off between rounds (never giving up:
+        tunnel listeners stay open meanwhile); a refused token stops it at once."""
+        self._connected.clear()
+        policies = RetryPolicies.from_config(self._config.get("retry"))
+        attempt = 0
+        while True:
+            try:
+                connection, reason = await self._race(self._candidates())
+            except AuthError as error:
+                self.state = "refused"
+                self.last_error = error.message
+                raise
+            except CloudBridgeError as error:
+                delay = policies.policy_for(error).delay_for(attempt)
+                self.state = "reconnecting"
+                self.last_error = f"reconnect attempt {attempt + 1} failed: {error.message}"
+                log.warning(
+                    "reconnect_failed",
+                    attempt=attempt + 1,
+                    code=error.code,
+                    reason=error.message,
+                    retry_in_seconds=round(delay, 3),
+                )
+                await asyncio.sleep(delay)
+                attempt += 1
+                continue
+            self._install(connection, f"{why}; {reason}")
+            if attempt:
+                log.info("reconnected", transport=connection.transport, attempts=attempt + 1)
+            return
 
     async def _probe(self, name: str, spec: ProviderSpec[Transport]) -> tuple[float, Any]:
         """Connect over another transport and measure it; the result is kept for ``status``."""
@@ -219,6 +300,8 @@ class RelayLink:
     def _install(self, connection: RelayConnection, reason: str) -> None:
         previous = self._current
         self._current = connection
+        self.state = "connected"
+        self._connected.set()
         self.reason = reason
         self.since = time.time()
         self.switches.append(

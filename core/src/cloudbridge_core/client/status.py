@@ -37,7 +37,7 @@ class RunningClient:
         transport = self.link.status()
         welcome = self.link.current.welcome if transport["name"] else None
         return {
-            "state": "connected" if welcome else "disconnected",
+            "state": transport["state"],
             "relay": {
                 "host": self.relay_host,
                 "tenant_id": welcome.tenant_id if welcome else None,

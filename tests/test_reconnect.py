@@ -1,0 +1,199 @@
+"""Surviving the relay: killed with -9 and restarted, or restarted with other keys."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cloudbridge_core.client.link import RelayLink
+from cloudbridge_core.client.tunnel import Tunnel, TunnelSpec
+from cloudbridge_core.config import Config, load_config, merged_schema
+from cloudbridge_core.plugins import Plugins, PluginSelection, load_plugins
+
+pytestmark = pytest.mark.timeout(120)
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class Relay:
+    """A relay process on loopback, on fixed ports so that a restart is found again."""
+
+    def __init__(self, state: Path) -> None:
+        self.state = state
+        self.ports = {"websocket": free_port(), "tls": free_port(), "grpc": free_port()}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, state: Path | None = None) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDBRIDGE_")}
+        env["CLOUDBRIDGE_SERVER__LISTEN"] = "127.0.0.1"
+        env["CLOUDBRIDGE_DISABLE_PLUGINS"] = "quic"  # TCP transports: a kill is seen at once
+        for name, port in self.ports.items():
+            env[f"CLOUDBRIDGE_RELAY__PORTS__{name.upper()}"] = str(port)
+        command = [BIN / "cloudbridge", "relay", "serve", "--dev", "--state-dir"]
+        self.process = subprocess.Popen(
+            [*command, state or self.state], env=env, stderr=subprocess.PIPE
+        )
+        assert self.process.stderr is not None
+        if not any(b"client config:" in line for line in self.process.stderr):
+            raise RuntimeError(f"the relay exited with {self.process.wait()}")
+        # keep draining, so that the relay never blocks on (or dies of) a closed pipe
+        self._drain = threading.Thread(target=self.process.stderr.read, daemon=True)
+        self._drain.start()
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+        self._drain.join(5)
+        assert self.process.stderr is not None
+        self.process.stderr.close()
+
+    def token(self) -> str:
+        return subprocess.run(
+            [
+                *(BIN / "cloudbridge", "relay", "token", "issue", "--state-dir", str(self.state)),
+                *("--tenant", "acme", "--subject", "laptop"),
+                *("--permission", "relay:connect", "--permission", "tunnel:create"),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+
+
+@pytest.fixture
+def relay(tmp_path: Path) -> Iterator[Relay]:
+    relay = Relay(tmp_path / "relay")
+    relay.start()
+    yield relay
+    if relay.process is not None and relay.process.poll() is None:
+        relay.kill()
+
+
+def tcp_plugins() -> Plugins:
+    return load_plugins(PluginSelection.from_sources(config_disabled=["quic"]))
+
+
+def client_config(relay: Relay, plugins: Plugins) -> Config:
+    overrides = {
+        "relay.host": ("127.0.0.1", "test"),
+        "relay.ports": ({**relay.ports}, "test"),
+        "relay.tls.ca_file": (str(relay.state / "ca.pem"), "test"),
+        "relay.connect_timeout": ("10s", "test"),
+        "auth.token": (relay.token(), "test"),
+        "transport.health_check_interval": ("1s", "test"),
+        "transport.connect_timeout": ("2s", "test"),
+        "retry.initial_delay": ("200ms", "test"),
+        "retry.max_delay": ("1s", "test"),
+        "retry.jitter": ("100ms", "test"),
+        "retry.per_error": ({}, "test"),
+        "metrics.enabled": (False, "test"),
+    }
+    schema = merged_schema(plugins.config_sections())
+    return load_config(None, environ={}, overrides=overrides, schema=schema)
+
+
+async def echo(port: int, payload: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(payload)
+    writer.write_eof()
+    received = await asyncio.wait_for(reader.read(), 15)
+    writer.close()
+    return received
+
+
+@pytest.fixture
+def echo_target() -> Iterator[int]:
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import socketserver\n"
+            "class E(socketserver.BaseRequestHandler):\n"
+            "    def handle(self):\n"
+            "        while d := self.request.recv(65536): self.request.sendall(d)\n"
+            f"socketserver.ThreadingTCPServer(('127.0.0.1', {port}), E).serve_forever()\n",
+        ]
+    )
+    time.sleep(0.3)
+    yield port
+    server.kill()
+    server.wait()
+
+
+def test_relay_killed_and_restarted_the_tunnel_comes_back(relay: Relay, echo_target: int) -> None:
+    async def main() -> None:
+        plugins = tcp_plugins()
+        link = RelayLink(client_config(relay, plugins), plugins)
+        await link.start()
+        tunnel = Tunnel(TunnelSpec(0, "127.0.0.1", echo_target), link)
+        await tunnel.start()
+        try:
+            assert await echo(tunnel.port, b"before") == b"before"
+            tasks_before = len(asyncio.all_tasks())
+            for cycle in range(3):
+                relay.kill()
+                for _ in range(100):
+                    if link.status()["state"] == "reconnecting":
+                        break
+                    await asyncio.sleep(0.1)
+                assert link.status()["state"] == "reconnecting", link.status()
+                # a connection made while the relay is away waits for it to return
+                waiting = asyncio.create_task(echo(tunnel.port, b"during the outage"))
+                await asyncio.sleep(1)
+                started = time.monotonic()
+                relay.start()
+                assert await waiting == b"during the outage"
+                print(f"cycle {cycle}: served {time.monotonic() - started:.2f} s after restart")
+                assert link.status()["state"] == "connected"
+                assert await echo(tunnel.port, b"after") == b"after"
+            assert len(asyncio.all_tasks()) <= tasks_before + 1  # nothing piles up
+        finally:
+            await tunnel.aclose()
+            await link.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_relay_that_no_longer_accepts_the_token_stops_the_retries(
+    relay: Relay, tmp_path: Path
+) -> None:
+    async def main() -> None:
+        plugins = tcp_plugins()
+        link = RelayLink(client_config(relay, plugins), plugins)
+        await link.start()
+        relay.kill()
+        other = tmp_path / "other-keys"  # same certificate and ports, another signing key
+        other.mkdir(mode=0o700)
+        for name in ("ca.pem", "ca.key", "server.pem", "server.key"):
+            shutil.copy2(relay.state / name, other / name)
+        relay.start(other)
+        for _ in range(150):
+            if link.status()["state"] == "refused":
+                break
+            await asyncio.sleep(0.1)
+        status = link.status()
+        assert status["state"] == "refused", status
+        assert "token" in status["last_error"] or "signature" in status["last_error"]
+        assert link._watcher is not None
+        await asyncio.sleep(0.5)
+        assert link._watcher.done()  # no retry loop left running
+        await link.aclose()
+
+    asyncio.run(main())
