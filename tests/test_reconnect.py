@@ -184,7 +184,7 @@ def test_a_relay_that_no_longer_accepts_the_token_stops_the_retries(
         for name in ("ca.pem", "ca.key", "server.pem", "server.key"):
             shutil.copy2(relay.state / name, other / name)
         relay.start(other)
-        for _ in range(150):
+        for _ in range(300):
             if link.status()["state"] == "refused":
                 break
             await asyncio.sleep(0.1)

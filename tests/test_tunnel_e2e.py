@@ -30,6 +30,7 @@ from cloudbridge_core.errors import (
     LimitExceeded,
     TargetUnreachable,
     TokenExpired,
+    TransportError,
     Unauthorized,
 )
 from cloudbridge_core.plugins import Plugins, load_plugins
@@ -321,6 +322,25 @@ def test_session_limit_per_tenant(tmp_path: Path) -> None:
         await other.aclose()
 
     run(tmp_path, scenario, max_sessions_per_tenant=1)
+
+
+def test_a_session_that_stops_heartbeating_is_reaped_and_freed(tmp_path: Path) -> None:
+    async def scenario(bed: Bed) -> None:
+        silent = await bed.connect(bed.token("acme"))  # authenticates, then never pings
+        assert bed.relay.relay.sessions_by_tenant["acme"] == 1
+        with pytest.raises(TransportError):
+            await asyncio.wait_for(silent.session.accept_stream(), 10)
+        assert bed.relay.relay.reaped_sessions == 1
+        assert bed.relay.relay.sessions_by_tenant["acme"] == 0
+        pinging = await bed.connect(bed.token("acme"))  # the tenant's slot is free again
+        for _ in range(4):
+            await pinging.ping(5)
+            await asyncio.sleep(0.4)
+        assert bed.relay.relay.reaped_sessions == 1  # a client that pings stays
+        await silent.aclose()
+        await pinging.aclose()
+
+    run(tmp_path, scenario, heartbeat_timeout="1s", max_sessions_per_tenant=1)
 
 
 def test_no_task_or_socket_leak_after_1000_connections(tmp_path: Path) -> None:

@@ -174,6 +174,8 @@ class RelayLink:
     async def _watch(self) -> None:
         while True:
             interval = parse_duration(self._config.get("transport.health_check_interval"))
+            if self._current is not None:  # the relay reaps sessions that ping less often
+                interval = min(interval, self._current.welcome.heartbeat_interval_seconds)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), interval)
             self._wake.clear()

@@ -50,11 +50,13 @@ class RelayLimits:
     max_streams_per_session: int = 1024
     buffer_size: int = 65536
     heartbeat_interval: float = 30.0
+    heartbeat_timeout: float = 90.0
 
     @classmethod
     def from_config(cls, server: Mapping[str, Any], performance: Mapping[str, Any]) -> RelayLimits:
         return cls(
             handshake_timeout=parse_duration(server["handshake_timeout"]),
+            heartbeat_timeout=parse_duration(server["heartbeat_timeout"]),
             connect_timeout=parse_duration(server["connect_timeout"]),
             max_sessions_per_tenant=server["max_sessions_per_tenant"],
             max_streams_per_session=server["max_streams_per_session"],
@@ -70,6 +72,7 @@ class Relay:
         self._egress = egress
         self._limits = limits
         self.sessions_by_tenant: Counter[str] = Counter()
+        self.reaped_sessions = 0
 
     async def handle(self, session: Session) -> None:
         try:
@@ -129,7 +132,7 @@ class Relay:
 
     async def _serve(self, session: Session, control: MessageStream, claims: Claims) -> None:
         streams: set[asyncio.Task[None]] = set()
-        controller = asyncio.create_task(self._control_loop(control))
+        controller = asyncio.create_task(self._control_loop(session, control, claims))
         try:
             while True:
                 try:
@@ -148,10 +151,24 @@ class Relay:
                 task.cancel()
             await asyncio.gather(controller, *streams, return_exceptions=True)
 
-    async def _control_loop(self, control: MessageStream) -> None:
+    async def _control_loop(self, session: Session, control: MessageStream, claims: Claims) -> None:
+        """Answer heartbeats; a session silent for ``heartbeat_timeout`` is dead: free it."""
         with contextlib.suppress(TransportError):
             while True:
-                message = await control.receive()
+                try:
+                    message = await asyncio.wait_for(
+                        control.receive(), self._limits.heartbeat_timeout
+                    )
+                except TimeoutError:
+                    self.reaped_sessions += 1
+                    log.info(
+                        "session_reaped",
+                        tenant_id=claims.tenant_id,
+                        subject=claims.subject,
+                        reason=f"no heartbeat for {self._limits.heartbeat_timeout:g}s",
+                    )
+                    await session.aclose()  # ends _serve, which frees the session's streams
+                    return
                 if isinstance(message, messages.Ping):
                     await control.send(messages.Pong(message.nonce))
 
