@@ -361,3 +361,57 @@ def relay_token(state: Path) -> str:
         check=True,
         env=environment(),
     ).stdout.strip()
+
+
+def test_health_reports_the_seed_shape_and_answers_by_exit_code(tmp_path: Path) -> None:
+    state = tmp_path / "D"
+    ports = {name: free_port() for name in ("quic", "grpc", "websocket", "tls")}
+    relay_env = environment(
+        CLOUDBRIDGE_SERVER__LISTEN="127.0.0.1",
+        **{f"CLOUDBRIDGE_RELAY__PORTS__{name.upper()}": str(p) for name, p in ports.items()},
+    )
+    relay = start(
+        "relay", "serve", "--dev", "--state-dir", str(state), env=relay_env, ready="client config:"
+    )
+    config = str(state / "client.yaml")
+    with_token = environment(CLOUDBRIDGE_AUTH__TOKEN=relay_token(state))
+
+    def health(*args: str, env: dict[str, str] = with_token) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [BIN / "cloudbridge", "health", "--config", config, *args],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+
+    try:
+        done = health("--format", "json")
+        assert done.returncode == 0, done.stderr
+        document = json.loads(done.stdout)
+        assert document["status"] == "healthy"
+        details = document["details"]
+        assert set(details) == {
+            "network_connectivity",
+            "authentication",
+            "relay_connection",
+            "p2p_mesh",
+            "performance",
+        }
+        assert details["relay_connection"]["status"] == "connected"
+        assert details["relay_connection"]["transport"] == "quic"
+        assert details["relay_connection"]["latency_ms"] > 0
+        assert 86000 < details["authentication"]["token_expires_in_seconds"] <= 86400
+        assert details["performance"]["packet_loss_percent"] == 0
+        ready = health("--check", "ready")
+        assert (ready.returncode, ready.stdout) == (0, "")
+        refused = health("--format", "json", env=environment(CLOUDBRIDGE_AUTH__TOKEN="x.y.z"))
+        assert refused.returncode == 6
+        assert json.loads(refused.stdout)["details"]["authentication"]["status"] == "error"
+    finally:
+        assert stop(relay) == 0
+    down = health("--format", "json")
+    assert down.returncode == 6
+    assert json.loads(down.stdout)["status"] == "unhealthy"
+    assert health("--check", "ready").returncode == 6
+    live = health("--check", "live")
+    assert (live.returncode, live.stdout) == (0, "")

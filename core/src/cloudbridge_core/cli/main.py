@@ -16,6 +16,7 @@ from cloudbridge_core import __version__
 from cloudbridge_core.cli import (
     config_cmd,
     demo_cmd,
+    health_cmd,
     plugins_cmd,
     relay_cmd,
     status_cmd,
@@ -107,6 +108,7 @@ cli.add_command(completion)
 cli.add_command(relay_cmd.relay)
 cli.add_command(tunnel_cmd.tunnel)
 cli.add_command(status_cmd.status)
+cli.add_command(health_cmd.health)
 cli.add_command(demo_cmd.demo)
 
 

@@ -1,0 +1,116 @@
+"""``cloudbridge health``: connect as the client would, and say how well it works.
+
+The document has the seed's Part 6.5 shape: ``status`` (healthy, degraded, unhealthy) and
+``details`` for network connectivity, authentication, the relay connection, the p2p mesh
+and performance. Degraded still works: on a fallback transport, losing heartbeats, or with
+a token about to expire.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime
+import json
+import time
+from typing import Any
+
+from cloudbridge_core.client.connection import RelayConnection, token_of, transport_order
+from cloudbridge_core.client.race import race
+from cloudbridge_core.config import Config
+from cloudbridge_core.durations import parse_duration
+from cloudbridge_core.errors import CloudBridgeError, HeartbeatFailed
+from cloudbridge_core.plugins import Plugins
+
+PINGS = 5
+#: a token with less left than this makes the client degraded: renew it soon
+TOKEN_RENEWAL_SECONDS = 3600
+
+
+def token_expires_in(token: str) -> float | None:
+    """Seconds until the token's ``exp`` (read, not verified: the relay verifies it)."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return float(claims["exp"]) - time.time()
+    except (IndexError, KeyError, TypeError, ValueError, binascii.Error):
+        return None
+
+
+async def check_health(config: Config, plugins: Plugins) -> dict[str, Any]:
+    details: dict[str, Any] = {
+        "network_connectivity": {"status": "unknown", "latency_ms": None},
+        "authentication": {"status": "unknown", "token_expires_in_seconds": None},
+        "relay_connection": {"status": "disconnected", "transport": None, "latency_ms": None},
+        "p2p_mesh": {"status": "disabled", "peers_discovered": 0, "peers_connected": 0},
+        "performance": {
+            "avg_latency_ms": None,
+            "packet_loss_percent": None,
+            "throughput_mbps": None,
+        },
+    }
+    problems: list[str] = []
+    degraded: list[str] = []
+    try:
+        token = token_of(config)
+        expires_in = token_expires_in(token)
+        details["authentication"]["token_expires_in_seconds"] = (
+            round(expires_in) if expires_in is not None else None
+        )
+        candidates = transport_order(config, plugins)
+        head_start = parse_duration(config.get("transport.race_head_start"))
+        started = time.perf_counter()
+        connection, reason = await race(config, candidates, head_start)
+    except CloudBridgeError as error:
+        problems.append(error.message)
+        part = "authentication" if error.exit_code == 4 else "network_connectivity"
+        details[part].update(status="error", error=error.message)
+        return _document("unhealthy", details, problems)
+    try:
+        connect_ms = (time.perf_counter() - started) * 1000
+        details["network_connectivity"] = {"status": "ok", "latency_ms": round(connect_ms, 1)}
+        details["authentication"]["status"] = "ok"
+        if expires_in is not None and expires_in < TOKEN_RENEWAL_SECONDS:
+            degraded.append(f"the token expires in {round(expires_in)} s")
+        rtts = await _pings(connection, parse_duration(config.get("transport.connect_timeout")))
+        latency = min(rtts) * 1000 if rtts else None
+        details["relay_connection"] = {
+            "status": "connected",
+            "transport": connection.transport,
+            "reason": reason,
+            "latency_ms": round(latency, 2) if latency is not None else None,
+        }
+        loss = 100 * (PINGS - len(rtts)) / PINGS
+        details["performance"].update(
+            avg_latency_ms=round(1000 * sum(rtts) / len(rtts), 2) if rtts else None,
+            packet_loss_percent=loss,
+        )
+        if not rtts:
+            problems.append("the relay answered no heartbeat")
+        elif loss:
+            degraded.append(f"{loss:g}% of heartbeats were lost")
+        if reason.startswith("fallback"):
+            degraded.append(f"on a fallback transport: {reason}")
+    finally:
+        await connection.aclose()
+    status = "unhealthy" if problems else "degraded" if degraded else "healthy"
+    return _document(status, details, problems + degraded)
+
+
+async def _pings(connection: RelayConnection, each_within: float) -> list[float]:
+    rtts = []
+    for _ in range(PINGS):
+        try:
+            rtts.append(await connection.ping(each_within))
+        except HeartbeatFailed:
+            continue
+    return rtts
+
+
+def _document(status: str, details: dict[str, Any], reasons: list[str]) -> dict[str, Any]:
+    return {
+        "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "status": status,
+        "reasons": reasons,
+        "details": details,
+    }
