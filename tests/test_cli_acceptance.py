@@ -322,6 +322,14 @@ def test_status_shows_the_transport_and_follows_a_mode_reload(
         assert echo_once(local, b"over quic") == b"over quic"
         metrics = scrape(status["metrics_url"])
         assert 'cloudbridge_client_transport_mode{mode="quic"} 1.0' in metrics
+        assert 'cloudbridge_client_bytes_total{direction="sent"} 9.0' in metrics
+        assert "cloudbridge_client_tunnel_setup_seconds_count 1.0" in metrics
+        assert "cloudbridge_client_tunnels_active 1.0" in metrics
+        families = {line.split()[2] for line in metrics.splitlines() if line.startswith("# TYPE")}
+        assert families
+        assert all(name.startswith("cloudbridge_client_") for name in families), families
+        api = json.loads(scrape(status["metrics_url"].replace("/metrics", "/api/v1/status")))
+        assert api["transport"]["name"] == "quic"
 
         config.write_text(yaml.safe_dump({**written, "transport": {"mode": "websocket"}}))
 

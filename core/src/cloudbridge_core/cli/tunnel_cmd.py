@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
+from typing import Any
 
 import click
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from cloudbridge_core.cli.output import emit_json, json_option, message, table
 from cloudbridge_core.cli.runtime import Runtime, config_option, runtime_of
@@ -17,6 +20,10 @@ from cloudbridge_core.client.status import RunningClient
 from cloudbridge_core.client.tunnel import Tunnel, TunnelSpec
 from cloudbridge_core.config import Config, ConfigWatcher, validate
 from cloudbridge_core.errors import UsageError
+from cloudbridge_core.httpd import LocalHttpServer
+from cloudbridge_core.log import get_logger
+
+log = get_logger("client")
 
 socket_option = click.option(
     "--control-socket",
@@ -78,19 +85,24 @@ async def run_client(
     """Connect, forward, answer on the control socket and follow config reloads until stopped."""
     transports = list(runtime.plugins.providers("transport"))
     metrics = ClientMetrics(transports)
-    link = RelayLink(config, runtime.plugins)
-    link.on_switch.append(metrics.transport_selected)
+    link = RelayLink(config, runtime.plugins, metrics)
     await link.start()
-    tunnels = [Tunnel(spec, link, config.get("performance.buffer_size")) for spec in specs]
+    buffer_size = config.get("performance.buffer_size")
+    tunnels = [Tunnel(spec, link, buffer_size, metrics) for spec in specs]
+    metrics.watch_tunnels(lambda: tunnels)
     client = RunningClient(link, tunnels, config.get("relay.host"))
     control = ControlServer(
         control_socket, {"tunnels": client.tunnels_document, "status": client.status_document}
     )
+    http = LocalHttpServer(
+        {
+            "/metrics": lambda: (200, CONTENT_TYPE_LATEST, generate_latest(metrics.registry)),
+            "/api/v1/status": lambda: (200, "application/json", _json(client.status_document())),
+        }
+    )
     try:
         if config.get("metrics.enabled"):
-            client.metrics_url = metrics.serve(
-                config.get("metrics.prometheus_host"), config.get("metrics.prometheus_port")
-            )
+            client.metrics_url = await _serve_http(http, config)
         for forward in tunnels:
             await forward.start()
             local = f"{forward.spec.local_host}:{forward.port}"
@@ -111,7 +123,21 @@ async def run_client(
         for forward in tunnels:
             await forward.aclose()
         await link.aclose()
-        metrics.close()
+        await http.aclose()
+
+
+async def _serve_http(http: LocalHttpServer, config: Config) -> str | None:
+    """Serve /metrics and /api/v1/status; a port in use is reported, never fatal."""
+    host, port = config.get("metrics.prometheus_host"), config.get("metrics.prometheus_port")
+    try:
+        return f"{await http.start(host, port)}/metrics"
+    except OSError as exc:
+        log.warning("metrics_not_served", host=host, port=port, reason=exc.strerror or str(exc))
+        return None
+
+
+def _json(document: dict[str, Any]) -> bytes:
+    return json.dumps(document).encode()
 
 
 @tunnel.command("list")

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from cloudbridge_core.client.connection import RelayConnection, attempt, transport_order
+from cloudbridge_core.client.metrics import ClientMetrics
 from cloudbridge_core.client.race import Candidate, race
 from cloudbridge_core.config import Config
 from cloudbridge_core.durations import parse_duration
@@ -59,9 +60,12 @@ def clearly_better(probe_rtt: float, current_rtt: float) -> bool:
 class RelayLink:
     """The client's connection to the relay, on whichever transport is best right now."""
 
-    def __init__(self, config: Config, plugins: Plugins) -> None:
+    def __init__(
+        self, config: Config, plugins: Plugins, metrics: ClientMetrics | None = None
+    ) -> None:
         self._config = config
         self._plugins = plugins
+        self._metrics = metrics
         self._current: RelayConnection | None = None
         self._retired: set[RelayConnection] = set()
         self._switching = asyncio.Lock()
@@ -73,6 +77,8 @@ class RelayLink:
         self.probes: dict[str, dict[str, Any]] = {}
         self.last_error: str | None = None
         self.on_switch: list[SwitchListener] = []
+        if metrics is not None:
+            self.on_switch.append(metrics.transport_selected)
         self._closing: set[asyncio.Task[None]] = set()
         self._connected = asyncio.Event()
         self._wake = asyncio.Event()
@@ -226,13 +232,18 @@ class RelayLink:
         timeout = parse_duration(self._config.get("transport.connect_timeout"))
         rtts: list[float] = []
         failure: CloudBridgeError | None = None
-        for _ in range(PINGS_PER_MEASUREMENT):
-            try:
-                rtts.append(await connection.ping(timeout))
-            except TransportError as error:  # the session itself is gone: no point retrying
-                raise HeartbeatFailed(f"{connection.transport} session ended: {error}") from None
-            except HeartbeatFailed as error:
-                failure = error
+        tried = 0
+        try:
+            for tried in range(1, PINGS_PER_MEASUREMENT + 1):  # noqa: B007 - counted for metrics
+                try:
+                    rtts.append(await connection.ping(timeout))
+                except HeartbeatFailed as error:
+                    failure = error
+        except TransportError as error:  # the session itself is gone: no point retrying
+            raise HeartbeatFailed(f"{connection.transport} session ended: {error}") from None
+        finally:
+            if self._metrics is not None and connection is self._current:
+                self._metrics.heartbeats(rtts, tried - len(rtts))
         if not rtts:
             assert failure is not None
             raise failure
@@ -245,6 +256,8 @@ class RelayLink:
         policies = RetryPolicies.from_config(self._config.get("retry"))
         attempt = 0
         while True:
+            if self._metrics is not None:
+                self._metrics.reconnection_attempts.inc()
             try:
                 connection, reason = await self._race(self._candidates())
             except AuthError as error:
@@ -252,6 +265,8 @@ class RelayLink:
                 self.last_error = error.message
                 raise
             except CloudBridgeError as error:
+                if self._metrics is not None:
+                    self._metrics.errors.labels(error.code).inc()
                 delay = policies.policy_for(error).delay_for(attempt)
                 self.state = "reconnecting"
                 self.last_error = f"reconnect attempt {attempt + 1} failed: {error.message}"
@@ -297,7 +312,12 @@ class RelayLink:
 
     async def _race(self, candidates: list[Candidate]) -> tuple[RelayConnection, str]:
         head_start = parse_duration(self._config.get("transport.race_head_start"))
-        return await race(self._config, candidates, head_start)
+        return await race(self._config, candidates, head_start, self._transport_failed)
+
+    def _transport_failed(self, name: str, error: CloudBridgeError) -> None:
+        if self._metrics is not None:
+            self._metrics.connection_failures.labels(name).inc()
+            self._metrics.errors.labels(error.code).inc()
 
     def _install(self, connection: RelayConnection, reason: str) -> None:
         previous = self._current

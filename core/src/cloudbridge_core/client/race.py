@@ -7,7 +7,7 @@ once; the others are cancelled, and any that succeeded too are closed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 from cloudbridge_core.client.connection import RelayConnection, attempt
 from cloudbridge_core.config import Config
@@ -22,9 +22,12 @@ Attempt = asyncio.Task[RelayConnection]
 
 
 async def race(
-    config: Config, candidates: list[Candidate], head_start: float
+    config: Config,
+    candidates: list[Candidate],
+    head_start: float,
+    failed: Callable[[str, CloudBridgeError], None] | None = None,
 ) -> tuple[RelayConnection, str]:
-    """The first candidate to connect, and why it was chosen."""
+    """The first candidate to connect, and why it was chosen; ``failed`` hears of the others."""
     names: dict[Attempt, str] = {}
     failures: dict[str, CloudBridgeError] = {}
     winner: Attempt | None = None
@@ -36,6 +39,9 @@ async def race(
             if winner is not None:
                 return winner.result(), _reason(names[winner], candidates, failures, config)
     finally:
+        if failed is not None:
+            for failed_name, error in failures.items():
+                failed(failed_name, error)
         await _discard([task for task in names if task is not winner])
     raise next(reversed(failures.values()))
 

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from cloudbridge_core.client.connection import RelayConnection
+from cloudbridge_core.client.metrics import ClientMetrics
 from cloudbridge_core.errors import CloudBridgeError
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.pump import PumpResult, prepare, pump
@@ -63,9 +64,14 @@ class Tunnel:
     """One local listener; each accepted connection becomes one stream to the target."""
 
     def __init__(
-        self, spec: TunnelSpec, connection: ConnectionSource, buffer_size: int = 65536
+        self,
+        spec: TunnelSpec,
+        connection: ConnectionSource,
+        buffer_size: int = 65536,
+        metrics: ClientMetrics | None = None,
     ) -> None:
         self.spec = spec
+        self._metrics = metrics
         self.statistics = TunnelStatistics()
         self._connection = connection
         self._buffer_size = buffer_size
@@ -102,7 +108,10 @@ class Tunnel:
         try:
             async with self._connection.use() as connection:
                 stream, early = await connection.open_tunnel(self.spec.target)
-                stats.setup_seconds_total += time.perf_counter() - started
+                setup = time.perf_counter() - started
+                stats.setup_seconds_total += setup
+                if self._metrics is not None:
+                    self._metrics.setup_latency.observe(setup)
                 if early:
                     await asyncio.get_running_loop().sock_sendall(client, early)
                 await pump(stream, client, buffer_size=self._buffer_size, result=moved)
@@ -110,6 +119,8 @@ class Tunnel:
                     stats.errors += 1
         except CloudBridgeError as error:
             stats.errors += 1
+            if self._metrics is not None:
+                self._metrics.errors.labels(error.code).inc()
             log.warning(
                 "tunnel_refused", target=self.spec.target, code=error.code, reason=error.message
             )
