@@ -293,13 +293,18 @@ def test_status_shows_the_transport_and_follows_a_mode_reload(
     assert {plugins[name] for name in ("quic", "grpc", "websocket")} == {"active"}
     state = tmp_path / "D"
     ports = {name: free_port() for name in ("quic", "grpc", "websocket", "tls")}
+    relay_metrics = free_port()
     relay_env = environment(
         CLOUDBRIDGE_SERVER__LISTEN="127.0.0.1",
+        CLOUDBRIDGE_METRICS__PROMETHEUS_PORT=str(relay_metrics),
         **{f"CLOUDBRIDGE_RELAY__PORTS__{name.upper()}": str(p) for name, p in ports.items()},
     )
     relay = start(
         "relay", "serve", "--dev", "--state-dir", str(state), env=relay_env, ready="client config:"
     )
+    relay_url = f"http://127.0.0.1:{relay_metrics}"
+    assert scrape(f"{relay_url}/healthz") == "ok\n"
+    assert scrape(f"{relay_url}/readyz").startswith("ready: quic, grpc, websocket, tls")
     token = relay_token(state)
     written = yaml.safe_load((state / "client.yaml").read_text())
     assert written["relay"]["ports"] == ports  # every enabled transport's port
@@ -320,16 +325,8 @@ def test_status_shows_the_transport_and_follows_a_mode_reload(
         assert status["transport"]["name"] == "quic"
         assert status["transport"]["reason"] == "preferred transport"
         assert echo_once(local, b"over quic") == b"over quic"
-        metrics = scrape(status["metrics_url"])
-        assert 'cloudbridge_client_transport_mode{mode="quic"} 1.0' in metrics
-        assert 'cloudbridge_client_bytes_total{direction="sent"} 9.0' in metrics
-        assert "cloudbridge_client_tunnel_setup_seconds_count 1.0" in metrics
-        assert "cloudbridge_client_tunnels_active 1.0" in metrics
-        families = {line.split()[2] for line in metrics.splitlines() if line.startswith("# TYPE")}
-        assert families
-        assert all(name.startswith("cloudbridge_client_") for name in families), families
-        api = json.loads(scrape(status["metrics_url"].replace("/metrics", "/api/v1/status")))
-        assert api["transport"]["name"] == "quic"
+        assert_client_counted_one_quic_connection(status["metrics_url"])
+        assert_relay_counted_one_quic_session(relay_url)
 
         config.write_text(yaml.safe_dump({**written, "transport": {"mode": "websocket"}}))
 
@@ -355,6 +352,28 @@ def test_status_shows_the_transport_and_follows_a_mode_reload(
     finally:
         assert stop(tunnel) == 0
         assert stop(relay) == 0
+
+
+def assert_client_counted_one_quic_connection(metrics_url: str) -> None:
+    metrics = scrape(metrics_url)
+    assert 'cloudbridge_client_transport_mode{mode="quic"} 1.0' in metrics
+    assert 'cloudbridge_client_bytes_total{direction="sent"} 9.0' in metrics
+    assert "cloudbridge_client_tunnel_setup_seconds_count 1.0" in metrics
+    assert "cloudbridge_client_tunnels_active 1.0" in metrics
+    families = {line.split()[2] for line in metrics.splitlines() if line.startswith("# TYPE")}
+    assert families
+    assert all(name.startswith("cloudbridge_client_") for name in families), families
+    api = json.loads(scrape(metrics_url.replace("/metrics", "/api/v1/status")))
+    assert api["transport"]["name"] == "quic"
+
+
+def assert_relay_counted_one_quic_session(relay_url: str) -> None:
+    relay_side = scrape(f"{relay_url}/metrics")
+    assert 'cloudbridge_relay_sessions{transport="quic"} 1.0' in relay_side
+    assert 'cloudbridge_relay_bytes_total{direction="to_target"} 9.0' in relay_side
+    assert 'cloudbridge_relay_sessions_opened_total{transport="quic"} 1.0' in relay_side
+    families = {line.split()[2] for line in relay_side.splitlines() if line.startswith("# TYPE")}
+    assert all(name.startswith("cloudbridge_relay_") for name in families), families
 
 
 def relay_token(state: Path) -> str:

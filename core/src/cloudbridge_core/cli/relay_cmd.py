@@ -13,9 +13,13 @@ from cloudbridge_core.cli.runtime import config_option, runtime_of
 from cloudbridge_core.cli.serving import run_async, wait_for_stop
 from cloudbridge_core.durations import parse_duration
 from cloudbridge_core.errors import UsageError
+from cloudbridge_core.httpd import LocalHttpServer
+from cloudbridge_core.log import get_logger
 from cloudbridge_core.relay.runner import start_relay, state_dir_of
 from cloudbridge_core.relay.state import RelayState
 from cloudbridge_core.relay.tokens import issue_token, jwks
+
+log = get_logger("relay")
 
 state_dir_option = click.option(
     "--state-dir",
@@ -43,7 +47,16 @@ def serve(ctx: click.Context, state_dir: Path | None, dev: bool) -> None:
 
     async def main() -> None:
         running = await start_relay(config, runtime.plugins, state_dir=state_dir, dev=dev)
+        http = LocalHttpServer(running.http_routes())
         try:
+            if config.get("metrics.enabled"):
+                host = config.get("metrics.prometheus_host")
+                port = config.get("metrics.prometheus_port")
+                try:
+                    url = await http.start(host, port)
+                    message(f"metrics and probes: {url}/metrics, /healthz, /readyz")
+                except OSError as exc:
+                    log.warning("metrics_not_served", host=host, port=port, reason=str(exc))
             for name, listener in running.listeners.items():
                 message(f"relay listening: {name} on {config.get('server.listen')}:{listener.port}")
             message(f"CA fingerprint (sha256): {running.state.ca.fingerprint()}")
@@ -53,6 +66,7 @@ def serve(ctx: click.Context, state_dir: Path | None, dev: bool) -> None:
             await wait_for_stop()
         finally:
             await running.aclose()
+            await http.aclose()
 
     run_async(main)
 

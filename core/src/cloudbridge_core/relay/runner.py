@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import ssl
 from collections.abc import Mapping
@@ -9,8 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
 from cloudbridge_core.config import Config
 from cloudbridge_core.errors import ConfigError, ConfigIssue, ProviderNotInstalled
+from cloudbridge_core.httpd import Handler
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.plugins import Plugins
 from cloudbridge_core.providers import AuthProvider, Endpoint, Listener, TlsMaterial
@@ -32,9 +36,28 @@ class RunningRelay:
     listeners: dict[str, Listener] = field(default_factory=dict)
     client_config: Path | None = None
 
+    closing: bool = False
+
     async def aclose(self) -> None:
+        self.closing = True
         for listener in self.listeners.values():
             await listener.aclose()
+
+    def http_routes(self) -> dict[str, Handler]:
+        """``/metrics``, and ``/healthz`` / ``/readyz`` for orchestrators' probes."""
+        return {
+            "/metrics": lambda: (
+                200,
+                CONTENT_TYPE_LATEST,
+                generate_latest(self.relay.metrics.registry),
+            ),
+            "/healthz": lambda: (200, "text/plain", b"ok\n"),
+            "/readyz": lambda: (
+                (503, "text/plain", b"closing\n")
+                if self.closing or not self.listeners
+                else (200, "text/plain", f"ready: {', '.join(self.listeners)}\n".encode())
+            ),
+        }
 
 
 def state_dir_of(config: Config, override: Path | None) -> Path:
@@ -86,6 +109,7 @@ async def start_relay(
     relay = Relay(
         auth, egress, RelayLimits.from_config(config.get("server"), config.get("performance"))
     )
+    relay.metrics.watch(relay, tenant_labels=config.get("metrics.tenant_labels"))
     running = RunningRelay(state, relay)
     pair = _server_pair(config, state)
     material = TlsMaterial(certificate=pair.certificate, key=pair.key)
@@ -106,7 +130,8 @@ async def start_relay(
             transport = spec.load(config.data["transport"].get(name, {}))
             port = port_override if port_override is not None else ports[name]
             running.listeners[name] = await transport.serve(
-                Endpoint(listen, port, tls, documents=documents, material=material), relay.handle
+                Endpoint(listen, port, tls, documents=documents, material=material),
+                functools.partial(relay.handle, transport=name),
             )
             log.info("listening", transport=name, address=listen, port=running.listeners[name].port)
     except BaseException:

@@ -32,6 +32,7 @@ from cloudbridge_core.protocol import messages
 from cloudbridge_core.providers import AuthProvider, Claims, Session, Stream
 from cloudbridge_core.pump import prepare, pump
 from cloudbridge_core.relay.egress import EgressPolicy
+from cloudbridge_core.relay.metrics import RelayMetrics
 from cloudbridge_core.wire import MessageStream
 
 log = get_logger("relay.server")
@@ -67,14 +68,24 @@ class RelayLimits:
 class Relay:
     """Serves sessions from any transport: ``await relay.handle(session)``."""
 
-    def __init__(self, auth: AuthProvider, egress: EgressPolicy, limits: RelayLimits) -> None:
+    def __init__(
+        self,
+        auth: AuthProvider,
+        egress: EgressPolicy,
+        limits: RelayLimits,
+        metrics: RelayMetrics | None = None,
+    ) -> None:
         self._auth = auth
         self._egress = egress
         self._limits = limits
+        self.metrics = metrics or RelayMetrics()
         self.sessions_by_tenant: Counter[str] = Counter()
+        self.sessions_by_transport: Counter[str] = Counter()
+        self.streams_active = 0
         self.reaped_sessions = 0
 
-    async def handle(self, session: Session) -> None:
+    async def handle(self, session: Session, transport: str = "unknown") -> None:
+        """Serve one session; ``transport`` names the transport it came over (for metrics)."""
         try:
             control = MessageStream(
                 await asyncio.wait_for(session.accept_stream(), self._limits.handshake_timeout)
@@ -86,16 +97,22 @@ class Relay:
             log.info("handshake_timeout")
             return
         except CloudBridgeError as error:
+            self.metrics.auth_failures.labels(error.code).inc()
             log.info("session_rejected", code=error.code, reason=error.message)
             return
         tenant = claims.tenant_id
         self.sessions_by_tenant[tenant] += 1
+        self.sessions_by_transport[transport] += 1
+        self.metrics.sessions_opened.labels(transport).inc()
         try:
             await self._serve(session, control, claims)
         finally:
             self.sessions_by_tenant[tenant] -= 1
             if not self.sessions_by_tenant[tenant]:
                 del self.sessions_by_tenant[tenant]
+            self.sessions_by_transport[transport] -= 1
+            if not self.sessions_by_transport[transport]:
+                del self.sessions_by_transport[transport]
             log.info("session_closed", tenant_id=tenant, subject=claims.subject)
 
     async def _authenticate(self, control: MessageStream) -> Claims:
@@ -161,6 +178,7 @@ class Relay:
                     )
                 except TimeoutError:
                     self.reaped_sessions += 1
+                    self.metrics.sessions_reaped.inc()
                     log.info(
                         "session_reaped",
                         tenant_id=claims.tenant_id,
@@ -189,6 +207,7 @@ class Relay:
                 raise Unauthorized(f"token lacks the {TUNNEL} permission")
             target = await self._dial(claims.tenant_id, opened.target)
         except CloudBridgeError as error:
+            self.metrics.tunnels_rejected.labels(error.code).inc()
             log.info(
                 "tunnel_rejected", tenant_id=claims.tenant_id, target=opened.target, code=error.code
             )
@@ -202,7 +221,14 @@ class Relay:
         except (TransportError, OSError):
             target.close()
             return
-        result = await pump(stream, target, buffer_size=self._limits.buffer_size)
+        self.metrics.streams.inc()
+        self.streams_active += 1
+        try:
+            result = await pump(stream, target, buffer_size=self._limits.buffer_size)
+        finally:
+            self.streams_active -= 1
+        self.metrics.bytes.labels("to_target").inc(result.received)
+        self.metrics.bytes.labels("from_target").inc(result.sent)
         log.debug(
             "tunnel_closed",
             tenant_id=claims.tenant_id,

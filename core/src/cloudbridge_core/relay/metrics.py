@@ -1,0 +1,85 @@
+"""The relay's Prometheus metrics (base units, ``cloudbridge_relay_`` prefix)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from cloudbridge_core.relay.server import Relay
+
+
+class SessionCollector(Collector):
+    """Sessions open now, by transport (and by tenant when asked: tenants are bounded by
+    the relay's own users, but a large relay may not want one series each)."""
+
+    def __init__(self, relay: Relay, tenant_labels: bool) -> None:
+        self._relay = relay
+        self._tenant_labels = tenant_labels
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        by_transport = GaugeMetricFamily(
+            "cloudbridge_relay_sessions", "Sessions open now, by transport.", labels=["transport"]
+        )
+        for transport, count in sorted(self._relay.sessions_by_transport.items()):
+            by_transport.add_metric([transport], count)
+        yield by_transport
+        yield GaugeMetricFamily(
+            "cloudbridge_relay_streams_active",
+            "Tunnelled streams open now.",
+            value=self._relay.streams_active,
+        )
+        if self._tenant_labels:
+            by_tenant = GaugeMetricFamily(
+                "cloudbridge_relay_tenant_sessions",
+                "Sessions open now, by tenant.",
+                labels=["tenant_id"],
+            )
+            for tenant, count in sorted(self._relay.sessions_by_tenant.items()):
+                by_tenant.add_metric([tenant], count)
+            yield by_tenant
+
+
+class RelayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.sessions_opened = Counter(
+            "cloudbridge_relay_sessions_opened",
+            "Sessions authenticated, by transport.",
+            ["transport"],
+            registry=registry,
+        )
+        self.auth_failures = Counter(
+            "cloudbridge_relay_auth_failures",
+            "Sessions refused at authentication, by error code.",
+            ["code"],
+            registry=registry,
+        )
+        self.streams = Counter(
+            "cloudbridge_relay_streams", "Tunnelled streams opened.", registry=registry
+        )
+        self.tunnels_rejected = Counter(
+            "cloudbridge_relay_tunnels_rejected",
+            "Tunnel requests refused, by error code (egress_denied, unreachable, ...).",
+            ["code"],
+            registry=registry,
+        )
+        self.bytes = Counter(
+            "cloudbridge_relay_bytes",
+            "Bytes carried between clients and targets (to_target, from_target).",
+            ["direction"],
+            registry=registry,
+        )
+        self.sessions_reaped = Counter(
+            "cloudbridge_relay_sessions_reaped",
+            "Sessions closed because they stopped heartbeating.",
+            registry=registry,
+        )
+
+    def watch(self, relay: Relay, *, tenant_labels: bool) -> None:
+        self.registry.register(SessionCollector(relay, tenant_labels))
