@@ -20,6 +20,7 @@ from cloudbridge_core.client.status import RunningClient
 from cloudbridge_core.client.tunnel import Tunnel, TunnelSpec
 from cloudbridge_core.config import Config, ConfigWatcher, validate
 from cloudbridge_core.errors import UsageError
+from cloudbridge_core.exporters import exporting
 from cloudbridge_core.httpd import LocalHttpServer
 from cloudbridge_core.log import get_logger
 
@@ -108,16 +109,17 @@ async def run_client(
             local = f"{forward.spec.local_host}:{forward.port}"
             message(f"tunnel {local} -> {forward.spec.target} via {link.current.transport}")
         await control.start()
-        path = runtime.config_path
-        if path is None:
-            await wait_for_stop()
-        else:
-            reload = ConfigWatcher(
-                path, lambda: validate(runtime.read(path), runtime.schema), config
-            )
-            reload.subscribe(link.apply)
-            async with reload:
+        async with exporting(config, runtime.plugins, metrics.registry):
+            path = runtime.config_path
+            if path is None:
                 await wait_for_stop()
+            else:
+                reload = ConfigWatcher(
+                    path, lambda: validate(runtime.read(path), runtime.schema), config
+                )
+                reload.subscribe(link.apply)
+                async with reload:
+                    await wait_for_stop()
     finally:
         await control.aclose()
         for forward in tunnels:

@@ -1,0 +1,134 @@
+"""Pushes a registry to a Pushgateway every ``push_interval``, and once more at shutdown.
+
+Pushing is blocking HTTP (prometheus-client's), so it runs in a worker thread and never
+holds up the event loop; failures are retried with backoff, counted, and logged without
+the credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import socket
+import ssl
+import urllib.request
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from cloudbridge_core.durations import parse_duration
+from cloudbridge_core.log import get_logger
+from cloudbridge_core.retry import Backoff
+from prometheus_client import CollectorRegistry, Counter, delete_from_gateway, push_to_gateway
+
+log = get_logger("exporter.pushgateway")
+
+
+class PushgatewayExporter:
+    """Implements :class:`~cloudbridge_core.providers.Exporter`."""
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        self._url = str(settings.get("push_url", "http://localhost:9091"))
+        self._interval = parse_duration(str(settings.get("push_interval", "15s")))
+        self._timeout = parse_duration(str(settings.get("timeout", "10s")))
+        self._job = str(settings.get("job", "cloudbridge"))
+        self._grouping = {"instance": settings.get("instance") or socket.gethostname()}
+        self._delete_on_exit = bool(settings.get("delete_on_exit", False))
+        self._username = settings.get("username")
+        self._password = settings.get("password")
+        self._context = _context(settings.get("ca_file"))
+        self._backoff = Backoff(initial_delay=1.0, max_delay=self._interval, jitter=0.5)
+        self._registry: CollectorRegistry | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.failures: Counter | None = None
+        self.pushes = 0
+
+    async def start(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+        self.failures = Counter(
+            "cloudbridge_pushgateway_push_failures",
+            "Pushes to the Pushgateway that failed (retried with backoff).",
+            registry=registry,
+        )
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        task, self._task = self._task, None
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await self._push_once()  # the final values, so short runs are seen too
+        if self._delete_on_exit:
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(self._delete)
+
+    async def _run(self) -> None:
+        failures_in_a_row = 0
+        while True:
+            if await self._push_once():
+                failures_in_a_row = 0
+                await asyncio.sleep(self._interval)
+            else:
+                await asyncio.sleep(self._backoff.delay_for(failures_in_a_row))
+                failures_in_a_row += 1
+
+    async def _push_once(self) -> bool:
+        try:
+            await asyncio.to_thread(self._push)
+        except OSError as exc:  # urllib's URLError and HTTPError are OSErrors
+            if self.failures is not None:
+                self.failures.inc()
+            log.warning("push_failed", url=self._url, reason=str(exc))
+            return False
+        self.pushes += 1
+        return True
+
+    def _push(self) -> None:
+        assert self._registry is not None  # set by start()
+        push_to_gateway(
+            self._url,
+            job=self._job,
+            registry=self._registry,
+            grouping_key=self._grouping,
+            timeout=self._timeout,
+            handler=self._handler,
+        )
+
+    def _delete(self) -> None:
+        delete_from_gateway(
+            self._url,
+            job=self._job,
+            grouping_key=self._grouping,
+            timeout=self._timeout,
+            handler=self._handler,
+        )
+
+    def _handler(
+        self,
+        url: str,
+        method: str,
+        timeout: float | None,
+        headers: list[tuple[str, str]],
+        data: bytes,
+    ) -> Callable[[], None]:
+        """One HTTP request: basic auth and a private CA when configured."""
+
+        def handle() -> None:
+            request = urllib.request.Request(url, data=data, method=method)  # noqa: S310 - http(s) by schema
+            for name, value in headers:
+                request.add_header(name, value)
+            if self._username is not None:
+                pair = f"{self._username}:{self._password or ''}".encode()
+                request.add_header("Authorization", f"Basic {base64.b64encode(pair).decode()}")
+            with urllib.request.urlopen(  # noqa: S310 - http(s) by schema
+                request, timeout=timeout, context=self._context
+            ) as response:
+                if response.status >= 400:
+                    raise OSError(f"{method} {url}: HTTP {response.status}")
+
+        return handle
+
+
+def _context(ca_file: object) -> ssl.SSLContext | None:
+    return ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
