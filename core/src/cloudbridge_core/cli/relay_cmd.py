@@ -13,6 +13,7 @@ from cloudbridge_core.cli.runtime import config_option, runtime_of
 from cloudbridge_core.cli.serving import run_async, wait_for_stop
 from cloudbridge_core.durations import parse_duration
 from cloudbridge_core.errors import UsageError
+from cloudbridge_core.exporters import exporting
 from cloudbridge_core.httpd import LocalHttpServer
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.relay.runner import start_relay, state_dir_of
@@ -63,7 +64,8 @@ def serve(ctx: click.Context, state_dir: Path | None, dev: bool) -> None:
             message(f"client config: {running.client_config}")
             if dev:
                 message("development mode: tunnels may reach this host's loopback")
-            await wait_for_stop()
+            async with exporting(config, runtime.plugins, running.relay.metrics.registry):
+                await wait_for_stop()
         finally:
             await running.aclose()
             await http.aclose()

@@ -14,7 +14,7 @@ import weakref
 from typing import Any
 
 import grpc
-from cloudbridge_core.errors import ProtocolViolation, TransportClosed, TransportError
+from cloudbridge_core.errors import TransportClosed, TransportError
 
 from cloudbridge_grpc._generated.tunnel_pb2 import Chunk, Control
 from cloudbridge_grpc.streams import ClientStream, ServerStream
@@ -66,7 +66,6 @@ class ClientSession:
             response_deserializer=Control.FromString,
         )(metadata=self._metadata)
         self._incoming = _Incoming()
-        self._streams: weakref.WeakSet[ClientStream] = weakref.WeakSet()
         self._listener: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -77,25 +76,17 @@ class ClientSession:
         self._listener = asyncio.create_task(self._follow_requests())
 
     async def _follow_requests(self) -> None:
-        ended = TransportClosed("the gRPC session ended")
         try:
             while (request := await self._control.read()) is not grpc.aio.EOF:
                 reverse = (REVERSE_HEADER, str(request.open_reverse))
                 self._incoming.put(self._stream([*self._metadata, reverse]))
         except grpc.aio.AioRpcError as exc:
-            ended = TransportClosed(f"the gRPC session ended: {exc.details()}")
+            self._incoming.end(TransportClosed(f"the gRPC session ended: {exc.details()}"))
         finally:
-            self._end(ended)
-
-    def _end(self, error: TransportError) -> None:
-        self._incoming.end(error)
-        for stream in list(self._streams):
-            stream.fail(error)
+            self._incoming.end(TransportClosed("the gRPC session ended"))
 
     def _stream(self, metadata: list[tuple[str, str]]) -> ClientStream:
-        stream = ClientStream(self._open_call(metadata=tuple(metadata)), self._piece)
-        self._streams.add(stream)
-        return stream
+        return ClientStream(self._open_call(metadata=tuple(metadata)), self._piece)
 
     async def open_stream(self) -> ClientStream:
         if self._incoming.error is not None:
@@ -107,7 +98,7 @@ class ClientSession:
         return stream
 
     async def aclose(self) -> None:
-        self._end(TransportClosed("the session was closed"))
+        self._incoming.end(TransportClosed("the session was closed"))
         self._control.cancel()
         if self._listener is not None:
             self._listener.cancel()
@@ -129,16 +120,13 @@ class ServerSession:
 
     def stream_arrived(self, stream: ServerStream, reverse: str | None) -> None:
         self._streams.add(stream)
-        if self._incoming.error is not None:
-            stream.fail(self._incoming.error)
-            return
-        waiting = self._reverse_waiting.pop(_number(reverse), None) if reverse else None
+        waiting = self._reverse_waiting.pop(int(reverse), None) if reverse else None
         if waiting is not None and not waiting.done():
             waiting.set_result(stream)
         elif reverse is None:
             self._incoming.put(stream)
         else:
-            stream.fail(ProtocolViolation("a reverse stream nobody asked for"))
+            stream.reset_by_peer()  # an answer nobody asked for
 
     async def open_stream(self) -> ServerStream:
         if self._incoming.error is not None:
@@ -163,15 +151,11 @@ class ServerSession:
         for waiting in self._reverse_waiting.values():
             if not waiting.done():
                 waiting.set_exception(error)
-        for stream in list(self._streams):
-            stream.fail(error)
+        for stream in self._streams:
+            stream.reset_by_peer()
+        self.ended.set()
 
     async def aclose(self) -> None:
         self.end(TransportClosed("the session was closed"))
         with contextlib.suppress(Exception):
             self._context.cancel()
-
-
-def _number(reverse: str) -> int:
-    """The number in a ``cloudbridge-reverse`` header; 0 (never asked for) when garbled."""
-    return int(reverse) if reverse.isdigit() else 0
