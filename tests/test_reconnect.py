@@ -39,6 +39,7 @@ class Relay:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, state: Path | None = None) -> None:
+        self.release()
         env = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDBRIDGE_")}
         env["CLOUDBRIDGE_SERVER__LISTEN"] = "127.0.0.1"
         env["CLOUDBRIDGE_DISABLE_PLUGINS"] = "quic"  # TCP transports: a kill is seen at once
@@ -58,10 +59,17 @@ class Relay:
     def kill(self) -> None:
         assert self.process is not None
         self.process.send_signal(signal.SIGKILL)
+        self.release()
+
+    def release(self) -> None:
+        """Wait for the last process to end and close its pipe."""
+        if self.process is None:
+            return
         self.process.wait()
         self._drain.join(5)
         assert self.process.stderr is not None
         self.process.stderr.close()
+        self.process = None
 
     def token(self) -> str:
         return subprocess.run(
@@ -83,6 +91,7 @@ def relay(tmp_path: Path) -> Iterator[Relay]:
     yield relay
     if relay.process is not None and relay.process.poll() is None:
         relay.kill()
+    relay.release()
 
 
 def tcp_plugins() -> Plugins:
@@ -195,5 +204,43 @@ def test_a_relay_that_no_longer_accepts_the_token_stops_the_retries(
         await asyncio.sleep(0.5)
         assert link._watcher.done()  # no retry loop left running
         await link.aclose()
+
+    asyncio.run(main())
+
+
+def test_sigterm_drains_open_tunnels_and_the_client_notices_at_once(
+    relay: Relay, echo_target: int
+) -> None:
+    async def main() -> None:
+        plugins = tcp_plugins()
+        config = client_config(relay, plugins)
+        slow_checks = config.data["transport"] | {"health_check_interval": "60s"}
+        config.data["transport"] = slow_checks  # only the session's end can tell the client
+        link = RelayLink(config, plugins)
+        await link.start()
+        tunnel = Tunnel(TunnelSpec(0, "127.0.0.1", echo_target), link)
+        await tunnel.start()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", tunnel.port)
+            writer.write(b"ping")
+            assert await reader.readexactly(4) == b"ping"
+            assert relay.process is not None
+            relay.process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            assert relay.process.poll() is None  # draining: the open tunnel goes on
+            writer.write(b"still here")
+            assert await asyncio.wait_for(reader.readexactly(10), 5) == b"still here"
+            writer.close()
+            code = await asyncio.to_thread(relay.process.wait, 10)
+            assert code == 0
+            stopped = time.monotonic()
+            while link.status()["state"] != "reconnecting":
+                assert time.monotonic() - stopped < 3, link.status()
+                await asyncio.sleep(0.05)
+            relay.start()
+            assert await echo(tunnel.port, b"after the restart") == b"after the restart"
+        finally:
+            await tunnel.aclose()
+            await link.aclose()
 
     asyncio.run(main())

@@ -1,17 +1,21 @@
-"""gRPC specifics on real loopback sockets: discovery, health service, the .proto."""
+"""gRPC specifics on real loopback sockets: discovery, health, sessions, keepalive, the .proto."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import grpc
 import pytest
+from cloudbridge_core.errors import ServerUnavailable, TransportClosed
 from cloudbridge_core.plugins import load_plugins
+from cloudbridge_core.providers import Session
 from cloudbridge_core.testing.conformance import TransportKit
 from cloudbridge_core.testing.streams import echo_streams, read_all
 from cloudbridge_grpc._generated import tunnel_pb2
 from cloudbridge_grpc.transport import SERVICE, GrpcTransport
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from structlog.testing import capture_logs
 
 pytestmark = pytest.mark.timeout(60)
 KIT = TransportKit(lambda: GrpcTransport({}))
@@ -58,6 +62,120 @@ def test_writes_larger_than_a_message_are_split() -> None:
         await listener.aclose()
 
     asyncio.run(main())
+
+
+def test_closing_a_session_on_the_server_ends_the_clients_streams() -> None:
+    async def close_after_one_stream(session: Session) -> None:
+        stream = await session.accept_stream()
+        assert await stream.read() == b"hello"
+        await session.aclose()
+
+    async def main() -> None:
+        async with KIT.pair(close_after_one_stream) as (client, _):
+            stream = await client.open_stream()
+            await stream.write(b"hello")
+            with pytest.raises(TransportClosed):
+                await asyncio.wait_for(stream.read(), 10)
+            with pytest.raises(TransportClosed):
+                await asyncio.wait_for(client.accept_stream(), 10)
+            with pytest.raises(TransportClosed):
+                await client.open_stream()
+
+    asyncio.run(main())
+
+
+def test_closing_a_session_on_the_client_ends_the_servers_streams() -> None:
+    async def main() -> None:
+        async with KIT.pair() as (client, accepted):
+            streams = [await client.open_stream() for _ in range(20)]
+            for stream in streams:
+                await stream.write(b"hello")
+            server = await asyncio.wait_for(accepted.get(), 10)
+            peers = [await server.accept_stream() for _ in streams]
+            for peer in peers:
+                assert await peer.read() == b"hello"
+            await client.aclose()
+            for peer in peers:
+                with pytest.raises(TransportClosed):
+                    await asyncio.wait_for(peer.read(), 10)
+            with pytest.raises(TransportClosed):
+                await asyncio.wait_for(server.accept_stream(), 10)
+
+    asyncio.run(main())
+
+
+def test_a_read_that_timed_out_leaves_the_stream_usable() -> None:
+    # grpcio cancels a call whose reading task is cancelled; the stream must not
+    async def main() -> None:
+        async with KIT.pair() as (client, accepted):
+            stream = await client.open_stream()
+            await stream.write(b"hello")
+            server = await asyncio.wait_for(accepted.get(), 10)
+            peer = await server.accept_stream()
+            assert await peer.read() == b"hello"
+            for reader in (stream, peer):
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(reader.read(), 0.2)
+            await stream.write(b"ping")
+            assert await peer.read() == b"ping"
+            await peer.write(b"pong")
+            assert await stream.read() == b"pong"
+
+    asyncio.run(main())
+
+
+def test_a_failing_session_handler_is_logged_and_the_listener_serves_on() -> None:
+    calls = 0
+
+    async def fails_first(session: Session) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug in the handler")
+        await echo_streams(session)
+
+    async def main() -> None:
+        transport = GrpcTransport({})
+        listener = await transport.serve(KIT.server_endpoint(), fails_first)
+        first = await transport.connect(KIT.client_endpoint(listener.port))
+        with pytest.raises(TransportClosed):  # the failed handler's session was closed
+            await asyncio.wait_for(first.accept_stream(), 10)
+        second = await transport.connect(KIT.client_endpoint(listener.port))
+        stream = await second.open_stream()
+        await stream.write(b"still serving")
+        await stream.close_write()
+        assert await read_all(stream) == b"still serving"
+        for closing in (first, second, listener):
+            await closing.aclose()
+
+    with capture_logs() as logs:
+        asyncio.run(main())
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["session_handler_failed"]
+
+
+def test_an_idle_session_outlives_many_keepalive_pings() -> None:
+    # gRPC servers end connections that ping more often than every 5 minutes by default;
+    # with pings every 200 ms that GOAWAY (too_many_pings) comes within about 5 seconds
+    transport = GrpcTransport({"keepalive_interval": "200ms", "keepalive_timeout": "1s"})
+    kit = TransportKit(lambda: transport)
+
+    async def main() -> None:
+        async with kit.pair(echo_streams) as (client, _):
+            await asyncio.sleep(6)
+            stream = await client.open_stream()
+            await stream.write(b"after the pings")
+            await stream.close_write()
+            assert await read_all(stream) == b"after the pings"
+
+    asyncio.run(main())
+
+
+def test_nobody_listening_is_server_unavailable() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(ServerUnavailable):
+        asyncio.run(GrpcTransport({}).connect(KIT.client_endpoint(port)))
 
 
 def test_the_proto_declares_the_two_streaming_calls() -> None:

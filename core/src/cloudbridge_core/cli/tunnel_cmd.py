@@ -19,6 +19,7 @@ from cloudbridge_core.client.metrics import ClientMetrics
 from cloudbridge_core.client.status import RunningClient
 from cloudbridge_core.client.tunnel import Tunnel, TunnelSpec
 from cloudbridge_core.config import Config, ConfigWatcher, validate
+from cloudbridge_core.durations import parse_duration
 from cloudbridge_core.errors import UsageError
 from cloudbridge_core.exporters import exporting
 from cloudbridge_core.httpd import LocalHttpServer
@@ -122,8 +123,8 @@ async def run_client(
                     await wait_for_stop()
     finally:
         await control.aclose()
-        for forward in tunnels:
-            await forward.aclose()
+        drain = parse_duration(config.get("server.drain_timeout"))
+        await asyncio.gather(*(forward.aclose(drain) for forward in tunnels))
         await link.aclose()
         await http.aclose()
 

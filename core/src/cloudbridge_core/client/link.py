@@ -80,6 +80,7 @@ class RelayLink:
         if metrics is not None:
             self.on_switch.append(metrics.transport_selected)
         self._closing: set[asyncio.Task[None]] = set()
+        self._followers: set[asyncio.Task[None]] = set()
         self._connected = asyncio.Event()
         self._wake = asyncio.Event()
         self.state = "connecting"
@@ -98,9 +99,12 @@ class RelayLink:
             self._wake.set()
 
     async def aclose(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            await asyncio.gather(self._watcher, return_exceptions=True)
+        for task in (self._watcher, *self._followers):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(
+            *(t for t in (self._watcher, *self._followers) if t), return_exceptions=True
+        )
         for connection in (*self._retired, *([self._current] if self._current else [])):
             await connection.aclose()
         await asyncio.gather(*self._closing, return_exceptions=True)
@@ -227,6 +231,17 @@ class RelayLink:
                 return
             await probe.aclose()
 
+    async def _follow(self, connection: RelayConnection) -> None:
+        """Notice at once when the relay closes the session (a restart, a reaped session),
+        instead of at the next heartbeat."""
+        with contextlib.suppress(TransportError):
+            while True:
+                stream = await connection.session.accept_stream()
+                await stream.aclose()  # the relay opens no streams towards clients
+        if connection is self._current:
+            log.info("session_closed_by_relay", transport=connection.transport)
+        self.lost(connection)
+
     async def _measure(self, connection: RelayConnection) -> float:
         """The best of a few pings; the session counts as dead only when every one fails."""
         timeout = parse_duration(self._config.get("transport.connect_timeout"))
@@ -322,6 +337,9 @@ class RelayLink:
     def _install(self, connection: RelayConnection, reason: str) -> None:
         previous = self._current
         self._current = connection
+        follower = asyncio.get_running_loop().create_task(self._follow(connection))
+        self._followers.add(follower)
+        follower.add_done_callback(self._followers.discard)
         self.state = "connected"
         self._connected.set()
         self.reason = reason

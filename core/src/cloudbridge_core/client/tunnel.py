@@ -130,9 +130,14 @@ class Tunnel:
             stats.bytes_received += moved.received
             stats.active_connections -= 1
 
-    async def aclose(self) -> None:
+    async def aclose(self, drain: float = 0.0) -> None:
+        """Stop accepting; give open connections up to ``drain`` seconds, then cut them."""
         if self._listener is None:
             return
+        if self._acceptor is not None:
+            self._acceptor.cancel()
+        if drain and self._handlers:
+            await asyncio.wait(set(self._handlers), timeout=drain)
         tasks = [t for t in (self._acceptor, *self._handlers) if t is not None]
         for task in tasks:
             task.cancel()

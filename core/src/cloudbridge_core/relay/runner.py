@@ -39,7 +39,9 @@ class RunningRelay:
     closing: bool = False
 
     async def aclose(self) -> None:
+        """Graceful: refuse new work, let open tunnels finish (bounded), then close all."""
         self.closing = True
+        await self.relay.drain()
         for listener in self.listeners.values():
             await listener.aclose()
 

@@ -23,6 +23,7 @@ from cloudbridge_core.errors import (
     CloudBridgeError,
     ConnectionTimeout,
     LimitExceeded,
+    ServerUnavailable,
     TargetUnreachable,
     TransportError,
     Unauthorized,
@@ -52,12 +53,14 @@ class RelayLimits:
     buffer_size: int = 65536
     heartbeat_interval: float = 30.0
     heartbeat_timeout: float = 90.0
+    drain_timeout: float = 10.0
 
     @classmethod
     def from_config(cls, server: Mapping[str, Any], performance: Mapping[str, Any]) -> RelayLimits:
         return cls(
             handshake_timeout=parse_duration(server["handshake_timeout"]),
             heartbeat_timeout=parse_duration(server["heartbeat_timeout"]),
+            drain_timeout=parse_duration(server["drain_timeout"]),
             connect_timeout=parse_duration(server["connect_timeout"]),
             max_sessions_per_tenant=server["max_sessions_per_tenant"],
             max_streams_per_session=server["max_streams_per_session"],
@@ -83,6 +86,9 @@ class Relay:
         self.sessions_by_transport: Counter[str] = Counter()
         self.streams_active = 0
         self.reaped_sessions = 0
+        self.draining = False
+        self._streams_idle = asyncio.Event()
+        self._streams_idle.set()
 
     async def handle(self, session: Session, transport: str = "unknown") -> None:
         """Serve one session; ``transport`` names the transport it came over (for metrics)."""
@@ -115,6 +121,13 @@ class Relay:
                 del self.sessions_by_transport[transport]
             log.info("session_closed", tenant_id=tenant, subject=claims.subject)
 
+    async def drain(self) -> None:
+        """Refuse new sessions and tunnels; wait (bounded) for open tunnels to finish."""
+        self.draining = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._streams_idle.wait(), self._limits.drain_timeout)
+        log.info("drained", streams_left=self.streams_active)
+
     async def _authenticate(self, control: MessageStream) -> Claims:
         hello = await control.expect(messages.Hello)
         assert isinstance(hello, messages.Hello)  # expect() checked the kind
@@ -122,6 +135,8 @@ class Relay:
             claims = await self._auth.validate(hello.token)
             if CONNECT not in claims.permissions:
                 raise Unauthorized(f"token lacks the {CONNECT} permission")
+            if self.draining:
+                raise ServerUnavailable("the relay is restarting")
             if self.sessions_by_tenant[claims.tenant_id] >= self._limits.max_sessions_per_tenant:
                 raise LimitExceeded(
                     f"tenant already holds {self._limits.max_sessions_per_tenant} sessions"
@@ -205,6 +220,8 @@ class Relay:
         try:
             if TUNNEL not in claims.permissions:
                 raise Unauthorized(f"token lacks the {TUNNEL} permission")
+            if self.draining:
+                raise ServerUnavailable("the relay is restarting")
             target = await self._dial(claims.tenant_id, opened.target)
         except CloudBridgeError as error:
             self.metrics.tunnels_rejected.labels(error.code).inc()
@@ -223,10 +240,13 @@ class Relay:
             return
         self.metrics.streams.inc()
         self.streams_active += 1
+        self._streams_idle.clear()
         try:
             result = await pump(stream, target, buffer_size=self._limits.buffer_size)
         finally:
             self.streams_active -= 1
+            if not self.streams_active:
+                self._streams_idle.set()
         self.metrics.bytes.labels("to_target").inc(result.received)
         self.metrics.bytes.labels("from_target").inc(result.sent)
         log.debug(

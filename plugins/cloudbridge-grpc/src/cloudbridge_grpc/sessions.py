@@ -8,13 +8,12 @@ metadata. When the control call ends, the session ends, and every stream of it w
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import weakref
 from typing import Any
 
 import grpc
-from cloudbridge_core.errors import TransportClosed, TransportError
+from cloudbridge_core.errors import ProtocolViolation, TransportClosed, TransportError
 
 from cloudbridge_grpc._generated.tunnel_pb2 import Chunk, Control
 from cloudbridge_grpc.streams import ClientStream, ServerStream
@@ -66,6 +65,7 @@ class ClientSession:
             response_deserializer=Control.FromString,
         )(metadata=self._metadata)
         self._incoming = _Incoming()
+        self._streams: weakref.WeakSet[ClientStream] = weakref.WeakSet()
         self._listener: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -76,17 +76,25 @@ class ClientSession:
         self._listener = asyncio.create_task(self._follow_requests())
 
     async def _follow_requests(self) -> None:
+        ended = TransportClosed("the gRPC session ended")
         try:
             while (request := await self._control.read()) is not grpc.aio.EOF:
                 reverse = (REVERSE_HEADER, str(request.open_reverse))
                 self._incoming.put(self._stream([*self._metadata, reverse]))
         except grpc.aio.AioRpcError as exc:
-            self._incoming.end(TransportClosed(f"the gRPC session ended: {exc.details()}"))
+            ended = TransportClosed(f"the gRPC session ended: {exc.details()}")
         finally:
-            self._incoming.end(TransportClosed("the gRPC session ended"))
+            self._end(ended)
+
+    def _end(self, error: TransportError) -> None:
+        self._incoming.end(error)
+        for stream in list(self._streams):
+            stream.fail(error)
 
     def _stream(self, metadata: list[tuple[str, str]]) -> ClientStream:
-        return ClientStream(self._open_call(metadata=tuple(metadata)), self._piece)
+        stream = ClientStream(self._open_call(metadata=tuple(metadata)), self._piece)
+        self._streams.add(stream)
+        return stream
 
     async def open_stream(self) -> ClientStream:
         if self._incoming.error is not None:
@@ -98,8 +106,10 @@ class ClientSession:
         return stream
 
     async def aclose(self) -> None:
-        self._incoming.end(TransportClosed("the session was closed"))
+        # the control call first: the server then fails the streams as "session closed",
+        # not as reset one by one
         self._control.cancel()
+        self._end(TransportClosed("the session was closed"))
         if self._listener is not None:
             self._listener.cancel()
             await asyncio.gather(self._listener, return_exceptions=True)
@@ -116,17 +126,21 @@ class ServerSession:
         self._reverse_numbers = itertools.count(1)
         self._reverse_waiting: dict[int, asyncio.Future[ServerStream]] = {}
         self._streams: weakref.WeakSet[ServerStream] = weakref.WeakSet()
+        #: set when the session ends, whichever side ended it: the control call then ends
         self.ended = asyncio.Event()
 
     def stream_arrived(self, stream: ServerStream, reverse: str | None) -> None:
         self._streams.add(stream)
-        waiting = self._reverse_waiting.pop(int(reverse), None) if reverse else None
+        if self._incoming.error is not None:
+            stream.fail(self._incoming.error)
+            return
+        waiting = self._reverse_waiting.pop(_number(reverse), None) if reverse else None
         if waiting is not None and not waiting.done():
             waiting.set_result(stream)
         elif reverse is None:
             self._incoming.put(stream)
         else:
-            stream.reset_by_peer()  # an answer nobody asked for
+            stream.fail(ProtocolViolation("a reverse stream nobody asked for"))
 
     async def open_stream(self) -> ServerStream:
         if self._incoming.error is not None:
@@ -151,11 +165,17 @@ class ServerSession:
         for waiting in self._reverse_waiting.values():
             if not waiting.done():
                 waiting.set_exception(error)
-        for stream in self._streams:
-            stream.reset_by_peer()
+        for stream in list(self._streams):
+            stream.fail(error)
         self.ended.set()
 
     async def aclose(self) -> None:
         self.end(TransportClosed("the session was closed"))
-        with contextlib.suppress(Exception):
-            self._context.cancel()
+
+
+def _number(reverse: str) -> int:
+    """The number in a ``cloudbridge-reverse`` header; 0 (never asked for) when garbled."""
+    try:
+        return int(reverse)
+    except ValueError:
+        return 0

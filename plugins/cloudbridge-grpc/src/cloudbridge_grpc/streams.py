@@ -7,42 +7,98 @@ import contextlib
 from typing import Any
 
 import grpc
-from cloudbridge_core.errors import StreamAborted, TransportClosed, TransportError
+from cloudbridge_core.errors import (
+    ProtocolViolation,
+    StreamAborted,
+    TransportClosed,
+    TransportError,
+)
 
 from cloudbridge_grpc._generated.tunnel_pb2 import Chunk
 
-#: messages a server-side stream buffers ahead of its reader (memory bound: x the chunk size)
-READ_AHEAD = 8
+#: messages read ahead of the stream's reader; with gRPC's own HTTP/2 window this bounds
+#: what a peer can make us buffer per stream (x max_message_bytes)
+READ_AHEAD = 2
 _EOF = Chunk(eof=True)
 
 
 class _ChunkStream:
-    """What both ends share: reads until the peer's eof chunk, writes in bounded pieces."""
+    """What both ends share: reads until the peer's eof chunk, writes in bounded pieces.
+
+    A pump task does the gRPC reads, because grpcio cancels the whole call when a task
+    waiting in a read is cancelled: a caller's ``wait_for(stream.read(), ...)`` timing
+    out must not reset the stream.
+    """
 
     def __init__(self, piece: int) -> None:
         self._piece = piece
         self._pending = b""
-        self._eof_received = False
+        self._inbound: asyncio.Queue[Chunk | None] = asyncio.Queue(READ_AHEAD)
+        self._pump: asyncio.Task[None] | None = None
+        self._pump_ended = False
+        self._peer_eof = False  # the pump saw the peer's eof chunk
+        self._eof_read = False  # ... and the reader got to it
         self._eof_sent = False
         self._error: TransportError | None = None
 
-    async def _next_chunk(self) -> Chunk | None:
+    async def _read_message(self) -> Chunk | None:
+        """The peer's next chunk, ``None`` when the call ended; raises ``TransportError``."""
         raise NotImplementedError
 
     async def _send(self, chunk: Chunk) -> None:
         raise NotImplementedError
 
+    def _start_pump(self) -> None:
+        self._pump = asyncio.create_task(self._pump_messages())
+
+    async def _pump_messages(self) -> None:
+        try:
+            while (chunk := await self._read_message()) is not None:
+                await self._inbound.put(chunk)
+                if chunk.eof:
+                    self._peer_eof = True
+                    self._both_sides_finished()
+                    return
+        except TransportError as error:
+            self._error = self._error or error
+        finally:
+            self._pump_ended = True
+            self._wake_reader()
+
+    def _wake_reader(self) -> None:
+        # a blocked reader means an empty queue, so there is room; a full queue is drained
+        # by a reader that then finds the pump ended (see _next_chunk)
+        with contextlib.suppress(asyncio.QueueFull):
+            self._inbound.put_nowait(None)
+
+    async def _next_chunk(self) -> Chunk | None:
+        if self._inbound.empty() and self._pump_ended:
+            return None
+        return await self._inbound.get()
+
+    def _both_sides_finished(self) -> None:
+        """Called when this side or the peer ended its data; the server ends the call."""
+
+    @property
+    def finished(self) -> bool:
+        return self._eof_sent and self._peer_eof
+
+    def fail(self, error: TransportError) -> None:
+        """End the stream for its reader and writer (the session ended, a reset arrived)."""
+        self._error = self._error or error
+        self._wake_reader()
+
     async def read(self, max_bytes: int = 65536) -> bytes:
         while not self._pending:
             if self._error is not None:
                 raise self._error
-            if self._eof_received:
+            if self._eof_read:
                 return b""
             chunk = await self._next_chunk()
             if chunk is None:  # the call ended without the peer's eof
                 raise self._error or StreamAborted("the peer reset the stream")
             self._pending = chunk.data
-            self._eof_received = chunk.eof
+            self._eof_read = chunk.eof
         data, self._pending = self._pending[:max_bytes], self._pending[max_bytes:]
         return data
 
@@ -59,10 +115,7 @@ class _ChunkStream:
         if not self._eof_sent and self._error is None:
             self._eof_sent = True
             await self._send(_EOF)
-
-    @property
-    def finished(self) -> bool:
-        return self._eof_sent and self._eof_received
+            self._both_sides_finished()
 
 
 class ClientStream(_ChunkStream):
@@ -71,89 +124,85 @@ class ClientStream(_ChunkStream):
     def __init__(self, call: Any, piece: int) -> None:
         super().__init__(piece)
         self._call = call
+        self._start_pump()
 
-    async def _next_chunk(self) -> Chunk | None:
+    async def _read_message(self) -> Chunk | None:
         try:
             message = await self._call.read()
         except grpc.aio.AioRpcError as exc:
-            self._error = _error_of(exc)
-            raise self._error from None
+            raise _error_of(exc) from None
         except asyncio.CancelledError:
             if self._call.cancelled() and not _being_cancelled():
-                raise StreamAborted("the stream was reset") from None
+                return None  # we cancelled the call: fail() or aclose() said why
             raise
         return None if message is grpc.aio.EOF else message
 
     async def _send(self, chunk: Chunk) -> None:
         try:
             await self._call.write(chunk)
+            if chunk.eof:
+                await self._call.done_writing()
         except grpc.aio.AioRpcError as exc:
-            self._error = _error_of(exc)
+            self._error = self._error or _error_of(exc)
             raise self._error from None
         except asyncio.InvalidStateError:
-            raise StreamAborted("the stream has ended") from None
-        if chunk.eof:
-            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
-                await self._call.done_writing()
+            raise self._error or StreamAborted("the stream has ended") from None
+        except asyncio.CancelledError:
+            if self._call.cancelled() and not _being_cancelled():
+                raise self._error or StreamAborted("the stream was reset") from None
+            raise
+
+    def fail(self, error: TransportError) -> None:
+        super().fail(error)
+        self._call.cancel()
 
     async def aclose(self) -> None:
         if not self.finished:
-            self._call.cancel()  # a reset: the server's reader fails
-        self._error = self._error or StreamAborted("the stream was closed")
+            self.fail(StreamAborted("the stream was closed"))  # a reset: the server's reader fails
 
 
 class ServerStream(_ChunkStream):
-    """The server's side: the call's handler reads ahead into a bounded queue."""
+    """The server's side; the call's handler waits for ``done``, then ends the call."""
 
     def __init__(self, context: Any, piece: int) -> None:
         super().__init__(piece)
         self._context = context
-        self._inbound: asyncio.Queue[Chunk | None] = asyncio.Queue(READ_AHEAD)
         self.done = asyncio.Event()
-        self.reset = False
+        #: how the call ends when not with OK: an abort the client reads as the right error
+        self.abort_status: tuple[grpc.StatusCode, str] | None = None
+        self._start_pump()
 
-    async def pump_requests(self) -> None:
-        """Run by the call's handler: move the client's chunks to the queue."""
-        try:
-            while True:
-                message = await self._context.read()
-                if message is grpc.aio.EOF:
-                    break
-                await self._inbound.put(message)
-                if message.eof:
-                    return
-        finally:
-            with contextlib.suppress(asyncio.QueueFull):
-                self._inbound.put_nowait(None)
-
-    def reset_by_peer(self) -> None:
-        self._error = self._error or StreamAborted("the peer reset the stream")
-        with contextlib.suppress(asyncio.QueueFull):
-            self._inbound.put_nowait(None)
-        self.done.set()
-
-    async def _next_chunk(self) -> Chunk | None:
-        return await self._inbound.get()
+    async def _read_message(self) -> Chunk | None:
+        message = await self._context.read()
+        return None if message is grpc.aio.EOF else message
 
     async def _send(self, chunk: Chunk) -> None:
         try:
             await self._context.write(chunk)
         except (grpc.aio.AbortError, grpc.aio.UsageError, RuntimeError) as exc:
-            raise StreamAborted(f"the stream has ended: {exc}") from None
+            raise self._error or StreamAborted(f"the stream has ended: {exc}") from None
+
+    def _both_sides_finished(self) -> None:
         if self.finished:
             self.done.set()
 
-    async def read(self, max_bytes: int = 65536) -> bytes:
-        data = await super().read(max_bytes)
-        if self.finished:
-            self.done.set()
-        return data
+    def fail(self, error: TransportError) -> None:
+        super().fail(error)
+        if isinstance(error, TransportClosed):
+            self.abort_status = (grpc.StatusCode.UNAVAILABLE, "the session ended")
+        elif isinstance(error, ProtocolViolation):
+            self.abort_status = (grpc.StatusCode.INVALID_ARGUMENT, error.message)
+        self.done.set()
+
+    def call_ended(self) -> None:
+        """The handler is returning: no more messages will come."""
+        if self._pump is not None:
+            self._pump.cancel()
 
     async def aclose(self) -> None:
         if not self.finished:
-            self._error = self._error or StreamAborted("the stream was closed")
-            self.reset = True
-        self.done.set()
+            self.abort_status = (grpc.StatusCode.ABORTED, "the stream was reset")
+            self.fail(StreamAborted("the stream was closed"))
 
 
 def _being_cancelled() -> bool:
@@ -166,5 +215,5 @@ def _error_of(exc: grpc.aio.AioRpcError) -> TransportError:
     if code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED):
         return StreamAborted(f"the stream was reset: {exc.details()}")
     if code is grpc.StatusCode.UNAVAILABLE:
-        return TransportClosed(f"the gRPC connection ended: {exc.details()}")
+        return TransportClosed(f"the gRPC session ended: {exc.details()}")
     return TransportError(f"gRPC {code.name}: {exc.details()}")

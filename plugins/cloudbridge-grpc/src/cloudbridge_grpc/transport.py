@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -13,6 +14,7 @@ from cloudbridge_core.durations import parse_duration
 from cloudbridge_core.errors import (
     ConnectionTimeout,
     ServerUnavailable,
+    StreamAborted,
     TlsVerificationFailed,
     TransportClosed,
     TransportError,
@@ -61,11 +63,14 @@ class GrpcListener:
         handler = asyncio.create_task(self._run(session))
         self._handlers.add(handler)
         handler.add_done_callback(self._handlers.discard)
+        client_left = asyncio.create_task(_until_the_client_ends(context))
+        ended = asyncio.create_task(session.ended.wait())
         try:
             await context.write(Control())  # the acknowledgement
-            while (await context.read()) is not grpc.aio.EOF:
-                pass  # clients send nothing more; the call lasts as long as the session
+            await asyncio.wait({client_left, ended}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            client_left.cancel()
+            ended.cancel()
             self._sessions.pop(session_id, None)
             session.end(TransportClosed("the client closed the session"))
             handler.cancel()
@@ -77,16 +82,15 @@ class GrpcListener:
             return
         stream = ServerStream(context, self._piece)
         session.stream_arrived(stream, _header(context, REVERSE_HEADER))
-        pumping = asyncio.create_task(stream.pump_requests())
         try:
             await stream.done.wait()
-            if stream.reset:
-                await context.abort(grpc.StatusCode.ABORTED, "the stream was reset")
         except asyncio.CancelledError:
-            stream.reset_by_peer()  # the client cancelled the call
+            stream.fail(StreamAborted("the peer reset the stream"))  # the client cancelled
             raise
         finally:
-            pumping.cancel()
+            stream.call_ended()
+        if stream.abort_status is not None:
+            await context.abort(*stream.abort_status)
 
     async def _run(self, session: ServerSession) -> None:
         try:
@@ -128,12 +132,35 @@ class GrpcTransport:
             ("grpc.http2.max_pings_without_data", 0),
         ]
 
+    def _server_options(self) -> list[tuple[str, Any]]:
+        # gRPC servers answer pings more often than every 5 minutes with a GOAWAY
+        # (too_many_pings); an idle tunnel's keepalives must not end it. Half the interval
+        # leaves room for clients configured a little shorter than the relay.
+        return [
+            *self._options(),
+            ("grpc.http2.min_ping_interval_without_data_ms", int(self._keepalive * 500)),
+        ]
+
     async def connect(self, endpoint: Endpoint) -> ClientSession:
         material = _material(endpoint)
         if not material.verify:
-            raise TransportError("the gRPC transport always verifies the relay's certificate")
+            raise TransportError(
+                "the gRPC transport always verifies the relay's certificate",
+                hint="set relay.tls.ca_file to the relay's CA, or choose another transport",
+            )
         where = f"{endpoint.host}:{endpoint.port}"
-        await _check_tls(endpoint, material, where)
+        try:
+            async with asyncio.timeout(endpoint.connect_timeout):
+                await _check_tls(endpoint, material, where)
+                return await self._open_session(endpoint, material, where)
+        except TimeoutError:
+            raise ConnectionTimeout(
+                f"no gRPC session with {where} within {endpoint.connect_timeout:g}s"
+            ) from None
+
+    async def _open_session(
+        self, endpoint: Endpoint, material: TlsMaterial, where: str
+    ) -> ClientSession:
         host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
         channel = grpc.aio.secure_channel(
             f"{host}:{endpoint.port}",
@@ -142,10 +169,7 @@ class GrpcTransport:
         )
         session = ClientSession(channel, secrets.token_hex(16), self._piece)
         try:
-            await asyncio.wait_for(session.start(), endpoint.connect_timeout)
-        except TimeoutError as exc:
-            await session.aclose()
-            raise ConnectionTimeout(f"no gRPC session with {where} in time") from exc
+            await session.start()
         except grpc.aio.AioRpcError as exc:
             await session.aclose()
             raise ServerUnavailable(f"gRPC session with {where} failed: {exc.details()}") from exc
@@ -161,7 +185,7 @@ class GrpcTransport:
         if material.certificate is None or material.key is None:
             raise TransportError("the gRPC transport needs a certificate and key to serve")
         listener = GrpcListener(handler, self._piece)
-        server = grpc.aio.server(options=self._options())
+        server = grpc.aio.server(options=self._server_options())
         server.add_generic_rpc_handlers(
             (
                 grpc.method_handlers_generic_handler(
@@ -194,16 +218,23 @@ class GrpcTransport:
 
 
 async def _check_tls(endpoint: Endpoint, material: TlsMaterial, where: str) -> None:
-    """One TLS handshake first: gRPC would report an untrusted certificate as "unavailable"."""
+    """One TLS handshake first: gRPC would report an untrusted certificate as "unavailable".
+
+    Done over a plain socket and memory BIOs, so that the socket is closed right here even
+    when the attempt is cancelled (a race won by another transport) mid-handshake; the
+    caller bounds the time.
+    """
+    loop = asyncio.get_running_loop()
     context = client_context(material.ca)
     context.set_alpn_protocols(["h2"])
     try:
-        _, writer = await asyncio.wait_for(
-            asyncio.open_connection(endpoint.host, endpoint.port, ssl=context),
-            endpoint.connect_timeout,
+        [(family, _, _, _, address), *_] = await loop.getaddrinfo(
+            endpoint.host, endpoint.port, type=socket.SOCK_STREAM
         )
-    except TimeoutError as exc:
-        raise ConnectionTimeout(f"no TLS handshake with {where} in time") from exc
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, address)
+            await _handshake(loop, sock, context, endpoint.host)
     except ssl.SSLCertVerificationError as exc:
         raise TlsVerificationFailed(
             f"the certificate of {where} is not trusted: {exc.verify_message}"
@@ -212,7 +243,31 @@ async def _check_tls(endpoint: Endpoint, material: TlsMaterial, where: str) -> N
         raise TransportError(f"TLS handshake with {where} failed: {exc.reason}") from exc
     except OSError as exc:
         raise ServerUnavailable(f"cannot connect to {where}: {exc.strerror or exc}") from exc
-    writer.close()
+
+
+async def _handshake(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, context: ssl.SSLContext, host: str
+) -> None:
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=host)
+    while True:
+        try:
+            tls.do_handshake()
+        except ssl.SSLWantReadError:
+            await loop.sock_sendall(sock, outgoing.read())
+            data = await loop.sock_recv(sock, 65536)
+            if not data:
+                raise ConnectionResetError("the server closed the connection") from None
+            incoming.write(data)
+        else:
+            await loop.sock_sendall(sock, outgoing.read())
+            return
+
+
+async def _until_the_client_ends(context: Context) -> None:
+    # clients send nothing after opening the call: it lasts as long as their session
+    while (await context.read()) is not grpc.aio.EOF:
+        pass
 
 
 def _header(context: Context, name: str) -> str | None:
