@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -124,8 +125,10 @@ async def run_client(
     finally:
         await control.aclose()
         drain = parse_duration(config.get("server.drain_timeout"))
+        stopping = time.monotonic()
         await asyncio.gather(*(forward.aclose(drain) for forward in tunnels))
         await link.aclose()
+        log.info("shutdown", duration_ms=round((time.monotonic() - stopping) * 1000, 1))
         await http.aclose()
 
 

@@ -149,12 +149,13 @@ async def attempt(config: Config, name: str, spec: ProviderSpec[Transport]) -> R
     transport = spec.load(config.data["transport"].get(name, {}))
     port = config.get(f"relay.ports.{name}")
     endpoint = Endpoint(config.get("relay.host"), port, context, timeout, material=material)
+    started = time.perf_counter()
     try:
         async with asyncio.timeout(timeout):
             session = await transport.connect(endpoint)
     except TimeoutError:
         raise ConnectionTimeout(f"no {name} connection to the relay in {timeout:g}s") from None
-    return await _authenticate(session, token, name)
+    return await _authenticate(session, token, name, started)
 
 
 async def connect(config: Config, plugins: Plugins) -> RelayConnection:
@@ -173,7 +174,9 @@ async def connect(config: Config, plugins: Plugins) -> RelayConnection:
     raise last
 
 
-async def _authenticate(session: Session, token: str, transport: str) -> RelayConnection:
+async def _authenticate(
+    session: Session, token: str, transport: str, started: float
+) -> RelayConnection:
     try:
         control = MessageStream(await session.open_stream())
         await control.send(
@@ -187,6 +190,10 @@ async def _authenticate(session: Session, token: str, transport: str) -> RelayCo
         raise
     assert isinstance(reply, messages.Welcome)  # expect() allowed only these two kinds
     log.info(
-        "connected", transport=transport, tenant_id=reply.tenant_id, session_id=reply.session_id
+        "connected",
+        transport=transport,
+        tenant_id=reply.tenant_id,
+        session_id=reply.session_id,
+        latency_ms=round((time.perf_counter() - started) * 1000, 2),
     )
     return RelayConnection(session, reply, transport, control)

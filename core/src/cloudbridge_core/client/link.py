@@ -268,6 +268,7 @@ class RelayLink:
         """Race again until a transport works, backing off between rounds (never giving up:
         tunnel listeners stay open meanwhile); a refused token stops it at once."""
         self._connected.clear()
+        lost_at = time.monotonic()
         policies = RetryPolicies.from_config(self._config.get("retry"))
         attempt = 0
         while True:
@@ -296,8 +297,14 @@ class RelayLink:
                 attempt += 1
                 continue
             self._install(connection, f"{why}; {reason}")
-            if attempt:
-                log.info("reconnected", transport=connection.transport, attempts=attempt + 1)
+            log.info(
+                "reconnected",
+                transport=connection.transport,
+                session_id=connection.welcome.session_id,
+                tenant_id=connection.welcome.tenant_id,
+                attempts=attempt + 1,
+                duration_ms=round((time.monotonic() - lost_at) * 1000, 1),
+            )
             return
 
     async def _probe(self, name: str, spec: ProviderSpec[Transport]) -> tuple[float, Any]:

@@ -112,6 +112,13 @@ class Tunnel:
                 stats.setup_seconds_total += setup
                 if self._metrics is not None:
                     self._metrics.setup_latency.observe(setup)
+                log.debug(
+                    "tunnel_opened",
+                    target=self.spec.target,
+                    transport=connection.transport,
+                    session_id=connection.welcome.session_id,
+                    latency_ms=round(setup * 1000, 2),
+                )
                 if early:
                     await asyncio.get_running_loop().sock_sendall(client, early)
                 await pump(stream, client, buffer_size=self._buffer_size, result=moved)

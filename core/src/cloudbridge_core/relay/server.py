@@ -97,7 +97,7 @@ class Relay:
                 await asyncio.wait_for(session.accept_stream(), self._limits.handshake_timeout)
             )
             claims = await asyncio.wait_for(
-                self._authenticate(control), self._limits.handshake_timeout
+                self._authenticate(control, transport), self._limits.handshake_timeout
             )
         except TimeoutError:
             log.info("handshake_timeout")
@@ -124,11 +124,16 @@ class Relay:
     async def drain(self) -> None:
         """Refuse new sessions and tunnels; wait (bounded) for open tunnels to finish."""
         self.draining = True
+        started = time.monotonic()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._streams_idle.wait(), self._limits.drain_timeout)
-        log.info("drained", streams_left=self.streams_active)
+        log.info(
+            "shutdown",
+            streams_left=self.streams_active,
+            duration_ms=round((time.monotonic() - started) * 1000, 1),
+        )
 
-    async def _authenticate(self, control: MessageStream) -> Claims:
+    async def _authenticate(self, control: MessageStream, transport: str) -> Claims:
         hello = await control.expect(messages.Hello)
         assert isinstance(hello, messages.Hello)  # expect() checked the kind
         try:
@@ -159,6 +164,7 @@ class Relay:
             tenant_id=claims.tenant_id,
             subject=claims.subject,
             session_id=session_id,
+            transport=transport,
         )
         return claims
 
@@ -239,6 +245,7 @@ class Relay:
             target.close()
             return
         self.metrics.streams.inc()
+        started_at = time.monotonic()
         self.streams_active += 1
         self._streams_idle.clear()
         try:
@@ -256,6 +263,7 @@ class Relay:
             sent=result.sent,
             received=result.received,
             error=result.error,
+            duration_ms=round((time.monotonic() - started_at) * 1000, 1),
         )
 
     async def _dial(self, tenant: str, target: str) -> socket.socket:
