@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -126,3 +127,53 @@ def test_the_hysteresis_rule() -> None:
     assert not clearly_better(0.220, 0.300)  # faster, but not under 2/3
     assert not clearly_better(0.0015, 0.010)  # under 2/3, but not 10 ms faster
     assert clearly_better(0.001, 0.020)
+
+
+def test_a_thousand_reconnections_leak_nothing(tmp_path: Path) -> None:
+    def open_descriptors() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    def resident_bytes() -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+    async def main() -> None:
+        plugins = load_plugins()
+        async with relay_on_loopback(tmp_path, plugins) as relay:
+            config = client_config(
+                relay,
+                plugins,
+                transport__mode="tls",
+                retry__initial_delay="0s",
+                retry__jitter="0s",
+                retry__per_error={},
+            )
+            link = RelayLink(config, plugins)
+            await link.start()
+
+            switched = asyncio.Event()
+            link.on_switch.append(lambda *_: switched.set())
+
+            async def cycle() -> None:
+                switched.clear()
+                await link.current.session.aclose()  # the session ends under the client
+                await asyncio.wait_for(switched.wait(), 10)
+
+            for _ in range(50):  # warm up caches and pools before measuring
+                await cycle()
+            tasks, descriptors = len(asyncio.all_tasks()), open_descriptors()
+            memory = resident_bytes()
+            for _ in range(1000):
+                await cycle()
+            await asyncio.sleep(0.2)
+            assert len(asyncio.all_tasks()) <= tasks + 2
+            assert open_descriptors() <= descriptors + 4
+            grown = resident_bytes() - memory
+            assert grown < 16 << 20, f"{grown >> 20} MiB more after 1,000 reconnections"
+            assert sum(relay.relay.sessions_by_tenant.values()) == 1
+            assert len(link.status()["switches"]) == 20  # the history stays bounded
+            await link.aclose()
+
+    asyncio.run(main())
