@@ -19,7 +19,9 @@ from typing import Any
 
 import pytest
 import yaml
+from cloudbridge_core.config.schema import cli_schema
 from cloudbridge_core.relay.state import RelayState
+from jsonschema import Draft202012Validator
 
 pytestmark = pytest.mark.timeout(120)
 BIN = Path(sys.executable).parent
@@ -322,6 +324,7 @@ def test_status_shows_the_transport_and_follows_a_mode_reload(
     )
     try:
         status = cloudbridge_json("status", "--config", str(config))
+        Draft202012Validator(cli_schema("status")).validate(status)
         assert status["transport"]["name"] == "quic"
         assert status["transport"]["reason"] == "preferred transport"
         assert echo_once(local, b"over quic") == b"over quic"
@@ -364,6 +367,7 @@ def assert_client_counted_one_quic_connection(metrics_url: str) -> None:
     assert families
     assert all(name.startswith("cloudbridge_client_") for name in families), families
     api = json.loads(scrape(metrics_url.replace("/metrics", "/api/v1/status")))
+    Draft202012Validator(cli_schema("status")).validate(api)
     assert api["transport"]["name"] == "quic"
 
 
