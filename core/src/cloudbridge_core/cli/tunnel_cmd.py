@@ -11,7 +11,7 @@ from typing import Any
 import click
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from cloudbridge_core.cli.output import emit_json, json_option, message, table
+from cloudbridge_core.cli.output import SCHEMA_VERSION, emit_json, json_option, message, table
 from cloudbridge_core.cli.runtime import Runtime, config_option, runtime_of
 from cloudbridge_core.cli.serving import run_async, wait_for_stop
 from cloudbridge_core.client.control import ControlServer, query, socket_for
@@ -143,7 +143,7 @@ async def _serve_http(http: LocalHttpServer, config: Config) -> str | None:
 
 
 def _json(document: dict[str, Any]) -> bytes:
-    return json.dumps(document).encode()
+    return json.dumps({"schema_version": SCHEMA_VERSION, **document}).encode()
 
 
 @tunnel.command("list")
