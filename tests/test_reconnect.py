@@ -244,3 +244,33 @@ def test_sigterm_drains_open_tunnels_and_the_client_notices_at_once(
             await link.aclose()
 
     asyncio.run(main())
+
+
+def test_endpoints_that_keep_failing_open_their_circuit_until_the_relay_returns(
+    relay: Relay, echo_target: int
+) -> None:
+    async def main() -> None:
+        plugins = tcp_plugins()
+        config = client_config(relay, plugins)
+        config.data["retry"]["circuit_breaker"] |= {"failure_threshold": 2, "reset_timeout": "1s"}
+        link = RelayLink(config, plugins)
+        await link.start()
+        tunnel = Tunnel(TunnelSpec(0, "127.0.0.1", echo_target), link)
+        await tunnel.start()
+        try:
+            relay.kill()
+            for _ in range(200):
+                if "open" in link.status()["circuits"].values():
+                    break
+                await asyncio.sleep(0.05)
+            circuits = link.status()["circuits"]
+            assert "open" in circuits.values(), circuits
+            assert set(circuits) == {f"{n}://127.0.0.1:{p}" for n, p in relay.ports.items()}
+            relay.start()
+            assert await echo(tunnel.port, b"circuit closed again") == b"circuit closed again"
+            assert "closed" in link.status()["circuits"].values()
+        finally:
+            await tunnel.aclose()
+            await link.aclose()
+
+    asyncio.run(main())

@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from cloudbridge_core.breaker import BreakerSettings, BreakerState, CircuitBreaker
 from cloudbridge_core.client.connection import RelayConnection, attempt, transport_order
 from cloudbridge_core.client.metrics import ClientMetrics
 from cloudbridge_core.client.race import Candidate, race
@@ -81,6 +82,7 @@ class RelayLink:
             self.on_switch.append(metrics.transport_selected)
         self._closing: set[asyncio.Task[None]] = set()
         self._followers: set[asyncio.Task[None]] = set()
+        self._breakers: dict[str, CircuitBreaker] = {}
         self._connected = asyncio.Event()
         self._wake = asyncio.Event()
         self.state = "connecting"
@@ -177,6 +179,7 @@ class RelayLink:
             "last_error": self.last_error,
             "datagram_size": datagram_size,
             "note": _slow_quic_note(datagram_size),
+            "circuits": {name: str(b.state) for name, b in self._breakers.items()},
         }
 
     # ---- health ----
@@ -334,7 +337,21 @@ class RelayLink:
 
     async def _race(self, candidates: list[Candidate]) -> tuple[RelayConnection, str]:
         head_start = parse_duration(self._config.get("transport.race_head_start"))
-        return await race(self._config, candidates, head_start, self._transport_failed)
+        breakers = {name: self._breaker(name) for name, _ in candidates}
+        return await race(self._config, candidates, head_start, self._transport_failed, breakers)
+
+    def _breaker(self, transport: str) -> CircuitBreaker:
+        """One circuit breaker per relay endpoint (transport, host and port)."""
+        endpoint = (
+            f"{transport}://{self._config.get('relay.host')}:"
+            f"{self._config.get(f'relay.ports.{transport}')}"
+        )
+        if endpoint not in self._breakers:
+            settings = BreakerSettings.from_config(self._config.get("retry.circuit_breaker"))
+            self._breakers[endpoint] = CircuitBreaker(
+                endpoint, settings, on_transition=_breaker_moved
+            )
+        return self._breakers[endpoint]
 
     def _transport_failed(self, name: str, error: CloudBridgeError) -> None:
         if self._metrics is not None:
@@ -374,6 +391,10 @@ class RelayLink:
                 closing = asyncio.get_running_loop().create_task(previous.aclose())
                 self._closing.add(closing)
                 closing.add_done_callback(self._closing.discard)
+
+
+def _breaker_moved(endpoint: str, before: BreakerState, after: BreakerState) -> None:
+    log.warning("circuit_changed", endpoint=endpoint, previous=str(before), state=str(after))
 
 
 def _slow_quic_note(datagram_size: int | None) -> str | None:

@@ -7,8 +7,9 @@ once; the others are cancelled, and any that succeeded too are closed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
+from cloudbridge_core.breaker import CircuitBreaker
 from cloudbridge_core.client.connection import RelayConnection, attempt
 from cloudbridge_core.config import Config
 from cloudbridge_core.errors import AuthError, CloudBridgeError
@@ -26,14 +27,20 @@ async def race(
     candidates: list[Candidate],
     head_start: float,
     failed: Callable[[str, CloudBridgeError], None] | None = None,
+    breakers: Mapping[str, CircuitBreaker] | None = None,
 ) -> tuple[RelayConnection, str]:
-    """The first candidate to connect, and why it was chosen; ``failed`` hears of the others."""
+    """The first candidate to connect, and why it was chosen; ``failed`` hears of the others.
+
+    With ``breakers`` (by transport), an endpoint that keeps failing is skipped at once
+    (``circuit_open``) until its breaker lets a trial through.
+    """
     names: dict[Attempt, str] = {}
     failures: dict[str, CloudBridgeError] = {}
     winner: Attempt | None = None
     try:
         for index, (name, spec) in enumerate(candidates):
-            names[asyncio.create_task(attempt(config, name, spec))] = name
+            breaker = (breakers or {}).get(name)
+            names[asyncio.create_task(_guarded(breaker, config, name, spec))] = name
             last = index == len(candidates) - 1
             winner = await _first_success(names, failures, None if last else head_start, config)
             if winner is not None:
@@ -44,6 +51,15 @@ async def race(
                 failed(failed_name, error)
         await _discard([task for task in names if task is not winner])
     raise next(reversed(failures.values()))
+
+
+async def _guarded(
+    breaker: CircuitBreaker | None, config: Config, name: str, spec: ProviderSpec[Transport]
+) -> RelayConnection:
+    if breaker is None:
+        return await attempt(config, name, spec)
+    async with breaker.guard():
+        return await attempt(config, name, spec)
 
 
 async def _first_success(
