@@ -7,13 +7,12 @@ import json
 import os
 import signal
 import socket
-import socketserver
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +21,10 @@ import yaml
 from cloudbridge_core.config.schema import cli_schema
 from cloudbridge_core.relay.state import RelayState
 from jsonschema import Draft202012Validator
+from loopback import free_port
 
 pytestmark = pytest.mark.timeout(120)
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def environment(**extra: str) -> dict[str, str]:
@@ -60,22 +54,6 @@ def stop(process: subprocess.Popen[str]) -> int:
     assert process.stderr is not None
     process.stderr.close()
     return code
-
-
-class Echo(socketserver.BaseRequestHandler):
-    def handle(self) -> None:
-        while data := self.request.recv(65536):
-            self.request.sendall(data)
-
-
-@pytest.fixture
-def echo_port() -> Iterator[int]:
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Echo)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
 
 
 def test_relay_token_tunnel(tmp_path: Path, echo_port: int) -> None:

@@ -6,7 +6,6 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,15 +18,10 @@ from cloudbridge_core.client.link import RelayLink
 from cloudbridge_core.client.tunnel import Tunnel, TunnelSpec
 from cloudbridge_core.config import Config, load_config, merged_schema
 from cloudbridge_core.plugins import Plugins, PluginSelection, load_plugins
+from loopback import free_port
 
 pytestmark = pytest.mark.timeout(120)
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class Relay:
@@ -126,32 +120,12 @@ async def echo(port: int, payload: bytes) -> bytes:
     return received
 
 
-@pytest.fixture
-def echo_target() -> Iterator[int]:
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import socketserver\n"
-            "class E(socketserver.BaseRequestHandler):\n"
-            "    def handle(self):\n"
-            "        while d := self.request.recv(65536): self.request.sendall(d)\n"
-            f"socketserver.ThreadingTCPServer(('127.0.0.1', {port}), E).serve_forever()\n",
-        ]
-    )
-    time.sleep(0.3)
-    yield port
-    server.kill()
-    server.wait()
-
-
-def test_relay_killed_and_restarted_the_tunnel_comes_back(relay: Relay, echo_target: int) -> None:
+def test_relay_killed_and_restarted_the_tunnel_comes_back(relay: Relay, echo_port: int) -> None:
     async def main() -> None:
         plugins = tcp_plugins()
         link = RelayLink(client_config(relay, plugins), plugins)
         await link.start()
-        tunnel = Tunnel(TunnelSpec(0, "127.0.0.1", echo_target), link)
+        tunnel = Tunnel(TunnelSpec(0, "127.0.0.1", echo_port), link)
         await tunnel.start()
         try:
             assert await echo(tunnel.port, b"before") == b"before"
@@ -209,7 +183,7 @@ def test_a_relay_that_no_longer_accepts_the_token_stops_the_retries(
 
 
 def test_sigterm_drains_open_tunnels_and_the_client_notices_at_once(
-    relay: Relay, echo_target: int
+    relay: Relay, echo_port: int
 ) -> None:
     async def main() -> None:
         plugins = tcp_plugins()
@@ -218,7 +192,7 @@ def test_sigterm_drains_open_tunnels_and_the_client_notices_at_once(
         config.data["transport"] = slow_checks  # only the session's end can tell the client
         link = RelayLink(config, plugins)
         await link.start()
-        tunnel = Tunnel(TunnelSpec(0, "127.0.0.1", echo_target), link)
+        tunnel = Tunnel(TunnelSpec(0, "127.0.0.1", echo_port), link)
         await tunnel.start()
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", tunnel.port)
@@ -247,7 +221,7 @@ def test_sigterm_drains_open_tunnels_and_the_client_notices_at_once(
 
 
 def test_endpoints_that_keep_failing_open_their_circuit_until_the_relay_returns(
-    relay: Relay, echo_target: int
+    relay: Relay, echo_port: int
 ) -> None:
     async def main() -> None:
         plugins = tcp_plugins()
@@ -255,7 +229,7 @@ def test_endpoints_that_keep_failing_open_their_circuit_until_the_relay_returns(
         config.data["retry"]["circuit_breaker"] |= {"failure_threshold": 2, "reset_timeout": "1s"}
         link = RelayLink(config, plugins)
         await link.start()
-        tunnel = Tunnel(TunnelSpec(0, "127.0.0.1", echo_target), link)
+        tunnel = Tunnel(TunnelSpec(0, "127.0.0.1", echo_port), link)
         await tunnel.start()
         try:
             relay.kill()
