@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from cloudbridge_core.plugins import load_plugins
+from cloudbridge_core.tlsutil import generate_ca, issue_server_certificate
 from cloudbridge_pushgateway.exporter import PushgatewayExporter
 from prometheus_client import CollectorRegistry, Counter
 
@@ -25,32 +28,40 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-@pytest.fixture
-def gateway(tmp_path: Path) -> Iterator[str]:
+@contextlib.contextmanager
+def running_gateway(*flags: str, context: ssl.SSLContext | None = None) -> Iterator[str]:
     binary = shutil.which("prometheus-pushgateway")
     assert binary, "prometheus-pushgateway is not installed (./dev test installs it)"
     port = free_port()
     process = subprocess.Popen(
-        [binary, f"--web.listen-address=127.0.0.1:{port}"],
+        [binary, f"--web.listen-address=127.0.0.1:{port}", *flags],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    url = f"http://127.0.0.1:{port}"
+    url = f"{'https' if context else 'http'}://127.0.0.1:{port}"
     deadline = time.monotonic() + 10
     while True:
         try:
-            with urllib.request.urlopen(f"{url}/-/ready", timeout=1):  # noqa: S310 - loopback
-                break
+            read_back(url, "/-/ready", context)
+            break
         except OSError:
             assert time.monotonic() < deadline, "the Pushgateway did not start"
             time.sleep(0.05)
-    yield url
-    process.terminate()
-    process.wait()
+    try:
+        yield url
+    finally:
+        process.terminate()
+        process.wait()
 
 
-def read_back(url: str) -> str:
-    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:  # noqa: S310 - loopback
+@pytest.fixture
+def gateway() -> Iterator[str]:
+    with running_gateway() as url:
+        yield url
+
+
+def read_back(url: str, path: str = "/metrics", context: ssl.SSLContext | None = None) -> str:
+    with urllib.request.urlopen(f"{url}{path}", timeout=5, context=context) as response:  # noqa: S310 - loopback
         return str(response.read().decode())
 
 
@@ -124,3 +135,36 @@ def test_an_unreachable_gateway_is_retried_counted_and_never_blocks() -> None:
         await exporter.stop()
 
     asyncio.run(main())
+
+
+def test_pushes_over_https_to_a_gateway_signed_by_a_private_ca(tmp_path: Path) -> None:
+    ca = generate_ca("test CA")
+    server = issue_server_certificate(ca, ["127.0.0.1"])
+    (tmp_path / "ca.pem").write_bytes(ca.certificate)
+    (tmp_path / "server.pem").write_bytes(server.certificate)
+    (tmp_path / "server.key").write_bytes(server.key)
+    web = tmp_path / "web.yml"
+    web.write_text(
+        f"tls_server_config:\n  cert_file: {tmp_path / 'server.pem'}\n"
+        f"  key_file: {tmp_path / 'server.key'}\n"
+    )
+    trusted = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    with running_gateway(f"--web.config.file={web}", context=trusted) as url:
+
+        async def main() -> None:
+            registry, _ = registry_with_events(5)
+            settings = {"push_url": url, "instance": "tls", "ca_file": str(tmp_path / "ca.pem")}
+            exporter = PushgatewayExporter(settings)
+            await exporter.start(registry)
+            await exporter.stop()
+            assert exporter.pushes >= 1
+            pushed = await asyncio.to_thread(read_back, url, "/metrics", trusted)
+            assert 'cloudbridge_test_events_total{instance="tls",job="cloudbridge"} 5' in pushed
+
+            untrusting = PushgatewayExporter({"push_url": url, "instance": "x"})
+            await untrusting.start(registry_with_events(1)[0])
+            await untrusting.stop()
+            assert untrusting.pushes == 0  # the system store does not know the private CA
+            assert untrusting.failures is not None
+
+        asyncio.run(main())
