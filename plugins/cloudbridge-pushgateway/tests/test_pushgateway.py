@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cloudbridge_core.log import configure_logging
 from cloudbridge_core.plugins import load_plugins
 from cloudbridge_core.tlsutil import generate_ca, issue_server_certificate
 from cloudbridge_pushgateway.exporter import PushgatewayExporter
@@ -168,3 +169,23 @@ def test_pushes_over_https_to_a_gateway_signed_by_a_private_ca(tmp_path: Path) -
             assert untrusting.failures is not None
 
         asyncio.run(main())
+
+
+def test_credentials_in_the_url_are_not_logged(tmp_path: Path) -> None:
+    async def main() -> None:
+        registry, _ = registry_with_events(1)
+        url = f"http://pusher:s3cret@127.0.0.1:{free_port()}"
+        exporter = PushgatewayExporter({"push_url": url})
+        await exporter.start(registry)
+        await exporter.stop()
+
+    target = tmp_path / "cloudbridge.log"
+    configure_logging(level="info", fmt="json", output=str(target))
+    try:
+        asyncio.run(main())
+    finally:
+        configure_logging()
+    logged = target.read_text()
+    assert "push_failed" in logged
+    assert "s3cret" not in logged
+    assert "pusher" not in logged

@@ -12,6 +12,7 @@ import base64
 import contextlib
 import socket
 import ssl
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -79,7 +80,7 @@ class PushgatewayExporter:
         except OSError as exc:  # urllib's URLError and HTTPError are OSErrors
             if self.failures is not None:
                 self.failures.inc()
-            log.warning("push_failed", url=self._url, reason=str(exc))
+            log.warning("push_failed", url=_without_credentials(self._url), reason=str(exc))
             return False
         self.pushes += 1
         return True
@@ -128,6 +129,14 @@ class PushgatewayExporter:
                     raise OSError(f"{method} {url}: HTTP {response.status}")
 
         return handle
+
+
+def _without_credentials(url: str) -> str:
+    """The URL as it may be logged: ``user:password@`` in it is a secret."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def _context(ca_file: object) -> ssl.SSLContext | None:
