@@ -41,26 +41,29 @@ class LocalHttpServer:
             self._server = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
         try:
-            request = await asyncio.wait_for(_next_request(connection, reader), REQUEST_TIMEOUT)
-            if request is None:
-                return
-            status, content_type, body = self._answer(request)
-            headers = [("content-type", content_type), ("content-length", str(len(body)))]
-            for event in (
-                h11.Response(status_code=status, headers=[*headers, ("connection", "close")]),
-                h11.Data(data=body),
-                h11.EndOfMessage(),
-            ):
-                writer.write(connection.send(event) or b"")
-            await writer.drain()
-        except (TimeoutError, ConnectionError, h11.RemoteProtocolError):
-            pass  # a slow, broken or vanished client: nothing to answer
+            # a slow, broken or vanished client gets no answer
+            with contextlib.suppress(TimeoutError, ConnectionError, h11.RemoteProtocolError):
+                await self._respond(reader, writer)
         finally:
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
+
+    async def _respond(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
+        request = await asyncio.wait_for(_next_request(connection, reader), REQUEST_TIMEOUT)
+        if request is None:
+            return
+        status, content_type, body = self._answer(request)
+        headers = [("content-type", content_type), ("content-length", str(len(body)))]
+        for event in (
+            h11.Response(status_code=status, headers=[*headers, ("connection", "close")]),
+            h11.Data(data=body),
+            h11.EndOfMessage(),
+        ):
+            writer.write(connection.send(event) or b"")
+        await writer.drain()
 
     def _answer(self, request: h11.Request) -> tuple[int, str, bytes]:
         path = request.target.decode("ascii", "replace").split("?", 1)[0]

@@ -128,7 +128,12 @@ def configure_logging(
     # that would log its own writes forever; the reload watcher logs what matters
     logging.getLogger("watchfiles").setLevel(max(LEVELS[level], logging.WARNING))
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        # filter first: a debug event on a busy path costs a level check when debug is off
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *shared,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,

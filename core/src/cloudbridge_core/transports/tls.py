@@ -12,12 +12,10 @@ from cloudbridge_core.errors import (
     TlsVerificationFailed,
     TransportError,
 )
-from cloudbridge_core.log import get_logger
 from cloudbridge_core.protocol.mux import MuxLimits
 from cloudbridge_core.providers import Endpoint, Session
 from cloudbridge_core.transports.mux_session import MuxSession, StreamPipe
-
-log = get_logger("transport.tls")
+from cloudbridge_core.transports.serving import run_session_handler
 
 HANDSHAKE_TIMEOUT = 10.0
 
@@ -50,14 +48,9 @@ class TlsListener:
         session = MuxSession(StreamPipe(reader, writer), is_dialer=False, limits=self._limits)
         self._sessions[session] = asyncio.current_task()
         try:
-            await self._handler(session)
-        except asyncio.CancelledError:
-            return  # the listener is closing; asyncio would log a cancelled callback as an error
-        except Exception:  # a handler's bug ends its session, never the listener
-            log.exception("session_handler_failed")
+            await run_session_handler(self._handler, session)
         finally:
             self._sessions.pop(session, None)
-            await session.aclose()
 
     async def aclose(self) -> None:
         if self._server is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 from typing import Any
@@ -22,7 +23,7 @@ READ_AHEAD = 2
 _EOF = Chunk(eof=True)
 
 
-class _ChunkStream:
+class _ChunkStream(abc.ABC):
     """What both ends share: reads until the peer's eof chunk, writes in bounded pieces.
 
     A pump task does the gRPC reads, because grpcio cancels the whole call when a task
@@ -41,12 +42,13 @@ class _ChunkStream:
         self._eof_sent = False
         self._error: TransportError | None = None
 
+    @abc.abstractmethod
     async def _read_message(self) -> Chunk | None:
         """The peer's next chunk, ``None`` when the call ended; raises ``TransportError``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def _send(self, chunk: Chunk) -> None:
-        raise NotImplementedError
+        """Send one chunk on the call, waiting for gRPC's flow control."""
 
     def _start_pump(self) -> None:
         self._pump = asyncio.create_task(self._pump_messages())
@@ -76,6 +78,7 @@ class _ChunkStream:
             return None
         return await self._inbound.get()
 
+    @abc.abstractmethod
     def _both_sides_finished(self) -> None:
         """Called when this side or the peer ended its data; the server ends the call."""
 
@@ -159,6 +162,9 @@ class ClientStream(_ChunkStream):
     async def aclose(self) -> None:
         if not self.finished:
             self.fail(StreamAborted("the stream was closed"))  # a reset: the server's reader fails
+
+    def _both_sides_finished(self) -> None:
+        """Nothing to do: a client's call ends when both sides have sent their eof."""
 
 
 class ServerStream(_ChunkStream):

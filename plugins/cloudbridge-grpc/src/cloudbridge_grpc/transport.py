@@ -19,9 +19,9 @@ from cloudbridge_core.errors import (
     TransportClosed,
     TransportError,
 )
-from cloudbridge_core.log import get_logger
 from cloudbridge_core.providers import Endpoint, Session, TlsMaterial
 from cloudbridge_core.tlsutil import client_context
+from cloudbridge_core.transports.serving import run_session_handler
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
@@ -34,7 +34,6 @@ from cloudbridge_grpc.sessions import (
 )
 from cloudbridge_grpc.streams import ServerStream
 
-log = get_logger("transport.grpc")
 Context = grpc.aio.ServicerContext[Any, Any]
 SERVICE = "cloudbridge.v1.Tunnel"
 #: room for the message and field headers around a chunk's data
@@ -60,7 +59,7 @@ class GrpcListener:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "missing or reused session id")
             return
         session = self._sessions[session_id] = ServerSession(context, self._piece)
-        handler = asyncio.create_task(self._run(session))
+        handler = asyncio.create_task(run_session_handler(self._handler, session))
         self._handlers.add(handler)
         handler.add_done_callback(self._handlers.discard)
         client_left = asyncio.create_task(_until_the_client_ends(context))
@@ -91,16 +90,6 @@ class GrpcListener:
             stream.call_ended()
         if stream.abort_status is not None:
             await context.abort(*stream.abort_status)
-
-    async def _run(self, session: ServerSession) -> None:
-        try:
-            await self._handler(session)
-        except asyncio.CancelledError:
-            pass  # the session or the listener ended
-        except Exception:  # a handler's bug ends its session, never the listener
-            log.exception("session_handler_failed")
-        finally:
-            await session.aclose()
 
     async def aclose(self) -> None:
         for session in list(self._sessions.values()):

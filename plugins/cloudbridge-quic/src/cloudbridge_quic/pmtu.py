@@ -8,6 +8,7 @@ after the handshake and again whenever a send fails, and never goes below QUIC's
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 
@@ -27,12 +28,11 @@ _IPV6_MTU = 24
 
 def forbid_fragmentation(sock: socket.socket) -> None:
     """Set "don't fragment" so that the kernel discovers the path MTU (Linux only)."""
-    try:
+    # not Linux, or an IPv6-only socket: the datagram size stays at the safe minimum
+    with contextlib.suppress(OSError):
         if sock.family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_MTU_DISCOVER, _IP_PMTUDISC_DO)
         sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _IP_PMTUDISC_DO)
-    except OSError:
-        pass  # not Linux, or an IPv6-only socket: stay at the safe minimum
 
 
 def path_payload_size(address: tuple[str, int], ceiling: int) -> int:

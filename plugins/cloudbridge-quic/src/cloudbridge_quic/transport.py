@@ -22,15 +22,13 @@ from cloudbridge_core.errors import (
     TlsVerificationFailed,
     TransportError,
 )
-from cloudbridge_core.log import get_logger
 from cloudbridge_core.providers import Endpoint, Session, TlsMaterial
 from cloudbridge_core.tlsutil import ALPN
+from cloudbridge_core.transports.serving import run_session_handler
 
 from cloudbridge_quic.flow import bound
 from cloudbridge_quic.pmtu import forbid_fragmentation
 from cloudbridge_quic.session import QuicSession
-
-log = get_logger("transport.quic")
 
 #: session tickets a relay remembers for resumption (memory bound)
 MAX_TICKETS = 10_000
@@ -74,14 +72,9 @@ class QuicListener:
 
     async def _run(self, session: QuicSession) -> None:
         try:
-            await self._handler(session)
-        except asyncio.CancelledError:
-            pass  # the listener is closing
-        except Exception:  # a handler's bug ends its session, never the listener
-            log.exception("session_handler_failed")
+            await run_session_handler(self._handler, session)
         finally:
             self._handlers.pop(session, None)
-            await session.aclose()
 
     async def aclose(self) -> None:
         handlers, self._handlers = self._handlers, {}

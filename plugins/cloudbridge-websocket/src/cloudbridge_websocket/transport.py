@@ -16,9 +16,9 @@ from cloudbridge_core.errors import (
     TransportClosed,
     TransportError,
 )
-from cloudbridge_core.log import get_logger
 from cloudbridge_core.providers import Endpoint, Session
 from cloudbridge_core.transports.mux_session import MuxSession
+from cloudbridge_core.transports.serving import run_session_handler
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
@@ -26,7 +26,6 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, WebSocketE
 from websockets.http11 import Request, Response
 
 SUBPROTOCOL = "cloudbridge.v1"
-log = get_logger("transport.websocket")
 
 
 class WebSocketPipe:
@@ -137,14 +136,9 @@ class WebSocketTransport:
             assert task is not None
             listener.handlers.add(task)
             try:
-                await handler(session)
-            except asyncio.CancelledError:
-                pass  # the listener is closing
-            except Exception:  # a handler's bug ends its session, never the listener
-                log.exception("session_handler_failed")
+                await run_session_handler(handler, session)
             finally:
                 listener.handlers.discard(task)
-                await session.aclose()
 
         def documents(_connection: ServerConnection, request: Request) -> Response | None:
             found = endpoint.documents.get(request.path)
