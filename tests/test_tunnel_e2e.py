@@ -20,7 +20,8 @@ from typing import Any
 
 import pytest
 from cloudbridge_core import tlsutil
-from cloudbridge_core.client.connection import RelayConnection, connect
+from cloudbridge_core.client.connection import RelayConnection
+from cloudbridge_core.client.race import connect
 from cloudbridge_core.client.tunnel import Tunnel, TunnelSpec
 from cloudbridge_core.config import Config, load_config, merged_schema
 from cloudbridge_core.errors import (

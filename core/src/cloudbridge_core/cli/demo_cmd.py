@@ -19,7 +19,7 @@ import click
 from cloudbridge_core.cli.output import message
 from cloudbridge_core.cli.runtime import Runtime, runtime_of
 from cloudbridge_core.cli.serving import run_async, wait_for_stop
-from cloudbridge_core.client.connection import connect
+from cloudbridge_core.client.race import connect
 from cloudbridge_core.client.tunnel import Tunnel, TunnelSpec
 from cloudbridge_core.config import Config, load_config
 from cloudbridge_core.relay.runner import start_relay

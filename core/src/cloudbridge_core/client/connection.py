@@ -158,22 +158,6 @@ async def attempt(config: Config, name: str, spec: ProviderSpec[Transport]) -> R
     return await _authenticate(session, token, name, started)
 
 
-async def connect(config: Config, plugins: Plugins) -> RelayConnection:
-    """Connect with the first transport that works, one after the other, then authenticate."""
-    token_of(config)
-    last: CloudBridgeError | None = None
-    for name, spec in transport_order(config, plugins):
-        try:
-            return await attempt(config, name, spec)
-        except CloudBridgeError as error:
-            log.warning("transport_failed", transport=name, code=error.code, reason=error.message)
-            last = error
-            if not error.retryable or not config.get("transport.fallback_enabled"):
-                raise
-    assert last is not None  # transport_order never returns an empty list
-    raise last
-
-
 async def _authenticate(
     session: Session, token: str, transport: str, started: float
 ) -> RelayConnection:

@@ -10,16 +10,31 @@ import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 
 from cloudbridge_core.breaker import CircuitBreaker
-from cloudbridge_core.client.connection import RelayConnection, attempt
+from cloudbridge_core.client.connection import (
+    RelayConnection,
+    attempt,
+    token_of,
+    transport_order,
+)
 from cloudbridge_core.config import Config
+from cloudbridge_core.durations import parse_duration
 from cloudbridge_core.errors import AuthError, CloudBridgeError
 from cloudbridge_core.log import get_logger
+from cloudbridge_core.plugins import Plugins
 from cloudbridge_core.providers import ProviderSpec, Transport
 
 log = get_logger("relay.link")
 
 Candidate = tuple[str, ProviderSpec[Transport]]
 Attempt = asyncio.Task[RelayConnection]
+
+
+async def connect(config: Config, plugins: Plugins) -> RelayConnection:
+    """Connect to the relay over the best transport that works (one-shot: no watching)."""
+    token_of(config)  # no token is a clear error before any network attempt
+    head_start = parse_duration(config.get("transport.race_head_start"))
+    connection, _ = await race(config, transport_order(config, plugins), head_start)
+    return connection
 
 
 async def race(
