@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cloudbridge_core.client.connection import attempt
 from cloudbridge_core.client.link import RelayLink, clearly_better
 from cloudbridge_core.config import Config, load_config, merged_schema
 from cloudbridge_core.errors import ConnectionTimeout
@@ -175,5 +176,21 @@ def test_a_thousand_reconnections_leak_nothing(tmp_path: Path) -> None:
             assert sum(relay.relay.sessions_by_tenant.values()) == 1
             assert len(link.status()["switches"]) == 20  # the history stays bounded
             await link.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_reconnection_over_quic_resumes_the_tls_session(tmp_path: Path) -> None:
+    async def main() -> None:
+        plugins = load_plugins()
+        async with relay_on_loopback(tmp_path, plugins) as relay:
+            config = client_config(relay, plugins, transport__mode="quic")
+            spec = plugins.require("transport", "quic")
+            first = await attempt(config, "quic", spec)
+            await first.ping(5)  # the relay's session ticket has arrived by now
+            await first.aclose()
+            second = await attempt(config, "quic", spec)
+            assert second.session.handshake.session_resumed  # type: ignore[attr-defined]
+            await second.aclose()
 
     asyncio.run(main())

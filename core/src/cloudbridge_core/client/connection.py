@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import json
 import os
 import secrets
 import ssl
@@ -141,12 +143,20 @@ def token_of(config: Config) -> str:
     return token
 
 
+@functools.lru_cache(maxsize=16)
+def _loaded(spec: ProviderSpec[Transport], settings: str) -> Transport:
+    """One transport object per provider and settings, kept across reconnections: what it
+    learns (QUIC's session tickets, for resumption) serves the next attempt."""
+    return spec.load(json.loads(settings))
+
+
 async def attempt(config: Config, name: str, spec: ProviderSpec[Transport]) -> RelayConnection:
     """Connect over one transport and authenticate, within ``transport.connect_timeout``."""
     token = token_of(config)
     context, material = tls_for(config.get("relay"))
     timeout = parse_duration(config.get("transport.connect_timeout"))
-    transport = spec.load(config.data["transport"].get(name, {}))
+    settings = json.dumps(config.data["transport"].get(name, {}), sort_keys=True)
+    transport = _loaded(spec, settings)
     port = config.get(f"relay.ports.{name}")
     endpoint = Endpoint(config.get("relay.host"), port, context, timeout, material=material)
     started = time.perf_counter()
