@@ -425,3 +425,53 @@ def test_health_reports_the_seed_shape_and_answers_by_exit_code(tmp_path: Path) 
     assert health("--check", "ready").returncode == 6
     live = health("--check", "live")
     assert (live.returncode, live.stdout) == (0, "")
+
+
+def test_tenant_labels_on_client_and_relay_metrics(tmp_path: Path, echo_port: int) -> None:
+    """``metrics.tenant_labels``: the client labels every sample with its one tenant; the
+    relay adds sessions by tenant. Served by the built-in ``prometheus`` exporter plugin."""
+    plugins = {p["name"]: p for p in cloudbridge_json("plugins", "list")["plugins"]}
+    assert plugins["prometheus"]["builtin"]
+    assert plugins["prometheus"]["providers"] == {"exporter": ["prometheus"]}
+    state = tmp_path / "D"
+    ports = {name: free_port() for name in ("websocket", "tls")}
+    relay_metrics = free_port()
+    relay_env = environment(
+        CLOUDBRIDGE_SERVER__LISTEN="127.0.0.1",
+        CLOUDBRIDGE_DISABLE_PLUGINS="quic,grpc",
+        CLOUDBRIDGE_METRICS__PROMETHEUS_PORT=str(relay_metrics),
+        CLOUDBRIDGE_METRICS__TENANT_LABELS="true",
+        **{f"CLOUDBRIDGE_RELAY__PORTS__{name.upper()}": str(p) for name, p in ports.items()},
+    )
+    relay = start(
+        "relay", "serve", "--dev", "--state-dir", str(state), env=relay_env, ready="client config:"
+    )
+    config = tmp_path / "client.yaml"
+    written = yaml.safe_load((state / "client.yaml").read_text())
+    client_metrics = free_port()
+    written["metrics"] = {"prometheus_port": client_metrics, "tenant_labels": True}
+    config.write_text(yaml.safe_dump(written))
+    local = free_port()
+    tunnel = start(
+        *("tunnel", "--config", str(config), "--local-port", str(local)),
+        *("--remote-host", "127.0.0.1", "--remote-port", str(echo_port)),
+        env=environment(
+            CLOUDBRIDGE_AUTH__TOKEN=relay_token(state), CLOUDBRIDGE_DISABLE_PLUGINS="quic,grpc"
+        ),
+        ready="tunnel 127.0.0.1:",
+    )
+    try:
+        assert echo_once(local, b"labelled") == b"labelled"
+        samples = [
+            line
+            for line in scrape(f"http://127.0.0.1:{client_metrics}/metrics").splitlines()
+            if line and not line.startswith("#")
+        ]
+        assert samples
+        assert all('tenant_id="acme"' in line for line in samples), samples
+        assert 'cloudbridge_client_bytes_total{direction="sent",tenant_id="acme"} 8.0' in samples
+        relay_side = scrape(f"http://127.0.0.1:{relay_metrics}/metrics")
+        assert 'cloudbridge_relay_tenant_sessions{tenant_id="acme"} 1.0' in relay_side
+    finally:
+        assert stop(tunnel) == 0
+        assert stop(relay) == 0

@@ -42,11 +42,12 @@ def test_help_and_version(core_alone: Venv) -> None:
     assert version["plugins"] == []
 
 
-def test_plugins_list_has_only_the_builtin(core_alone: Venv) -> None:
+def test_plugins_list_has_only_the_builtins(core_alone: Venv) -> None:
     document = core_alone.cloudbridge_json("plugins", "list")
     assert document["schema_version"] == 1
     assert [(p["name"], p["status"], p["builtin"]) for p in document["plugins"]] == [
-        ("tls", "active", True)
+        ("prometheus", "active", True),
+        ("tls", "active", True),
     ]
 
 
@@ -92,4 +93,4 @@ def test_each_plugin_installs_with_only_the_core(tmp_path: Path) -> None:
         listed = {p["name"]: p for p in venv.cloudbridge_json("plugins", "list")["plugins"]}
         assert listed[plugin]["status"] == "active", listed[plugin]["error"]
         assert listed[plugin]["families"] == [family]
-        assert set(listed) == {"tls", plugin}
+        assert set(listed) == {"prometheus", "tls", plugin}

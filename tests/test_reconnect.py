@@ -182,9 +182,12 @@ def test_a_relay_that_no_longer_accepts_the_token_stops_the_retries(
     asyncio.run(main())
 
 
-def test_sigterm_drains_open_tunnels_and_the_client_notices_at_once(
+def test_sigterm_drains_open_tunnels_and_the_client_waits_for_the_restart(
     relay: Relay, echo_port: int
 ) -> None:
+    """The relay's goaway reaches the client at once: a connection made while the relay
+    drains is not refused but waits, and is carried once the relay is back."""
+
     async def main() -> None:
         plugins = tcp_plugins()
         config = client_config(relay, plugins)
@@ -200,19 +203,52 @@ def test_sigterm_drains_open_tunnels_and_the_client_notices_at_once(
             assert await reader.readexactly(4) == b"ping"
             assert relay.process is not None
             relay.process.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.5)
+            signalled = time.monotonic()
+            while link.status()["state"] != "reconnecting":
+                assert time.monotonic() - signalled < 1, link.status()
+                await asyncio.sleep(0.02)
+            assert link.status()["last_error"] == "the relay is restarting"
             assert relay.process.poll() is None  # draining: the open tunnel goes on
+            during_drain = asyncio.create_task(echo(tunnel.port, b"made while draining"))
             writer.write(b"still here")
             assert await asyncio.wait_for(reader.readexactly(10), 5) == b"still here"
             writer.close()
             code = await asyncio.to_thread(relay.process.wait, 10)
             assert code == 0
-            stopped = time.monotonic()
-            while link.status()["state"] != "reconnecting":
-                assert time.monotonic() - stopped < 3, link.status()
-                await asyncio.sleep(0.05)
+            assert not during_drain.done()
             relay.start()
+            assert await during_drain == b"made while draining"
             assert await echo(tunnel.port, b"after the restart") == b"after the restart"
+        finally:
+            await tunnel.aclose()
+            await link.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_second_sigterm_stops_the_relay_without_waiting_for_the_drain(
+    relay: Relay, echo_port: int
+) -> None:
+    async def main() -> None:
+        plugins = tcp_plugins()
+        link = RelayLink(client_config(relay, plugins), plugins)
+        await link.start()
+        tunnel = Tunnel(TunnelSpec(0, "127.0.0.1", echo_port), link)
+        await tunnel.start()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", tunnel.port)
+            writer.write(b"open")
+            assert await reader.readexactly(4) == b"open"
+            assert relay.process is not None
+            relay.process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            assert relay.process.poll() is None  # draining (up to 10 s) for the open tunnel
+            signalled = time.monotonic()
+            relay.process.send_signal(signal.SIGTERM)
+            code = await asyncio.to_thread(relay.process.wait, 10)
+            assert code == -signal.SIGTERM
+            assert time.monotonic() - signalled < 2
+            writer.close()
         finally:
             await tunnel.aclose()
             await link.aclose()

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 from cloudbridge_core.errors import PluginSelectionError, ProviderNotInstalled
-from cloudbridge_core.plugins import Plugins, PluginSelection, load_plugins
+from cloudbridge_core.plugins import BUILTINS, Plugins, PluginSelection, load_plugins
 
 
 def by_name(plugins: Plugins) -> dict[str, dict[str, object]]:
@@ -137,9 +137,9 @@ def test_selection_allow_and_deny(
     assert records["tls"]["status"] == "disabled"
 
     nothing = PluginSelection.from_sources(no_plugins=True, flag_plugins=["alpha"])
-    assert {r["status"] for n, r in by_name(load_plugins(nothing)).items() if n != "tls"} == {
-        "disabled"
-    }
+    statuses = {n: r["status"] for n, r in by_name(load_plugins(nothing)).items()}
+    assert {s for n, s in statuses.items() if n not in BUILTINS} == {"disabled"}
+    assert {statuses[n] for n in BUILTINS} == {"active"}  # the core's own plugins stay
 
 
 def test_disabled_plugin_is_never_imported(

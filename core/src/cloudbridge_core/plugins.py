@@ -20,7 +20,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 from stevedore import NamedExtensionManager
 
-from cloudbridge_core import __version__, builtin, hookspecs
+from cloudbridge_core import __version__, builtin, hookspecs, prometheus
 from cloudbridge_core.errors import (
     ConfigError,
     ConfigIssue,
@@ -53,7 +53,7 @@ FAMILY_WORDS = {
 }
 
 #: Plugins the core registers itself; they are active unless disabled by name.
-BUILTINS: Mapping[str, ModuleType] = {"tls": builtin}
+BUILTINS: Mapping[str, ModuleType] = {"tls": builtin, "prometheus": prometheus}
 
 Status = Literal["active", "disabled", "failed"]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from cloudbridge_core.errors import ProtocolViolation, TransportClosed
 from cloudbridge_core.protocol import messages
 from cloudbridge_core.providers import Stream
@@ -13,9 +15,11 @@ class MessageStream:
     def __init__(self, stream: Stream) -> None:
         self.stream = stream
         self._reader = messages.MessageReader()
+        self._writing = asyncio.Lock()
 
     async def send(self, message: messages.Message) -> None:
-        await self.stream.write(messages.encode(message))
+        async with self._writing:  # a message is one write, never interleaved with another
+            await self.stream.write(messages.encode(message))
 
     async def receive(self) -> messages.Message:
         """The next message; ``TransportClosed`` if the stream ends first."""

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import shutil
 import socket
 import ssl
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import bcrypt
 import pytest
 from cloudbridge_core.log import configure_logging
 from cloudbridge_core.plugins import load_plugins
@@ -45,6 +48,8 @@ def running_gateway(*flags: str, context: ssl.SSLContext | None = None) -> Itera
         try:
             read_back(url, "/-/ready", context)
             break
+        except urllib.error.HTTPError:  # it answers: up, and asking for credentials
+            break
         except OSError:
             assert time.monotonic() < deadline, "the Pushgateway did not start"
             time.sleep(0.05)
@@ -61,8 +66,18 @@ def gateway() -> Iterator[str]:
         yield url
 
 
-def read_back(url: str, path: str = "/metrics", context: ssl.SSLContext | None = None) -> str:
-    with urllib.request.urlopen(f"{url}{path}", timeout=5, context=context) as response:  # noqa: S310 - loopback
+def read_back(
+    url: str,
+    path: str = "/metrics",
+    context: ssl.SSLContext | None = None,
+    credentials: str | None = None,
+) -> str:
+    request = urllib.request.Request(f"{url}{path}")  # noqa: S310 - loopback
+    if credentials is not None:
+        request.add_header(
+            "Authorization", f"Basic {base64.b64encode(credentials.encode()).decode()}"
+        )
+    with urllib.request.urlopen(request, timeout=5, context=context) as response:  # noqa: S310 - loopback
         return str(response.read().decode())
 
 
@@ -189,3 +204,42 @@ def test_credentials_in_the_url_are_not_logged(tmp_path: Path) -> None:
     assert "push_failed" in logged
     assert "s3cret" not in logged
     assert "pusher" not in logged
+
+
+def test_basic_auth_pushes_with_the_right_password_only(tmp_path: Path) -> None:
+    password = "correct horse"
+    hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()
+    web = tmp_path / "web.yml"
+    web.write_text(f"basic_auth_users:\n  pusher: '{hashed}'\n")
+    refused_registry = registry_with_events(1)[0]
+    with running_gateway(f"--web.config.file={web}") as url:
+
+        async def main() -> tuple[PushgatewayExporter, PushgatewayExporter]:
+            allowed = PushgatewayExporter(
+                {"push_url": url, "instance": "auth", "username": "pusher", "password": password}
+            )
+            await allowed.start(registry_with_events(3)[0])
+            await allowed.stop()
+            refused = PushgatewayExporter(
+                {"push_url": url, "instance": "x", "username": "pusher", "password": "wrong"}
+            )
+            await refused.start(refused_registry)
+            await refused.stop()
+            return allowed, refused
+
+        target = tmp_path / "cloudbridge.log"
+        configure_logging(level="info", fmt="json", output=str(target))
+        try:
+            allowed, refused = asyncio.run(main())
+        finally:
+            configure_logging()
+        assert allowed.pushes >= 1
+        assert refused.pushes == 0
+        assert refused_registry.get_sample_value("cloudbridge_pushgateway_push_failures_total")
+        pushed = read_back(url, credentials=f"pusher:{password}")
+        assert 'cloudbridge_test_events_total{instance="auth",job="cloudbridge"} 3' in pushed
+        assert 'instance="x"' not in pushed
+        logged = target.read_text()
+        assert "push_failed" in logged
+        assert password not in logged
+        assert "wrong" not in logged

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,8 @@ from cloudbridge_core.cli.serving import run_async, wait_for_stop
 from cloudbridge_core.durations import parse_duration
 from cloudbridge_core.errors import UsageError
 from cloudbridge_core.exporters import exporting
-from cloudbridge_core.httpd import LocalHttpServer
 from cloudbridge_core.log import get_logger
+from cloudbridge_core.prometheus import PrometheusExporter
 from cloudbridge_core.relay.runner import start_relay, state_dir_of
 from cloudbridge_core.relay.state import RelayState
 from cloudbridge_core.relay.tokens import issue_token, jwks
@@ -48,27 +49,23 @@ def serve(ctx: click.Context, state_dir: Path | None, dev: bool) -> None:
 
     async def main() -> None:
         running = await start_relay(config, runtime.plugins, state_dir=state_dir, dev=dev)
-        http = LocalHttpServer(running.http_routes())
-        try:
-            if config.get("metrics.enabled"):
-                host = config.get("metrics.prometheus_host")
-                port = config.get("metrics.prometheus_port")
-                try:
-                    url = await http.start(host, port)
-                    message(f"metrics and probes: {url}/metrics, /healthz, /readyz")
-                except OSError as exc:
-                    log.warning("metrics_not_served", host=host, port=port, reason=str(exc))
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(running.aclose)  # also when an exporter fails to start
+            exporters = await stack.enter_async_context(
+                exporting(config, runtime.plugins, running.relay.metrics.registry, running.probes())
+            )
+            # drained while /metrics and /readyz still answer; exporters flush after
+            stack.push_async_callback(running.aclose)
+            served = exporters.get("prometheus")
+            if isinstance(served, PrometheusExporter) and served.url:
+                message(f"metrics and probes: {served.url}, /healthz, /readyz")
             for name, listener in running.listeners.items():
                 message(f"relay listening: {name} on {config.get('server.listen')}:{listener.port}")
             message(f"CA fingerprint (sha256): {running.state.ca.fingerprint()}")
             message(f"client config: {running.client_config}")
             if dev:
                 message("development mode: tunnels may reach this host's loopback")
-            async with exporting(config, runtime.plugins, running.relay.metrics.registry):
-                await wait_for_stop()
-        finally:
-            await running.aclose()
-            await http.aclose()
+            await wait_for_stop()
 
     run_async(main)
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from collections.abc import Callable, Coroutine
+from contextvars import ContextVar
 from typing import Any
 
 try:  # uvloop where available: the event loop is the hot path of every byte forwarded
@@ -13,23 +15,39 @@ except ImportError:  # Windows has no uvloop
     uvloop = None  # type: ignore[assignment]
 
 
+_stop_requested: ContextVar[asyncio.Event] = ContextVar("stop_requested")
+
+
 async def wait_for_stop(duration: float | None = None) -> None:
-    """Return on SIGINT/SIGTERM or after ``duration`` seconds."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await asyncio.wait_for(stop.wait(), duration)
-    except TimeoutError:
-        pass
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+    """Return once SIGINT/SIGTERM has come (even during start-up) or after ``duration``."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(_stop_requested.get().wait(), duration)
 
 
 def run_async(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run ``main`` with SIGINT/SIGTERM asking for a clean stop from the first moment; a
+    second signal stops at once, without draining."""
+
+    async def supervised() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def requested(sig: signal.Signals) -> None:
+            if stop.is_set():
+                loop.remove_signal_handler(sig)  # back to the default: the signal now ends us
+                signal.raise_signal(sig)
+            stop.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, requested, sig)
+        _stop_requested.set(stop)
+        try:
+            await main()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
     if uvloop is not None:
-        uvloop.run(main())
+        uvloop.run(supervised())
     else:
-        asyncio.run(main())
+        asyncio.run(supervised())

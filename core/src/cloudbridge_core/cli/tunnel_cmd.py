@@ -3,28 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from pathlib import Path
 from typing import Any
 
 import click
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from cloudbridge_core.cli.output import SCHEMA_VERSION, emit_json, json_option, message, table
 from cloudbridge_core.cli.runtime import Runtime, config_option, runtime_of
 from cloudbridge_core.cli.serving import run_async, wait_for_stop
 from cloudbridge_core.client.control import ControlServer, query, socket_for
 from cloudbridge_core.client.link import RelayLink
-from cloudbridge_core.client.metrics import ClientMetrics
+from cloudbridge_core.client.metrics import ClientMetrics, with_tenant_label
 from cloudbridge_core.client.status import RunningClient
 from cloudbridge_core.client.tunnel import Tunnel, TunnelSpec
 from cloudbridge_core.config import Config, ConfigWatcher, validate
 from cloudbridge_core.durations import parse_duration
 from cloudbridge_core.errors import UsageError
 from cloudbridge_core.exporters import exporting
-from cloudbridge_core.httpd import LocalHttpServer
 from cloudbridge_core.log import get_logger
+from cloudbridge_core.prometheus import PrometheusExporter
 
 log = get_logger("client")
 
@@ -85,7 +85,11 @@ def tunnel(
 async def run_client(
     runtime: Runtime, config: Config, specs: list[TunnelSpec], control_socket: Path
 ) -> None:
-    """Connect, forward, answer on the control socket and follow config reloads until stopped."""
+    """Connect, forward, answer on the control socket and follow config reloads until stopped.
+
+    Stopping drains the tunnels first, then stops the exporters (a last push holds the
+    final counts), then closes the relay session.
+    """
     transports = list(runtime.plugins.providers("transport"))
     metrics = ClientMetrics(transports)
     link = RelayLink(config, runtime.plugins, metrics)
@@ -97,49 +101,42 @@ async def run_client(
     control = ControlServer(
         control_socket, {"tunnels": client.tunnels_document, "status": client.status_document}
     )
-    http = LocalHttpServer(
-        {
-            "/metrics": lambda: (200, CONTENT_TYPE_LATEST, generate_latest(metrics.registry)),
-            "/api/v1/status": lambda: (200, "application/json", _json(client.status_document())),
-        }
-    )
-    try:
-        if config.get("metrics.enabled"):
-            client.metrics_url = await _serve_http(http, config)
+    exposed = metrics.registry
+    if config.get("metrics.tenant_labels"):
+        exposed = with_tenant_label(metrics.registry, lambda: link.tenant_id)
+    status_route = {
+        "/api/v1/status": lambda: (200, "application/json", _json(client.status_document()))
+    }
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(link.aclose)
+        exporters = await stack.enter_async_context(
+            exporting(config, runtime.plugins, exposed, status_route)
+        )
+        served = exporters.get("prometheus")
+        client.metrics_url = served.url if isinstance(served, PrometheusExporter) else None
+        stack.push_async_callback(_drain, tunnels, control, config)
         for forward in tunnels:
             await forward.start()
             local = f"{forward.spec.local_host}:{forward.port}"
             message(f"tunnel {local} -> {forward.spec.target} via {link.current.transport}")
         await control.start()
-        async with exporting(config, runtime.plugins, metrics.registry):
-            path = runtime.config_path
-            if path is None:
-                await wait_for_stop()
-            else:
-                reload = ConfigWatcher(
-                    path, lambda: validate(runtime.read(path), runtime.schema), config
-                )
-                reload.subscribe(link.apply)
-                async with reload:
-                    await wait_for_stop()
-    finally:
-        await control.aclose()
-        drain = parse_duration(config.get("server.drain_timeout"))
-        stopping = time.monotonic()
-        await asyncio.gather(*(forward.aclose(drain) for forward in tunnels))
-        await link.aclose()
-        log.info("shutdown", duration_ms=round((time.monotonic() - stopping) * 1000, 1))
-        await http.aclose()
+        path = runtime.config_path
+        if path is None:
+            await wait_for_stop()
+            return
+        reload = ConfigWatcher(path, lambda: validate(runtime.read(path), runtime.schema), config)
+        reload.subscribe(link.apply)
+        async with reload:
+            await wait_for_stop()
 
 
-async def _serve_http(http: LocalHttpServer, config: Config) -> str | None:
-    """Serve /metrics and /api/v1/status; a port in use is reported, never fatal."""
-    host, port = config.get("metrics.prometheus_host"), config.get("metrics.prometheus_port")
-    try:
-        return f"{await http.start(host, port)}/metrics"
-    except OSError as exc:
-        log.warning("metrics_not_served", host=host, port=port, reason=exc.strerror or str(exc))
-        return None
+async def _drain(tunnels: list[Tunnel], control: ControlServer, config: Config) -> None:
+    """Stop accepting, let open connections finish within ``server.drain_timeout``."""
+    await control.aclose()
+    drain = parse_duration(config.get("server.drain_timeout"))
+    stopping = time.monotonic()
+    await asyncio.gather(*(forward.aclose(drain) for forward in tunnels))
+    log.info("shutdown", duration_ms=round((time.monotonic() - stopping) * 1000, 1))
 
 
 def _json(document: dict[str, Any]) -> bytes:

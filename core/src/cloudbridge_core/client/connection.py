@@ -10,7 +10,7 @@ import os
 import secrets
 import ssl
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from cloudbridge_core.errors import (
     ConnectionTimeout,
     HeartbeatFailed,
     ProviderNotInstalled,
+    TransportClosed,
     error_for_code,
 )
 from cloudbridge_core.log import get_logger
@@ -50,7 +51,8 @@ class RelayConnection:
     """An authenticated session with the relay.
 
     ``leases`` counts tunnelled connections using it, so that a connection the client has
-    moved away from is closed only once they have finished.
+    moved away from is closed only once they have finished. ``going_away`` is the relay's
+    notice that it is about to restart; ``on_goaway`` hears it when it comes.
     """
 
     session: Session
@@ -58,7 +60,13 @@ class RelayConnection:
     transport: str
     control: MessageStream
     leases: int = 0
-    _pinging: asyncio.Lock = field(default_factory=asyncio.Lock)
+    going_away: messages.Goaway | None = None
+    on_goaway: Callable[[RelayConnection], None] | None = None
+    _pongs: dict[int, asyncio.Future[None]] = field(default_factory=dict)
+    _reader: asyncio.Task[None] | None = None
+
+    def __post_init__(self) -> None:
+        self._reader = asyncio.get_running_loop().create_task(self._read_control())
 
     @contextlib.asynccontextmanager
     async def use(self) -> AsyncIterator[RelayConnection]:
@@ -71,18 +79,40 @@ class RelayConnection:
 
     async def ping(self, within: float) -> float:
         """The round-trip time to the relay over this session, in seconds."""
-        async with self._pinging:
-            nonce = secrets.randbits(31)
-            started = time.perf_counter()
-            try:
-                async with asyncio.timeout(within):
-                    await self.control.send(messages.Ping(nonce))
-                    while True:
-                        reply = await self.control.expect(messages.Pong)
-                        if isinstance(reply, messages.Pong) and reply.nonce == nonce:
-                            return time.perf_counter() - started
-            except TimeoutError:
-                raise HeartbeatFailed(f"no pong over {self.transport} in {within:g}s") from None
+        if self._reader is None or self._reader.done():
+            raise TransportClosed(f"the {self.transport} session's control stream has ended")
+        nonce = secrets.randbits(31)
+        answered = asyncio.get_running_loop().create_future()
+        self._pongs[nonce] = answered
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(within):
+                await self.control.send(messages.Ping(nonce))
+                await answered
+        except TimeoutError:
+            raise HeartbeatFailed(f"no pong over {self.transport} in {within:g}s") from None
+        finally:
+            del self._pongs[nonce]
+        return time.perf_counter() - started
+
+    async def _read_control(self) -> None:
+        """Pongs answer pings; a goaway is kept and announced. Ends with the control stream,
+        failing the pings still waiting."""
+        try:
+            while True:
+                message = await self.control.receive()
+                if isinstance(message, messages.Pong):
+                    waiting = self._pongs.get(message.nonce)
+                    if waiting is not None and not waiting.done():
+                        waiting.set_result(None)
+                elif isinstance(message, messages.Goaway):
+                    self.going_away = message
+                    if self.on_goaway is not None:
+                        self.on_goaway(self)
+        except CloudBridgeError as error:
+            for waiting in self._pongs.values():
+                if not waiting.done():
+                    waiting.set_exception(TransportClosed(f"control stream ended: {error}"))
 
     async def open_tunnel(self, target: str) -> tuple[Stream, bytes]:
         """A stream connected by the relay to ``target``; raises the relay's classified error."""
@@ -98,6 +128,9 @@ class RelayConnection:
 
     async def aclose(self) -> None:
         await self.session.aclose()
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
 
 
 def tls_for(relay: Mapping[str, Any]) -> tuple[ssl.SSLContext, TlsMaterial]:

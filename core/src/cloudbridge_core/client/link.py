@@ -96,9 +96,25 @@ class RelayLink:
 
     def lost(self, connection: RelayConnection) -> None:
         """A tunnel found the session dead: check now rather than at the next interval."""
-        if connection is self._current and self._connected.is_set():
+        if connection is self._current:
             self._connected.clear()
             self._wake.set()
+
+    def _going_away(self, connection: RelayConnection) -> None:
+        """The relay announced a restart: new tunnelled connections wait for it to return
+        instead of being refused by a draining relay; open ones go on until it closes."""
+        if connection is not self._current or connection.going_away is None:
+            return
+        self._connected.clear()
+        self.state = "reconnecting"
+        self.last_error = f"the relay is {connection.going_away.reason}"
+        log.info(
+            "relay_going_away",
+            transport=connection.transport,
+            session_id=connection.welcome.session_id,
+            reason=connection.going_away.reason,
+            reconnect_in_seconds=connection.going_away.reconnect_in_seconds,
+        )
 
     async def aclose(self) -> None:
         for task in (self._watcher, *self._followers):
@@ -135,6 +151,11 @@ class RelayLink:
         if self._current is None:
             raise TransportError("not connected to the relay")
         return self._current
+
+    @property
+    def tenant_id(self) -> str | None:
+        """The tenant the relay put this client in (from its token)."""
+        return self._current.welcome.tenant_id if self._current else None
 
     @contextlib.asynccontextmanager
     async def use(self) -> AsyncIterator[RelayConnection]:
@@ -214,7 +235,7 @@ class RelayLink:
             log.warning("session_lost", transport=current.transport, reason=error.message)
             await self._reconnect(f"{current.transport} session lost")
             return
-        if self._config.get("transport.mode") != "auto":
+        if self._config.get("transport.mode") != "auto" or current.going_away is not None:
             return
         candidates = [c for c in self._candidates() if c[0] != current.transport]
         preferred = [c for c in candidates if self._rank(c[0]) < self._rank(current.transport)]
@@ -361,6 +382,7 @@ class RelayLink:
     def _install(self, connection: RelayConnection, reason: str) -> None:
         previous = self._current
         self._current = connection
+        connection.on_goaway = self._going_away
         follower = asyncio.get_running_loop().create_task(self._follow(connection))
         self._followers.add(follower)
         follower.add_done_callback(self._followers.discard)
@@ -391,6 +413,8 @@ class RelayLink:
                 closing = asyncio.get_running_loop().create_task(previous.aclose())
                 self._closing.add(closing)
                 closing.add_done_callback(self._closing.discard)
+        if connection.going_away is not None:  # told before it was installed
+            self._going_away(connection)
 
 
 def _breaker_moved(endpoint: str, before: BreakerState, after: BreakerState) -> None:

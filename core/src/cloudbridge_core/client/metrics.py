@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -51,6 +52,40 @@ class TunnelCollector(Collector):
         yield GaugeMetricFamily(
             "cloudbridge_client_tunnels_active", "Tunnels listening now.", value=len(tunnels)
         )
+
+
+class TenantLabelled(Collector):
+    """Every sample of ``source`` with a ``tenant_id`` label (``metrics.tenant_labels``).
+
+    A client speaks for one tenant, so the label adds one value, never an unbounded set.
+    """
+
+    def __init__(self, source: CollectorRegistry, tenant: Callable[[], str | None]) -> None:
+        self._source = source
+        self._tenant = tenant
+
+    def collect(self) -> Iterator[Metric]:
+        tenant = self._tenant() or ""
+        for family in self._source.collect():
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            for sample in family.samples:
+                labelled.add_sample(
+                    sample.name,
+                    {**sample.labels, "tenant_id": tenant},
+                    sample.value,
+                    sample.timestamp,
+                    sample.exemplar,
+                )
+            yield labelled
+
+
+def with_tenant_label(
+    source: CollectorRegistry, tenant: Callable[[], str | None]
+) -> CollectorRegistry:
+    """A registry exposing ``source`` with the tenant's label on every sample."""
+    labelled = CollectorRegistry()
+    labelled.register(TenantLabelled(source, tenant))
+    return labelled
 
 
 class ClientMetrics:

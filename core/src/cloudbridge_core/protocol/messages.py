@@ -3,8 +3,9 @@
 Each message is a JSON object preceded by its length (4 bytes, big-endian); its shape is
 ``schemas/protocol/messages.schema.json``, checked on every decode because the bytes come
 from the network. The control stream (the first stream a client opens) carries hello →
-welcome or error, then ping/pong; every other stream starts with ``open``, answered by
-``accept`` or ``reject``, after which raw bytes flow.
+welcome or error, then ping/pong, and goaway when the relay is about to restart; every
+other stream starts with ``open``, answered by ``accept`` or ``reject``, after which raw
+bytes flow.
 """
 
 from __future__ import annotations
@@ -81,9 +82,17 @@ class Reject:
     message: str
 
 
-Message = Hello | Welcome | ErrorMessage | Ping | Pong | Open | Accept | Reject
+@dataclass(frozen=True)
+class Goaway:
+    TYPE: ClassVar[str] = "goaway"
+    reason: str
+    reconnect_in_seconds: float
+
+
+Message = Hello | Welcome | ErrorMessage | Ping | Pong | Goaway | Open | Accept | Reject
 _TYPES: dict[str, type[Message]] = {
-    cls.TYPE: cls for cls in (Hello, Welcome, ErrorMessage, Ping, Pong, Open, Accept, Reject)
+    cls.TYPE: cls
+    for cls in (Hello, Welcome, ErrorMessage, Ping, Pong, Goaway, Open, Accept, Reject)
 }
 
 

@@ -10,8 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
 from cloudbridge_core.config import Config
 from cloudbridge_core.errors import ConfigError, ConfigIssue, ProviderNotInstalled
 from cloudbridge_core.httpd import Handler
@@ -39,20 +37,18 @@ class RunningRelay:
     closing: bool = False
 
     async def aclose(self) -> None:
-        """Graceful: refuse new work, let open tunnels finish (bounded), then close all."""
+        """Graceful: refuse new work, let open tunnels finish (bounded), then close all.
+        Idempotent."""
+        if self.closing:
+            return
         self.closing = True
         await self.relay.drain()
         for listener in self.listeners.values():
             await listener.aclose()
 
-    def http_routes(self) -> dict[str, Handler]:
-        """``/metrics``, and ``/healthz`` / ``/readyz`` for orchestrators' probes."""
+    def probes(self) -> dict[str, Handler]:
+        """``/healthz`` and ``/readyz`` for orchestrators, served next to ``/metrics``."""
         return {
-            "/metrics": lambda: (
-                200,
-                CONTENT_TYPE_LATEST,
-                generate_latest(self.relay.metrics.registry),
-            ),
             "/healthz": lambda: (200, "text/plain", b"ok\n"),
             "/readyz": lambda: (
                 (503, "text/plain", b"closing\n")

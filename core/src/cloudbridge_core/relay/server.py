@@ -87,6 +87,7 @@ class Relay:
         self.streams_active = 0
         self.reaped_sessions = 0
         self.draining = False
+        self._controls: set[MessageStream] = set()
         self._streams_idle = asyncio.Event()
         self._streams_idle.set()
 
@@ -122,9 +123,13 @@ class Relay:
             log.info("session_closed", tenant_id=tenant, subject=claims.subject)
 
     async def drain(self) -> None:
-        """Refuse new sessions and tunnels; wait (bounded) for open tunnels to finish."""
+        """Refuse new sessions and tunnels, tell every session the relay is restarting (its
+        client then waits for the restart instead of opening tunnels here), and wait
+        (bounded) for open tunnels to finish."""
         self.draining = True
         started = time.monotonic()
+        goaway = messages.Goaway("restarting", self._limits.drain_timeout)
+        await asyncio.gather(*(_tell(control, goaway) for control in list(self._controls)))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._streams_idle.wait(), self._limits.drain_timeout)
         log.info(
@@ -171,6 +176,7 @@ class Relay:
     async def _serve(self, session: Session, control: MessageStream, claims: Claims) -> None:
         streams: set[asyncio.Task[None]] = set()
         controller = asyncio.create_task(self._control_loop(session, control, claims))
+        self._controls.add(control)
         try:
             while True:
                 try:
@@ -184,6 +190,7 @@ class Relay:
                 streams.add(task)
                 task.add_done_callback(streams.discard)
         finally:
+            self._controls.discard(control)
             controller.cancel()
             for task in list(streams):
                 task.cancel()
@@ -296,3 +303,9 @@ async def _reject(stream: Stream, error: CloudBridgeError) -> None:
     with contextlib.suppress(TransportError):
         await MessageStream(stream).send(messages.Reject(error.code, error.message))
         await stream.close_write()
+
+
+async def _tell(control: MessageStream, message: messages.Message) -> None:
+    """Send on a session's control stream; a session that is gone or stuck is skipped."""
+    with contextlib.suppress(TransportError, TimeoutError):
+        await asyncio.wait_for(control.send(message), 1.0)
