@@ -12,18 +12,12 @@ import os
 import ssl
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cloudbridge_core import tlsutil
-from cloudbridge_core.client.connection import RelayConnection
-from cloudbridge_core.client.race import connect
 from cloudbridge_core.client.tunnel import Tunnel, TunnelSpec
-from cloudbridge_core.config import Config, load_config, merged_schema
 from cloudbridge_core.errors import (
     ConfigError,
     EgressDenied,
@@ -34,58 +28,15 @@ from cloudbridge_core.errors import (
     TransportError,
     Unauthorized,
 )
-from cloudbridge_core.plugins import Plugins, load_plugins
 from cloudbridge_core.protocol import messages
 from cloudbridge_core.providers import Endpoint
-from cloudbridge_core.relay.runner import RunningRelay, start_relay
-from cloudbridge_core.relay.tokens import issue_token
 from cloudbridge_core.transports.mux_session import MuxSession
 from cloudbridge_core.transports.tls import TlsTransport
 from joserfc import jwt
 from joserfc.jwk import KeySet
+from relaybed import Bed, echo_server, relay_bed, round_trip, run
 
 pytestmark = pytest.mark.timeout(120)
-BOTH = ["relay:connect", "tunnel:create"]
-
-
-@dataclass
-class Bed:
-    relay: RunningRelay
-    plugins: Plugins
-    state_dir: Path
-    transport: str = "tls"
-
-    def token(
-        self, tenant: str = "acme", permissions: list[str] = BOTH, ttl: float = 3600, **kw: Any
-    ) -> str:
-        state = self.relay.state
-        return issue_token(
-            state.signing_key,
-            issuer=kw.pop("issuer", state.issuer),
-            tenant=tenant,
-            subject="laptop",
-            permissions=permissions,
-            ttl=ttl,
-            **kw,
-        )
-
-    def client_config(self, token: str) -> Config:
-        overrides = {
-            "relay.host": ("127.0.0.1", "test"),
-            "relay.ports": ({self.transport: self.relay.listeners[self.transport].port}, "test"),
-            "relay.tls.ca_file": (str(self.state_dir / "ca.pem"), "test"),
-            "auth.token": (token, "test"),
-            "transport.mode": (self.transport, "test"),
-        }
-        return load_config(
-            None,
-            environ={},
-            overrides=overrides,
-            schema=merged_schema(self.plugins.config_sections()),
-        )
-
-    async def connect(self, token: str | None = None) -> RelayConnection:
-        return await connect(self.client_config(token or self.token()), self.plugins)
 
 
 def forged(bed: Bed, algorithm: str) -> str:
@@ -98,74 +49,6 @@ def forged(bed: Bed, algorithm: str) -> str:
     secret = bed.relay.state.public_key_file.read_bytes()
     mac = hmac.new(secret, f"{header}.{body}".encode(), hashlib.sha256).digest()
     return f"{header}.{body}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
-
-
-@asynccontextmanager
-async def relay_bed(tmp_path: Path, *, dev: bool = True, **server: Any) -> AsyncIterator[Bed]:
-    plugins = load_plugins()
-    overrides = {
-        "server.state_dir": (str(tmp_path / "state"), "test"),
-        "server.listen": ("127.0.0.1", "test"),
-    }
-    overrides.update({f"server.{k}": (v, "test") for k, v in server.items()})
-    config = load_config(
-        None, environ={}, overrides=overrides, schema=merged_schema(plugins.config_sections())
-    )
-    running = await start_relay(config, plugins, dev=dev, port_override=0)
-    try:
-        yield Bed(running, plugins, tmp_path / "state")
-    finally:
-        await running.aclose()
-
-
-@asynccontextmanager
-async def echo_server() -> AsyncIterator[int]:
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        writer.write_eof()
-        writer.close()
-
-    server = await asyncio.start_server(echo, "127.0.0.1", 0)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
-        await server.wait_closed()
-
-
-async def round_trip(port: int, payload: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-
-    async def send() -> None:
-        for start in range(0, len(payload), 1 << 20):
-            writer.write(payload[start : start + (1 << 20)])
-            await writer.drain()
-        writer.write_eof()
-
-    sender = asyncio.create_task(send())
-    received = bytearray()
-    while data := await reader.read(1 << 20):
-        received += data
-    await sender
-    writer.close()
-    await writer.wait_closed()
-    return bytes(received)
-
-
-def run(
-    tmp_path: Path,
-    scenario: Callable[[Bed], Awaitable[None]],
-    transport: str = "tls",
-    **server: Any,
-) -> None:
-    async def main() -> None:
-        async with relay_bed(tmp_path, **server) as bed:
-            bed.transport = transport
-            await scenario(bed)
-
-    asyncio.run(main())
 
 
 TRANSPORTS = pytest.mark.parametrize("transport", ["tls", "websocket"])

@@ -69,7 +69,7 @@ def test_oversized_messages_are_refused_before_buffering() -> None:
     with pytest.raises(ProtocolViolation, match="exceeds the limit"):
         reader.next_message()
     with pytest.raises(ValueError, match="exceeds"):
-        m.encode(m.Hello(token="x" * m.MAX_MESSAGE_SIZE, client_version="0"))
+        m.encode(m.Hello(token="x" * m.MAX_RELAY_MESSAGE_SIZE, client_version="0"))
 
 
 def test_errors_never_quote_the_token() -> None:

@@ -12,9 +12,9 @@ from cloudbridge_core.providers import Stream
 class MessageStream:
     """A stream that carries length-prefixed protocol messages."""
 
-    def __init__(self, stream: Stream) -> None:
+    def __init__(self, stream: Stream, max_size: int = messages.MAX_MESSAGE_SIZE) -> None:
         self.stream = stream
-        self._reader = messages.MessageReader()
+        self._reader = messages.MessageReader(max_size)
         self._writing = asyncio.Lock()
 
     async def send(self, message: messages.Message) -> None:

@@ -62,6 +62,8 @@ class RelayConnection:
     leases: int = 0
     going_away: messages.Goaway | None = None
     on_goaway: Callable[[RelayConnection], None] | None = None
+    #: hears every other message the relay sends on the control stream (the mesh's)
+    on_message: Callable[[messages.Message], None] | None = None
     _pongs: dict[int, asyncio.Future[None]] = field(default_factory=dict)
     _reader: asyncio.Task[None] | None = None
 
@@ -96,8 +98,8 @@ class RelayConnection:
         return time.perf_counter() - started
 
     async def _read_control(self) -> None:
-        """Pongs answer pings; a goaway is kept and announced. Ends with the control stream,
-        failing the pings still waiting."""
+        """Pongs answer pings; a goaway is kept and announced; the rest goes to
+        ``on_message``. Ends with the control stream, failing the pings still waiting."""
         try:
             while True:
                 message = await self.control.receive()
@@ -109,6 +111,8 @@ class RelayConnection:
                     self.going_away = message
                     if self.on_goaway is not None:
                         self.on_goaway(self)
+                elif self.on_message is not None:
+                    self.on_message(message)
         except CloudBridgeError as error:
             for waiting in self._pongs.values():
                 if not waiting.done():
@@ -205,7 +209,7 @@ async def _authenticate(
     session: Session, token: str, transport: str, started: float
 ) -> RelayConnection:
     try:
-        control = MessageStream(await session.open_stream())
+        control = MessageStream(await session.open_stream(), messages.MAX_RELAY_MESSAGE_SIZE)
         await control.send(
             messages.Hello(token=token, client_version=__version__, capabilities=CAPABILITIES)
         )

@@ -23,8 +23,10 @@ from cloudbridge_core.errors import ProtocolViolation
 
 PROTOCOL_VERSION = 1
 LENGTH = struct.Struct("!I")
-#: largest message accepted; a hello with a large token fits (this is a security limit)
+#: largest message the relay accepts; a hello with a large token fits (a security limit)
 MAX_MESSAGE_SIZE = 16 * 1024
+#: largest message a client accepts from its relay: a tenant's peer list, certificates included
+MAX_RELAY_MESSAGE_SIZE = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -89,10 +91,87 @@ class Goaway:
     reconnect_in_seconds: float
 
 
-Message = Hello | Welcome | ErrorMessage | Ping | Pong | Goaway | Open | Accept | Reject
+@dataclass(frozen=True)
+class MeshJoin:
+    TYPE: ClassVar[str] = "mesh_join"
+    name: str
+    public_key: str
+    certificate: str
+
+
+@dataclass(frozen=True)
+class MeshRefresh:
+    TYPE: ClassVar[str] = "mesh_refresh"
+
+
+@dataclass(frozen=True)
+class MeshPeers:
+    """Each peer: ``peer_id``, ``name``, ``public_key``, ``certificate``."""
+
+    TYPE: ClassVar[str] = "mesh_peers"
+    self: dict[str, str]
+    peers: list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class MeshEvent:
+    TYPE: ClassVar[str] = "mesh_event"
+    event: str
+    peer: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Signal:
+    TYPE: ClassVar[str] = "signal"
+    peer_id: str
+    kind: str
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SignalFailed:
+    TYPE: ClassVar[str] = "signal_failed"
+    peer_id: str
+    code: str
+    message: str
+
+
+Message = (
+    Hello
+    | Welcome
+    | ErrorMessage
+    | Ping
+    | Pong
+    | Goaway
+    | Open
+    | Accept
+    | Reject
+    | MeshJoin
+    | MeshRefresh
+    | MeshPeers
+    | MeshEvent
+    | Signal
+    | SignalFailed
+)
 _TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
-    for cls in (Hello, Welcome, ErrorMessage, Ping, Pong, Goaway, Open, Accept, Reject)
+    for cls in (
+        Hello,
+        Welcome,
+        ErrorMessage,
+        Ping,
+        Pong,
+        Goaway,
+        Open,
+        Accept,
+        Reject,
+        MeshJoin,
+        MeshRefresh,
+        MeshPeers,
+        MeshEvent,
+        Signal,
+        SignalFailed,
+    )
 }
 
 
@@ -101,8 +180,9 @@ def _validators() -> dict[str, Draft202012Validator]:
     """One validator per message type, from the schema's ``oneOf`` branches."""
     text = resources.files("cloudbridge_core") / "schemas" / "protocol" / "messages.schema.json"
     schema = json.loads(text.read_text(encoding="utf-8"))
+    shared = {"$defs": schema.get("$defs", {})}
     return {
-        branch["properties"]["type"]["const"]: Draft202012Validator(branch)
+        branch["properties"]["type"]["const"]: Draft202012Validator({**branch, **shared})
         for branch in schema["oneOf"]
     }
 
@@ -112,8 +192,10 @@ def encode(message: Message) -> bytes:
     if "capabilities" in body:
         body["capabilities"] = list(body["capabilities"])
     data = json.dumps(body, separators=(",", ":")).encode()
-    if len(data) > MAX_MESSAGE_SIZE:
-        raise ValueError(f"{message.TYPE} message of {len(data)} bytes exceeds {MAX_MESSAGE_SIZE}")
+    if len(data) > MAX_RELAY_MESSAGE_SIZE:
+        raise ValueError(
+            f"{message.TYPE} message of {len(data)} bytes exceeds {MAX_RELAY_MESSAGE_SIZE}"
+        )
     return LENGTH.pack(len(data)) + data
 
 

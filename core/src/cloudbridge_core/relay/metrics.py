@@ -33,7 +33,19 @@ class SessionCollector(Collector):
             "Tunnelled streams open now.",
             value=self._relay.streams_active,
         )
+        peers = self._relay.mesh.peers_by_tenant()
+        yield GaugeMetricFamily(
+            "cloudbridge_relay_mesh_peers", "Peers in a mesh now.", value=sum(peers.values())
+        )
         if self._tenant_labels:
+            mesh = GaugeMetricFamily(
+                "cloudbridge_relay_tenant_mesh_peers",
+                "Peers in the mesh now, by tenant.",
+                labels=["tenant_id"],
+            )
+            for tenant, count in sorted(peers.items()):
+                mesh.add_metric([tenant], count)
+            yield mesh
             by_tenant = GaugeMetricFamily(
                 "cloudbridge_relay_tenant_sessions",
                 "Sessions open now, by tenant.",
@@ -78,6 +90,18 @@ class RelayMetrics:
         self.sessions_reaped = Counter(
             "cloudbridge_relay_sessions_reaped",
             "Sessions closed because they stopped heartbeating.",
+            registry=registry,
+        )
+
+        self.p2p_rejected = Counter(
+            "cloudbridge_relay_p2p_rejected",
+            "Mesh requests refused (unauthorized, not_joined, unknown_peer: never across tenants).",
+            ["reason"],
+            registry=registry,
+        )
+        self.derp_bytes = Counter(
+            "cloudbridge_relay_derp_bytes",
+            "Sealed peer packets forwarded over DERP channels (payload bytes).",
             registry=registry,
         )
 

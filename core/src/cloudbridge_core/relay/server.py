@@ -29,10 +29,11 @@ from cloudbridge_core.errors import (
     Unauthorized,
 )
 from cloudbridge_core.log import get_logger
-from cloudbridge_core.protocol import messages
+from cloudbridge_core.protocol import derp, messages
 from cloudbridge_core.providers import AuthProvider, Claims, Session, Stream
 from cloudbridge_core.pump import prepare, pump
 from cloudbridge_core.relay.egress import EgressPolicy
+from cloudbridge_core.relay.mesh import Member, Mesh, tell
 from cloudbridge_core.relay.metrics import RelayMetrics
 from cloudbridge_core.wire import MessageStream
 
@@ -68,6 +69,11 @@ class RelayLimits:
         )
 
 
+@dataclass
+class _SessionState:
+    member: Member | None = None
+
+
 class Relay:
     """Serves sessions from any transport: ``await relay.handle(session)``."""
 
@@ -82,6 +88,7 @@ class Relay:
         self._egress = egress
         self._limits = limits
         self.metrics = metrics or RelayMetrics()
+        self.mesh = Mesh(self.metrics)
         self.sessions_by_tenant: Counter[str] = Counter()
         self.sessions_by_transport: Counter[str] = Counter()
         self.streams_active = 0
@@ -129,7 +136,9 @@ class Relay:
         self.draining = True
         started = time.monotonic()
         goaway = messages.Goaway("restarting", self._limits.drain_timeout)
-        await asyncio.gather(*(_tell(control, goaway) for control in list(self._controls)))
+        await asyncio.gather(
+            *(tell(control, goaway) for control in list(self._controls)), self.mesh.restarting()
+        )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._streams_idle.wait(), self._limits.drain_timeout)
         log.info(
@@ -175,7 +184,8 @@ class Relay:
 
     async def _serve(self, session: Session, control: MessageStream, claims: Claims) -> None:
         streams: set[asyncio.Task[None]] = set()
-        controller = asyncio.create_task(self._control_loop(session, control, claims))
+        state = _SessionState()
+        controller = asyncio.create_task(self._control_loop(session, control, claims, state))
         self._controls.add(control)
         try:
             while True:
@@ -186,7 +196,7 @@ class Relay:
                 if len(streams) >= self._limits.max_streams_per_session:
                     await _reject(stream, LimitExceeded("too many streams in this session"))
                     continue
-                task = asyncio.create_task(self._tunnel(stream, claims))
+                task = asyncio.create_task(self._tunnel(stream, claims, state))
                 streams.add(task)
                 task.add_done_callback(streams.discard)
         finally:
@@ -195,9 +205,14 @@ class Relay:
             for task in list(streams):
                 task.cancel()
             await asyncio.gather(controller, *streams, return_exceptions=True)
+            if state.member is not None:
+                await self.mesh.leave(state.member)
 
-    async def _control_loop(self, session: Session, control: MessageStream, claims: Claims) -> None:
-        """Answer heartbeats; a session silent for ``heartbeat_timeout`` is dead: free it."""
+    async def _control_loop(
+        self, session: Session, control: MessageStream, claims: Claims, state: _SessionState
+    ) -> None:
+        """Answer heartbeats and mesh requests; a session silent for ``heartbeat_timeout``
+        is dead: free it."""
         with contextlib.suppress(TransportError):
             while True:
                 try:
@@ -215,10 +230,31 @@ class Relay:
                     )
                     await session.aclose()  # ends _serve, which frees the session's streams
                     return
-                if isinstance(message, messages.Ping):
-                    await control.send(messages.Pong(message.nonce))
+                await self._answer(control, claims, state, message)
 
-    async def _tunnel(self, stream: Stream, claims: Claims) -> None:
+    async def _answer(
+        self,
+        control: MessageStream,
+        claims: Claims,
+        state: _SessionState,
+        message: messages.Message,
+    ) -> None:
+        if isinstance(message, messages.Ping):
+            await control.send(messages.Pong(message.nonce))
+        elif isinstance(message, messages.MeshJoin):
+            if state.member is not None:
+                await self.mesh.leave(state.member)
+                state.member = None
+            try:
+                state.member = await self.mesh.join(claims, control, message)
+            except CloudBridgeError as error:  # the session stays; only the mesh is refused
+                await control.send(messages.ErrorMessage(error.code, error.message))
+        elif isinstance(message, messages.MeshRefresh) and state.member is not None:
+            await self.mesh.refresh(state.member)
+        elif isinstance(message, messages.Signal):
+            await self.mesh.signal(state.member, claims.tenant_id, message)
+
+    async def _tunnel(self, stream: Stream, claims: Claims, state: _SessionState) -> None:
         header = MessageStream(stream)
         try:
             opened = await asyncio.wait_for(
@@ -230,6 +266,9 @@ class Relay:
                 await stream.aclose()
             return
         assert isinstance(opened, messages.Open)  # expect() checked the kind
+        if opened.target == derp.TARGET:
+            await self._derp(stream, header, claims, state.member)
+            return
         try:
             if TUNNEL not in claims.permissions:
                 raise Unauthorized(f"token lacks the {TUNNEL} permission")
@@ -273,6 +312,17 @@ class Relay:
             duration_ms=round((time.monotonic() - started_at) * 1000, 1),
         )
 
+    async def _derp(
+        self, stream: Stream, header: MessageStream, claims: Claims, member: Member | None
+    ) -> None:
+        if member is None:
+            self.mesh.rejected("not_joined", claims.tenant_id, "DERP channel before mesh_join")
+            await _reject(stream, Unauthorized("join the mesh (mesh_join) before opening DERP"))
+            return
+        with contextlib.suppress(TransportError):
+            await header.send(messages.Accept())
+            await self.mesh.serve_derp(member, stream, header.take_buffered())
+
     async def _dial(self, tenant: str, target: str) -> socket.socket:
         host, _, port_text = target.rpartition(":")
         host, port = host.strip("[]"), int(port_text)
@@ -303,9 +353,3 @@ async def _reject(stream: Stream, error: CloudBridgeError) -> None:
     with contextlib.suppress(TransportError):
         await MessageStream(stream).send(messages.Reject(error.code, error.message))
         await stream.close_write()
-
-
-async def _tell(control: MessageStream, message: messages.Message) -> None:
-    """Send on a session's control stream; a session that is gone or stuck is skipped."""
-    with contextlib.suppress(TransportError, TimeoutError):
-        await asyncio.wait_for(control.send(message), 1.0)

@@ -1,0 +1,185 @@
+"""Each tenant's mesh as the relay sees it: who is in it, and passing signals and DERP
+packets between peers of one tenant — never across tenants.
+
+A peer of another tenant is not "forbidden" but unknown: the relay looks peers up only
+within the sender's tenant, so no answer reveals that another tenant's peer exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from cloudbridge_core.errors import TransportError, Unauthorized
+from cloudbridge_core.log import get_logger
+from cloudbridge_core.protocol import derp, messages
+from cloudbridge_core.providers import Claims, Stream
+from cloudbridge_core.relay.metrics import RelayMetrics
+from cloudbridge_core.wire import MessageStream
+
+log = get_logger("relay.mesh")
+
+P2P = "p2p:mesh"
+#: a peer slow to take its packets loses them rather than holding up the sender
+DERP_WRITE_TIMEOUT = 1.0
+
+
+def peer_id_of(public_key: str) -> str:
+    """A short, stable id for a device key (what users and signals name peers by)."""
+    digest = hashlib.sha256(base64.b64decode(public_key)).digest()
+    return base64.urlsafe_b64encode(digest[:12]).decode()
+
+
+@dataclass(eq=False)
+class Member:
+    tenant_id: str
+    subject: str
+    info: dict[str, str]
+    control: MessageStream
+    channel: Stream | None = None  # its DERP channel, once opened
+    _derp_writing: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def peer_id(self) -> str:
+        return self.info["peer_id"]
+
+    @property
+    def key(self) -> bytes:
+        return base64.b64decode(self.info["public_key"])
+
+    async def deliver(self, frame: derp.Frame) -> bool:
+        """Write a frame on this member's DERP channel; False if it has none or is stuck."""
+        if self.channel is None:
+            return False
+        try:
+            async with self._derp_writing:
+                await asyncio.wait_for(self.channel.write(derp.encode(frame)), DERP_WRITE_TIMEOUT)
+        except (TransportError, TimeoutError):
+            return False
+        return True
+
+
+class Mesh:
+    def __init__(self, metrics: RelayMetrics) -> None:
+        self._metrics = metrics
+        self._tenants: dict[str, dict[str, Member]] = {}
+
+    def members(self) -> Iterator[Member]:
+        for peers in self._tenants.values():
+            yield from peers.values()
+
+    def peers_by_tenant(self) -> dict[str, int]:
+        return {tenant: len(peers) for tenant, peers in self._tenants.items()}
+
+    async def join(
+        self, claims: Claims, control: MessageStream, request: messages.MeshJoin
+    ) -> Member:
+        if P2P not in claims.permissions:
+            self.rejected("unauthorized", claims.tenant_id, "mesh_join without " + P2P)
+            raise Unauthorized(f"token lacks the {P2P} permission")
+        info = {
+            "peer_id": peer_id_of(request.public_key),
+            "name": request.name,
+            "public_key": request.public_key,
+            "certificate": request.certificate,
+        }
+        member = Member(claims.tenant_id, claims.subject, info, control)
+        peers = self._tenants.setdefault(claims.tenant_id, {})
+        replaced = peers.get(member.peer_id)
+        peers[member.peer_id] = member  # the same device again: its newest session wins
+        others = [m for m in peers.values() if m is not member]
+        await tell(control, messages.MeshPeers(self=info, peers=[m.info for m in others]))
+        if replaced is None:
+            await asyncio.gather(
+                *(tell(m.control, messages.MeshEvent("joined", info)) for m in others)
+            )
+        log.info(
+            "peer_joined",
+            tenant_id=claims.tenant_id,
+            peer_id=member.peer_id,
+            name=request.name,
+            peers=len(peers),
+        )
+        return member
+
+    async def refresh(self, member: Member) -> None:
+        others = [
+            m.info for m in self._tenants.get(member.tenant_id, {}).values() if m is not member
+        ]
+        await tell(member.control, messages.MeshPeers(self=member.info, peers=others))
+
+    async def leave(self, member: Member) -> None:
+        peers = self._tenants.get(member.tenant_id, {})
+        if peers.get(member.peer_id) is not member:
+            return  # already replaced by a newer session of the same device
+        del peers[member.peer_id]
+        if not peers:
+            del self._tenants[member.tenant_id]
+        gone = derp.Frame(derp.FrameType.PEER_GONE, member.key)
+        await asyncio.gather(
+            *(tell(m.control, messages.MeshEvent("left", member.info)) for m in peers.values()),
+            *(m.deliver(gone) for m in peers.values()),
+        )
+        log.info("peer_left", tenant_id=member.tenant_id, peer_id=member.peer_id)
+
+    async def signal(self, sender: Member | None, tenant_id: str, signal: messages.Signal) -> None:
+        """Forward a signal to a peer of the sender's tenant, or say it could not be."""
+        if sender is None:
+            self.rejected("not_joined", tenant_id, "signal before mesh_join")
+            return
+        target = self._tenants.get(tenant_id, {}).get(signal.peer_id)
+        if target is None:
+            self.rejected("unknown_peer", tenant_id, f"signal to unknown peer {signal.peer_id}")
+            await tell(
+                sender.control,
+                messages.SignalFailed(signal.peer_id, "p2p_failed", "no such peer in the mesh"),
+            )
+            return
+        await tell(target.control, messages.Signal(sender.peer_id, signal.kind, signal.body))
+
+    async def serve_derp(self, member: Member, stream: Stream, early: bytes = b"") -> None:
+        """The member's DERP channel: forward its packets to peers of its tenant by key."""
+        member.channel = stream
+        reader = derp.FrameReader()
+        try:
+            data = early or await stream.read()
+            while data:
+                for frame in reader.feed(data):
+                    await self._forward(member, frame)
+                data = await stream.read()
+        finally:
+            if member.channel is stream:
+                member.channel = None
+
+    async def _forward(self, sender: Member, frame: derp.Frame) -> None:
+        if frame.type is not derp.FrameType.SEND_PACKET:
+            return  # only the relay sends the other kinds
+        target = next(
+            (m for m in self._tenants.get(sender.tenant_id, {}).values() if m.key == frame.key),
+            None,
+        )
+        received = derp.Frame(derp.FrameType.RECV_PACKET, sender.key, frame.payload)
+        if target is None or not await target.deliver(received):
+            if target is None:
+                self.rejected("unknown_peer", sender.tenant_id, "DERP packet to an unknown key")
+            await sender.deliver(derp.Frame(derp.FrameType.PEER_GONE, frame.key))
+            return
+        self._metrics.derp_bytes.inc(len(frame.payload))
+
+    async def restarting(self) -> None:
+        notice = derp.Frame(derp.FrameType.RESTARTING, bytes(derp.KEY_SIZE))
+        await asyncio.gather(*(m.deliver(notice) for m in self.members()))
+
+    def rejected(self, reason: str, tenant_id: str, what: str) -> None:
+        self._metrics.p2p_rejected.labels(reason).inc()
+        log.info("p2p_rejected", tenant_id=tenant_id, reason=reason, detail=what)
+
+
+async def tell(control: MessageStream, message: messages.Message) -> None:
+    """Send on a session's control stream; a session that is gone or stuck is skipped."""
+    with contextlib.suppress(TransportError, TimeoutError):
+        await asyncio.wait_for(control.send(message), 1.0)

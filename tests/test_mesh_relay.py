@@ -1,0 +1,170 @@
+"""The relay's side of the mesh: peer lists, signalling and DERP packets stay in a tenant."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from cloudbridge_core.client.connection import RelayConnection
+from cloudbridge_core.protocol import derp, messages
+from cloudbridge_core.providers import Stream
+from cloudbridge_core.wire import MessageStream
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from relaybed import BOTH, Bed, run
+
+pytestmark = pytest.mark.timeout(60)
+MESH = [*BOTH, "p2p:mesh"]
+
+
+@dataclass
+class Peer:
+    connection: RelayConnection
+    key: bytes
+    inbox: asyncio.Queue[messages.Message] = field(default_factory=asyncio.Queue)
+
+    @property
+    def public_key(self) -> str:
+        return base64.b64encode(self.key).decode()
+
+    async def send(self, message: messages.Message) -> None:
+        await self.connection.control.send(message)
+
+    async def next(self, kind: type[messages.Message]) -> messages.Message:
+        message = await asyncio.wait_for(self.inbox.get(), 5)
+        assert isinstance(message, kind), message
+        return message
+
+    async def join(self, name: str) -> messages.MeshPeers:
+        await self.send(messages.MeshJoin(name, self.public_key, "-----BEGIN CERTIFICATE-----"))
+        listed = await self.next(messages.MeshPeers)
+        assert isinstance(listed, messages.MeshPeers)
+        return listed
+
+    async def derp_channel(self) -> Stream:
+        stream = await self.connection.session.open_stream()
+        header = MessageStream(stream)
+        await header.send(messages.Open(derp.TARGET))
+        reply = await header.expect(messages.Accept, messages.Reject)
+        assert isinstance(reply, messages.Accept), reply
+        return stream
+
+
+async def peer(bed: Bed, tenant: str, permissions: list[str] = MESH) -> Peer:
+    connection = await bed.connect(bed.token(tenant=tenant, permissions=permissions))
+    key = X25519PrivateKey.generate().public_key().public_bytes_raw()
+    joined = Peer(connection, key)
+    connection.on_message = joined.inbox.put_nowait
+    return joined
+
+
+async def frames_of(stream: Stream) -> list[derp.Frame]:
+    reader = derp.FrameReader()
+    while not (frames := reader.feed(await asyncio.wait_for(stream.read(), 5))):
+        pass
+    return frames
+
+
+def rejected(bed: Bed, reason: str) -> float:
+    value = bed.relay.relay.metrics.registry.get_sample_value(
+        "cloudbridge_relay_p2p_rejected_total", {"reason": reason}
+    )
+    return value or 0.0
+
+
+def test_peers_see_only_their_tenant_and_signal_only_within_it(tmp_path: Path) -> None:
+    async def scenario(bed: Bed) -> None:
+        laptop, server, outsider = (
+            await peer(bed, "acme"),
+            await peer(bed, "acme"),
+            await peer(bed, "globex"),
+        )
+        assert (await laptop.join("laptop")).peers == []
+        listed = await server.join("server")
+        assert [p["name"] for p in listed.peers] == ["laptop"]
+        laptop_id, server_id = listed.peers[0]["peer_id"], listed.self["peer_id"]
+        joined = await laptop.next(messages.MeshEvent)
+        assert isinstance(joined, messages.MeshEvent)
+        assert (joined.event, joined.peer["name"]) == ("joined", "server")
+        assert (await outsider.join("outsider")).peers == []  # acme is invisible to globex
+
+        await laptop.send(messages.Signal(server_id, "ice", {"ufrag": "u1"}))
+        signal = await server.next(messages.Signal)
+        assert signal == messages.Signal(laptop_id, "ice", {"ufrag": "u1"})
+
+        await outsider.send(messages.Signal(server_id, "ice", {"ufrag": "evil"}))
+        failed = await outsider.next(messages.SignalFailed)
+        assert isinstance(failed, messages.SignalFailed)
+        assert failed.code == "p2p_failed"
+        assert rejected(bed, "unknown_peer") == 1
+        assert server.inbox.empty()
+
+        await server.connection.aclose()
+        left = await laptop.next(messages.MeshEvent)
+        assert isinstance(left, messages.MeshEvent)
+        assert (left.event, left.peer["peer_id"]) == ("left", server_id)
+        assert outsider.inbox.empty()
+        for each in (laptop, outsider):
+            await each.connection.aclose()
+
+    run(tmp_path, scenario)
+
+
+def test_a_token_without_p2p_mesh_cannot_join_nor_signal(tmp_path: Path) -> None:
+    async def scenario(bed: Bed) -> None:
+        plain = await peer(bed, "acme", permissions=BOTH)
+        await plain.send(messages.MeshJoin("x", plain.public_key, "pem"))
+        refused = await plain.next(messages.ErrorMessage)
+        assert isinstance(refused, messages.ErrorMessage)
+        assert refused.code == "unauthorized"
+        await plain.send(messages.Signal("AAAAAAAAAAAAAAAA", "ice", {}))
+        stream = await plain.connection.session.open_stream()
+        header = MessageStream(stream)
+        await header.send(messages.Open(derp.TARGET))
+        assert isinstance(await header.expect(messages.Reject), messages.Reject)
+        assert rejected(bed, "unauthorized") == 1
+        assert rejected(bed, "not_joined") == 2  # the signal and the DERP channel
+        assert await plain.connection.ping(5) > 0  # the session itself goes on
+        await plain.connection.aclose()
+
+    run(tmp_path, scenario)
+
+
+def test_derp_packets_reach_a_peer_of_the_tenant_by_key_and_no_other(tmp_path: Path) -> None:
+    async def scenario(bed: Bed) -> None:
+        laptop, server, outsider = (
+            await peer(bed, "acme"),
+            await peer(bed, "acme"),
+            await peer(bed, "globex"),
+        )
+        for each, name in ((laptop, "laptop"), (server, "server"), (outsider, "outsider")):
+            await each.join(name)
+        channels = [await each.derp_channel() for each in (laptop, server, outsider)]
+        sealed = b"\x01" * 1200
+        await channels[0].write(
+            derp.encode(derp.Frame(derp.FrameType.SEND_PACKET, server.key, sealed))
+        )
+        assert await frames_of(channels[1]) == [
+            derp.Frame(derp.FrameType.RECV_PACKET, laptop.key, sealed)
+        ]
+        await channels[2].write(
+            derp.encode(derp.Frame(derp.FrameType.SEND_PACKET, server.key, b"x"))
+        )
+        assert await frames_of(channels[2]) == [derp.Frame(derp.FrameType.PEER_GONE, server.key)]
+        assert rejected(bed, "unknown_peer") == 1
+        registry = bed.relay.relay.metrics.registry
+        assert registry.get_sample_value("cloudbridge_relay_derp_bytes_total") == len(sealed)
+        assert registry.get_sample_value("cloudbridge_relay_mesh_peers") == 3
+
+        await server.connection.aclose()
+        assert await frames_of(channels[0]) == [derp.Frame(derp.FrameType.PEER_GONE, server.key)]
+        await bed.relay.relay.drain()
+        assert await frames_of(channels[0]) == [
+            derp.Frame(derp.FrameType.RESTARTING, bytes(derp.KEY_SIZE))
+        ]
+        for each in (laptop, outsider):
+            await each.connection.aclose()
+
+    run(tmp_path, scenario, drain_timeout="100ms")
