@@ -40,13 +40,15 @@ class Bed:
             **kw,
         )
 
-    def client_config(self, token: str) -> Config:
+    def client_config(self, token: str, **settings: Any) -> Config:
+        """A client config for this relay; ``settings`` by dotted key (``p2p.expose``)."""
         overrides = {
             "relay.host": ("127.0.0.1", "test"),
             "relay.ports": ({self.transport: self.relay.listeners[self.transport].port}, "test"),
             "relay.tls.ca_file": (str(self.state_dir / "ca.pem"), "test"),
             "auth.token": (token, "test"),
             "transport.mode": (self.transport, "test"),
+            **{key: (value, "test") for key, value in settings.items()},
         }
         return load_config(
             None,

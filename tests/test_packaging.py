@@ -46,6 +46,7 @@ def test_plugins_list_has_only_the_builtins(core_alone: Venv) -> None:
     document = core_alone.cloudbridge_json("plugins", "list")
     assert document["schema_version"] == 1
     assert [(p["name"], p["status"], p["builtin"]) for p in document["plugins"]] == [
+        ("ice", "active", True),
         ("prometheus", "active", True),
         ("tls", "active", True),
     ]
@@ -69,7 +70,7 @@ def test_example_config_validates(core_alone: Venv) -> None:
 def test_cli_imports_nothing_heavy(core_alone: Venv) -> None:
     probe = (
         "import sys, cloudbridge_core.cli.main;"
-        "print(sorted({'aioquic', 'grpc', 'authlib'} & set(sys.modules)))"
+        "print(sorted({'aioquic', 'aioice', 'grpc', 'authlib'} & set(sys.modules)))"
     )
     assert core_alone.run("python", "-c", probe).stdout == "[]\n"
 
@@ -93,4 +94,4 @@ def test_each_plugin_installs_with_only_the_core(tmp_path: Path) -> None:
         listed = {p["name"]: p for p in venv.cloudbridge_json("plugins", "list")["plugins"]}
         assert listed[plugin]["status"] == "active", listed[plugin]["error"]
         assert listed[plugin]["families"] == [family]
-        assert set(listed) == {"prometheus", "tls", plugin}
+        assert set(listed) == {"ice", "prometheus", "tls", plugin}

@@ -35,6 +35,7 @@ Messages never contain secrets: callers pass names and paths, never token values
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, ClassVar
@@ -187,9 +188,17 @@ class CircuitOpen(CloudBridgeError):
 
 
 class P2PConnectionFailed(CloudBridgeError):
+    """``details`` keeps what an attempt saw (ICE candidate pairs), for ``--explain``."""
+
     code = "p2p_failed"
     retryable = True
     retry_delay = 5.0
+
+    def __init__(
+        self, message: str, *, hint: str | None = None, details: Mapping[str, Any] | None = None
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.details = dict(details or {})
 
 
 class TunnelClosed(CloudBridgeError):

@@ -27,6 +27,7 @@ from cloudbridge_core.errors import (
     PluginSelectionError,
     ProviderNotInstalled,
 )
+from cloudbridge_core.p2p import nat
 from cloudbridge_core.providers import ConfigSection, ProviderSpec
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ FAMILY_WORDS = {
 }
 
 #: Plugins the core registers itself; they are active unless disabled by name.
-BUILTINS: Mapping[str, ModuleType] = {"tls": builtin, "prometheus": prometheus}
+BUILTINS: Mapping[str, ModuleType] = {"tls": builtin, "prometheus": prometheus, "ice": nat}
 
 Status = Literal["active", "disabled", "failed"]
 

@@ -177,14 +177,35 @@ class PeerInfo:
     name: str
     public_key: str
     endpoints: Sequence[str] = ()
+    certificate: str = ""
 
 
 class SignalChannel(Protocol):
-    """Exchanges signalling messages (ICE credentials, candidates) with one peer via the relay."""
+    """What a NAT strategy has to reach one peer: signalling via the relay (ICE credentials,
+    candidates), the ICE role, sealing for relayed packets, and streams to the relay.
+
+    Both peers run each strategy at the same time; ``controlling`` is true on exactly one.
+    """
+
+    @property
+    def controlling(self) -> bool: ...
 
     async def send(self, message: Mapping[str, Any]) -> None: ...
 
     async def receive(self) -> Mapping[str, Any]: ...
+
+    def seal(self, packet: bytes) -> bytes:
+        """Encrypt a packet so that only the peer can read it (X25519, ChaCha20-Poly1305)."""
+
+    def open(self, sealed: bytes) -> bytes:
+        """Decrypt a packet from the peer; raises ``ProtocolViolation`` if it is not."""
+
+    @property
+    def local_key(self) -> bytes:
+        """This device's X25519 public key (32 bytes), as the relay knows it."""
+
+    async def open_relay_stream(self, target: str) -> Stream:
+        """A stream to the relay over the client's current session (``derp``: DERP)."""
 
 
 class PeerPath(Protocol):
@@ -192,7 +213,11 @@ class PeerPath(Protocol):
 
     @property
     def kind(self) -> str:
-        """One of ``direct``, ``stun``, ``turn``, ``relay``, ``derp``."""
+        """One of ``direct``, ``stun``, ``turn``, ``derp``."""
+
+    @property
+    def endpoint(self) -> str:
+        """Where datagrams go, for ``status`` (``203.0.113.12:40000``, ``relay``)."""
 
     async def send(self, datagram: bytes) -> None: ...
 

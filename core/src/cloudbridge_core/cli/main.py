@@ -17,6 +17,7 @@ from cloudbridge_core.cli import (
     config_cmd,
     demo_cmd,
     health_cmd,
+    p2p_cmd,
     plugins_cmd,
     relay_cmd,
     status_cmd,
@@ -109,6 +110,8 @@ cli.add_command(relay_cmd.relay)
 cli.add_command(tunnel_cmd.tunnel)
 cli.add_command(status_cmd.status)
 cli.add_command(health_cmd.health)
+cli.add_command(p2p_cmd.p2p)
+cli.add_command(p2p_cmd.ping)
 cli.add_command(demo_cmd.demo)
 
 

@@ -18,15 +18,45 @@ from cloudbridge_core.client.control import query
 @config_option
 @json_option
 @socket_option
+@click.option("--explain", "explain", metavar="PEER", help="Why PEER is on the path it is on.")
 @click.pass_context
-def status(ctx: click.Context, as_json: bool, control_socket: Path | None) -> None:
-    """Show the relay, the transport in use and why, latency, tunnels and the last error."""
+def status(
+    ctx: click.Context, as_json: bool, control_socket: Path | None, explain: str | None
+) -> None:
+    """Show the relay, the transport in use and why, latency, tunnels, peers and the last
+    error."""
     path = control_socket_of(runtime_of(ctx), control_socket)
+    if explain is not None:
+        reply = asyncio.run(query(path, "explain", peer=explain))
+        if as_json:
+            emit_json(reply)
+        else:
+            click.echo(_explanation(reply))
+        return
     reply = asyncio.run(query(path, "status"))
     if as_json:
         emit_json(reply)
         return
     click.echo(_text(reply))
+
+
+def _explanation(reply: dict[str, Any]) -> str:
+    lines = [
+        f"Peer:       {reply['name']} ({reply['peer_id']})",
+        f"Path:       {reply['path'] or 'none'} {reply['endpoint'] or ''}".rstrip(),
+        f"Why:        {reply['summary']}",
+    ]
+    retry = reply["next_retry_in_seconds"]
+    if retry is not None:
+        lines.append(f"Next retry: in {retry:.0f} s")
+    for attempt in reply["attempts"]:
+        error = f" - {attempt['error']}" if attempt["error"] else ""
+        lines.append(
+            f"  {attempt['strategy']:<6} attempt {attempt['attempt']}: {attempt['state']}{error}"
+        )
+        for pair in attempt["details"].get("candidate_pairs", []):
+            lines.append(f"      {pair['local']} -> {pair['remote']}: {pair['state']}")
+    return "\n".join(lines)
 
 
 def _text(reply: dict[str, Any]) -> str:
@@ -58,4 +88,16 @@ def _text(reply: dict[str, Any]) -> str:
     ]
     if rows:
         lines += ["", table(rows, ("LOCAL", "TARGET", "ACTIVE/TOTAL", "SENT", "RECEIVED"))]
+    peers = [
+        (
+            p["name"],
+            p["path"] or "-",
+            p["endpoint"] or "-",
+            f"{p['rtt_ms']:.1f} ms" if p["rtt_ms"] is not None else "-",
+            p["last_seen"] or "never",
+        )
+        for p in reply.get("peers", [])
+    ]
+    if peers:
+        lines += ["", table(peers, ("PEER", "PATH", "ENDPOINT", "RTT", "LAST SEEN"))]
     return "\n".join(lines)

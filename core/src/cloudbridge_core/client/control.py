@@ -10,19 +10,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import inspect
 import json
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import platformdirs
 
-from cloudbridge_core.errors import CloudBridgeError, ServerUnavailable
+from cloudbridge_core.errors import CloudBridgeError, ServerUnavailable, error_for_code
 
 MAX_REQUEST = 4096
-Handler = Callable[[], dict[str, Any]]
+#: answers one request (its JSON object); may be a coroutine function
+Handler = Callable[[dict[str, Any]], dict[str, Any] | Awaitable[dict[str, Any]]]
+
+
+def config_digest(config_path: Path) -> str:
+    """A short name for one config file, for the files a client keeps per config."""
+    return hashlib.sha256(str(config_path.resolve()).encode()).hexdigest()[:16]
 
 
 def socket_for(config_path: Path | None) -> Path:
@@ -33,8 +40,7 @@ def socket_for(config_path: Path | None) -> Path:
         runtime = platformdirs.user_runtime_path("cloudbridge")
     if config_path is None:
         return runtime / "client.sock"
-    digest = hashlib.sha256(str(config_path.resolve()).encode()).hexdigest()[:16]
-    return runtime / f"client-{digest}.sock"
+    return runtime / f"client-{config_digest(config_path)}.sock"
 
 
 class ControlServer:
@@ -43,8 +49,11 @@ class ControlServer:
         self._handlers = handlers
         self._server: asyncio.Server | None = None
 
-    async def start(self) -> None:
+    async def start(self) -> bool:
+        """Listen; False (and nothing changed) when another client already answers there."""
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if await _answers(self.path):
+            return False
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()  # a stale socket from a client that did not stop cleanly
         old_umask = os.umask(0o177)
@@ -52,6 +61,7 @@ class ControlServer:
             self._server = await asyncio.start_unix_server(self._serve, self.path)
         finally:
             os.umask(old_umask)
+        return True
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -59,11 +69,15 @@ class ControlServer:
             request = json.loads(line[:MAX_REQUEST]) if line else {}
             command = request.get("command") if isinstance(request, dict) else None
             handler = self._handlers.get(command) if isinstance(command, str) else None
-            reply = (
-                handler() if handler else {"error": {"code": "usage", "message": "unknown command"}}
-            )
+            if handler is None:
+                reply = {"error": {"code": "usage", "message": "unknown command"}}
+            else:
+                answer = handler(request)
+                reply = await answer if inspect.isawaitable(answer) else answer
         except ValueError:
             reply = {"error": {"code": "usage", "message": "request is not JSON"}}
+        except CloudBridgeError as error:
+            reply = {"error": {"code": error.code, "message": error.message}}
         writer.write(json.dumps(reply).encode() + b"\n")
         with contextlib.suppress(OSError):
             await writer.drain()
@@ -78,7 +92,16 @@ class ControlServer:
                 self.path.unlink()
 
 
-async def query(path: Path, command: str) -> dict[str, Any]:
+async def _answers(path: Path) -> bool:
+    try:
+        _, writer = await asyncio.open_unix_connection(path)
+    except OSError:
+        return False
+    writer.close()
+    return True
+
+
+async def query(path: Path, command: str, **arguments: Any) -> dict[str, Any]:
     """Ask the running client; a clear error says what to do when none is running."""
     try:
         reader, writer = await asyncio.open_unix_connection(path)
@@ -87,9 +110,9 @@ async def query(path: Path, command: str) -> dict[str, Any]:
             f"no running cloudbridge client at {path}",
             hint="start one with 'cloudbridge tunnel --config ...' and pass the same --config",
         ) from exc
-    writer.write(json.dumps({"command": command}).encode() + b"\n")
+    writer.write(json.dumps({"command": command, **arguments}).encode() + b"\n")
     reply: dict[str, Any] = json.loads(await reader.readline())
     writer.close()
     if "error" in reply:
-        raise CloudBridgeError(reply["error"]["message"])
+        raise error_for_code(reply["error"]["code"], reply["error"]["message"])
     return reply

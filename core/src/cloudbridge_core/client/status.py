@@ -4,25 +4,32 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cloudbridge_core.client.link import RelayLink
 from cloudbridge_core.client.tunnel import Tunnel
+
+if TYPE_CHECKING:
+    from cloudbridge_core.p2p.forward import PeerTunnel
+    from cloudbridge_core.p2p.manager import PeerManager
 
 
 @dataclass
 class RunningClient:
     link: RelayLink
-    tunnels: list[Tunnel]
+    tunnels: list[Tunnel | PeerTunnel]
     relay_host: str
     metrics_url: str | None = None
+    mesh: PeerManager | None = None
     started: float = field(default_factory=time.time)
 
     def tunnels_document(self) -> dict[str, Any]:
         transport = self.link.status()["name"]
         return {
             "tunnels": [
-                {
+                t.document()
+                if not isinstance(t, Tunnel)
+                else {
                     "name": t.spec.name,
                     "local": f"{t.spec.local_host}:{t.port}",
                     "target": t.spec.target,
@@ -45,6 +52,7 @@ class RunningClient:
             },
             "transport": transport,
             "tunnels": self.tunnels_document()["tunnels"],
+            "peers": self.mesh.status() if self.mesh else [],
             "metrics_url": self.metrics_url,
             "uptime_seconds": round(time.time() - self.started, 3),
             "last_error": transport["last_error"],

@@ -136,6 +136,13 @@ class SignalFailed:
     message: str
 
 
+@dataclass(frozen=True)
+class PeerOpen:
+    TYPE: ClassVar[str] = "peer_open"
+    port: int
+    proof: str = field(repr=False)
+
+
 Message = (
     Hello
     | Welcome
@@ -152,6 +159,7 @@ Message = (
     | MeshEvent
     | Signal
     | SignalFailed
+    | PeerOpen
 )
 _TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
@@ -171,6 +179,7 @@ _TYPES: dict[str, type[Message]] = {
         MeshEvent,
         Signal,
         SignalFailed,
+        PeerOpen,
     )
 }
 

@@ -1,0 +1,73 @@
+"""``cloudbridge p2p`` joins the tenant's mesh; ``cloudbridge ping PEER`` asks it which path
+answers and how fast."""
+
+from __future__ import annotations
+
+import asyncio
+import warnings
+from pathlib import Path
+
+import click
+import platformdirs
+
+from cloudbridge_core.cli.output import emit_json, json_option
+from cloudbridge_core.cli.runtime import config_option, runtime_of
+from cloudbridge_core.cli.serving import run_async
+from cloudbridge_core.cli.tunnel_cmd import control_socket_of, run_client, socket_option
+from cloudbridge_core.client.control import config_digest, query
+from cloudbridge_core.client.tunnel import TunnelSpec
+from cloudbridge_core.errors import UsageError
+from cloudbridge_core.p2p.identity import DeviceIdentity
+from cloudbridge_core.p2p.setup import MODES, MeshSetup
+
+
+def device_key_file(config_path: Path | None) -> Path:
+    """Where this config's device key lives: one identity per config file, kept 0600."""
+    with warnings.catch_warnings():  # platformdirs warns when it falls back to a default
+        warnings.simplefilter("ignore")
+        state = platformdirs.user_state_path("cloudbridge")
+    name = f"device-{config_digest(config_path)}.key" if config_path else "device.key"
+    return state / name
+
+
+@click.command()
+@config_option
+@socket_option
+@click.option(
+    "--mode",
+    type=click.Choice(MODES),
+    default="p2p-first",
+    show_default=True,
+    help="Paths to peers: p2p-first (relayed DERP as fallback), relay-only, p2p-only.",
+)
+@click.pass_context
+def p2p(ctx: click.Context, control_socket: Path | None, mode: str) -> None:
+    """Join the tenant's mesh: find its peers, reach them through NAT, serve p2p.expose."""
+    runtime = runtime_of(ctx)
+    config = runtime.config()
+    if not config.get("p2p.enabled"):
+        raise UsageError("p2p.enabled is false in the config: the mesh is turned off")
+    identity = DeviceIdentity.create(device_key_file(runtime.config_path))
+    specs = [TunnelSpec(**entry) for entry in config.get("tunnels")]
+    socket = control_socket_of(runtime, control_socket)
+
+    async def main() -> None:
+        await run_client(runtime, config, specs, socket, MeshSetup(identity, mode))
+
+    run_async(main)
+
+
+@click.command()
+@click.argument("peer")
+@config_option
+@json_option
+@socket_option
+@click.pass_context
+def ping(ctx: click.Context, peer: str, as_json: bool, control_socket: Path | None) -> None:
+    """Ping PEER through the running `cloudbridge p2p`: which path answered, and its RTT."""
+    path = control_socket_of(runtime_of(ctx), control_socket)
+    reply = asyncio.run(query(path, "ping", peer=peer))
+    if as_json:
+        emit_json(reply)
+        return
+    click.echo(f"pong from {reply['peer']} via {reply['path']} in {reply['rtt_ms']:.2f} ms")

@@ -1,0 +1,124 @@
+"""ICE through NAT (aioice): the core's own ``ice`` strategy — host and server-reflexive
+candidates, so a direct or STUN path — and the helper the TURN plugin builds on.
+
+The two peers trade ICE credentials and candidates over the relay's signalling, then run
+connectivity checks; the nominated pair says which path it is: host to host is
+``direct``, anything server-reflexive is ``stun``, a relayed candidate is ``turn``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import aioice
+from aioice.candidate import Candidate
+
+from cloudbridge_core.errors import P2PConnectionFailed
+from cloudbridge_core.log import get_logger
+from cloudbridge_core.providers import PeerInfo, SignalChannel
+
+log = get_logger("p2p.ice")
+
+CHECKS_TIMEOUT = 10.0
+
+
+class IcePath:
+    def __init__(self, connection: aioice.Connection, kind: str, details: dict[str, Any]) -> None:
+        self._connection = connection
+        self.kind = kind
+        self.endpoint = details["remote"]
+        self.details = details
+
+    async def send(self, datagram: bytes) -> None:
+        await self._connection.sendto(datagram, 1)
+
+    async def receive(self) -> bytes:
+        data, _ = await self._connection.recvfrom()
+        return data
+
+    async def aclose(self) -> None:
+        await self._connection.close()
+
+
+def stun_address(urls: Sequence[str]) -> tuple[str, int] | None:
+    """The first ``stun:host:port`` (aioice takes one STUN server)."""
+    for url in urls:
+        match = re.fullmatch(r"stuns?:([^:\s]+)(?::(\d+))?", url)
+        if match:
+            return match.group(1), int(match.group(2) or 3478)
+    return None
+
+
+async def ice_path(peer: PeerInfo, signal: SignalChannel, **connection_options: Any) -> IcePath:
+    """Run ICE with the peer over ``signal``; ``connection_options`` go to aioice."""
+    connection = aioice.Connection(
+        ice_controlling=signal.controlling, use_ipv6=False, **connection_options
+    )
+    try:
+        await connection.gather_candidates()
+        await signal.send(
+            {
+                "ufrag": connection.local_username,
+                "pwd": connection.local_password,
+                "candidates": [c.to_sdp() for c in connection.local_candidates],
+            }
+        )
+        answer = await signal.receive()
+        connection.remote_username = str(answer["ufrag"])
+        connection.remote_password = str(answer["pwd"])
+        for sdp in answer["candidates"]:
+            await connection.add_remote_candidate(Candidate.from_sdp(sdp))
+        await connection.add_remote_candidate(None)
+        try:
+            await asyncio.wait_for(connection.connect(), CHECKS_TIMEOUT)
+        except (ConnectionError, TimeoutError) as error:
+            details = _checks(connection)
+            raise P2PConnectionFailed(
+                f"no candidate pair to {peer.name} worked ({error or 'timeout'})", details=details
+            ) from None
+    except BaseException:
+        await connection.close()
+        raise
+    kind, details = _nominated(connection)
+    log.info("ice_connected", peer=peer.name, path=kind, remote=details["remote"])
+    return IcePath(connection, kind, details)
+
+
+def _nominated(connection: aioice.Connection) -> tuple[str, dict[str, Any]]:
+    # aioice keeps the nominated pair private; it is the only record of which path won
+    pair = connection._nominated[1]
+    types = {pair.local_candidate.type, pair.remote_candidate.type}
+    kind = "turn" if "relay" in types else "direct" if types == {"host"} else "stun"
+    host, port = pair.remote_addr
+    return kind, {
+        "remote": f"{host}:{port}",
+        "local_candidate": pair.local_candidate.type,
+        "remote_candidate": pair.remote_candidate.type,
+        **_checks(connection),
+    }
+
+
+def _checks(connection: aioice.Connection) -> dict[str, Any]:
+    pairs = [
+        {
+            "local": f"{p.local_candidate.type} {p.local_addr[0]}:{p.local_addr[1]}",
+            "remote": f"{p.remote_candidate.type} {p.remote_addr[0]}:{p.remote_addr[1]}",
+            "state": p.state.name.lower(),
+        }
+        for p in connection._check_list
+    ]
+    local = sorted({c.type for c in connection.local_candidates})
+    return {"candidate_pairs": pairs, "local_candidate_types": local}
+
+
+class IceStrategy:
+    """Direct and STUN: host and server-reflexive candidates (no TURN here)."""
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        self._stun = stun_address(settings.get("stun_servers") or [])
+
+    async def connect(self, peer: PeerInfo, signal: SignalChannel) -> IcePath:
+        return await ice_path(peer, signal, stun_server=self._stun)

@@ -1,0 +1,387 @@
+"""The peers of this device: a QUIC session with each, over the best path the NAT
+strategies found, kept up (heartbeats, fallback) and upgraded (retrying better paths).
+
+The controlling peer of a pair (the lower peer id) starts every attempt: it sends
+``begin`` for attempt N of a strategy, and both sides then run that strategy with the
+signalling of attempt N. The other side only follows, so the two never race.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import datetime
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cloudbridge_core.client.link import RelayLink
+from cloudbridge_core.config import Config
+from cloudbridge_core.durations import parse_duration
+from cloudbridge_core.errors import CloudBridgeError, P2PConnectionFailed
+from cloudbridge_core.log import get_logger
+from cloudbridge_core.p2p.channel import AttemptChannel
+from cloudbridge_core.p2p.identity import DeviceIdentity
+from cloudbridge_core.p2p.membership import Membership
+from cloudbridge_core.p2p.metrics import P2PMetrics
+from cloudbridge_core.p2p.session import RANK, PeerSession
+from cloudbridge_core.p2p.setup import MODES
+from cloudbridge_core.p2p.streams import accept_peer_stream, open_peer_stream
+from cloudbridge_core.plugins import Plugins
+from cloudbridge_core.providers import NatStrategy, PeerInfo
+
+log = get_logger("p2p")
+
+#: one attempt of one strategy: ICE checks, TURN allocation, DERP channel
+ATTEMPT_TIMEOUT = 15.0
+#: while no path works at all, attempts are retried this often
+RETRY_WHEN_DOWN = 2.0
+
+
+@dataclass
+class Attempt:
+    strategy: str
+    number: int
+    state: str = "trying"  # trying | established | failed
+    started_at: float = field(default_factory=time.time)
+    ended_at: float | None = None
+    error: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy,
+            "attempt": self.number,
+            "state": self.state,
+            "started_at": self.started_at,
+            "ended_at": self.ended_at,
+            "error": self.error,
+            "details": self.details,
+        }
+
+
+@dataclass(eq=False)
+class PeerState:
+    info: PeerInfo
+    session: PeerSession
+    controlling: bool
+    attempts: dict[str, Attempt] = field(default_factory=dict)
+    channels: dict[tuple[str, int], AttemptChannel] = field(default_factory=dict)
+    numbers: int = 0
+
+    @property
+    def key(self) -> bytes:
+        return base64.b64decode(self.info.public_key)
+
+
+class PeerManager:
+    def __init__(
+        self,
+        config: Config,
+        plugins: Plugins,
+        link: RelayLink,
+        identity: DeviceIdentity,
+        expose: set[int],
+        mode: str = "p2p-first",
+        metrics: P2PMetrics | None = None,
+    ) -> None:
+        self._config = config
+        self._identity = identity
+        self._expose = expose
+        self.metrics = metrics
+        self.strategies = _strategies(config, plugins, mode)
+        name = config.get("p2p.name") or socket.gethostname()
+        self.membership = Membership(link, identity, name, self._peers_changed, self._signalled)
+        self.peers: dict[str, PeerState] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._upgrade_interval = parse_duration(config.get("p2p.upgrade_interval"))
+        self._heartbeat = parse_duration(config.get("p2p.heartbeat_interval"))
+        self._heartbeat_timeout = parse_duration(config.get("p2p.heartbeat_timeout"))
+
+    async def start(self) -> None:
+        await self.membership.start(parse_duration(self._config.get("relay.connect_timeout")))
+        self._spawn(self._keep_up())
+        self._spawn(self._discover())
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(p.session.aclose() for p in self.peers.values()))
+        self.peers.clear()
+        await self.membership.aclose()
+
+    # ---- what the rest of the client uses ----
+
+    def find(self, name: str) -> PeerState:
+        for state in self.peers.values():
+            if name in (state.info.name, state.info.peer_id):
+                return state
+        known = ", ".join(sorted(p.info.name for p in self.peers.values())) or "none"
+        raise P2PConnectionFailed(f"no peer named {name!r} in the mesh (peers: {known})")
+
+    async def open(
+        self, name: str, port: int, within: float
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A stream to ``port`` exposed by the peer ``name``, over its best path."""
+        state = self.find(name)
+        await state.session.wait_connected(within)
+        return await open_peer_stream(
+            state.session, port, self._identity.proof_for(state.key), within
+        )
+
+    async def ping(self, name: str, within: float) -> dict[str, Any]:
+        state = self.find(name)
+        await state.session.wait_connected(within)
+        rtt = await state.session.ping(within)
+        return {"peer": state.info.name, "path": state.session.current, "rtt_ms": rtt * 1000}
+
+    def status(self) -> list[dict[str, Any]]:
+        return [self._document(state) for state in self.peers.values()]
+
+    def explain(self, name: str) -> dict[str, Any]:
+        """Why a peer is on the path it is on: each strategy's last attempt and what's next."""
+        state = self.find(name)
+        session = state.session
+        direct = session.current in ("direct", "stun")
+        return {
+            **self._document(state),
+            "controlling": state.controlling,
+            "attempts": [a.document() for a in state.attempts.values()],
+            "path_changes": list(session.changes),
+            "next_retry_in_seconds": None if direct else self._next_retry(state),
+            "summary": _summary(state),
+        }
+
+    # ---- membership ----
+
+    def _peers_changed(self, peers: Mapping[str, PeerInfo]) -> None:
+        for peer_id in [p for p in self.peers if p not in peers]:
+            state = self.peers.pop(peer_id)
+            self._spawn(state.session.aclose())
+        limit = self._config.get("p2p.max_connections")
+        for peer_id, info in peers.items():
+            if peer_id in self.peers or peer_id == self.membership.peer_id:
+                continue
+            if len(self.peers) >= limit:
+                log.warning("peer_limit_reached", peer=info.name, limit=limit)
+                continue
+            self._add(info)
+
+    def _add(self, info: PeerInfo) -> PeerState:
+        controlling = self.membership.peer_id < info.peer_id
+        state_ref: list[PeerState] = []
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await accept_peer_stream(
+                reader, writer, self._identity, state_ref[0].key, self._expose, info.name
+            )
+
+        session = PeerSession(self._identity, info, controlling, serve)
+        state = PeerState(info, session, controlling)
+        state_ref.append(state)
+        self.peers[info.peer_id] = state
+        log.info("peer_added", peer=info.name, peer_id=info.peer_id, controlling=controlling)
+        if controlling:
+            for name, _ in self.strategies:
+                self._spawn(self._begin(state, name))
+        return state
+
+    def _signalled(self, peer_id: str, kind: str, body: Mapping[str, Any]) -> None:
+        state = self.peers.get(peer_id)
+        strategy = dict(self.strategies).get(kind)
+        number = body.get("attempt")
+        if state is None or strategy is None or not isinstance(number, int):
+            log.debug("signal_ignored", peer_id=peer_id, kind=kind)
+            return
+        if body.get("begin") and not state.controlling:
+            channel = self._channel(state, kind, number)
+            self._spawn(self._run(state, kind, strategy, channel))
+            return
+        waiting = state.channels.get((kind, number))
+        if waiting is not None and isinstance(body.get("data"), Mapping):
+            waiting.inbox.put_nowait(body["data"])
+
+    # ---- attempts ----
+
+    def _channel(self, state: PeerState, strategy: str, number: int) -> AttemptChannel:
+        for key in [k for k in state.channels if k[0] == strategy]:
+            del state.channels[key]  # one attempt per strategy at a time
+        channel = AttemptChannel(
+            self.membership, self._identity, state.info, strategy, number, state.controlling
+        )
+        state.channels[(strategy, number)] = channel
+        return channel
+
+    async def _begin(self, state: PeerState, name: str) -> None:
+        state.numbers += 1
+        number = state.numbers
+        channel = self._channel(state, name, number)
+        try:
+            await self.membership.send_signal(
+                state.info.peer_id, name, {"attempt": number, "begin": True}
+            )
+        except CloudBridgeError as error:
+            state.attempts[name] = Attempt(name, number, "failed", error=error.message)
+            return
+        await self._run(state, name, dict(self.strategies)[name], channel)
+
+    async def _run(
+        self, state: PeerState, name: str, strategy: NatStrategy, channel: AttemptChannel
+    ) -> None:
+        attempt = Attempt(name, channel.attempt)
+        state.attempts[name] = attempt
+        if self.metrics is not None:
+            self.metrics.attempts.labels(name).inc()
+        try:
+            path = await asyncio.wait_for(strategy.connect(state.info, channel), ATTEMPT_TIMEOUT)
+        except (CloudBridgeError, OSError, TimeoutError) as error:
+            attempt.state, attempt.ended_at = "failed", time.time()
+            attempt.error = str(error) or f"no path within {ATTEMPT_TIMEOUT:g}s"
+            attempt.details = error.details if isinstance(error, P2PConnectionFailed) else {}
+            log.info(
+                "path_attempt_failed", peer=state.info.name, strategy=name, reason=attempt.error
+            )
+            return
+        finally:
+            state.channels.pop((name, channel.attempt), None)
+        attempt.state, attempt.ended_at = "established", time.time()
+        attempt.details = {"kind": path.kind, "endpoint": path.endpoint, **_details(path)}
+        if self.metrics is not None:
+            self.metrics.successes.labels(name).inc()
+        if self.peers.get(state.info.peer_id) is not state:  # the peer left meanwhile
+            await path.aclose()
+            return
+        before = state.session.current
+        state.session.add_path(path)
+        self._path_moved(state, before)
+
+    def _path_moved(self, state: PeerState, before: str | None) -> None:
+        if state.session.current != before:
+            state.session.transmit()
+            if self.metrics is not None:
+                self.metrics.path_changes.inc()
+
+    # ---- keeping up ----
+
+    async def _keep_up(self) -> None:
+        """Heartbeats over each session's path (a silent one is dropped for the next best),
+        and, on the controlling side, new attempts at better paths."""
+        last_beat = 0.0
+        while True:
+            await asyncio.sleep(min(1.0, self._heartbeat))
+            now = time.monotonic()
+            if now - last_beat >= self._heartbeat:
+                last_beat = now
+                await asyncio.gather(*(self._beat(s) for s in list(self.peers.values())))
+            for state in list(self.peers.values()):
+                if state.controlling:
+                    for name, _ in self.strategies:
+                        if self._due(state, name):
+                            self._spawn(self._begin(state, name))
+            if self.metrics is not None:
+                self.metrics.observe(self.peers.values())
+
+    async def _beat(self, state: PeerState) -> None:
+        if not state.session.connected or state.session.current is None:
+            return
+        before = state.session.current
+        with contextlib.suppress(CloudBridgeError):
+            await state.session.ping(self._heartbeat_timeout)
+        self._path_moved(state, before)
+
+    def _due(self, state: PeerState, name: str) -> bool:
+        attempt = state.attempts.get(name)
+        if attempt is None:
+            return True
+        if attempt.state == "trying":
+            return False
+        kind = attempt.details.get("kind")
+        session = state.session
+        if attempt.state == "established" and kind in session.paths and kind not in session.suspect:
+            return False
+        current = session.current
+        if current is not None and kind is not None and RANK[kind] >= RANK[current]:
+            return False  # no better than what works now
+        wait = self._upgrade_interval if current is not None else RETRY_WHEN_DOWN
+        return time.time() - (attempt.ended_at or attempt.started_at) >= wait
+
+    def _next_retry(self, state: PeerState) -> float | None:
+        ended = [a.ended_at for a in state.attempts.values() if a.ended_at and a.state == "failed"]
+        if not ended or not state.controlling:
+            return None
+        wait = self._upgrade_interval if state.session.current else RETRY_WHEN_DOWN
+        return max(0.0, min(ended) + wait - time.time())
+
+    async def _discover(self) -> None:
+        interval = parse_duration(self._config.get("p2p.peer_discovery_interval"))
+        while True:
+            await asyncio.sleep(interval)
+            await self.membership.refresh()
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _document(self, state: PeerState) -> dict[str, Any]:
+        session = state.session
+        current = session.current
+        seen = session.last_seen
+        return {
+            "name": state.info.name,
+            "peer_id": state.info.peer_id,
+            "path": current,
+            "endpoint": session.endpoint,
+            "connected": session.connected,
+            "rtt_ms": round(session.rtt_seconds * 1000, 3) if session.rtt_seconds else None,
+            "last_seen": _timestamp(seen),
+            "bytes_sent": session.bytes_sent,
+            "bytes_received": session.bytes_received,
+            "paths": session.paths,
+        }
+
+
+def _strategies(config: Config, plugins: Plugins, mode: str) -> list[tuple[str, NatStrategy]]:
+    if mode not in MODES:
+        raise P2PConnectionFailed(f"unknown mode {mode!r}: one of {', '.join(MODES)}")
+    settings = config.get("p2p.ice")
+    found = sorted(plugins.providers("nat_strategy").items(), key=lambda i: -i[1].priority)
+    fallback = config.get("p2p.fallback_enabled")
+    chosen = []
+    for name, spec in found:
+        if mode == "relay-only" and name != "derp":
+            continue
+        if mode == "p2p-only" and name == "derp":
+            continue
+        if not fallback and name in ("turn", "derp"):
+            continue
+        chosen.append((name, spec.load(settings)))
+    if not chosen:
+        installed = ", ".join(n for n, _ in found) or "none"
+        raise P2PConnectionFailed(f"no NAT strategy for mode {mode} (installed: {installed})")
+    return chosen
+
+
+def _details(path: Any) -> dict[str, Any]:
+    details = getattr(path, "details", None)
+    return dict(details) if isinstance(details, Mapping) else {}
+
+
+def _timestamp(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).isoformat(timespec="seconds")
+
+
+def _summary(state: PeerState) -> str:
+    current = state.session.current
+    if current in ("direct", "stun"):
+        return f"direct: {current} path"
+    failed = [a for a in state.attempts.values() if a.state == "failed"]
+    reasons = "; ".join(f"{a.strategy}: {a.error}" for a in failed) or "no attempt has failed"
+    on = current or "no path"
+    return f"not direct (on {on}): {reasons}"

@@ -1,0 +1,128 @@
+"""This device in its tenant's mesh, through the relay link: joined again after every
+reconnection, refreshed every ``p2p.peer_discovery_interval``, signals in and out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from cloudbridge_core.client.connection import RelayConnection
+from cloudbridge_core.client.link import RelayLink
+from cloudbridge_core.errors import (
+    CloudBridgeError,
+    P2PConnectionFailed,
+    TransportError,
+    error_for_code,
+)
+from cloudbridge_core.log import get_logger
+from cloudbridge_core.p2p.identity import DeviceIdentity
+from cloudbridge_core.protocol import messages
+from cloudbridge_core.providers import PeerInfo, Stream
+from cloudbridge_core.wire import MessageStream
+
+log = get_logger("p2p.mesh")
+
+PeersListener = Callable[[dict[str, PeerInfo]], None]
+SignalListener = Callable[[str, str, Mapping[str, Any]], None]
+
+
+def peer_info(entry: Mapping[str, str]) -> PeerInfo:
+    return PeerInfo(
+        peer_id=entry["peer_id"],
+        name=entry["name"],
+        public_key=entry["public_key"],
+        certificate=entry["certificate"],
+    )
+
+
+class Membership:
+    def __init__(
+        self,
+        link: RelayLink,
+        identity: DeviceIdentity,
+        name: str,
+        on_peers: PeersListener,
+        on_signal: SignalListener,
+    ) -> None:
+        self._link = link
+        self._identity = identity
+        self.name = name
+        self._on_peers = on_peers
+        self._on_signal = on_signal
+        self.peers: dict[str, PeerInfo] = {}
+        self.peer_id = identity.peer_id
+        self._joined = asyncio.Event()
+        self._refused: CloudBridgeError | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self, within: float) -> None:
+        """Join; raises the relay's refusal (a token without ``p2p:mesh``) or a timeout."""
+        self._link.on_switch.append(lambda *_: self._spawn(self._join(self._link.current)))
+        await self._join(self._link.current)
+        try:
+            await asyncio.wait_for(self._joined.wait(), within)
+        except TimeoutError:
+            raise P2PConnectionFailed(
+                f"the relay did not answer mesh_join in {within:g}s"
+            ) from None
+        if self._refused is not None:
+            raise self._refused
+
+    async def refresh(self) -> None:
+        with contextlib.suppress(TransportError):
+            await self._link.current.control.send(messages.MeshRefresh())
+
+    async def send_signal(self, peer_id: str, kind: str, body: Mapping[str, Any]) -> None:
+        await self._link.current.control.send(messages.Signal(peer_id, kind, dict(body)))
+
+    async def open_relay_stream(self, target: str) -> Stream:
+        stream = await self._link.current.session.open_stream()
+        header = MessageStream(stream)
+        await header.send(messages.Open(target))
+        reply = await header.expect(messages.Accept, messages.Reject)
+        if isinstance(reply, messages.Reject):
+            await stream.aclose()
+            raise error_for_code(reply.code, reply.message)
+        return stream
+
+    async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _join(self, connection: RelayConnection) -> None:
+        connection.on_message = self._received
+        request = messages.MeshJoin(
+            self.name, self._identity.public_key, self._identity.ca.certificate.decode()
+        )
+        with contextlib.suppress(TransportError):
+            await connection.control.send(request)
+
+    def _received(self, message: messages.Message) -> None:
+        if isinstance(message, messages.MeshPeers):
+            self.peers = {p["peer_id"]: peer_info(p) for p in message.peers}
+            self._joined.set()
+            self._on_peers(self.peers)
+        elif isinstance(message, messages.MeshEvent):
+            peer = peer_info(message.peer)
+            if message.event == "joined":
+                self.peers[peer.peer_id] = peer
+            else:
+                self.peers.pop(peer.peer_id, None)
+            log.info(f"peer_{message.event}", peer=peer.name, peer_id=peer.peer_id)
+            self._on_peers(self.peers)
+        elif isinstance(message, messages.Signal):
+            self._on_signal(message.peer_id, message.kind, message.body)
+        elif isinstance(message, messages.SignalFailed):
+            log.info("signal_failed", peer_id=message.peer_id, reason=message.message)
+        elif isinstance(message, messages.ErrorMessage):
+            self._refused = error_for_code(message.code, message.message)
+            log.error("mesh_refused", code=message.code, reason=message.message)
+            self._joined.set()

@@ -1,0 +1,282 @@
+"""A QUIC session between two peers, carried over whichever path is best right now.
+
+QUIC gives peer tunnels the same reliable, encrypted, multiplexed streams on every path
+(direct, STUN, TURN, DERP). aioquic sees one fixed address; underneath, datagrams go out
+on the current path and are taken in from every path, so a path change is invisible to
+the session and to the tunnels on it (QUIC retransmits what the old path lost).
+
+The controlling peer (the lower peer id) is the QUIC client and pins the other's
+certificate, published through the relay; streams start with a ``peer_open`` header whose
+proof only the two peers can make.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from aioquic._buffer import Buffer
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import QuicPacketType, pull_quic_header
+from aioquic.tls import load_pem_private_key, load_pem_x509_certificates
+
+from cloudbridge_core.errors import P2PConnectionFailed
+from cloudbridge_core.log import get_logger
+from cloudbridge_core.p2p.identity import DeviceIdentity, server_name
+from cloudbridge_core.providers import PeerInfo, PeerPath
+
+log = get_logger("p2p.session")
+
+ALPN = "cloudbridge-peer/1"
+#: what aioquic believes the peer's address is; the real one belongs to the path
+VIRTUAL_ADDRESS = ("192.0.2.1", 9)
+#: best first; a path's rank decides which one carries the session
+RANK = {"direct": 0, "stun": 1, "turn": 2, "derp": 3}
+#: small enough for TURN and DERP headers and the DERP seal on any common MTU
+DATAGRAM_SIZE = 1200
+OUTGOING_QUEUE = 2048
+
+StreamServer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]]
+
+
+class _PathTransport(asyncio.DatagramTransport):
+    """The transport aioquic writes to: hands each datagram to the session."""
+
+    def __init__(self, session: PeerSession) -> None:
+        super().__init__()
+        self._session = session
+
+    def sendto(self, data: Any, addr: Any = None) -> None:
+        self._session.outgoing(bytes(data))
+
+    def close(self) -> None:
+        """The session owns the paths; closing the QUIC side leaves them to it."""
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+class PeerSession:
+    def __init__(
+        self,
+        identity: DeviceIdentity,
+        peer: PeerInfo,
+        controlling: bool,
+        serve: StreamServer,
+        idle_timeout: float = 60.0,
+    ) -> None:
+        self.peer = peer
+        self.controlling = controlling
+        self._identity = identity
+        self._serve = serve
+        self._idle_timeout = idle_timeout
+        self._paths: dict[str, PeerPath] = {}
+        self._readers: dict[str, asyncio.Task[None]] = {}
+        self.suspect: set[str] = set()  # paths that stopped delivering
+        self._outgoing: asyncio.Queue[bytes] = asyncio.Queue(OUTGOING_QUEUE)
+        self._sender = asyncio.get_running_loop().create_task(self._send())
+        self._protocol: QuicConnectionProtocol | None = None
+        self._connected = asyncio.Event()
+        self.current: str | None = None
+        self.last_seen: float | None = None
+        self.rtt_seconds: float | None = None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.changes: deque[dict[str, Any]] = deque(maxlen=20)
+
+    # ---- paths ----
+
+    @property
+    def paths(self) -> list[str]:
+        return sorted(self._paths, key=RANK.__getitem__)
+
+    @property
+    def endpoint(self) -> str | None:
+        path = self._paths.get(self.current) if self.current else None
+        return path.endpoint if path else None
+
+    def add_path(self, path: PeerPath) -> None:
+        """Take a path a strategy established; the best working one carries the session."""
+        old = self._paths.pop(path.kind, None)
+        if old is not None:
+            self._drop_reader(path.kind)
+            asyncio.get_running_loop().create_task(old.aclose())
+        self._paths[path.kind] = path
+        self.suspect.discard(path.kind)
+        self._readers[path.kind] = asyncio.get_running_loop().create_task(self._read(path))
+        self._choose(f"{path.kind} path established")
+        if self.controlling and self._protocol is None:
+            self._start_client()
+
+    def path_failed(self, kind: str, why: str) -> None:
+        """The path stopped delivering: move to the next best without dropping the peer."""
+        if kind in self._paths and kind not in self.suspect:
+            self.suspect.add(kind)
+            log.info("path_failed", peer=self.peer.name, path=kind, reason=why)
+            self._choose(f"{kind} path failed: {why}")
+
+    def _choose(self, why: str) -> None:
+        usable = [k for k in self.paths if k not in self.suspect]
+        best = usable[0] if usable else None
+        if best == self.current:
+            return
+        self.changes.append({"at": time.time(), "from": self.current, "to": best, "reason": why})
+        log.info("path_selected", peer=self.peer.name, path=best, previous=self.current, reason=why)
+        self.current = best
+
+    async def _read(self, path: PeerPath) -> None:
+        try:
+            while True:
+                datagram = await path.receive()
+                self.last_seen = time.time()
+                self.bytes_received += len(datagram)
+                self._deliver(datagram)
+        except Exception as error:  # noqa: BLE001 - a plugin's path may fail any way; that ends it only
+            if self._paths.get(path.kind) is path:
+                self.path_failed(path.kind, str(error) or type(error).__name__)
+
+    def _deliver(self, datagram: bytes) -> None:
+        if self._protocol is None:
+            if self.controlling or not _is_initial(datagram):
+                return
+            self._start_server(datagram)
+        assert self._protocol is not None
+        self._protocol.datagram_received(datagram, VIRTUAL_ADDRESS)
+
+    def outgoing(self, datagram: bytes) -> None:
+        with contextlib.suppress(asyncio.QueueFull):  # like a full socket buffer: QUIC resends
+            self._outgoing.put_nowait(datagram)
+
+    async def _send(self) -> None:
+        while True:
+            datagram = await self._outgoing.get()
+            kind = self.current
+            path = self._paths.get(kind) if kind else None
+            if path is None:
+                continue
+            try:
+                await path.send(datagram)
+                self.bytes_sent += len(datagram)
+            except Exception as error:  # noqa: BLE001 - a plugin's path may fail any way; that ends it only
+                self.path_failed(path.kind, str(error) or type(error).__name__)
+
+    # ---- QUIC ----
+
+    def _configuration(self) -> QuicConfiguration:
+        return QuicConfiguration(
+            is_client=self.controlling,
+            alpn_protocols=[ALPN],
+            idle_timeout=self._idle_timeout,
+            max_datagram_size=DATAGRAM_SIZE,
+            server_name=server_name(self.peer.peer_id) if self.controlling else None,
+        )
+
+    def _start_client(self) -> None:
+        configuration = self._configuration()
+        configuration.cadata = self.peer.certificate.encode()
+        protocol = QuicConnectionProtocol(
+            QuicConnection(configuration=configuration), self._accepted
+        )
+        self._adopt(protocol)
+        protocol.connect(VIRTUAL_ADDRESS)
+
+    def _start_server(self, initial: bytes) -> None:
+        configuration = self._configuration()
+        certificate, *chain = load_pem_x509_certificates(self._identity.server.certificate)
+        configuration.certificate = certificate
+        configuration.certificate_chain = [
+            *chain,
+            *load_pem_x509_certificates(self._identity.ca.certificate),
+        ]
+        configuration.private_key = load_pem_private_key(self._identity.server.key)
+        header = pull_quic_header(Buffer(data=initial), host_cid_length=8)
+        connection = QuicConnection(
+            configuration=configuration, original_destination_connection_id=header.destination_cid
+        )
+        self._adopt(QuicConnectionProtocol(connection, self._accepted))
+
+    def _adopt(self, protocol: QuicConnectionProtocol) -> None:
+        protocol.connection_made(_PathTransport(self))
+        self._protocol = protocol
+        asyncio.get_running_loop().create_task(self._until_connected(protocol))
+
+    async def _until_connected(self, protocol: QuicConnectionProtocol) -> None:
+        with contextlib.suppress(ConnectionError):
+            await protocol.wait_connected()
+            self._connected.set()
+            log.info("peer_connected", peer=self.peer.name, path=self.current)
+
+    def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        asyncio.get_running_loop().create_task(self._serve(reader, writer))
+
+    async def wait_connected(self, within: float) -> None:
+        try:
+            await asyncio.wait_for(self._connected.wait(), within)
+        except TimeoutError:
+            paths = ", ".join(self.paths) or "none yet"
+            raise P2PConnectionFailed(
+                f"no session with {self.peer.name} within {within:g}s (paths: {paths})"
+            ) from None
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def open_stream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        assert self._protocol is not None  # wait_connected() came first
+        return await self._protocol.create_stream()
+
+    async def ping(self, within: float) -> float:
+        """The round-trip time over the current path; a silent path is marked failed."""
+        if self._protocol is None or not self.connected:
+            raise P2PConnectionFailed(f"no session with {self.peer.name} yet")
+        kind = self.current
+        started = time.perf_counter()
+        try:
+            await asyncio.wait_for(self._protocol.ping(), within)
+        except TimeoutError:
+            if kind is not None:
+                self.path_failed(kind, f"no answer in {within:g}s")
+            raise P2PConnectionFailed(f"{self.peer.name} did not answer in {within:g}s") from None
+        self.rtt_seconds = time.perf_counter() - started
+        return self.rtt_seconds
+
+    def transmit(self) -> None:
+        """Flush what aioquic holds (after a path change, so resends go out at once)."""
+        if self._protocol is not None:
+            self._protocol.transmit()
+
+    async def aclose(self) -> None:
+        if self._protocol is not None:
+            self._protocol.close()
+        await asyncio.sleep(0)  # let the close frame reach the current path
+        self._sender.cancel()
+        for kind in list(self._readers):
+            self._drop_reader(kind)
+        await asyncio.gather(self._sender, return_exceptions=True)
+        for path in self._paths.values():
+            with contextlib.suppress(Exception):
+                await path.aclose()
+        self._paths.clear()
+
+    def _drop_reader(self, kind: str) -> None:
+        reader = self._readers.pop(kind, None)
+        if reader is not None:
+            reader.cancel()
+
+
+def _is_initial(datagram: bytes) -> bool:
+    try:
+        header = pull_quic_header(Buffer(data=datagram), host_cid_length=8)
+    except ValueError:
+        return False
+    return header.packet_type == QuicPacketType.INITIAL

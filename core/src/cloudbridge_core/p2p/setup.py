@@ -1,0 +1,32 @@
+"""What joining the mesh takes, as the command line gives it (light: no QUIC or ICE
+imported until the mesh is actually joined)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cloudbridge_core.p2p.identity import DeviceIdentity
+
+#: which paths a client may use to reach its peers
+MODES = ("p2p-first", "relay-only", "p2p-only")
+
+
+@dataclass(frozen=True)
+class PeerTunnelSpec:
+    local_port: int
+    peer: str
+    remote_port: int
+    local_host: str = "127.0.0.1"
+
+    @property
+    def target(self) -> str:
+        return f"peer:{self.peer}:{self.remote_port}"
+
+
+@dataclass
+class MeshSetup:
+    """Joining the tenant's mesh: with which identity, which paths, which peer forwards."""
+
+    identity: DeviceIdentity
+    mode: str = "p2p-first"
+    forwards: list[PeerTunnelSpec] = field(default_factory=list)

@@ -1,0 +1,1 @@
+"""CloudBridge DERP: the path that always works, through the relay, sealed end to end."""

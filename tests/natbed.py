@@ -1,0 +1,164 @@
+"""Two hosts, each behind its own NAT router, and a "public" segment with the relay and a
+coturn (STUN/TURN) server: all network namespaces the test creates (recipe and pitfalls
+in ../shared/TESTBED.md).
+
+    h1 (198.18.10.2) -- r1 [NAT] (203.0.113.11) --\\
+                                                    wan (203.0.113.1, bridge): relay, coturn
+    h2 (198.18.20.2) -- r2 [NAT] (203.0.113.12) --/
+
+Each bed has its own namespace names, so beds never collide. Processes started in a
+namespace are killed before it is deleted (``ip netns del`` leaves them running).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+WAN = "203.0.113.1"
+ROUTER = {1: "203.0.113.11", 2: "203.0.113.12"}
+HOST = {1: "198.18.10.2", 2: "198.18.20.2"}
+
+ROUTER_RULES = """
+table ip nat {{
+  chain postrouting {{
+    type nat hook postrouting priority srcnat; policy accept;
+    oifname "{wan}" masquerade
+  }}
+}}
+table ip filter {{
+  chain forward {{
+    type filter hook forward priority filter; policy drop;
+    ct state established,related accept
+    iifname "{lan}" oifname "{wan}" accept
+  }}
+  chain input {{
+    type filter hook input priority filter; policy accept;
+    iifname "{wan}" ct state new drop
+  }}
+}}
+"""
+
+
+def run(command: str, stdin: str | None = None) -> None:
+    subprocess.run(command.split(), check=True, input=stdin, text=True)
+
+
+class NatBed:
+    def __init__(self) -> None:
+        tag = secrets.token_hex(2)
+        self.wan, self.routers, self.hosts = f"cbw{tag}", {}, {}
+        for i in (1, 2):
+            self.routers[i] = f"cbr{i}{tag}"
+            self.hosts[i] = f"cbh{i}{tag}"
+        self._tag = tag
+        self._processes: list[subprocess.Popen[str]] = []
+        self._drains: list[threading.Thread] = []
+
+    def __enter__(self) -> NatBed:
+        try:
+            self._build()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _build(self) -> None:
+        tag = self._tag
+        for ns in (self.wan, *self.routers.values(), *self.hosts.values()):
+            run(f"ip netns add {ns}")
+            run(f"ip -n {ns} link set lo up")
+        run(f"ip -n {self.wan} link add br0 type bridge")
+        run(f"ip -n {self.wan} addr add {WAN}/24 dev br0")
+        run(f"ip -n {self.wan} link set br0 up")
+        # without a default route coturn's sends to private candidates fail with ENETUNREACH
+        # and coturn drops the whole allocation; on the internet they would just vanish
+        run(f"ip -n {self.wan} route add default dev br0")
+        for i in (1, 2):
+            router, host = self.routers[i], self.hosts[i]
+            wan_side, lan_side, bridge_side = f"r{i}w{tag}", f"r{i}l{tag}", f"w{i}{tag}"
+            run(f"ip link add {wan_side} netns {router} type veth peer name {bridge_side}")
+            run(f"ip link set {bridge_side} netns {self.wan}")
+            run(f"ip -n {self.wan} link set {bridge_side} master br0 up")
+            run(f"ip -n {router} addr add {ROUTER[i]}/24 dev {wan_side}")
+            run(f"ip -n {router} link set {wan_side} up")
+            run(f"ip link add {lan_side} netns {router} type veth peer name h{i}{tag} netns {host}")
+            run(f"ip -n {router} addr add 198.18.{i}0.1/24 dev {lan_side}")
+            run(f"ip -n {router} link set {lan_side} up")
+            run(f"ip -n {host} addr add {HOST[i]}/24 dev h{i}{tag}")
+            run(f"ip -n {host} link set h{i}{tag} up")
+            run(f"ip -n {host} route add default via 198.18.{i}0.1")
+            run(f"ip netns exec {router} sysctl -qw net.ipv4.ip_forward=1")
+            run(f"ip netns exec {router} nft -f -", ROUTER_RULES.format(wan=wan_side, lan=lan_side))
+
+    def block(self, name: str, rule: str) -> None:
+        """Drop forwarded packets matching ``rule`` (nft syntax) in both routers."""
+        for router in self.routers.values():
+            run(
+                f"ip netns exec {router} nft -f -",
+                f"table ip {name} {{\n chain drop_them {{\n"
+                f"  type filter hook forward priority -10; policy accept;\n"
+                f"  {rule} drop\n }}\n}}\n",
+            )
+
+    def unblock(self, name: str) -> None:
+        for router in self.routers.values():
+            run(f"ip netns exec {router} nft delete table ip {name}")
+
+    def spawn(
+        self,
+        ns: str,
+        command: Sequence[str | Path],
+        *,
+        ready: str,
+        env: Mapping[str, str] | None = None,
+    ) -> subprocess.Popen[str]:
+        """Start ``command`` in ``ns``; return once it printed ``ready`` (stdout or stderr)."""
+        process = subprocess.Popen(
+            ["ip", "netns", "exec", ns, *map(str, command)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self._processes.append(process)
+        assert process.stdout is not None
+        seen = []
+        for line in process.stdout:
+            seen.append(line)
+            if ready in line:
+                drain = threading.Thread(target=process.stdout.read, daemon=True)
+                drain.start()
+                self._drains.append(drain)
+                return process
+        raise RuntimeError(f"{command[0]} exited before {ready!r}: {''.join(seen[-30:])}")
+
+    def exec(self, ns: str, command: Sequence[str | Path], timeout: float = 60) -> str:
+        return subprocess.run(
+            ["ip", "netns", "exec", ns, *map(str, command)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=timeout,
+        ).stdout
+
+    def __exit__(self, *exc_info: object) -> None:
+        for process in self._processes:
+            process.terminate()
+        for process in self._processes:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for drain in self._drains:
+            drain.join(5)
+        for process in self._processes:
+            if process.stdout is not None:
+                process.stdout.close()
+        for ns in (*self.hosts.values(), *self.routers.values(), self.wan):
+            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)

@@ -1,0 +1,248 @@
+"""Peers behind two NATs (network namespaces), with the relay and a real coturn on the
+"public" segment: the path the peers find, data through a peer tunnel, and fallback and
+recovery when the direct path breaks. Runs as root (CI does); skips where namespaces
+cannot be created."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from natbed import ROUTER, WAN, NatBed
+
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
+BIN = Path(sys.executable).parent
+TOOLS = Path(__file__).parent / "ns_tools.py"
+ECHO_PORT, LOCAL_PORT = 7000, 7100
+TURN_USER, TURN_PASSWORD = "alice", "s3cret-turn"
+
+
+def namespaces_work() -> str | None:
+    if shutil.which("ip") is None or shutil.which("nft") is None:
+        return "iproute2 and nftables are needed (./dev test installs them)"
+    probe = subprocess.run(
+        ["ip", "netns", "add", "cbprobe"], check=False, capture_output=True, text=True
+    )
+    if probe.returncode != 0:
+        return f"network namespaces cannot be created here: {probe.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", "cbprobe"], check=False)
+    return None
+
+
+@dataclass
+class Mesh:
+    bed: NatBed
+    tmp: Path
+
+    def cloudbridge(self, *args: str) -> str:
+        return subprocess.run(
+            [BIN / "cloudbridge", *args], capture_output=True, text=True, check=True
+        ).stdout
+
+    def status(self, config: Path) -> dict[str, Any]:
+        document: dict[str, Any] = json.loads(
+            self.cloudbridge("status", "--config", str(config), "--json")
+        )
+        return document
+
+    def peer_path(self, config: Path) -> str | None:
+        peers = self.status(config)["peers"]
+        return peers[0]["path"] if peers and peers[0]["connected"] else None
+
+    def wait_for_path(self, config: Path, path: str, within: float) -> float:
+        started = time.monotonic()
+        while (seen := self.peer_path(config)) != path:
+            assert time.monotonic() - started < within, (
+                f"path {seen}, not {path}: {self.explain(config)}"
+            )
+            time.sleep(0.2)
+        return time.monotonic() - started
+
+    def explain(self, config: Path) -> str:
+        return self.cloudbridge("status", "--config", str(config), "--explain", "server")
+
+    def roundtrip(self, size: int, seconds: float) -> tuple[str, str]:
+        sent, received = self.bed.exec(
+            self.bed.hosts[1],
+            [sys.executable, TOOLS, "roundtrip", str(LOCAL_PORT), str(size), str(seconds)],
+            timeout=120,
+        ).split()
+        return sent, received
+
+
+@pytest.fixture
+def nat(tmp_path: Path) -> Iterator[NatBed]:
+    why = namespaces_work()
+    if why:
+        pytest.skip(why)
+    with NatBed() as bed:
+        yield bed
+
+
+def start_mesh(bed: NatBed, tmp: Path, *, turn: bool) -> tuple[Mesh, Path, Path, Path]:
+    """The relay and coturn in the wan; ``server`` (exposing the echo port) in h2; a peer
+    tunnel from ``laptop`` in h1; ``outsider``, of another tenant, in h1 too."""
+    turnserver = shutil.which("turnserver")
+    assert turnserver, "coturn is not installed (./dev test installs it)"
+    conf = tmp / "turnserver.conf"
+    conf.write_text(
+        f"listening-ip={WAN}\nrelay-ip={WAN}\nlistening-port=3478\nmin-port=49160\n"
+        f"max-port=49400\nrealm=cloudbridge.test\nlt-cred-mech\nuser={TURN_USER}:{TURN_PASSWORD}\n"
+        f"fingerprint\nno-tls\nno-dtls\nno-cli\npidfile={tmp}/turn.pid\nuserdb={tmp}/turndb\n"
+        "log-file=stdout\nsimple-log\n"
+    )
+    bed.spawn(bed.wan, [turnserver, "-c", conf], ready="IO method (admin thread)")
+    state = tmp / "relay"
+    env = {"CLOUDBRIDGE_SERVER__PUBLIC_HOST": WAN, "CLOUDBRIDGE_METRICS__ENABLED": "false"}
+    bed.spawn(
+        bed.wan,
+        [BIN / "cloudbridge", "relay", "serve", "--state-dir", state],
+        ready="client config:",
+        env=env,
+    )
+    mesh = Mesh(bed, tmp)
+    tokens = {
+        tenant: mesh.cloudbridge(
+            *("relay", "token", "issue", "--state-dir", str(state), "--tenant", tenant),
+            *("--subject", "peer", "--permission", "relay:connect", "--permission", "p2p:mesh"),
+        ).strip()
+        for tenant in ("acme", "globex")
+    }
+    written = yaml.safe_load((state / "client.yaml").read_text())
+    ice: dict[str, Any] = {"stun_servers": [f"stun:{WAN}:3478"]}
+    if turn:
+        ice["turn_servers"] = [
+            {"url": f"turn:{WAN}:3478", "username": TURN_USER, "credential": TURN_PASSWORD}
+        ]
+    configs = []
+    for name, expose, tenant in (
+        ("laptop", [], "acme"),
+        ("server", [ECHO_PORT], "acme"),
+        ("outsider", [ECHO_PORT], "globex"),
+    ):
+        config = tmp / f"{name}.yaml"
+        p2p = {
+            "name": name,
+            "expose": expose,
+            "ice": ice,
+            "heartbeat_interval": "1s",
+            "heartbeat_timeout": "1s",
+            "upgrade_interval": "3s",
+        }
+        auth = {"token": tokens[tenant]}
+        document = {**written, "auth": auth, "metrics": {"enabled": False}, "p2p": p2p}
+        config.write_text(yaml.safe_dump(document))
+        configs.append(config)
+    laptop, server, outsider = configs
+    bed.spawn(bed.hosts[2], [sys.executable, TOOLS, "echo", str(ECHO_PORT)], ready="echo ready")
+    for host, config in ((2, server), (1, outsider)):
+        p2p_command = [BIN / "cloudbridge", "p2p", "--config", config]
+        bed.spawn(bed.hosts[host], p2p_command, ready="in the mesh as")
+    bed.spawn(
+        bed.hosts[1],
+        [
+            *(BIN / "cloudbridge", "tunnel", "--config", laptop, "--local-port", str(LOCAL_PORT)),
+            *("--remote-peer", "server", "--remote-port", str(ECHO_PORT)),
+        ],
+        ready=f"tunnel 127.0.0.1:{LOCAL_PORT}",
+    )
+    return mesh, laptop, server, outsider
+
+
+BETWEEN_PEERS = [
+    f"meta l4proto udp ip daddr {{ {ROUTER[1]}, {ROUTER[2]} }}",
+    f"meta l4proto udp ip saddr {{ {ROUTER[1]}, {ROUTER[2]} }}",
+]
+
+
+def block_between_peers(bed: NatBed) -> None:
+    for index, rule in enumerate(BETWEEN_PEERS):
+        bed.block(f"peers{index}", rule)
+
+
+def unblock_between_peers(bed: NatBed) -> None:
+    for index in range(len(BETWEEN_PEERS)):
+        bed.unblock(f"peers{index}")
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [("hole_punching", "stun"), ("udp_between_peers_blocked", "turn"), ("all_udp_blocked", "derp")],
+)
+def test_the_best_path_is_found_and_carries_a_peer_tunnel(
+    nat: NatBed, tmp_path: Path, case: str, expected: str
+) -> None:
+    if case == "udp_between_peers_blocked":
+        block_between_peers(nat)
+    if case == "all_udp_blocked":
+        nat.block("no_udp", "meta l4proto udp")
+    mesh, laptop, server, outsider = start_mesh(nat, tmp_path, turn=case != "hole_punching")
+    took = mesh.wait_for_path(laptop, expected, within=40)
+    print(f"{case}: on {expected} after {took:.2f} s")
+    sent, received = mesh.roundtrip(4 << 20, 0)
+    assert sent == received
+    peer = mesh.status(laptop)["peers"][0]
+    assert peer["name"] == "server"
+    assert peer["path"] == expected
+    assert peer["last_seen"] is not None
+    assert peer["bytes_received"] > 4 << 20
+    if expected != "derp":
+        host, _, _ = peer["endpoint"].rpartition(":")
+        assert host in ({ROUTER[2]} if expected == "stun" else {WAN}), peer
+    explained = mesh.explain(laptop)
+    assert f"Path:       {expected}" in explained
+    pong = json.loads(mesh.cloudbridge("ping", "server", "--config", str(laptop), "--json"))
+    assert pong["path"] == expected
+    assert pong["rtt_ms"] > 0
+    # the other tenant sees no one, and no one sees it
+    assert [p["name"] for p in mesh.status(server)["peers"]] == ["laptop"]
+    assert [p["name"] for p in mesh.status(laptop)["peers"]] == ["server"]
+    assert mesh.status(outsider)["peers"] == []
+    refused = subprocess.run(
+        [BIN / "cloudbridge", "ping", "server", "--config", outsider],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert refused.returncode != 0
+    assert "no peer named 'server'" in refused.stderr
+
+
+def test_a_broken_direct_path_falls_back_mid_transfer_and_comes_back(
+    nat: NatBed, tmp_path: Path
+) -> None:
+    mesh, laptop, _, _ = start_mesh(nat, tmp_path, turn=False)
+    mesh.wait_for_path(laptop, "stun", within=40)
+    transfer = subprocess.Popen(
+        [
+            *("ip", "netns", "exec", nat.hosts[1], sys.executable, str(TOOLS)),
+            *("roundtrip", str(LOCAL_PORT), str(6 << 20), "6"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(2)
+    block_between_peers(nat)
+    fell = mesh.wait_for_path(laptop, "derp", within=15)
+    print(f"direct path blocked: on derp after {fell:.2f} s")
+    output, _ = transfer.communicate(timeout=90)
+    sent, received = output.split()
+    assert sent == received  # the transfer outlived the path it started on
+    changes = json.loads(
+        mesh.cloudbridge("status", "--config", str(laptop), "--explain", "server", "--json")
+    )["path_changes"]
+    assert [c["to"] for c in changes][-1] == "derp"
+    unblock_between_peers(nat)
+    back = mesh.wait_for_path(laptop, "stun", within=30)
+    print(f"direct path restored: back on stun after {back:.2f} s")
+    sent, received = mesh.roundtrip(1 << 20, 0)
+    assert sent == received
