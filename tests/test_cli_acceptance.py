@@ -301,10 +301,17 @@ def test_status_shows_the_transport_and_follows_a_mode_reload(
         ready="tunnel 127.0.0.1:",
     )
     try:
+
+        def on_quic() -> bool:
+            current = cloudbridge_json("status", "--config", str(config))["transport"]
+            return bool(current["name"] == "quic")
+
+        # on a loaded machine gRPC may win the first race; fall-forward then moves to QUIC
+        wait_for(on_quic, within=15)
         status = cloudbridge_json("status", "--config", str(config))
         Draft202012Validator(cli_schema("status")).validate(status)
-        assert status["transport"]["name"] == "quic"
-        assert status["transport"]["reason"] == "preferred transport"
+        reason = status["transport"]["reason"]
+        assert reason == "preferred transport" or reason.startswith("fall-forward"), reason
         assert echo_once(local, b"over quic") == b"over quic"
         assert_client_counted_one_quic_connection(status["metrics_url"])
         assert_relay_counted_one_quic_session(relay_url)

@@ -118,7 +118,9 @@ def start_mesh(bed: NatBed, tmp: Path, *, turn: bool) -> tuple[Mesh, Path, Path,
         for tenant in ("acme", "globex")
     }
     written = yaml.safe_load((state / "client.yaml").read_text())
-    ice: dict[str, Any] = {"stun_servers": [f"stun:{WAN}:3478"]}
+    # STUN from the relay itself, as its client.yaml says
+    ice: dict[str, Any] = dict(written["p2p"]["ice"])
+    assert ice["stun_servers"] == [f"stun:{WAN}:19302"]
     if turn:
         ice["turn_servers"] = [
             {"url": f"turn:{WAN}:3478", "username": TURN_USER, "credential": TURN_PASSWORD}
@@ -130,7 +132,7 @@ def start_mesh(bed: NatBed, tmp: Path, *, turn: bool) -> tuple[Mesh, Path, Path,
         ("outsider", [ECHO_PORT], "globex"),
     ):
         config = tmp / f"{name}.yaml"
-        p2p = {
+        p2p: dict[str, Any] = {
             "name": name,
             "expose": expose,
             "ice": ice,

@@ -218,8 +218,6 @@ def test_defaults_form_a_valid_config() -> None:
         ("relay.ports.websocket", 5555),
         ("relay.ports.tls", 5556),
         ("relay.ports.stun", 19302),
-        ("relay.ports.turn", 3478),
-        ("relay.ports.derp", 3479),
         ("relay.tls.min_version", "1.3"),
         ("relay.tls.verify_cert", True),
         ("relay.tls.ca_file", None),

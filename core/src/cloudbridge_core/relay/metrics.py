@@ -99,6 +99,11 @@ class RelayMetrics:
             ["reason"],
             registry=registry,
         )
+        self.stun_requests = Counter(
+            "cloudbridge_relay_stun_requests",
+            "STUN binding requests answered (relay.ports.stun).",
+            registry=registry,
+        )
         self.derp_bytes = Counter(
             "cloudbridge_relay_derp_bytes",
             "Sealed peer packets forwarded over DERP channels (payload bytes).",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import ssl
@@ -33,6 +34,7 @@ class RunningRelay:
     relay: Relay
     listeners: dict[str, Listener] = field(default_factory=dict)
     client_config: Path | None = None
+    stun: asyncio.DatagramTransport | None = None
 
     closing: bool = False
 
@@ -45,6 +47,8 @@ class RunningRelay:
         await self.relay.drain()
         for listener in self.listeners.values():
             await listener.aclose()
+        if self.stun is not None:
+            self.stun.close()
 
     def probes(self) -> dict[str, Handler]:
         """``/healthz`` and ``/readyz`` for orchestrators, served next to ``/metrics``."""
@@ -136,5 +140,17 @@ async def start_relay(
         await running.aclose()
         raise
     actual = {name: listener.port for name, listener in running.listeners.items()}
-    running.client_config = state.write_client_config(public_host, actual)
+    # aioice, for its STUN codec, is imported only by a relay that starts, not by every command
+    from cloudbridge_core.relay.stun import serve_stun
+
+    stun_port = port_override if port_override is not None else ports["stun"]
+    try:
+        running.stun = await serve_stun(listen, stun_port, relay.metrics.stun_requests)
+    except OSError as exc:  # the tunnels matter more; clients can use other STUN servers
+        log.warning("stun_not_served", port=stun_port, reason=exc.strerror or str(exc))
+    else:
+        stun_port = running.stun.get_extra_info("sockname")[1]
+        log.info("listening", transport="stun", address=listen, port=stun_port)
+    stun_url = f"stun:{public_host}:{stun_port}" if running.stun else None
+    running.client_config = state.write_client_config(public_host, actual, stun_url)
     return running

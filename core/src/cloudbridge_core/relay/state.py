@@ -14,6 +14,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import platformdirs
 import yaml
@@ -75,9 +76,9 @@ class RelayState:
         )
         return cls(directory, ca, server, key_file.read_bytes())
 
-    def write_client_config(self, host: str, ports: dict[str, int]) -> Path:
+    def write_client_config(self, host: str, ports: dict[str, int], stun: str | None) -> Path:
         path = self.directory / "client.yaml"
-        config = {
+        config: dict[str, Any] = {
             "relay": {
                 "host": host,
                 "ports": ports,
@@ -85,6 +86,8 @@ class RelayState:
             },
             "auth": {"type": "jwt"},
         }
+        if stun is not None:
+            config["p2p"] = {"ice": {"stun_servers": [stun]}}
         header = (
             "# Written by 'cloudbridge relay serve'. The token goes in auth.token,\n"
             "# CLOUDBRIDGE_AUTH__TOKEN or CLOUDBRIDGE_TOKEN: see 'cloudbridge relay token issue'.\n"
