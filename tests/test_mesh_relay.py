@@ -168,3 +168,29 @@ def test_derp_packets_reach_a_peer_of_the_tenant_by_key_and_no_other(tmp_path: P
             await each.connection.aclose()
 
     run(tmp_path, scenario, drain_timeout="100ms")
+
+
+def test_a_device_back_with_a_new_session_is_announced_as_left_then_joined(
+    tmp_path: Path,
+) -> None:
+    async def scenario(bed: Bed) -> None:
+        laptop, server = await peer(bed, "acme"), await peer(bed, "acme")
+        await laptop.join("laptop")
+        await server.join("server")
+        assert isinstance(await laptop.next(messages.MeshEvent), messages.MeshEvent)
+        restarted = await peer(bed, "acme")
+        restarted.key = server.key  # the same device key, from a new process
+        listed = await restarted.join("server")
+        assert [p["name"] for p in listed.peers] == ["laptop"]
+        left, joined = await laptop.next(messages.MeshEvent), await laptop.next(messages.MeshEvent)
+        assert isinstance(left, messages.MeshEvent)
+        assert isinstance(joined, messages.MeshEvent)
+        assert (left.event, joined.event) == ("left", "joined")
+        assert left.peer["peer_id"] == joined.peer["peer_id"]
+        await server.connection.aclose()  # the old session ends: nothing more to announce
+        await asyncio.sleep(0.2)
+        assert laptop.inbox.empty()
+        for each in (laptop, restarted):
+            await each.connection.aclose()
+
+    run(tmp_path, scenario)

@@ -202,6 +202,14 @@ def test_the_best_path_is_found_and_carries_a_peer_tunnel(
         assert host in ({ROUTER[2]} if expected == "stun" else {WAN}), peer
     explained = mesh.explain(laptop)
     assert f"Path:       {expected}" in explained
+    health = json.loads(
+        nat.exec(nat.hosts[1], [BIN / "cloudbridge", "health", "--config", laptop, "--json"])
+    )["details"]["p2p_mesh"]
+    assert (health["status"], health["peers_connected"], health["paths"]) == (
+        "active",
+        1,
+        {expected: 1},
+    )
     pong = json.loads(mesh.cloudbridge("ping", "server", "--config", str(laptop), "--json"))
     assert pong["path"] == expected
     assert pong["rtt_ms"] > 0

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
+from typing import Any
 
 import click
 
 from cloudbridge_core.cli.runtime import config_option, runtime_of
+from cloudbridge_core.client.control import query, socket_for
 from cloudbridge_core.client.health import check_health
-from cloudbridge_core.errors import ExitCode
+from cloudbridge_core.errors import CloudBridgeError, ExitCode
+
+
+def _running(config_path: Path | None) -> dict[str, Any] | None:
+    """The status of the client running with this config (its peers), if one is."""
+    try:
+        return asyncio.run(asyncio.wait_for(query(socket_for(config_path), "status"), 2))
+    except (CloudBridgeError, TimeoutError, OSError, ValueError):
+        return None
 
 
 @click.command()
@@ -35,7 +46,7 @@ def health(ctx: click.Context, output: str, as_json: bool, check: str | None) ->
     config = runtime.config()  # an invalid config exits 3, also for --check live
     if check == "live":
         return int(ExitCode.OK)
-    document = asyncio.run(check_health(config, runtime.plugins))
+    document = asyncio.run(check_health(config, runtime.plugins, _running(runtime.config_path)))
     healthy = document["status"] != "unhealthy"
     code = int(ExitCode.OK if healthy else ExitCode.UNHEALTHY)
     if check == "ready":
@@ -56,6 +67,15 @@ def health(ctx: click.Context, output: str, as_json: bool, check: str | None) ->
             else ""
         ),
     ]
+    mesh = document["details"]["p2p_mesh"]
+    lines.append(
+        f"P2P mesh:   {mesh['status']}"
+        + (
+            f", {mesh['peers_connected']}/{mesh['peers_discovered']} peers connected"
+            if mesh["status"] == "active"
+            else ""
+        )
+    )
     lines += [f"  - {reason}" for reason in document["reasons"]]
     click.echo("\n".join(lines))
     return code

@@ -37,12 +37,34 @@ def token_expires_in(token: str) -> float | None:
         return None
 
 
-async def check_health(config: Config, plugins: Plugins) -> dict[str, Any]:
+def mesh_health(running: dict[str, Any] | None, enabled: bool) -> dict[str, Any]:
+    """The ``p2p_mesh`` part, from the running client's status (None: none is running)."""
+    if not enabled:
+        return {"status": "disabled", "peers_discovered": 0, "peers_connected": 0}
+    if running is None:
+        return {"status": "not_running", "peers_discovered": 0, "peers_connected": 0}
+    peers = running.get("peers", [])
+    paths: dict[str, int] = {}
+    for peer in peers:
+        if peer["connected"] and peer["path"]:
+            paths[peer["path"]] = paths.get(peer["path"], 0) + 1
+    return {
+        "status": "active",
+        "peers_discovered": len(peers),
+        "peers_connected": sum(paths.values()),
+        "paths": paths,
+    }
+
+
+async def check_health(
+    config: Config, plugins: Plugins, running: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``running``: the status of the client running with this config, if one is."""
     details: dict[str, Any] = {
         "network_connectivity": {"status": "unknown", "latency_ms": None},
         "authentication": {"status": "unknown", "token_expires_in_seconds": None},
         "relay_connection": {"status": "disconnected", "transport": None, "latency_ms": None},
-        "p2p_mesh": {"status": "disabled", "peers_discovered": 0, "peers_connected": 0},
+        "p2p_mesh": mesh_health(running, config.get("p2p.enabled")),
         "performance": {
             "avg_latency_ms": None,
             "packet_loss_percent": None,

@@ -41,6 +41,7 @@ RANK = {"direct": 0, "stun": 1, "turn": 2, "derp": 3}
 #: small enough for TURN and DERP headers and the DERP seal on any common MTU
 DATAGRAM_SIZE = 1200
 OUTGOING_QUEUE = 2048
+FIRST_PING_TIMEOUT = 5.0
 
 StreamServer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]]
 
@@ -84,6 +85,7 @@ class PeerSession:
         self.suspect: set[str] = set()  # paths that stopped delivering
         self._outgoing: asyncio.Queue[bytes] = asyncio.Queue(OUTGOING_QUEUE)
         self._sender = asyncio.get_running_loop().create_task(self._send())
+        self._tasks: set[asyncio.Task[None]] = set()  # held: the loop keeps only weak refs
         self._protocol: QuicConnectionProtocol | None = None
         self._connected = asyncio.Event()
         self.current: str | None = None
@@ -109,7 +111,7 @@ class PeerSession:
         old = self._paths.pop(path.kind, None)
         if old is not None:
             self._drop_reader(path.kind)
-            asyncio.get_running_loop().create_task(old.aclose())
+            self._spawn(old.aclose())
         self._paths[path.kind] = path
         self.suspect.discard(path.kind)
         self._readers[path.kind] = asyncio.get_running_loop().create_task(self._read(path))
@@ -207,16 +209,23 @@ class PeerSession:
     def _adopt(self, protocol: QuicConnectionProtocol) -> None:
         protocol.connection_made(_PathTransport(self))
         self._protocol = protocol
-        asyncio.get_running_loop().create_task(self._until_connected(protocol))
+        self._spawn(self._until_connected(protocol))
 
     async def _until_connected(self, protocol: QuicConnectionProtocol) -> None:
         with contextlib.suppress(ConnectionError):
             await protocol.wait_connected()
             self._connected.set()
             log.info("peer_connected", peer=self.peer.name, path=self.current)
+        with contextlib.suppress(P2PConnectionFailed):  # status shows an RTT from the start
+            await self.ping(FIRST_PING_TIMEOUT)
 
     def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        asyncio.get_running_loop().create_task(self._serve(reader, writer))
+        self._spawn(self._serve(reader, writer))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def wait_connected(self, within: float) -> None:
         try:
@@ -262,7 +271,9 @@ class PeerSession:
         self._sender.cancel()
         for kind in list(self._readers):
             self._drop_reader(kind)
-        await asyncio.gather(self._sender, return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(self._sender, *self._tasks, return_exceptions=True)
         for path in self._paths.values():
             with contextlib.suppress(Exception):
                 await path.aclose()

@@ -93,10 +93,13 @@ class Mesh:
         peers[member.peer_id] = member  # the same device again: its newest session wins
         others = [m for m in peers.values() if m is not member]
         await tell(control, messages.MeshPeers(self=info, peers=[m.info for m in others]))
-        if replaced is None:
-            await asyncio.gather(
-                *(tell(m.control, messages.MeshEvent("joined", info)) for m in others)
-            )
+        # a device back with a new session (a restart) is a new peer to the others: they
+        # drop what they held for the old one (its QUIC session, its paths) and start over
+        events = [messages.MeshEvent("joined", info)]
+        if replaced is not None:
+            events.insert(0, messages.MeshEvent("left", replaced.info))
+        for event in events:
+            await asyncio.gather(*(tell(m.control, event) for m in others))
         log.info(
             "peer_joined",
             tenant_id=claims.tenant_id,
