@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from cloudbridge_core.client.connection import RelayConnection
+from cloudbridge_core.errors import CloudBridgeError
 from cloudbridge_core.protocol import derp, messages
 from cloudbridge_core.providers import Stream
 from cloudbridge_core.wire import MessageStream
@@ -192,5 +193,24 @@ def test_a_device_back_with_a_new_session_is_announced_as_left_then_joined(
         assert laptop.inbox.empty()
         for each in (laptop, restarted):
             await each.connection.aclose()
+
+    run(tmp_path, scenario)
+
+
+def test_a_malformed_mesh_message_closes_that_session(tmp_path: Path) -> None:
+    async def scenario(bed: Bed) -> None:
+        sender = await peer(bed, "acme")
+        body = b'{"type":"mesh_join","name":"x","public_key":"not a key","certificate":"c"}'
+        await sender.connection.control.stream.write(messages.LENGTH.pack(len(body)) + body)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(CloudBridgeError):
+            await sender.connection.ping(5)
+        assert asyncio.get_running_loop().time() - started < 2  # closed, not just silent
+        for _ in range(40):  # the relay frees the session right after closing it
+            if not bed.relay.relay.sessions_by_tenant:
+                break
+            await asyncio.sleep(0.05)
+        assert bed.relay.relay.sessions_by_tenant == {}
+        await sender.connection.aclose()
 
     run(tmp_path, scenario)

@@ -42,6 +42,16 @@ def namespaces_work() -> str | None:
 class Mesh:
     bed: NatBed
     tmp: Path
+    relay: subprocess.Popen[str]
+    relay_command: list[Any]
+    relay_env: dict[str, str]
+
+    def restart_relay(self) -> None:
+        self.relay.terminate()
+        assert self.relay.wait(30) == 0
+        self.relay = self.bed.spawn(
+            self.bed.wan, self.relay_command, ready="client config:", env=self.relay_env
+        )
 
     def cloudbridge(self, *args: str) -> str:
         return subprocess.run(
@@ -103,13 +113,9 @@ def start_mesh(bed: NatBed, tmp: Path, *, turn: bool) -> tuple[Mesh, Path, Path,
     bed.spawn(bed.wan, [turnserver, "-c", conf], ready="IO method (admin thread)")
     state = tmp / "relay"
     env = {"CLOUDBRIDGE_SERVER__PUBLIC_HOST": WAN, "CLOUDBRIDGE_METRICS__ENABLED": "false"}
-    bed.spawn(
-        bed.wan,
-        [BIN / "cloudbridge", "relay", "serve", "--state-dir", state],
-        ready="client config:",
-        env=env,
-    )
-    mesh = Mesh(bed, tmp)
+    relay: list[Any] = [BIN / "cloudbridge", "relay", "serve", "--state-dir", state]
+    started = bed.spawn(bed.wan, relay, ready="client config:", env=env)
+    mesh = Mesh(bed, tmp, started, relay, env)
     tokens = {
         tenant: mesh.cloudbridge(
             *("relay", "token", "issue", "--state-dir", str(state), "--tenant", tenant),
@@ -256,3 +262,31 @@ def test_a_broken_direct_path_falls_back_mid_transfer_and_comes_back(
     print(f"direct path restored: back on stun after {back:.2f} s")
     sent, received = mesh.roundtrip(1 << 20, 0)
     assert sent == received
+
+
+def test_a_relay_restart_keeps_direct_peer_sessions_and_their_tunnels(
+    nat: NatBed, tmp_path: Path
+) -> None:
+    mesh, laptop, _, _ = start_mesh(nat, tmp_path, turn=False)
+    mesh.wait_for_path(laptop, "stun", within=40)
+    transfer = subprocess.Popen(
+        [
+            *("ip", "netns", "exec", nat.hosts[1], sys.executable, str(TOOLS)),
+            *("roundtrip", str(LOCAL_PORT), str(4 << 20), "5"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.5)
+    mesh.restart_relay()
+    output, _ = transfer.communicate(timeout=90)
+    sent, received = output.split()
+    assert sent == received  # the peer tunnel never depended on the relay
+    peer = mesh.status(laptop)["peers"][0]
+    assert (peer["name"], peer["path"], peer["connected"]) == ("server", "stun", True)
+    changes = json.loads(
+        mesh.cloudbridge("status", "--config", str(laptop), "--explain", "server", "--json")
+    )["path_changes"]
+    assert [c["to"] for c in changes] == ["derp", "stun"] or [c["to"] for c in changes] == ["stun"]
+    pong = json.loads(mesh.cloudbridge("ping", "server", "--config", str(laptop), "--json"))
+    assert pong["path"] == "stun"

@@ -178,6 +178,7 @@ class PeerInfo:
     public_key: str
     endpoints: Sequence[str] = ()
     certificate: str = ""
+    instance: str = ""
 
 
 class SignalChannel(Protocol):

@@ -160,16 +160,24 @@ class PeerManager:
 
     def _peers_changed(self, peers: Mapping[str, PeerInfo]) -> None:
         for peer_id in [p for p in self.peers if p not in peers]:
-            state = self.peers.pop(peer_id)
-            self._spawn(state.session.aclose())
+            if not _holds_without_relay(self.peers[peer_id]):
+                self._drop(peer_id)
         limit = self._config.get("p2p.max_connections")
         for peer_id, info in peers.items():
-            if peer_id in self.peers or peer_id == self.membership.peer_id:
+            known = self.peers.get(peer_id)
+            if known is not None and known.info.instance != info.instance:
+                self._drop(peer_id)  # the peer restarted: its old session is gone
+            elif known is not None or peer_id == self.membership.peer_id:
                 continue
             if len(self.peers) >= limit:
                 log.warning("peer_limit_reached", peer=info.name, limit=limit)
                 continue
             self._add(info)
+
+    def _drop(self, peer_id: str) -> None:
+        state = self.peers.pop(peer_id)
+        log.info("peer_removed", peer=state.info.name, peer_id=peer_id)
+        self._spawn(state.session.aclose())
 
     def _add(self, info: PeerInfo) -> PeerState:
         controlling = self.membership.peer_id < info.peer_id
@@ -277,6 +285,9 @@ class PeerManager:
             if now - last_beat >= self._heartbeat:
                 last_beat = now
                 await asyncio.gather(*(self._beat(s) for s in list(self.peers.values())))
+            for peer_id in [p for p in self.peers if p not in self.membership.peers]:
+                if not _holds_without_relay(self.peers[peer_id]):
+                    self._drop(peer_id)  # away from the relay, and now unreachable too
             for state in list(self.peers.values()):
                 if state.controlling:
                     for name, _ in self.strategies:
@@ -343,6 +354,12 @@ class PeerManager:
             "bytes_received": session.bytes_received,
             "paths": session.paths,
         }
+
+
+def _holds_without_relay(state: PeerState) -> bool:
+    """A peer gone from the relay's list (its relay session dropped, or ours) is kept while
+    a path that does not go through the relay still carries its session."""
+    return state.session.connected and state.session.current not in (None, "derp")
 
 
 def _strategies(config: Config, plugins: Plugins, mode: str) -> list[tuple[str, NatStrategy]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -34,6 +35,7 @@ def peer_info(entry: Mapping[str, str]) -> PeerInfo:
         name=entry["name"],
         public_key=entry["public_key"],
         certificate=entry["certificate"],
+        instance=entry.get("instance", ""),
     )
 
 
@@ -53,6 +55,8 @@ class Membership:
         self._on_signal = on_signal
         self.peers: dict[str, PeerInfo] = {}
         self.peer_id = identity.peer_id
+        #: this process, as peers tell a relay reconnection (same) from a restart (new)
+        self.instance = secrets.token_urlsafe(12)
         self._joined = asyncio.Event()
         self._refused: CloudBridgeError | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -99,8 +103,9 @@ class Membership:
 
     async def _join(self, connection: RelayConnection) -> None:
         connection.on_message = self._received
+        certificate = self._identity.ca.certificate.decode()
         request = messages.MeshJoin(
-            self.name, self._identity.public_key, self._identity.ca.certificate.decode()
+            self.name, self._identity.public_key, certificate, self.instance
         )
         with contextlib.suppress(TransportError):
             await connection.control.send(request)

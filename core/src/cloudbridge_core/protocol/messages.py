@@ -97,6 +97,7 @@ class MeshJoin:
     name: str
     public_key: str
     certificate: str
+    instance: str = ""
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ class MeshRefresh:
 
 @dataclass(frozen=True)
 class MeshPeers:
-    """Each peer: ``peer_id``, ``name``, ``public_key``, ``certificate``."""
+    """Each peer: ``peer_id``, ``name``, ``public_key``, ``certificate``, ``instance``."""
 
     TYPE: ClassVar[str] = "mesh_peers"
     self: dict[str, str]

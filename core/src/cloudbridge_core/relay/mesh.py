@@ -87,6 +87,8 @@ class Mesh:
             "public_key": request.public_key,
             "certificate": request.certificate,
         }
+        if request.instance:
+            info["instance"] = request.instance
         member = Member(claims.tenant_id, claims.subject, info, control)
         peers = self._tenants.setdefault(claims.tenant_id, {})
         replaced = peers.get(member.peer_id)

@@ -23,6 +23,7 @@ from cloudbridge_core.errors import (
     CloudBridgeError,
     ConnectionTimeout,
     LimitExceeded,
+    ProtocolViolation,
     ServerUnavailable,
     TargetUnreachable,
     TransportError,
@@ -212,8 +213,8 @@ class Relay:
         self, session: Session, control: MessageStream, claims: Claims, state: _SessionState
     ) -> None:
         """Answer heartbeats and mesh requests; a session silent for ``heartbeat_timeout``
-        is dead: free it."""
-        with contextlib.suppress(TransportError):
+        is dead, one that breaks the protocol is closed: either way it is freed."""
+        try:
             while True:
                 try:
                     message = await asyncio.wait_for(
@@ -231,6 +232,11 @@ class Relay:
                     await session.aclose()  # ends _serve, which frees the session's streams
                     return
                 await self._answer(control, claims, state, message)
+        except ProtocolViolation as error:
+            log.info("session_closed", tenant_id=claims.tenant_id, reason=error.message)
+            await session.aclose()
+        except TransportError:
+            return
 
     async def _answer(
         self,
