@@ -22,17 +22,24 @@ pytestmark = pytest.mark.timeout(60)
 USER, PASSWORD = "alice", "turn-test-credential"
 
 
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+def free_port_both_ways() -> int:
+    """A port free for UDP and TCP alike (coturn listens on both)."""
+    while True:
+        with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            tcp.bind(("127.0.0.1", 0))
+            port = int(tcp.getsockname()[1])
+            try:
+                udp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 @pytest.fixture
 def coturn(tmp_path: Path) -> Iterator[int]:
     binary = shutil.which("turnserver")
     assert binary, "coturn is not installed (./dev test installs it)"
-    port = free_udp_port()
+    port = free_port_both_ways()
     conf = tmp_path / "turnserver.conf"
     conf.write_text(
         f"listening-ip=127.0.0.1\nrelay-ip=127.0.0.1\nlistening-port={port}\n"
@@ -44,11 +51,12 @@ def coturn(tmp_path: Path) -> Iterator[int]:
     process = subprocess.Popen(
         [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    deadline = time.monotonic() + 10
-    while not _listening(port):
-        assert time.monotonic() < deadline, "coturn did not start"
-        time.sleep(0.05)
     try:
+        deadline = time.monotonic() + 30
+        while not _listening(port):
+            assert process.poll() is None, f"coturn exited with {process.returncode}"
+            assert time.monotonic() < deadline, "coturn did not start in 30 s"
+            time.sleep(0.05)
         yield port
     finally:
         process.terminate()

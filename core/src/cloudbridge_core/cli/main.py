@@ -17,9 +17,11 @@ from cloudbridge_core.cli import (
     config_cmd,
     demo_cmd,
     health_cmd,
+    join_cmd,
     p2p_cmd,
     plugins_cmd,
     relay_cmd,
+    service_cmd,
     status_cmd,
     tunnel_cmd,
     version_cmd,
@@ -112,6 +114,8 @@ cli.add_command(status_cmd.status)
 cli.add_command(health_cmd.health)
 cli.add_command(p2p_cmd.p2p)
 cli.add_command(p2p_cmd.ping)
+cli.add_command(join_cmd.join)
+cli.add_command(service_cmd.service)
 cli.add_command(demo_cmd.demo)
 
 

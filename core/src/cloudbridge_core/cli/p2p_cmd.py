@@ -11,7 +11,7 @@ import click
 import platformdirs
 
 from cloudbridge_core.cli.output import emit_json, json_option
-from cloudbridge_core.cli.runtime import config_option, runtime_of
+from cloudbridge_core.cli.runtime import Runtime, config_option, runtime_of
 from cloudbridge_core.cli.serving import run_async
 from cloudbridge_core.cli.tunnel_cmd import control_socket_of, run_client, socket_option
 from cloudbridge_core.client.control import config_digest, query
@@ -43,7 +43,11 @@ def device_key_file(config_path: Path | None) -> Path:
 @click.pass_context
 def p2p(ctx: click.Context, control_socket: Path | None, mode: str) -> None:
     """Join the tenant's mesh: find its peers, reach them through NAT, serve p2p.expose."""
-    runtime = runtime_of(ctx)
+    join_mesh(runtime_of(ctx), control_socket, mode)
+
+
+def join_mesh(runtime: Runtime, control_socket: Path | None, mode: str) -> None:
+    """Run the client in the mesh until stopped (``cloudbridge p2p``, and ``join``)."""
     config = runtime.config()
     if not config.get("p2p.enabled"):
         raise UsageError("p2p.enabled is false in the config: the mesh is turned off")

@@ -17,6 +17,7 @@ from cloudbridge_core.errors import UsageError
 from cloudbridge_core.exporters import exporting
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.prometheus import PrometheusExporter
+from cloudbridge_core.relay.invites import InviteLink, InviteStore
 from cloudbridge_core.relay.runner import start_relay, state_dir_of
 from cloudbridge_core.relay.state import RelayState
 from cloudbridge_core.relay.tokens import issue_token, jwks
@@ -149,3 +150,48 @@ def show_jwks(ctx: click.Context, state_dir: Path | None) -> None:
     except FileNotFoundError as exc:
         raise UsageError(str(exc)) from None
     click.echo(json.dumps(jwks(state.signing_key), indent=2))
+
+
+@relay.group()
+def invite() -> None:
+    """One-time invite links that bring a machine onto this relay (cloudbridge join)."""
+
+
+@invite.command("create")
+@config_option
+@state_dir_option
+@click.option("--tenant", required=True, help="Tenant the invited machine joins.")
+@click.option(
+    "--permission",
+    "permissions",
+    multiple=True,
+    help="What its token allows (default: relay:connect, tunnel:create, p2p:mesh).",
+)
+@click.option("--ttl", default="24h", show_default=True, help="How long the invite is valid.")
+@click.option("--uses", default=1, show_default=True, type=click.IntRange(1, 10000))
+@click.pass_context
+def create_invite(
+    ctx: click.Context,
+    state_dir: Path | None,
+    tenant: str,
+    permissions: tuple[str, ...],
+    ttl: str,
+    uses: int,
+) -> None:
+    """Print an invite URL (stdout, alone): its secret is a one-time code, not a token."""
+    config = runtime_of(ctx).config()
+    try:
+        lifetime = parse_duration(ttl)
+    except ValueError as exc:
+        raise UsageError(f"--ttl: {exc}") from None
+    if lifetime <= 0:
+        raise UsageError("--ttl: an invite needs a lifetime above zero")
+    try:
+        state = RelayState.load(state_dir_of(config, state_dir))
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc), hint="run 'cloudbridge relay serve' once first") from None
+    granted = list(permissions or ("relay:connect", "tunnel:create", "p2p:mesh"))
+    code = InviteStore(state.invites_file).create(tenant, granted, lifetime, uses)
+    host = config.get("server.public_host") or config.get("relay.host")
+    link = InviteLink(host, config.get("relay.ports.tls"), code, state.ca.certificate)
+    click.echo(link.url())

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import socket
 from collections.abc import Callable, Coroutine
 from contextvars import ContextVar
 from typing import Any
@@ -13,6 +15,17 @@ try:  # uvloop where available: the event loop is the hot path of every byte for
     import uvloop
 except ImportError:  # Windows has no uvloop
     uvloop = None  # type: ignore[assignment]
+
+
+def notify(state: str) -> None:
+    """Tell systemd how the service is doing (``Type=notify``); nothing outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):  # an abstract socket
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock, contextlib.suppress(OSError):
+        sock.sendto(state.encode(), address)
 
 
 _stop_requested: ContextVar[asyncio.Event] = ContextVar("stop_requested")

@@ -13,7 +13,7 @@ import click
 
 from cloudbridge_core.cli.output import SCHEMA_VERSION, emit_json, json_option, message, table
 from cloudbridge_core.cli.runtime import Runtime, config_option, runtime_of
-from cloudbridge_core.cli.serving import run_async, wait_for_stop
+from cloudbridge_core.cli.serving import notify, run_async, wait_for_stop
 from cloudbridge_core.client.control import ControlServer, Handler, query, socket_for
 from cloudbridge_core.client.link import RelayLink
 from cloudbridge_core.client.metrics import ClientMetrics, with_tenant_label
@@ -168,12 +168,14 @@ async def run_client(
             local = f"{forward.spec.local_host}:{forward.port}"
             via = link.current.transport if isinstance(forward, Tunnel) else "the best peer path"
             message(f"tunnel {local} -> {forward.spec.target} via {via}")
+        stack.callback(notify, "STOPPING=1")
         if not await control.start():
             log.warning(
                 "control_socket_in_use",
                 path=str(control_socket),
                 note="another client of this config answers status",
             )
+        notify("READY=1")
         path = runtime.config_path
         if path is None:
             await wait_for_stop()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cloudbridge_core import __version__
+from cloudbridge_core.client.tokens import stored_token
 from cloudbridge_core.config import Config
 from cloudbridge_core.durations import parse_duration
 from cloudbridge_core.errors import (
@@ -171,7 +172,11 @@ def transport_order(config: Config, plugins: Plugins) -> list[tuple[str, Provide
 
 
 def token_of(config: Config) -> str:
-    token: str | None = config.get("auth.token") or os.environ.get("CLOUDBRIDGE_TOKEN")
+    token: str | None = (
+        config.get("auth.token")
+        or os.environ.get("CLOUDBRIDGE_TOKEN")
+        or stored_token(config.get("auth"), config.get("relay.host"))
+    )
     if not token:
         raise AuthError(
             "no token: set auth.token, CLOUDBRIDGE_AUTH__TOKEN or CLOUDBRIDGE_TOKEN",

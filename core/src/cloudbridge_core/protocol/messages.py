@@ -144,6 +144,21 @@ class PeerOpen:
     proof: str = field(repr=False)
 
 
+@dataclass(frozen=True)
+class Redeem:
+    TYPE: ClassVar[str] = "redeem"
+    code: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Redeemed:
+    TYPE: ClassVar[str] = "redeemed"
+    token: str = field(repr=False)
+    tenant_id: str
+    host: str
+    ports: dict[str, int]
+
+
 Message = (
     Hello
     | Welcome
@@ -161,6 +176,8 @@ Message = (
     | Signal
     | SignalFailed
     | PeerOpen
+    | Redeem
+    | Redeemed
 )
 _TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
@@ -181,6 +198,8 @@ _TYPES: dict[str, type[Message]] = {
         Signal,
         SignalFailed,
         PeerOpen,
+        Redeem,
+        Redeemed,
     )
 }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import secrets
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,16 +17,20 @@ from cloudbridge_core.errors import ConfigError, ConfigIssue, ProviderNotInstall
 from cloudbridge_core.httpd import Handler
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.plugins import Plugins
+from cloudbridge_core.protocol import messages
 from cloudbridge_core.providers import AuthProvider, Endpoint, Listener, TlsMaterial
 from cloudbridge_core.relay.egress import EgressPolicy
+from cloudbridge_core.relay.invites import InviteStore
 from cloudbridge_core.relay.server import Relay, RelayLimits
 from cloudbridge_core.relay.state import RelayState, default_state_dir, local_hostnames
-from cloudbridge_core.relay.tokens import AUDIENCE, jwks
+from cloudbridge_core.relay.tokens import AUDIENCE, issue_token, jwks
 from cloudbridge_core.tlsutil import KeyPair, server_context
 
 log = get_logger("relay")
 
 JWKS_PATH = "/.well-known/jwks.json"
+#: tokens given for invites last this long; the machine then needs a new invite or token
+INVITE_TOKEN_TTL = 30 * 24 * 3600.0
 
 
 @dataclass
@@ -60,6 +65,19 @@ class RunningRelay:
                 else (200, "text/plain", f"ready: {', '.join(self.listeners)}\n".encode())
             ),
         }
+
+
+def _redeem(state: RelayState, host: str, ports: dict[str, int], code: str) -> messages.Redeemed:
+    invite = InviteStore(state.invites_file).redeem(code)
+    token = issue_token(
+        state.signing_key,
+        issuer=state.issuer,
+        tenant=invite.tenant_id,
+        subject=f"invited-{secrets.token_hex(4)}",
+        permissions=invite.permissions,
+        ttl=INVITE_TOKEN_TTL,
+    )
+    return messages.Redeemed(token, invite.tenant_id, host, ports)
 
 
 def state_dir_of(config: Config, override: Path | None) -> Path:
@@ -153,4 +171,5 @@ async def start_relay(
         log.info("listening", transport="stun", address=listen, port=stun_port)
     stun_url = f"stun:{public_host}:{stun_port}" if running.stun else None
     running.client_config = state.write_client_config(public_host, actual, stun_url)
+    relay.redeemer = functools.partial(_redeem, state, public_host, actual)
     return running

@@ -14,7 +14,7 @@ import secrets
 import socket
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +70,10 @@ class RelayLimits:
         )
 
 
+class _Redeemed(Exception):
+    """The session redeemed an invite and has nothing more to do."""
+
+
 @dataclass
 class _SessionState:
     member: Member | None = None
@@ -90,6 +94,8 @@ class Relay:
         self._limits = limits
         self.metrics = metrics or RelayMetrics()
         self.mesh = Mesh(self.metrics)
+        #: exchanges an invite's code for a token and the client's config (set by the runner)
+        self.redeemer: Callable[[str], messages.Redeemed] | None = None
         self.sessions_by_tenant: Counter[str] = Counter()
         self.sessions_by_transport: Counter[str] = Counter()
         self.streams_active = 0
@@ -111,6 +117,8 @@ class Relay:
         except TimeoutError:
             log.info("handshake_timeout")
             return
+        except _Redeemed:
+            return  # the session was only for an invite
         except CloudBridgeError as error:
             self.metrics.auth_failures.labels(error.code).inc()
             log.info("session_rejected", code=error.code, reason=error.message)
@@ -149,7 +157,10 @@ class Relay:
         )
 
     async def _authenticate(self, control: MessageStream, transport: str) -> Claims:
-        hello = await control.expect(messages.Hello)
+        hello = await control.expect(messages.Hello, messages.Redeem)
+        if isinstance(hello, messages.Redeem):
+            await self._redeem(control, hello)
+            raise _Redeemed
         assert isinstance(hello, messages.Hello)  # expect() checked the kind
         try:
             claims = await self._auth.validate(hello.token)
@@ -182,6 +193,22 @@ class Relay:
             transport=transport,
         )
         return claims
+
+    async def _redeem(self, control: MessageStream, request: messages.Redeem) -> None:
+        """An invite's code for a token and where to reach the relay (``cloudbridge join``)."""
+        try:
+            if self.redeemer is None:
+                raise Unauthorized("this relay does not take invites")
+            redeemed = self.redeemer(request.code)
+        except CloudBridgeError as error:
+            self.metrics.auth_failures.labels(error.code).inc()
+            log.info("invite_refused", code=error.code, reason=error.message)
+            with contextlib.suppress(TransportError):
+                await control.send(messages.ErrorMessage(error.code, error.message))
+            return
+        log.info("invite_redeemed", tenant_id=redeemed.tenant_id)
+        with contextlib.suppress(TransportError):
+            await control.send(redeemed)
 
     async def _serve(self, session: Session, control: MessageStream, claims: Claims) -> None:
         streams: set[asyncio.Task[None]] = set()

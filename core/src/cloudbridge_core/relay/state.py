@@ -76,6 +76,10 @@ class RelayState:
         )
         return cls(directory, ca, server, key_file.read_bytes())
 
+    @property
+    def invites_file(self) -> Path:
+        return self.directory / "invites.json"
+
     def write_client_config(self, host: str, ports: dict[str, int], stun: str | None) -> Path:
         path = self.directory / "client.yaml"
         config: dict[str, Any] = {

@@ -8,6 +8,7 @@ metadata. When the control call ends, the session ends, and every stream of it w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import weakref
 from typing import Any
@@ -21,6 +22,8 @@ from cloudbridge_grpc.streams import ClientStream, ServerStream
 SESSION_HEADER = "cloudbridge-session"
 REVERSE_HEADER = "cloudbridge-reverse"
 STREAM_METHOD = "/cloudbridge.v1.Tunnel/Stream"
+#: seconds a client waits for its channel to close
+CLOSE_TIMEOUT = 5.0
 SESSION_METHOD = "/cloudbridge.v1.Tunnel/Session"
 
 
@@ -113,7 +116,9 @@ class ClientSession:
         if self._listener is not None:
             self._listener.cancel()
             await asyncio.gather(self._listener, return_exceptions=True)
-        await self._channel.close()
+        # bounded: closing a channel whose server died mid-call can otherwise hang
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._channel.close(), CLOSE_TIMEOUT)
 
 
 class ServerSession:

@@ -1,0 +1,104 @@
+"""``cloudbridge service``: install, remove, start, stop and show the client as a system
+service (systemd on Linux, launchd on macOS). ``install`` checks the config first."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from cloudbridge_core.cli.output import message
+from cloudbridge_core.cli.runtime import Runtime, config_option, runtime_of
+from cloudbridge_core.errors import CloudBridgeError, UsageError
+from cloudbridge_core.service.launchd import LABEL, render_plist
+from cloudbridge_core.service.systemd import render_unit, unit_name
+
+SYSTEMD_DIR = Path("/etc/systemd/system")
+LAUNCHD_DIR = Path("/Library/LaunchDaemons")
+
+
+def _config_path(runtime: Runtime) -> Path:
+    path = runtime.config_path
+    if path is None:
+        raise UsageError("a service needs a config file: give --config")
+    return path
+
+
+def _executable() -> Path:
+    return Path(sys.executable).parent / "cloudbridge"
+
+
+@click.group()
+def service() -> None:
+    """Run the client as a system service (systemd, launchd)."""
+
+
+@service.command()
+@config_option
+@click.option("--dry-run", is_flag=True, help="Print what would be written; change nothing.")
+@click.pass_context
+def install(ctx: click.Context, dry_run: bool) -> None:
+    """Write the service definition for this config (after checking the config)."""
+    runtime = runtime_of(ctx)
+    config = runtime.config()  # an invalid config exits 3 before anything is written
+    path = _config_path(runtime)
+    if sys.platform == "darwin":
+        target = LAUNCHD_DIR / f"{LABEL}.plist"
+        content = render_plist(config, path, _executable(), Path("/var/log/cloudbridge"))
+    elif sys.platform.startswith("linux"):
+        target = SYSTEMD_DIR / unit_name(config)
+        content = render_unit(config, path, _executable()).encode()
+    else:
+        raise UsageError("service install supports systemd (Linux) and launchd (macOS) here")
+    if dry_run:
+        click.echo(content.decode(), nl=False)
+        message(f"would write {target}")
+        return
+    target.write_bytes(content)
+    message(f"wrote {target}")
+    if sys.platform.startswith("linux"):
+        _systemctl("daemon-reload")
+        _systemctl("enable", unit_name(config))
+
+
+@service.command()
+@config_option
+@click.pass_context
+def uninstall(ctx: click.Context) -> None:
+    """Stop and remove the service definition."""
+    config = runtime_of(ctx).config()
+    target = SYSTEMD_DIR / unit_name(config)
+    if not target.exists():
+        raise UsageError(f"{target} is not installed")
+    _systemctl("disable", "--now", unit_name(config))
+    target.unlink()
+    _systemctl("daemon-reload")
+    message(f"removed {target}")
+
+
+def _control(verb: str) -> click.Command:
+    @click.command(verb, help=f"systemctl {verb} the client's service.")
+    @config_option
+    @click.pass_context
+    def command(ctx: click.Context) -> None:
+        click.echo(_systemctl(verb, unit_name(runtime_of(ctx).config())), nl=False)
+
+    return command
+
+
+def _systemctl(*args: str) -> str:
+    try:
+        done = subprocess.run(
+            ["systemctl", *args], capture_output=True, text=True, check=False, timeout=30
+        )
+    except FileNotFoundError:
+        raise CloudBridgeError("systemctl is not available on this machine") from None
+    if done.returncode != 0 and args[0] != "status":
+        raise CloudBridgeError(f"systemctl {' '.join(args)} failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+for _verb in ("start", "stop", "status"):
+    service.add_command(_control(_verb))

@@ -1,0 +1,123 @@
+"""Invites: one-time codes a relay exchanges for a token and a client config.
+
+The invite URL carries a random code (not a token: a code is useless once used or
+expired, while a JWT in a URL lives on in shell history and proxy logs) and the relay's CA
+certificate, so that ``cloudbridge join`` can trust the relay before it shows the code.
+The relay keeps only a hash of each code, with its tenant, permissions, expiry and the
+uses left, in ``invites.json`` (0600) in its state directory.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import time
+import urllib.parse
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from cloudbridge_core.errors import InvalidToken, UsageError
+
+SCHEME = "cloudbridge"
+
+
+@dataclass
+class Invite:
+    tenant_id: str
+    permissions: list[str]
+    expires_at: float
+    uses_left: int
+
+
+@dataclass(frozen=True)
+class InviteLink:
+    host: str
+    port: int
+    code: str
+    ca: bytes  # PEM
+
+    def url(self) -> str:
+        der = x509.load_pem_x509_certificate(self.ca).public_bytes(serialization.Encoding.DER)
+        query = urllib.parse.urlencode(
+            {"code": self.code, "ca": base64.urlsafe_b64encode(der).decode().rstrip("=")}
+        )
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{SCHEME}://{host}:{self.port}/join?{query}"
+
+    @classmethod
+    def parse(cls, url: str) -> InviteLink:
+        """Read an invite URL; a clear error names what is wrong with it."""
+        parts = urllib.parse.urlsplit(url.strip())
+        query = urllib.parse.parse_qs(parts.query)
+        if parts.scheme != SCHEME or parts.path != "/join":
+            raise UsageError(f"not an invite URL (expected {SCHEME}://HOST:PORT/join?...)")
+        if not parts.hostname or not parts.port:
+            raise UsageError("the invite URL names no relay host and port")
+        try:
+            (code,), (ca,) = query["code"], query["ca"]
+            der = base64.urlsafe_b64decode(ca + "=" * (-len(ca) % 4))
+            pem = x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
+        except (KeyError, ValueError):
+            raise UsageError(
+                "the invite URL is damaged: its code or CA certificate is missing or garbled"
+            ) from None
+        return cls(parts.hostname, parts.port, code, pem)
+
+
+class InviteStore:
+    def __init__(self, path: Path) -> None:
+        self._path = path
+
+    def create(self, tenant_id: str, permissions: list[str], ttl: float, uses: int) -> str:
+        """A new code (returned once, kept only as a hash)."""
+        code = secrets.token_urlsafe(24)
+        invites = self._load()
+        invites[_digest(code)] = Invite(tenant_id, permissions, time.time() + ttl, uses)
+        self._save(invites)
+        return code
+
+    def redeem(self, code: str) -> Invite:
+        """Use one of the invite's uses; ``InvalidToken`` when unknown, used up or expired."""
+        invites = self._load()
+        key = _digest(code)
+        invite = invites.get(key)
+        if invite is None:
+            raise InvalidToken("unknown invite (already used, or never issued by this relay)")
+        if invite.expires_at <= time.time():
+            del invites[key]
+            self._save(invites)
+            raise InvalidToken("the invite has expired")
+        invite.uses_left -= 1
+        if invite.uses_left <= 0:
+            del invites[key]
+        else:
+            invites[key] = invite
+        self._save(invites)
+        return invite
+
+    def _load(self) -> dict[str, Invite]:
+        try:
+            raw = json.loads(self._path.read_text())
+        except FileNotFoundError:
+            return {}
+        return {key: Invite(**value) for key, value in raw.items()}
+
+    def _save(self, invites: dict[str, Invite]) -> None:
+        temporary = self._path.with_suffix(".tmp")
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            json.dump({key: asdict(value) for key, value in invites.items()}, handle)
+        temporary.replace(self._path)  # atomic: a crash never leaves half a file
+
+
+def _digest(code: str) -> str:
+    return hashlib.sha256(code.encode()).hexdigest()

@@ -1,0 +1,1 @@
+"""Running the client as a system service: systemd units and launchd property lists."""

@@ -1,0 +1,24 @@
+"""A launchd job for the client on macOS (label ``com.cloudbridge.client``)."""
+
+from __future__ import annotations
+
+import plistlib
+from pathlib import Path
+
+from cloudbridge_core.config import Config
+
+LABEL = "com.cloudbridge.client"
+
+
+def render_plist(config: Config, config_path: Path, executable: Path, logs: Path) -> bytes:
+    job = {
+        "Label": LABEL,
+        "ProgramArguments": [str(executable), "p2p", "--config", str(config_path.resolve())],
+        "RunAtLoad": True,
+        "KeepAlive": {"SuccessfulExit": False} if config.get("service.auto_restart") else False,
+        "ThrottleInterval": 5,
+        "StandardOutPath": str(logs / "cloudbridge.out.log"),
+        "StandardErrorPath": str(logs / "cloudbridge.err.log"),
+        "ProcessType": "Background",
+    }
+    return plistlib.dumps(job)
