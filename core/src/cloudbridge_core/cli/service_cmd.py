@@ -56,7 +56,13 @@ def install(ctx: click.Context, dry_run: bool) -> None:
         click.echo(content.decode(), nl=False)
         message(f"would write {target}")
         return
-    target.write_bytes(content)
+    try:
+        target.write_bytes(content)
+    except OSError as exc:
+        raise CloudBridgeError(
+            f"cannot write {target}: {exc.strerror or exc}",
+            hint="a system service is installed as root (sudo)",
+        ) from None
     message(f"wrote {target}")
     if sys.platform.startswith("linux"):
         _systemctl("daemon-reload")

@@ -180,7 +180,8 @@ def token_of(config: Config) -> str:
     if not token:
         raise AuthError(
             "no token: set auth.token, CLOUDBRIDGE_AUTH__TOKEN or CLOUDBRIDGE_TOKEN",
-            hint="a relay's operator issues one with 'cloudbridge relay token issue'",
+            hint="join with an invite ('cloudbridge join URL'), or a relay's operator issues"
+            " one with 'cloudbridge relay token issue'",
         )
     return token
 

@@ -49,11 +49,13 @@ class RunningRelay:
         if self.closing:
             return
         self.closing = True
-        await self.relay.drain()
-        for listener in self.listeners.values():
-            await listener.aclose()
-        if self.stun is not None:
-            self.stun.close()
+        try:
+            await self.relay.drain()
+        finally:  # whatever the drain met, nothing keeps listening
+            for listener in self.listeners.values():
+                await listener.aclose()
+            if self.stun is not None:
+                self.stun.close()
 
     def probes(self) -> dict[str, Handler]:
         """``/healthz`` and ``/readyz`` for orchestrators, served next to ``/metrics``."""

@@ -145,9 +145,12 @@ class Relay:
         self.draining = True
         started = time.monotonic()
         goaway = messages.Goaway("restarting", self._limits.drain_timeout)
-        await asyncio.gather(
-            *(tell(control, goaway) for control in list(self._controls)), self.mesh.restarting()
-        )
+        notices = [tell(control, goaway) for control in list(self._controls)]
+        for failed in await asyncio.gather(
+            *notices, self.mesh.restarting(), return_exceptions=True
+        ):
+            if isinstance(failed, Exception):  # a notice is best effort; the drain goes on
+                log.info("goaway_not_sent", reason=str(failed) or type(failed).__name__)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._streams_idle.wait(), self._limits.drain_timeout)
         log.info(
