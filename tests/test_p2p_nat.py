@@ -80,12 +80,36 @@ class Mesh:
     def explain(self, config: Path) -> str:
         return self.cloudbridge("status", "--config", str(config), "--explain", "server")
 
+    def paced_roundtrip(self, size: int, seconds: float) -> PacedTransfer:
+        """A round trip through the peer tunnel that takes ``seconds``, started in h1."""
+        return PacedTransfer(
+            subprocess.Popen(
+                [
+                    *("ip", "netns", "exec", self.bed.hosts[1], sys.executable, str(TOOLS)),
+                    *("roundtrip", str(LOCAL_PORT), str(size), str(seconds)),
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        )
+
     def roundtrip(self, size: int, seconds: float) -> tuple[str, str]:
         sent, received = self.bed.exec(
             self.bed.hosts[1],
             [sys.executable, TOOLS, "roundtrip", str(LOCAL_PORT), str(size), str(seconds)],
             timeout=120,
         ).split()
+        return sent, received
+
+
+@dataclass
+class PacedTransfer:
+    process: subprocess.Popen[str]
+
+    def result(self) -> tuple[str, str]:
+        """The sha256 of what was sent and of what came back."""
+        output, _ = self.process.communicate(timeout=90)
+        sent, received = output.split()
         return sent, received
 
 
@@ -238,20 +262,12 @@ def test_a_broken_direct_path_falls_back_mid_transfer_and_comes_back(
 ) -> None:
     mesh, laptop, _, _ = start_mesh(nat, tmp_path, turn=False)
     mesh.wait_for_path(laptop, "stun", within=40)
-    transfer = subprocess.Popen(
-        [
-            *("ip", "netns", "exec", nat.hosts[1], sys.executable, str(TOOLS)),
-            *("roundtrip", str(LOCAL_PORT), str(6 << 20), "6"),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    transfer = mesh.paced_roundtrip(6 << 20, seconds=6)
     time.sleep(2)
     block_between_peers(nat)
     fell = mesh.wait_for_path(laptop, "derp", within=15)
     print(f"direct path blocked: on derp after {fell:.2f} s")
-    output, _ = transfer.communicate(timeout=90)
-    sent, received = output.split()
+    sent, received = transfer.result()
     assert sent == received  # the transfer outlived the path it started on
     changes = json.loads(
         mesh.cloudbridge("status", "--config", str(laptop), "--explain", "server", "--json")
@@ -269,18 +285,10 @@ def test_a_relay_restart_keeps_direct_peer_sessions_and_their_tunnels(
 ) -> None:
     mesh, laptop, _, _ = start_mesh(nat, tmp_path, turn=False)
     mesh.wait_for_path(laptop, "stun", within=40)
-    transfer = subprocess.Popen(
-        [
-            *("ip", "netns", "exec", nat.hosts[1], sys.executable, str(TOOLS)),
-            *("roundtrip", str(LOCAL_PORT), str(4 << 20), "5"),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    transfer = mesh.paced_roundtrip(4 << 20, seconds=5)
     time.sleep(1.5)
     mesh.restart_relay()
-    output, _ = transfer.communicate(timeout=90)
-    sent, received = output.split()
+    sent, received = transfer.result()
     assert sent == received  # the peer tunnel never depended on the relay
     peer = mesh.status(laptop)["peers"][0]
     assert (peer["name"], peer["path"], peer["connected"]) == ("server", "stun", True)

@@ -50,15 +50,6 @@ def stored_token(auth: dict[str, Any], account: str) -> str | None:
         return None
 
 
-def where(auth: dict[str, Any]) -> str:
-    """Where the token is kept, for status and health."""
-    if auth.get("token"):
-        return "config"
-    if auth.get("token_storage") == "file":
-        return f"file {auth.get('token_file')}"
-    return f"keyring ({auth.get('keyring_service') or 'cloudbridge'})"
-
-
 def write_secret(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
