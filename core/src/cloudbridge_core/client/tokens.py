@@ -4,7 +4,6 @@ fails closed rather than writing a secret to disk on its own."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import keyring.errors
 from keyring.backends import fail
 
 from cloudbridge_core.errors import AuthError
+from cloudbridge_core.secretfile import write_secret
 
 
 def keyring_available() -> bool:
@@ -26,7 +26,7 @@ def store_token(
     """Keep ``token``; returns the ``auth`` settings that find it again."""
     if insecure:
         path = directory / "token"
-        write_secret(path, token)
+        write_secret(path, token.encode())
         return {"token_storage": "file", "token_file": str(path)}
     if not keyring_available():
         raise AuthError(
@@ -48,10 +48,3 @@ def stored_token(auth: dict[str, Any], account: str) -> str | None:
         return keyring.get_password(auth.get("keyring_service") or "cloudbridge", account)
     except keyring.errors.KeyringError:
         return None
-
-
-def write_secret(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write(text)

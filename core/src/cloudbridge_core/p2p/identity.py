@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from cloudbridge_core.errors import ProtocolViolation
 from cloudbridge_core.relay.mesh import peer_id_of
+from cloudbridge_core.secretfile import write_secret
 from cloudbridge_core.tlsutil import KeyPair, generate_ca, issue_server_certificate
 
 NONCE_SIZE = 12
@@ -94,8 +95,5 @@ def _load_or_create(key_file: Path) -> X25519PrivateKey:
     except FileNotFoundError:
         pass
     key = X25519PrivateKey.generate()
-    key_file.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write(base64.b64encode(key.private_bytes_raw()).decode())
+    write_secret(key_file, base64.b64encode(key.private_bytes_raw()))
     return key

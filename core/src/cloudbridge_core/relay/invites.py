@@ -10,10 +10,8 @@ uses left, in ``invites.json`` (0600) in its state directory.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
-import os
 import secrets
 import time
 import urllib.parse
@@ -24,6 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from cloudbridge_core.errors import InvalidToken, UsageError
+from cloudbridge_core.secretfile import write_secret
 
 SCHEME = "cloudbridge"
 
@@ -110,13 +109,8 @@ class InviteStore:
         return {key: Invite(**value) for key, value in raw.items()}
 
     def _save(self, invites: dict[str, Invite]) -> None:
-        temporary = self._path.with_suffix(".tmp")
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w") as handle:
-            json.dump({key: asdict(value) for key, value in invites.items()}, handle)
-        temporary.replace(self._path)  # atomic: a crash never leaves half a file
+        body = {key: asdict(value) for key, value in invites.items()}
+        write_secret(self._path, json.dumps(body).encode())
 
 
 def _digest(code: str) -> str:

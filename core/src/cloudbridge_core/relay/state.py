@@ -9,7 +9,6 @@ client.yaml                 a ready client config that only lacks a token
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,16 +20,11 @@ import yaml
 
 from cloudbridge_core import tlsutil
 from cloudbridge_core.relay import tokens
+from cloudbridge_core.secretfile import write_secret
 
 
 def default_state_dir() -> Path:
     return platformdirs.user_state_path("cloudbridge") / "relay"
-
-
-def _write_secret(path: Path, data: bytes) -> None:
-    path.touch(mode=0o600)
-    os.chmod(path, 0o600)
-    path.write_bytes(data)
 
 
 @dataclass(frozen=True)
@@ -55,7 +49,7 @@ class RelayState:
         server = _pair(directory, "server", lambda: tlsutil.issue_server_certificate(ca, hostnames))
         key_file = directory / "signing-key.pem"
         if not key_file.exists():
-            _write_secret(key_file, tokens.generate_signing_key())
+            write_secret(key_file, tokens.generate_signing_key())
         signing_key = key_file.read_bytes()
         (directory / "signing-key.pub.pem").write_bytes(tokens.public_pem(signing_key))
         return cls(directory, ca, server, signing_key)
@@ -105,7 +99,7 @@ def _pair(directory: Path, name: str, make: Callable[[], tlsutil.KeyPair]) -> tl
     if not certificate.exists() or not key.exists():
         pair = make()
         certificate.write_bytes(pair.certificate)
-        _write_secret(key, pair.key)
+        write_secret(key, pair.key)
     return tlsutil.KeyPair(certificate.read_bytes(), key.read_bytes())
 
 
