@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import signal
 import socket
 import subprocess
-import sys
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -19,42 +15,13 @@ from typing import Any
 
 import pytest
 import yaml
+from cli_process import BIN, echo_once, environment, start, stop
 from cloudbridge_core.config.schema import cli_schema
 from cloudbridge_core.relay.state import RelayState
 from jsonschema import Draft202012Validator
 from loopback import free_port
 
 pytestmark = pytest.mark.timeout(120)
-BIN = Path(sys.executable).parent
-
-
-def environment(**extra: str) -> dict[str, str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDBRIDGE_")}
-    return {**clean, **extra}
-
-
-def start(*args: str, env: dict[str, str], ready: str) -> subprocess.Popen[str]:
-    """Start a long-running command and wait until it prints the line saying it is ready."""
-    process = subprocess.Popen(
-        [BIN / "cloudbridge", *args], stderr=subprocess.PIPE, text=True, env=env
-    )
-    assert process.stderr is not None
-    for line in process.stderr:
-        if ready in line:
-            # keep draining, so that a chatty process never blocks on a full pipe
-            threading.Thread(target=process.stderr.read, daemon=True).start()
-            return process
-    process.wait()
-    process.stderr.close()
-    pytest.fail(f"{args[0]} exited with {process.returncode} before printing {ready!r}")
-
-
-def stop(process: subprocess.Popen[str]) -> int:
-    process.send_signal(signal.SIGTERM)
-    code = process.wait(timeout=30)
-    assert process.stderr is not None
-    process.stderr.close()
-    return code
 
 
 def test_relay_token_tunnel(tmp_path: Path, echo_port: int) -> None:
@@ -242,16 +209,6 @@ def cloudbridge_json(*args: str) -> Any:
         env=environment(),
     )
     return json.loads(done.stdout)
-
-
-def echo_once(port: int, payload: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port)) as client:
-        client.sendall(payload)
-        client.shutdown(socket.SHUT_WR)
-        received = b""
-        while data := client.recv(65536):
-            received += data
-    return received
 
 
 def scrape(url: str) -> str:
@@ -483,107 +440,3 @@ def test_tenant_labels_on_client_and_relay_metrics(tmp_path: Path, echo_port: in
     finally:
         assert stop(tunnel) == 0
         assert stop(relay) == 0
-
-
-def test_invite_then_join_writes_a_working_config_once(tmp_path: Path, echo_port: int) -> None:
-    state = tmp_path / "D"
-    ports = {name: free_port() for name in ("websocket", "tls")}
-    relay_env = environment(
-        CLOUDBRIDGE_SERVER__LISTEN="127.0.0.1",
-        CLOUDBRIDGE_SERVER__PUBLIC_HOST="127.0.0.1",
-        CLOUDBRIDGE_DISABLE_PLUGINS="quic,grpc",
-        CLOUDBRIDGE_METRICS__ENABLED="false",
-        **{f"CLOUDBRIDGE_RELAY__PORTS__{name.upper()}": str(p) for name, p in ports.items()},
-    )
-    relay = start(
-        "relay", "serve", "--dev", "--state-dir", str(state), env=relay_env, ready="client config:"
-    )
-
-    def cloudbridge(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [BIN / "cloudbridge", *args], capture_output=True, text=True, env=relay_env, check=False
-        )
-
-    def invite(*extra: str) -> str:
-        created = cloudbridge(
-            "relay", "invite", "create", "--state-dir", str(state), "--tenant", "acme", *extra
-        )
-        assert created.returncode == 0, created.stderr
-        (url,) = created.stdout.splitlines()  # the URL alone on stdout
-        return url
-
-    try:
-        url = invite("--ttl", "1h", "--uses", "1")
-        assert url.startswith(f"cloudbridge://127.0.0.1:{ports['tls']}/join?")
-        (code,) = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)["code"]
-        assert "." not in code  # a one-time code, not a JWT
-        assert len(code) <= 64
-
-        # no keyring on this machine: fail closed, and the invite is not spent
-        refused = cloudbridge("join", url, "--no-start", "--config-dir", str(tmp_path / "K"))
-        assert refused.returncode == 4, refused.stderr
-        assert "--insecure-storage" in refused.stderr
-        assert not (tmp_path / "K").exists()
-
-        joined_dir = tmp_path / "J"
-        joined = cloudbridge(
-            "join", url, "--no-start", "--config-dir", str(joined_dir), "--insecure-storage"
-        )
-        assert joined.returncode == 0, joined.stderr
-        config = joined_dir / "config.yaml"
-        written = yaml.safe_load(config.read_text())
-        assert written["relay"]["ports"] == ports
-        assert (joined_dir / "token").stat().st_mode & 0o777 == 0o600
-        assert "eyJ" not in config.read_text()  # the token is not in the config
-        assert cloudbridge("config", "validate", str(config)).returncode == 0
-
-        again = cloudbridge(
-            "join", url, "--no-start", "--config-dir", str(tmp_path / "J2"), "--insecure-storage"
-        )
-        assert again.returncode == 4
-        assert "unknown invite" in again.stderr
-        assert not (tmp_path / "J2").exists()
-
-        expired = invite("--ttl", "1s")
-        time.sleep(1.5)
-        late = cloudbridge(
-            "join",
-            expired,
-            "--no-start",
-            "--config-dir",
-            str(tmp_path / "J3"),
-            "--insecure-storage",
-        )
-        assert late.returncode == 4
-        assert "expired" in late.stderr
-        forged = url.replace("code=", "code=x")
-        assert cloudbridge("join", forged, "--no-start", "--insecure-storage").returncode == 4
-        assert cloudbridge("join", "https://example.com/", "--no-start").returncode == 2
-
-        assert_the_config_runs_a_tunnel_under_systemd(config, tmp_path, echo_port)
-    finally:
-        assert stop(relay) == 0
-
-
-def assert_the_config_runs_a_tunnel_under_systemd(
-    config: Path, tmp_path: Path, echo_port: int
-) -> None:
-    """The tunnel tells systemd (Type=notify) when it is ready and when it stops."""
-    local = free_port()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
-        systemd.bind(str(tmp_path / "notify"))  # as systemd does for Type=notify
-        systemd.settimeout(10)
-        tunnel = start(
-            *("tunnel", "--config", str(config), "--local-port", str(local)),
-            *("--remote-host", "127.0.0.1", "--remote-port", str(echo_port)),
-            env=environment(
-                CLOUDBRIDGE_METRICS__ENABLED="false", NOTIFY_SOCKET=str(tmp_path / "notify")
-            ),
-            ready="tunnel 127.0.0.1:",
-        )
-        try:
-            assert systemd.recv(100) == b"READY=1"
-            assert echo_once(local, b"joined by invite") == b"joined by invite"
-        finally:
-            assert stop(tunnel) == 0
-        assert systemd.recv(100) == b"STOPPING=1"

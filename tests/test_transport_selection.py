@@ -186,10 +186,10 @@ def test_a_reconnection_over_quic_resumes_the_tls_session(tmp_path: Path) -> Non
         async with relay_on_loopback(tmp_path, plugins) as relay:
             config = client_config(relay, plugins, transport__mode="quic")
             spec = plugins.require("transport", "quic")
-            first = await attempt(config, "quic", spec)
+            first = await attempt(config, "quic", spec, config.get("auth.token"))
             await first.ping(5)  # the relay's session ticket has arrived by now
             await first.aclose()
-            second = await attempt(config, "quic", spec)
+            second = await attempt(config, "quic", spec, config.get("auth.token"))
             assert second.session.handshake.session_resumed  # type: ignore[attr-defined]
             await second.aclose()
 

@@ -160,10 +160,26 @@ class AuthProvider(Protocol):
     async def validate(self, token: str) -> Claims: ...
 
 
-class TokenSource(Protocol):
-    """Client side of an auth provider that can obtain tokens (OIDC device flow)."""
+class TokenStore(Protocol):
+    """Where the client keeps the tokens of one relay: the OS keyring or a 0600 file.
 
-    async def obtain_token(self) -> str: ...
+    ``kind`` is ``access`` (the bearer token the relay checks) or ``refresh``.
+    """
+
+    def load(self, kind: str = "access") -> str | None: ...
+
+    def save(self, token: str, kind: str = "access") -> None: ...
+
+
+class TokenSource(Protocol):
+    """Client side of an auth provider that obtains and renews tokens itself (OIDC).
+
+    The client calls it before each connection; it returns the stored access token, a
+    renewed one (refresh token, client credentials) when that one is about to expire, or
+    ``None`` when it has nothing (the user has to log in).
+    """
+
+    async def obtain_token(self, store: TokenStore) -> str | None: ...
 
 
 # ---- NAT traversal -------------------------------------------------------------------
@@ -256,8 +272,16 @@ class Exporter(Protocol):
         """Flush and stop; idempotent."""
 
 
+@dataclass(frozen=True)
+class AuthProviderSpec(ProviderSpec[AuthProvider]):
+    """An auth provider: ``load`` builds the relay's validator; ``token_source``, when the
+    provider can obtain tokens itself (OIDC), builds the client's side from the same
+    settings section."""
+
+    token_source: Callable[[Mapping[str, Any]], TokenSource] | None = None
+
+
 TransportSpec = ProviderSpec[Transport]
-AuthProviderSpec = ProviderSpec[AuthProvider]
 NatStrategySpec = ProviderSpec[NatStrategy]
 OverlaySpec = ProviderSpec[Overlay]
 ExporterSpec = ProviderSpec[Exporter]

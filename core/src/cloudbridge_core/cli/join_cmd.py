@@ -20,8 +20,8 @@ import yaml
 from cloudbridge_core.cli.output import message
 from cloudbridge_core.cli.p2p_cmd import join_mesh
 from cloudbridge_core.cli.runtime import runtime_of
-from cloudbridge_core.client.tokens import keyring_available, store_token
-from cloudbridge_core.errors import AuthError, ConnectionTimeout, UsageError, error_for_code
+from cloudbridge_core.client.tokens import StoredTokens, storage_settings
+from cloudbridge_core.errors import ConnectionTimeout, UsageError, error_for_code
 from cloudbridge_core.protocol import messages
 from cloudbridge_core.providers import Endpoint
 from cloudbridge_core.relay.invites import InviteLink
@@ -65,22 +65,12 @@ def join(
         raise UsageError(
             f"{config_file} exists already", hint="remove it, or give another --config-dir"
         )
-    if not insecure_storage and not keyring_available():
-        raise AuthError(
-            "no OS keyring is available here to keep the token (the invite was not used)",
-            hint="pass --insecure-storage to keep it in a 0600 file instead",
-        )
+    auth = storage_settings(directory, insecure=insecure_storage)  # before the code is spent
     redeemed = asyncio.run(_redeem(link))
     directory.mkdir(parents=True, exist_ok=True)
     ca_file = directory / "ca.pem"
     ca_file.write_bytes(link.ca)
-    auth = store_token(
-        redeemed.token,
-        service="cloudbridge",
-        account=link.host,
-        directory=directory,
-        insecure=insecure_storage,
-    )
+    StoredTokens(auth, link.host).save(redeemed.token)
     document: dict[str, Any] = {
         "relay": {"host": link.host, "ports": redeemed.ports, "tls": {"ca_file": str(ca_file)}},
         "auth": {"type": "jwt", **auth},

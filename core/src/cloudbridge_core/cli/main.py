@@ -83,6 +83,18 @@ class CloudBridgeGroup(click.Group):
 )
 @click.option("--no-plugins", is_flag=True, help="Load no installed plugins (built-ins stay).")
 @click.option("--no-color", is_flag=True, help="No colour in messages (NO_COLOR is honoured too).")
+@click.option(
+    "--token-file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Read the bearer token from this file (beats auth.token and the keyring).",
+)
+@click.option("--token-stdin", is_flag=True, help="Read the bearer token from stdin.")
+@click.option(
+    "--token",
+    metavar="TOKEN",
+    help="The bearer token itself; other users can see it in ps and it stays in shell"
+    " history, so prefer --token-file, --token-stdin or CLOUDBRIDGE_TOKEN.",
+)
 @click.version_option(__version__, "-V", "--version", prog_name="cloudbridge")
 @click.pass_context
 def cli(ctx: click.Context, /, **_options: object) -> None:

@@ -48,6 +48,9 @@ class Runtime:
             overrides["logging.level"] = ("debug" if verbosity > 0 else "error", "-v/-q")
         if params.get("log_format"):
             overrides["logging.format"] = (params["log_format"], "--log-format")
+        token = _token_from(params)
+        if token is not None:
+            overrides["auth.token"] = token
         return cls(
             config_flag=params.get("config"),
             overrides=overrides,
@@ -111,6 +114,31 @@ class Runtime:
             backup_count=_int(section.get("backup_count"), 5),
             color=self.color and sys.stderr.isatty(),
         )
+
+
+def _token_from(params: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The token given by --token-file, --token-stdin or --token, and which one."""
+    given = [flag for flag in ("token_file", "token_stdin", "token") if params.get(flag)]
+    if len(given) > 1:
+        names = " and ".join("--" + flag.replace("_", "-") for flag in given)
+        raise click.UsageError(f"{names} both give the token: use one")
+    if not given:
+        return None
+    if given[0] == "token_file":
+        token = Path(params["token_file"]).read_text().strip()
+    elif given[0] == "token_stdin":
+        token = sys.stdin.readline().strip()
+    else:
+        click.echo(
+            "warning: a token on the command line is visible to other users (ps) and stays in"
+            " shell history; use --token-file, --token-stdin or CLOUDBRIDGE_TOKEN",
+            err=True,
+        )
+        token = params["token"].strip()
+    flag = "--" + given[0].replace("_", "-")
+    if not token:
+        raise click.BadParameter("the token is empty", param_hint=flag)
+    return token, flag
 
 
 def runtime_of(ctx: click.Context) -> Runtime:

@@ -65,6 +65,7 @@ def _text(reply: dict[str, Any]) -> str:
     lines = [
         f"State:      {reply['state']}",
         f"Relay:      {reply['relay']['host']} (tenant {reply['relay']['tenant_id']})",
+        f"Token:      {reply['relay']['token_source']}",
         f"Transport:  {transport['name']} (mode {transport['mode']}) - {transport['reason']}",
         f"Latency:    {f'{rtt * 1000:.1f} ms' if rtt is not None else 'not measured yet'}",
     ]

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import functools
 import json
-import os
 import secrets
 import ssl
 import time
@@ -16,11 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from cloudbridge_core import __version__
-from cloudbridge_core.client.tokens import stored_token
 from cloudbridge_core.config import Config
 from cloudbridge_core.durations import parse_duration
 from cloudbridge_core.errors import (
-    AuthError,
     CloudBridgeError,
     ConnectionTimeout,
     HeartbeatFailed,
@@ -171,21 +168,6 @@ def transport_order(config: Config, plugins: Plugins) -> list[tuple[str, Provide
     return candidates
 
 
-def token_of(config: Config) -> str:
-    token: str | None = (
-        config.get("auth.token")
-        or os.environ.get("CLOUDBRIDGE_TOKEN")
-        or stored_token(config.get("auth"), config.get("relay.host"))
-    )
-    if not token:
-        raise AuthError(
-            "no token: set auth.token, CLOUDBRIDGE_AUTH__TOKEN or CLOUDBRIDGE_TOKEN",
-            hint="join with an invite ('cloudbridge join URL'), or a relay's operator issues"
-            " one with 'cloudbridge relay token issue'",
-        )
-    return token
-
-
 @functools.lru_cache(maxsize=16)
 def _loaded(spec: ProviderSpec[Transport], settings: str) -> Transport:
     """One transport object per provider and settings, kept across reconnections: what it
@@ -193,9 +175,10 @@ def _loaded(spec: ProviderSpec[Transport], settings: str) -> Transport:
     return spec.load(json.loads(settings))
 
 
-async def attempt(config: Config, name: str, spec: ProviderSpec[Transport]) -> RelayConnection:
+async def attempt(
+    config: Config, name: str, spec: ProviderSpec[Transport], token: str
+) -> RelayConnection:
     """Connect over one transport and authenticate, within ``transport.connect_timeout``."""
-    token = token_of(config)
     context, material = tls_for(config.get("relay"))
     timeout = parse_duration(config.get("transport.connect_timeout"))
     settings = json.dumps(config.data["transport"].get(name, {}), sort_keys=True)

@@ -15,8 +15,9 @@ import json
 import time
 from typing import Any
 
-from cloudbridge_core.client.connection import RelayConnection, token_of, transport_order
+from cloudbridge_core.client.connection import RelayConnection, transport_order
 from cloudbridge_core.client.race import race
+from cloudbridge_core.client.tokens import TokenSupply
 from cloudbridge_core.config import Config
 from cloudbridge_core.durations import parse_duration
 from cloudbridge_core.errors import CloudBridgeError, HeartbeatFailed
@@ -60,9 +61,14 @@ async def check_health(
     config: Config, plugins: Plugins, running: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """``running``: the status of the client running with this config, if one is."""
+    tokens = TokenSupply(config, plugins)
     details: dict[str, Any] = {
         "network_connectivity": {"status": "unknown", "latency_ms": None},
-        "authentication": {"status": "unknown", "token_expires_in_seconds": None},
+        "authentication": {
+            "status": "unknown",
+            "token_expires_in_seconds": None,
+            "token_source": tokens.where(),
+        },
         "relay_connection": {"status": "disconnected", "transport": None, "latency_ms": None},
         "p2p_mesh": mesh_health(running, config.get("p2p.enabled")),
         "performance": {
@@ -74,7 +80,7 @@ async def check_health(
     problems: list[str] = []
     degraded: list[str] = []
     try:
-        token = token_of(config)
+        token = await tokens.token()
         expires_in = token_expires_in(token)
         details["authentication"]["token_expires_in_seconds"] = (
             round(expires_in) if expires_in is not None else None
@@ -82,7 +88,7 @@ async def check_health(
         candidates = transport_order(config, plugins)
         head_start = parse_duration(config.get("transport.race_head_start"))
         started = time.perf_counter()
-        connection, reason = await race(config, candidates, head_start)
+        connection, reason = await race(config, candidates, head_start, token)
     except CloudBridgeError as error:
         problems.append(error.message)
         part = "authentication" if error.exit_code == 4 else "network_connectivity"

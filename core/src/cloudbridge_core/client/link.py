@@ -22,6 +22,7 @@ from cloudbridge_core.breaker import BreakerSettings, BreakerState, CircuitBreak
 from cloudbridge_core.client.connection import RelayConnection, attempt, transport_order
 from cloudbridge_core.client.metrics import ClientMetrics
 from cloudbridge_core.client.race import Candidate, race
+from cloudbridge_core.client.tokens import TokenSupply
 from cloudbridge_core.config import Config
 from cloudbridge_core.durations import parse_duration
 from cloudbridge_core.errors import (
@@ -66,6 +67,7 @@ class RelayLink:
     ) -> None:
         self._config = config
         self._plugins = plugins
+        self.tokens = TokenSupply(config, plugins)
         self._metrics = metrics
         self._current: RelayConnection | None = None
         self._retired: set[RelayConnection] = set()
@@ -133,6 +135,7 @@ class RelayLink:
         """Take a reloaded config; a changed ``transport.mode`` takes effect now."""
         before = self._config.get("transport.mode")
         self._config = config
+        self.tokens = TokenSupply(config, self._plugins)
         mode = config.get("transport.mode")
         if mode != before:
             async with self._switching:
@@ -334,7 +337,7 @@ class RelayLink:
     async def _probe(self, name: str, spec: ProviderSpec[Transport]) -> tuple[float, Any]:
         """Connect over another transport and measure it; the result is kept for ``status``."""
         try:
-            probe = await attempt(self._config, name, spec)
+            probe = await attempt(self._config, name, spec, await self.tokens.token())
             try:
                 rtt = await self._measure(probe)
             except BaseException:  # a failed ping, or the link closing mid-probe
@@ -359,7 +362,10 @@ class RelayLink:
     async def _race(self, candidates: list[Candidate]) -> tuple[RelayConnection, str]:
         head_start = parse_duration(self._config.get("transport.race_head_start"))
         breakers = {name: self._breaker(name) for name, _ in candidates}
-        return await race(self._config, candidates, head_start, self._transport_failed, breakers)
+        token = await self.tokens.token()
+        return await race(
+            self._config, candidates, head_start, token, self._transport_failed, breakers
+        )
 
     def _breaker(self, transport: str) -> CircuitBreaker:
         """One circuit breaker per relay endpoint (transport, host and port)."""

@@ -13,9 +13,9 @@ from cloudbridge_core.breaker import CircuitBreaker
 from cloudbridge_core.client.connection import (
     RelayConnection,
     attempt,
-    token_of,
     transport_order,
 )
+from cloudbridge_core.client.tokens import TokenSupply
 from cloudbridge_core.config import Config
 from cloudbridge_core.durations import parse_duration
 from cloudbridge_core.errors import AuthError, CloudBridgeError
@@ -31,9 +31,9 @@ Attempt = asyncio.Task[RelayConnection]
 
 async def connect(config: Config, plugins: Plugins) -> RelayConnection:
     """Connect to the relay over the best transport that works (one-shot: no watching)."""
-    token_of(config)  # no token is a clear error before any network attempt
+    token = await TokenSupply(config, plugins).token()  # before any network attempt
     head_start = parse_duration(config.get("transport.race_head_start"))
-    connection, _ = await race(config, transport_order(config, plugins), head_start)
+    connection, _ = await race(config, transport_order(config, plugins), head_start, token)
     return connection
 
 
@@ -41,6 +41,7 @@ async def race(
     config: Config,
     candidates: list[Candidate],
     head_start: float,
+    token: str,
     failed: Callable[[str, CloudBridgeError], None] | None = None,
     breakers: Mapping[str, CircuitBreaker] | None = None,
 ) -> tuple[RelayConnection, str]:
@@ -55,7 +56,7 @@ async def race(
     try:
         for index, (name, spec) in enumerate(candidates):
             breaker = (breakers or {}).get(name)
-            names[asyncio.create_task(_guarded(breaker, config, name, spec))] = name
+            names[asyncio.create_task(_guarded(breaker, config, name, spec, token))] = name
             last = index == len(candidates) - 1
             winner = await _first_success(names, failures, None if last else head_start, config)
             if winner is not None:
@@ -69,12 +70,16 @@ async def race(
 
 
 async def _guarded(
-    breaker: CircuitBreaker | None, config: Config, name: str, spec: ProviderSpec[Transport]
+    breaker: CircuitBreaker | None,
+    config: Config,
+    name: str,
+    spec: ProviderSpec[Transport],
+    token: str,
 ) -> RelayConnection:
     if breaker is None:
-        return await attempt(config, name, spec)
+        return await attempt(config, name, spec, token)
     async with breaker.guard():
-        return await attempt(config, name, spec)
+        return await attempt(config, name, spec, token)
 
 
 async def _first_success(

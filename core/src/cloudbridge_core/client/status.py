@@ -49,6 +49,7 @@ class RunningClient:
                 "host": self.relay_host,
                 "tenant_id": welcome.tenant_id if welcome else None,
                 "session_id": welcome.session_id if welcome else None,
+                "token_source": self.link.tokens.where(),
             },
             "transport": transport,
             "tunnels": self.tunnels_document()["tunnels"],

@@ -1,18 +1,36 @@
 """Where a client keeps its token: the OS keyring (Secret Service, Keychain, Credential
 Manager), or — only when the user says so — a 0600 file. Without a keyring the client
-fails closed rather than writing a secret to disk on its own."""
+fails closed rather than writing a secret to disk on its own.
+
+A token given explicitly (``--token-file``, ``--token-stdin``, ``auth.token``,
+``CLOUDBRIDGE_TOKEN``) wins over the stored one; an auth provider that is also a
+:class:`~cloudbridge_core.providers.TokenSource` (OIDC) renews the stored one.
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keyring
 import keyring.errors
 from keyring.backends import fail
 
 from cloudbridge_core.errors import AuthError
+from cloudbridge_core.providers import AuthProviderSpec, TokenSource
 from cloudbridge_core.secretfile import write_secret
+
+if TYPE_CHECKING:
+    from cloudbridge_core.config import Config
+    from cloudbridge_core.plugins import Plugins
+
+ONBOARDING_HINT = (
+    "join with an invite ('cloudbridge join URL'), log in ('cloudbridge login' with auth.type"
+    " oidc), or pass --token-file / --token-stdin / CLOUDBRIDGE_TOKEN"
+)
 
 
 def keyring_available() -> bool:
@@ -20,31 +38,106 @@ def keyring_available() -> bool:
     return not isinstance(backend, fail.Keyring) and backend.priority > 0
 
 
-def store_token(
-    token: str, *, service: str, account: str, directory: Path, insecure: bool
-) -> dict[str, Any]:
-    """Keep ``token``; returns the ``auth`` settings that find it again."""
+@dataclass(frozen=True)
+class StoredTokens:
+    """The tokens of one relay (``account``: its host), where ``auth`` says they are kept."""
+
+    auth: Mapping[str, Any]
+    account: str
+
+    @property
+    def in_file(self) -> bool:
+        return self.auth.get("token_storage") == "file"
+
+    @property
+    def service(self) -> str:
+        return str(self.auth.get("keyring_service") or "cloudbridge")
+
+    def _file(self, kind: str) -> Path:
+        if not self.auth.get("token_file"):
+            raise AuthError("auth.token_storage is file but auth.token_file is not set")
+        path = Path(self.auth["token_file"])
+        return path if kind == "access" else path.with_name(f"{path.name}.{kind}")
+
+    def _entry(self, kind: str) -> str:
+        return self.account if kind == "access" else f"{self.account}#{kind}"
+
+    def load(self, kind: str = "access") -> str | None:
+        """The token, or None when none is kept (a missing keyring keeps none)."""
+        if self.in_file:
+            try:
+                return self._file(kind).read_text().strip() or None
+            except FileNotFoundError:
+                return None
+        try:
+            return keyring.get_password(self.service, self._entry(kind))
+        except keyring.errors.KeyringError:
+            return None
+
+    def save(self, token: str, kind: str = "access") -> None:
+        if self.in_file:
+            write_secret(self._file(kind), token.encode())
+            return
+        if not keyring_available():
+            raise AuthError(
+                "no OS keyring is available here to keep the token",
+                hint="pass --insecure-storage to keep it in a 0600 file instead",
+            )
+        keyring.set_password(self.service, self._entry(kind), token)
+
+    def where(self) -> str:
+        if self.in_file:
+            return f"file {self.auth.get('token_file')}"
+        return f"keyring {keyring.get_keyring().name} (service {self.service!r})"
+
+
+def storage_settings(directory: Path, *, insecure: bool) -> dict[str, Any]:
+    """The ``auth`` settings for tokens obtained by join or login: the keyring, or with
+    ``insecure`` a 0600 file in ``directory``; fails closed when there is no keyring."""
     if insecure:
-        path = directory / "token"
-        write_secret(path, token.encode())
-        return {"token_storage": "file", "token_file": str(path)}
+        return {"token_storage": "file", "token_file": str(directory / "token")}
     if not keyring_available():
         raise AuthError(
             "no OS keyring is available here to keep the token",
             hint="pass --insecure-storage to keep it in a 0600 file instead",
         )
-    keyring.set_password(service, account, token)
-    return {"token_storage": "keyring", "keyring_service": service}
+    return {"token_storage": "keyring", "keyring_service": "cloudbridge"}
 
 
-def stored_token(auth: dict[str, Any], account: str) -> str | None:
-    """The token kept by ``store_token``, if any (a missing keyring means none)."""
-    if auth.get("token_storage") == "file" and auth.get("token_file"):
-        try:
-            return Path(auth["token_file"]).read_text().strip() or None
-        except FileNotFoundError:
-            return None
-    try:
-        return keyring.get_password(auth.get("keyring_service") or "cloudbridge", account)
-    except keyring.errors.KeyringError:
+class TokenSupply:
+    """The token the client presents, looked up (and renewed) before each connection."""
+
+    def __init__(self, config: Config, plugins: Plugins | None = None) -> None:
+        self._config = config
+        self.stored = StoredTokens(config.get("auth"), config.get("relay.host"))
+        self._source: TokenSource | None = None
+        kind = config.get("auth.type")
+        spec = plugins.providers("auth_provider").get(kind) if plugins is not None else None
+        if isinstance(spec, AuthProviderSpec) and spec.token_source is not None:
+            self._source = spec.token_source(config.data["auth"].get(kind) or {})
+
+    def _explicit(self) -> tuple[str, str] | None:
+        token = self._config.get("auth.token")
+        if token:
+            return token, str(self._config.origin(("auth", "token")))
+        token = os.environ.get("CLOUDBRIDGE_TOKEN")
+        if token:
+            return token, "env CLOUDBRIDGE_TOKEN"
         return None
+
+    async def token(self) -> str:
+        explicit = self._explicit()
+        if explicit is not None:
+            return explicit[0]
+        if self._source is not None:
+            token = await self._source.obtain_token(self.stored)
+        else:
+            token = self.stored.load()
+        if not token:
+            raise AuthError(f"no token: none is kept in the {self.where()}", hint=ONBOARDING_HINT)
+        return token
+
+    def where(self) -> str:
+        """Where the token comes from, for status and health (never the token itself)."""
+        explicit = self._explicit()
+        return explicit[1] if explicit is not None else self.stored.where()
