@@ -4,6 +4,7 @@ Secret Service run headless), and the token flags."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import socket
 import subprocess
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pexpect
 import pytest
 import yaml
 from cli_process import BIN, echo_once, environment, start, stop
@@ -262,3 +264,140 @@ def test_token_flags_and_environment(tmp_path: Path) -> None:
         assert empty.returncode == 2
         assert "--token-file" in empty.stderr
         assert "the token is empty" in empty.stderr
+
+
+def issue_token(relay: InvitingRelay) -> str:
+    issued = relay.cloudbridge(
+        *("relay", "token", "issue", "--state-dir", str(relay.state)),
+        *("--tenant", "acme", "--subject", "laptop", "--permission", "relay:connect"),
+    )
+    assert issued.returncode == 0, issued.stderr
+    return issued.stdout.strip()
+
+
+def run_wizard(relay: InvitingRelay, config_dir: Path, token: str) -> None:
+    """Answer cloudbridge init's prompts on a pseudo-terminal, a wrong answer first each time."""
+    transcript = io.StringIO()
+    wizard = pexpect.spawn(
+        str(BIN / "cloudbridge"),
+        ["init", "--config-dir", str(config_dir)],
+        env={**relay.env, **NO_KEYRING},
+        encoding="utf-8",
+        timeout=30,
+    )
+    wizard.logfile_read = transcript
+
+    def answer(prompt: str, text: str, *, wrong: str = "", error: str = "") -> None:
+        wizard.expect_exact(prompt)
+        if wrong:
+            wizard.sendline(wrong)
+            wizard.expect_exact(error)
+            wizard.expect_exact(prompt)  # asked again
+        wizard.sendline(text)
+
+    answer(
+        "Relay host: ",
+        "127.0.0.1",
+        wrong="https://127.0.0.1/",
+        error="is not a host name or address",
+    )
+    answer("Transport (auto, ", "tls", wrong="carrier-pigeon", error="is not one of auto, ")
+    answer("tls port [5556]: ", str(relay.ports["tls"]), wrong="99999", error="is not a port")
+    answer(
+        "CA certificate of the relay (PEM file, or 'system') [system]: ",
+        str(relay.state / "ca.pem"),
+        wrong="/nonexistent",
+        error="cannot read /nonexistent",
+    )
+    answer("Authentication (", "jwt", wrong="kerberos", error="is not one of")
+    answer("Token (input hidden", token)
+    answer("No OS keyring is available here. Keep the token in a 0600 file instead?", "y")
+    answer("Serve Prometheus metrics? [Y/n]: ", "y")
+    answer("Metrics port [9464]: ", str(free_port()))
+    answer("Install the system service now? [y/N]: ", "n")
+    wizard.expect_exact("next: cloudbridge p2p --config")
+    wizard.expect(pexpect.EOF)
+    wizard.close()
+    assert wizard.exitstatus == 0, transcript.getvalue()
+    assert token not in transcript.getvalue()  # typed, never echoed
+
+
+def test_init_asks_checks_each_answer_and_writes_a_config_that_works(tmp_path: Path) -> None:
+    with inviting_relay(tmp_path) as relay:
+        token = issue_token(relay)
+        config_dir = tmp_path / "C"
+        run_wizard(relay, config_dir, token)
+
+        config = config_dir / "config.yaml"
+        assert relay.cloudbridge("config", "validate", str(config)).returncode == 0
+        written = yaml.safe_load(config.read_text())
+        assert written["relay"]["ports"] == {"tls": relay.ports["tls"]}
+        assert written["auth"]["token_storage"] == "file"
+        assert (config_dir / "token").stat().st_mode & 0o777 == 0o600
+        health = relay.cloudbridge("health", "--config", str(config), "--format", "json")
+        assert health.returncode == 0, health.stdout
+        source = json.loads(health.stdout)["details"]["authentication"]["token_source"]
+        assert source == f"file {config_dir / 'token'}"
+
+        # --reauth: only authentication changes
+        new_token = issue_token(relay)
+        redone = relay.cloudbridge(
+            *("init", "--config-dir", str(config_dir), "--reauth", "--non-interactive"),
+            *("--auth", "jwt", "--token-stdin", "--insecure-storage"),
+            stdin=new_token + "\n",
+        )
+        assert redone.returncode == 0, redone.stderr
+        rewritten = yaml.safe_load(config.read_text())
+        assert {k: v for k, v in rewritten.items() if k != "auth"} == {
+            k: v for k, v in written.items() if k != "auth"
+        }
+        assert (config_dir / "token").read_text() == new_token
+        assert relay.cloudbridge("health", "--config", str(config)).returncode == 0
+        again = relay.cloudbridge("init", "--config-dir", str(config_dir), "--non-interactive")
+        assert again.returncode == 2
+        assert "exists already" in again.stderr
+
+
+def test_init_without_a_terminal_takes_flags_and_names_a_bad_one(tmp_path: Path) -> None:
+    fresh = tmp_path / "N"
+
+    def init(*flags: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [BIN / "cloudbridge", "init", "--config-dir", str(fresh), *flags],
+            capture_output=True,
+            text=True,
+            env={**environment(), **NO_KEYRING},
+            input=stdin,
+            check=False,
+        )
+
+    missing = init("--non-interactive")
+    assert missing.returncode == 2
+    assert "--relay-host is required with --non-interactive" in missing.stderr
+    bad_port = init(
+        "--non-interactive", "--relay-host", "relay.test", "--transport", "tls", "--relay-port", "0"
+    )
+    assert bad_port.returncode == 2
+    assert "--relay-port" in bad_port.stderr
+    assert "'0' is not a port" in bad_port.stderr
+    no_token = init("--non-interactive", "--relay-host", "relay.test", "--token-stdin")
+    assert no_token.returncode == 2
+    assert "--token-stdin" in no_token.stderr
+    no_keyring = init(
+        "--non-interactive", "--relay-host", "relay.test", "--token-stdin", stdin="a.b.c\n"
+    )
+    assert no_keyring.returncode == 4
+    assert "--insecure-storage" in no_keyring.stderr
+    no_terminal = init()
+    assert no_terminal.returncode == 2
+    assert "--non-interactive" in no_terminal.stderr
+    assert not fresh.exists()
+    env_token = init("--non-interactive", "--relay-host", "relay.test", "--no-metrics")
+    assert env_token.returncode == 0, env_token.stderr
+    written = yaml.safe_load((fresh / "config.yaml").read_text())
+    assert written == {
+        "relay": {"host": "relay.test"},
+        "transport": {"mode": "auto"},
+        "auth": {"type": "jwt"},  # the token comes from CLOUDBRIDGE_TOKEN when running
+        "metrics": {"enabled": False},
+    }

@@ -127,6 +127,9 @@ def configure_logging(
     # watchfiles reports every change at info: with the log file next to the config file
     # that would log its own writes forever; the reload watcher logs what matters
     logging.getLogger("watchfiles").setLevel(max(LEVELS[level], logging.WARNING))
+    # HTTP clients (httpx2 under authlib) log every request at info: plugins log what matters
+    for chatty in ("httpx", "httpx2", "httpcore"):
+        logging.getLogger(chatty).setLevel(max(LEVELS[level], logging.WARNING))
     structlog.configure(
         # filter first: a debug event on a busy path costs a level check when debug is off
         processors=[

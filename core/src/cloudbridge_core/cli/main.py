@@ -17,6 +17,7 @@ from cloudbridge_core.cli import (
     config_cmd,
     demo_cmd,
     health_cmd,
+    init_cmd,
     join_cmd,
     p2p_cmd,
     plugins_cmd,
@@ -126,6 +127,7 @@ cli.add_command(status_cmd.status)
 cli.add_command(health_cmd.health)
 cli.add_command(p2p_cmd.p2p)
 cli.add_command(p2p_cmd.ping)
+cli.add_command(init_cmd.init)
 cli.add_command(join_cmd.join)
 cli.add_command(service_cmd.service)
 cli.add_command(demo_cmd.demo)

@@ -59,6 +59,7 @@ class JwtValidator:
         self._keys: KeySet | None = None
         self._static_key: RSAKey | ECKey | None = None
         self._fetched_at = float("-inf")
+        self._keys_ttl = self._jwks_ttl
         self._fetch_lock = asyncio.Lock()
         key_file = settings.get("public_key_file")
         if key_file:
@@ -128,7 +129,7 @@ class JwtValidator:
             return self._static_key
         now = self._clock()
         known = self._keys is not None and any(k.kid == kid for k in self._keys.keys)
-        stale = now - self._fetched_at > self._jwks_ttl
+        stale = now - self._fetched_at > self._keys_ttl
         unknown_kid = not known and now - self._fetched_at > self._cooldown
         if self._keys is None or stale or unknown_kid:
             async with self._fetch_lock:
@@ -140,8 +141,11 @@ class JwtValidator:
     async def _refresh(self) -> None:
         url = str(self._jwks_url)
         try:
-            document = await asyncio.to_thread(_fetch_json, url)
+            document, max_age = await asyncio.to_thread(_fetch_json, url)
             self._keys = KeySet.import_key_set(document)
+            # the issuer's Cache-Control decides, but never makes us fetch more often
+            # than the cooldown allows
+            self._keys_ttl = self._jwks_ttl if max_age is None else max(max_age, self._cooldown)
         except (OSError, ValueError, JoseError) as exc:
             if self._keys is None:
                 raise ServerUnavailable(f"cannot fetch JWKS from {url}: {exc}") from exc
@@ -170,8 +174,22 @@ def _header_of(token: str) -> dict[str, Any]:
     return header
 
 
-def _fetch_json(url: str) -> Any:
+def _fetch_json(url: str) -> tuple[Any, float | None]:
+    """The JSON document at ``url`` and how long its Cache-Control lets it be kept
+    (None: it does not say)."""
     if not url.startswith(("https://", "http://")):
         raise ValueError("jwks_url must be an http(s) URL")
     with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - scheme checked above
-        return json.loads(response.read(JWKS_MAX_BYTES))
+        document = json.loads(response.read(JWKS_MAX_BYTES))
+        return document, _max_age(response.headers.get("Cache-Control", ""))
+
+
+def _max_age(cache_control: str) -> float | None:
+    directives = [d.strip().lower() for d in cache_control.split(",")]
+    if "no-store" in directives or "no-cache" in directives:
+        return 0.0
+    for directive in directives:
+        name, _, value = directive.partition("=")
+        if name == "max-age" and value.strip().isdigit():
+            return float(value)
+    return None

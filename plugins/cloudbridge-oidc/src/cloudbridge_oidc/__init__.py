@@ -1,0 +1,1 @@
+"""CloudBridge auth provider ``oidc``."""

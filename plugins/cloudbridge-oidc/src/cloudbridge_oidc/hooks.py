@@ -1,0 +1,115 @@
+"""Hooks of the `oidc` plugin: the auth provider, its config section and `cloudbridge login`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from cloudbridge_core.hookspecs import hookimpl
+from cloudbridge_core.providers import (
+    AuthProvider,
+    AuthProviderSpec,
+    ConfigSection,
+    TokenSource,
+)
+
+if TYPE_CHECKING:
+    import click
+
+DURATION = {"$ref": "#/$defs/duration"}
+
+SETTINGS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "issuer": {
+            "type": ["string", "null"],
+            "pattern": "^https?://",
+            "default": None,
+            "description": "The OpenID Provider (https; http only on loopback). Its"
+            " /.well-known/openid-configuration gives the keys and endpoints.",
+        },
+        "audience": {
+            "type": ["string", "null"],
+            "default": None,
+            "description": "The aud the relay requires (required on the relay).",
+        },
+        "client_id": {
+            "type": "string",
+            "minLength": 1,
+            "default": "cloudbridge-cli",
+            "description": "The client registered with the provider for cloudbridge login.",
+        },
+        "client_secret": {
+            "type": ["string", "null"],
+            "default": None,
+            "writeOnly": True,
+            "description": "Only for machines (client credentials); people log in with the"
+            ' device flow, which needs no secret. Usually "${CLOUDBRIDGE_OIDC_SECRET}".',
+        },
+        "scopes": {
+            "type": "array",
+            "items": {"type": "string", "minLength": 1},
+            "default": ["openid", "offline_access"],
+            "description": "Scopes asked for at login (offline_access: a refresh token).",
+        },
+        "algorithms": {
+            "type": "array",
+            "items": {"enum": ["RS256", "RS384", "RS512", "ES256", "ES384", "PS256"]},
+            "minItems": 1,
+            "uniqueItems": True,
+            "default": ["RS256", "ES256"],
+            "description": "Accepted signature algorithms.",
+        },
+        "leeway": {**DURATION, "default": "30s", "description": "Clock skew allowed."},
+        "jwks_cache_ttl": {
+            **DURATION,
+            "default": "1h",
+            "description": "How long keys are kept when the JWKS response has no"
+            " Cache-Control max-age.",
+        },
+        "jwks_refetch_cooldown": {
+            **DURATION,
+            "default": "30s",
+            "description": "An unknown key id refetches the JWKS at most this often.",
+        },
+        "tenant_claim": {"type": "string", "minLength": 1, "default": "custom:tenant_id"},
+        "permissions_claim": {"type": "string", "minLength": 1, "default": "custom:permissions"},
+    },
+}
+
+
+def _validator(settings: Mapping[str, Any]) -> AuthProvider:
+    from cloudbridge_oidc.validator import OidcValidator
+
+    return OidcValidator(settings)
+
+
+def _token_source(settings: Mapping[str, Any]) -> TokenSource:
+    from cloudbridge_oidc.client import OidcClient
+
+    return OidcClient(settings)
+
+
+@hookimpl
+def cloudbridge_auth_providers() -> list[AuthProviderSpec]:
+    return [
+        AuthProviderSpec(
+            name="oidc",
+            load=_validator,
+            token_source=_token_source,
+            description="OpenID Connect: discovery, JWKS rotation, device flow login",
+        )
+    ]
+
+
+@hookimpl
+def cloudbridge_config_schema() -> list[ConfigSection]:
+    return [ConfigSection(path="auth.oidc", schema=SETTINGS_SCHEMA)]
+
+
+@hookimpl
+def cloudbridge_commands(cli: click.Group) -> None:
+    from cloudbridge_oidc.login_cmd import login
+
+    cli.add_command(login)

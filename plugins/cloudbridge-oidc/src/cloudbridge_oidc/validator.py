@@ -1,0 +1,60 @@
+"""The relay side: tokens from an OpenID Provider, checked as JWTs with the keys and the
+issuer that discovery finds (cloudbridge-jwt does the checking: JWKS cache, Cache-Control,
+refetch on an unknown ``kid`` at most once per cooldown, ``iss``/``aud``/``exp``/``nbf``
+with leeway)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+from cloudbridge_core.providers import Claims
+from cloudbridge_jwt.validator import JwtValidator
+
+from cloudbridge_oidc.discovery import checked_issuer, discover
+
+#: settings passed through to the JWT validator unchanged
+JWT_SETTINGS = (
+    "algorithms",
+    "leeway",
+    "tenant_claim",
+    "permissions_claim",
+    "jwks_cache_ttl",
+    "jwks_refetch_cooldown",
+    "max_token_bytes",
+)
+
+
+class OidcValidator:
+    """Implements :class:`cloudbridge_core.providers.AuthProvider` for an OIDC issuer."""
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        self._issuer = checked_issuer(settings.get("issuer"))
+        self._audience = settings.get("audience")
+        if not self._audience:
+            raise ValueError(
+                "auth.oidc.audience is required on the relay: without it, a token the issuer"
+                " signed for any other application would be accepted"
+            )
+        self._settings = {k: settings[k] for k in JWT_SETTINGS if k in settings}
+        self._jwt: JwtValidator | None = None
+        self._discovering = asyncio.Lock()
+
+    async def validate(self, token: str) -> Claims:
+        return await (await self._validator()).validate(token)
+
+    async def _validator(self) -> JwtValidator:
+        """Discovery runs once, on the first token; a failure is retried by the next."""
+        async with self._discovering:
+            if self._jwt is None:
+                metadata = await discover(self._issuer)
+                self._jwt = JwtValidator(
+                    {
+                        **self._settings,
+                        "jwks_url": metadata.jwks_uri,
+                        "issuer": metadata.issuer,
+                        "audience": self._audience,
+                    }
+                )
+        return self._jwt
