@@ -4,8 +4,10 @@ The unit runs ``cloudbridge p2p --config C`` with ``Type=notify`` (the client sa
 once its tunnels listen), restarts on failure after ``service.restart_delay``, and keeps
 every privilege it does not need out: no new privileges, a read-only system, private
 /tmp, and no capabilities at all unless the WireGuard overlay is enabled (CAP_NET_ADMIN).
-The token is never written in the unit: the config names where it is (a 0600 file, or a
-credential systemd hands the service).
+The token is never written in the unit: systemd hands the service a credential
+(``LoadCredential=token:FILE``, read from a 0600 file; the client reads it from
+``$CREDENTIALS_DIRECTORY``), and ``/etc/cloudbridge/UNIT.env`` (0600, optional) can set
+variables the config refers to, like ``CLOUDBRIDGE_TOKEN``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from pathlib import Path
 
 from cloudbridge_core.config import Config
 from cloudbridge_core.durations import parse_duration
+
+CONFIG_DIR = Path("/etc/cloudbridge")
+CREDENTIALS_DIR = CONFIG_DIR / "credentials"
 
 HARDENING = (
     "NoNewPrivileges=yes",
@@ -46,14 +51,24 @@ def unit_name(config: Config) -> str:
     return name if name.endswith(".service") else f"{name}.service"
 
 
-def render_unit(config: Config, config_path: Path, executable: Path) -> str:
+def environment_file(config: Config) -> Path:
+    return CONFIG_DIR / f"{unit_name(config).removesuffix('.service')}.env"
+
+
+def render_unit(
+    config: Config, config_path: Path, executable: Path, credential: Path | None
+) -> str:
+    """The unit; ``credential``: the 0600 file systemd hands the service as its token."""
     overlay = bool((config.data["p2p"].get("wireguard") or {}).get("enabled"))
     capabilities = "CAP_NET_ADMIN" if overlay else ""
-    command = shlex.join([str(executable), "p2p", "--config", str(config_path.resolve())])
+    token = ["--token-file", "%d/token"] if credential is not None else []
+    command = shlex.join([str(executable), *token, "p2p", "--config", str(config_path.resolve())])
     service = [
         "Type=notify",
         "NotifyAccess=main",
         f"ExecStart={command}",
+        *([f"LoadCredential=token:{credential}"] if credential is not None else []),
+        f"EnvironmentFile=-{environment_file(config)}",
         f"Restart={'on-failure' if config.get('service.auto_restart') else 'no'}",
         f"RestartSec={parse_duration(config.get('service.restart_delay')):g}s",
         "StateDirectory=cloudbridge",
