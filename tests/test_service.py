@@ -5,6 +5,9 @@ nothing is started: the unit is checked offline. The launchd plist is parsed bac
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
+import json
 import os
 import plistlib
 import re
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from cloudbridge_core.config import load_config
+from cloudbridge_core.service import windows
 from cloudbridge_core.service.launchd import LABEL, render_plist
 from secret_service import secret_service
 
@@ -155,3 +159,30 @@ def test_the_launchd_job_parses_back(config: Path, tmp_path: Path) -> None:
     assert job["KeepAlive"] == {"SuccessfulExit": False}
     assert job["StandardErrorPath"] == str(tmp_path / "cloudbridge.err.log")
     assert TOKEN not in str(job)
+
+
+def test_the_windows_service_definition(config: Path) -> None:
+    """What `service install` registers on Windows (pywin32 cannot run here: the
+    registration itself is type-checked against typeshed's pywin32 stubs only)."""
+    service = windows.definition(load_config(config, environ={}), config)
+    assert service == {
+        "name": "CloudBridge",
+        "display_name": "CloudBridge client",
+        "description": "CloudBridge client",
+        "class": "cloudbridge_core.service.windows_host.CloudBridgeService",
+        "start_type": "auto",
+        "account": r"NT AUTHORITY\LocalService",
+        "config": str(config.resolve()),
+        "failure_actions": {
+            "reset_period_seconds": 86400,
+            "actions": [{"type": "restart", "delay_ms": 5000}] * 3,
+        },
+    }
+    host = Path(windows.__file__).with_name("windows_host.py")
+    classes = [
+        node.name for node in ast.parse(host.read_text()).body if isinstance(node, ast.ClassDef)
+    ]
+    assert classes == [service["class"].rsplit(".", 1)[1]]
+    assert TOKEN not in json.dumps(service)
+    requirements = importlib.metadata.requires("cloudbridge-core") or []
+    assert "pywin32>=306; (sys_platform == 'win32') and extra == 'windows'" in requirements

@@ -1,8 +1,10 @@
 """``cloudbridge service``: install, remove, start, stop and show the client as a system
-service (systemd on Linux, launchd on macOS). ``install`` checks the config first."""
+service (systemd on Linux, launchd on macOS, the service control manager on Windows with
+``cloudbridge-core[windows]``). ``install`` checks the config first."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ from cloudbridge_core.client.tokens import StoredTokens
 from cloudbridge_core.config import Config
 from cloudbridge_core.errors import AuthError, CloudBridgeError, UsageError
 from cloudbridge_core.secretfile import write_secret
+from cloudbridge_core.service import windows
 from cloudbridge_core.service.launchd import LABEL, render_plist
 from cloudbridge_core.service.systemd import (
     CREDENTIALS_DIR,
@@ -40,7 +43,7 @@ def _executable() -> Path:
 
 @click.group()
 def service() -> None:
-    """Run the client as a system service (systemd, launchd)."""
+    """Run the client as a system service (systemd, launchd, Windows)."""
 
 
 @service.command()
@@ -60,8 +63,17 @@ def install(ctx: click.Context, dry_run: bool) -> None:
         target = SYSTEMD_DIR / unit_name(config)
         credential, token = _token_credential(config)
         content = render_unit(config, path, _executable(), credential).encode()
+    elif sys.platform == "win32":
+        service = windows.definition(config, path)
+        if dry_run:
+            click.echo(json.dumps(service, indent=2))
+            message(f"would register the Windows service {service['name']}")
+            return
+        windows.install(service)
+        message(f"registered the Windows service {service['name']}")
+        return
     else:
-        raise UsageError("service install supports systemd (Linux) and launchd (macOS) here")
+        raise UsageError("service install supports systemd, launchd and Windows services")
     if dry_run:
         click.echo(content.decode(), nl=False)
         if token is not None:
@@ -108,6 +120,10 @@ def _token_credential(config: Config) -> tuple[Path | None, str | None]:
 def uninstall(ctx: click.Context) -> None:
     """Stop and remove the service definition."""
     config = runtime_of(ctx).config()
+    if sys.platform == "win32":
+        windows.uninstall()
+        message(f"removed the Windows service {windows.SERVICE_NAME}")
+        return
     target = SYSTEMD_DIR / unit_name(config)
     if not target.exists():
         raise UsageError(f"{target} is not installed")
@@ -118,24 +134,33 @@ def uninstall(ctx: click.Context) -> None:
 
 
 def _control(verb: str) -> click.Command:
-    @click.command(verb, help=f"systemctl {verb} the client's service.")
+    @click.command(verb, help=f"{verb.capitalize()} the client's service (systemctl, sc.exe).")
     @config_option
     @click.pass_context
     def command(ctx: click.Context) -> None:
-        click.echo(_systemctl(verb, unit_name(runtime_of(ctx).config())), nl=False)
+        config = runtime_of(ctx).config()
+        if sys.platform == "win32":
+            sc_verb = "query" if verb == "status" else verb
+            click.echo(_manage("sc.exe", sc_verb, windows.SERVICE_NAME), nl=False)
+        else:
+            click.echo(_systemctl(verb, unit_name(config)), nl=False)
 
     return command
 
 
 def _systemctl(*args: str) -> str:
+    return _manage("systemctl", *args)
+
+
+def _manage(tool: str, *args: str) -> str:
     try:
         done = subprocess.run(
-            ["systemctl", *args], capture_output=True, text=True, check=False, timeout=30
+            [tool, *args], capture_output=True, text=True, check=False, timeout=30
         )
     except FileNotFoundError:
-        raise CloudBridgeError("systemctl is not available on this machine") from None
-    if done.returncode != 0 and args[0] != "status":
-        raise CloudBridgeError(f"systemctl {' '.join(args)} failed: {done.stderr.strip()}")
+        raise CloudBridgeError(f"{tool} is not available on this machine") from None
+    if done.returncode != 0 and args[0] not in ("status", "query"):
+        raise CloudBridgeError(f"{tool} {' '.join(args)} failed: {done.stderr.strip()}")
     return done.stdout
 
 

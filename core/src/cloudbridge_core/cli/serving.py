@@ -29,6 +29,14 @@ def notify(state: str) -> None:
 
 
 _stop_requested: ContextVar[asyncio.Event] = ContextVar("stop_requested")
+#: the running command's loop and stop event, for stops that come from another thread
+_running: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+
+
+def request_stop() -> None:
+    """Ask the running command to stop cleanly, from any thread (a Windows service stop)."""
+    for loop, stop in _running:
+        loop.call_soon_threadsafe(stop.set)
 
 
 async def wait_for_stop(duration: float | None = None) -> None:
@@ -51,14 +59,19 @@ def run_async(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
                 signal.raise_signal(sig)
             stop.set()
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, requested, sig)
+        signals = (signal.SIGINT, signal.SIGTERM)
+        with contextlib.suppress(NotImplementedError):  # Windows: Ctrl-C and request_stop()
+            for sig in signals:
+                loop.add_signal_handler(sig, requested, sig)
         _stop_requested.set(stop)
+        _running.append((loop, stop))
         try:
             await main()
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
+            _running.remove((loop, stop))
+            with contextlib.suppress(NotImplementedError):
+                for sig in signals:
+                    loop.remove_signal_handler(sig)
 
     if uvloop is not None:
         uvloop.run(supervised())

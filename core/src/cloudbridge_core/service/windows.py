@@ -1,0 +1,88 @@
+"""The client as a Windows service, registered through pywin32
+(``pip install cloudbridge-core[windows]``).
+
+:func:`definition` is what ``cloudbridge service install`` registers (``--dry-run`` prints
+it, and the tests check it on any OS); :func:`install` and :func:`uninstall` talk to the
+service control manager, which then runs :class:`~cloudbridge_core.service.windows_host.
+CloudBridgeService` in pywin32's service host.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cloudbridge_core.config import Config
+from cloudbridge_core.durations import parse_duration
+
+SERVICE_NAME = "CloudBridge"
+SERVICE_CLASS = "cloudbridge_core.service.windows_host.CloudBridgeService"
+#: a built-in account with no admin rights and no password to keep
+ACCOUNT = r"NT AUTHORITY\LocalService"
+
+
+def definition(config: Config, config_path: Path) -> dict[str, Any]:
+    delay_ms = round(parse_duration(config.get("service.restart_delay")) * 1000)
+    restart = config.get("service.auto_restart")
+    return {
+        "name": SERVICE_NAME,
+        "display_name": "CloudBridge client",
+        "description": config.get("service.description"),
+        "class": SERVICE_CLASS,
+        "start_type": "auto",
+        "account": ACCOUNT,
+        "config": str(config_path.resolve()),
+        # three restarts after failures, reset after a day without one
+        "failure_actions": {
+            "reset_period_seconds": 86400,
+            "actions": [{"type": "restart" if restart else "none", "delay_ms": delay_ms}] * 3,
+        },
+    }
+
+
+def install(service: dict[str, Any]) -> None:
+    import win32service
+    import win32serviceutil
+
+    win32serviceutil.InstallService(
+        service["class"],
+        service["name"],
+        service["display_name"],
+        startType=win32service.SERVICE_AUTO_START,
+        userName=service["account"],
+        description=service["description"],
+    )
+    win32serviceutil.SetServiceCustomOption(service["name"], "config", service["config"])
+    handle = win32service.OpenSCManager(None, None, win32service.SC_MANAGER_ALL_ACCESS)
+    try:
+        registered = win32service.OpenService(
+            handle, service["name"], win32service.SERVICE_ALL_ACCESS
+        )
+        actions = [
+            (
+                win32service.SC_ACTION_RESTART
+                if action["type"] == "restart"
+                else win32service.SC_ACTION_NONE,
+                action["delay_ms"],
+            )
+            for action in service["failure_actions"]["actions"]
+        ]
+        win32service.ChangeServiceConfig2(
+            registered,
+            win32service.SERVICE_CONFIG_FAILURE_ACTIONS,
+            {
+                "ResetPeriod": service["failure_actions"]["reset_period_seconds"],
+                "RebootMsg": None,
+                "Command": None,
+                "Actions": actions,
+            },
+        )
+        win32service.CloseServiceHandle(registered)
+    finally:
+        win32service.CloseServiceHandle(handle)
+
+
+def uninstall() -> None:
+    import win32serviceutil
+
+    win32serviceutil.RemoveService(SERVICE_NAME)
