@@ -209,3 +209,18 @@ def test_init_writes_an_oidc_config_and_logs_in(
         "client_id": "cloudbridge-cli",
     }
     assert cloudbridge("health", "--config", str(config)).returncode == 0
+
+
+def test_a_login_nobody_approves_ends_when_the_code_expires(
+    tmp_path: Path, provider: OpenIdProvider, relay_port: int
+) -> None:
+    provider.env["DEVICE_CODE_TTL"] = "3"
+    provider.rotate(*provider.keys)
+    config = client_config(tmp_path, "laptop", relay_port, issuer=provider.issuer)
+    started = time.monotonic()
+    waited = cloudbridge("login", "--config", str(config), "--no-browser")
+    assert waited.returncode == 4, waited.stderr
+    assert "(the code expires in 3s; waiting for approval...)" in waited.stderr
+    assert "the device code expired before the login was approved" in waited.stderr
+    assert time.monotonic() - started < 10
+    assert not (tmp_path / "laptop.token").exists()

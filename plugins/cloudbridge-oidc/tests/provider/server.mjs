@@ -44,6 +44,7 @@ const provider = new Provider(issuer, {
     'custom:tenant_id': 'acme', 'custom:permissions': ['relay:connect', 'tunnel:create', 'p2p:mesh'],
   }),
   pkce: { required: () => false },
+  ttl: { DeviceCode: Number(process.env.DEVICE_CODE_TTL || 600) },
 });
 // What oidc-provider never does by itself but RFC 8628 allows, so that the client's
 // handling is tested: a short polling interval, one slow_down, and a log of the polls and
