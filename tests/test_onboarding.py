@@ -401,3 +401,7 @@ def test_init_without_a_terminal_takes_flags_and_names_a_bad_one(tmp_path: Path)
         "auth": {"type": "jwt"},  # the token comes from CLOUDBRIDGE_TOKEN when running
         "metrics": {"enabled": False},
     }
+    (fresh / "config.yaml").write_text("relay:\n  port: 1\n")
+    no_relay = init("--reauth", "--non-interactive", "--auth", "jwt")
+    assert no_relay.returncode == 2
+    assert "names no relay.host" in no_relay.stderr

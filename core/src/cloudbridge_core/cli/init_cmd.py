@@ -175,9 +175,7 @@ def init(ctx: click.Context, /, config_dir: Path | None, **flags: Any) -> None:
     config_file = (config_dir or default_config_dir()) / "config.yaml"
     wizard = Wizard(flags, interactive)
     if reauth:
-        if not config_file.exists():
-            raise UsageError(f"{config_file} does not exist: --reauth redoes an existing config")
-        document = yaml.safe_load(config_file.read_text()) or {}
+        document = _existing(config_file)
     elif config_file.exists():
         raise UsageError(
             f"{config_file} exists already",
@@ -201,6 +199,21 @@ def init(ctx: click.Context, /, config_dir: Path | None, **flags: Any) -> None:
     if not reauth and wizard.confirm("service", "Install the system service now?", False):
         ctx.invoke(install)
     message(f"next: cloudbridge p2p --config {config_file}   (or cloudbridge tunnel ...)")
+
+
+def _existing(config_file: Path) -> dict[str, Any]:
+    """The config --reauth redoes; it must name its relay."""
+    if not config_file.exists():
+        raise UsageError(f"{config_file} does not exist: --reauth redoes an existing config")
+    try:
+        document = yaml.safe_load(config_file.read_text())
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{config_file} is not YAML: {exc}") from None
+    if not isinstance(document, dict) or not isinstance((document.get("relay") or {}), dict):
+        raise UsageError(f"{config_file} is not a CloudBridge config")
+    if not isinstance(document.get("relay", {}).get("host"), str):
+        raise UsageError(f"{config_file} names no relay.host", hint="run init without --reauth")
+    return document
 
 
 def _connection(wizard: Wizard, runtime: Runtime) -> dict[str, Any]:
