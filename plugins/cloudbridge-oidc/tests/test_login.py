@@ -224,3 +224,22 @@ def test_a_login_nobody_approves_ends_when_the_code_expires(
     assert "the device code expired before the login was approved" in waited.stderr
     assert time.monotonic() - started < 10
     assert not (tmp_path / "laptop.token").exists()
+
+
+def test_a_relay_without_an_audience_refuses_to_start(
+    tmp_path: Path, provider: OpenIdProvider
+) -> None:
+    config = write(
+        tmp_path / "relay.yaml",
+        {
+            "server": {"listen": "127.0.0.1"},
+            "relay": {"ports": {"tls": free_port()}},
+            "auth": {"type": "oidc", "oidc": {"issuer": provider.issuer}},
+            "metrics": {"enabled": False},
+        },
+    )
+    refused = cloudbridge(
+        "relay", "serve", "--config", str(config), "--state-dir", str(tmp_path / "relay")
+    )
+    assert refused.returncode == 3
+    assert "auth.oidc: auth.oidc.audience is required on the relay" in refused.stderr

@@ -126,7 +126,10 @@ async def start_relay(
         state_dir_of(config, state_dir), [public_host, *local_hostnames()]
     )
     kind, settings = auth_settings(config, state)
-    auth: AuthProvider = plugins.require("auth_provider", kind).load(settings)
+    try:
+        auth: AuthProvider = plugins.require("auth_provider", kind).load(settings)
+    except ValueError as exc:  # the provider's own check of its settings
+        raise ConfigError([ConfigIssue(f"auth.{kind}", str(exc))]) from None
     egress = EgressPolicy.from_config(config.get("server.egress"), dev=dev)
     relay = Relay(
         auth, egress, RelayLimits.from_config(config.get("server"), config.get("performance"))
