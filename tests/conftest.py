@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import socketserver
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
+from types import FrameType
+from typing import Any
 
 import pytest
 from loopback import Echo
@@ -28,3 +33,27 @@ def plugin_venv(tmp_path_factory: pytest.TempPathFactory) -> Venv:
     venv = make_venv(tmp_path_factory.mktemp("plugin-venv") / "venv")
     venv.install(ROOT / "core", "pytest", "prometheus-client")
     return venv
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> Generator[None, None, None]:
+    """On a timeout inside an event loop, print every pending task's stack first: the
+    thread stacks pytest-timeout prints only show the loop waiting."""
+    yield
+    if settings.method != "signal":
+        return
+    timed_out = signal.getsignal(signal.SIGALRM)
+    if not callable(timed_out):
+        return
+
+    def dump_tasks_then_fail(signum: int, frame: FrameType | None) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None:
+            for task in asyncio.all_tasks(loop):
+                task.print_stack(file=sys.stderr)
+        timed_out(signum, frame)
+
+    signal.signal(signal.SIGALRM, dump_tasks_then_fail)

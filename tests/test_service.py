@@ -126,7 +126,7 @@ def test_a_token_in_the_keyring_is_copied_to_a_root_only_credential(tmp_path: Pa
     assert done.returncode == 0, done.stderr
     credential = "/etc/cloudbridge/credentials/cloudbridge-client.token"
     assert f"LoadCredential=token:{credential}" in done.stdout.splitlines()
-    assert f"would write {credential} (0600: the token, from the OS keyring)" in done.stderr
+    assert f"would write {credential} (0600: a copy of the stored token)" in done.stderr
     assert TOKEN not in done.stdout + done.stderr
 
 

@@ -140,6 +140,38 @@ def test_a_person_logs_in_with_the_device_flow_and_the_token_is_renewed(
     assert (tmp_path / "laptop.token").read_text() != first_token
     assert (tmp_path / "laptop.token.refresh").read_text() != first_refresh  # rotated
     assert first_token not in health.stdout + health.stderr
+    assert_a_service_can_renew_its_copy(config, tmp_path)
+
+
+def assert_a_service_can_renew_its_copy(config: Path, tmp_path: Path) -> None:
+    """A system service cannot reach the user's token store: `service install` copies the
+    tokens into the service's state directory and points the service there, so that it
+    renews them itself (not a read-only credential, which would expire)."""
+    planned = cloudbridge("service", "install", "--dry-run", "--config", str(config))
+    assert planned.returncode == 0, planned.stderr
+    copy = Path("/var/lib/cloudbridge/cloudbridge-client.token")
+    assert f"would write {copy} (0600: a copy of the stored token)" in planned.stderr
+    assert f"would write {copy}.refresh (0600: a copy of the stored token)" in planned.stderr
+    unit = planned.stdout.splitlines()
+    assert not any(line.startswith("LoadCredential=") for line in unit)
+    (environment,) = [line for line in unit if line.startswith("Environment=")]
+    assert "CLOUDBRIDGE_AUTH__TOKEN_STORAGE=file" in environment.split()
+    assert f"CLOUDBRIDGE_AUTH__TOKEN_FILE={copy}" in environment.split()
+    # the service's view, with its state directory here: it renews the copy in place
+    state = tmp_path / "state"
+    state.mkdir()
+    for name in ("laptop.token", "laptop.token.refresh"):
+        (state / name).write_text((tmp_path / name).read_text())
+    before = (state / "laptop.token").read_text()
+    as_service = cloudbridge(
+        "health",
+        "--config",
+        str(config),
+        CLOUDBRIDGE_AUTH__TOKEN_STORAGE="file",
+        CLOUDBRIDGE_AUTH__TOKEN_FILE=str(state / "laptop.token"),
+    )
+    assert as_service.returncode == 0, as_service.stdout
+    assert (state / "laptop.token").read_text() != before
 
 
 def test_an_aborted_login_keeps_nothing(

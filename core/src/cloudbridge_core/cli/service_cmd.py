@@ -13,16 +13,17 @@ import click
 
 from cloudbridge_core.cli.output import message
 from cloudbridge_core.cli.runtime import Runtime, config_option, runtime_of
-from cloudbridge_core.client.tokens import StoredTokens
 from cloudbridge_core.config import Config
-from cloudbridge_core.errors import AuthError, CloudBridgeError, UsageError
+from cloudbridge_core.errors import CloudBridgeError, UsageError
+from cloudbridge_core.providers import AuthProviderSpec
 from cloudbridge_core.secretfile import write_secret
 from cloudbridge_core.service import windows
 from cloudbridge_core.service.launchd import LABEL, render_plist
 from cloudbridge_core.service.systemd import (
-    CREDENTIALS_DIR,
+    ServiceTokens,
     environment_file,
     render_unit,
+    service_tokens,
     unit_name,
 )
 
@@ -55,14 +56,14 @@ def install(ctx: click.Context, dry_run: bool) -> None:
     runtime = runtime_of(ctx)
     config = runtime.config()  # an invalid config exits 3 before anything is written
     path = _config_path(runtime)
-    credential, token = None, None
+    tokens = ServiceTokens()
     if sys.platform == "darwin":
         target = LAUNCHD_DIR / f"{LABEL}.plist"
         content = render_plist(config, path, _executable(), Path("/var/log/cloudbridge"))
     elif sys.platform.startswith("linux"):
         target = SYSTEMD_DIR / unit_name(config)
-        credential, token = _token_credential(config)
-        content = render_unit(config, path, _executable(), credential).encode()
+        tokens = service_tokens(config, renewable=_renews_tokens(runtime, config))
+        content = render_unit(config, path, _executable(), tokens).encode()
     elif sys.platform == "win32":
         service = windows.definition(config, path)
         if dry_run:
@@ -76,13 +77,13 @@ def install(ctx: click.Context, dry_run: bool) -> None:
         raise UsageError("service install supports systemd, launchd and Windows services")
     if dry_run:
         click.echo(content.decode(), nl=False)
-        if token is not None:
-            message(f"would write {credential} (0600: the token, from the OS keyring)")
+        for copy in tokens.copies:
+            message(f"would write {copy} (0600: a copy of the stored token)")
         message(f"would write {target}")
         return
     try:
-        if credential is not None and token is not None:
-            write_secret(credential, token.encode())
+        for copy, secret in tokens.copies.items():
+            write_secret(copy, secret.encode())
         target.write_bytes(content)
     except OSError as exc:
         raise CloudBridgeError(
@@ -94,24 +95,6 @@ def install(ctx: click.Context, dry_run: bool) -> None:
         message(f"variables the config refers to can go in {environment_file(config)} (0600)")
         _systemctl("daemon-reload")
         _systemctl("enable", unit_name(config))
-
-
-def _token_credential(config: Config) -> tuple[Path | None, str | None]:
-    """The file systemd hands the service as its token, and the token to write there first
-    (None when it is a file already). A system service cannot reach a user's keyring, so a
-    token kept there is copied into a root-only credential file."""
-    if config.get("auth.token"):  # in the config or its environment file
-        return None, None
-    stored = StoredTokens(config.get("auth"), config.get("relay.host"))
-    if stored.in_file:
-        return Path(config.get("auth.token_file")).resolve(), None
-    token = stored.load()
-    if token is None:
-        raise AuthError(
-            f"no token is kept for {config.get('relay.host')} in the {stored.where()}",
-            hint="run 'cloudbridge join URL' or 'cloudbridge login' first, as the installing user",
-        )
-    return CREDENTIALS_DIR / f"{unit_name(config).removesuffix('.service')}.token", token
 
 
 @service.command()
@@ -131,6 +114,13 @@ def uninstall(ctx: click.Context) -> None:
     target.unlink()
     _systemctl("daemon-reload")
     message(f"removed {target}")
+
+
+def _renews_tokens(runtime: Runtime, config: Config) -> bool:
+    """Whether the auth provider renews tokens itself (OIDC), so the service must be able
+    to write them."""
+    spec = runtime.plugins.providers("auth_provider").get(config.get("auth.type"))
+    return isinstance(spec, AuthProviderSpec) and spec.token_source is not None
 
 
 def _control(verb: str) -> click.Command:

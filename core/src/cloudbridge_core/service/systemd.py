@@ -6,20 +6,28 @@ every privilege it does not need out: no new privileges, a read-only system, pri
 /tmp, and no capabilities at all unless the WireGuard overlay is enabled (CAP_NET_ADMIN).
 The token is never written in the unit: systemd hands the service a credential
 (``LoadCredential=token:FILE``, read from a 0600 file; the client reads it from
-``$CREDENTIALS_DIRECTORY``), and ``/etc/cloudbridge/UNIT.env`` (0600, optional) can set
-variables the config refers to, like ``CLOUDBRIDGE_TOKEN``.
+``$CREDENTIALS_DIRECTORY``) — or, when the auth provider renews tokens (OIDC), the tokens
+are copied into the service's own state directory, where it can renew them.
+``/etc/cloudbridge/UNIT.env`` (0600, optional) can set variables the config refers to,
+like ``CLOUDBRIDGE_TOKEN``.
 """
 
 from __future__ import annotations
 
 import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from cloudbridge_core.client.tokens import StoredTokens
 from cloudbridge_core.config import Config
 from cloudbridge_core.durations import parse_duration
+from cloudbridge_core.errors import AuthError
 
 CONFIG_DIR = Path("/etc/cloudbridge")
 CREDENTIALS_DIR = CONFIG_DIR / "credentials"
+#: the StateDirectory=cloudbridge of a system unit
+STATE_DIR = Path("/var/lib/cloudbridge")
 
 HARDENING = (
     "NoNewPrivileges=yes",
@@ -51,17 +59,64 @@ def unit_name(config: Config) -> str:
     return name if name.endswith(".service") else f"{name}.service"
 
 
+def _stem(config: Config) -> str:
+    return unit_name(config).removesuffix(".service")
+
+
 def environment_file(config: Config) -> Path:
-    return CONFIG_DIR / f"{unit_name(config).removesuffix('.service')}.env"
+    return CONFIG_DIR / f"{_stem(config)}.env"
 
 
-def render_unit(
-    config: Config, config_path: Path, executable: Path, credential: Path | None
-) -> str:
-    """The unit; ``credential``: the 0600 file systemd hands the service as its token."""
+@dataclass(frozen=True)
+class ServiceTokens:
+    """How the service finds its token: ``credential`` (LoadCredential) or ``environment``
+    (the token files in its state directory); ``copies`` are written (0600) first."""
+
+    credential: Path | None = None
+    environment: Mapping[str, str] = field(default_factory=dict)
+    copies: Mapping[Path, str] = field(default_factory=dict)
+
+
+def service_tokens(config: Config, *, renewable: bool) -> ServiceTokens:
+    """A system service cannot reach a user's keyring: the token is copied for it, into a
+    root-only credential file, or (``renewable``: the auth provider renews tokens) with its
+    refresh token into the state directory, where the service can replace them."""
+    if config.get("auth.token"):  # in the config or its environment file
+        return ServiceTokens()
+    stored = StoredTokens(config.get("auth"), config.get("relay.host"))
+    if renewable:
+        token_file = STATE_DIR / f"{_stem(config)}.token"
+        copies = {
+            path: token
+            for path, token in (
+                (token_file, stored.load()),
+                (token_file.with_name(f"{token_file.name}.refresh"), stored.load("refresh")),
+            )
+            if token is not None
+        }
+        environment = {
+            "CLOUDBRIDGE_AUTH__TOKEN_STORAGE": "file",
+            "CLOUDBRIDGE_AUTH__TOKEN_FILE": str(token_file),
+        }
+        return ServiceTokens(environment=environment, copies=copies)
+    if stored.in_file:
+        return ServiceTokens(credential=Path(config.get("auth.token_file")).resolve())
+    token = stored.load()
+    if token is None:
+        raise AuthError(
+            f"no token is kept for {config.get('relay.host')} in the {stored.where()}",
+            hint="run 'cloudbridge join URL' or 'cloudbridge login' first, as the installing user",
+        )
+    credential = CREDENTIALS_DIR / f"{_stem(config)}.token"
+    return ServiceTokens(credential=credential, copies={credential: token})
+
+
+def render_unit(config: Config, config_path: Path, executable: Path, tokens: ServiceTokens) -> str:
     overlay = bool((config.data["p2p"].get("wireguard") or {}).get("enabled"))
     capabilities = "CAP_NET_ADMIN" if overlay else ""
+    credential = tokens.credential
     token = ["--token-file", "%d/token"] if credential is not None else []
+    environment = {"XDG_STATE_HOME": "%S", "XDG_RUNTIME_DIR": "%t", **tokens.environment}
     command = shlex.join([str(executable), *token, "p2p", "--config", str(config_path.resolve())])
     service = [
         "Type=notify",
@@ -73,7 +128,7 @@ def render_unit(
         f"RestartSec={parse_duration(config.get('service.restart_delay')):g}s",
         "StateDirectory=cloudbridge",
         "RuntimeDirectory=cloudbridge",
-        "Environment=XDG_STATE_HOME=%S XDG_RUNTIME_DIR=%t",
+        "Environment=" + " ".join(f"{k}={v}" for k, v in environment.items()),
         f"CapabilityBoundingSet={capabilities}",
         f"AmbientCapabilities={capabilities}",
         *(line.format(private_devices="no" if overlay else "yes") for line in HARDENING),

@@ -8,7 +8,6 @@ metadata. When the control call ends, the session ends, and every stream of it w
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import weakref
 from typing import Any
@@ -24,6 +23,8 @@ REVERSE_HEADER = "cloudbridge-reverse"
 STREAM_METHOD = "/cloudbridge.v1.Tunnel/Stream"
 #: seconds a client waits for its channel to close
 CLOSE_TIMEOUT = 5.0
+#: channel closes still running after CLOSE_TIMEOUT (kept referenced until they end)
+_CLOSING: set[asyncio.Future[None]] = set()
 SESSION_METHOD = "/cloudbridge.v1.Tunnel/Session"
 
 
@@ -113,12 +114,15 @@ class ClientSession:
         # not as reset one by one
         self._control.cancel()
         self._end(TransportClosed("the session was closed"))
+        # bounded, and without waiting for a cancellation to be honoured (wait_for would):
+        # gRPC's calls and channel close can hang when the server died mid-call
         if self._listener is not None:
             self._listener.cancel()
-            await asyncio.gather(self._listener, return_exceptions=True)
-        # bounded: closing a channel whose server died mid-call can otherwise hang
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._channel.close(), CLOSE_TIMEOUT)
+            await asyncio.wait({self._listener}, timeout=CLOSE_TIMEOUT)
+        closing = asyncio.ensure_future(self._channel.close())
+        _CLOSING.add(closing)
+        closing.add_done_callback(_CLOSING.discard)
+        await asyncio.wait({closing}, timeout=CLOSE_TIMEOUT)
 
 
 class ServerSession:
