@@ -275,3 +275,15 @@ def test_a_relay_without_an_audience_refuses_to_start(
     )
     assert refused.returncode == 3
     assert "auth.oidc: auth.oidc.audience is required on the relay" in refused.stderr
+
+
+def test_a_client_without_an_issuer_is_told_which_key_is_missing(tmp_path: Path) -> None:
+    config = write(
+        tmp_path / "laptop.yaml",
+        {"relay": {"host": "127.0.0.1"}, "auth": {"type": "oidc", "oidc": {}}},
+    )
+    tunnel = ("tunnel", "--local-port", "0", "--remote-host", "127.0.0.1", "--remote-port", "1")
+    for command in (("health",), ("login",), tunnel):
+        refused = cloudbridge(*command, "--config", str(config))
+        assert refused.returncode == 3, (command, refused.stderr)
+        assert "auth.oidc.issuer is required" in refused.stderr, command

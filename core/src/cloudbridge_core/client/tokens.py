@@ -19,7 +19,7 @@ import keyring
 import keyring.errors
 from keyring.backends import fail
 
-from cloudbridge_core.errors import AuthError
+from cloudbridge_core.errors import AuthError, ConfigError, ConfigIssue
 from cloudbridge_core.providers import AuthProviderSpec, TokenSource
 from cloudbridge_core.secretfile import write_secret
 
@@ -114,7 +114,10 @@ class TokenSupply:
         kind = config.get("auth.type")
         spec = plugins.providers("auth_provider").get(kind) if plugins is not None else None
         if isinstance(spec, AuthProviderSpec) and spec.token_source is not None:
-            self._source = spec.token_source(config.data["auth"].get(kind) or {})
+            try:
+                self._source = spec.token_source(config.data["auth"].get(kind) or {})
+            except ValueError as exc:  # the provider's own check of its settings
+                raise ConfigError([ConfigIssue(f"auth.{kind}", str(exc))]) from None
 
     def _explicit(self) -> tuple[str, str] | None:
         token = self._config.get("auth.token")

@@ -10,7 +10,7 @@ import click
 from cloudbridge_core.cli.output import message
 from cloudbridge_core.cli.runtime import config_option, runtime_of
 from cloudbridge_core.client.tokens import StoredTokens
-from cloudbridge_core.errors import UsageError
+from cloudbridge_core.errors import ConfigError, ConfigIssue, UsageError
 
 if TYPE_CHECKING:
     from cloudbridge_oidc.client import DeviceCode
@@ -34,7 +34,10 @@ def login(ctx: click.Context, no_browser: bool) -> None:
             f"auth.type is {config.get('auth.type')!r}: login is for auth.type oidc",
             hint="set auth.type: oidc and auth.oidc.issuer (cloudbridge init asks for both)",
         )
-    client = OidcClient(config.data["auth"].get("oidc") or {})
+    try:
+        client = OidcClient(config.data["auth"].get("oidc") or {})
+    except ValueError as exc:
+        raise ConfigError([ConfigIssue("auth.oidc", str(exc))]) from None
     store = StoredTokens(config.get("auth"), config.get("relay.host"))
 
     def show(code: DeviceCode) -> None:
