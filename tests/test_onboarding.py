@@ -152,6 +152,19 @@ def assert_the_config_runs_a_tunnel_under_systemd(
         assert systemd.recv(100) == b"STOPPING=1"
 
 
+def kept_in_secret_service(keyring_env: dict[str, str]) -> str:
+    """The relay's token as the Secret Service holds it, read by libsecret's own tool."""
+    kept = subprocess.run(
+        ["secret-tool", "lookup", "service", "cloudbridge", "username", "127.0.0.1"],
+        capture_output=True,
+        text=True,
+        env={**environment(), **keyring_env},
+        check=False,
+    )
+    assert kept.returncode == 0
+    return kept.stdout.strip()
+
+
 def test_join_keeps_the_token_in_a_real_secret_service(tmp_path: Path, echo_port: int) -> None:
     with (
         inviting_relay(tmp_path) as relay,
@@ -165,15 +178,7 @@ def test_join_keeps_the_token_in_a_real_secret_service(tmp_path: Path, echo_port
         config = tmp_path / "J" / "config.yaml"
         assert yaml.safe_load(config.read_text())["auth"]["token_storage"] == "keyring"
         assert not (tmp_path / "J" / "token").exists()
-        kept = subprocess.run(
-            ["secret-tool", "lookup", "service", "cloudbridge", "username", "127.0.0.1"],
-            capture_output=True,
-            text=True,
-            env={**relay.env, **keyring_env},
-            check=False,
-        )
-        assert kept.returncode == 0
-        token = kept.stdout.strip()
+        token = kept_in_secret_service(keyring_env)
         assert token.count(".") == 2  # the relay's JWT, in the Secret Service
 
         health = relay.cloudbridge(
@@ -218,13 +223,7 @@ def test_token_flags_and_environment(tmp_path: Path) -> None:
             env=keyring_env,
         )
         assert joined.returncode == 0, joined.stderr
-        token = subprocess.run(
-            ["secret-tool", "lookup", "service", "cloudbridge", "username", "127.0.0.1"],
-            capture_output=True,
-            text=True,
-            env={**relay.env, **keyring_env},
-            check=True,
-        ).stdout.strip()
+        token = kept_in_secret_service(keyring_env)
         token_file = tmp_path / "token"
         token_file.write_text(token + "\n")
         token_file.chmod(0o600)

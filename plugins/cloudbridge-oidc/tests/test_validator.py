@@ -46,6 +46,9 @@ def test_wrong_audience_expired_and_forged_tokens_are_refused(provider: OpenIdPr
         other_issuer = provider.sign(key, iss="http://127.0.0.1:1")
         with pytest.raises(InvalidToken, match="'iss'"):
             await relay.validate(other_issuer)
+        small = validator(provider, max_token_bytes=256)
+        with pytest.raises(InvalidToken, match="larger than 256 bytes"):
+            await small.validate(provider.sign(key, padding="x" * 300))
 
     asyncio.run(main())
 

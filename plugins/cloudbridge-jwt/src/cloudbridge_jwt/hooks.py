@@ -28,7 +28,8 @@ SETTINGS_SCHEMA: dict[str, Any] = {
         "jwks_cache_ttl": {
             **DURATION,
             "default": "1h",
-            "description": "How long fetched keys are kept.",
+            "description": "How long fetched keys are kept when the JWKS response has no"
+            " Cache-Control max-age.",
         },
         "jwks_refetch_cooldown": {
             **DURATION,

@@ -9,9 +9,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -21,6 +18,7 @@ import httpx2
 from authlib.integrations.base_client.errors import OAuthError
 from authlib.integrations.httpx_client import AsyncOAuth2Client
 from authlib.oauth2.rfc8628 import DEVICE_CODE_GRANT_TYPE
+from cloudbridge_core.client.health import token_expires_in
 from cloudbridge_core.errors import AuthError, ServerUnavailable
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.providers import TokenStore
@@ -46,16 +44,6 @@ class DeviceCode:
     expires_in: float
 
 
-def seconds_left(token: str) -> float | None:
-    """Seconds until the token's ``exp`` (read, not verified: the relay verifies it)."""
-    try:
-        payload = token.split(".")[1]
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-        return float(claims["exp"]) - time.time()
-    except (IndexError, KeyError, TypeError, ValueError, binascii.Error):
-        return None
-
-
 class OidcClient:
     """Implements :class:`cloudbridge_core.providers.TokenSource` for an OIDC issuer."""
 
@@ -73,7 +61,7 @@ class OidcClient:
 
     async def obtain_token(self, store: TokenStore) -> str | None:
         token = store.load()
-        left = seconds_left(token) if token else None
+        left = token_expires_in(token) if token else None
         if token and (left is None or left > RENEW_BEFORE_SECONDS):
             return token
         refresh = store.load("refresh")

@@ -12,11 +12,21 @@ from cloudbridge_core.providers import (
     ConfigSection,
     TokenSource,
 )
+from cloudbridge_jwt.hooks import SETTINGS_SCHEMA as JWT_SETTINGS
 
 if TYPE_CHECKING:
     import click
 
-DURATION = {"$ref": "#/$defs/duration"}
+#: the JWT validation settings, as cloudbridge-jwt declares them
+SHARED_WITH_JWT = (
+    "algorithms",
+    "leeway",
+    "jwks_cache_ttl",
+    "jwks_refetch_cooldown",
+    "tenant_claim",
+    "permissions_claim",
+    "max_token_bytes",
+)
 
 SETTINGS_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -53,28 +63,8 @@ SETTINGS_SCHEMA: dict[str, Any] = {
             "default": ["openid", "offline_access"],
             "description": "Scopes asked for at login (offline_access: a refresh token).",
         },
-        "algorithms": {
-            "type": "array",
-            "items": {"enum": ["RS256", "RS384", "RS512", "ES256", "ES384", "PS256"]},
-            "minItems": 1,
-            "uniqueItems": True,
-            "default": ["RS256", "ES256"],
-            "description": "Accepted signature algorithms.",
-        },
-        "leeway": {**DURATION, "default": "30s", "description": "Clock skew allowed."},
-        "jwks_cache_ttl": {
-            **DURATION,
-            "default": "1h",
-            "description": "How long keys are kept when the JWKS response has no"
-            " Cache-Control max-age.",
-        },
-        "jwks_refetch_cooldown": {
-            **DURATION,
-            "default": "30s",
-            "description": "An unknown key id refetches the JWKS at most this often.",
-        },
-        "tenant_claim": {"type": "string", "minLength": 1, "default": "custom:tenant_id"},
-        "permissions_claim": {"type": "string", "minLength": 1, "default": "custom:permissions"},
+        # the JWT checks are cloudbridge-jwt's, configured the same way
+        **{key: JWT_SETTINGS["properties"][key] for key in SHARED_WITH_JWT},
     },
 }
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import click
 from cloudbridge_core.cli.output import message
 from cloudbridge_core.cli.runtime import config_option, runtime_of
+from cloudbridge_core.client.health import token_expires_in
 from cloudbridge_core.client.tokens import StoredTokens
 from cloudbridge_core.errors import ConfigError, ConfigIssue, UsageError
 
@@ -26,7 +27,7 @@ def login(ctx: click.Context, no_browser: bool) -> None:
     People get a code to approve in a browser, here or on another device (the device
     flow); with auth.oidc.client_secret set, a machine uses client credentials.
     """
-    from cloudbridge_oidc.client import OidcClient, keep, seconds_left  # authlib: on use only
+    from cloudbridge_oidc.client import OidcClient, keep  # authlib: on use only
 
     config = runtime_of(ctx).config()
     if config.get("auth.type") != "oidc":
@@ -57,7 +58,7 @@ def login(ctx: click.Context, no_browser: bool) -> None:
     else:
         token = asyncio.run(client.device_flow(show))
     keep(store, token)
-    left = seconds_left(str(token["access_token"]))
+    left = token_expires_in(str(token["access_token"]))
     valid = f"; valid for {round(left)}s" if left is not None else ""
     refresh = " (renewed with a refresh token)" if token.get("refresh_token") else ""
     message(f"logged in; token kept in the {store.where()}{valid}{refresh}")

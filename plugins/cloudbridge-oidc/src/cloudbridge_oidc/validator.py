@@ -13,17 +13,7 @@ from cloudbridge_core.providers import Claims
 from cloudbridge_jwt.validator import JwtValidator
 
 from cloudbridge_oidc.discovery import checked_issuer, discover
-
-#: settings passed through to the JWT validator unchanged
-JWT_SETTINGS = (
-    "algorithms",
-    "leeway",
-    "tenant_claim",
-    "permissions_claim",
-    "jwks_cache_ttl",
-    "jwks_refetch_cooldown",
-    "max_token_bytes",
-)
+from cloudbridge_oidc.hooks import SHARED_WITH_JWT
 
 
 class OidcValidator:
@@ -37,7 +27,7 @@ class OidcValidator:
                 "auth.oidc.audience is required on the relay: without it, a token the issuer"
                 " signed for any other application would be accepted"
             )
-        self._settings = {k: settings[k] for k in JWT_SETTINGS if k in settings}
+        self._settings = {k: settings[k] for k in SHARED_WITH_JWT if k in settings}
         self._jwt: JwtValidator | None = None
         self._discovering = asyncio.Lock()
 
