@@ -9,7 +9,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from cloudbridge_core.config import Config, ConfigWatcher, load_config
+from cloudbridge_core.config import Config, load_config
+from cloudbridge_core.config.reload import ConfigWatcher
 
 pytestmark = pytest.mark.timeout(30)
 

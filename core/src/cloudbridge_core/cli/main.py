@@ -7,27 +7,13 @@ Exit codes (``docs/errors.md``): 0 ok, 1 failure, 2 usage, 3 config invalid, 4 a
 from __future__ import annotations
 
 import contextlib
+import importlib
 import sys
 from collections.abc import Sequence
 
 import click
 
 from cloudbridge_core import __version__
-from cloudbridge_core.cli import (
-    config_cmd,
-    demo_cmd,
-    health_cmd,
-    init_cmd,
-    join_cmd,
-    p2p_cmd,
-    plugins_cmd,
-    relay_cmd,
-    service_cmd,
-    status_cmd,
-    tunnel_cmd,
-    version_cmd,
-)
-from cloudbridge_core.cli.completion_cmd import completion
 from cloudbridge_core.cli.output import report_error
 from cloudbridge_core.cli.runtime import log, runtime_of
 from cloudbridge_core.errors import CloudBridgeError, ExitCode, ProviderNotInstalled
@@ -35,6 +21,33 @@ from cloudbridge_core.log import LEVELS
 
 #: commands that must work even when an explicitly selected plugin is broken
 DIAGNOSTIC_COMMANDS = {"plugins", "version", "completion"}
+
+
+#: the core's commands, imported only when used: a command pays only for its own imports
+CORE_COMMANDS = {
+    "plugins": "plugins_cmd:plugins",
+    "config": "config_cmd:config",
+    "version": "version_cmd:version",
+    "completion": "completion_cmd:completion",
+    "relay": "relay_cmd:relay",
+    "tunnel": "tunnel_cmd:tunnel",
+    "status": "status_cmd:status",
+    "health": "health_cmd:health",
+    "p2p": "p2p_cmd:p2p",
+    "ping": "p2p_cmd:ping",
+    "init": "init_cmd:init",
+    "join": "join_cmd:join",
+    "service": "service_cmd:service",
+    "demo": "demo_cmd:demo",
+}
+
+
+def core_command(name: str) -> click.Command:
+    module, attribute = CORE_COMMANDS[name].split(":")
+    command: click.Command = getattr(
+        importlib.import_module(f"cloudbridge_core.cli.{module}"), attribute
+    )
+    return command
 
 
 class CloudBridgeGroup(click.Group):
@@ -52,17 +65,18 @@ class CloudBridgeGroup(click.Group):
         return extra
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        names = set(super().list_commands(ctx))
+        names = set(CORE_COMMANDS)
         # --help must work even with a broken config or plugin selection
         with contextlib.suppress(CloudBridgeError):
             names |= set(self._plugin_commands(ctx).commands)
         return sorted(names)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        command = super().get_command(ctx, cmd_name)
-        if command is None and not ctx.resilient_parsing:
-            command = self._plugin_commands(ctx).commands.get(cmd_name)
-        return command
+        if cmd_name in CORE_COMMANDS:
+            return core_command(cmd_name)
+        if ctx.resilient_parsing:
+            return None
+        return self._plugin_commands(ctx).commands.get(cmd_name)
 
 
 @click.group(cls=CloudBridgeGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -115,22 +129,6 @@ def cli(ctx: click.Context, /, **_options: object) -> None:
                 f"plugin {first.name!r} was selected but failed to load: {first.error}",
                 hint="run 'cloudbridge plugins list' for details",
             )
-
-
-cli.add_command(plugins_cmd.plugins)
-cli.add_command(config_cmd.config)
-cli.add_command(version_cmd.version)
-cli.add_command(completion)
-cli.add_command(relay_cmd.relay)
-cli.add_command(tunnel_cmd.tunnel)
-cli.add_command(status_cmd.status)
-cli.add_command(health_cmd.health)
-cli.add_command(p2p_cmd.p2p)
-cli.add_command(p2p_cmd.ping)
-cli.add_command(init_cmd.init)
-cli.add_command(join_cmd.join)
-cli.add_command(service_cmd.service)
-cli.add_command(demo_cmd.demo)
 
 
 def run(command: click.Command, args: Sequence[str]) -> int:

@@ -11,9 +11,15 @@ import click
 import platformdirs
 
 from cloudbridge_core.cli.output import emit_json, json_option
-from cloudbridge_core.cli.runtime import Runtime, config_option, runtime_of
+from cloudbridge_core.cli.runtime import (
+    Runtime,
+    config_option,
+    control_socket_of,
+    runtime_of,
+    socket_option,
+)
 from cloudbridge_core.cli.serving import run_async
-from cloudbridge_core.cli.tunnel_cmd import control_socket_of, run_client, socket_option
+from cloudbridge_core.cli.tunnel_cmd import run_client
 from cloudbridge_core.client.control import config_digest, query
 from cloudbridge_core.client.tunnel import TunnelSpec
 from cloudbridge_core.errors import UsageError

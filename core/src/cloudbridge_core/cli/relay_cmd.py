@@ -16,7 +16,7 @@ from cloudbridge_core.durations import parse_duration
 from cloudbridge_core.errors import UsageError
 from cloudbridge_core.exporters import exporting
 from cloudbridge_core.log import get_logger
-from cloudbridge_core.prometheus import PrometheusExporter
+from cloudbridge_core.prometheus_exporter import PrometheusExporter
 from cloudbridge_core.relay.invites import InviteLink, InviteStore
 from cloudbridge_core.relay.runner import start_relay, state_dir_of
 from cloudbridge_core.relay.state import RelayState

@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from cloudbridge_core.client.control import socket_for
 from cloudbridge_core.config import (
     Config,
     RawConfig,
@@ -163,6 +164,18 @@ config_option = click.option(
     callback=_use_config,
     help="Config file for this command (same as the global --config).",
 )
+
+socket_option = click.option(
+    "--control-socket",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    show_default="derived from --config, in the user's runtime directory",
+    help="Where the running client answers `status` and `tunnel list`.",
+)
+
+
+def control_socket_of(runtime: Runtime, given: Path | None) -> Path:
+    return given or socket_for(runtime.config_path)
 
 
 def _names(value: object) -> list[str] | None:

@@ -9,8 +9,7 @@ from typing import Any
 import click
 
 from cloudbridge_core.cli.output import emit_json, json_option, table
-from cloudbridge_core.cli.runtime import config_option, runtime_of
-from cloudbridge_core.cli.tunnel_cmd import control_socket_of, socket_option
+from cloudbridge_core.cli.runtime import config_option, control_socket_of, runtime_of, socket_option
 from cloudbridge_core.client.control import query
 
 

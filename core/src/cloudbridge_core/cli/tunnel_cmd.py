@@ -12,39 +12,34 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from cloudbridge_core.cli.output import SCHEMA_VERSION, emit_json, json_option, message, table
-from cloudbridge_core.cli.runtime import Runtime, config_option, runtime_of
+from cloudbridge_core.cli.runtime import (
+    Runtime,
+    config_option,
+    control_socket_of,
+    runtime_of,
+    socket_option,
+)
 from cloudbridge_core.cli.serving import notify, run_async, wait_for_stop
-from cloudbridge_core.client.control import ControlServer, Handler, query, socket_for
+from cloudbridge_core.client.control import ControlServer, Handler, query
 from cloudbridge_core.client.link import RelayLink
 from cloudbridge_core.client.metrics import ClientMetrics, with_tenant_label
 from cloudbridge_core.client.status import RunningClient
 from cloudbridge_core.client.tunnel import Tunnel, TunnelSpec
-from cloudbridge_core.config import Config, ConfigWatcher, validate
+from cloudbridge_core.config import Config, validate
+from cloudbridge_core.config.reload import ConfigWatcher
 from cloudbridge_core.durations import parse_duration
 from cloudbridge_core.errors import UsageError
 from cloudbridge_core.exporters import exporting
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.p2p.identity import DeviceIdentity
 from cloudbridge_core.p2p.setup import MODES, MeshSetup, PeerTunnelSpec
-from cloudbridge_core.prometheus import PrometheusExporter
+from cloudbridge_core.prometheus_exporter import PrometheusExporter
 
 if TYPE_CHECKING:
     from cloudbridge_core.p2p.forward import PeerTunnel
     from cloudbridge_core.p2p.manager import PeerManager
 
 log = get_logger("client")
-
-socket_option = click.option(
-    "--control-socket",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    show_default="derived from --config, in the user's runtime directory",
-    help="Where the running client answers `status` and `tunnel list`.",
-)
-
-
-def control_socket_of(runtime: Runtime, given: Path | None) -> Path:
-    return given or socket_for(runtime.config_path)
 
 
 @click.group(invoke_without_command=True)

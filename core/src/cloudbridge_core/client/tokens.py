@@ -15,10 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import keyring
-import keyring.errors
-from keyring.backends import fail
-
 from cloudbridge_core.errors import AuthError, ConfigError, ConfigIssue
 from cloudbridge_core.providers import AuthProviderSpec, TokenSource
 from cloudbridge_core.secretfile import write_secret
@@ -33,7 +29,14 @@ ONBOARDING_HINT = (
 )
 
 
+# keyring is imported where it is used: finding its backends is a good part of the CLI's
+# start-up, and a token from a file, a flag or the environment never needs it
+
+
 def keyring_available() -> bool:
+    import keyring
+    from keyring.backends import fail
+
     backend = keyring.get_keyring()
     return not isinstance(backend, fail.Keyring) and backend.priority > 0
 
@@ -69,6 +72,9 @@ class StoredTokens:
                 return self._file(kind).read_text().strip() or None
             except FileNotFoundError:
                 return None
+        import keyring
+        import keyring.errors
+
         try:
             return keyring.get_password(self.service, self._entry(kind))
         except keyring.errors.KeyringError:
@@ -83,11 +89,15 @@ class StoredTokens:
                 "no OS keyring is available here to keep the token",
                 hint="pass --insecure-storage to keep it in a 0600 file instead",
             )
+        import keyring
+
         keyring.set_password(self.service, self._entry(kind), token)
 
     def where(self) -> str:
         if self.in_file:
             return f"file {self.auth.get('token_file')}"
+        import keyring
+
         return f"keyring {keyring.get_keyring().name} (service {self.service!r})"
 
 

@@ -1,4 +1,7 @@
-"""Configuration: schema, sources (defaults < file < env < flags), validation, hot reload."""
+"""Configuration: schema, sources (defaults < file < env < flags), validation.
+
+Hot reload (:mod:`cloudbridge_core.config.reload`) is imported by what watches the file.
+"""
 
 from cloudbridge_core.config.loader import (
     Config,
@@ -8,12 +11,10 @@ from cloudbridge_core.config.loader import (
     search_path,
     validate,
 )
-from cloudbridge_core.config.reload import ConfigWatcher
 from cloudbridge_core.config.schema import merged_schema
 
 __all__ = [
     "Config",
-    "ConfigWatcher",
     "RawConfig",
     "load_config",
     "merged_schema",
