@@ -4,6 +4,7 @@ meet over relayed candidates only (tests/test_p2p_nat.py does it between two NAT
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 from cloudbridge_core.errors import P2PConnectionFailed
 from cloudbridge_core.log import configure_logging
+from cloudbridge_core.p2p.ice import CLOSE_GRACE as ICE_CLOSE_GRACE
 from cloudbridge_core.providers import PeerInfo, Stream
 from cloudbridge_turn.strategy import TurnServer, TurnStrategy
 
@@ -35,8 +37,9 @@ def free_port_both_ways() -> int:
             return port
 
 
-@pytest.fixture
-def coturn(tmp_path: Path) -> Iterator[int]:
+@contextlib.contextmanager
+def running_coturn(tmp_path: Path) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """coturn on a free loopback port: the port, and the process (to stop it early)."""
     binary = shutil.which("turnserver")
     assert binary, "coturn is not installed (./dev test installs it)"
     port = free_port_both_ways()
@@ -57,10 +60,16 @@ def coturn(tmp_path: Path) -> Iterator[int]:
             assert process.poll() is None, f"coturn exited with {process.returncode}"
             assert time.monotonic() < deadline, "coturn did not start in 30 s"
             time.sleep(0.05)
-        yield port
+        yield port, process
     finally:
         process.terminate()
         process.wait()
+
+
+@pytest.fixture
+def coturn(tmp_path: Path) -> Iterator[int]:
+    with running_coturn(tmp_path) as (port, _):
+        yield port
 
 
 def _listening(port: int) -> bool:
@@ -121,6 +130,25 @@ def test_two_peers_meet_over_relayed_candidates(coturn: int) -> None:
         finally:
             for path in paths:
                 await path.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_path_closes_promptly_when_the_turn_server_is_gone(tmp_path: Path) -> None:
+    async def main() -> None:
+        with running_coturn(tmp_path) as (port, process):
+            a, b = pair()
+            peer = PeerInfo("p", "peer", "k")
+            paths = await asyncio.gather(
+                TurnStrategy(settings(port)).connect(peer, a),
+                TurnStrategy(settings(port)).connect(peer, b),
+            )
+            process.kill()
+            process.wait()
+            # deleting the allocation is not waited for (about 10 s of retries otherwise)
+            started = time.monotonic()
+            await asyncio.gather(*(path.aclose() for path in paths))
+            assert time.monotonic() - started < ICE_CLOSE_GRACE + 1
 
     asyncio.run(main())
 

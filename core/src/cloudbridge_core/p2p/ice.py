@@ -23,6 +23,26 @@ from cloudbridge_core.providers import PeerInfo, SignalChannel
 log = get_logger("p2p.ice")
 
 CHECKS_TIMEOUT = 10.0
+#: how long a close waits for a TURN server to confirm the allocation's deletion; one that
+#: has gone away would be retried for about 10 s, and the allocation expires by itself
+#: (RFC 8656 section 6), so the rest of the close goes on in the background
+CLOSE_GRACE = 2.0
+
+_closing: set[asyncio.Future[None]] = set()
+
+
+async def close_connection(connection: aioice.Connection) -> None:
+    """Close ``connection``, waiting at most :data:`CLOSE_GRACE` for it to finish."""
+    closing = asyncio.ensure_future(connection.close())
+    _closing.add(closing)
+    closing.add_done_callback(_closed)
+    await asyncio.wait({closing}, timeout=CLOSE_GRACE)
+
+
+def _closed(closing: asyncio.Future[None]) -> None:
+    _closing.discard(closing)
+    if not closing.cancelled() and closing.exception() is not None:
+        log.debug("ice_close_failed", error=repr(closing.exception()))
 
 
 class IcePath:
@@ -40,7 +60,7 @@ class IcePath:
         return data
 
     async def aclose(self) -> None:
-        await self._connection.close()
+        await close_connection(self._connection)
 
 
 def stun_address(urls: Sequence[str]) -> tuple[str, int] | None:
@@ -80,7 +100,7 @@ async def ice_path(peer: PeerInfo, signal: SignalChannel, **connection_options: 
                 f"no candidate pair to {peer.name} worked ({error or 'timeout'})", details=details
             ) from None
     except BaseException:
-        await connection.close()
+        await close_connection(connection)
         raise
     kind, details = _nominated(connection)
     log.info("ice_connected", peer=peer.name, path=kind, remote=details["remote"])
