@@ -228,3 +228,31 @@ def test_completion_answers_from_the_installed_command() -> None:
     result = subprocess.run([script], capture_output=True, text=True, env=environment, check=False)
     assert result.returncode == 0
     assert result.stdout.split() == ["plain,path", "plain,show", "plain,validate"]
+
+
+#: what only connecting, serving metrics or keeping a token in the keyring needs
+HEAVY_MODULES = (
+    "keyring",
+    "prometheus_client",
+    "cryptography",
+    "aioice",
+    "watchfiles",
+    "cloudbridge_core.client.link",
+)
+
+
+@pytest.mark.parametrize("args", [["version"], ["status", "--help"], ["config", "validate"]])
+def test_a_command_imports_only_what_it_runs(args: list[str], tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("relay:\n  host: relay.example.com\n")
+    probe = (
+        "import contextlib, io, sys\n"
+        "from cloudbridge_core.cli.main import cli, run\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        f"    code = run(cli, ['--config', {str(config)!r}, *{args!r}])\n"
+        f"print(code, sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules))\n"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert loaded == "0 []"

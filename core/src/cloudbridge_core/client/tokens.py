@@ -29,10 +29,6 @@ ONBOARDING_HINT = (
 )
 
 
-# keyring is imported where it is used: finding its backends is a good part of the CLI's
-# start-up, and a token from a file, a flag or the environment never needs it
-
-
 def keyring_available() -> bool:
     import keyring
     from keyring.backends import fail
