@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import socket
+import sys
 from collections.abc import Callable, Coroutine
 from contextvars import ContextVar
 from typing import Any
@@ -59,19 +60,19 @@ def run_async(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
                 signal.raise_signal(sig)
             stop.set()
 
-        signals = (signal.SIGINT, signal.SIGTERM)
-        with contextlib.suppress(NotImplementedError):  # Windows: Ctrl-C and request_stop()
-            for sig in signals:
-                loop.add_signal_handler(sig, requested, sig)
+        # Windows event loops take no signal handlers: there Ctrl-C raises KeyboardInterrupt
+        # and the service host stops the client through request_stop()
+        signals = () if sys.platform == "win32" else (signal.SIGINT, signal.SIGTERM)
+        for sig in signals:
+            loop.add_signal_handler(sig, requested, sig)
         _stop_requested.set(stop)
         _running.append((loop, stop))
         try:
             await main()
         finally:
             _running.remove((loop, stop))
-            with contextlib.suppress(NotImplementedError):
-                for sig in signals:
-                    loop.remove_signal_handler(sig)
+            for sig in signals:
+                loop.remove_signal_handler(sig)
 
     if uvloop is not None:
         uvloop.run(supervised())

@@ -8,16 +8,13 @@ a token about to expire.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime
-import json
 import time
 from typing import Any
 
 from cloudbridge_core.client.connection import RelayConnection, transport_order
 from cloudbridge_core.client.race import race
-from cloudbridge_core.client.tokens import TokenSupply
+from cloudbridge_core.client.tokens import TokenSupply, token_expires_in
 from cloudbridge_core.config import Config
 from cloudbridge_core.durations import parse_duration
 from cloudbridge_core.errors import CloudBridgeError, HeartbeatFailed
@@ -26,16 +23,6 @@ from cloudbridge_core.plugins import Plugins
 PINGS = 5
 #: a token with less left than this makes the client degraded: renew it soon
 TOKEN_RENEWAL_SECONDS = 3600
-
-
-def token_expires_in(token: str) -> float | None:
-    """Seconds until the token's ``exp`` (read, not verified: the relay verifies it)."""
-    try:
-        payload = token.split(".")[1]
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-        return float(claims["exp"]) - time.time()
-    except (IndexError, KeyError, TypeError, ValueError, binascii.Error):
-        return None
 
 
 def mesh_health(running: dict[str, Any] | None, enabled: bool) -> dict[str, Any]:

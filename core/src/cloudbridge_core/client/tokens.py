@@ -9,7 +9,11 @@ A token given explicitly (``--token-file``, ``--token-stdin``, ``auth.token``,
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +31,16 @@ ONBOARDING_HINT = (
     "join with an invite ('cloudbridge join URL'), log in ('cloudbridge login' with auth.type"
     " oidc), or pass --token-file / --token-stdin / CLOUDBRIDGE_TOKEN"
 )
+
+
+def token_expires_in(token: str) -> float | None:
+    """Seconds until the token's ``exp`` (read, not verified: the relay verifies it)."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return float(claims["exp"]) - time.time()
+    except (IndexError, KeyError, TypeError, ValueError, binascii.Error):
+        return None
 
 
 def keyring_available() -> bool:
@@ -68,7 +82,6 @@ class StoredTokens:
                 return self._file(kind).read_text().strip() or None
             except FileNotFoundError:
                 return None
-        import keyring
         import keyring.errors
 
         try:

@@ -41,8 +41,9 @@ async def close_connection(connection: aioice.Connection) -> None:
 
 def _closed(closing: asyncio.Future[None]) -> None:
     _closing.discard(closing)
-    if not closing.cancelled() and closing.exception() is not None:
-        log.debug("ice_close_failed", error=repr(closing.exception()))
+    error = None if closing.cancelled() else closing.exception()
+    if error is not None:
+        log.debug("ice_close_failed", error=repr(error))
 
 
 class IcePath:

@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING
 import click
 from cloudbridge_core.cli.output import message
 from cloudbridge_core.cli.runtime import config_option, runtime_of
-from cloudbridge_core.client.health import token_expires_in
-from cloudbridge_core.client.tokens import StoredTokens
+from cloudbridge_core.client.tokens import StoredTokens, token_expires_in
 from cloudbridge_core.errors import ConfigError, ConfigIssue, UsageError
 
 if TYPE_CHECKING:
