@@ -7,6 +7,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,6 +19,7 @@ from cloudbridge_core.config import sources
 from cloudbridge_core.config.schema import Schema, core_schema, defaults, secret_paths
 from cloudbridge_core.config.sources import Layer, Origin, Path_, dotted, leaves
 from cloudbridge_core.errors import ConfigError, ConfigIssue
+from cloudbridge_core.settings import Settings, build, convert
 
 SYSTEM_CONFIG = Path("/etc/cloudbridge/config.yaml")
 REDACTED = "<redacted>"
@@ -50,6 +52,25 @@ class Config:
     source: Path | None
     origins: Mapping[Path_, Origin] = field(repr=False)
     secrets: frozenset[Path_] = field(repr=False)
+    schema: Schema = field(default_factory=dict, repr=False, compare=False)
+
+    @cached_property
+    def converted(self) -> Mapping[str, Any]:
+        """The data with every value converted by its schema type (durations in seconds)."""
+        converted: Mapping[str, Any] = convert(self.data, self.schema, self.schema)
+        return converted
+
+    @cached_property
+    def settings(self) -> Settings:
+        """The core's sections, typed; components take their own (``settings.relay``)."""
+        return build(Settings, self.converted)
+
+    def section(self, path: str) -> Mapping[str, Any]:
+        """The converted value at a dotted path (a plugin's own section); ``{}`` if absent."""
+        value: Any = self.converted
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, Mapping) else None
+        return value if isinstance(value, Mapping) else {}
 
     def get(self, key: str) -> Any:
         """The value at a dotted path (``relay.ports.quic``); ``KeyError`` if absent."""
@@ -129,7 +150,7 @@ def validate(raw: RawConfig, schema: Schema) -> Config:
     if issues:
         issues.sort(key=lambda i: (i.line is None, i.line or 0, i.path))
         raise ConfigError(issues, hint="run 'cloudbridge config validate' to see every error")
-    return Config(raw.data, raw.source, raw.origins, secrets)
+    return Config(raw.data, raw.source, raw.origins, secrets, schema)
 
 
 def load_config(

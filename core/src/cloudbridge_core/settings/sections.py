@@ -1,0 +1,173 @@
+"""The core's settings, one frozen dataclass per config section.
+
+Built once from a validated config (:func:`cloudbridge_core.settings.build`): every
+default comes from the schema, durations are float seconds, sizes are bytes, paths are
+absolute. The classes declare no defaults on purpose: the schema is the only place a
+default lives, and a test checks that each class's fields match the schema's keys.
+
+Sections owned by plugins (``auth.jwt``, ``transport.quic``, ``metrics.pushgateway``, ...)
+are not typed here; a plugin receives its own section through its provider's ``load``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class RelayTlsSettings:
+    min_version: str
+    verify_cert: bool
+    ca_file: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RelaySettings:
+    host: str
+    tls: RelayTlsSettings
+    connect_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    type: str
+    token: str | None
+    token_storage: str
+    token_file: str | None
+    keyring_service: str
+
+
+@dataclass(frozen=True, slots=True)
+class P2PSettings:
+    enabled: bool
+    name: str | None
+    expose: tuple[int, ...]
+    heartbeat_interval: float
+    heartbeat_timeout: float
+    peer_discovery_interval: float
+    max_connections: int
+    fallback_enabled: bool
+    upgrade_interval: float
+
+
+@dataclass(frozen=True, slots=True)
+class TransportSettings:
+    mode: str
+    prefer_protocol: str
+    fallback_enabled: bool
+    connect_timeout: float
+    race_head_start: float
+    health_check_interval: float
+    rtt_threshold: float
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelSettings:
+    """One entry of ``tunnels``; ``name`` defaults to ``tunnel-<local_port>``."""
+
+    name: str | None
+    local_host: str
+    local_port: int
+    remote_host: str
+    remote_port: int
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    enabled: bool
+    prometheus_host: str
+    prometheus_port: int
+    tenant_labels: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingSettings:
+    level: str
+    format: str
+    output: str
+    max_bytes: int
+    backup_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class PerformanceSettings:
+    buffer_size: int
+    max_concurrent_tunnels: int
+    socket_send_buffer: int
+    socket_recv_buffer: int
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSettings:
+    name: str
+    description: str
+    auto_restart: bool
+    restart_delay: float
+    user: str | None
+    group: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RetryOverride:
+    """``retry.per_error.<code>``: only what is set overrides ``retry``."""
+
+    initial_delay: float | None
+    multiplier: float | None
+    max_delay: float | None
+    jitter: float | None
+    max_retries: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerSettings:
+    failure_threshold: int
+    reset_timeout: float
+    half_open_max_calls: int
+    success_threshold: int
+
+
+@dataclass(frozen=True, slots=True)
+class RetrySettings:
+    initial_delay: float
+    multiplier: float
+    max_delay: float
+    jitter: float
+    max_retries: int
+    per_error: dict[str, RetryOverride]
+    circuit_breaker: BreakerSettings
+
+
+@dataclass(frozen=True, slots=True)
+class EgressRules:
+    allow: tuple[str, ...]
+    deny: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class EgressSettings:
+    allow: tuple[str, ...]
+    deny: tuple[str, ...]
+    tenants: dict[str, EgressRules]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    listen: str
+    public_host: str | None
+    state_dir: str | None
+    tls_cert_file: str | None
+    tls_key_file: str | None
+    handshake_timeout: float
+    heartbeat_timeout: float
+    drain_timeout: float
+    connect_timeout: float
+    max_sessions_per_tenant: int
+    max_streams_per_session: int
+    token_ttl: float
+    egress: EgressSettings
+
+
+@dataclass(frozen=True, slots=True)
+class PluginsSettings:
+    enabled: tuple[str, ...] | None
+    disabled: tuple[str, ...]
