@@ -9,7 +9,9 @@ from dataclasses import dataclass
 
 import pytest
 from cloudbridge_core import errors
-from cloudbridge_core.breaker import BreakerSettings, BreakerState, CircuitBreaker
+from cloudbridge_core.breaker import BreakerState, CircuitBreaker
+from cloudbridge_core.config import load_config
+from cloudbridge_core.settings import BreakerSettings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
@@ -202,7 +204,12 @@ TestBreakerModel = BreakerModel.TestCase
 
 
 def test_guard_counts_only_endpoint_failures() -> None:
-    breaker = CircuitBreaker("relay", BreakerSettings(failure_threshold=2))
+    breaker = CircuitBreaker(
+        "relay",
+        BreakerSettings(
+            failure_threshold=2, reset_timeout=30, half_open_max_calls=1, success_threshold=1
+        ),
+    )
 
     async def fail_with(error: BaseException) -> None:
         with pytest.raises(type(error)):
@@ -229,7 +236,9 @@ def test_a_call_from_before_the_circuit_opened_does_not_close_it() -> None:
     seen: list[tuple[str, str, str]] = []
     breaker = CircuitBreaker(
         "relay",
-        BreakerSettings(failure_threshold=1, reset_timeout=5, success_threshold=1),
+        BreakerSettings(
+            failure_threshold=1, reset_timeout=5, half_open_max_calls=1, success_threshold=1
+        ),
         clock=lambda: now,
         on_transition=lambda name, old, new: seen.append((name, old, new)),
     )
@@ -255,7 +264,12 @@ def test_a_call_from_before_the_circuit_opened_does_not_close_it() -> None:
     ]
 
 
-def test_settings_from_config() -> None:
-    assert BreakerSettings.from_config({}) == BreakerSettings()
-    settings = BreakerSettings.from_config({"failure_threshold": 7, "reset_timeout": "1m"})
-    assert settings == BreakerSettings(failure_threshold=7, reset_timeout=60.0)
+def test_settings_come_from_the_config_with_the_schemas_defaults() -> None:
+    overrides = {
+        "retry.circuit_breaker.failure_threshold": (7, "test"),
+        "retry.circuit_breaker.reset_timeout": ("1m", "test"),
+    }
+    settings = load_config(None, environ={}, overrides=overrides).settings
+    assert settings.retry.circuit_breaker == BreakerSettings(
+        failure_threshold=7, reset_timeout=60.0, half_open_max_calls=1, success_threshold=1
+    )

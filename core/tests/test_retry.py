@@ -9,10 +9,14 @@ from typing import Any
 
 import pytest
 from cloudbridge_core import errors
+from cloudbridge_core.config import load_config
 from cloudbridge_core.retry import Backoff, RetryPolicies, call_with_retry
 from hypothesis import given
 from hypothesis import strategies as st
 from tenacity import Retrying
+
+#: the schema's defaults for the ``retry`` section
+DEFAULT = Backoff(initial_delay=1, multiplier=2, max_delay=60, jitter=1, max_retries=5)
 
 backoffs = st.builds(
     Backoff,
@@ -70,7 +74,7 @@ def test_tenacity_strategies_follow_the_policy(backoff: Backoff, seed: int) -> N
 
 
 def test_seed_sequence_without_jitter() -> None:
-    backoff = Backoff(jitter=0)
+    backoff = replace(DEFAULT, jitter=0)
     assert [backoff.delay_for(n) for n in range(8)] == [1, 2, 4, 8, 16, 32, 60, 60]
 
 
@@ -80,33 +84,39 @@ def test_seed_sequence_without_jitter() -> None:
 )
 def test_backoff_rejects_shrinking_or_negative_values(fields: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=r"must"):
-        Backoff(**fields)
+        replace(DEFAULT, **fields)
 
 
-def test_from_config_fills_missing_keys_with_defaults() -> None:
-    assert RetryPolicies.from_config({}) == RetryPolicies()
-    assert RetryPolicies.from_config({"per_error": None}) == RetryPolicies()
+def policies_from(section: dict[str, Any]) -> RetryPolicies:
+    """The policies of a config whose ``retry`` section sets ``section``."""
+    overrides = {f"retry.{key}": (value, "test") for key, value in section.items()}
+    return RetryPolicies.from_settings(
+        load_config(None, environ={}, overrides=overrides).settings.retry
+    )
+
+
+def test_the_schemas_defaults_apply() -> None:
+    policies = policies_from({})
+    assert policies.default == DEFAULT
+    assert policies.per_error["timeout"] == replace(DEFAULT, initial_delay=3, max_retries=3)
 
 
 def test_per_error_entries_start_from_the_section() -> None:
-    policies = RetryPolicies.from_config(
+    policies = policies_from(
         {"jitter": "0s", "max_delay": "2m", "per_error": {"timeout": {"initial_delay": "3s"}}}
     )
-    assert policies.default == Backoff(jitter=0, max_delay=120)
-    assert policies.per_error["timeout"] == Backoff(initial_delay=3, jitter=0, max_delay=120)
+    assert policies.default == replace(DEFAULT, jitter=0, max_delay=120)
+    assert policies.per_error["timeout"] == replace(
+        DEFAULT, initial_delay=3, jitter=0, max_delay=120, max_retries=3
+    )
 
 
 def test_policy_falls_back_to_the_errors_own_delay() -> None:
-    policies = RetryPolicies.from_config({"max_retries": 2})
-    assert policies.policy_for(errors.HeartbeatFailed("quiet")) == Backoff(
-        initial_delay=2, max_retries=2
+    policies = policies_from({"max_retries": 2})
+    assert policies.policy_for(errors.HeartbeatFailed("quiet")) == replace(
+        DEFAULT, initial_delay=2, max_retries=2
     )
     assert policies.policy_for(errors.CircuitOpen("open", retry_after=3)) == policies.default
-
-
-def test_from_config_rejects_bad_durations() -> None:
-    with pytest.raises(ValueError, match="invalid duration"):
-        RetryPolicies.from_config({"per_error": {"timeout": {"initial_delay": "3 seconds"}}})
 
 
 SECTION = {
@@ -142,7 +152,7 @@ def run_retries(failures: list[BaseException]) -> tuple[object, list[float], lis
     async def main() -> object:
         try:
             return await call_with_retry(
-                operation, RetryPolicies.from_config(SECTION), sleep=fake_sleep, on_retry=on_retry
+                operation, policies_from(SECTION), sleep=fake_sleep, on_retry=on_retry
             )
         except errors.CloudBridgeError as error:
             return error

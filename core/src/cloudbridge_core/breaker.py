@@ -15,14 +15,12 @@ half-open slot.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
 
-from cloudbridge_core.durations import parse_duration
 from cloudbridge_core.errors import CircuitOpen, CloudBridgeError
+from cloudbridge_core.settings import BreakerSettings
 
 
 class BreakerState(StrEnum):
@@ -31,29 +29,6 @@ class BreakerState(StrEnum):
     CLOSED = "closed"
     OPEN = "open"
     HALF_OPEN = "half_open"
-
-
-@dataclass(frozen=True)
-class BreakerSettings:
-    """The ``retry.circuit_breaker`` config section; ``reset_timeout`` in seconds."""
-
-    failure_threshold: int = 5
-    reset_timeout: float = 30.0
-    half_open_max_calls: int = 1
-    success_threshold: int = 1
-
-    @classmethod
-    def from_config(cls, section: Mapping[str, Any]) -> BreakerSettings:
-        """Read the section; a missing key keeps its default. ``ValueError`` on a bad duration."""
-        defaults = cls()
-        return cls(
-            failure_threshold=section.get("failure_threshold", defaults.failure_threshold),
-            reset_timeout=parse_duration(section["reset_timeout"])
-            if "reset_timeout" in section
-            else defaults.reset_timeout,
-            half_open_max_calls=section.get("half_open_max_calls", defaults.half_open_max_calls),
-            success_threshold=section.get("success_threshold", defaults.success_threshold),
-        )
 
 
 def counts_as_failure(error: BaseException) -> bool:
@@ -80,13 +55,13 @@ class CircuitBreaker:
     def __init__(
         self,
         name: str,
-        settings: BreakerSettings | None = None,
+        settings: BreakerSettings,
         *,
         clock: Callable[[], float] = time.monotonic,
         on_transition: Callable[[str, BreakerState, BreakerState], None] | None = None,
     ) -> None:
         self.name = name
-        self.settings = settings or BreakerSettings()
+        self.settings = settings
         self._clock = clock
         self._on_transition = on_transition
         self._state = BreakerState.CLOSED

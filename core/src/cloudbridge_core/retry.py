@@ -19,20 +19,19 @@ import asyncio
 import math
 import random
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
-from cloudbridge_core.durations import parse_duration
 from cloudbridge_core.errors import CircuitOpen, CloudBridgeError
+from cloudbridge_core.settings import RetryOverride, RetrySettings
 
 T = TypeVar("T")
 
 _KEYS = ("initial_delay", "multiplier", "max_delay", "jitter", "max_retries")
-_DURATION_KEYS = frozenset({"initial_delay", "max_delay", "jitter"})
 # Jitter exists to spread clients apart, so it must not be reproducible across processes.
 _RANDOM = random.SystemRandom()
 
@@ -45,11 +44,11 @@ class Backoff:
     (delays would shrink); the config schema rejects those before they get here.
     """
 
-    initial_delay: float = 1.0
-    multiplier: float = 2.0
-    max_delay: float = 60.0
-    jitter: float = 1.0
-    max_retries: int = 5
+    initial_delay: float
+    multiplier: float
+    max_delay: float
+    jitter: float
+    max_retries: int
 
     def __post_init__(self) -> None:
         if min(self.initial_delay, self.max_delay, self.jitter, self.max_retries) < 0:
@@ -78,12 +77,10 @@ class Backoff:
         """This policy as a tenacity stop strategy: the first try plus ``max_retries``."""
         return stop_after_attempt(self.max_retries + 1)
 
-    def overridden(self, section: Mapping[str, Any]) -> Backoff:
-        """This policy with the keys present in a config ``section`` replaced."""
-        changes: dict[str, Any] = {
-            key: parse_duration(section[key]) if key in _DURATION_KEYS else section[key]
-            for key in _KEYS
-            if key in section
+    def overridden(self, override: RetryOverride) -> Backoff:
+        """This policy with what a ``retry.per_error`` entry sets replaced."""
+        changes = {
+            key: getattr(override, key) for key in _KEYS if getattr(override, key) is not None
         }
         return replace(self, **changes)
 
@@ -104,21 +101,19 @@ class BackoffWait(wait_base):
 class RetryPolicies:
     """The ``retry`` config section: a default policy and overrides by error code."""
 
-    default: Backoff = field(default_factory=Backoff)
-    per_error: Mapping[str, Backoff] = field(default_factory=dict)
+    default: Backoff
+    per_error: Mapping[str, Backoff]
 
     @classmethod
-    def from_config(cls, section: Mapping[str, Any]) -> RetryPolicies:
-        """Read the ``retry`` section; a missing key keeps its default.
+    def from_settings(cls, settings: RetrySettings) -> RetryPolicies:
+        """The ``retry`` section's policies.
 
         A ``per_error`` entry starts from the section's own values, so ``jitter: 0s`` at
-        the top applies to every error that does not set its own. Raises ``ValueError``
-        for a malformed duration.
+        the top applies to every error that does not set its own.
         """
-        default = Backoff().overridden(section)
+        default = Backoff(*(getattr(settings, key) for key in _KEYS))
         per_error = {
-            code: default.overridden(overrides)
-            for code, overrides in (section.get("per_error") or {}).items()
+            code: default.overridden(override) for code, override in settings.per_error.items()
         }
         return cls(default, per_error)
 

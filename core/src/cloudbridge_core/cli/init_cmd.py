@@ -24,7 +24,7 @@ from cloudbridge_core.cli.output import message
 from cloudbridge_core.cli.runtime import Runtime, runtime_of
 from cloudbridge_core.cli.service_cmd import install
 from cloudbridge_core.client.tokens import StoredTokens, keyring_available, storage_settings
-from cloudbridge_core.config import validate
+from cloudbridge_core.config import Config, validate
 from cloudbridge_core.config.schema import defaults
 from cloudbridge_core.errors import AuthError, UsageError
 
@@ -187,10 +187,10 @@ def init(ctx: click.Context, /, config_dir: Path | None, **flags: Any) -> None:
     document["auth"], token = _auth(wizard, runtime, config_file.parent)
     if not reauth:
         document["metrics"] = _metrics(wizard)
-    _check(runtime, config_file, document)
+    checked = _check(runtime, config_file, document)
     config_file.parent.mkdir(parents=True, exist_ok=True)
     if token is not None:
-        StoredTokens(document["auth"], relay_host).save(token)
+        StoredTokens.of(checked.settings.auth, relay_host).save(token)
     _write(config_file, document)
     message(f"wrote {config_file}")
     runtime.use_config(str(config_file))
@@ -282,13 +282,13 @@ def _metrics(wizard: Wizard) -> dict[str, Any]:
     return {"enabled": True, "prometheus_port": port}
 
 
-def _check(runtime: Runtime, config_file: Path, document: dict[str, Any]) -> None:
+def _check(runtime: Runtime, config_file: Path, document: dict[str, Any]) -> Config:
     """Validate what would be written, as ``config validate`` will (ConfigError if not)."""
     candidate = config_file.with_name(f".{config_file.name}.{os.getpid()}")
     candidate.parent.mkdir(parents=True, exist_ok=True)
     try:
         _write(candidate, document)
-        validate(runtime.read(candidate), runtime.schema)
+        return validate(runtime.read(candidate), runtime.schema)
     finally:
         candidate.unlink(missing_ok=True)
 

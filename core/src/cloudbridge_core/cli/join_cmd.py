@@ -70,7 +70,7 @@ def join(
     directory.mkdir(parents=True, exist_ok=True)
     ca_file = directory / "ca.pem"
     ca_file.write_bytes(link.ca)
-    StoredTokens(auth, link.host).save(redeemed.token)
+    StoredTokens.written(auth, link.host).save(redeemed.token)
     document: dict[str, Any] = {
         "relay": {"host": link.host, "ports": redeemed.ports, "tls": {"ca_file": str(ca_file)}},
         "auth": {"type": "jwt", **auth},

@@ -9,14 +9,12 @@ import json
 import secrets
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from cloudbridge_core import __version__
 from cloudbridge_core.config import Config
-from cloudbridge_core.durations import parse_duration
 from cloudbridge_core.errors import (
     CloudBridgeError,
     ConnectionTimeout,
@@ -36,6 +34,7 @@ from cloudbridge_core.providers import (
     TlsMaterial,
     Transport,
 )
+from cloudbridge_core.settings import RelayTlsSettings
 from cloudbridge_core.tlsutil import client_context
 from cloudbridge_core.wire import MessageStream
 
@@ -135,14 +134,13 @@ class RelayConnection:
             await asyncio.gather(self._reader, return_exceptions=True)
 
 
-def tls_for(relay: Mapping[str, Any]) -> tuple[ssl.SSLContext, TlsMaterial]:
-    tls = relay["tls"]
-    ca = Path(tls["ca_file"]).read_bytes() if tls.get("ca_file") else None
-    material = TlsMaterial(ca=ca, verify=tls["verify_cert"])
+def tls_for(tls: RelayTlsSettings) -> tuple[ssl.SSLContext, TlsMaterial]:
+    ca = Path(tls.ca_file).read_bytes() if tls.ca_file else None
+    material = TlsMaterial(ca=ca, verify=tls.verify_cert)
     context = client_context(ca)
-    if tls["min_version"] == "1.2":
+    if tls.min_version == "1.2":
         context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if not tls["verify_cert"]:
+    if not tls.verify_cert:
         log.warning(
             "tls_verification_disabled",
             note="relay.tls.verify_cert is false: anyone can impersonate the relay",
@@ -154,13 +152,13 @@ def tls_for(relay: Mapping[str, Any]) -> tuple[ssl.SSLContext, TlsMaterial]:
 
 def transport_order(config: Config, plugins: Plugins) -> list[tuple[str, ProviderSpec[Transport]]]:
     """The transports to try, best first: the one configured, or every one with a port."""
-    mode = config.get("transport.mode")
+    mode = config.settings.transport.mode
     ports = config.get("relay.ports")
     if mode != "auto":
         if mode not in ports:
             raise ProviderNotInstalled(f"transport {mode!r} has no port in relay.ports")
         return [(mode, plugins.require("transport", mode))]
-    preferred = config.get("transport.prefer_protocol")
+    preferred = config.settings.transport.prefer_protocol
     candidates = [(n, s) for n, s in plugins.providers("transport").items() if n in ports]
     candidates.sort(key=lambda item: item[0] != preferred)
     if not candidates:
@@ -179,12 +177,12 @@ async def attempt(
     config: Config, name: str, spec: ProviderSpec[Transport], token: str
 ) -> RelayConnection:
     """Connect over one transport and authenticate, within ``transport.connect_timeout``."""
-    context, material = tls_for(config.get("relay"))
-    timeout = parse_duration(config.get("transport.connect_timeout"))
-    settings = json.dumps(config.data["transport"].get(name, {}), sort_keys=True)
+    context, material = tls_for(config.settings.relay.tls)
+    timeout = config.settings.transport.connect_timeout
+    settings = json.dumps(config.section(f"transport.{name}"), sort_keys=True)
     transport = _loaded(spec, settings)
     port = config.get(f"relay.ports.{name}")
-    endpoint = Endpoint(config.get("relay.host"), port, context, timeout, material=material)
+    endpoint = Endpoint(config.settings.relay.host, port, context, timeout, material=material)
     started = time.perf_counter()
     try:
         async with asyncio.timeout(timeout):

@@ -16,7 +16,6 @@ from cloudbridge_core.client.connection import RelayConnection, transport_order
 from cloudbridge_core.client.race import race
 from cloudbridge_core.client.tokens import TokenSupply, token_expires_in
 from cloudbridge_core.config import Config
-from cloudbridge_core.durations import parse_duration
 from cloudbridge_core.errors import CloudBridgeError, HeartbeatFailed
 from cloudbridge_core.plugins import Plugins
 
@@ -57,7 +56,7 @@ async def check_health(
             "token_source": tokens.where(),
         },
         "relay_connection": {"status": "disconnected", "transport": None, "latency_ms": None},
-        "p2p_mesh": mesh_health(running, config.get("p2p.enabled")),
+        "p2p_mesh": mesh_health(running, config.settings.p2p.enabled),
         "performance": {
             "avg_latency_ms": None,
             "packet_loss_percent": None,
@@ -73,7 +72,7 @@ async def check_health(
             round(expires_in) if expires_in is not None else None
         )
         candidates = transport_order(config, plugins)
-        head_start = parse_duration(config.get("transport.race_head_start"))
+        head_start = config.settings.transport.race_head_start
         started = time.perf_counter()
         connection, reason = await race(config, candidates, head_start, token)
     except CloudBridgeError as error:
@@ -87,7 +86,7 @@ async def check_health(
         details["authentication"]["status"] = "ok"
         if expires_in is not None and expires_in < TOKEN_RENEWAL_SECONDS:
             degraded.append(f"the token expires in {round(expires_in)} s")
-        rtts = await _pings(connection, parse_duration(config.get("transport.connect_timeout")))
+        rtts = await _pings(connection, config.settings.transport.connect_timeout)
         latency = min(rtts) * 1000 if rtts else None
         details["relay_connection"] = {
             "status": "connected",

@@ -18,13 +18,12 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from cloudbridge_core.breaker import BreakerSettings, BreakerState, CircuitBreaker
+from cloudbridge_core.breaker import BreakerState, CircuitBreaker
 from cloudbridge_core.client.connection import RelayConnection, attempt, transport_order
 from cloudbridge_core.client.metrics import ClientMetrics
 from cloudbridge_core.client.race import Candidate, race
 from cloudbridge_core.client.tokens import TokenSupply
 from cloudbridge_core.config import Config
-from cloudbridge_core.durations import parse_duration
 from cloudbridge_core.errors import (
     AuthError,
     CloudBridgeError,
@@ -133,10 +132,10 @@ class RelayLink:
 
     async def apply(self, config: Config) -> None:
         """Take a reloaded config; a changed ``transport.mode`` takes effect now."""
-        before = self._config.get("transport.mode")
+        before = self._config.settings.transport.mode
         self._config = config
         self.tokens = TokenSupply(config, self._plugins)
-        mode = config.get("transport.mode")
+        mode = config.settings.transport.mode
         if mode != before:
             async with self._switching:
                 try:
@@ -167,7 +166,7 @@ class RelayLink:
         While the relay is away this waits up to ``relay.connect_timeout`` for it to return.
         """
         if not self._connected.is_set():
-            wait = parse_duration(self._config.get("relay.connect_timeout"))
+            wait = self._config.settings.relay.connect_timeout
             try:
                 await asyncio.wait_for(self._connected.wait(), wait)
             except TimeoutError:
@@ -193,7 +192,7 @@ class RelayLink:
             "state": self.state,
             "name": current.transport if current else None,
             "reason": self.reason,
-            "mode": self._config.get("transport.mode"),
+            "mode": self._config.settings.transport.mode,
             "since": self.since,
             "rtt_seconds": self.rtt_seconds,
             "session_id": current.welcome.session_id if current else None,
@@ -210,7 +209,7 @@ class RelayLink:
 
     async def _watch(self) -> None:
         while True:
-            interval = parse_duration(self._config.get("transport.health_check_interval"))
+            interval = self._config.settings.transport.health_check_interval
             if self._current is not None:  # the relay reaps sessions that ping less often
                 interval = min(interval, self._current.welcome.heartbeat_interval_seconds)
             with contextlib.suppress(TimeoutError):
@@ -238,11 +237,11 @@ class RelayLink:
             log.warning("session_lost", transport=current.transport, reason=error.message)
             await self._reconnect(f"{current.transport} session lost")
             return
-        if self._config.get("transport.mode") != "auto" or current.going_away is not None:
+        if self._config.settings.transport.mode != "auto" or current.going_away is not None:
             return
         candidates = [c for c in self._candidates() if c[0] != current.transport]
         preferred = [c for c in candidates if self._rank(c[0]) < self._rank(current.transport)]
-        slow = self.rtt_seconds > parse_duration(self._config.get("transport.rtt_threshold"))
+        slow = self.rtt_seconds > self._config.settings.transport.rtt_threshold
         for name, spec in candidates if slow else preferred:
             probe_rtt, probe = await self._probe(name, spec)
             if probe is None:
@@ -271,7 +270,7 @@ class RelayLink:
 
     async def _measure(self, connection: RelayConnection) -> float:
         """The best of a few pings; the session counts as dead only when every one fails."""
-        timeout = parse_duration(self._config.get("transport.connect_timeout"))
+        timeout = self._config.settings.transport.connect_timeout
         rtts: list[float] = []
         failure: CloudBridgeError | None = None
         tried = 0
@@ -296,7 +295,7 @@ class RelayLink:
         tunnel listeners stay open meanwhile); a refused token stops it at once."""
         self._connected.clear()
         lost_at = time.monotonic()
-        policies = RetryPolicies.from_config(self._config.get("retry"))
+        policies = RetryPolicies.from_settings(self._config.settings.retry)
         attempt = 0
         while True:
             if self._metrics is not None:
@@ -360,7 +359,7 @@ class RelayLink:
         return names.index(name) if name in names else len(names)
 
     async def _race(self, candidates: list[Candidate]) -> tuple[RelayConnection, str]:
-        head_start = parse_duration(self._config.get("transport.race_head_start"))
+        head_start = self._config.settings.transport.race_head_start
         breakers = {name: self._breaker(name) for name, _ in candidates}
         token = await self.tokens.token()
         return await race(
@@ -370,11 +369,11 @@ class RelayLink:
     def _breaker(self, transport: str) -> CircuitBreaker:
         """One circuit breaker per relay endpoint (transport, host and port)."""
         endpoint = (
-            f"{transport}://{self._config.get('relay.host')}:"
+            f"{transport}://{self._config.settings.relay.host}:"
             f"{self._config.get(f'relay.ports.{transport}')}"
         )
         if endpoint not in self._breakers:
-            settings = BreakerSettings.from_config(self._config.get("retry.circuit_breaker"))
+            settings = self._config.settings.retry.circuit_breaker
             self._breakers[endpoint] = CircuitBreaker(
                 endpoint, settings, on_transition=_breaker_moved
             )

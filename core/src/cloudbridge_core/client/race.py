@@ -17,7 +17,6 @@ from cloudbridge_core.client.connection import (
 )
 from cloudbridge_core.client.tokens import TokenSupply
 from cloudbridge_core.config import Config
-from cloudbridge_core.durations import parse_duration
 from cloudbridge_core.errors import AuthError, CloudBridgeError
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.plugins import Plugins
@@ -32,7 +31,7 @@ Attempt = asyncio.Task[RelayConnection]
 async def connect(config: Config, plugins: Plugins) -> RelayConnection:
     """Connect to the relay over the best transport that works (one-shot: no watching)."""
     token = await TokenSupply(config, plugins).token()  # before any network attempt
-    head_start = parse_duration(config.get("transport.race_head_start"))
+    head_start = config.settings.transport.race_head_start
     connection, _ = await race(config, transport_order(config, plugins), head_start, token)
     return connection
 
@@ -106,7 +105,7 @@ async def _first_success(
             log.warning(
                 "transport_failed", transport=names[task], code=error.code, reason=error.message
             )
-            if not config.get("transport.fallback_enabled"):
+            if not config.settings.transport.fallback_enabled:
                 raise error
         if wait_at_most is not None:
             return None  # start the next candidate now rather than after the head start
@@ -126,7 +125,7 @@ async def _discard(tasks: list[Attempt]) -> None:
 def _reason(
     name: str, candidates: list[Candidate], failures: dict[str, CloudBridgeError], config: Config
 ) -> str:
-    if config.get("transport.mode") != "auto":
+    if config.settings.transport.mode != "auto":
         return f"transport.mode is {name}"
     failed = "; ".join(f"{n} failed: {e.message}" for n, e in failures.items())
     if name == candidates[0][0]:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from cloudbridge_core.errors import AuthError, ConfigError, ConfigIssue
 from cloudbridge_core.providers import AuthProviderSpec, TokenSource
 from cloudbridge_core.secretfile import write_secret
+from cloudbridge_core.settings import AuthSettings
 
 if TYPE_CHECKING:
     from cloudbridge_core.config import Config
@@ -51,25 +52,41 @@ def keyring_available() -> bool:
     return not isinstance(backend, fail.Keyring) and backend.priority > 0
 
 
+#: the keyring service join and login write into the configs they create
+KEYRING_SERVICE = "cloudbridge"
+
+
 @dataclass(frozen=True)
 class StoredTokens:
-    """The tokens of one relay (``account``: its host), where ``auth`` says they are kept."""
+    """The tokens of one relay (``account``: its host): in a 0600 ``token_file`` when one
+    is given, else in the OS keyring under ``keyring_service``."""
 
-    auth: Mapping[str, Any]
     account: str
+    keyring_service: str
+    token_file: Path | None = None
+
+    @classmethod
+    def of(cls, auth: AuthSettings, account: str) -> StoredTokens:
+        """Where the ``auth`` section says the tokens of ``account`` are kept."""
+        if auth.token_storage != "file":  # noqa: S105 - a storage kind, not a password
+            return cls(account, auth.keyring_service)
+        if not auth.token_file:
+            raise AuthError("auth.token_storage is file but auth.token_file is not set")
+        return cls(account, auth.keyring_service, Path(auth.token_file))
+
+    @classmethod
+    def written(cls, storage: Mapping[str, Any], account: str) -> StoredTokens:
+        """The store that :func:`storage_settings` just chose."""
+        token_file = storage.get("token_file")
+        return cls(account, KEYRING_SERVICE, Path(token_file) if token_file else None)
 
     @property
     def in_file(self) -> bool:
-        return self.auth.get("token_storage") == "file"
-
-    @property
-    def service(self) -> str:
-        return str(self.auth.get("keyring_service") or "cloudbridge")
+        return self.token_file is not None
 
     def _file(self, kind: str) -> Path:
-        if not self.auth.get("token_file"):
-            raise AuthError("auth.token_storage is file but auth.token_file is not set")
-        path = Path(self.auth["token_file"])
+        assert self.token_file is not None
+        path = self.token_file
         return path if kind == "access" else path.with_name(f"{path.name}.{kind}")
 
     def _entry(self, kind: str) -> str:
@@ -85,7 +102,7 @@ class StoredTokens:
         import keyring.errors
 
         try:
-            return keyring.get_password(self.service, self._entry(kind))
+            return keyring.get_password(self.keyring_service, self._entry(kind))
         except keyring.errors.KeyringError:
             return None
 
@@ -100,27 +117,27 @@ class StoredTokens:
             )
         import keyring
 
-        keyring.set_password(self.service, self._entry(kind), token)
+        keyring.set_password(self.keyring_service, self._entry(kind), token)
 
     def where(self) -> str:
         if self.in_file:
-            return f"file {self.auth.get('token_file')}"
+            return f"file {self.token_file}"
         import keyring
 
-        return f"keyring {keyring.get_keyring().name} (service {self.service!r})"
+        return f"keyring {keyring.get_keyring().name} (service {self.keyring_service!r})"
 
 
 def storage_settings(directory: Path, *, insecure: bool) -> dict[str, Any]:
     """The ``auth`` settings for tokens obtained by join or login: the keyring, or with
     ``insecure`` a 0600 file in ``directory``; fails closed when there is no keyring."""
     if insecure:
-        return {"token_storage": "file", "token_file": str(directory / "token")}
+        return {"token_storage": "file", "token_file": str((directory / "token").absolute())}
     if not keyring_available():
         raise AuthError(
             "no OS keyring is available here to keep the token",
             hint="pass --insecure-storage to keep it in a 0600 file instead",
         )
-    return {"token_storage": "keyring", "keyring_service": "cloudbridge"}
+    return {"token_storage": "keyring", "keyring_service": KEYRING_SERVICE}
 
 
 class TokenSupply:
@@ -128,18 +145,19 @@ class TokenSupply:
 
     def __init__(self, config: Config, plugins: Plugins | None = None) -> None:
         self._config = config
-        self.stored = StoredTokens(config.get("auth"), config.get("relay.host"))
+        auth = config.settings.auth
+        self.stored = StoredTokens.of(auth, config.settings.relay.host)
         self._source: TokenSource | None = None
-        kind = config.get("auth.type")
+        kind = auth.type
         spec = plugins.providers("auth_provider").get(kind) if plugins is not None else None
         if isinstance(spec, AuthProviderSpec) and spec.token_source is not None:
             try:
-                self._source = spec.token_source(config.data["auth"].get(kind) or {})
+                self._source = spec.token_source(config.section(f"auth.{kind}"))
             except ValueError as exc:  # the provider's own check of its settings
                 raise ConfigError([ConfigIssue(f"auth.{kind}", str(exc))]) from None
 
     def _explicit(self) -> tuple[str, str] | None:
-        token = self._config.get("auth.token")
+        token = self._config.settings.auth.token
         if token:
             return token, str(self._config.origin(("auth", "token")))
         token = os.environ.get("CLOUDBRIDGE_TOKEN")

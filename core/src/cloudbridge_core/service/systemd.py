@@ -83,7 +83,7 @@ def service_tokens(config: Config, *, renewable: bool) -> ServiceTokens:
     refresh token into the state directory, where the service can replace them."""
     if config.get("auth.token"):  # in the config or its environment file
         return ServiceTokens()
-    stored = StoredTokens(config.get("auth"), config.get("relay.host"))
+    stored = StoredTokens.of(config.settings.auth, config.settings.relay.host)
     if renewable:
         token_file = STATE_DIR / f"{_stem(config)}.token"
         copies = {

@@ -38,7 +38,7 @@ def login(ctx: click.Context, no_browser: bool) -> None:
         client = OidcClient(config.data["auth"].get("oidc") or {})
     except ValueError as exc:
         raise ConfigError([ConfigIssue("auth.oidc", str(exc))]) from None
-    store = StoredTokens(config.get("auth"), config.get("relay.host"))
+    store = StoredTokens.of(config.settings.auth, config.settings.relay.host)
 
     def show(code: DeviceCode) -> None:
         address = code.verification_uri_complete or code.verification_uri
