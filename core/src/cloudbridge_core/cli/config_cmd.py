@@ -11,6 +11,7 @@ import yaml
 from cloudbridge_core.cli.output import emit_json, json_option, message
 from cloudbridge_core.cli.runtime import runtime_of
 from cloudbridge_core.config import validate
+from cloudbridge_core.config.changes import restart_required_set_by
 from cloudbridge_core.errors import ConfigError, ConfigIssue, ExitCode, ProviderNotInstalled
 from cloudbridge_core.plugins import Plugins
 
@@ -74,12 +75,14 @@ def validate_cmd(ctx: click.Context, path: Path | None, as_json: bool) -> None:
     source = path or runtime.config_path
     issues: list[ConfigIssue] = []
     warnings: list[str] = []
+    restart: list[str] = []  # keys the file sets that a running process does not reload
     try:
         effective = validate(runtime.read(source), runtime.schema)
     except ConfigError as error:
         issues = error.issues
     else:
         warnings = _provider_warnings(effective.data, runtime.plugins)
+        restart = restart_required_set_by(effective, str(source)) if source else []
     if as_json:
         emit_json(
             {
@@ -90,6 +93,7 @@ def validate_cmd(ctx: click.Context, path: Path | None, as_json: bool) -> None:
                     for i in issues
                 ],
                 "warnings": warnings,
+                "restart_required": restart,
             }
         )
     else:
@@ -97,6 +101,9 @@ def validate_cmd(ctx: click.Context, path: Path | None, as_json: bool) -> None:
             click.echo(str(issue))
         for warning in warnings:
             message(f"warning: {warning}")
+        if restart:
+            keys = ", ".join(restart)
+            message(f"need a restart to take effect (a reload does not apply them): {keys}")
         what = str(source) if source else "defaults (no config file)"
         count = len(issues)
         message(

@@ -13,16 +13,19 @@ import asyncio
 import hashlib
 import inspect
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 import watchfiles
 
+from cloudbridge_core.config.changes import ConfigChanges
 from cloudbridge_core.config.loader import Config
 from cloudbridge_core.errors import ConfigError
 from cloudbridge_core.log import get_logger
 
-Subscriber = Callable[[Config], Awaitable[None] | None]
+#: what a subscriber returns: what it applied (``["tunnels: started web"]``), for the log line
+Applied = Iterable[str] | None
+Subscriber = Callable[[Config], Awaitable[Applied] | Applied]
 
 log = get_logger("config.reload")
 
@@ -58,7 +61,8 @@ class ConfigWatcher:
         self._attempted = asyncio.Condition()
 
     def subscribe(self, callback: Subscriber) -> None:
-        """Call ``callback(config)`` (sync or async) after each successful reload."""
+        """Call ``callback(config)`` (sync or async) after each successful reload; what it
+        returns (what it applied) is listed in the ``reloaded`` log line."""
         self._subscribers.append(callback)
 
     async def wait_attempts(self, count: int) -> None:
@@ -92,18 +96,27 @@ class ConfigWatcher:
             )
             return False
         self._digest = digest
+        changes = ConfigChanges.between(self.current, config)
         self.current = config
         self.applied += 1
-        log.info("reloaded", reason=reason, path=str(self._path))
+        if changes.restart_required:
+            log.warning(
+                "restart_required",
+                keys=list(changes.restart_required),
+                note="these take effect when the process restarts; the rest is applied now",
+            )
+        applied: list[str] = []
         for callback in self._subscribers:
             try:
                 result = callback(config)
                 if inspect.isawaitable(result):
-                    await result
+                    result = await result
+                applied.extend(result or ())
             except Exception:  # a subscriber's bug must not stop the others
                 log.exception(
                     "subscriber_failed", subscriber=getattr(callback, "__qualname__", "?")
                 )
+        log.info("reloaded", reason=reason, path=str(self._path), applied=applied)
         return True
 
     async def __aenter__(self) -> ConfigWatcher:
