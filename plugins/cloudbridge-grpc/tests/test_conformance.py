@@ -10,6 +10,7 @@ import pytest
 from cloudbridge_core.providers import Endpoint
 from cloudbridge_core.testing.conformance import TransportKit, run_check
 from cloudbridge_core.testing.fixtures import Check, conformance_check  # noqa: F401 - fixture
+from cloudbridge_core.testing.settings import plugin_settings
 from cloudbridge_grpc._generated.tunnel_pb2 import Chunk, Control
 from cloudbridge_grpc.hooks import SETTINGS_SCHEMA
 from cloudbridge_grpc.sessions import SESSION_HEADER, SESSION_METHOD, STREAM_METHOD
@@ -44,7 +45,7 @@ async def oversized_chunk(limit: int, endpoint: Endpoint) -> None:
 @pytest.mark.parametrize("limit", [SMALLEST, DEFAULT], ids=["smallest_limit", "default_limit"])
 def test_conformance(conformance_check: Check, limit: int) -> None:  # noqa: F811 - the fixture
     kit = TransportKit(
-        lambda: GrpcTransport({"max_message_bytes": limit}),
+        lambda: GrpcTransport(plugin_settings(SETTINGS_SCHEMA, max_message_bytes=limit)),
         functools.partial(oversized_chunk, limit),
     )
     run_check(conformance_check, kit)

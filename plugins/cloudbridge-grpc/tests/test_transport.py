@@ -11,14 +11,17 @@ from cloudbridge_core.errors import ServerUnavailable, TransportClosed
 from cloudbridge_core.plugins import load_plugins
 from cloudbridge_core.providers import Session
 from cloudbridge_core.testing.conformance import TransportKit
+from cloudbridge_core.testing.settings import plugin_settings
 from cloudbridge_core.testing.streams import echo_streams, read_all
 from cloudbridge_grpc._generated import tunnel_pb2
+from cloudbridge_grpc.hooks import SETTINGS_SCHEMA
 from cloudbridge_grpc.transport import SERVICE, GrpcTransport
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from structlog.testing import capture_logs
 
 pytestmark = pytest.mark.timeout(60)
-KIT = TransportKit(lambda: GrpcTransport({}))
+SETTINGS = plugin_settings(SETTINGS_SCHEMA)
+KIT = TransportKit(lambda: GrpcTransport(SETTINGS))
 
 
 def test_discovered_between_quic_and_websocket() -> None:
@@ -32,7 +35,7 @@ def test_discovered_between_quic_and_websocket() -> None:
 
 def test_the_standard_health_service_answers_serving() -> None:
     async def main() -> None:
-        listener = await GrpcTransport({}).serve(KIT.server_endpoint(), echo_streams)
+        listener = await GrpcTransport(SETTINGS).serve(KIT.server_endpoint(), echo_streams)
         material = KIT.client_endpoint(listener.port).material
         assert material is not None
         credentials = grpc.ssl_channel_credentials(root_certificates=material.ca)
@@ -48,7 +51,7 @@ def test_the_standard_health_service_answers_serving() -> None:
 
 def test_writes_larger_than_a_message_are_split() -> None:
     async def main() -> None:
-        transport = GrpcTransport({"max_message_bytes": 65536})
+        transport = GrpcTransport(plugin_settings(SETTINGS_SCHEMA, max_message_bytes=65536))
         listener = await transport.serve(KIT.server_endpoint(), echo_streams)
         session = await transport.connect(KIT.client_endpoint(listener.port))
         stream = await session.open_stream()
@@ -135,7 +138,7 @@ def test_a_failing_session_handler_is_logged_and_the_listener_serves_on() -> Non
         await echo_streams(session)
 
     async def main() -> None:
-        transport = GrpcTransport({})
+        transport = GrpcTransport(SETTINGS)
         listener = await transport.serve(KIT.server_endpoint(), fails_first)
         first = await transport.connect(KIT.client_endpoint(listener.port))
         with pytest.raises(TransportClosed):  # the failed handler's session was closed
@@ -156,7 +159,9 @@ def test_a_failing_session_handler_is_logged_and_the_listener_serves_on() -> Non
 def test_an_idle_session_outlives_many_keepalive_pings() -> None:
     # gRPC servers end connections that ping more often than every 5 minutes by default;
     # with pings every 200 ms that GOAWAY (too_many_pings) comes within about 5 seconds
-    transport = GrpcTransport({"keepalive_interval": "200ms", "keepalive_timeout": "1s"})
+    transport = GrpcTransport(
+        plugin_settings(SETTINGS_SCHEMA, keepalive_interval="200ms", keepalive_timeout="1s")
+    )
     kit = TransportKit(lambda: transport)
 
     async def main() -> None:
@@ -175,7 +180,7 @@ def test_nobody_listening_is_server_unavailable() -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     with pytest.raises(ServerUnavailable):
-        asyncio.run(GrpcTransport({}).connect(KIT.client_endpoint(port)))
+        asyncio.run(GrpcTransport(SETTINGS).connect(KIT.client_endpoint(port)))
 
 
 def test_the_proto_declares_the_two_streaming_calls() -> None:

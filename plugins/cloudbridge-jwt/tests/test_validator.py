@@ -9,15 +9,15 @@ import hmac
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cloudbridge_core.config import load_config, merged_schema
 from cloudbridge_core.errors import InvalidToken, TokenExpired
 from cloudbridge_core.plugins import load_plugins
+from cloudbridge_core.testing.settings import plugin_settings
 from cloudbridge_jwt import hooks
 from cloudbridge_jwt.validator import JwtValidator
 from joserfc import jwt
@@ -48,16 +48,8 @@ def claims(**overrides: Any) -> dict[str, Any]:
     return {k: v for k, v in body.items() if v is not None}
 
 
-def settings(**overrides: Any) -> dict[str, Any]:
-    schema = merged_schema(hooks.cloudbridge_config_schema())
-    flags = {
-        f"auth.jwt.{k}": (v, "test")
-        for k, v in {"issuer": ISSUER, "audience": AUDIENCE, **overrides}.items()
-    }
-    section: dict[str, Any] = load_config(None, environ={}, overrides=flags, schema=schema).get(
-        "auth.jwt"
-    )
-    return section
+def settings(**overrides: Any) -> Mapping[str, Any]:
+    return plugin_settings(hooks.SETTINGS_SCHEMA, issuer=ISSUER, audience=AUDIENCE, **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,20 @@ from typing import Any
 
 import pytest
 from cloudbridge_core.errors import InvalidToken, ServerUnavailable, TokenExpired
+from cloudbridge_core.testing.settings import plugin_settings
+from cloudbridge_oidc.hooks import SETTINGS_SCHEMA
 from cloudbridge_oidc.validator import OidcValidator
 from oidc_provider import AUDIENCE, OpenIdProvider, new_key
 
 
+def validator_for(issuer: str, **settings: Any) -> OidcValidator:
+    return OidcValidator(
+        plugin_settings(SETTINGS_SCHEMA, issuer=issuer, audience=AUDIENCE, **settings)
+    )
+
+
 def validator(provider: OpenIdProvider, **settings: Any) -> OidcValidator:
-    return OidcValidator({"issuer": provider.issuer, "audience": AUDIENCE, **settings})
+    return validator_for(provider.issuer, **settings)
 
 
 def test_a_token_from_the_provider_gives_tenant_and_permissions(
@@ -96,9 +104,9 @@ def test_the_jwks_cache_control_max_age_is_honoured(provider: OpenIdProvider) ->
 
 def test_discovery_problems_are_clear(provider: OpenIdProvider) -> None:
     with pytest.raises(ValueError, match=r"auth\.oidc\.audience is required"):
-        OidcValidator({"issuer": provider.issuer})
+        OidcValidator(plugin_settings(SETTINGS_SCHEMA, issuer=provider.issuer))
     with pytest.raises(ValueError, match="must use https"):
-        OidcValidator({"issuer": "http://idp.example.com", "audience": AUDIENCE})
-    wrong_issuer = OidcValidator({"issuer": f"{provider.issuer}/tenant", "audience": AUDIENCE})
+        validator_for("http://idp.example.com")
+    wrong_issuer = validator_for(f"{provider.issuer}/tenant")
     with pytest.raises(ServerUnavailable):
         asyncio.run(wrong_issuer.validate(provider.machine_token()))

@@ -14,16 +14,24 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import bcrypt
 import pytest
 from cloudbridge_core.log import configure_logging
 from cloudbridge_core.plugins import load_plugins
+from cloudbridge_core.testing.settings import plugin_settings
 from cloudbridge_core.tlsutil import generate_ca, issue_server_certificate
 from cloudbridge_pushgateway.exporter import PushgatewayExporter
+from cloudbridge_pushgateway.hooks import SETTINGS_SCHEMA
 from prometheus_client import CollectorRegistry, Counter
 
 pytestmark = pytest.mark.timeout(60)
+
+
+def exporter_with(**settings: Any) -> PushgatewayExporter:
+    """The exporter as the core builds it from a ``metrics.pushgateway`` section."""
+    return PushgatewayExporter(plugin_settings(SETTINGS_SCHEMA, **settings))
 
 
 def free_port() -> int:
@@ -97,9 +105,7 @@ def test_discovered_as_an_exporter() -> None:
 def test_pushes_periodically_and_once_more_at_stop(gateway: str) -> None:
     async def main() -> None:
         registry, events = registry_with_events(3)
-        exporter = PushgatewayExporter(
-            {"push_url": gateway, "push_interval": "200ms", "instance": "node-a"}
-        )
+        exporter = exporter_with(push_url=gateway, push_interval="200ms", instance="node-a")
         await exporter.start(registry)
         for _ in range(50):
             if 'cloudbridge_test_events_total{instance="node-a",job="cloudbridge"} 3' in (
@@ -121,9 +127,7 @@ def test_pushes_periodically_and_once_more_at_stop(gateway: str) -> None:
 def test_delete_on_exit_removes_the_group(gateway: str) -> None:
     async def main() -> None:
         registry, _ = registry_with_events(1)
-        exporter = PushgatewayExporter(
-            {"push_url": gateway, "instance": "node-b", "delete_on_exit": True}
-        )
+        exporter = exporter_with(push_url=gateway, instance="node-b", delete_on_exit=True)
         await exporter.start(registry)
         await asyncio.sleep(0.3)
         await exporter.stop()
@@ -135,9 +139,7 @@ def test_delete_on_exit_removes_the_group(gateway: str) -> None:
 def test_an_unreachable_gateway_is_retried_counted_and_never_blocks() -> None:
     async def main() -> None:
         registry, _ = registry_with_events(1)
-        exporter = PushgatewayExporter(
-            {"push_url": f"http://127.0.0.1:{free_port()}", "push_interval": "100ms"}
-        )
+        exporter = exporter_with(push_url=f"http://127.0.0.1:{free_port()}", push_interval="100ms")
         await exporter.start(registry)
         started = time.monotonic()
         ticks = 0
@@ -169,15 +171,14 @@ def test_pushes_over_https_to_a_gateway_signed_by_a_private_ca(tmp_path: Path) -
 
         async def main() -> None:
             registry, _ = registry_with_events(5)
-            settings = {"push_url": url, "instance": "tls", "ca_file": str(tmp_path / "ca.pem")}
-            exporter = PushgatewayExporter(settings)
+            exporter = exporter_with(push_url=url, instance="tls", ca_file=str(tmp_path / "ca.pem"))
             await exporter.start(registry)
             await exporter.stop()
             assert exporter.pushes >= 1
             pushed = await asyncio.to_thread(read_back, url, "/metrics", trusted)
             assert 'cloudbridge_test_events_total{instance="tls",job="cloudbridge"} 5' in pushed
 
-            untrusting = PushgatewayExporter({"push_url": url, "instance": "x"})
+            untrusting = exporter_with(push_url=url, instance="x")
             await untrusting.start(registry_with_events(1)[0])
             await untrusting.stop()
             assert untrusting.pushes == 0  # the system store does not know the private CA
@@ -190,7 +191,7 @@ def test_credentials_in_the_url_are_not_logged(tmp_path: Path) -> None:
     async def main() -> None:
         registry, _ = registry_with_events(1)
         url = f"http://pusher:s3cret@127.0.0.1:{free_port()}"
-        exporter = PushgatewayExporter({"push_url": url})
+        exporter = exporter_with(push_url=url)
         await exporter.start(registry)
         await exporter.stop()
 
@@ -215,14 +216,12 @@ def test_basic_auth_pushes_with_the_right_password_only(tmp_path: Path) -> None:
     with running_gateway(f"--web.config.file={web}") as url:
 
         async def main() -> tuple[PushgatewayExporter, PushgatewayExporter]:
-            allowed = PushgatewayExporter(
-                {"push_url": url, "instance": "auth", "username": "pusher", "password": password}
+            allowed = exporter_with(
+                push_url=url, instance="auth", username="pusher", password=password
             )
             await allowed.start(registry_with_events(3)[0])
             await allowed.stop()
-            refused = PushgatewayExporter(
-                {"push_url": url, "instance": "x", "username": "pusher", "password": "wrong"}
-            )
+            refused = exporter_with(push_url=url, instance="x", username="pusher", password="wrong")
             await refused.start(refused_registry)
             await refused.stop()
             return allowed, refused

@@ -11,13 +11,16 @@ import pytest
 from cloudbridge_core.plugins import load_plugins
 from cloudbridge_core.providers import Endpoint
 from cloudbridge_core.testing.conformance import TransportKit
+from cloudbridge_core.testing.settings import plugin_settings
 from cloudbridge_core.testing.streams import echo_streams, read_all
+from cloudbridge_quic.hooks import SETTINGS_SCHEMA
 from cloudbridge_quic.pmtu import path_payload_size
 from cloudbridge_quic.session import QuicSession
 from cloudbridge_quic.transport import QuicTransport
 
 pytestmark = pytest.mark.timeout(60)
-KIT = TransportKit(lambda: QuicTransport({}))
+SETTINGS = plugin_settings(SETTINGS_SCHEMA)
+KIT = TransportKit(lambda: QuicTransport(SETTINGS))
 
 
 def test_discovered_as_the_preferred_transport() -> None:
@@ -41,7 +44,7 @@ async def _echo(session: QuicSession, payload: bytes) -> bytes:
 
 def test_reconnect_resumes_the_tls_session() -> None:
     async def main() -> None:
-        transport = QuicTransport({})
+        transport = QuicTransport(SETTINGS)
         listener = await transport.serve(KIT.server_endpoint(), echo_streams)
         endpoint = KIT.client_endpoint(listener.port)
         first = await transport.connect(endpoint)
@@ -60,8 +63,8 @@ def test_reconnect_resumes_the_tls_session() -> None:
 
 def test_a_new_client_port_keeps_the_connection_and_its_streams() -> None:
     async def main() -> None:
-        listener = await QuicTransport({}).serve(KIT.server_endpoint(), echo_streams)
-        session = await QuicTransport({}).connect(KIT.client_endpoint(listener.port))
+        listener = await QuicTransport(SETTINGS).serve(KIT.server_endpoint(), echo_streams)
+        session = await QuicTransport(SETTINGS).connect(KIT.client_endpoint(listener.port))
         assert session._transport is not None
         before = session._transport.get_extra_info("sockname")[1]
         stream = await session.open_stream()
@@ -82,8 +85,8 @@ def test_a_new_client_port_keeps_the_connection_and_its_streams() -> None:
 
 def test_datagrams_are_negotiated_and_sizes_follow_the_path_mtu() -> None:
     async def main() -> None:
-        listener = await QuicTransport({}).serve(KIT.server_endpoint(), echo_streams)
-        session = await QuicTransport({}).connect(KIT.client_endpoint(listener.port))
+        listener = await QuicTransport(SETTINGS).serve(KIT.server_endpoint(), echo_streams)
+        session = await QuicTransport(SETTINGS).connect(KIT.client_endpoint(listener.port))
         assert session._quic._remote_max_datagram_frame_size == 2048
         # loopback's MTU is about 64 KiB: the configured ceiling wins over QUIC's 1,200 minimum
         assert session.datagram_size == 16384
@@ -98,8 +101,8 @@ def test_datagrams_are_negotiated_and_sizes_follow_the_path_mtu() -> None:
 
 def test_large_transfer_integrity_over_many_streams() -> None:
     async def main() -> None:
-        listener = await QuicTransport({}).serve(KIT.server_endpoint(), echo_streams)
-        session = await QuicTransport({}).connect(KIT.client_endpoint(listener.port))
+        listener = await QuicTransport(SETTINGS).serve(KIT.server_endpoint(), echo_streams)
+        session = await QuicTransport(SETTINGS).connect(KIT.client_endpoint(listener.port))
         payloads = [os.urandom(size) for size in (8 << 20, 1 << 20, 1, 0, 70_000)]
         echoed = await asyncio.gather(*(_echo(session, p) for p in payloads))
         digests = [hashlib.sha256(p).digest() for p in payloads]
@@ -115,6 +118,6 @@ def test_serving_without_a_certificate_is_a_clear_error() -> None:
         endpoint = KIT.client_endpoint(0)  # client material only: no certificate or key
         server = Endpoint(endpoint.host, 0, endpoint.tls, material=endpoint.material)
         with pytest.raises(Exception, match="needs a certificate and key"):
-            await QuicTransport({}).serve(server, echo_streams)
+            await QuicTransport(SETTINGS).serve(server, echo_streams)
 
     asyncio.run(main())

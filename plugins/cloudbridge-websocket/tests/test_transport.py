@@ -10,20 +10,17 @@ import pytest
 from cloudbridge_core.errors import TlsVerificationFailed
 from cloudbridge_core.plugins import load_plugins
 from cloudbridge_core.providers import Endpoint
+from cloudbridge_core.testing.settings import plugin_settings
 from cloudbridge_core.testing.streams import echo_streams, read_all
 from cloudbridge_core.testing.tls import loopback_tls
 from cloudbridge_core.tlsutil import client_context, generate_ca
+from cloudbridge_websocket.hooks import SETTINGS_SCHEMA
 from cloudbridge_websocket.transport import WebSocketTransport
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 pytestmark = pytest.mark.timeout(60)
-SETTINGS = {
-    "path": "/cloudbridge",
-    "ping_interval": "20s",
-    "ping_timeout": "20s",
-    "max_message_bytes": 1 << 20,
-}
+SETTINGS = plugin_settings(SETTINGS_SCHEMA)
 
 
 def test_discovered_as_a_transport() -> None:

@@ -7,10 +7,10 @@ import secrets
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from cloudbridge_core.durations import parse_duration
 from cloudbridge_core.errors import (
     ConnectionTimeout,
     ServerUnavailable,
@@ -20,6 +20,7 @@ from cloudbridge_core.errors import (
     TransportError,
 )
 from cloudbridge_core.providers import Endpoint, Session, TlsMaterial
+from cloudbridge_core.settings import build
 from cloudbridge_core.tlsutil import client_context
 from cloudbridge_core.transports.serving import run_session_handler
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -102,21 +103,29 @@ class GrpcListener:
             self.server = None
 
 
+@dataclass(frozen=True, slots=True)
+class GrpcSettings:
+    """``transport.grpc`` as the core hands it over: validated, every default from
+    ``hooks.SETTINGS_SCHEMA`` (so none here), durations in seconds."""
+
+    max_message_bytes: int
+    keepalive_interval: float
+    keepalive_timeout: float
+
+
 class GrpcTransport:
     """Implements :class:`~cloudbridge_core.providers.Transport` with grpcio."""
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
-        self._max_message = int(settings.get("max_message_bytes", 4 << 20))
-        self._keepalive = parse_duration(str(settings.get("keepalive_interval", "20s")))
-        self._keepalive_timeout = parse_duration(str(settings.get("keepalive_timeout", "20s")))
-        self._piece = min(self._max_message - _FRAMING, 1 << 20)
+        self.settings = build(GrpcSettings, settings)
+        self._piece = min(self.settings.max_message_bytes - _FRAMING, 1 << 20)
 
     def _options(self) -> list[tuple[str, Any]]:
         return [
-            ("grpc.max_receive_message_length", self._max_message),
-            ("grpc.max_send_message_length", self._max_message),
-            ("grpc.keepalive_time_ms", int(self._keepalive * 1000)),
-            ("grpc.keepalive_timeout_ms", int(self._keepalive_timeout * 1000)),
+            ("grpc.max_receive_message_length", self.settings.max_message_bytes),
+            ("grpc.max_send_message_length", self.settings.max_message_bytes),
+            ("grpc.keepalive_time_ms", int(self.settings.keepalive_interval * 1000)),
+            ("grpc.keepalive_timeout_ms", int(self.settings.keepalive_timeout * 1000)),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
         ]
@@ -127,7 +136,10 @@ class GrpcTransport:
         # leaves room for clients configured a little shorter than the relay.
         return [
             *self._options(),
-            ("grpc.http2.min_ping_interval_without_data_ms", int(self._keepalive * 500)),
+            (
+                "grpc.http2.min_ping_interval_without_data_ms",
+                int(self.settings.keepalive_interval * 500),
+            ),
         ]
 
     async def connect(self, endpoint: Endpoint) -> ClientSession:

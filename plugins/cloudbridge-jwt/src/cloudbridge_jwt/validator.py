@@ -17,13 +17,14 @@ import json
 import time
 import urllib.request
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cloudbridge_core.durations import parse_duration
 from cloudbridge_core.errors import InvalidToken, ServerUnavailable, TokenExpired
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.providers import Claims
+from cloudbridge_core.settings import build
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from joserfc import jwt
@@ -38,38 +39,52 @@ FORBIDDEN_HEADERS = frozenset({"jwk", "jku", "x5u", "x5c"})
 JWKS_MAX_BYTES = 1024 * 1024
 
 
+@dataclass(frozen=True, slots=True)
+class JwtSettings:
+    """``auth.jwt`` as the core hands it over: validated, every default from
+    ``hooks.SETTINGS_SCHEMA`` (so none here), durations in seconds."""
+
+    public_key_file: str | None
+    jwks_url: str | None
+    jwks_cache_ttl: float
+    jwks_refetch_cooldown: float
+    issuer: str | None
+    audience: str | None
+    algorithms: tuple[str, ...]
+    leeway: float
+    tenant_claim: str
+    permissions_claim: str
+    max_token_bytes: int
+
+
 class JwtValidator:
-    """Implements :class:`cloudbridge_core.providers.AuthProvider` for signed JWTs."""
+    """Implements :class:`cloudbridge_core.providers.AuthProvider` for signed JWTs.
+
+    Raises ``ValueError`` naming the setting at fault for an algorithm outside
+    :data:`ALLOWED_ALGORITHMS`, or when neither ``public_key_file`` nor ``jwks_url`` is set.
+    """
 
     def __init__(self, settings: Mapping[str, Any], *, clock: Any = time.time) -> None:
-        self._algorithms = list(settings.get("algorithms", ["RS256", "ES256"]))
+        self.settings = build(JwtSettings, settings)
+        self._algorithms = list(self.settings.algorithms)
         unsupported = set(self._algorithms) - ALLOWED_ALGORITHMS
         if unsupported:
             raise ValueError(f"auth.jwt.algorithms: {sorted(unsupported)} are not allowed")
-        self._issuer = settings.get("issuer")
-        self._audience = settings.get("audience")
-        self._leeway = int(parse_duration(settings.get("leeway", "30s")))
-        self._tenant_claim = str(settings.get("tenant_claim", "custom:tenant_id"))
-        self._permissions_claim = str(settings.get("permissions_claim", "custom:permissions"))
-        self._max_bytes = int(settings.get("max_token_bytes", 8192))
-        self._jwks_url = settings.get("jwks_url")
-        self._jwks_ttl = parse_duration(settings.get("jwks_cache_ttl", "1h"))
-        self._cooldown = parse_duration(settings.get("jwks_refetch_cooldown", "30s"))
         self._clock = clock
         self._keys: KeySet | None = None
         self._static_key: RSAKey | ECKey | None = None
         self._fetched_at = float("-inf")
-        self._keys_ttl = self._jwks_ttl
+        self._keys_ttl = self.settings.jwks_cache_ttl
         self._fetch_lock = asyncio.Lock()
-        key_file = settings.get("public_key_file")
-        if key_file:
-            self._static_key = _public_key(Path(key_file).read_bytes())
-        elif not self._jwks_url:
+        if self.settings.public_key_file:
+            self._static_key = _public_key(Path(self.settings.public_key_file).read_bytes())
+        elif not self.settings.jwks_url:
             raise ValueError("auth.jwt needs public_key_file or jwks_url")
 
     async def validate(self, token: str) -> Claims:
-        if len(token) > self._max_bytes:
-            raise InvalidToken(f"token is larger than {self._max_bytes} bytes")
+        max_bytes = self.settings.max_token_bytes
+        if len(token) > max_bytes:
+            raise InvalidToken(f"token is larger than {max_bytes} bytes")
         header = _header_of(token)
         algorithm = header.get("alg")
         if algorithm not in self._algorithms:
@@ -90,12 +105,12 @@ class JwtValidator:
 
     def _check_claims(self, claims: dict[str, Any]) -> Claims:
         options: dict[str, Any] = {"exp": {"essential": True}, "sub": {"essential": True}}
-        if self._issuer:
-            options["iss"] = {"essential": True, "value": self._issuer}
-        if self._audience:
-            options["aud"] = {"essential": True, "value": self._audience}
+        if self.settings.issuer:
+            options["iss"] = {"essential": True, "value": self.settings.issuer}
+        if self.settings.audience:
+            options["aud"] = {"essential": True, "value": self.settings.audience}
         registry = jwt.JWTClaimsRegistry(
-            now=lambda: int(self._clock()), leeway=self._leeway, **options
+            now=lambda: int(self._clock()), leeway=int(self.settings.leeway), **options
         )
         try:
             registry.validate(claims)
@@ -107,12 +122,14 @@ class JwtValidator:
             raise InvalidToken(f"token claim {exc.claim!r} is not acceptable") from None
         except JoseError as exc:
             raise InvalidToken(f"token claims are invalid ({exc.error})") from None
-        tenant = claims.get(self._tenant_claim)
+        tenant = claims.get(self.settings.tenant_claim)
         if not isinstance(tenant, str) or not tenant:
-            raise InvalidToken(f"token has no tenant claim {self._tenant_claim!r}")
-        permissions = claims.get(self._permissions_claim, [])
+            raise InvalidToken(f"token has no tenant claim {self.settings.tenant_claim!r}")
+        permissions = claims.get(self.settings.permissions_claim, [])
         if not isinstance(permissions, list) or not all(isinstance(p, str) for p in permissions):
-            raise InvalidToken(f"token claim {self._permissions_claim!r} must be a list of strings")
+            raise InvalidToken(
+                f"token claim {self.settings.permissions_claim!r} must be a list of strings"
+            )
         extra: dict[str, Any] = {
             k: claims[k] for k in ("custom:mesh_config", "custom:network_config") if k in claims
         }
@@ -130,7 +147,7 @@ class JwtValidator:
         now = self._clock()
         known = self._keys is not None and any(k.kid == kid for k in self._keys.keys)
         stale = now - self._fetched_at > self._keys_ttl
-        unknown_kid = not known and now - self._fetched_at > self._cooldown
+        unknown_kid = not known and now - self._fetched_at > self.settings.jwks_refetch_cooldown
         if self._keys is None or stale or unknown_kid:
             async with self._fetch_lock:
                 if self._fetched_at < now:  # nobody refreshed while we waited
@@ -139,13 +156,17 @@ class JwtValidator:
         return self._keys
 
     async def _refresh(self) -> None:
-        url = str(self._jwks_url)
+        url = str(self.settings.jwks_url)
         try:
             document, max_age = await asyncio.to_thread(_fetch_json, url)
             self._keys = KeySet.import_key_set(document)
             # the issuer's Cache-Control decides, but never makes us fetch more often
             # than the cooldown allows
-            self._keys_ttl = self._jwks_ttl if max_age is None else max(max_age, self._cooldown)
+            self._keys_ttl = (
+                self.settings.jwks_cache_ttl
+                if max_age is None
+                else max(max_age, self.settings.jwks_refetch_cooldown)
+            )
         except (OSError, ValueError, JoseError) as exc:
             if self._keys is None:
                 raise ServerUnavailable(f"cannot fetch JWKS from {url}: {exc}") from exc

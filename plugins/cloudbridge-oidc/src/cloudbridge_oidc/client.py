@@ -22,8 +22,10 @@ from cloudbridge_core.client.tokens import token_expires_in
 from cloudbridge_core.errors import AuthError, ServerUnavailable
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.providers import TokenStore
+from cloudbridge_core.settings import build
 
 from cloudbridge_oidc.discovery import HTTP_TIMEOUT, ProviderMetadata, checked_issuer, discover
+from cloudbridge_oidc.settings import OidcSettings
 
 log = get_logger("auth.oidc")
 
@@ -48,16 +50,15 @@ class OidcClient:
     """Implements :class:`cloudbridge_core.providers.TokenSource` for an OIDC issuer."""
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
-        self._issuer = checked_issuer(settings.get("issuer"))
-        self._client_id = str(settings.get("client_id") or "cloudbridge-cli")
-        self._client_secret: str | None = settings.get("client_secret")
-        self._scope = " ".join(settings.get("scopes") or ["openid", "offline_access"])
+        self.settings = build(OidcSettings, settings)
+        self._issuer = checked_issuer(self.settings.issuer)
+        self._scope = " ".join(self.settings.scopes)
         self._metadata: ProviderMetadata | None = None
 
     @property
     def machine(self) -> bool:
         """A machine (client credentials) rather than a person (device flow)."""
-        return self._client_secret is not None
+        return self.settings.client_secret is not None
 
     async def obtain_token(self, store: TokenStore) -> str | None:
         token = store.load()
@@ -96,7 +97,7 @@ class OidcClient:
                 response = await oauth.request(
                     "POST",
                     metadata.device_authorization_endpoint,
-                    data={"client_id": self._client_id, "scope": self._scope},
+                    data={"client_id": self.settings.client_id, "scope": self._scope},
                     withhold_token=True,
                 )
                 answer = response.json()
@@ -156,8 +157,8 @@ class OidcClient:
 
     def _oauth(self) -> AsyncOAuth2Client:
         return AsyncOAuth2Client(
-            client_id=self._client_id,
-            client_secret=self._client_secret,
+            client_id=self.settings.client_id,
+            client_secret=self.settings.client_secret,
             token_endpoint_auth_method="client_secret_basic" if self.machine else "none",
             scope=self._scope,
             timeout=HTTP_TIMEOUT,

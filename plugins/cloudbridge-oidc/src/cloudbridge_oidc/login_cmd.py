@@ -35,7 +35,7 @@ def login(ctx: click.Context, no_browser: bool) -> None:
             hint="set auth.type: oidc and auth.oidc.issuer (cloudbridge init asks for both)",
         )
     try:
-        client = OidcClient(config.data["auth"].get("oidc") or {})
+        client = OidcClient(config.section("auth.oidc"))
     except ValueError as exc:
         raise ConfigError([ConfigIssue("auth.oidc", str(exc))]) from None
     store = StoredTokens.of(config.settings.auth, config.settings.relay.host)

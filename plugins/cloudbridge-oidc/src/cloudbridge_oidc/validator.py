@@ -10,24 +10,29 @@ from collections.abc import Mapping
 from typing import Any
 
 from cloudbridge_core.providers import Claims
+from cloudbridge_core.settings import build
 from cloudbridge_jwt.validator import JwtValidator
 
 from cloudbridge_oidc.discovery import checked_issuer, discover
 from cloudbridge_oidc.hooks import SHARED_WITH_JWT
+from cloudbridge_oidc.settings import OidcSettings
 
 
 class OidcValidator:
-    """Implements :class:`cloudbridge_core.providers.AuthProvider` for an OIDC issuer."""
+    """Implements :class:`cloudbridge_core.providers.AuthProvider` for an OIDC issuer.
+
+    Raises ``ValueError`` naming ``auth.oidc.issuer`` or ``auth.oidc.audience`` when one
+    is missing or the issuer is not an https URL (http only on loopback).
+    """
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
-        self._issuer = checked_issuer(settings.get("issuer"))
-        self._audience = settings.get("audience")
-        if not self._audience:
+        self.settings = build(OidcSettings, settings)
+        self._issuer = checked_issuer(self.settings.issuer)
+        if not self.settings.audience:
             raise ValueError(
                 "auth.oidc.audience is required on the relay: without it, a token the issuer"
                 " signed for any other application would be accepted"
             )
-        self._settings = {k: settings[k] for k in SHARED_WITH_JWT if k in settings}
         self._jwt: JwtValidator | None = None
         self._discovering = asyncio.Lock()
 
@@ -39,12 +44,15 @@ class OidcValidator:
         async with self._discovering:
             if self._jwt is None:
                 metadata = await discover(self._issuer)
+                # a complete auth.jwt section: the shared values are already converted
+                # (durations in seconds), and the keys come from discovery
                 self._jwt = JwtValidator(
                     {
-                        **self._settings,
+                        **{key: getattr(self.settings, key) for key in SHARED_WITH_JWT},
+                        "public_key_file": None,
                         "jwks_url": metadata.jwks_uri,
                         "issuer": metadata.issuer,
-                        "audience": self._audience,
+                        "audience": self.settings.audience,
                     }
                 )
         return self._jwt

@@ -15,30 +15,53 @@ import ssl
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from cloudbridge_core.durations import parse_duration
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.retry import Backoff
+from cloudbridge_core.settings import build
 from prometheus_client import CollectorRegistry, Counter, delete_from_gateway, push_to_gateway
 
 log = get_logger("exporter.pushgateway")
+
+#: a failed push is retried after this, then twice as long each time (up to push_interval)
+FIRST_RETRY_SECONDS = 1.0
+RETRY_MULTIPLIER = 2.0
+RETRY_JITTER_SECONDS = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class PushgatewaySettings:
+    """``metrics.pushgateway`` as the core hands it over: validated, every default from
+    ``hooks.SETTINGS_SCHEMA`` (so none here), durations in seconds."""
+
+    enabled: bool
+    push_url: str
+    push_interval: float
+    job: str
+    instance: str | None
+    delete_on_exit: bool
+    username: str | None
+    password: str | None = field(repr=False)
+    ca_file: str | None
+    timeout: float
 
 
 class PushgatewayExporter:
     """Implements :class:`~cloudbridge_core.providers.Exporter`."""
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
-        self._url = str(settings.get("push_url", "http://localhost:9091"))
-        self._interval = parse_duration(str(settings.get("push_interval", "15s")))
-        self._timeout = parse_duration(str(settings.get("timeout", "10s")))
-        self._job = str(settings.get("job", "cloudbridge"))
-        self._grouping = {"instance": settings.get("instance") or socket.gethostname()}
-        self._delete_on_exit = bool(settings.get("delete_on_exit", False))
-        self._username = settings.get("username")
-        self._password = settings.get("password")
-        self._context = _context(settings.get("ca_file"))
-        self._backoff = Backoff(initial_delay=1.0, max_delay=self._interval, jitter=0.5)
+        self.settings = build(PushgatewaySettings, settings)
+        self._grouping = {"instance": self.settings.instance or socket.gethostname()}
+        self._context = _context(self.settings.ca_file)
+        self._backoff = Backoff(
+            initial_delay=FIRST_RETRY_SECONDS,
+            multiplier=RETRY_MULTIPLIER,
+            max_delay=self.settings.push_interval,
+            jitter=RETRY_JITTER_SECONDS,
+            max_retries=0,  # not consulted: pushes are retried until one succeeds
+        )
         self._registry: CollectorRegistry | None = None
         self._task: asyncio.Task[None] | None = None
         self.failures: Counter | None = None
@@ -60,7 +83,7 @@ class PushgatewayExporter:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await self._push_once()  # the final values, so short runs are seen too
-        if self._delete_on_exit:
+        if self.settings.delete_on_exit:
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(self._delete)
 
@@ -69,7 +92,7 @@ class PushgatewayExporter:
         while True:
             if await self._push_once():
                 failures_in_a_row = 0
-                await asyncio.sleep(self._interval)
+                await asyncio.sleep(self.settings.push_interval)
             else:
                 await asyncio.sleep(self._backoff.delay_for(failures_in_a_row))
                 failures_in_a_row += 1
@@ -80,7 +103,9 @@ class PushgatewayExporter:
         except OSError as exc:  # urllib's URLError and HTTPError are OSErrors
             if self.failures is not None:
                 self.failures.inc()
-            log.warning("push_failed", url=_without_credentials(self._url), reason=str(exc))
+            log.warning(
+                "push_failed", url=_without_credentials(self.settings.push_url), reason=str(exc)
+            )
             return False
         self.pushes += 1
         return True
@@ -88,20 +113,20 @@ class PushgatewayExporter:
     def _push(self) -> None:
         assert self._registry is not None  # set by start()
         push_to_gateway(
-            self._url,
-            job=self._job,
+            self.settings.push_url,
+            job=self.settings.job,
             registry=self._registry,
             grouping_key=self._grouping,
-            timeout=self._timeout,
+            timeout=self.settings.timeout,
             handler=self._handler,
         )
 
     def _delete(self) -> None:
         delete_from_gateway(
-            self._url,
-            job=self._job,
+            self.settings.push_url,
+            job=self.settings.job,
             grouping_key=self._grouping,
-            timeout=self._timeout,
+            timeout=self.settings.timeout,
             handler=self._handler,
         )
 
@@ -119,8 +144,8 @@ class PushgatewayExporter:
             request = urllib.request.Request(url, data=data, method=method)  # noqa: S310 - http(s) by schema
             for name, value in headers:
                 request.add_header(name, value)
-            if self._username is not None:
-                pair = f"{self._username}:{self._password or ''}".encode()
+            if self.settings.username is not None:
+                pair = f"{self.settings.username}:{self.settings.password or ''}".encode()
                 request.add_header("Authorization", f"Basic {base64.b64encode(pair).decode()}")
             with urllib.request.urlopen(  # noqa: S310 - http(s) by schema
                 request, timeout=timeout, context=self._context
@@ -139,5 +164,5 @@ def _without_credentials(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
-def _context(ca_file: object) -> ssl.SSLContext | None:
-    return ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
+def _context(ca_file: str | None) -> ssl.SSLContext | None:
+    return ssl.create_default_context(cafile=ca_file) if ca_file else None

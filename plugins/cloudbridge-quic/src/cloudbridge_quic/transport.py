@@ -9,13 +9,13 @@ import socket
 import ssl
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from aioquic.asyncio.server import QuicServer, serve
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.tls import SessionTicket, load_pem_private_key, load_pem_x509_certificates
-from cloudbridge_core.durations import parse_duration
 from cloudbridge_core.errors import (
     ConnectionTimeout,
     ServerUnavailable,
@@ -23,6 +23,7 @@ from cloudbridge_core.errors import (
     TransportError,
 )
 from cloudbridge_core.providers import Endpoint, Session, TlsMaterial
+from cloudbridge_core.settings import build
 from cloudbridge_core.tlsutil import ALPN
 from cloudbridge_core.transports.serving import run_session_handler
 
@@ -87,17 +88,25 @@ class QuicListener:
             self.server = None
 
 
+@dataclass(frozen=True, slots=True)
+class QuicSettings:
+    """``transport.quic`` as the core hands it over: validated, every default from
+    ``hooks.SETTINGS_SCHEMA`` (so none here), durations in seconds."""
+
+    idle_timeout: float
+    keepalive_interval: float
+    max_datagram_size: int
+    stream_window: int
+    connection_window: int
+    max_streams: int
+    max_datagram_frame_bytes: int
+
+
 class QuicTransport:
     """Implements :class:`~cloudbridge_core.providers.Transport` with aioquic."""
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
-        self._idle_timeout = parse_duration(str(settings.get("idle_timeout", "30s")))
-        self._keepalive = parse_duration(str(settings.get("keepalive_interval", "10s")))
-        self._datagram_ceiling = int(settings.get("max_datagram_size", 16384))
-        self._stream_window = int(settings.get("stream_window", 1 << 20))
-        self._connection_window = int(settings.get("connection_window", 16 << 20))
-        self._max_streams = int(settings.get("max_streams", 1024))
-        self._max_datagram_frame = int(settings.get("max_datagram_frame_bytes", 2048))
+        self.settings = build(QuicSettings, settings)
         self._tickets: dict[tuple[str, int], SessionTicket] = {}
         # aioquic logs every handshake step at info under "quic"; ours say what matters
         logging.getLogger("quic").setLevel(logging.WARNING)
@@ -106,19 +115,19 @@ class QuicTransport:
         return QuicConfiguration(
             is_client=is_client,
             alpn_protocols=[ALPN],
-            idle_timeout=self._idle_timeout,
-            max_data=self._connection_window,
-            max_stream_data=self._stream_window,
-            max_datagram_frame_size=self._max_datagram_frame,
+            idle_timeout=self.settings.idle_timeout,
+            max_data=self.settings.connection_window,
+            max_stream_data=self.settings.stream_window,
+            max_datagram_frame_size=self.settings.max_datagram_frame_bytes,
             congestion_control_algorithm="cubic",
         )
 
     def _bound(self, connection: QuicConnection) -> QuicConnection:
         return bound(
             connection,
-            stream_window=self._stream_window,
-            connection_window=self._connection_window,
-            max_streams=self._max_streams,
+            stream_window=self.settings.stream_window,
+            connection_window=self.settings.connection_window,
+            max_streams=self.settings.max_streams,
         )
 
     async def connect(self, endpoint: Endpoint) -> QuicSession:
@@ -153,7 +162,9 @@ class QuicTransport:
             forbid_fragmentation(sock)
             transport, session = await loop.create_datagram_endpoint(
                 lambda: QuicSession(
-                    connection, datagram_ceiling=self._datagram_ceiling, keepalive=self._keepalive
+                    connection,
+                    datagram_ceiling=self.settings.max_datagram_size,
+                    keepalive=self.settings.keepalive_interval,
                 ),
                 sock=sock,
             )
@@ -196,7 +207,7 @@ class QuicTransport:
         def create_session(connection: QuicConnection, **_: Any) -> QuicSession:
             return QuicSession(
                 self._bound(connection),
-                datagram_ceiling=self._datagram_ceiling,
+                datagram_ceiling=self.settings.max_datagram_size,
                 on_ready=listener.session_ready,
             )
 

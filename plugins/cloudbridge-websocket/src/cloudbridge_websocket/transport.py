@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from cloudbridge_core.durations import parse_duration
 from cloudbridge_core.errors import (
     ConnectionTimeout,
     ProtocolViolation,
@@ -17,6 +17,7 @@ from cloudbridge_core.errors import (
     TransportError,
 )
 from cloudbridge_core.providers import Endpoint, Session
+from cloudbridge_core.settings import build
 from cloudbridge_core.transports.mux_session import MuxSession
 from cloudbridge_core.transports.serving import run_session_handler
 from websockets.asyncio.client import ClientConnection, connect
@@ -76,27 +77,35 @@ class WebSocketListener:
             await self.server.wait_closed()
 
 
+@dataclass(frozen=True, slots=True)
+class WebSocketSettings:
+    """``transport.websocket`` as the core hands it over: validated, every default from
+    ``hooks.SETTINGS_SCHEMA`` (so none here), durations in seconds."""
+
+    path: str
+    ping_interval: float
+    ping_timeout: float
+    max_message_bytes: int
+
+
 class WebSocketTransport:
     """Implements :class:`~cloudbridge_core.providers.Transport`."""
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
-        self._path = str(settings.get("path", "/cloudbridge"))
-        self._ping_interval = parse_duration(str(settings.get("ping_interval", "20s")))
-        self._ping_timeout = parse_duration(str(settings.get("ping_timeout", "20s")))
-        self._max_message = int(settings.get("max_message_bytes", 1 << 20))
+        self.settings = build(WebSocketSettings, settings)
 
     def _options(self) -> dict[str, Any]:
         return {
             "subprotocols": [SUBPROTOCOL],
-            "ping_interval": self._ping_interval,
-            "ping_timeout": self._ping_timeout,
-            "max_size": self._max_message,
+            "ping_interval": self.settings.ping_interval,
+            "ping_timeout": self.settings.ping_timeout,
+            "max_size": self.settings.max_message_bytes,
             "compression": None,  # tunnelled bytes are often compressed already; spare the CPU
         }
 
     async def connect(self, endpoint: Endpoint) -> Session:
         host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
-        uri = f"wss://{host}:{endpoint.port}{self._path}"
+        uri = f"wss://{host}:{endpoint.port}{self.settings.path}"
         where = f"{endpoint.host}:{endpoint.port}"
         try:
             websocket = await asyncio.wait_for(
@@ -116,7 +125,7 @@ class WebSocketTransport:
         if websocket.subprotocol != SUBPROTOCOL:
             await websocket.close()
             raise TransportError(f"{where} does not speak {SUBPROTOCOL}")
-        return MuxSession(WebSocketPipe(websocket, self._max_message), is_dialer=True)
+        return MuxSession(WebSocketPipe(websocket, self.settings.max_message_bytes), is_dialer=True)
 
     async def serve(
         self, endpoint: Endpoint, handler: Callable[[Session], Awaitable[None]]
@@ -127,11 +136,15 @@ class WebSocketTransport:
             if (
                 websocket.subprotocol != SUBPROTOCOL
                 or websocket.request is None
-                or websocket.request.path != self._path
+                or websocket.request.path != self.settings.path
             ):
-                await websocket.close(1002, f"expected subprotocol {SUBPROTOCOL} at {self._path}")
+                await websocket.close(
+                    1002, f"expected subprotocol {SUBPROTOCOL} at {self.settings.path}"
+                )
                 return
-            session = MuxSession(WebSocketPipe(websocket, self._max_message), is_dialer=False)
+            session = MuxSession(
+                WebSocketPipe(websocket, self.settings.max_message_bytes), is_dialer=False
+            )
             task = asyncio.current_task()
             assert task is not None
             listener.handlers.add(task)
