@@ -20,10 +20,12 @@ def environment(**extra: str) -> dict[str, str]:
     return {**clean, **extra}
 
 
-def start(*args: str, env: dict[str, str], ready: str) -> subprocess.Popen[str]:
+def start(
+    *args: str, env: dict[str, str], ready: str, cwd: Path | None = None
+) -> subprocess.Popen[str]:
     """Start a long-running command and wait until it prints the line saying it is ready."""
     process = subprocess.Popen(
-        [BIN / "cloudbridge", *args], stderr=subprocess.PIPE, text=True, env=env
+        [BIN / "cloudbridge", *args], stderr=subprocess.PIPE, text=True, env=env, cwd=cwd
     )
     assert process.stderr is not None
     for line in process.stderr:

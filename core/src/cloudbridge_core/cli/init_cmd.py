@@ -172,7 +172,8 @@ def init(ctx: click.Context, /, config_dir: Path | None, **flags: Any) -> None:
             raise click.BadParameter("stdin gave no token", param_hint="--token-stdin")
     if interactive and not sys.stdin.isatty():
         raise UsageError("no terminal to ask questions on", hint="pass --non-interactive")
-    config_file = (config_dir or default_config_dir()) / "config.yaml"
+    # absolute, so the paths written into it work from any directory (a service runs from /)
+    config_file = Path(os.path.abspath(config_dir or default_config_dir())) / "config.yaml"
     wizard = Wizard(flags, interactive)
     if reauth:
         document = _existing(config_file)

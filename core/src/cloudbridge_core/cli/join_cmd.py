@@ -8,6 +8,7 @@ without a keyring (and no --insecure-storage), leaves the disk as it was.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -59,7 +60,8 @@ def join(
 ) -> None:
     """Join a relay with an invite URL (`-` reads it from stdin)."""
     link = InviteLink.parse(sys.stdin.readline() if url == "-" else url)
-    directory = config_dir or default_config_dir()
+    # absolute, so the config written there works from any directory (a service runs from /)
+    directory = Path(os.path.abspath(config_dir or default_config_dir()))
     config_file = directory / "config.yaml"
     if config_file.exists():
         raise UsageError(

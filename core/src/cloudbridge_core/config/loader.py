@@ -15,7 +15,7 @@ import platformdirs
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match
 
-from cloudbridge_core.config import sources
+from cloudbridge_core.config import paths, sources
 from cloudbridge_core.config.schema import Schema, core_schema, defaults, secret_paths
 from cloudbridge_core.config.sources import Layer, Origin, Path_, dotted, leaves
 from cloudbridge_core.errors import ConfigError, ConfigIssue
@@ -134,6 +134,7 @@ def read_sources(
         origins.update(layer.origins)
         lines.update(layer.lines)
         issues.extend(layer.issues)
+    data = paths.absolute_paths(data, origins, path, schema)
     return RawConfig(data, path, origins, lines, issues)
 
 
@@ -147,6 +148,7 @@ def validate(raw: RawConfig, schema: Schema) -> Config:
     for error in validator.iter_errors(raw.data):
         found = _issues_from(error, raw, secrets)
         issues.extend(issue for issue in found if issue.path not in reported)
+    issues.extend(_located(p, m, raw) for p, m in paths.settle_paths(raw, schema))
     if issues:
         issues.sort(key=lambda i: (i.line is None, i.line or 0, i.path))
         raise ConfigError(issues, hint="run 'cloudbridge config validate' to see every error")

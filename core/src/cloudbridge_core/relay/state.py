@@ -9,6 +9,7 @@ client.yaml                 a ready client config that only lacks a token
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,11 +77,13 @@ class RelayState:
 
     def write_client_config(self, host: str, ports: dict[str, int], stun: str | None) -> Path:
         path = self.directory / "client.yaml"
+        # absolute: the file is used from other directories (a service runs from /)
+        ca_file = os.path.abspath(self.directory / "ca.pem")
         config: dict[str, Any] = {
             "relay": {
                 "host": host,
                 "ports": ports,
-                "tls": {"ca_file": str(self.directory / "ca.pem")},
+                "tls": {"ca_file": ca_file},
             },
             "auth": {"type": "jwt"},
         }

@@ -18,6 +18,7 @@ SETTINGS_SCHEMA: dict[str, Any] = {
             "type": ["string", "null"],
             "default": None,
             "description": "PEM public key that signs tokens.",
+            "x-cloudbridge-path": "file",
         },
         "jwks_url": {
             "type": ["string", "null"],

@@ -46,6 +46,7 @@ SETTINGS_SCHEMA: dict[str, Any] = {
             "type": ["string", "null"],
             "default": None,
             "description": "PEM CA to trust for an https push_url instead of the system store.",
+            "x-cloudbridge-path": "file",
         },
         "timeout": {"$ref": "#/$defs/duration", "default": "10s"},
     },
