@@ -79,12 +79,12 @@ def test_interpolation_and_unset_variable(tmp_path: Path) -> None:
     assert config.get("auth.token") == "abc"
     assert config.redacted()["auth"]["token"] == "<redacted>"
     assert issues_of(path, {"MY_TOKEN": "abc"}) == [
-        f"{path}:4: relay.host: environment variable RELAY_HOST is not set"
+        f"{path}:4:3: relay.host: environment variable RELAY_HOST is not set"
         " (referenced as ${RELAY_HOST})"
     ]
 
 
-def test_every_error_is_reported_with_path_and_line(tmp_path: Path) -> None:
+def test_every_error_is_reported_with_path_line_and_column(tmp_path: Path) -> None:
     path = write(
         tmp_path / "c.yaml",
         """
@@ -98,9 +98,12 @@ def test_every_error_is_reported_with_path_and_line(tmp_path: Path) -> None:
     )
     found = issues_of(path)
     assert len(found) == 3
-    assert found[0] == f"{path}:2: relay.hots: unknown key 'hots' (did you mean 'host'?)"
-    assert found[1].startswith(f"{path}:4: relay.ports.quic: 'fast' is not of type 'integer'")
-    assert found[2].startswith(f"{path}:6: transport.connect_timeout: ")
+    assert found[0] == f"{path}:2:3: relay.hots: unknown key 'hots' (did you mean 'host'?)"
+    assert found[1].startswith(f"{path}:4:5: relay.ports.quic: 'fast' is not of type 'integer'")
+    assert found[2] == (
+        f"{path}:6:3: transport.connect_timeout: invalid duration 5000:"
+        " write a number with a unit, like 500ms, 30s, 1m30s or 24h"
+    )
 
 
 def test_environment_errors_name_the_variable() -> None:
@@ -116,7 +119,7 @@ def test_yaml_problems_are_located(tmp_path: Path) -> None:
     assert problem.startswith(f"{broken}:")
     assert "invalid YAML" in problem
     twice = write(tmp_path / "twice.yaml", "relay:\n  host: a\n  host: b\n")
-    assert issues_of(twice) == [f"{twice}:3: relay.host: duplicate key"]
+    assert issues_of(twice) == [f"{twice}:3:3: relay.host: duplicate key"]
     scalar = write(tmp_path / "scalar.yaml", "just a string\n")
     assert issues_of(scalar) == [f"{scalar}:1: <root>: the file must hold a mapping of sections"]
 
@@ -143,7 +146,7 @@ def test_plugin_sections_validate_when_installed(tmp_path: Path) -> None:
     # ... and with the plugin installed, its schema checks it and supplies defaults
     schema = merged_schema([section])
     assert issues_of(path, schema=schema) == [
-        f"{path}:3: transport.quic.max_idle_timout: unknown key 'max_idle_timout'"
+        f"{path}:3:5: transport.quic.max_idle_timout: unknown key 'max_idle_timout'"
         " (did you mean 'max_idle_timeout'?)"
     ]
     assert (

@@ -5,7 +5,12 @@ from __future__ import annotations
 import re
 
 import pytest
-from cloudbridge_core.durations import DURATION_PATTERN, format_duration, parse_duration
+from cloudbridge_core.durations import (
+    DURATION_PATTERN,
+    format_duration,
+    invalid_duration,
+    parse_duration,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -22,6 +27,17 @@ def test_parse(text: str, seconds: float) -> None:
 def test_bad_durations_are_named(text: str) -> None:
     with pytest.raises(ValueError, match=re.escape(repr(text))):
         parse_duration(text)
+
+
+@pytest.mark.parametrize("value", ["-5s", " -1m", -5])
+def test_negative_durations_are_explained(value: object) -> None:
+    assert invalid_duration(value) == (
+        f"invalid duration {value!r}: write a number with a unit, like 500ms, 30s, 1m30s or 24h;"
+        " durations cannot be negative"
+    )
+    if isinstance(value, str):
+        with pytest.raises(ValueError, match="durations cannot be negative"):
+            parse_duration(value)
 
 
 @given(st.integers(min_value=0, max_value=10 * 86400))

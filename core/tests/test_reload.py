@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import os
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from cloudbridge_core.client.metrics import ClientMetrics
 from cloudbridge_core.config import Config, load_config
 from cloudbridge_core.config.reload import ConfigWatcher
+from cloudbridge_core.log import configure_logging
+from prometheus_client import generate_latest
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -102,3 +107,89 @@ def test_sighup_reloads_and_subscriber_errors_are_contained(tmp_path: Path) -> N
         assert watcher.applied == 1
 
     asyncio.run(watching(path, scenario))
+
+
+FULL = "relay:\n  host: two.example.com\n  connect_timeout: 2s\nlogging:\n  level: debug\n"
+
+
+def test_a_file_caught_half_written_in_place_is_refused(tmp_path: Path) -> None:
+    """A slow writer (a copy over a slow link) rewrites the file in place: while it is at
+    it, the first two lines are valid YAML and a valid config, but not the config meant."""
+    path = tmp_path / "config.yaml"
+    path.write_text(GOOD.format(host="one.example.com"))
+    head, rest = FULL[: FULL.index("  connect")], FULL[FULL.index("  connect") :]
+
+    async def scenario(watcher: ConfigWatcher, applied: asyncio.Queue[Config]) -> None:
+        with path.open("w") as handle:  # same inode, truncated and rewritten
+            handle.write(head)
+            handle.flush()
+            # still writing (a byte at a time, as a slow link delivers them) until the
+            # watcher has looked at the unfinished file and refused it
+            for padding in itertools.count():
+                assert applied.empty(), "a half-written file was applied"
+                if watcher.rejected:
+                    break
+                assert padding < 3000, "the half-written file was never looked at"
+                handle.write(" ")
+                handle.flush()
+                await asyncio.sleep(0.01)
+            handle.write("\n" + rest)
+        assert watcher.current.get("relay.host") == "one.example.com"
+        config = await applied.get()
+        assert (config.get("relay.host"), config.get("relay.connect_timeout")) == (
+            "two.example.com",
+            "2s",
+        )
+
+    log = tmp_path / "cloudbridge.log"
+    configure_logging(level="info", fmt="json", output=str(log))
+    try:
+        asyncio.run(watching(path, scenario))
+    finally:
+        configure_logging()
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {"the file changed while being read (half-written?)"} == {
+        error for r in records if r["event"] == "reload_rejected" for error in r["errors"]
+    }
+
+
+@pytest.mark.parametrize("text", ["", "  \n\n", "# relay:\n#   host: gone.example.com\n"])
+def test_an_empty_file_is_refused(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(GOOD.format(host="one.example.com"))
+    log = tmp_path / "cloudbridge.log"
+
+    async def scenario(watcher: ConfigWatcher, applied: asyncio.Queue[Config]) -> None:
+        path.write_text(text)
+        await watcher.wait_attempts(1)
+        assert watcher.rejected == 1
+        assert watcher.current.get("relay.host") == "one.example.com"
+        assert applied.empty()
+
+    configure_logging(level="info", fmt="json", output=str(log))
+    try:
+        asyncio.run(watching(path, scenario))
+    finally:
+        configure_logging()
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    [rejected] = [r for r in records if r["event"] == "reload_rejected"]
+    assert rejected["level"] == "warning"
+    assert rejected["errors"] == ["the file is empty (only blank lines or comments)"]
+
+
+def test_reloads_are_counted_in_the_metrics(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(GOOD.format(host="one.example.com"))
+    metrics = ClientMetrics([])
+
+    async def scenario(watcher: ConfigWatcher, applied: asyncio.Queue[Config]) -> None:
+        metrics.watch_reloads(watcher)
+        replace_atomically(path, BROKEN)
+        await watcher.wait_attempts(1)
+        replace_atomically(path, GOOD.format(host="two.example.com"))
+        await applied.get()
+
+    asyncio.run(watching(path, scenario))
+    scraped = generate_latest(metrics.registry).decode()
+    assert 'cloudbridge_client_config_reloads_total{result="applied"} 1.0' in scraped
+    assert 'cloudbridge_client_config_reloads_total{result="rejected"} 1.0' in scraped

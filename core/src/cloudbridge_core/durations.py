@@ -16,10 +16,21 @@ DURATION_PATTERN = r"^(\d+(\.\d+)?(ms|s|m|h|d))+$"
 def parse_duration(text: str) -> float:
     """Return the duration in seconds; raise ``ValueError`` naming the bad text."""
     if not re.fullmatch(DURATION_PATTERN, text):
-        raise ValueError(
-            f"invalid duration {text!r}: write a number with a unit, like 500ms, 30s, 1m30s or 24h"
-        )
+        raise ValueError(invalid_duration(text))
     return sum(float(amount) * _UNIT_SECONDS[unit] for amount, unit in _PART.findall(text))
+
+
+def invalid_duration(value: object) -> str:
+    """Why ``value`` is not a duration, in words (config errors show this, not the pattern)."""
+    message = (
+        f"invalid duration {value!r}: write a number with a unit, like 500ms, 30s, 1m30s or 24h"
+    )
+    negative = (
+        value.strip().startswith("-")
+        if isinstance(value, str)
+        else isinstance(value, int | float) and not isinstance(value, bool) and value < 0
+    )
+    return f"{message}; durations cannot be negative" if negative else message
 
 
 def format_duration(seconds: float) -> str:

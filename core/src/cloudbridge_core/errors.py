@@ -88,17 +88,24 @@ class PluginSelectionError(UsageError):
 
 @dataclass(frozen=True, slots=True)
 class ConfigIssue:
-    """One thing wrong with a configuration, located as precisely as we can."""
+    """One thing wrong with a configuration, located as precisely as we can.
+
+    ``line`` and ``column`` count from 1, as editors do; ``column`` is only set with ``line``.
+    """
 
     path: str
     message: str
     source: str | None = None
     line: int | None = None
+    column: int | None = None
 
     def location(self) -> str:
+        """``file:line:column`` as compilers write it (or ``file:line``, ``file``, ``env VAR``)."""
         where = self.source or ""
         if self.line is not None:
             where = f"{where}:{self.line}"
+            if self.column is not None:
+                where = f"{where}:{self.column}"
         return where
 
     def __str__(self) -> str:

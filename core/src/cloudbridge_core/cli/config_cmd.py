@@ -66,8 +66,8 @@ def show(ctx: click.Context, as_json: bool, origin: bool) -> None:
 def validate_cmd(ctx: click.Context, path: Path | None, as_json: bool) -> None:
     """Check a config file (default: the one in use) and report every error.
 
-    Each error names its dotted path and, where it comes from a file, the line.
-    Exits 3 when the configuration is invalid.
+    Each error names its dotted path and, where it comes from a file, the line and
+    column (``file:line:column: path: message``). Exits 3 when the configuration is invalid.
     """
     runtime = runtime_of(ctx)
     if path is not None and not path.is_file():
@@ -89,7 +89,13 @@ def validate_cmd(ctx: click.Context, path: Path | None, as_json: bool) -> None:
                 "valid": not issues,
                 "source": str(source) if source else None,
                 "errors": [
-                    {"path": i.path, "message": i.message, "line": i.line, "source": i.source}
+                    {
+                        "path": i.path,
+                        "message": i.message,
+                        "line": i.line,
+                        "column": i.column,
+                        "source": i.source,
+                    }
                     for i in issues
                 ],
                 "warnings": warnings,

@@ -21,9 +21,9 @@ from cloudbridge_core.config import (
     search_path,
     validate,
 )
-from cloudbridge_core.config.schema import Schema
+from cloudbridge_core.config.schema import Schema, provider_choices
 from cloudbridge_core.log import LEVELS, configure_logging, get_logger
-from cloudbridge_core.plugins import Plugins, PluginSelection, load_plugins
+from cloudbridge_core.plugins import FAMILY_WORDS, Plugins, PluginSelection, load_plugins
 
 log = get_logger("cli")
 
@@ -94,7 +94,9 @@ class Runtime:
 
     @cached_property
     def schema(self) -> Schema:
-        return merged_schema(self.plugins.config_sections())
+        return merged_schema(
+            self.plugins.config_sections(), provider_choices(self.plugins, FAMILY_WORDS)
+        )
 
     def config(self) -> Config:
         """The validated effective config; raises ``ConfigError`` listing every problem."""

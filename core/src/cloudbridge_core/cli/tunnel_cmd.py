@@ -176,6 +176,7 @@ async def run_client(
             await wait_for_stop()
             return
         reload = ConfigWatcher(path, lambda: validate(runtime.read(path), runtime.schema), config)
+        metrics.watch_reloads(reload)
         reload.subscribe(link.apply)
         async with reload:
             await wait_for_stop()

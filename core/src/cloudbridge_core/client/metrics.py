@@ -16,8 +16,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from cloudbridge_core.config.reload_metrics import ReloadCollector
+
 if TYPE_CHECKING:
     from cloudbridge_core.client.tunnel import Tunnel
+    from cloudbridge_core.config.reload import ConfigWatcher
 
 #: seconds; heartbeats and tunnel setups on LANs, WANs and satellite links
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -168,3 +171,7 @@ class ClientMetrics:
 
     def watch_tunnels(self, tunnels: Callable[[], Iterable[Tunnel]]) -> None:
         self.registry.register(TunnelCollector(tunnels))
+
+    def watch_reloads(self, watcher: ConfigWatcher) -> None:
+        """Count ``watcher``'s reloads as ``cloudbridge_client_config_reloads_total``."""
+        self.registry.register(ReloadCollector("cloudbridge_client", watcher))

@@ -12,12 +12,20 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import platformdirs
-from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match
 
 from cloudbridge_core.config import paths, sources
-from cloudbridge_core.config.schema import Schema, core_schema, defaults, secret_paths
-from cloudbridge_core.config.sources import Layer, Origin, Path_, dotted, leaves
+from cloudbridge_core.config.schema import (
+    Schema,
+    aliases,
+    config_validator,
+    core_schema,
+    defaults,
+    described,
+    secret_paths,
+)
+from cloudbridge_core.config.sources import Layer, Mark, Origin, Path_, dotted, leaves
+from cloudbridge_core.durations import DURATION_PATTERN, invalid_duration
 from cloudbridge_core.errors import ConfigError, ConfigIssue
 from cloudbridge_core.settings import Settings, build, convert
 
@@ -102,7 +110,7 @@ class RawConfig:
     data: dict[str, Any]
     source: Path | None
     origins: dict[Path_, Origin]
-    lines: dict[Path_, int]
+    marks: dict[Path_, Mark]
     issues: list[ConfigIssue]
 
 
@@ -122,7 +130,7 @@ def read_sources(
     layers.append(sources.overrides_layer(overrides or {}))
     data: dict[str, Any] = {}
     origins: dict[Path_, Origin] = {}
-    lines: dict[Path_, int] = {}
+    marks: dict[Path_, Mark] = {}
     issues: list[ConfigIssue] = []
     for layer in layers:
         data = sources.merge(data, layer.data)
@@ -132,10 +140,22 @@ def read_sources(
             for old in [p for p in origins if p[: len(changed)] == changed]:
                 del origins[old]
         origins.update(layer.origins)
-        lines.update(layer.lines)
+        marks.update(layer.marks)
         issues.extend(layer.issues)
+    _unalias(data, schema)
     data = paths.absolute_paths(data, origins, path, schema)
-    return RawConfig(data, path, origins, lines, issues)
+    return RawConfig(data, path, origins, marks, issues)
+
+
+def _unalias(data: dict[str, Any], schema: Schema) -> None:
+    """Read another accepted spelling (``logging.level: warn``) as the one everything uses."""
+    for path, spellings in aliases(schema).items():
+        parent: Any = data
+        for key in path[:-1]:
+            parent = parent.get(key) if isinstance(parent, dict) else None
+        value = parent.get(path[-1]) if isinstance(parent, dict) else None
+        if isinstance(value, str) and value in spellings:
+            parent[path[-1]] = spellings[value]
 
 
 def validate(raw: RawConfig, schema: Schema) -> Config:
@@ -144,13 +164,12 @@ def validate(raw: RawConfig, schema: Schema) -> Config:
     issues = list(raw.issues)
     # a value already reported while reading (an unset ${VAR}) would only be reported again
     reported = {issue.path for issue in raw.issues}
-    validator = Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
-    for error in validator.iter_errors(raw.data):
+    for error in config_validator(schema).iter_errors(raw.data):
         found = _issues_from(error, raw, secrets)
         issues.extend(issue for issue in found if issue.path not in reported)
     issues.extend(_located(p, m, raw) for p, m in paths.settle_paths(raw, schema))
     if issues:
-        issues.sort(key=lambda i: (i.line is None, i.line or 0, i.path))
+        issues.sort(key=lambda i: (i.line is None, i.line or 0, i.column or 0, i.path))
         raise ConfigError(issues, hint="run 'cloudbridge config validate' to see every error")
     return Config(raw.data, raw.source, raw.origins, secrets, schema)
 
@@ -189,10 +208,18 @@ def _issues_from(
     if error.context:
         error = best_match(error.context)
         path = tuple(str(p) for p in error.absolute_path)
-    message = error.message
+    message = described(error) or _duration_message(error) or error.message
     if _is_secret(path, secrets):
         message = f"invalid value (fails '{error.validator}'; the value is a secret and not shown)"
     return [_located(path, message, raw)]
+
+
+def _duration_message(error: ValidationError) -> str | None:
+    """Explain a malformed duration in words instead of printing ``$defs/duration``'s regex."""
+    failed = error.schema if isinstance(error.schema, Mapping) else {}
+    if failed.get("pattern") == DURATION_PATTERN and error.validator in ("pattern", "type"):
+        return invalid_duration(error.instance)
+    return None
 
 
 def _unknown_key(parent: Path_, key: str, known: Sequence[str], raw: RawConfig) -> ConfigIssue:
@@ -206,11 +233,16 @@ def _unknown_key(parent: Path_, key: str, known: Sequence[str], raw: RawConfig) 
 
 
 def _located(path: Path_, message: str, raw: RawConfig) -> ConfigIssue:
-    origin = _longest_prefix(raw.origins, path)
+    # origins are kept per leaf: a mapping (an unknown section) came from where its leaves did
+    origin = _longest_prefix(raw.origins, path) or next(
+        (o for p, o in raw.origins.items() if path and p[: len(path)] == path), None
+    )
     if origin is None:
         return ConfigIssue(dotted(path), message, "default")
-    line = _longest_prefix(raw.lines, path) if origin.line is not None else None
-    return ConfigIssue(dotted(path), message, origin.source, line)
+    mark = _longest_prefix(raw.marks, path) if origin.line is not None else None
+    if mark is None:
+        return ConfigIssue(dotted(path), message, origin.source)
+    return ConfigIssue(dotted(path), message, origin.source, mark.line, mark.column)
 
 
 def _longest_prefix(found: Mapping[Path_, _T], path: Path_) -> _T | None:

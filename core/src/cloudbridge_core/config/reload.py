@@ -4,7 +4,9 @@ The watcher observes the config file's *directory*, because editors and Kubernet
 ConfigMaps replace files atomically (a new inode, or a swapped ``..data`` symlink) and a
 watch on the old inode would silently stop firing. SIGHUP forces a reload. A new file is
 validated before anyone sees it: when it is invalid, the paths at fault are logged and
-the configuration in force stays in force.
+the configuration in force stays in force. So it does when the file is caught half-written
+(written in place, it changes between two reads ``settle`` apart) or is empty (nothing but
+blank lines and comments: a save truncated mid-way, not a wish for every default).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class ConfigWatcher:
         *,
         debounce_ms: int = 100,
         force_polling: bool | None = None,
+        settle: float = 0.075,
     ) -> None:
         self._path = path.absolute()
         self._load = load
@@ -53,6 +56,7 @@ class ConfigWatcher:
         self._subscribers: list[Subscriber] = []
         self._debounce_ms = debounce_ms
         self._force_polling = force_polling
+        self._settle = settle
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._signalled: set[asyncio.Task[bool]] = set()
@@ -72,10 +76,20 @@ class ConfigWatcher:
 
     async def reload(self, reason: str) -> bool:
         """Reload now; return whether a new config was applied."""
-        digest = self._read_digest()
+        content = self._read()
+        digest = _digest(content)
         if reason != "sighup" and digest == self._digest:
             return False
         try:
+            if content is None:  # unreadable: load() reports why
+                return await self._apply(reason, digest)
+            await asyncio.sleep(self._settle)
+            if self._read() != content:
+                # digest not kept: the writer's last write brings another change to check
+                return self._reject(reason, ["the file changed while being read (half-written?)"])
+            if _is_blank(content):
+                self._digest = digest
+                return self._reject(reason, ["the file is empty (only blank lines or comments)"])
             return await self._apply(reason, digest)
         finally:
             async with self._attempted:
@@ -85,16 +99,8 @@ class ConfigWatcher:
         try:
             config = self._load()
         except ConfigError as exc:
-            self.rejected += 1
             self._digest = digest
-            log.warning(
-                "reload_rejected",
-                reason=reason,
-                path=str(self._path),
-                errors=[str(issue) for issue in exc.issues],
-                note="the previous configuration stays in force",
-            )
-            return False
+            return self._reject(reason, [str(issue) for issue in exc.issues])
         self._digest = digest
         changes = ConfigChanges.between(self.current, config)
         self.current = config
@@ -157,13 +163,36 @@ class ConfigWatcher:
             loop.remove_signal_handler(signal.SIGHUP)
             ready.set()
 
+    def _reject(self, reason: str, errors: list[str]) -> bool:
+        self.rejected += 1
+        log.warning(
+            "reload_rejected",
+            reason=reason,
+            path=str(self._path),
+            errors=errors,
+            note="the previous configuration stays in force",
+        )
+        return False
+
     def _on_sighup(self, loop: asyncio.AbstractEventLoop) -> None:
         task = loop.create_task(self.reload("sighup"))
         self._signalled.add(task)
         task.add_done_callback(self._signalled.discard)
 
     def _read_digest(self) -> str | None:
+        return _digest(self._read())
+
+    def _read(self) -> bytes | None:
         try:
-            return hashlib.sha256(self._path.read_bytes()).hexdigest()
+            return self._path.read_bytes()
         except OSError:
             return None
+
+
+def _digest(content: bytes | None) -> str | None:
+    return hashlib.sha256(content).hexdigest() if content is not None else None
+
+
+def _is_blank(content: bytes) -> bool:
+    lines = content.decode("utf-8", errors="replace").splitlines()
+    return all(not line.strip() or line.lstrip().startswith("#") for line in lines)

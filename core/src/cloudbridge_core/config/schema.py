@@ -2,18 +2,38 @@
 
 ``schemas/config.schema.json`` at the repository root is the source of truth; the core
 wheel carries a byte-identical copy (a test fails if they drift).
+
+Besides standard JSON Schema 2020-12, config schemas (the core's and plugins') may use:
+
+- ``minDuration`` / ``maxDuration``: bounds of a duration string (``"minDuration": "1s"``);
+- ``x-cloudbridge-provider``: ``{"family": "transport", "also": ["auto"]}`` marks a value
+  naming a provider; :func:`merged_schema` limits it to what this host has;
+- ``x-cloudbridge-aliases``: ``{"warn": "warning"}``, spellings read as another value;
+- ``x-cloudbridge-messages``: ``{"enum": "{value} is not ..."}``, a failure in words.
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
 import json
-from collections.abc import Iterable, Iterator, Mapping
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from jsonschema import Draft202012Validator, validators
+from jsonschema.exceptions import ValidationError
+
+from cloudbridge_core.durations import DURATION_PATTERN, parse_duration
 from cloudbridge_core.providers import ConfigSection
+
+if TYPE_CHECKING:
+    from jsonschema.protocols import Validator
+
+    from cloudbridge_core.plugins import Plugins
 
 Schema = dict[str, Any]
 
@@ -38,7 +58,33 @@ def cli_schema(name: str) -> Schema:
     return loaded
 
 
-def merged_schema(sections: Iterable[ConfigSection]) -> Schema:
+@dataclass(frozen=True)
+class ProviderChoices:
+    """What a value naming a provider of one family may be on this host.
+
+    ``installed`` are the active providers; ``inactive`` are installed plugins that are
+    disabled or failed to load: naming one is not a typo, and the command that needs it
+    says how to fix it.
+    """
+
+    word: str
+    installed: tuple[str, ...]
+    inactive: tuple[str, ...] = ()
+
+
+def provider_choices(plugins: Plugins, words: Mapping[str, str]) -> dict[str, ProviderChoices]:
+    """What a value naming a provider may be, for each family in ``words`` (family -> the
+    word users know it by, ``plugins.FAMILY_WORDS``), given the loaded plugins."""
+    inactive = tuple(record.name for record in plugins.records if record.status != "active")
+    return {
+        family: ProviderChoices(word, tuple(plugins.providers(family)), inactive)
+        for family, word in words.items()
+    }
+
+
+def merged_schema(
+    sections: Iterable[ConfigSection], providers: Mapping[str, ProviderChoices] | None = None
+) -> Schema:
     """The core schema with each plugin section applied at its dotted path.
 
     Where the core already declares the path (a plugin-owned placeholder), the plugin's
@@ -56,7 +102,98 @@ def merged_schema(sections: Iterable[ConfigSection]) -> Schema:
             properties[leaf] = {"allOf": [properties[leaf], fragment]}
         else:
             properties[leaf] = fragment
+    if providers is not None:
+        _limit_to_installed(schema, providers)
     return schema
+
+
+def _limit_to_installed(node: Schema, providers: Mapping[str, ProviderChoices]) -> None:
+    """Give each ``x-cloudbridge-provider`` value an ``enum`` of what may be named here.
+
+    That is the installed providers, the inactive plugins, and any plugin whose section
+    sits beside the value (``transport.quic`` beside ``transport.mode``): such a plugin
+    exists and is just not installed on this host, which ``config validate`` warns about
+    with the package to install, rather than calling it a typo.
+    """
+    siblings = node.get("properties", {})
+    for child in [*siblings.values(), *node.get("allOf", [])]:
+        marked = child.get("x-cloudbridge-provider")
+        if isinstance(marked, Mapping) and marked.get("family") in providers:
+            choices = providers[marked["family"]]
+            also = [str(name) for name in marked.get("also", [])]
+            known = {name for name in map(_plugin_of, siblings.values()) if name}
+            child["enum"] = [*sorted({*choices.installed, *choices.inactive, *known}), *also]
+            listed = ", ".join(sorted(choices.installed)) or "none"
+            extra = f"; or {', '.join(also)}" if also else ""
+            child.setdefault("x-cloudbridge-messages", {})["enum"] = (
+                f"{{value}} is not an installed {choices.word} (installed: {listed}{extra})"
+            )
+        _limit_to_installed(child, providers)
+
+
+def _plugin_of(node: Mapping[str, Any]) -> str | None:
+    """The plugin owning a section placeholder (also once plugins' fragments joined it)."""
+    for part in [node, *node.get("allOf", [])]:
+        if isinstance(part.get("x-cloudbridge-plugin"), str):
+            return str(part["x-cloudbridge-plugin"])
+    return None
+
+
+def described(error: ValidationError) -> str | None:
+    """The schema's own words for ``error`` (``x-cloudbridge-messages``), if it has some."""
+    failed = error.schema if isinstance(error.schema, Mapping) else {}
+    template = failed.get("x-cloudbridge-messages", {}).get(str(error.validator))
+    if not isinstance(template, str):
+        return None
+    message = template.replace("{value}", repr(error.instance))
+    if isinstance(error.instance, str) and isinstance(error.validator_value, list):
+        choices = [str(choice) for choice in error.validator_value]
+        close = difflib.get_close_matches(error.instance, choices, n=1)
+        if close:
+            message += f"; did you mean {close[0]!r}?"
+    return message
+
+
+def aliases(schema: Mapping[str, Any]) -> dict[tuple[str, ...], Mapping[str, str]]:
+    """Paths whose values have other accepted spellings (``x-cloudbridge-aliases``)."""
+    return {
+        path: node["x-cloudbridge-aliases"]
+        for path, node in _walk(schema, ())
+        if isinstance(node.get("x-cloudbridge-aliases"), Mapping)
+    }
+
+
+Check = Callable[["Validator", Any, Any, Mapping[str, Any]], Iterator[ValidationError]]
+
+
+def _duration_bound(too: str, bound_name: str, outside: Callable[[float, float], bool]) -> Check:
+    def check(
+        _validator: Validator, bound: Any, instance: Any, _schema: Mapping[str, Any]
+    ) -> Iterator[ValidationError]:
+        if not isinstance(instance, str) or not re.fullmatch(DURATION_PATTERN, instance):
+            return  # not a duration at all: "$defs/duration" says so
+        if outside(parse_duration(instance), parse_duration(bound)):
+            yield ValidationError(f"{instance} is too {too}: the {bound_name} is {bound}")
+
+    return check
+
+
+#: Draft 2020-12 plus bounds on duration strings, which JSON Schema cannot compare
+ConfigValidator: type[Validator] = validators.extend(  # type: ignore[no-untyped-call]  # jsonschema leaves extend() unannotated
+    Draft202012Validator,
+    {
+        "minDuration": _duration_bound("short", "minimum", lambda value, low: value < low),
+        "maxDuration": _duration_bound("long", "maximum", lambda value, high: value > high),
+    },
+)
+
+
+def config_validator(schema: Mapping[str, Any]) -> Validator:
+    """A validator of config documents: formats checked, duration bounds understood."""
+    validator: Validator = ConfigValidator(
+        schema, format_checker=Draft202012Validator.FORMAT_CHECKER
+    )
+    return validator
 
 
 def _walk(

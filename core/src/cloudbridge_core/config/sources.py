@@ -21,6 +21,12 @@ from cloudbridge_core.config.schema import Schema, types_at
 from cloudbridge_core.errors import ConfigIssue
 
 ENV_PREFIX = "CLOUDBRIDGE_"
+#: PyYAML's names for what an unclosed quote or bracket leaves open, in a user's words
+_UNCLOSED = {
+    "quoted scalar": "a quoted string",
+    "flow sequence": "a [...] list",
+    "flow mapping": "a {...} mapping",
+}
 _VARIABLE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 Path_ = tuple[str, ...]
@@ -37,6 +43,18 @@ class Origin:
         return f"{self.source}:{self.line}" if self.line is not None else self.source
 
 
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """A place in a file, counted from 1 as editors do."""
+
+    line: int
+    column: int
+
+    @classmethod
+    def of(cls, mark: yaml.Mark) -> Mark:
+        return cls(mark.line + 1, mark.column + 1)
+
+
 @dataclass
 class Layer:
     """One configuration source: its data and where each value in it came from."""
@@ -44,7 +62,7 @@ class Layer:
     name: str
     data: dict[str, Any] = field(default_factory=dict)
     origins: dict[Path_, Origin] = field(default_factory=dict)
-    lines: dict[Path_, int] = field(default_factory=dict)
+    marks: dict[Path_, Mark] = field(default_factory=dict)
     issues: list[ConfigIssue] = field(default_factory=list)
 
 
@@ -74,10 +92,7 @@ def file_layer(path: Path, environ: Mapping[str, str]) -> Layer:
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else {}
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(exc, "problem", None) or str(exc)
-        layer.issues.append(ConfigIssue("", f"invalid YAML: {problem}", str(path), line))
+        layer.issues.append(_yaml_issue(exc, str(path)))
         return layer
     finally:
         loader.dispose()
@@ -87,33 +102,61 @@ def file_layer(path: Path, environ: Mapping[str, str]) -> Layer:
         )
         return layer
     if node is not None:
-        _index_lines(node, (), layer, str(path))
+        _index_marks(node, (), layer, str(path))
     layer.data = _interpolate(data, (), environ, layer, str(path))
     for leaf, _ in leaves(layer.data):
-        layer.origins[leaf] = Origin(str(path), layer.lines.get(leaf))
+        layer.origins[leaf] = Origin(str(path), line_of(layer.marks, leaf))
     return layer
 
 
-def _index_lines(node: yaml.Node, path: Path_, layer: Layer, source: str) -> None:
+def line_of(marks: Mapping[Path_, Mark], path: Path_) -> int | None:
+    mark = marks.get(path)
+    return mark.line if mark is not None else None
+
+
+def _yaml_issue(exc: yaml.YAMLError, source: str) -> ConfigIssue:
+    """Locate a YAML error where the problem starts, not where PyYAML gave up.
+
+    An unclosed quote or bracket is only noticed lines later (often at the end of the
+    file): PyYAML's ``context_mark`` is where the unclosed scalar or flow collection
+    starts, which is where the fix goes. For other errors (a bad indent inside a block
+    mapping) the context is merely the enclosing mapping, and ``problem_mark`` is the spot.
+    """
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None) or ""
+    problem_mark = getattr(exc, "problem_mark", None)
+    context_mark = getattr(exc, "context_mark", None)
+    unclosed = next((words for kind, words in _UNCLOSED.items() if kind in context), None)
+    if unclosed is not None and context_mark is not None:
+        where = Mark.of(context_mark)
+        noticed = f" at line {problem_mark.line + 1}" if problem_mark is not None else ""
+        message = f"invalid YAML: {unclosed} starts here and is not closed ({problem}{noticed})"
+        return ConfigIssue("", message, source, where.line, where.column)
+    if problem_mark is None:
+        return ConfigIssue("", f"invalid YAML: {problem}", source)
+    where = Mark.of(problem_mark)
+    return ConfigIssue("", f"invalid YAML: {problem}", source, where.line, where.column)
+
+
+def _index_marks(node: yaml.Node, path: Path_, layer: Layer, source: str) -> None:
     if isinstance(node, yaml.MappingNode):
         seen: set[str] = set()
         for key_node, value_node in node.value:
             key = str(key_node.value)
             child = (*path, key)
+            mark = Mark.of(key_node.start_mark)
             if key in seen:
                 layer.issues.append(
-                    ConfigIssue(
-                        dotted(child), "duplicate key", source, key_node.start_mark.line + 1
-                    )
+                    ConfigIssue(dotted(child), "duplicate key", source, mark.line, mark.column)
                 )
             seen.add(key)
-            layer.lines[child] = key_node.start_mark.line + 1
-            _index_lines(value_node, child, layer, source)
+            layer.marks[child] = mark
+            _index_marks(value_node, child, layer, source)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
             child = (*path, str(index))
-            layer.lines[child] = item.start_mark.line + 1
-            _index_lines(item, child, layer, source)
+            layer.marks[child] = Mark.of(item.start_mark)
+            _index_marks(item, child, layer, source)
 
 
 def _interpolate(
@@ -135,12 +178,14 @@ def _interpolate(
         if name is None:  # "$$" is a literal dollar sign
             return "$"
         if name not in environ:
+            mark = layer.marks.get(path)
             layer.issues.append(
                 ConfigIssue(
                     dotted(path),
                     f"environment variable {name} is not set (referenced as ${{{name}}})",
                     source,
-                    layer.lines.get(path),
+                    mark.line if mark is not None else None,
+                    mark.column if mark is not None else None,
                 )
             )
             return ""

@@ -9,7 +9,10 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from cloudbridge_core.config.reload_metrics import ReloadCollector
+
 if TYPE_CHECKING:
+    from cloudbridge_core.config.reload import ConfigWatcher
     from cloudbridge_core.relay.server import Relay
 
 
@@ -112,3 +115,7 @@ class RelayMetrics:
 
     def watch(self, relay: Relay, *, tenant_labels: bool) -> None:
         self.registry.register(SessionCollector(relay, tenant_labels))
+
+    def watch_reloads(self, watcher: ConfigWatcher) -> None:
+        """Count ``watcher``'s reloads as ``cloudbridge_relay_config_reloads_total``."""
+        self.registry.register(ReloadCollector("cloudbridge_relay", watcher))
