@@ -49,7 +49,8 @@ def claims(**overrides: Any) -> dict[str, Any]:
 
 
 def settings(**overrides: Any) -> Mapping[str, Any]:
-    return plugin_settings(hooks.SETTINGS_SCHEMA, issuer=ISSUER, audience=AUDIENCE, **overrides)
+    values = {"issuer": ISSUER, "audience": AUDIENCE, **overrides}
+    return plugin_settings(hooks.SETTINGS_SCHEMA, **values)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from oidc_provider import AUDIENCE, OpenIdProvider, new_key
 
 def validator_for(issuer: str, **settings: Any) -> OidcValidator:
     return OidcValidator(
-        plugin_settings(SETTINGS_SCHEMA, issuer=issuer, audience=AUDIENCE, **settings)
+        plugin_settings(SETTINGS_SCHEMA, **{"issuer": issuer, "audience": AUDIENCE, **settings})
     )
 
 
