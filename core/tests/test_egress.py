@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import ipaddress
+from typing import Any
 
 import pytest
+from cloudbridge_core.config import load_config
 from cloudbridge_core.errors import ConfigError, EgressDenied
 from cloudbridge_core.relay.egress import EgressPolicy
+
+
+def from_section(section: dict[str, Any]) -> EgressPolicy:
+    """The policy of a ``server.egress`` section, read as the relay reads it."""
+    config = load_config(None, environ={}, overrides={"server.egress": (section, "test")})
+    return EgressPolicy.from_settings(config.settings.server.egress)
 
 
 def ip(text: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
@@ -40,7 +48,7 @@ def test_public_addresses_are_allowed_and_dev_opens_loopback() -> None:
 
 
 def test_rules_hosts_wildcards_cidrs_ports_and_deny_wins() -> None:
-    policy = EgressPolicy.from_config(
+    policy = from_section(
         {
             "allow": ["10.0.0.0/8:22", "*.internal.example.com:443", "db.example.com:5000-5010"],
             "deny": ["10.9.0.0/16", "203.0.113.66"],
@@ -60,7 +68,7 @@ def test_rules_hosts_wildcards_cidrs_ports_and_deny_wins() -> None:
 
 
 def test_tenant_rules_apply_to_that_tenant_only() -> None:
-    policy = EgressPolicy.from_config(
+    policy = from_section(
         {
             "tenants": {
                 "acme": {"allow": ["10.20.0.0/16:22"]},
@@ -79,5 +87,5 @@ def test_tenant_rules_apply_to_that_tenant_only() -> None:
 @pytest.mark.parametrize("rule", ["10.0.0.0/8:0", "host:99999", "host:20-10", "a b"])
 def test_bad_rules_name_their_path(rule: str) -> None:
     with pytest.raises(ConfigError) as caught:
-        EgressPolicy.from_config({"tenants": {"acme": {"allow": [rule]}}})
+        from_section({"tenants": {"acme": {"allow": [rule]}}})
     assert caught.value.issues[0].path == "server.egress.tenants.acme.allow.0"

@@ -12,12 +12,14 @@ import click
 from cloudbridge_core.cli.output import message
 from cloudbridge_core.cli.runtime import config_option, runtime_of
 from cloudbridge_core.cli.serving import run_async, wait_for_stop
+from cloudbridge_core.config import Config, validate
 from cloudbridge_core.durations import parse_duration
 from cloudbridge_core.errors import UsageError
 from cloudbridge_core.exporters import exporting
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.prometheus_exporter import PrometheusExporter
 from cloudbridge_core.relay.invites import InviteLink, InviteStore
+from cloudbridge_core.relay.live import follow
 from cloudbridge_core.relay.runner import start_relay, state_dir_of
 from cloudbridge_core.relay.state import RelayState
 from cloudbridge_core.relay.tokens import issue_token, jwks
@@ -44,7 +46,9 @@ def relay() -> None:
 )
 @click.pass_context
 def serve(ctx: click.Context, state_dir: Path | None, dev: bool) -> None:
-    """Serve clients on every installed transport (ports from relay.ports)."""
+    """Serve clients on every installed transport (ports from relay.ports), following
+    changes to the config file (and SIGHUP): egress, limits, timeouts and auth keys apply
+    at once without dropping sessions; what needs a restart is logged as such."""
     runtime = runtime_of(ctx)
     config = runtime.config()
 
@@ -60,12 +64,23 @@ def serve(ctx: click.Context, state_dir: Path | None, dev: bool) -> None:
             served = exporters.get("prometheus")
             if isinstance(served, PrometheusExporter) and served.url:
                 message(f"metrics and probes: {served.url}, /healthz, /readyz")
+            listen = config.settings.server.listen
             for name, listener in running.listeners.items():
-                message(f"relay listening: {name} on {config.get('server.listen')}:{listener.port}")
+                message(f"relay listening: {name} on {listen}:{listener.port}")
             message(f"CA fingerprint (sha256): {running.state.ca.fingerprint()}")
             message(f"client config: {running.client_config}")
             if dev:
                 message("development mode: tunnels may reach this host's loopback")
+            path = runtime.config_path
+            if path is not None:
+
+                def load() -> Config:
+                    return validate(runtime.read(path), runtime.schema)
+
+                await stack.enter_async_context(
+                    follow(running, config, runtime.plugins, load, path, dev=dev)
+                )
+                message(f"following {path}: changes (and SIGHUP) reload it")
             await wait_for_stop()
 
     run_async(main)
@@ -105,7 +120,7 @@ def issue(
     """Print a signed token (stdout) for a client of this relay."""
     config = runtime_of(ctx).config()
     try:
-        lifetime = parse_duration(ttl or config.get("server.token_ttl"))
+        lifetime = parse_duration(ttl) if ttl else config.settings.server.token_ttl
         state = RelayState.load(state_dir_of(config, state_dir))
     except ValueError as exc:
         raise UsageError(f"--ttl: {exc}") from None
@@ -192,6 +207,6 @@ def create_invite(
         raise UsageError(str(exc), hint="run 'cloudbridge relay serve' once first") from None
     granted = list(permissions or ("relay:connect", "tunnel:create", "p2p:mesh"))
     code = InviteStore(state.invites_file).create(tenant, granted, lifetime, uses)
-    host = config.get("server.public_host") or config.get("relay.host")
+    host = config.settings.server.public_host or config.settings.relay.host
     link = InviteLink(host, config.get("relay.ports.tls"), code, state.ca.certificate)
     click.echo(link.url())

@@ -13,9 +13,9 @@ import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from cloudbridge_core.errors import ConfigError, ConfigIssue, EgressDenied
+from cloudbridge_core.settings import EgressSettings
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _RULE = re.compile(
@@ -76,20 +76,24 @@ class EgressPolicy:
     tenants: Mapping[str, tuple[Sequence[Rule], Sequence[Rule]]] = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, section: Mapping[str, Any], *, dev: bool = False) -> EgressPolicy:
+    def from_settings(cls, section: EgressSettings, *, dev: bool = False) -> EgressPolicy:
+        """The policy of ``server.egress``; raises :class:`ConfigError` naming a bad rule."""
+
         def rules(entries: Sequence[str], where: str) -> list[Rule]:
             return [Rule.parse(rule, f"{where}.{index}") for index, rule in enumerate(entries)]
 
+        # a tenant's entry may leave out allow or deny (the schema's defaults are not
+        # filled in inside a map), so those come through as None
         tenants = {
             tenant: (
-                rules(extra.get("allow", []), f"server.egress.tenants.{tenant}.allow"),
-                rules(extra.get("deny", []), f"server.egress.tenants.{tenant}.deny"),
+                rules(extra.allow or (), f"server.egress.tenants.{tenant}.allow"),
+                rules(extra.deny or (), f"server.egress.tenants.{tenant}.deny"),
             )
-            for tenant, extra in section.get("tenants", {}).items()
+            for tenant, extra in section.tenants.items()
         }
         return cls(
-            allow=rules(section.get("allow", []), "server.egress.allow"),
-            deny=rules(section.get("deny", []), "server.egress.deny"),
+            allow=rules(section.allow, "server.egress.allow"),
+            deny=rules(section.deny, "server.egress.deny"),
             allow_loopback=dev,
             tenants=tenants,
         )

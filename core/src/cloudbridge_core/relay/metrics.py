@@ -18,11 +18,13 @@ if TYPE_CHECKING:
 
 class SessionCollector(Collector):
     """Sessions open now, by transport (and by tenant when asked: tenants are bounded by
-    the relay's own users, but a large relay may not want one series each)."""
+    the relay's own users, but a large relay may not want one series each).
+
+    ``tenant_labels`` may be switched while the relay serves; the next scrape follows it."""
 
     def __init__(self, relay: Relay, tenant_labels: bool) -> None:
         self._relay = relay
-        self._tenant_labels = tenant_labels
+        self.tenant_labels = tenant_labels
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         by_transport = GaugeMetricFamily(
@@ -40,7 +42,7 @@ class SessionCollector(Collector):
         yield GaugeMetricFamily(
             "cloudbridge_relay_mesh_peers", "Peers in a mesh now.", value=sum(peers.values())
         )
-        if self._tenant_labels:
+        if self.tenant_labels:
             mesh = GaugeMetricFamily(
                 "cloudbridge_relay_tenant_mesh_peers",
                 "Peers in the mesh now, by tenant.",
@@ -114,8 +116,14 @@ class RelayMetrics:
         )
 
     def watch(self, relay: Relay, *, tenant_labels: bool) -> None:
-        self.registry.register(SessionCollector(relay, tenant_labels))
+        """Collect ``relay``'s sessions, streams and peers at each scrape."""
+        self._sessions = SessionCollector(relay, tenant_labels)
+        self.registry.register(self._sessions)
 
     def watch_reloads(self, watcher: ConfigWatcher) -> None:
         """Count ``watcher``'s reloads as ``cloudbridge_relay_config_reloads_total``."""
         self.registry.register(ReloadCollector("cloudbridge_relay", watcher))
+
+    def label_tenants(self, enabled: bool) -> None:
+        """Switch the by-tenant series of :meth:`watch` on or off (``metrics.tenant_labels``)."""
+        self._sessions.tenant_labels = enabled

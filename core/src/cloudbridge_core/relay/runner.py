@@ -24,6 +24,7 @@ from cloudbridge_core.relay.invites import InviteStore
 from cloudbridge_core.relay.server import Relay, RelayLimits
 from cloudbridge_core.relay.state import RelayState, default_state_dir, local_hostnames
 from cloudbridge_core.relay.tokens import AUDIENCE, issue_token, jwks
+from cloudbridge_core.settings import ServerSettings
 from cloudbridge_core.tlsutil import KeyPair, server_context
 
 log = get_logger("relay")
@@ -83,13 +84,13 @@ def _redeem(state: RelayState, host: str, ports: dict[str, int], code: str) -> m
 
 
 def state_dir_of(config: Config, override: Path | None) -> Path:
-    configured = config.get("server.state_dir")
+    configured = config.settings.server.state_dir
     return override or (Path(configured) if configured else default_state_dir())
 
 
-def _server_pair(config: Config, state: RelayState) -> KeyPair:
+def _server_pair(server: ServerSettings, state: RelayState) -> KeyPair:
     """The configured certificate and key, or the one the relay's own CA signed."""
-    cert_file, key_file = config.get("server.tls_cert_file"), config.get("server.tls_key_file")
+    cert_file, key_file = server.tls_cert_file, server.tls_key_file
     if not cert_file and not key_file:
         return state.server
     if not (cert_file and key_file):
@@ -112,6 +113,18 @@ def auth_settings(config: Config, state: RelayState) -> tuple[str, Mapping[str, 
     return kind, settings
 
 
+def load_auth(config: Config, plugins: Plugins, state: RelayState) -> AuthProvider:
+    """The configured auth provider, loaded; raises :class:`ConfigError` naming its
+    section when the provider rejects its settings."""
+    kind, settings = auth_settings(config, state)
+    try:
+        auth: AuthProvider = plugins.require("auth_provider", kind).load(settings)
+    # the provider's own check of its settings, or a key file it cannot read
+    except (ValueError, OSError) as exc:
+        raise ConfigError([ConfigIssue(f"auth.{kind}", str(exc))]) from None
+    return auth
+
+
 async def start_relay(
     config: Config,
     plugins: Plugins,
@@ -121,22 +134,17 @@ async def start_relay(
     port_override: int | None = None,
 ) -> RunningRelay:
     """Start listening on every installed transport that has a port in ``relay.ports``."""
-    public_host = config.get("server.public_host") or config.get("relay.host")
+    settings = config.settings
+    public_host = settings.server.public_host or settings.relay.host
     state = RelayState.load_or_create(
         state_dir_of(config, state_dir), [public_host, *local_hostnames()]
     )
-    kind, settings = auth_settings(config, state)
-    try:
-        auth: AuthProvider = plugins.require("auth_provider", kind).load(settings)
-    except ValueError as exc:  # the provider's own check of its settings
-        raise ConfigError([ConfigIssue(f"auth.{kind}", str(exc))]) from None
-    egress = EgressPolicy.from_config(config.get("server.egress"), dev=dev)
-    relay = Relay(
-        auth, egress, RelayLimits.from_config(config.get("server"), config.get("performance"))
-    )
-    relay.metrics.watch(relay, tenant_labels=config.get("metrics.tenant_labels"))
+    auth = load_auth(config, plugins, state)
+    egress = EgressPolicy.from_settings(settings.server.egress, dev=dev)
+    relay = Relay(auth, egress, RelayLimits.from_settings(settings.server, settings.performance))
+    relay.metrics.watch(relay, tenant_labels=settings.metrics.tenant_labels)
     running = RunningRelay(state, relay)
-    pair = _server_pair(config, state)
+    pair = _server_pair(settings.server, state)
     material = TlsMaterial(certificate=pair.certificate, key=pair.key)
     try:
         tls: ssl.SSLContext = server_context(pair)
@@ -144,7 +152,7 @@ async def start_relay(
         raise ConfigError(
             [ConfigIssue("server.tls_cert_file", f"unusable certificate or key: {exc.reason}")]
         ) from None
-    listen = config.get("server.listen")
+    listen = settings.server.listen
     ports = config.get("relay.ports")
     transports = {n: s for n, s in plugins.providers("transport").items() if n in ports}
     if not transports:

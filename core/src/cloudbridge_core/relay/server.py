@@ -14,11 +14,9 @@ import secrets
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-from cloudbridge_core.durations import parse_duration
 from cloudbridge_core.errors import (
     CloudBridgeError,
     ConnectionTimeout,
@@ -36,6 +34,7 @@ from cloudbridge_core.pump import prepare, pump
 from cloudbridge_core.relay.egress import EgressPolicy
 from cloudbridge_core.relay.mesh import Member, Mesh, tell
 from cloudbridge_core.relay.metrics import RelayMetrics
+from cloudbridge_core.settings import PerformanceSettings, ServerSettings
 from cloudbridge_core.wire import MessageStream
 
 log = get_logger("relay.server")
@@ -46,7 +45,7 @@ TUNNEL = "tunnel:create"
 
 @dataclass(frozen=True)
 class RelayLimits:
-    """Named bounds, all configurable under ``server``."""
+    """Named bounds, configurable under ``server`` (``buffer_size`` under ``performance``)."""
 
     handshake_timeout: float = 10.0
     connect_timeout: float = 10.0
@@ -58,15 +57,15 @@ class RelayLimits:
     drain_timeout: float = 10.0
 
     @classmethod
-    def from_config(cls, server: Mapping[str, Any], performance: Mapping[str, Any]) -> RelayLimits:
+    def from_settings(cls, server: ServerSettings, performance: PerformanceSettings) -> RelayLimits:
         return cls(
-            handshake_timeout=parse_duration(server["handshake_timeout"]),
-            heartbeat_timeout=parse_duration(server["heartbeat_timeout"]),
-            drain_timeout=parse_duration(server["drain_timeout"]),
-            connect_timeout=parse_duration(server["connect_timeout"]),
-            max_sessions_per_tenant=server["max_sessions_per_tenant"],
-            max_streams_per_session=server["max_streams_per_session"],
-            buffer_size=performance["buffer_size"],
+            handshake_timeout=server.handshake_timeout,
+            heartbeat_timeout=server.heartbeat_timeout,
+            drain_timeout=server.drain_timeout,
+            connect_timeout=server.connect_timeout,
+            max_sessions_per_tenant=server.max_sessions_per_tenant,
+            max_streams_per_session=server.max_streams_per_session,
+            buffer_size=performance.buffer_size,
         )
 
 
@@ -80,7 +79,12 @@ class _SessionState:
 
 
 class Relay:
-    """Serves sessions from any transport: ``await relay.handle(session)``."""
+    """Serves sessions from any transport: ``await relay.handle(session)``.
+
+    ``auth``, ``egress`` and ``limits`` may be replaced while the relay serves (a config
+    reload): each is read where it is used, so a new one applies to the hellos, tunnels
+    and streams that come next, while established sessions and open tunnels carry on.
+    """
 
     def __init__(
         self,
@@ -89,9 +93,9 @@ class Relay:
         limits: RelayLimits,
         metrics: RelayMetrics | None = None,
     ) -> None:
-        self._auth = auth
-        self._egress = egress
-        self._limits = limits
+        self.auth = auth
+        self.egress = egress
+        self.limits = limits
         self.metrics = metrics or RelayMetrics()
         self.mesh = Mesh(self.metrics)
         #: exchanges an invite's code for a token and the client's config (set by the runner)
@@ -109,10 +113,10 @@ class Relay:
         """Serve one session; ``transport`` names the transport it came over (for metrics)."""
         try:
             control = MessageStream(
-                await asyncio.wait_for(session.accept_stream(), self._limits.handshake_timeout)
+                await asyncio.wait_for(session.accept_stream(), self.limits.handshake_timeout)
             )
             claims = await asyncio.wait_for(
-                self._authenticate(control, transport), self._limits.handshake_timeout
+                self._authenticate(control, transport), self.limits.handshake_timeout
             )
         except TimeoutError:
             log.info("handshake_timeout")
@@ -144,7 +148,7 @@ class Relay:
         (bounded) for open tunnels to finish."""
         self.draining = True
         started = time.monotonic()
-        goaway = messages.Goaway("restarting", self._limits.drain_timeout)
+        goaway = messages.Goaway("restarting", self.limits.drain_timeout)
         notices = [tell(control, goaway) for control in list(self._controls)]
         for failed in await asyncio.gather(
             *notices, self.mesh.restarting(), return_exceptions=True
@@ -152,7 +156,7 @@ class Relay:
             if isinstance(failed, Exception):  # a notice is best effort; the drain goes on
                 log.info("goaway_not_sent", reason=str(failed) or type(failed).__name__)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._streams_idle.wait(), self._limits.drain_timeout)
+            await asyncio.wait_for(self._streams_idle.wait(), self.limits.drain_timeout)
         log.info(
             "shutdown",
             streams_left=self.streams_active,
@@ -166,14 +170,14 @@ class Relay:
             raise _Redeemed
         assert isinstance(hello, messages.Hello)  # expect() checked the kind
         try:
-            claims = await self._auth.validate(hello.token)
+            claims = await self.auth.validate(hello.token)
             if CONNECT not in claims.permissions:
                 raise Unauthorized(f"token lacks the {CONNECT} permission")
             if self.draining:
                 raise ServerUnavailable("the relay is restarting")
-            if self.sessions_by_tenant[claims.tenant_id] >= self._limits.max_sessions_per_tenant:
+            if self.sessions_by_tenant[claims.tenant_id] >= self.limits.max_sessions_per_tenant:
                 raise LimitExceeded(
-                    f"tenant already holds {self._limits.max_sessions_per_tenant} sessions"
+                    f"tenant already holds {self.limits.max_sessions_per_tenant} sessions"
                 )
         except CloudBridgeError as error:
             with contextlib.suppress(TransportError):
@@ -184,7 +188,7 @@ class Relay:
             messages.Welcome(
                 session_id=session_id,
                 tenant_id=claims.tenant_id,
-                heartbeat_interval_seconds=self._limits.heartbeat_interval,
+                heartbeat_interval_seconds=self.limits.heartbeat_interval,
                 server_time=time.time(),
             )
         )
@@ -224,7 +228,7 @@ class Relay:
                     stream = await session.accept_stream()
                 except TransportError:
                     return
-                if len(streams) >= self._limits.max_streams_per_session:
+                if len(streams) >= self.limits.max_streams_per_session:
                     await _reject(stream, LimitExceeded("too many streams in this session"))
                     continue
                 task = asyncio.create_task(self._tunnel(stream, claims, state))
@@ -246,10 +250,9 @@ class Relay:
         is dead, one that breaks the protocol is closed: either way it is freed."""
         try:
             while True:
+                silence = self.limits.heartbeat_timeout  # a reload may change it meanwhile
                 try:
-                    message = await asyncio.wait_for(
-                        control.receive(), self._limits.heartbeat_timeout
-                    )
+                    message = await asyncio.wait_for(control.receive(), silence)
                 except TimeoutError:
                     self.reaped_sessions += 1
                     self.metrics.sessions_reaped.inc()
@@ -257,7 +260,7 @@ class Relay:
                         "session_reaped",
                         tenant_id=claims.tenant_id,
                         subject=claims.subject,
-                        reason=f"no heartbeat for {self._limits.heartbeat_timeout:g}s",
+                        reason=f"no heartbeat for {silence:g}s",
                     )
                     await session.aclose()  # ends _serve, which frees the session's streams
                     return
@@ -294,7 +297,7 @@ class Relay:
         header = MessageStream(stream)
         try:
             opened = await asyncio.wait_for(
-                header.expect(messages.Open), self._limits.handshake_timeout
+                header.expect(messages.Open), self.limits.handshake_timeout
             )
         except (TimeoutError, CloudBridgeError) as error:
             log.info("stream_dropped", tenant_id=claims.tenant_id, reason=str(error) or "timeout")
@@ -331,7 +334,7 @@ class Relay:
         self.streams_active += 1
         self._streams_idle.clear()
         try:
-            result = await pump(stream, target, buffer_size=self._limits.buffer_size)
+            result = await pump(stream, target, buffer_size=self.limits.buffer_size)
         finally:
             self.streams_active -= 1
             if not self.streams_active:
@@ -365,17 +368,17 @@ class Relay:
         loop = asyncio.get_running_loop()
         try:
             infos = await asyncio.wait_for(
-                loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), self._limits.connect_timeout
+                loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), self.limits.connect_timeout
             )
         except (OSError, TimeoutError) as exc:
             raise TargetUnreachable(f"cannot resolve {host}") from exc
         addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
-        self._egress.check(tenant, host, addresses, port)
+        self.egress.check(tenant, host, addresses, port)
         # connect to the address that was checked, not to a name that could re-resolve
         family, _, _, _, address = infos[0]
         sock = prepare(socket.socket(family, socket.SOCK_STREAM))
         try:
-            await asyncio.wait_for(loop.sock_connect(sock, address), self._limits.connect_timeout)
+            await asyncio.wait_for(loop.sock_connect(sock, address), self.limits.connect_timeout)
         except TimeoutError as exc:
             sock.close()
             raise ConnectionTimeout(f"{target} did not answer in time") from exc
