@@ -250,7 +250,7 @@ async def run_all(args: argparse.Namespace) -> None:
             print("socat is not installed: skipping the reference forwarder", file=sys.stderr)
         ports = {name: free_port() for name in TRANSPORTS}
         relay_env = {
-            **{f"CLOUDBRIDGE_RELAY__PORTS__{n.upper()}": str(p) for n, p in ports.items()},
+            **{f"CLOUDBRIDGE_TRANSPORT__{n.upper()}__PORT": str(p) for n, p in ports.items()},
             "CLOUDBRIDGE_SERVER__LISTEN": "127.0.0.1",
             "CLOUDBRIDGE_LOGGING__LEVEL": "warning",
         }

@@ -44,7 +44,10 @@ class Bed:
         """A client config for this relay; ``settings`` by dotted key (``p2p.expose``)."""
         overrides = {
             "relay.host": ("127.0.0.1", "test"),
-            "relay.ports": ({self.transport: self.relay.listeners[self.transport].port}, "test"),
+            f"transport.{self.transport}.port": (
+                self.relay.listeners[self.transport].port,
+                "test",
+            ),
             "relay.tls.ca_file": (str(self.state_dir / "ca.pem"), "test"),
             "auth.token": (token, "test"),
             "transport.mode": (self.transport, "test"),

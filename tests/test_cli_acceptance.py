@@ -27,7 +27,7 @@ pytestmark = pytest.mark.timeout(120)
 def test_relay_token_tunnel(tmp_path: Path, echo_port: int) -> None:
     state = tmp_path / "D"
     relay_env = environment(
-        CLOUDBRIDGE_RELAY__PORTS__TLS=str(free_port()), CLOUDBRIDGE_SERVER__LISTEN="127.0.0.1"
+        CLOUDBRIDGE_TRANSPORT__TLS__PORT=str(free_port()), CLOUDBRIDGE_SERVER__LISTEN="127.0.0.1"
     )
     relay = start(
         "relay", "serve", "--dev", "--state-dir", str(state), env=relay_env, ready="client config:"
@@ -235,7 +235,7 @@ def test_status_shows_the_transport_and_follows_a_mode_reload(
     relay_env = environment(
         CLOUDBRIDGE_SERVER__LISTEN="127.0.0.1",
         CLOUDBRIDGE_METRICS__PROMETHEUS_PORT=str(relay_metrics),
-        **{f"CLOUDBRIDGE_RELAY__PORTS__{name.upper()}": str(p) for name, p in ports.items()},
+        **{f"CLOUDBRIDGE_TRANSPORT__{name.upper()}__PORT": str(p) for name, p in ports.items()},
     )
     relay = start(
         "relay", "serve", "--dev", "--state-dir", str(state), env=relay_env, ready="client config:"
@@ -245,11 +245,12 @@ def test_status_shows_the_transport_and_follows_a_mode_reload(
     assert scrape(f"{relay_url}/readyz").startswith("ready: quic, grpc, websocket, tls")
     token = relay_token(state)
     written = yaml.safe_load((state / "client.yaml").read_text())
-    assert written["relay"]["ports"] == ports  # every enabled transport's port
+    # every enabled transport's port, in its own section
+    assert {name: section["port"] for name, section in written["transport"].items()} == ports
     config = tmp_path / "client.yaml"
     metrics_port = free_port()
     written["metrics"] = {"prometheus_port": metrics_port}
-    written["transport"] = {"health_check_interval": "1s"}
+    written["transport"]["health_check_interval"] = "1s"
     config.write_text(yaml.safe_dump(written))
     local = free_port()
     tunnel = start(
@@ -274,7 +275,8 @@ def test_status_shows_the_transport_and_follows_a_mode_reload(
         assert_client_counted_one_quic_connection(status["metrics_url"])
         assert_relay_counted_one_quic_session(relay_url)
 
-        config.write_text(yaml.safe_dump({**written, "transport": {"mode": "websocket"}}))
+        to_websocket = {**written["transport"], "mode": "websocket"}  # the ports stay
+        config.write_text(yaml.safe_dump({**written, "transport": to_websocket}))
 
         def on_websocket() -> bool:
             current = cloudbridge_json("status", "--config", str(config))["transport"]
@@ -342,7 +344,7 @@ def test_health_reports_the_seed_shape_and_answers_by_exit_code(tmp_path: Path) 
     ports = {name: free_port() for name in ("quic", "grpc", "websocket", "tls")}
     relay_env = environment(
         CLOUDBRIDGE_SERVER__LISTEN="127.0.0.1",
-        **{f"CLOUDBRIDGE_RELAY__PORTS__{name.upper()}": str(p) for name, p in ports.items()},
+        **{f"CLOUDBRIDGE_TRANSPORT__{name.upper()}__PORT": str(p) for name, p in ports.items()},
     )
     relay = start(
         "relay", "serve", "--dev", "--state-dir", str(state), env=relay_env, ready="client config:"
@@ -406,7 +408,7 @@ def test_tenant_labels_on_client_and_relay_metrics(tmp_path: Path, echo_port: in
         CLOUDBRIDGE_DISABLE_PLUGINS="quic,grpc",
         CLOUDBRIDGE_METRICS__PROMETHEUS_PORT=str(relay_metrics),
         CLOUDBRIDGE_METRICS__TENANT_LABELS="true",
-        **{f"CLOUDBRIDGE_RELAY__PORTS__{name.upper()}": str(p) for name, p in ports.items()},
+        **{f"CLOUDBRIDGE_TRANSPORT__{name.upper()}__PORT": str(p) for name, p in ports.items()},
     )
     relay = start(
         "relay", "serve", "--dev", "--state-dir", str(state), env=relay_env, ready="client config:"

@@ -68,7 +68,7 @@ def relay_in(home: Path) -> Iterator[Relay]:
     """A relay started from ``home`` with the relative ``--state-dir r1``."""
     home.mkdir()
     port = free_port()
-    (home / "relay.yaml").write_text(f"relay:\n  ports:\n    tls: {port}\n")
+    (home / "relay.yaml").write_text(f"transport:\n  tls:\n    port: {port}\n")
     env = environment(
         CLOUDBRIDGE_CONFIG=str(home / "relay.yaml"),
         CLOUDBRIDGE_SERVER__LISTEN="127.0.0.1",
@@ -172,10 +172,10 @@ def test_a_hand_written_config_with_relative_paths_works_from_anywhere(tmp_path:
         (etc / "token").chmod(0o600)
         config = etc / "config.yaml"
         config.write_text(
-            f"relay:\n  host: 127.0.0.1\n  ports: {{tls: {relay.port}}}\n"
+            "relay:\n  host: 127.0.0.1\n"
             "  tls: {ca_file: relay-ca.pem}\n"
             "auth: {token_storage: file, token_file: token}\n"
-            "transport: {mode: tls}\n"
+            f"transport: {{mode: tls, tls: {{port: {relay.port}}}}}\n"
         )
         assert_works_from_root(config, environment(CLOUDBRIDGE_METRICS__ENABLED="false"))
 

@@ -61,7 +61,7 @@ def test_lifecycle_events_have_the_documented_fields(tmp_path: Path, echo_port: 
         "CLOUDBRIDGE_SERVER__LISTEN": "127.0.0.1",
         "CLOUDBRIDGE_DISABLE_PLUGINS": "quic",
         "CLOUDBRIDGE_METRICS__ENABLED": "false",
-        **{f"CLOUDBRIDGE_RELAY__PORTS__{n.upper()}": str(p) for n, p in ports.items()},
+        **{f"CLOUDBRIDGE_TRANSPORT__{n.upper()}__PORT": str(p) for n, p in ports.items()},
     }
     state, relay_log, client_log = tmp_path / "D", tmp_path / "relay.log", tmp_path / "client.log"
     serve = ("relay", "serve", "--dev", "--state-dir", str(state))

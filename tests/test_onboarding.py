@@ -63,7 +63,7 @@ def inviting_relay(tmp_path: Path) -> Iterator[InvitingRelay]:
         CLOUDBRIDGE_SERVER__PUBLIC_HOST="127.0.0.1",
         CLOUDBRIDGE_DISABLE_PLUGINS="quic,grpc",
         CLOUDBRIDGE_METRICS__ENABLED="false",
-        **{f"CLOUDBRIDGE_RELAY__PORTS__{name.upper()}": str(p) for name, p in ports.items()},
+        **{f"CLOUDBRIDGE_TRANSPORT__{name.upper()}__PORT": str(p) for name, p in ports.items()},
     )
     relay = start(
         "relay", "serve", "--dev", "--state-dir", str(state), env=env, ready="client config:"
@@ -97,7 +97,7 @@ def test_invite_then_join_writes_a_working_config_once(tmp_path: Path, echo_port
         assert joined.returncode == 0, joined.stderr
         config = joined_dir / "config.yaml"
         written = yaml.safe_load(config.read_text())
-        assert written["relay"]["ports"] == relay.ports
+        assert written["transport"] == {name: {"port": p} for name, p in relay.ports.items()}
         assert (joined_dir / "token").stat().st_mode & 0o777 == 0o600
         assert "eyJ" not in config.read_text()  # the token is not in the config
         assert relay.cloudbridge("config", "validate", str(config)).returncode == 0
@@ -330,7 +330,7 @@ def test_init_asks_checks_each_answer_and_writes_a_config_that_works(tmp_path: P
         config = config_dir / "config.yaml"
         assert relay.cloudbridge("config", "validate", str(config)).returncode == 0
         written = yaml.safe_load(config.read_text())
-        assert written["relay"]["ports"] == {"tls": relay.ports["tls"]}
+        assert written["transport"] == {"mode": "tls", "tls": {"port": relay.ports["tls"]}}
         assert written["auth"]["token_storage"] == "file"
         assert (config_dir / "token").stat().st_mode & 0o777 == 0o600
         health = relay.cloudbridge("health", "--config", str(config), "--format", "json")

@@ -38,7 +38,7 @@ class Relay:
         env["CLOUDBRIDGE_SERVER__LISTEN"] = "127.0.0.1"
         env["CLOUDBRIDGE_DISABLE_PLUGINS"] = "quic"  # TCP transports: a kill is seen at once
         for name, port in self.ports.items():
-            env[f"CLOUDBRIDGE_RELAY__PORTS__{name.upper()}"] = str(port)
+            env[f"CLOUDBRIDGE_TRANSPORT__{name.upper()}__PORT"] = str(port)
         command = [BIN / "cloudbridge", "relay", "serve", "--dev", "--state-dir"]
         self.process = subprocess.Popen(
             [*command, state or self.state], env=env, stderr=subprocess.PIPE
@@ -95,7 +95,7 @@ def tcp_plugins() -> Plugins:
 def client_config(relay: Relay, plugins: Plugins) -> Config:
     overrides = {
         "relay.host": ("127.0.0.1", "test"),
-        "relay.ports": ({**relay.ports}, "test"),
+        **{f"transport.{name}.port": (port, "test") for name, port in relay.ports.items()},
         "relay.tls.ca_file": (str(relay.state / "ca.pem"), "test"),
         "relay.connect_timeout": ("10s", "test"),
         "auth.token": (relay.token(), "test"),

@@ -49,9 +49,10 @@ def client_config(relay: RunningRelay, plugins: Plugins, **settings: Any) -> Con
         ttl=600,
     )
     ports = {name: listener.port for name, listener in relay.listeners.items()}
+    ports.update(settings.pop("ports", {}))
     overrides = {
         "relay.host": ("127.0.0.1", "test"),
-        "relay.ports": ({**ports, **settings.pop("ports", {})}, "test"),
+        **{f"transport.{name}.port": (port, "test") for name, port in ports.items()},
         "relay.tls.ca_file": (str(state.directory / "ca.pem"), "test"),
         "auth.token": (token, "test"),
         "metrics.enabled": (False, "test"),

@@ -22,8 +22,9 @@ Invoke = Callable[..., Any]
 THREE_ERRORS = """\
 relay:
   host: relay.example.com
-  ports:
-    quic: 70000
+transport:
+  tls:
+    port: 70000
 logging:
   level: loud
 tunels: []
@@ -126,20 +127,20 @@ def test_config_validate_reports_three_errors(cloudbridge: Invoke, tmp_path: Pat
     assert result.code == 3
     lines = result.out.splitlines()
     assert [line.split(": ")[1] for line in lines] == [
-        "relay.ports.quic",
+        "transport.tls.port",
         "logging.level",
         "tunels",
     ]
     assert [line.split(": ")[0] for line in lines] == [
-        f"{path}:4:5",
-        f"{path}:6:3",
-        f"{path}:7:1",
+        f"{path}:5:5",
+        f"{path}:7:3",
+        f"{path}:8:1",
     ]
     as_json = cloudbridge("config", "validate", str(path), "--json")
     assert as_json.code == 3
     assert_matches(as_json.json(), "config-validate")
     assert [e["path"] for e in as_json.json()["errors"]] == [
-        "relay.ports.quic",
+        "transport.tls.port",
         "logging.level",
         "tunels",
     ]

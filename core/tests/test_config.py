@@ -25,7 +25,7 @@ def issues_of(path: Path | None, environ: dict[str, str] | None = None, **kw: ob
 
 def test_defaults_come_from_the_schema() -> None:
     config = load_config(None, environ={})
-    assert config.get("relay.ports.quic") == 5553
+    assert config.get("server.stun_port") == 19302
     assert config.get("metrics.prometheus_port") != 9090  # Prometheus' own port
     assert config.get("logging.level") == "info"
     assert config.get("transport.mode") == "auto"
@@ -38,15 +38,15 @@ def test_precedence_defaults_file_env_flags(tmp_path: Path) -> None:
         """
         relay:
           host: from-file.example.com
-          ports:
-            quic: 6000
+        server:
+          stun_port: 6000
         logging:
           level: warning
         """,
     )
     environ = {
         "CLOUDBRIDGE_RELAY__HOST": "from-env.example.com",
-        "CLOUDBRIDGE_RELAY__PORTS__GRPC": "6001",
+        "CLOUDBRIDGE_METRICS__PROMETHEUS_PORT": "6001",
         "CLOUDBRIDGE_P2P__ENABLED": "false",
         "CLOUDBRIDGE_P2P__ICE__STUN_SERVERS": '["stun:stun.example.com:3478"]',
     }
@@ -54,15 +54,15 @@ def test_precedence_defaults_file_env_flags(tmp_path: Path) -> None:
         path, environ=environ, overrides={"logging.level": ("debug", "--log-level")}
     )
     assert config.get("relay.host") == "from-env.example.com"
-    assert config.get("relay.ports.quic") == 6000
-    assert config.get("relay.ports.grpc") == 6001
+    assert config.get("server.stun_port") == 6000
+    assert config.get("metrics.prometheus_port") == 6001
     assert config.get("p2p.enabled") is False
     assert config.get("p2p.ice.stun_servers") == ["stun:stun.example.com:3478"]
     assert config.get("logging.level") == "debug"
     assert str(config.origin(("relay", "host"))) == "env CLOUDBRIDGE_RELAY__HOST"
-    assert str(config.origin(("relay", "ports", "quic"))) == f"{path}:4"
+    assert str(config.origin(("server", "stun_port"))) == f"{path}:4"
     assert str(config.origin(("logging", "level"))) == "flag --log-level"
-    assert str(config.origin(("relay", "ports", "websocket"))) == "default"
+    assert str(config.origin(("server", "listen"))) == "default"
 
 
 def test_interpolation_and_unset_variable(tmp_path: Path) -> None:
@@ -90,8 +90,8 @@ def test_every_error_is_reported_with_path_line_and_column(tmp_path: Path) -> No
         """
         relay:
           hots: relay.example.com
-          ports:
-            quic: "fast"
+        server:
+          stun_port: "fast"
         transport:
           connect_timeout: 5000
         """,
@@ -99,7 +99,7 @@ def test_every_error_is_reported_with_path_line_and_column(tmp_path: Path) -> No
     found = issues_of(path)
     assert len(found) == 3
     assert found[0] == f"{path}:2:3: relay.hots: unknown key 'hots' (did you mean 'host'?)"
-    assert found[1].startswith(f"{path}:4:5: relay.ports.quic: 'fast' is not of type 'integer'")
+    assert found[1].startswith(f"{path}:4:3: server.stun_port: 'fast' is not of type 'integer'")
     assert found[2] == (
         f"{path}:6:3: transport.connect_timeout: invalid duration 5000:"
         " write a number with a unit, like 500ms, 30s, 1m30s or 24h"
@@ -107,9 +107,9 @@ def test_every_error_is_reported_with_path_line_and_column(tmp_path: Path) -> No
 
 
 def test_environment_errors_name_the_variable() -> None:
-    found = issues_of(None, {"CLOUDBRIDGE_RELAY__PORTS__QUIC": "many"})
+    found = issues_of(None, {"CLOUDBRIDGE_SERVER__STUN_PORT": "many"})
     assert found == [
-        "env CLOUDBRIDGE_RELAY__PORTS__QUIC: relay.ports.quic: 'many' is not of type 'integer'"
+        "env CLOUDBRIDGE_SERVER__STUN_PORT: server.stun_port: 'many' is not of type 'integer'"
     ]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -213,11 +213,7 @@ def test_defaults_form_a_valid_config() -> None:
     ("key", "value"),
     [
         ("relay.host", "localhost"),
-        ("relay.ports.quic", 5553),
-        ("relay.ports.grpc", 5554),
-        ("relay.ports.websocket", 5555),
-        ("relay.ports.tls", 5556),
-        ("relay.ports.stun", 19302),
+        ("server.stun_port", 19302),
         ("relay.tls.min_version", "1.3"),
         ("relay.tls.verify_cert", True),
         ("relay.tls.ca_file", None),
@@ -327,6 +323,29 @@ def test_example_validates_with_the_installed_plugins() -> None:
     schema = merged_schema(load_plugins().config_sections())
     config = load_config(EXAMPLE, environ=EXAMPLE_ENV, schema=schema)
     assert config.get("transport.tls.max_streams") == 1024
+    assert config.get("transport.tls.port") == 5556
+
+
+def test_sections_several_plugins_declare_keep_the_core_node_on_top(
+    install_plugin: Callable[..., None],
+) -> None:
+    # ice and turn both declare the part of p2p.ice they read: the core's node keeps its
+    # keys, both fragments join its allOf, and keys stay found by path (environment values
+    # are typed by it)
+    install_plugin("gauge", EXPORTER_PLUGIN)
+    schema = merged_schema(load_plugins().config_sections())
+    ice = schema["properties"]["p2p"]["properties"]["ice"]
+    assert ice["additionalProperties"] is False
+    assert len(ice["allOf"]) == 2
+    assert all("allOf" not in part for part in ice["allOf"])
+    servers = '["stun:stun.example.com:3478"]'
+    config = load_config(
+        None, environ={"CLOUDBRIDGE_P2P__ICE__STUN_SERVERS": servers}, schema=schema
+    )
+    assert config.get("p2p.ice.stun_servers") == ["stun:stun.example.com:3478"]
+    # the built-in prometheus exporter declares metrics: an exporter's section below it
+    # is still a key the closed metrics section accepts
+    assert config.get("metrics.gauge") == {"path": "gauge.prom"}
 
 
 def test_example_keeps_secrets_out_of_the_file() -> None:
@@ -339,6 +358,31 @@ def test_example_keeps_secrets_out_of_the_file() -> None:
     assert document["metrics"]["prometheus_port"] != 9090
 
 
+EXPORTER_PLUGIN = """
+from cloudbridge_core.hookspecs import hookimpl
+from cloudbridge_core.providers import ConfigSection, ExporterSpec
+
+
+@hookimpl
+def cloudbridge_exporters():
+    return [ExporterSpec(name="gauge", load=lambda settings: settings)]
+
+
+@hookimpl
+def cloudbridge_config_schema():
+    return [
+        ConfigSection(
+            path="metrics.gauge",
+            schema={
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {"path": {"type": "string", "default": "gauge.prom"}},
+            },
+        )
+    ]
+"""
+
+
 # --- bad configs -------------------------------------------------------------------------
 
 
@@ -348,7 +392,7 @@ def test_example_keeps_secrets_out_of_the_file() -> None:
         ("relay: {connect_timeout: 5000}\n", "relay.connect_timeout"),
         ("relay: {read_timeout: 10 s}\n", "relay.read_timeout"),
         ("relay: {connect_timeout_ms: 5000}\n", "relay.connect_timeout_ms"),
-        ("relay: {ports: {masque: 8443}}\n", "relay.ports.masque"),
+        ("relay: {ports: {quic: 5553}}\n", "relay.ports"),  # a transport's port: its section
         ("relay: {tls: {min_version: '1.1'}}\n", "relay.tls.min_version"),
         ("metrics: {prometheus_port: 0}\n", "metrics.prometheus_port"),
         ("metrics: {port: 9464}\n", "metrics.port"),

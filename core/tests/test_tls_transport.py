@@ -199,7 +199,12 @@ def test_limits_come_from_the_transport_tls_section(tmp_path: Path) -> None:
         load_config(path, environ={}, schema=schema)
     assert [issue.path for issue in caught.value.issues] == ["transport.tls.max_frame_size"]
     settings = load_config(None, environ={}, schema=schema).get("transport.tls")
-    assert settings == {"max_frame_size": 65536, "initial_window": 262144, "max_streams": 1024}
+    assert settings == {
+        "port": 5556,  # the relay's, not a multiplexer limit
+        "max_frame_size": 65536,
+        "initial_window": 262144,
+        "max_streams": 1024,
+    }
     transport = load_plugins().require("transport", "tls").load({**settings, "max_streams": 7})
     assert transport._limits == MuxLimits(
         max_frame_size=65536, initial_window=262144, max_streams=7

@@ -11,8 +11,14 @@ from cloudbridge_core.providers import ConfigSection, Transport, TransportSpec
 SETTINGS_SCHEMA: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
-    "description": "The built-in TLS-over-TCP transport's multiplexer limits (security limits).",
+    "description": "The built-in TLS-over-TCP transport: its relay port and its multiplexer"
+    " limits (security limits).",
     "properties": {
+        "port": {
+            "$ref": "#/$defs/port",
+            "default": 5556,
+            "description": "Relay port (TCP): the relay listens on it, clients connect to it.",
+        },
         "max_frame_size": {
             "type": "integer",
             "minimum": 1024,
@@ -42,7 +48,9 @@ def _load_tls(settings: Mapping[str, Any]) -> Transport:
     from cloudbridge_core.protocol.mux import MuxLimits
     from cloudbridge_core.transports.tls import TlsTransport
 
-    return TlsTransport(MuxLimits(**settings) if settings else None)
+    # every key but the relay's port is a multiplexer limit
+    limits = {key: value for key, value in settings.items() if key != "port"}
+    return TlsTransport(MuxLimits(**limits))
 
 
 @hookimpl

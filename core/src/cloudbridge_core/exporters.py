@@ -1,15 +1,15 @@
 """Starting the exporters the config enables, and stopping them.
 
-A plugin's exporter is enabled by ``metrics.<name>.enabled``; the built-in ``prometheus``
-one by ``metrics.enabled``, with its address in ``metrics.prometheus_host`` and
-``metrics.prometheus_port`` (keys users already write).
+Each exporter receives its own plugin's section (:meth:`Plugins.settings_for`) and runs
+when that section says ``enabled``: ``metrics.<name>.enabled`` for a plugin's exporter,
+``metrics.enabled`` for the built-in ``prometheus`` one, whose section is ``metrics``
+(``prometheus_host``, ``prometheus_port``: keys users already write).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -35,10 +35,12 @@ async def exporting(
     """
     running: dict[str, Exporter] = {}
     try:
-        for name, spec in plugins.providers("exporter").items():
-            settings = _settings(config.data["metrics"], name, routes or {})
+        for name, spec in plugins.exporters().items():
+            settings = plugins.settings_for("exporter", name, config.converted)
             if not settings.get("enabled"):
                 continue
+            if name == "prometheus":  # the built-in one serves the other local routes too
+                settings = {**settings, "routes": routes or {}}
             exporter = spec.load(settings)
             await exporter.start(registry)
             running[name] = exporter
@@ -50,16 +52,3 @@ async def exporting(
                 await exporter.stop()
             except Exception:  # one exporter's failure must not keep the others from flushing
                 log.exception("exporter_stop_failed", exporter=name)
-
-
-def _settings(
-    metrics: Mapping[str, Any], name: str, routes: Mapping[str, Handler]
-) -> Mapping[str, Any]:
-    if name == "prometheus":
-        return {
-            "enabled": metrics["enabled"],
-            "host": metrics["prometheus_host"],
-            "port": metrics["prometheus_port"],
-            "routes": routes,
-        }
-    return metrics.get(name) or {}

@@ -5,6 +5,16 @@ its own failure isolation; every loaded plugin module is registered into pluggy,
 module is the only one that calls ``pm.hook``. Each plugin's provider hooks are called
 once, at load time and one plugin at a time, so a plugin whose hook raises or returns
 garbage is recorded as failed instead of breaking everyone else's results.
+
+Settings are routed by one rule (:meth:`Plugins.settings_for`): a provider's ``load``
+receives the config section its own plugin declared with ``cloudbridge_config_schema``.
+That is the section at ``<family root>.<provider name>`` (``transport.quic``, ``auth.jwt``,
+``p2p.turn``, ``metrics.pushgateway``) when the plugin declares it; otherwise the one
+section the plugin declares (the built-in ``prometheus`` exporter reads ``metrics``, the
+``turn`` strategy ``p2p.ice``); ``{}`` when it declares none. A transport's section is
+always ``transport.<name>``, since its ``port`` is written there (``relay serve``'s
+client.yaml, ``join``, ``init``). A plugin whose sections leave a provider's unclear
+(several, none at that path; a transport's elsewhere) fails to load, with the reason.
 """
 
 from __future__ import annotations
@@ -28,7 +38,15 @@ from cloudbridge_core.errors import (
     ProviderNotInstalled,
 )
 from cloudbridge_core.p2p import nat
-from cloudbridge_core.providers import ConfigSection, ProviderSpec
+from cloudbridge_core.providers import (
+    AuthProviderSpec,
+    ConfigSection,
+    ExporterSpec,
+    NatStrategySpec,
+    OverlaySpec,
+    ProviderSpec,
+    TransportSpec,
+)
 
 if TYPE_CHECKING:
     import click
@@ -44,6 +62,14 @@ PROVIDER_HOOKS: dict[str, str] = {
     "cloudbridge_nat_strategies": "nat_strategy",
     "cloudbridge_overlays": "overlay",
     "cloudbridge_exporters": "exporter",
+}
+#: provider family -> the config section its plugins' sections live under
+FAMILY_ROOTS = {
+    "transport": "transport",
+    "auth_provider": "auth",
+    "nat_strategy": "p2p",
+    "overlay": "p2p",
+    "exporter": "metrics",
 }
 FAMILY_WORDS = {
     "transport": "transport",
@@ -181,12 +207,14 @@ class Plugins:
         specs: dict[str, dict[str, ProviderSpec[Any]]],
         sections: list[tuple[str, ConfigSection]],
         explicit: frozenset[str],
+        routes: Mapping[tuple[str, str], str | None],
     ) -> None:
         self._manager = manager
         self._records = records
         self._specs = specs
         self._sections = sections
         self._explicit = explicit
+        self._routes = routes
 
     @property
     def records(self) -> list[PluginRecord]:
@@ -196,6 +224,45 @@ class Plugins:
         """Active providers of one family by name, highest priority first."""
         found = self._specs.get(family, {})
         return dict(sorted(found.items(), key=lambda item: -item[1].priority))
+
+    def transports(self) -> dict[str, TransportSpec]:
+        """Active transports by name, highest priority first."""
+        return self.providers("transport")
+
+    def auth_providers(self) -> dict[str, AuthProviderSpec]:
+        """Active auth providers by name (every one an :class:`AuthProviderSpec`)."""
+        found = self.providers("auth_provider")
+        return {name: spec for name, spec in found.items() if isinstance(spec, AuthProviderSpec)}
+
+    def nat_strategies(self) -> dict[str, NatStrategySpec]:
+        """Active NAT strategies by name, highest priority (tried first) first."""
+        return self.providers("nat_strategy")
+
+    def overlays(self) -> dict[str, OverlaySpec]:
+        """Active overlays by name, highest priority first."""
+        return self.providers("overlay")
+
+    def exporters(self) -> dict[str, ExporterSpec]:
+        """Active exporters by name, highest priority first."""
+        return self.providers("exporter")
+
+    def section_path(self, family: str, name: str) -> str | None:
+        """The dotted path of the config section routed to provider ``name`` (the rule is
+        in this module's docstring); ``None`` when its plugin declares no section."""
+        return self._routes.get((family, name))
+
+    def settings_for(
+        self, family: str, name: str, config_data: Mapping[str, Any]
+    ) -> Mapping[str, Any]:
+        """What provider ``name``'s ``load`` receives: the value in ``config_data`` at the
+        section its own plugin declared, ``{}`` when it declared none."""
+        path = self.section_path(family, name)
+        if path is None:
+            return {}
+        value: Any = config_data
+        for key in path.split("."):
+            value = value.get(key) if isinstance(value, Mapping) else None
+        return value if isinstance(value, Mapping) else {}
 
     def require(self, family: str, name: str) -> ProviderSpec[Any]:
         """Return the active provider ``name`` or raise an error that names the fix."""
@@ -295,8 +362,24 @@ def load_plugins(
         _register(manager, records[extension.name], extension.plugin)
 
     ordered = sorted(records.values(), key=lambda r: (not r.builtin, r.name))
-    specs, sections = _collect(manager, ordered)
-    return Plugins(manager, ordered, specs, sections, selection.explicit)
+    specs, sections, routes = _collect(manager, ordered)
+    return Plugins(manager, ordered, specs, sections, selection.explicit, routes)
+
+
+def transport_port(name: str, config_data: Mapping[str, Any]) -> int:
+    """The relay's port for transport ``name``: ``transport.<name>.port``, in the transport's
+    own section. Raises :class:`ConfigError` naming that key when it holds no port."""
+    key = f"transport.{name}.port"
+    section = config_data.get("transport", {}).get(name)
+    port = section.get("port") if isinstance(section, Mapping) else None
+    if isinstance(port, int) and not isinstance(port, bool) and 1 <= port <= 65535:
+        return port
+    problem = "is not set" if port is None else f"is {port!r}, not a port (1-65535)"
+    raise ConfigError(
+        [ConfigIssue(key, f"transport {name!r} has no port to use: {key} {problem}")],
+        hint=f"set {key}, or disable the plugin that offers {name!r}"
+        " (a transport plugin's config schema declares port, with a default)",
+    )
 
 
 def _split_names(value: str) -> list[str]:
@@ -337,9 +420,14 @@ def _call_one(manager: pluggy.PluginManager, plugin: object, hook: str, **kwargs
 
 def _collect(
     manager: pluggy.PluginManager, records: list[PluginRecord]
-) -> tuple[dict[str, dict[str, ProviderSpec[Any]]], list[tuple[str, ConfigSection]]]:
+) -> tuple[
+    dict[str, dict[str, ProviderSpec[Any]]],
+    list[tuple[str, ConfigSection]],
+    dict[tuple[str, str], str | None],
+]:
     specs: dict[str, dict[str, ProviderSpec[Any]]] = {f: {} for f in PROVIDER_HOOKS.values()}
     sections: list[tuple[str, ConfigSection]] = []
+    routes: dict[tuple[str, str], str | None] = {}
     for record in records:
         plugin = manager.get_plugin(record.name)
         if plugin is None or record.status != "active":
@@ -347,6 +435,12 @@ def _collect(
         try:
             provided = _provided_by(manager, plugin, specs)
             own_sections = _sections_of(manager, plugin)
+            paths = [section.path for section in own_sections]
+            own_routes = {
+                (family, name): _route(family, name, paths)
+                for family, found in provided.items()
+                for name in found
+            }
         except Exception as exc:  # noqa: BLE001 - isolate one plugin's bug from the others
             record.fail(f"{type(exc).__name__}: {exc}")
             manager.unregister(plugin)
@@ -355,7 +449,28 @@ def _collect(
         for family, found in provided.items():
             specs[family].update(found)
         sections.extend((record.name, section) for section in own_sections)
-    return specs, sections
+        routes.update(own_routes)
+    return specs, sections, routes
+
+
+def _route(family: str, name: str, paths: list[str]) -> str | None:
+    """The section of its plugin's ``paths`` that provider ``name`` of ``family`` receives."""
+    own = f"{FAMILY_ROOTS[family]}.{name}"
+    if not paths:
+        return None
+    if own in paths:
+        return own
+    if family == "transport":
+        raise ValueError(
+            f"transport {name!r}: its plugin declares the config sections {', '.join(paths)}"
+            f" but not {own}, where a transport's settings and port live"
+        )
+    if len(paths) == 1:
+        return paths[0]
+    raise ValueError(
+        f"{FAMILY_WORDS[family]} {name!r}: its plugin declares the config sections"
+        f" {', '.join(paths)} but none at {own}, so which one it reads is ambiguous"
+    )
 
 
 def _provided_by(
@@ -372,8 +487,15 @@ def _provided_by(
                 if spec.name in taken[family] or spec.name in provided.get(family, {}):
                     word = FAMILY_WORDS[family]
                     raise ValueError(f"{word} {spec.name!r} is already provided by another plugin")
-                provided.setdefault(family, {})[spec.name] = spec
+                provided.setdefault(family, {})[spec.name] = _typed(family, spec)
     return provided
+
+
+def _typed(family: str, spec: ProviderSpec[Any]) -> ProviderSpec[Any]:
+    if family == "auth_provider" and not isinstance(spec, AuthProviderSpec):
+        # a plain ProviderSpec is an auth provider without a client-side token source
+        return AuthProviderSpec(spec.name, spec.load, spec.priority, spec.description)
+    return spec
 
 
 def _sections_of(manager: pluggy.PluginManager, plugin: object) -> list[ConfigSection]:

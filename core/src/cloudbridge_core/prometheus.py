@@ -7,7 +7,18 @@ from collections.abc import Mapping
 from typing import Any
 
 from cloudbridge_core.hookspecs import hookimpl
-from cloudbridge_core.providers import Exporter, ExporterSpec
+from cloudbridge_core.providers import ConfigSection, Exporter, ExporterSpec
+
+#: The keys of ``metrics`` this exporter reads. The core's schema describes and checks them
+#: (users wrote them before plugins); declaring the section routes ``metrics`` to ``load``.
+SETTINGS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "enabled": {"type": "boolean", "description": "Serve /metrics."},
+        "prometheus_host": {"type": "string", "description": "Address /metrics is served on."},
+        "prometheus_port": {"type": "integer", "description": "Port /metrics is served on."},
+    },
+}
 
 
 def _load_prometheus(settings: Mapping[str, Any]) -> Exporter:
@@ -25,3 +36,8 @@ def cloudbridge_exporters() -> list[ExporterSpec]:
             description="serves /metrics (metrics.prometheus_host, metrics.prometheus_port)",
         )
     ]
+
+
+@hookimpl
+def cloudbridge_config_schema() -> list[ConfigSection]:
+    return [ConfigSection(path="metrics", schema=SETTINGS_SCHEMA)]

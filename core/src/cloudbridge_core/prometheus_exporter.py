@@ -20,8 +20,8 @@ log = get_logger("exporters.prometheus")
 
 class PrometheusExporter:
     def __init__(self, settings: Mapping[str, Any]) -> None:
-        self._host: str = settings["host"]
-        self._port: int = settings["port"]
+        self._host: str = settings["prometheus_host"]
+        self._port: int = settings["prometheus_port"]
         self._routes: dict[str, Handler] = dict(settings.get("routes") or {})
         self._server: LocalHttpServer | None = None
         #: where ``/metrics`` answers, once started; None when the port could not be had

@@ -98,7 +98,7 @@ def test_sealed_packets_both_ways_through_the_relay(tmp_path: Path) -> None:
                     environ={},
                     overrides={
                         "relay.host": ("127.0.0.1", "test"),
-                        "relay.ports": ({"tls": running.listeners["tls"].port}, "test"),
+                        "transport.tls.port": (running.listeners["tls"].port, "test"),
                         "relay.tls.ca_file": (str(tmp_path / "state" / "ca.pem"), "test"),
                         "auth.token": (token, "test"),
                         "transport.mode": ("tls", "test"),

@@ -40,9 +40,9 @@ def client_config(tmp_path: Path, name: str, port: int, **oidc: str) -> Path:
         {
             "relay": {
                 "host": "127.0.0.1",
-                "ports": {"tls": port},
                 "tls": {"ca_file": str(tmp_path / "relay" / "ca.pem")},
             },
+            "transport": {"tls": {"port": port}},
             "auth": {
                 "type": "oidc",
                 "token_storage": "file",
@@ -93,7 +93,7 @@ def relay_port(tmp_path: Path, provider: OpenIdProvider) -> Any:
         tmp_path / "relay.yaml",
         {
             "server": {"listen": "127.0.0.1", "public_host": "127.0.0.1"},
-            "relay": {"ports": {"tls": port}},
+            "transport": {"tls": {"port": port}},
             "auth": {
                 "type": "oidc",
                 "oidc": {
@@ -265,7 +265,7 @@ def test_a_relay_without_an_audience_refuses_to_start(
         tmp_path / "relay.yaml",
         {
             "server": {"listen": "127.0.0.1"},
-            "relay": {"ports": {"tls": free_port()}},
+            "transport": {"tls": {"port": free_port()}},
             "auth": {"type": "oidc", "oidc": {"issuer": provider.issuer}},
             "metrics": {"enabled": False},
         },

@@ -91,7 +91,7 @@ def demo(ctx: click.Context, duration: float | None, connections: int, as_json: 
                 runtime,
                 {
                     "relay.host": "127.0.0.1",
-                    "relay.ports": ports,
+                    **{f"transport.{name}.port": port for name, port in ports.items()},
                     "relay.tls.ca_file": str(Path(state_dir) / "ca.pem"),
                     "auth.token": token,
                 },

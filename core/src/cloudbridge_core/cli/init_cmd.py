@@ -219,25 +219,27 @@ def _existing(config_file: Path) -> dict[str, Any]:
 
 def _connection(wizard: Wizard, runtime: Runtime) -> dict[str, Any]:
     host = wizard.ask("relay_host", "Relay host", _host)
-    transports = ["auto", *runtime.plugins.providers("transport")]
+    transports = ["auto", *runtime.plugins.transports()]
     mode = wizard.ask(
         "transport", f"Transport ({', '.join(transports)})", _choice(transports), "auto"
     )
     relay: dict[str, Any] = {"host": host}
-    if mode != "auto":
-        port = str(defaults(runtime.schema)["relay"]["ports"][mode])
-        relay["ports"] = {mode: wizard.ask("relay_port", f"{mode} port", _port, port)}
+    transport: dict[str, Any] = {"mode": mode}
+    if mode != "auto":  # the port lives in the transport's own section, as relay serve writes it
+        default = defaults(runtime.schema).get("transport", {}).get(mode, {}).get("port")
+        port = None if default is None else str(default)
+        transport[mode] = {"port": wizard.ask("relay_port", f"{mode} port", _port, port)}
     ca_file = wizard.ask(
         "ca_file", "CA certificate of the relay (PEM file, or 'system')", _ca_file, "system"
     )
     if ca_file:
         relay["tls"] = {"ca_file": ca_file}
-    return {"relay": relay, "transport": {"mode": mode}}
+    return {"relay": relay, "transport": transport}
 
 
 def _auth(wizard: Wizard, runtime: Runtime, directory: Path) -> tuple[dict[str, Any], str | None]:
     """The ``auth`` section, and the token to keep (None: none given now)."""
-    kinds = list(runtime.plugins.providers("auth_provider"))
+    kinds = list(runtime.plugins.auth_providers())
     kind = wizard.ask("auth_type", f"Authentication ({', '.join(kinds)})", _choice(kinds), "jwt")
     auth: dict[str, Any] = {"type": kind}
     token = None

@@ -74,7 +74,8 @@ def join(
     ca_file.write_bytes(link.ca)
     StoredTokens.written(auth, link.host).save(redeemed.token)
     document: dict[str, Any] = {
-        "relay": {"host": link.host, "ports": redeemed.ports, "tls": {"ca_file": str(ca_file)}},
+        "relay": {"host": link.host, "tls": {"ca_file": str(ca_file)}},
+        "transport": {name: {"port": port} for name, port in redeemed.ports.items()},
         "auth": {"type": "jwt", **auth},
     }
     config_file.write_text(

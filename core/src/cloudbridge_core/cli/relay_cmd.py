@@ -17,6 +17,7 @@ from cloudbridge_core.durations import parse_duration
 from cloudbridge_core.errors import UsageError
 from cloudbridge_core.exporters import exporting
 from cloudbridge_core.log import get_logger
+from cloudbridge_core.plugins import transport_port
 from cloudbridge_core.prometheus_exporter import PrometheusExporter
 from cloudbridge_core.relay.invites import InviteLink, InviteStore
 from cloudbridge_core.relay.live import follow
@@ -46,9 +47,9 @@ def relay() -> None:
 )
 @click.pass_context
 def serve(ctx: click.Context, state_dir: Path | None, dev: bool) -> None:
-    """Serve clients on every installed transport (ports from relay.ports), following
-    changes to the config file (and SIGHUP): egress, limits, timeouts and auth keys apply
-    at once without dropping sessions; what needs a restart is logged as such."""
+    """Serve clients on every installed transport (each on its transport.<name>.port),
+    following changes to the config file (and SIGHUP): egress, limits, timeouts and auth
+    keys apply at once without dropping sessions; what needs a restart is logged as such."""
     runtime = runtime_of(ctx)
     config = runtime.config()
 
@@ -208,5 +209,5 @@ def create_invite(
     granted = list(permissions or ("relay:connect", "tunnel:create", "p2p:mesh"))
     code = InviteStore(state.invites_file).create(tenant, granted, lifetime, uses)
     host = config.settings.server.public_host or config.settings.relay.host
-    link = InviteLink(host, config.get("relay.ports.tls"), code, state.ca.certificate)
+    link = InviteLink(host, transport_port("tls", config.data), code, state.ca.certificate)
     click.echo(link.url())

@@ -73,11 +73,16 @@ class Runtime:
         return search_path(self.config_flag, self.environ)
 
     def read(self, path: Path | None) -> RawConfig:
-        return read_sources(path, environ=self.environ, overrides=self.overrides)
+        """Every source of ``path``, read with the plugins' sections known: an environment
+        value for a plugin's key (``CLOUDBRIDGE_TRANSPORT__QUIC__PORT``) gets its type."""
+        return read_sources(
+            path, environ=self.environ, overrides=self.overrides, schema=self.schema
+        )
 
     @cached_property
     def raw(self) -> RawConfig:
-        return self.read(self.config_path)
+        # the core's schema alone: which plugins to load is read from it
+        return read_sources(self.config_path, environ=self.environ, overrides=self.overrides)
 
     @cached_property
     def plugins(self) -> Plugins:
@@ -100,7 +105,7 @@ class Runtime:
 
     def config(self) -> Config:
         """The validated effective config; raises ``ConfigError`` listing every problem."""
-        return validate(self.raw, self.schema)
+        return validate(self.read(self.config_path), self.schema)
 
     def configure_logging(self) -> None:
         """Log as the config says when it can be read, else with defaults and flags."""

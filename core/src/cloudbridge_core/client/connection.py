@@ -24,7 +24,7 @@ from cloudbridge_core.errors import (
     error_for_code,
 )
 from cloudbridge_core.log import get_logger
-from cloudbridge_core.plugins import Plugins
+from cloudbridge_core.plugins import Plugins, transport_port
 from cloudbridge_core.protocol import messages
 from cloudbridge_core.providers import (
     Endpoint,
@@ -151,18 +151,22 @@ def tls_for(tls: RelayTlsSettings) -> tuple[ssl.SSLContext, TlsMaterial]:
 
 
 def transport_order(config: Config, plugins: Plugins) -> list[tuple[str, ProviderSpec[Transport]]]:
-    """The transports to try, best first: the one configured, or every one with a port."""
+    """The transports to try, best first: the one configured, or every installed one.
+
+    Raises ``ConfigError`` naming ``transport.<name>.port`` for one without a port.
+    """
     mode = config.settings.transport.mode
-    ports = config.get("relay.ports")
     if mode != "auto":
-        if mode not in ports:
-            raise ProviderNotInstalled(f"transport {mode!r} has no port in relay.ports")
-        return [(mode, plugins.require("transport", mode))]
+        spec = plugins.require("transport", mode)
+        transport_port(mode, config.data)
+        return [(mode, spec)]
     preferred = config.settings.transport.prefer_protocol
-    candidates = [(n, s) for n, s in plugins.providers("transport").items() if n in ports]
+    candidates = list(plugins.transports().items())
     candidates.sort(key=lambda item: item[0] != preferred)
     if not candidates:
-        raise ProviderNotInstalled("no installed transport matches relay.ports")
+        raise ProviderNotInstalled("no transport is installed and enabled")
+    for name, _spec in candidates:
+        transport_port(name, config.data)
     return candidates
 
 
@@ -181,7 +185,7 @@ async def attempt(
     timeout = config.settings.transport.connect_timeout
     settings = json.dumps(config.section(f"transport.{name}"), sort_keys=True)
     transport = _loaded(spec, settings)
-    port = config.get(f"relay.ports.{name}")
+    port = transport_port(name, config.data)
     endpoint = Endpoint(config.settings.relay.host, port, context, timeout, material=material)
     started = time.perf_counter()
     try:

@@ -33,7 +33,7 @@ from cloudbridge_core.errors import (
     TransportError,
 )
 from cloudbridge_core.log import get_logger
-from cloudbridge_core.plugins import Plugins
+from cloudbridge_core.plugins import Plugins, transport_port
 from cloudbridge_core.providers import ProviderSpec, Transport
 from cloudbridge_core.retry import RetryPolicies
 
@@ -370,7 +370,7 @@ class RelayLink:
         """One circuit breaker per relay endpoint (transport, host and port)."""
         endpoint = (
             f"{transport}://{self._config.settings.relay.host}:"
-            f"{self._config.get(f'relay.ports.{transport}')}"
+            f"{transport_port(transport, self._config.data)}"
         )
         if endpoint not in self._breakers:
             settings = self._config.settings.retry.circuit_breaker

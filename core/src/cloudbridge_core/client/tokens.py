@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cloudbridge_core.errors import AuthError, ConfigError, ConfigIssue
-from cloudbridge_core.providers import AuthProviderSpec, TokenSource
+from cloudbridge_core.providers import TokenSource
 from cloudbridge_core.secretfile import write_secret
 from cloudbridge_core.settings import AuthSettings
 
@@ -149,12 +149,15 @@ class TokenSupply:
         self.stored = StoredTokens.of(auth, config.settings.relay.host)
         self._source: TokenSource | None = None
         kind = auth.type
-        spec = plugins.providers("auth_provider").get(kind) if plugins is not None else None
-        if isinstance(spec, AuthProviderSpec) and spec.token_source is not None:
+        spec = plugins.auth_providers().get(kind) if plugins is not None else None
+        if plugins is not None and spec is not None and spec.token_source is not None:
             try:
-                self._source = spec.token_source(config.section(f"auth.{kind}"))
+                self._source = spec.token_source(
+                    plugins.settings_for("auth_provider", kind, config.converted)
+                )
             except ValueError as exc:  # the provider's own check of its settings
-                raise ConfigError([ConfigIssue(f"auth.{kind}", str(exc))]) from None
+                section = plugins.section_path("auth_provider", kind) or f"auth.{kind}"
+                raise ConfigError([ConfigIssue(section, str(exc))]) from None
 
     def _explicit(self) -> tuple[str, str] | None:
         token = self._config.settings.auth.token

@@ -81,7 +81,7 @@ class Config:
         return value if isinstance(value, Mapping) else {}
 
     def get(self, key: str) -> Any:
-        """The value at a dotted path (``relay.ports.quic``); ``KeyError`` if absent."""
+        """The value at a dotted path (``transport.quic.port``); ``KeyError`` if absent."""
         value: Any = self.data
         for part in key.split("."):
             value = value[int(part)] if isinstance(value, list) else value[part]

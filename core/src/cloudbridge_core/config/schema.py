@@ -87,8 +87,11 @@ def merged_schema(
 ) -> Schema:
     """The core schema with each plugin section applied at its dotted path.
 
-    Where the core already declares the path (a plugin-owned placeholder), the plugin's
-    fragment is added with ``allOf``; otherwise it becomes a new property.
+    Where the core or another plugin already declares the path (a plugin-owned
+    placeholder, ``p2p.ice`` read by two strategies, ``metrics`` read by the built-in
+    ``prometheus`` exporter), the fragment joins that node's own ``allOf``: the node keeps
+    its properties, so sections declared below it (``metrics.pushgateway``) still become
+    properties of the node that closes it. Otherwise it becomes a new property.
     """
     schema = core_schema()
     for section in sections:
@@ -98,10 +101,11 @@ def merged_schema(
             node = node.setdefault("properties", {}).setdefault(key, {"type": "object"})
         properties = node.setdefault("properties", {})
         fragment = copy.deepcopy(dict(section.schema))
-        if leaf in properties:
-            properties[leaf] = {"allOf": [properties[leaf], fragment]}
-        else:
+        existing = properties.get(leaf)
+        if existing is None:
             properties[leaf] = fragment
+        else:
+            properties[leaf] = {**existing, "allOf": [*existing.get("allOf", []), fragment]}
     if providers is not None:
         _limit_to_installed(schema, providers)
     return schema

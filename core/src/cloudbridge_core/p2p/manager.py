@@ -365,8 +365,7 @@ def _holds_without_relay(state: PeerState) -> bool:
 def _strategies(config: Config, plugins: Plugins, mode: str) -> list[tuple[str, NatStrategy]]:
     if mode not in MODES:
         raise P2PConnectionFailed(f"unknown mode {mode!r}: one of {', '.join(MODES)}")
-    settings = config.get("p2p.ice")
-    found = sorted(plugins.providers("nat_strategy").items(), key=lambda i: -i[1].priority)
+    found = list(plugins.nat_strategies().items())  # highest priority first
     fallback = config.get("p2p.fallback_enabled")
     chosen = []
     for name, spec in found:
@@ -376,6 +375,7 @@ def _strategies(config: Config, plugins: Plugins, mode: str) -> list[tuple[str, 
             continue
         if not fallback and name in ("turn", "derp"):
             continue
+        settings = plugins.settings_for("nat_strategy", name, config.converted)
         chosen.append((name, spec.load(settings)))
     if not chosen:
         installed = ", ".join(n for n, _ in found) or "none"

@@ -7,7 +7,20 @@ from collections.abc import Mapping
 from typing import Any
 
 from cloudbridge_core.hookspecs import hookimpl
-from cloudbridge_core.providers import NatStrategy, NatStrategySpec
+from cloudbridge_core.providers import ConfigSection, NatStrategy, NatStrategySpec
+
+#: The part of ``p2p.ice`` this strategy reads. The core's schema describes and checks the
+#: section (its keys predate plugins); declaring it routes ``p2p.ice`` to this ``load``.
+SETTINGS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "stun_servers": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "STUN servers, as stun:host:port.",
+        },
+    },
+}
 
 
 def _load(settings: Mapping[str, Any]) -> NatStrategy:
@@ -26,3 +39,8 @@ def cloudbridge_nat_strategies() -> list[NatStrategySpec]:
             description="ICE with host and STUN candidates (p2p.ice.stun_servers): direct paths",
         )
     ]
+
+
+@hookimpl
+def cloudbridge_config_schema() -> list[ConfigSection]:
+    return [ConfigSection(path="p2p.ice", schema=SETTINGS_SCHEMA)]

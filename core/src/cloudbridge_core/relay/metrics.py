@@ -106,7 +106,7 @@ class RelayMetrics:
         )
         self.stun_requests = Counter(
             "cloudbridge_relay_stun_requests",
-            "STUN binding requests answered (relay.ports.stun).",
+            "STUN binding requests answered (server.stun_port).",
             registry=registry,
         )
         self.derp_bytes = Counter(

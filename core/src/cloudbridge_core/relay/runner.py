@@ -16,7 +16,7 @@ from cloudbridge_core.config import Config
 from cloudbridge_core.errors import ConfigError, ConfigIssue, ProviderNotInstalled
 from cloudbridge_core.httpd import Handler
 from cloudbridge_core.log import get_logger
-from cloudbridge_core.plugins import Plugins
+from cloudbridge_core.plugins import Plugins, transport_port
 from cloudbridge_core.protocol import messages
 from cloudbridge_core.providers import AuthProvider, Endpoint, Listener, TlsMaterial
 from cloudbridge_core.relay.egress import EgressPolicy
@@ -102,10 +102,12 @@ def _server_pair(server: ServerSettings, state: RelayState) -> KeyPair:
         raise ConfigError([ConfigIssue("server.tls_cert_file", f"cannot read: {exc}")]) from None
 
 
-def auth_settings(config: Config, state: RelayState) -> tuple[str, Mapping[str, Any]]:
+def auth_settings(
+    config: Config, plugins: Plugins, state: RelayState
+) -> tuple[str, Mapping[str, Any]]:
     """The auth provider and its settings; by default JWTs are checked with the relay's own key."""
     kind = config.get("auth.type")
-    settings = dict(config.data["auth"].get(kind) or {})
+    settings = dict(plugins.settings_for("auth_provider", kind, config.converted))
     if kind == "jwt" and not settings.get("public_key_file") and not settings.get("jwks_url"):
         settings.update(
             public_key_file=str(state.public_key_file), issuer=state.issuer, audience=AUDIENCE
@@ -116,12 +118,13 @@ def auth_settings(config: Config, state: RelayState) -> tuple[str, Mapping[str, 
 def load_auth(config: Config, plugins: Plugins, state: RelayState) -> AuthProvider:
     """The configured auth provider, loaded; raises :class:`ConfigError` naming its
     section when the provider rejects its settings."""
-    kind, settings = auth_settings(config, state)
+    kind, settings = auth_settings(config, plugins, state)
     try:
         auth: AuthProvider = plugins.require("auth_provider", kind).load(settings)
     # the provider's own check of its settings, or a key file it cannot read
     except (ValueError, OSError) as exc:
-        raise ConfigError([ConfigIssue(f"auth.{kind}", str(exc))]) from None
+        section = plugins.section_path("auth_provider", kind) or f"auth.{kind}"
+        raise ConfigError([ConfigIssue(section, str(exc))]) from None
     return auth
 
 
@@ -133,7 +136,7 @@ async def start_relay(
     dev: bool = False,
     port_override: int | None = None,
 ) -> RunningRelay:
-    """Start listening on every installed transport that has a port in ``relay.ports``."""
+    """Start listening on every installed transport, each on its section's ``port``."""
     settings = config.settings
     public_host = settings.server.public_host or settings.relay.host
     state = RelayState.load_or_create(
@@ -153,17 +156,19 @@ async def start_relay(
             [ConfigIssue("server.tls_cert_file", f"unusable certificate or key: {exc.reason}")]
         ) from None
     listen = settings.server.listen
-    ports = config.get("relay.ports")
-    transports = {n: s for n, s in plugins.providers("transport").items() if n in ports}
+    transports = plugins.transports()
     if not transports:
-        raise ProviderNotInstalled("no installed transport has a port in relay.ports")
+        raise ProviderNotInstalled("no transport is installed and enabled")
+    ports = {
+        name: transport_port(name, config.data) if port_override is None else port_override
+        for name in transports
+    }
     documents = {JWKS_PATH: ("application/json", json.dumps(jwks(state.signing_key)).encode())}
     try:
         for name, spec in transports.items():
-            transport = spec.load(config.data["transport"].get(name, {}))
-            port = port_override if port_override is not None else ports[name]
+            transport = spec.load(plugins.settings_for("transport", name, config.converted))
             running.listeners[name] = await transport.serve(
-                Endpoint(listen, port, tls, documents=documents, material=material),
+                Endpoint(listen, ports[name], tls, documents=documents, material=material),
                 functools.partial(relay.handle, transport=name),
             )
             log.info("listening", transport=name, address=listen, port=running.listeners[name].port)
@@ -174,7 +179,7 @@ async def start_relay(
     # aioice, for its STUN codec, is imported only by a relay that starts, not by every command
     from cloudbridge_core.relay.stun import serve_stun
 
-    stun_port = port_override if port_override is not None else ports["stun"]
+    stun_port = port_override if port_override is not None else config.get("server.stun_port")
     try:
         running.stun = await serve_stun(listen, stun_port, relay.metrics.stun_requests)
     except OSError as exc:  # the tunnels matter more; clients can use other STUN servers

@@ -80,11 +80,8 @@ class RelayState:
         # absolute: the file is used from other directories (a service runs from /)
         ca_file = os.path.abspath(self.directory / "ca.pem")
         config: dict[str, Any] = {
-            "relay": {
-                "host": host,
-                "ports": ports,
-                "tls": {"ca_file": ca_file},
-            },
+            "relay": {"host": host, "tls": {"ca_file": ca_file}},
+            "transport": {name: {"port": port} for name, port in ports.items()},
             "auth": {"type": "jwt"},
         }
         if stun is not None:

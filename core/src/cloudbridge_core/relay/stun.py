@@ -1,4 +1,4 @@
-"""The relay answers STUN binding requests (``relay.ports.stun``, UDP), so a client learns
+"""The relay answers STUN binding requests (``server.stun_port``, UDP), so a client learns
 its public address from the relay it already trusts, with no STUN server of its own."""
 
 from __future__ import annotations

@@ -153,6 +153,7 @@ class EgressSettings:
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
     listen: str
+    stun_port: int
     public_host: str | None
     state_dir: str | None
     tls_cert_file: str | None

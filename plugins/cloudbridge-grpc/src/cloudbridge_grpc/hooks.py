@@ -12,6 +12,11 @@ SETTINGS_SCHEMA: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
     "properties": {
+        "port": {
+            "$ref": "#/$defs/port",
+            "default": 5554,
+            "description": "Relay port (TCP): the relay listens on it, clients connect to it.",
+        },
         "max_message_bytes": {
             "type": "integer",
             "minimum": 65536,

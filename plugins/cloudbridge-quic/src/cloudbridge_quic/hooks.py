@@ -12,6 +12,11 @@ SETTINGS_SCHEMA: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
     "properties": {
+        "port": {
+            "$ref": "#/$defs/port",
+            "default": 5553,
+            "description": "Relay port (UDP): the relay listens on it, clients connect to it.",
+        },
         "idle_timeout": {
             "$ref": "#/$defs/duration",
             "default": "30s",

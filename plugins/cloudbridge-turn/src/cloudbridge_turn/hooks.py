@@ -6,7 +6,21 @@ from collections.abc import Mapping
 from typing import Any
 
 from cloudbridge_core.hookspecs import hookimpl
-from cloudbridge_core.providers import NatStrategy, NatStrategySpec
+from cloudbridge_core.providers import ConfigSection, NatStrategy, NatStrategySpec
+
+#: The part of ``p2p.ice`` this strategy reads. The core's schema describes and checks each
+#: server (the key predates plugins); declaring the section routes ``p2p.ice`` to ``_load``.
+SETTINGS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "turn_servers": {
+            "type": "array",
+            "items": {"type": "object"},
+            "default": [],
+            "description": "TURN servers with long-term credentials.",
+        },
+    },
+}
 
 
 def _load(settings: Mapping[str, Any]) -> NatStrategy:
@@ -25,3 +39,8 @@ def cloudbridge_nat_strategies() -> list[NatStrategySpec]:
             description="ICE over TURN relay candidates (p2p.ice.turn_servers)",
         )
     ]
+
+
+@hookimpl
+def cloudbridge_config_schema() -> list[ConfigSection]:
+    return [ConfigSection(path="p2p.ice", schema=SETTINGS_SCHEMA)]

@@ -12,6 +12,11 @@ SETTINGS_SCHEMA: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
     "properties": {
+        "port": {
+            "$ref": "#/$defs/port",
+            "default": 5555,
+            "description": "Relay port (TCP): the relay listens on it, clients connect to it.",
+        },
         "path": {"type": "string", "pattern": "^/[A-Za-z0-9/_.-]*$", "default": "/cloudbridge"},
         "ping_interval": {"$ref": "#/$defs/duration", "default": "20s"},
         "ping_timeout": {"$ref": "#/$defs/duration", "default": "20s"},
