@@ -9,6 +9,8 @@ from pathlib import Path
 
 import copier
 import pytest
+from cli_process import echo_once, stop
+from loopback import free_port
 from venvs import ROOT, Venv
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -99,3 +101,55 @@ def test_broken_plugin_is_listed_as_failed_next_to_working_ones(
     selected = plugin_venv.run("cloudbridge", "--plugin", "broken", "config", "show")
     assert selected.returncode == 1
     assert "plugin 'broken' was selected but failed to load" in selected.stderr
+
+
+def test_generated_transport_alone_carries_a_tunnel_through_relay_serve_and_tunnel(
+    plugin_venv: Venv, tmp_path: Path, echo_port: int
+) -> None:
+    """A third-party transport needs nothing but its own section: the relay serves it on
+    ``transport.gen_transport.port``, client.yaml lists that port, the client uses it."""
+    # no quic, grpc or websocket here; jwt checks the tokens `relay token issue` mints
+    plugin_venv.install(render("transport", tmp_path), ROOT / "plugins" / "cloudbridge-jwt")
+    state = tmp_path / "D"
+    port = free_port()
+    relay = plugin_venv.start(
+        *("cloudbridge", "relay", "serve", "--dev", "--state-dir", state),
+        ready="client config:",
+        env={
+            "CLOUDBRIDGE_SERVER__LISTEN": "127.0.0.1",
+            "CLOUDBRIDGE_TRANSPORT__GEN_TRANSPORT__PORT": str(port),
+            "CLOUDBRIDGE_TRANSPORT__TLS__PORT": str(free_port()),
+            "CLOUDBRIDGE_SERVER__STUN_PORT": str(free_port()),
+            "CLOUDBRIDGE_METRICS__ENABLED": "false",
+        },
+    )
+    try:
+        client_yaml = state / "client.yaml"
+        assert f"gen_transport:\n    port: {port}\n" in client_yaml.read_text()
+        issued = plugin_venv.run(
+            *("cloudbridge", "relay", "token", "issue", "--state-dir", state),
+            *("--tenant", "acme", "--subject", "laptop"),
+            *("--permission", "relay:connect", "--permission", "tunnel:create"),
+        )
+        assert issued.returncode == 0, issued.stderr
+        local = free_port()
+        tunnel = plugin_venv.start(
+            *("cloudbridge", "tunnel", "--config", client_yaml, "--local-port", str(local)),
+            *("--remote-host", "127.0.0.1", "--remote-port", str(echo_port)),
+            ready="tunnel 127.0.0.1:",
+            env={
+                "CLOUDBRIDGE_AUTH__TOKEN": issued.stdout.strip(),
+                "CLOUDBRIDGE_TRANSPORT__MODE": "gen_transport",
+                "CLOUDBRIDGE_METRICS__ENABLED": "false",
+            },
+        )
+        try:
+            payload = bytes(range(256)) * 256
+            assert echo_once(local, payload) == payload
+            status = plugin_venv.cloudbridge_json("status", "--config", str(client_yaml))
+            assert status["transport"]["name"] == "gen_transport"
+            assert status["transport"]["reason"] == "transport.mode is gen_transport"
+        finally:
+            assert stop(tunnel) == 0
+    finally:
+        assert stop(relay) == 0

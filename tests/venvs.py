@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,20 +43,46 @@ class Venv:
         self, *args: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None
     ) -> subprocess.CompletedProcess[str]:
         """Run a command from this venv's bin/ (``cloudbridge``, ``python``)."""
-        command = [str(self.path / "bin" / str(args[0])), *map(str, args[1:])]
-        environment = {
-            k: v for k, v in os.environ.items() if not k.startswith(("CLOUDBRIDGE_", "VIRTUAL_ENV"))
-        }
-        environment.update(env or {})
         return subprocess.run(
-            command,
+            self._command(args),
             capture_output=True,
             text=True,
             cwd=cwd,
-            env=environment,
+            env=self._environment(env),
             check=False,
             timeout=300,
         )
+
+    def start(
+        self, *args: str | Path, ready: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[str]:
+        """Start a long-running command from this venv's bin/ and wait until it prints the
+        line saying it is ready (on stderr); raises ``RuntimeError`` if it exits first."""
+        process = subprocess.Popen(
+            self._command(args), stderr=subprocess.PIPE, text=True, env=self._environment(env)
+        )
+        assert process.stderr is not None
+        seen = []
+        for line in process.stderr:
+            if ready in line:
+                # keep draining, so that a chatty process never blocks on a full pipe
+                threading.Thread(target=process.stderr.read, daemon=True).start()
+                return process
+            seen.append(line)
+        process.wait()
+        process.stderr.close()
+        raise RuntimeError(f"{args[:2]} exited with {process.returncode}:\n{''.join(seen)}")
+
+    def _command(self, args: tuple[str | Path, ...]) -> list[str]:
+        return [str(self.path / "bin" / str(args[0])), *map(str, args[1:])]
+
+    @staticmethod
+    def _environment(extra: dict[str, str] | None) -> dict[str, str]:
+        environment = {
+            k: v for k, v in os.environ.items() if not k.startswith(("CLOUDBRIDGE_", "VIRTUAL_ENV"))
+        }
+        environment.update(extra or {})
+        return environment
 
     def cloudbridge_json(self, *args: str) -> Any:
         result = self.run("cloudbridge", *args, "--json")
