@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from cloudbridge_core.builtin import SETTINGS_SCHEMA
 from cloudbridge_core.config import load_config, merged_schema
 from cloudbridge_core.errors import (
     ConfigError,
@@ -22,6 +23,7 @@ from cloudbridge_core.errors import (
 from cloudbridge_core.plugins import load_plugins
 from cloudbridge_core.protocol.mux import MuxLimits
 from cloudbridge_core.providers import Endpoint, Session
+from cloudbridge_core.testing.settings import plugin_settings
 from cloudbridge_core.testing.streams import echo_streams, read_all
 from cloudbridge_core.testing.tls import loopback_tls
 from cloudbridge_core.tlsutil import client_context, generate_ca
@@ -205,7 +207,8 @@ def test_limits_come_from_the_transport_tls_section(tmp_path: Path) -> None:
         "initial_window": 262144,
         "max_streams": 1024,
     }
-    transport = load_plugins().require("transport", "tls").load({**settings, "max_streams": 7})
+    section = plugin_settings(SETTINGS_SCHEMA, max_streams=7)
+    transport = load_plugins().require("transport", "tls").load(section)
     assert transport._limits == MuxLimits(
         max_frame_size=65536, initial_window=262144, max_streams=7
     )

@@ -18,6 +18,8 @@ from cloudbridge_core.errors import P2PConnectionFailed
 from cloudbridge_core.log import configure_logging
 from cloudbridge_core.p2p.ice import CLOSE_GRACE as ICE_CLOSE_GRACE
 from cloudbridge_core.providers import PeerInfo, Stream
+from cloudbridge_core.testing.settings import plugin_settings
+from cloudbridge_turn.hooks import SETTINGS_SCHEMA
 from cloudbridge_turn.strategy import TurnServer, TurnStrategy
 
 pytestmark = pytest.mark.timeout(60)
@@ -109,9 +111,9 @@ def pair() -> tuple[Signals, Signals]:
     return a, b
 
 
-def settings(port: int, password: str = PASSWORD) -> dict[str, Any]:
+def settings(port: int, password: str = PASSWORD) -> Mapping[str, Any]:
     entry = {"url": f"turn:127.0.0.1:{port}", "username": USER, "credential": password}
-    return {"turn_servers": [entry]}
+    return plugin_settings(SETTINGS_SCHEMA, turn_servers=[entry])
 
 
 def test_two_peers_meet_over_relayed_candidates(coturn: int) -> None:

@@ -48,7 +48,7 @@ class TurnServer:
 
 class TurnStrategy:
     def __init__(self, settings: Mapping[str, Any]) -> None:
-        self._servers = [TurnServer.from_settings(e) for e in settings.get("turn_servers") or []]
+        self._servers = [TurnServer.from_settings(e) for e in settings["turn_servers"]]
 
     async def connect(self, peer: PeerInfo, signal: SignalChannel) -> IcePath:
         if not self._servers:
