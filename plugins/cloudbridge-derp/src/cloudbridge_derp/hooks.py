@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from cloudbridge_core.hookspecs import hookimpl
-from cloudbridge_core.providers import NatStrategy, NatStrategySpec
+from cloudbridge_core.api import NatStrategy, NatStrategySpec, hookimpl
 
 
 def _load(settings: Mapping[str, Any]) -> NatStrategy:

@@ -12,10 +12,17 @@ import asyncio
 import base64
 import contextlib
 
-from cloudbridge_core.errors import CloudBridgeError, P2PConnectionFailed, ProtocolViolation
-from cloudbridge_core.log import get_logger
-from cloudbridge_core.protocol import derp
-from cloudbridge_core.providers import PeerInfo, PeerPath, SignalChannel, Stream
+from cloudbridge_core.api import (
+    CloudBridgeError,
+    P2PConnectionFailed,
+    PeerInfo,
+    PeerPath,
+    ProtocolViolation,
+    SignalChannel,
+    Stream,
+    derp,
+    get_logger,
+)
 
 log = get_logger("p2p.derp")
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from cloudbridge_core.hookspecs import hookimpl
-from cloudbridge_core.providers import ConfigSection, Transport, TransportSpec
+from cloudbridge_core.api import ConfigSection, Transport, TransportSpec, hookimpl
 
 SETTINGS_SCHEMA: dict[str, Any] = {
     "type": "object",

@@ -13,7 +13,7 @@ import weakref
 from typing import Any
 
 import grpc
-from cloudbridge_core.errors import ProtocolViolation, TransportClosed, TransportError
+from cloudbridge_core.api import ProtocolViolation, TransportClosed, TransportError
 
 from cloudbridge_grpc._generated.tunnel_pb2 import Chunk, Control
 from cloudbridge_grpc.streams import ClientStream, ServerStream

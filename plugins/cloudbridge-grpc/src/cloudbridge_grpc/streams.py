@@ -8,7 +8,7 @@ import contextlib
 from typing import Any
 
 import grpc
-from cloudbridge_core.errors import (
+from cloudbridge_core.api import (
     ProtocolViolation,
     StreamAborted,
     TransportClosed,

@@ -11,18 +11,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from cloudbridge_core.errors import (
+from cloudbridge_core.api import (
     ConnectionTimeout,
+    Endpoint,
     ServerUnavailable,
+    Session,
     StreamAborted,
+    TlsMaterial,
     TlsVerificationFailed,
     TransportClosed,
     TransportError,
+    build,
+    client_context,
+    run_session_handler,
 )
-from cloudbridge_core.providers import Endpoint, Session, TlsMaterial
-from cloudbridge_core.settings import build
-from cloudbridge_core.tlsutil import client_context
-from cloudbridge_core.transports.serving import run_session_handler
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 

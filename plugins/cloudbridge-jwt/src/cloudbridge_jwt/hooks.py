@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from cloudbridge_core.hookspecs import hookimpl
-from cloudbridge_core.providers import AuthProvider, AuthProviderSpec, ConfigSection
+from cloudbridge_core.api import AuthProvider, AuthProviderSpec, ConfigSection, hookimpl
 
 DURATION = {"$ref": "#/$defs/duration"}
 

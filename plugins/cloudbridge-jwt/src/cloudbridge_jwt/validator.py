@@ -21,10 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cloudbridge_core.errors import InvalidToken, ServerUnavailable, TokenExpired
-from cloudbridge_core.log import get_logger
-from cloudbridge_core.providers import Claims
-from cloudbridge_core.settings import build
+from cloudbridge_core.api import (
+    Claims,
+    InvalidToken,
+    ServerUnavailable,
+    TokenExpired,
+    build,
+    get_logger,
+)
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from joserfc import jwt

@@ -18,11 +18,14 @@ import httpx2
 from authlib.integrations.base_client.errors import OAuthError
 from authlib.integrations.httpx_client import AsyncOAuth2Client
 from authlib.oauth2.rfc8628 import DEVICE_CODE_GRANT_TYPE
-from cloudbridge_core.client.tokens import token_expires_in
-from cloudbridge_core.errors import AuthError, ServerUnavailable
-from cloudbridge_core.log import get_logger
-from cloudbridge_core.providers import TokenStore
-from cloudbridge_core.settings import build
+from cloudbridge_core.api import (
+    AuthError,
+    ServerUnavailable,
+    TokenStore,
+    build,
+    get_logger,
+    token_expires_in,
+)
 
 from cloudbridge_oidc.discovery import HTTP_TIMEOUT, ProviderMetadata, checked_issuer, discover
 from cloudbridge_oidc.settings import OidcSettings

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx2
-from cloudbridge_core.errors import ServerUnavailable
+from cloudbridge_core.api import ServerUnavailable
 
 HTTP_TIMEOUT = 15.0
 MAX_DOCUMENT_BYTES = 1024 * 1024

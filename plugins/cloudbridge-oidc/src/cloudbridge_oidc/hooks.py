@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from cloudbridge_core.hookspecs import hookimpl
-from cloudbridge_core.providers import (
+from cloudbridge_core.api import (
     AuthProvider,
     AuthProviderSpec,
     ConfigSection,
     TokenSource,
+    hookimpl,
 )
 from cloudbridge_jwt.hooks import SETTINGS_SCHEMA as JWT_SETTINGS
 

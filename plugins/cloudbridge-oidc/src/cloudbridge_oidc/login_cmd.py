@@ -7,10 +7,16 @@ import webbrowser
 from typing import TYPE_CHECKING
 
 import click
-from cloudbridge_core.cli.output import message
-from cloudbridge_core.cli.runtime import config_option, runtime_of
-from cloudbridge_core.client.tokens import StoredTokens, token_expires_in
-from cloudbridge_core.errors import ConfigError, ConfigIssue, UsageError
+from cloudbridge_core.api import (
+    ConfigError,
+    ConfigIssue,
+    StoredTokens,
+    UsageError,
+    config_option,
+    message,
+    runtime_of,
+    token_expires_in,
+)
 
 if TYPE_CHECKING:
     from cloudbridge_oidc.client import DeviceCode

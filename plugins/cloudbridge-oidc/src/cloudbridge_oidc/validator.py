@@ -9,8 +9,7 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
-from cloudbridge_core.providers import Claims
-from cloudbridge_core.settings import build
+from cloudbridge_core.api import Claims, build
 from cloudbridge_jwt.validator import JwtValidator
 
 from cloudbridge_oidc.discovery import checked_issuer, discover

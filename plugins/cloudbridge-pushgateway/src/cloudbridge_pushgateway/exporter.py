@@ -18,9 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloudbridge_core.log import get_logger
-from cloudbridge_core.retry import Backoff
-from cloudbridge_core.settings import build
+from cloudbridge_core.api import Backoff, build, get_logger
 from prometheus_client import CollectorRegistry, Counter, delete_from_gateway, push_to_gateway
 
 log = get_logger("exporter.pushgateway")

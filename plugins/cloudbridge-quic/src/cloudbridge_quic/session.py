@@ -12,7 +12,7 @@ from typing import Any
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic import events
 from aioquic.quic.connection import QuicConnection
-from cloudbridge_core.errors import StreamAborted, TransportClosed, TransportError
+from cloudbridge_core.api import StreamAborted, TransportClosed, TransportError
 
 from cloudbridge_quic.flow import BoundedQuicConnection
 from cloudbridge_quic.pmtu import (

@@ -16,16 +16,18 @@ from aioquic.asyncio.server import QuicServer, serve
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.tls import SessionTicket, load_pem_private_key, load_pem_x509_certificates
-from cloudbridge_core.errors import (
+from cloudbridge_core.api import (
+    ALPN,
     ConnectionTimeout,
+    Endpoint,
     ServerUnavailable,
+    Session,
+    TlsMaterial,
     TlsVerificationFailed,
     TransportError,
+    build,
+    run_session_handler,
 )
-from cloudbridge_core.providers import Endpoint, Session, TlsMaterial
-from cloudbridge_core.settings import build
-from cloudbridge_core.tlsutil import ALPN
-from cloudbridge_core.transports.serving import run_session_handler
 
 from cloudbridge_quic.flow import bound
 from cloudbridge_quic.pmtu import forbid_fragmentation

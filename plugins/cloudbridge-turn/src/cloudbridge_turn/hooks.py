@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from cloudbridge_core.hookspecs import hookimpl
-from cloudbridge_core.providers import ConfigSection, NatStrategy, NatStrategySpec
+from cloudbridge_core.api import ConfigSection, NatStrategy, NatStrategySpec, hookimpl
 
 #: The part of ``p2p.ice`` this strategy reads. The core's schema describes and checks each
 #: server (the key predates plugins); declaring the section routes ``p2p.ice`` to ``_load``.

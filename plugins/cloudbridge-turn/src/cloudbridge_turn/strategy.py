@@ -10,9 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aioice
-from cloudbridge_core.errors import P2PConnectionFailed
-from cloudbridge_core.p2p.ice import IcePath, ice_path
-from cloudbridge_core.providers import PeerInfo, SignalChannel
+from cloudbridge_core.api import IcePath, P2PConnectionFailed, PeerInfo, SignalChannel, ice_path
 
 URL = re.compile(
     r"(?P<scheme>turns?):(?P<host>[^:\s?]+)(?::(?P<port>\d+))?(?:\?transport=(?P<transport>udp|tcp))?"

@@ -8,18 +8,19 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cloudbridge_core.errors import (
+from cloudbridge_core.api import (
     ConnectionTimeout,
+    Endpoint,
+    MuxSession,
     ProtocolViolation,
     ServerUnavailable,
+    Session,
     TlsVerificationFailed,
     TransportClosed,
     TransportError,
+    build,
+    run_session_handler,
 )
-from cloudbridge_core.providers import Endpoint, Session
-from cloudbridge_core.settings import build
-from cloudbridge_core.transports.mux_session import MuxSession
-from cloudbridge_core.transports.serving import run_session_handler
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers

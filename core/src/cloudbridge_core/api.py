@@ -1,0 +1,177 @@
+"""Everything a plugin may use from the core: one module, one page to read, kept stable.
+
+A plugin's code imports from here and nowhere else in ``cloudbridge_core`` (a test checks
+the plugins in this repository and the template's). Its tests may also use
+:mod:`cloudbridge_core.testing` (the conformance kit, throwaway TLS, ``plugin_settings``).
+
+- hooks: :data:`hookimpl` and the provider records (``TransportSpec``, ``ConfigSection``, ...)
+- the provider interfaces (``Transport``, ``Session``, ``Stream``, ``AuthProvider``, ...)
+- the classified errors (``errors``, and each class by name), mapped to at the plugin's boundary
+- settings: :func:`build` types a plugin's section (which ``load`` receives validated, with
+  the schema's defaults and durations in seconds) into the plugin's own frozen dataclass
+- building blocks: logging, backoff, TLS helpers, the stream multiplexer and session runner
+  (transports), the DERP framing and ICE paths (NAT strategies), the token store and the CLI
+  runtime (auth providers with commands)
+
+Names are imported when first used, so importing this module stays cheap: ``hooks``
+modules import it while ``cloudbridge --help`` runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from cloudbridge_core import errors
+from cloudbridge_core.errors import (
+    AuthError,
+    CloudBridgeError,
+    ConfigError,
+    ConfigIssue,
+    ConnectionTimeout,
+    InvalidToken,
+    P2PConnectionFailed,
+    ProtocolViolation,
+    ServerUnavailable,
+    StreamAborted,
+    TlsVerificationFailed,
+    TokenExpired,
+    TransportClosed,
+    TransportError,
+    UsageError,
+)
+from cloudbridge_core.hookspecs import hookimpl
+from cloudbridge_core.providers import (
+    AuthProvider,
+    AuthProviderSpec,
+    Claims,
+    ConfigSection,
+    Endpoint,
+    Exporter,
+    ExporterSpec,
+    Listener,
+    NatStrategy,
+    NatStrategySpec,
+    Overlay,
+    OverlaySpec,
+    PeerInfo,
+    PeerPath,
+    ProviderSpec,
+    Session,
+    SignalChannel,
+    Stream,
+    TlsMaterial,
+    TokenSource,
+    TokenStore,
+    Transport,
+    TransportSpec,
+)
+
+if TYPE_CHECKING:
+    from cloudbridge_core.cli.output import message
+    from cloudbridge_core.cli.runtime import config_option, runtime_of
+    from cloudbridge_core.client.tokens import StoredTokens, token_expires_in
+    from cloudbridge_core.log import get_logger
+    from cloudbridge_core.p2p.ice import CLOSE_GRACE as ICE_CLOSE_GRACE
+    from cloudbridge_core.p2p.ice import IcePath, ice_path
+    from cloudbridge_core.protocol import derp
+    from cloudbridge_core.protocol.mux import MuxLimits
+    from cloudbridge_core.retry import Backoff
+    from cloudbridge_core.settings import build
+    from cloudbridge_core.tlsutil import ALPN, client_context
+    from cloudbridge_core.transports.mux_session import MuxSession
+    from cloudbridge_core.transports.serving import run_session_handler
+    from cloudbridge_core.transports.tls import TlsTransport
+
+_LAZY = {
+    "message": ("cloudbridge_core.cli.output", "message"),
+    "config_option": ("cloudbridge_core.cli.runtime", "config_option"),
+    "runtime_of": ("cloudbridge_core.cli.runtime", "runtime_of"),
+    "StoredTokens": ("cloudbridge_core.client.tokens", "StoredTokens"),
+    "token_expires_in": ("cloudbridge_core.client.tokens", "token_expires_in"),
+    "get_logger": ("cloudbridge_core.log", "get_logger"),
+    "ICE_CLOSE_GRACE": ("cloudbridge_core.p2p.ice", "CLOSE_GRACE"),
+    "IcePath": ("cloudbridge_core.p2p.ice", "IcePath"),
+    "ice_path": ("cloudbridge_core.p2p.ice", "ice_path"),
+    "derp": ("cloudbridge_core.protocol.derp", None),
+    "MuxLimits": ("cloudbridge_core.protocol.mux", "MuxLimits"),
+    "Backoff": ("cloudbridge_core.retry", "Backoff"),
+    "build": ("cloudbridge_core.settings", "build"),
+    "ALPN": ("cloudbridge_core.tlsutil", "ALPN"),
+    "client_context": ("cloudbridge_core.tlsutil", "client_context"),
+    "MuxSession": ("cloudbridge_core.transports.mux_session", "MuxSession"),
+    "run_session_handler": ("cloudbridge_core.transports.serving", "run_session_handler"),
+    "TlsTransport": ("cloudbridge_core.transports.tls", "TlsTransport"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module_name, attribute = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value
+    return value
+
+
+__all__ = [
+    "ALPN",
+    "ICE_CLOSE_GRACE",
+    "AuthError",
+    "AuthProvider",
+    "AuthProviderSpec",
+    "Backoff",
+    "Claims",
+    "CloudBridgeError",
+    "ConfigError",
+    "ConfigIssue",
+    "ConfigSection",
+    "ConnectionTimeout",
+    "Endpoint",
+    "Exporter",
+    "ExporterSpec",
+    "IcePath",
+    "InvalidToken",
+    "Listener",
+    "MuxLimits",
+    "MuxSession",
+    "NatStrategy",
+    "NatStrategySpec",
+    "Overlay",
+    "OverlaySpec",
+    "P2PConnectionFailed",
+    "PeerInfo",
+    "PeerPath",
+    "ProtocolViolation",
+    "ProviderSpec",
+    "ServerUnavailable",
+    "Session",
+    "SignalChannel",
+    "StoredTokens",
+    "Stream",
+    "StreamAborted",
+    "TlsMaterial",
+    "TlsTransport",
+    "TlsVerificationFailed",
+    "TokenExpired",
+    "TokenSource",
+    "TokenStore",
+    "Transport",
+    "TransportClosed",
+    "TransportError",
+    "TransportSpec",
+    "UsageError",
+    "build",
+    "client_context",
+    "config_option",
+    "derp",
+    "errors",
+    "get_logger",
+    "hookimpl",
+    "ice_path",
+    "message",
+    "run_session_handler",
+    "runtime_of",
+    "token_expires_in",
+]
