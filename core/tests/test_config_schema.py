@@ -224,7 +224,6 @@ def test_defaults_form_a_valid_config() -> None:
         ("transport.prefer_protocol", "quic"),
         ("transport.connect_timeout", "5s"),
         ("p2p.ice.stun_servers", []),
-        ("p2p.mesh.peer_ip", None),
         ("tunnels", []),
         ("metrics.prometheus_host", "127.0.0.1"),
         ("metrics.prometheus_port", 9464),
@@ -390,7 +389,7 @@ def cloudbridge_config_schema():
     ("yaml_text", "path"),
     [
         ("relay: {connect_timeout: 5000}\n", "relay.connect_timeout"),
-        ("relay: {read_timeout: 10 s}\n", "relay.read_timeout"),
+        ("relay: {read_timeout: 10s}\n", "relay.read_timeout"),  # removed: nothing read it
         ("relay: {connect_timeout_ms: 5000}\n", "relay.connect_timeout_ms"),
         ("relay: {ports: {quic: 5553}}\n", "relay.ports"),  # a transport's port: its section
         ("relay: {tls: {min_version: '1.1'}}\n", "relay.tls.min_version"),
@@ -404,8 +403,8 @@ def cloudbridge_config_schema():
         ),
         ("p2p: {ice: {stun_servers: ['stun.example.com']}}\n", "p2p.ice.stun_servers.0"),
         ("p2p: {ice: {turn_servers: [{url: 'http://t:3478'}]}}\n", "p2p.ice.turn_servers.0.url"),
-        ("p2p: {mesh: {peer_ip: 10.0.0.300}}\n", "p2p.mesh.peer_ip"),
-        ("p2p: {mesh: {peerIP: 10.0.0.5}}\n", "p2p.mesh.peerIP"),
+        ("p2p: {mesh: {peer_ip: 10.0.0.5}}\n", "p2p.mesh"),  # removed until the overlay reads it
+        ("performance: {connection_pool: {}}\n", "performance.connection_pool"),
         ("auth: {token_storage: vault}\n", "auth.token_storage"),
         ("retry: {multiplier: 0.5}\n", "retry.multiplier"),
         ("retry: {per_error: {invalid_token: {max_retries: 3}}}\n", "retry.per_error"),

@@ -292,6 +292,10 @@ class Plugins:
     def config_sections(self) -> list[ConfigSection]:
         return [section for _, section in self._sections]
 
+    def declared_sections(self) -> list[tuple[str, ConfigSection]]:
+        """Each config section with the name of the plugin that declared it."""
+        return list(self._sections)
+
     def failed_explicit(self) -> list[PluginRecord]:
         """Plugins the user selected by name that failed to load."""
         return [r for r in self._records if r.name in self._explicit and r.status == "failed"]

@@ -119,7 +119,7 @@ def uninstall(ctx: click.Context) -> None:
 def _renews_tokens(runtime: Runtime, config: Config) -> bool:
     """Whether the auth provider renews tokens itself (OIDC), so the service must be able
     to write them."""
-    spec = runtime.plugins.providers("auth_provider").get(config.get("auth.type"))
+    spec = runtime.plugins.providers("auth_provider").get(config.settings.auth.type)
     return isinstance(spec, AuthProviderSpec) and spec.token_source is not None
 
 

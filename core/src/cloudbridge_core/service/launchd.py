@@ -15,7 +15,7 @@ def render_plist(config: Config, config_path: Path, executable: Path, logs: Path
         "Label": LABEL,
         "ProgramArguments": [str(executable), "p2p", "--config", str(config_path.resolve())],
         "RunAtLoad": True,
-        "KeepAlive": {"SuccessfulExit": False} if config.get("service.auto_restart") else False,
+        "KeepAlive": {"SuccessfulExit": False} if config.settings.service.auto_restart else False,
         "ThrottleInterval": 5,
         "StandardOutPath": str(logs / "cloudbridge.out.log"),
         "StandardErrorPath": str(logs / "cloudbridge.err.log"),

@@ -21,7 +21,6 @@ from pathlib import Path
 
 from cloudbridge_core.client.tokens import StoredTokens
 from cloudbridge_core.config import Config
-from cloudbridge_core.durations import parse_duration
 from cloudbridge_core.errors import AuthError
 
 CONFIG_DIR = Path("/etc/cloudbridge")
@@ -55,7 +54,7 @@ HARDENING = (
 
 
 def unit_name(config: Config) -> str:
-    name: str = config.get("service.name")
+    name = config.settings.service.name
     return name if name.endswith(".service") else f"{name}.service"
 
 
@@ -81,7 +80,7 @@ def service_tokens(config: Config, *, renewable: bool) -> ServiceTokens:
     """A system service cannot reach a user's keyring: the token is copied for it, into a
     root-only credential file, or (``renewable``: the auth provider renews tokens) with its
     refresh token into the state directory, where the service can replace them."""
-    if config.get("auth.token"):  # in the config or its environment file
+    if config.settings.auth.token:  # in the config or its environment file
         return ServiceTokens()
     stored = StoredTokens.of(config.settings.auth, config.settings.relay.host)
     if renewable:
@@ -100,11 +99,11 @@ def service_tokens(config: Config, *, renewable: bool) -> ServiceTokens:
         }
         return ServiceTokens(environment=environment, copies=copies)
     if stored.in_file:
-        return ServiceTokens(credential=Path(config.get("auth.token_file")).resolve())
+        return ServiceTokens(credential=Path(str(config.settings.auth.token_file)).resolve())
     token = stored.load()
     if token is None:
         raise AuthError(
-            f"no token is kept for {config.get('relay.host')} in the {stored.where()}",
+            f"no token is kept for {config.settings.relay.host} in the {stored.where()}",
             hint="run 'cloudbridge join URL' or 'cloudbridge login' first, as the installing user",
         )
     credential = CREDENTIALS_DIR / f"{_stem(config)}.token"
@@ -112,7 +111,8 @@ def service_tokens(config: Config, *, renewable: bool) -> ServiceTokens:
 
 
 def render_unit(config: Config, config_path: Path, executable: Path, tokens: ServiceTokens) -> str:
-    overlay = bool((config.data["p2p"].get("wireguard") or {}).get("enabled"))
+    service_settings = config.settings.service
+    overlay = bool(config.section("p2p.wireguard").get("enabled"))
     capabilities = "CAP_NET_ADMIN" if overlay else ""
     credential = tokens.credential
     token = ["--token-file", "%d/token"] if credential is not None else []
@@ -124,8 +124,8 @@ def render_unit(config: Config, config_path: Path, executable: Path, tokens: Ser
         f"ExecStart={command}",
         *([f"LoadCredential=token:{credential}"] if credential is not None else []),
         f"EnvironmentFile=-{environment_file(config)}",
-        f"Restart={'on-failure' if config.get('service.auto_restart') else 'no'}",
-        f"RestartSec={parse_duration(config.get('service.restart_delay')):g}s",
+        f"Restart={'on-failure' if service_settings.auto_restart else 'no'}",
+        f"RestartSec={service_settings.restart_delay:g}s",
         "StateDirectory=cloudbridge",
         "RuntimeDirectory=cloudbridge",
         "Environment=" + " ".join(f"{k}={v}" for k, v in environment.items()),
@@ -133,13 +133,14 @@ def render_unit(config: Config, config_path: Path, executable: Path, tokens: Ser
         f"AmbientCapabilities={capabilities}",
         *(line.format(private_devices="no" if overlay else "yes") for line in HARDENING),
     ]
-    for key in ("user", "group"):
-        if config.get(f"service.{key}"):
-            service.append(f"{key.capitalize()}={config.get(f'service.{key}')}")
+    if service_settings.user:
+        service.append(f"User={service_settings.user}")
+    if service_settings.group:
+        service.append(f"Group={service_settings.group}")
     return "\n".join(
         [
             "[Unit]",
-            f"Description={config.get('service.description')}",
+            f"Description={service_settings.description}",
             "Wants=network-online.target",
             "After=network-online.target",
             "",

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from cloudbridge_core.config import Config
-from cloudbridge_core.durations import parse_duration
 
 SERVICE_NAME = "CloudBridge"
 SERVICE_CLASS = "cloudbridge_core.service.windows_host.CloudBridgeService"
@@ -22,12 +21,12 @@ ACCOUNT = r"NT AUTHORITY\LocalService"
 
 
 def definition(config: Config, config_path: Path) -> dict[str, Any]:
-    delay_ms = round(parse_duration(config.get("service.restart_delay")) * 1000)
-    restart = config.get("service.auto_restart")
+    delay_ms = round(config.settings.service.restart_delay * 1000)
+    restart = config.settings.service.auto_restart
     return {
         "name": SERVICE_NAME,
         "display_name": "CloudBridge client",
-        "description": config.get("service.description"),
+        "description": config.settings.service.description,
         "class": SERVICE_CLASS,
         "start_type": "auto",
         "account": ACCOUNT,

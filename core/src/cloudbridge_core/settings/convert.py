@@ -1,9 +1,11 @@
 """Converting validated config data once, by what the schema says each value is.
 
 Durations (``$ref: #/$defs/duration``) become float seconds; everything else keeps its
-JSON type. The walk follows ``properties``, ``patternProperties``, ``additionalProperties``,
-``items`` and ``allOf`` (plugin fragments merged at a core path), so a plugin's own section
-is converted by the same rule as the core's.
+JSON type. A key left out of an object takes its schema default here too, also inside
+lists and maps (a ``tunnels`` entry, a tenant's egress rules), which the top-level
+defaults cannot reach. The walk follows ``properties``, ``patternProperties``,
+``additionalProperties``, ``items`` and ``allOf`` (plugin fragments merged at a core
+path), so a plugin's own section is converted by the same rule as the core's.
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ def convert(value: Any, node: Mapping[str, Any], root: Mapping[str, Any]) -> Any
     if isinstance(value, str) and _is_duration(node, root):
         return parse_duration(value)
     if isinstance(value, Mapping):
-        return {key: convert(item, _child(node, key, root), root) for key, item in value.items()}
+        converted = {
+            key: convert(item, _child(node, key, root), root) for key, item in value.items()
+        }
+        for key, child in _merged(node, root)["properties"].items():
+            if key not in converted and "default" in child:
+                converted[key] = convert(child["default"], child, root)
+        return converted
     if isinstance(value, list):
         items = _merged(node, root).get("items")
         item_node = items if isinstance(items, Mapping) else {}

@@ -93,8 +93,6 @@ class LoggingSettings:
 class PerformanceSettings:
     buffer_size: int
     max_concurrent_tunnels: int
-    socket_send_buffer: int
-    socket_recv_buffer: int
 
 
 @dataclass(frozen=True, slots=True)
