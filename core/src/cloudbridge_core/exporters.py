@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -28,27 +29,65 @@ async def exporting(
     plugins: Plugins,
     registry: CollectorRegistry,
     routes: Mapping[str, Handler] | None = None,
-) -> AsyncIterator[dict[str, Exporter]]:
+) -> AsyncIterator[Exporters]:
     """Run every enabled exporter for the block; on exit each flushes and stops.
 
     ``routes`` are the process's other local HTTP routes, served next to ``/metrics``.
     """
-    running: dict[str, Exporter] = {}
+    exporters = Exporters(plugins, registry, routes or {})
     try:
-        for name, spec in plugins.exporters().items():
-            settings = plugins.settings_for("exporter", name, config.converted)
+        await exporters.apply(config)
+        yield exporters
+    finally:
+        await exporters.aclose()
+
+
+class Exporters:
+    """The running exporters. :meth:`apply` takes a (reloaded) config: an exporter whose
+    settings changed is stopped and started again with the new ones (``/metrics`` moves to
+    a new address), one newly enabled starts, one disabled stops; the others run on."""
+
+    def __init__(
+        self, plugins: Plugins, registry: CollectorRegistry, routes: Mapping[str, Handler]
+    ) -> None:
+        self._plugins = plugins
+        self._registry = registry
+        self._routes = routes
+        self.running: dict[str, Exporter] = {}
+        self._settings: dict[str, Mapping[str, Any]] = {}
+
+    def get(self, name: str) -> Exporter | None:
+        return self.running.get(name)
+
+    async def apply(self, config: Config) -> list[str]:
+        """Start, restart or stop exporters as ``config`` says; returns the ones touched."""
+        touched = []
+        for name, spec in self._plugins.exporters().items():
+            settings = self._plugins.settings_for("exporter", name, config.converted)
+            if name == "prometheus":  # the built-in one serves the other local routes too
+                settings = {**settings, "routes": self._routes}
+            if settings == self._settings.get(name):
+                continue
+            self._settings[name] = settings
+            touched.append(name)
+            await self._stop(name)
             if not settings.get("enabled"):
                 continue
-            if name == "prometheus":  # the built-in one serves the other local routes too
-                settings = {**settings, "routes": routes or {}}
             exporter = spec.load(settings)
-            await exporter.start(registry)
-            running[name] = exporter
+            await exporter.start(self._registry)
+            self.running[name] = exporter
             log.info("exporter_started", exporter=name)
-        yield running
-    finally:
-        for name, exporter in reversed(running.items()):
-            try:
-                await exporter.stop()
-            except Exception:  # one exporter's failure must not keep the others from flushing
-                log.exception("exporter_stop_failed", exporter=name)
+        return touched
+
+    async def aclose(self) -> None:
+        for name in reversed(list(self.running)):
+            await self._stop(name)
+
+    async def _stop(self, name: str) -> None:
+        exporter = self.running.pop(name, None)
+        if exporter is None:
+            return
+        try:
+            await exporter.stop()
+        except Exception:  # one exporter's failure must not keep the others from flushing
+            log.exception("exporter_stop_failed", exporter=name)

@@ -21,7 +21,6 @@ from cloudbridge_core.cli.runtime import (
 from cloudbridge_core.cli.serving import run_async
 from cloudbridge_core.cli.tunnel_cmd import run_client
 from cloudbridge_core.client.control import config_digest, query
-from cloudbridge_core.client.tunnel import TunnelSpec
 from cloudbridge_core.errors import UsageError
 from cloudbridge_core.p2p.identity import DeviceIdentity
 from cloudbridge_core.p2p.setup import MODES, MeshSetup
@@ -55,14 +54,13 @@ def p2p(ctx: click.Context, control_socket: Path | None, mode: str) -> None:
 def join_mesh(runtime: Runtime, control_socket: Path | None, mode: str) -> None:
     """Run the client in the mesh until stopped (``cloudbridge p2p``, and ``join``)."""
     config = runtime.config()
-    if not config.get("p2p.enabled"):
+    if not config.settings.p2p.enabled:
         raise UsageError("p2p.enabled is false in the config: the mesh is turned off")
     identity = DeviceIdentity.create(device_key_file(runtime.config_path))
-    specs = [TunnelSpec(**entry) for entry in config.get("tunnels")]
     socket = control_socket_of(runtime, control_socket)
 
     async def main() -> None:
-        await run_client(runtime, config, specs, socket, MeshSetup(identity, mode))
+        await run_client(runtime, config, socket, mesh=MeshSetup(identity, mode))
 
     run_async(main)
 

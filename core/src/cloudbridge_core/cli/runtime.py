@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -21,9 +21,10 @@ from cloudbridge_core.config import (
     search_path,
     validate,
 )
-from cloudbridge_core.config.schema import Schema, provider_choices
-from cloudbridge_core.log import LEVELS, configure_logging, get_logger
+from cloudbridge_core.config.schema import Schema, core_schema, node_at, provider_choices
+from cloudbridge_core.log import configure_logging, get_logger
 from cloudbridge_core.plugins import FAMILY_WORDS, Plugins, PluginSelection, load_plugins
+from cloudbridge_core.settings import LoggingSettings
 
 log = get_logger("cli")
 
@@ -115,13 +116,40 @@ class Runtime:
         fmt = section.get("format")
         output = section.get("output")
         configure_logging(
-            level=level if level in LEVELS else "info",
-            fmt=fmt if fmt in ("json", "text") else "text",
+            level=_choice("level", level, "info"),
+            fmt=_choice("format", fmt, "text"),
             output=output if isinstance(output, str) and output else "stderr",
             max_bytes=_int(section.get("max_bytes"), 100 * 1024 * 1024),
             backup_count=_int(section.get("backup_count"), 5),
             color=self.color and sys.stderr.isatty(),
         )
+
+    def follow_logging(self, initial: LoggingSettings) -> Callable[[Config], list[str]]:
+        """A reload subscriber that logs as each new config's ``logging`` section says
+        (level, format, output, rotation), returning the keys it applied."""
+        current = initial
+
+        def apply(config: Config) -> list[str]:
+            nonlocal current
+            new = config.settings.logging
+            changed = [
+                f"logging.{f.name}"
+                for f in fields(new)
+                if getattr(new, f.name) != getattr(current, f.name)
+            ]
+            if changed:
+                configure_logging(
+                    level=new.level,
+                    fmt=new.format,
+                    output=new.output,
+                    max_bytes=new.max_bytes,
+                    backup_count=new.backup_count,
+                    color=self.color and sys.stderr.isatty(),
+                )
+                current = new
+            return changed
+
+        return apply
 
 
 def _token_from(params: Mapping[str, Any]) -> tuple[str, str] | None:
@@ -190,6 +218,14 @@ def _names(value: object) -> list[str] | None:
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return value
     return None
+
+
+def _choice(key: str, value: object, default: str) -> str:
+    """``value`` if the schema allows it for ``logging.<key>`` (the one list of level names,
+    aliases included, as the schema maps them), else ``default``."""
+    node = node_at(core_schema(), ("logging", key)) or {}
+    value = node.get("x-cloudbridge-aliases", {}).get(value, value)
+    return value if isinstance(value, str) and value in node.get("enum", ()) else default
 
 
 def _int(value: object, default: int) -> int:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,14 +23,14 @@ from cloudbridge_core.cli.runtime import (
 from cloudbridge_core.cli.serving import notify, run_async, wait_for_stop
 from cloudbridge_core.client.control import ControlServer, Handler, query
 from cloudbridge_core.client.link import RelayLink
-from cloudbridge_core.client.metrics import ClientMetrics, with_tenant_label
+from cloudbridge_core.client.metrics import ClientMetrics, TenantLabelled, with_tenant_label
 from cloudbridge_core.client.status import RunningClient
 from cloudbridge_core.client.tunnel import Tunnel, TunnelSpec
+from cloudbridge_core.client.tunnel_set import TunnelSet
 from cloudbridge_core.config import Config, validate
 from cloudbridge_core.config.reload import ConfigWatcher
-from cloudbridge_core.durations import parse_duration
 from cloudbridge_core.errors import UsageError
-from cloudbridge_core.exporters import exporting
+from cloudbridge_core.exporters import Exporters, exporting
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.p2p.identity import DeviceIdentity
 from cloudbridge_core.p2p.setup import MODES, MeshSetup, PeerTunnelSpec
@@ -80,8 +81,8 @@ def tunnel(
     config = runtime.config()
     if remote_host is not None and remote_peer is not None:
         raise UsageError("give --remote-host or --remote-peer, not both")
-    specs = [TunnelSpec(**entry) for entry in config.get("tunnels")]
     mesh = None
+    fixed = []
     given = [
         local_port is not None,
         (remote_host or remote_peer) is not None,
@@ -96,15 +97,16 @@ def tunnel(
         # a device key of its own: the p2p service of this config keeps its identity
         mesh = MeshSetup(DeviceIdentity.create(), mode, [forward])
     elif all(given):
-        specs.append(TunnelSpec(local_port or 0, remote_host or "", remote_port or 0, local_host))
-    if not specs and mesh is None:
+        fixed.append(TunnelSpec(local_port or 0, remote_host or "", remote_port or 0, local_host))
+    if not config.settings.tunnels and not fixed and mesh is None:
         raise UsageError(
             "nothing to forward: give --local-port, --remote-host and --remote-port,"
             " or tunnels: in the config"
         )
 
     async def main() -> None:
-        await run_client(runtime, config, specs, control_socket_of(runtime, control_socket), mesh)
+        socket = control_socket_of(runtime, control_socket)
+        await run_client(runtime, config, socket, fixed=fixed, mesh=mesh)
 
     run_async(main)
 
@@ -112,57 +114,64 @@ def tunnel(
 async def run_client(
     runtime: Runtime,
     config: Config,
-    specs: list[TunnelSpec],
     control_socket: Path,
+    *,
+    fixed: Sequence[TunnelSpec] = (),
     mesh: MeshSetup | None = None,
 ) -> None:
-    """Connect, forward, answer on the control socket and follow config reloads until stopped.
+    """Connect, forward the config's ``tunnels`` and the ``fixed`` ones (given by flags),
+    answer on the control socket and follow config reloads until stopped.
 
-    Stopping drains the tunnels first, then stops the exporters (a last push holds the
-    final counts), then closes the relay session.
+    A reload applies each section through its owner (the relay link, the tunnels, logging,
+    the exporters, the mesh); the ``reloaded`` log line lists what they applied. Stopping
+    drains the tunnels first, then stops the exporters (a last push holds the final
+    counts), then closes the relay session.
     """
     transports = list(runtime.plugins.providers("transport"))
     metrics = ClientMetrics(transports)
     link = RelayLink(config, runtime.plugins, metrics)
     await link.start()
-    buffer_size = config.get("performance.buffer_size")
-    tunnels: list[Tunnel | PeerTunnel] = [
-        Tunnel(spec, link, buffer_size, metrics) for spec in specs
-    ]
-    relay_tunnels = [t for t in tunnels if isinstance(t, Tunnel)]
-    metrics.watch_tunnels(lambda: relay_tunnels)
-    client = RunningClient(link, tunnels, config.get("relay.host"))
+    performance = config.settings.performance
+    tunnels: list[Tunnel | PeerTunnel] = []
+    relay_tunnels = TunnelSet(link, performance.buffer_size, metrics, tunnels)
+    metrics.watch_tunnels(relay_tunnels.all)
+    client = RunningClient(link, tunnels, config.settings.relay.host)
     handlers: dict[str, Handler] = {
         "tunnels": lambda _: client.tunnels_document(),
         "status": lambda _: client.status_document(),
     }
-    exposed = metrics.registry
-    if config.get("metrics.tenant_labels"):
-        exposed = with_tenant_label(metrics.registry, lambda: link.tenant_id)
+    exposed, labels = with_tenant_label(
+        metrics.registry, lambda: link.tenant_id, config.settings.metrics.tenant_labels
+    )
     status_route = {
         "/api/v1/status": lambda: (200, "application/json", _json(client.status_document()))
     }
+    reload = _watcher(runtime, config)
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(link.aclose)
+        manager = None
         if mesh is not None:
             manager = await _join_mesh(config, runtime, link, mesh, metrics)
             client.mesh = manager
             stack.push_async_callback(manager.aclose)
-            tunnels += peer_tunnels(manager, mesh)
-            handlers.update(mesh_handlers(manager, config))
+            handlers.update(mesh_handlers(manager))
             message(f"in the mesh as {manager.membership.name} ({manager.membership.peer_id})")
         control = ControlServer(control_socket, handlers)
         exporters = await stack.enter_async_context(
             exporting(config, runtime.plugins, exposed, status_route)
         )
-        served = exporters.get("prometheus")
-        client.metrics_url = served.url if isinstance(served, PrometheusExporter) else None
-        stack.push_async_callback(_drain, tunnels, control, config)
-        for forward in tunnels:
+        client.metrics_url = _metrics_url(exporters)
+        forwards = [] if manager is None or mesh is None else peer_tunnels(manager, mesh)
+
+        def drain_timeout() -> float:  # the config in force when the stop comes
+            return (reload.current if reload is not None else config).settings.server.drain_timeout
+
+        stack.push_async_callback(_drain, relay_tunnels, forwards, control, drain_timeout)
+        await relay_tunnels.start([TunnelSpec.of(t) for t in config.settings.tunnels], fixed)
+        for forward in forwards:
             await forward.start()
-            local = f"{forward.spec.local_host}:{forward.port}"
-            via = link.current.transport if isinstance(forward, Tunnel) else "the best peer path"
-            message(f"tunnel {local} -> {forward.spec.target} via {via}")
+            tunnels.append(forward)
+        _announce(tunnels, link)
         stack.callback(notify, "STOPPING=1")
         if not await control.start():
             log.warning(
@@ -171,15 +180,68 @@ async def run_client(
                 note="another client of this config answers status",
             )
         notify("READY=1")
-        path = runtime.config_path
-        if path is None:
+        if reload is None:
             await wait_for_stop()
             return
-        reload = ConfigWatcher(path, lambda: validate(runtime.read(path), runtime.schema), config)
         metrics.watch_reloads(reload)
-        reload.subscribe(link.apply)
+        reload.subscribe(_follow_link(link, config))
+        reload.subscribe(runtime.follow_logging(config.settings.logging))
+        reload.subscribe(relay_tunnels.follow)
+        reload.subscribe(_follow_metrics(exporters, labels, client))
+        if manager is not None:
+            reload.subscribe(manager.follow)
         async with reload:
             await wait_for_stop()
+
+
+def _watcher(runtime: Runtime, config: Config) -> ConfigWatcher | None:
+    """The config file's watcher; none when only defaults, environment and flags apply."""
+    path = runtime.config_path
+    if path is None:
+        return None
+    return ConfigWatcher(path, lambda: validate(runtime.read(path), runtime.schema), config)
+
+
+def _announce(tunnels: list[Tunnel | PeerTunnel], link: RelayLink) -> None:
+    for running in tunnels:
+        local = f"{running.spec.local_host}:{running.port}"
+        via = link.current.transport if isinstance(running, Tunnel) else "the best peer path"
+        message(f"tunnel {local} -> {running.spec.target} via {via}")
+
+
+def _follow_link(link: RelayLink, config: Config) -> Callable[[Config], Awaitable[list[str]]]:
+    """The relay link's reload subscriber, saying when it moved to a new ``transport.mode``."""
+    current = config.settings.transport.mode
+
+    async def apply(new: Config) -> list[str]:
+        nonlocal current
+        await link.apply(new)
+        before, current = current, new.settings.transport.mode
+        return ["transport.mode"] if current != before else []
+
+    return apply
+
+
+def _follow_metrics(
+    exporters: Exporters, labels: TenantLabelled, client: RunningClient
+) -> Callable[[Config], Awaitable[list[str]]]:
+    """The exporters' reload subscriber: ``/metrics`` moves to a changed address at once,
+    and ``metrics.tenant_labels`` holds from the next scrape."""
+
+    async def apply(new: Config) -> list[str]:
+        labelled = new.settings.metrics.tenant_labels
+        applied = [] if labelled == labels.labelled else ["metrics.tenant_labels"]
+        labels.labelled = labelled
+        applied += [f"exporter {name}" for name in await exporters.apply(new)]
+        client.metrics_url = _metrics_url(exporters)
+        return applied
+
+    return apply
+
+
+def _metrics_url(exporters: Exporters) -> str | None:
+    served = exporters.get("prometheus")
+    return served.url if isinstance(served, PrometheusExporter) else None
 
 
 async def _join_mesh(
@@ -188,13 +250,12 @@ async def _join_mesh(
     from cloudbridge_core.p2p.manager import PeerManager
     from cloudbridge_core.p2p.metrics import P2PMetrics
 
-    expose = set(config.get("p2p.expose"))
     manager = PeerManager(
         config,
         runtime.plugins,
         link,
         mesh.identity,
-        expose,
+        set(config.settings.p2p.expose),
         mesh.mode,
         P2PMetrics(metrics.registry),
     )
@@ -209,24 +270,29 @@ def peer_tunnels(manager: PeerManager, mesh: MeshSetup) -> list[PeerTunnel]:
     return [PeerTunnel(spec, manager) for spec in mesh.forwards]
 
 
-def mesh_handlers(manager: PeerManager, config: Config) -> dict[str, Handler]:
+def mesh_handlers(manager: PeerManager) -> dict[str, Handler]:
     """Control requests about peers: ``ping`` and ``explain`` (each names a ``peer``)."""
-    within = parse_duration(config.get("p2p.heartbeat_timeout"))
 
     async def ping(request: dict[str, Any]) -> dict[str, Any]:
+        within = manager.settings.heartbeat_timeout
         return await manager.ping(str(request.get("peer")), within)
 
     return {"ping": ping, "explain": lambda request: manager.explain(str(request.get("peer")))}
 
 
 async def _drain(
-    tunnels: list[Tunnel | PeerTunnel], control: ControlServer, config: Config
+    relay_tunnels: TunnelSet,
+    forwards: list[PeerTunnel],
+    control: ControlServer,
+    drain_timeout: Callable[[], float],
 ) -> None:
     """Stop accepting, let open connections finish within ``server.drain_timeout``."""
     await control.aclose()
-    drain = parse_duration(config.get("server.drain_timeout"))
+    drain = drain_timeout()
     stopping = time.monotonic()
-    await asyncio.gather(*(forward.aclose(drain) for forward in tunnels))
+    await asyncio.gather(
+        relay_tunnels.aclose(drain), *(forward.aclose(drain) for forward in forwards)
+    )
     log.info("shutdown", duration_ms=round((time.monotonic() - stopping) * 1000, 1))
 
 

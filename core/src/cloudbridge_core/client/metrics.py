@@ -53,21 +53,30 @@ class TunnelCollector(Collector):
             value=sum(t.statistics.total_connections for t in tunnels),
         )
         yield GaugeMetricFamily(
-            "cloudbridge_client_tunnels_active", "Tunnels listening now.", value=len(tunnels)
+            "cloudbridge_client_tunnels_active",
+            "Tunnels listening now.",
+            value=sum(1 for t in tunnels if t.listening),
         )
 
 
 class TenantLabelled(Collector):
-    """Every sample of ``source`` with a ``tenant_id`` label (``metrics.tenant_labels``).
+    """Every sample of ``source``, with a ``tenant_id`` label while ``labelled`` is set
+    (``metrics.tenant_labels``, which a reload may change).
 
     A client speaks for one tenant, so the label adds one value, never an unbounded set.
     """
 
-    def __init__(self, source: CollectorRegistry, tenant: Callable[[], str | None]) -> None:
+    def __init__(
+        self, source: CollectorRegistry, tenant: Callable[[], str | None], labelled: bool = True
+    ) -> None:
         self._source = source
         self._tenant = tenant
+        self.labelled = labelled
 
     def collect(self) -> Iterator[Metric]:
+        if not self.labelled:
+            yield from self._source.collect()
+            return
         tenant = self._tenant() or ""
         for family in self._source.collect():
             labelled = Metric(family.name, family.documentation, family.type, family.unit)
@@ -83,12 +92,14 @@ class TenantLabelled(Collector):
 
 
 def with_tenant_label(
-    source: CollectorRegistry, tenant: Callable[[], str | None]
-) -> CollectorRegistry:
-    """A registry exposing ``source`` with the tenant's label on every sample."""
-    labelled = CollectorRegistry()
-    labelled.register(TenantLabelled(source, tenant))
-    return labelled
+    source: CollectorRegistry, tenant: Callable[[], str | None], labelled: bool = True
+) -> tuple[CollectorRegistry, TenantLabelled]:
+    """A registry exposing ``source``, and the switch putting the tenant's label on every
+    sample of it."""
+    exposed = CollectorRegistry()
+    switch = TenantLabelled(source, tenant, labelled)
+    exposed.register(switch)
+    return exposed, switch
 
 
 class ClientMetrics:
@@ -143,6 +154,11 @@ class ClientMetrics:
             "cloudbridge_client_errors",
             "Classified errors, by error type (the codes of docs/errors.md).",
             ["error_type"],
+            registry=registry,
+        )
+        self.tunnel_listen_failures = Counter(
+            "cloudbridge_client_tunnel_listen_failures",
+            "Tunnels of a reloaded config that could not listen (address in use or not local).",
             registry=registry,
         )
         self.setup_latency = Histogram(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import time
 from contextlib import AbstractAsyncContextManager
@@ -14,6 +15,7 @@ from cloudbridge_core.client.metrics import ClientMetrics
 from cloudbridge_core.errors import CloudBridgeError
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.pump import PumpResult, prepare, pump
+from cloudbridge_core.settings import TunnelSettings
 
 log = get_logger("tunnel")
 
@@ -54,6 +56,24 @@ class TunnelSpec:
     local_host: str = "127.0.0.1"
     name: str | None = None
 
+    @classmethod
+    def of(cls, settings: TunnelSettings) -> TunnelSpec:
+        """The spec of one ``tunnels:`` entry."""
+        spec = cls(settings.local_port, settings.remote_host, settings.remote_port)
+        # the schema's defaults do not reach list items: an unset local_host is None here
+        local_host = settings.local_host or spec.local_host
+        return dataclasses.replace(spec, local_host=local_host, name=settings.name)
+
+    @property
+    def key(self) -> str:
+        """What a reload knows the tunnel by: its name, by default ``tunnel-<local_port>``."""
+        return self.name or f"tunnel-{self.local_port}"
+
+    @property
+    def local(self) -> str:
+        host = f"[{self.local_host}]" if ":" in self.local_host else self.local_host
+        return f"{host}:{self.local_port}"
+
     @property
     def target(self) -> str:
         host = f"[{self.remote_host}]" if ":" in self.remote_host else self.remote_host
@@ -74,22 +94,44 @@ class Tunnel:
         self._metrics = metrics
         self.statistics = TunnelStatistics()
         self._connection = connection
-        self._buffer_size = buffer_size
+        #: copy buffer of connections accepted from now on (``performance.buffer_size``)
+        self.buffer_size = buffer_size
         self._listener: socket.socket | None = None
+        self._port: int | None = None
         self._acceptor: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()
 
     @property
     def port(self) -> int:
-        assert self._listener is not None  # set by start()
-        port: int = self._listener.getsockname()[1]
-        return port
+        assert self._port is not None  # set by start()
+        return self._port
+
+    @property
+    def listening(self) -> bool:
+        return self._listener is not None
 
     async def start(self) -> None:
+        """Listen; raises ``OSError`` when the local address cannot be had."""
         listener = socket.create_server((self.spec.local_host, self.spec.local_port), backlog=1024)
         listener.setblocking(False)
         self._listener = listener
+        self._port = listener.getsockname()[1]
         self._acceptor = asyncio.create_task(self._accept_loop(listener))
+
+    def retarget(self, spec: TunnelSpec) -> None:
+        """Carry connections accepted from now on to ``spec``'s target; the listener and
+        the connections already open stay as they are."""
+        self.spec = spec
+
+    async def stop_listening(self) -> None:
+        """Close the listener; connections already open go on until they end."""
+        if self._acceptor is not None:
+            self._acceptor.cancel()
+            await asyncio.gather(self._acceptor, return_exceptions=True)
+            self._acceptor = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
 
     async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -100,6 +142,7 @@ class Tunnel:
             task.add_done_callback(self._handlers.discard)
 
     async def _carry(self, client: socket.socket) -> None:
+        spec, buffer_size = self.spec, self.buffer_size  # a reload changes them for the next
         stats = self.statistics
         stats.total_connections += 1
         stats.active_connections += 1
@@ -107,30 +150,28 @@ class Tunnel:
         moved = PumpResult()
         try:
             async with self._connection.use() as connection:
-                stream, early = await connection.open_tunnel(self.spec.target)
+                stream, early = await connection.open_tunnel(spec.target)
                 setup = time.perf_counter() - started
                 stats.setup_seconds_total += setup
                 if self._metrics is not None:
                     self._metrics.setup_latency.observe(setup)
                 log.debug(
                     "tunnel_opened",
-                    target=self.spec.target,
+                    target=spec.target,
                     transport=connection.transport,
                     session_id=connection.welcome.session_id,
                     latency_ms=round(setup * 1000, 2),
                 )
                 if early:
                     await asyncio.get_running_loop().sock_sendall(client, early)
-                await pump(stream, client, buffer_size=self._buffer_size, result=moved)
+                await pump(stream, client, buffer_size=buffer_size, result=moved)
                 if moved.error:
                     stats.errors += 1
         except CloudBridgeError as error:
             stats.errors += 1
             if self._metrics is not None:
                 self._metrics.errors.labels(error.code).inc()
-            log.warning(
-                "tunnel_refused", target=self.spec.target, code=error.code, reason=error.message
-            )
+            log.warning("tunnel_refused", target=spec.target, code=error.code, reason=error.message)
         finally:
             client.close()
             stats.bytes_sent += moved.sent
@@ -139,15 +180,10 @@ class Tunnel:
 
     async def aclose(self, drain: float = 0.0) -> None:
         """Stop accepting; give open connections up to ``drain`` seconds, then cut them."""
-        if self._listener is None:
-            return
-        if self._acceptor is not None:
-            self._acceptor.cancel()
+        await self.stop_listening()
         if drain and self._handlers:
             await asyncio.wait(set(self._handlers), timeout=drain)
-        tasks = [t for t in (self._acceptor, *self._handlers) if t is not None]
+        tasks = list(self._handlers)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._listener.close()
-        self._listener = None

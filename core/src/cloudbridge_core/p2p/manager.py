@@ -15,12 +15,11 @@ import datetime
 import socket
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from cloudbridge_core.client.link import RelayLink
 from cloudbridge_core.config import Config
-from cloudbridge_core.durations import parse_duration
 from cloudbridge_core.errors import CloudBridgeError, P2PConnectionFailed
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.p2p.channel import AttemptChannel
@@ -32,6 +31,7 @@ from cloudbridge_core.p2p.setup import MODES
 from cloudbridge_core.p2p.streams import accept_peer_stream, open_peer_stream
 from cloudbridge_core.plugins import Plugins
 from cloudbridge_core.providers import NatStrategy, PeerInfo
+from cloudbridge_core.settings import P2PSettings
 
 log = get_logger("p2p")
 
@@ -39,6 +39,15 @@ log = get_logger("p2p")
 ATTEMPT_TIMEOUT = 15.0
 #: while no path works at all, attempts are retried this often
 RETRY_WHEN_DOWN = 2.0
+#: what a reload changes for what follows; the others need a restart (x-restart-required)
+LIVE_SETTINGS = (
+    "expose",
+    "heartbeat_interval",
+    "heartbeat_timeout",
+    "peer_discovery_interval",
+    "max_connections",
+    "upgrade_interval",
+)
 
 
 @dataclass
@@ -78,6 +87,9 @@ class PeerState:
 
 
 class PeerManager:
+    """The mesh as this device sees it. ``expose`` is the set of local ports peers may
+    reach (``p2p.expose``); :meth:`apply` takes a reloaded ``p2p`` section."""
+
     def __init__(
         self,
         config: Config,
@@ -88,23 +100,45 @@ class PeerManager:
         mode: str = "p2p-first",
         metrics: P2PMetrics | None = None,
     ) -> None:
-        self._config = config
+        self._connect_timeout = config.settings.relay.connect_timeout
         self._identity = identity
         self._expose = expose
+        #: the ``p2p`` section in force: a reload replaces it (:meth:`apply`)
+        self.settings = config.settings.p2p
         self.metrics = metrics
         self.strategies = _strategies(config, plugins, mode)
-        name = config.get("p2p.name") or socket.gethostname()
+        name = self.settings.name or socket.gethostname()
         self.membership = Membership(link, identity, name, self._peers_changed, self._signalled)
         self.peers: dict[str, PeerState] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._upgrade_interval = parse_duration(config.get("p2p.upgrade_interval"))
-        self._heartbeat = parse_duration(config.get("p2p.heartbeat_interval"))
-        self._heartbeat_timeout = parse_duration(config.get("p2p.heartbeat_timeout"))
 
     async def start(self) -> None:
-        await self.membership.start(parse_duration(self._config.get("relay.connect_timeout")))
+        await self.membership.start(self._connect_timeout)
         self._spawn(self._keep_up())
         self._spawn(self._discover())
+
+    def follow(self, config: Config) -> list[str]:
+        """A reload subscriber: :meth:`apply` with the new config's ``p2p`` section."""
+        return self.apply(config.settings.p2p)
+
+    def apply(self, settings: P2PSettings) -> list[str]:
+        """Take a reloaded ``p2p`` section; returns the keys applied.
+
+        A port removed from ``expose`` is refused to new peer streams at once (open ones
+        go on), an added one is served; intervals, timeouts and ``max_connections`` hold
+        for what follows. The other keys (name, fallback, ICE servers) need a restart.
+        """
+        applied = [
+            f"p2p.{f.name}"
+            for f in fields(settings)
+            if f.name in LIVE_SETTINGS
+            and getattr(settings, f.name) != getattr(self.settings, f.name)
+        ]
+        if settings.expose != self.settings.expose:
+            self._expose = set(settings.expose)
+            log.info("expose_changed", expose=sorted(self._expose))
+        self.settings = settings
+        return applied
 
     async def aclose(self) -> None:
         for task in list(self._tasks):
@@ -162,7 +196,7 @@ class PeerManager:
         for peer_id in [p for p in self.peers if p not in peers]:
             if not _holds_without_relay(self.peers[peer_id]):
                 self._drop(peer_id)
-        limit = self._config.get("p2p.max_connections")
+        limit = self.settings.max_connections
         for peer_id, info in peers.items():
             known = self.peers.get(peer_id)
             if known is not None and known.info.instance != info.instance:
@@ -184,6 +218,7 @@ class PeerManager:
         state_ref: list[PeerState] = []
 
         async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            # the set in force when the stream arrives: a reload may have changed it
             await accept_peer_stream(
                 reader, writer, self._identity, state_ref[0].key, self._expose, info.name
             )
@@ -280,9 +315,9 @@ class PeerManager:
         and, on the controlling side, new attempts at better paths."""
         last_beat = 0.0
         while True:
-            await asyncio.sleep(min(1.0, self._heartbeat))
+            await asyncio.sleep(min(1.0, self.settings.heartbeat_interval))
             now = time.monotonic()
-            if now - last_beat >= self._heartbeat:
+            if now - last_beat >= self.settings.heartbeat_interval:
                 last_beat = now
                 await asyncio.gather(*(self._beat(s) for s in list(self.peers.values())))
             for peer_id in [p for p in self.peers if p not in self.membership.peers]:
@@ -301,7 +336,7 @@ class PeerManager:
             return
         before = state.session.current
         with contextlib.suppress(CloudBridgeError):
-            await state.session.ping(self._heartbeat_timeout)
+            await state.session.ping(self.settings.heartbeat_timeout)
         self._path_moved(state, before)
 
     def _due(self, state: PeerState, name: str) -> bool:
@@ -317,20 +352,19 @@ class PeerManager:
         current = session.current
         if current is not None and kind is not None and RANK[kind] >= RANK[current]:
             return False  # no better than what works now
-        wait = self._upgrade_interval if current is not None else RETRY_WHEN_DOWN
+        wait = self.settings.upgrade_interval if current is not None else RETRY_WHEN_DOWN
         return time.time() - (attempt.ended_at or attempt.started_at) >= wait
 
     def _next_retry(self, state: PeerState) -> float | None:
         ended = [a.ended_at for a in state.attempts.values() if a.ended_at and a.state == "failed"]
         if not ended or not state.controlling:
             return None
-        wait = self._upgrade_interval if state.session.current else RETRY_WHEN_DOWN
+        wait = self.settings.upgrade_interval if state.session.current else RETRY_WHEN_DOWN
         return max(0.0, min(ended) + wait - time.time())
 
     async def _discover(self) -> None:
-        interval = parse_duration(self._config.get("p2p.peer_discovery_interval"))
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.settings.peer_discovery_interval)
             await self.membership.refresh()
 
     def _spawn(self, work: Any) -> None:
