@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import socket
 import time
 from contextlib import AbstractAsyncContextManager
@@ -59,10 +58,13 @@ class TunnelSpec:
     @classmethod
     def of(cls, settings: TunnelSettings) -> TunnelSpec:
         """The spec of one ``tunnels:`` entry."""
-        spec = cls(settings.local_port, settings.remote_host, settings.remote_port)
-        # the schema's defaults do not reach list items: an unset local_host is None here
-        local_host = settings.local_host or spec.local_host
-        return dataclasses.replace(spec, local_host=local_host, name=settings.name)
+        return cls(
+            settings.local_port,
+            settings.remote_host,
+            settings.remote_port,
+            settings.local_host,
+            settings.name,
+        )
 
     @property
     def key(self) -> str:
