@@ -200,7 +200,7 @@ def test_added_latency_moves_to_a_clearly_faster_transport(relay_net: RelayNet) 
         plugins = tcp_only()
         config = relay_net.config(
             plugins,
-            relay__ports__websocket=16555,
+            transport__websocket__port=16555,
             transport__prefer_protocol="websocket",
             transport__race_head_start="10s",  # start on the slow path on purpose
         )
@@ -224,8 +224,8 @@ def test_a_gain_below_the_margin_does_not_move(relay_net: RelayNet) -> None:
         plugins = tcp_only()
         config = relay_net.config(
             plugins,
-            relay__ports__websocket=16555,
-            relay__ports__tls=16556,
+            transport__websocket__port=16555,
+            transport__tls__port=16556,
             transport__prefer_protocol="websocket",
             transport__race_head_start="10s",
         )

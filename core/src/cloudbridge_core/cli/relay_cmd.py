@@ -10,10 +10,10 @@ from typing import Any
 import click
 
 from cloudbridge_core.cli.output import message
+from cloudbridge_core.cli.params import DURATION
 from cloudbridge_core.cli.runtime import config_option, runtime_of
 from cloudbridge_core.cli.serving import run_async, wait_for_stop
 from cloudbridge_core.config import Config, validate
-from cloudbridge_core.durations import parse_duration
 from cloudbridge_core.errors import UsageError
 from cloudbridge_core.exporters import exporting
 from cloudbridge_core.log import get_logger
@@ -78,9 +78,13 @@ def serve(ctx: click.Context, state_dir: Path | None, dev: bool) -> None:
                 def load() -> Config:
                     return validate(runtime.read(path), runtime.schema)
 
-                await stack.enter_async_context(
-                    follow(running, config, runtime.plugins, load, path, dev=dev)
-                )
+                async def follow_exporters(new: Config) -> list[str]:
+                    return [f"exporter {name}" for name in await exporters.apply(new)]
+
+                watcher = follow(running, config, runtime.plugins, load, path, dev=dev)
+                watcher.subscribe(runtime.follow_logging(config.settings.logging))
+                watcher.subscribe(follow_exporters)
+                await stack.enter_async_context(watcher)
                 message(f"following {path}: changes (and SIGHUP) reload it")
             await wait_for_stop()
 
@@ -102,7 +106,9 @@ def token() -> None:
 @click.option(
     "--permission", "permissions", multiple=True, help="relay:connect, tunnel:create, p2p:mesh ..."
 )
-@click.option("--ttl", default=None, help='Lifetime, like "24h" (default: server.token_ttl).')
+@click.option(
+    "--ttl", type=DURATION, default=None, help='Lifetime, like "24h" (default: server.token_ttl).'
+)
 @click.option("--mesh-config", "mesh", help="JSON object for the custom:mesh_config claim.")
 @click.option(
     "--network-config", "network", help="JSON object for the custom:network_config claim."
@@ -114,17 +120,15 @@ def issue(
     tenant: str,
     subject: str,
     permissions: tuple[str, ...],
-    ttl: str | None,
+    ttl: float | None,
     mesh: str | None,
     network: str | None,
 ) -> None:
     """Print a signed token (stdout) for a client of this relay."""
     config = runtime_of(ctx).config()
+    lifetime = ttl if ttl is not None else config.settings.server.token_ttl
     try:
-        lifetime = parse_duration(ttl) if ttl else config.settings.server.token_ttl
         state = RelayState.load(state_dir_of(config, state_dir))
-    except ValueError as exc:
-        raise UsageError(f"--ttl: {exc}") from None
     except FileNotFoundError as exc:
         raise UsageError(str(exc)) from None
     click.echo(
@@ -183,7 +187,9 @@ def invite() -> None:
     multiple=True,
     help="What its token allows (default: relay:connect, tunnel:create, p2p:mesh).",
 )
-@click.option("--ttl", default="24h", show_default=True, help="How long the invite is valid.")
+@click.option(
+    "--ttl", type=DURATION, default="24h", show_default=True, help="How long the invite is valid."
+)
 @click.option("--uses", default=1, show_default=True, type=click.IntRange(1, 10000))
 @click.pass_context
 def create_invite(
@@ -191,15 +197,12 @@ def create_invite(
     state_dir: Path | None,
     tenant: str,
     permissions: tuple[str, ...],
-    ttl: str,
+    ttl: float,
     uses: int,
 ) -> None:
     """Print an invite URL (stdout, alone): its secret is a one-time code, not a token."""
     config = runtime_of(ctx).config()
-    try:
-        lifetime = parse_duration(ttl)
-    except ValueError as exc:
-        raise UsageError(f"--ttl: {exc}") from None
+    lifetime = ttl
     if lifetime <= 0:
         raise UsageError("--ttl: an invite needs a lifetime above zero")
     try:

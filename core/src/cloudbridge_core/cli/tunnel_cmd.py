@@ -25,7 +25,7 @@ from cloudbridge_core.client.control import ControlServer, Handler, query
 from cloudbridge_core.client.link import RelayLink
 from cloudbridge_core.client.metrics import ClientMetrics, TenantLabelled, with_tenant_label
 from cloudbridge_core.client.status import RunningClient
-from cloudbridge_core.client.tunnel import Tunnel, TunnelSpec
+from cloudbridge_core.client.tunnel import ConnectionLimit, Tunnel, TunnelSpec
 from cloudbridge_core.client.tunnel_set import TunnelSet
 from cloudbridge_core.config import Config, validate
 from cloudbridge_core.config.reload import ConfigWatcher
@@ -132,8 +132,9 @@ async def run_client(
     link = RelayLink(config, runtime.plugins, metrics)
     await link.start()
     performance = config.settings.performance
+    limit = ConnectionLimit(performance.max_concurrent_tunnels)
     tunnels: list[Tunnel | PeerTunnel] = []
-    relay_tunnels = TunnelSet(link, performance.buffer_size, metrics, tunnels)
+    relay_tunnels = TunnelSet(link, performance.buffer_size, metrics, tunnels, limit)
     metrics.watch_tunnels(relay_tunnels.all)
     client = RunningClient(link, tunnels, config.settings.relay.host)
     handlers: dict[str, Handler] = {

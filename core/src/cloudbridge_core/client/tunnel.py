@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 from cloudbridge_core.client.connection import RelayConnection
 from cloudbridge_core.client.metrics import ClientMetrics
-from cloudbridge_core.errors import CloudBridgeError
+from cloudbridge_core.errors import CloudBridgeError, LimitExceeded
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.pump import PumpResult, prepare, pump
 from cloudbridge_core.settings import TunnelSettings
@@ -39,6 +39,28 @@ class TunnelStatistics:
         data = asdict(self)
         del data["setup_seconds_total"]
         return {**data, "average_latency_seconds": round(self.average_latency_seconds, 6)}
+
+
+class ConnectionLimit:
+    """``performance.max_concurrent_tunnels``: tunnelled connections open at once, counted
+    across every tunnel of this client. ``maximum`` may change while connections are open
+    (a reload); those above a lowered maximum finish, new ones are refused until there is room."""
+
+    def __init__(self, maximum: int) -> None:
+        self.maximum = maximum
+        self.active = 0
+
+    def acquire(self) -> None:
+        """Count one more connection; ``LimitExceeded`` when the limit is reached."""
+        if self.active >= self.maximum:
+            raise LimitExceeded(
+                f"{self.active} tunnelled connections are open, the most"
+                f" performance.max_concurrent_tunnels allows: connection refused"
+            )
+        self.active += 1
+
+    def release(self) -> None:
+        self.active -= 1
 
 
 class ConnectionSource(Protocol):
@@ -91,9 +113,11 @@ class Tunnel:
         connection: ConnectionSource,
         buffer_size: int = 65536,
         metrics: ClientMetrics | None = None,
+        limit: ConnectionLimit | None = None,
     ) -> None:
         self.spec = spec
         self._metrics = metrics
+        self._limit = limit
         self.statistics = TunnelStatistics()
         self._connection = connection
         #: copy buffer of connections accepted from now on (``performance.buffer_size``)
@@ -150,7 +174,11 @@ class Tunnel:
         stats.active_connections += 1
         started = time.perf_counter()
         moved = PumpResult()
+        counted = False
         try:
+            if self._limit is not None:
+                self._limit.acquire()
+                counted = True
             async with self._connection.use() as connection:
                 stream, early = await connection.open_tunnel(spec.target)
                 setup = time.perf_counter() - started
@@ -175,6 +203,8 @@ class Tunnel:
                 self._metrics.errors.labels(error.code).inc()
             log.warning("tunnel_refused", target=spec.target, code=error.code, reason=error.message)
         finally:
+            if counted and self._limit is not None:
+                self._limit.release()
             client.close()
             stats.bytes_sent += moved.sent
             stats.bytes_received += moved.received

@@ -19,7 +19,7 @@ from collections.abc import Iterable, MutableSequence, Sequence
 from typing import Any
 
 from cloudbridge_core.client.metrics import ClientMetrics
-from cloudbridge_core.client.tunnel import ConnectionSource, Tunnel, TunnelSpec
+from cloudbridge_core.client.tunnel import ConnectionLimit, ConnectionSource, Tunnel, TunnelSpec
 from cloudbridge_core.config import Config
 from cloudbridge_core.errors import UsageError
 from cloudbridge_core.log import get_logger
@@ -40,8 +40,10 @@ class TunnelSet:
         buffer_size: int,
         metrics: ClientMetrics,
         listed: MutableSequence[Any],
+        limit: ConnectionLimit,
     ) -> None:
         self._connection = connection
+        self._limit = limit
         self._buffer_size = buffer_size
         self._metrics = metrics
         self._listed = listed
@@ -74,9 +76,15 @@ class TunnelSet:
             self._listed.append(tunnel)
 
     async def follow(self, config: Config) -> list[str]:
-        """A reload subscriber: :meth:`apply` with the new config's tunnels."""
+        """A reload subscriber: the new connection limit, then :meth:`apply` with the new
+        config's tunnels."""
+        performance = config.settings.performance
+        done: list[str] = []
+        if performance.max_concurrent_tunnels != self._limit.maximum:
+            self._limit.maximum = performance.max_concurrent_tunnels
+            done.append("performance.max_concurrent_tunnels")
         specs = [TunnelSpec.of(entry) for entry in config.settings.tunnels]
-        return await self.apply(specs, config.settings.performance.buffer_size)
+        return done + await self.apply(specs, performance.buffer_size)
 
     async def apply(self, specs: Sequence[TunnelSpec], buffer_size: int) -> list[str]:
         """Bring the running tunnels in line with ``specs``; returns what was done."""
@@ -123,7 +131,7 @@ class TunnelSet:
         await asyncio.gather(*(tunnel.aclose(drain) for tunnel in tunnels))
 
     def _tunnel(self, spec: TunnelSpec) -> Tunnel:
-        return Tunnel(spec, self._connection, self._buffer_size, self._metrics)
+        return Tunnel(spec, self._connection, self._buffer_size, self._metrics, self._limit)
 
     async def _start_new(self, spec: TunnelSpec) -> bool:
         tunnel = self._tunnel(spec)
