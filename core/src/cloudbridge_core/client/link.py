@@ -24,6 +24,7 @@ from cloudbridge_core.client.metrics import ClientMetrics
 from cloudbridge_core.client.race import Candidate, race
 from cloudbridge_core.client.tokens import TokenSupply
 from cloudbridge_core.config import Config
+from cloudbridge_core.config.changes import ConfigChanges
 from cloudbridge_core.errors import (
     AuthError,
     CloudBridgeError,
@@ -131,20 +132,32 @@ class RelayLink:
         self._current = None
 
     async def apply(self, config: Config) -> None:
-        """Take a reloaded config; a changed ``transport.mode`` takes effect now."""
-        before = self._config.settings.transport.mode
+        """Take a reloaded config. A changed ``transport.mode``, relay address or TLS, or
+        transport section moves the client to a new session now (open tunnelled
+        connections finish on the old one); the rest applies from its next use (the next
+        check, race, retry, token, and the circuit breakers' next decision)."""
+        changes = ConfigChanges.between(self._config, config)
         self._config = config
         self.tokens = TokenSupply(config, self._plugins)
+        for breaker in self._breakers.values():
+            breaker.settings = config.settings.retry.circuit_breaker
+        moved = [key for key in changes.changed if _moves_the_session(key)]
+        if not moved:
+            return
         mode = config.settings.transport.mode
-        if mode != before:
-            async with self._switching:
-                try:
-                    connection, why = await self._race(self._candidates())
-                except CloudBridgeError as error:
-                    self.last_error = error.message
-                    log.warning("mode_change_failed", mode=mode, reason=error.message)
-                    return
-                self._install(connection, f"transport.mode changed to {mode}; {why}")
+        what = (
+            f"transport.mode changed to {mode}"
+            if "transport.mode" in moved
+            else f"{', '.join(moved)} changed"
+        )
+        async with self._switching:
+            try:
+                connection, why = await self._race(self._candidates())
+            except CloudBridgeError as error:
+                self.last_error = error.message
+                log.warning("reconnect_after_reload_failed", changed=moved, reason=error.message)
+                return
+            self._install(connection, f"{what}; {why}")
 
     # ---- what the rest of the client uses ----
 
@@ -420,6 +433,16 @@ class RelayLink:
                 closing.add_done_callback(self._closing.discard)
         if connection.going_away is not None:  # told before it was installed
             self._going_away(connection)
+
+
+def _moves_the_session(key: str) -> bool:
+    """Whether a changed key alters where or how the client reaches the relay: its address
+    and TLS, the transport mode, or a transport's own section (``transport.quic.port``)."""
+    return (
+        key in ("relay.host", "transport.mode")
+        or key.startswith("relay.tls.")
+        or (key.startswith("transport.") and key.count(".") >= 2)
+    )
 
 
 def _breaker_moved(endpoint: str, before: BreakerState, after: BreakerState) -> None:
