@@ -20,6 +20,28 @@ def environment(**extra: str) -> dict[str, str]:
     return {**clean, **extra}
 
 
+def issue_token(
+    state: Path, *permissions: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> str:
+    """A token from ``cloudbridge relay token issue`` for tenant acme, with relay:connect,
+    tunnel:create and ``permissions``."""
+    granted = ("relay:connect", "tunnel:create", *permissions)
+    issued = subprocess.run(
+        [
+            *(BIN / "cloudbridge", "relay", "token", "issue", "--state-dir", str(state)),
+            *("--tenant", "acme", "--subject", "laptop"),
+            *(arg for permission in granted for arg in ("--permission", permission)),
+        ],
+        capture_output=True,
+        check=False,  # the assertion below shows why it failed
+        text=True,
+        cwd=cwd,
+        env=env if env is not None else environment(),
+    )
+    assert issued.returncode == 0, issued.stderr
+    return issued.stdout.strip()
+
+
 def start(
     *args: str, env: dict[str, str], ready: str, cwd: Path | None = None
 ) -> subprocess.Popen[str]:

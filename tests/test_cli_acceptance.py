@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
-from cli_process import BIN, echo_once, environment, start, stop
+from cli_process import BIN, echo_once, environment, issue_token, start, stop
 from cloudbridge_core.config.schema import cli_schema
 from cloudbridge_core.relay.state import RelayState
 from jsonschema import Draft202012Validator
@@ -243,7 +243,7 @@ def test_status_shows_the_transport_and_follows_a_mode_reload(
     relay_url = f"http://127.0.0.1:{relay_metrics}"
     assert scrape(f"{relay_url}/healthz") == "ok\n"
     assert scrape(f"{relay_url}/readyz").startswith("ready: quic, grpc, websocket, tls")
-    token = relay_token(state)
+    token = issue_token(state)
     written = yaml.safe_load((state / "client.yaml").read_text())
     # every enabled transport's port, in its own section
     assert {name: section["port"] for name, section in written["transport"].items()} == ports
@@ -325,20 +325,6 @@ def assert_relay_counted_one_quic_session(relay_url: str) -> None:
     assert all(name.startswith("cloudbridge_relay_") for name in families), families
 
 
-def relay_token(state: Path) -> str:
-    return subprocess.run(
-        [
-            *(BIN / "cloudbridge", "relay", "token", "issue", "--state-dir", str(state)),
-            *("--tenant", "acme", "--subject", "laptop"),
-            *("--permission", "relay:connect", "--permission", "tunnel:create"),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=environment(),
-    ).stdout.strip()
-
-
 def test_health_reports_the_seed_shape_and_answers_by_exit_code(tmp_path: Path) -> None:
     state = tmp_path / "D"
     ports = {name: free_port() for name in ("quic", "grpc", "websocket", "tls")}
@@ -350,7 +336,7 @@ def test_health_reports_the_seed_shape_and_answers_by_exit_code(tmp_path: Path) 
         "relay", "serve", "--dev", "--state-dir", str(state), env=relay_env, ready="client config:"
     )
     config = str(state / "client.yaml")
-    with_token = environment(CLOUDBRIDGE_AUTH__TOKEN=relay_token(state))
+    with_token = environment(CLOUDBRIDGE_AUTH__TOKEN=issue_token(state))
 
     def health(*args: str, env: dict[str, str] = with_token) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -423,7 +409,7 @@ def test_tenant_labels_on_client_and_relay_metrics(tmp_path: Path, echo_port: in
         *("tunnel", "--config", str(config), "--local-port", str(local)),
         *("--remote-host", "127.0.0.1", "--remote-port", str(echo_port)),
         env=environment(
-            CLOUDBRIDGE_AUTH__TOKEN=relay_token(state), CLOUDBRIDGE_DISABLE_PLUGINS="quic,grpc"
+            CLOUDBRIDGE_AUTH__TOKEN=issue_token(state), CLOUDBRIDGE_DISABLE_PLUGINS="quic,grpc"
         ),
         ready="tunnel 127.0.0.1:",
     )

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 import yaml
-from cli_process import BIN, echo_once, environment, start, stop
+from cli_process import echo_once, environment, issue_token, start, stop
 from cloudbridge_core.client.link import RelayLink
 from cloudbridge_core.config import load_config, merged_schema
 from cloudbridge_core.errors import Unauthorized
@@ -44,18 +44,7 @@ class Relay:
     state: Path
 
     def token(self, *permissions: str) -> str:
-        granted = ("relay:connect", "tunnel:create", *permissions)
-        return subprocess.run(
-            [
-                *(BIN / "cloudbridge", "relay", "token", "issue", "--state-dir", str(self.state)),
-                *("--tenant", "acme", "--subject", "laptop"),
-                *(arg for permission in granted for arg in ("--permission", permission)),
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-            env=environment(),
-        ).stdout.strip()
+        return issue_token(self.state, *permissions)
 
     def client_config(self, path: Path, log: Path, **sections: Any) -> dict[str, Any]:
         """Write the relay's client.yaml plus ``sections`` to ``path``, logging JSON to ``log``."""

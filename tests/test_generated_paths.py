@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cli_process import BIN, echo_once, environment, start, stop
+from cli_process import BIN, echo_once, environment, issue_token, start, stop
 from loopback import free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -48,19 +48,7 @@ class Relay:
         return cloudbridge(*args, cwd=self.home, env=self.env, stdin=stdin)
 
     def token(self) -> str:
-        issued = self.run(
-            *("relay", "token", "issue", "--state-dir", str(self.state), "--tenant", "acme"),
-            *(
-                "--subject",
-                "laptop",
-                "--permission",
-                "relay:connect",
-                "--permission",
-                "tunnel:create",
-            ),
-        )
-        assert issued.returncode == 0, issued.stderr
-        return issued.stdout.strip()
+        return issue_token(self.state, cwd=self.home, env=self.env)
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cli_process import issue_token
 from cloudbridge_core.client.link import RelayLink
 from cloudbridge_core.client.tunnel import Tunnel, TunnelSpec
 from cloudbridge_core.config import Config, load_config, merged_schema
@@ -66,16 +67,7 @@ class Relay:
         self.process = None
 
     def token(self) -> str:
-        return subprocess.run(
-            [
-                *(BIN / "cloudbridge", "relay", "token", "issue", "--state-dir", str(self.state)),
-                *("--tenant", "acme", "--subject", "laptop"),
-                *("--permission", "relay:connect", "--permission", "tunnel:create"),
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        return issue_token(self.state)
 
 
 @pytest.fixture

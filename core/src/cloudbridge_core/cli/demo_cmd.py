@@ -114,10 +114,11 @@ def demo(ctx: click.Context, duration: float | None, connections: int, as_json: 
                 await wait_for_stop(duration)
             finally:
                 elapsed = time.perf_counter() - started
+                # the tunnel first: traffic cut by the demo itself is not a tunnel error
+                await tunnel.aclose()
                 for task in (*pushers, reporter):
                     task.cancel()
                 await asyncio.gather(*pushers, reporter, return_exceptions=True)
-                await tunnel.aclose()
                 await connection.aclose()
                 await relay.aclose()
                 target.close()
