@@ -276,3 +276,49 @@ def test_an_unknown_transport_exits_3_naming_the_field(
     assert f"{path}:2:3: transport.mode: 'quick' is not an installed transport" in (
         result.out + result.err
     )
+
+
+def test_validate_reports_every_kind_of_error_in_one_file_with_its_place(
+    cloudbridge: Invoke, tmp_path: Path
+) -> None:
+    path = write(
+        tmp_path / "c.yaml",
+        """
+        relay:
+          hots: relay.example.com
+          tls:
+            ca_file: missing-ca.pem
+        transport:
+          mode: quick
+          connect_timeout: -5s
+        server:
+          handshake_timeout: 0s
+          egress:
+            allow: [1.2.3.4]
+            allow: [5.6.7.8]
+        metrics:
+          prometheus_port: 99999
+        tunnels:
+          - local_port: 8080
+            remote_host: db
+        performance:
+          connection_pool:
+            max_idle_conns: 1
+        """,
+    )
+    result = cloudbridge("config", "validate", str(path))
+    assert result.code == 3
+    expected = [
+        "2:3: relay.hots: unknown key",
+        f"4:5: relay.tls.ca_file: {tmp_path / 'missing-ca.pem'} does not exist",
+        "6:3: transport.mode: 'quick' is not an installed transport",
+        "7:3: transport.connect_timeout: invalid duration '-5s'",
+        "9:3: server.handshake_timeout: 0s is too short",
+        "12:5: server.egress.allow: duplicate key",
+        "14:3: metrics.prometheus_port: 99999 is greater than the maximum of 65535",
+        "16:5: tunnels.0: 'remote_port' is a required property",
+        "19:3: performance.connection_pool: unknown key",
+    ]
+    lines = result.out.splitlines()
+    for fragment in expected:
+        assert any(line.startswith(f"{path}:{fragment}") for line in lines), (fragment, lines)

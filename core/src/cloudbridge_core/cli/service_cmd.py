@@ -15,7 +15,6 @@ from cloudbridge_core.cli.output import message
 from cloudbridge_core.cli.runtime import Runtime, config_option, runtime_of
 from cloudbridge_core.config import Config
 from cloudbridge_core.errors import CloudBridgeError, UsageError
-from cloudbridge_core.providers import AuthProviderSpec
 from cloudbridge_core.secretfile import write_secret
 from cloudbridge_core.service import windows
 from cloudbridge_core.service.launchd import LABEL, render_plist
@@ -119,8 +118,8 @@ def uninstall(ctx: click.Context) -> None:
 def _renews_tokens(runtime: Runtime, config: Config) -> bool:
     """Whether the auth provider renews tokens itself (OIDC), so the service must be able
     to write them."""
-    spec = runtime.plugins.providers("auth_provider").get(config.settings.auth.type)
-    return isinstance(spec, AuthProviderSpec) and spec.token_source is not None
+    spec = runtime.plugins.auth_providers().get(config.settings.auth.type)
+    return spec is not None and spec.token_source is not None
 
 
 def _control(verb: str) -> click.Command:

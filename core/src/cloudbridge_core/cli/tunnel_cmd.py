@@ -127,7 +127,7 @@ async def run_client(
     drains the tunnels first, then stops the exporters (a last push holds the final
     counts), then closes the relay session.
     """
-    transports = list(runtime.plugins.providers("transport"))
+    transports = list(runtime.plugins.transports())
     metrics = ClientMetrics(transports)
     link = RelayLink(config, runtime.plugins, metrics)
     await link.start()
