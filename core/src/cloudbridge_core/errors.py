@@ -27,7 +27,7 @@ The ``code`` is the same string in wire messages, logs, metrics labels and CLI o
     │   ├── TransportClosed              transport_closed  exit 5  retry after 1s
     │   ├── StreamAborted                stream_reset      exit 1
     │   ├── ProtocolViolation            protocol_error    exit 1
-    │   └── TlsVerificationFailed        tls_verify_failed exit 1
+    │   └── TlsVerificationFailed        tls_verify_failed exit 4
     └── Unhealthy                        unhealthy         exit 6
 
 Messages never contain secrets: callers pass names and paths, never token values.
@@ -262,9 +262,13 @@ class ProtocolViolation(TransportError):
 
 
 class TlsVerificationFailed(TransportError):
-    """The peer's certificate is not trusted (wrong CA, name or pin)."""
+    """The peer's certificate is not trusted (wrong CA, name or pin).
+
+    Exits like an auth problem: the relay could not prove who it is, which is an attack or
+    a misconfiguration, never "relay unavailable"."""
 
     code = "tls_verify_failed"
+    exit_code = ExitCode.AUTH
 
 
 class Unhealthy(CloudBridgeError):

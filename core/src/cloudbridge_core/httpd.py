@@ -2,13 +2,18 @@
 
 It runs in the loop (not a thread) so that handlers read the client's and relay's state
 where it lives. Requests are parsed by h11; each connection answers one request.
+
+Only requests whose ``Host`` is a loopback name (``localhost``, ``127.0.0.1``, ``[::1]``),
+the address the server listens on, or a name in ``allowed_hosts`` are answered: a web page
+that rebinds its own DNS name to 127.0.0.1 sends its own name as ``Host`` and gets 421
+without data, so it cannot read a client's tenant, peers and tunnels (DNS rebinding).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import h11
 
@@ -20,19 +25,29 @@ log = get_logger("httpd")
 Handler = Callable[[], tuple[int, str, bytes]]
 MAX_REQUEST_BYTES = 16384
 REQUEST_TIMEOUT = 10.0
+#: ``Host`` names always answered: this machine's own
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
 
 
 class LocalHttpServer:
-    def __init__(self, routes: Mapping[str, Handler]) -> None:
+    """``allowed_hosts``: ``Host`` names answered besides the loopback ones (a DNS
+    rebinding guard: a security limit)."""
+
+    def __init__(self, routes: Mapping[str, Handler], allowed_hosts: Collection[str] = ()) -> None:
         self._routes = dict(routes)
         self._server: asyncio.Server | None = None
+        self._hosts = set(LOOPBACK_HOSTS) | {name.lower() for name in allowed_hosts}
+        self._port: int | None = None
 
     async def start(self, host: str, port: int) -> str:
         """Listen; return the base URL (``http://127.0.0.1:9464``)."""
         self._server = await asyncio.start_server(self._serve, host, port)
-        bound = self._server.sockets[0].getsockname()[1]
+        self._port = self._server.sockets[0].getsockname()[1]
         shown = f"[{host}]" if ":" in host else host
-        return f"http://{shown}:{bound}"
+        # a scraper pointed at the listen address names it; an address is no DNS name a
+        # web page could rebind (0.0.0.0 too: the URL printed for a wildcard listener)
+        self._hosts.add(shown.lower())
+        return f"http://{shown}:{self._port}"
 
     async def aclose(self) -> None:
         if self._server is not None:
@@ -66,6 +81,8 @@ class LocalHttpServer:
         await writer.drain()
 
     def _answer(self, request: h11.Request) -> tuple[int, str, bytes]:
+        if not self._host_allowed(request):
+            return 421, "text/plain", b"misdirected request: Host is not this machine\n"
         path = request.target.decode("ascii", "replace").split("?", 1)[0]
         if request.method not in (b"GET", b"HEAD"):
             return 405, "text/plain", b"only GET\n"
@@ -77,6 +94,27 @@ class LocalHttpServer:
         except Exception:  # a broken handler answers 500 and keeps the server up
             log.exception("http_handler_failed", path=path)
             return 500, "text/plain", b"internal error\n"
+
+    def _host_allowed(self, request: h11.Request) -> bool:
+        values = [value for name, value in request.headers if name == b"host"]
+        if len(values) != 1:
+            return False
+        split = _split_host(values[0].decode("ascii", "replace").lower())
+        if split is None:
+            return False
+        name, port = split
+        return name in self._hosts and port in ("", str(self._port))
+
+
+def _split_host(value: str) -> tuple[str, str] | None:
+    """``Host`` as (name, port); port is "" when absent; None when malformed."""
+    if value.startswith("["):
+        name, bracket, rest = value.partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            return None
+        return f"{name}]", rest[1:]
+    name, _, port = value.partition(":")
+    return (name, port) if ":" not in port else None
 
 
 async def _next_request(

@@ -22,6 +22,7 @@ class PrometheusExporter:
     def __init__(self, settings: Mapping[str, Any]) -> None:
         self._host: str = settings["prometheus_host"]
         self._port: int = settings["prometheus_port"]
+        self.allowed_hosts: list[str] = list(settings.get("allowed_hosts") or ())
         self._routes: dict[str, Handler] = dict(settings.get("routes") or {})
         self._server: LocalHttpServer | None = None
         #: where ``/metrics`` answers, once started; None when the port could not be had
@@ -33,7 +34,8 @@ class PrometheusExporter:
             {
                 "/metrics": lambda: (200, CONTENT_TYPE_LATEST, generate_latest(registry)),
                 **self._routes,
-            }
+            },
+            allowed_hosts=self.allowed_hosts,
         )
         try:
             self.url = f"{await self._server.start(self._host, self._port)}/metrics"

@@ -1,7 +1,10 @@
 """Happy Eyeballs for transports: each candidate starts a head start after the previous one.
 
 The first to connect and authenticate wins; a candidate that fails starts the next at
-once; the others are cancelled, and any that succeeded too are closed.
+once; the others are cancelled, and any that succeeded too are closed. A candidate whose
+endpoint presents a certificate the client does not trust ends the race with that error
+(unless ``transport.fallback_on_certificate_error``): that is an attack or a
+misconfiguration, and another transport to the same relay would only hide it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from cloudbridge_core.client.connection import (
 )
 from cloudbridge_core.client.tokens import TokenSupply
 from cloudbridge_core.config import Config
-from cloudbridge_core.errors import AuthError, CloudBridgeError
+from cloudbridge_core.errors import AuthError, CloudBridgeError, TlsVerificationFailed
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.plugins import Plugins
 from cloudbridge_core.providers import ProviderSpec, Transport
@@ -102,10 +105,26 @@ async def _first_success(
             if isinstance(error, AuthError) or not isinstance(error, CloudBridgeError):
                 raise error  # a refused token is refused on every transport alike
             failures[names[task]] = error
+            transport = config.settings.transport
+            if isinstance(error, TlsVerificationFailed) and not (
+                transport.fallback_enabled and transport.fallback_on_certificate_error
+            ):
+                log.error(
+                    "transport_certificate_rejected",
+                    transport=names[task],
+                    code=error.code,
+                    reason=error.message,
+                )
+                raise TlsVerificationFailed(
+                    f"{names[task]}: {error.message}",
+                    hint=error.hint
+                    or "check relay.tls.ca_file; transport.fallback_on_certificate_error: true"
+                    " lets the client use another transport meanwhile",
+                ) from error
             log.warning(
                 "transport_failed", transport=names[task], code=error.code, reason=error.message
             )
-            if not config.settings.transport.fallback_enabled:
+            if not transport.fallback_enabled:
                 raise error
         if wait_at_most is not None:
             return None  # start the next candidate now rather than after the head start

@@ -55,6 +55,7 @@ class TransportSettings:
     mode: str
     prefer_protocol: str
     fallback_enabled: bool
+    fallback_on_certificate_error: bool
     connect_timeout: float
     race_head_start: float
     health_check_interval: float
@@ -78,6 +79,7 @@ class MetricsSettings:
     prometheus_host: str
     prometheus_port: int
     tenant_labels: bool
+    allowed_hosts: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
