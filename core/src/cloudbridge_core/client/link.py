@@ -30,6 +30,7 @@ from cloudbridge_core.errors import (
     CloudBridgeError,
     HeartbeatFailed,
     ServerUnavailable,
+    TlsVerificationFailed,
     TransportClosed,
     TransportError,
 )
@@ -356,7 +357,9 @@ class RelayLink:
                 await probe.aclose()
                 raise
         except CloudBridgeError as error:
-            log.debug("probe_failed", transport=name, code=error.code, reason=error.message)
+            # an untrusted certificate is an attack or a misconfiguration, not a slow path
+            report = log.error if isinstance(error, TlsVerificationFailed) else log.debug
+            report("probe_failed", transport=name, code=error.code, reason=error.message)
             self.probes[name] = {"at": time.time(), "rtt_seconds": None, "error": error.message}
             return 0.0, None
         self.probes[name] = {"at": time.time(), "rtt_seconds": rtt, "error": None}

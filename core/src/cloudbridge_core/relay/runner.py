@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import secrets
@@ -188,6 +189,9 @@ async def start_relay(
         stun_port = running.stun.get_extra_info("sockname")[1]
         log.info("listening", transport="stun", address=listen, port=stun_port)
     stun_url = f"stun:{public_host}:{stun_port}" if running.stun else None
+    # a tenant must not tunnel into the relay itself, on any of its addresses
+    own_ports = {*actual.values(), stun_port, settings.metrics.prometheus_port}
+    relay.egress = dataclasses.replace(relay.egress, own_ports=frozenset(own_ports))
     running.client_config = state.write_client_config(public_host, actual, stun_url)
     relay.redeemer = functools.partial(_redeem, state, public_host, actual)
     return running

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import secrets
 import socket
 import time
@@ -363,19 +362,15 @@ class Relay:
             await self.mesh.serve_derp(member, stream, header.take_buffered())
 
     async def _dial(self, tenant: str, target: str) -> socket.socket:
-        host, _, port_text = target.rpartition(":")
-        host, port = host.strip("[]"), int(port_text)
         loop = asyncio.get_running_loop()
         try:
-            infos = await asyncio.wait_for(
-                loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), self.limits.connect_timeout
+            # resolved once and checked address by address: the address dialled is one
+            # the policy judged, never the name again (which could re-resolve elsewhere)
+            family, address = await asyncio.wait_for(
+                self.egress.resolve(tenant, target), self.limits.connect_timeout
             )
-        except (OSError, TimeoutError) as exc:
-            raise TargetUnreachable(f"cannot resolve {host}") from exc
-        addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
-        self.egress.check(tenant, host, addresses, port)
-        # connect to the address that was checked, not to a name that could re-resolve
-        family, _, _, _, address = infos[0]
+        except TimeoutError as exc:
+            raise TargetUnreachable(f"cannot resolve {target} in time") from exc
         sock = prepare(socket.socket(family, socket.SOCK_STREAM))
         try:
             await asyncio.wait_for(loop.sock_connect(sock, address), self.limits.connect_timeout)
