@@ -74,7 +74,9 @@ class LiveConfig:
         if egress == self._egress:
             return []
         try:
-            policy = EgressPolicy.from_settings(egress, dev=self._dev)
+            policy = EgressPolicy.from_settings(
+                egress, dev=self._dev, own_ports=self._running.relay.egress.own_ports
+            )
         except ConfigError as error:
             _refused("server.egress", error, "the egress policy in force stays")
             return []
