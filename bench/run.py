@@ -3,8 +3,9 @@
 For each path to the same echo service it measures bulk throughput (1 and 8
 connections), 64-byte request/response latency (p50, p99), connection setup rate, and
 the forwarder's resident memory (socat with its children; CloudBridge's relay) holding
-1,000 idle connections; then prints ratios to direct TCP and to socat. Run it with
-`./dev bench`; it is not part of the tests.
+1,000 idle connections; then prints ratios to direct TCP and to socat. Then the floods of
+floods.py: what a hostile stranger or tenant costs a bystander. Run it with `./dev bench`
+(`--floods-only` for the second part); it is not part of the tests.
 """
 
 from __future__ import annotations
@@ -320,7 +321,14 @@ def main() -> None:
     parser.add_argument(
         "--idle", type=int, default=1000, help="idle connections for the memory figure"
     )
-    asyncio.run(run_all(parser.parse_args()))
+    parser.add_argument("--flood-seconds", type=float, default=5.0, help="length of each flood")
+    parser.add_argument("--floods-only", action="store_true", help="skip the tunnel figures")
+    args = parser.parse_args()
+    if not args.floods_only:
+        asyncio.run(run_all(args))
+    from floods import run_floods  # noqa: PLC0415 - floods imports this module (a cycle)
+
+    asyncio.run(run_floods(args.flood_seconds))
 
 
 if __name__ == "__main__":
