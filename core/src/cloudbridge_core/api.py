@@ -75,6 +75,7 @@ if TYPE_CHECKING:
     from cloudbridge_core.p2p.ice import CLOSE_GRACE as ICE_CLOSE_GRACE
     from cloudbridge_core.p2p.ice import IcePath, ice_path
     from cloudbridge_core.protocol import derp
+    from cloudbridge_core.protocol.messages import TurnCredentials
     from cloudbridge_core.protocol.mux import MuxLimits
     from cloudbridge_core.retry import Backoff
     from cloudbridge_core.settings import build
@@ -94,6 +95,7 @@ _LAZY = {
     "IcePath": ("cloudbridge_core.p2p.ice", "IcePath"),
     "ice_path": ("cloudbridge_core.p2p.ice", "ice_path"),
     "derp": ("cloudbridge_core.protocol.derp", None),
+    "TurnCredentials": ("cloudbridge_core.protocol.messages", "TurnCredentials"),
     "MuxLimits": ("cloudbridge_core.protocol.mux", "MuxLimits"),
     "Backoff": ("cloudbridge_core.retry", "Backoff"),
     "build": ("cloudbridge_core.settings", "build"),
@@ -161,6 +163,7 @@ __all__ = [
     "TransportClosed",
     "TransportError",
     "TransportSpec",
+    "TurnCredentials",
     "UsageError",
     "build",
     "client_context",

@@ -159,6 +159,17 @@ class Redeemed:
     ports: dict[str, int]
 
 
+@dataclass(frozen=True)
+class TurnCredentials:
+    """Short-lived TURN credentials the relay issues for the client's tenant."""
+
+    TYPE: ClassVar[str] = "turn_credentials"
+    urls: list[str]
+    username: str
+    credential: str = field(repr=False)
+    expires_at: float
+
+
 Message = (
     Hello
     | Welcome
@@ -178,6 +189,7 @@ Message = (
     | PeerOpen
     | Redeem
     | Redeemed
+    | TurnCredentials
 )
 _TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
@@ -200,6 +212,7 @@ _TYPES: dict[str, type[Message]] = {
         PeerOpen,
         Redeem,
         Redeemed,
+        TurnCredentials,
     )
 }
 

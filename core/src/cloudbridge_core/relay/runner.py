@@ -25,6 +25,7 @@ from cloudbridge_core.relay.invites import InviteStore
 from cloudbridge_core.relay.server import Relay, RelayLimits
 from cloudbridge_core.relay.state import RelayState, default_state_dir, local_hostnames
 from cloudbridge_core.relay.tokens import AUDIENCE, issue_token, jwks
+from cloudbridge_core.relay.turn import TurnIssuer
 from cloudbridge_core.settings import ServerSettings
 from cloudbridge_core.tlsutil import KeyPair, server_context
 
@@ -42,6 +43,8 @@ class RunningRelay:
     listeners: dict[str, Listener] = field(default_factory=dict)
     client_config: Path | None = None
     stun: asyncio.DatagramTransport | None = None
+    #: issues each tenant its TURN credentials; None without ``server.turn.secret_file``
+    turn: TurnIssuer | None = None
 
     closing: bool = False
 
@@ -147,7 +150,7 @@ async def start_relay(
     egress = EgressPolicy.from_settings(settings.server.egress, dev=dev)
     relay = Relay(auth, egress, RelayLimits.from_settings(settings.server, settings.performance))
     relay.metrics.watch(relay, tenant_labels=settings.metrics.tenant_labels)
-    running = RunningRelay(state, relay)
+    running = RunningRelay(state, relay, turn=TurnIssuer.from_settings(settings.server.turn))
     pair = _server_pair(settings.server, state)
     material = TlsMaterial(certificate=pair.certificate, key=pair.key)
     try:

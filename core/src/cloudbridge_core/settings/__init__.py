@@ -27,6 +27,7 @@ from cloudbridge_core.settings.sections import (
     ServiceSettings,
     TransportSettings,
     TunnelSettings,
+    TurnSettings,
 )
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "Settings",
     "TransportSettings",
     "TunnelSettings",
+    "TurnSettings",
     "build",
     "convert",
 ]

@@ -151,6 +151,15 @@ class EgressSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TurnSettings:
+    """``server.turn``: the TURN credentials the relay issues per tenant."""
+
+    secret_file: str | None
+    urls: tuple[str, ...]
+    credential_ttl: float
+
+
+@dataclass(frozen=True, slots=True)
 class ServerSettings:
     listen: str
     stun_port: int
@@ -166,6 +175,7 @@ class ServerSettings:
     max_streams_per_session: int
     token_ttl: float
     egress: EgressSettings
+    turn: TurnSettings
 
 
 @dataclass(frozen=True, slots=True)

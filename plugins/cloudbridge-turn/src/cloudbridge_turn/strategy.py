@@ -1,20 +1,36 @@
-"""TURN: both peers take relayed candidates from a TURN server (long-term credentials from
-``p2p.ice.turn_servers``) and run ICE over them only, so the path works whatever the
-NATs do with direct packets. Credentials never reach the logs."""
+"""TURN: both peers take relayed candidates from a TURN server and run ICE over them only,
+so the path works whatever the NATs do with direct packets. Credentials never reach the
+logs.
+
+The credentials come, in this order of preference, from the relay (short-lived, issued to
+this client's tenant: the TURN REST API scheme, see ``server.turn``) when the signal
+channel offers them, and from ``p2p.ice.turn_servers`` (long-term credentials) otherwise.
+"""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import aioice
-from cloudbridge_core.api import IcePath, P2PConnectionFailed, PeerInfo, SignalChannel, ice_path
+from cloudbridge_core.api import (
+    IcePath,
+    P2PConnectionFailed,
+    PeerInfo,
+    SignalChannel,
+    TurnCredentials,
+    ice_path,
+)
 
 URL = re.compile(
     r"(?P<scheme>turns?):(?P<host>[^:\s?]+)(?::(?P<port>\d+))?(?:\?transport=(?P<transport>udp|tcp))?"
 )
+#: relay-issued credentials are asked for again when they expire within this long, so an
+#: allocation never starts with credentials about to be refused
+RENEW_BEFORE = 60.0
 
 
 @dataclass(frozen=True)
@@ -43,15 +59,25 @@ class TurnServer:
             entry.get("credential", ""),
         )
 
+    @classmethod
+    def issued(cls, credentials: TurnCredentials) -> TurnServer:
+        """The first of the relay's TURN URLs with the credentials it issued."""
+        entry = {
+            "url": credentials.urls[0],
+            "username": credentials.username,
+            "credential": credentials.credential,
+        }
+        return cls.from_settings(entry)
+
 
 class TurnStrategy:
-    def __init__(self, settings: Mapping[str, Any]) -> None:
+    def __init__(self, settings: Mapping[str, Any], clock: Callable[[], float] = time.time) -> None:
         self._servers = [TurnServer.from_settings(e) for e in settings["turn_servers"]]
+        self._clock = clock
+        self._issued: TurnCredentials | None = None
 
     async def connect(self, peer: PeerInfo, signal: SignalChannel) -> IcePath:
-        if not self._servers:
-            raise P2PConnectionFailed("no TURN server configured (p2p.ice.turn_servers)")
-        server = self._servers[0]
+        server = await self._server(signal)
         return await ice_path(
             peer,
             signal,
@@ -62,3 +88,28 @@ class TurnStrategy:
             turn_transport=server.transport,
             transport_policy=aioice.TransportPolicy.RELAY,
         )
+
+    async def _server(self, signal: SignalChannel) -> TurnServer:
+        issued = await self._relay_credentials(signal)
+        if issued is not None:
+            return TurnServer.issued(issued)
+        if not self._servers:
+            raise P2PConnectionFailed(
+                "no TURN server: the relay issues no TURN credentials (server.turn) and "
+                "p2p.ice.turn_servers is empty"
+            )
+        return self._servers[0]
+
+    async def _relay_credentials(self, signal: SignalChannel) -> TurnCredentials | None:
+        """The relay's credentials for this tenant, renewed when they are about to expire;
+        None when the channel does not offer them (a relay without ``server.turn``)."""
+        fetch: Callable[[], Awaitable[TurnCredentials | None]] | None = getattr(
+            signal, "turn_credentials", None
+        )
+        if fetch is None:
+            return None
+        if self._issued is None or self._issued.expires_at - self._clock() < RENEW_BEFORE:
+            self._issued = await fetch()
+        if self._issued is None or self._issued.expires_at <= self._clock():
+            return None
+        return self._issued
