@@ -81,3 +81,41 @@ def test_level_filters_and_file_rotates(tmp_path: Path) -> None:
         "rotating.log.1",
         "rotating.log.2",
     ]
+
+
+HOSTILE = "\x1b[31mmallory\n2026-01-01 [info     ] forged\r\u202egnp.exe\x00"
+
+
+def log_hostile_strings() -> None:
+    log = get_logger("relay.mesh")
+    log.info("peer_joined", tenant_id="acme\x07", name=HOSTILE, peers=[HOSTILE])
+    log.warning("tunnel_rejected", **{"target\x1b": HOSTILE}, code="egress_denied")
+    logging.getLogger("some.library").warning("peer said %s", HOSTILE)
+    try:
+        raise ValueError(HOSTILE)
+    except ValueError:
+        log.exception("handshake_failed")
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_untrusted_strings_are_escaped_in_every_format(tmp_path: Path, fmt: str) -> None:
+    target = tmp_path / f"hostile.{fmt}.log"
+    configure_logging(fmt=fmt, output=str(target), color=False)
+    log_hostile_strings()
+    text = target.read_text()
+    for raw in ("\x1b", "\r", "\x00", "\x07", "\u202e"):
+        assert raw not in text
+    assert not [line for line in text.splitlines() if line.startswith("2026-01-01")]  # forged
+    if fmt == "text":
+        assert "tenant_id=acme\\x07" in text
+        assert "ValueError: \\x1b[31mmallory\\n" not in text  # the traceback keeps its lines
+        assert "ValueError: \\x1b[31mmallory\n  2026-01-01 [info     ] forged\\r" in text
+    else:
+        events = [json.loads(line) for line in text.splitlines()]
+        shown = "\\x1b[31mmallory\\n2026-01-01 [info     ] forged\\r\\u202egnp.exe\\x00"
+        assert events[0]["name"] == shown
+        assert events[0]["peers"] == [shown]
+        assert events[2]["event"] == f"peer said {shown}"
+        assert events[0]["tenant_id"] == "acme\\x07"
+        assert "target\\x1b" in events[1]
+        assert len(events) == 4

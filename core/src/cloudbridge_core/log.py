@@ -1,5 +1,10 @@
 """Structured logging: JSON or text, with ``component`` and ``event`` fields, secrets scrubbed.
 
+Strings in a log line often come from strangers (tenant ids, peer names, tunnel targets,
+error messages from the wire): control characters, ANSI escapes and bidi overrides in them
+are written as visible escapes (``\x1b``, ``\n``), so that nobody can forge a log line,
+recolour a terminal or hide text from whoever reads the log.
+
 Everything goes through the standard library's ``logging`` (so library logs are formatted
 the same way) with structlog rendering. Output is stderr by default because stdout
 carries command data; ``stdout`` or a file path (rotated by size) can be chosen.
@@ -37,6 +42,38 @@ SECRET_VALUE = re.compile(
     r"|-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?(-----END [A-Z ]*PRIVATE KEY-----|$)"
     r"|(?<=://)[^/\s:@]+:[^/\s@]+(?=@)"
 )
+
+#: C0 and C1 controls, DEL, and the bidi embeddings, overrides and isolates
+UNSAFE_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+#: the traceback keeps its lines (indented); anything else in it is escaped as elsewhere
+_MULTILINE_KEYS = frozenset({"exception"})
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escaped(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return _NAMED_ESCAPES.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def escape(value: Any, multiline: bool = False) -> Any:
+    """``value`` with every unsafe character in its strings (keys included) made visible."""
+    if isinstance(value, str):
+        if multiline:  # continuation lines indented: none can pass for a log line of its own
+            first, *rest = (UNSAFE_CHARACTERS.sub(_escaped, line) for line in value.split("\n"))
+            return "\n".join([first, *(f"  {line}" for line in rest)])
+        return UNSAFE_CHARACTERS.sub(_escaped, value)
+    if isinstance(value, Mapping):
+        return {escape(k): escape(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [escape(v) for v in value]
+    return value
+
+
+def _escape_event(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    return {escape(key): escape(value, key in _MULTILINE_KEYS) for key, value in event.items()}
 
 
 def scrub(value: Any, key: str = "") -> Any:
@@ -114,6 +151,7 @@ def configure_logging(
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.format_exc_info,
                 _scrub_event,
+                _escape_event,
                 renderer,
             ],
         )
