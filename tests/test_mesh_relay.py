@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -12,8 +12,9 @@ from cloudbridge_core.client.connection import RelayConnection
 from cloudbridge_core.errors import CloudBridgeError
 from cloudbridge_core.protocol import derp, messages
 from cloudbridge_core.providers import Stream
+from cloudbridge_core.relay.mesh import join_proof
 from cloudbridge_core.wire import MessageStream
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from relaybed import BOTH, Bed, run
 
 pytestmark = pytest.mark.timeout(60)
@@ -23,12 +24,22 @@ MESH = [*BOTH, "p2p:mesh"]
 @dataclass
 class Peer:
     connection: RelayConnection
-    key: bytes
+    private_key: X25519PrivateKey
     inbox: asyncio.Queue[messages.Message] = field(default_factory=asyncio.Queue)
+
+    @property
+    def key(self) -> bytes:
+        return self.private_key.public_key().public_bytes_raw()
 
     @property
     def public_key(self) -> str:
         return base64.b64encode(self.key).decode()
+
+    async def proven(self, request: messages.MeshJoin) -> messages.MeshJoin:
+        """``request`` with the proof this peer's key gives for its session's challenge."""
+        challenge = await self.connection.mesh_challenge(5)
+        relay_key = X25519PublicKey.from_public_bytes(base64.b64decode(challenge.key))
+        return replace(request, proof=join_proof(self.private_key.exchange(relay_key), request))
 
     async def send(self, message: messages.Message) -> None:
         await self.connection.control.send(message)
@@ -39,7 +50,8 @@ class Peer:
         return message
 
     async def join(self, name: str) -> messages.MeshPeers:
-        await self.send(messages.MeshJoin(name, self.public_key, "-----BEGIN CERTIFICATE-----"))
+        request = messages.MeshJoin(name, self.public_key, "-----BEGIN CERTIFICATE-----")
+        await self.send(await self.proven(request))
         listed = await self.next(messages.MeshPeers)
         assert isinstance(listed, messages.MeshPeers)
         return listed
@@ -55,8 +67,7 @@ class Peer:
 
 async def peer(bed: Bed, tenant: str, permissions: list[str] = MESH) -> Peer:
     connection = await bed.connect(bed.token(tenant=tenant, permissions=permissions))
-    key = X25519PrivateKey.generate().public_key().public_bytes_raw()
-    joined = Peer(connection, key)
+    joined = Peer(connection, X25519PrivateKey.generate())
     connection.on_message = joined.inbox.put_nowait
     return joined
 
@@ -180,7 +191,7 @@ def test_a_device_back_with_a_new_session_is_announced_as_left_then_joined(
         await server.join("server")
         assert isinstance(await laptop.next(messages.MeshEvent), messages.MeshEvent)
         restarted = await peer(bed, "acme")
-        restarted.key = server.key  # the same device key, from a new process
+        restarted.private_key = server.private_key  # the same device key, from a new process
         listed = await restarted.join("server")
         assert [p["name"] for p in listed.peers] == ["laptop"]
         left, joined = await laptop.next(messages.MeshEvent), await laptop.next(messages.MeshEvent)
@@ -212,5 +223,73 @@ def test_a_malformed_mesh_message_closes_that_session(tmp_path: Path) -> None:
             await asyncio.sleep(0.05)
         assert bed.relay.relay.sessions_by_tenant == {}
         await sender.connection.aclose()
+
+    run(tmp_path, scenario)
+
+
+def test_a_join_with_another_devices_key_and_no_proof_is_refused_and_replaces_nothing(
+    tmp_path: Path,
+) -> None:
+    async def scenario(bed: Bed) -> None:
+        laptop, server, intruder = [await peer(bed, "acme") for _ in range(3)]
+        await laptop.join("laptop")
+        listed = await server.join("server")
+        laptop_id = listed.peers[0]["peer_id"]
+        assert isinstance(await laptop.next(messages.MeshEvent), messages.MeshEvent)
+        stolen = messages.MeshJoin("laptop", laptop.public_key, "-----BEGIN CERTIFICATE-----")
+        # no proof; then a proof made with the intruder's own key for the laptop's public key
+        forged = replace(await intruder.proven(stolen), public_key=laptop.public_key)
+        for attempt in (stolen, forged):
+            await intruder.send(attempt)
+            refused = await intruder.next(messages.ErrorMessage)
+            assert isinstance(refused, messages.ErrorMessage)
+            assert refused.code == "unauthorized"
+        assert rejected(bed, "bad_proof") == 2
+        await server.send(messages.Signal(laptop_id, "ice", {"ufrag": "u1"}))
+        assert isinstance(await laptop.next(messages.Signal), messages.Signal)  # still the laptop
+        await server.send(messages.MeshRefresh())
+        peers = await server.next(messages.MeshPeers)
+        assert isinstance(peers, messages.MeshPeers)
+        assert [p["name"] for p in peers.peers] == ["laptop"]
+        assert laptop.inbox.empty()  # neither left nor replaced
+        assert await intruder.connection.ping(5) > 0  # only the mesh is refused
+        for each in (laptop, server, intruder):
+            await each.connection.aclose()
+
+    run(tmp_path, scenario)
+
+
+def test_a_key_bound_to_another_device_of_the_tenant_is_refused(tmp_path: Path) -> None:
+    async def scenario(bed: Bed) -> None:
+        laptop, copy = await peer(bed, "acme"), await peer(bed, "acme")
+        await laptop.join("laptop")
+        copy.private_key = laptop.private_key  # the key file copied to another machine
+        request = messages.MeshJoin("desktop", copy.public_key, "-----BEGIN CERTIFICATE-----")
+        await copy.send(await copy.proven(request))
+        refused = await copy.next(messages.ErrorMessage)
+        assert isinstance(refused, messages.ErrorMessage)
+        assert refused.code == "unauthorized"
+        assert "another device" in refused.message
+        assert rejected(bed, "key_in_use") == 1
+        assert laptop.inbox.empty()
+        for each in (laptop, copy):
+            await each.connection.aclose()
+
+    run(tmp_path, scenario)
+
+
+def test_a_device_replaced_by_a_newer_session_of_itself_is_told_why(tmp_path: Path) -> None:
+    async def scenario(bed: Bed) -> None:
+        first, second = await peer(bed, "acme"), await peer(bed, "acme")
+        await first.join("server")
+        second.private_key = first.private_key
+        await second.join("server")
+        told = await first.next(messages.MeshEvent)
+        assert isinstance(told, messages.MeshEvent)
+        assert told.event == "replaced"
+        assert told.peer["public_key"] == first.public_key
+        assert "newer session" in told.reason
+        for each in (first, second):
+            await each.connection.aclose()
 
     run(tmp_path, scenario)

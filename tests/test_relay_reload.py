@@ -107,6 +107,27 @@ def test_an_egress_rule_added_denies_new_tunnels_and_open_ones_still_echo(
     asyncio.run(main())
 
 
+def test_a_reloaded_egress_policy_still_denies_the_relays_own_ports(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with serving(tmp_path, {}) as live, echo_server() as target:
+            connection = await live.bed.connect()
+            own = live.bed.relay.listeners["tls"].port
+
+            def allow(settings: dict[str, Any]) -> None:
+                settings["server"]["egress"] = {"allow": ["127.0.0.0/8", "localhost"]}
+
+            await live.edit(allow)
+            assert live.watcher.applied == 1
+            with pytest.raises(EgressDenied, match="the relay itself"):
+                await connection.open_tunnel(f"localhost:{own}")
+            opened, _ = await connection.open_tunnel(f"127.0.0.1:{target}")
+            assert await echoed(opened, b"still served") == b"still served"
+            await opened.close_write()
+            await connection.aclose()
+
+    asyncio.run(main())
+
+
 def test_lowered_session_limit_refuses_the_next_session_and_keeps_the_open_ones(
     tmp_path: Path,
 ) -> None:

@@ -12,14 +12,17 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cloudbridge_core import __version__
+from cloudbridge_core.client.tokens import token_exp
 from cloudbridge_core.config import Config
 from cloudbridge_core.errors import (
     CloudBridgeError,
     ConnectionTimeout,
     HeartbeatFailed,
     ProviderNotInstalled,
+    TokenExpired,
     TransportClosed,
     error_for_code,
 )
@@ -50,6 +53,8 @@ class RelayConnection:
     ``leases`` counts tunnelled connections using it, so that a connection the client has
     moved away from is closed only once they have finished. ``going_away`` is the relay's
     notice that it is about to restart; ``on_goaway`` hears it when it comes.
+    ``token_expires_at`` is when the relay ends the session unless :meth:`refresh` gives it
+    a newer token; ``ended`` is the relay's reason when it ended the session for that.
     """
 
     session: Session
@@ -61,11 +66,51 @@ class RelayConnection:
     on_goaway: Callable[[RelayConnection], None] | None = None
     #: hears every other message the relay sends on the control stream (the mesh's)
     on_message: Callable[[messages.Message], None] | None = None
+    token_expires_at: float | None = None
+    ended: TokenExpired | None = None
     _pongs: dict[int, asyncio.Future[None]] = field(default_factory=dict)
+    _challenge: messages.MeshChallenge | None = None
+    _challenged: asyncio.Event = field(default_factory=asyncio.Event)  # or the stream ended
+    _refreshing: asyncio.Future[messages.Message] | None = None
     _reader: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
         self._reader = asyncio.get_running_loop().create_task(self._read_control())
+
+    async def mesh_challenge(self, within: float) -> messages.MeshChallenge:
+        """The session's challenge, which a ``mesh_join`` has to answer (sent after welcome)."""
+        try:
+            await asyncio.wait_for(self._challenged.wait(), within)
+        except TimeoutError:
+            raise HeartbeatFailed(
+                f"no mesh_challenge over {self.transport} in {within:g}s"
+            ) from None
+        if self._challenge is None:
+            raise TransportClosed(f"the {self.transport} session's control stream has ended")
+        return self._challenge
+
+    async def refresh(self, token: str, within: float) -> float:
+        """Move this session onto ``token`` (same tenant and subject); its new ``exp``.
+
+        Raises the relay's classified refusal (``Unauthorized``, ``TokenExpired``,
+        ``InvalidToken``) or ``HeartbeatFailed`` when no answer comes within ``within``.
+        """
+        if self._refreshing is not None:
+            raise TransportClosed("a refresh is already under way on this session")
+        self._refreshing = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(within):
+                await self.control.send(messages.Refresh(token))
+                reply = await self._refreshing
+        except TimeoutError:
+            raise HeartbeatFailed(f"no answer to refresh over {self.transport}") from None
+        finally:
+            self._refreshing = None
+        if isinstance(reply, messages.RefreshFailed):
+            raise error_for_code(reply.code, reply.message)
+        assert isinstance(reply, messages.Refreshed)  # the reader resolves only these two
+        self.token_expires_at = reply.expires_at
+        return reply.expires_at
 
     @contextlib.asynccontextmanager
     async def use(self) -> AsyncIterator[RelayConnection]:
@@ -95,25 +140,42 @@ class RelayConnection:
         return time.perf_counter() - started
 
     async def _read_control(self) -> None:
-        """Pongs answer pings; a goaway is kept and announced; the rest goes to
-        ``on_message``. Ends with the control stream, failing the pings still waiting."""
+        """Read the control stream until it ends, then fail the requests still waiting."""
         try:
             while True:
-                message = await self.control.receive()
-                if isinstance(message, messages.Pong):
-                    waiting = self._pongs.get(message.nonce)
-                    if waiting is not None and not waiting.done():
-                        waiting.set_result(None)
-                elif isinstance(message, messages.Goaway):
-                    self.going_away = message
-                    if self.on_goaway is not None:
-                        self.on_goaway(self)
-                elif self.on_message is not None:
-                    self.on_message(message)
+                self._dispatch(await self.control.receive())
         except CloudBridgeError as error:
-            for waiting in self._pongs.values():
-                if not waiting.done():
-                    waiting.set_exception(TransportClosed(f"control stream ended: {error}"))
+            ended = TransportClosed(f"control stream ended: {error}")
+            waiting: list[asyncio.Future[Any]] = [*self._pongs.values()]
+            if self._refreshing is not None:
+                waiting.append(self._refreshing)
+            for future in waiting:
+                if not future.done():
+                    future.set_exception(ended)
+        finally:
+            self._challenged.set()
+
+    def _dispatch(self, message: messages.Message) -> None:
+        """Pongs answer pings, refresh replies the refresh; a goaway, the mesh challenge and
+        the relay's token_expired are kept; the rest goes to ``on_message``."""
+        if isinstance(message, messages.Pong):
+            waiting = self._pongs.get(message.nonce)
+            if waiting is not None and not waiting.done():
+                waiting.set_result(None)
+        elif isinstance(message, messages.Goaway):
+            self.going_away = message
+            if self.on_goaway is not None:
+                self.on_goaway(self)
+        elif isinstance(message, messages.MeshChallenge):
+            self._challenge = message
+            self._challenged.set()
+        elif isinstance(message, messages.Refreshed | messages.RefreshFailed):
+            if self._refreshing is not None and not self._refreshing.done():
+                self._refreshing.set_result(message)
+        elif isinstance(message, messages.ErrorMessage) and message.code == TokenExpired.code:
+            self.ended = TokenExpired(message.message)  # the relay is closing the session
+        elif self.on_message is not None:
+            self.on_message(message)
 
     async def open_tunnel(self, target: str) -> tuple[Stream, bytes]:
         """A stream connected by the relay to ``target``; raises the relay's classified error."""
@@ -218,4 +280,5 @@ async def _authenticate(
         session_id=reply.session_id,
         latency_ms=round((time.perf_counter() - started) * 1000, 2),
     )
-    return RelayConnection(session, reply, transport, control)
+    expires_at = token_exp(token)
+    return RelayConnection(session, reply, transport, control, token_expires_at=expires_at)

@@ -7,6 +7,11 @@ a lost session is replaced; an RTT above ``rtt_threshold`` makes it probe the ot
 transports and move to one that is clearly better (hysteresis); while on a fallback it
 tries the preferred transports again and moves back when they work (fall-forward).
 New tunnelled connections go to the new session; open ones finish on the old one.
+
+A session lasts as long as its token: before ``exp`` the link presents a newer token on it
+(``refresh``) when its token source has one; otherwise the relay ends the session and the
+link reconnects with whatever token there is then — an expired one is reported, with how
+to get another.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from cloudbridge_core.breaker import BreakerState, CircuitBreaker
 from cloudbridge_core.client.connection import RelayConnection, attempt, transport_order
 from cloudbridge_core.client.metrics import ClientMetrics
 from cloudbridge_core.client.race import Candidate, race
-from cloudbridge_core.client.tokens import TokenSupply
+from cloudbridge_core.client.tokens import ONBOARDING_HINT, TokenSupply, token_exp
 from cloudbridge_core.config import Config
 from cloudbridge_core.config.changes import ConfigChanges
 from cloudbridge_core.errors import (
@@ -31,6 +36,7 @@ from cloudbridge_core.errors import (
     HeartbeatFailed,
     ServerUnavailable,
     TlsVerificationFailed,
+    TokenExpired,
     TransportClosed,
     TransportError,
 )
@@ -49,6 +55,10 @@ PINGS_PER_MEASUREMENT = 3
 SWITCH_HISTORY = 20
 #: below this, QUIC in Python is CPU-bound well under the TCP-based transports
 SMALL_DATAGRAMS = 4096
+#: a session's token is refreshed this long before its exp (or at half its remaining life)
+REFRESH_LEAD_SECONDS = 60.0
+#: closer to exp than this, a refresh is not tried again: the relay is about to end the session
+REFRESH_FLOOR_SECONDS = 0.5
 
 SwitchListener = Callable[[str, str | None, str], None]
 
@@ -235,7 +245,9 @@ class RelayLink:
             except AuthError as error:  # reported once; retrying would only repeat it
                 self.state = "refused"
                 self.last_error = error.message
-                log.error("reconnect_refused", code=error.code, reason=error.message)
+                log.error(
+                    "reconnect_refused", code=error.code, reason=error.message, hint=error.hint
+                )
                 return
             except CloudBridgeError as error:
                 self.last_error = error.message
@@ -272,15 +284,51 @@ class RelayLink:
             await probe.aclose()
 
     async def _follow(self, connection: RelayConnection) -> None:
-        """Notice at once when the relay closes the session (a restart, a reaped session),
-        instead of at the next heartbeat."""
-        with contextlib.suppress(TransportError):
-            while True:
-                stream = await connection.session.accept_stream()
-                await stream.aclose()  # the relay opens no streams towards clients
+        """Notice at once when the relay closes the session (a restart, a reaped session,
+        an expired token), instead of at the next heartbeat; keep its token fresh until then."""
+        fresh = asyncio.get_running_loop().create_task(self._keep_fresh(connection))
+        try:
+            with contextlib.suppress(TransportError):
+                while True:
+                    stream = await connection.session.accept_stream()
+                    await stream.aclose()  # the relay opens no streams towards clients
+        finally:
+            fresh.cancel()
+            await asyncio.gather(fresh, return_exceptions=True)
         if connection is self._current:
-            log.info("session_closed_by_relay", transport=connection.transport)
+            reason = connection.ended.message if connection.ended else None
+            log.info("session_closed_by_relay", transport=connection.transport, reason=reason)
         self.lost(connection)
+
+    async def _keep_fresh(self, connection: RelayConnection) -> None:
+        """Before the session's token expires, move the session onto a newer token when the
+        token source has one (OIDC renewal, a new token in the file or the keyring); tried
+        again at half the remaining time until shortly before ``exp``."""
+        while connection.token_expires_at is not None:
+            remaining = connection.token_expires_at - time.time()
+            if remaining < REFRESH_FLOOR_SECONDS:
+                return
+            await asyncio.sleep(remaining - min(REFRESH_LEAD_SECONDS, remaining / 2))
+            try:
+                token = await self.tokens.token()
+            except CloudBridgeError:
+                continue  # none to offer now: the reconnection will report it
+            exp = token_exp(token)
+            if exp is None or exp <= connection.token_expires_at:
+                continue  # not newer than the one the session runs on
+            timeout = self._config.settings.transport.connect_timeout
+            try:
+                expires_at = await connection.refresh(token, timeout)
+            except AuthError as error:
+                log.warning("refresh_refused", code=error.code, reason=error.message)
+                continue
+            except CloudBridgeError:
+                return  # the session is going: the reconnection takes over
+            log.info(
+                "session_refreshed",
+                transport=connection.transport,
+                expires_in_seconds=round(expires_at - time.time()),
+            )
 
     async def _measure(self, connection: RelayConnection) -> float:
         """The best of a few pings; the session counts as dead only when every one fails."""
@@ -378,9 +426,15 @@ class RelayLink:
         head_start = self._config.settings.transport.race_head_start
         breakers = {name: self._breaker(name) for name, _ in candidates}
         token = await self.tokens.token()
-        return await race(
-            self._config, candidates, head_start, token, self._transport_failed, breakers
-        )
+        try:
+            return await race(
+                self._config, candidates, head_start, token, self._transport_failed, breakers
+            )
+        except TokenExpired as error:
+            raise TokenExpired(
+                f"the token from {self.tokens.where()} has expired ({error.message})",
+                hint=f"get a new one: {ONBOARDING_HINT}",
+            ) from None
 
     def _breaker(self, transport: str) -> CircuitBreaker:
         """One circuit breaker per relay endpoint (transport, host and port)."""

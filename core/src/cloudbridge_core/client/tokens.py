@@ -34,14 +34,20 @@ ONBOARDING_HINT = (
 )
 
 
-def token_expires_in(token: str) -> float | None:
-    """Seconds until the token's ``exp`` (read, not verified: the relay verifies it)."""
+def token_exp(token: str) -> float | None:
+    """The token's ``exp``, seconds since the epoch (read, not verified: the relay verifies it)."""
     try:
         payload = token.split(".")[1]
         claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-        return float(claims["exp"]) - time.time()
+        return float(claims["exp"])
     except (IndexError, KeyError, TypeError, ValueError, binascii.Error):
         return None
+
+
+def token_expires_in(token: str) -> float | None:
+    """Seconds until the token's ``exp`` (read, not verified: the relay verifies it)."""
+    exp = token_exp(token)
+    return None if exp is None else exp - time.time()
 
 
 def keyring_available() -> bool:

@@ -9,6 +9,7 @@ peers pin.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import os
@@ -22,7 +23,8 @@ from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from cloudbridge_core.errors import ProtocolViolation
-from cloudbridge_core.relay.mesh import peer_id_of
+from cloudbridge_core.protocol import messages
+from cloudbridge_core.relay.mesh import join_proof, peer_id_of
 from cloudbridge_core.secretfile import write_secret
 from cloudbridge_core.tlsutil import KeyPair, generate_ca, issue_server_certificate
 
@@ -82,6 +84,14 @@ class DeviceIdentity:
 
     def accepts_proof(self, peer_public_key: bytes, proof: str) -> bool:
         return hmac.compare_digest(self.proof_for(peer_public_key), proof)
+
+    def prove_join(
+        self, challenge: messages.MeshChallenge, request: messages.MeshJoin
+    ) -> messages.MeshJoin:
+        """``request`` with the proof that this device holds its key, for this session."""
+        relay_key = X25519PublicKey.from_public_bytes(base64.b64decode(challenge.key))
+        proof = join_proof(self.private_key.exchange(relay_key), request)
+        return dataclasses.replace(request, proof=proof)
 
 
 def server_name(peer_id: str) -> str:

@@ -1,5 +1,10 @@
 """This device in its tenant's mesh, through the relay link: joined again after every
-reconnection, refreshed every ``p2p.peer_discovery_interval``, signals in and out."""
+reconnection, refreshed every ``p2p.peer_discovery_interval``, signals in and out.
+
+Each join proves the device holds its key (it answers the session's ``mesh_challenge``).
+When another process with the same device key joins, the relay tells this one it was
+replaced; it says so and stops, rather than silently taking turns with the other.
+"""
 
 from __future__ import annotations
 
@@ -59,10 +64,14 @@ class Membership:
         self.instance = secrets.token_urlsafe(12)
         self._joined = asyncio.Event()
         self._refused: CloudBridgeError | None = None
+        #: why the relay gave this device's place to another process, once it has
+        self.replaced: str | None = None
+        self._within = 10.0
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, within: float) -> None:
         """Join; raises the relay's refusal (a token without ``p2p:mesh``) or a timeout."""
+        self._within = within
         self._link.on_switch.append(lambda *_: self._spawn(self._join(self._link.current)))
         await self._join(self._link.current)
         try:
@@ -102,18 +111,35 @@ class Membership:
         task.add_done_callback(self._tasks.discard)
 
     async def _join(self, connection: RelayConnection) -> None:
+        if self.replaced is not None:
+            return  # another process holds this device's place: it stays there
         connection.on_message = self._received
         certificate = self._identity.ca.certificate.decode()
         request = messages.MeshJoin(
             self.name, self._identity.public_key, certificate, self.instance
         )
-        with contextlib.suppress(TransportError):
-            await connection.control.send(request)
+        try:
+            challenge = await connection.mesh_challenge(self._within)
+            await connection.control.send(self._identity.prove_join(challenge, request))
+        except CloudBridgeError as error:  # start() reports the missing answer; a rejoin retries
+            log.warning("mesh_join_not_sent", code=error.code, reason=error.message)
 
     def _received(self, message: messages.Message) -> None:
         if isinstance(message, messages.MeshPeers):
             self.peers = {p["peer_id"]: peer_info(p) for p in message.peers}
             self._joined.set()
+            self._on_peers(self.peers)
+        elif isinstance(message, messages.MeshEvent) and message.event == "replaced":
+            if message.peer.get("instance") == self.instance:
+                return  # this process's own newer session (a reconnection): nothing lost
+            self.replaced = message.reason or "replaced by a newer session of this device"
+            log.error(
+                "mesh_replaced",
+                peer_id=self.peer_id,
+                reason=self.replaced,
+                hint="another process uses this device's key; stop one of them",
+            )
+            self.peers = {}
             self._on_peers(self.peers)
         elif isinstance(message, messages.MeshEvent):
             peer = peer_info(message.peer)

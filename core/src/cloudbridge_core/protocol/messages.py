@@ -3,7 +3,8 @@
 Each message is a JSON object preceded by its length (4 bytes, big-endian); its shape is
 ``schemas/protocol/messages.schema.json``, checked on every decode because the bytes come
 from the network. The control stream (the first stream a client opens) carries hello →
-welcome or error, then ping/pong, and goaway when the relay is about to restart; every
+welcome or error, then ping/pong, refresh → refreshed or refresh_failed (a fresh token
+before the current one expires), and goaway when the relay is about to restart; every
 other stream starts with ``open``, answered by ``accept`` or ``reject``, after which raw
 bytes flow.
 """
@@ -92,12 +93,40 @@ class Goaway:
 
 
 @dataclass(frozen=True)
+class Refresh:
+    TYPE: ClassVar[str] = "refresh"
+    token: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Refreshed:
+    TYPE: ClassVar[str] = "refreshed"
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class RefreshFailed:
+    TYPE: ClassVar[str] = "refresh_failed"
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class MeshChallenge:
+    """The key a session's ``mesh_join`` proves possession of the device key against."""
+
+    TYPE: ClassVar[str] = "mesh_challenge"
+    key: str
+
+
+@dataclass(frozen=True)
 class MeshJoin:
     TYPE: ClassVar[str] = "mesh_join"
     name: str
     public_key: str
     certificate: str
     instance: str = ""
+    proof: str = ""
 
 
 @dataclass(frozen=True)
@@ -119,6 +148,7 @@ class MeshEvent:
     TYPE: ClassVar[str] = "mesh_event"
     event: str
     peer: dict[str, str]
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -177,9 +207,13 @@ Message = (
     | Ping
     | Pong
     | Goaway
+    | Refresh
+    | Refreshed
+    | RefreshFailed
     | Open
     | Accept
     | Reject
+    | MeshChallenge
     | MeshJoin
     | MeshRefresh
     | MeshPeers
@@ -200,9 +234,13 @@ _TYPES: dict[str, type[Message]] = {
         Ping,
         Pong,
         Goaway,
+        Refresh,
+        Refreshed,
+        RefreshFailed,
         Open,
         Accept,
         Reject,
+        MeshChallenge,
         MeshJoin,
         MeshRefresh,
         MeshPeers,

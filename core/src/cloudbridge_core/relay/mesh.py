@@ -3,6 +3,13 @@ packets between peers of one tenant — never across tenants.
 
 A peer of another tenant is not "forbidden" but unknown: the relay looks peers up only
 within the sender's tenant, so no answer reveals that another tenant's peer exists.
+
+A device proves it holds its key when it joins. The key is X25519, which cannot sign, so
+the proof is a MAC: each session gets a fresh relay X25519 key (``mesh_challenge``), and
+``mesh_join`` carries an HMAC under a key derived from X25519(device key, that key) — only
+the holder of the device's private key (or the relay, for this session) can compute it.
+This proves possession of exactly the key that names the device (a separate signing key
+would itself have to be bound to it) and needs nothing new stored or published.
 """
 
 from __future__ import annotations
@@ -11,8 +18,13 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import hmac
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from cloudbridge_core.errors import TransportError, Unauthorized
 from cloudbridge_core.log import get_logger
@@ -32,6 +44,33 @@ def peer_id_of(public_key: str) -> str:
     """A short, stable id for a device key (what users and signals name peers by)."""
     digest = hashlib.sha256(base64.b64decode(public_key)).digest()
     return base64.urlsafe_b64encode(digest[:12]).decode()
+
+
+def join_proof(shared_secret: bytes, request: messages.MeshJoin) -> str:
+    """The ``proof`` of a ``mesh_join``: binds its name, key and instance to the session's
+    X25519 shared secret (computed by the device, or by the relay from its side)."""
+    key = HKDF(algorithm=SHA256(), length=32, salt=None, info=b"cloudbridge/1 mesh_join").derive(
+        shared_secret
+    )
+    signed = "\n".join((request.name, request.public_key, request.instance)).encode()
+    return hmac.new(key, signed, hashlib.sha256).hexdigest()
+
+
+class Challenge:
+    """One session's ``mesh_challenge``: a relay X25519 key made for this session only."""
+
+    def __init__(self) -> None:
+        self._key = X25519PrivateKey.generate()
+        self.message = messages.MeshChallenge(
+            base64.b64encode(self._key.public_key().public_bytes_raw()).decode()
+        )
+
+    def proven(self, request: messages.MeshJoin) -> bool:
+        if not request.proof:
+            return False
+        device = X25519PublicKey.from_public_bytes(base64.b64decode(request.public_key))
+        expected = join_proof(self._key.exchange(device), request)
+        return hmac.compare_digest(expected, request.proof)
 
 
 @dataclass(eq=False)
@@ -76,11 +115,25 @@ class Mesh:
         return {tenant: len(peers) for tenant, peers in self._tenants.items()}
 
     async def join(
-        self, claims: Claims, control: MessageStream, request: messages.MeshJoin
+        self,
+        claims: Claims,
+        control: MessageStream,
+        request: messages.MeshJoin,
+        challenge: Challenge,
     ) -> Member:
+        """Add the device to its tenant's mesh; ``Unauthorized`` without ``p2p:mesh``, without
+        a proof answering ``challenge``, or for a key bound to another device (another name)."""
         if P2P not in claims.permissions:
             self.rejected("unauthorized", claims.tenant_id, "mesh_join without " + P2P)
             raise Unauthorized(f"token lacks the {P2P} permission")
+        if not challenge.proven(request):
+            self.rejected("bad_proof", claims.tenant_id, "mesh_join without a valid proof")
+            raise Unauthorized("mesh_join does not prove possession of the device key")
+        peers = self._tenants.get(claims.tenant_id, {})
+        bound = peers.get(peer_id_of(request.public_key))
+        if bound is not None and bound.info["name"] != request.name:
+            self.rejected("key_in_use", claims.tenant_id, "mesh_join with another device's key")
+            raise Unauthorized("this device key is already bound to another device of the tenant")
         info = {
             "peer_id": peer_id_of(request.public_key),
             "name": request.name,
@@ -100,6 +153,9 @@ class Mesh:
         events = [messages.MeshEvent("joined", info)]
         if replaced is not None:
             events.insert(0, messages.MeshEvent("left", replaced.info))
+            # told why, so two processes sharing one device key do not take turns silently
+            reason = "a newer session of this device joined the mesh"
+            await tell(replaced.control, messages.MeshEvent("replaced", info, reason))
         for event in events:
             await asyncio.gather(*(tell(m.control, event) for m in others))
         log.info(
@@ -133,7 +189,7 @@ class Mesh:
 
     async def signal(self, sender: Member | None, tenant_id: str, signal: messages.Signal) -> None:
         """Forward a signal to a peer of the sender's tenant, or say it could not be."""
-        if sender is None:
+        if sender is None or not self._current(sender):
             self.rejected("not_joined", tenant_id, "signal before mesh_join")
             return
         target = self._tenants.get(tenant_id, {}).get(signal.peer_id)
@@ -160,9 +216,13 @@ class Mesh:
             if member.channel is stream:
                 member.channel = None
 
+    def _current(self, member: Member) -> bool:
+        """False for a member replaced by a newer session of its device: it speaks no more."""
+        return self._tenants.get(member.tenant_id, {}).get(member.peer_id) is member
+
     async def _forward(self, sender: Member, frame: derp.Frame) -> None:
-        if frame.type is not derp.FrameType.SEND_PACKET:
-            return  # only the relay sends the other kinds
+        if frame.type is not derp.FrameType.SEND_PACKET or not self._current(sender):
+            return  # only the relay sends the other kinds; a replaced member speaks no more
         target = next(
             (m for m in self._tenants.get(sender.tenant_id, {}).values() if m.key == frame.key),
             None,

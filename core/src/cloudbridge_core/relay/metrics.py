@@ -100,7 +100,8 @@ class RelayMetrics:
 
         self.p2p_rejected = Counter(
             "cloudbridge_relay_p2p_rejected",
-            "Mesh requests refused (unauthorized, not_joined, unknown_peer: never across tenants).",
+            "Mesh requests refused (unauthorized, bad_proof, key_in_use, not_joined, unknown_peer:"
+            " never across tenants).",
             ["reason"],
             registry=registry,
         )
@@ -112,6 +113,11 @@ class RelayMetrics:
         self.derp_bytes = Counter(
             "cloudbridge_relay_derp_bytes",
             "Sealed peer packets forwarded over DERP channels (payload bytes).",
+            registry=registry,
+        )
+        self.sessions_expired = Counter(
+            "cloudbridge_relay_sessions_expired",
+            "Sessions ended because their token expired without a refresh.",
             registry=registry,
         )
 

@@ -14,7 +14,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cloudbridge_core.errors import (
     CloudBridgeError,
@@ -23,6 +23,7 @@ from cloudbridge_core.errors import (
     ProtocolViolation,
     ServerUnavailable,
     TargetUnreachable,
+    TokenExpired,
     TransportError,
     Unauthorized,
 )
@@ -31,7 +32,7 @@ from cloudbridge_core.protocol import derp, messages
 from cloudbridge_core.providers import AuthProvider, Claims, Session, Stream
 from cloudbridge_core.pump import prepare, pump
 from cloudbridge_core.relay.egress import EgressPolicy
-from cloudbridge_core.relay.mesh import Member, Mesh, tell
+from cloudbridge_core.relay.mesh import Challenge, Member, Mesh, tell
 from cloudbridge_core.relay.metrics import RelayMetrics
 from cloudbridge_core.settings import PerformanceSettings, ServerSettings
 from cloudbridge_core.wire import MessageStream
@@ -54,6 +55,7 @@ class RelayLimits:
     heartbeat_interval: float = 30.0
     heartbeat_timeout: float = 90.0
     drain_timeout: float = 10.0
+    token_expiry_grace: float = 10.0
 
     @classmethod
     def from_settings(cls, server: ServerSettings, performance: PerformanceSettings) -> RelayLimits:
@@ -61,6 +63,7 @@ class RelayLimits:
             handshake_timeout=server.handshake_timeout,
             heartbeat_timeout=server.heartbeat_timeout,
             drain_timeout=server.drain_timeout,
+            token_expiry_grace=server.token_expiry_grace,
             connect_timeout=server.connect_timeout,
             max_sessions_per_tenant=server.max_sessions_per_tenant,
             max_streams_per_session=server.max_streams_per_session,
@@ -74,7 +77,16 @@ class _Redeemed(Exception):
 
 @dataclass
 class _SessionState:
+    """What a session holds: the rights of its latest token, its mesh membership."""
+
+    claims: Claims
+    challenge: Challenge = field(default_factory=Challenge)
     member: Member | None = None
+    #: set when the session's rights change (a refresh; a revocation, once there is one)
+    rights_changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def expired(self) -> bool:
+        return time.time() >= self.claims.expires_at
 
 
 class Relay:
@@ -170,6 +182,7 @@ class Relay:
         assert isinstance(hello, messages.Hello)  # expect() checked the kind
         try:
             claims = await self.auth.validate(hello.token)
+            _check_not_expired(claims)
             if CONNECT not in claims.permissions:
                 raise Unauthorized(f"token lacks the {CONNECT} permission")
             if self.draining:
@@ -218,8 +231,10 @@ class Relay:
 
     async def _serve(self, session: Session, control: MessageStream, claims: Claims) -> None:
         streams: set[asyncio.Task[None]] = set()
-        state = _SessionState()
+        state = _SessionState(claims)
+        await tell(control, state.challenge.message)
         controller = asyncio.create_task(self._control_loop(session, control, claims, state))
+        expiry = asyncio.create_task(self._end_with_rights(session, control, state))
         self._controls.add(control)
         try:
             while True:
@@ -236,11 +251,49 @@ class Relay:
         finally:
             self._controls.discard(control)
             controller.cancel()
+            expiry.cancel()
             for task in list(streams):
                 task.cancel()
-            await asyncio.gather(controller, *streams, return_exceptions=True)
+            await asyncio.gather(controller, expiry, *streams, return_exceptions=True)
             if state.member is not None:
                 await self.mesh.leave(state.member)
+
+    async def _end_with_rights(
+        self, session: Session, control: MessageStream, state: _SessionState
+    ) -> None:
+        """End the session ``server.token_expiry_grace`` after its token's ``exp`` unless a
+        refresh has moved ``exp`` on; tunnels opened meanwhile are refused (``_tunnel``)."""
+        while True:
+            state.rights_changed.clear()
+            ends_at = state.claims.expires_at + self.limits.token_expiry_grace
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(state.rights_changed.wait(), ends_at - time.time())
+            if not state.rights_changed.is_set():
+                break
+        claims = state.claims
+        self.metrics.sessions_expired.inc()
+        log.info("session_expired", tenant_id=claims.tenant_id, subject=claims.subject)
+        await tell(control, messages.ErrorMessage(TokenExpired.code, "the session's token expired"))
+        await session.aclose()  # ends _serve, which frees the session's streams
+
+    async def _refresh(self, state: _SessionState, token: str) -> messages.Message:
+        """Move the session onto a fresh token of the same tenant and subject."""
+        old = state.claims
+        try:
+            claims = await self.auth.validate(token)
+            _check_not_expired(claims)
+            if (claims.tenant_id, claims.subject) != (old.tenant_id, old.subject):
+                raise Unauthorized("a refresh must be for the session's own tenant and subject")
+            if CONNECT not in claims.permissions:
+                raise Unauthorized(f"token lacks the {CONNECT} permission")
+        except CloudBridgeError as error:
+            self.metrics.auth_failures.labels(error.code).inc()
+            log.info("refresh_refused", tenant_id=old.tenant_id, code=error.code)
+            return messages.RefreshFailed(error.code, error.message)
+        state.claims = claims
+        state.rights_changed.set()
+        log.info("session_refreshed", tenant_id=claims.tenant_id, subject=claims.subject)
+        return messages.Refreshed(claims.expires_at)
 
     async def _control_loop(
         self, session: Session, control: MessageStream, claims: Claims, state: _SessionState
@@ -279,12 +332,14 @@ class Relay:
     ) -> None:
         if isinstance(message, messages.Ping):
             await control.send(messages.Pong(message.nonce))
+        elif isinstance(message, messages.Refresh):
+            await control.send(await self._refresh(state, message.token))
         elif isinstance(message, messages.MeshJoin):
             if state.member is not None:
                 await self.mesh.leave(state.member)
                 state.member = None
             try:
-                state.member = await self.mesh.join(claims, control, message)
+                state.member = await self.mesh.join(claims, control, message, state.challenge)
             except CloudBridgeError as error:  # the session stays; only the mesh is refused
                 await control.send(messages.ErrorMessage(error.code, error.message))
         elif isinstance(message, messages.MeshRefresh) and state.member is not None:
@@ -304,11 +359,16 @@ class Relay:
                 await stream.aclose()
             return
         assert isinstance(opened, messages.Open)  # expect() checked the kind
+        if state.expired():  # between exp and the session's end: nothing new
+            self.metrics.tunnels_rejected.labels(TokenExpired.code).inc()
+            expired = TokenExpired("the session's token expired: refresh it or reconnect")
+            await _reject(stream, expired)
+            return
         if opened.target == derp.TARGET:
             await self._derp(stream, header, claims, state.member)
             return
         try:
-            if TUNNEL not in claims.permissions:
+            if TUNNEL not in state.claims.permissions:
                 raise Unauthorized(f"token lacks the {TUNNEL} permission")
             if self.draining:
                 raise ServerUnavailable("the relay is restarting")
@@ -381,6 +441,17 @@ class Relay:
             sock.close()
             raise TargetUnreachable(f"cannot connect to {target}: {exc.strerror or exc}") from exc
         return sock
+
+
+def _check_not_expired(claims: Claims) -> None:
+    """A token the validator let through within its clock-skew leeway but past ``exp`` here
+    gives a session no rights: refused now rather than ended right after the welcome."""
+    now = time.time()
+    if claims.expires_at <= now:
+        raise TokenExpired(
+            f"the token expired at {claims.expires_at:.0f} (relay time {now:.0f})",
+            hint="obtain a new token",
+        )
 
 
 async def _reject(stream: Stream, error: CloudBridgeError) -> None:

@@ -170,6 +170,7 @@ class ServerSettings:
     handshake_timeout: float
     heartbeat_timeout: float
     drain_timeout: float
+    token_expiry_grace: float
     connect_timeout: float
     max_sessions_per_tenant: int
     max_streams_per_session: int
