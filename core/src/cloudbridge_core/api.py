@@ -42,6 +42,7 @@ from cloudbridge_core.errors import (
 )
 from cloudbridge_core.hookspecs import hookimpl
 from cloudbridge_core.providers import (
+    AuthKeyStatistics,
     AuthProvider,
     AuthProviderSpec,
     Claims,
@@ -49,6 +50,7 @@ from cloudbridge_core.providers import (
     Endpoint,
     Exporter,
     ExporterSpec,
+    KeyedAuthProvider,
     Listener,
     NatStrategy,
     NatStrategySpec,
@@ -79,6 +81,7 @@ if TYPE_CHECKING:
     from cloudbridge_core.protocol.mux import MuxLimits
     from cloudbridge_core.retry import Backoff
     from cloudbridge_core.settings import build
+    from cloudbridge_core.tenants import TENANT_ID_PATTERN, is_tenant_id
     from cloudbridge_core.tlsutil import ALPN, client_context
     from cloudbridge_core.transports.mux_session import MuxSession
     from cloudbridge_core.transports.serving import run_session_handler
@@ -99,6 +102,8 @@ _LAZY = {
     "MuxLimits": ("cloudbridge_core.protocol.mux", "MuxLimits"),
     "Backoff": ("cloudbridge_core.retry", "Backoff"),
     "build": ("cloudbridge_core.settings", "build"),
+    "TENANT_ID_PATTERN": ("cloudbridge_core.tenants", "TENANT_ID_PATTERN"),
+    "is_tenant_id": ("cloudbridge_core.tenants", "is_tenant_id"),
     "ALPN": ("cloudbridge_core.tlsutil", "ALPN"),
     "client_context": ("cloudbridge_core.tlsutil", "client_context"),
     "MuxSession": ("cloudbridge_core.transports.mux_session", "MuxSession"),
@@ -120,7 +125,9 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ALPN",
     "ICE_CLOSE_GRACE",
+    "TENANT_ID_PATTERN",
     "AuthError",
+    "AuthKeyStatistics",
     "AuthProvider",
     "AuthProviderSpec",
     "Backoff",
@@ -135,6 +142,7 @@ __all__ = [
     "ExporterSpec",
     "IcePath",
     "InvalidToken",
+    "KeyedAuthProvider",
     "Listener",
     "MuxLimits",
     "MuxSession",
@@ -173,6 +181,7 @@ __all__ = [
     "get_logger",
     "hookimpl",
     "ice_path",
+    "is_tenant_id",
     "message",
     "run_session_handler",
     "runtime_of",

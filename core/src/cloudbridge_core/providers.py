@@ -13,7 +13,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -158,6 +158,37 @@ class AuthProvider(Protocol):
     """
 
     async def validate(self, token: str) -> Claims: ...
+
+
+@dataclass(frozen=True, slots=True)
+class AuthKeyStatistics:
+    """What an auth provider that fetches its keys knows about them.
+
+    ``loaded``: tokens can be checked (keys and, for OIDC, the issuer's metadata are in);
+    ``stale``: the keys in use are past their refresh time because the provider has not
+    answered (they are still used until it does); ``refresh_failures``: fetches that
+    failed or ran out of time since start; ``problem``: why, when not loaded or stale.
+    """
+
+    loaded: bool
+    stale: bool
+    refresh_failures: int
+    problem: str = ""
+
+
+@runtime_checkable
+class KeyedAuthProvider(AuthProvider, Protocol):
+    """An :class:`AuthProvider` whose keys come from elsewhere (a JWKS, OIDC discovery).
+
+    The relay calls ``load_keys`` when it starts (and again, with backoff, until it
+    succeeds; ``/readyz`` stays not ready until then); it raises ``ServerUnavailable``
+    when the provider cannot be reached or answers something unusable. ``statistics``
+    never waits.
+    """
+
+    async def load_keys(self) -> None: ...
+
+    def statistics(self) -> AuthKeyStatistics: ...
 
 
 class TokenStore(Protocol):

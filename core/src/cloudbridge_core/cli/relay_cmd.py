@@ -14,6 +14,7 @@ from cloudbridge_core.cli.params import DURATION
 from cloudbridge_core.cli.runtime import config_option, runtime_of
 from cloudbridge_core.cli.serving import run_async, wait_for_stop
 from cloudbridge_core.config import Config, validate
+from cloudbridge_core.durations import format_duration
 from cloudbridge_core.errors import UsageError
 from cloudbridge_core.exporters import exporting
 from cloudbridge_core.log import get_logger
@@ -24,6 +25,7 @@ from cloudbridge_core.relay.live import follow
 from cloudbridge_core.relay.runner import start_relay, state_dir_of
 from cloudbridge_core.relay.state import RelayState
 from cloudbridge_core.relay.tokens import issue_token, jwks
+from cloudbridge_core.tenants import is_tenant_id
 
 log = get_logger("relay")
 
@@ -127,6 +129,8 @@ def issue(
     """Print a signed token (stdout) for a client of this relay."""
     config = runtime_of(ctx).config()
     lifetime = ttl if ttl is not None else config.settings.server.token_ttl
+    _check_lifetime("--ttl" if ttl is not None else "server.token_ttl", lifetime, config)
+    _check_tenant(tenant)
     try:
         state = RelayState.load(state_dir_of(config, state_dir))
     except FileNotFoundError as exc:
@@ -139,12 +143,32 @@ def issue(
             subject=subject,
             permissions=permissions or ("relay:connect",),
             ttl=lifetime,
+            max_ttl=config.settings.server.max_token_ttl,
             extra={
                 **_json_claim("custom:mesh_config", "--mesh-config", mesh),
                 **_json_claim("custom:network_config", "--network-config", network),
             },
         )
     )
+
+
+def _check_lifetime(what: str, lifetime: float, config: Config) -> None:
+    """A token or invite outliving ``server.max_token_ttl`` is refused here, named."""
+    maximum = config.settings.server.max_token_ttl
+    if lifetime > maximum:
+        raise UsageError(
+            f"{what}: {format_duration(lifetime)} is longer than the maximum"
+            f" {format_duration(maximum)} (server.max_token_ttl)",
+            hint="choose a shorter lifetime, or raise server.max_token_ttl in the relay's config",
+        )
+
+
+def _check_tenant(tenant: str) -> None:
+    if not is_tenant_id(tenant):
+        raise UsageError(
+            f"--tenant: {tenant!r} is not a tenant id (lowercase letters, digits, '.', '_'"
+            " and '-', starting with a letter or digit, at most 63 characters)"
+        )
 
 
 def _json_claim(claim: str, flag: str, text: str | None) -> dict[str, Any]:
@@ -205,6 +229,8 @@ def create_invite(
     lifetime = ttl
     if lifetime <= 0:
         raise UsageError("--ttl: an invite needs a lifetime above zero")
+    _check_lifetime("--ttl", lifetime, config)
+    _check_tenant(tenant)
     try:
         state = RelayState.load(state_dir_of(config, state_dir))
     except FileNotFoundError as exc:

@@ -51,11 +51,29 @@ def token_expires_in(token: str) -> float | None:
 
 
 def keyring_available() -> bool:
+    """Whether an OS keyring would keep the token: a plaintext backend (keyrings.alt's
+    ``PlaintextKeyring`` and the like) counts as none, so a long-lived token is never
+    written to disk in the clear without ``--insecure-storage``."""
+    return _plaintext_reason() is None
+
+
+def _plaintext_reason() -> str | None:
+    """Why the keyring backend would not protect a token, or None when it would."""
     import keyring
-    from keyring.backends import fail
+    from keyring.backends import chainer, fail
 
     backend = keyring.get_keyring()
-    return not isinstance(backend, fail.Keyring) and backend.priority > 0
+    if isinstance(backend, chainer.ChainerBackend):  # it writes to its first backend
+        chained = backend.backends
+        if not chained:
+            return "no keyring backend is available"
+        backend = chained[0]
+    if isinstance(backend, fail.Keyring) or backend.priority <= 0:
+        return "no keyring backend is available"
+    # keyring's own scale: below 1 is "not recommended" (keyrings.alt's file backends: 0.5)
+    if backend.priority < 1 or type(backend).__module__.startswith("keyrings.alt"):
+        return f"the keyring backend {backend.name} is not an OS keyring (it may keep plaintext)"
+    return None
 
 
 #: the keyring service join and login write into the configs they create
@@ -112,15 +130,19 @@ class StoredTokens:
         except keyring.errors.KeyringError:
             return None
 
+    def ensure_keepable(self) -> None:
+        """Raise ``AuthError`` when :meth:`save` would have no OS keyring to write to (before
+        a login spends a device code on a token it could not keep)."""
+        if not self.in_file:
+            _require_keyring(
+                "set auth.token_storage: file and auth.token_file to keep it in a 0600 file"
+            )
+
     def save(self, token: str, kind: str = "access") -> None:
         if self.in_file:
             write_secret(self._file(kind), token.encode())
             return
-        if not keyring_available():
-            raise AuthError(
-                "no OS keyring is available here to keep the token",
-                hint="pass --insecure-storage to keep it in a 0600 file instead",
-            )
+        self.ensure_keepable()
         import keyring
 
         keyring.set_password(self.keyring_service, self._entry(kind), token)
@@ -130,7 +152,9 @@ class StoredTokens:
             return f"file {self.token_file}"
         import keyring
 
-        return f"keyring {keyring.get_keyring().name} (service {self.keyring_service!r})"
+        where = f"keyring {keyring.get_keyring().name} (service {self.keyring_service!r})"
+        plaintext = _plaintext_reason()
+        return where if plaintext is None else f"{where}; {plaintext}"
 
 
 def storage_settings(directory: Path, *, insecure: bool) -> dict[str, Any]:
@@ -138,12 +162,16 @@ def storage_settings(directory: Path, *, insecure: bool) -> dict[str, Any]:
     ``insecure`` a 0600 file in ``directory``; fails closed when there is no keyring."""
     if insecure:
         return {"token_storage": "file", "token_file": str((directory / "token").absolute())}
-    if not keyring_available():
-        raise AuthError(
-            "no OS keyring is available here to keep the token",
-            hint="pass --insecure-storage to keep it in a 0600 file instead",
-        )
+    _require_keyring()
     return {"token_storage": "keyring", "keyring_service": KEYRING_SERVICE}
+
+
+def _require_keyring(
+    hint: str = "pass --insecure-storage to keep it in a 0600 file instead",
+) -> None:
+    reason = _plaintext_reason()
+    if reason is not None:
+        raise AuthError(f"no OS keyring is available here to keep the token: {reason}", hint=hint)
 
 
 class TokenSupply:

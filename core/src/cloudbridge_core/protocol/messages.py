@@ -268,9 +268,17 @@ def _validators() -> dict[str, Draft202012Validator]:
 
 
 def encode(message: Message) -> bytes:
+    """The message with its length prefix. Raises ``ValueError`` when it breaks the schema
+    (what we send is checked like what we receive: a claim value the relay echoes, such
+    as a tenant id, must never produce a message its peer has to refuse) or is too large.
+    """
     body = {"type": message.TYPE, **asdict(message)}
     if "capabilities" in body:
         body["capabilities"] = list(body["capabilities"])
+    error = next(iter(_validators()[message.TYPE].iter_errors(body)), None)
+    if error is not None:
+        where = ".".join(str(p) for p in error.absolute_path) or "message"
+        raise ValueError(f"outgoing {message.TYPE}: field {where!r} fails {error.validator!r}")
     data = json.dumps(body, separators=(",", ":")).encode()
     if len(data) > MAX_RELAY_MESSAGE_SIZE:
         raise ValueError(

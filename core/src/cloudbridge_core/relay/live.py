@@ -107,6 +107,7 @@ class LiveConfig:
             _refused(path, error, "the auth provider in force stays; sessions are unaffected")
             return []
         self._running.relay.auth = provider
+        self._running.load_auth_keys()
         self._auth_section = path, section
         return [path]
 

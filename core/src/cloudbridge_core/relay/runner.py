@@ -20,6 +20,7 @@ from cloudbridge_core.log import get_logger
 from cloudbridge_core.plugins import Plugins, transport_port
 from cloudbridge_core.protocol import messages
 from cloudbridge_core.providers import AuthProvider, Endpoint, Listener, TlsMaterial
+from cloudbridge_core.relay.auth_keys import AuthKeysCollector, key_statistics, load_keys
 from cloudbridge_core.relay.egress import EgressPolicy
 from cloudbridge_core.relay.invites import InviteStore
 from cloudbridge_core.relay.server import Relay, RelayLimits
@@ -32,7 +33,8 @@ from cloudbridge_core.tlsutil import KeyPair, server_context
 log = get_logger("relay")
 
 JWKS_PATH = "/.well-known/jwks.json"
-#: tokens given for invites last this long; the machine then needs a new invite or token
+#: tokens given for invites last this long (at most server.max_token_ttl); the machine then
+#: needs a new invite or token
 INVITE_TOKEN_TTL = 30 * 24 * 3600.0
 
 
@@ -45,8 +47,16 @@ class RunningRelay:
     stun: asyncio.DatagramTransport | None = None
     #: issues each tenant its TURN credentials; None without ``server.turn.secret_file``
     turn: TurnIssuer | None = None
+    keys_loader: asyncio.Task[None] | None = None
 
     closing: bool = False
+
+    def load_auth_keys(self) -> None:
+        """Load the auth provider's keys in the background (a reload calls it again for
+        the provider it brings); ``/readyz`` is not ready until they are in."""
+        if self.keys_loader is not None:
+            self.keys_loader.cancel()
+        self.keys_loader = asyncio.create_task(load_keys(self.relay.auth))
 
     async def aclose(self) -> None:
         """Graceful: refuse new work, let open tunnels finish (bounded), then close all.
@@ -54,6 +64,8 @@ class RunningRelay:
         if self.closing:
             return
         self.closing = True
+        if self.keys_loader is not None:
+            self.keys_loader.cancel()
         try:
             await self.relay.drain()
         finally:  # whatever the drain met, nothing keeps listening
@@ -66,15 +78,21 @@ class RunningRelay:
         """``/healthz`` and ``/readyz`` for orchestrators, served next to ``/metrics``."""
         return {
             "/healthz": lambda: (200, "text/plain", b"ok\n"),
-            "/readyz": lambda: (
-                (503, "text/plain", b"closing\n")
-                if self.closing or not self.listeners
-                else (200, "text/plain", f"ready: {', '.join(self.listeners)}\n".encode())
-            ),
+            "/readyz": self._readiness,
         }
 
+    def _readiness(self) -> tuple[int, str, bytes]:
+        if self.closing or not self.listeners:
+            return 503, "text/plain", b"closing\n"
+        keys = key_statistics(self.relay.auth)
+        if not keys.loaded:  # every login would fail: an orchestrator should not route here
+            return 503, "text/plain", f"auth keys not loaded: {keys.problem}\n".encode()
+        return 200, "text/plain", f"ready: {', '.join(self.listeners)}\n".encode()
 
-def _redeem(state: RelayState, host: str, ports: dict[str, int], code: str) -> messages.Redeemed:
+
+def _redeem(
+    state: RelayState, host: str, ports: dict[str, int], max_ttl: float, code: str
+) -> messages.Redeemed:
     invite = InviteStore(state.invites_file).redeem(code)
     token = issue_token(
         state.signing_key,
@@ -82,7 +100,8 @@ def _redeem(state: RelayState, host: str, ports: dict[str, int], code: str) -> m
         tenant=invite.tenant_id,
         subject=f"invited-{secrets.token_hex(4)}",
         permissions=invite.permissions,
-        ttl=INVITE_TOKEN_TTL,
+        ttl=min(INVITE_TOKEN_TTL, max_ttl),
+        max_ttl=max_ttl,
     )
     return messages.Redeemed(token, invite.tenant_id, host, ports)
 
@@ -114,7 +133,11 @@ def auth_settings(
     settings = dict(plugins.settings_for("auth_provider", kind, config.converted))
     if kind == "jwt" and not settings.get("public_key_file") and not settings.get("jwks_url"):
         settings.update(
-            public_key_file=str(state.public_key_file), issuer=state.issuer, audience=AUDIENCE
+            public_key_file=str(state.public_key_file),
+            issuer=state.issuer,
+            audience=AUDIENCE,
+            # the relay's own tokens: what it may issue is what it accepts
+            max_token_lifetime=config.settings.server.max_token_ttl,
         )
     return kind, settings
 
@@ -150,7 +173,9 @@ async def start_relay(
     egress = EgressPolicy.from_settings(settings.server.egress, dev=dev)
     relay = Relay(auth, egress, RelayLimits.from_settings(settings.server, settings.performance))
     relay.metrics.watch(relay, tenant_labels=settings.metrics.tenant_labels)
+    relay.metrics.registry.register(AuthKeysCollector(relay))
     running = RunningRelay(state, relay, turn=TurnIssuer.from_settings(settings.server.turn))
+    running.load_auth_keys()
     pair = _server_pair(settings.server, state)
     material = TlsMaterial(certificate=pair.certificate, key=pair.key)
     try:
@@ -196,5 +221,7 @@ async def start_relay(
     own_ports = {*actual.values(), stun_port, settings.metrics.prometheus_port}
     relay.egress = dataclasses.replace(relay.egress, own_ports=frozenset(own_ports))
     running.client_config = state.write_client_config(public_host, actual, stun_url)
-    relay.redeemer = functools.partial(_redeem, state, public_host, actual)
+    relay.redeemer = functools.partial(
+        _redeem, state, public_host, actual, settings.server.max_token_ttl
+    )
     return running

@@ -20,6 +20,15 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 AUDIENCE = "cloudbridge"
 
 
+class TokenLifetimeTooLong(ValueError):
+    """A lifetime above ``server.max_token_ttl``."""
+
+    def __init__(self, ttl: float, max_ttl: float) -> None:
+        super().__init__(f"a lifetime of {ttl:g}s exceeds server.max_token_ttl ({max_ttl:g}s)")
+        self.ttl = ttl
+        self.max_ttl = max_ttl
+
+
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -74,10 +83,15 @@ def issue_token(
     subject: str,
     permissions: Iterable[str],
     ttl: float,
+    max_ttl: float | None = None,
     audience: str = AUDIENCE,
     extra: dict[str, Any] | None = None,
     now: float | None = None,
 ) -> str:
+    """A signed token; :class:`TokenLifetimeTooLong` when ``ttl`` exceeds ``max_ttl``
+    (``server.max_token_ttl``: every command passes it; tests may leave it out)."""
+    if max_ttl is not None and ttl > max_ttl:
+        raise TokenLifetimeTooLong(ttl, max_ttl)
     issued = int(now if now is not None else time.time())
     claims: dict[str, Any] = {
         "iss": issuer,

@@ -175,6 +175,7 @@ class ServerSettings:
     max_sessions_per_tenant: int
     max_streams_per_session: int
     token_ttl: float
+    max_token_ttl: float
     egress: EgressSettings
     turn: TurnSettings
 

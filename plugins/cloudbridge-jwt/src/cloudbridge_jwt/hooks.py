@@ -36,8 +36,26 @@ SETTINGS_SCHEMA: dict[str, Any] = {
             "default": "30s",
             "description": "An unknown key id refetches the JWKS at most this often.",
         },
+        "jwks_fetch_timeout": {
+            **DURATION,
+            "default": "10s",
+            "minDuration": "100ms",
+            "description": "Overall deadline of one JWKS (or OIDC discovery) fetch, from"
+            " connecting to the last byte.",
+        },
+        "jwks_refresh_wait": {
+            **DURATION,
+            "default": "1s",
+            "description": "How long a login waits for a due JWKS refresh; after that it is"
+            " checked with the cached keys while the refresh goes on in the background (a"
+            " provider that hangs never blocks logins). 0s: never wait.",
+        },
         "issuer": {"type": ["string", "null"], "default": None, "description": "Expected iss."},
-        "audience": {"type": ["string", "null"], "default": None, "description": "Expected aud."},
+        "audience": {
+            "type": ["string", "null"],
+            "default": None,
+            "description": "Expected aud; required with jwks_url (tokens from outside the relay).",
+        },
         "algorithms": {
             "type": "array",
             "items": {"enum": ["RS256", "RS384", "RS512", "ES256", "ES384", "PS256"]},
@@ -50,6 +68,21 @@ SETTINGS_SCHEMA: dict[str, Any] = {
             **DURATION,
             "default": "30s",
             "description": "Clock skew allowed on exp/nbf/iat.",
+        },
+        "max_token_lifetime": {
+            **DURATION,
+            "default": "30d",
+            "minDuration": "1m",
+            "description": "Tokens whose exp - iat is longer are refused (a security limit)."
+            " With the relay's own key, server.max_token_ttl is used instead.",
+        },
+        "min_rsa_key_bits": {
+            "type": "integer",
+            "minimum": 2048,
+            "maximum": 16384,
+            "default": 2048,
+            "description": "Smaller RSA keys, from the key file or the JWKS, are refused"
+            " (a security limit).",
         },
         "tenant_claim": {"type": "string", "minLength": 1, "default": "custom:tenant_id"},
         "permissions_claim": {"type": "string", "minLength": 1, "default": "custom:permissions"},

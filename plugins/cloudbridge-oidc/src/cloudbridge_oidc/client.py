@@ -155,7 +155,11 @@ class OidcClient:
 
     async def _discovered(self) -> ProviderMetadata:
         if self._metadata is None:
-            self._metadata = await discover(self._issuer)
+            self._metadata = await discover(
+                self._issuer,
+                deadline=self.settings.jwks_fetch_timeout,
+                jwks_origins=self.settings.jwks_origins,
+            )
         return self._metadata
 
     def _oauth(self) -> AsyncOAuth2Client:

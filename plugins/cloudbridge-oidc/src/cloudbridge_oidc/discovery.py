@@ -1,12 +1,15 @@
 """OpenID Provider discovery: the issuer's metadata, fetched once and checked.
 
 The issuer must use https, except on loopback (a provider on the same machine); the
-document's ``issuer`` must be exactly the configured one (OpenID Connect Discovery 1.0,
-section 4.3), so a document cannot redirect trust to another issuer.
+document's ``issuer`` must be exactly the configured one, trailing slash included (OpenID
+Connect Discovery 1.0, section 4.3), so a document cannot redirect trust to another
+issuer; its ``jwks_uri`` must be on the issuer's origin unless ``auth.oidc.jwks_origins``
+names another. Each fetch has an overall deadline.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import urllib.parse
 from dataclasses import dataclass
@@ -28,7 +31,7 @@ def checked_issuer(issuer: object) -> str:
         raise ValueError(f"auth.oidc.issuer {issuer!r} must be a URL without query or fragment")
     if parts.scheme != "https" and not (parts.scheme == "http" and _loopback(parts.hostname)):
         raise ValueError(f"auth.oidc.issuer {issuer!r} must use https (http only on loopback)")
-    return issuer.rstrip("/")
+    return issuer
 
 
 def _loopback(host: str) -> bool:
@@ -48,11 +51,29 @@ class ProviderMetadata:
     device_authorization_endpoint: str | None
 
 
-async def discover(issuer: str) -> ProviderMetadata:
-    """Fetch and check ``{issuer}/.well-known/openid-configuration``."""
-    url = f"{issuer}/.well-known/openid-configuration"
-    document = await fetch_json(url)
-    if document.get("issuer", "").rstrip("/") != issuer:
+def origin(url: str) -> str:
+    """``scheme://host[:port]`` of ``url``, the default port left out."""
+    parts = urllib.parse.urlsplit(url)
+    default = {"https": 443, "http": 80}.get(parts.scheme)
+    try:
+        port = parts.port
+    except ValueError:
+        return ""
+    host = (parts.hostname or "").lower()
+    if ":" in host:
+        host = f"[{host}]"
+    suffix = "" if port in (None, default) else f":{port}"
+    return f"{parts.scheme}://{host}{suffix}"
+
+
+async def discover(
+    issuer: str, *, deadline: float, jwks_origins: tuple[str, ...] = ()
+) -> ProviderMetadata:
+    """Fetch and check ``{issuer}/.well-known/openid-configuration`` (a trailing slash of
+    the issuer is not doubled: section 4.1); ServerUnavailable for anything unusable."""
+    url = f"{issuer.rstrip('/')}/.well-known/openid-configuration"
+    document = await fetch_json(url, deadline=deadline)
+    if document.get("issuer") != issuer:
         raise ServerUnavailable(
             f"{url} names issuer {document.get('issuer')!r}, not {issuer!r}",
             hint="auth.oidc.issuer must be exactly the provider's issuer",
@@ -65,6 +86,13 @@ async def discover(issuer: str) -> ProviderMetadata:
         endpoints[name] = value
     if not endpoints["jwks_uri"] or not endpoints["token_endpoint"]:
         raise ServerUnavailable(f"{url} lacks jwks_uri or token_endpoint")
+    allowed = {origin(issuer), *(origin(o) for o in jwks_origins)}
+    if origin(str(endpoints["jwks_uri"])) not in allowed:
+        raise ServerUnavailable(
+            f"{url}: jwks_uri {endpoints['jwks_uri']!r} is not on the issuer's origin",
+            hint="if the provider really serves its keys elsewhere, add that origin to"
+            " auth.oidc.jwks_origins",
+        )
     return ProviderMetadata(
         issuer=issuer,
         jwks_uri=str(endpoints["jwks_uri"]),
@@ -83,15 +111,19 @@ def _same_security(url: str, issuer: str) -> bool:
     )
 
 
-async def fetch_json(url: str) -> dict[str, Any]:
+async def fetch_json(url: str, *, deadline: float = HTTP_TIMEOUT) -> dict[str, Any]:
+    """The JSON object at ``url``, within ``deadline`` seconds overall (httpx's own timeouts
+    bound each read, not the whole: a provider dripping bytes would hold it forever)."""
     try:
-        async with httpx2.AsyncClient(timeout=HTTP_TIMEOUT) as client:
+        async with asyncio.timeout(deadline), httpx2.AsyncClient(timeout=deadline) as client:
             response = await client.get(url, headers={"Accept": "application/json"})
             response.raise_for_status()
             if len(response.content) > MAX_DOCUMENT_BYTES:
                 raise ServerUnavailable(f"{url} answered more than {MAX_DOCUMENT_BYTES} bytes")
             document = response.json()
-    except (httpx2.HTTPError, ValueError) as exc:
+    except TimeoutError:
+        raise ServerUnavailable(f"cannot read {url}: no answer within {deadline:g}s") from None
+    except (httpx2.HTTPError, ValueError, RecursionError) as exc:
         raise ServerUnavailable(f"cannot read {url}: {exc}") from None
     if not isinstance(document, dict):
         raise ServerUnavailable(f"{url} did not answer a JSON object")

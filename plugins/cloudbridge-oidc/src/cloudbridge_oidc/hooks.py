@@ -23,6 +23,10 @@ SHARED_WITH_JWT = (
     "leeway",
     "jwks_cache_ttl",
     "jwks_refetch_cooldown",
+    "jwks_fetch_timeout",
+    "jwks_refresh_wait",
+    "max_token_lifetime",
+    "min_rsa_key_bits",
     "tenant_claim",
     "permissions_claim",
     "max_token_bytes",
@@ -43,6 +47,13 @@ SETTINGS_SCHEMA: dict[str, Any] = {
             "type": ["string", "null"],
             "default": None,
             "description": "The aud the relay requires (required on the relay).",
+        },
+        "jwks_origins": {
+            "type": "array",
+            "items": {"type": "string", "pattern": "^https?://[^/?#]+$"},
+            "default": [],
+            "description": "Origins (scheme://host[:port]) other than the issuer's that the"
+            " discovery document's jwks_uri may point to; by default only the issuer's own.",
         },
         "client_id": {
             "type": "string",

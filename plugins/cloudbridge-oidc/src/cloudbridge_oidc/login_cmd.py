@@ -45,6 +45,7 @@ def login(ctx: click.Context, no_browser: bool) -> None:
     except ValueError as exc:
         raise ConfigError([ConfigIssue("auth.oidc", str(exc))]) from None
     store = StoredTokens.of(config.settings.auth, config.settings.relay.host)
+    store.ensure_keepable()  # before the provider issues a token we could not keep
 
     def show(code: DeviceCode) -> None:
         address = code.verification_uri_complete or code.verification_uri

@@ -15,10 +15,15 @@ class OidcSettings:
     client_id: str
     client_secret: str | None = field(repr=False)
     scopes: tuple[str, ...]
+    jwks_origins: tuple[str, ...]
     algorithms: tuple[str, ...]
     leeway: float
     jwks_cache_ttl: float
     jwks_refetch_cooldown: float
+    jwks_fetch_timeout: float
+    jwks_refresh_wait: float
+    max_token_lifetime: float
+    min_rsa_key_bits: int
     tenant_claim: str
     permissions_claim: str
     max_token_bytes: int
