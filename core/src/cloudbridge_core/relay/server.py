@@ -251,10 +251,10 @@ class Relay:
         finally:
             self._controls.discard(control)
             controller.cancel()
-            expiry.cancel()
+            expiry.cancel()  # not awaited: freeing the session waits for no extra loop turns
             for task in list(streams):
                 task.cancel()
-            await asyncio.gather(controller, expiry, *streams, return_exceptions=True)
+            await asyncio.gather(controller, *streams, return_exceptions=True)
             if state.member is not None:
                 await self.mesh.leave(state.member)
 
@@ -274,7 +274,8 @@ class Relay:
         self.metrics.sessions_expired.inc()
         log.info("session_expired", tenant_id=claims.tenant_id, subject=claims.subject)
         await tell(control, messages.ErrorMessage(TokenExpired.code, "the session's token expired"))
-        await session.aclose()  # ends _serve, which frees the session's streams
+        with contextlib.suppress(CloudBridgeError):  # nobody awaits this task: _serve cancels it
+            await session.aclose()  # ends _serve, which frees the session's streams
 
     async def _refresh(self, state: _SessionState, token: str) -> messages.Message:
         """Move the session onto a fresh token of the same tenant and subject."""
