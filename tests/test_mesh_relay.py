@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 from cloudbridge_core.client.connection import RelayConnection
+from cloudbridge_core.client.link import RelayLink
 from cloudbridge_core.errors import CloudBridgeError
+from cloudbridge_core.p2p.identity import DeviceIdentity
+from cloudbridge_core.p2p.membership import Membership
 from cloudbridge_core.protocol import derp, messages
 from cloudbridge_core.providers import Stream
 from cloudbridge_core.relay.mesh import join_proof
@@ -293,3 +296,37 @@ def test_a_device_replaced_by_a_newer_session_of_itself_is_told_why(tmp_path: Pa
             await each.connection.aclose()
 
     run(tmp_path, scenario)
+
+
+def test_a_client_replaced_by_another_process_with_its_key_is_told_why(
+    tmp_path: Path,
+) -> None:
+    async def scenario(bed: Bed) -> None:
+        key_file = tmp_path / "device.key"
+        links, members = [], []
+        for _ in range(2):  # two processes started with one device key file
+            link = RelayLink(bed.client_config(bed.token(permissions=MESH)), bed.plugins)
+            await link.start()
+            member = Membership(
+                link, DeviceIdentity.create(key_file), "server", lambda _: None, _ignore_signal
+            )
+            await member.start(5)
+            links.append(link)
+            members.append(member)
+        first, second = members
+        for _ in range(100):  # the relay tells the first one right after the second joined
+            if first.replaced is not None:
+                break
+            await asyncio.sleep(0.02)
+        assert first.replaced is not None
+        assert "newer session" in first.replaced
+        assert second.replaced is None
+        for member, link in zip(members, links, strict=True):
+            await member.aclose()
+            await link.aclose()
+
+    run(tmp_path, scenario)
+
+
+def _ignore_signal(peer_id: str, kind: str, body: object) -> None:
+    del peer_id, kind, body
