@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
+from cli_process import BIN, environment
 from cloudbridge_core.client.connection import RelayConnection
 from cloudbridge_core.client.link import RelayLink
 from cloudbridge_core.client.tokens import token_expires_in
@@ -166,3 +168,40 @@ def test_an_expired_token_with_no_newer_one_is_reported_with_a_hint(tmp_path: Pa
         await link.aclose()
 
     run(tmp_path, scenario, token_expiry_grace=f"{GRACE:g}s")
+
+
+def test_the_cli_reports_an_expired_token_with_exit_4_and_how_to_get_another(
+    tmp_path: Path,
+) -> None:
+    async def scenario(bed: Bed) -> None:
+        config = tmp_path / "client.yaml"
+        port = bed.relay.listeners["tls"].port
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "relay": {
+                        "host": "127.0.0.1",
+                        "tls": {"ca_file": str(bed.state_dir / "ca.pem")},
+                    },
+                    "transport": {"mode": "tls", "tls": {"port": port}},
+                }
+            )
+        )
+        expired = bed.token(now=time.time() - 7200, ttl=3600)
+        tunnel = await asyncio.create_subprocess_exec(
+            *(BIN / "cloudbridge", "tunnel", "--config", str(config), "--local-port", "0"),
+            *("--remote-host", "127.0.0.1", "--remote-port", "9"),
+            stderr=asyncio.subprocess.PIPE,
+            env=environment(CLOUDBRIDGE_TOKEN=expired),
+        )
+        _, stderr = await asyncio.wait_for(tunnel.communicate(), 30)
+        assert tunnel.returncode == 4, stderr
+        assert b"has expired" in stderr
+        assert b"(token_expired)" in stderr
+        assert b"log in" in stderr
+        assert expired.encode() not in stderr  # the token itself is never shown
+        bystander = await bed.connect()  # the relay goes on serving
+        assert await bystander.ping(5) > 0
+        await bystander.aclose()
+
+    run(tmp_path, scenario)

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from cloudbridge_core.errors import (
     CloudBridgeError,
@@ -450,9 +451,13 @@ def _check_not_expired(claims: Claims) -> None:
     now = time.time()
     if claims.expires_at <= now:
         raise TokenExpired(
-            f"the token expired at {claims.expires_at:.0f} (relay time {now:.0f})",
+            f"token expired at {_utc(claims.expires_at)}; relay time is {_utc(now)}",
             hint="obtain a new token",
         )
+
+
+def _utc(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 async def _reject(stream: Stream, error: CloudBridgeError) -> None:
