@@ -25,7 +25,7 @@ from cloudbridge_core.client.tokens import StoredTokens, storage_settings
 from cloudbridge_core.errors import ConnectionTimeout, UsageError, error_for_code
 from cloudbridge_core.protocol import messages
 from cloudbridge_core.providers import Endpoint
-from cloudbridge_core.relay.invites import InviteLink
+from cloudbridge_core.relay.invites import MAX_INVITE_URL, InviteLink
 from cloudbridge_core.tlsutil import client_context
 from cloudbridge_core.transports.tls import TlsTransport
 from cloudbridge_core.wire import MessageStream
@@ -59,7 +59,8 @@ def join(
     ctx: click.Context, url: str, config_dir: Path | None, no_start: bool, insecure_storage: bool
 ) -> None:
     """Join a relay with an invite URL (`-` reads it from stdin)."""
-    link = InviteLink.parse(sys.stdin.readline() if url == "-" else url)
+    # read one byte past the limit from stdin, so that parse() can refuse a longer line
+    link = InviteLink.parse(sys.stdin.readline(MAX_INVITE_URL + 1) if url == "-" else url)
     # absolute, so the config written there works from any directory (a service runs from /)
     directory = Path(os.path.abspath(config_dir or default_config_dir()))
     config_file = directory / "config.yaml"

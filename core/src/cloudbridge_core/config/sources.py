@@ -4,6 +4,13 @@ Each source becomes a :class:`Layer`: nested data plus, for every value it sets,
 that value came from. Nothing here validates; problems found while reading (bad YAML,
 duplicate keys, unset variables) are collected as :class:`ConfigIssue` objects so that
 ``config validate`` can report all of them at once.
+
+A config file is read with bounds, because it may come from elsewhere (a shared
+template, a config-management run): at most ``MAX_CONFIG_BYTES``, nested at most
+``MAX_CONFIG_DEPTH`` deep, and at most ``MAX_CONFIG_NODES`` values once YAML aliases are
+expanded, so a "billion laughs" file is refused in milliseconds with a config error
+instead of eating memory and CPU in every walk over the data. These are security limits;
+they bound the reading of the config itself, so no config key can set them.
 """
 
 from __future__ import annotations
@@ -30,6 +37,35 @@ _UNCLOSED = {
 _VARIABLE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 Path_ = tuple[str, ...]
+
+#: largest config file read, in bytes (a security limit)
+MAX_CONFIG_BYTES = 1024 * 1024
+#: deepest nesting of mappings and lists in a config file (a security limit)
+MAX_CONFIG_DEPTH = 64
+#: most values a config file may hold with its aliases expanded (a security limit)
+MAX_CONFIG_NODES = 100_000
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing nesting deeper than ``MAX_CONFIG_DEPTH`` as it
+    composes (its composer recurses: a deep file would otherwise end in RecursionError)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_CONFIG_DEPTH:
+                event = self.peek_event()  # type: ignore[no-untyped-call]  # stubs lack it
+                raise yaml.composer.ComposerError(
+                    problem=f"nested deeper than {MAX_CONFIG_DEPTH} levels (a security limit)",
+                    problem_mark=event.start_mark,
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,20 +118,11 @@ def leaves(data: Any, prefix: Path_ = ()) -> Iterator[tuple[Path_, Any]]:
 def file_layer(path: Path, environ: Mapping[str, str]) -> Layer:
     """Read a YAML config file, interpolating ``${VAR}`` from ``environ``."""
     layer = Layer(name=str(path))
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        layer.issues.append(ConfigIssue("", f"cannot read file: {exc.strerror}", str(path)))
+    parsed = _parse(path)
+    if isinstance(parsed, ConfigIssue):
+        layer.issues.append(parsed)
         return layer
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else {}
-    except yaml.YAMLError as exc:
-        layer.issues.append(_yaml_issue(exc, str(path)))
-        return layer
-    finally:
-        loader.dispose()
+    node, data = parsed
     if not isinstance(data, dict):
         layer.issues.append(
             ConfigIssue("", "the file must hold a mapping of sections", str(path), 1)
@@ -107,6 +134,65 @@ def file_layer(path: Path, environ: Mapping[str, str]) -> Layer:
     for leaf, _ in leaves(layer.data):
         layer.origins[leaf] = Origin(str(path), line_of(layer.marks, leaf))
     return layer
+
+
+def _parse(path: Path) -> tuple[yaml.Node | None, Any] | ConfigIssue:
+    """The file's YAML node tree and data, read within the bounds, or what is wrong."""
+    source = str(path)
+    try:
+        with path.open("rb") as file:  # never more than the limit in memory
+            raw = file.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        return ConfigIssue("", f"cannot read file: {exc.strerror}", source)
+    if len(raw) > MAX_CONFIG_BYTES:
+        return ConfigIssue(
+            "", f"the file is larger than {MAX_CONFIG_BYTES} bytes (a security limit)", source
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return ConfigIssue("", f"not UTF-8 text: {exc.reason}", source)
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None and _expanded_size(node) > MAX_CONFIG_NODES:
+            mark = Mark.of(node.start_mark)
+            message = (
+                f"holds more than {MAX_CONFIG_NODES} values once its aliases are expanded"
+                " (a security limit against alias bombs)"
+            )
+            return ConfigIssue("", message, source, mark.line, mark.column)
+        return node, loader.construct_document(node) if node is not None else {}
+    except yaml.YAMLError as exc:
+        return _yaml_issue(exc, source)
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many nodes the document has with every alias expanded, counted without
+    expanding: an aliased node's size is computed once (the composer shares it)."""
+    sizes: dict[int, int] = {}
+    pending: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while pending:  # iterative, children first: nesting is bounded, but cheaply so
+        node, children_done = pending.pop()
+        if id(node) in sizes:
+            continue
+        children = _children(node)
+        if children_done or not children:
+            sizes[id(node)] = min(1 + sum(sizes[id(c)] for c in children), MAX_CONFIG_NODES + 1)
+            continue
+        pending.append((node, True))
+        pending.extend((child, False) for child in children if id(child) not in sizes)
+    return sizes[id(root)]
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
 
 
 def line_of(marks: Mapping[Path_, Mark], path: Path_) -> int | None:
@@ -230,7 +316,7 @@ def coerce(text: str, types: set[str]) -> Any:
     """
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # deeply nested JSON is no value of ours either
         return text
     return value if _json_types(value) & types else text
 

@@ -25,6 +25,8 @@ from cloudbridge_core.errors import InvalidToken, UsageError
 from cloudbridge_core.secretfile import write_secret
 
 SCHEME = "cloudbridge"
+#: longest invite URL read (its CA certificate is most of it), a security limit
+MAX_INVITE_URL = 8192
 
 
 @dataclass
@@ -53,13 +55,21 @@ class InviteLink:
     @classmethod
     def parse(cls, url: str) -> InviteLink:
         """Read an invite URL; a clear error names what is wrong with it."""
-        parts = urllib.parse.urlsplit(url.strip())
-        query = urllib.parse.parse_qs(parts.query)
+        url = url.strip()
+        if len(url) > MAX_INVITE_URL:
+            raise UsageError(f"the invite URL is longer than {MAX_INVITE_URL} characters")
+        parts = urllib.parse.urlsplit(url)
         if parts.scheme != SCHEME or parts.path != "/join":
             raise UsageError(f"not an invite URL (expected {SCHEME}://HOST:PORT/join?...)")
-        if not parts.hostname or not parts.port:
+        try:
+            port = parts.port
+        except ValueError:
+            raise UsageError("the invite URL's port is not a port number (1-65535)") from None
+        if not parts.hostname or not port:
             raise UsageError("the invite URL names no relay host and port")
         try:
+            # an invite has two fields; more is not an invite (and costs nothing to refuse)
+            query = urllib.parse.parse_qs(parts.query, max_num_fields=2)
             (code,), (ca,) = query["code"], query["ca"]
             der = base64.urlsafe_b64decode(ca + "=" * (-len(ca) % 4))
             pem = x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
@@ -67,7 +77,7 @@ class InviteLink:
             raise UsageError(
                 "the invite URL is damaged: its code or CA certificate is missing or garbled"
             ) from None
-        return cls(parts.hostname, parts.port, code, pem)
+        return cls(parts.hostname, port, code, pem)
 
 
 class InviteStore:
