@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import threading
 import time
@@ -18,9 +19,11 @@ import pytest
 from cloudbridge_core.errors import InvalidToken, ServerUnavailable, TokenExpired
 from cloudbridge_core.testing.settings import plugin_settings
 from cloudbridge_jwt import hooks
-from cloudbridge_jwt.validator import JwtValidator
+from cloudbridge_jwt.validator import JwtValidator, _json_depth
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 ISSUER = "https://relay.example.com"
 AUDIENCE = "cloudbridge"
@@ -79,7 +82,7 @@ def claims(**overrides: Any) -> dict[str, Any]:
     return {k: v for k, v in body.items() if v is not None}
 
 
-def settings(**overrides: Any) -> Mapping[str, Any]:
+def settings_for(**overrides: Any) -> Mapping[str, Any]:
     return plugin_settings(
         hooks.SETTINGS_SCHEMA, **{"issuer": ISSUER, "audience": AUDIENCE, **overrides}
     )
@@ -88,7 +91,7 @@ def settings(**overrides: Any) -> Mapping[str, Any]:
 def with_file(key: Key, tmp_path: Path, **overrides: Any) -> JwtValidator:
     path = tmp_path / f"{key.kid}.pem"
     path.write_bytes(key.pem())
-    return JwtValidator(settings(public_key_file=str(path), **overrides))
+    return JwtValidator(settings_for(public_key_file=str(path), **overrides))
 
 
 def validate(validator: JwtValidator, token: str) -> Any:
@@ -164,7 +167,7 @@ def test_a_small_rsa_key_file_is_refused_naming_the_setting(tmp_path: Path, bits
 def test_small_rsa_keys_from_a_jwks_are_refused(key: Key, serve_jwks: Any) -> None:
     weak, weaker = Key("weak-1536", 1536), Key("weak-1024", 1024)
     server = serve_jwks(key, weak, weaker)
-    validator = JwtValidator(settings(jwks_url=server.url))
+    validator = JwtValidator(settings_for(jwks_url=server.url))
     assert validate(validator, key.sign(claims())).tenant_id == "acme"
     for small in (weak, weaker):
         with pytest.raises(InvalidToken):
@@ -174,7 +177,7 @@ def test_small_rsa_keys_from_a_jwks_are_refused(key: Key, serve_jwks: Any) -> No
 def test_two_keys_with_one_kid_fail_closed(key: Key, serve_jwks: Any) -> None:
     impostor = Key(key.kid)
     server = serve_jwks(impostor, key)  # the impostor first: it used to win silently
-    validator = JwtValidator(settings(jwks_url=server.url))
+    validator = JwtValidator(settings_for(jwks_url=server.url))
     for signer in (impostor, key):
         with pytest.raises(ServerUnavailable, match="two keys with one kid"):
             validate(validator, signer.sign(claims()))
@@ -264,7 +267,7 @@ def test_clock_skew_errors_name_the_token_time_and_the_relay_time(key: Key, tmp_
     path = tmp_path / "key.pem"
     path.write_bytes(key.pem())
     validator = JwtValidator(
-        settings(public_key_file=str(path), leeway="30s"), clock=lambda: relay_now
+        settings_for(public_key_file=str(path), leeway="30s"), clock=lambda: relay_now
     )
     expired = key.sign(claims(now=relay_now - 7200))
     with pytest.raises(TokenExpired) as caught:
@@ -283,7 +286,7 @@ def test_cached_keys_keep_working_while_the_jwks_endpoint_hangs(key: Key, serve_
     server = serve_jwks(key)
     now = [1_800_000_000.0]
     validator = JwtValidator(
-        settings(jwks_url=server.url, jwks_cache_ttl="10m", jwks_fetch_timeout="2s"),
+        settings_for(jwks_url=server.url, jwks_cache_ttl="10m", jwks_fetch_timeout="2s"),
         clock=lambda: now[0],
     )
     token = key.sign(claims(now=now[0]))
@@ -320,8 +323,52 @@ def test_cached_keys_keep_working_while_the_jwks_endpoint_hangs(key: Key, serve_
 def test_without_cached_keys_a_hung_fetch_fails_by_its_deadline(key: Key, serve_jwks: Any) -> None:
     server = serve_jwks(key)
     server.hang = True
-    validator = JwtValidator(settings(jwks_url=server.url, jwks_fetch_timeout="500ms"))
+    validator = JwtValidator(settings_for(jwks_url=server.url, jwks_fetch_timeout="500ms"))
     started = time.monotonic()
     with pytest.raises(ServerUnavailable, match=r"no answer within 0\.5s"):
         validate(validator, key.sign(claims()))
     assert time.monotonic() - started < 5
+
+
+# ---- fuzzing the parser of untrusted tokens --------------------------------------------
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner),
+    max_leaves=30,
+)
+
+
+def depth_of(value: object) -> int:
+    if isinstance(value, list):
+        return 1 + max(map(depth_of, value), default=0)
+    if isinstance(value, dict):
+        return 1 + max(map(depth_of, value.values()), default=0)
+    return 0
+
+
+@given(JSON)
+def test_the_nesting_scan_agrees_with_the_json_structure(value: object) -> None:
+    assert _json_depth(json.dumps(value).encode()) == depth_of(value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    header=JSON | st.text(max_size=50),
+    body=JSON | st.text(max_size=50),
+    signature=st.binary(max_size=64),
+)
+def test_any_token_gets_a_classified_answer(
+    key: Key,
+    tmp_path_factory: pytest.TempPathFactory,
+    header: object,
+    body: object,
+    signature: bytes,
+) -> None:
+    path = tmp_path_factory.mktemp("fuzz") / "key.pem"
+    path.write_bytes(key.pem())
+    validator = JwtValidator(settings_for(public_key_file=str(path)))
+    segments = [b64(json.dumps(part).encode()) for part in (header, body)]
+    token = ".".join([*segments, b64(signature)])
+    with contextlib.suppress(InvalidToken, TokenExpired):  # anything else fails the test
+        validate(validator, token)

@@ -41,7 +41,7 @@ SETTINGS_SCHEMA: dict[str, Any] = {
             "default": "10s",
             "minDuration": "100ms",
             "description": "Overall deadline of one JWKS (or OIDC discovery) fetch, from"
-            " connecting to the last byte.",
+            " connecting to the last byte. At least 100ms.",
         },
         "jwks_refresh_wait": {
             **DURATION,
@@ -74,7 +74,7 @@ SETTINGS_SCHEMA: dict[str, Any] = {
             "default": "30d",
             "minDuration": "1m",
             "description": "Tokens whose exp - iat is longer are refused (a security limit)."
-            " With the relay's own key, server.max_token_ttl is used instead.",
+            " With the relay's own key, server.max_token_ttl is used instead. At least 1m.",
         },
         "min_rsa_key_bits": {
             "type": "integer",
