@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from cloudbridge_core.errors import (
     CloudBridgeError,
     ConnectionTimeout,
+    InvalidToken,
     LimitExceeded,
     ProtocolViolation,
     ServerUnavailable,
@@ -36,6 +37,7 @@ from cloudbridge_core.relay.egress import EgressPolicy
 from cloudbridge_core.relay.mesh import Challenge, Member, Mesh, tell
 from cloudbridge_core.relay.metrics import RelayMetrics
 from cloudbridge_core.settings import PerformanceSettings, ServerSettings
+from cloudbridge_core.tenants import is_tenant_id
 from cloudbridge_core.wire import MessageStream
 
 log = get_logger("relay.server")
@@ -183,6 +185,8 @@ class Relay:
         assert isinstance(hello, messages.Hello)  # expect() checked the kind
         try:
             claims = await self.auth.validate(hello.token)
+            if not is_tenant_id(claims.tenant_id):  # from any provider: checked before any use
+                raise InvalidToken("the token's tenant claim is not a tenant id")
             _check_not_expired(claims)
             if CONNECT not in claims.permissions:
                 raise Unauthorized(f"token lacks the {CONNECT} permission")
