@@ -84,6 +84,7 @@ if TYPE_CHECKING:
     from cloudbridge_core.tenants import TENANT_ID_PATTERN, is_tenant_id
     from cloudbridge_core.tlsutil import ALPN, client_context
     from cloudbridge_core.transports.mux_session import MuxSession
+    from cloudbridge_core.transports.preauth import Admission, PreauthGate
     from cloudbridge_core.transports.serving import run_session_handler
     from cloudbridge_core.transports.tls import TlsTransport
 
@@ -107,6 +108,8 @@ _LAZY = {
     "ALPN": ("cloudbridge_core.tlsutil", "ALPN"),
     "client_context": ("cloudbridge_core.tlsutil", "client_context"),
     "MuxSession": ("cloudbridge_core.transports.mux_session", "MuxSession"),
+    "Admission": ("cloudbridge_core.transports.preauth", "Admission"),
+    "PreauthGate": ("cloudbridge_core.transports.preauth", "PreauthGate"),
     "run_session_handler": ("cloudbridge_core.transports.serving", "run_session_handler"),
     "TlsTransport": ("cloudbridge_core.transports.tls", "TlsTransport"),
 }
@@ -126,6 +129,7 @@ __all__ = [
     "ALPN",
     "ICE_CLOSE_GRACE",
     "TENANT_ID_PATTERN",
+    "Admission",
     "AuthError",
     "AuthKeyStatistics",
     "AuthProvider",
@@ -153,6 +157,7 @@ __all__ = [
     "P2PConnectionFailed",
     "PeerInfo",
     "PeerPath",
+    "PreauthGate",
     "ProtocolViolation",
     "ProviderSpec",
     "ServerUnavailable",

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_check
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
+    from cloudbridge_core.transports.preauth import PreauthGate
+
 ProviderT = TypeVar("ProviderT")
 
 FAMILIES = ("transport", "auth_provider", "nat_strategy", "overlay", "exporter")
@@ -82,6 +84,14 @@ class Session(Protocol):
     async def accept_stream(self) -> Stream:
         """Wait for the peer to open a stream; raises ``TransportClosed`` when closed."""
 
+    def authenticated(self) -> None:
+        """The relay has authenticated the peer: lift the pre-auth budget (more streams,
+        full windows, no pre-auth deadline). Called once, on server sessions; idempotent.
+
+        Sessions of transports written before this method may lack it: the relay then
+        calls nothing and bounds the time to the hello itself.
+        """
+
     async def aclose(self) -> None: ...
 
 
@@ -106,6 +116,10 @@ class Endpoint:
     ``tls`` serves transports built on Python's ``ssl`` module, ``material`` the others.
     ``documents`` (path -> (content type, body)) are answered to plain HTTP GETs by
     transports that speak HTTP anyway (WebSocket): the relay's ``/.well-known/jwks.json``.
+    ``preauth`` (serving only) is the relay's pre-auth budget: ask it for an admission
+    when a connection is accepted, close the connection at once without one, finish the
+    handshake by the admission's deadline and hand it to the session (see
+    :mod:`cloudbridge_core.transports.preauth`).
     """
 
     host: str
@@ -114,6 +128,7 @@ class Endpoint:
     connect_timeout: float = 5.0
     documents: Mapping[str, tuple[str, bytes]] = field(default_factory=dict)
     material: TlsMaterial | None = None
+    preauth: PreauthGate | None = None
 
 
 class Listener(Protocol):

@@ -21,6 +21,12 @@ Frame format (network byte order, in the spirit of yamux)::
 Streams opened by the dialing side have odd ids, by the accepting side even ids. Each
 stream has a receive window (flow control): a peer that sends beyond it, or frames larger
 than the limit, breaks the protocol and the connection is closed.
+
+A server connection made with ``preauth=True`` holds a stranger to the pre-auth budget
+until :meth:`MuxConnection.authenticated`: the peer may open one stream (for its hello),
+with a receive window of ``preauth_window`` instead of ``initial_window``; a second stream
+or more data breaks the protocol. The wire format does not change: the peer assumes the
+full window, and the window the server grants it afterwards is the full window too.
 """
 
 from __future__ import annotations
@@ -62,6 +68,9 @@ class MuxLimits:
     max_frame_size: int = 64 * 1024
     initial_window: int = 256 * 1024
     max_streams: int = 1024
+    #: what a peer not yet authenticated may make the receiver buffer: its one stream's
+    #: window, room for the largest hello (16 KiB) and its length prefix. A security limit.
+    preauth_window: int = 32 * 1024
 
 
 # ---- events --------------------------------------------------------------------------
@@ -133,8 +142,11 @@ class MuxConnection:
 
     is_dialer: bool
     limits: MuxLimits = field(default_factory=MuxLimits)
+    preauth: bool = False
 
     def __post_init__(self) -> None:
+        self._peer_opened = 0
+        self._preauth_window = min(self.limits.preauth_window, self.limits.initial_window)
         self._streams: dict[int, _Stream] = {}
         self._next_id = 1 if self.is_dialer else 2
         self._inbound = bytearray()
@@ -210,6 +222,15 @@ class MuxConnection:
         self.closed = True
         self._streams.clear()
 
+    def authenticated(self) -> None:
+        """Lift the pre-auth budget: every stream gets the full window, the peer may open
+        up to ``max_streams``. The peer already assumes the full window: nothing is sent."""
+        if not self.preauth:
+            return
+        self.preauth = False
+        for stream in self._streams.values():
+            stream.receive_window += self.limits.initial_window - self._preauth_window
+
     def has_stream(self, stream_id: int) -> bool:
         return stream_id in self._streams
 
@@ -234,10 +255,12 @@ class MuxConnection:
             while len(self._inbound) >= HEADER.size:
                 kind, flags, stream_id, length = HEADER.unpack_from(self._inbound)
                 payload_size = length if kind == FrameType.DATA else 0
-                if payload_size > self.limits.max_frame_size:
+                # before authentication a frame larger than the whole budget is refused at
+                # its header, before its payload is buffered
+                limit = self._preauth_window if self.preauth else self.limits.max_frame_size
+                if payload_size > limit:
                     raise ProtocolViolation(
-                        f"frame of {payload_size} bytes exceeds the limit of "
-                        f"{self.limits.max_frame_size}"
+                        f"frame of {payload_size} bytes exceeds the limit of {limit}"
                     )
                 if len(self._inbound) < HEADER.size + payload_size:
                     break
@@ -288,6 +311,9 @@ class MuxConnection:
     def _peer_opens(self, stream_id: int) -> list[Event]:
         if stream_id in self._streams or (stream_id % 2 == 1) == self.is_dialer:
             raise ProtocolViolation(f"stream {stream_id} cannot be opened by the peer")
+        if self.preauth and self._peer_opened:
+            raise ProtocolViolation("a second stream opened before authentication")
+        self._peer_opened += 1
         if len(self._streams) >= self.limits.max_streams:
             self._frame(FrameType.WINDOW_UPDATE, Flag.RST, stream_id, 0)
             return []
@@ -305,9 +331,8 @@ class MuxConnection:
     # ---- helpers ------------------------------------------------------------------------
 
     def _new_stream(self) -> _Stream:
-        return _Stream(
-            send_window=self.limits.initial_window, receive_window=self.limits.initial_window
-        )
+        receive = self._preauth_window if self.preauth else self.limits.initial_window
+        return _Stream(send_window=self.limits.initial_window, receive_window=receive)
 
     def _forget_if_done(self, stream_id: int) -> None:
         stream = self._streams.get(stream_id)

@@ -6,10 +6,11 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from cloudbridge_core.config.reload_metrics import ReloadCollector
+from cloudbridge_core.transports.preauth import PER_ADDRESS, TOTAL
 
 if TYPE_CHECKING:
     from cloudbridge_core.config.reload import ConfigWatcher
@@ -59,6 +60,29 @@ class SessionCollector(Collector):
             for tenant, count in sorted(self._relay.sessions_by_tenant.items()):
                 by_tenant.add_metric([tenant], count)
             yield by_tenant
+
+
+class PreauthCollector(Collector):
+    """The pre-auth budget: connections waiting to authenticate, and those refused."""
+
+    def __init__(self, relay: Relay) -> None:
+        self._relay = relay
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        gate = self._relay.preauth
+        yield GaugeMetricFamily(
+            "cloudbridge_relay_preauth_pending",
+            "Connections accepted and not yet authenticated.",
+            value=gate.pending,
+        )
+        refused = CounterMetricFamily(
+            "cloudbridge_relay_preauth_refused",
+            "Connections closed at accept for being over a pre-auth cap (per_address, total).",
+            labels=["reason"],
+        )
+        for reason in (PER_ADDRESS, TOTAL):
+            refused.add_metric([reason], gate.refused[reason])
+        yield refused
 
 
 class RelayMetrics:
@@ -125,6 +149,7 @@ class RelayMetrics:
         """Collect ``relay``'s sessions, streams and peers at each scrape."""
         self._sessions = SessionCollector(relay, tenant_labels)
         self.registry.register(self._sessions)
+        self.registry.register(PreauthCollector(relay))
 
     def watch_reloads(self, watcher: ConfigWatcher) -> None:
         """Count ``watcher``'s reloads as ``cloudbridge_relay_config_reloads_total``."""

@@ -197,7 +197,14 @@ async def start_relay(
         for name, spec in transports.items():
             transport = spec.load(plugins.settings_for("transport", name, config.converted))
             running.listeners[name] = await transport.serve(
-                Endpoint(listen, ports[name], tls, documents=documents, material=material),
+                Endpoint(
+                    listen,
+                    ports[name],
+                    tls,
+                    documents=documents,
+                    material=material,
+                    preauth=relay.preauth,
+                ),
                 functools.partial(relay.handle, transport=name),
             )
             log.info("listening", transport=name, address=listen, port=running.listeners[name].port)

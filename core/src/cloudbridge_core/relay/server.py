@@ -37,6 +37,7 @@ from cloudbridge_core.relay.egress import EgressPolicy
 from cloudbridge_core.relay.mesh import Challenge, Member, Mesh, tell
 from cloudbridge_core.relay.metrics import RelayMetrics
 from cloudbridge_core.settings import PerformanceSettings, ServerSettings
+from cloudbridge_core.transports.preauth import PreauthGate, PreauthLimits
 from cloudbridge_core.tenants import is_tenant_id
 from cloudbridge_core.wire import MessageStream
 
@@ -51,6 +52,9 @@ class RelayLimits:
     """Named bounds, configurable under ``server`` (``buffer_size`` under ``performance``)."""
 
     handshake_timeout: float = 10.0
+    preauth_timeout: float = 10.0
+    preauth_max_per_address: int = 64
+    preauth_max_connections: int = 1024
     connect_timeout: float = 10.0
     max_sessions_per_tenant: int = 100
     max_streams_per_session: int = 1024
@@ -64,6 +68,9 @@ class RelayLimits:
     def from_settings(cls, server: ServerSettings, performance: PerformanceSettings) -> RelayLimits:
         return cls(
             handshake_timeout=server.handshake_timeout,
+            preauth_timeout=server.preauth_timeout,
+            preauth_max_per_address=server.preauth_max_per_address,
+            preauth_max_connections=server.preauth_max_connections,
             heartbeat_timeout=server.heartbeat_timeout,
             drain_timeout=server.drain_timeout,
             token_expiry_grace=server.token_expiry_grace,
@@ -112,6 +119,8 @@ class Relay:
         self.limits = limits
         self.metrics = metrics or RelayMetrics()
         self.mesh = Mesh(self.metrics)
+        #: the pre-auth budget transports hold strangers to; follows ``limits`` on reload
+        self.preauth = PreauthGate(self._preauth_limits)
         #: exchanges an invite's code for a token and the client's config (set by the runner)
         self.redeemer: Callable[[str], messages.Redeemed] | None = None
         self.sessions_by_tenant: Counter[str] = Counter()
@@ -123,15 +132,21 @@ class Relay:
         self._streams_idle = asyncio.Event()
         self._streams_idle.set()
 
+    def _preauth_limits(self) -> PreauthLimits:
+        return PreauthLimits(
+            self.limits.preauth_timeout,
+            self.limits.preauth_max_per_address,
+            self.limits.preauth_max_connections,
+        )
+
     async def handle(self, session: Session, transport: str = "unknown") -> None:
         """Serve one session; ``transport`` names the transport it came over (for metrics)."""
         try:
-            control = MessageStream(
-                await asyncio.wait_for(session.accept_stream(), self.limits.handshake_timeout)
-            )
-            claims = await asyncio.wait_for(
-                self._authenticate(control, transport), self.limits.handshake_timeout
-            )
+            # one deadline for the control stream and the hello together (a transport
+            # holding the pre-auth budget has started it at the accept already)
+            async with asyncio.timeout(self.limits.preauth_timeout):
+                control = MessageStream(await session.accept_stream())
+                claims = await self._authenticate(control, transport, session)
         except TimeoutError:
             log.info("handshake_timeout")
             return
@@ -177,7 +192,9 @@ class Relay:
             duration_ms=round((time.monotonic() - started) * 1000, 1),
         )
 
-    async def _authenticate(self, control: MessageStream, transport: str) -> Claims:
+    async def _authenticate(
+        self, control: MessageStream, transport: str, session: Session
+    ) -> Claims:
         hello = await control.expect(messages.Hello, messages.Redeem)
         if isinstance(hello, messages.Redeem):
             await self._redeem(control, hello)
@@ -201,6 +218,10 @@ class Relay:
                 await control.send(messages.ErrorMessage(error.code, error.message))
             raise
         session_id = secrets.token_urlsafe(12)
+        # before the welcome: the client may open streams as soon as it reads it
+        lift: Callable[[], None] | None = getattr(session, "authenticated", None)
+        if lift is not None:  # transports older than Session.authenticated lack it
+            lift()
         await control.send(
             messages.Welcome(
                 session_id=session_id,

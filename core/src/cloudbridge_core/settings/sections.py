@@ -168,6 +168,9 @@ class ServerSettings:
     tls_cert_file: str | None
     tls_key_file: str | None
     handshake_timeout: float
+    preauth_timeout: float
+    preauth_max_per_address: int
+    preauth_max_connections: int
     heartbeat_timeout: float
     drain_timeout: float
     token_expiry_grace: float

@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Protocol
 
 from cloudbridge_core.errors import ProtocolViolation, StreamAborted, TransportClosed
 from cloudbridge_core.protocol import mux
+from cloudbridge_core.transports.preauth import Admission
 
 
 class Pipe(Protocol):
-    """An ordered, reliable byte pipe; ``receive`` returns ``b""`` at its end."""
+    """An ordered, reliable byte pipe; ``receive`` returns ``b""`` at its end.
+
+    A pipe may also have a synchronous ``abort()`` that drops the connection without a
+    closing handshake (a session whose pre-auth deadline passes uses it when present),
+    and a synchronous ``authenticated()`` that lifts a pre-auth bound of its own.
+    """
 
     async def receive(self) -> bytes: ...
 
@@ -42,6 +49,9 @@ class StreamPipe:
         self._writer.close()
         with contextlib.suppress(OSError, ConnectionError):
             await self._writer.wait_closed()
+
+    def abort(self) -> None:
+        self._writer.transport.abort()
 
 
 class MuxStream:
@@ -126,11 +136,30 @@ class MuxStream:
 
 
 class MuxSession:
-    """A :class:`~cloudbridge_core.providers.Session` driving a :class:`MuxConnection`."""
+    """A :class:`~cloudbridge_core.providers.Session` driving a :class:`MuxConnection`.
 
-    def __init__(self, pipe: Pipe, *, is_dialer: bool, limits: mux.MuxLimits | None = None) -> None:
+    A server session given an ``admission`` holds its peer to the pre-auth budget until
+    :meth:`authenticated`: one stream with a small window, and the session closes when the
+    admission's deadline passes first.
+    """
+
+    def __init__(
+        self,
+        pipe: Pipe,
+        *,
+        is_dialer: bool,
+        limits: mux.MuxLimits | None = None,
+        admission: Admission | None = None,
+    ) -> None:
         self._pipe = pipe
-        self._connection = mux.MuxConnection(is_dialer, limits or mux.MuxLimits())
+        self._connection = mux.MuxConnection(
+            is_dialer, limits or mux.MuxLimits(), preauth=admission is not None
+        )
+        self._admission = admission
+        self._expiry: asyncio.TimerHandle | None = None
+        self._closing: asyncio.Task[None] | None = None
+        if admission is not None:
+            self._expiry = asyncio.get_running_loop().call_at(admission.deadline, self._expired)
         self._streams: dict[int, MuxStream] = {}
         self._incoming: asyncio.Queue[MuxStream] = asyncio.Queue()
         self._send_lock = asyncio.Lock()
@@ -164,6 +193,37 @@ class MuxSession:
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
+
+    def authenticated(self) -> None:
+        """The relay authenticated the peer: lift the pre-auth budget. Idempotent."""
+        self._connection.authenticated()
+        # a pipe with its own pre-auth bound (a WebSocket's message size) lifts it too
+        lift: Callable[[], object] | None = getattr(self._pipe, "authenticated", None)
+        if lift is not None and self._admission is not None:
+            lift()
+        self._end_preauth()
+
+    def _end_preauth(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        if self._admission is not None:
+            self._admission.release()
+            self._admission = None
+
+    def _expired(self) -> None:
+        self._expiry = None
+        self._shut("no authentication within the pre-auth deadline")
+        self._drop()
+
+    def _drop(self) -> None:
+        """End an unauthenticated peer's connection at once: a graceful close would wait
+        for a peer that may stall or no longer be read (a stranger gets no say)."""
+        abort: Callable[[], object] | None = getattr(self._pipe, "abort", None)
+        if abort is not None:
+            abort()
+        else:
+            self._closing = asyncio.get_running_loop().create_task(self._pipe.aclose())
 
     async def aclose(self) -> None:
         if not self._closed.is_set():
@@ -217,7 +277,11 @@ class MuxSession:
                     self._dispatch(event)
                 await self.flush()
         except ProtocolViolation as exc:
+            stranger = self._admission is not None
             self._shut(str(exc))
+            if stranger:  # no GO_AWAY, no closing handshake: see _drop
+                self._drop()
+                return
             with contextlib.suppress(OSError, ConnectionError, TransportClosed):
                 await self.flush()
         except (OSError, ConnectionError, TransportClosed) as exc:
@@ -256,6 +320,7 @@ class MuxSession:
             return
         self._close_reason = reason
         self._closed.set()
+        self._end_preauth()
         self._connection.abandon()
         for stream in self._streams.values():
             stream.fail(TransportClosed(reason))

@@ -12,20 +12,31 @@ from cloudbridge_core.errors import (
     TlsVerificationFailed,
     TransportError,
 )
+from cloudbridge_core.log import get_logger
 from cloudbridge_core.protocol.mux import MuxLimits
 from cloudbridge_core.providers import Endpoint, Session
 from cloudbridge_core.transports.mux_session import MuxSession, StreamPipe
+from cloudbridge_core.transports.preauth import Admission, PreauthGate
 from cloudbridge_core.transports.serving import run_session_handler
 
+#: the TLS handshake's deadline when the endpoint has no pre-auth gate
 HANDSHAKE_TIMEOUT = 10.0
+
+log = get_logger("transport.tls")
 
 
 class TlsListener:
-    """A running TLS server; ``aclose`` stops accepting and closes every session."""
+    """A running TLS server; ``aclose`` stops accepting and closes every session.
+
+    The TLS handshake runs after the TCP accept, inside the connection's pre-auth budget
+    (``endpoint.preauth``): one deadline covers the handshake and the hello together.
+    """
 
     def __init__(self, handler: Callable[[Session], Awaitable[None]], limits: MuxLimits) -> None:
         self._handler = handler
         self._limits = limits
+        self._tls: ssl.SSLContext | None = None
+        self._gate: PreauthGate | None = None
         self._server: asyncio.Server | None = None
         self._sessions: dict[MuxSession, asyncio.Task[object] | None] = {}
 
@@ -36,16 +47,32 @@ class TlsListener:
         return port
 
     async def start(self, endpoint: Endpoint) -> None:
-        self._server = await asyncio.start_server(
-            self._accepted,
-            endpoint.host,
-            endpoint.port,
-            ssl=endpoint.tls,
-            ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
-        )
+        self._tls, self._gate = endpoint.tls, endpoint.preauth
+        self._server = await asyncio.start_server(self._accepted, endpoint.host, endpoint.port)
 
     async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        session = MuxSession(StreamPipe(reader, writer), is_dialer=False, limits=self._limits)
+        assert self._tls is not None  # set by start() before the first accept
+        admission: Admission | None = None
+        if self._gate is not None:
+            peer = writer.get_extra_info("peername")
+            admission = self._gate.admit(str(peer[0])) if peer else None
+            if admission is None:  # over a cap (counted by the gate) or already gone
+                writer.transport.abort()
+                return
+        loop = asyncio.get_running_loop()
+        deadline = admission.deadline if admission else loop.time() + HANDSHAKE_TIMEOUT
+        try:
+            async with asyncio.timeout_at(deadline):
+                await writer.start_tls(self._tls)
+        except (TimeoutError, ssl.SSLError, OSError) as exc:
+            if admission is not None:
+                admission.release()
+            writer.transport.abort()
+            log.debug("tls_handshake_failed", reason=str(exc) or type(exc).__name__)
+            return
+        session = MuxSession(
+            StreamPipe(reader, writer), is_dialer=False, limits=self._limits, admission=admission
+        )
         self._sessions[session] = asyncio.current_task()
         try:
             await run_session_handler(self._handler, session)

@@ -13,7 +13,7 @@ import weakref
 from typing import Any
 
 import grpc
-from cloudbridge_core.api import ProtocolViolation, TransportClosed, TransportError
+from cloudbridge_core.api import Admission, ProtocolViolation, TransportClosed, TransportError
 
 from cloudbridge_grpc._generated.tunnel_pb2 import Chunk, Control
 from cloudbridge_grpc.streams import ClientStream, ServerStream
@@ -109,6 +109,9 @@ class ClientSession:
         stream: ClientStream = await self._incoming.get()
         return stream
 
+    def authenticated(self) -> None:
+        """A client's session holds no pre-auth budget: nothing to lift."""
+
     async def aclose(self) -> None:
         # the control call first: the server then fails the streams as "session closed",
         # not as reset one by one
@@ -126,9 +129,22 @@ class ClientSession:
 
 
 class ServerSession:
-    """The server's view of one client session."""
+    """The server's view of one client session.
 
-    def __init__(self, context: Any, piece: int) -> None:
+    With an ``admission`` the session is held to the relay's pre-auth budget until
+    :meth:`authenticated`: one stream (the hello's), and the session ends at the
+    admission's deadline."""
+
+    def __init__(self, context: Any, piece: int, admission: Admission | None = None) -> None:
+        self._admission = admission
+        self._expiry: asyncio.TimerHandle | None = None
+        self._accepted = 0
+        if admission is not None:
+            self._expiry = asyncio.get_running_loop().call_at(
+                admission.deadline,
+                self.end,
+                TransportClosed("no authentication within the pre-auth deadline"),
+            )
         self._context = context
         self._piece = piece
         self._incoming = _Incoming()
@@ -140,9 +156,12 @@ class ServerSession:
 
     def stream_arrived(self, stream: ServerStream, reverse: str | None) -> None:
         self._streams.add(stream)
+        if self._admission is not None and (self._accepted or reverse is not None):
+            self.end(ProtocolViolation("a second stream before authentication"))
         if self._incoming.error is not None:
             stream.fail(self._incoming.error)
             return
+        self._accepted += 1
         waiting = self._reverse_waiting.pop(_number(reverse), None) if reverse else None
         if waiting is not None and not waiting.done():
             waiting.set_result(stream)
@@ -169,7 +188,20 @@ class ServerSession:
         stream: ServerStream = await self._incoming.get()
         return stream
 
+    def authenticated(self) -> None:
+        """The relay authenticated the peer: lift the pre-auth budget. Idempotent."""
+        self._end_preauth()
+
+    def _end_preauth(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        if self._admission is not None:
+            self._admission.release()
+            self._admission = None
+
     def end(self, error: TransportError) -> None:
+        self._end_preauth()
         self._incoming.end(error)
         for waiting in self._reverse_waiting.values():
             if not waiting.done():

@@ -12,8 +12,10 @@ from typing import Any
 
 import grpc
 from cloudbridge_core.api import (
+    Admission,
     ConnectionTimeout,
     Endpoint,
+    PreauthGate,
     ServerUnavailable,
     Session,
     StreamAborted,
@@ -46,9 +48,15 @@ _FRAMING = 64
 class GrpcListener:
     """A running gRPC server; ``aclose`` ends every session and its handler."""
 
-    def __init__(self, handler: Callable[[Session], Awaitable[None]], piece: int) -> None:
+    def __init__(
+        self,
+        handler: Callable[[Session], Awaitable[None]],
+        piece: int,
+        preauth: PreauthGate | None = None,
+    ) -> None:
         self._handler = handler
         self._piece = piece
+        self._preauth = preauth
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self._sessions: dict[str, ServerSession] = {}
@@ -61,7 +69,15 @@ class GrpcListener:
         if not session_id or session_id in self._sessions:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "missing or reused session id")
             return
-        session = self._sessions[session_id] = ServerSession(context, self._piece)
+        admission: Admission | None = None
+        if self._preauth is not None:
+            admission = self._preauth.admit(_peer_address(context.peer()))
+            if admission is None:  # over a cap (counted by the gate)
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, "too many unauthenticated connections"
+                )
+                return
+        session = self._sessions[session_id] = ServerSession(context, self._piece, admission)
         handler = asyncio.create_task(run_session_handler(self._handler, session))
         self._handlers.add(handler)
         handler.add_done_callback(self._handlers.discard)
@@ -187,8 +203,13 @@ class GrpcTransport:
         material = _material(endpoint)
         if material.certificate is None or material.key is None:
             raise TransportError("the gRPC transport needs a certificate and key to serve")
-        listener = GrpcListener(handler, self._piece)
-        server = grpc.aio.server(options=self._server_options())
+        listener = GrpcListener(handler, self._piece, endpoint.preauth)
+        options = self._server_options()
+        if endpoint.preauth is not None:
+            # TLS and the HTTP/2 preface of a new connection (grpc's default: 120 s)
+            timeout_ms = int(endpoint.preauth.timeout * 1000)
+            options.append(("grpc.server_handshake_timeout_ms", timeout_ms))
+        server = grpc.aio.server(options=options)
         server.add_generic_rpc_handlers(
             (
                 grpc.method_handlers_generic_handler(
@@ -271,6 +292,13 @@ async def _until_the_client_ends(context: Context) -> None:
     # clients send nothing after opening the call: it lasts as long as their session
     while (await context.read()) is not grpc.aio.EOF:
         pass
+
+
+def _peer_address(peer: str) -> str:
+    """The address in grpc's peer string (``ipv4:127.0.0.1:5000``, ``ipv6:[::1]:5000``)."""
+    _, _, rest = peer.partition(":")
+    host = rest.rpartition(":")[0] or rest
+    return host.strip("[]")
 
 
 def _header(context: Context, name: str) -> str | None:

@@ -61,6 +61,14 @@ SETTINGS_SCHEMA: dict[str, Any] = {
             "default": 2048,
             "description": "Largest QUIC DATAGRAM frame accepted (packets of later features).",
         },
+        "retry": {
+            "type": "boolean",
+            "default": True,
+            "description": "Validate every new client's address with a stateless Retry before "
+            "holding any state for it (one more round trip per connection), so spoofed "
+            "Initials cost the relay nothing. This is a security limit.",
+            "x-restart-required": True,
+        },
     },
 }
 

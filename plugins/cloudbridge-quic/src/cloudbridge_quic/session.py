@@ -12,7 +12,13 @@ from typing import Any
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic import events
 from aioquic.quic.connection import QuicConnection
-from cloudbridge_core.api import StreamAborted, TransportClosed, TransportError
+from cloudbridge_core.api import (
+    Admission,
+    PreauthGate,
+    StreamAborted,
+    TransportClosed,
+    TransportError,
+)
 
 from cloudbridge_quic.flow import BoundedQuicConnection
 from cloudbridge_quic.pmtu import (
@@ -26,6 +32,12 @@ from cloudbridge_quic.pmtu import (
 STREAM_CANCELLED = 0x10C
 #: the largest piece handed to aioquic at once, so one writer cannot hog the loop
 _WRITE_PIECE = 64 * 1024
+#: stream bytes a peer not yet authenticated may send: its hello (16 KiB) and more
+#: than enough room around it. A security limit, as the core multiplexer's preauth_window.
+PREAUTH_BYTES = 32 * 1024
+#: QUIC transport error codes (RFC 9000, 20.1)
+_CONNECTION_REFUSED = 0x2
+_PROTOCOL_VIOLATION = 0xA
 
 
 class QuicStream:
@@ -114,8 +126,14 @@ class QuicSession(QuicConnectionProtocol):
         datagram_ceiling: int,
         keepalive: float | None = None,
         on_ready: Callable[[QuicSession], None] | None = None,
+        preauth: PreauthGate | None = None,
     ) -> None:
         super().__init__(quic, stream_handler)
+        #: a server session waits for its first datagram (and address) to be admitted
+        self._gate = preauth
+        self._admission: Admission | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+        self._preauth_bytes = 0
         assert isinstance(quic, BoundedQuicConnection)
         self._bounded = quic
         self._datagram_ceiling = datagram_ceiling
@@ -144,6 +162,26 @@ class QuicSession(QuicConnectionProtocol):
             self._incoming.put_nowait(None)  # every later caller learns it too
             raise self._error or TransportClosed("the QUIC connection is closed")
         return stream
+
+    def authenticated(self) -> None:
+        """The relay authenticated the peer: lift the pre-auth budget. Idempotent."""
+        self._gate = None
+        self._end_preauth()
+
+    def _end_preauth(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        if self._admission is not None:
+            self._admission.release()
+            self._admission = None
+
+    def _refuse(self, error_code: int, reason: str) -> None:
+        """Close a stranger's connection now, before it can cost more."""
+        self._gate = None
+        self._quic.close(error_code=error_code, reason_phrase=reason)
+        self.transmit()
+        self._terminate(TransportClosed(reason))
 
     async def aclose(self) -> None:
         try:
@@ -218,6 +256,17 @@ class QuicSession(QuicConnectionProtocol):
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         # aioquic transmits after every datagram; transmitting once per batch of datagrams
         # read together (uvloop reads up to 32 per wakeup) acknowledges them in one packet
+        if self._gate is not None and self._admission is None:
+            self._admission = self._gate.admit(str(addr[0]))
+            if self._admission is None:  # over a cap (counted by the gate)
+                self._refuse(_CONNECTION_REFUSED, "too many unauthenticated connections")
+                return
+            self._expiry = self._loop.call_at(
+                self._admission.deadline,
+                self._refuse,
+                _CONNECTION_REFUSED,
+                "no authentication within the pre-auth deadline",
+            )
         self._quic.receive_datagram(data, addr, now=self._loop.time())  # type: ignore[arg-type]
         self._process_events()
         self._transmit_soon()
@@ -230,6 +279,11 @@ class QuicSession(QuicConnectionProtocol):
     def quic_event_received(self, event: events.QuicEvent) -> None:
         if isinstance(event, events.StreamDataReceived):
             stream = self._streams.get(event.stream_id)
+            if self._gate is not None:  # before authentication: one stream, one hello
+                self._preauth_bytes += len(event.data)
+                if self._preauth_bytes > PREAUTH_BYTES or (stream is None and self._streams):
+                    self._refuse(_PROTOCOL_VIOLATION, "more than a hello before authentication")
+                    return
             if stream is None:
                 stream = self._streams[event.stream_id] = QuicStream(self, event.stream_id)
                 self._incoming.put_nowait(stream)
@@ -277,6 +331,7 @@ class QuicSession(QuicConnectionProtocol):
         if self._error is not None:
             return
         self._error = error
+        self._end_preauth()
         if self._keepalive is not None:
             self._keepalive.cancel()
         for stream in self._streams.values():

@@ -102,6 +102,7 @@ class QuicSettings:
     connection_window: int
     max_streams: int
     max_datagram_frame_bytes: int
+    retry: bool
 
 
 class QuicTransport:
@@ -211,6 +212,7 @@ class QuicTransport:
                 self._bound(connection),
                 datagram_ceiling=self.settings.max_datagram_size,
                 on_ready=listener.session_ready,
+                preauth=endpoint.preauth,
             )
 
         listener.server = await serve(
@@ -220,6 +222,8 @@ class QuicTransport:
             create_protocol=create_session,
             session_ticket_fetcher=listener.tickets.pop,
             session_ticket_handler=listener.tickets.add,
+            # address validation: a spoofed Initial gets a stateless Retry, never a connection
+            retry=self.settings.retry,
         )
         assert listener.server._transport is not None  # bound by serve()
         forbid_fragmentation(listener.server._transport.get_extra_info("socket"))

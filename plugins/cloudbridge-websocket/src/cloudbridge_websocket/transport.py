@@ -9,9 +9,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from cloudbridge_core.api import (
+    Admission,
     ConnectionTimeout,
     Endpoint,
     MuxSession,
+    PreauthGate,
     ProtocolViolation,
     ServerUnavailable,
     Session,
@@ -28,6 +30,9 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, WebSocketE
 from websockets.http11 import Request, Response
 
 SUBPROTOCOL = "cloudbridge.v1"
+#: the largest WebSocket message before the relay authenticates the peer: room for the
+#: hello (16 KiB) in the multiplexer's frames, far below max_message_bytes. A security limit.
+PREAUTH_MESSAGE_BYTES = 64 * 1024
 
 
 class WebSocketPipe:
@@ -55,6 +60,58 @@ class WebSocketPipe:
 
     async def aclose(self) -> None:
         await self._websocket.close()
+
+    def abort(self) -> None:
+        transport: asyncio.Transport = self._websocket.transport
+        transport.abort()
+
+    def authenticated(self) -> None:
+        """Messages may be as large as configured once the peer is authenticated."""
+        self._websocket.protocol.max_message_size = self._max_message
+
+
+class PreauthConnection(ServerConnection):
+    """A server connection held to the relay's pre-auth budget from its TCP accept: its
+    admission (per-address and total caps) is asked for when TLS is up, and until the
+    session takes it over (:meth:`take_admission`) the connection is aborted at its
+    deadline, whatever stage it stalls in (TLS is bounded by ``ssl_handshake_timeout``)."""
+
+    gate: PreauthGate | None = None  # set on the subclass each listener makes
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # asyncio builds the protocol when it accepts the TCP connection, before TLS
+        self._accepted_at = asyncio.get_running_loop().time()
+        self._admission: Admission | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)  # a stream: TCP or TLS
+        super().connection_made(transport)
+        if self.gate is None:
+            return
+        peer = transport.get_extra_info("peername")
+        self._admission = self.gate.admit(str(peer[0]), since=self._accepted_at) if peer else None
+        if self._admission is None:  # over a cap (counted by the gate) or already gone
+            transport.abort()
+            return
+        self.protocol.max_message_size = PREAUTH_MESSAGE_BYTES
+        loop = asyncio.get_running_loop()
+        self._expiry = loop.call_at(self._admission.deadline, transport.abort)
+
+    def take_admission(self) -> Admission | None:
+        """Hand the admission (and its deadline) over to the session."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        admission, self._admission = self._admission, None
+        return admission
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        admission = self.take_admission()
+        if admission is not None:
+            admission.release()
 
 
 class WebSocketListener:
@@ -134,17 +191,24 @@ class WebSocketTransport:
         listener = WebSocketListener()
 
         async def accepted(websocket: ServerConnection) -> None:
+            admission = (
+                websocket.take_admission() if isinstance(websocket, PreauthConnection) else None
+            )
             if (
                 websocket.subprotocol != SUBPROTOCOL
                 or websocket.request is None
                 or websocket.request.path != self.settings.path
             ):
+                if admission is not None:
+                    admission.release()
                 await websocket.close(
                     1002, f"expected subprotocol {SUBPROTOCOL} at {self.settings.path}"
                 )
                 return
             session = MuxSession(
-                WebSocketPipe(websocket, self.settings.max_message_bytes), is_dialer=False
+                WebSocketPipe(websocket, self.settings.max_message_bytes),
+                is_dialer=False,
+                admission=admission,
             )
             task = asyncio.current_task()
             assert task is not None
@@ -162,6 +226,14 @@ class WebSocketTransport:
             headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body)))])
             return Response(200, "OK", headers, body)
 
+        budget: dict[str, Any] = {}
+        if endpoint.preauth is not None:
+            connection = type("Connection", (PreauthConnection,), {"gate": endpoint.preauth})
+            budget = {
+                "create_connection": connection,
+                "ssl_handshake_timeout": endpoint.preauth.timeout,
+                "open_timeout": endpoint.preauth.timeout,
+            }
         listener.server = await serve(
             accepted,
             endpoint.host,
@@ -169,5 +241,6 @@ class WebSocketTransport:
             ssl=endpoint.tls,
             process_request=documents,
             **self._options(),
+            **budget,
         )
         return listener

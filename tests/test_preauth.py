@@ -1,0 +1,270 @@
+"""The pre-auth budget, black box: raw sockets against an in-process relay on loopback.
+
+A stranger gets one deadline from accept to authenticated (``server.preauth_timeout``)
+whatever stage it stalls in, may make the relay buffer its hello and nothing more, and
+only so many strangers are held at once per source address and in total. Throughout,
+the relay keeps serving an authenticated client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import struct
+import time
+from pathlib import Path
+
+import pytest
+from cloudbridge_core.client.connection import tls_for
+from cloudbridge_core.errors import TransportError
+from cloudbridge_core.protocol.mux import HEADER, Flag, FrameType
+from cloudbridge_core.providers import Endpoint, Session, Stream
+from cloudbridge_core.tlsutil import client_context
+
+from tests.relaybed import Bed, run
+
+pytestmark = pytest.mark.timeout(60)
+
+#: a stream's full window before the budget existed: what each stream could make it hold
+FULL_WINDOW = 256 * 1024
+
+
+def _rss() -> int:
+    """This process's resident set size in bytes (the relay runs in it)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+def _tls(bed: Bed) -> ssl.SSLContext:
+    context = client_context((bed.state_dir / "ca.pem").read_bytes())
+    context.check_hostname = False  # the certificate names the relay's host, we dial 127.0.0.1
+    return context
+
+
+async def _raw(
+    bed: Bed, *, tls: bool = True, source: str = "127.0.0.1"
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    port = bed.relay.listeners["tls"].port
+    return await asyncio.open_connection(
+        "127.0.0.1",
+        port,
+        ssl=_tls(bed) if tls else None,
+        local_addr=(source, 0),
+        server_hostname="relay" if tls else None,
+    )
+
+
+async def _closed_by_relay(reader: asyncio.StreamReader, within: float) -> float:
+    """Seconds until the relay ends the connection (whatever it sent before)."""
+    started = time.monotonic()
+    async with asyncio.timeout(within):
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            while await reader.read(65536):
+                pass
+    return time.monotonic() - started
+
+
+async def _bystander_pings(bed: Bed) -> None:
+    connection = await bed.connect()
+    try:
+        await connection.ping(5)
+    finally:
+        await connection.aclose()
+
+
+def _frame(kind: FrameType, flags: Flag, stream_id: int, payload: bytes = b"") -> bytes:
+    length = len(payload) if kind is FrameType.DATA else 0
+    return HEADER.pack(kind, flags, stream_id, length) + payload
+
+
+def test_streams_before_the_hello_stay_within_the_preauth_budget(tmp_path: Path) -> None:
+    """Before: 1,024 streams x 256 KiB without a hello made the relay hold +258 MiB."""
+
+    async def scenario(bed: Bed) -> None:
+        rss_before = _rss()
+        reader, writer = await _raw(bed)
+        chunk = b"\0" * 16 * 1024
+        # the control stream gets the start of a hello and waits; the others get data
+        writer.write(_frame(FrameType.WINDOW_UPDATE, Flag.SYN, 1))
+        writer.write(_frame(FrameType.DATA, Flag.NONE, 1, struct.pack("!I", 1000) + b'{"t'))
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            for number in range(1, 1024):
+                stream_id = 2 * number + 1
+                writer.write(_frame(FrameType.WINDOW_UPDATE, Flag.SYN, stream_id))
+                for _ in range(FULL_WINDOW // len(chunk)):
+                    writer.write(_frame(FrameType.DATA, Flag.NONE, stream_id, chunk))
+                await writer.drain()
+                if reader.at_eof():
+                    break
+        # the relay cuts the connection at once, not at a deadline, and holds nothing
+        await _closed_by_relay(reader, within=5)
+        assert _rss() - rss_before < 32 * 1024 * 1024
+        writer.transport.abort()
+        await _bystander_pings(bed)
+
+    run(tmp_path, scenario)
+
+
+async def _stall_in_tls(bed: Bed) -> float:
+    """TCP accepted, then never a ClientHello."""
+    started = time.monotonic()
+    reader, writer = await _raw(bed, tls=False)
+    await _closed_by_relay(reader, within=10)
+    writer.transport.abort()
+    return time.monotonic() - started
+
+
+async def _stall_after_tls(bed: Bed, stall: float) -> float:
+    """The TLS handshake sent late, then silence."""
+    started = time.monotonic()
+    reader, writer = await _raw(bed, tls=False)
+    await asyncio.sleep(stall)  # a slow handshake, part of the attack
+    await writer.start_tls(_tls(bed), server_hostname="relay")
+    await _closed_by_relay(reader, within=10)
+    writer.transport.abort()
+    return time.monotonic() - started
+
+
+async def _stall_after_half_a_hello(bed: Bed, stall: float) -> float:
+    """The TLS handshake sent late, then a stream and half a hello, then silence."""
+    started = time.monotonic()
+    reader, writer = await _raw(bed, tls=False)
+    await asyncio.sleep(stall)  # a slow handshake, part of the attack
+    await writer.start_tls(_tls(bed), server_hostname="relay")
+    writer.write(_frame(FrameType.WINDOW_UPDATE, Flag.SYN, 1))
+    writer.write(_frame(FrameType.DATA, Flag.NONE, 1, struct.pack("!I", 100) + b'{"type":'))
+    await writer.drain()
+    await _closed_by_relay(reader, within=10)
+    writer.transport.abort()
+    return time.monotonic() - started
+
+
+def test_staged_stalls_end_within_one_deadline(tmp_path: Path) -> None:
+    """Before: deadlines stacked per stage (TLS: 19 s and 58 s with staged stalls)."""
+    deadline = 2.0
+
+    async def scenario(bed: Bed) -> None:
+        stalls = await asyncio.gather(
+            _stall_in_tls(bed),
+            _stall_after_tls(bed, stall=1.5),
+            _stall_after_half_a_hello(bed, stall=1.5),
+            _bystander_pings(bed),
+        )
+        for took in stalls[:3]:
+            assert took < deadline + 1.0, stalls
+
+    run(tmp_path, scenario, preauth_timeout=f"{deadline}s")
+
+
+def test_unauthenticated_connections_are_capped_per_address_and_in_total(tmp_path: Path) -> None:
+    """Before: 2,000 connections from one address were all accepted and held."""
+
+    async def scenario(bed: Bed) -> None:
+        metrics = bed.relay.relay.metrics.registry
+        held = [await _raw(bed, tls=False, source="127.0.0.2") for _ in range(4)]
+        refused_reader, refused_writer = await _raw(bed, tls=False, source="127.0.0.2")
+        assert await _closed_by_relay(refused_reader, within=1) < 1  # at once
+        refused_writer.transport.abort()
+        assert (
+            metrics.get_sample_value(
+                "cloudbridge_relay_preauth_refused_total", {"reason": "per_address"}
+            )
+            == 1
+        )
+        assert metrics.get_sample_value("cloudbridge_relay_preauth_pending") == 4
+        await _bystander_pings(bed)  # another address is served meanwhile
+        held += [await _raw(bed, tls=False, source=f"127.0.0.{n}") for n in (3, 4, 5, 6)]
+        over_reader, over_writer = await _raw(bed, tls=False, source="127.0.0.7")
+        assert await _closed_by_relay(over_reader, within=1) < 1
+        over_writer.transport.abort()
+        assert (
+            metrics.get_sample_value("cloudbridge_relay_preauth_refused_total", {"reason": "total"})
+            == 1
+        )
+        for _, writer in held:
+            writer.transport.abort()
+        # the places come back as the strangers leave
+        async with asyncio.timeout(5):
+            # the gate offers nothing to wait on: poll the metric, bounded by the timeout
+            while metrics.get_sample_value("cloudbridge_relay_preauth_pending"):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        await _bystander_pings(bed)
+
+    run(tmp_path, scenario, preauth_max_per_address=4, preauth_max_connections=8)
+
+
+async def _stranger(bed: Bed, transport: str) -> Session:
+    """A session over ``transport`` that never says hello (the transport's own client)."""
+    config = bed.client_config("no-token")
+    context, material = tls_for(config.settings.relay.tls)
+    spec = bed.plugins.transports()[transport]
+    client = spec.load(bed.plugins.settings_for("transport", transport, config.converted))
+    port = bed.relay.listeners[transport].port
+    return await client.connect(Endpoint("127.0.0.1", port, context, 5, material=material))
+
+
+async def _ended_by_relay(session: Session, within: float) -> None:
+    async with asyncio.timeout(within):
+        with contextlib.suppress(TransportError):
+            await session.accept_stream()
+            raise AssertionError("the relay opened a stream to a stranger")
+
+
+TRANSPORTS = ["tls", "websocket", "grpc", "quic"]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_silent_stranger_is_dropped_at_the_one_deadline(tmp_path: Path, transport: str) -> None:
+    """Before: WebSocket 29 s, gRPC 60 s (silent TLS) and 120 s (silent TCP)."""
+    deadline = 2.0
+
+    async def scenario(bed: Bed) -> None:
+        started = time.monotonic()
+        session = await _stranger(bed, transport)
+        try:
+            await _ended_by_relay(session, within=deadline + 5)
+        finally:
+            await session.aclose()
+        # QUIC reports a closed connection after its draining period (3 PTOs)
+        assert time.monotonic() - started < deadline + 2.0
+        assert bed.relay.relay.preauth.pending == 0
+        await _bystander_pings(bed)
+
+    run(tmp_path, scenario, preauth_timeout=f"{deadline}s")
+
+
+async def _write_a_window(stream: Stream) -> None:
+    with contextlib.suppress(TransportError):
+        for _ in range(FULL_WINDOW // (16 * 1024)):
+            await stream.write(b"\0" * 16 * 1024)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_streams_without_a_hello_are_refused_on_every_transport(
+    tmp_path: Path, transport: str
+) -> None:
+    """Before: 300 streams over WebSocket made the relay hold +72 MiB, not returned."""
+
+    async def scenario(bed: Bed) -> None:
+        session = await _stranger(bed, transport)
+        try:
+            control = await session.open_stream()
+            await control.write(struct.pack("!I", 1000) + b'{"t')  # a hello that never ends
+            streams: list[Stream] = []
+            with contextlib.suppress(TransportError):
+                for _ in range(300):
+                    streams.append(await session.open_stream())
+            async with asyncio.timeout(10):
+                await asyncio.gather(*(_write_a_window(stream) for stream in streams))
+            await _ended_by_relay(session, within=5)
+        finally:
+            await session.aclose()
+        # the stranger's own buffers are in this process too: only the relay's place counts
+        assert bed.relay.relay.preauth.pending == 0
+        await _bystander_pings(bed)
+
+    run(tmp_path, scenario)
