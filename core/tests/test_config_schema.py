@@ -64,6 +64,12 @@ OPTIONAL_WITHOUT_DEFAULT = {
         f"retry.per_error.*.{key}"
         for key in ("initial_delay", "multiplier", "max_delay", "jitter", "max_retries")
     ),
+    # a tenant's quota names both (required); a kind it leaves out keeps the relay's quota
+    *(
+        f"server.rate_limits.tenants.*.{kind}.{key}"
+        for kind in ("control_messages", "mux_pings", "stream_opens")
+        for key in ("rate", "burst")
+    ),
 }
 DURATION_KEY = re.compile(r"(_timeout|_interval|_delay|_rtt|_ttl|^timeout|^jitter|^delay)$")
 SECRET_KEY = re.compile(r"^(token|credential)$|secret|password|private_key")

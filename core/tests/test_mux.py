@@ -60,7 +60,7 @@ def test_reset_and_ping() -> None:
     server.reset_stream(stream)
     assert deliver(server, client) == [mux.StreamReset(stream)]
     client.ping(42)
-    assert deliver(client, server) == []
+    assert deliver(client, server) == [mux.PingReceived(42)]  # answered, and reported
     assert deliver(server, client) == [mux.PongReceived(42)]
 
 

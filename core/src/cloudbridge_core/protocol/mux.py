@@ -112,6 +112,13 @@ class PongReceived:
 
 
 @dataclass(frozen=True)
+class PingReceived:
+    """The peer sent a PING; it is already answered (the event lets a caller rate it)."""
+
+    opaque: int
+
+
+@dataclass(frozen=True)
 class ConnectionClosed:
     code: int
 
@@ -123,6 +130,7 @@ Event = (
     | StreamReset
     | WindowUpdated
     | PongReceived
+    | PingReceived
     | ConnectionClosed
 )
 
@@ -282,7 +290,7 @@ class MuxConnection:
             if flags & Flag.ACK:
                 return [PongReceived(length)]
             self._frame(FrameType.PING, Flag.ACK, 0, length)
-            return []
+            return [PingReceived(length)]
         if frame_type is FrameType.GO_AWAY:
             self.abandon()
             return [ConnectionClosed(length)]

@@ -121,6 +121,11 @@ class RelayMetrics:
             "Sessions closed because they stopped heartbeating.",
             registry=registry,
         )
+        self.sessions_expired = Counter(
+            "cloudbridge_relay_sessions_expired",
+            "Sessions ended because their token expired without a refresh.",
+            registry=registry,
+        )
 
         self.p2p_rejected = Counter(
             "cloudbridge_relay_p2p_rejected",
@@ -139,9 +144,11 @@ class RelayMetrics:
             "Sealed peer packets forwarded over DERP channels (payload bytes).",
             registry=registry,
         )
-        self.sessions_expired = Counter(
-            "cloudbridge_relay_sessions_expired",
-            "Sessions ended because their token expired without a refresh.",
+        self.rate_limited = Counter(
+            "cloudbridge_relay_rate_limited",
+            "Sessions over a request rate (server.rate_limits), by kind (control_messages,"
+            " mux_pings, stream_opens) and action (slowed, disconnected).",
+            ["kind", "action"],
             registry=registry,
         )
 

@@ -36,9 +36,12 @@ from cloudbridge_core.pump import prepare, pump
 from cloudbridge_core.relay.egress import EgressPolicy
 from cloudbridge_core.relay.mesh import Challenge, Member, Mesh, tell
 from cloudbridge_core.relay.metrics import RelayMetrics
-from cloudbridge_core.settings import PerformanceSettings, ServerSettings
-from cloudbridge_core.transports.preauth import PreauthGate, PreauthLimits
+from cloudbridge_core.relay.pacing import Pacer
+from cloudbridge_core.relay.ratelimit import RateLimiter
+from cloudbridge_core.settings import PerformanceSettings, RateLimitSettings, ServerSettings
 from cloudbridge_core.tenants import is_tenant_id
+from cloudbridge_core.transports.mux_session import MuxSession
+from cloudbridge_core.transports.preauth import PreauthGate, PreauthLimits
 from cloudbridge_core.wire import MessageStream
 
 log = get_logger("relay.server")
@@ -62,6 +65,7 @@ class RelayLimits:
     heartbeat_interval: float = 30.0
     heartbeat_timeout: float = 90.0
     drain_timeout: float = 10.0
+    rate_limits: RateLimitSettings = field(kw_only=True)  # the schema holds its defaults
     token_expiry_grace: float = 10.0
 
     @classmethod
@@ -78,6 +82,7 @@ class RelayLimits:
             max_sessions_per_tenant=server.max_sessions_per_tenant,
             max_streams_per_session=server.max_streams_per_session,
             buffer_size=performance.buffer_size,
+            rate_limits=server.rate_limits,
         )
 
 
@@ -127,6 +132,7 @@ class Relay:
         self.sessions_by_transport: Counter[str] = Counter()
         self.streams_active = 0
         self.reaped_sessions = 0
+        self.rate_limiter = RateLimiter()
         self.draining = False
         self._controls: set[MessageStream] = set()
         self._streams_idle = asyncio.Event()
@@ -259,7 +265,13 @@ class Relay:
         streams: set[asyncio.Task[None]] = set()
         state = _SessionState(claims)
         await tell(control, state.challenge.message)
-        controller = asyncio.create_task(self._control_loop(session, control, claims, state))
+        limiter = self.rate_limiter.session(claims.tenant_id, _source_address(session))
+        pacer = Pacer(limiter, lambda: self.limits.rate_limits, session, control, self.metrics)
+        if isinstance(session, MuxSession):  # it answers PINGs itself: it lets the relay pace them
+            session.pace_pings = lambda count: pacer.pace("mux_pings", count)
+        controller = asyncio.create_task(
+            self._control_loop(session, control, claims, state, pacer)
+        )
         expiry = asyncio.create_task(self._end_with_rights(session, control, state))
         self._controls.add(control)
         try:
@@ -268,6 +280,7 @@ class Relay:
                     stream = await session.accept_stream()
                 except TransportError:
                     return
+                await pacer.pace("stream_opens")
                 if len(streams) >= self.limits.max_streams_per_session:
                     await _reject(stream, LimitExceeded("too many streams in this session"))
                     continue
@@ -283,6 +296,7 @@ class Relay:
             await asyncio.gather(controller, *streams, return_exceptions=True)
             if state.member is not None:
                 await self.mesh.leave(state.member)
+            limiter.close()
 
     async def _end_with_rights(
         self, session: Session, control: MessageStream, state: _SessionState
@@ -323,7 +337,12 @@ class Relay:
         return messages.Refreshed(claims.expires_at)
 
     async def _control_loop(
-        self, session: Session, control: MessageStream, claims: Claims, state: _SessionState
+        self,
+        session: Session,
+        control: MessageStream,
+        claims: Claims,
+        state: _SessionState,
+        pacer: Pacer,
     ) -> None:
         """Answer heartbeats and mesh requests; a session silent for ``heartbeat_timeout``
         is dead, one that breaks the protocol is closed: either way it is freed."""
@@ -343,6 +362,7 @@ class Relay:
                     )
                     await session.aclose()  # ends _serve, which frees the session's streams
                     return
+                await pacer.pace("control_messages")
                 await self._answer(control, claims, state, message)
         except ProtocolViolation as error:
             log.info("session_closed", tenant_id=claims.tenant_id, reason=error.message)
@@ -468,6 +488,13 @@ class Relay:
             sock.close()
             raise TargetUnreachable(f"cannot connect to {target}: {exc.strerror or exc}") from exc
         return sock
+
+
+def _source_address(session: Session) -> str | None:
+    """The session's source address where its transport knows it (rates are also limited
+    per address)."""
+    address = getattr(session, "peer_address", None)
+    return address if isinstance(address, str) else None
 
 
 def _check_not_expired(claims: Claims) -> None:

@@ -151,6 +151,40 @@ class EgressSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class RateQuota:
+    """A token bucket: ``rate`` requests a second, bursts of up to ``burst``."""
+
+    rate: float
+    burst: int
+
+
+@dataclass(frozen=True, slots=True)
+class RateQuotas:
+    control_messages: RateQuota
+    mux_pings: RateQuota
+    stream_opens: RateQuota
+
+
+@dataclass(frozen=True, slots=True)
+class TenantRateQuotas:
+    """``server.rate_limits.tenants.<tenant>``: a kind left out keeps the relay's quota."""
+
+    control_messages: RateQuota | None
+    mux_pings: RateQuota | None
+    stream_opens: RateQuota | None
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitSettings:
+    disconnect_after: float
+    control_messages: RateQuota
+    mux_pings: RateQuota
+    stream_opens: RateQuota
+    per_address: RateQuotas
+    tenants: dict[str, TenantRateQuotas]
+
+
+@dataclass(frozen=True, slots=True)
 class TurnSettings:
     """``server.turn``: the TURN credentials the relay issues per tenant."""
 
@@ -181,6 +215,7 @@ class ServerSettings:
     max_token_ttl: float
     egress: EgressSettings
     turn: TurnSettings
+    rate_limits: RateLimitSettings
 
 
 @dataclass(frozen=True, slots=True)

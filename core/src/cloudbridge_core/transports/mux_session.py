@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from cloudbridge_core.errors import ProtocolViolation, StreamAborted, TransportClosed
 from cloudbridge_core.protocol import mux
 from cloudbridge_core.transports.preauth import Admission
+
+#: how long closing a session waits for its peer to read the last bytes (security limit: a
+#: peer that stops reading cannot hold a closing session open)
+CLOSE_TIMEOUT = 2.0
 
 
 class Pipe(Protocol):
@@ -37,6 +41,9 @@ class StreamPipe:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
         self._writer = writer
+        peer = writer.get_extra_info("peername")
+        #: the peer's IP address (the relay limits request rates per address too)
+        self.peer_address: str | None = str(peer[0]) if isinstance(peer, tuple) else None
 
     async def receive(self) -> bytes:
         return await self._reader.read(65536)
@@ -48,7 +55,9 @@ class StreamPipe:
     async def aclose(self) -> None:
         self._writer.close()
         with contextlib.suppress(OSError, ConnectionError):
-            await self._writer.wait_closed()
+            # shielded: every closer waits on one future, and a closer that gives up (its
+            # CLOSE_TIMEOUT) must not cancel it for the others
+            await asyncio.shield(self._writer.wait_closed())
 
     def abort(self) -> None:
         self._writer.transport.abort()
@@ -165,11 +174,21 @@ class MuxSession:
         self._send_lock = asyncio.Lock()
         self._closed = asyncio.Event()
         self._close_reason = "session closed"
+        #: awaited by the reader with the number of PINGs a read carried, before it reads
+        #: on: the relay slows (or ends) a peer flooding PINGs the session answers itself
+        self.pace_pings: Callable[[int], Awaitable[None]] | None = None
+        self._backlog_room = asyncio.Event()
         self._reader = asyncio.create_task(self._read_loop())
 
     @property
     def is_closed(self) -> bool:
         return self._closed.is_set()
+
+    @property
+    def peer_address(self) -> str | None:
+        """The peer's IP address, when the pipe knows it."""
+        address = getattr(self._pipe, "peer_address", None)
+        return address if isinstance(address, str) else None
 
     async def open_stream(self) -> MuxStream:
         self._raise_if_closed()
@@ -181,6 +200,7 @@ class MuxSession:
     async def accept_stream(self) -> MuxStream:
         while True:
             if not self._incoming.empty():
+                self._backlog_room.set()
                 return self._incoming.get_nowait()
             self._raise_if_closed()
             getter = asyncio.ensure_future(self._incoming.get())
@@ -188,6 +208,7 @@ class MuxSession:
             done, _ = await asyncio.wait({getter, closed}, return_when=asyncio.FIRST_COMPLETED)
             closed.cancel()
             if getter in done:
+                self._backlog_room.set()
                 return getter.result()
             getter.cancel()
 
@@ -226,12 +247,19 @@ class MuxSession:
             self._closing = asyncio.get_running_loop().create_task(self._pipe.aclose())
 
     async def aclose(self) -> None:
+        """Close, waiting ``CLOSE_TIMEOUT`` at most for the peer to take the last bytes: a
+        peer that does not read (a flooder the relay disconnects) is dropped instead."""
         if not self._closed.is_set():
             self._connection.close()
-            with contextlib.suppress(OSError, ConnectionError, TransportClosed):
-                await self.flush()
+            with contextlib.suppress(OSError, ConnectionError, TransportClosed, TimeoutError):
+                await asyncio.wait_for(self.flush(), CLOSE_TIMEOUT)
             self._shut("session closed locally")
-        await self._pipe.aclose()
+        try:
+            await asyncio.wait_for(self._pipe.aclose(), CLOSE_TIMEOUT)
+        except TimeoutError:
+            abort: Callable[[], object] | None = getattr(self._pipe, "abort", None)
+            if abort is not None:
+                abort()
         if self._reader is not asyncio.current_task():
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -273,9 +301,14 @@ class MuxSession:
                 if not data:
                     self._shut("the peer closed the connection")
                     break
+                pings = 0
                 for event in self._connection.receive_data(data):
+                    pings += isinstance(event, mux.PingReceived)
                     self._dispatch(event)
                 await self.flush()
+                if pings and self.pace_pings is not None:
+                    await self.pace_pings(pings)
+                await self._wait_for_backlog_room()
         except ProtocolViolation as exc:
             stranger = self._admission is not None
             self._shut(str(exc))
@@ -291,7 +324,7 @@ class MuxSession:
         if isinstance(event, mux.ConnectionClosed):
             self._shut(f"the peer closed the session (code {event.code})")
             return
-        if isinstance(event, mux.PongReceived):
+        if isinstance(event, mux.PongReceived | mux.PingReceived):
             return
         if isinstance(event, mux.StreamOpened):
             opened = self._streams[event.stream_id] = MuxStream(self, event.stream_id)
@@ -310,6 +343,15 @@ class MuxSession:
             self._streams.pop(event.stream_id, None)
         elif isinstance(event, mux.WindowUpdated):
             stream.window_opened()
+
+    async def _wait_for_backlog_room(self) -> None:
+        """Streams the peer opened wait to be accepted in a backlog of ``max_streams`` at
+        most (reset ones too, which the connection no longer counts); past it the reader
+        stops and flow control holds the peer back, so opening and resetting streams
+        faster than they are accepted queues nothing without bound."""
+        while self._incoming.qsize() >= self._connection.limits.max_streams:
+            self._backlog_room.clear()
+            await self._backlog_room.wait()
 
     def _forget_if_done(self, stream_id: int) -> None:
         if not self._connection.has_stream(stream_id):

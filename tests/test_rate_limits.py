@@ -1,0 +1,122 @@
+"""server.rate_limits, black box: a client flooding one kind of request (its own process,
+from another loopback address, over TLS) is slowed, then disconnected with rate_limited
+and counted, while a bystander tenant's session keeps answering pings promptly."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cloudbridge_core.client.connection import RelayConnection
+
+from tests.relaybed import Bed, run
+
+ROOT = Path(__file__).resolve().parents[1]
+GRACE = 1.5  # server.rate_limits.disconnect_after in these tests
+#: which limit each flood runs into
+KINDS = {
+    "ping": "control_messages",
+    "mesh_refresh": "control_messages",
+    "mux_ping": "mux_pings",
+    "open_reset": "stream_opens",
+}
+
+
+async def flood(bed: Bed, kind: str, tmp_path: Path, seconds: float) -> dict[str, Any]:
+    token = tmp_path / f"{kind}.token"
+    token.write_text(bed.token(tenant="mallory"))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.flooder",
+        kind,
+        "--port",
+        str(bed.relay.listeners["tls"].port),
+        "--ca",
+        str(bed.state_dir / "ca.pem"),
+        "--token-file",
+        str(token),
+        "--seconds",
+        str(seconds),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        output, _ = await asyncio.wait_for(process.communicate(), seconds + 30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0
+    report: dict[str, Any] = json.loads(output)
+    return report
+
+
+async def ping_until(
+    bystander: RelayConnection, done: asyncio.Future[Any] | None, counts: Callable[[], bool]
+) -> list[float]:
+    """Round trips every 20 ms: 50 of them, or until ``done`` (at most 1,000); only those
+    ``counts`` allows are kept (the flood's, not its process's start)."""
+    times: list[float] = []
+    for _ in range(1000):
+        if (done is None and len(times) == 50) or (done is not None and done.done()):
+            break
+        rtt = await bystander.ping(within=5.0)
+        if counts():
+            times.append(rtt)
+        await asyncio.sleep(0.02)
+    return times
+
+
+def quantile(times: list[float], percent: int) -> float:
+    return statistics.quantiles(times, n=100)[percent - 1]
+
+
+def count(bed: Bed, kind: str, action: str) -> float:
+    registry = bed.relay.relay.metrics.registry
+    labels = {"kind": kind, "action": action}
+    return registry.get_sample_value("cloudbridge_relay_rate_limited_total", labels) or 0.0
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_flood_is_slowed_then_disconnected_and_a_bystander_keeps_working(
+    tmp_path: Path, kind: str
+) -> None:
+    async def scenario(bed: Bed) -> None:
+        bystander = await bed.connect(bed.token(tenant="bystander"))
+        before = await ping_until(bystander, None, lambda: True)
+        flooding = asyncio.ensure_future(flood(bed, kind, tmp_path, seconds=10.0))
+        during = await ping_until(
+            bystander, flooding, lambda: count(bed, KINDS[kind], "slowed") >= 1
+        )
+        report = await flooding
+        assert report["error"] == "rate_limited", report
+        assert report["disconnected"], report
+        # slowed for the grace first, then given up: not dropped at once, not let run
+        assert GRACE <= report["seconds"] < GRACE + 3.0, report
+        assert count(bed, KINDS[kind], "slowed") >= 1
+        assert count(bed, KINDS[kind], "disconnected") == 1
+        if kind == "ping":  # the relay answered at its rate, not at the flood's
+            assert report["pongs"] < 100 + 20 * report["seconds"] * 1.5 < report["sent"]
+        # the real ratio goes to the bench; two shared cores only allow a generous bound
+        # (the flood's first moments, its burst, may cost one round trip more than that)
+        assert quantile(during, 95) < max(10 * quantile(before, 99), 0.1), (before, during)
+        assert max(during) < 1.0, during
+        assert await bystander.ping(within=5.0) < 1.0  # and it carries on afterwards
+        await bystander.aclose()
+        for _ in range(100):  # the offender's session ends within its close timeouts
+            if "mallory" not in bed.relay.relay.sessions_by_tenant:
+                break
+            await asyncio.sleep(0.05)
+        assert "mallory" not in bed.relay.relay.sessions_by_tenant
+
+    # the bystander's tenant may ping every 20 ms (the default allows 20 messages a second)
+    probing = {"control_messages": {"rate": 1000, "burst": 1000}}
+    limits = {"disconnect_after": f"{GRACE}s", "tenants": {"bystander": probing}}
+    run(tmp_path, scenario, rate_limits=limits)
