@@ -69,7 +69,7 @@ transport:
   grpc: {keepalive_interval: 1m}
   websocket: {ping_interval: 500ms}
 auth:
-  jwt: {jwks_url: "https://idp.example.com/jwks", leeway: 1m}
+  jwt: {jwks_url: "https://idp.example.com/jwks", audience: relay, leeway: 1m}
   oidc: {issuer: "https://idp.example.com", audience: relay, jwks_cache_ttl: 2h}
 metrics:
   pushgateway: {push_interval: 1m30s}

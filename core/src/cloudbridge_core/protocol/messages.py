@@ -275,15 +275,15 @@ def encode(message: Message) -> bytes:
     body = {"type": message.TYPE, **asdict(message)}
     if "capabilities" in body:
         body["capabilities"] = list(body["capabilities"])
-    error = next(iter(_validators()[message.TYPE].iter_errors(body)), None)
-    if error is not None:
-        where = ".".join(str(p) for p in error.absolute_path) or "message"
-        raise ValueError(f"outgoing {message.TYPE}: field {where!r} fails {error.validator!r}")
     data = json.dumps(body, separators=(",", ":")).encode()
     if len(data) > MAX_RELAY_MESSAGE_SIZE:
         raise ValueError(
             f"{message.TYPE} message of {len(data)} bytes exceeds {MAX_RELAY_MESSAGE_SIZE}"
         )
+    error = next(iter(_validators()[message.TYPE].iter_errors(body)), None)
+    if error is not None:
+        where = ".".join(str(p) for p in error.absolute_path) or "message"
+        raise ValueError(f"outgoing {message.TYPE}: field {where!r} fails {error.validator!r}")
     return LENGTH.pack(len(data)) + data
 
 
