@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 import struct
 import time
 from pathlib import Path
 
 import pytest
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
 from cloudbridge_core.client.connection import tls_for
 from cloudbridge_core.errors import TransportError
 from cloudbridge_core.protocol.mux import HEADER, Flag, FrameType
 from cloudbridge_core.providers import Endpoint, Session, Stream
-from cloudbridge_core.tlsutil import client_context
+from cloudbridge_core.tlsutil import ALPN, client_context
 
 from tests.relaybed import Bed, run
 
@@ -46,9 +49,9 @@ def _tls(bed: Bed) -> ssl.SSLContext:
 
 
 async def _raw(
-    bed: Bed, *, tls: bool = True, source: str = "127.0.0.1"
+    bed: Bed, *, tls: bool = True, source: str = "127.0.0.1", transport: str = "tls"
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    port = bed.relay.listeners["tls"].port
+    port = bed.relay.listeners[transport].port
     return await asyncio.open_connection(
         "127.0.0.1",
         port,
@@ -109,21 +112,24 @@ def test_streams_before_the_hello_stay_within_the_preauth_budget(tmp_path: Path)
     run(tmp_path, scenario)
 
 
-async def _stall_in_tls(bed: Bed) -> float:
+async def _stall_in_tls(bed: Bed, transport: str = "tls") -> float:
     """TCP accepted, then never a ClientHello."""
     started = time.monotonic()
-    reader, writer = await _raw(bed, tls=False)
+    reader, writer = await _raw(bed, tls=False, transport=transport)
     await _closed_by_relay(reader, within=10)
     writer.transport.abort()
     return time.monotonic() - started
 
 
-async def _stall_after_tls(bed: Bed, stall: float) -> float:
-    """The TLS handshake sent late, then silence."""
+async def _stall_after_tls(bed: Bed, stall: float, transport: str = "tls") -> float:
+    """The TLS handshake sent late, then silence (no hello, upgrade or HTTP/2 preface)."""
     started = time.monotonic()
-    reader, writer = await _raw(bed, tls=False)
+    reader, writer = await _raw(bed, tls=False, transport=transport)
     await asyncio.sleep(stall)  # a slow handshake, part of the attack
-    await writer.start_tls(_tls(bed), server_hostname="relay")
+    context = _tls(bed)
+    if transport == "grpc":
+        context.set_alpn_protocols(["h2"])
+    await writer.start_tls(context, server_hostname="relay")
     await _closed_by_relay(reader, within=10)
     writer.transport.abort()
     return time.monotonic() - started
@@ -156,6 +162,30 @@ def test_staged_stalls_end_within_one_deadline(tmp_path: Path) -> None:
         )
         for took in stalls[:3]:
             assert took < deadline + 1.0, stalls
+        metrics = bed.relay.relay.metrics.registry
+        assert metrics.get_sample_value("cloudbridge_relay_preauth_expired_total") == 3
+
+    run(tmp_path, scenario, preauth_timeout=f"{deadline}s")
+
+
+@pytest.mark.parametrize("transport", ["websocket", "grpc"])
+def test_handshake_stalls_end_within_one_deadline_over_http(tmp_path: Path, transport: str) -> None:
+    """Before: WebSocket 29 s; gRPC 60 s with a silent TLS, 120 s with a silent TCP."""
+    deadline = 2.0
+
+    async def scenario(bed: Bed) -> None:
+        stalls = await asyncio.gather(
+            _stall_in_tls(bed, transport),
+            _stall_after_tls(bed, 1.0, transport),
+            _bystander_pings(bed),
+        )
+        for took in stalls[:2]:
+            assert took < deadline + 1.0, stalls
+        metrics = bed.relay.relay.metrics.registry
+        # gRPC's handshake deadline is grpc's own; a WebSocket's TLS handshake is bounded
+        # by asyncio (ssl_handshake_timeout) before the connection is admitted and counted
+        if transport == "websocket":
+            assert metrics.get_sample_value("cloudbridge_relay_preauth_expired_total") == 1
 
     run(tmp_path, scenario, preauth_timeout=f"{deadline}s")
 
@@ -268,3 +298,48 @@ def test_streams_without_a_hello_are_refused_on_every_transport(
         await _bystander_pings(bed)
 
     run(tmp_path, scenario)
+
+
+def _quic_initial(port: int) -> bytes:
+    """A client's first datagram, with a fresh connection id: what a spoofer sends."""
+    configuration = QuicConfiguration(is_client=True, alpn_protocols=[ALPN])
+    client = QuicConnection(configuration=configuration)
+    now = time.monotonic()
+    client.connect(("127.0.0.1", port), now=now)
+    datagram, _ = client.datagrams_to_send(now=now)[0]
+    return datagram
+
+
+def test_quic_initials_without_address_validation_hold_no_state(tmp_path: Path) -> None:
+    """Before: every Initial got a connection (~94 KiB; +183 MiB for 2,000) and the
+    bystander's ping p99 went from 5 ms to 248 ms."""
+
+    async def scenario(bed: Bed) -> None:
+        port = bed.relay.listeners["quic"].port
+        bystander = await bed.connect()
+        initials = [_quic_initial(port) for _ in range(500)]
+        loop = asyncio.get_running_loop()
+        rss_before = _rss()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as spoofer:
+            spoofer.setblocking(False)
+            spoofer.connect(("127.0.0.1", port))
+            replies: list[bytes] = []
+            pings = []
+            for batch in range(0, len(initials), 50):  # as fast as the relay's socket takes
+                for initial in initials[batch : batch + 50]:
+                    await loop.sock_sendall(spoofer, initial)
+                started = time.monotonic()
+                await bystander.ping(5)
+                pings.append(time.monotonic() - started)
+                with contextlib.suppress(TimeoutError):
+                    while True:  # the batch's answers, until the relay has none left
+                        replies.append(await asyncio.wait_for(loop.sock_recv(spoofer, 2048), 0.2))
+        await bystander.aclose()
+        # long header, QUIC v1 packet type 3: a Retry, which the relay builds without state
+        assert len(replies) > len(initials) // 2
+        assert {reply[0] & 0xF0 for reply in replies} == {0xF0}
+        assert bed.relay.relay.preauth.pending == 0
+        assert _rss() - rss_before < 16 * 1024 * 1024
+        assert max(pings) < 0.25, pings
+
+    run(tmp_path, scenario, transport="quic")

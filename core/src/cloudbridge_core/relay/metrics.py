@@ -83,6 +83,11 @@ class PreauthCollector(Collector):
         for reason in (PER_ADDRESS, TOTAL):
             refused.add_metric([reason], gate.refused[reason])
         yield refused
+        yield CounterMetricFamily(
+            "cloudbridge_relay_preauth_expired",
+            "Connections dropped for not authenticating within server.preauth_timeout.",
+            value=gate.expired,
+        )
 
 
 class RelayMetrics:

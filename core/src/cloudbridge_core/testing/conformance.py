@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import os
 import socket
@@ -48,6 +49,7 @@ from cloudbridge_core.providers import (
 from cloudbridge_core.testing.streams import echo_streams, read_all
 from cloudbridge_core.testing.tls import loopback_material, loopback_tls
 from cloudbridge_core.tlsutil import client_context, generate_ca
+from cloudbridge_core.transports.preauth import PreauthGate, PreauthLimits
 
 Handler = Callable[[Session], Awaitable[None]]
 
@@ -255,6 +257,46 @@ async def oversized_frame_rejected(kit: TransportKit) -> None:
     await echo_still_works(kit)
 
 
+async def preauth_budget_held(kit: TransportKit) -> None:
+    """Served with a pre-auth gate (``Endpoint.preauth``), a session its handler never
+    authenticates ends at the gate's deadline and gives its place back; one that says
+    hello and is authenticated (``Session.authenticated``) keeps going past it."""
+    gate = PreauthGate(lambda: PreauthLimits(timeout=1.0))
+    endpoint = dataclasses.replace(kit.server_endpoint(), preauth=gate)
+
+    async def handle(session: Session) -> None:
+        with contextlib.suppress(TransportError):  # the silent session ends at the deadline
+            hello = await session.accept_stream()
+            assert await hello.read() == b"hello"
+            session.authenticated()
+            await hello.write(b"welcome")
+            while True:
+                stream = await session.accept_stream()
+                await stream.write(await stream.read())
+
+    listener = await kit.make().serve(endpoint, handle)
+    silent = await kit.make().connect(kit.client_endpoint(listener.port))
+    greeted = await kit.make().connect(kit.client_endpoint(listener.port))
+    try:
+        hello = await greeted.open_stream()
+        await hello.write(b"hello")
+        assert await asyncio.wait_for(hello.read(), 10) == b"welcome"
+        try:
+            await asyncio.wait_for(silent.accept_stream(), 10)
+        except TransportError:
+            pass
+        else:
+            raise AssertionError("the server opened a stream to an unauthenticated peer")
+        later = await greeted.open_stream()  # after the deadline
+        await later.write(b"still here")
+        assert await asyncio.wait_for(later.read(), 10) == b"still here"
+        assert gate.pending == 0, "an ended or authenticated session kept its pre-auth place"
+    finally:
+        await silent.aclose()
+        await greeted.aclose()
+        await listener.aclose()
+
+
 async def echo_still_works(kit: TransportKit) -> None:
     async with kit.pair(echo_streams) as (client, _):
         stream = await client.open_stream()
@@ -293,6 +335,7 @@ CHECKS: list[Callable[[TransportKit], Awaitable[None]]] = [
     connect_timeout,
     untrusted_certificate_rejected,
     oversized_frame_rejected,
+    preauth_budget_held,
 ]
 
 

@@ -15,11 +15,6 @@ from cloudbridge_core.errors import ProtocolViolation, StreamAborted, TransportC
 from cloudbridge_core.protocol import mux
 from cloudbridge_core.transports.preauth import Admission
 
-#: how long closing a session waits for its peer to read the last bytes (security limit: a
-#: peer that stops reading cannot hold a closing session open)
-CLOSE_TIMEOUT = 2.0
-
-
 class Pipe(Protocol):
     """An ordered, reliable byte pipe; ``receive`` returns ``b""`` at its end.
 
@@ -55,9 +50,7 @@ class StreamPipe:
     async def aclose(self) -> None:
         self._writer.close()
         with contextlib.suppress(OSError, ConnectionError):
-            # shielded: every closer waits on one future, and a closer that gives up (its
-            # CLOSE_TIMEOUT) must not cancel it for the others
-            await asyncio.shield(self._writer.wait_closed())
+            await self._writer.wait_closed()
 
     def abort(self) -> None:
         self._writer.transport.abort()
@@ -234,6 +227,9 @@ class MuxSession:
 
     def _expired(self) -> None:
         self._expiry = None
+        if self._admission is not None:
+            self._admission.expire()
+            self._admission = None
         self._shut("no authentication within the pre-auth deadline")
         self._drop()
 
@@ -246,20 +242,19 @@ class MuxSession:
         else:
             self._closing = asyncio.get_running_loop().create_task(self._pipe.aclose())
 
+    def abort(self, reason: str) -> None:
+        """End the session at once, without a closing handshake: for a peer the relay gives
+        up on (a flooder), which may not be reading and gets no say in how long it takes."""
+        self._shut(reason)
+        self._drop()
+
     async def aclose(self) -> None:
-        """Close, waiting ``CLOSE_TIMEOUT`` at most for the peer to take the last bytes: a
-        peer that does not read (a flooder the relay disconnects) is dropped instead."""
         if not self._closed.is_set():
             self._connection.close()
-            with contextlib.suppress(OSError, ConnectionError, TransportClosed, TimeoutError):
-                await asyncio.wait_for(self.flush(), CLOSE_TIMEOUT)
+            with contextlib.suppress(OSError, ConnectionError, TransportClosed):
+                await self.flush()
             self._shut("session closed locally")
-        try:
-            await asyncio.wait_for(self._pipe.aclose(), CLOSE_TIMEOUT)
-        except TimeoutError:
-            abort: Callable[[], object] | None = getattr(self._pipe, "abort", None)
-            if abort is not None:
-                abort()
+        await self._pipe.aclose()
         if self._reader is not asyncio.current_task():
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):

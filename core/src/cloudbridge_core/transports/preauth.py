@@ -50,6 +50,12 @@ class Admission:
             self._released = True
             self._gate._release(self.address)
 
+    def expire(self) -> None:
+        """The deadline passed before authentication: counted, and released."""
+        if not self._released:
+            self._gate.expired += 1
+            self.release()
+
 
 class PreauthGate:
     """Counts unauthenticated connections by source address; ``limits`` is read at each
@@ -60,6 +66,8 @@ class PreauthGate:
         self._pending: Counter[str] = Counter()
         #: connections refused so far, by reason (:data:`PER_ADDRESS`, :data:`TOTAL`)
         self.refused: Counter[str] = Counter()
+        #: connections dropped at their deadline, not authenticated (:meth:`Admission.expire`)
+        self.expired = 0
 
     @property
     def timeout(self) -> float:

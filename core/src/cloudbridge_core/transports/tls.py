@@ -65,7 +65,9 @@ class TlsListener:
             async with asyncio.timeout_at(deadline):
                 await writer.start_tls(self._tls)
         except (TimeoutError, ssl.SSLError, OSError) as exc:
-            if admission is not None:
+            if admission is not None and isinstance(exc, TimeoutError):
+                admission.expire()
+            elif admission is not None:
                 admission.release()
             writer.transport.abort()
             log.debug("tls_handshake_failed", reason=str(exc) or type(exc).__name__)

@@ -140,11 +140,7 @@ class ServerSession:
         self._expiry: asyncio.TimerHandle | None = None
         self._accepted = 0
         if admission is not None:
-            self._expiry = asyncio.get_running_loop().call_at(
-                admission.deadline,
-                self.end,
-                TransportClosed("no authentication within the pre-auth deadline"),
-            )
+            self._expiry = asyncio.get_running_loop().call_at(admission.deadline, self._expired)
         self._context = context
         self._piece = piece
         self._incoming = _Incoming()
@@ -191,6 +187,13 @@ class ServerSession:
     def authenticated(self) -> None:
         """The relay authenticated the peer: lift the pre-auth budget. Idempotent."""
         self._end_preauth()
+
+    def _expired(self) -> None:
+        self._expiry = None
+        if self._admission is not None:
+            self._admission.expire()
+            self._admission = None
+        self.end(TransportClosed("no authentication within the pre-auth deadline"))
 
     def _end_preauth(self) -> None:
         if self._expiry is not None:

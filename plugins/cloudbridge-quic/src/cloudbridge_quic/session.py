@@ -176,6 +176,13 @@ class QuicSession(QuicConnectionProtocol):
             self._admission.release()
             self._admission = None
 
+    def _expired(self) -> None:
+        self._expiry = None
+        if self._admission is not None:
+            self._admission.expire()
+            self._admission = None
+        self._refuse(_CONNECTION_REFUSED, "no authentication within the pre-auth deadline")
+
     def _refuse(self, error_code: int, reason: str) -> None:
         """Close a stranger's connection now, before it can cost more."""
         self._gate = None
@@ -261,12 +268,7 @@ class QuicSession(QuicConnectionProtocol):
             if self._admission is None:  # over a cap (counted by the gate)
                 self._refuse(_CONNECTION_REFUSED, "too many unauthenticated connections")
                 return
-            self._expiry = self._loop.call_at(
-                self._admission.deadline,
-                self._refuse,
-                _CONNECTION_REFUSED,
-                "no authentication within the pre-auth deadline",
-            )
+            self._expiry = self._loop.call_at(self._admission.deadline, self._expired)
         self._quic.receive_datagram(data, addr, now=self._loop.time())  # type: ignore[arg-type]
         self._process_events()
         self._transmit_soon()

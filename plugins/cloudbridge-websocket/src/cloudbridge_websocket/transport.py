@@ -97,7 +97,14 @@ class PreauthConnection(ServerConnection):
             return
         self.protocol.max_message_size = PREAUTH_MESSAGE_BYTES
         loop = asyncio.get_running_loop()
-        self._expiry = loop.call_at(self._admission.deadline, transport.abort)
+        self._expiry = loop.call_at(self._admission.deadline, self._expired, transport)
+
+    def _expired(self, transport: asyncio.Transport) -> None:
+        self._expiry = None
+        admission, self._admission = self._admission, None
+        if admission is not None:
+            admission.expire()
+        transport.abort()
 
     def take_admission(self) -> Admission | None:
         """Hand the admission (and its deadline) over to the session."""
