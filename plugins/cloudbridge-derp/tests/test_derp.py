@@ -108,7 +108,9 @@ def test_sealed_packets_both_ways_through_the_relay(tmp_path: Path) -> None:
                 connection = await connect(config, plugins)
                 joined: asyncio.Queue[messages.Message] = asyncio.Queue()
                 connection.on_message = joined.put_nowait
-                await connection.control.send(messages.MeshJoin(name, identity.public_key, "pem"))
+                request = messages.MeshJoin(name, identity.public_key, "pem")
+                challenge = await connection.mesh_challenge(5)
+                await connection.control.send(identity.prove_join(challenge, request))
                 assert isinstance(await joined.get(), messages.MeshPeers)
                 sessions.append(connection)
             a, b = identities
