@@ -78,4 +78,10 @@ class Pacer:
             reason=error.message,
         )
         await tell(self._control, messages.ErrorMessage(error.code, error.message))
-        await self._session.aclose()
+        # at once where the transport can: an offender that stopped reading would hold a
+        # graceful close open (TLS waits for its close_notify)
+        abort: Callable[[str], None] | None = getattr(self._session, "abort", None)
+        if abort is not None:
+            abort(error.message)
+        else:
+            await self._session.aclose()

@@ -15,6 +15,7 @@ from cloudbridge_core.errors import ProtocolViolation, StreamAborted, TransportC
 from cloudbridge_core.protocol import mux
 from cloudbridge_core.transports.preauth import Admission
 
+
 class Pipe(Protocol):
     """An ordered, reliable byte pipe; ``receive`` returns ``b""`` at its end.
 
