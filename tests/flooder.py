@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import json
 import os
 import time
@@ -54,6 +55,11 @@ async def send(
 ) -> None:
     with contextlib.suppress(CloudBridgeError):
         while True:
+            # a dropped connection only logs on write: stop at it, and yield each round so
+            # that the reader sees the relay's answer
+            if session.is_closed or writer.is_closing():
+                return
+            await asyncio.sleep(0)
             # never block in a flush: the session's reader flushes too, and would wait behind
             # it instead of reading what the relay says (its rate_limited)
             while writer.transport.get_write_buffer_size() > 16384:  # noqa: ASYNC110 (no event tells)
@@ -80,6 +86,8 @@ async def main() -> None:
     parser.add_argument("--token-file", type=Path, required=True)
     parser.add_argument("--seconds", type=float, required=True)
     args = parser.parse_args()
+    # a flooder that hangs says where (on stderr) and ends, whatever its event loop does
+    faulthandler.dump_traceback_later(args.seconds + 20, exit=True)
     reader, writer = await asyncio.open_connection(
         "127.0.0.1",
         args.port,

@@ -46,14 +46,15 @@ async def flood(bed: Bed, kind: str, tmp_path: Path, seconds: float) -> dict[str
         str(seconds),
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
-        output, _ = await asyncio.wait_for(process.communicate(), seconds + 30)
+        output, errors = await asyncio.wait_for(process.communicate(), seconds + 30)
     finally:
         if process.returncode is None:
             process.kill()
             await process.wait()
-    assert process.returncode == 0
+    assert process.returncode == 0, errors.decode(errors="replace")
     report: dict[str, Any] = json.loads(output)
     return report
 

@@ -9,8 +9,9 @@ flow control pushes back on it; one that stays over a rate for
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from cloudbridge_core.errors import RateLimitExceeded
 from cloudbridge_core.log import get_logger
@@ -23,6 +24,9 @@ from cloudbridge_core.settings import RateLimitSettings
 from cloudbridge_core.wire import MessageStream
 
 log = get_logger("relay.ratelimit")
+
+#: how long a disconnected offender has to read its rate_limited before it is dropped
+FAREWELL = 1.0
 
 
 class Pacer:
@@ -78,8 +82,15 @@ class Pacer:
             reason=error.message,
         )
         await tell(self._control, messages.ErrorMessage(error.code, error.message))
-        # at once where the transport can: an offender that stopped reading would hold a
+        # a moment for the message to reach an offender that still reads (it then leaves by
+        # itself), then the connection is dropped: one that stopped reading would hold a
         # graceful close open (TLS waits for its close_notify)
+        wait_closed: Callable[[], Awaitable[None]] | None = getattr(
+            self._session, "wait_closed", None
+        )
+        if wait_closed is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wait_closed(), FAREWELL)
         abort: Callable[[str], None] | None = getattr(self._session, "abort", None)
         if abort is not None:
             abort(error.message)
