@@ -28,13 +28,13 @@ def test_relay_and_client_answer_only_loopback_or_configured_host_names(
     tmp_path: Path, echo_port: int
 ) -> None:
     state = tmp_path / "D"
-    ports = {name: free_port() for name in ("websocket", "tls")}
+    ports = {"tls": free_port()}  # one transport: this test is about HTTP
     relay_metrics = free_port()
     relay = start(
         *("relay", "serve", "--dev", "--state-dir", str(state)),
         env=environment(
             CLOUDBRIDGE_SERVER__LISTEN="127.0.0.1",
-            CLOUDBRIDGE_DISABLE_PLUGINS="quic,grpc",
+            CLOUDBRIDGE_DISABLE_PLUGINS="quic,grpc,websocket",
             CLOUDBRIDGE_METRICS__PROMETHEUS_PORT=str(relay_metrics),
             CLOUDBRIDGE_METRICS__ALLOWED_HOSTS='["relay.internal"]',
             **{f"CLOUDBRIDGE_TRANSPORT__{n.upper()}__PORT": str(p) for n, p in ports.items()},
@@ -51,7 +51,8 @@ def test_relay_and_client_answer_only_loopback_or_configured_host_names(
         *("tunnel", "--config", str(config), "--local-port", str(local)),
         *("--remote-host", "127.0.0.1", "--remote-port", str(echo_port)),
         env=environment(
-            CLOUDBRIDGE_AUTH__TOKEN=issue_token(state), CLOUDBRIDGE_DISABLE_PLUGINS="quic,grpc"
+            CLOUDBRIDGE_AUTH__TOKEN=issue_token(state),
+            CLOUDBRIDGE_DISABLE_PLUGINS="quic,grpc,websocket",
         ),
         ready="tunnel 127.0.0.1:",
     )
