@@ -43,6 +43,7 @@ class Flood:
                     self.pongs += 1
                 elif isinstance(message, messages.ErrorMessage):
                     self.error = message.code
+                    break  # told why: it leaves, as a client does
         self.ended.set()
 
 

@@ -26,7 +26,7 @@ from cloudbridge_core.wire import MessageStream
 log = get_logger("relay.ratelimit")
 
 #: how long a disconnected offender has to read its rate_limited before it is dropped
-FAREWELL = 1.0
+FAREWELL = 2.0
 
 
 class Pacer:
