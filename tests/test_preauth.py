@@ -163,7 +163,8 @@ def test_staged_stalls_end_within_one_deadline(tmp_path: Path) -> None:
         for took in stalls[:3]:
             assert took < deadline + 1.0, stalls
         metrics = bed.relay.relay.metrics.registry
-        assert metrics.get_sample_value("cloudbridge_relay_preauth_expired_total") == 3
+        # the stall before TLS ends by asyncio's handshake timeout, before it is counted
+        assert metrics.get_sample_value("cloudbridge_relay_preauth_expired_total") == 2
 
     run(tmp_path, scenario, preauth_timeout=f"{deadline}s")
 
@@ -195,8 +196,8 @@ def test_unauthenticated_connections_are_capped_per_address_and_in_total(tmp_pat
 
     async def scenario(bed: Bed) -> None:
         metrics = bed.relay.relay.metrics.registry
-        held = [await _raw(bed, tls=False, source="127.0.0.2") for _ in range(4)]
-        refused_reader, refused_writer = await _raw(bed, tls=False, source="127.0.0.2")
+        held = [await _raw(bed, source="127.0.0.2") for _ in range(4)]
+        refused_reader, refused_writer = await _raw(bed, source="127.0.0.2")
         assert await _closed_by_relay(refused_reader, within=1) < 1  # at once
         refused_writer.transport.abort()
         assert (
@@ -207,8 +208,8 @@ def test_unauthenticated_connections_are_capped_per_address_and_in_total(tmp_pat
         )
         assert metrics.get_sample_value("cloudbridge_relay_preauth_pending") == 4
         await _bystander_pings(bed)  # another address is served meanwhile
-        held += [await _raw(bed, tls=False, source=f"127.0.0.{n}") for n in (3, 4, 5, 6)]
-        over_reader, over_writer = await _raw(bed, tls=False, source="127.0.0.7")
+        held += [await _raw(bed, source=f"127.0.0.{n}") for n in (3, 4, 5, 6)]
+        over_reader, over_writer = await _raw(bed, source="127.0.0.7")
         assert await _closed_by_relay(over_reader, within=1) < 1
         over_writer.transport.abort()
         assert (

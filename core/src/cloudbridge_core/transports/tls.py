@@ -12,7 +12,6 @@ from cloudbridge_core.errors import (
     TlsVerificationFailed,
     TransportError,
 )
-from cloudbridge_core.log import get_logger
 from cloudbridge_core.protocol.mux import MuxLimits
 from cloudbridge_core.providers import Endpoint, Session
 from cloudbridge_core.transports.mux_session import MuxSession, StreamPipe
@@ -22,20 +21,20 @@ from cloudbridge_core.transports.serving import run_session_handler
 #: the TLS handshake's deadline when the endpoint has no pre-auth gate
 HANDSHAKE_TIMEOUT = 10.0
 
-log = get_logger("transport.tls")
 
 
 class TlsListener:
     """A running TLS server; ``aclose`` stops accepting and closes every session.
 
-    The TLS handshake runs after the TCP accept, inside the connection's pre-auth budget
-    (``endpoint.preauth``): one deadline covers the handshake and the hello together.
+    One pre-auth deadline (``endpoint.preauth``) covers the TLS handshake and the hello
+    together: it counts from the TCP accept. The per-address and total caps apply once
+    the handshake is done (until then asyncio holds the connection, for the same time
+    at most).
     """
 
     def __init__(self, handler: Callable[[Session], Awaitable[None]], limits: MuxLimits) -> None:
         self._handler = handler
         self._limits = limits
-        self._tls: ssl.SSLContext | None = None
         self._gate: PreauthGate | None = None
         self._server: asyncio.Server | None = None
         self._sessions: dict[MuxSession, asyncio.Task[object] | None] = {}
@@ -47,31 +46,32 @@ class TlsListener:
         return port
 
     async def start(self, endpoint: Endpoint) -> None:
-        self._tls, self._gate = endpoint.tls, endpoint.preauth
-        self._server = await asyncio.start_server(self._accepted, endpoint.host, endpoint.port)
+        self._gate = endpoint.preauth
+        loop = asyncio.get_running_loop()
 
-    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        assert self._tls is not None  # set by start() before the first accept
+        def accept() -> asyncio.StreamReaderProtocol:
+            # asyncio builds the protocol when it accepts the TCP connection, before TLS
+            accepted_at = loop.time()
+            return asyncio.StreamReaderProtocol(
+                asyncio.StreamReader(),
+                lambda reader, writer: self._accepted(reader, writer, accepted_at),
+            )
+
+        timeout = HANDSHAKE_TIMEOUT if self._gate is None else self._gate.timeout
+        self._server = await loop.create_server(
+            accept, endpoint.host, endpoint.port, ssl=endpoint.tls, ssl_handshake_timeout=timeout
+        )
+
+    async def _accepted(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, accepted_at: float
+    ) -> None:
         admission: Admission | None = None
         if self._gate is not None:
             peer = writer.get_extra_info("peername")
-            admission = self._gate.admit(str(peer[0])) if peer else None
+            admission = self._gate.admit(str(peer[0]), since=accepted_at) if peer else None
             if admission is None:  # over a cap (counted by the gate) or already gone
                 writer.transport.abort()
                 return
-        loop = asyncio.get_running_loop()
-        deadline = admission.deadline if admission else loop.time() + HANDSHAKE_TIMEOUT
-        try:
-            async with asyncio.timeout_at(deadline):
-                await writer.start_tls(self._tls)
-        except (TimeoutError, ssl.SSLError, OSError) as exc:
-            if admission is not None and isinstance(exc, TimeoutError):
-                admission.expire()
-            elif admission is not None:
-                admission.release()
-            writer.transport.abort()
-            log.debug("tls_handshake_failed", reason=str(exc) or type(exc).__name__)
-            return
         session = MuxSession(
             StreamPipe(reader, writer), is_dialer=False, limits=self._limits, admission=admission
         )

@@ -6,7 +6,7 @@ import asyncio
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from cloudbridge_core.api import (
     Admission,
@@ -86,18 +86,18 @@ class PreauthConnection(ServerConnection):
         self._expiry: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)  # a stream: TCP or TLS
         super().connection_made(transport)
         if self.gate is None:
             return
         peer = transport.get_extra_info("peername")
         self._admission = self.gate.admit(str(peer[0]), since=self._accepted_at) if peer else None
         if self._admission is None:  # over a cap (counted by the gate) or already gone
-            transport.abort()
+            cast(asyncio.Transport, transport).abort()
             return
         self.protocol.max_message_size = PREAUTH_MESSAGE_BYTES
         loop = asyncio.get_running_loop()
-        self._expiry = loop.call_at(self._admission.deadline, self._expired, transport)
+        stream = cast(asyncio.Transport, transport)  # TLS (uvloop's are no subclass)
+        self._expiry = loop.call_at(self._admission.deadline, self._expired, stream)
 
     def _expired(self, transport: asyncio.Transport) -> None:
         self._expiry = None
