@@ -22,7 +22,6 @@ from cloudbridge_core.transports.serving import run_session_handler
 HANDSHAKE_TIMEOUT = 10.0
 
 
-
 class TlsListener:
     """A running TLS server; ``aclose`` stops accepting and closes every session.
 
