@@ -269,9 +269,7 @@ class Relay:
         pacer = Pacer(limiter, lambda: self.limits.rate_limits, session, control, self.metrics)
         if isinstance(session, MuxSession):  # it answers PINGs itself: it lets the relay pace them
             session.pace_pings = lambda count: pacer.pace("mux_pings", count)
-        controller = asyncio.create_task(
-            self._control_loop(session, control, claims, state, pacer)
-        )
+        controller = asyncio.create_task(self._control_loop(session, control, claims, state, pacer))
         expiry = asyncio.create_task(self._end_with_rights(session, control, state))
         self._controls.add(control)
         try:
