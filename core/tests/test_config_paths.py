@@ -240,6 +240,7 @@ def test_the_core_schema_marks_its_paths() -> None:
         "server.state_dir": "new-dir",
         "server.tls_cert_file": "file",
         "server.tls_key_file": "file",
+        "server.turn.secret_file": "file",
     }
     output = core_schema()["properties"]["logging"]["properties"]["output"]
     assert output["x-cloudbridge-path-except"] == ["stderr", "stdout"]
