@@ -159,10 +159,9 @@ class MuxSession:
             is_dialer, limits or mux.MuxLimits(), preauth=admission is not None
         )
         self._admission = admission
-        self._expiry: asyncio.TimerHandle | None = None
         self._closing: asyncio.Task[None] | None = None
         if admission is not None:
-            self._expiry = asyncio.get_running_loop().call_at(admission.deadline, self._expired)
+            admission.watch(self._expired)
         self._streams: dict[int, MuxStream] = {}
         self._incoming: asyncio.Queue[MuxStream] = asyncio.Queue()
         self._send_lock = asyncio.Lock()
@@ -219,18 +218,12 @@ class MuxSession:
         self._end_preauth()
 
     def _end_preauth(self) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
         if self._admission is not None:
             self._admission.release()
             self._admission = None
 
     def _expired(self) -> None:
-        self._expiry = None
-        if self._admission is not None:
-            self._admission.expire()
-            self._admission = None
+        self._admission = None  # counted and released by the admission itself
         self._shut("no authentication within the pre-auth deadline")
         self._drop()
 

@@ -41,11 +41,25 @@ class Admission:
         #: the event loop's clock (``loop.time()``) at which the budget runs out
         self.deadline = deadline
         self._released = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def watch(self, on_expiry: Callable[[], None]) -> None:
+        """Call ``on_expiry`` at the deadline unless released first (the connection is
+        then counted as expired, and released)."""
+        self._timer = asyncio.get_running_loop().call_at(self.deadline, self._fire, on_expiry)
+
+    def _fire(self, on_expiry: Callable[[], None]) -> None:
+        self._timer = None
+        self.expire()
+        on_expiry()
 
     def remaining(self) -> float:
         return max(0.0, self.deadline - asyncio.get_running_loop().time())
 
     def release(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if not self._released:
             self._released = True
             self._gate._release(self.address)

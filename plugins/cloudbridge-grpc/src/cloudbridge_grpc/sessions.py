@@ -137,10 +137,9 @@ class ServerSession:
 
     def __init__(self, context: Any, piece: int, admission: Admission | None = None) -> None:
         self._admission = admission
-        self._expiry: asyncio.TimerHandle | None = None
         self._accepted = 0
         if admission is not None:
-            self._expiry = asyncio.get_running_loop().call_at(admission.deadline, self._expired)
+            admission.watch(self._expired)
         self._context = context
         self._piece = piece
         self._incoming = _Incoming()
@@ -189,16 +188,10 @@ class ServerSession:
         self._end_preauth()
 
     def _expired(self) -> None:
-        self._expiry = None
-        if self._admission is not None:
-            self._admission.expire()
-            self._admission = None
+        self._admission = None  # counted and released by the admission itself
         self.end(TransportClosed("no authentication within the pre-auth deadline"))
 
     def _end_preauth(self) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
         if self._admission is not None:
             self._admission.release()
             self._admission = None

@@ -132,7 +132,6 @@ class QuicSession(QuicConnectionProtocol):
         #: a server session waits for its first datagram (and address) to be admitted
         self._gate = preauth
         self._admission: Admission | None = None
-        self._expiry: asyncio.TimerHandle | None = None
         self._preauth_bytes = 0
         assert isinstance(quic, BoundedQuicConnection)
         self._bounded = quic
@@ -169,18 +168,12 @@ class QuicSession(QuicConnectionProtocol):
         self._end_preauth()
 
     def _end_preauth(self) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
         if self._admission is not None:
             self._admission.release()
             self._admission = None
 
     def _expired(self) -> None:
-        self._expiry = None
-        if self._admission is not None:
-            self._admission.expire()
-            self._admission = None
+        self._admission = None  # counted and released by the admission itself
         self._refuse(_CONNECTION_REFUSED, "no authentication within the pre-auth deadline")
 
     def _refuse(self, error_code: int, reason: str) -> None:
@@ -268,7 +261,7 @@ class QuicSession(QuicConnectionProtocol):
             if self._admission is None:  # over a cap (counted by the gate)
                 self._refuse(_CONNECTION_REFUSED, "too many unauthenticated connections")
                 return
-            self._expiry = self._loop.call_at(self._admission.deadline, self._expired)
+            self._admission.watch(self._expired)
         self._quic.receive_datagram(data, addr, now=self._loop.time())  # type: ignore[arg-type]
         self._process_events()
         self._transmit_soon()
