@@ -73,7 +73,13 @@ class Stream(Protocol):
         """Half-close: the peer reads EOF, this side can still read."""
 
     async def aclose(self) -> None:
-        """Close both directions; idempotent."""
+        """Close both directions; idempotent. Before the peer's EOF this is a reset."""
+
+    async def reset(self) -> None:
+        """Abortive close, the relayed form of a TCP RST: what is unsent is dropped, and
+        the peer's reads fail with ``StreamAborted`` even after this side's EOF (a
+        half-closed stream is reset too). Idempotent; a stream already finished or failed
+        stays as it is."""
 
 
 class Session(Protocol):

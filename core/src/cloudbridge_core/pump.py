@@ -1,8 +1,12 @@
 """Copy bytes both ways between a multiplexed stream and a TCP socket.
 
 Each direction ends on its own (half-close propagates: EOF from one side becomes
-``close_write`` / ``shutdown(SHUT_WR)`` on the other); an error on either side aborts
-both. The TCP side reads into pooled buffers (see :class:`BufferPool`), and every write
+``close_write`` / ``shutdown(SHUT_WR)`` on the other). An abnormal end is never passed on
+as an EOF: an error on either side (a TCP RST, a reset stream, a lost session) or a
+cancelled pump resets the stream and closes the socket with an RST, so the applications
+at both ends see a broken transfer as broken, never as a short one that finished.
+
+The TCP side reads into pooled buffers (see :class:`BufferPool`), and every write
 waits for the other side (backpressure end to end), so a slow reader never makes memory
 grow.
 """
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import struct
 from dataclasses import dataclass
 
 from cloudbridge_core.errors import TransportError
@@ -113,16 +118,29 @@ async def pump(
             sock.shutdown(socket.SHUT_WR)
 
     tasks = [asyncio.create_task(tcp_to_stream()), asyncio.create_task(stream_to_tcp())]
+    finished = False
     try:
-        for finished in asyncio.as_completed(tasks):
-            await finished
+        for task in asyncio.as_completed(tasks):
+            await task
+        finished = True
     except (OSError, TransportError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        with contextlib.suppress(TransportError):
-            await stream.aclose()
-        sock.close()
+        if finished:
+            with contextlib.suppress(TransportError):
+                await stream.aclose()
+            sock.close()
+        else:
+            await stream.reset()
+            abort(sock)
     return result
+
+
+def abort(sock: socket.socket) -> None:
+    """Close with an RST rather than a FIN: the peer learns the connection broke."""
+    with contextlib.suppress(OSError):  # already reset by the peer, or not TCP
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()

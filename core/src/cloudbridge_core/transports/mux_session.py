@@ -113,10 +113,16 @@ class MuxStream:
             with contextlib.suppress(TransportClosed):
                 await self.close_write()
             return
-        self._session.reset(self.stream_id)
-        self.fail(StreamAborted(f"stream {self.stream_id} was closed locally"))
+        await self.reset()
+
+    async def reset(self) -> None:
+        if self._error is not None:
+            return
+        self._session.reset(self.stream_id)  # an RST frame unless both sides had finished
+        self.fail(StreamAborted(f"stream {self.stream_id} was reset locally"))
         self._closed = True
-        await self._session.flush()
+        with contextlib.suppress(TransportClosed):  # a lost session has reset every stream
+            await self._session.flush()
 
     # called by the session when the peer's frames arrive
 
