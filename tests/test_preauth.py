@@ -16,6 +16,7 @@ import struct
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
@@ -24,7 +25,9 @@ from cloudbridge_core.errors import TransportError
 from cloudbridge_core.protocol.mux import HEADER, Flag, FrameType
 from cloudbridge_core.providers import Endpoint, Session, Stream
 from cloudbridge_core.tlsutil import ALPN, client_context
+from cloudbridge_grpc.sessions import SESSION_HEADER, SESSION_METHOD
 
+from tests import rawh2
 from tests.relaybed import Bed, run
 
 pytestmark = pytest.mark.timeout(60)
@@ -174,10 +177,13 @@ def test_handshake_stalls_end_within_one_deadline_over_http(tmp_path: Path, tran
     """Before: WebSocket 29 s; gRPC 60 s with a silent TLS, 120 s with a silent TCP."""
     deadline = 2.0
 
+    # gRPC gives the handshake its share of the budget (0.8 s of 2 s): a stall within it
+    stall = 0.5 if transport == "grpc" else 1.0
+
     async def scenario(bed: Bed) -> None:
         stalls = await asyncio.gather(
             _stall_in_tls(bed, transport),
-            _stall_after_tls(bed, 1.0, transport),
+            _stall_after_tls(bed, stall, transport),
             _bystander_pings(bed),
         )
         for took in stalls[:2]:
@@ -189,6 +195,77 @@ def test_handshake_stalls_end_within_one_deadline_over_http(tmp_path: Path, tran
             assert metrics.get_sample_value("cloudbridge_relay_preauth_expired_total") == 1
 
     run(tmp_path, scenario, preauth_timeout=f"{deadline}s")
+
+
+def test_a_grpc_stranger_calling_late_ends_within_one_deadline_from_accept(tmp_path: Path) -> None:
+    """Before: grpc's handshake limit and then the Session call's own deadline, each as long
+    as the budget: a stranger that sent its handshake and its call late stayed ~2x."""
+    deadline = 2.0
+
+    async def stranger(bed: Bed) -> tuple[float, float]:
+        started = time.monotonic()
+        reader, writer = await _raw(bed, tls=False, transport="grpc")
+        await asyncio.sleep(0.6)  # a slow handshake, within grpc's share of the budget
+        context = _tls(bed)
+        context.set_alpn_protocols(["h2"])
+        await writer.start_tls(context, server_hostname="relay")
+        writer.write(rawh2.opening())
+        await asyncio.sleep(0.1)  # a late first call, within the wait allowed for it
+        path = "/cloudbridge.v1.Tunnel/Session"
+        writer.write(rawh2.call(1, path, {"cloudbridge-session": "a-stranger"}))
+        await writer.drain()
+        call_ended = None
+        with contextlib.suppress(ConnectionError, ssl.SSLError, asyncio.IncompleteReadError):
+            async with asyncio.timeout(deadline + 5):
+                while True:  # the call ends (trailers or a reset), then the connection
+                    kind, flags, stream_id, _ = await rawh2.read_frame(reader)
+                    ended = kind is rawh2.Frame.RST_STREAM or (
+                        kind is rawh2.Frame.HEADERS and flags & 0x1  # END_STREAM
+                    )
+                    if stream_id == 1 and ended and call_ended is None:
+                        call_ended = time.monotonic() - started
+        writer.transport.abort()
+        assert call_ended is not None, "the relay never ended the stranger's call"
+        return call_ended, time.monotonic() - started
+
+    async def scenario(bed: Bed) -> None:
+        (call_ended, closed), _ = await asyncio.gather(stranger(bed), _bystander_pings(bed))
+        assert call_ended < deadline + 0.3, call_ended
+        assert closed < deadline + 0.5, closed
+        metrics = bed.relay.relay.metrics.registry
+        assert metrics.get_sample_value("cloudbridge_relay_preauth_expired_total") == 1
+        assert bed.relay.relay.preauth.pending == 0
+
+    run(tmp_path, scenario, preauth_timeout=f"{deadline}s")
+
+
+def test_a_grpc_strangers_session_call_is_not_read_before_its_hello(tmp_path: Path) -> None:
+    """Before: the relay read (and grpc assembled) every message a stranger sent on its
+    Session call, 300 MiB a second, until the deadline; now flow control holds it back."""
+    piece = 1024 * 1024
+    # a well-formed Control with an unknown field 15 of one MiB (tag, then the length)
+    message = b"\x7a" + bytes([0x80, 0x80, 0x40]) + b"\0" * piece
+
+    async def scenario(bed: Bed) -> None:
+        port = bed.relay.listeners["grpc"].port
+        ca = (bed.state_dir / "ca.pem").read_bytes()
+        credentials = grpc.ssl_channel_credentials(root_certificates=ca)
+        options = [("grpc.max_send_message_length", -1)]
+        async with grpc.aio.secure_channel(f"localhost:{port}", credentials, options) as channel:
+            session = channel.stream_stream(SESSION_METHOD, bytes, bytes)
+            call = session(metadata=((SESSION_HEADER, "a-stranger"),))
+            await call.read()  # the relay's acknowledgement
+            sent = 0
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    while True:
+                        await call.write(message)
+                        sent += 1
+            call.cancel()
+        assert sent * piece <= 8 * 1024 * 1024, sent  # grpc's windows, then nothing
+        await _bystander_pings(bed)
+
+    run(tmp_path, scenario)
 
 
 def test_unauthenticated_connections_are_capped_per_address_and_in_total(tmp_path: Path) -> None:

@@ -14,7 +14,11 @@ from typing import Any
 
 import pytest
 from cloudbridge_core.client.connection import RelayConnection
+from cloudbridge_core.tlsutil import client_context
+from cloudbridge_grpc.sessions import SESSION_HEADER, SESSION_METHOD
+from cloudbridge_grpc.transport import MAX_PING_STRIKES
 
+from tests import rawh2
 from tests.relaybed import Bed, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,3 +125,54 @@ def test_a_flood_is_slowed_then_disconnected_and_a_bystander_keeps_working(
     probing = {"control_messages": {"rate": 1000, "burst": 1000}}
     limits = {"disconnect_after": f"{GRACE}s", "tenants": {"bystander": probing}}
     run(tmp_path, scenario, rate_limits=limits)
+
+
+def test_a_grpc_ping_flood_is_refused_by_grpc_and_a_bystander_keeps_working(
+    tmp_path: Path,
+) -> None:
+    """grpc answers HTTP/2 PINGs itself; the relay has it refuse a flood: GOAWAY
+    ENHANCE_YOUR_CALM (too_many_pings) after MAX_PING_STRIKES + 1 PINGs sooner than every
+    500 ms, from a client with a call open, as an authenticated one has."""
+
+    async def scenario(bed: Bed) -> None:
+        bystander = await bed.connect(bed.token(tenant="bystander"))
+        context = client_context((bed.state_dir / "ca.pem").read_bytes())
+        context.set_alpn_protocols(["h2"])
+        port = bed.relay.listeners["grpc"].port
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=context, server_hostname="localhost"
+        )
+        writer.write(rawh2.opening())
+        writer.write(rawh2.call(1, SESSION_METHOD, {SESSION_HEADER: "a-flooder"}))
+        for number in range(MAX_PING_STRIKES + 3):
+            writer.write(rawh2.ping(number))
+        await writer.drain()
+        code, reason = await asyncio.wait_for(rawh2.goaway(reader), 5)
+        writer.transport.abort()
+        assert (code, reason) == (rawh2.ENHANCE_YOUR_CALM, b"too_many_pings")
+        assert await bystander.ping(within=5.0) < 1.0
+        await bystander.aclose()
+
+    run(tmp_path, scenario)
+
+
+@pytest.mark.parametrize("transport", ["tls", "websocket", "grpc", "quic"])
+def test_sessions_from_one_address_share_its_buckets_on_every_transport(
+    tmp_path: Path, transport: str
+) -> None:
+    """Before: only the TLS transport told the relay its peer's address, so per-address
+    buckets did not exist on the others: two sessions from one address each got the whole
+    per-address quota."""
+    pings = 10  # by each session: within its own burst, over the address's together
+
+    async def scenario(bed: Bed) -> None:
+        bed.transport = transport
+        sessions = [await bed.connect(), await bed.connect()]
+        assert bed.relay.relay.rate_limiter.addresses == 1
+        await asyncio.gather(*(s.ping(within=10.0) for s in sessions for _ in range(pings)))
+        assert count(bed, "control_messages", "slowed") >= 1
+        for session in sessions:
+            await session.aclose()
+
+    shared = {"control_messages": {"rate": 100, "burst": pings + pings // 2}}
+    run(tmp_path, scenario, rate_limits={"disconnect_after": "30s", "per_address": shared})

@@ -99,6 +99,29 @@ def test_sessions_from_one_address_share_its_buckets_and_free_them() -> None:
     assert limiter.addresses == 1
 
 
+@pytest.mark.parametrize(
+    ("one", "another"),
+    [("2001:db8:1:2::1", "2001:db8:1:2:ffff::9"), ("::ffff:192.0.2.7", "192.0.2.7")],
+    ids=["ipv6-/64", "ipv4-mapped"],
+)
+def test_addresses_count_by_source_as_the_preauth_caps_count_them(one: str, another: str) -> None:
+    limiter = RateLimiter()
+    config = settings(
+        per_address=dataclasses.replace(
+            settings().per_address, control_messages=RateQuota(rate=10, burst=2)
+        )
+    )
+    first = limiter.session("acme", one)
+    second = limiter.session("acme", another)
+    first.charge("control_messages", config, 0.0)
+    first.charge("control_messages", config, 0.0)
+    assert second.charge("control_messages", config, 0.0).limited  # the source's third
+    assert limiter.addresses == 1
+    elsewhere = limiter.session("acme", "2001:db8:1:3::1")  # the next /64: another source
+    assert not elsewhere.charge("control_messages", config, 0.0).limited
+    assert limiter.addresses == 2
+
+
 def test_a_tenant_override_replaces_only_the_kinds_it_names() -> None:
     generous = RateQuota(rate=1000, burst=1000)
     config = settings(

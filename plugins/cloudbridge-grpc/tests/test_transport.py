@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import socket
 
 import grpc
 import pytest
-from cloudbridge_core.errors import ServerUnavailable, TransportClosed
+from cloudbridge_core.config import load_config, merged_schema
+from cloudbridge_core.errors import ConfigError, ServerUnavailable, TransportClosed, TransportError
 from cloudbridge_core.plugins import load_plugins
 from cloudbridge_core.providers import Session
 from cloudbridge_core.testing.conformance import TransportKit
 from cloudbridge_core.testing.settings import plugin_settings
 from cloudbridge_core.testing.streams import echo_streams, read_all
+from cloudbridge_core.transports.preauth import PreauthGate, PreauthLimits
 from cloudbridge_grpc._generated import tunnel_pb2
 from cloudbridge_grpc.hooks import SETTINGS_SCHEMA
-from cloudbridge_grpc.transport import SERVICE, GrpcTransport
+from cloudbridge_grpc.sessions import PREAUTH_BYTES
+from cloudbridge_grpc.transport import MIN_KEEPALIVE_INTERVAL, SERVICE, GrpcTransport
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from structlog.testing import capture_logs
 
@@ -156,21 +161,61 @@ def test_a_failing_session_handler_is_logged_and_the_listener_serves_on() -> Non
     assert [e["event"] for e in logs if e["log_level"] == "error"] == ["session_handler_failed"]
 
 
-def test_an_idle_session_outlives_many_keepalive_pings() -> None:
-    # gRPC servers end connections that ping more often than every 5 minutes by default;
-    # with pings every 200 ms that GOAWAY (too_many_pings) comes within about 5 seconds
-    transport = GrpcTransport(
-        plugin_settings(SETTINGS_SCHEMA, keepalive_interval="200ms", keepalive_timeout="1s")
+def test_a_client_with_the_shortest_keepalive_outlives_many_pings() -> None:
+    # gRPC servers end connections that ping more often than every 5 minutes by default,
+    # and the relay refuses fast pings: a client pinging every second, the shortest
+    # interval it may set, against a relay keeping the default 20 s, is not told
+    # too_many_pings (that GOAWAY would come after three pings)
+    relay = GrpcTransport(SETTINGS)
+    shortest = f"{MIN_KEEPALIVE_INTERVAL:g}s"
+    client = GrpcTransport(
+        plugin_settings(SETTINGS_SCHEMA, keepalive_interval=shortest, keepalive_timeout="1s")
     )
-    kit = TransportKit(lambda: transport)
 
     async def main() -> None:
-        async with kit.pair(echo_streams) as (client, _):
-            await asyncio.sleep(6)
-            stream = await client.open_stream()
-            await stream.write(b"after the pings")
-            await stream.close_write()
-            assert await read_all(stream) == b"after the pings"
+        listener = await relay.serve(KIT.server_endpoint(), echo_streams)
+        session = await client.connect(KIT.client_endpoint(listener.port))
+        await asyncio.sleep(6)
+        stream = await session.open_stream()
+        await stream.write(b"after the pings")
+        await stream.close_write()
+        assert await read_all(stream) == b"after the pings"
+        await session.aclose()
+        await listener.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_keepalive_shorter_than_the_relay_accepts_is_a_config_error() -> None:
+    schema = merged_schema(load_plugins().config_sections())
+    short = {"transport.grpc.keepalive_interval": ("200ms", "test")}
+    with pytest.raises(ConfigError, match="keepalive_interval"):
+        load_config(None, environ={}, overrides=short, schema=schema)
+
+
+def test_a_stranger_sending_more_than_a_hello_is_ended_at_once() -> None:
+    """Before authentication a session's stream carries its hello (32 KiB at most): more
+    ends the session at once, even when nobody reads it, not at the pre-auth deadline."""
+    gate = PreauthGate(lambda: PreauthLimits(timeout=30.0))
+    endpoint = dataclasses.replace(KIT.server_endpoint(), preauth=gate)
+
+    async def never_reads(session: Session) -> None:
+        await session.accept_stream()
+        with contextlib.suppress(TransportError):
+            await session.accept_stream()  # until the session ends
+
+    async def main() -> None:
+        transport = GrpcTransport(SETTINGS)
+        listener = await transport.serve(endpoint, never_reads)
+        session = await transport.connect(KIT.client_endpoint(listener.port))
+        stream = await session.open_stream()
+        with contextlib.suppress(TransportError):
+            await stream.write(b"\0" * (PREAUTH_BYTES + 1))
+        with pytest.raises(TransportClosed):
+            await asyncio.wait_for(session.accept_stream(), 10)
+        assert gate.pending == 0
+        await session.aclose()
+        await listener.aclose()
 
     asyncio.run(main())
 

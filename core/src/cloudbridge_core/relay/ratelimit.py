@@ -2,7 +2,7 @@
 
 Every session has a bucket per kind of request (control messages, multiplexer PINGs,
 stream opens) and shares a second one per kind with the other sessions from its source
-address. A request takes a token; a request finding the bucket empty goes into debt, and
+address (counted as the pre-auth caps count it: an IPv6 /64 is one source). A request takes a token; a request finding the bucket empty goes into debt, and
 the debt (in seconds at the bucket's rate) is how long the caller waits before it reads the
 next request: the offender is slowed to its rate, and the transport's flow control pushes
 back on it. One that stays over its rate for ``disconnect_after`` seconds without a break
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from cloudbridge_core.errors import RateLimitExceeded
 from cloudbridge_core.settings import RateLimitSettings, RateQuota
+from cloudbridge_core.transports.preauth import source_key
 
 #: the kinds of request that are limited, named as in ``server.rate_limits``
 KINDS = ("control_messages", "mux_pings", "stream_opens")
@@ -94,9 +95,11 @@ class RateLimiter:
         self._addresses: dict[str, _Buckets] = {}
 
     def session(self, tenant: str, address: str | None) -> SessionLimiter:
-        """Buckets for a new session; call :meth:`SessionLimiter.close` when it ends."""
+        """Buckets for a new session from ``address`` (its peer's IP address, ``None`` when
+        the transport does not know it); call :meth:`SessionLimiter.close` when it ends."""
         shared = None
         if address is not None:
+            address = source_key(address)
             shared = self._addresses.setdefault(address, _Buckets())
             shared.users += 1
         return SessionLimiter(self, tenant, address, shared)

@@ -98,7 +98,7 @@ class PreauthGate:
         is when it was accepted (``loop.time()``) if that was earlier than now: its
         deadline counts from then."""
         limits = self._limits()
-        key = _source(address)
+        key = source_key(address)
         if self._pending.total() >= limits.max_connections:
             self.refused[TOTAL] += 1
             return None
@@ -115,9 +115,10 @@ class PreauthGate:
             del self._pending[key]
 
 
-def _source(address: str) -> str:
+def source_key(address: str) -> str:
     """The source an address counts for: an IPv6 /64 (one host usually holds a whole /64),
-    an IPv4-mapped IPv6 address as the IPv4 address it carries."""
+    an IPv4-mapped IPv6 address as the IPv4 address it carries. The pre-auth caps and the
+    per-address rate limits both count by it."""
     try:
         parsed = ipaddress.ip_address(address.split("%", maxsplit=1)[0])
     except ValueError:

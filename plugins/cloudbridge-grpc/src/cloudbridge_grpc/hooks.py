@@ -26,7 +26,12 @@ SETTINGS_SCHEMA: dict[str, Any] = {
         "keepalive_interval": {
             "$ref": "#/$defs/duration",
             "default": "20s",
-            "description": "HTTP/2 keepalive pings (keep NAT bindings open, find dead paths).",
+            "description": (
+                "HTTP/2 keepalive pings (keep NAT bindings open, find dead paths). At least 1s:"
+                " the relay accepts a client's pings down to every 500ms and ends a connection"
+                " pinging faster (GOAWAY too_many_pings; a security limit)."
+            ),
+            "minDuration": "1s",
         },
         "keepalive_timeout": {
             "$ref": "#/$defs/duration",

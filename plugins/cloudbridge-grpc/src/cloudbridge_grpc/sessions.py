@@ -26,6 +26,9 @@ CLOSE_TIMEOUT = 5.0
 #: channel closes still running after CLOSE_TIMEOUT (kept referenced until they end)
 _CLOSING: set[asyncio.Future[None]] = set()
 SESSION_METHOD = "/cloudbridge.v1.Tunnel/Session"
+#: stream bytes a peer not yet authenticated may send: its hello (16 KiB) and more than
+#: enough room around it. A security limit, as the core multiplexer's preauth_window.
+PREAUTH_BYTES = 32 * 1024
 
 
 class _Incoming:
@@ -132,10 +135,18 @@ class ServerSession:
     """The server's view of one client session.
 
     With an ``admission`` the session is held to the relay's pre-auth budget until
-    :meth:`authenticated`: one stream (the hello's), and the session ends at the
-    admission's deadline."""
+    :meth:`authenticated`: one stream carrying :data:`PREAUTH_BYTES` at most (the hello),
+    nothing read on the control call, and the session ends at the admission's deadline."""
 
-    def __init__(self, context: Any, piece: int, admission: Admission | None = None) -> None:
+    def __init__(
+        self,
+        context: Any,
+        piece: int,
+        admission: Admission | None = None,
+        peer_address: str | None = None,
+    ) -> None:
+        #: the peer's IP address (the relay limits request rates per address too)
+        self.peer_address = peer_address
         self._admission = admission
         self._accepted = 0
         if admission is not None:
@@ -148,6 +159,11 @@ class ServerSession:
         self._streams: weakref.WeakSet[ServerStream] = weakref.WeakSet()
         #: set when the session ends, whichever side ended it: the control call then ends
         self.ended = asyncio.Event()
+        #: set once the pre-auth budget is lifted (at once without an admission): only then
+        #: is the control call read, so a stranger's messages there are not even assembled
+        self.lifted = asyncio.Event()
+        if admission is None:
+            self.lifted.set()
 
     def stream_arrived(self, stream: ServerStream, reverse: str | None) -> None:
         self._streams.add(stream)
@@ -157,6 +173,9 @@ class ServerSession:
             stream.fail(self._incoming.error)
             return
         self._accepted += 1
+        if self._admission is not None:
+            stream.preauth_room = PREAUTH_BYTES
+            stream.over_preauth = self.end
         waiting = self._reverse_waiting.pop(_number(reverse), None) if reverse else None
         if waiting is not None and not waiting.done():
             waiting.set_result(stream)
@@ -186,6 +205,9 @@ class ServerSession:
     def authenticated(self) -> None:
         """The relay authenticated the peer: lift the pre-auth budget. Idempotent."""
         self._end_preauth()
+        for stream in self._streams:
+            stream.preauth_room = stream.over_preauth = None
+        self.lifted.set()
 
     def _expired(self) -> None:
         self._admission = None  # counted and released by the admission itself

@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -176,11 +177,25 @@ class ServerStream(_ChunkStream):
         self.done = asyncio.Event()
         #: how the call ends when not with OK: an abort the client reads as the right error
         self.abort_status: tuple[grpc.StatusCode, str] | None = None
+        #: bytes the peer may still send before it is authenticated (``None``: no limit),
+        #: and what is told when it sends more (its session ends)
+        self.preauth_room: int | None = None
+        self.over_preauth: Callable[[ProtocolViolation], None] | None = None
         self._start_pump()
 
     async def _read_message(self) -> Chunk | None:
         message = await self._context.read()
-        return None if message is grpc.aio.EOF else message
+        if message is grpc.aio.EOF:
+            return None
+        chunk: Chunk = message
+        if self.preauth_room is not None:
+            self.preauth_room -= len(chunk.data)
+            if self.preauth_room < 0:
+                violation = ProtocolViolation("more than a hello before authentication")
+                if self.over_preauth is not None:
+                    self.over_preauth(violation)
+                raise violation
+        return chunk
 
     async def _send(self, chunk: Chunk) -> None:
         try:

@@ -43,6 +43,20 @@ Context = grpc.aio.ServicerContext[Any, Any]
 SERVICE = "cloudbridge.v1.Tunnel"
 #: room for the message and field headers around a chunk's data
 _FRAMING = 64
+#: the shortest keepalive_interval a client may set; the relay accepts a client's HTTP/2
+#: PINGs down to half of it, whatever its own interval, so that no client is ever told
+#: too_many_pings by its relay, and refuses faster ones (see ``_server_options``)
+MIN_KEEPALIVE_INTERVAL = 1.0
+#: PINGs in a row sooner than that before grpc ends the connection with GOAWAY
+#: ENHANCE_YOUR_CALM (grpc's default, said here because it is a security limit)
+MAX_PING_STRIKES = 2
+#: how the pre-auth budget (server.preauth_timeout) is shared on gRPC, whose connections
+#: grpc owns until a call arrives (nothing tells us when one was accepted): the handshake
+#: (TLS, the HTTP/2 preface and SETTINGS), the wait for a first call, the Session call up
+#: to its hello, and the wait after it until grpc closes the idle connection (each wait
+#: is IDLE_SHARE): a stranger's connection ends within the budget from its accept
+HANDSHAKE_SHARE = 0.4
+IDLE_SHARE = 0.1
 
 
 class GrpcListener:
@@ -69,19 +83,26 @@ class GrpcListener:
         if not session_id or session_id in self._sessions:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "missing or reused session id")
             return
+        peer = _peer_address(context.peer())
         admission: Admission | None = None
         if self._preauth is not None:
-            admission = self._preauth.admit(_peer_address(context.peer()))
+            # the connection may have been accepted up to the handshake's and the first
+            # wait's shares of the budget ago, and lingers for the second wait after the
+            # call: the call's deadline leaves room for all three
+            lead = self._preauth.timeout * (HANDSHAKE_SHARE + 2 * IDLE_SHARE)
+            since = asyncio.get_running_loop().time() - lead
+            admission = self._preauth.admit(peer, since=since)
             if admission is None:  # over a cap (counted by the gate)
                 await context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED, "too many unauthenticated connections"
                 )
                 return
-        session = self._sessions[session_id] = ServerSession(context, self._piece, admission)
+        session = ServerSession(context, self._piece, admission, peer)
+        self._sessions[session_id] = session
         handler = asyncio.create_task(run_session_handler(self._handler, session))
         self._handlers.add(handler)
         handler.add_done_callback(self._handlers.discard)
-        client_left = asyncio.create_task(_until_the_client_ends(context))
+        client_left = asyncio.create_task(_until_the_client_ends(context, session))
         ended = asyncio.create_task(session.ended.wait())
         try:
             await context.write(Control())  # the acknowledgement
@@ -148,17 +169,30 @@ class GrpcTransport:
             ("grpc.http2.max_pings_without_data", 0),
         ]
 
-    def _server_options(self) -> list[tuple[str, Any]]:
-        # gRPC servers answer pings more often than every 5 minutes with a GOAWAY
-        # (too_many_pings); an idle tunnel's keepalives must not end it. Half the interval
-        # leaves room for clients configured a little shorter than the relay.
-        return [
+    def _server_options(self, preauth_timeout: float | None) -> list[tuple[str, Any]]:
+        # grpc answers a client's PINGs itself, so it limits them: one sooner than the
+        # interval after the last (while the relay sends no data or headers, which reset
+        # the count) is a strike, and MAX_PING_STRIKES + 1 of them end the connection with
+        # GOAWAY ENHANCE_YOUR_CALM ("too_many_pings"). The interval is half the shortest
+        # keepalive a client may use, not the relay's own, so any client's keepalives pass.
+        options = [
             *self._options(),
             (
                 "grpc.http2.min_ping_interval_without_data_ms",
-                int(self.settings.keepalive_interval * 500),
+                int(MIN_KEEPALIVE_INTERVAL * 500),
             ),
+            ("grpc.http2.max_ping_strikes", MAX_PING_STRIKES),
         ]
+        if preauth_timeout is not None:
+            options += [
+                # TLS, the HTTP/2 preface and the client's SETTINGS (grpc's default: 120 s)
+                ("grpc.server_handshake_timeout_ms", int(preauth_timeout * HANDSHAKE_SHARE * 1000)),
+                # a connection without a call is closed: a stranger's, before its first
+                # call (clients call at once) and after its last (a session's call lasts
+                # as long as the session)
+                ("grpc.max_connection_idle_ms", int(preauth_timeout * IDLE_SHARE * 1000)),
+            ]
+        return options
 
     async def connect(self, endpoint: Endpoint) -> ClientSession:
         material = _material(endpoint)
@@ -204,12 +238,8 @@ class GrpcTransport:
         if material.certificate is None or material.key is None:
             raise TransportError("the gRPC transport needs a certificate and key to serve")
         listener = GrpcListener(handler, self._piece, endpoint.preauth)
-        options = self._server_options()
-        if endpoint.preauth is not None:
-            # TLS and the HTTP/2 preface of a new connection (grpc's default: 120 s)
-            timeout_ms = int(endpoint.preauth.timeout * 1000)
-            options.append(("grpc.server_handshake_timeout_ms", timeout_ms))
-        server = grpc.aio.server(options=options)
+        preauth_timeout = None if endpoint.preauth is None else endpoint.preauth.timeout
+        server = grpc.aio.server(options=self._server_options(preauth_timeout))
         server.add_generic_rpc_handlers(
             (
                 grpc.method_handlers_generic_handler(
@@ -229,7 +259,7 @@ class GrpcTransport:
                 ),
             )
         )
-        health = health_aio.HealthServicer()
+        health = CheckOnlyHealth()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
         credentials = grpc.ssl_server_credentials([(material.key, material.certificate)])
@@ -288,8 +318,20 @@ async def _handshake(
             return
 
 
-async def _until_the_client_ends(context: Context) -> None:
-    # clients send nothing after opening the call: it lasts as long as their session
+class CheckOnlyHealth(health_aio.HealthServicer):
+    """The standard health service without ``Watch``: a stranger's Watch call would hold
+    its connection open for ever, past every pre-auth limit. ``Check`` answers as usual;
+    health-checking clients treat ``UNIMPLEMENTED`` for Watch as "serving"."""
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Context) -> None:  # noqa: N802 - the service's name
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "use Check")
+
+
+async def _until_the_client_ends(context: Context, session: ServerSession) -> None:
+    # clients send nothing after opening the call: it lasts as long as their session. A
+    # stranger's messages on it are not read (so grpc does not assemble them) until the
+    # relay has authenticated it; a client that leaves cancels the call, which ends this
+    await session.lifted.wait()
     while (await context.read()) is not grpc.aio.EOF:
         pass
 

@@ -195,6 +195,13 @@ class QuicSession(QuicConnectionProtocol):
                 self._transport.close()  # the client's own socket (a server's is shared)
 
     @property
+    def peer_address(self) -> str | None:
+        """The peer's IP address on the connection's current path (the relay limits
+        request rates per address too)."""
+        paths = self._quic._network_paths
+        return str(paths[0].addr[0]) if paths else None
+
+    @property
     def datagram_size(self) -> int:
         """The size of the datagrams sent now (from the path MTU)."""
         return self._quic._max_datagram_size

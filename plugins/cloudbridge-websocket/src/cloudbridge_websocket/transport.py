@@ -41,6 +41,10 @@ class WebSocketPipe:
     def __init__(self, websocket: ClientConnection | ServerConnection, max_message: int) -> None:
         self._websocket = websocket
         self._max_message = max_message
+        peer = websocket.remote_address
+        #: the peer's IP address, the TCP connection's (the relay limits request rates per
+        #: address too; a proxy's forwarding headers are not trusted for that)
+        self.peer_address: str | None = str(peer[0]) if isinstance(peer, tuple) else None
 
     async def receive(self) -> bytes:
         try:
