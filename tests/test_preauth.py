@@ -239,6 +239,26 @@ def test_a_grpc_stranger_calling_late_ends_within_one_deadline_from_accept(tmp_p
     run(tmp_path, scenario, preauth_timeout=f"{deadline}s")
 
 
+def test_a_grpc_connection_that_never_calls_is_closed_within_the_deadline(tmp_path: Path) -> None:
+    """Before: a stranger's HTTP/2 connection with no call stayed open (answering grpc's
+    keepalive PINGs kept it for ever), and no cap counted it."""
+    deadline = 2.0
+
+    async def scenario(bed: Bed) -> None:
+        started = time.monotonic()
+        reader, writer = await _raw(bed, tls=False, transport="grpc")
+        context = _tls(bed)
+        context.set_alpn_protocols(["h2"])
+        await writer.start_tls(context, server_hostname="relay")
+        writer.write(rawh2.opening())
+        code, reason = await asyncio.wait_for(rawh2.goaway(reader), deadline + 1)
+        writer.transport.abort()
+        assert time.monotonic() - started < deadline, (code, reason)
+        await _bystander_pings(bed)
+
+    run(tmp_path, scenario, preauth_timeout=f"{deadline}s")
+
+
 def test_a_grpc_strangers_session_call_is_not_read_before_its_hello(tmp_path: Path) -> None:
     """Before: the relay read (and grpc assembled) every message a stranger sent on its
     Session call, 300 MiB a second, until the deadline; now flow control holds it back."""

@@ -49,6 +49,11 @@ def test_the_standard_health_service_answers_serving() -> None:
             for service in ("", SERVICE):
                 reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            # Watch would hold an unauthenticated call open for ever
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await watch.read()
+            assert refused.value.code() is grpc.StatusCode.UNIMPLEMENTED
         await listener.aclose()
 
     asyncio.run(main())
