@@ -128,15 +128,15 @@ def test_slow_reader_bounds_buffered_memory() -> None:
         server_side = await accepted.get()
         peer = await server_side.accept_stream()
         # nobody reads yet: the window fills, and then the writer must wait
-        while len(peer._buffer) < limits.initial_window:
+        while peer.buffered < limits.initial_window:
             peer._readable.clear()
             await peer._readable.wait()
-        assert len(peer._buffer) == limits.initial_window
+        assert peer.buffered == limits.initial_window
         assert not writer.done()
         total = 0
         while total < 8 * 1024 * 1024:
             total += len(await peer.read(1024 * 1024))
-            assert len(peer._buffer) <= limits.initial_window
+            assert peer.buffered <= limits.initial_window
         await writer
 
     run(scenario, idle, limits)

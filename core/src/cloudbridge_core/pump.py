@@ -79,6 +79,34 @@ async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Non
         loop.remove_reader(sock.fileno())
 
 
+async def _receive(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, size: int
+) -> tuple[bytearray, int]:
+    """A pooled buffer and how much of it one receive filled (0: EOF); the caller releases it.
+
+    The socket is tried first, and waited for only when it has nothing: in a bulk transfer
+    it almost always has, so no reader is registered per read. A loop without readiness
+    callbacks (Windows' proactor) receives into the buffer as it waits instead.
+    """
+    while True:
+        buffer = POOL.acquire(size)
+        try:
+            return buffer, sock.recv_into(buffer)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except BaseException:
+            POOL.release(buffer)
+            raise
+        try:
+            await _readable(loop, sock)
+        except NotImplementedError:
+            return buffer, await loop.sock_recv_into(sock, buffer)
+        except BaseException:
+            POOL.release(buffer)
+            raise
+        POOL.release(buffer)  # an idle connection holds no buffer while it waits
+
+
 async def pump(
     stream: Stream,
     sock: socket.socket,
@@ -95,13 +123,8 @@ async def pump(
 
     async def tcp_to_stream() -> None:
         while True:
-            await _readable(loop, sock)
-            buffer = POOL.acquire(buffer_size)
+            buffer, count = await _receive(loop, sock, buffer_size)
             try:
-                try:
-                    count = sock.recv_into(buffer)
-                except (BlockingIOError, InterruptedError):
-                    continue  # a spurious wake-up: wait again
                 if not count:
                     break
                 await stream.write(memoryview(buffer)[:count])  # the stream copies what it keeps

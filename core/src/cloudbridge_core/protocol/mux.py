@@ -242,9 +242,9 @@ class MuxConnection:
     def has_stream(self, stream_id: int) -> bool:
         return stream_id in self._streams
 
-    def data_to_send(self) -> bytes:
-        data = bytes(self._outbound)
-        self._outbound.clear()
+    def data_to_send(self) -> bytearray:
+        """What is queued for the peer; the caller owns the returned buffer."""
+        data, self._outbound = self._outbound, bytearray()
         return data
 
     # ---- receiving ----------------------------------------------------------------------
@@ -257,11 +257,19 @@ class MuxConnection:
         """
         if self.closed:
             return []
-        self._inbound += data
+        # frames are parsed in place at an offset; only an incomplete last frame is kept
+        # for the next call (cutting each frame off the front would move the rest each time)
+        if self._inbound:
+            self._inbound += data
+            buffer: bytes | bytearray = self._inbound
+        else:
+            buffer = data
+        view = memoryview(buffer)
+        offset, end = 0, len(buffer)
         events: list[Event] = []
         try:
-            while len(self._inbound) >= HEADER.size:
-                kind, flags, stream_id, length = HEADER.unpack_from(self._inbound)
+            while end - offset >= HEADER.size:
+                kind, flags, stream_id, length = HEADER.unpack_from(buffer, offset)
                 payload_size = length if kind == FrameType.DATA else 0
                 # before authentication a frame larger than the whole budget is refused at
                 # its header, before its payload is buffered
@@ -270,16 +278,20 @@ class MuxConnection:
                     raise ProtocolViolation(
                         f"frame of {payload_size} bytes exceeds the limit of {limit}"
                     )
-                if len(self._inbound) < HEADER.size + payload_size:
+                start = offset + HEADER.size
+                if end < start + payload_size:
                     break
-                payload = bytes(self._inbound[HEADER.size : HEADER.size + payload_size])
-                del self._inbound[: HEADER.size + payload_size]
+                payload = bytes(view[start : start + payload_size]) if payload_size else b""
+                offset = start + payload_size
                 events.extend(self._handle(kind, Flag(flags & 0x0F), stream_id, length, payload))
                 if self.closed:
                     break
         except (ProtocolViolation, ValueError) as exc:
             self.close(CloseCode.PROTOCOL_ERROR)
             raise ProtocolViolation(f"peer broke the multiplexing protocol: {exc}") from None
+        finally:
+            self._inbound = bytearray() if self.closed else bytearray(view[offset:])
+            view.release()
         return events
 
     def _handle(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -26,7 +27,7 @@ class Pipe(Protocol):
 
     async def receive(self) -> bytes: ...
 
-    async def send(self, data: bytes) -> None: ...
+    async def send(self, data: bytes | bytearray) -> None: ...
 
     async def aclose(self) -> None: ...
 
@@ -44,7 +45,7 @@ class StreamPipe:
     async def receive(self) -> bytes:
         return await self._reader.read(65536)
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: bytes | bytearray) -> None:
         self._writer.write(data)
         await self._writer.drain()
 
@@ -63,7 +64,10 @@ class MuxStream:
     def __init__(self, session: MuxSession, stream_id: int) -> None:
         self._session = session
         self.stream_id = stream_id
-        self._buffer = bytearray()
+        #: received frames' payloads, handed out whole when they fit (no copy)
+        self._buffer: deque[bytes] = deque()
+        #: bytes received and not yet read
+        self.buffered = 0
         self._eof = False
         self._error: Exception | None = None
         self._readable = asyncio.Event()
@@ -75,8 +79,8 @@ class MuxStream:
             self._readable.clear()
             await self._readable.wait()
         if self._buffer:
-            data = bytes(self._buffer[:max_bytes])
-            del self._buffer[:max_bytes]
+            data = self._take(max_bytes)
+            self.buffered -= len(data)
             self._session.consumed(self.stream_id, len(data))
             with contextlib.suppress(TransportClosed):  # the next read reports it
                 await self._session.flush()
@@ -84,6 +88,19 @@ class MuxStream:
         if self._error is not None:
             raise self._error
         return b""
+
+    def _take(self, max_bytes: int) -> bytes:
+        """Up to ``max_bytes`` from the front of the buffer."""
+        first = self._buffer.popleft()
+        if len(first) > max_bytes:
+            self._buffer.appendleft(first[max_bytes:])
+            return first[:max_bytes]
+        pieces, size = [first], len(first)
+        while self._buffer and size + len(self._buffer[0]) <= max_bytes:
+            piece = self._buffer.popleft()
+            pieces.append(piece)
+            size += len(piece)
+        return first if len(pieces) == 1 else b"".join(pieces)
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
@@ -127,7 +144,8 @@ class MuxStream:
     # called by the session when the peer's frames arrive
 
     def feed(self, data: bytes) -> None:
-        self._buffer += data
+        self._buffer.append(data)
+        self.buffered += len(data)
         self._readable.set()
 
     def end_of_data(self) -> None:

@@ -55,10 +55,11 @@ class WebSocketPipe:
             raise ProtocolViolation("text WebSocket message on a binary channel")
         return message
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: bytes | bytearray) -> None:
+        view = memoryview(data)
         try:
-            for start in range(0, len(data), self._max_message):
-                await self._websocket.send(data[start : start + self._max_message])
+            for start in range(0, len(view), self._max_message):
+                await self._websocket.send(view[start : start + self._max_message])
         except ConnectionClosed as exc:
             raise TransportClosed(f"WebSocket closed: {exc}") from exc
 
