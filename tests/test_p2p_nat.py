@@ -24,6 +24,7 @@ BIN = Path(sys.executable).parent
 TOOLS = Path(__file__).parent / "ns_tools.py"
 ECHO_PORT, LOCAL_PORT = 7000, 7100
 TURN_USER, TURN_PASSWORD = "alice", "s3cret-turn"
+TURN_SECRET = "shared-by-relay-and-coturn"
 
 
 def namespaces_work() -> str | None:
@@ -122,21 +123,36 @@ def nat(tmp_path: Path) -> Iterator[NatBed]:
         yield bed
 
 
-def start_mesh(bed: NatBed, tmp: Path, *, turn: bool) -> tuple[Mesh, Path, Path, Path]:
+def start_mesh(
+    bed: NatBed, tmp: Path, *, turn: bool, issued_turn: bool = False
+) -> tuple[Mesh, Path, Path, Path]:
     """The relay and coturn in the wan; ``server`` (exposing the echo port) in h2; a peer
-    tunnel from ``laptop`` in h1; ``outsider``, of another tenant, in h1 too."""
+    tunnel from ``laptop`` in h1; ``outsider``, of another tenant, in h1 too. ``turn``: the
+    peers have coturn's long-term user in ``p2p.ice.turn_servers``; ``issued_turn``: coturn
+    takes only the credentials the relay issues (``server.turn``)."""
     turnserver = shutil.which("turnserver")
     assert turnserver, "coturn is not installed (./dev test installs it)"
     conf = tmp / "turnserver.conf"
+    auth = (
+        f"use-auth-secret\nstatic-auth-secret={TURN_SECRET}\n"
+        if issued_turn
+        else f"lt-cred-mech\nuser={TURN_USER}:{TURN_PASSWORD}\n"
+    )
     conf.write_text(
         f"listening-ip={WAN}\nrelay-ip={WAN}\nlistening-port=3478\nmin-port=49160\n"
-        f"max-port=49400\nrealm=cloudbridge.test\nlt-cred-mech\nuser={TURN_USER}:{TURN_PASSWORD}\n"
+        f"max-port=49400\nrealm=cloudbridge.test\n{auth}"
         f"fingerprint\nno-tls\nno-dtls\nno-cli\npidfile={tmp}/turn.pid\nuserdb={tmp}/turndb\n"
         "log-file=stdout\nsimple-log\n"
     )
     bed.spawn(bed.wan, [turnserver, "-c", conf], ready="IO method (admin thread)")
     state = tmp / "relay"
     env = {"CLOUDBRIDGE_SERVER__PUBLIC_HOST": WAN, "CLOUDBRIDGE_METRICS__ENABLED": "false"}
+    if issued_turn:
+        secret_file = tmp / "turn.secret"
+        secret_file.write_text(TURN_SECRET)
+        secret_file.chmod(0o600)
+        env["CLOUDBRIDGE_SERVER__TURN__SECRET_FILE"] = str(secret_file)
+        env["CLOUDBRIDGE_SERVER__TURN__URLS"] = json.dumps([f"turn:{WAN}:3478"])
     relay: list[Any] = [BIN / "cloudbridge", "relay", "serve", "--state-dir", state]
     started = bed.spawn(bed.wan, relay, ready="client config:", env=env)
     mesh = Mesh(bed, tmp, started, relay, env)
@@ -255,6 +271,20 @@ def test_the_best_path_is_found_and_carries_a_peer_tunnel(
     )
     assert refused.returncode != 0
     assert "no peer named 'server'" in refused.stderr
+
+
+def test_peers_with_no_static_turn_servers_meet_over_the_credentials_the_relay_issues(
+    nat: NatBed, tmp_path: Path
+) -> None:
+    block_between_peers(nat)
+    mesh, laptop, _, _ = start_mesh(nat, tmp_path, turn=False, issued_turn=True)
+    took = mesh.wait_for_path(laptop, "turn", within=40)
+    print(f"relay-issued TURN credentials: on turn after {took:.2f} s")
+    sent, received = mesh.roundtrip(1 << 20, 0)
+    assert sent == received
+    peer = mesh.status(laptop)["peers"][0]
+    assert (peer["name"], peer["path"]) == ("server", "turn")
+    assert peer["endpoint"].rpartition(":")[0] == WAN
 
 
 def test_a_broken_direct_path_falls_back_mid_transfer_and_comes_back(

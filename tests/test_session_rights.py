@@ -15,11 +15,14 @@ from cloudbridge_core.client.connection import RelayConnection
 from cloudbridge_core.client.link import RelayLink
 from cloudbridge_core.client.tokens import token_expires_in
 from cloudbridge_core.errors import TokenExpired, TransportError, Unauthorized
+from cloudbridge_core.p2p.identity import DeviceIdentity
+from cloudbridge_core.protocol import messages
 from cloudbridge_core.relay.tokens import issue_token
 from relaybed import BOTH, Bed, echo_server, run
 
 pytestmark = pytest.mark.timeout(60)
 GRACE = 1.0
+MESH = [*BOTH, "p2p:mesh"]
 
 
 def exp_of(token: str) -> float:
@@ -78,6 +81,76 @@ def test_tunnels_are_refused_after_exp_and_the_session_ends(tmp_path: Path) -> N
                 await each.aclose()
 
     run(tmp_path, scenario, token_expiry_grace=f"{GRACE:g}s")
+
+
+class MeshClient:
+    """A session in the mesh, speaking the protocol itself (what arrives lands in ``inbox``)."""
+
+    def __init__(self, connection: RelayConnection, name: str) -> None:
+        self.connection = connection
+        self.name = name
+        self.identity = DeviceIdentity.create()
+        self.inbox: asyncio.Queue[messages.Message] = asyncio.Queue()
+        connection.on_message = self.inbox.put_nowait
+
+    async def send_join(self) -> None:
+        request = messages.MeshJoin(
+            self.name, self.identity.public_key, self.identity.ca.certificate.decode()
+        )
+        challenge = await self.connection.mesh_challenge(5)
+        await self.connection.control.send(self.identity.prove_join(challenge, request))
+
+    async def next(self, kind: type[messages.Message]) -> messages.Message:
+        message = await asyncio.wait_for(self.inbox.get(), 5)
+        assert isinstance(message, kind), message
+        return message
+
+
+def refused_as_expired(bed: Bed) -> float:
+    registry = bed.relay.relay.metrics.registry
+    value = registry.get_sample_value(
+        "cloudbridge_relay_p2p_rejected_total", {"reason": "token_expired"}
+    )
+    return value or 0.0
+
+
+def test_mesh_requests_are_refused_after_exp_until_a_refresh(tmp_path: Path) -> None:
+    async def scenario(bed: Bed) -> None:
+        bystander = MeshClient(await bed.connect(bed.token(permissions=MESH)), "server")
+        await bystander.send_join()
+        await bystander.next(messages.MeshPeers)
+        token = bed.token(permissions=MESH, ttl=3)
+        exp = exp_of(token)
+        short = MeshClient(await bed.connect(token), "laptop")
+        await short.send_join()
+        listed = await short.next(messages.MeshPeers)
+        assert isinstance(listed, messages.MeshPeers)
+        (server,) = listed.peers
+        await bystander.next(messages.MeshEvent)  # laptop joined
+        await until(exp + 0.05)
+
+        await short.connection.control.send(messages.Signal(server["peer_id"], "ice", {}))
+        failed = await short.next(messages.SignalFailed)
+        assert isinstance(failed, messages.SignalFailed)
+        assert failed.code == TokenExpired.code
+        assert await bystander.connection.ping(5) > 0  # after anything the relay sent it
+        assert bystander.inbox.empty()  # the signal was not passed on
+        await short.connection.control.send(messages.MeshRefresh())
+        await short.send_join()
+        assert await short.connection.ping(5) > 0  # answered after both refusals
+        assert refused_as_expired(bed) == 3
+        assert isinstance(short.connection.ended, TokenExpired)  # the errors the reader keeps
+        assert short.inbox.empty()  # neither a peer list nor a new membership
+
+        await short.connection.refresh(bed.token(permissions=MESH), 5)
+        await short.send_join()
+        assert isinstance(await short.next(messages.MeshPeers), messages.MeshPeers)
+        assert refused_as_expired(bed) == 3
+        for each in (short, bystander):
+            await each.connection.aclose()
+
+    # a long grace: the refusals are told apart from the end of the session
+    run(tmp_path, scenario, token_expiry_grace="30s")
 
 
 def test_a_refresh_with_a_fresh_token_keeps_the_session_alive(tmp_path: Path) -> None:

@@ -254,6 +254,9 @@ class SignalChannel(Protocol):
     candidates), the ICE role, sealing for relayed packets, and streams to the relay.
 
     Both peers run each strategy at the same time; ``controlling`` is true on exactly one.
+    The core's channel also has ``async turn_credentials() -> TurnCredentials | None`` (the
+    relay-issued TURN credentials, ``server.turn``); other channels may not, so strategies
+    ask for it with ``getattr``.
     """
 
     @property

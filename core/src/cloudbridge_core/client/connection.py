@@ -55,6 +55,8 @@ class RelayConnection:
     notice that it is about to restart; ``on_goaway`` hears it when it comes.
     ``token_expires_at`` is when the relay ends the session unless :meth:`refresh` gives it
     a newer token; ``ended`` is the relay's reason when it ended the session for that.
+    ``turn_credentials`` are the latest TURN credentials the relay issued on this session
+    (``server.turn``: sent with the answer to ``mesh_join``, then renewed).
     """
 
     session: Session
@@ -68,6 +70,7 @@ class RelayConnection:
     on_message: Callable[[messages.Message], None] | None = None
     token_expires_at: float | None = None
     ended: TokenExpired | None = None
+    turn_credentials: messages.TurnCredentials | None = None
     _pongs: dict[int, asyncio.Future[None]] = field(default_factory=dict)
     _challenge: messages.MeshChallenge | None = None
     _challenged: asyncio.Event = field(default_factory=asyncio.Event)  # or the stream ended
@@ -156,8 +159,8 @@ class RelayConnection:
             self._challenged.set()
 
     def _dispatch(self, message: messages.Message) -> None:
-        """Pongs answer pings, refresh replies the refresh; a goaway, the mesh challenge and
-        the relay's token_expired are kept; the rest goes to ``on_message``."""
+        """Pongs answer pings, refresh replies the refresh; a goaway, the mesh challenge, TURN
+        credentials and the relay's token_expired are kept; the rest goes to ``on_message``."""
         if isinstance(message, messages.Pong):
             waiting = self._pongs.get(message.nonce)
             if waiting is not None and not waiting.done():
@@ -169,6 +172,9 @@ class RelayConnection:
         elif isinstance(message, messages.MeshChallenge):
             self._challenge = message
             self._challenged.set()
+        elif isinstance(message, messages.TurnCredentials):
+            self.turn_credentials = message
+            log.debug("turn_credentials", transport=self.transport, expires_at=message.expires_at)
         elif isinstance(message, messages.Refreshed | messages.RefreshFailed):
             if self._refreshing is not None and not self._refreshing.done():
                 self._refreshing.set_result(message)

@@ -10,6 +10,7 @@ from typing import Any
 
 from cloudbridge_core.p2p.identity import DeviceIdentity
 from cloudbridge_core.p2p.membership import Membership
+from cloudbridge_core.protocol.messages import TurnCredentials
 from cloudbridge_core.providers import PeerInfo, Stream
 
 
@@ -57,3 +58,8 @@ class AttemptChannel:
 
     async def open_relay_stream(self, target: str) -> Stream:
         return await self._membership.open_relay_stream(target)
+
+    async def turn_credentials(self) -> TurnCredentials | None:
+        """The TURN credentials the relay issued this device's tenant, unexpired; None from a
+        relay without ``server.turn`` (the ``turn`` strategy then uses its own settings)."""
+        return await self._membership.turn_credentials()

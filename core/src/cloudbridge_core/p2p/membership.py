@@ -4,13 +4,19 @@ reconnection, refreshed every ``p2p.peer_discovery_interval``, signals in and ou
 Each join proves the device holds its key (it answers the session's ``mesh_challenge``).
 When another process with the same device key joins, the relay tells this one it was
 replaced; it says so and stops, rather than silently taking turns with the other.
+
+A relay with ``server.turn`` sends a member its TURN credentials just before the peer list
+that answers its join: once joined on a session, the session has them or the relay issues
+none.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import secrets
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,6 +35,10 @@ from cloudbridge_core.providers import PeerInfo, Stream
 from cloudbridge_core.wire import MessageStream
 
 log = get_logger("p2p.mesh")
+
+#: how long a request for TURN credentials waits for the relay to answer the join on the
+#: current session (right after a start or a reconnection)
+TURN_CREDENTIALS_WAIT = 2.0
 
 PeersListener = Callable[[dict[str, PeerInfo]], None]
 SignalListener = Callable[[str, str, Mapping[str, Any]], None]
@@ -63,6 +73,9 @@ class Membership:
         #: this process, as peers tell a relay reconnection (same) from a restart (new)
         self.instance = secrets.token_urlsafe(12)
         self._joined = asyncio.Event()
+        #: the session whose relay last answered a join with the peer list, and its signal
+        self._joined_on: RelayConnection | None = None
+        self._answered = asyncio.Event()
         self._refused: CloudBridgeError | None = None
         #: why the relay gave this device's place to another process, once it has
         self.replaced: str | None = None
@@ -82,6 +95,20 @@ class Membership:
             ) from None
         if self._refused is not None:
             raise self._refused
+
+    async def turn_credentials(self) -> messages.TurnCredentials | None:
+        """The current session's latest TURN credentials unless expired; None when its relay
+        issues none. Waits (``TURN_CREDENTIALS_WAIT`` at most) for the relay to answer the
+        join on a session that has not yet, as after a reconnection."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(TURN_CREDENTIALS_WAIT):
+                while self._joined_on is not self._link.current:
+                    self._answered.clear()
+                    await self._answered.wait()
+        issued = self._link.current.turn_credentials
+        if issued is None or issued.expires_at <= time.time():
+            return None
+        return issued
 
     async def refresh(self) -> None:
         with contextlib.suppress(TransportError):
@@ -113,7 +140,7 @@ class Membership:
     async def _join(self, connection: RelayConnection) -> None:
         if self.replaced is not None:
             return  # another process holds this device's place: it stays there
-        connection.on_message = self._received
+        connection.on_message = functools.partial(self._received, connection)
         certificate = self._identity.ca.certificate.decode()
         request = messages.MeshJoin(
             self.name, self._identity.public_key, certificate, self.instance
@@ -124,10 +151,12 @@ class Membership:
         except CloudBridgeError as error:  # start() reports the missing answer; a rejoin retries
             log.warning("mesh_join_not_sent", code=error.code, reason=error.message)
 
-    def _received(self, message: messages.Message) -> None:
+    def _received(self, connection: RelayConnection, message: messages.Message) -> None:
         if isinstance(message, messages.MeshPeers):
             self.peers = {p["peer_id"]: peer_info(p) for p in message.peers}
             self._joined.set()
+            self._joined_on = connection
+            self._answered.set()
             self._on_peers(self.peers)
         elif isinstance(message, messages.MeshEvent) and message.event == "replaced":
             if message.peer.get("instance") == self.instance:

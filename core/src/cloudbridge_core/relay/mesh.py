@@ -120,9 +120,11 @@ class Mesh:
         control: MessageStream,
         request: messages.MeshJoin,
         challenge: Challenge,
+        credentials: messages.TurnCredentials | None = None,
     ) -> Member:
         """Add the device to its tenant's mesh; ``Unauthorized`` without ``p2p:mesh``, without
-        a proof answering ``challenge``, or for a key bound to another device (another name)."""
+        a proof answering ``challenge``, or for a key bound to another device (another name).
+        ``credentials`` (TURN) reach the member just before its peer list."""
         if P2P not in claims.permissions:
             self.rejected("unauthorized", claims.tenant_id, "mesh_join without " + P2P)
             raise Unauthorized(f"token lacks the {P2P} permission")
@@ -147,6 +149,8 @@ class Mesh:
         replaced = peers.get(member.peer_id)
         peers[member.peer_id] = member  # the same device again: its newest session wins
         others = [m for m in peers.values() if m is not member]
+        if credentials is not None:
+            await tell(control, credentials)
         await tell(control, messages.MeshPeers(self=info, peers=[m.info for m in others]))
         # a device back with a new session (a restart) is a new peer to the others: they
         # drop what they held for the old one (its QUIC session, its paths) and start over

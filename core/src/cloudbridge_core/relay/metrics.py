@@ -135,8 +135,14 @@ class RelayMetrics:
         self.p2p_rejected = Counter(
             "cloudbridge_relay_p2p_rejected",
             "Mesh requests refused (unauthorized, bad_proof, key_in_use, not_joined, unknown_peer:"
-            " never across tenants).",
+            " never across tenants; token_expired: after the session's token expired).",
             ["reason"],
+            registry=registry,
+        )
+        self.turn_credentials = Counter(
+            "cloudbridge_relay_turn_credentials_issued",
+            "TURN credentials sent to mesh members (server.turn): at each mesh_join, then"
+            " renewed at half their lifetime.",
             registry=registry,
         )
         self.stun_requests = Counter(

@@ -45,8 +45,6 @@ class RunningRelay:
     listeners: dict[str, Listener] = field(default_factory=dict)
     client_config: Path | None = None
     stun: asyncio.DatagramTransport | None = None
-    #: issues each tenant its TURN credentials; None without ``server.turn.secret_file``
-    turn: TurnIssuer | None = None
     keys_loader: asyncio.Task[None] | None = None
 
     closing: bool = False
@@ -171,10 +169,12 @@ async def start_relay(
     )
     auth = load_auth(config, plugins, state)
     egress = EgressPolicy.from_settings(settings.server.egress, dev=dev)
-    relay = Relay(auth, egress, RelayLimits.from_settings(settings.server, settings.performance))
+    limits = RelayLimits.from_settings(settings.server, settings.performance)
+    turn = TurnIssuer.from_settings(settings.server.turn)
+    relay = Relay(auth, egress, limits, turn=turn)
     relay.metrics.watch(relay, tenant_labels=settings.metrics.tenant_labels)
     relay.metrics.registry.register(AuthKeysCollector(relay))
-    running = RunningRelay(state, relay, turn=TurnIssuer.from_settings(settings.server.turn))
+    running = RunningRelay(state, relay)
     running.load_auth_keys()
     pair = _server_pair(settings.server, state)
     material = TlsMaterial(certificate=pair.certificate, key=pair.key)

@@ -38,6 +38,7 @@ from cloudbridge_core.relay.mesh import Challenge, Member, Mesh, tell
 from cloudbridge_core.relay.metrics import RelayMetrics
 from cloudbridge_core.relay.pacing import Pacer
 from cloudbridge_core.relay.ratelimit import RateLimiter
+from cloudbridge_core.relay.turn import TurnIssuer
 from cloudbridge_core.settings import PerformanceSettings, RateLimitSettings, ServerSettings
 from cloudbridge_core.tenants import is_tenant_id
 from cloudbridge_core.transports.mux_session import MuxSession
@@ -48,6 +49,9 @@ log = get_logger("relay.server")
 
 CONNECT = "relay:connect"
 TUNNEL = "tunnel:create"
+#: how often a session past its token's ``exp`` is checked for a refresh before it is sent
+#: TURN credentials again (it ends ``server.token_expiry_grace`` after ``exp`` otherwise)
+EXPIRED_RECHECK = 1.0
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,8 @@ class _SessionState:
     claims: Claims
     challenge: Challenge = field(default_factory=Challenge)
     member: Member | None = None
+    #: sends the member fresh TURN credentials before its last ones expire (``server.turn``)
+    turn_renewal: asyncio.Task[None] | None = None
     #: set when the session's rights change (a refresh; a revocation, once there is one)
     rights_changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -110,6 +116,8 @@ class Relay:
     ``auth``, ``egress`` and ``limits`` may be replaced while the relay serves (a config
     reload): each is read where it is used, so a new one applies to the hellos, tunnels
     and streams that come next, while established sessions and open tunnels carry on.
+    ``turn`` issues mesh members their tenant's TURN credentials; ``server.turn`` is set at
+    start (it needs a restart, like the TURN server's shared secret it holds).
     """
 
     def __init__(
@@ -118,11 +126,13 @@ class Relay:
         egress: EgressPolicy,
         limits: RelayLimits,
         metrics: RelayMetrics | None = None,
+        turn: TurnIssuer | None = None,
     ) -> None:
         self.auth = auth
         self.egress = egress
         self.limits = limits
         self.metrics = metrics or RelayMetrics()
+        self.turn = turn
         self.mesh = Mesh(self.metrics)
         #: the pre-auth budget transports hold strangers to; follows ``limits`` on reload
         self.preauth = PreauthGate(self._preauth_limits)
@@ -292,6 +302,8 @@ class Relay:
             for task in list(streams):
                 task.cancel()
             await asyncio.gather(controller, *streams, return_exceptions=True)
+            if state.turn_renewal is not None:
+                state.turn_renewal.cancel()
             if state.member is not None:
                 await self.mesh.leave(state.member)
             limiter.close()
@@ -379,18 +391,75 @@ class Relay:
             await control.send(messages.Pong(message.nonce))
         elif isinstance(message, messages.Refresh):
             await control.send(await self._refresh(state, message.token))
-        elif isinstance(message, messages.MeshJoin):
-            if state.member is not None:
-                await self.mesh.leave(state.member)
-                state.member = None
-            try:
-                state.member = await self.mesh.join(claims, control, message, state.challenge)
-            except CloudBridgeError as error:  # the session stays; only the mesh is refused
-                await control.send(messages.ErrorMessage(error.code, error.message))
-        elif isinstance(message, messages.MeshRefresh) and state.member is not None:
-            await self.mesh.refresh(state.member)
-        elif isinstance(message, messages.Signal):
-            await self.mesh.signal(state.member, claims.tenant_id, message)
+        elif isinstance(message, messages.MeshJoin | messages.MeshRefresh | messages.Signal):
+            if state.expired():  # between exp and the session's end: nothing new
+                await self._refuse_expired(control, claims, message)
+            elif isinstance(message, messages.MeshJoin):
+                await self._join(control, claims, state, message)
+            elif isinstance(message, messages.MeshRefresh):
+                if state.member is not None:
+                    await self.mesh.refresh(state.member)
+            else:
+                await self.mesh.signal(state.member, claims.tenant_id, message)
+
+    async def _refuse_expired(
+        self,
+        control: MessageStream,
+        claims: Claims,
+        message: messages.MeshJoin | messages.MeshRefresh | messages.Signal,
+    ) -> None:
+        self.mesh.rejected("token_expired", claims.tenant_id, f"{message.TYPE} after exp")
+        reason = "the session's token expired: refresh it or reconnect"
+        if isinstance(message, messages.Signal):
+            await tell(control, messages.SignalFailed(message.peer_id, TokenExpired.code, reason))
+        else:
+            await tell(control, messages.ErrorMessage(TokenExpired.code, reason))
+
+    async def _join(
+        self,
+        control: MessageStream,
+        claims: Claims,
+        state: _SessionState,
+        request: messages.MeshJoin,
+    ) -> None:
+        """Join the session's device to its tenant's mesh (again: a session joins once at a
+        time). With ``server.turn``, the member gets its TURN credentials before its peer
+        list, so a client that knows it joined knows whether the relay issues them."""
+        if state.member is not None:
+            await self.mesh.leave(state.member)
+            state.member = None
+        if state.turn_renewal is not None:
+            state.turn_renewal.cancel()
+            state.turn_renewal = None
+        issuer = self.turn
+        credentials = None if issuer is None else issuer.issue(claims.tenant_id)
+        try:
+            state.member = await self.mesh.join(
+                claims, control, request, state.challenge, credentials
+            )
+        except CloudBridgeError as error:  # the session stays; only the mesh is refused
+            await control.send(messages.ErrorMessage(error.code, error.message))
+            return
+        if issuer is not None:
+            self.metrics.turn_credentials.inc()
+            state.turn_renewal = asyncio.create_task(self._renew_turn(control, state, issuer))
+
+    async def _renew_turn(
+        self, control: MessageStream, state: _SessionState, issuer: TurnIssuer
+    ) -> None:
+        """Fresh TURN credentials at half the lifetime of the last ones, for as long as the
+        session lasts (``_serve`` cancels this task): a client never holds only expired
+        ones. None between the token's ``exp`` and the session's end, unless a refresh
+        comes: a session gets no new rights then."""
+        delay = issuer.ttl / 2
+        while True:
+            await asyncio.sleep(delay)
+            if state.expired():
+                delay = EXPIRED_RECHECK
+                continue
+            await tell(control, issuer.issue(state.claims.tenant_id))
+            self.metrics.turn_credentials.inc()
+            delay = issuer.ttl / 2
 
     async def _tunnel(self, stream: Stream, claims: Claims, state: _SessionState) -> None:
         header = MessageStream(stream)
