@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aioquic import tls
 from cloudbridge_core.client.connection import RelayConnection
 from cloudbridge_core.tlsutil import client_context
 from cloudbridge_grpc.sessions import SESSION_HEADER, SESSION_METHOD
 from cloudbridge_grpc.transport import MAX_PING_STRIKES
+from cloudbridge_quic.session import QuicSession
 
 from tests import rawh2
 from tests.relaybed import Bed, run
@@ -176,3 +178,40 @@ def test_sessions_from_one_address_share_its_buckets_on_every_transport(
 
     shared = {"control_messages": {"rate": 100, "burst": pings + pings // 2}}
     run(tmp_path, scenario, rate_limits={"disconnect_after": "30s", "per_address": shared})
+
+
+def test_a_quic_ping_flood_gets_coalesced_acks_and_a_bystander_keeps_working(
+    tmp_path: Path,
+) -> None:
+    """aioquic answers PING frames itself and offers no hook to count them (docs/security.md
+    says why); what bounds a flood is that a PING only makes its packet ack-eliciting, and
+    aioquic acknowledges at most once per ack delay: the relay sends a fraction of a packet
+    for each of the flood's, and other sessions keep their latency."""
+    flood = 5000
+
+    async def scenario(bed: Bed) -> None:
+        bystander = await bed.connect(bed.token(tenant="bystander"))
+        bed.transport = "quic"
+        flooder = await bed.connect(bed.token(tenant="mallory"))
+        session = flooder.session
+        assert isinstance(session, QuicSession)
+        quic = session._quic  # no public call sends a bare PING: the flood drives it directly
+        space = quic._spaces[tls.Epoch.ONE_RTT]
+        relay_sent_before, sent_before = space.largest_received_packet, quic._packet_number
+        rtts = []
+        for number in range(flood):
+            quic._loss._cc.congestion_window = 1 << 30  # a flooder ignores congestion control
+            quic.send_ping(number)
+            session.transmit()  # a datagram of its own for each PING
+            if number % 250 == 0:
+                rtts.append(await bystander.ping(within=5.0))
+        sent = quic._packet_number - sent_before
+        await flooder.ping(within=5.0)  # the flooder's session carries on, its ACKs arrived
+        answered = space.largest_received_packet - relay_sent_before
+        assert sent >= flood
+        assert answered < sent / 4, (answered, sent)
+        assert max(rtts) < 1.0, rtts
+        for connection in (flooder, bystander):
+            await connection.aclose()
+
+    run(tmp_path, scenario)
