@@ -2,9 +2,10 @@
 
 Every session has a bucket per kind of request (control messages, multiplexer PINGs,
 stream opens) and shares a second one per kind with the other sessions from its source
-address (counted as the pre-auth caps count it: an IPv6 /64 is one source). A request takes a token; a request finding the bucket empty goes into debt, and
-the debt (in seconds at the bucket's rate) is how long the caller waits before it reads the
-next request: the offender is slowed to its rate, and the transport's flow control pushes
+address (counted as the pre-auth caps count it: an IPv6 /64 is one source). A request
+takes a token; a request finding the bucket empty goes into debt, and the debt (in
+seconds at the bucket's rate) is how long the caller waits before it reads the next
+request: the offender is slowed to its rate, and the transport's flow control pushes
 back on it. One that stays over its rate for ``disconnect_after`` seconds without a break
 (a break: the bucket refills to half its burst) is disconnected
 (:class:`~cloudbridge_core.errors.RateLimitExceeded`). These are security limits: they
