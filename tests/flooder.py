@@ -22,7 +22,7 @@ from pathlib import Path
 from cloudbridge_core.errors import CloudBridgeError
 from cloudbridge_core.protocol import messages
 from cloudbridge_core.tlsutil import client_context
-from cloudbridge_core.transports.mux_session import MuxSession, StreamPipe
+from cloudbridge_core.transports.mux_session import MuxSession, ProtocolPipe
 from cloudbridge_core.wire import MessageStream
 
 SOURCE = "127.0.0.2"  # not the bystander's address: the per-address buckets stay apart
@@ -52,18 +52,18 @@ async def send(
     session: MuxSession,
     control: MessageStream,
     flood: Flood,
-    writer: asyncio.StreamWriter,
+    transport: asyncio.Transport,
 ) -> None:
     with contextlib.suppress(CloudBridgeError):
         while True:
             # a dropped connection only logs on write: stop at it, and yield each round so
             # that the reader sees the relay's answer
-            if session.is_closed or writer.is_closing():
+            if session.is_closed or transport.is_closing():
                 return
             await asyncio.sleep(0)
             # never block in a flush: the session's reader flushes too, and would wait behind
             # it instead of reading what the relay says (its rate_limited)
-            while writer.transport.get_write_buffer_size() > 16384:  # noqa: ASYNC110 (no event tells)
+            while transport.get_write_buffer_size() > 16384:  # noqa: ASYNC110 (no event tells)
                 await asyncio.sleep(0.001)
             if kind == "ping":
                 await control.send(messages.Ping(flood.sent % 2**31))
@@ -89,14 +89,15 @@ async def main() -> None:
     args = parser.parse_args()
     # a flooder that hangs says where (on stderr) and ends, whatever its event loop does
     faulthandler.dump_traceback_later(args.seconds + 20, exit=True)
-    reader, writer = await asyncio.open_connection(
+    transport, pipe = await asyncio.get_running_loop().create_connection(
+        ProtocolPipe,
         "127.0.0.1",
         args.port,
         ssl=client_context(args.ca.read_bytes()),
         server_hostname="127.0.0.1",
         local_addr=(SOURCE, 0),
     )
-    session = MuxSession(StreamPipe(reader, writer), is_dialer=True)
+    session = MuxSession(pipe, is_dialer=True)
     control = MessageStream(await session.open_stream(), messages.MAX_RELAY_MESSAGE_SIZE)
     await control.send(
         messages.Hello(token=args.token_file.read_text().strip(), client_version="flooder")
@@ -106,7 +107,7 @@ async def main() -> None:
     started = time.monotonic()
     tasks = [
         asyncio.create_task(flood.read(control)),
-        asyncio.create_task(send(args.kind, session, control, flood, writer)),
+        asyncio.create_task(send(args.kind, session, control, flood, transport)),
     ]
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(flood.ended.wait(), args.seconds)

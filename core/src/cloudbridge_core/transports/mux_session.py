@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 from cloudbridge_core.errors import ProtocolViolation, StreamAborted, TransportClosed
 from cloudbridge_core.protocol import mux
@@ -32,30 +32,117 @@ class Pipe(Protocol):
     async def aclose(self) -> None: ...
 
 
-class StreamPipe:
-    """A :class:`Pipe` over an asyncio reader/writer pair (TCP, TLS)."""
+#: bytes read ahead of the session before the socket is paused; a stranger's connection
+#: gets :data:`PREAUTH_HIGH_WATER` until it is authenticated (a security limit)
+HIGH_WATER = 1024 * 1024
+PREAUTH_HIGH_WATER = 64 * 1024
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader = reader
-        self._writer = writer
-        peer = writer.get_extra_info("peername")
+
+class ProtocolPipe(asyncio.Protocol):
+    """A :class:`Pipe` that is itself the asyncio protocol of a TCP or TLS connection.
+
+    What arrives is handed to :meth:`receive` as the loop delivered it (no stream reader
+    copying it in and out again); past ``high_water`` bytes unread, the pipe stops reading
+    the socket until :meth:`receive` catches up, so the peer's TCP window holds it back.
+    """
+
+    def __init__(self, high_water: int = HIGH_WATER) -> None:
+        self._high_water = high_water
+        self._chunks: deque[bytes] = deque()
+        self._queued = 0
+        self._ended = False
+        self._error: BaseException | None = None
+        self._arrived: asyncio.Future[None] | None = None
+        self._paused = False
+        self._drained: asyncio.Future[None] | None = None
+        self._writing_paused = False
+        self.transport: asyncio.Transport | None = None
         #: the peer's IP address (the relay limits request rates per address too)
-        self.peer_address: str | None = str(peer[0]) if isinstance(peer, tuple) else None
+        self.peer_address: str | None = None
+
+    # asyncio's side
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # a TCP or TLS connection (uvloop's are not asyncio.Transport subclasses)
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer_address = str(peer[0]) if isinstance(peer, tuple) else None
+
+    def data_received(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._queued += len(data)
+        if self._queued > self._high_water and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake_reader()
+
+    def eof_received(self) -> bool:
+        self._ended = True
+        self._wake_reader()
+        return False  # close the transport: a pipe is not half-closed
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._ended = True
+        self._error = exc
+        self._wake_reader()
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_exception(exc or ConnectionResetError("connection lost"))
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def _wake_reader(self) -> None:
+        if self._arrived is not None and not self._arrived.done():
+            self._arrived.set_result(None)
+
+    # the session's side
 
     async def receive(self) -> bytes:
-        return await self._reader.read(65536)
+        while not self._chunks:
+            if self._error is not None:
+                raise ConnectionResetError(str(self._error)) from self._error
+            if self._ended:
+                return b""
+            self._arrived = asyncio.get_running_loop().create_future()
+            try:
+                await self._arrived
+            finally:
+                self._arrived = None
+        data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
+        self._chunks.clear()
+        self._queued = 0
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        return data
 
     async def send(self, data: bytes | bytearray) -> None:
-        self._writer.write(data)
-        await self._writer.drain()
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("the connection is closed")
+        self.transport.write(data)
+        if self._writing_paused:
+            self._drained = asyncio.get_running_loop().create_future()
+            try:
+                await self._drained
+            finally:
+                self._drained = None
 
     async def aclose(self) -> None:
-        self._writer.close()
-        with contextlib.suppress(OSError, ConnectionError):
-            await self._writer.wait_closed()
+        if self.transport is not None:
+            self.transport.close()
 
     def abort(self) -> None:
-        self._writer.transport.abort()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def authenticated(self) -> None:
+        """Lift the pre-auth bound on what is read ahead of the session."""
+        self._high_water = max(self._high_water, HIGH_WATER)
 
 
 class MuxStream:

@@ -14,7 +14,12 @@ from cloudbridge_core.errors import (
 )
 from cloudbridge_core.protocol.mux import MuxLimits
 from cloudbridge_core.providers import Endpoint, Session
-from cloudbridge_core.transports.mux_session import MuxSession, StreamPipe
+from cloudbridge_core.transports.mux_session import (
+    HIGH_WATER,
+    PREAUTH_HIGH_WATER,
+    MuxSession,
+    ProtocolPipe,
+)
 from cloudbridge_core.transports.preauth import Admission, PreauthGate
 from cloudbridge_core.transports.serving import run_session_handler
 
@@ -36,7 +41,7 @@ class TlsListener:
         self._limits = limits
         self._gate: PreauthGate | None = None
         self._server: asyncio.Server | None = None
-        self._sessions: dict[MuxSession, asyncio.Task[object] | None] = {}
+        self._sessions: dict[MuxSession, asyncio.Task[None]] = {}
 
     @property
     def port(self) -> int:
@@ -48,33 +53,31 @@ class TlsListener:
         self._gate = endpoint.preauth
         loop = asyncio.get_running_loop()
 
-        def accept() -> asyncio.StreamReaderProtocol:
-            # asyncio builds the protocol when it accepts the TCP connection, before TLS
+        def accept() -> ProtocolPipe:
+            # asyncio builds the protocol when it accepts the TCP connection, before TLS;
+            # the protocol hears connection_made once the handshake is done
             accepted_at = loop.time()
-            return asyncio.StreamReaderProtocol(
-                asyncio.StreamReader(),
-                lambda reader, writer: self._accepted(reader, writer, accepted_at),
-            )
+            high_water = HIGH_WATER if self._gate is None else PREAUTH_HIGH_WATER
+            return _AcceptedPipe(high_water, lambda pipe: self._accepted(pipe, accepted_at))
 
         timeout = HANDSHAKE_TIMEOUT if self._gate is None else self._gate.timeout
         self._server = await loop.create_server(
             accept, endpoint.host, endpoint.port, ssl=endpoint.tls, ssl_handshake_timeout=timeout
         )
 
-    async def _accepted(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, accepted_at: float
-    ) -> None:
+    def _accepted(self, pipe: ProtocolPipe, accepted_at: float) -> None:
         admission: Admission | None = None
         if self._gate is not None:
-            peer = writer.get_extra_info("peername")
-            admission = self._gate.admit(str(peer[0]), since=accepted_at) if peer else None
+            address = pipe.peer_address
+            admission = self._gate.admit(address, since=accepted_at) if address else None
             if admission is None:  # over a cap (counted by the gate) or already gone
-                writer.transport.abort()
+                pipe.abort()
                 return
-        session = MuxSession(
-            StreamPipe(reader, writer), is_dialer=False, limits=self._limits, admission=admission
-        )
-        self._sessions[session] = asyncio.current_task()
+        session = MuxSession(pipe, is_dialer=False, limits=self._limits, admission=admission)
+        task = asyncio.get_running_loop().create_task(self._serve(session))
+        self._sessions[session] = task
+
+    async def _serve(self, session: MuxSession) -> None:
         try:
             await run_session_handler(self._handler, session)
         finally:
@@ -87,11 +90,22 @@ class TlsListener:
         sessions, self._sessions = self._sessions, {}
         for session, task in sessions.items():
             await session.aclose()
-            if task is not None:
-                task.cancel()
-        await asyncio.gather(*(t for t in sessions.values() if t), return_exceptions=True)
+            task.cancel()
+        await asyncio.gather(*sessions.values(), return_exceptions=True)
         await self._server.wait_closed()
         self._server = None
+
+
+class _AcceptedPipe(ProtocolPipe):
+    """A server connection's pipe: the listener takes it once TLS is established."""
+
+    def __init__(self, high_water: int, on_connected: Callable[[ProtocolPipe], None]) -> None:
+        super().__init__(high_water)
+        self._on_connected = on_connected
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._on_connected(self)
 
 
 class TlsTransport:
@@ -102,9 +116,11 @@ class TlsTransport:
 
     async def connect(self, endpoint: Endpoint) -> Session:
         where = f"{endpoint.host}:{endpoint.port}"
+        loop = asyncio.get_running_loop()
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(
+            _, pipe = await asyncio.wait_for(
+                loop.create_connection(
+                    ProtocolPipe,
                     endpoint.host,
                     endpoint.port,
                     ssl=endpoint.tls,
@@ -126,7 +142,7 @@ class TlsTransport:
             raise TransportError(f"TLS with {where} failed: {exc.reason}") from exc
         except OSError as exc:
             raise ServerUnavailable(f"cannot connect to {where}: {exc.strerror or exc}") from exc
-        return MuxSession(StreamPipe(reader, writer), is_dialer=True, limits=self._limits)
+        return MuxSession(pipe, is_dialer=True, limits=self._limits)
 
     async def serve(
         self, endpoint: Endpoint, handler: Callable[[Session], Awaitable[None]]
