@@ -39,7 +39,7 @@ from cloudbridge_core.client.race import connect
 from cloudbridge_core.config import load_config, merged_schema
 from cloudbridge_core.plugins import load_plugins
 from cloudbridge_core.protocol import messages
-from run import BIN, ECHO, free_port, rss_bytes, started
+from procs import BIN, ECHO, free_port, rss_bytes, started
 
 
 @dataclass

@@ -1,0 +1,270 @@
+"""The benchmark's report: a table of figures, ratio tables, issue 15's goals, and JSON.
+
+Figures are kept in base units (bytes per second, seconds, bytes) under the keys of
+:data:`METRICS`; a path lacks a key it has no figure for (direct TCP has no forwarder,
+so neither memory nor CPU).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+Figures = dict[str, float]
+
+BULK = [
+    "bulk_up_1_bytes_per_second",
+    "bulk_down_1_bytes_per_second",
+    "bulk_up_8_bytes_per_second",
+    "bulk_down_8_bytes_per_second",
+]
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    name: str
+    unit: str
+    #: turns the figure into the table's text
+    show: Callable[[float], str]
+    higher_is_better: bool
+    #: whether a ratio between two paths means something (a count of completions does not)
+    comparable: bool = True
+
+    def label(self, parallel: int) -> str:
+        unit = f" ({self.unit})" if self.unit else ""
+        return f"{self.name}{unit}".format(parallel=parallel)
+
+
+def _rate(value: float) -> str:
+    return f"{value / 1e6:,.1f}"
+
+
+METRICS = [
+    Metric("bulk_up_1_bytes_per_second", "bulk up, 1 conn", "MB/s", _rate, True),
+    Metric("bulk_down_1_bytes_per_second", "bulk down, 1 conn", "MB/s", _rate, True),
+    Metric("bulk_up_8_bytes_per_second", "bulk up, 8 conns", "MB/s", _rate, True),
+    Metric("bulk_down_8_bytes_per_second", "bulk down, 8 conns", "MB/s", _rate, True),
+    Metric("parallel_bytes_per_second", "bulk, {parallel} conns", "MB/s", _rate, True),
+    Metric(
+        "parallel_completed",
+        "  of which completed",
+        "",
+        lambda value: f"{value:.0f}/{{parallel}}",
+        True,
+        comparable=False,
+    ),
+    Metric("rtt_p50_seconds", "RTT p50", "µs", lambda value: f"{value * 1e6:,.0f}", False),
+    Metric("rtt_p99_seconds", "RTT p99", "µs", lambda value: f"{value * 1e6:,.0f}", False),
+    Metric("setup_per_second", "setups", "/s", lambda value: f"{value:,.0f}", True),
+    Metric(
+        "idle_bytes_per_connection",
+        "memory per idle conn",
+        "KiB",
+        lambda value: f"{value / 1024:,.1f}",
+        False,
+    ),
+    Metric("cpu_seconds_per_gib", "CPU per GiB", "s", lambda value: f"{value:.2f}", False),
+]
+BY_KEY = {metric.key: metric for metric in METRICS}
+
+#: the TCP transports issue 15 holds to socat's figures
+TCP_TRANSPORTS = ("cloudbridge-tls", "cloudbridge-websocket")
+
+
+@dataclass(frozen=True)
+class Goal:
+    """One of issue 15's speed goals, for one path."""
+
+    text: str
+    #: which figures, and to which reference path (None: the figure itself)
+    keys: tuple[str, ...]
+    reference: str | None
+    #: compares the worst of the path's figures (or ratios) with ``bound``
+    meets: Callable[[float, float], bool]
+    #: None: the number of parallel connections
+    bound: float | None
+    paths: tuple[str, ...] = TCP_TRANSPORTS
+
+
+GOALS = [
+    Goal("bulk, 1 and 8 conns, up and down >= 1.0x socat", tuple(BULK), "socat", operator.ge, 1.0),
+    Goal("bulk, 1 and 8 conns, up and down >= 2x ssh -L", tuple(BULK), "ssh", operator.ge, 2.0),
+    Goal("RTT p50 <= 2x socat", ("rtt_p50_seconds",), "socat", operator.le, 2.0),
+    Goal("connection setup >= 1.0x socat", ("setup_per_second",), "socat", operator.ge, 1.0),
+    Goal("all parallel connections complete", ("parallel_completed",), None, operator.ge, None),
+    Goal(
+        "<= 16 KiB per idle connection (KiB)",
+        ("idle_bytes_per_connection",),
+        None,
+        operator.le,
+        16 * 1024,
+    ),
+    Goal("CPU per GiB <= 3x socat", ("cpu_seconds_per_gib",), "socat", operator.le, 3.0),
+    Goal(
+        "bulk >= 1.5x wstunnel",
+        tuple(BULK),
+        "wstunnel",
+        operator.ge,
+        1.5,
+        paths=("cloudbridge-websocket",),
+    ),
+]
+
+
+def ratios(results: dict[str, Figures], reference: str, keys: list[str]) -> dict[str, Figures]:
+    """Each path's figures divided by ``reference``'s, for the comparable ``keys`` both have."""
+    base = results.get(reference)
+    if base is None:
+        return {}
+    table: dict[str, Figures] = {}
+    for name, figures in results.items():
+        if name == reference:
+            continue
+        row = {
+            key: figures[key] / base[key]
+            for key in keys
+            if BY_KEY[key].comparable and key in figures and base.get(key)
+        }
+        if row:
+            table[name] = row
+    return table
+
+
+def goals(results: dict[str, Figures], parallel: int) -> list[dict[str, Any]]:
+    """Issue 15's goals for each path they apply to that was measured: the worst figure
+    (or ratio) and whether it meets the goal; a goal whose reference is missing is left out."""
+    checked = []
+    for goal in GOALS:
+        for path in goal.paths:
+            figures = results.get(path)
+            if figures is None or not all(key in figures for key in goal.keys):
+                continue
+            if goal.reference is None:
+                values = [figures[key] for key in goal.keys]
+            else:
+                base = results.get(goal.reference)
+                if base is None or not all(base.get(key) for key in goal.keys):
+                    continue
+                values = [figures[key] / base[key] for key in goal.keys]
+            bound = parallel if goal.bound is None else goal.bound
+            higher = goal.meets is operator.ge
+            worst = min(values) if higher else max(values)
+            checked.append(
+                {
+                    "goal": goal.text,
+                    "path": path,
+                    "value": worst,
+                    "bound": bound,
+                    "met": goal.meets(worst, bound),
+                }
+            )
+    return checked
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(
+            cell.ljust(width) if i == 0 else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in rows
+    )
+
+
+def _short(name: str) -> str:
+    return name.removeprefix("cloudbridge-")
+
+
+def _ratio_table(table: dict[str, Figures], keys: list[str], parallel: int) -> str:
+    names = list(table)
+    rows = [["", *map(_short, names)]]
+    for key in keys:
+        if any(key in row for row in table.values()):
+            cells = [f"{table[n][key]:.2f}x" if key in table[n] else "-" for n in names]
+            rows.append([BY_KEY[key].name.format(parallel=parallel), *cells])
+    return _table(rows)
+
+
+def _goal_value(check: dict[str, Any]) -> str:
+    if check["goal"].startswith("all parallel"):
+        return f"{check['value']:.0f}/{check['bound']:.0f}"
+    if "KiB" in check["goal"]:
+        return f"{check['value'] / 1024:.1f}"
+    return f"{check['value']:.2f}x"
+
+
+def render(results: dict[str, Figures], skipped: dict[str, str], parallel: int) -> str:
+    """The report as text: figures, ratio tables and goals (rates: higher is better; RTT,
+    memory and CPU: lower is better)."""
+    if not results:
+        return "no path was measured"
+    names = list(results)
+    keys = [m.key for m in METRICS if any(m.key in figures for figures in results.values())]
+    rows = [["", *map(_short, names)]]
+    for key in keys:
+        metric = BY_KEY[key]
+        cells = [
+            metric.show(results[name][key]).format(parallel=parallel)
+            if key in results[name]
+            else "-"
+            for name in names
+        ]
+        rows.append([metric.label(parallel), *cells])
+    parts = ["Figures (rates: higher is better; RTT, memory, CPU: lower is better)", _table(rows)]
+    for reference, title, shown in (
+        ("socat", "Ratio to socat", keys),
+        ("ssh", "Ratio to ssh -L (bulk)", [*BULK, "parallel_bytes_per_second"]),
+    ):
+        table = ratios(results, reference, shown)
+        if table:
+            parts += ["", title, _ratio_table(table, shown, parallel)]
+    versus = ratios(
+        {n: f for n, f in results.items() if n in ("wstunnel", "cloudbridge-websocket")},
+        "wstunnel",
+        keys,
+    )
+    if versus:
+        parts += ["", "WebSocket transport to wstunnel", _ratio_table(versus, keys, parallel)]
+    checked = goals(results, parallel)
+    if checked:
+        rows = [["issue 15 goal", "path", "worst", "met"]]
+        rows += [
+            [c["goal"], _short(c["path"]), _goal_value(c), "yes" if c["met"] else "NO"]
+            for c in checked
+        ]
+        parts += ["", "Goals (issue 15)", _table(rows)]
+    if skipped:
+        parts += ["", *(f"skipped {name}: {reason}" for name, reason in skipped.items())]
+    return "\n".join(parts)
+
+
+def document(
+    results: dict[str, Figures],
+    skipped: dict[str, str],
+    errors: dict[str, list[str]],
+    settings: dict[str, Any],
+    context: dict[str, Any],
+) -> dict[str, Any]:
+    """Everything the run measured, for ``--json``."""
+    keys = [m.key for m in METRICS]
+    return {
+        **context,
+        "settings": settings,
+        "paths": results,
+        "skipped": skipped,
+        "errors": errors,
+        "ratios": {
+            "socat": ratios(results, "socat", keys),
+            "ssh": ratios(results, "ssh", [*BULK, "parallel_bytes_per_second"]),
+            "wstunnel": ratios(
+                {n: f for n, f in results.items() if n in ("wstunnel", "cloudbridge-websocket")},
+                "wstunnel",
+                keys,
+            ),
+        },
+        "goals": goals(results, settings["parallel"]),
+    }
