@@ -19,7 +19,7 @@ before, divided by N); CPU seconds per GiB (user+sys of the forwarder's processe
 to ssh -L (bulk), the WebSocket transport to wstunnel, and issue 15's goals. Then the floods
 of floods.py: what a hostile stranger or tenant costs a bystander.
 
-    ./dev bench                              everything (about 5 minutes on 2 cores)
+    ./dev bench                              everything (about 3 minutes on 2 cores)
     ./dev bench --only socat,ssh,tls         some paths (or parts: references, relayed, floods)
     ./dev bench --quick --only direct,tls    a smoke run: small sizes, a few seconds a path
     ./dev bench --repeat 3 --json out.json   the median of 3 rounds, every figure in a file
