@@ -196,11 +196,13 @@ class MuxStream:
                 raise self._error
             if self._closed:
                 raise TransportClosed(f"stream {self.stream_id} is closed for writing")
+            # cleared before sending, not after: the window update may arrive while the
+            # flush waits, and clearing then would lose it (the stream would wait for ever)
+            self._writable.clear()
             sent = self._session.send(self.stream_id, view)
             view = view[sent:]
             await self._session.flush()
             if view:
-                self._writable.clear()
                 await self._writable.wait()
 
     async def close_write(self) -> None:
