@@ -3,6 +3,9 @@
 aioquic doubles a stream's (and the connection's) receive window whenever the peer has
 used half of it, whether or not anyone read the data, so a slow reader would buffer
 without bound. Here the peer gets more credit only as the application consumes bytes.
+A stream the application abandons (reset, or closed unread) gives the connection back
+what it received unread and what still arrives on it, or every reset would shrink the
+connection's window for good.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ class BoundedQuicConnection(QuicConnection):
     connection_window: int
     _consumed: dict[int, int]
     _consumed_total: int
+    #: abandoned streams still receiving -> the bytes of each counted as consumed so far
+    abandoned: dict[int, int]
 
     def credit(self, stream_id: int, count: int) -> bool:
         """Record ``count`` bytes read by the application; True when new credit is due."""
-        self._consumed_total += count
         consumed = self._consumed[stream_id] = self._consumed.get(stream_id, 0) + count
         granted = False
         stream = self._streams.get(stream_id)
@@ -35,16 +39,35 @@ class BoundedQuicConnection(QuicConnection):
         ):
             stream.max_stream_data_local = consumed + self.stream_window
             granted = True
+        return self._credit_connection(count) or granted
+
+    def abandon(self, stream_id: int) -> bool:
+        """The application reads no more of the stream: count what it received unread, and
+        from now on what still arrives, as consumed; True when new credit is due."""
+        self.abandoned[stream_id] = self._consumed.pop(stream_id, 0)
+        return self.settle(stream_id)
+
+    def settle(self, stream_id: int) -> bool:
+        """Count what arrived on an abandoned stream since the last call (each of its
+        events calls this); True when new credit is due."""
+        counted = self.abandoned.pop(stream_id, None)
+        stream = self._streams.get(stream_id)
+        if counted is None or stream is None:
+            return False
+        received = stream.receiver.highest_offset  # the final size, once reset or finished
+        if not stream.receiver.is_finished:
+            self.abandoned[stream_id] = received
+        return self._credit_connection(received - counted)
+
+    def _credit_connection(self, count: int) -> bool:
+        self._consumed_total += count
         limit = self._local_max_data
         if self._consumed_total + self.connection_window - limit.value >= (
             self.connection_window // 2
         ):
             limit.value = self._consumed_total + self.connection_window
-            granted = True
-        return granted
-
-    def forget(self, stream_id: int) -> None:
-        self._consumed.pop(stream_id, None)
+            return True
+        return False
 
     def _write_stream_limits(
         self, builder: QuicPacketBuilder, space: QuicPacketSpace, stream: QuicStream
@@ -75,6 +98,7 @@ def bound(
     connection.connection_window = connection_window
     connection._consumed = {}
     connection._consumed_total = 0
+    connection.abandoned = {}
     connection._local_max_streams_bidi.value = max_streams
     connection._local_max_streams_bidi.sent = max_streams
     return connection

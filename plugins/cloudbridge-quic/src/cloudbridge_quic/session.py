@@ -41,16 +41,32 @@ _PROTOCOL_VIOLATION = 0xA
 
 
 class QuicStream:
-    """Implements :class:`~cloudbridge_core.providers.Stream` on one bidirectional QUIC stream."""
+    """Implements :class:`~cloudbridge_core.providers.Stream` on one bidirectional QUIC stream.
+
+    The session feeds it until both directions have ended or it failed, so a STOP_SENDING
+    arriving after this side read the peer's EOF still fails the writes that follow. A
+    failed stream drops what it holds unread: its reads raise at once.
+    """
 
     def __init__(self, session: QuicSession, stream_id: int) -> None:
         self._session = session
         self.stream_id = stream_id
         self._received: deque[bytes] = deque()
         self._readable = asyncio.Event()
-        self._eof = False
+        self._eof = False  # all the peer's data and its FIN have arrived
+        self._eof_read = False
         self._error: TransportError | None = None
         self._write_closed = False
+
+    @property
+    def error(self) -> TransportError | None:
+        """Why the stream failed: reset by either side, or the session ended."""
+        return self._error
+
+    @property
+    def peer_finished(self) -> bool:
+        """Whether all the peer's data and its FIN have arrived."""
+        return self._eof
 
     # ---- fed by the session ----------------------------------------------------------------
 
@@ -63,6 +79,7 @@ class QuicStream:
     def failed(self, error: TransportError) -> None:
         if self._error is None:
             self._error = error
+            self._received.clear()
         self._readable.set()
 
     # ---- Stream ----------------------------------------------------------------------------
@@ -72,7 +89,9 @@ class QuicStream:
             if self._error is not None:
                 raise self._error
             if self._eof:
-                self._session.forget(self.stream_id)
+                self._eof_read = True
+                if self._write_closed:
+                    self._session.abandon(self, reset=False)
                 return b""
             self._readable.clear()
             await self._readable.wait()
@@ -87,7 +106,7 @@ class QuicStream:
         view = memoryview(data)
         while view:
             self._check_writable()
-            await self._session.send_space(self.stream_id)
+            await self._session.send_space(self)
             self._check_writable()
             piece = bytes(view[:_WRITE_PIECE])
             self._session.send(self.stream_id, piece, end=False)
@@ -98,15 +117,28 @@ class QuicStream:
             return
         self._write_closed = True
         self._session.send(self.stream_id, b"", end=True)
+        if self._eof_read:
+            self._session.abandon(self, reset=False)
 
     async def aclose(self) -> None:
-        if self._error is None and not (self._write_closed and self._eof):
-            self._session.cancel(
-                self.stream_id, reading=not self._eof, writing=not self._write_closed
-            )
+        """Close gracefully (FIN) once the peer's EOF has arrived, otherwise reset."""
+        if self._error is None and self._eof:
+            await self.close_write()
+            self.failed(StreamAborted("the stream was closed"))
+            self._session.abandon(self, reset=False)
+            return
+        await self.reset()
+
+    async def reset(self) -> None:
+        """RESET_STREAM for what this side has not finished sending (even after its FIN,
+        until all of it is acknowledged), STOP_SENDING for what the peer has not: the
+        peer's writes fail, and so do its reads unless all this side sent has arrived."""
+        if self._error is not None:
+            return
+        finished = self._write_closed and self._eof
         self._write_closed = True
-        self.failed(StreamAborted("the stream was closed"))
-        self._session.forget(self.stream_id)
+        self.failed(StreamAborted("the stream was reset locally"))
+        self._session.abandon(self, reset=not finished)
 
     def _check_writable(self) -> None:
         if self._error is not None:
@@ -230,13 +262,17 @@ class QuicSession(QuicConnectionProtocol):
         self._quic.send_stream_data(stream_id, data, end)
         self._transmit_soon()
 
-    async def send_space(self, stream_id: int) -> None:
-        """Wait until the stream's unacknowledged bytes are under one window."""
+    async def send_space(self, stream: QuicStream) -> None:
+        """Wait until the stream's unacknowledged bytes are under one window, or it failed."""
         while True:
             if self._error is not None:
                 raise self._error
-            quic_stream = self._quic._streams.get(stream_id)
-            if quic_stream is None or len(quic_stream.sender._buffer) < self._bounded.stream_window:
+            quic_stream = self._quic._streams.get(stream.stream_id)
+            if (
+                stream.error is not None
+                or quic_stream is None
+                or len(quic_stream.sender._buffer) < self._bounded.stream_window
+            ):
                 return
             if self._progress is None:
                 self._progress = self._loop.create_future()
@@ -246,17 +282,21 @@ class QuicSession(QuicConnectionProtocol):
         if self._bounded.credit(stream_id, count):
             self._transmit_soon()
 
-    def cancel(self, stream_id: int, *, reading: bool, writing: bool) -> None:
-        with contextlib.suppress(ValueError, AssertionError):  # the stream already ended
-            if writing:
-                self._quic.reset_stream(stream_id, STREAM_CANCELLED)
-            if reading:
-                self._quic.stop_stream(stream_id, STREAM_CANCELLED)
-        self._transmit_soon()
-
-    def forget(self, stream_id: int) -> None:
-        self._streams.pop(stream_id, None)
-        self._bounded.forget(stream_id)
+    def abandon(self, stream: QuicStream, *, reset: bool) -> None:
+        """Stop feeding ``stream`` (once); with ``reset``, RESET_STREAM (a no-op once all
+        of it is acknowledged) and, while the peer may still send, STOP_SENDING. What it
+        received unread, and receives from now on, goes back to the connection's window."""
+        if self._streams.get(stream.stream_id) is not stream:
+            return
+        del self._streams[stream.stream_id]
+        if reset:
+            with contextlib.suppress(ValueError, AssertionError):  # the stream already ended
+                self._quic.reset_stream(stream.stream_id, STREAM_CANCELLED)
+                if not stream.peer_finished:
+                    self._quic.stop_stream(stream.stream_id, STREAM_CANCELLED)
+        if self._bounded.abandon(stream.stream_id) or reset:
+            self._transmit_soon()
+        self._wake_writers()
 
     # ---- aioquic callbacks ------------------------------------------------------------------
 
@@ -286,6 +326,9 @@ class QuicSession(QuicConnectionProtocol):
                 if self._preauth_bytes > PREAUTH_BYTES or (stream is None and self._streams):
                     self._refuse(_PROTOCOL_VIOLATION, "more than a hello before authentication")
                     return
+            if event.stream_id in self._bounded.abandoned:  # still arriving after a reset
+                self._settle(event.stream_id)
+                return
             if stream is None:
                 stream = self._streams[event.stream_id] = QuicStream(self, event.stream_id)
                 self._incoming.put_nowait(stream)
@@ -294,8 +337,6 @@ class QuicSession(QuicConnectionProtocol):
             self._fail_stream(event.stream_id, "the peer reset the stream")
         elif isinstance(event, events.StopSendingReceived):
             self._fail_stream(event.stream_id, "the peer stopped reading the stream")
-            with contextlib.suppress(ValueError, AssertionError):
-                self._quic.reset_stream(event.stream_id, event.error_code)
         elif isinstance(event, events.HandshakeCompleted):
             self.handshake = event
             self._fit_datagrams()
@@ -324,10 +365,17 @@ class QuicSession(QuicConnectionProtocol):
                 self.transmit()
 
     def _fail_stream(self, stream_id: int, why: str) -> None:
+        """The peer reset its side or stopped reading ours: the stream is over both ways."""
         stream = self._streams.get(stream_id)
         if stream is not None:
             stream.failed(StreamAborted(why))
-        self._wake_writers()
+            self.abandon(stream, reset=True)
+        elif stream_id in self._bounded.abandoned:
+            self._settle(stream_id)
+
+    def _settle(self, stream_id: int) -> None:
+        if self._bounded.settle(stream_id):
+            self._transmit_soon()
 
     def _terminate(self, error: TransportError) -> None:
         if self._error is not None:
