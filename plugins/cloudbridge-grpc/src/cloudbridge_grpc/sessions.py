@@ -193,7 +193,7 @@ class ServerSession:
             await self._context.write(Control(open_reverse=number))
             stream: ServerStream = await arrived
             return stream
-        except (grpc.aio.AbortError, grpc.aio.UsageError, RuntimeError) as exc:
+        except (grpc.aio.BaseError, RuntimeError) as exc:  # the control call ended
             raise TransportClosed(f"the gRPC session ended: {exc}") from None
         finally:
             self._reverse_waiting.pop(number, None)

@@ -29,7 +29,9 @@ class _ChunkStream(abc.ABC):
 
     A pump task does the gRPC reads, because grpcio cancels the whole call when a task
     waiting in a read is cancelled: a caller's ``wait_for(stream.read(), ...)`` timing
-    out must not reset the stream.
+    out must not reset the stream. After the eof chunk the pump reads on until the call
+    ends, so that a reset after the peer's eof (a call ended with an error) still fails
+    the reader who has not reached that eof yet, and the writer.
     """
 
     def __init__(self, piece: int) -> None:
@@ -57,11 +59,12 @@ class _ChunkStream(abc.ABC):
     async def _pump_messages(self) -> None:
         try:
             while (chunk := await self._read_message()) is not None:
+                if self._peer_eof:
+                    raise ProtocolViolation("a chunk after the peer's eof")
                 await self._inbound.put(chunk)
                 if chunk.eof:
                     self._peer_eof = True
                     self._both_sides_finished()
-                    return
         except TransportError as error:
             self._error = self._error or error
         finally:
@@ -91,6 +94,18 @@ class _ChunkStream(abc.ABC):
         """End the stream for its reader and writer (the session ended, a reset arrived)."""
         self._error = self._error or error
         self._wake_reader()
+
+    async def aclose(self) -> None:
+        """Close gracefully (the eof chunk) once the peer's eof has arrived, otherwise reset."""
+        if self._error is None and self._peer_eof:
+            with contextlib.suppress(TransportError):  # the call ended meanwhile
+                await self.close_write()
+            return
+        await self.reset()
+
+    @abc.abstractmethod
+    async def reset(self) -> None:
+        """End the call with an error for the peer, unless both sides had finished."""
 
     async def read(self, max_bytes: int = 65536) -> bytes:
         while not self._pending:
@@ -149,8 +164,9 @@ class ClientStream(_ChunkStream):
         except grpc.aio.AioRpcError as exc:
             self._error = self._error or _error_of(exc)
             raise self._error from None
-        except asyncio.InvalidStateError:
-            raise self._error or StreamAborted("the stream has ended") from None
+        except asyncio.InvalidStateError:  # the call ended: its status is the pump's to read
+            self._error = self._error or StreamAborted("the stream has ended")
+            raise self._error from None
         except asyncio.CancelledError:
             if self._call.cancelled() and not _being_cancelled():
                 raise self._error or StreamAborted("the stream was reset") from None
@@ -160,9 +176,12 @@ class ClientStream(_ChunkStream):
         super().fail(error)
         self._call.cancel()
 
-    async def aclose(self) -> None:
-        if not self.finished:
-            self.fail(StreamAborted("the stream was closed"))  # a reset: the server's reader fails
+    async def reset(self) -> None:
+        """Cancel the call (the server's reader and writer fail), unless it is finishing."""
+        if self._error is None and self.finished:  # the server ends the call with OK
+            super().fail(StreamAborted("the stream was reset locally"))
+        elif self._error is None:
+            self.fail(StreamAborted("the stream was reset locally"))
 
     def _both_sides_finished(self) -> None:
         """Nothing to do: a client's call ends when both sides have sent their eof."""
@@ -184,7 +203,10 @@ class ServerStream(_ChunkStream):
         self._start_pump()
 
     async def _read_message(self) -> Chunk | None:
-        message = await self._context.read()
+        try:
+            message = await self._context.read()
+        except (grpc.aio.BaseError, RuntimeError) as exc:  # the call was cancelled or ended
+            raise self._error or StreamAborted(f"the stream has ended: {exc}") from None
         if message is grpc.aio.EOF:
             return None
         chunk: Chunk = message
@@ -200,8 +222,9 @@ class ServerStream(_ChunkStream):
     async def _send(self, chunk: Chunk) -> None:
         try:
             await self._context.write(chunk)
-        except (grpc.aio.AbortError, grpc.aio.UsageError, RuntimeError) as exc:
-            raise self._error or StreamAborted(f"the stream has ended: {exc}") from None
+        except (grpc.aio.BaseError, RuntimeError) as exc:  # the call was cancelled or ended
+            self._error = self._error or StreamAborted(f"the stream has ended: {exc}")
+            raise self._error from None
 
     def _both_sides_finished(self) -> None:
         if self.finished:
@@ -220,10 +243,12 @@ class ServerStream(_ChunkStream):
         if self._pump is not None:
             self._pump.cancel()
 
-    async def aclose(self) -> None:
-        if not self.finished:
-            self.abort_status = (grpc.StatusCode.ABORTED, "the stream was reset")
-            self.fail(StreamAborted("the stream was closed"))
+    async def reset(self) -> None:
+        """End the call with ABORTED (the client reads a reset), unless both sides finished."""
+        if self._error is None:
+            if not self.finished:
+                self.abort_status = (grpc.StatusCode.ABORTED, "the stream was reset")
+            self.fail(StreamAborted("the stream was reset locally"))
 
 
 def _being_cancelled() -> bool:
