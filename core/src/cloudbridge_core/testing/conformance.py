@@ -146,6 +146,87 @@ async def reset_reaches_the_peer(kit: TransportKit) -> None:
         raise AssertionError("the peer read on after a reset")
 
 
+async def reset_after_half_close_reaches_the_peer(kit: TransportKit) -> None:
+    """``reset()`` is the relayed TCP RST, half-closed stream or not: after one end's
+    reset the other end's writes fail within seconds, and its reads end in an error,
+    never in a clean EOF for data it had not read. Checked for a reset by either end."""
+    async with kit.pair() as (client, accepted):
+        server = await asyncio.wait_for(accepted.get(), 10)
+        for opener, acceptor in ((client, server), (server, client)):
+            # the peer has read the EOF and is still sending when the resetting end resets
+            stream = await opener.open_stream()
+            await stream.write(b"request")
+            await stream.close_write()
+            peer = await asyncio.wait_for(acceptor.accept_stream(), 10)
+            assert await asyncio.wait_for(read_all(peer), 10) == b"request"
+            await peer.write(b"first part of the response")
+            assert await asyncio.wait_for(stream.read(), 10) == b"first part of the response"
+            await stream.reset()
+            await _writes_fail(peer, "a reset after this end's EOF")
+
+            # the resetting end half-closes and resets before the peer has read anything
+            stream = await opener.open_stream()
+            await stream.write(b"a request the peer never reads in full")
+            await stream.close_write()
+            peer = await asyncio.wait_for(acceptor.accept_stream(), 10)
+            await stream.reset()
+            await _writes_fail(peer, "a reset right after the EOF")
+            try:
+                await asyncio.wait_for(read_all(peer), 10)
+            except TransportError:
+                continue
+            raise AssertionError("a reset stream ended in a clean EOF for its peer")
+
+
+async def _writes_fail(stream: Stream, case: str) -> None:
+    """Write until a write fails, as a pump forwarding its socket's bytes would."""
+    try:
+        async with asyncio.timeout(10):
+            while True:
+                await stream.write(b"more of the response" * 64)
+    except TransportError:
+        return
+    except TimeoutError:
+        raise AssertionError(f"the peer could still write 10 s after {case}") from None
+
+
+async def reset_is_idempotent_and_quiet(kit: TransportKit) -> None:
+    """``reset()`` never raises (twice, after the peer's reset, on a finished stream, after
+    the session's end), and a stream finished both ways stays finished for the peer."""
+    async with kit.pair() as (client, accepted):
+        server = await asyncio.wait_for(accepted.get(), 10)
+        stream = await client.open_stream()
+        await stream.write(b"partial")
+        peer = await asyncio.wait_for(server.accept_stream(), 10)
+        assert await asyncio.wait_for(peer.read(), 10) == b"partial"
+        await stream.reset()
+        await stream.reset()
+        try:
+            await asyncio.wait_for(read_all(peer), 10)
+        except StreamAborted:
+            pass
+        else:
+            raise AssertionError("the peer read on after a reset")
+        await peer.reset()  # after the peer's own reset
+
+        finished = await client.open_stream()
+        await finished.write(b"question")
+        await finished.close_write()
+        peer = await asyncio.wait_for(server.accept_stream(), 10)
+        await peer.write(b"answer")
+        await peer.close_write()
+        assert await asyncio.wait_for(read_all(finished), 10) == b"answer"
+        await finished.reset()  # both ways finished here: nothing to reset
+        assert await asyncio.wait_for(read_all(peer), 10) == b"question"
+
+        open_at_the_end = await client.open_stream()
+        await open_at_the_end.write(b"hello")
+        peer = await asyncio.wait_for(server.accept_stream(), 10)
+        await client.aclose()
+        await open_at_the_end.reset()
+        await peer.reset()
+
+
 async def two_hundred_concurrent_streams(kit: TransportKit) -> None:
     async with kit.pair(echo_streams) as (client, _):
 
@@ -186,8 +267,11 @@ async def session_close_reaches_every_stream(kit: TransportKit) -> None:
         peers = [await server.accept_stream() for _ in streams]
         await client.aclose()
         for peer in peers:
-            with contextlib.suppress(TransportError):
+            try:
                 await asyncio.wait_for(read_all(peer), 10)
+            except TransportError:
+                continue
+            raise AssertionError("a stream cut by the session's end ended in a clean EOF")
         try:
             await asyncio.wait_for(server.accept_stream(), 10)
         except TransportError:
@@ -329,6 +413,8 @@ CHECKS: list[Callable[[TransportKit], Awaitable[None]]] = [
     large_payload_integrity,
     half_close,
     reset_reaches_the_peer,
+    reset_after_half_close_reaches_the_peer,
+    reset_is_idempotent_and_quiet,
     two_hundred_concurrent_streams,
     slow_reader_bounds_memory,
     session_close_reaches_every_stream,
