@@ -26,7 +26,7 @@ from loopback import free_port
 
 pytestmark = pytest.mark.timeout(90)
 
-TRANSPORTS = ["tls", "websocket", "quic"]
+TRANSPORTS = ["tls", "websocket", "grpc", "quic"]
 CHUNK = 64 * 1024
 #: how long a transport may take to notice that its peer process died: at once on TCP
 #: (the kernel resets the connection); QUIC hears nothing and waits for its idle timeout

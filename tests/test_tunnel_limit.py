@@ -13,13 +13,17 @@ from cloudbridge_core.client.tunnel_set import TunnelSet
 from tests.relaybed import Bed, echo_server, round_trip, run
 
 
-async def closed_at_once(port: int) -> bool:
-    """Whether the tunnel closes a new connection before anything is sent (a refusal)."""
+async def refused_at_once(port: int) -> bool:
+    """Whether the tunnel resets a new connection before anything is sent (a refusal: a
+    failure, never an empty answer that looks like one)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        return await reader.read() == b""
+        await reader.read()
+    except ConnectionResetError:
+        return True
     finally:
         writer.close()
+    return False
 
 
 def test_the_limit_counts_connections_across_tunnels_and_refuses_the_next(
@@ -39,7 +43,7 @@ def test_the_limit_counts_connections_across_tunnels_and_refuses_the_next(
             reader, writer = await asyncio.open_connection("127.0.0.1", first.port)
             writer.write(b"held open")
             assert await reader.readexactly(9) == b"held open"
-            assert await closed_at_once(second.port)
+            assert await refused_at_once(second.port)
             assert second.statistics.errors == 1
             assert limit.active == 1
             writer.write_eof()
@@ -66,7 +70,7 @@ def test_a_reload_changes_the_limit_for_the_next_connections(tmp_path: Path) -> 
             reader, writer = await asyncio.open_connection("127.0.0.1", listed[0].port)
             writer.write(b"held open")
             assert await reader.readexactly(9) == b"held open"
-            assert await closed_at_once(listed[0].port)
+            assert await refused_at_once(listed[0].port)
             raised = bed.client_config(
                 bed.token(),
                 **{

@@ -151,14 +151,18 @@ async def pump(
     finally:
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if finished:
-            with contextlib.suppress(TransportError):
-                await stream.aclose()
-            sock.close()
-        else:
-            await stream.reset()
-            abort(sock)
+        # the caller may be cancelled meanwhile (its session ended along with the stream):
+        # the socket is closed first, without waiting, so that it never outlives the pump
+        try:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            if finished:
+                sock.close()
+                with contextlib.suppress(TransportError):
+                    await stream.aclose()
+            else:
+                abort(sock)
+                await stream.reset()
     return result
 
 

@@ -13,7 +13,7 @@ from cloudbridge_core.client.connection import RelayConnection
 from cloudbridge_core.client.metrics import ClientMetrics
 from cloudbridge_core.errors import CloudBridgeError, LimitExceeded
 from cloudbridge_core.log import get_logger
-from cloudbridge_core.pump import PumpResult, prepare, pump
+from cloudbridge_core.pump import PumpResult, abort, prepare, pump
 from cloudbridge_core.settings import TunnelSettings
 
 log = get_logger("tunnel")
@@ -205,7 +205,7 @@ class Tunnel:
         finally:
             if counted and self._limit is not None:
                 self._limit.release()
-            client.close()
+            abort(client)  # a no-op once the pump has closed it; before that, a failure
             stats.bytes_sent += moved.sent
             stats.bytes_received += moved.received
             stats.active_connections -= 1

@@ -32,7 +32,7 @@ from cloudbridge_core.errors import (
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.protocol import derp, messages
 from cloudbridge_core.providers import AuthProvider, Claims, Session, Stream
-from cloudbridge_core.pump import prepare, pump
+from cloudbridge_core.pump import abort, prepare, pump
 from cloudbridge_core.relay.egress import EgressPolicy
 from cloudbridge_core.relay.mesh import Challenge, Member, Mesh, tell
 from cloudbridge_core.relay.metrics import RelayMetrics
@@ -500,8 +500,11 @@ class Relay:
             if early:
                 await asyncio.get_running_loop().sock_sendall(target, early)
         except (TransportError, OSError):
-            target.close()
+            abort(target)
             return
+        except asyncio.CancelledError:  # the session ended: the pump never got the socket
+            abort(target)
+            raise
         self.metrics.streams.inc()
         started_at = time.monotonic()
         self.streams_active += 1
