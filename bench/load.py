@@ -144,14 +144,21 @@ def setup_rate(port: int, count: int, timeout: float) -> float:
 
 
 def open_idle(port: int, count: int, timeout: float) -> list[socket.socket]:
-    """``count`` connections that have each carried one byte to the target and back."""
-    held = []
+    """``count`` connections that have each carried one byte to the target and back.
+
+    Raises:
+        OSError: a connection failed; the message says how many were open.
+    """
+    held: list[socket.socket] = []
     try:
         for _ in range(count):
             sock = _connect(port, timeout)
             held.append(sock)
             sock.sendall(b"E!")
             _read_exactly(sock, 1)
+    except OSError as error:
+        close_all(held)
+        raise OSError(f"connection {len(held)} of {count} failed: {error}") from error
     except BaseException:
         close_all(held)
         raise

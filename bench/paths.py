@@ -8,16 +8,21 @@ tool that cannot run here raises :class:`procs.Unavailable` with the reason.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import pwd
+import secrets
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from procs import BIN, Unavailable, free_port, serving, started
 
 #: the transports measured, in auto mode's preference order (plugins that are installed)
@@ -49,14 +54,14 @@ def direct(target: int) -> Iterator[Forwarder]:
 
 
 @contextmanager
-def socat(target: int) -> Iterator[Forwarder]:
+def socat(target: int, host: str = "127.0.0.1") -> Iterator[Forwarder]:
     if not shutil.which("socat"):
         raise Unavailable("socat is not installed (apt-get install socat)")
     port = free_port()
     command = [
         "socat",
         f"TCP-LISTEN:{port},fork,reuseaddr,nodelay,backlog=4096,bind=127.0.0.1",
-        f"TCP:127.0.0.1:{target},nodelay",
+        f"TCP:{host}:{target},nodelay",
     ]
     with serving(command, port) as process:
         yield Forwarder("socat", port, [process.pid])
@@ -146,6 +151,56 @@ def wstunnel(target: int) -> Iterator[Forwarder]:
 
 
 @dataclass
+class Namespace:
+    """A network namespace joined to this one by a veth pair (its MTU is the point)."""
+
+    name: str
+    #: this side's address and the namespace's (198.18.0.0/15: the benchmarking range)
+    host_address: str
+    address: str
+
+    def command(self, command: list[str]) -> list[str]:
+        # `ip netns exec` execs the command: the process started is the command itself
+        return ["ip", "netns", "exec", self.name, *command]
+
+
+@contextmanager
+def namespace(mtu: int) -> Iterator[Namespace]:
+    """A namespace for the far end of a path with a real link's MTU (loopback's is 65,536)."""
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        raise Unavailable("a network namespace needs root and iproute2 (apt-get install iproute2)")
+    suffix = secrets.token_hex(3)
+    subnet = 128 + int(suffix, 16) % 120
+    space = Namespace(f"cbbench-{suffix}", f"198.18.{subnet}.1", f"198.18.{subnet}.2")
+    host_link, far_link = f"cbbh{suffix}", f"cbbn{suffix}"
+    try:
+        for command in (
+            f"ip netns add {space.name}",
+            f"ip link add {host_link} mtu {mtu} type veth peer name {far_link} mtu {mtu}"
+            f" netns {space.name}",
+            f"ip addr add {space.host_address}/24 dev {host_link}",
+            f"ip link set {host_link} up",
+            f"ip -n {space.name} addr add {space.address}/24 dev {far_link}",
+            f"ip -n {space.name} link set {far_link} up",
+            f"ip -n {space.name} link set lo up",
+        ):
+            try:
+                subprocess.run(command.split(), check=True, capture_output=True, text=True)
+            except subprocess.CalledProcessError as error:
+                raise Unavailable(f"no network namespace: {error.stderr.strip()}") from error
+        yield space
+    finally:
+        # `ip netns del` leaves the processes inside running
+        pids = subprocess.run(
+            ["ip", "netns", "pids", space.name], capture_output=True, text=True, check=False
+        ).stdout.split()
+        for pid in pids:
+            os.kill(int(pid), signal.SIGKILL)
+        subprocess.run(["ip", "link", "del", host_link], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "del", space.name], capture_output=True, check=False)
+
+
+@dataclass
 class Relay:
     pid: int
     state: str
@@ -153,19 +208,22 @@ class Relay:
 
 
 @contextmanager
-def relay() -> Iterator[Relay]:
-    """A CloudBridge relay on loopback serving every installed transport, and a client token."""
+def relay(namespace: Namespace | None = None) -> Iterator[Relay]:
+    """A CloudBridge relay serving every installed transport, and a client token: on loopback,
+    or in ``namespace`` on its address (its own loopback is where the tunnels lead)."""
+    address = "127.0.0.1" if namespace is None else namespace.address
+    command = [str(BIN / "cloudbridge"), "relay", "serve", "--dev", "--state-dir"]
     with tempfile.TemporaryDirectory(prefix="bench-relay-") as state:
         env = {
             **{f"CLOUDBRIDGE_TRANSPORT__{n.upper()}__PORT": str(free_port()) for n in TRANSPORTS},
-            "CLOUDBRIDGE_SERVER__LISTEN": "127.0.0.1",
+            "CLOUDBRIDGE_SERVER__LISTEN": address,
+            # the name in its certificate and in the client.yaml it writes
+            "CLOUDBRIDGE_SERVER__PUBLIC_HOST": address,
             "CLOUDBRIDGE_LOGGING__LEVEL": "warning",
         }
-        with started(
-            [str(BIN / "cloudbridge"), "relay", "serve", "--dev", "--state-dir", state],
-            "client config:",
-            env,
-        ) as process:
+        if namespace is not None:
+            command = namespace.command(command)
+        with started([*command, state], "client config:", env) as process:
             token = subprocess.run(
                 [
                     *(str(BIN / "cloudbridge"), "relay", "token", "issue", "--state-dir", state),
@@ -203,3 +261,77 @@ def cloudbridge(
     ]
     with started(command, "tunnel 127.0.0.1:", env) as client:
         yield Forwarder(f"cloudbridge-{transport}", port, [server.pid, client.pid])
+
+
+def _peer_config(relay: Relay, token: str, name: str, expose: list[int], path: Path) -> None:
+    written = yaml.safe_load((Path(relay.state) / "client.yaml").read_text())
+    p2p = {
+        "name": name,
+        "expose": expose,
+        "ice": written["p2p"]["ice"],
+        "heartbeat_interval": "1s",
+    }
+    document = {**written, "auth": {"token": token}, "metrics": {"enabled": False}, "p2p": p2p}
+    path.write_text(yaml.safe_dump(document))
+
+
+def _peer_path(control_socket: Path) -> str | None:
+    status = subprocess.run(
+        [str(BIN / "cloudbridge"), "status", "--control-socket", str(control_socket), "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if status.returncode != 0:
+        return None
+    peers = json.loads(status.stdout).get("peers") or []
+    return peers[0]["path"] if peers and peers[0]["connected"] else None
+
+
+@contextmanager
+def peer(
+    server: Relay, space: Namespace, target: int, connections: int, within: float = 30.0
+) -> Iterator[Forwarder]:
+    """A peer tunnel (`tunnel --remote-peer`, p2p-only) from this side to a peer in ``space``
+    that exposes the target there, on the direct path (ICE host candidates over the link).
+
+    The relay (in ``space`` too) only introduces the peers; the cost counted is the two
+    peers' processes.
+    """
+    token = subprocess.run(
+        [
+            *(str(BIN / "cloudbridge"), "relay", "token", "issue", "--state-dir", server.state),
+            *("--tenant", "bench", "--subject", "peer", "--permission", "relay:connect"),
+            *("--permission", "p2p:mesh", "--permission", "tunnel:create"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    state = Path(server.state)
+    _peer_config(server, token, "far", [target], state / "far.yaml")
+    _peer_config(server, token, "near", [], state / "near.yaml")
+    port = free_port()
+    env = {
+        "CLOUDBRIDGE_PERFORMANCE__MAX_CONCURRENT_TUNNELS": str(connections),
+        "CLOUDBRIDGE_LOGGING__LEVEL": "warning",
+    }
+    far_command = [
+        *(str(BIN / "cloudbridge"), "p2p", "--config", str(state / "far.yaml")),
+        *("--control-socket", str(state / "far.sock"), "--mode", "p2p-only"),
+    ]
+    near_command = [
+        *(str(BIN / "cloudbridge"), "tunnel", "--config", str(state / "near.yaml")),
+        *("--control-socket", str(state / "near.sock"), "--local-port", str(port)),
+        *("--remote-peer", "far", "--remote-port", str(target), "--mode", "p2p-only"),
+    ]
+    with (
+        started(space.command(far_command), "in the mesh as", env) as far,
+        started(near_command, "tunnel 127.0.0.1:", env) as near,
+    ):
+        deadline = time.monotonic() + within
+        while (path := _peer_path(state / "near.sock")) != "direct":
+            if time.monotonic() > deadline:
+                raise Unavailable(f"the peers found no direct path in {within:g} s (on {path})")
+            time.sleep(0.2)
+        yield Forwarder("peer", port, [near.pid, far.pid])

@@ -70,6 +70,12 @@ METRICS = [
 ]
 BY_KEY = {metric.key: metric for metric in METRICS}
 
+#: paths whose relay and target are behind a 1,500-byte MTU link, and how they are named
+MTU = "mtu1500-"
+GROUPS = [
+    ("", "loopback", "on loopback"),
+    (MTU, "mtu1500", "relay and target in a namespace behind a 1,500-byte MTU veth link"),
+]
 #: the TCP transports issue 15 holds to socat's figures
 TCP_TRANSPORTS = ("cloudbridge-tls", "cloudbridge-websocket")
 
@@ -103,6 +109,22 @@ GOALS = [
         16 * 1024,
     ),
     Goal("CPU per GiB <= 3x socat", ("cpu_seconds_per_gib",), "socat", operator.le, 3.0),
+    Goal(
+        "QUIC bulk >= 0.5x gRPC, 1,500-byte MTU",
+        tuple(BULK),
+        "mtu1500-cloudbridge-grpc",
+        operator.ge,
+        0.5,
+        paths=("mtu1500-cloudbridge-quic",),
+    ),
+    Goal(
+        "peer tunnel bulk >= 1.0x relayed TLS, 1,500-byte MTU",
+        tuple(BULK),
+        "mtu1500-cloudbridge-tls",
+        operator.ge,
+        1.0,
+        paths=("mtu1500-peer",),
+    ),
     Goal(
         "bulk >= 1.5x wstunnel",
         tuple(BULK),
@@ -176,7 +198,7 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def _short(name: str) -> str:
-    return name.removeprefix("cloudbridge-")
+    return name.removeprefix(MTU).removeprefix("cloudbridge-")
 
 
 def _ratio_table(table: dict[str, Figures], keys: list[str], parallel: int) -> str:
@@ -197,38 +219,73 @@ def _goal_value(check: dict[str, Any]) -> str:
     return f"{check['value']:.2f}x"
 
 
-def render(results: dict[str, Figures], skipped: dict[str, str], parallel: int) -> str:
-    """The report as text: figures, ratio tables and goals (rates: higher is better; RTT,
-    memory and CPU: lower is better)."""
-    if not results:
-        return "no path was measured"
-    names = list(results)
-    keys = [m.key for m in METRICS if any(m.key in figures for figures in results.values())]
-    rows = [["", *map(_short, names)]]
-    for key in keys:
-        metric = BY_KEY[key]
-        cells = [
-            metric.show(results[name][key]).format(parallel=parallel)
-            if key in results[name]
-            else "-"
-            for name in names
-        ]
-        rows.append([metric.label(parallel), *cells])
-    parts = ["Figures (rates: higher is better; RTT, memory, CPU: lower is better)", _table(rows)]
-    for reference, title, shown in (
-        ("socat", "Ratio to socat", keys),
-        ("ssh", "Ratio to ssh -L (bulk)", [*BULK, "parallel_bytes_per_second"]),
-    ):
-        table = ratios(results, reference, shown)
+#: the ratio tables of a group of paths: reference, the paths compared, title, figures
+COMPARISONS: list[tuple[str, tuple[str, ...] | None, str, list[str] | None]] = [
+    ("socat", None, "Ratio to socat", None),
+    ("ssh", None, "Ratio to ssh -L (bulk)", [*BULK, "parallel_bytes_per_second"]),
+    ("wstunnel", ("cloudbridge-websocket",), "WebSocket transport to wstunnel", None),
+    ("cloudbridge-grpc", ("cloudbridge-quic",), "QUIC transport to gRPC", None),
+    ("cloudbridge-tls", ("peer",), "Peer tunnel (direct path) to the relayed TLS tunnel", None),
+]
+
+
+def _grouped(results: dict[str, Figures]) -> list[tuple[str, str, dict[str, Figures]]]:
+    """Each group's key, title and paths (named without the group's prefix)."""
+    found = []
+    for prefix, key, title in GROUPS:
+        members = {
+            name.removeprefix(prefix): figures
+            for name, figures in results.items()
+            if name.startswith(prefix) and (prefix or not name.startswith(MTU))
+        }
+        if members:
+            found.append((key, title, members))
+    return found
+
+
+def _comparisons(group: dict[str, Figures]) -> list[tuple[str, str, list[str], dict[str, Figures]]]:
+    """Each ratio table that the group's paths allow: reference, title, figures, table."""
+    present = [m.key for m in METRICS if any(m.key in figures for figures in group.values())]
+    tables = []
+    for reference, compared, title, keys in COMPARISONS:
+        members = (
+            group
+            if compared is None
+            else {n: f for n, f in group.items() if n in (reference, *compared)}
+        )
+        shown = present if keys is None else keys
+        table = ratios(members, reference, shown)
         if table:
-            parts += ["", title, _ratio_table(table, shown, parallel)]
-    versus = ratios(
-        {n: f for n, f in results.items() if n in ("wstunnel", "cloudbridge-websocket")},
-        "wstunnel",
-        keys,
-    )
-    if versus:
-        parts += ["", "WebSocket transport to wstunnel", _ratio_table(versus, keys, parallel)]
+            tables.append((reference, title, shown, table))
+    return tables
+
+
+def render(
+    results: dict[str, Figures],
+    skipped: dict[str, str],
+    errors: dict[str, list[str]],
+    parallel: int,
+) -> str:
+    """The report as text: figures and ratio tables per group of paths, then the goals
+    (rates: higher is better; RTT, memory and CPU: lower is better)."""
+    parts: list[str] = [] if results else ["no path was measured"]
+    for _, title, group in _grouped(results):
+        names = list(group)
+        rows = [["", *map(_short, names)]]
+        for metric in METRICS:
+            if any(metric.key in figures for figures in group.values()):
+                cells = [
+                    metric.show(group[n][metric.key]).format(parallel=parallel)
+                    if metric.key in group[n]
+                    else "-"
+                    for n in names
+                ]
+                rows.append([metric.label(parallel), *cells])
+        if parts:
+            parts.append("")
+        parts += [f"Figures, {title}", _table(rows)]
+        for _, heading, keys, table in _comparisons(group):
+            parts += ["", heading, _ratio_table(table, keys, parallel)]
     checked = goals(results, parallel)
     if checked:
         rows = [["issue 15 goal", "path", "worst", "met"]]
@@ -237,8 +294,12 @@ def render(results: dict[str, Figures], skipped: dict[str, str], parallel: int) 
             for c in checked
         ]
         parts += ["", "Goals (issue 15)", _table(rows)]
-    if skipped:
-        parts += ["", *(f"skipped {name}: {reason}" for name, reason in skipped.items())]
+    if skipped or errors:
+        parts.append("")
+    parts += [f"skipped {name}: {reason}" for name, reason in skipped.items()]
+    parts += [
+        f"{name}: {len(found)} failure(s), the first: {found[0]}" for name, found in errors.items()
+    ]
     return "\n".join(parts)
 
 
@@ -249,8 +310,8 @@ def document(
     settings: dict[str, Any],
     context: dict[str, Any],
 ) -> dict[str, Any]:
-    """Everything the run measured, for ``--json``."""
-    keys = [m.key for m in METRICS]
+    """Everything the run measured, for ``--json``: ratios by group (loopback, mtu1500),
+    then by reference path, then by path."""
     return {
         **context,
         "settings": settings,
@@ -258,13 +319,8 @@ def document(
         "skipped": skipped,
         "errors": errors,
         "ratios": {
-            "socat": ratios(results, "socat", keys),
-            "ssh": ratios(results, "ssh", [*BULK, "parallel_bytes_per_second"]),
-            "wstunnel": ratios(
-                {n: f for n, f in results.items() if n in ("wstunnel", "cloudbridge-websocket")},
-                "wstunnel",
-                keys,
-            ),
+            key: {reference: table for reference, _, _, table in _comparisons(group)}
+            for key, _, group in _grouped(results)
         },
         "goals": goals(results, settings["parallel"]),
     }

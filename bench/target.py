@@ -13,7 +13,7 @@ is measured against (direct TCP in the bench's table shows how far it goes). Thr
 reused: starting one for each of the setup rate's connections cost more than the rest of
 the target's work on it.
 
-    python target.py PORT      # prints "ready" once it listens on 127.0.0.1:PORT
+    python target.py PORT [HOST]    # prints "ready" once it listens on HOST:PORT (127.0.0.1)
 """
 
 from __future__ import annotations
@@ -105,7 +105,8 @@ class Workers:
 def main() -> None:
     # thousands of idle connections each hold a thread; their stacks stay small
     threading.stack_size(256 << 10)
-    listener = socket.create_server(("127.0.0.1", int(sys.argv[1])), backlog=4096)
+    host = sys.argv[2] if len(sys.argv) > 2 else "127.0.0.1"
+    listener = socket.create_server((host, int(sys.argv[1])), backlog=4096)
     print("ready", flush=True)
     workers = Workers()
     while True:

@@ -56,7 +56,7 @@ def test_a_quick_run_reports_every_figure_ratio_and_goal(tmp_path: Path) -> None
     tls = report["paths"]["cloudbridge-tls"]
     assert set(tls) == FIGURES | COSTS
     assert tls["parallel_completed"] == report["settings"]["parallel"]
-    ratios = report["ratios"]["socat"]["cloudbridge-tls"]
+    ratios = report["ratios"]["loopback"]["socat"]["cloudbridge-tls"]
     assert set(ratios) == (FIGURES | COSTS) - {"parallel_completed"}
     goals = {(goal["goal"], goal["path"]) for goal in report["goals"]}
     assert ("RTT p50 <= 2x socat", "cloudbridge-tls") in goals
