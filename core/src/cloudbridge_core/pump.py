@@ -93,18 +93,19 @@ async def _receive(
         try:
             return buffer, sock.recv_into(buffer)
         except (BlockingIOError, InterruptedError):
-            pass
+            POOL.release(buffer)  # an idle connection holds no buffer while it waits
         except BaseException:
             POOL.release(buffer)
             raise
         try:
             await _readable(loop, sock)
         except NotImplementedError:
-            return buffer, await loop.sock_recv_into(sock, buffer)
-        except BaseException:
-            POOL.release(buffer)
-            raise
-        POOL.release(buffer)  # an idle connection holds no buffer while it waits
+            buffer = POOL.acquire(size)
+            try:
+                return buffer, await loop.sock_recv_into(sock, buffer)
+            except BaseException:
+                POOL.release(buffer)
+                raise
 
 
 async def pump(
@@ -143,8 +144,10 @@ async def pump(
     tasks = [asyncio.create_task(tcp_to_stream()), asyncio.create_task(stream_to_tcp())]
     finished = False
     try:
-        for task in asyncio.as_completed(tasks):
-            await task
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:
+            if task.done() and (failure := task.exception()) is not None:
+                raise failure
         finished = True
     except (OSError, TransportError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"

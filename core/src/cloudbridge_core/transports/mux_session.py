@@ -151,20 +151,26 @@ class MuxStream:
     def __init__(self, session: MuxSession, stream_id: int) -> None:
         self._session = session
         self.stream_id = stream_id
-        #: received frames' payloads, handed out whole when they fit (no copy)
-        self._buffer: deque[bytes] = deque()
+        #: received frames' payloads, handed out whole when they fit (no copy); a list,
+        #: not a deque: it holds a few frames at most, and an idle stream's costs less
+        self._buffer: list[bytes] = []
         #: bytes received and not yet read
         self.buffered = 0
         self._eof = False
         self._error: Exception | None = None
-        self._readable = asyncio.Event()
-        self._writable = asyncio.Event()
+        # futures made only while a reader or writer waits: an idle stream holds none
+        self._read_waiter: asyncio.Future[None] | None = None
+        self._write_waiter: asyncio.Future[None] | None = None
+        self._window_opened = False
         self._closed = False
 
     async def read(self, max_bytes: int = 65536) -> bytes:
         while not self._buffer and not self._eof and self._error is None:
-            self._readable.clear()
-            await self._readable.wait()
+            self._read_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._read_waiter
+            finally:
+                self._read_waiter = None
         if self._buffer:
             data = self._take(max_bytes)
             self.buffered -= len(data)
@@ -178,16 +184,20 @@ class MuxStream:
 
     def _take(self, max_bytes: int) -> bytes:
         """Up to ``max_bytes`` from the front of the buffer."""
-        first = self._buffer.popleft()
-        if len(first) > max_bytes:
-            self._buffer.appendleft(first[max_bytes:])
+        first = self._buffer[0]
+        if len(first) >= max_bytes:
+            if len(first) == max_bytes:
+                del self._buffer[0]
+                return first
+            self._buffer[0] = first[max_bytes:]
             return first[:max_bytes]
-        pieces, size = [first], len(first)
-        while self._buffer and size + len(self._buffer[0]) <= max_bytes:
-            piece = self._buffer.popleft()
-            pieces.append(piece)
-            size += len(piece)
-        return first if len(pieces) == 1 else b"".join(pieces)
+        count, size = 1, len(first)
+        while count < len(self._buffer) and size + len(self._buffer[count]) <= max_bytes:
+            size += len(self._buffer[count])
+            count += 1
+        pieces = self._buffer[:count]
+        del self._buffer[:count]
+        return first if count == 1 else b"".join(pieces)
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
@@ -196,14 +206,18 @@ class MuxStream:
                 raise self._error
             if self._closed:
                 raise TransportClosed(f"stream {self.stream_id} is closed for writing")
-            # cleared before sending, not after: the window update may arrive while the
-            # flush waits, and clearing then would lose it (the stream would wait for ever)
-            self._writable.clear()
+            # noted before sending, not after: the window update may arrive while the flush
+            # waits, and looking only then would miss it (the stream would wait for ever)
+            self._window_opened = False
             sent = self._session.send(self.stream_id, view)
             view = view[sent:]
             await self._session.flush()
-            if view:
-                await self._writable.wait()
+            if view and not self._window_opened and self._error is None:
+                self._write_waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._write_waiter
+                finally:
+                    self._write_waiter = None
 
     async def close_write(self) -> None:
         if not self._closed:
@@ -235,20 +249,26 @@ class MuxStream:
     def feed(self, data: bytes) -> None:
         self._buffer.append(data)
         self.buffered += len(data)
-        self._readable.set()
+        _wake(self._read_waiter)
 
     def end_of_data(self) -> None:
         self._eof = True
-        self._readable.set()
+        _wake(self._read_waiter)
 
     def fail(self, error: Exception) -> None:
         if self._error is None:
             self._error = error
-        self._readable.set()
-        self._writable.set()
+        _wake(self._read_waiter)
+        _wake(self._write_waiter)
 
     def window_opened(self) -> None:
-        self._writable.set()
+        self._window_opened = True
+        _wake(self._write_waiter)
+
+
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
 
 
 class MuxSession:
