@@ -22,6 +22,7 @@ from cloudbridge_core.p2p.identity import DeviceIdentity
 from cloudbridge_core.p2p.manager import PeerManager
 from cloudbridge_core.p2p.metrics import P2PMetrics
 from cloudbridge_core.relay.mesh import Mesh
+from cloudbridge_core.testing.streams import read_all
 from prometheus_client import CollectorRegistry
 from relaybed import BOTH, Bed, echo_server, run
 
@@ -64,11 +65,16 @@ def sample(manager: PeerManager, name: str, **labels: str) -> float:
 
 async def sha256_round_trip(mesh: PeerManager, peer: str, port: int, size: int) -> tuple[str, str]:
     payload = os.urandom(size)
-    reader, writer = await mesh.open(peer, port, 10)
-    writer.write(payload)
-    writer.write_eof()
-    received = await asyncio.wait_for(reader.read(), 30)
-    writer.close()
+    stream, early = await mesh.open(peer, port, 10)
+
+    async def send() -> None:
+        await stream.write(payload)
+        await stream.close_write()
+
+    sending = asyncio.create_task(send())
+    received = early + await asyncio.wait_for(read_all(stream), 30)
+    await sending
+    await stream.aclose()
     return hashlib.sha256(payload).hexdigest(), hashlib.sha256(received).hexdigest()
 
 

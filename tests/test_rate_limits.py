@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from aioquic import tls
 from cloudbridge_core.client.connection import RelayConnection
+from cloudbridge_core.quic.session import QuicSession
 from cloudbridge_core.tlsutil import client_context
 from cloudbridge_grpc.sessions import SESSION_HEADER, SESSION_METHOD
 from cloudbridge_grpc.transport import MAX_PING_STRIKES
-from cloudbridge_quic.session import QuicSession
 
 from tests import rawh2
 from tests.relaybed import Bed, run

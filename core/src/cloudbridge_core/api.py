@@ -10,8 +10,9 @@ the plugins in this repository and the template's). Its tests may also use
 - settings: :func:`build` types a plugin's section (which ``load`` receives validated, with
   the schema's defaults and durations in seconds) into the plugin's own frozen dataclass
 - building blocks: logging, backoff, TLS helpers, the stream multiplexer and session runner
-  (transports), the DERP framing and ICE paths (NAT strategies), the token store and the CLI
-  runtime (auth providers with commands)
+  (transports), the bounded QUIC session and its helpers (QUIC transports), the DERP framing
+  and ICE paths (NAT strategies), the token store and the CLI runtime (auth providers with
+  commands)
 
 Names are imported when first used, so importing this module stays cheap: ``hooks``
 modules import it while ``cloudbridge --help`` runs.
@@ -79,6 +80,9 @@ if TYPE_CHECKING:
     from cloudbridge_core.protocol import derp
     from cloudbridge_core.protocol.messages import TurnCredentials
     from cloudbridge_core.protocol.mux import MuxLimits
+    from cloudbridge_core.quic.flow import bound as bound_quic_connection
+    from cloudbridge_core.quic.pmtu import forbid_fragmentation, path_payload_size
+    from cloudbridge_core.quic.session import QuicSession
     from cloudbridge_core.retry import Backoff
     from cloudbridge_core.settings import build
     from cloudbridge_core.tenants import TENANT_ID_PATTERN, is_tenant_id
@@ -101,6 +105,10 @@ _LAZY = {
     "derp": ("cloudbridge_core.protocol.derp", None),
     "TurnCredentials": ("cloudbridge_core.protocol.messages", "TurnCredentials"),
     "MuxLimits": ("cloudbridge_core.protocol.mux", "MuxLimits"),
+    "bound_quic_connection": ("cloudbridge_core.quic.flow", "bound"),
+    "forbid_fragmentation": ("cloudbridge_core.quic.pmtu", "forbid_fragmentation"),
+    "path_payload_size": ("cloudbridge_core.quic.pmtu", "path_payload_size"),
+    "QuicSession": ("cloudbridge_core.quic.session", "QuicSession"),
     "Backoff": ("cloudbridge_core.retry", "Backoff"),
     "build": ("cloudbridge_core.settings", "build"),
     "TENANT_ID_PATTERN": ("cloudbridge_core.tenants", "TENANT_ID_PATTERN"),
@@ -160,6 +168,7 @@ __all__ = [
     "PreauthGate",
     "ProtocolViolation",
     "ProviderSpec",
+    "QuicSession",
     "ServerUnavailable",
     "Session",
     "SignalChannel",
@@ -178,16 +187,19 @@ __all__ = [
     "TransportSpec",
     "TurnCredentials",
     "UsageError",
+    "bound_quic_connection",
     "build",
     "client_context",
     "config_option",
     "derp",
     "errors",
+    "forbid_fragmentation",
     "get_logger",
     "hookimpl",
     "ice_path",
     "is_tenant_id",
     "message",
+    "path_payload_size",
     "run_session_handler",
     "runtime_of",
     "token_expires_in",

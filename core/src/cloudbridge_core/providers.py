@@ -281,7 +281,14 @@ class SignalChannel(Protocol):
 
 
 class PeerPath(Protocol):
-    """A datagram path to a peer, as established by a NAT strategy."""
+    """A datagram path to a peer, as established by a NAT strategy.
+
+    A path whose sends never wait (a UDP socket) may also offer a synchronous
+    ``send_batch(datagrams: Sequence[bytes]) -> None`` that sends them all at once, in
+    order, dropping what the network cannot take now (QUIC resends it); the peer session
+    then hands it each transmit's datagrams directly. Without it, the session calls
+    ``send`` for each, in order, from one task.
+    """
 
     @property
     def kind(self) -> str:

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+from cloudbridge_core.api import QuicSession, path_payload_size
 from cloudbridge_core.errors import TransportError
 from cloudbridge_core.plugins import load_plugins
 from cloudbridge_core.providers import Endpoint
@@ -16,8 +17,6 @@ from cloudbridge_core.testing.conformance import TransportKit
 from cloudbridge_core.testing.settings import plugin_settings
 from cloudbridge_core.testing.streams import echo_streams, read_all
 from cloudbridge_quic.hooks import SETTINGS_SCHEMA
-from cloudbridge_quic.pmtu import path_payload_size
-from cloudbridge_quic.session import QuicSession
 from cloudbridge_quic.transport import QuicTransport
 
 pytestmark = pytest.mark.timeout(60)

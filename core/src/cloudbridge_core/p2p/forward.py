@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from typing import Any
 
@@ -12,7 +13,7 @@ from cloudbridge_core.errors import CloudBridgeError
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.p2p.manager import ATTEMPT_TIMEOUT, PeerManager
 from cloudbridge_core.p2p.setup import PeerTunnelSpec
-from cloudbridge_core.p2p.streams import pump
+from cloudbridge_core.pump import PumpResult, abort, prepare, pump
 
 log = get_logger("p2p.tunnel")
 
@@ -22,47 +23,55 @@ class PeerTunnel:
         self.spec = spec
         self._mesh = mesh
         self.statistics = TunnelStatistics()
-        self._server: asyncio.Server | None = None
+        self._listener: socket.socket | None = None
+        self._acceptor: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()
 
     @property
     def port(self) -> int:
-        assert self._server is not None  # set by start()
-        port: int = self._server.sockets[0].getsockname()[1]
+        assert self._listener is not None  # set by start()
+        port: int = self._listener.getsockname()[1]
         return port
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._accepted, self.spec.local_host, self.spec.local_port
-        )
+        listener = socket.create_server((self.spec.local_host, self.spec.local_port), backlog=1024)
+        listener.setblocking(False)
+        self._listener = listener
+        self._acceptor = asyncio.create_task(self._accept_loop(listener))
 
-    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            client, _ = await loop.sock_accept(listener)
+            task = asyncio.create_task(self._carry(prepare(client)))
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
+
+    async def _carry(self, client: socket.socket) -> None:
         stats = self.statistics
         stats.total_connections += 1
         stats.active_connections += 1
         started = time.perf_counter()
+        moved = PumpResult()
         try:
-            try:
-                remote = await self._mesh.open(
-                    self.spec.peer, self.spec.remote_port, ATTEMPT_TIMEOUT
-                )
-            except CloudBridgeError as error:
-                stats.errors += 1
-                log.warning(
-                    "peer_tunnel_failed", peer=self.spec.peer, code=error.code, reason=error.message
-                )
-                writer.close()
-                return
+            stream, early = await self._mesh.open(
+                self.spec.peer, self.spec.remote_port, ATTEMPT_TIMEOUT
+            )
             stats.setup_seconds_total += time.perf_counter() - started
-            sent, received = await pump(reader, writer, *remote)
-            stats.bytes_sent += sent
-            stats.bytes_received += received
+            if early:
+                await asyncio.get_running_loop().sock_sendall(client, early)
+            await pump(stream, client, result=moved)
+            if moved.error:
+                stats.errors += 1
+        except (CloudBridgeError, OSError) as error:
+            stats.errors += 1
+            code = error.code if isinstance(error, CloudBridgeError) else "io_error"
+            log.warning("peer_tunnel_failed", peer=self.spec.peer, code=code, reason=str(error))
         finally:
+            abort(client)  # a no-op once the pump has closed it; before that, a failure
+            stats.bytes_sent += moved.sent
+            stats.bytes_received += moved.received
             stats.active_connections -= 1
-            self._handlers.discard(task)
 
     def document(self) -> dict[str, Any]:
         return {
@@ -74,13 +83,16 @@ class PeerTunnel:
         }
 
     async def aclose(self, drain: float = 0.0) -> None:
-        if self._server is None:
+        if self._listener is None:
             return
-        self._server.close()
+        if self._acceptor is not None:
+            self._acceptor.cancel()
+            await asyncio.gather(self._acceptor, return_exceptions=True)
+            self._acceptor = None
+        self._listener.close()
+        self._listener = None
         if drain and self._handlers:
             await asyncio.wait(set(self._handlers), timeout=drain)
         for task in list(self._handlers):
             task.cancel()
         await asyncio.gather(*self._handlers, return_exceptions=True)
-        await self._server.wait_closed()
-        self._server = None

@@ -64,6 +64,20 @@ class IcePath:
         await close_connection(self._connection)
 
 
+class UdpIcePath(IcePath):
+    """A direct or STUN path: the nominated pair's own UDP socket, which sends without
+    waiting, so a whole batch goes out at once (a TURN pair may have to bind a channel
+    first: its ``send`` waits)."""
+
+    def send_batch(self, datagrams: Sequence[bytes]) -> None:
+        pair = self._connection._nominated.get(1)  # aioice keeps the pair private
+        if pair is None:
+            raise ConnectionError("the ICE connection has ended")
+        sendto = pair.protocol.transport.sendto
+        for datagram in datagrams:
+            sendto(datagram, pair.remote_addr)
+
+
 def stun_address(urls: Sequence[str]) -> tuple[str, int] | None:
     """The first ``stun:host:port`` (aioice takes one STUN server)."""
     for url in urls:
@@ -105,7 +119,7 @@ async def ice_path(peer: PeerInfo, signal: SignalChannel, **connection_options: 
         raise
     kind, details = _nominated(connection)
     log.info("ice_connected", peer=peer.name, path=kind, remote=details["remote"])
-    return IcePath(connection, kind, details)
+    return (IcePath if kind == "turn" else UdpIcePath)(connection, kind, details)
 
 
 def _nominated(connection: aioice.Connection) -> tuple[str, dict[str, Any]]:

@@ -30,7 +30,7 @@ from cloudbridge_core.p2p.session import RANK, PeerSession
 from cloudbridge_core.p2p.setup import MODES
 from cloudbridge_core.p2p.streams import accept_peer_stream, open_peer_stream
 from cloudbridge_core.plugins import Plugins
-from cloudbridge_core.providers import NatStrategy, PeerInfo
+from cloudbridge_core.providers import NatStrategy, PeerInfo, Stream
 from cloudbridge_core.settings import P2PSettings
 
 log = get_logger("p2p")
@@ -157,10 +157,9 @@ class PeerManager:
         known = ", ".join(sorted(p.info.name for p in self.peers.values())) or "none"
         raise P2PConnectionFailed(f"no peer named {name!r} in the mesh (peers: {known})")
 
-    async def open(
-        self, name: str, port: int, within: float
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """A stream to ``port`` exposed by the peer ``name``, over its best path."""
+    async def open(self, name: str, port: int, within: float) -> tuple[Stream, bytes]:
+        """A stream to ``port`` exposed by the peer ``name``, over its best path, and the
+        first bytes from the peer's target (see :func:`open_peer_stream`)."""
         state = self.find(name)
         await state.session.wait_connected(within)
         return await open_peer_stream(
@@ -217,10 +216,10 @@ class PeerManager:
         controlling = self.membership.peer_id < info.peer_id
         state_ref: list[PeerState] = []
 
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def serve(stream: Stream) -> None:
             # the set in force when the stream arrives: a reload may have changed it
             await accept_peer_stream(
-                reader, writer, self._identity, state_ref[0].key, self._expose, info.name
+                stream, self._identity, state_ref[0].key, self._expose, info.name
             )
 
         session = PeerSession(self._identity, info, controlling, serve)

@@ -16,20 +16,22 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from aioquic._buffer import Buffer
-from aioquic.asyncio.protocol import QuicConnectionProtocol
-from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
 from aioquic.tls import load_pem_private_key, load_pem_x509_certificates
 
-from cloudbridge_core.errors import P2PConnectionFailed
+from cloudbridge_core.errors import P2PConnectionFailed, TransportError
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.p2p.identity import DeviceIdentity, server_name
-from cloudbridge_core.providers import PeerInfo, PeerPath
+from cloudbridge_core.providers import PeerInfo, PeerPath, Stream
+from cloudbridge_core.quic.flow import bound
+from cloudbridge_core.quic.pmtu import path_payload_size
+from cloudbridge_core.quic.session import QuicSession
 
 log = get_logger("p2p.session")
 
@@ -38,16 +40,29 @@ ALPN = "cloudbridge-peer/1"
 VIRTUAL_ADDRESS = ("192.0.2.1", 9)
 #: best first; a path's rank decides which one carries the session
 RANK = {"direct": 0, "stun": 1, "turn": 2, "derp": 3}
-#: small enough for TURN and DERP headers and the DERP seal on any common MTU
-DATAGRAM_SIZE = 1200
-OUTGOING_QUEUE = 2048
+#: direct and STUN paths take their datagram size from the kernel's path MTU (as the
+#: relay's QUIC does), up to this; the datagrams carry no other header
+DIRECT_CEILING = 16384
+#: a 1,500-byte MTU after IPv6 and UDP headers (48) and TURN's ChannelData header (4)
+TURN_DATAGRAM_SIZE = 1448
+#: DERP packets travel sealed (28 bytes more) inside the relay session's stream, so no
+#: link MTU applies; larger datagrams mean fewer seals and frames per byte
+DERP_DATAGRAM_SIZE = 16384
+#: datagrams waiting for a path that sends asynchronously; more are dropped, as a full
+#: socket buffer drops them, and QUIC resends
+OUTGOING_LIMIT = 2048
 FIRST_PING_TIMEOUT = 5.0
+#: receive windows (bytes a peer may send before the application reads): the QUIC
+#: transport's defaults; credit follows what the application reads (quic/flow.py)
+STREAM_WINDOW = 1 << 20
+CONNECTION_WINDOW = 16 << 20
+MAX_STREAMS = 1024
 
-StreamServer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]]
+StreamServer = Callable[[Stream], Coroutine[Any, Any, None]]
 
 
 class _PathTransport(asyncio.DatagramTransport):
-    """The transport aioquic writes to: hands each datagram to the session."""
+    """The transport aioquic writes to: collects what one transmit sends for the session."""
 
     def __init__(self, session: PeerSession) -> None:
         super().__init__()
@@ -64,6 +79,22 @@ class _PathTransport(asyncio.DatagramTransport):
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return default
+
+
+class _PeerQuicSession(QuicSession):
+    """The bounded QUIC session of :mod:`cloudbridge_core.quic`, its datagrams handed to
+    the peer session's current path in one batch per transmit, sized for that path."""
+
+    def __init__(self, quic: QuicConnection, peer: PeerSession) -> None:
+        super().__init__(quic, datagram_ceiling=DIRECT_CEILING)
+        self._peer = peer
+
+    def transmit(self) -> None:
+        super().transmit()
+        self._peer.flush()
+
+    def path_datagram_size(self) -> int | None:
+        return self._peer.datagram_size()
 
 
 class PeerSession:
@@ -83,10 +114,11 @@ class PeerSession:
         self._paths: dict[str, PeerPath] = {}
         self._readers: dict[str, asyncio.Task[None]] = {}
         self.suspect: set[str] = set()  # paths that stopped delivering
-        self._outgoing: asyncio.Queue[bytes] = asyncio.Queue(OUTGOING_QUEUE)
+        self._pending: list[bytes] = []
+        self._sending = asyncio.Event()
         self._sender = asyncio.get_running_loop().create_task(self._send())
         self._tasks: set[asyncio.Task[None]] = set()  # held: the loop keeps only weak refs
-        self._protocol: QuicConnectionProtocol | None = None
+        self._protocol: _PeerQuicSession | None = None
         self._connected = asyncio.Event()
         self.current: str | None = None
         self.last_seen: float | None = None
@@ -134,6 +166,22 @@ class PeerSession:
         self.changes.append({"at": time.time(), "from": self.current, "to": best, "reason": why})
         log.info("path_selected", peer=self.peer.name, path=best, previous=self.current, reason=why)
         self.current = best
+        if self._protocol is not None and self._protocol.handshake is not None:
+            self._protocol.fit_datagrams()
+
+    def datagram_size(self) -> int:
+        """The datagram size the current path carries (see the constants above)."""
+        path = self._paths.get(self.current) if self.current else None
+        if path is None:
+            return SMALLEST_MAX_DATAGRAM_SIZE
+        if path.kind == "turn":
+            return TURN_DATAGRAM_SIZE
+        if path.kind == "derp":
+            return DERP_DATAGRAM_SIZE
+        host, _, port = path.endpoint.rpartition(":")
+        if not port.isdigit():
+            return SMALLEST_MAX_DATAGRAM_SIZE
+        return path_payload_size((host.strip("[]"), int(port)), DIRECT_CEILING)
 
     async def _read(self, path: PeerPath) -> None:
         try:
@@ -155,19 +203,45 @@ class PeerSession:
         self._protocol.datagram_received(datagram, VIRTUAL_ADDRESS)
 
     def outgoing(self, datagram: bytes) -> None:
-        with contextlib.suppress(asyncio.QueueFull):  # like a full socket buffer: QUIC resends
-            self._outgoing.put_nowait(datagram)
+        """Take a datagram of the transmit under way; :meth:`flush` sends them all."""
+        if len(self._pending) < OUTGOING_LIMIT:
+            self._pending.append(datagram)
+
+    def flush(self) -> None:
+        """Hand what the last transmit produced to the current path: at once to a path
+        that sends without waiting (``send_batch``), else to the sender task."""
+        if not self._pending:
+            return
+        path = self._paths.get(self.current) if self.current else None
+        if path is None:
+            self._pending.clear()  # no path: lost, as on a network that is down
+            return
+        send_batch: Callable[[Sequence[bytes]], None] | None = getattr(path, "send_batch", None)
+        if send_batch is None:
+            self._sending.set()
+            return
+        batch, self._pending = self._pending, []
+        try:
+            send_batch(batch)
+        except Exception as error:  # noqa: BLE001 - a plugin's path may fail any way; that ends it only
+            self.path_failed(path.kind, str(error) or type(error).__name__)
+            return
+        self.bytes_sent += sum(map(len, batch))
 
     async def _send(self) -> None:
+        """Send for paths whose ``send`` waits (TURN, DERP), a batch at a time, in order."""
         while True:
-            datagram = await self._outgoing.get()
+            await self._sending.wait()
+            self._sending.clear()
+            batch, self._pending = self._pending, []
             kind = self.current
             path = self._paths.get(kind) if kind else None
             if path is None:
                 continue
             try:
-                await path.send(datagram)
-                self.bytes_sent += len(datagram)
+                for datagram in batch:
+                    await path.send(datagram)
+                    self.bytes_sent += len(datagram)
             except Exception as error:  # noqa: BLE001 - a plugin's path may fail any way; that ends it only
                 self.path_failed(path.kind, str(error) or type(error).__name__)
 
@@ -178,17 +252,16 @@ class PeerSession:
             is_client=self.controlling,
             alpn_protocols=[ALPN],
             idle_timeout=self._idle_timeout,
-            max_datagram_size=DATAGRAM_SIZE,
+            max_data=CONNECTION_WINDOW,
+            max_stream_data=STREAM_WINDOW,
             server_name=server_name(self.peer.peer_id) if self.controlling else None,
+            congestion_control_algorithm="cubic",
         )
 
     def _start_client(self) -> None:
         configuration = self._configuration()
         configuration.cadata = self.peer.certificate.encode()
-        protocol = QuicConnectionProtocol(
-            QuicConnection(configuration=configuration), self._accepted
-        )
-        self._adopt(protocol)
+        protocol = self._adopt(QuicConnection(configuration=configuration))
         protocol.connect(VIRTUAL_ADDRESS)
 
     def _start_server(self, initial: bytes) -> None:
@@ -201,17 +274,28 @@ class PeerSession:
         ]
         configuration.private_key = load_pem_private_key(self._identity.server.key)
         header = pull_quic_header(Buffer(data=initial), host_cid_length=8)
-        connection = QuicConnection(
-            configuration=configuration, original_destination_connection_id=header.destination_cid
+        self._adopt(
+            QuicConnection(
+                configuration=configuration,
+                original_destination_connection_id=header.destination_cid,
+            )
         )
-        self._adopt(QuicConnectionProtocol(connection, self._accepted))
 
-    def _adopt(self, protocol: QuicConnectionProtocol) -> None:
+    def _adopt(self, connection: QuicConnection) -> _PeerQuicSession:
+        bounded = bound(
+            connection,
+            stream_window=STREAM_WINDOW,
+            connection_window=CONNECTION_WINDOW,
+            max_streams=MAX_STREAMS,
+        )
+        protocol = _PeerQuicSession(bounded, self)
         protocol.connection_made(_PathTransport(self))
         self._protocol = protocol
         self._spawn(self._until_connected(protocol))
+        self._spawn(self._accept(protocol))
+        return protocol
 
-    async def _until_connected(self, protocol: QuicConnectionProtocol) -> None:
+    async def _until_connected(self, protocol: _PeerQuicSession) -> None:
         with contextlib.suppress(ConnectionError):
             await protocol.wait_connected()
             self._connected.set()
@@ -219,8 +303,10 @@ class PeerSession:
         with contextlib.suppress(P2PConnectionFailed):  # status shows an RTT from the start
             await self.ping(FIRST_PING_TIMEOUT)
 
-    def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._spawn(self._serve(reader, writer))
+    async def _accept(self, protocol: _PeerQuicSession) -> None:
+        with contextlib.suppress(TransportError):  # the session ended
+            while True:
+                self._spawn(self._serve(await protocol.accept_stream()))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -240,9 +326,10 @@ class PeerSession:
     def connected(self) -> bool:
         return self._connected.is_set()
 
-    async def open_stream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def open_stream(self) -> Stream:
+        """A new stream to the peer; raises ``TransportClosed`` once the session has ended."""
         assert self._protocol is not None  # wait_connected() came first
-        return await self._protocol.create_stream()
+        return await self._protocol.open_stream()
 
     async def ping(self, within: float) -> float:
         """The round-trip time over the current path; a silent path is marked failed."""
@@ -265,9 +352,10 @@ class PeerSession:
             self._protocol.transmit()
 
     async def aclose(self) -> None:
+        """Close the QUIC connection (its streams fail: their pumps reset their sockets),
+        then the paths."""
         if self._protocol is not None:
-            self._protocol.close()
-        await asyncio.sleep(0)  # let the close frame reach the current path
+            await self._protocol.aclose()
         self._sender.cancel()
         for kind in list(self._readers):
             self._drop_reader(kind)

@@ -1,15 +1,18 @@
 """Streams between peers: a ``peer_open`` header (port and proof), accept or reject, then
-the bytes of one TCP connection, both ways, with half-close."""
+the bytes of one TCP connection, both ways, carried by the core's pump exactly as on a
+relayed tunnel (half-close passes through; a reset, a refused target or a lost session
+reaches the other end as a reset)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 
 from cloudbridge_core.errors import (
     CloudBridgeError,
-    ProtocolViolation,
     TargetUnreachable,
+    TransportError,
     Unauthorized,
     error_for_code,
 )
@@ -17,99 +20,95 @@ from cloudbridge_core.log import get_logger
 from cloudbridge_core.p2p.identity import DeviceIdentity
 from cloudbridge_core.p2p.session import PeerSession
 from cloudbridge_core.protocol import messages
+from cloudbridge_core.providers import Stream
+from cloudbridge_core.pump import prepare, pump
+from cloudbridge_core.wire import MessageStream
 
 log = get_logger("p2p.streams")
 
-CHUNK = 65536
 HEADER_TIMEOUT = 10.0
-
-
-async def read_message(reader: asyncio.StreamReader) -> messages.Message:
-    try:
-        length = messages.LENGTH.unpack(await reader.readexactly(messages.LENGTH.size))[0]
-        if length > messages.MAX_MESSAGE_SIZE:
-            raise ProtocolViolation(f"a {length}-byte message exceeds the limit")
-        return messages.decode_body(await reader.readexactly(length))
-    except asyncio.IncompleteReadError:
-        raise ProtocolViolation("the stream ended inside a message") from None
 
 
 async def open_peer_stream(
     session: PeerSession, port: int, proof: str, within: float
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    reader, writer = await session.open_stream()
-    writer.write(messages.encode(messages.PeerOpen(port, proof)))
+) -> tuple[Stream, bytes]:
+    """A stream to ``port`` on the peer, accepted; and the first bytes the peer's target
+    sent, which arrived with the acceptance."""
+    stream = await session.open_stream()
+    header = MessageStream(stream)
     try:
-        reply = await asyncio.wait_for(read_message(reader), within)
+        await header.send(messages.PeerOpen(port, proof))
+        reply = await asyncio.wait_for(header.expect(messages.Accept, messages.Reject), within)
     except TimeoutError:
-        writer.close()
+        await stream.reset()
         raise TargetUnreachable(f"{session.peer.name} did not answer in {within:g}s") from None
+    except BaseException:
+        await stream.reset()
+        raise
     if isinstance(reply, messages.Reject):
-        writer.close()
+        await stream.reset()
         raise error_for_code(reply.code, reply.message)
-    if not isinstance(reply, messages.Accept):
-        writer.close()
-        raise ProtocolViolation(f"expected accept or reject, got {reply.TYPE}")
-    return reader, writer
+    return stream, header.take_buffered()
 
 
 async def accept_peer_stream(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
+    stream: Stream,
     identity: DeviceIdentity,
     peer_key: bytes,
     exposed: set[int],
     peer_name: str,
 ) -> None:
     """Serve a stream a peer opened: only to an exposed port, only with a valid proof."""
+    header = MessageStream(stream)
+    target: socket.socket | None = None
     try:
-        request = await asyncio.wait_for(read_message(reader), HEADER_TIMEOUT)
-        if not isinstance(request, messages.PeerOpen):
-            raise ProtocolViolation(f"expected peer_open, got {request.TYPE}")
+        request = await asyncio.wait_for(header.expect(messages.PeerOpen), HEADER_TIMEOUT)
+        assert isinstance(request, messages.PeerOpen)  # expect() checked it
         if not identity.accepts_proof(peer_key, request.proof):
             raise Unauthorized("the stream's proof does not match the peer's key")
         if request.port not in exposed:
             raise Unauthorized(f"port {request.port} is not exposed (p2p.expose)")
-        try:
-            local_reader, local_writer = await asyncio.open_connection("127.0.0.1", request.port)
-        except OSError as exc:
-            raise TargetUnreachable(f"nothing listens on port {request.port}") from exc
-    except (CloudBridgeError, TimeoutError) as error:
-        code = error.code if isinstance(error, CloudBridgeError) else "timeout"
-        log.info("peer_stream_refused", peer=peer_name, code=code, reason=str(error))
-        if isinstance(error, CloudBridgeError):
-            writer.write(messages.encode(messages.Reject(error.code, error.message)))
-        writer.close()
+        target = await _connect(request.port)
+        await header.send(messages.Accept())
+        early = header.take_buffered()
+        if early:
+            await asyncio.get_running_loop().sock_sendall(target, early)
+    except (CloudBridgeError, TimeoutError, OSError) as error:
+        if target is not None:
+            target.close()
+        await _refuse(stream, error, peer_name)
         return
-    writer.write(messages.encode(messages.Accept()))
-    await pump(reader, writer, local_reader, local_writer)
+    except BaseException:
+        if target is not None:
+            target.close()
+        await stream.reset()
+        raise
+    await pump(stream, target)
 
 
-async def pump(
-    a_reader: asyncio.StreamReader,
-    a_writer: asyncio.StreamWriter,
-    b_reader: asyncio.StreamReader,
-    b_writer: asyncio.StreamWriter,
-) -> tuple[int, int]:
-    """Copy both ways until both sides have finished, then close both; returns the bytes
-    copied from a to b and from b to a."""
+async def _connect(port: int) -> socket.socket:
+    sock = prepare(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
     try:
-        forward, backward = await asyncio.gather(
-            _copy(a_reader, b_writer), _copy(b_reader, a_writer)
-        )
-    finally:
-        for writer in (a_writer, b_writer):
-            writer.close()
-    return forward, backward
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    except OSError as exc:
+        sock.close()
+        raise TargetUnreachable(f"nothing listens on port {port}") from exc
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
-async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
-    copied = 0
-    with contextlib.suppress(ConnectionError):
-        while data := await reader.read(CHUNK):
-            writer.write(data)
-            copied += len(data)
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
-    return copied
+async def _refuse(stream: Stream, error: BaseException, peer_name: str) -> None:
+    """Say why (a reject the opener raises as its error), then end the stream."""
+    if isinstance(error, CloudBridgeError):
+        code, reason = error.code, error.message
+    else:
+        code, reason = ("timeout" if isinstance(error, TimeoutError) else "io_error"), str(error)
+    log.info("peer_stream_refused", peer=peer_name, code=code, reason=reason)
+    if isinstance(error, CloudBridgeError):
+        with contextlib.suppress(TransportError):
+            await MessageStream(stream).send(messages.Reject(error.code, error.message))
+            await stream.close_write()
+            return
+    await stream.reset()

@@ -7,26 +7,23 @@ import contextlib
 import socket
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic import events
 from aioquic.quic.connection import QuicConnection
-from cloudbridge_core.api import (
-    Admission,
-    PreauthGate,
-    StreamAborted,
-    TransportClosed,
-    TransportError,
-)
 
-from cloudbridge_quic.flow import BoundedQuicConnection
-from cloudbridge_quic.pmtu import (
+from cloudbridge_core.errors import StreamAborted, TransportClosed, TransportError
+from cloudbridge_core.quic.flow import BoundedQuicConnection
+from cloudbridge_core.quic.pmtu import (
     apply_datagram_size,
     forbid_fragmentation,
     is_too_big,
     path_payload_size,
 )
+
+if TYPE_CHECKING:
+    from cloudbridge_core.transports.preauth import Admission, PreauthGate
 
 #: application error code of a stream closed before both sides finished
 STREAM_CANCELLED = 0x10C
@@ -316,7 +313,7 @@ class QuicSession(QuicConnectionProtocol):
 
     def error_received(self, exc: Exception) -> None:
         if is_too_big(exc):  # the path MTU dropped: ask the kernel again
-            self._fit_datagrams()
+            self.fit_datagrams()
 
     def quic_event_received(self, event: events.QuicEvent) -> None:
         if isinstance(event, events.StreamDataReceived):
@@ -339,7 +336,7 @@ class QuicSession(QuicConnectionProtocol):
             self._fail_stream(event.stream_id, "the peer stopped reading the stream")
         elif isinstance(event, events.HandshakeCompleted):
             self.handshake = event
-            self._fit_datagrams()
+            self.fit_datagrams()
             if self._keepalive_interval:
                 self._keepalive = self._loop.create_task(self._keep_alive(self._keepalive_interval))
             if self._on_ready is not None:
@@ -350,11 +347,16 @@ class QuicSession(QuicConnectionProtocol):
 
     # ---- internals -------------------------------------------------------------------------
 
-    def _fit_datagrams(self) -> None:
-        path = self._quic._network_paths[0] if self._quic._network_paths else None
-        if path is not None:
-            size = path_payload_size(path.addr, self._datagram_ceiling)
+    def fit_datagrams(self) -> None:
+        """Size the datagrams sent from now on for the current path (:meth:`path_datagram_size`)."""
+        size = self.path_datagram_size()
+        if size is not None:
             apply_datagram_size(self._quic, size)
+
+    def path_datagram_size(self) -> int | None:
+        """The datagram size the current path carries: from the kernel's path MTU."""
+        path = self._quic._network_paths[0] if self._quic._network_paths else None
+        return None if path is None else path_payload_size(path.addr, self._datagram_ceiling)
 
     async def _keep_alive(self, interval: float) -> None:
         """PINGs keep NAT bindings open and find a dead path before the idle timeout."""

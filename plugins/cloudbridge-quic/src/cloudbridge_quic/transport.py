@@ -20,18 +20,17 @@ from cloudbridge_core.api import (
     ALPN,
     ConnectionTimeout,
     Endpoint,
+    QuicSession,
     ServerUnavailable,
     Session,
     TlsMaterial,
     TlsVerificationFailed,
     TransportError,
+    bound_quic_connection,
     build,
+    forbid_fragmentation,
     run_session_handler,
 )
-
-from cloudbridge_quic.flow import bound
-from cloudbridge_quic.pmtu import forbid_fragmentation
-from cloudbridge_quic.session import QuicSession
 
 #: session tickets a relay remembers for resumption (memory bound)
 MAX_TICKETS = 10_000
@@ -126,7 +125,7 @@ class QuicTransport:
         )
 
     def _bound(self, connection: QuicConnection) -> QuicConnection:
-        return bound(
+        return bound_quic_connection(
             connection,
             stream_window=self.settings.stream_window,
             connection_window=self.settings.connection_window,

@@ -1,0 +1,181 @@
+"""Peer sessions pass the transport conformance kit, on a real UDP path over loopback.
+
+Two :class:`PeerSession` objects, each with its own device identity, talk QUIC over a pair
+of UDP sockets on 127.0.0.1 (a direct path, as ICE would nominate between two hosts; ICE
+itself is left out because aioice offers only the machine's other interfaces). The kit's
+checks about a relay's listener do not apply to a session between peers and are left
+out: connect_timeout and untrusted_certificate_rejected (no endpoint to connect to: the
+peer's certificate is pinned from the relay's announcement), oversized_frame_rejected (no
+listener serving strangers) and preauth_budget_held (peers are authenticated before any
+datagram flows: only a peer announced by the relay gets a session).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+
+import pytest
+from cloudbridge_core.errors import TransportClosed
+from cloudbridge_core.p2p.identity import DeviceIdentity
+from cloudbridge_core.p2p.session import PeerSession
+from cloudbridge_core.providers import PeerInfo, Session, Stream
+from cloudbridge_core.testing.conformance import (
+    CHECKS,
+    Handler,
+    TransportKit,
+    connect_timeout,
+    large_payload_integrity,
+    oversized_frame_rejected,
+    preauth_budget_held,
+    run_check,
+    slow_reader_bounds_memory,
+    untrusted_certificate_rejected,
+)
+
+pytestmark = pytest.mark.timeout(90)
+
+RELAY_ENDPOINT_CHECKS = {
+    connect_timeout,
+    untrusted_certificate_rejected,
+    oversized_frame_rejected,
+    preauth_budget_held,
+}
+PEER_CHECKS = [check for check in CHECKS if check not in RELAY_ENDPOINT_CHECKS]
+
+
+class _Socket(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.received: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
+        self.received.put_nowait(data)
+
+
+class UdpPath:
+    """A direct path: one UDP socket on loopback, sending to the other's."""
+
+    kind = "direct"
+
+    def __init__(
+        self, transport: asyncio.DatagramTransport, protocol: _Socket, remote: tuple[str, int]
+    ) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self._remote = remote
+        self.endpoint = f"{remote[0]}:{remote[1]}"
+
+    async def send(self, datagram: bytes) -> None:
+        self._transport.sendto(datagram, self._remote)
+
+    async def receive(self) -> bytes:
+        return await self._protocol.received.get()
+
+    async def aclose(self) -> None:
+        self._transport.close()
+
+
+class BatchingUdpPath(UdpPath):
+    """The same path sending a batch without waiting, as ICE's UDP paths do."""
+
+    def send_batch(self, datagrams: Sequence[bytes]) -> None:
+        for datagram in datagrams:
+            self._transport.sendto(datagram, self._remote)
+
+
+async def udp_paths(kind: type[UdpPath]) -> tuple[UdpPath, UdpPath]:
+    loop = asyncio.get_running_loop()
+    ends = [await loop.create_datagram_endpoint(_Socket, local_addr=("127.0.0.1", 0)) for _ in "ab"]
+    (a, a_protocol), (b, b_protocol) = ends
+    return (
+        kind(a, a_protocol, b.get_extra_info("sockname")),
+        kind(b, b_protocol, a.get_extra_info("sockname")),
+    )
+
+
+class PeerEnd:
+    """One peer's :class:`PeerSession` seen as a :class:`Session`: the streams the peer
+    opens are served by queueing them for ``accept_stream``."""
+
+    def __init__(self, identity: DeviceIdentity, other: DeviceIdentity) -> None:
+        self._incoming: asyncio.Queue[Stream] = asyncio.Queue()
+        info = PeerInfo(
+            other.peer_id, "other", other.public_key, certificate=other.ca.certificate.decode()
+        )
+        self.session = PeerSession(identity, info, identity.peer_id < other.peer_id, self._serve)
+
+    async def _serve(self, stream: Stream) -> None:
+        self._incoming.put_nowait(stream)
+
+    async def open_stream(self) -> Stream:
+        return await self.session.open_stream()
+
+    async def accept_stream(self) -> Stream:
+        await self.session.wait_connected(10)
+        protocol = self.session._protocol  # its end is what ends accepting, as on a relay
+        assert protocol is not None
+        incoming = asyncio.ensure_future(self._incoming.get())
+        ended = asyncio.ensure_future(protocol.wait_closed())
+        await asyncio.wait({incoming, ended}, return_when=asyncio.FIRST_COMPLETED)
+        ended.cancel()
+        if incoming.done():
+            return incoming.result()
+        incoming.cancel()
+        raise TransportClosed("the peer session has ended")
+
+    def authenticated(self) -> None:
+        """Peers are authenticated before their session starts."""
+
+    async def aclose(self) -> None:
+        await self.session.aclose()
+
+
+class PeerSessionKit(TransportKit):
+    """The kit's ``pair`` as two peers on a loopback UDP path (``make`` is never called:
+    the checks that call it are the relay-endpoint ones left out above)."""
+
+    def __init__(self, path: type[UdpPath]) -> None:
+        super().__init__(make=self._no_transport)
+        self._path = path
+
+    @staticmethod
+    def _no_transport() -> TransportKit:
+        raise AssertionError("peer sessions have no transport to make")
+
+    @contextlib.asynccontextmanager
+    async def pair(
+        self, handler: Handler | None = None
+    ) -> AsyncIterator[tuple[Session, asyncio.Queue[Session]]]:
+        one, two = DeviceIdentity.create(), DeviceIdentity.create()
+        client, server = PeerEnd(one, two), PeerEnd(two, one)
+        if server.session.controlling:
+            client, server = server, client
+        accepted: asyncio.Queue[Session] = asyncio.Queue()
+        server_path, client_path = await udp_paths(self._path)
+        server.session.add_path(server_path)
+        client.session.add_path(client_path)
+        served = asyncio.create_task(handler(server)) if handler is not None else None
+        try:
+            await client.session.wait_connected(10)
+            accepted.put_nowait(server)
+            yield client, accepted
+        finally:
+            await client.aclose()
+            await server.aclose()
+            if served is not None:
+                served.cancel()
+                await asyncio.gather(served, return_exceptions=True)
+
+
+@pytest.mark.parametrize("check", PEER_CHECKS, ids=lambda check: check.__name__)
+def test_conformance(check: object) -> None:
+    run_check(check, PeerSessionKit(BatchingUdpPath))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "check", [large_payload_integrity, slow_reader_bounds_memory], ids=lambda c: c.__name__
+)
+def test_conformance_on_a_path_whose_sends_wait(check: object) -> None:
+    """TURN and DERP paths have no ``send_batch``: the session's sender task calls ``send``."""
+    run_check(check, PeerSessionKit(UdpPath))  # type: ignore[arg-type]
