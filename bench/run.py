@@ -35,9 +35,10 @@ docs/performance.md says how each figure is taken.
     ./dev bench --quick --only direct,tls    a smoke run: small sizes, a few seconds a path
     ./dev bench --repeat 3 --json out.json   the median of 3 rounds, every figure in a file
 
-Options: --megabytes (per 1-connection run; 8 connections move as much in total, each
-parallel connection 1/16 of it), --parallel, --round-trips, --setups, --idle, --timeout
-(a bulk run's bound), --repeat, --flood-seconds, --json FILE. Tables go to stdout,
+Options: --megabytes (what each bulk run moves: on 1 connection, or shared by 8 or by the
+parallel ones), --parallel, --round-trips, --setups, --idle, --timeout (a bulk run's
+bound; the parallel run's is at least 3x the path's own 8-connection time), --repeat,
+--flood-seconds, --json FILE. Tables go to stdout,
 progress to stderr. ./dev bench installs the reference tools when missing (socat,
 openssh-server and -client with apt; wstunnel with `npm ci --prefix bench/wstunnel`); a
 path that cannot run is skipped with the reason, one that fails says how. Not part of
@@ -133,9 +134,12 @@ def measure(forwarder: paths.Forwarder, args: argparse.Namespace, errors: list[s
     if pids:
         figures["cpu_seconds_per_gib"] = (cpu_seconds(pids) - cpu_before) / (moved / GIB)
     note(f"{name}: bulk, {args.parallel} connections")
-    run = load.transfers(
-        port, ["up", "down"] * (args.parallel // 2), max(1, size // 16), args.timeout
-    )
+    # as many bytes as each run above, and time for three times what the path's own
+    # 8-connection rate needs: a connection that does not complete then stalled
+    slowest = min(figures["bulk_up_8_bytes_per_second"], figures["bulk_down_8_bytes_per_second"])
+    bound = max(args.timeout, 3 * size / slowest) if slowest else args.timeout
+    directions = ["up", "down"] * (args.parallel // 2)
+    run = load.transfers(port, directions, max(1, size // len(directions)), bound)
     errors += run.errors
     figures["parallel_bytes_per_second"] = run.rate
     figures["parallel_completed"] = run.completed
@@ -301,7 +305,7 @@ def main() -> None:
     parser.add_argument("--round-trips", type=int, help="64-byte round trips (2000)")
     parser.add_argument("--setups", type=int, help="connections for the setup rate (300)")
     parser.add_argument("--idle", type=int, help="idle connections for the memory figure (1000)")
-    parser.add_argument("--timeout", type=float, default=60.0, help="bound of a bulk run (s)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="bound of a bulk run (60 s)")
     parser.add_argument("--repeat", type=int, default=1, help="rounds; figures are medians")
     parser.add_argument("--flood-seconds", type=float, default=5.0, help="length of each flood")
     parser.add_argument("--json", type=Path, help="write every figure to this file")
