@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 from cloudbridge_core.errors import (
     ConnectionTimeout,
@@ -30,18 +31,20 @@ HANDSHAKE_TIMEOUT = 10.0
 class TlsListener:
     """A running TLS server; ``aclose`` stops accepting and closes every session.
 
-    One pre-auth deadline (``endpoint.preauth``) covers the TLS handshake and the hello
-    together: it counts from the TCP accept. The per-address and total caps apply once
-    the handshake is done (until then asyncio holds the connection, for the same time
-    at most).
+    The pre-auth budget (``endpoint.preauth``) applies from the TCP accept: the per-address
+    and total caps are checked before the TLS handshake starts, and one deadline covers
+    the handshake and the hello together.
     """
 
     def __init__(self, handler: Callable[[Session], Awaitable[None]], limits: MuxLimits) -> None:
         self._handler = handler
         self._limits = limits
         self._gate: PreauthGate | None = None
+        self._tls: ssl.SSLContext | None = None
         self._server: asyncio.Server | None = None
-        self._sessions: dict[MuxSession, asyncio.Task[None]] = {}
+        #: every accepted connection's task, from the handshake to the session's end
+        self._connections: set[asyncio.Task[None]] = set()
+        self._sessions: set[MuxSession] = set()
 
     @property
     def port(self) -> int:
@@ -51,61 +54,74 @@ class TlsListener:
 
     async def start(self, endpoint: Endpoint) -> None:
         self._gate = endpoint.preauth
+        self._tls = endpoint.tls
         loop = asyncio.get_running_loop()
-
-        def accept() -> ProtocolPipe:
-            # asyncio builds the protocol when it accepts the TCP connection, before TLS;
-            # the protocol hears connection_made once the handshake is done
-            accepted_at = loop.time()
-            high_water = HIGH_WATER if self._gate is None else PREAUTH_HIGH_WATER
-            return _AcceptedPipe(high_water, lambda pipe: self._accepted(pipe, accepted_at))
-
-        timeout = HANDSHAKE_TIMEOUT if self._gate is None else self._gate.timeout
         self._server = await loop.create_server(
-            accept, endpoint.host, endpoint.port, ssl=endpoint.tls, ssl_handshake_timeout=timeout
+            lambda: _TcpAccepted(self._accepted), endpoint.host, endpoint.port
         )
 
-    def _accepted(self, pipe: ProtocolPipe, accepted_at: float) -> None:
+    def _accepted(self, transport: asyncio.Transport) -> None:
+        """A TCP connection, before TLS: admitted within the caps, or dropped at once."""
         admission: Admission | None = None
         if self._gate is not None:
-            address = pipe.peer_address
-            admission = self._gate.admit(address, since=accepted_at) if address else None
+            peer = transport.get_extra_info("peername")
+            admission = self._gate.admit(str(peer[0])) if isinstance(peer, tuple) else None
             if admission is None:  # over a cap (counted by the gate) or already gone
-                pipe.abort()
+                transport.abort()
                 return
-        session = MuxSession(pipe, is_dialer=False, limits=self._limits, admission=admission)
-        task = asyncio.get_running_loop().create_task(self._serve(session))
-        self._sessions[session] = task
+        task = asyncio.get_running_loop().create_task(self._serve(transport, admission))
+        self._connections.add(task)
+        task.add_done_callback(self._connections.discard)
 
-    async def _serve(self, session: MuxSession) -> None:
+    async def _serve(self, transport: asyncio.Transport, admission: Admission | None) -> None:
+        assert self._tls is not None  # a relay listener always has its certificate
+        pipe = ProtocolPipe(HIGH_WATER if admission is None else PREAUTH_HIGH_WATER)
+        timeout = HANDSHAKE_TIMEOUT if admission is None else max(admission.remaining(), 0.001)
+        try:
+            secure = await asyncio.get_running_loop().start_tls(
+                transport, pipe, self._tls, server_side=True, ssl_handshake_timeout=timeout
+            )
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            if admission is not None:
+                admission.expire() if isinstance(exc, TimeoutError) else admission.release()
+            transport.abort()
+            return
+        if secure is None:  # the connection was lost during the handshake
+            if admission is not None:
+                admission.release()
+            return
+        pipe.connection_made(secure)  # start_tls does not tell the protocol itself
+        session = MuxSession(pipe, is_dialer=False, limits=self._limits, admission=admission)
+        self._sessions.add(session)
         try:
             await run_session_handler(self._handler, session)
         finally:
-            self._sessions.pop(session, None)
+            self._sessions.discard(session)
 
     async def aclose(self) -> None:
         if self._server is None:
             return
         self._server.close()
-        sessions, self._sessions = self._sessions, {}
-        for session, task in sessions.items():
+        for session in list(self._sessions):
             await session.aclose()
+        connections = list(self._connections)
+        for task in connections:
             task.cancel()
-        await asyncio.gather(*sessions.values(), return_exceptions=True)
+        await asyncio.gather(*connections, return_exceptions=True)
         await self._server.wait_closed()
         self._server = None
 
 
-class _AcceptedPipe(ProtocolPipe):
-    """A server connection's pipe: the listener takes it once TLS is established."""
+class _TcpAccepted(asyncio.Protocol):
+    """A TCP connection just accepted: it waits, unread, for the listener's TLS handshake."""
 
-    def __init__(self, high_water: int, on_connected: Callable[[ProtocolPipe], None]) -> None:
-        super().__init__(high_water)
-        self._on_connected = on_connected
+    def __init__(self, on_accepted: Callable[[asyncio.Transport], None]) -> None:
+        self._on_accepted = on_accepted
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self._on_connected(self)
+        tcp = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport subclasses
+        tcp.pause_reading()  # the handshake reads from here on: no byte may land in this protocol
+        self._on_accepted(tcp)
 
 
 class TlsTransport:
