@@ -131,7 +131,7 @@ def measure(forwarder: paths.Forwarder, args: argparse.Namespace, errors: list[s
             errors += run.errors
             figures[f"bulk_{direction}_{connections}_bytes_per_second"] = run.rate
             moved += run.moved
-    if pids:
+    if pids and moved:
         figures["cpu_seconds_per_gib"] = (cpu_seconds(pids) - cpu_before) / (moved / GIB)
     note(f"{name}: bulk, {args.parallel} connections")
     # as many bytes as each run above, and time for three times what the path's own
