@@ -242,6 +242,10 @@ class MuxConnection:
     def has_stream(self, stream_id: int) -> bool:
         return stream_id in self._streams
 
+    @property
+    def has_data_to_send(self) -> bool:
+        return bool(self._outbound)
+
     def data_to_send(self) -> bytearray:
         """What is queued for the peer; the caller owns the returned buffer."""
         data, self._outbound = self._outbound, bytearray()

@@ -405,6 +405,8 @@ class MuxSession:
         self._connection.stream_consumed(stream_id, count)
 
     async def flush(self) -> None:
+        if not self._connection.has_data_to_send:  # most reads owe the peer nothing
+            return
         async with self._send_lock:
             data = self._connection.data_to_send()
             if data:
