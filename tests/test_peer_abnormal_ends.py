@@ -27,6 +27,7 @@ from loopback import free_port
 from test_abnormal_ends import (
     CHUNK,
     NOTICE_WITHIN,
+    TRANSPORTS,
     descriptors,
     endless_source,
     kill,
@@ -85,7 +86,7 @@ def peers(tmp_path: Path, path: str, target_port: int) -> Iterator[PeerDeploymen
     env = environment(
         CLOUDBRIDGE_SERVER__LISTEN="127.0.0.1",
         CLOUDBRIDGE_LOGGING__LEVEL="warning",
-        CLOUDBRIDGE_TRANSPORT__TLS__PORT=str(free_port()),
+        **{f"CLOUDBRIDGE_TRANSPORT__{name}__PORT": str(free_port()) for name in TRANSPORTS},
     )
     relay = start(
         "relay", "serve", "--dev", "--state-dir", str(state), env=env, ready="client config:"
@@ -93,7 +94,8 @@ def peers(tmp_path: Path, path: str, target_port: int) -> Iterator[PeerDeploymen
     processes = [relay]
     try:
         token = issue_token(state, "p2p:mesh")
-        client_env = {**env, "CLOUDBRIDGE_TRANSPORT__MODE": "tls"}
+        # any relay transport does: it only introduces the peers (and carries DERP)
+        client_env = {**env, "CLOUDBRIDGE_TRANSPORT__MODE": "websocket"}
         exposing = start(
             *("p2p", "--config", str(_peer_config(state, token, "far", [target_port]))),
             *("--control-socket", str(tmp_path / "far.sock"), "--mode", MODES[path]),

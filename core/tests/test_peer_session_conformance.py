@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import pytest
 from cloudbridge_core.errors import TransportClosed
@@ -48,9 +48,10 @@ PEER_CHECKS = [check for check in CHECKS if check not in RELAY_ENDPOINT_CHECKS]
 class _Socket(asyncio.DatagramProtocol):
     def __init__(self) -> None:
         self.received: asyncio.Queue[bytes] = asyncio.Queue()
+        self.deliver: Callable[[bytes], None] = self.received.put_nowait
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
-        self.received.put_nowait(data)
+        self.deliver(data)
 
 
 class UdpPath:
@@ -77,11 +78,15 @@ class UdpPath:
 
 
 class BatchingUdpPath(UdpPath):
-    """The same path sending a batch without waiting, as ICE's UDP paths do."""
+    """The same path sending a batch without waiting and handing over each datagram as it
+    arrives, as ICE's UDP paths do."""
 
     def send_batch(self, datagrams: Sequence[bytes]) -> None:
         for datagram in datagrams:
             self._transport.sendto(datagram, self._remote)
+
+    def deliver_to(self, receiver: Callable[[bytes], None]) -> None:
+        self._protocol.deliver = receiver
 
 
 async def udp_paths(kind: type[UdpPath]) -> tuple[UdpPath, UdpPath]:
@@ -177,5 +182,6 @@ def test_conformance(check: object) -> None:
     "check", [large_payload_integrity, slow_reader_bounds_memory], ids=lambda c: c.__name__
 )
 def test_conformance_on_a_path_whose_sends_wait(check: object) -> None:
-    """TURN and DERP paths have no ``send_batch``: the session's sender task calls ``send``."""
+    """DERP paths have neither ``send_batch`` nor ``deliver_to``: the session's sender task
+    calls ``send``, its reader task ``receive``."""
     run_check(check, PeerSessionKit(UdpPath))  # type: ignore[arg-type]

@@ -288,6 +288,10 @@ class PeerPath(Protocol):
     order, dropping what the network cannot take now (QUIC resends it); the peer session
     then hands it each transmit's datagrams directly. Without it, the session calls
     ``send`` for each, in order, from one task.
+
+    Likewise a path may offer ``deliver_to(receiver: Callable[[bytes], None]) -> None``:
+    from then on it calls ``receiver`` with each datagram as it arrives, and ``receive``
+    returns only what arrived before and raises when the path ends.
     """
 
     @property

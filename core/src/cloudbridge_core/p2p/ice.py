@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import aioice
@@ -59,6 +59,15 @@ class IcePath:
     async def receive(self) -> bytes:
         data, _ = await self._connection.recvfrom()
         return data
+
+    def deliver_to(self, receiver: Callable[[bytes], None]) -> None:
+        """Hand each datagram to ``receiver`` as its socket delivers it, instead of through
+        aioice's queue and :meth:`receive` (which then only says when the path ends)."""
+
+        def data_received(data: bytes, component: int) -> None:
+            receiver(data)
+
+        self._connection.data_received = data_received  # type: ignore[method-assign]
 
     async def aclose(self) -> None:
         await close_connection(self._connection)

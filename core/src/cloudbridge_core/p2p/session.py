@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
@@ -146,6 +147,11 @@ class PeerSession:
             self._spawn(old.aclose())
         self._paths[path.kind] = path
         self.suspect.discard(path.kind)
+        deliver_to: Callable[[Callable[[bytes], None]], None] | None = getattr(
+            path, "deliver_to", None
+        )
+        if deliver_to is not None:  # no queue and task hop per datagram
+            deliver_to(functools.partial(self._received, path))
         self._readers[path.kind] = asyncio.get_running_loop().create_task(self._read(path))
         self._choose(f"{path.kind} path established")
         if self.controlling and self._protocol is None:
@@ -186,13 +192,17 @@ class PeerSession:
     async def _read(self, path: PeerPath) -> None:
         try:
             while True:
-                datagram = await path.receive()
-                self.last_seen = time.time()
-                self.bytes_received += len(datagram)
-                self._deliver(datagram)
+                self._received(path, await path.receive())
         except Exception as error:  # noqa: BLE001 - a plugin's path may fail any way; that ends it only
             if self._paths.get(path.kind) is path:
                 self.path_failed(path.kind, str(error) or type(error).__name__)
+
+    def _received(self, path: PeerPath, datagram: bytes) -> None:
+        if self._paths.get(path.kind) is not path:
+            return  # from a path replaced meanwhile
+        self.last_seen = time.time()
+        self.bytes_received += len(datagram)
+        self._deliver(datagram)
 
     def _deliver(self, datagram: bytes) -> None:
         if self._protocol is None:
