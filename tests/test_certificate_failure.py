@@ -72,13 +72,13 @@ def test_the_cli_exits_as_for_an_auth_problem_naming_the_transport(tmp_path: Pat
             config: dict[str, object] = {
                 "relay": {"host": "127.0.0.1", "tls": {"ca_file": str(bed.state_dir / "ca.pem")}},
                 "transport": {
-                    "mode": "auto",
+                    "mode": "auto",  # tries tls first
                     "race_head_start": "10s",
                     **{
                         name: {"port": listener.port}
                         for name, listener in bed.relay.listeners.items()
                     },
-                    "quic": {"port": impostor.relay.listeners["quic"].port},
+                    "tls": {"port": impostor.relay.listeners["tls"].port},
                 },
                 "metrics": {"enabled": False},
             }
@@ -103,7 +103,7 @@ def test_the_cli_exits_as_for_an_auth_problem_naming_the_transport(tmp_path: Pat
                 env=environment(CLOUDBRIDGE_AUTH__TOKEN=bed.token()),
             )
             assert done.returncode == ExitCode.AUTH, done.stderr
-            assert "error: quic: the certificate of 127.0.0.1:" in done.stderr
+            assert "error: tls: the certificate of 127.0.0.1:" in done.stderr
             assert "not trusted" in done.stderr
             assert "(tls_verify_failed)" in done.stderr
 

@@ -227,7 +227,7 @@ def test_defaults_form_a_valid_config() -> None:
         ("auth.token", None),
         ("auth.token_storage", "keyring"),
         ("transport.mode", "auto"),
-        ("transport.prefer_protocol", "quic"),
+        ("transport.prefer_protocol", "tls"),
         ("transport.connect_timeout", "5s"),
         ("p2p.ice.stun_servers", []),
         ("tunnels", []),

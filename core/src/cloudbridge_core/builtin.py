@@ -59,7 +59,7 @@ def cloudbridge_transports() -> list[TransportSpec]:
         TransportSpec(
             name="tls",
             load=_load_tls,
-            priority=10,
+            priority=40,
             description="TLS over TCP carrying the core stream multiplexer",
         )
     ]

@@ -45,7 +45,7 @@ def cloudbridge_transports() -> Sequence[TransportSpec]:
 
                 return QuicTransport(settings)
 
-            return [TransportSpec(name="quic", load=load, priority=30)]
+            return [TransportSpec(name="quic", load=load, priority=10)]
     """
     raise AssertionError("hookspec bodies never run")
 

@@ -30,10 +30,11 @@ class ProviderSpec(Generic[ProviderT]):
     """One provider a plugin offers.
 
     ``name`` is the public name users select it by (``transport.mode: quic``).
-    ``priority`` orders providers of one family: higher is preferred (QUIC over gRPC
-    over WebSocket; direct before TURN). ``load(settings)`` builds the provider from the
-    plugin's validated config section (``{}`` when it has none); it may import heavy
-    libraries and may raise, which the core reports as a failure of that provider.
+    ``priority`` orders providers of one family: higher is preferred (TLS over WebSocket
+    over gRPC over QUIC, by measured throughput; direct before TURN). ``load(settings)``
+    builds the provider from the plugin's validated config section (``{}`` when it has
+    none); it may import heavy libraries and may raise, which the core reports as a
+    failure of that provider.
     """
 
     name: str

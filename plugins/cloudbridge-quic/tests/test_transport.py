@@ -24,14 +24,14 @@ SETTINGS = plugin_settings(SETTINGS_SCHEMA)
 KIT = TransportKit(lambda: QuicTransport(SETTINGS))
 
 
-def test_discovered_as_the_preferred_transport() -> None:
+def test_discovered_as_the_transport_auto_tries_last() -> None:
+    """Behind the TCP transports: QUIC in Python carries several times less (issue 15)."""
     plugins = load_plugins()
     [record] = [r for r in plugins.records if r.name == "quic"]
     assert record.status == "active"
     assert record.providers == {"transport": ["quic"]}
-    assert plugins.providers("transport")["quic"].priority == max(
-        spec.priority for spec in plugins.providers("transport").values()
-    )
+    transports = plugins.providers("transport")
+    assert transports["quic"].priority < transports["tls"].priority  # the core's own
 
 
 async def _echo(session: QuicSession, payload: bytes) -> bytes:

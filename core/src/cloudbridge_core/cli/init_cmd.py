@@ -143,7 +143,7 @@ def _name(text: str) -> str:
 @click.option("--non-interactive", is_flag=True, help="Ask nothing: take every answer from flags.")
 @click.option("--reauth", is_flag=True, help="Redo only the authentication of an existing config.")
 @click.option("--relay-host", help="The relay's host name or address.")
-@click.option("--transport", help="auto, or one transport: quic, grpc, websocket, tls.")
+@click.option("--transport", help="auto, or one transport: tls, websocket, grpc, quic.")
 @click.option("--relay-port", help="The relay's port for that transport (not with auto).")
 @click.option("--ca-file", help="PEM CA of the relay's certificate ('system': the OS store).")
 @click.option("--auth", "auth_type", help="jwt or oidc (or another installed auth provider).")

@@ -512,8 +512,8 @@ def _slow_quic_note(datagram_size: int | None) -> str | None:
         return None
     return (
         f"QUIC with {datagram_size}-byte datagrams (the path MTU) moves several times fewer"
-        " bytes per CPU second than grpc or websocket; for bulk transfers set"
-        " transport.mode: grpc"
+        " bytes per CPU second than tls, websocket or grpc; for bulk transfers set"
+        " transport.mode: tls"
     )
 
 

@@ -51,7 +51,7 @@ def _load(settings: Mapping[str, Any]) -> Transport:
 @hookimpl
 def cloudbridge_transports() -> list[TransportSpec]:
     return [
-        TransportSpec(name="grpc", load=_load, priority=30, description="gRPC over TLS (HTTP/2)")
+        TransportSpec(name="grpc", load=_load, priority=20, description="gRPC over TLS (HTTP/2)")
     ]
 
 

@@ -85,7 +85,7 @@ def cloudbridge_transports() -> list[TransportSpec]:
         TransportSpec(
             name="quic",
             load=_load,
-            priority=40,
+            priority=10,
             description="native QUIC streams over UDP (aioquic)",
         )
     ]

@@ -40,7 +40,7 @@ def _load(settings: Mapping[str, Any]) -> Transport:
 def cloudbridge_transports() -> list[TransportSpec]:
     # the seed's order is QUIC, gRPC, WebSocket, then the built-in TLS (10): a WebSocket on
     # an HTTPS-style port gets through proxies and firewalls that stop other traffic
-    return [TransportSpec(name="websocket", load=_load, priority=20, description="TLS WebSocket")]
+    return [TransportSpec(name="websocket", load=_load, priority=30, description="TLS WebSocket")]
 
 
 @hookimpl
