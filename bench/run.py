@@ -29,7 +29,7 @@ to gRPC, the peer tunnel to the relayed TLS tunnel; and issue 15's goals, met or
 the floods of floods.py (part "floods"): what a hostile stranger or tenant costs a bystander.
 docs/performance.md says how each figure is taken.
 
-    ./dev bench                              everything (about 7 minutes on 2 cores)
+    ./dev bench                              everything (about 5 minutes on 2 cores)
     ./dev bench --only socat,ssh,tls         some paths, or parts: references, relayed,
                                              mtu1500, floods
     ./dev bench --quick --only direct,tls    a smoke run: small sizes, a few seconds a path
