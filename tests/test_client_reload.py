@@ -32,6 +32,7 @@ from cloudbridge_core.errors import Unauthorized
 from cloudbridge_core.p2p.identity import DeviceIdentity
 from cloudbridge_core.p2p.manager import PeerManager
 from cloudbridge_core.plugins import load_plugins
+from cloudbridge_core.providers import Stream
 from loopback import free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -291,6 +292,16 @@ def test_metrics_endpoint_moves_on_reload(relay: Relay, tmp_path: Path, echo_por
         assert stop(client) == 0
 
 
+async def read_exactly(stream: Stream, count: int, early: bytes = b"") -> bytes:
+    """``count`` bytes of ``stream``, starting with those that came with its acceptance."""
+    data = bytearray(early)
+    while len(data) < count:
+        chunk = await asyncio.wait_for(stream.read(count - len(data)), 10)
+        assert chunk, "the stream ended early"
+        data += chunk
+    return bytes(data)
+
+
 def test_p2p_expose_follows_a_reload_and_a_name_change_waits_for_a_restart(
     relay: Relay, tmp_path: Path, echo_port: int, second_port: int
 ) -> None:
@@ -330,9 +341,9 @@ def test_p2p_expose_follows_a_reload_and_a_name_change_waits_for_a_restart(
             while "server" not in [p["name"] for p in laptop.status()]:
                 assert time.monotonic() < deadline, "the server never joined"
                 await asyncio.sleep(0.05)
-            reader, writer = await laptop.open("server", echo_port, 10)
-            writer.write(b"before")
-            assert await reader.readexactly(6) == b"before"
+            stream, early = await laptop.open("server", echo_port, 10)
+            await stream.write(b"before")
+            assert await read_exactly(stream, 6, early) == b"before"
             with pytest.raises(Unauthorized, match="not exposed"):
                 await laptop.open("server", second_port, 10)
 
@@ -345,13 +356,13 @@ def test_p2p_expose_follows_a_reload_and_a_name_change_waits_for_a_restart(
 
             with pytest.raises(Unauthorized, match="not exposed"):
                 await laptop.open("server", echo_port, 10)
-            added_reader, added_writer = await laptop.open("server", second_port, 10)
-            assert await added_reader.readexactly(7) == b"second:"
-            added_writer.close()
+            added, added_early = await laptop.open("server", second_port, 10)
+            assert await read_exactly(added, 7, added_early) == b"second:"
+            await added.aclose()
             # the stream opened before the reload, and the peer session, are still up
-            writer.write(b"after")
-            assert await reader.readexactly(5) == b"after"
-            writer.close()
+            await stream.write(b"after")
+            assert await read_exactly(stream, 5) == b"after"
+            await stream.aclose()
             assert [p["name"] for p in laptop.status()] == ["server"]
         finally:
             await laptop.aclose()

@@ -24,6 +24,7 @@ from cloudbridge_core.p2p.metrics import P2PMetrics
 from cloudbridge_core.plugins import PluginSelection, load_plugins
 from cloudbridge_core.protocol import messages
 from cloudbridge_core.relay.turn import TurnIssuer
+from cloudbridge_core.testing.streams import read_all
 from coturn import coturn_with_secret
 from prometheus_client import CollectorRegistry
 from relaybed import BOTH, Bed, echo_server, run
@@ -95,11 +96,16 @@ def test_peers_without_usable_static_turn_servers_meet_over_relay_issued_credent
         ):
             await until(lambda: [p["path"] for p in laptop.status()] == ["turn"])
             payload = os.urandom(1 << 20)
-            reader, writer = await laptop.open("server", echo_port, 10)
-            writer.write(payload)
-            writer.write_eof()
-            received = await asyncio.wait_for(reader.read(), 30)
-            writer.close()
+            stream, early = await laptop.open("server", echo_port, 10)
+
+            async def send() -> None:
+                await stream.write(payload)
+                await stream.close_write()
+
+            sending = asyncio.create_task(send())
+            received = early + await asyncio.wait_for(read_all(stream), 30)
+            await sending
+            await stream.aclose()
             assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
             for link in (laptop_link, server_link):
                 credentials = link.current.turn_credentials
