@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 import hmac
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -29,6 +29,8 @@ from cloudbridge_core.secretfile import write_secret
 from cloudbridge_core.tlsutil import KeyPair, generate_ca, issue_server_certificate
 
 NONCE_SIZE = 12
+#: peers whose DERP cipher is kept (more than p2p.max_connections, 100, allows by default)
+MAX_DERP_CIPHERS = 1024
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,11 @@ class DeviceIdentity:
     private_key: X25519PrivateKey
     ca: KeyPair  # what peers pin (published)
     server: KeyPair  # what the QUIC endpoint presents, signed by ``ca``
+    #: the DERP cipher of each peer: deriving its key (X25519 and HKDF) for every packet
+    #: cost more than sealing the packet
+    _derp_ciphers: dict[bytes, ChaCha20Poly1305] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @classmethod
     def create(cls, key_file: Path | None = None) -> DeviceIdentity:
@@ -67,15 +74,23 @@ class DeviceIdentity:
 
     def seal(self, peer_public_key: bytes, packet: bytes) -> bytes:
         nonce = os.urandom(NONCE_SIZE)
-        cipher = ChaCha20Poly1305(self.pair_key(peer_public_key, b"derp"))
-        return nonce + cipher.encrypt(nonce, packet, None)
+        return nonce + self._derp_cipher(peer_public_key).encrypt(nonce, packet, None)
 
     def open(self, peer_public_key: bytes, sealed: bytes) -> bytes:
-        cipher = ChaCha20Poly1305(self.pair_key(peer_public_key, b"derp"))
+        cipher = self._derp_cipher(peer_public_key)
         try:
             return cipher.decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], None)
         except (InvalidTag, ValueError):  # forged, or too short: either way not from that peer
             raise ProtocolViolation("a DERP packet failed authentication") from None
+
+    def _derp_cipher(self, peer_public_key: bytes) -> ChaCha20Poly1305:
+        cipher = self._derp_ciphers.get(peer_public_key)
+        if cipher is None:
+            if len(self._derp_ciphers) >= MAX_DERP_CIPHERS:
+                self._derp_ciphers.clear()
+            cipher = ChaCha20Poly1305(self.pair_key(peer_public_key, b"derp"))
+            self._derp_ciphers[peer_public_key] = cipher
+        return cipher
 
     def proof_for(self, peer_public_key: bytes) -> str:
         """What this device shows a peer to be let in: only it and the peer can make it."""
