@@ -20,7 +20,7 @@ import pytest
 from cloudbridge_core.errors import TransportClosed
 from cloudbridge_core.p2p.identity import DeviceIdentity
 from cloudbridge_core.p2p.session import PeerSession
-from cloudbridge_core.providers import PeerInfo, Session, Stream
+from cloudbridge_core.providers import PeerInfo, Session, Stream, Transport
 from cloudbridge_core.testing.conformance import (
     CHECKS,
     Handler,
@@ -145,7 +145,7 @@ class PeerSessionKit(TransportKit):
         self._path = path
 
     @staticmethod
-    def _no_transport() -> TransportKit:
+    def _no_transport() -> Transport:
         raise AssertionError("peer sessions have no transport to make")
 
     @contextlib.asynccontextmanager
@@ -160,7 +160,7 @@ class PeerSessionKit(TransportKit):
         server_path, client_path = await udp_paths(self._path)
         server.session.add_path(server_path)
         client.session.add_path(client_path)
-        served = asyncio.create_task(handler(server)) if handler is not None else None
+        served = asyncio.ensure_future(handler(server)) if handler is not None else None
         try:
             await client.session.wait_connected(10)
             accepted.put_nowait(server)
