@@ -36,6 +36,8 @@ class Pipe(Protocol):
 #: gets :data:`PREAUTH_HIGH_WATER` until it is authenticated (a security limit)
 HIGH_WATER = 1024 * 1024
 PREAUTH_HIGH_WATER = 64 * 1024
+#: how long a closing connection may take to send what is queued before it is cut off
+CLOSE_GRACE = 2.0
 
 
 class ProtocolPipe(asyncio.Protocol):
@@ -56,6 +58,7 @@ class ProtocolPipe(asyncio.Protocol):
         self._paused = False
         self._drained: asyncio.Future[None] | None = None
         self._writing_paused = False
+        self._lost = asyncio.Event()
         self.transport: asyncio.Transport | None = None
         #: the peer's IP address (the relay limits request rates per address too)
         self.peer_address: str | None = None
@@ -84,6 +87,7 @@ class ProtocolPipe(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._ended = True
         self._error = exc
+        self._lost.set()
         self._wake_reader()
         if self._drained is not None and not self._drained.done():
             self._drained.set_exception(exc or ConnectionResetError("connection lost"))
@@ -133,8 +137,16 @@ class ProtocolPipe(asyncio.Protocol):
                 self._drained = None
 
     async def aclose(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+        """Close once what is queued is sent (TLS: with its close_notify), waiting for the
+        connection to be gone; a peer that does not take it within :data:`CLOSE_GRACE`
+        is cut off (an unread socket must not keep the close waiting)."""
+        if self.transport is None:
+            return
+        self.transport.close()
+        try:
+            await asyncio.wait_for(self._lost.wait(), CLOSE_GRACE)
+        except TimeoutError:
+            self.transport.abort()
 
     def abort(self) -> None:
         if self.transport is not None:

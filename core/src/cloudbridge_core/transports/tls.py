@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import cast
 
 from cloudbridge_core.errors import (
     ConnectionTimeout,
@@ -13,8 +13,10 @@ from cloudbridge_core.errors import (
     TlsVerificationFailed,
     TransportError,
 )
+from cloudbridge_core.log import get_logger
 from cloudbridge_core.protocol.mux import MuxLimits
 from cloudbridge_core.providers import Endpoint, Session
+from cloudbridge_core.pump import abort, prepare
 from cloudbridge_core.transports.mux_session import (
     HIGH_WATER,
     PREAUTH_HIGH_WATER,
@@ -26,6 +28,12 @@ from cloudbridge_core.transports.serving import run_session_handler
 
 #: the TLS handshake's deadline when the endpoint has no pre-auth gate
 HANDSHAKE_TIMEOUT = 10.0
+#: connections the kernel queues for the listener
+LISTEN_BACKLOG = 1024
+#: the pause after a failed accept (out of descriptors): the backlog waits meanwhile
+ACCEPT_RETRY = 0.1
+
+log = get_logger("transport.tls")
 
 
 class TlsListener:
@@ -41,56 +49,70 @@ class TlsListener:
         self._limits = limits
         self._gate: PreauthGate | None = None
         self._tls: ssl.SSLContext | None = None
-        self._server: asyncio.Server | None = None
+        self._sockets: list[socket.socket] = []
+        self._acceptors: list[asyncio.Task[None]] = []
         #: every accepted connection's task, from the handshake to the session's end
         self._connections: set[asyncio.Task[None]] = set()
         self._sessions: set[MuxSession] = set()
 
     @property
     def port(self) -> int:
-        assert self._server is not None  # set by TlsTransport.serve before it returns
-        port: int = self._server.sockets[0].getsockname()[1]
+        assert self._sockets  # set by TlsTransport.serve before it returns
+        port: int = self._sockets[0].getsockname()[1]
         return port
 
     async def start(self, endpoint: Endpoint) -> None:
         self._gate = endpoint.preauth
         self._tls = endpoint.tls
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _TcpAccepted(self._accepted), endpoint.host, endpoint.port
-        )
+        # the listener accepts by itself (rather than loop.create_server): it admits a
+        # connection before any TLS, and hands it to TLS before any byte of it is read
+        self._sockets = await _listening_sockets(endpoint.host, endpoint.port)
+        self._acceptors = [loop.create_task(self._accept(sock)) for sock in self._sockets]
 
-    def _accepted(self, transport: asyncio.Transport) -> None:
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                connection, address = await loop.sock_accept(listener)
+            except OSError as exc:  # out of descriptors, or a connection reset in the backlog
+                log.warning("accept_failed", reason=exc.strerror or str(exc))
+                await asyncio.sleep(ACCEPT_RETRY)
+                continue
+            self._accepted(connection, address)
+
+    def _accepted(self, connection: socket.socket, address: object) -> None:
         """A TCP connection, before TLS: admitted within the caps, or dropped at once."""
         admission: Admission | None = None
         if self._gate is not None:
-            peer = transport.get_extra_info("peername")
-            admission = self._gate.admit(str(peer[0])) if isinstance(peer, tuple) else None
+            host = address[0] if isinstance(address, tuple) else None
+            admission = self._gate.admit(str(host)) if host is not None else None
             if admission is None:  # over a cap (counted by the gate) or already gone
-                transport.abort()
+                abort(connection)
                 return
-        task = asyncio.get_running_loop().create_task(self._serve(transport, admission))
+        task = asyncio.get_running_loop().create_task(self._serve(connection, admission))
         self._connections.add(task)
         task.add_done_callback(self._connections.discard)
 
-    async def _serve(self, transport: asyncio.Transport, admission: Admission | None) -> None:
+    async def _serve(self, connection: socket.socket, admission: Admission | None) -> None:
         assert self._tls is not None  # a relay listener always has its certificate
-        pipe = ProtocolPipe(HIGH_WATER if admission is None else PREAUTH_HIGH_WATER)
+        high_water = HIGH_WATER if admission is None else PREAUTH_HIGH_WATER
         timeout = HANDSHAKE_TIMEOUT if admission is None else max(admission.remaining(), 0.001)
+        pipe = ProtocolPipe(high_water)
         try:
-            secure = await asyncio.get_running_loop().start_tls(
-                transport, pipe, self._tls, server_side=True, ssl_handshake_timeout=timeout
+            # the pipe is taken from here, not from the result: uvloop returns its own
+            # SSL protocol there
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: pipe,
+                prepare(connection),
+                ssl=self._tls,
+                ssl_handshake_timeout=timeout,
             )
-        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             if admission is not None:
                 admission.expire() if isinstance(exc, TimeoutError) else admission.release()
-            transport.abort()
+            abort(connection)
             return
-        if secure is None:  # the connection was lost during the handshake
-            if admission is not None:
-                admission.release()
-            return
-        pipe.connection_made(secure)  # start_tls does not tell the protocol itself
         session = MuxSession(pipe, is_dialer=False, limits=self._limits, admission=admission)
         self._sessions.add(session)
         try:
@@ -99,29 +121,54 @@ class TlsListener:
             self._sessions.discard(session)
 
     async def aclose(self) -> None:
-        if self._server is None:
+        if not self._sockets:
             return
-        self._server.close()
+        for acceptor in self._acceptors:
+            acceptor.cancel()
+        await asyncio.gather(*self._acceptors, return_exceptions=True)
+        for sock in self._sockets:
+            sock.close()
+        self._sockets, self._acceptors = [], []
         for session in list(self._sessions):
             await session.aclose()
         connections = list(self._connections)
         for task in connections:
             task.cancel()
         await asyncio.gather(*connections, return_exceptions=True)
-        await self._server.wait_closed()
-        self._server = None
 
 
-class _TcpAccepted(asyncio.Protocol):
-    """A TCP connection just accepted: it waits, unread, for the listener's TLS handshake."""
-
-    def __init__(self, on_accepted: Callable[[asyncio.Transport], None]) -> None:
-        self._on_accepted = on_accepted
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        tcp = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport subclasses
-        tcp.pause_reading()  # the handshake reads from here on: no byte may land in this protocol
-        self._on_accepted(tcp)
+async def _listening_sockets(host: str, port: int) -> list[socket.socket]:
+    """Bound, listening, non-blocking sockets for every address of ``host`` (as
+    ``loop.create_server`` makes them: SO_REUSEADDR, IPv6 sockets IPv6-only); raises
+    ``OSError`` when one cannot be bound."""
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, resolved in dict.fromkeys(infos):
+            # port 0 asked: every address gets the port the first one got
+            address = (resolved[0], port, *resolved[2:]) if port else resolved
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                raise OSError(
+                    exc.errno,
+                    f"error while attempting to bind on address {address!r}: {exc.strerror}",
+                ) from None
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+            port = port or sock.getsockname()[1]  # one port for every address, as asked
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 class TlsTransport:
@@ -133,10 +180,11 @@ class TlsTransport:
     async def connect(self, endpoint: Endpoint) -> Session:
         where = f"{endpoint.host}:{endpoint.port}"
         loop = asyncio.get_running_loop()
+        pipe = ProtocolPipe()
         try:
-            _, pipe = await asyncio.wait_for(
+            await asyncio.wait_for(
                 loop.create_connection(
-                    ProtocolPipe,
+                    lambda: pipe,
                     endpoint.host,
                     endpoint.port,
                     ssl=endpoint.tls,
