@@ -76,10 +76,14 @@ async def _closed_by_relay(reader: asyncio.StreamReader, within: float) -> float
 
 async def _refused_at_accept(bed: Bed, source: str) -> None:
     """The relay drops a connection over a cap at its TCP accept, before any TLS."""
-    started = time.monotonic()
-    with pytest.raises((ConnectionError, ssl.SSLError)):
+
+    async def connect() -> None:
         _, writer = await asyncio.wait_for(_raw(bed, source=source), 1)
         writer.transport.abort()
+
+    started = time.monotonic()
+    with pytest.raises((ConnectionError, ssl.SSLError)):
+        await connect()
     assert time.monotonic() - started < 1
 
 
