@@ -9,6 +9,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
+from cloudbridge_core.accept import accept_forever
 from cloudbridge_core.client.connection import RelayConnection
 from cloudbridge_core.client.metrics import ClientMetrics
 from cloudbridge_core.errors import CloudBridgeError, LimitExceeded
@@ -142,7 +143,7 @@ class Tunnel:
         listener.setblocking(False)
         self._listener = listener
         self._port = listener.getsockname()[1]
-        self._acceptor = asyncio.create_task(self._accept_loop(listener))
+        self._acceptor = asyncio.create_task(accept_forever(listener, self._accepted))
 
     def retarget(self, spec: TunnelSpec) -> None:
         """Carry connections accepted from now on to ``spec``'s target; the listener and
@@ -159,13 +160,10 @@ class Tunnel:
             self._listener.close()
             self._listener = None
 
-    async def _accept_loop(self, listener: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            client, _ = await loop.sock_accept(listener)
-            task = asyncio.create_task(self._carry(prepare(client)))
-            self._handlers.add(task)
-            task.add_done_callback(self._handlers.discard)
+    def _accepted(self, client: socket.socket, _address: object) -> None:
+        task = asyncio.create_task(self._carry(prepare(client)))
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
 
     async def _carry(self, client: socket.socket) -> None:
         spec, buffer_size = self.spec, self.buffer_size  # a reload changes them for the next

@@ -8,6 +8,7 @@ import socket
 import time
 from typing import Any
 
+from cloudbridge_core.accept import accept_forever
 from cloudbridge_core.client.tunnel import TunnelStatistics
 from cloudbridge_core.errors import CloudBridgeError
 from cloudbridge_core.log import get_logger
@@ -37,15 +38,12 @@ class PeerTunnel:
         listener = socket.create_server((self.spec.local_host, self.spec.local_port), backlog=1024)
         listener.setblocking(False)
         self._listener = listener
-        self._acceptor = asyncio.create_task(self._accept_loop(listener))
+        self._acceptor = asyncio.create_task(accept_forever(listener, self._accepted))
 
-    async def _accept_loop(self, listener: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            client, _ = await loop.sock_accept(listener)
-            task = asyncio.create_task(self._carry(prepare(client)))
-            self._handlers.add(task)
-            task.add_done_callback(self._handlers.discard)
+    def _accepted(self, client: socket.socket, _address: object) -> None:
+        task = asyncio.create_task(self._carry(prepare(client)))
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
 
     async def _carry(self, client: socket.socket) -> None:
         stats = self.statistics

@@ -7,13 +7,13 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable
 
+from cloudbridge_core.accept import accept_forever
 from cloudbridge_core.errors import (
     ConnectionTimeout,
     ServerUnavailable,
     TlsVerificationFailed,
     TransportError,
 )
-from cloudbridge_core.log import get_logger
 from cloudbridge_core.protocol.mux import MuxLimits
 from cloudbridge_core.providers import Endpoint, Session
 from cloudbridge_core.pump import abort, prepare
@@ -30,10 +30,6 @@ from cloudbridge_core.transports.serving import run_session_handler
 HANDSHAKE_TIMEOUT = 10.0
 #: connections the kernel queues for the listener
 LISTEN_BACKLOG = 1024
-#: the pause after a failed accept (out of descriptors): the backlog waits meanwhile
-ACCEPT_RETRY = 0.1
-
-log = get_logger("transport.tls")
 
 
 class TlsListener:
@@ -68,18 +64,9 @@ class TlsListener:
         # the listener accepts by itself (rather than loop.create_server): it admits a
         # connection before any TLS, and hands it to TLS before any byte of it is read
         self._sockets = await _listening_sockets(endpoint.host, endpoint.port)
-        self._acceptors = [loop.create_task(self._accept(sock)) for sock in self._sockets]
-
-    async def _accept(self, listener: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                connection, address = await loop.sock_accept(listener)
-            except OSError as exc:  # out of descriptors, or a connection reset in the backlog
-                log.warning("accept_failed", reason=exc.strerror or str(exc))
-                await asyncio.sleep(ACCEPT_RETRY)
-                continue
-            self._accepted(connection, address)
+        self._acceptors = [
+            loop.create_task(accept_forever(sock, self._accepted)) for sock in self._sockets
+        ]
 
     def _accepted(self, connection: socket.socket, address: object) -> None:
         """A TCP connection, before TLS: admitted within the caps, or dropped at once."""
