@@ -86,6 +86,8 @@ def peers(tmp_path: Path, path: str, target_port: int) -> Iterator[PeerDeploymen
     env = environment(
         CLOUDBRIDGE_SERVER__LISTEN="127.0.0.1",
         CLOUDBRIDGE_LOGGING__LEVEL="warning",
+        # not the default 19302: another test's relay may still hold it
+        CLOUDBRIDGE_SERVER__STUN_PORT=str(free_port()),
         **{f"CLOUDBRIDGE_TRANSPORT__{name}__PORT": str(free_port()) for name in TRANSPORTS},
     )
     relay = start(
