@@ -95,11 +95,16 @@ class TlsListener:
                 ssl=self._tls,
                 ssl_handshake_timeout=timeout,
             )
-        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
-            if admission is not None:
-                admission.expire() if isinstance(exc, TimeoutError) else admission.release()
+        except BaseException as exc:  # a failed handshake (ssl.SSLError is an OSError), or
+            # the listener closing meanwhile: the socket is never left open
             abort(connection)
-            return
+            if admission is not None and isinstance(exc, TimeoutError):
+                admission.expire()
+            elif admission is not None:
+                admission.release()
+            if isinstance(exc, OSError | TimeoutError):
+                return
+            raise
         session = MuxSession(pipe, is_dialer=False, limits=self._limits, admission=admission)
         self._sessions.add(session)
         try:
