@@ -5,8 +5,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -24,10 +22,10 @@ from cloudbridge_core.p2p.metrics import P2PMetrics
 from cloudbridge_core.plugins import PluginSelection, load_plugins
 from cloudbridge_core.protocol import messages
 from cloudbridge_core.relay.turn import TurnIssuer
-from cloudbridge_core.testing.streams import read_all
 from coturn import coturn_with_secret
 from prometheus_client import CollectorRegistry
 from relaybed import BOTH, Bed, echo_server, run
+from test_p2p_loopback import sha256_round_trip
 
 pytestmark = pytest.mark.timeout(90)
 MESH = [*BOTH, "p2p:mesh"]
@@ -95,18 +93,8 @@ def test_peers_without_usable_static_turn_servers_meet_over_relay_issued_credent
             turn_member(bed, "server", [wrong], expose=(echo_port,)) as (_, server_link),
         ):
             await until(lambda: [p["path"] for p in laptop.status()] == ["turn"])
-            payload = os.urandom(1 << 20)
-            stream, early = await laptop.open("server", echo_port, 10)
-
-            async def send() -> None:
-                await stream.write(payload)
-                await stream.close_write()
-
-            sending = asyncio.create_task(send())
-            received = early + await asyncio.wait_for(read_all(stream), 30)
-            await sending
-            await stream.aclose()
-            assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+            sent, echoed = await sha256_round_trip(laptop, "server", echo_port, 1 << 20)
+            assert sent == echoed
             for link in (laptop_link, server_link):
                 credentials = link.current.turn_credentials
                 assert credentials is not None

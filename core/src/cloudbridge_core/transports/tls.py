@@ -95,14 +95,13 @@ class TlsListener:
                 ssl=self._tls,
                 ssl_handshake_timeout=timeout,
             )
-        except BaseException as exc:  # a failed handshake (ssl.SSLError is an OSError), or
-            # the listener closing meanwhile: the socket is never left open
+        except BaseException as exc:  # a failed handshake, or the listener closing
             abort(connection)
             if admission is not None and isinstance(exc, TimeoutError):
                 admission.expire()
             elif admission is not None:
                 admission.release()
-            if isinstance(exc, OSError | TimeoutError):
+            if isinstance(exc, OSError):  # TimeoutError and ssl.SSLError are OSErrors
                 return
             raise
         session = MuxSession(pipe, is_dialer=False, limits=self._limits, admission=admission)
