@@ -15,6 +15,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ TRANSPORTS = [
 ]
 WSTUNNEL = Path(__file__).parent / "wstunnel" / "node_modules" / ".bin" / "wstunnel"
 SSHD = "/usr/sbin/sshd"
+ENGINE = Path(__file__).with_name("quic_engine.py")
 
 
 @dataclass
@@ -198,6 +200,48 @@ def namespace(mtu: int) -> Iterator[Namespace]:
             os.kill(int(pid), signal.SIGKILL)
         subprocess.run(["ip", "link", "del", host_link], capture_output=True, check=False)
         subprocess.run(["ip", "netns", "del", space.name], capture_output=True, check=False)
+
+
+@dataclass
+class Engine:
+    """The QUIC engine alone across a link: a bare server (quic_engine.py) in the namespace,
+    measured by running the same script's client here."""
+
+    name: str
+    host: str
+    port: int
+    #: the server's process (the client's CPU comes from its own report)
+    pids: list[int]
+    #: the engine's settings, as the peer session's on this path
+    options: list[str]
+
+    def client(self, megabytes: int, timeout: float) -> list[str]:
+        return [
+            *(sys.executable, str(ENGINE), "run", self.host, str(self.port), *self.options),
+            *("--megabytes", str(megabytes), "--timeout", str(timeout)),
+        ]
+
+
+@contextmanager
+def quic_engine(space: Namespace) -> Iterator[Engine]:
+    """aioquic's own rate across the link, with the datagram size and receive windows a
+    peer session uses there (issue 15 holds a peer on a UDP-only path to it)."""
+    # the peer session's settings, read where they are defined (imports aioquic and aioice)
+    from cloudbridge_core.p2p.session import (  # noqa: PLC0415
+        CONNECTION_WINDOW,
+        DIRECT_CEILING,
+        STREAM_WINDOW,
+    )
+    from cloudbridge_core.quic.pmtu import path_payload_size  # noqa: PLC0415
+
+    port = free_port()  # the namespace's ports are all free; any number will do there
+    options = [
+        *("--datagram-size", str(path_payload_size((space.address, port), DIRECT_CEILING))),
+        *("--stream-window", str(STREAM_WINDOW), "--connection-window", str(CONNECTION_WINDOW)),
+    ]
+    command = [sys.executable, str(ENGINE), "serve", space.address, str(port), *options]
+    with started(space.command(command), "ready") as server:
+        yield Engine("quic-engine", space.address, port, [server.pid], options)
 
 
 @dataclass

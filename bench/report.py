@@ -126,6 +126,14 @@ GOALS = [
         paths=("mtu1500-peer",),
     ),
     Goal(
+        "peer tunnel bulk >= 1.0x the QUIC engine, 1,500-byte MTU",
+        tuple(BULK),
+        "mtu1500-quic-engine",
+        operator.ge,
+        1.0,
+        paths=("mtu1500-peer",),
+    ),
+    Goal(
         "bulk >= 1.5x wstunnel",
         tuple(BULK),
         "wstunnel",
@@ -226,6 +234,7 @@ COMPARISONS: list[tuple[str, tuple[str, ...] | None, str, list[str] | None]] = [
     ("wstunnel", ("cloudbridge-websocket",), "WebSocket transport to wstunnel", None),
     ("cloudbridge-grpc", ("cloudbridge-quic",), "QUIC transport to gRPC", None),
     ("cloudbridge-tls", ("peer",), "Peer tunnel (direct path) to the relayed TLS tunnel", None),
+    ("quic-engine", ("peer",), "Peer tunnel to the QUIC engine alone (same datagram size)", None),
 ]
 
 

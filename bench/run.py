@@ -15,6 +15,9 @@ holds a second target and relay; needs root and iproute2):
 
     mtu1500-socat           socat here -> the target there
     mtu1500-cloudbridge-T   a tunnel here over transport T through the relay there
+    mtu1500-quic-engine     the QUIC engine alone (quic_engine.py: aioquic with the peer
+                            session's datagram size and windows, a bare client here and
+                            server there): bulk on 1 and 8 streams, CPU per GiB
     mtu1500-peer            a peer tunnel (`tunnel --remote-peer`, p2p-only) here to a peer
                             there (`cloudbridge p2p`) exposing the target, on the direct path
 
@@ -25,9 +28,9 @@ per idle connection (PSS of the forwarder's processes with N idle connections op
 before, divided by N); CPU seconds per GiB (user+sys of the forwarder's processes over the
 1- and 8-connection bulk runs, divided by the GiB they moved). Then ratio tables per group
 (loopback, mtu1500): to socat, to ssh -L (bulk), the WebSocket transport to wstunnel, QUIC
-to gRPC, the peer tunnel to the relayed TLS tunnel; and issue 15's goals, met or not. Then
-the floods of floods.py (part "floods"): what a hostile stranger or tenant costs a bystander.
-docs/performance.md says how each figure is taken.
+to gRPC, the peer tunnel to the relayed TLS tunnel and to the QUIC engine; and issue 15's
+goals, met or not. Then the floods of floods.py (part "floods"): what a hostile stranger
+or tenant costs a bystander. docs/performance.md says how each figure is taken.
 
     ./dev bench                              everything (about 5 minutes on 2 cores)
     ./dev bench --only socat,ssh,tls         some paths, or parts: references, relayed,
@@ -80,6 +83,7 @@ PARTS = {
     "mtu1500": [
         f"{MTU}socat",
         *(f"{MTU}cloudbridge-{t}" for t in paths.TRANSPORTS),
+        f"{MTU}quic-engine",
         f"{MTU}peer",
     ],
 }
@@ -146,6 +150,27 @@ def measure(forwarder: paths.Forwarder, args: argparse.Namespace, errors: list[s
     return figures
 
 
+def measure_engine(engine: paths.Engine, args: argparse.Namespace) -> Figures:
+    """The QUIC engine's bulk figures (one connection: 1 stream, then 8 sharing it) and its
+    CPU per GiB (the server's, read here, and the client's, as it reports it)."""
+    note(f"{engine.name}: bulk up and down, 1 and 8 streams")
+    before = cpu_seconds(engine.pids)
+    run = subprocess.run(
+        engine.client(args.megabytes, args.timeout),
+        capture_output=True,
+        text=True,
+        timeout=len(BULK) * args.timeout + 30,
+        check=False,
+    )
+    if run.returncode != 0:
+        raise RuntimeError(f"the engine's client failed: {run.stderr.strip()[-500:]}")
+    found = json.loads(run.stdout)
+    figures: Figures = {key: found[key] for key in BULK}
+    cpu = cpu_seconds(engine.pids) - before + found["client_cpu_seconds"]
+    figures["cpu_seconds_per_gib"] = cpu / (found["moved_bytes"] / GIB)
+    return figures
+
+
 def selected(only: str | None, quick: bool) -> list[str]:
     every = [*REFERENCES, *PARTS["relayed"], *PARTS["mtu1500"], "floods"]
     if only is None:
@@ -183,7 +208,7 @@ class Bed:
         self._relay: paths.Relay | None = None
         self._far: tuple[paths.Namespace, int, paths.Relay | None] | None = None
 
-    def start(self, name: str) -> AbstractContextManager[paths.Forwarder]:
+    def start(self, name: str) -> AbstractContextManager[paths.Forwarder | paths.Engine]:
         if name.startswith(MTU):
             return self._start_far(name.removeprefix(MTU))
         if name in REFERENCE_PATHS:
@@ -193,7 +218,7 @@ class Bed:
         transport = name.removeprefix("cloudbridge-")
         return paths.cloudbridge(self._relay, transport, self.target, self.connections)
 
-    def _start_far(self, name: str) -> AbstractContextManager[paths.Forwarder]:
+    def _start_far(self, name: str) -> AbstractContextManager[paths.Forwarder | paths.Engine]:
         if self._far is None:
             space = self.stack.enter_context(paths.namespace(mtu=1500))
             target = free_port()
@@ -204,6 +229,8 @@ class Bed:
         space, target, relay = self._far
         if name == "socat":
             return paths.socat(target, host=space.address)
+        if name == "quic-engine":
+            return paths.quic_engine(space)
         if relay is None:
             relay = self.stack.enter_context(paths.relay(space))
             self._far = (space, target, relay)
@@ -230,7 +257,11 @@ def run_paths(
                 try:
                     with bed.start(name) as forwarder:
                         forwarder.name = name
-                        figures = measure(forwarder, args, errors.setdefault(name, []))
+                        figures = (
+                            measure_engine(forwarder, args)
+                            if isinstance(forwarder, paths.Engine)
+                            else measure(forwarder, args, errors.setdefault(name, []))
+                        )
                 except Unavailable as reason:
                     skipped[name] = str(reason)
                 except (OSError, RuntimeError) as error:

@@ -6,8 +6,10 @@ socat and the TLS transport completes and reports every figure, ratio and goal i
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +30,12 @@ FIGURES = {
     "rtt_p99_seconds",
     "setup_per_second",
 }
+BULK = [
+    "bulk_up_1_bytes_per_second",
+    "bulk_down_1_bytes_per_second",
+    "bulk_up_8_bytes_per_second",
+    "bulk_down_8_bytes_per_second",
+]
 #: what a path with a forwarder adds (direct TCP has none)
 COSTS = {"idle_bytes_per_connection", "cpu_seconds_per_gib"}
 
@@ -64,3 +72,53 @@ def test_a_quick_run_reports_every_figure_ratio_and_goal(tmp_path: Path) -> None
     assert len(report["commit"]) == 40
     for heading in ("Figures", "Ratio to socat", "Goals (issue 15)"):
         assert heading in run.stdout
+
+
+def test_the_quic_engine_moves_every_run_and_reports_it() -> None:
+    """bench/quic_engine.py, the peer path's reference across the MTU-1500 link, on loopback."""
+    engine = ROOT / "bench" / "quic_engine.py"
+    with socket.socket(type=socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    with subprocess.Popen(
+        [sys.executable, str(engine), "serve", "127.0.0.1", port],
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as server:
+        try:
+            assert server.stdout is not None
+            assert "ready" in server.stdout.readline()
+            run = subprocess.run(
+                [sys.executable, str(engine), "run", "127.0.0.1", port, "--megabytes", "2"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+        finally:
+            server.terminate()
+    assert run.returncode == 0, run.stderr
+    figures = json.loads(run.stdout)
+    # four runs of 2 MiB each: up and down, on one stream and on eight
+    assert figures["moved_bytes"] == 4 * 2 * 1024 * 1024
+    assert all(figures[key] > 0 for key in BULK)
+
+
+def test_the_peer_tunnel_is_held_to_the_quic_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "bench" / "report.py")
+    assert spec is not None
+    assert spec.loader is not None
+    report = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, report)  # its dataclasses look themselves up
+    spec.loader.exec_module(report)
+    engine = dict.fromkeys(BULK, 10e6) | {"cpu_seconds_per_gib": 60.0}
+    peer = dict.fromkeys(BULK, 12e6) | {"cpu_seconds_per_gib": 70.0}
+    peer["bulk_down_8_bytes_per_second"] = 5e6
+    results = {"mtu1500-quic-engine": engine, "mtu1500-peer": peer}
+
+    (goal,) = report.goals(results, 64)
+    assert goal["path"] == "mtu1500-peer"
+    assert goal["value"] == pytest.approx(0.5)  # the worst of the four bulk ratios
+    assert not goal["met"]
+    text = report.render(results, {}, {}, 64)
+    assert "Peer tunnel to the QUIC engine alone" in text
