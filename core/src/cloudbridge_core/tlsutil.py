@@ -78,8 +78,11 @@ def generate_ca(common_name: str, *, days: int = 3650) -> KeyPair:
     return KeyPair(certificate.public_bytes(serialization.Encoding.PEM), _key_pem(key))
 
 
-def issue_server_certificate(ca: KeyPair, hostnames: list[str], *, days: int = 825) -> KeyPair:
-    """A server certificate for ``hostnames`` (names or IP addresses), signed by ``ca``."""
+def issue_server_certificate(
+    ca: KeyPair, hostnames: list[str], *, days: int = 825, client_auth: bool = False
+) -> KeyPair:
+    """A server certificate for ``hostnames`` (names or IP addresses), signed by ``ca``;
+    with ``client_auth`` it may also authenticate a TLS client (a peer dialing a peer)."""
     ca_certificate = x509.load_pem_x509_certificate(ca.certificate)
     ca_key = serialization.load_pem_private_key(ca.key, password=None)
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
@@ -91,6 +94,9 @@ def issue_server_certificate(ca: KeyPair, hostnames: list[str], *, days: int = 8
             names.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
             names.append(x509.DNSName(host))
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH]
+    if client_auth:
+        usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
     now = datetime.datetime.now(datetime.UTC)
     certificate = (
         x509.CertificateBuilder()
@@ -101,7 +107,7 @@ def issue_server_certificate(ca: KeyPair, hostnames: list[str], *, days: int = 8
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
@@ -112,6 +118,12 @@ def server_context(pair: KeyPair) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     context.set_alpn_protocols([ALPN])
+    load_key_pair(context, pair)
+    return context
+
+
+def load_key_pair(context: ssl.SSLContext, pair: KeyPair) -> None:
+    """Make ``context`` present ``pair`` (as a server, or as a client asked for one)."""
     # the ssl module loads keys only from files; the directory is private and short-lived
     with tempfile.TemporaryDirectory() as directory:
         certificate, key = Path(directory, "cert.pem"), Path(directory, "key.pem")
@@ -119,7 +131,6 @@ def server_context(pair: KeyPair) -> ssl.SSLContext:
         key.touch(mode=0o600)
         key.write_bytes(pair.key)
         context.load_cert_chain(certificate, key)
-    return context
 
 
 def client_context(ca_certificate: bytes | None = None) -> ssl.SSLContext:

@@ -1,5 +1,5 @@
 """This device's identity in the mesh: an X25519 key that names it (DERP addresses
-packets to it and seals them with it) and the certificate its QUIC endpoint presents.
+packets to it and seals them with it) and the certificate its QUIC and TCP endpoints present.
 
 The X25519 key is kept in a 0600 file so the device keeps its peer id across restarts;
 the certificate is made at each start and published through the relay, which is what
@@ -37,7 +37,8 @@ MAX_DERP_CIPHERS = 1024
 class DeviceIdentity:
     private_key: X25519PrivateKey
     ca: KeyPair  # what peers pin (published)
-    server: KeyPair  # what the QUIC endpoint presents, signed by ``ca``
+    #: what the QUIC endpoint and both ends of a TCP path present, signed by ``ca``
+    server: KeyPair
     #: the DERP cipher of each peer: deriving its key (X25519 and HKDF) for every packet
     #: cost more than sealing the packet
     _derp_ciphers: dict[bytes, ChaCha20Poly1305] = field(
@@ -51,7 +52,8 @@ class DeviceIdentity:
         public = base64.b64encode(private_key.public_key().public_bytes_raw()).decode()
         peer_id = peer_id_of(public)
         ca = generate_ca(f"cloudbridge peer {peer_id}", days=30)
-        return cls(private_key, ca, issue_server_certificate(ca, [server_name(peer_id)], days=30))
+        server = issue_server_certificate(ca, [server_name(peer_id)], days=30, client_auth=True)
+        return cls(private_key, ca, server)
 
     @property
     def public_key(self) -> str:

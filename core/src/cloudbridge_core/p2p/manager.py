@@ -1,9 +1,12 @@
 """The peers of this device: a QUIC session with each, over the best path the NAT
-strategies found, kept up (heartbeats, fallback) and upgraded (retrying better paths).
+strategies found, kept up (heartbeats, fallback) and upgraded (retrying better paths);
+and, where one of the two can reach the other over TCP, a TCP path that carries their
+streams while it lasts (:mod:`cloudbridge_core.p2p.tcp`; not in ``relay-only`` mode).
 
 The controlling peer of a pair (the lower peer id) starts every attempt: it sends
-``begin`` for attempt N of a strategy, and both sides then run that strategy with the
-signalling of attempt N. The other side only follows, so the two never race.
+``begin`` for attempt N of a strategy (or of the TCP path, kind ``tcp``), and both sides
+then run it with the signalling of attempt N. The other side only follows, so the two
+never race.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import contextlib
 import datetime
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -29,6 +32,8 @@ from cloudbridge_core.p2p.metrics import P2PMetrics
 from cloudbridge_core.p2p.session import RANK, PeerSession
 from cloudbridge_core.p2p.setup import MODES
 from cloudbridge_core.p2p.streams import accept_peer_stream, open_peer_stream
+from cloudbridge_core.p2p.tcp import KIND as TCP
+from cloudbridge_core.p2p.tcp import PeerTcpListener, TcpAttempt, TcpLink
 from cloudbridge_core.plugins import Plugins
 from cloudbridge_core.providers import NatStrategy, PeerInfo, Stream
 from cloudbridge_core.settings import P2PSettings
@@ -80,6 +85,8 @@ class PeerState:
     attempts: dict[str, Attempt] = field(default_factory=dict)
     channels: dict[tuple[str, int], AttemptChannel] = field(default_factory=dict)
     numbers: int = 0
+    #: the TCP path attempt under way, which takes the connections the peer dials
+    tcp_attempt: TcpAttempt | None = None
 
     @property
     def key(self) -> bytes:
@@ -88,7 +95,10 @@ class PeerState:
 
 class PeerManager:
     """The mesh as this device sees it. ``expose`` is the set of local ports peers may
-    reach (``p2p.expose``); :meth:`apply` takes a reloaded ``p2p`` section."""
+    reach (``p2p.expose``); :meth:`apply` takes a reloaded ``p2p`` section.
+    ``tcp_addresses`` are the addresses peers are told to dial for the TCP path (default:
+    this machine's, as ICE offers them); ``tcp`` turns that path on or off (default: on
+    unless ``relay-only``)."""
 
     def __init__(
         self,
@@ -99,6 +109,8 @@ class PeerManager:
         expose: set[int],
         mode: str = "p2p-first",
         metrics: P2PMetrics | None = None,
+        tcp_addresses: Sequence[str] | None = None,
+        tcp: bool | None = None,
     ) -> None:
         self._connect_timeout = config.settings.relay.connect_timeout
         self._identity = identity
@@ -111,8 +123,23 @@ class PeerManager:
         self.membership = Membership(link, identity, name, self._peers_changed, self._signalled)
         self.peers: dict[str, PeerState] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._tcp_enabled = mode != "relay-only" if tcp is None else tcp
+        self.tcp_listener: PeerTcpListener | None = None
+        if self._tcp_enabled:
+            self.tcp_listener = PeerTcpListener(
+                identity,
+                lambda: [state.info for state in self.peers.values()],
+                self._tcp_verified,
+                tcp_addresses,
+            )
 
     async def start(self) -> None:
+        if self.tcp_listener is not None:
+            try:
+                await self.tcp_listener.start()
+            except OSError as error:  # peers may still reach it by its own dials
+                log.warning("peer_tcp_not_listening", reason=error.strerror or str(error))
+                self.tcp_listener = None
         await self.membership.start(self._connect_timeout)
         self._spawn(self._keep_up())
         self._spawn(self._discover())
@@ -146,6 +173,8 @@ class PeerManager:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(p.session.aclose() for p in self.peers.values()))
         self.peers.clear()
+        if self.tcp_listener is not None:
+            await self.tcp_listener.aclose()
         await self.membership.aclose()
 
     # ---- what the rest of the client uses ----
@@ -170,7 +199,13 @@ class PeerManager:
         state = self.find(name)
         await state.session.wait_connected(within)
         rtt = await state.session.ping(within)
-        return {"peer": state.info.name, "path": state.session.current, "rtt_ms": rtt * 1000}
+        # measured over the QUIC session, which stays up beside a TCP path
+        return {
+            "peer": state.info.name,
+            "path": state.session.current,
+            "protocol": "quic",
+            "rtt_ms": rtt * 1000,
+        }
 
     def status(self) -> list[dict[str, Any]]:
         return [self._document(state) for state in self.peers.values()]
@@ -179,7 +214,7 @@ class PeerManager:
         """Why a peer is on the path it is on: each strategy's last attempt and what's next."""
         state = self.find(name)
         session = state.session
-        direct = session.current in ("direct", "stun")
+        direct = session.path in ("direct", "stun")
         return {
             **self._document(state),
             "controlling": state.controlling,
@@ -230,18 +265,24 @@ class PeerManager:
         if controlling:
             for name, _ in self.strategies:
                 self._spawn(self._begin(state, name))
+            if self._tcp_enabled:
+                self._spawn(self._begin(state, TCP))
         return state
 
     def _signalled(self, peer_id: str, kind: str, body: Mapping[str, Any]) -> None:
         state = self.peers.get(peer_id)
         strategy = dict(self.strategies).get(kind)
         number = body.get("attempt")
-        if state is None or strategy is None or not isinstance(number, int):
+        known = strategy is not None or (kind == TCP and self._tcp_enabled)
+        if state is None or not known or not isinstance(number, int):
             log.debug("signal_ignored", peer_id=peer_id, kind=kind)
             return
         if body.get("begin") and not state.controlling:
             channel = self._channel(state, kind, number)
-            self._spawn(self._run(state, kind, strategy, channel))
+            if strategy is None:
+                self._spawn(self._run_tcp(state, channel))
+            else:
+                self._spawn(self._run(state, kind, strategy, channel))
             return
         waiting = state.channels.get((kind, number))
         if waiting is not None and isinstance(body.get("data"), Mapping):
@@ -269,7 +310,10 @@ class PeerManager:
         except CloudBridgeError as error:
             state.attempts[name] = Attempt(name, number, "failed", error=error.message)
             return
-        await self._run(state, name, dict(self.strategies)[name], channel)
+        if name == TCP:
+            await self._run_tcp(state, channel)
+        else:
+            await self._run(state, name, dict(self.strategies)[name], channel)
 
     async def _run(
         self, state: PeerState, name: str, strategy: NatStrategy, channel: AttemptChannel
@@ -301,6 +345,59 @@ class PeerManager:
         state.session.add_path(path)
         self._path_moved(state, before)
 
+    async def _run_tcp(self, state: PeerState, channel: AttemptChannel) -> None:
+        attempt = Attempt(TCP, channel.attempt)
+        state.attempts[TCP] = attempt
+        if self.metrics is not None:
+            self.metrics.attempts.labels(TCP).inc()
+        runner = TcpAttempt(self._identity, state.info, channel, self.tcp_listener)
+        state.tcp_attempt = runner
+        try:
+            link = await asyncio.wait_for(runner.run(), ATTEMPT_TIMEOUT)
+        except (CloudBridgeError, OSError, TimeoutError) as error:
+            attempt.state, attempt.ended_at = "failed", time.time()
+            attempt.error = str(error) or f"no TCP path within {ATTEMPT_TIMEOUT:g}s"
+            log.info(
+                "path_attempt_failed", peer=state.info.name, strategy=TCP, reason=attempt.error
+            )
+            return
+        finally:
+            if state.tcp_attempt is runner:
+                state.tcp_attempt = None
+            state.channels.pop((TCP, channel.attempt), None)
+        attempt.state, attempt.ended_at = "established", time.time()
+        attempt.details = {"kind": "direct", "endpoint": link.endpoint, "dialed": link.dialed}
+        if self.metrics is not None:
+            self.metrics.successes.labels(TCP).inc()
+            self.metrics.path_changes.inc()
+        if self.peers.get(state.info.peer_id) is not state:  # the peer left meanwhile
+            await link.aclose()
+            return
+        state.session.attach_tcp(link)
+
+    def _tcp_verified(self, peer: PeerInfo, link: TcpLink) -> None:
+        """A connection the peer dialed, its certificate verified: for the attempt under way."""
+        state = self.peers.get(peer.peer_id)
+        attempt = state.tcp_attempt if state is not None else None
+        if attempt is None or not attempt.offer(link):
+            link.abort()
+
+    def _tcp_due(self, state: PeerState) -> bool:
+        """A new TCP attempt: at once after a TCP path ended, else after a failed one
+        every ``upgrade_interval`` (a peer that never answers is an older client)."""
+        if not self._tcp_enabled or state.session.protocol == "tcp":
+            return False
+        attempt = state.attempts.get(TCP)
+        if attempt is None:
+            return True
+        if attempt.state == "trying":
+            return False
+        ended = attempt.ended_at or attempt.started_at
+        lost = state.session.tcp_lost_at
+        if lost is not None and lost >= ended:
+            return True
+        return time.time() - ended >= self.settings.upgrade_interval
+
     def _path_moved(self, state: PeerState, before: str | None) -> None:
         if state.session.current != before:
             state.session.transmit()
@@ -327,6 +424,8 @@ class PeerManager:
                     for name, _ in self.strategies:
                         if self._due(state, name):
                             self._spawn(self._begin(state, name))
+                    if self._tcp_due(state):
+                        self._spawn(self._begin(state, TCP))
             if self.metrics is not None:
                 self.metrics.observe(self.peers.values())
 
@@ -373,12 +472,12 @@ class PeerManager:
 
     def _document(self, state: PeerState) -> dict[str, Any]:
         session = state.session
-        current = session.current
         seen = session.last_seen
         return {
             "name": state.info.name,
             "peer_id": state.info.peer_id,
-            "path": current,
+            "path": session.path,
+            "protocol": session.protocol,
             "endpoint": session.endpoint,
             "connected": session.connected,
             "rtt_ms": round(session.rtt_seconds * 1000, 3) if session.rtt_seconds else None,
@@ -392,7 +491,7 @@ class PeerManager:
 def _holds_without_relay(state: PeerState) -> bool:
     """A peer gone from the relay's list (its relay session dropped, or ours) is kept while
     a path that does not go through the relay still carries its session."""
-    return state.session.connected and state.session.current not in (None, "derp")
+    return state.session.connected and state.session.path not in (None, "derp")
 
 
 def _strategies(config: Config, plugins: Plugins, mode: str) -> list[tuple[str, NatStrategy]]:
@@ -428,9 +527,9 @@ def _timestamp(seconds: float | None) -> str | None:
 
 
 def _summary(state: PeerState) -> str:
-    current = state.session.current
+    current = state.session.path
     if current in ("direct", "stun"):
-        return f"direct: {current} path"
+        return f"direct: {current} path over {state.session.protocol}"
     failed = [a for a in state.attempts.values() if a.state == "failed"]
     reasons = "; ".join(f"{a.strategy}: {a.error}" for a in failed) or "no attempt has failed"
     on = current or "no path"

@@ -53,7 +53,7 @@ class P2PMetrics:
         counts = dict.fromkeys((*RANK, "none"), 0)
         sent = received = 0
         for state in peers:
-            counts[state.session.current or "none"] += 1
+            counts[state.session.path or "none"] += 1
             sent += state.session.bytes_sent
             received += state.session.bytes_received
         for path, count in counts.items():

@@ -8,6 +8,10 @@ the session and to the tunnels on it (QUIC retransmits what the old path lost).
 The controlling peer (the lower peer id) is the QUIC client and pins the other's
 certificate, published through the relay; streams start with a ``peer_open`` header whose
 proof only the two peers can make.
+
+Where one peer can reach the other over TCP, a TCP+TLS connection (:mod:`.tcp`) carries
+new streams instead, on the core's multiplexer; QUIC stays up beside it, and carries new
+streams again as soon as that connection ends (its streams are reset).
 """
 
 from __future__ import annotations
@@ -26,13 +30,16 @@ from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
 from aioquic.tls import load_pem_private_key, load_pem_x509_certificates
 
-from cloudbridge_core.errors import P2PConnectionFailed, TransportError
+from cloudbridge_core.errors import P2PConnectionFailed, TransportClosed, TransportError
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.p2p.identity import DeviceIdentity, server_name
+from cloudbridge_core.p2p.tcp import TcpLink
+from cloudbridge_core.protocol.mux import MuxLimits
 from cloudbridge_core.providers import PeerInfo, PeerPath, Stream
 from cloudbridge_core.quic.flow import bound
 from cloudbridge_core.quic.pmtu import path_payload_size
 from cloudbridge_core.quic.session import QuicSession
+from cloudbridge_core.transports.mux_session import MuxSession
 
 log = get_logger("p2p.session")
 
@@ -120,7 +127,14 @@ class PeerSession:
         self._sender = asyncio.get_running_loop().create_task(self._send())
         self._tasks: set[asyncio.Task[None]] = set()  # held: the loop keeps only weak refs
         self._protocol: _PeerQuicSession | None = None
-        self._connected = asyncio.Event()
+        self._connected = asyncio.Event()  # the QUIC session
+        #: the QUIC session, or a TCP path, is up
+        self._usable = asyncio.Event()
+        self._tcp: MuxSession | None = None
+        self._tcp_link: TcpLink | None = None
+        #: when the last TCP path ended (the controlling peer then tries again at once)
+        self.tcp_lost_at: float | None = None
+        #: the QUIC session's path (the TCP path, when up, is :attr:`path`)
         self.current: str | None = None
         self.last_seen: float | None = None
         self.rtt_seconds: float | None = None
@@ -136,8 +150,64 @@ class PeerSession:
 
     @property
     def endpoint(self) -> str | None:
+        """Where the carrying connection goes: the peer's TCP endpoint or QUIC path's."""
+        if self._tcp_link is not None:
+            return self._tcp_link.endpoint
         path = self._paths.get(self.current) if self.current else None
         return path.endpoint if path else None
+
+    @property
+    def path(self) -> str | None:
+        """The path that carries new streams: ``direct`` on a TCP path, else QUIC's."""
+        return "direct" if self._tcp is not None else self.current
+
+    @property
+    def protocol(self) -> str | None:
+        """What carries new streams: ``tcp``, ``quic``, or None while nothing is up."""
+        if self._tcp is not None:
+            return "tcp"
+        return "quic" if self._connected.is_set() else None
+
+    # ---- the TCP path ----
+
+    def attach_tcp(self, link: TcpLink) -> None:
+        """Carry new streams over ``link`` (a chosen TCP connection), until it ends."""
+        old, before = self._tcp, self.path
+        session = MuxSession(link, is_dialer=link.dialed, limits=MuxLimits())
+        link.count = self._count
+        self._tcp, self._tcp_link = session, link
+        self._changed(before, "direct", "tcp", "tcp path established")
+        log.info("tcp_path_up", peer=self.peer.name, endpoint=link.endpoint, dialed=link.dialed)
+        self._usable.set()
+        self._spawn(self._serve_tcp(session))
+        if old is not None:
+            self._spawn(old.aclose())
+
+    def _changed(self, before: str | None, after: str | None, protocol: str, why: str) -> None:
+        change = {"at": time.time(), "from": before, "to": after, "reason": why}
+        self.changes.append({**change, "protocol": protocol})
+
+    def _count(self, sent: int, received: int) -> None:
+        self.bytes_sent += sent
+        self.bytes_received += received
+        if received:
+            self.last_seen = time.time()
+
+    async def _serve_tcp(self, session: MuxSession) -> None:
+        try:
+            while True:
+                self._spawn(self._serve(await session.accept_stream()))
+        except TransportError:  # the connection ended: its streams were reset
+            pass
+        finally:
+            if self._tcp is session:
+                self._tcp, self._tcp_link = None, None
+                self.tcp_lost_at = time.time()
+                if not self._connected.is_set():
+                    self._usable.clear()
+                self._changed("direct", self.current, "quic", "tcp path ended")
+                log.info("tcp_path_lost", peer=self.peer.name)
+            await session.aclose()
 
     def add_path(self, path: PeerPath) -> None:
         """Take a path a strategy established; the best working one carries the session."""
@@ -309,6 +379,7 @@ class PeerSession:
         with contextlib.suppress(ConnectionError):
             await protocol.wait_connected()
             self._connected.set()
+            self._usable.set()
             log.info("peer_connected", peer=self.peer.name, path=self.current)
         with contextlib.suppress(P2PConnectionFailed):  # status shows an RTT from the start
             await self.ping(FIRST_PING_TIMEOUT)
@@ -325,7 +396,7 @@ class PeerSession:
 
     async def wait_connected(self, within: float) -> None:
         try:
-            await asyncio.wait_for(self._connected.wait(), within)
+            await asyncio.wait_for(self._usable.wait(), within)
         except TimeoutError:
             paths = ", ".join(self.paths) or "none yet"
             raise P2PConnectionFailed(
@@ -334,17 +405,24 @@ class PeerSession:
 
     @property
     def connected(self) -> bool:
-        return self._connected.is_set()
+        """The QUIC session or a TCP path is up."""
+        return self._usable.is_set()
 
     async def open_stream(self) -> Stream:
-        """A new stream to the peer; raises ``TransportClosed`` once the session has ended."""
-        assert self._protocol is not None  # wait_connected() came first
+        """A new stream to the peer, on the TCP path when one is up; raises
+        ``TransportClosed`` once the session has ended."""
+        tcp = self._tcp
+        if tcp is not None and not tcp.is_closed:
+            with contextlib.suppress(TransportClosed):  # it ended meanwhile: QUIC then
+                return await tcp.open_stream()
+        if self._protocol is None:
+            raise TransportClosed(f"no session with {self.peer.name}")
         return await self._protocol.open_stream()
 
     async def ping(self, within: float) -> float:
         """The round-trip time over the current path; a silent path is marked failed."""
-        if self._protocol is None or not self.connected:
-            raise P2PConnectionFailed(f"no session with {self.peer.name} yet")
+        if self._protocol is None or not self._connected.is_set():
+            raise P2PConnectionFailed(f"no QUIC session with {self.peer.name} yet")
         kind = self.current
         started = time.perf_counter()
         try:
@@ -362,8 +440,10 @@ class PeerSession:
             self._protocol.transmit()
 
     async def aclose(self) -> None:
-        """Close the QUIC connection (its streams fail: their pumps reset their sockets),
-        then the paths."""
+        """Close the TCP path and the QUIC connection (their streams fail: their pumps
+        reset their sockets), then the paths."""
+        if self._tcp is not None:
+            await self._tcp.aclose()
         if self._protocol is not None:
             await self._protocol.aclose()
         self._sender.cancel()

@@ -1,0 +1,242 @@
+"""The TCP+TLS direct path between peers (issue 15), on loopback through an in-process
+relay: it carries peer streams when one peer can reach the other, even if only one can;
+a certificate no known peer issued is refused; and a TCP connection killed mid-transfer
+resets the application's connection, after which the next one works.
+
+The peers publish 127.0.0.1 for their TCP listeners; their QUIC session goes over DERP
+(``relay-only``: ICE would use the machine's real interfaces, and an ICE attempt cut short
+at the end leaves aioice's sockets to the garbage collector), and carries streams
+whenever the TCP path is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from cloudbridge_core.client.link import RelayLink
+from cloudbridge_core.errors import P2PConnectionFailed
+from cloudbridge_core.p2p import tcp
+from cloudbridge_core.p2p.forward import PeerTunnel
+from cloudbridge_core.p2p.identity import DeviceIdentity
+from cloudbridge_core.p2p.manager import PeerManager
+from cloudbridge_core.p2p.setup import PeerTunnelSpec
+from cloudbridge_core.providers import PeerInfo
+from cloudbridge_core.tlsutil import generate_ca
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from relaybed import Bed, echo_server, run
+from test_p2p_loopback import MESH, sha256_round_trip, until
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@asynccontextmanager
+async def member(
+    bed: Bed, name: str, expose: tuple[int, ...] = (), identity: DeviceIdentity | None = None
+) -> AsyncIterator[PeerManager]:
+    """A peer whose TCP listener is published as 127.0.0.1."""
+    config = bed.client_config(
+        bed.token(permissions=MESH),
+        **{"p2p.name": name, "p2p.expose": list(expose), "p2p.heartbeat_interval": "1s"},
+    )
+    link = RelayLink(config, bed.plugins)
+    await link.start()
+    manager = PeerManager(
+        config,
+        bed.plugins,
+        link,
+        identity or DeviceIdentity.create(),
+        set(expose),
+        "relay-only",
+        tcp_addresses=["127.0.0.1"],
+        tcp=True,
+    )
+    try:
+        await manager.start()
+        yield manager
+    finally:
+        await manager.aclose()
+        await link.aclose()
+
+
+def protocol(manager: PeerManager) -> str | None:
+    peers = manager.status()
+    return peers[0]["protocol"] if peers else None
+
+
+def identities() -> tuple[DeviceIdentity, DeviceIdentity]:
+    """Two identities, the controlling one (lower peer id) first."""
+    one, two = DeviceIdentity.create(), DeviceIdentity.create()
+    return (one, two) if one.peer_id < two.peer_id else (two, one)
+
+
+def test_a_peer_tunnel_takes_the_tcp_path_and_carries_data(tmp_path: Path) -> None:
+    async def scenario(bed: Bed) -> None:
+        async with (
+            echo_server() as echo_port,
+            member(bed, "laptop", expose=(echo_port,)) as laptop,
+            member(bed, "server", expose=(echo_port,)) as server,
+        ):
+            await until(lambda: protocol(laptop) == "tcp" and protocol(server) == "tcp", 30)
+            sent, received = await sha256_round_trip(laptop, "server", echo_port, 8 << 20)
+            assert sent == received
+            (status,) = laptop.status()
+            assert (status["path"], status["protocol"], status["connected"]) == (
+                "direct",
+                "tcp",
+                True,
+            )
+            assert status["endpoint"].startswith("127.0.0.1:")
+            assert status["bytes_received"] > 8 << 20  # the payload came back over TCP
+            assert "over tcp" in laptop.explain("server")["summary"]
+            # the peer's side opens streams over the same connection
+            sent, received = await sha256_round_trip(server, "laptop", echo_port, 1 << 20)
+            assert sent == received
+
+    run(tmp_path, scenario)
+
+
+@pytest.mark.parametrize("unreachable", ["controlling", "controlled"])
+def test_only_one_reachable_peer_is_enough(tmp_path: Path, unreachable: str) -> None:
+    """One peer's TCP listener is closed (its endpoint refuses): the other one's works."""
+
+    async def scenario(bed: Bed) -> None:
+        first, second = identities()
+        async with (
+            echo_server() as echo_port,
+            member(bed, "laptop", identity=first) as laptop,
+            member(bed, "server", expose=(echo_port,), identity=second) as server,
+        ):
+            closed = laptop if unreachable == "controlling" else server
+            listener = closed.tcp_listener
+            assert listener is not None
+            port = int(listener.endpoints()[0].rpartition(":")[2])
+            # still published, refused when dialled
+            listener.endpoints = lambda: [f"127.0.0.1:{port}"]  # type: ignore[method-assign]
+            await tcp.PeerTcpListener.aclose(listener)
+            await until(lambda: protocol(laptop) == "tcp" and protocol(server) == "tcp", 30)
+            (status,) = closed.status()
+            assert status["protocol"] == "tcp"
+            refused = laptop.explain("server")["attempts"]
+            assert any(a["strategy"] == "tcp" and a["state"] == "established" for a in refused)
+            sent, received = await sha256_round_trip(laptop, "server", echo_port, 4 << 20)
+            assert sent == received
+
+    run(tmp_path, scenario)
+
+
+def test_a_certificate_from_no_known_peer_is_refused(tmp_path: Path) -> None:
+    """Both directions: a listener refuses a dialer whose certificate no known peer's CA
+    issued (even one naming a known peer), and a dialer refuses a listener that is not
+    the peer whose CA it pins."""
+
+    async def scenario(_bed: Bed) -> None:
+        mine, known, stranger = (DeviceIdentity.create() for _ in "abc")
+        verified: list[PeerInfo] = []
+        listener = tcp.PeerTcpListener(
+            mine, lambda: [info(known)], lambda peer, link: verified.append(peer), ["127.0.0.1"]
+        )
+        await listener.start("127.0.0.1")
+        endpoint = tcp.parse_endpoints({"endpoints": listener.endpoints()})
+        try:
+            # a stranger (its certificate from no known peer's CA) is hung up on, during
+            # the handshake or right after it (TLS 1.3 ends the client's side first)
+            try:
+                link = await tcp.dial(stranger, info(mine), endpoint)
+            except P2PConnectionFailed:
+                pass
+            else:
+                assert not await link.expect_chosen(5)
+                await link.aclose()
+            # a dialer pinning another peer's CA refuses this listener
+            with pytest.raises(P2PConnectionFailed, match="no TCP endpoint"):
+                await tcp.dial(known, info(stranger), endpoint)
+            assert verified == []
+            link = await tcp.dial(known, info(mine), endpoint)  # the real peer gets in
+            await until(lambda: verified)
+            assert verified[0].peer_id == known.peer_id
+            await link.aclose()
+        finally:
+            await listener.aclose()
+        # a CA named like the known peer's, published by someone else, does not vouch for it
+        impostor = generate_ca(f"cloudbridge peer {known.peer_id}").certificate.decode()
+        forged = PeerInfo(known.peer_id, "known", known.public_key, certificate=impostor)
+        assert tcp.identify(_der(known), [forged]) is None
+        assert tcp.identify(_der(known), [info(known)]) is not None
+
+    run(tmp_path, scenario)
+
+
+def info(identity: DeviceIdentity) -> PeerInfo:
+    certificate = identity.ca.certificate.decode()
+    return PeerInfo(identity.peer_id, "peer", identity.public_key, certificate=certificate)
+
+
+def _der(identity: DeviceIdentity) -> bytes:
+    certificate = x509.load_pem_x509_certificate(identity.server.certificate)
+    return certificate.public_bytes(Encoding.DER)
+
+
+async def _endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(ConnectionError):
+        while True:
+            writer.write(os.urandom(1 << 16))
+            await writer.drain()
+
+
+async def read_to_end(sock: socket.socket) -> None:
+    while await asyncio.get_running_loop().sock_recv(sock, 1 << 16):
+        pass
+
+
+def test_a_killed_tcp_connection_resets_the_application_and_the_next_one_works(
+    tmp_path: Path,
+) -> None:
+    async def scenario(bed: Bed) -> None:
+        source = await asyncio.start_server(_endless, "127.0.0.1", 0)
+        source_port = source.sockets[0].getsockname()[1]
+        loop = asyncio.get_running_loop()
+        async with (
+            echo_server() as echo_port,
+            member(bed, "laptop") as laptop,
+            member(bed, "server", expose=(echo_port, source_port)) as server,
+        ):
+            await until(lambda: protocol(laptop) == "tcp" and protocol(server) == "tcp", 30)
+            tunnel = PeerTunnel(PeerTunnelSpec(0, "server", source_port), laptop)
+            await tunnel.start()
+            application = socket.create_connection(("127.0.0.1", tunnel.port))
+            application.setblocking(False)
+            try:
+                received = 0
+                while received < 4 << 20:
+                    received += len(await loop.sock_recv(application, 1 << 16))
+                link = laptop.find("server").session._tcp_link
+                assert link is not None
+                link.abort()  # the TCP connection dies mid-transfer (an RST)
+                with pytest.raises(ConnectionResetError):
+                    await read_to_end(application)
+            finally:
+                application.close()
+                await tunnel.aclose()
+                source.close()
+            # over QUIC at once, or over a new TCP path
+            sent, back = await sha256_round_trip(laptop, "server", echo_port, 1 << 20)
+            assert sent == back
+            await until(lambda: protocol(laptop) == "tcp", 30)
+            sent, back = await sha256_round_trip(laptop, "server", echo_port, 1 << 20)
+            assert sent == back
+            changes = laptop.explain("server")["path_changes"]
+            assert [c["protocol"] for c in changes if "protocol" in c][:3] == [
+                "tcp",
+                "quic",
+                "tcp",
+            ]
+
+    run(tmp_path, scenario)
