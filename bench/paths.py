@@ -319,7 +319,8 @@ def _peer_config(relay: Relay, token: str, name: str, expose: list[int], path: P
     path.write_text(yaml.safe_dump(document))
 
 
-def _peer_path(control_socket: Path) -> str | None:
+def _peer_path(control_socket: Path) -> tuple[str, str] | None:
+    """The near peer's (path, protocol) once it is connected (status --json)."""
     status = subprocess.run(
         [str(BIN / "cloudbridge"), "status", "--control-socket", str(control_socket), "--json"],
         capture_output=True,
@@ -329,7 +330,9 @@ def _peer_path(control_socket: Path) -> str | None:
     if status.returncode != 0:
         return None
     peers = json.loads(status.stdout).get("peers") or []
-    return peers[0]["path"] if peers and peers[0]["connected"] else None
+    if not peers or not peers[0]["connected"]:
+        return None
+    return peers[0]["path"], peers[0].get("protocol") or "quic"
 
 
 @contextmanager
@@ -337,7 +340,8 @@ def peer(
     server: Relay, space: Namespace, target: int, connections: int, within: float = 30.0
 ) -> Iterator[Forwarder]:
     """A peer tunnel (`tunnel --remote-peer`, p2p-only) from this side to a peer in ``space``
-    that exposes the target there, on the direct path (ICE host candidates over the link).
+    that exposes the target there, on the direct path: the TCP path, which each peer can
+    dial here (ICE's direct path carries the QUIC session beside it).
 
     The relay (in ``space`` too) only introduces the peers; the cost counted is the two
     peers' processes.
@@ -374,8 +378,8 @@ def peer(
         started(near_command, "tunnel 127.0.0.1:", env) as near,
     ):
         deadline = time.monotonic() + within
-        while (path := _peer_path(state / "near.sock")) != "direct":
+        while (path := _peer_path(state / "near.sock")) != ("direct", "tcp"):
             if time.monotonic() > deadline:
-                raise Unavailable(f"the peers found no direct path in {within:g} s (on {path})")
+                raise Unavailable(f"the peers found no direct TCP path in {within:g} s ({path})")
             time.sleep(0.2)
         yield Forwarder("peer", port, [near.pid, far.pid])
