@@ -1,4 +1,5 @@
-"""Peer sessions pass the transport conformance kit, on a real UDP path over loopback.
+"""Peer sessions pass the transport conformance kit, on a real UDP path over loopback,
+and on a TCP path.
 
 Two :class:`PeerSession` objects, each with its own device identity, talk QUIC over a pair
 of UDP sockets on 127.0.0.1 (a direct path, as ICE would nominate between two hosts; ICE
@@ -8,6 +9,11 @@ out: connect_timeout and untrusted_certificate_rejected (no endpoint to connect 
 peer's certificate is pinned from the relay's announcement), oversized_frame_rejected (no
 listener serving strangers) and preauth_budget_held (peers are authenticated before any
 datagram flows: only a peer announced by the relay gets a session).
+
+On the TCP path, two peer sessions talk over a TCP+TLS connection on 127.0.0.1 that one
+dialed and the other's :class:`PeerTcpListener` accepted (mutual TLS, each pinning the
+other's CA); no QUIC session runs, so every stream takes the TCP path. The same checks
+are left out (the listener's own refusals are in tests/test_p2p_tcp.py).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 import pytest
 from cloudbridge_core.errors import TransportClosed
+from cloudbridge_core.p2p import tcp
 from cloudbridge_core.p2p.identity import DeviceIdentity
 from cloudbridge_core.p2p.session import PeerSession
 from cloudbridge_core.providers import PeerInfo, Session, Stream, Transport
@@ -185,3 +192,92 @@ def test_conformance_on_a_path_whose_sends_wait(check: object) -> None:
     """DERP paths have neither ``send_batch`` nor ``deliver_to``: the session's sender task
     calls ``send``, its reader task ``receive``."""
     run_check(check, PeerSessionKit(UdpPath))  # type: ignore[arg-type]
+
+
+def info(identity: DeviceIdentity) -> PeerInfo:
+    certificate = identity.ca.certificate.decode()
+    return PeerInfo(identity.peer_id, "other", identity.public_key, certificate=certificate)
+
+
+class TcpPeerEnd:
+    """One peer's :class:`PeerSession` on a TCP path, seen as a :class:`Session`."""
+
+    def __init__(self, identity: DeviceIdentity, other: DeviceIdentity, link: tcp.TcpLink) -> None:
+        self._incoming: asyncio.Queue[Stream] = asyncio.Queue()
+        controlling = identity.peer_id < other.peer_id
+        self.session = PeerSession(identity, info(other), controlling, self._serve)
+        self.session.attach_tcp(link)
+        assert self.session.protocol == "tcp"
+
+    async def _serve(self, stream: Stream) -> None:
+        self._incoming.put_nowait(stream)
+
+    async def open_stream(self) -> Stream:
+        return await self.session.open_stream()
+
+    async def accept_stream(self) -> Stream:
+        carrier = self.session._tcp  # its end is what ends accepting, as on a relay
+        if carrier is None:
+            raise TransportClosed("the TCP path has ended")
+        incoming = asyncio.ensure_future(self._incoming.get())
+        ended = asyncio.ensure_future(carrier.wait_closed())
+        await asyncio.wait({incoming, ended}, return_when=asyncio.FIRST_COMPLETED)
+        ended.cancel()
+        if incoming.done():
+            return incoming.result()
+        incoming.cancel()
+        raise TransportClosed("the TCP path has ended")
+
+    def authenticated(self) -> None:
+        """Peers are authenticated before their session starts."""
+
+    async def aclose(self) -> None:
+        await self.session.aclose()
+
+
+class TcpPeerSessionKit(TransportKit):
+    """The kit's ``pair`` as two peers on a loopback TCP path."""
+
+    def __init__(self) -> None:
+        super().__init__(make=self._no_transport)
+
+    @staticmethod
+    def _no_transport() -> Transport:
+        raise AssertionError("peer sessions have no transport to make")
+
+    @contextlib.asynccontextmanager
+    async def pair(
+        self, handler: Handler | None = None
+    ) -> AsyncIterator[tuple[Session, asyncio.Queue[Session]]]:
+        dialer, acceptor = DeviceIdentity.create(), DeviceIdentity.create()
+        accepted_link: asyncio.Future[tcp.TcpLink] = asyncio.get_running_loop().create_future()
+        listener = tcp.PeerTcpListener(
+            acceptor,
+            lambda: [info(dialer)],
+            lambda _peer, link: accepted_link.set_result(link),
+            ["127.0.0.1"],
+        )
+        await listener.start("127.0.0.1")
+        try:
+            endpoints = tcp.parse_endpoints({"endpoints": listener.endpoints()})
+            dialed = await tcp.dial(dialer, info(acceptor), endpoints)
+            client = TcpPeerEnd(dialer, acceptor, dialed)
+            server = TcpPeerEnd(acceptor, dialer, await asyncio.wait_for(accepted_link, 10))
+        finally:
+            await listener.aclose()
+        accepted: asyncio.Queue[Session] = asyncio.Queue()
+        served = asyncio.ensure_future(handler(server)) if handler is not None else None
+        try:
+            accepted.put_nowait(server)
+            yield client, accepted
+        finally:
+            await client.aclose()
+            await server.aclose()
+            if served is not None:
+                served.cancel()
+                await asyncio.gather(served, return_exceptions=True)
+
+
+@pytest.mark.parametrize("check", PEER_CHECKS, ids=lambda check: check.__name__)
+def test_conformance_on_a_tcp_path(check: object) -> None:
+    run_check(check, TcpPeerSessionKit())  # type: ignore[arg-type]
