@@ -208,11 +208,14 @@ class PeerTcpListener:
         self._handshakes: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str = "", port: int = 0) -> None:
+        """Listen on ``host`` (default: every address, IPv6 too where the host has it)."""
+        sock: socket.socket | None = None
         if socket.has_dualstack_ipv6() and not host:
-            sock = socket.create_server(
-                ("", port), family=socket.AF_INET6, dualstack_ipv6=True, backlog=128
-            )
-        else:
+            with contextlib.suppress(OSError):  # IPv6 may be off (a bare namespace)
+                sock = socket.create_server(
+                    ("", port), family=socket.AF_INET6, dualstack_ipv6=True, backlog=128
+                )
+        if sock is None:
             sock = socket.create_server((host, port), backlog=128)
         sock.setblocking(False)
         self._socket = sock
