@@ -9,6 +9,15 @@ at both ends see a broken transfer as broken, never as a short one that finished
 The TCP side reads into pooled buffers (see :class:`BufferPool`), and every write
 waits for the other side (backpressure end to end), so a slow reader never makes memory
 grow.
+
+A stream that can deliver to a sink and send at once (:class:`DirectStream`: the core
+multiplexer over TLS) is pumped without tasks: the socket becomes an asyncio transport
+whose protocol (:class:`_Bridge`) hands what it reads straight to the stream, and the
+stream hands what the peer sends straight to the transport, both in the event loop's
+callbacks. Backpressure holds there too: the socket is not read while the stream's window
+or the session's pipe is full, and the peer gets no window credit while the socket's
+send buffer is full. Any other stream is pumped by two tasks. Both run on every asyncio
+loop (Windows' proactor included: transports, no readiness callbacks needed).
 """
 
 from __future__ import annotations
@@ -17,7 +26,9 @@ import asyncio
 import contextlib
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol, cast
 
 from cloudbridge_core.errors import TransportError
 from cloudbridge_core.providers import Stream
@@ -108,6 +119,38 @@ async def _receive(
                 raise
 
 
+class StreamSink(Protocol):
+    """What a :class:`DirectStream` delivers to once attached, instead of buffering for a
+    reader: called as the stream's session handles the peer's frames."""
+
+    def deliver(self, data: bytes) -> None: ...
+
+    def end(self) -> None: ...
+
+    def fail(self, error: Exception) -> None: ...
+
+    def window_opened(self) -> None: ...
+
+
+class DirectStream(Stream, Protocol):
+    """A stream that delivers to a sink and sends without waiting (see the module)."""
+
+    @property
+    def direct(self) -> bool: ...
+
+    def attach(self, sink: StreamSink) -> None: ...
+
+    def send_now(self, data: bytes | bytearray | memoryview) -> int: ...
+
+    def consume(self, count: int) -> None: ...
+
+    def when_writable(self, callback: Callable[[], None]) -> bool: ...
+
+    def close_write_now(self) -> None: ...
+
+    def reset_now(self) -> None: ...
+
+
 async def pump(
     stream: Stream,
     sock: socket.socket,
@@ -120,6 +163,8 @@ async def pump(
     ``result`` is updated as bytes move, so a caller sees the counts even if cancelled.
     """
     result = result if result is not None else PumpResult()
+    if getattr(stream, "direct", False) is True:
+        return await _pump_direct(cast(DirectStream, stream), sock, result)
     loop = asyncio.get_running_loop()
 
     async def tcp_to_stream() -> None:
@@ -174,3 +219,178 @@ def abort(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):  # already reset by the peer, or not TCP
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
+
+
+async def _pump_direct(stream: DirectStream, sock: socket.socket, result: PumpResult) -> PumpResult:
+    loop = asyncio.get_running_loop()
+    bridge = _Bridge(stream, sock, result, loop.create_future())
+    try:
+        # any connected socket: the relay's to its target as well as a tunnel's accepted one
+        await loop.connect_accepted_socket(lambda: bridge, sock)
+        await bridge.finished
+    finally:
+        # at once, without waiting (the caller may be cancelled): neither outlives the pump
+        bridge.close()
+        if not bridge.clean:
+            stream.reset_now()
+    with contextlib.suppress(TransportError):
+        await stream.aclose()
+    return result
+
+
+class _Bridge(asyncio.Protocol):
+    """The socket's protocol and the stream's sink: bytes cross in the loop's callbacks."""
+
+    def __init__(
+        self,
+        stream: DirectStream,
+        sock: socket.socket,
+        result: PumpResult,
+        finished: asyncio.Future[None],
+    ) -> None:
+        self._stream = stream
+        self._sock = sock
+        self._result = result
+        self.finished = finished
+        self.clean = False
+        self._transport: asyncio.Transport | None = None
+        #: read from the socket, not yet taken by the stream (its window was full)
+        self._pending = b""
+        self._socket_ended = False  # the socket's EOF, passed on once nothing is pending
+        self._stream_ended = False  # the stream's EOF, passed on to the socket
+        #: why the socket is not read: the stream's window, the session's pipe
+        self._holds: set[str] = set()
+        self._send_full = False  # the socket's send buffer is full: no credit for the peer
+        self._owed = 0  # credit held back meanwhile
+
+    # the socket's side (asyncio.Protocol)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self._stream.attach(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.finished.done():
+            return
+        if self._pending:  # read while held (a transport may deliver one more)
+            self._pending += data
+            return
+        self._send(data)
+
+    def eof_received(self) -> bool:
+        self._socket_ended = True
+        if not self._pending:
+            self._end_socket()
+        return True  # half-closed: the stream's data may still come
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(exc or ConnectionResetError("the connection closed"))
+
+    def pause_writing(self) -> None:
+        self._send_full = True
+
+    def resume_writing(self) -> None:
+        self._send_full = False
+        owed, self._owed = self._owed, 0
+        if owed and not self.finished.done():
+            self._stream.consume(owed)
+
+    # the stream's side (StreamSink)
+
+    def deliver(self, data: bytes) -> None:
+        if self.finished.done() or self._transport is None:
+            return
+        self._transport.write(data)
+        self._result.received += len(data)
+        if self._send_full:
+            self._owed += len(data)
+        else:
+            self._stream.consume(len(data))
+
+    def end(self) -> None:
+        self._stream_ended = True
+        if self._transport is not None and not self.finished.done():
+            with contextlib.suppress(OSError, RuntimeError):  # a socket already reset
+                self._transport.write_eof()
+        self._done_if_both()
+
+    def fail(self, error: Exception) -> None:
+        self._fail(error)
+
+    def window_opened(self) -> None:
+        if self._pending and not self.finished.done():
+            data, self._pending = self._pending, b""
+            self._send(data)
+
+    # within
+
+    def _send(self, data: bytes) -> None:
+        try:
+            sent = self._stream.send_now(data)
+        except TransportError as exc:
+            self._fail(exc)
+            return
+        self._result.sent += sent
+        if sent < len(data):
+            self._pending = data[sent:]
+            self._hold("window")
+            return
+        self._release("window")
+        if self._socket_ended:
+            self._end_socket()
+        elif self._stream.when_writable(self._writable):
+            self._hold("pipe")
+
+    def _writable(self) -> None:
+        self._release("pipe")
+
+    def _end_socket(self) -> None:
+        try:
+            self._stream.close_write_now()
+        except TransportError as exc:
+            self._fail(exc)
+            return
+        self._done_if_both()
+
+    def _done_if_both(self) -> None:
+        if self._socket_ended and self._stream_ended and not self._pending:
+            self.clean = True
+            _settle(self.finished)
+
+    def _fail(self, error: BaseException) -> None:
+        if self.finished.done():
+            return
+        if isinstance(error, OSError | TransportError):
+            self._result.error = f"{type(error).__name__}: {error}"
+        _settle(self.finished)
+
+    def _hold(self, reason: str) -> None:
+        if not self._holds and self._transport is not None:
+            self._transport.pause_reading()
+        self._holds.add(reason)
+
+    def _release(self, reason: str) -> None:
+        if reason not in self._holds:
+            return
+        self._holds.discard(reason)
+        if not self._holds and self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+
+    def close(self) -> None:
+        """Close the socket (gracefully after a clean end, else with an RST); the stream
+        is the pump's to close."""
+        _settle(self.finished)
+        transport = self._transport
+        if transport is None:
+            abort(self._sock)
+        elif self.clean:
+            transport.close()
+        else:
+            with contextlib.suppress(OSError):  # already reset by the peer
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            transport.abort()
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

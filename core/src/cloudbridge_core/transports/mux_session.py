@@ -14,6 +14,7 @@ from typing import Protocol, cast
 
 from cloudbridge_core.errors import ProtocolViolation, StreamAborted, TransportClosed
 from cloudbridge_core.protocol import mux
+from cloudbridge_core.pump import StreamSink
 from cloudbridge_core.transports.preauth import Admission
 
 
@@ -30,6 +31,16 @@ class Pipe(Protocol):
     async def send(self, data: bytes | bytearray) -> None: ...
 
     async def aclose(self) -> None: ...
+
+
+class PipeReceiver(Protocol):
+    """What a pipe that delivers as bytes arrive (:meth:`ProtocolPipe.attach`) calls."""
+
+    def pipe_data(self, data: bytes) -> None: ...
+
+    def pipe_ended(self, error: BaseException | None) -> None: ...
+
+    def pipe_writable(self) -> None: ...
 
 
 #: bytes read ahead of the session before the socket is paused; a stranger's connection
@@ -59,6 +70,9 @@ class ProtocolPipe(asyncio.Protocol):
         self._drained: asyncio.Future[None] | None = None
         self._writing_paused = False
         self._lost = asyncio.Event()
+        self._receiver: PipeReceiver | None = None
+        #: why reading is paused while a receiver is attached (empty: reading)
+        self._holds: set[str] = set()
         self.transport: asyncio.Transport | None = None
         #: the peer's IP address (the relay limits request rates per address too)
         self.peer_address: str | None = None
@@ -72,6 +86,9 @@ class ProtocolPipe(asyncio.Protocol):
         self.peer_address = str(peer[0]) if isinstance(peer, tuple) else None
 
     def data_received(self, data: bytes) -> None:
+        if self._receiver is not None:
+            self._receiver.pipe_data(data)
+            return
         self._chunks.append(data)
         self._queued += len(data)
         if self._queued > self._high_water and not self._paused and self.transport is not None:
@@ -81,6 +98,8 @@ class ProtocolPipe(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self._ended = True
+        if self._receiver is not None:
+            self._receiver.pipe_ended(None)
         self._wake_reader()
         return False  # close the transport: a pipe is not half-closed
 
@@ -88,6 +107,8 @@ class ProtocolPipe(asyncio.Protocol):
         self._ended = True
         self._error = exc
         self._lost.set()
+        if self._receiver is not None:
+            self._receiver.pipe_ended(exc)
         self._wake_reader()
         if self._drained is not None and not self._drained.done():
             self._drained.set_exception(exc or ConnectionResetError("connection lost"))
@@ -99,12 +120,53 @@ class ProtocolPipe(asyncio.Protocol):
         self._writing_paused = False
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
+        if self._receiver is not None:
+            self._receiver.pipe_writable()
 
     def _wake_reader(self) -> None:
         if self._arrived is not None and not self._arrived.done():
             self._arrived.set_result(None)
 
     # the session's side
+
+    def attach(self, receiver: PipeReceiver) -> None:
+        """Deliver from now on to ``receiver`` as bytes arrive, in the loop's callback,
+        instead of through :meth:`receive`: no task between the socket and the session.
+        What arrived before is delivered at once."""
+        self._receiver = receiver
+        if self._chunks:
+            data = b"".join(self._chunks)
+            self._chunks.clear()
+            self._queued = 0
+            receiver.pipe_data(data)
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        if self._ended:
+            receiver.pipe_ended(self._error)
+
+    def hold(self, reason: str) -> None:
+        """Stop reading the socket until :meth:`release` of every reason held."""
+        if not self._holds and self.transport is not None:
+            self.transport.pause_reading()
+        self._holds.add(reason)
+
+    def release(self, reason: str) -> None:
+        if reason in self._holds:
+            self._holds.discard(reason)
+            if not self._holds and self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    @property
+    def writing_paused(self) -> bool:
+        return self._writing_paused
+
+    def write_now(self, data: bytes | bytearray) -> None:
+        """Queue ``data`` at once (the transport buffers it); the caller watches
+        :attr:`writing_paused` for backpressure."""
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("the connection is closed")
+        self.transport.write(data)
 
     async def receive(self) -> bytes:
         while not self._chunks:
@@ -175,6 +237,63 @@ class MuxStream:
         self._write_waiter: asyncio.Future[None] | None = None
         self._window_opened = False
         self._closed = False
+        self._sink: StreamSink | None = None
+
+    @property
+    def direct(self) -> bool:
+        """Whether the stream can deliver to a sink and send at once (:meth:`attach`,
+        :meth:`send_now`): its session parses frames as they arrive and writes at once."""
+        return self._session.direct
+
+    def attach(self, sink: StreamSink) -> None:
+        """Deliver what the peer sends to ``sink`` from now on, starting with what is
+        buffered; :meth:`read` is no longer used. Needs :attr:`direct`."""
+        self._sink = sink
+        if self._buffer:
+            pieces, self._buffer = self._buffer, []
+            self.buffered = 0
+            for piece in pieces:
+                sink.deliver(piece)
+        if self._error is not None:
+            sink.fail(self._error)
+        elif self._eof:
+            sink.end()
+
+    def send_now(self, data: bytes | bytearray | memoryview) -> int:
+        """Queue what the peer's window allows of ``data`` and write it at once; return
+        how much (:meth:`StreamSink.window_opened` says when to send the rest)."""
+        if self._error is not None:
+            raise self._error
+        if self._closed:
+            raise TransportClosed(f"stream {self.stream_id} is closed for writing")
+        sent = self._session.send(self.stream_id, data)
+        self._session.flush_now()
+        return sent
+
+    def consume(self, count: int) -> None:
+        """A sink has taken ``count`` bytes: the peer may send that much more."""
+        self._session.consumed(self.stream_id, count)
+        self._session.flush_now()
+
+    def when_writable(self, callback: Callable[[], None]) -> bool:
+        """False when the session's pipe takes more now; else ``callback`` is called once
+        it does (a sink's producer stops reading meanwhile)."""
+        return self._session.when_writable(callback)
+
+    def close_write_now(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._session.end(self.stream_id)
+            self._session.flush_now()
+
+    def reset_now(self) -> None:
+        """:meth:`reset`, written at once."""
+        if self._error is not None:
+            return
+        self._session.reset(self.stream_id)
+        self._closed = True
+        self.fail(StreamAborted(f"stream {self.stream_id} was reset locally"))
+        self._session.flush_now()
 
     async def read(self, max_bytes: int = 65536) -> bytes:
         while not self._buffer and not self._eof and self._error is None:
@@ -259,22 +378,31 @@ class MuxStream:
     # called by the session when the peer's frames arrive
 
     def feed(self, data: bytes) -> None:
+        if self._sink is not None:
+            self._sink.deliver(data)
+            return
         self._buffer.append(data)
         self.buffered += len(data)
         _wake(self._read_waiter)
 
     def end_of_data(self) -> None:
         self._eof = True
+        if self._sink is not None:
+            self._sink.end()
         _wake(self._read_waiter)
 
     def fail(self, error: Exception) -> None:
         if self._error is None:
             self._error = error
+            if self._sink is not None:
+                self._sink.fail(error)
         _wake(self._read_waiter)
         _wake(self._write_waiter)
 
     def window_opened(self) -> None:
         self._window_opened = True
+        if self._sink is not None:
+            self._sink.window_opened()
         _wake(self._write_waiter)
 
 
@@ -289,6 +417,11 @@ class MuxSession:
     A server session given an ``admission`` holds its peer to the pre-auth budget until
     :meth:`authenticated`: one stream with a small window, and the session closes when the
     admission's deadline passes first.
+
+    Over a pipe that can deliver as bytes arrive and write at once (:class:`ProtocolPipe`),
+    the session parses and dispatches frames in the connection's own callback, and its
+    streams can hand data straight to a sink (:meth:`MuxStream.attach`): a byte crosses
+    no task between the sockets. Over any other pipe, a reader task receives.
     """
 
     def __init__(
@@ -308,7 +441,8 @@ class MuxSession:
         if admission is not None:
             admission.watch(self._expired)
         self._streams: dict[int, MuxStream] = {}
-        self._incoming: asyncio.Queue[MuxStream] = asyncio.Queue()
+        self._incoming: deque[MuxStream] = deque()
+        self._accepting: asyncio.Future[None] | None = None
         self._send_lock = asyncio.Lock()
         self._closed = asyncio.Event()
         self._close_reason = "session closed"
@@ -316,7 +450,20 @@ class MuxSession:
         #: on: the relay slows (or ends) a peer flooding PINGs the session answers itself
         self.pace_pings: Callable[[int], Awaitable[None]] | None = None
         self._backlog_room = asyncio.Event()
-        self._reader = asyncio.create_task(self._read_loop())
+        self._pacing: asyncio.Task[None] | None = None
+        #: called once the pipe takes more (see :meth:`when_writable`)
+        self._writable_callbacks: list[Callable[[], None]] = []
+        self._reader: asyncio.Task[None] | None = None
+        self._direct: ProtocolPipe | None = pipe if isinstance(pipe, ProtocolPipe) else None
+        if self._direct is not None:
+            self._direct.attach(self)
+        else:
+            self._reader = asyncio.create_task(self._read_loop())
+
+    @property
+    def direct(self) -> bool:
+        """Whether frames are handled as they arrive and written at once (see the class)."""
+        return self._direct is not None
 
     @property
     def is_closed(self) -> bool:
@@ -336,19 +483,16 @@ class MuxSession:
         return stream
 
     async def accept_stream(self) -> MuxStream:
-        while True:
-            if not self._incoming.empty():
-                self._backlog_room.set()
-                return self._incoming.get_nowait()
+        while not self._incoming:
             self._raise_if_closed()
-            getter = asyncio.ensure_future(self._incoming.get())
-            closed = asyncio.ensure_future(self._closed.wait())
-            done, _ = await asyncio.wait({getter, closed}, return_when=asyncio.FIRST_COMPLETED)
-            closed.cancel()
-            if getter in done:
-                self._backlog_room.set()
-                return getter.result()
-            getter.cancel()
+            if self._accepting is None or self._accepting.done():
+                self._accepting = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._accepting)  # one waiter, shared by concurrent callers
+        stream = self._incoming.popleft()
+        self._backlog_room.set()
+        if self._direct is not None and len(self._incoming) < self._connection.limits.max_streams:
+            self._direct.release("backlog")
+        return stream
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
@@ -394,10 +538,11 @@ class MuxSession:
                 await self.flush()
             self._shut("session closed locally")
         await self._pipe.aclose()
-        if self._reader is not asyncio.current_task():
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+        for task in (self._reader, self._pacing):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     # used by the streams
 
@@ -428,7 +573,73 @@ class MuxSession:
                     self._shut(f"connection lost: {exc}")
                     raise TransportClosed(self._close_reason) from exc
 
-    # the reader
+    def flush_now(self) -> None:
+        """Write what is queued at once (a direct session's pipe buffers it); a lost
+        connection shuts the session."""
+        if self._direct is None or not self._connection.has_data_to_send:
+            return
+        try:
+            self._direct.write_now(self._connection.data_to_send())
+        except (OSError, ConnectionError) as exc:
+            self._shut(f"connection lost: {exc}")
+
+    def when_writable(self, callback: Callable[[], None]) -> bool:
+        """False when the pipe takes more now; else ``callback`` runs once it does."""
+        if self._direct is None or not self._direct.writing_paused or self.is_closed:
+            return False
+        self._writable_callbacks.append(callback)
+        return True
+
+    # a direct session's pipe calls these (PipeReceiver)
+
+    def pipe_data(self, data: bytes) -> None:
+        assert self._direct is not None  # only a direct session's pipe delivers
+        if self._closed.is_set():
+            return
+        try:
+            events = self._connection.receive_data(data)
+        except ProtocolViolation as exc:
+            stranger = self._admission is not None
+            self._shut(str(exc))
+            if stranger:  # no GO_AWAY, no closing handshake: see _drop
+                self._drop()
+            else:
+                self.flush_now()
+            return
+        pings = 0
+        for event in events:
+            pings += isinstance(event, mux.PingReceived)
+            self._dispatch(event)
+        wrote = self._connection.has_data_to_send
+        self.flush_now()
+        if wrote and self._direct.writing_paused:  # what the peer makes us send waits for it
+            self._direct.hold("writing")
+        if pings and self.pace_pings is not None and not self._closed.is_set():
+            self._direct.hold("pings")
+            paced = self._pace(self.pace_pings, pings, self._direct)
+            self._pacing = asyncio.get_running_loop().create_task(paced)
+        if len(self._incoming) >= self._connection.limits.max_streams:
+            self._direct.hold("backlog")  # see _wait_for_backlog_room
+
+    @staticmethod
+    async def _pace(pace: Callable[[int], Awaitable[None]], pings: int, pipe: ProtocolPipe) -> None:
+        await pace(pings)
+        pipe.release("pings")
+
+    def pipe_ended(self, error: BaseException | None) -> None:
+        if error is None:
+            self._shut("the peer closed the connection")
+        else:
+            self._shut(f"connection lost: {error}")
+
+    def pipe_writable(self) -> None:
+        assert self._direct is not None
+        self._direct.release("writing")
+        callbacks, self._writable_callbacks = self._writable_callbacks, []
+        for callback in callbacks:
+            callback()
+
+    # the reader (a pipe that only receives)
 
     async def _read_loop(self) -> None:
         try:
@@ -464,7 +675,8 @@ class MuxSession:
             return
         if isinstance(event, mux.StreamOpened):
             opened = self._streams[event.stream_id] = MuxStream(self, event.stream_id)
-            self._incoming.put_nowait(opened)
+            self._incoming.append(opened)
+            _wake(self._accepting)
             return
         stream = self._streams.get(event.stream_id)
         if stream is None:
@@ -485,7 +697,7 @@ class MuxSession:
         most (reset ones too, which the connection no longer counts); past it the reader
         stops and flow control holds the peer back, so opening and resetting streams
         faster than they are accepted queues nothing without bound."""
-        while self._incoming.qsize() >= self._connection.limits.max_streams:
+        while len(self._incoming) >= self._connection.limits.max_streams:
             self._backlog_room.clear()
             await self._backlog_room.wait()
 
@@ -500,9 +712,16 @@ class MuxSession:
         self._closed.set()
         self._end_preauth()
         self._connection.abandon()
-        for stream in self._streams.values():
-            stream.fail(TransportClosed(reason))
+        streams = list(self._streams.values())
         self._streams.clear()
+        for stream in streams:
+            stream.fail(TransportClosed(reason))
+        _wake(self._accepting)
+        if self._pacing is not None:
+            self._pacing.cancel()
+        callbacks, self._writable_callbacks = self._writable_callbacks, []
+        for callback in callbacks:  # they find the session closed
+            callback()
 
     def _raise_if_closed(self) -> None:
         if self._closed.is_set():
