@@ -4,27 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socketserver
 import sys
-import threading
 from collections.abc import Generator, Iterator
 from types import FrameType
 from typing import Any
 
 import pytest
-from loopback import Echo
+from loopback import echo, serving
 from venvs import ROOT, Venv, make_venv
 
 
 @pytest.fixture
 def echo_port() -> Iterator[int]:
     """A threaded TCP echo server on loopback."""
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Echo)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    with serving(echo) as port:
+        yield port
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from cli_process import environment, issue_token, start
-from loopback import free_port
+from loopback import free_port, serving
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -49,15 +49,7 @@ class Target:
     outcomes: list[str] = field(default_factory=list)
     ended: threading.Event = field(default_factory=threading.Event)
 
-    def serve(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                connection, _ = listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._run, args=(connection,), daemon=True).start()
-
-    def _run(self, connection: socket.socket) -> None:
+    def run(self, connection: socket.socket) -> None:
         try:
             outcome = self.behaviour(connection)
         except ConnectionResetError:
@@ -72,9 +64,7 @@ class Target:
 @contextmanager
 def target(behaviour: Callable[[socket.socket], str]) -> Iterator[Target]:
     served = Target(behaviour)
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        served.port = listener.getsockname()[1]
-        threading.Thread(target=served.serve, args=(listener,), daemon=True).start()
+    with serving(served.run) as served.port:
         yield served
 
 

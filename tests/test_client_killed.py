@@ -29,7 +29,7 @@ from cloudbridge_core.config import load_config, merged_schema
 from cloudbridge_core.plugins import load_plugins
 from cloudbridge_core.relay.runner import start_relay
 from cloudbridge_core.relay.tokens import issue_token
-from loopback import free_port
+from loopback import free_port, serving
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -46,23 +46,11 @@ class Target:
     """Accepts tunnelled connections; each answers ``ready`` to its first bytes, then
     idles or sends without end (``download``), and records how it ended."""
 
-    listener: socket.socket
+    port: int = 0
     outcomes: list[str] = field(default_factory=list)
     ended: threading.Condition = field(default_factory=threading.Condition)
 
-    @property
-    def port(self) -> int:
-        return int(self.listener.getsockname()[1])
-
-    def serve(self) -> None:
-        while True:
-            try:
-                connection, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._run, args=(connection,), daemon=True).start()
-
-    def _run(self, connection: socket.socket) -> None:
+    def run(self, connection: socket.socket) -> None:
         with connection:
             outcome = self._follow(connection)
         with self.ended:
@@ -92,15 +80,9 @@ class Target:
 
 @contextmanager
 def target() -> Iterator[Target]:
-    listener = socket.create_server(("127.0.0.1", 0), backlog=CONNECTIONS)
-    served = Target(listener)
-    thread = threading.Thread(target=served.serve, daemon=True)
-    thread.start()
-    try:
+    served = Target()
+    with serving(served.run) as served.port:
         yield served
-    finally:
-        listener.close()
-        thread.join(5)
 
 
 def descriptors() -> int:

@@ -24,36 +24,11 @@ pytestmark = pytest.mark.timeout(120)
 DESCRIPTORS = 64
 
 
-def echo_target() -> tuple[socket.socket, list[socket.socket]]:
-    listener = socket.create_server(("127.0.0.1", 0))
-    held: list[socket.socket] = []
-
-    def serve() -> None:
-        while True:
-            try:
-                connection, _ = listener.accept()
-            except OSError:
-                return
-            held.append(connection)
-            threading.Thread(target=echo, args=(connection,), daemon=True).start()
-
-    def echo(connection: socket.socket) -> None:
-        with connection:
-            try:
-                while data := connection.recv(65536):
-                    connection.sendall(data)
-            except OSError:
-                return
-
-    threading.Thread(target=serve, daemon=True).start()
-    return listener, held
-
-
 def limited() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (DESCRIPTORS, DESCRIPTORS))
 
 
-def test_a_tunnel_out_of_descriptors_accepts_again(tmp_path: Path) -> None:
+def test_a_tunnel_out_of_descriptors_accepts_again(tmp_path: Path, echo_port: int) -> None:
     state = tmp_path / "relay"
     env = environment(
         CLOUDBRIDGE_SERVER__LISTEN="127.0.0.1",
@@ -64,14 +39,13 @@ def test_a_tunnel_out_of_descriptors_accepts_again(tmp_path: Path) -> None:
     relay = start(
         "relay", "serve", "--dev", "--state-dir", str(state), env=env, ready="client config:"
     )
-    listener, held = echo_target()
     local_port = free_port()
     client = subprocess.Popen(
         [
             *(BIN / "cloudbridge", "tunnel", "--config", str(state / "client.yaml")),
             *("--control-socket", str(tmp_path / "client.sock")),
             *("--local-port", str(local_port), "--remote-host", "127.0.0.1"),
-            *("--remote-port", str(listener.getsockname()[1])),
+            *("--remote-port", str(echo_port)),
         ],
         env={**env, "CLOUDBRIDGE_AUTH__TOKEN": issue_token(state)},
         stderr=subprocess.PIPE,
@@ -95,7 +69,4 @@ def test_a_tunnel_out_of_descriptors_accepts_again(tmp_path: Path) -> None:
         client.wait()
         if client.stderr is not None:
             client.stderr.close()
-        listener.close()
-        for connection in held:
-            connection.close()
         assert stop(relay) == 0

@@ -11,7 +11,7 @@ import copier
 import pytest
 from cli_process import echo_once, stop
 from loopback import free_port
-from venvs import ROOT, Venv
+from venvs import ROOT, Venv, output_tail
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -145,7 +145,12 @@ def test_generated_transport_alone_carries_a_tunnel_through_relay_serve_and_tunn
         )
         try:
             payload = bytes(range(256)) * 256
-            assert echo_once(local, payload) == payload
+            try:
+                echoed = echo_once(local, payload)
+            except OSError as exc:
+                tails = f"relay:\n{output_tail(relay)}\ntunnel:\n{output_tail(tunnel)}"
+                raise AssertionError(f"{exc!r}\n{tails}") from exc
+            assert echoed == payload
             status = plugin_venv.cloudbridge_json("status", "--config", str(client_yaml))
             assert status["transport"]["name"] == "gen_transport"
             assert status["transport"]["reason"] == "transport.mode is gen_transport"

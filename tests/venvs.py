@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import threading
+import weakref
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,16 @@ from typing import Any
 from uv import find_uv_bin
 
 ROOT = Path(__file__).resolve().parents[1]
+
+TAIL_LINES = 40
+#: the last lines each started process wrote to stderr, for a failing test's message
+OUTPUT_TAILS: weakref.WeakKeyDictionary[subprocess.Popen[str], deque[str]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def output_tail(process: subprocess.Popen[str]) -> str:
+    return "".join(OUTPUT_TAILS.get(process, ()))
 
 
 @dataclass
@@ -65,8 +77,10 @@ class Venv:
         seen = []
         for line in process.stderr:
             if ready in line:
-                # keep draining, so that a chatty process never blocks on a full pipe
-                threading.Thread(target=process.stderr.read, daemon=True).start()
+                # keep draining, so that a chatty process never blocks on a full pipe, and
+                # keep the last lines for a failing test's message
+                OUTPUT_TAILS[process] = tail = deque(seen[-TAIL_LINES:], maxlen=TAIL_LINES)
+                threading.Thread(target=tail.extend, args=(process.stderr,), daemon=True).start()
                 return process
             seen.append(line)
         process.wait()
