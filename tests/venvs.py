@@ -74,7 +74,7 @@ class Venv:
             self._command(args), stderr=subprocess.PIPE, text=True, env=self._environment(env)
         )
         assert process.stderr is not None
-        seen = []
+        seen: list[str] = []
         for line in process.stderr:
             if ready in line:
                 # keep draining, so that a chatty process never blocks on a full pipe, and
