@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -31,7 +32,7 @@ from cloudbridge_core.providers import PeerInfo
 from cloudbridge_core.tlsutil import generate_ca
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from relaybed import Bed, echo_server, run
+from relaybed import Bed, echo_server, round_trip, run
 from test_p2p_loopback import MESH, sha256_round_trip, until
 
 pytestmark = pytest.mark.timeout(90)
@@ -39,9 +40,14 @@ pytestmark = pytest.mark.timeout(90)
 
 @asynccontextmanager
 async def member(
-    bed: Bed, name: str, expose: tuple[int, ...] = (), identity: DeviceIdentity | None = None
+    bed: Bed,
+    name: str,
+    expose: tuple[int, ...] = (),
+    identity: DeviceIdentity | None = None,
+    tcp_path: bool = True,
 ) -> AsyncIterator[PeerManager]:
-    """A peer whose TCP listener is published as 127.0.0.1."""
+    """A peer whose TCP listener is published as 127.0.0.1 (``tcp_path=False``: a peer
+    without a TCP path, which ignores ``tcp`` signals as older clients do)."""
     config = bed.client_config(
         bed.token(permissions=MESH),
         **{"p2p.name": name, "p2p.expose": list(expose), "p2p.heartbeat_interval": "1s"},
@@ -56,7 +62,7 @@ async def member(
         set(expose),
         "relay-only",
         tcp_addresses=["127.0.0.1"],
-        tcp=True,
+        tcp=tcp_path,
     )
     try:
         await manager.start()
@@ -96,9 +102,35 @@ def test_a_peer_tunnel_takes_the_tcp_path_and_carries_data(tmp_path: Path) -> No
             assert status["endpoint"].startswith("127.0.0.1:")
             assert status["bytes_received"] > 8 << 20  # the payload came back over TCP
             assert "over tcp" in laptop.explain("server")["summary"]
+            # a peer tunnel (the core's pump on both peers) over it
+            tunnel = PeerTunnel(PeerTunnelSpec(0, "server", echo_port), laptop)
+            await tunnel.start()
+            try:
+                payload = os.urandom(4 << 20)
+                echoed = await round_trip(tunnel.port, payload)
+            finally:
+                await tunnel.aclose()
+            assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
+            assert tunnel.statistics.errors == 0
             # the peer's side opens streams over the same connection
             sent, received = await sha256_round_trip(server, "laptop", echo_port, 1 << 20)
             assert sent == received
+
+    run(tmp_path, scenario)
+
+
+def test_a_peer_without_the_tcp_path_is_reached_over_quic(tmp_path: Path) -> None:
+    async def scenario(bed: Bed) -> None:
+        async with (
+            echo_server() as echo_port,
+            member(bed, "laptop") as laptop,
+            member(bed, "server", expose=(echo_port,), tcp_path=False) as server,
+        ):
+            await until(lambda: protocol(laptop) == "quic" and protocol(server) == "quic", 30)
+            sent, received = await sha256_round_trip(laptop, "server", echo_port, 1 << 20)
+            assert sent == received
+            assert laptop.status()[0]["protocol"] == "quic"  # still: no TCP path came up
+            assert server.tcp_listener is None
 
     run(tmp_path, scenario)
 

@@ -173,8 +173,8 @@ class PeerSession:
     def attach_tcp(self, link: TcpLink) -> None:
         """Carry new streams over ``link`` (a chosen TCP connection), until it ends."""
         old, before = self._tcp, self.path
-        session = MuxSession(link, is_dialer=link.dialed, limits=MuxLimits())
-        link.count = self._count
+        link.pipe.count = self._count
+        session = MuxSession(link.pipe, is_dialer=link.dialed, limits=MuxLimits())
         self._tcp, self._tcp_link = session, link
         self._changed(before, "direct", "tcp", "tcp path established")
         log.info("tcp_path_up", peer=self.peer.name, endpoint=link.endpoint, dialed=link.dialed)

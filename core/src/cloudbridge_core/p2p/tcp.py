@@ -36,7 +36,11 @@ from cloudbridge_core.p2p.identity import DeviceIdentity, server_name
 from cloudbridge_core.providers import PeerInfo, SignalChannel
 from cloudbridge_core.pump import abort, prepare
 from cloudbridge_core.tlsutil import load_key_pair
-from cloudbridge_core.transports.mux_session import PREAUTH_HIGH_WATER, ProtocolPipe
+from cloudbridge_core.transports.mux_session import (
+    HIGH_WATER,
+    PREAUTH_HIGH_WATER,
+    ProtocolPipe,
+)
 from cloudbridge_core.transports.preauth import Admission, PreauthGate, PreauthLimits
 
 log = get_logger("p2p.tcp")
@@ -62,51 +66,64 @@ KEEPALIVE = {"TCP_KEEPIDLE": 5, "TCP_KEEPINTVL": 2, "TCP_KEEPCNT": 3, "TCP_USER_
 Verified = Callable[[PeerInfo, "TcpLink"], None]
 
 
-class TcpLink:
-    """One authenticated TCP+TLS connection to a peer: the :class:`Pipe` its multiplexer
-    runs over (bytes read past the choice are handed out first)."""
+class PeerPipe(ProtocolPipe):
+    """The TLS connection's protocol, as relay sessions have it (so the multiplexer runs
+    in its callbacks), counting the bytes each way for the peer's figures."""
 
-    def __init__(self, pipe: ProtocolPipe, dialed: bool, endpoint: str) -> None:
-        self._pipe = pipe
-        #: whether this side dialed (it is then the multiplexer's dialer)
-        self.dialed = dialed
-        self.endpoint = endpoint
-        self._leftover = b""
+    def __init__(self, high_water: int = HIGH_WATER) -> None:
+        super().__init__(high_water)
         #: told of the bytes on the wire each way (sent, received)
         self.count: Callable[[int, int], None] = _ignore
 
-    @property
-    def peer_address(self) -> str | None:
-        return self._pipe.peer_address
-
-    async def receive(self) -> bytes:
-        if self._leftover:
-            data, self._leftover = self._leftover, b""
-            return data
-        data = await self._pipe.receive()
+    def data_received(self, data: bytes) -> None:
         self.count(0, len(data))
-        return data
+        super().data_received(data)
+
+    def write_now(self, data: bytes | bytearray) -> None:
+        self.count(len(data), 0)
+        super().write_now(data)
 
     async def send(self, data: bytes | bytearray) -> None:
         self.count(len(data), 0)
-        await self._pipe.send(data)
+        await super().send(data)
+
+    def unread(self, data: bytes) -> None:
+        """Put back ``data``, read past the choice: the multiplexer gets it first."""
+        if data:
+            self._chunks.appendleft(data)
+            self._queued += len(data)
+
+
+class TcpLink:
+    """One authenticated TCP+TLS connection to a peer, and the pipe its multiplexer runs
+    over once the connection is chosen."""
+
+    def __init__(self, pipe: PeerPipe, dialed: bool, endpoint: str) -> None:
+        self.pipe = pipe
+        #: whether this side dialed (it is then the multiplexer's dialer)
+        self.dialed = dialed
+        self.endpoint = endpoint
+
+    async def send_chosen(self) -> None:
+        await self.pipe.send(CHOSEN)
 
     async def expect_chosen(self, within: float) -> bool:
-        """Whether the next byte is :data:`CHOSEN` (False at the end or on anything else)."""
+        """Whether the next byte is :data:`CHOSEN` (False at the end or on anything else);
+        what follows it is left for the multiplexer."""
         try:
-            data = await asyncio.wait_for(self.receive(), within)
+            data = await asyncio.wait_for(self.pipe.receive(), within)
         except (OSError, TimeoutError):
             return False
         if data[:1] != CHOSEN:
             return False
-        self._leftover = data[1:]
+        self.pipe.unread(data[1:])
         return True
 
     def abort(self) -> None:
-        self._pipe.abort()
+        self.pipe.abort()
 
     async def aclose(self) -> None:
-        await self._pipe.aclose()
+        await self.pipe.aclose()
 
 
 def _ignore(sent: int, received: int) -> None:
@@ -252,7 +269,7 @@ class PeerTcpListener:
     async def _handshake(
         self, connection: socket.socket, address: Any, admission: Admission
     ) -> None:
-        pipe = ProtocolPipe(PREAUTH_HIGH_WATER)
+        pipe = PeerPipe(PREAUTH_HIGH_WATER)
         peer: PeerInfo | None = None
         try:
             _keep_alive(connection)
@@ -332,7 +349,7 @@ async def dial(
 
 async def _dial_one(context: ssl.SSLContext, peer: PeerInfo, endpoint: tuple[str, int]) -> TcpLink:
     host, port = endpoint
-    pipe = ProtocolPipe()
+    pipe = PeerPipe()
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(DIAL_TIMEOUT):
         transport, _ = await loop.create_connection(
@@ -395,7 +412,7 @@ class TcpAttempt:
             log.info("peer_tcp_dial_failed", peer=self._peer.name, reason=error.message)
             link = await self._incoming.get()  # the peer's dial, if it gets through
         try:
-            await link.send(CHOSEN)
+            await link.send_chosen()
         except OSError as error:
             await link.aclose()
             raise P2PConnectionFailed(f"the TCP connection to {self._peer.name} ended") from error
@@ -444,7 +461,7 @@ class TcpAttempt:
                 task.cancel()
             await asyncio.gather(*helpers, *judging, return_exceptions=True)
         try:
-            await link.send(CHOSEN)
+            await link.send_chosen()
         except OSError as error:
             link.abort()
             raise P2PConnectionFailed(f"the TCP connection to {self._peer.name} ended") from error
