@@ -211,9 +211,14 @@ class EgressPolicy:
         when the name does not resolve.
         """
         host, port = split_target(target)
-        resolver = self.resolver or asyncio.get_running_loop().getaddrinfo
         try:
-            infos = await resolver(host, port)
+            if self.resolver is not None:
+                infos = await self.resolver(host, port)
+            else:
+                # stream addresses only (all that is dialled): an address literal then
+                # resolves without a trip to the resolver's thread
+                loop = asyncio.get_running_loop()
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError as exc:
             raise TargetUnreachable(f"cannot resolve {host}") from exc
         found = [
