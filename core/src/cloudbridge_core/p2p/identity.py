@@ -29,7 +29,8 @@ from cloudbridge_core.secretfile import write_secret
 from cloudbridge_core.tlsutil import KeyPair, generate_ca, issue_server_certificate
 
 NONCE_SIZE = 12
-#: peers whose DERP cipher is kept (more than p2p.max_connections, 100, allows by default)
+#: peers whose DERP cipher and stream proof are kept (more than p2p.max_connections, 100,
+#: allows by default)
 MAX_DERP_CIPHERS = 1024
 
 
@@ -44,6 +45,9 @@ class DeviceIdentity:
     _derp_ciphers: dict[bytes, ChaCha20Poly1305] = field(
         default_factory=dict, repr=False, compare=False
     )
+    #: the stream proof for each peer, kept for the same reason: every peer stream shows
+    #: one (opener) or checks one (acceptor)
+    _proofs: dict[bytes, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def create(cls, key_file: Path | None = None) -> DeviceIdentity:
@@ -96,8 +100,14 @@ class DeviceIdentity:
 
     def proof_for(self, peer_public_key: bytes) -> str:
         """What this device shows a peer to be let in: only it and the peer can make it."""
-        digest = hmac.new(self.pair_key(peer_public_key, b"proof"), b"open", hashlib.sha256)
-        return digest.hexdigest()
+        proof = self._proofs.get(peer_public_key)
+        if proof is None:
+            if len(self._proofs) >= MAX_DERP_CIPHERS:
+                self._proofs.clear()
+            key = self.pair_key(peer_public_key, b"proof")
+            proof = hmac.new(key, b"open", hashlib.sha256).hexdigest()
+            self._proofs[peer_public_key] = proof
+        return proof
 
     def accepts_proof(self, peer_public_key: bytes, proof: str) -> bool:
         return hmac.compare_digest(self.proof_for(peer_public_key), proof)
