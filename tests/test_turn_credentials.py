@@ -55,8 +55,9 @@ async def until(condition: Callable[[], object], within: float = 30) -> None:
 async def turn_member(
     bed: Bed, name: str, turn_servers: list[dict[str, str]], expose: tuple[int, ...] = ()
 ) -> AsyncIterator[tuple[PeerManager, RelayLink]]:
-    """A mesh member whose only NAT strategy is ``turn`` (no ICE host candidates, which
-    would meet directly on this machine; no DERP), with ``turn_servers`` as static ones."""
+    """A mesh member whose only NAT strategy is ``turn`` (no ICE host candidates and no TCP
+    path, which would meet directly on this machine; no DERP), with ``turn_servers`` as
+    static ones."""
     config = bed.client_config(
         bed.token(permissions=MESH),
         **{
@@ -70,7 +71,9 @@ async def turn_member(
     link = RelayLink(config, plugins)
     await link.start()
     identity, metrics = DeviceIdentity.create(), P2PMetrics(CollectorRegistry())
-    manager = PeerManager(config, plugins, link, identity, set(expose), "p2p-first", metrics)
+    manager = PeerManager(
+        config, plugins, link, identity, set(expose), "p2p-first", metrics, tcp=False
+    )
     try:
         await manager.start()
         yield manager, link
