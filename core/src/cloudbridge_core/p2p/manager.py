@@ -44,6 +44,8 @@ log = get_logger("p2p")
 ATTEMPT_TIMEOUT = 15.0
 #: while no path works at all, attempts are retried this often
 RETRY_WHEN_DOWN = 2.0
+#: failed TCP path attempts retried as quickly as paths are while none works
+TCP_QUICK_RETRIES = 2
 #: what a reload changes for what follows; the others need a restart (x-restart-required)
 LIVE_SETTINGS = (
     "expose",
@@ -87,6 +89,8 @@ class PeerState:
     numbers: int = 0
     #: the TCP path attempt under way, which takes the connections the peer dials
     tcp_attempt: TcpAttempt | None = None
+    #: TCP path attempts failed in a row
+    tcp_failures: int = 0
 
     @property
     def key(self) -> bytes:
@@ -357,6 +361,7 @@ class PeerManager:
         except (CloudBridgeError, OSError, TimeoutError) as error:
             attempt.state, attempt.ended_at = "failed", time.time()
             attempt.error = str(error) or f"no TCP path within {ATTEMPT_TIMEOUT:g}s"
+            state.tcp_failures += 1
             log.info(
                 "path_attempt_failed", peer=state.info.name, strategy=TCP, reason=attempt.error
             )
@@ -367,6 +372,7 @@ class PeerManager:
             state.channels.pop((TCP, channel.attempt), None)
         attempt.state, attempt.ended_at = "established", time.time()
         attempt.details = {"kind": "direct", "endpoint": link.endpoint, "dialed": link.dialed}
+        state.tcp_failures = 0
         if self.metrics is not None:
             self.metrics.successes.labels(TCP).inc()
             self.metrics.path_changes.inc()
@@ -383,8 +389,10 @@ class PeerManager:
             link.abort()
 
     def _tcp_due(self, state: PeerState) -> bool:
-        """A new TCP attempt: at once after a TCP path ended, else after a failed one
-        every ``upgrade_interval`` (a peer that never answers is an older client)."""
+        """A new TCP attempt: at once after a TCP path ended; after a failed one, within
+        :data:`RETRY_WHEN_DOWN` for the first :data:`TCP_QUICK_RETRIES` (the peer may not
+        have known this device yet), then every ``upgrade_interval`` (a peer that never
+        answers is an older client)."""
         if not self._tcp_enabled or state.session.protocol == "tcp":
             return False
         attempt = state.attempts.get(TCP)
@@ -396,7 +404,9 @@ class PeerManager:
         lost = state.session.tcp_lost_at
         if lost is not None and lost >= ended:
             return True
-        return time.time() - ended >= self.settings.upgrade_interval
+        quick = state.tcp_failures <= TCP_QUICK_RETRIES
+        wait = RETRY_WHEN_DOWN if quick else self.settings.upgrade_interval
+        return time.time() - ended >= wait
 
     def _path_moved(self, state: PeerState, before: str | None) -> None:
         if state.session.current != before:
