@@ -19,6 +19,7 @@ from aioice.candidate import Candidate
 from cloudbridge_core.errors import P2PConnectionFailed
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.providers import PeerInfo, SignalChannel
+from cloudbridge_core.quic.gso import DatagramSender
 
 log = get_logger("p2p.ice")
 
@@ -82,9 +83,9 @@ class UdpIcePath(IcePath):
         pair = self._connection._nominated.get(1)  # aioice keeps the pair private
         if pair is None:
             raise ConnectionError("the ICE connection has ended")
-        sendto = pair.protocol.transport.sendto
-        for datagram in datagrams:
-            sendto(datagram, pair.remote_addr)
+        # in segmented sends where the kernel allows (UDP GSO), as the relay's QUIC does
+        sender = DatagramSender(pair.protocol.transport, pair.protocol.error_received)
+        sender.send((datagram, pair.remote_addr) for datagram in datagrams)
 
 
 def stun_address(urls: Sequence[str]) -> tuple[str, int] | None:

@@ -7,7 +7,7 @@ import contextlib
 import socket
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic import events
@@ -15,6 +15,8 @@ from aioquic.quic.connection import QuicConnection
 
 from cloudbridge_core.errors import StreamAborted, TransportClosed, TransportError
 from cloudbridge_core.quic.flow import BoundedQuicConnection
+from cloudbridge_core.quic.gso import DatagramSender
+from cloudbridge_core.quic.pacing import batch_pacing
 from cloudbridge_core.quic.pmtu import (
     apply_datagram_size,
     forbid_fragmentation,
@@ -164,6 +166,8 @@ class QuicSession(QuicConnectionProtocol):
         self._preauth_bytes = 0
         assert isinstance(quic, BoundedQuicConnection)
         self._bounded = quic
+        batch_pacing(quic)
+        self._sender: DatagramSender | None = None
         self._datagram_ceiling = datagram_ceiling
         self._on_ready = on_ready
         self._keepalive_interval = keepalive
@@ -296,6 +300,26 @@ class QuicSession(QuicConnectionProtocol):
         self._wake_writers()
 
     # ---- aioquic callbacks ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # uvloop's UDP transport is not an asyncio.DatagramTransport subclass, but one
+        self._sender = DatagramSender(
+            cast("asyncio.DatagramTransport", transport), self.error_received
+        )
+
+    def transmit(self) -> None:
+        """aioquic's transmit, with the datagrams sent together (:class:`DatagramSender`)."""
+        self._transmit_task = None
+        assert self._sender is not None  # connection_made came first
+        self._sender.send(self._quic.datagrams_to_send(now=self._loop.time()))
+        timer_at = self._quic.get_timer()
+        if self._timer is not None and self._timer_at != timer_at:
+            self._timer.cancel()
+            self._timer = None
+        if self._timer is None and timer_at is not None:
+            self._timer = self._loop.call_at(timer_at, self._handle_timer)
+        self._timer_at = timer_at
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         # aioquic transmits after every datagram; transmitting once per batch of datagrams
