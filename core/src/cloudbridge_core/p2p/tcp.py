@@ -402,8 +402,8 @@ class TcpAttempt:
                 return await self._choose(theirs)
             return await self._follow(theirs)
         finally:
-            while not self._incoming.empty():
-                await self._incoming.get_nowait().aclose()
+            while not self._incoming.empty():  # not chosen: dropped at once
+                self._incoming.get_nowait().abort()
 
     async def _choose(self, endpoints: Sequence[tuple[str, int]]) -> TcpLink:
         try:
@@ -413,11 +413,16 @@ class TcpAttempt:
             link = await self._incoming.get()  # the peer's dial, if it gets through
         try:
             await link.send_chosen()
-        except OSError as error:
-            await link.aclose()
-            raise P2PConnectionFailed(f"the TCP connection to {self._peer.name} ended") from error
-        if not await link.expect_chosen(CHOICE_TIMEOUT):
-            await link.aclose()
+            taken = await link.expect_chosen(CHOICE_TIMEOUT)
+        except BaseException as error:  # the connection ended, or the attempt's time is up
+            link.abort()
+            if isinstance(error, OSError):
+                raise P2PConnectionFailed(
+                    f"the TCP connection to {self._peer.name} ended"
+                ) from error
+            raise
+        if not taken:
+            link.abort()
             raise P2PConnectionFailed(f"{self._peer.name} did not take the TCP connection")
         return link
 
@@ -462,7 +467,11 @@ class TcpAttempt:
             await asyncio.gather(*helpers, *judging, return_exceptions=True)
         try:
             await link.send_chosen()
-        except OSError as error:
+        except BaseException as error:
             link.abort()
-            raise P2PConnectionFailed(f"the TCP connection to {self._peer.name} ended") from error
+            if isinstance(error, OSError):
+                raise P2PConnectionFailed(
+                    f"the TCP connection to {self._peer.name} ended"
+                ) from error
+            raise
         return link
