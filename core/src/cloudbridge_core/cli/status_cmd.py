@@ -58,6 +58,14 @@ def _explanation(reply: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _carried(peer: dict[str, Any]) -> str:
+    """A peer's path and what carries it there (``direct (tcp)``, ``stun (quic)``)."""
+    if not peer["path"]:
+        return "-"
+    protocol = peer.get("protocol")
+    return f"{peer['path']} ({protocol})" if protocol else peer["path"]
+
+
 def _text(reply: dict[str, Any]) -> str:
     transport = reply["transport"]
     rtt = transport["rtt_seconds"]
@@ -91,7 +99,7 @@ def _text(reply: dict[str, Any]) -> str:
     peers = [
         (
             p["name"],
-            p["path"] or "-",
+            _carried(p),
             p["endpoint"] or "-",
             f"{p['rtt_ms']:.1f} ms" if p["rtt_ms"] is not None else "-",
             p["last_seen"] or "never",
@@ -99,5 +107,5 @@ def _text(reply: dict[str, Any]) -> str:
         for p in reply.get("peers", [])
     ]
     if peers:
-        lines += ["", table(peers, ("PEER", "PATH", "ENDPOINT", "RTT", "LAST SEEN"))]
+        lines += ["", table(peers, ("PEER", "PATH (CARRIER)", "ENDPOINT", "RTT", "LAST SEEN"))]
     return "\n".join(lines)
