@@ -225,7 +225,7 @@ class Engine:
 @contextmanager
 def quic_engine(space: Namespace) -> Iterator[Engine]:
     """aioquic's own rate across the link, with the datagram size and receive windows a
-    peer session uses there (issue 15 holds a peer on a UDP-only path to it)."""
+    peer session uses there (issue 15 holds a peer on a UDP-only path to it: udp_peer)."""
     # the peer session's settings, read where they are defined (imports aioquic and aioice)
     from cloudbridge_core.p2p.session import (  # noqa: PLC0415
         CONNECTION_WINDOW,
@@ -337,11 +337,17 @@ def _peer_path(control_socket: Path) -> tuple[str, str] | None:
 
 @contextmanager
 def peer(
-    server: Relay, space: Namespace, target: int, connections: int, within: float = 30.0
+    server: Relay,
+    space: Namespace,
+    target: int,
+    connections: int,
+    within: float = 30.0,
+    protocol: str = "tcp",
 ) -> Iterator[Forwarder]:
     """A peer tunnel (`tunnel --remote-peer`, p2p-only) from this side to a peer in ``space``
-    that exposes the target there, on the direct path: the TCP path, which each peer can
-    dial here (ICE's direct path carries the QUIC session beside it).
+    that exposes the target there, on the direct path over ``protocol``: the TCP path, which
+    each peer can dial here (ICE's direct path carries the QUIC session beside it), or
+    where TCP is blocked (:func:`udp_peer`) the QUIC session on ICE's direct path.
 
     The relay (in ``space`` too) only introduces the peers; the cost counted is the two
     peers' processes.
@@ -378,8 +384,67 @@ def peer(
         started(near_command, "tunnel 127.0.0.1:", env) as near,
     ):
         deadline = time.monotonic() + within
-        while (path := _peer_path(state / "near.sock")) != ("direct", "tcp"):
+        while (path := _peer_path(state / "near.sock")) != ("direct", protocol):
             if time.monotonic() > deadline:
-                raise Unavailable(f"the peers found no direct TCP path in {within:g} s ({path})")
+                raise Unavailable(
+                    f"the peers found no direct {protocol} path in {within:g} s ({path})"
+                )
             time.sleep(0.2)
         yield Forwarder("peer", port, [near.pid, far.pid])
+
+
+#: the nftables table that keeps TCP off the link for :func:`udp_peer`
+_UDP_ONLY_TABLE = "cbbench_udp_only"
+
+
+@contextmanager
+def tcp_blocked(space: Namespace, server: Relay) -> Iterator[None]:
+    """No TCP across the link except to the relay's ports, as behind a firewall that lets
+    UDP through: peers there have no TCP path to each other (nftables in ``space``)."""
+    if not shutil.which("nft"):
+        raise Unavailable("a UDP-only path needs nftables (apt-get install nftables)")
+    written = yaml.safe_load((Path(server.state) / "client.yaml").read_text())
+    ports = ", ".join(str(section["port"]) for section in written["transport"].values())
+    # this side's packets to any other TCP port there are dropped: its dials to a peer
+    # there, and the answers to that peer's dials here
+    rules = "\n".join(
+        [
+            f"table inet {_UDP_ONLY_TABLE} {{",
+            "  chain input {",
+            "    type filter hook input priority 0; policy accept;",
+            f"    ip saddr {space.host_address} tcp dport != {{ {ports} }} drop",
+            "  }",
+            "}",
+            "",
+        ]
+    )
+    try:
+        subprocess.run(
+            space.command(["nft", "-f", "-"]),
+            input=rules,
+            text=True,
+            check=True,
+            capture_output=True,
+        )
+    except subprocess.CalledProcessError as error:
+        raise Unavailable(f"no UDP-only path: nft: {error.stderr.strip()}") from error
+    try:
+        yield
+    finally:
+        subprocess.run(
+            space.command(["nft", "delete", "table", "inet", _UDP_ONLY_TABLE]),
+            capture_output=True,
+            check=False,
+        )
+
+
+@contextmanager
+def udp_peer(server: Relay, space: Namespace, target: int, connections: int) -> Iterator[Forwarder]:
+    """The peer tunnel of :func:`peer` on a UDP-only path: TCP across the link blocked, its
+    streams ride the peer QUIC session on ICE's direct path (issue 15 holds it to the QUIC
+    engine's own rate, :func:`quic_engine`)."""
+    with (
+        tcp_blocked(space, server),
+        peer(server, space, target, connections, protocol="quic") as forwarder,
+    ):
+        yield forwarder

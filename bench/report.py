@@ -126,12 +126,12 @@ GOALS = [
         paths=("mtu1500-peer",),
     ),
     Goal(
-        "peer tunnel bulk >= 1.0x the QUIC engine, 1,500-byte MTU",
+        "UDP-only peer tunnel bulk >= 1.0x the QUIC engine, 1,500-byte MTU",
         tuple(BULK),
         "mtu1500-quic-engine",
         operator.ge,
         1.0,
-        paths=("mtu1500-peer",),
+        paths=("mtu1500-peer-udp",),
     ),
     Goal(
         "bulk >= 1.5x wstunnel",
@@ -234,7 +234,12 @@ COMPARISONS: list[tuple[str, tuple[str, ...] | None, str, list[str] | None]] = [
     ("wstunnel", ("cloudbridge-websocket",), "WebSocket transport to wstunnel", None),
     ("cloudbridge-grpc", ("cloudbridge-quic",), "QUIC transport to gRPC", None),
     ("cloudbridge-tls", ("peer",), "Peer tunnel (direct path) to the relayed TLS tunnel", None),
-    ("quic-engine", ("peer",), "Peer tunnel to the QUIC engine alone (same datagram size)", None),
+    (
+        "quic-engine",
+        ("peer-udp",),
+        "UDP-only peer tunnel to the QUIC engine alone (same datagram size)",
+        None,
+    ),
 ]
 
 

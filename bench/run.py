@@ -20,6 +20,8 @@ holds a second target and relay; needs root and iproute2):
                             server there): bulk on 1 and 8 streams, CPU per GiB
     mtu1500-peer            a peer tunnel (`tunnel --remote-peer`, p2p-only) here to a peer
                             there (`cloudbridge p2p`) exposing the target, on the direct path
+    mtu1500-peer-udp        the same with TCP across the link blocked (nftables): the peer
+                            QUIC session on ICE's direct path
 
 Figures per path: bulk upload and download on 1 and on 8 connections; N parallel bulk
 connections (half up, half down; how many completed, and the aggregate rate); 64-byte
@@ -28,9 +30,10 @@ per idle connection (PSS of the forwarder's processes with N idle connections op
 before, divided by N); CPU seconds per GiB (user+sys of the forwarder's processes over the
 1- and 8-connection bulk runs, divided by the GiB they moved). Then ratio tables per group
 (loopback, mtu1500): to socat, to ssh -L (bulk), the WebSocket transport to wstunnel, QUIC
-to gRPC, the peer tunnel to the relayed TLS tunnel and to the QUIC engine; and issue 15's
-goals, met or not. Then the floods of floods.py (part "floods"): what a hostile stranger
-or tenant costs a bystander. docs/performance.md says how each figure is taken.
+to gRPC, the peer tunnel to the relayed TLS tunnel, on a UDP-only path to the QUIC engine;
+and issue 15's goals, met or not. Then the floods of floods.py (part "floods"): what a
+hostile stranger or tenant costs a bystander. docs/performance.md says how each figure is
+taken.
 
     ./dev bench                              everything (about 5 minutes on 2 cores)
     ./dev bench --only socat,ssh,tls         some paths, or parts: references, relayed,
@@ -43,9 +46,9 @@ parallel ones), --parallel, --round-trips, --setups, --idle, --timeout (a bulk r
 bound; the parallel run's is at least 3x the path's own 8-connection time), --repeat,
 --flood-seconds, --json FILE. Tables go to stdout,
 progress to stderr. ./dev bench installs the reference tools when missing (socat,
-openssh-server and -client with apt; wstunnel with `npm ci --prefix bench/wstunnel`); a
-path that cannot run is skipped with the reason, one that fails says how. Not part of
-the tests (a smoke run is: tests/test_bench_smoke.py).
+openssh-server and -client, and nftables for the UDP-only peer path, with apt; wstunnel
+with `npm ci --prefix bench/wstunnel`); a path that cannot run is skipped with the reason,
+one that fails says how. Not part of the tests (a smoke run is: tests/test_bench_smoke.py).
 """
 
 from __future__ import annotations
@@ -83,8 +86,9 @@ PARTS = {
     "mtu1500": [
         f"{MTU}socat",
         *(f"{MTU}cloudbridge-{t}" for t in paths.TRANSPORTS),
-        f"{MTU}quic-engine",
         f"{MTU}peer",
+        f"{MTU}quic-engine",
+        f"{MTU}peer-udp",
     ],
 }
 
@@ -236,6 +240,8 @@ class Bed:
             self._far = (space, target, relay)
         if name == "peer":
             return paths.peer(relay, space, target, self.connections)
+        if name == "peer-udp":
+            return paths.udp_peer(relay, space, target, self.connections)
         transport = name.removeprefix("cloudbridge-")
         return paths.cloudbridge(relay, transport, target, self.connections)
 

@@ -114,11 +114,11 @@ def test_the_peer_tunnel_is_held_to_the_quic_engine(monkeypatch: pytest.MonkeyPa
     engine = dict.fromkeys(BULK, 10e6) | {"cpu_seconds_per_gib": 60.0}
     peer = dict.fromkeys(BULK, 12e6) | {"cpu_seconds_per_gib": 70.0}
     peer["bulk_down_8_bytes_per_second"] = 5e6
-    results = {"mtu1500-quic-engine": engine, "mtu1500-peer": peer}
+    results = {"mtu1500-quic-engine": engine, "mtu1500-peer-udp": peer}
 
     (goal,) = report.goals(results, 64)
-    assert goal["path"] == "mtu1500-peer"
+    assert goal["path"] == "mtu1500-peer-udp"
     assert goal["value"] == pytest.approx(0.5)  # the worst of the four bulk ratios
     assert not goal["met"]
     text = report.render(results, {}, {}, 64)
-    assert "Peer tunnel to the QUIC engine alone" in text
+    assert "UDP-only peer tunnel to the QUIC engine alone" in text
