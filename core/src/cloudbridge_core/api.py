@@ -87,7 +87,7 @@ if TYPE_CHECKING:
     from cloudbridge_core.settings import build
     from cloudbridge_core.tenants import TENANT_ID_PATTERN, is_tenant_id
     from cloudbridge_core.tlsutil import ALPN, client_context
-    from cloudbridge_core.transports.mux_session import MuxSession
+    from cloudbridge_core.transports.mux_session import MuxSession, PipeReceiver
     from cloudbridge_core.transports.preauth import Admission, PreauthGate
     from cloudbridge_core.transports.serving import run_session_handler
     from cloudbridge_core.transports.tls import TlsTransport
@@ -116,6 +116,7 @@ _LAZY = {
     "ALPN": ("cloudbridge_core.tlsutil", "ALPN"),
     "client_context": ("cloudbridge_core.tlsutil", "client_context"),
     "MuxSession": ("cloudbridge_core.transports.mux_session", "MuxSession"),
+    "PipeReceiver": ("cloudbridge_core.transports.mux_session", "PipeReceiver"),
     "Admission": ("cloudbridge_core.transports.preauth", "Admission"),
     "PreauthGate": ("cloudbridge_core.transports.preauth", "PreauthGate"),
     "run_session_handler": ("cloudbridge_core.transports.serving", "run_session_handler"),
@@ -165,6 +166,7 @@ __all__ = [
     "P2PConnectionFailed",
     "PeerInfo",
     "PeerPath",
+    "PipeReceiver",
     "PreauthGate",
     "ProtocolViolation",
     "ProviderSpec",

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Protocol, cast
+from typing import Protocol, cast, runtime_checkable
 
 from cloudbridge_core.errors import ProtocolViolation, StreamAborted, TransportClosed
 from cloudbridge_core.protocol import mux
@@ -34,13 +34,35 @@ class Pipe(Protocol):
 
 
 class PipeReceiver(Protocol):
-    """What a pipe that delivers as bytes arrive (:meth:`ProtocolPipe.attach`) calls."""
+    """What a :class:`DirectPipe` delivers to once attached."""
 
     def pipe_data(self, data: bytes) -> None: ...
 
     def pipe_ended(self, error: BaseException | None) -> None: ...
 
     def pipe_writable(self) -> None: ...
+
+
+@runtime_checkable
+class DirectPipe(Pipe, Protocol):
+    """A pipe that delivers as bytes arrive, in the connection's callback, and writes at
+    once (:class:`ProtocolPipe`; the WebSocket plugin's): its session runs without a
+    reader task (see :class:`MuxSession`)."""
+
+    @property
+    def writing_paused(self) -> bool:
+        """Whether the connection's send buffer is full (``pipe_writable``: no longer)."""
+
+    def attach(self, receiver: PipeReceiver) -> None:
+        """Deliver to ``receiver`` from now on, starting with what arrived before."""
+
+    def write_now(self, data: bytes | bytearray) -> None:
+        """Queue ``data`` at once; ``ConnectionError`` when the connection is gone."""
+
+    def hold(self, reason: str) -> None:
+        """Stop reading until every reason held is released."""
+
+    def release(self, reason: str) -> None: ...
 
 
 #: bytes read ahead of the session before the socket is paused; a stranger's connection
@@ -454,7 +476,7 @@ class MuxSession:
         #: called once the pipe takes more (see :meth:`when_writable`)
         self._writable_callbacks: list[Callable[[], None]] = []
         self._reader: asyncio.Task[None] | None = None
-        self._direct: ProtocolPipe | None = pipe if isinstance(pipe, ProtocolPipe) else None
+        self._direct: DirectPipe | None = pipe if isinstance(pipe, DirectPipe) else None
         if self._direct is not None:
             self._direct.attach(self)
         else:
@@ -479,7 +501,12 @@ class MuxSession:
         self._raise_if_closed()
         stream_id = self._connection.open_stream()
         stream = self._streams[stream_id] = MuxStream(self, stream_id)
-        await self.flush()
+        if self._direct is not None:
+            # written after this turn of the loop: a first write made meanwhile (a tunnel's
+            # open) carries the stream's opening with it, in one record and one send
+            asyncio.get_running_loop().call_soon(self.flush_now)
+        else:
+            await self.flush()
         return stream
 
     async def accept_stream(self) -> MuxStream:
@@ -622,7 +649,7 @@ class MuxSession:
             self._direct.hold("backlog")  # see _wait_for_backlog_room
 
     @staticmethod
-    async def _pace(pace: Callable[[int], Awaitable[None]], pings: int, pipe: ProtocolPipe) -> None:
+    async def _pace(pace: Callable[[int], Awaitable[None]], pings: int, pipe: DirectPipe) -> None:
         await pace(pings)
         pipe.release("pings")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -13,21 +14,24 @@ from cloudbridge_core.api import (
     ConnectionTimeout,
     Endpoint,
     MuxSession,
+    PipeReceiver,
     PreauthGate,
     ProtocolViolation,
     ServerUnavailable,
     Session,
     TlsVerificationFailed,
-    TransportClosed,
     TransportError,
     build,
     run_session_handler,
 )
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.connection import Connection
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, WebSocketException
+from websockets.exceptions import InvalidHandshake, WebSocketException
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
+from websockets.protocol import Event, State
 
 SUBPROTOCOL = "cloudbridge.v1"
 #: the largest WebSocket message before the relay authenticates the peer: room for the
@@ -35,10 +39,118 @@ SUBPROTOCOL = "cloudbridge.v1"
 PREAUTH_MESSAGE_BYTES = 64 * 1024
 
 
-class WebSocketPipe:
-    """A :class:`~cloudbridge_core.transports.mux_session.Pipe` over binary WebSocket messages."""
+#: binary messages a connection keeps before its session takes them (the moment between
+#: the handshake and the session's start); past it, the socket is not read meanwhile
+EARLY_MESSAGES = 16
 
-    def __init__(self, websocket: ClientConnection | ServerConnection, max_message: int) -> None:
+
+class DirectConnection(Connection):
+    """A connection whose binary messages go to the multiplexer's session as their frames
+    arrive, in the connection's callback (the session's direct mode: no task between the
+    socket and the streams), instead of through ``recv``: from the handshake on, they are
+    kept here until a receiver is attached, then delivered to it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.receiver: PipeReceiver | None = None
+        self._early: deque[bytes] = deque()
+        self._arrived: asyncio.Future[None] | None = None
+        self._fragments: list[bytes] = []
+        self._violation: ProtocolViolation | None = None
+        self.ended = False
+        self.end_error: BaseException | None = None
+        #: why reading is paused (empty: reading)
+        self.holds: set[str] = set()
+
+    def process_event(self, event: Event) -> None:
+        if not isinstance(event, Frame) or event.opcode not in (
+            Opcode.BINARY,
+            Opcode.CONT,
+            Opcode.TEXT,
+        ):
+            super().process_event(event)  # the handshake, pongs
+            return
+        if event.opcode is Opcode.TEXT or (self._violation is not None):
+            self._violation = ProtocolViolation("text WebSocket message on a binary channel")
+            self.transport.abort()
+            return
+        if not event.fin:  # a fragment: its message is bounded by max_size like any other
+            self._fragments.append(bytes(event.data))
+            return
+        data = bytes(event.data)
+        if self._fragments:
+            data = b"".join([*self._fragments, data])
+            self._fragments.clear()
+        if self.receiver is not None:
+            self.receiver.pipe_data(data)
+            return
+        self._early.append(data)
+        if len(self._early) == EARLY_MESSAGES:
+            self.hold("early")
+        if self._arrived is not None and not self._arrived.done():
+            self._arrived.set_result(None)
+
+    async def next_message(self) -> bytes:
+        """The next binary message kept (``b""`` at the end) while no receiver is attached."""
+        while not self._early:
+            if self.ended:
+                if self.end_error is not None:
+                    raise self.end_error
+                return b""
+            self._arrived = self.loop.create_future()
+            try:
+                await self._arrived
+            finally:
+                self._arrived = None
+        self.release("early")
+        return self._early.popleft()
+
+    def attach(self, receiver: PipeReceiver) -> None:
+        self.receiver = receiver
+        if self._early:
+            data = b"".join(self._early)
+            self._early.clear()
+            self.release("early")
+            receiver.pipe_data(data)
+        if self.ended:
+            receiver.pipe_ended(self.end_error)
+
+    def hold(self, reason: str) -> None:
+        if not self.holds:
+            self.transport.pause_reading()
+        self.holds.add(reason)
+
+    def release(self, reason: str) -> None:
+        if reason in self.holds:
+            self.holds.discard(reason)
+            if not self.holds and not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.receiver is not None:
+            self.receiver.pipe_writable()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.ended = True
+        self.end_error = self._violation or exc
+        if self.receiver is not None:
+            self.receiver.pipe_ended(self.end_error)
+        elif self._arrived is not None and not self._arrived.done():
+            self._arrived.set_result(None)
+
+
+class DirectClientConnection(DirectConnection, ClientConnection):
+    pass
+
+
+class WebSocketPipe:
+    """A :class:`~cloudbridge_core.transports.mux_session.Pipe` over binary WebSocket
+    messages; a direct one (``attach``, ``write_now``) when its connection is a
+    :class:`DirectConnection`, as this transport's always are."""
+
+    def __init__(self, websocket: DirectConnection, max_message: int) -> None:
         self._websocket = websocket
         self._max_message = max_message
         peer = websocket.remote_address
@@ -47,21 +159,33 @@ class WebSocketPipe:
         self.peer_address: str | None = str(peer[0]) if isinstance(peer, tuple) else None
 
     async def receive(self) -> bytes:
-        try:
-            message = await self._websocket.recv()
-        except ConnectionClosed:
-            return b""
-        if isinstance(message, str):
-            raise ProtocolViolation("text WebSocket message on a binary channel")
-        return message
+        return await self._websocket.next_message()
+
+    def attach(self, receiver: PipeReceiver) -> None:
+        self._websocket.attach(receiver)
+
+    def hold(self, reason: str) -> None:
+        self._websocket.hold(reason)
+
+    def release(self, reason: str) -> None:
+        self._websocket.release(reason)
+
+    @property
+    def writing_paused(self) -> bool:
+        return self._websocket.paused
+
+    def write_now(self, data: bytes | bytearray) -> None:
+        websocket = self._websocket
+        if websocket.protocol.state is not State.OPEN:
+            raise ConnectionResetError("the WebSocket is closed")
+        view = memoryview(data)
+        for start in range(0, len(view), self._max_message):
+            websocket.protocol.send_binary(view[start : start + self._max_message])
+        websocket.send_data()
 
     async def send(self, data: bytes | bytearray) -> None:
-        view = memoryview(data)
-        try:
-            for start in range(0, len(view), self._max_message):
-                await self._websocket.send(view[start : start + self._max_message])
-        except ConnectionClosed as exc:
-            raise TransportClosed(f"WebSocket closed: {exc}") from exc
+        self.write_now(data)
+        await self._websocket.drain()
 
     async def aclose(self) -> None:
         await self._websocket.close()
@@ -75,7 +199,7 @@ class WebSocketPipe:
         self._websocket.protocol.max_message_size = self._max_message
 
 
-class PreauthConnection(ServerConnection):
+class PreauthConnection(DirectConnection, ServerConnection):
     """A server connection held to the relay's pre-auth budget from its TCP accept: its
     admission (per-address and total caps) is asked for when TLS is up, and until the
     session takes it over (:meth:`take_admission`) the connection is aborted at its
@@ -179,7 +303,13 @@ class WebSocketTransport:
         where = f"{endpoint.host}:{endpoint.port}"
         try:
             websocket = await asyncio.wait_for(
-                connect(uri, ssl=endpoint.tls, open_timeout=None, **self._options()),
+                connect(
+                    uri,
+                    ssl=endpoint.tls,
+                    open_timeout=None,
+                    create_connection=DirectClientConnection,
+                    **self._options(),
+                ),
                 endpoint.connect_timeout,
             )
         except TimeoutError as exc:
@@ -195,6 +325,7 @@ class WebSocketTransport:
         if websocket.subprotocol != SUBPROTOCOL:
             await websocket.close()
             raise TransportError(f"{where} does not speak {SUBPROTOCOL}")
+        assert isinstance(websocket, DirectConnection)  # create_connection above
         return MuxSession(WebSocketPipe(websocket, self.settings.max_message_bytes), is_dialer=True)
 
     async def serve(
@@ -203,9 +334,8 @@ class WebSocketTransport:
         listener = WebSocketListener()
 
         async def accepted(websocket: ServerConnection) -> None:
-            admission = (
-                websocket.take_admission() if isinstance(websocket, PreauthConnection) else None
-            )
+            assert isinstance(websocket, PreauthConnection)  # create_connection below
+            admission = websocket.take_admission()
             if (
                 websocket.subprotocol != SUBPROTOCOL
                 or websocket.request is None
@@ -238,11 +368,11 @@ class WebSocketTransport:
             headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body)))])
             return Response(200, "OK", headers, body)
 
-        budget: dict[str, Any] = {}
+        # a PreauthConnection without a gate holds nobody to a budget
+        connection = type("Connection", (PreauthConnection,), {"gate": endpoint.preauth})
+        budget: dict[str, Any] = {"create_connection": connection}
         if endpoint.preauth is not None:
-            connection = type("Connection", (PreauthConnection,), {"gate": endpoint.preauth})
-            budget = {
-                "create_connection": connection,
+            budget |= {
                 "ssl_handshake_timeout": endpoint.preauth.timeout,
                 "open_timeout": endpoint.preauth.timeout,
             }
