@@ -47,7 +47,8 @@ async def member(
     tcp_path: bool = True,
 ) -> AsyncIterator[PeerManager]:
     """A peer whose TCP listener is published as 127.0.0.1 (``tcp_path=False``: a peer
-    without a TCP path, which ignores ``tcp`` signals as older clients do)."""
+    without a TCP path, which ignores ``tcp`` signals as older clients do). Without the
+    relayed stream (tests/test_p2p_relayed.py): here QUIC over DERP is the fallback."""
     config = bed.client_config(
         bed.token(permissions=MESH),
         **{"p2p.name": name, "p2p.expose": list(expose), "p2p.heartbeat_interval": "1s"},
@@ -63,6 +64,7 @@ async def member(
         "relay-only",
         tcp_addresses=["127.0.0.1"],
         tcp=tcp_path,
+        relayed=False,
     )
     try:
         await manager.start()
@@ -249,9 +251,9 @@ def test_a_killed_tcp_connection_resets_the_application_and_the_next_one_works(
                 received = 0
                 while received < 4 << 20:
                     received += len(await loop.sock_recv(application, 1 << 16))
-                link = laptop.find("server").session._tcp_link
-                assert link is not None
-                link.abort()  # the TCP connection dies mid-transfer (an RST)
+                carried = laptop.find("server").session.carried_by("tcp")
+                assert carried is not None
+                carried[1].abort()  # the TCP connection dies mid-transfer (an RST)
                 with pytest.raises(ConnectionResetError):
                     await read_to_end(application)
             finally:

@@ -216,9 +216,10 @@ class TcpPeerEnd:
         return await self.session.open_stream()
 
     async def accept_stream(self) -> Stream:
-        carrier = self.session._tcp  # its end is what ends accepting, as on a relay
-        if carrier is None:
+        carried = self.session.carried_by("tcp")  # its end ends accepting, as on a relay
+        if carried is None:
             raise TransportClosed("the TCP path has ended")
+        carrier = carried[0]
         incoming = asyncio.ensure_future(self._incoming.get())
         ended = asyncio.ensure_future(carrier.wait_closed())
         await asyncio.wait({incoming, ended}, return_when=asyncio.FIRST_COMPLETED)

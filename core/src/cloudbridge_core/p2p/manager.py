@@ -1,10 +1,13 @@
 """The peers of this device: a QUIC session with each, over the best path the NAT
 strategies found, kept up (heartbeats, fallback) and upgraded (retrying better paths);
 and, where one of the two can reach the other over TCP, a TCP path that carries their
-streams while it lasts (:mod:`cloudbridge_core.p2p.tcp`; not in ``relay-only`` mode).
+streams while it lasts (:mod:`cloudbridge_core.p2p.tcp`; not in ``relay-only`` mode);
+where DERP is a strategy, the same TLS and multiplexer through a relay stream
+(:mod:`cloudbridge_core.p2p.relayed`), which carries them while QUIC has no better path.
 
 The controlling peer of a pair (the lower peer id) starts every attempt: it sends
-``begin`` for attempt N of a strategy (or of the TCP path, kind ``tcp``), and both sides
+``begin`` for attempt N of a strategy (or of the TCP path, kind ``tcp``, or of the
+relayed stream, kind ``relay-stream``), and both sides
 then run it with the signalling of attempt N. The other side only follows, so the two
 never race.
 """
@@ -25,10 +28,12 @@ from cloudbridge_core.client.link import RelayLink
 from cloudbridge_core.config import Config
 from cloudbridge_core.errors import CloudBridgeError, P2PConnectionFailed
 from cloudbridge_core.log import get_logger
+from cloudbridge_core.p2p import relayed
 from cloudbridge_core.p2p.channel import AttemptChannel
 from cloudbridge_core.p2p.identity import DeviceIdentity
 from cloudbridge_core.p2p.membership import Membership
 from cloudbridge_core.p2p.metrics import P2PMetrics
+from cloudbridge_core.p2p.relayed import KIND as RELAYED
 from cloudbridge_core.p2p.session import RANK, PeerSession
 from cloudbridge_core.p2p.setup import MODES
 from cloudbridge_core.p2p.streams import accept_peer_stream, open_peer_stream
@@ -89,8 +94,8 @@ class PeerState:
     numbers: int = 0
     #: the TCP path attempt under way, which takes the connections the peer dials
     tcp_attempt: TcpAttempt | None = None
-    #: TCP path attempts failed in a row
-    tcp_failures: int = 0
+    #: attempts of a multiplexed carrier (``tcp``, ``relay-stream``) failed in a row
+    failures: dict[str, int] = field(default_factory=dict)
 
     @property
     def key(self) -> bytes:
@@ -102,7 +107,8 @@ class PeerManager:
     reach (``p2p.expose``); :meth:`apply` takes a reloaded ``p2p`` section.
     ``tcp_addresses`` are the addresses peers are told to dial for the TCP path (default:
     this machine's, as ICE offers them); ``tcp`` turns that path on or off (default: on
-    unless ``relay-only``)."""
+    unless ``relay-only``); ``relayed`` the relayed stream (default: on where DERP is one
+    of the strategies)."""
 
     def __init__(
         self,
@@ -115,6 +121,7 @@ class PeerManager:
         metrics: P2PMetrics | None = None,
         tcp_addresses: Sequence[str] | None = None,
         tcp: bool | None = None,
+        relayed: bool | None = None,
     ) -> None:
         self._connect_timeout = config.settings.relay.connect_timeout
         self._identity = identity
@@ -128,6 +135,8 @@ class PeerManager:
         self.peers: dict[str, PeerState] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._tcp_enabled = mode != "relay-only" if tcp is None else tcp
+        derp = any(name == "derp" for name, _ in self.strategies)
+        self._relayed_enabled = derp if relayed is None else relayed
         self.tcp_listener: PeerTcpListener | None = None
         if self._tcp_enabled:
             self.tcp_listener = PeerTcpListener(
@@ -271,22 +280,30 @@ class PeerManager:
                 self._spawn(self._begin(state, name))
             if self._tcp_enabled:
                 self._spawn(self._begin(state, TCP))
+            if self._relayed_enabled:
+                self._spawn(self._begin(state, RELAYED))
         return state
 
     def _signalled(self, peer_id: str, kind: str, body: Mapping[str, Any]) -> None:
         state = self.peers.get(peer_id)
         strategy = dict(self.strategies).get(kind)
         number = body.get("attempt")
-        known = strategy is not None or (kind == TCP and self._tcp_enabled)
+        known = (
+            strategy is not None
+            or (kind == TCP and self._tcp_enabled)
+            or (kind == RELAYED and self._relayed_enabled)
+        )
         if state is None or not known or not isinstance(number, int):
             log.debug("signal_ignored", peer_id=peer_id, kind=kind)
             return
         if body.get("begin") and not state.controlling:
             channel = self._channel(state, kind, number)
-            if strategy is None:
+            if strategy is not None:
+                self._spawn(self._run(state, kind, strategy, channel))
+            elif kind == TCP:
                 self._spawn(self._run_tcp(state, channel))
             else:
-                self._spawn(self._run(state, kind, strategy, channel))
+                self._spawn(self._run_relayed(state, channel))
             return
         waiting = state.channels.get((kind, number))
         if waiting is not None and isinstance(body.get("data"), Mapping):
@@ -316,6 +333,8 @@ class PeerManager:
             return
         if name == TCP:
             await self._run_tcp(state, channel)
+        elif name == RELAYED:
+            await self._run_relayed(state, channel)
         else:
             await self._run(state, name, dict(self.strategies)[name], channel)
 
@@ -361,7 +380,7 @@ class PeerManager:
         except (CloudBridgeError, OSError, TimeoutError) as error:
             attempt.state, attempt.ended_at = "failed", time.time()
             attempt.error = str(error) or f"no TCP path within {ATTEMPT_TIMEOUT:g}s"
-            state.tcp_failures += 1
+            state.failures[TCP] = state.failures.get(TCP, 0) + 1
             log.info(
                 "path_attempt_failed", peer=state.info.name, strategy=TCP, reason=attempt.error
             )
@@ -372,7 +391,7 @@ class PeerManager:
             state.channels.pop((TCP, channel.attempt), None)
         attempt.state, attempt.ended_at = "established", time.time()
         attempt.details = {"kind": "direct", "endpoint": link.endpoint, "dialed": link.dialed}
-        state.tcp_failures = 0
+        state.failures[TCP] = 0
         if self.metrics is not None:
             self.metrics.successes.labels(TCP).inc()
             self.metrics.path_changes.inc()
@@ -381,6 +400,42 @@ class PeerManager:
             return
         state.session.attach_tcp(link)
 
+    async def _run_relayed(self, state: PeerState, channel: AttemptChannel) -> None:
+        attempt = Attempt(RELAYED, channel.attempt)
+        state.attempts[RELAYED] = attempt
+        if self.metrics is not None:
+            self.metrics.attempts.labels(RELAYED).inc()
+        try:
+            link = await asyncio.wait_for(
+                relayed.connect(
+                    self.membership,
+                    self._identity,
+                    state.info,
+                    channel.attempt,
+                    state.controlling,
+                ),
+                ATTEMPT_TIMEOUT,
+            )
+        except (CloudBridgeError, OSError, TimeoutError) as error:
+            attempt.state, attempt.ended_at = "failed", time.time()
+            attempt.error = str(error) or f"no relayed stream within {ATTEMPT_TIMEOUT:g}s"
+            state.failures[RELAYED] = state.failures.get(RELAYED, 0) + 1
+            log.info(
+                "path_attempt_failed", peer=state.info.name, strategy=RELAYED, reason=attempt.error
+            )
+            return
+        finally:
+            state.channels.pop((RELAYED, channel.attempt), None)
+        attempt.state, attempt.ended_at = "established", time.time()
+        attempt.details = {"kind": "derp", "endpoint": link.endpoint, "dialed": link.dialed}
+        state.failures[RELAYED] = 0
+        if self.metrics is not None:
+            self.metrics.successes.labels(RELAYED).inc()
+        if self.peers.get(state.info.peer_id) is not state:  # the peer left meanwhile
+            await link.aclose()
+            return
+        state.session.attach(RELAYED, link)
+
     def _tcp_verified(self, peer: PeerInfo, link: TcpLink) -> None:
         """A connection the peer dialed, its certificate verified: for the attempt under way."""
         state = self.peers.get(peer.peer_id)
@@ -388,23 +443,28 @@ class PeerManager:
         if attempt is None or not attempt.offer(link):
             link.abort()
 
-    def _tcp_due(self, state: PeerState) -> bool:
-        """A new TCP attempt: at once after a TCP path ended; after a failed one, within
-        :data:`RETRY_WHEN_DOWN` for the first :data:`TCP_QUICK_RETRIES` (the peer may not
-        have known this device yet), then every ``upgrade_interval`` (a peer that never
-        answers is an older client)."""
-        if not self._tcp_enabled or state.session.protocol == "tcp":
+    def _carrier_due(self, state: PeerState, carrier: str) -> bool:
+        """A new attempt at a multiplexed carrier (``tcp``; ``relay-stream`` while QUIC
+        has no better path than DERP): at once after one ended; after a failed one,
+        within :data:`RETRY_WHEN_DOWN` for the first :data:`TCP_QUICK_RETRIES` (the peer
+        may not have known this device yet), then every ``upgrade_interval`` (a peer that
+        never answers is an older client, a relay that refuses an older relay)."""
+        enabled = self._tcp_enabled if carrier == TCP else self._relayed_enabled
+        session = state.session
+        if not enabled or session.has(carrier):
             return False
-        attempt = state.attempts.get(TCP)
+        if carrier == RELAYED and (session.has(TCP) or session.current not in (None, "derp")):
+            return False
+        attempt = state.attempts.get(carrier)
         if attempt is None:
             return True
         if attempt.state == "trying":
             return False
         ended = attempt.ended_at or attempt.started_at
-        lost = state.session.tcp_lost_at
+        lost = session.lost_at.get(carrier)
         if lost is not None and lost >= ended:
             return True
-        quick = state.tcp_failures <= TCP_QUICK_RETRIES
+        quick = state.failures.get(carrier, 0) <= TCP_QUICK_RETRIES
         wait = RETRY_WHEN_DOWN if quick else self.settings.upgrade_interval
         return time.time() - ended >= wait
 
@@ -434,8 +494,9 @@ class PeerManager:
                     for name, _ in self.strategies:
                         if self._due(state, name):
                             self._spawn(self._begin(state, name))
-                    if self._tcp_due(state):
-                        self._spawn(self._begin(state, TCP))
+                    for carrier in (TCP, RELAYED):
+                        if self._carrier_due(state, carrier):
+                            self._spawn(self._begin(state, carrier))
             if self.metrics is not None:
                 self.metrics.observe(self.peers.values())
 

@@ -127,6 +127,23 @@ class Membership:
             raise error_for_code(reply.code, reply.message)
         return stream
 
+    async def open_splice(self, peer_id: str, attempt: int) -> tuple[Stream, bytes]:
+        """A stream the relay joins to the one ``peer_id`` opens for the same ``attempt``,
+        and the first bytes from it; raises the relay's refusal, or ``TransportClosed`` /
+        ``ProtocolViolation`` from a relay that does not know ``peer_splice``."""
+        stream = await self._link.current.session.open_stream()
+        header = MessageStream(stream)
+        try:
+            await header.send(messages.PeerSplice(peer_id, attempt))
+            reply = await header.expect(messages.Accept, messages.Reject)
+        except BaseException:
+            await stream.reset()
+            raise
+        if isinstance(reply, messages.Reject):
+            await stream.aclose()
+            raise error_for_code(reply.code, reply.message)
+        return stream, header.take_buffered()
+
     async def aclose(self) -> None:
         for task in self._tasks:
             task.cancel()

@@ -11,7 +11,9 @@ proof only the two peers can make.
 
 Where one peer can reach the other over TCP, a TCP+TLS connection (:mod:`.tcp`) carries
 new streams instead, on the core's multiplexer; QUIC stays up beside it, and carries new
-streams again as soon as that connection ends (its streams are reset).
+streams again as soon as that connection ends (its streams are reset). Where QUIC has no
+better path than DERP, the same TLS and multiplexer through a relay stream
+(:mod:`.relayed`) carries them likewise.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ ALPN = "cloudbridge-peer/1"
 VIRTUAL_ADDRESS = ("192.0.2.1", 9)
 #: best first; a path's rank decides which one carries the session
 RANK = {"direct": 0, "stun": 1, "turn": 2, "derp": 3}
+#: the carriers on the core multiplexer: a direct TCP connection, a relay stream
+TCP = "tcp"
+RELAYED = "relay-stream"
 #: direct and STUN paths take their datagram size from the kernel's path MTU (as the
 #: relay's QUIC does), up to this; the datagrams carry no other header
 DIRECT_CEILING = 16384
@@ -130,10 +135,10 @@ class PeerSession:
         self._connected = asyncio.Event()  # the QUIC session
         #: the QUIC session, or a TCP path, is up
         self._usable = asyncio.Event()
-        self._tcp: MuxSession | None = None
-        self._tcp_link: TcpLink | None = None
-        #: when the last TCP path ended (the controlling peer then tries again at once)
-        self.tcp_lost_at: float | None = None
+        #: the multiplexed carriers up (:data:`TCP`, :data:`RELAYED`), and their links
+        self._muxes: dict[str, tuple[MuxSession, TcpLink]] = {}
+        #: when each carrier last ended (the controlling peer then tries again at once)
+        self.lost_at: dict[str, float] = {}
         #: the QUIC session's path (the TCP path, when up, is :attr:`path`)
         self.current: str | None = None
         self.last_seen: float | None = None
@@ -150,38 +155,73 @@ class PeerSession:
 
     @property
     def endpoint(self) -> str | None:
-        """Where the carrying connection goes: the peer's TCP endpoint or QUIC path's."""
-        if self._tcp_link is not None:
-            return self._tcp_link.endpoint
+        """Where the carrying connection goes: the peer's TCP endpoint, ``relay``, or the
+        QUIC path's."""
+        carrier = self._carrier()
+        if carrier is not None:
+            return self._muxes[carrier][1].endpoint
         path = self._paths.get(self.current) if self.current else None
         return path.endpoint if path else None
 
     @property
     def path(self) -> str | None:
-        """The path that carries new streams: ``direct`` on a TCP path, else QUIC's."""
-        return "direct" if self._tcp is not None else self.current
+        """The path that carries new streams: ``direct`` on a TCP path, ``derp`` through a
+        relay stream, else QUIC's."""
+        carrier = self._carrier()
+        if carrier == TCP:
+            return "direct"
+        return "derp" if carrier == RELAYED else self.current
 
     @property
     def protocol(self) -> str | None:
-        """What carries new streams: ``tcp``, ``quic``, or None while nothing is up."""
-        if self._tcp is not None:
-            return "tcp"
+        """What carries new streams: ``tcp``, ``relay-stream``, ``quic``, or None while
+        nothing is up."""
+        carrier = self._carrier()
+        if carrier is not None:
+            return carrier
         return "quic" if self._connected.is_set() else None
 
-    # ---- the TCP path ----
+    def has(self, carrier: str) -> bool:
+        """Whether the multiplexed ``carrier`` (:data:`TCP`, :data:`RELAYED`) is up."""
+        return carrier in self._muxes
+
+    def carried_by(self, carrier: str) -> tuple[MuxSession, TcpLink] | None:
+        """The multiplexer and link of ``carrier`` while it is up."""
+        return self._muxes.get(carrier)
+
+    def _carrier(self) -> str | None:
+        """The multiplexed carrier new streams take: TCP when up; a relay stream unless
+        QUIC has a better path than DERP; else none (QUIC)."""
+        if TCP in self._muxes:
+            return TCP
+        quic_better = self._connected.is_set() and self.current not in (None, "derp")
+        if RELAYED in self._muxes and not quic_better:
+            return RELAYED
+        return None
+
+    # ---- the multiplexed carriers ----
 
     def attach_tcp(self, link: TcpLink) -> None:
         """Carry new streams over ``link`` (a chosen TCP connection), until it ends."""
-        old, before = self._tcp, self.path
+        self.attach(TCP, link)
+
+    def attach(self, carrier: str, link: TcpLink) -> None:
+        """Carry new streams over ``link`` (:data:`TCP` or :data:`RELAYED`), until it ends."""
+        old, before = self._muxes.get(carrier), self.path
         link.pipe.count = self._count
         session = MuxSession(link.pipe, is_dialer=link.dialed, limits=MuxLimits())
-        self._tcp, self._tcp_link = session, link
-        self._changed(before, "direct", "tcp", "tcp path established")
-        log.info("tcp_path_up", peer=self.peer.name, endpoint=link.endpoint, dialed=link.dialed)
+        self._muxes[carrier] = (session, link)
+        self._changed(before, self.path, carrier, f"{carrier} path established")
+        log.info(
+            f"{carrier.replace('-', '_')}_path_up",
+            peer=self.peer.name,
+            endpoint=link.endpoint,
+            dialed=link.dialed,
+        )
         self._usable.set()
-        self._spawn(self._serve_tcp(session))
+        self._spawn(self._serve_mux(carrier, session, link))
         if old is not None:
-            self._spawn(old.aclose())
+            self._spawn(old[0].aclose())
 
     def _changed(self, before: str | None, after: str | None, protocol: str, why: str) -> None:
         change = {"at": time.time(), "from": before, "to": after, "reason": why}
@@ -193,21 +233,24 @@ class PeerSession:
         if received:
             self.last_seen = time.time()
 
-    async def _serve_tcp(self, session: MuxSession) -> None:
+    async def _serve_mux(self, carrier: str, session: MuxSession, link: TcpLink) -> None:
         try:
             while True:
                 self._spawn(self._serve(await session.accept_stream()))
         except TransportError:  # the connection ended: its streams were reset
             pass
         finally:
-            if self._tcp is session:
-                self._tcp, self._tcp_link = None, None
-                self.tcp_lost_at = time.time()
-                if not self._connected.is_set():
+            held = self._muxes.get(carrier)
+            if held is not None and held[0] is session:
+                before = self.path
+                del self._muxes[carrier]
+                self.lost_at[carrier] = time.time()
+                if not self._connected.is_set() and not self._muxes:
                     self._usable.clear()
-                self._changed("direct", self.current, "quic", "tcp path ended")
-                log.info("tcp_path_lost", peer=self.peer.name)
+                self._changed(before, self.path, self.protocol or "quic", f"{carrier} path ended")
+                log.info(f"{carrier.replace('-', '_')}_path_lost", peer=self.peer.name)
             await session.aclose()
+            await link.aclose()
 
     def add_path(self, path: PeerPath) -> None:
         """Take a path a strategy established; the best working one carries the session."""
@@ -409,12 +452,13 @@ class PeerSession:
         return self._usable.is_set()
 
     async def open_stream(self) -> Stream:
-        """A new stream to the peer, on the TCP path when one is up; raises
-        ``TransportClosed`` once the session has ended."""
-        tcp = self._tcp
-        if tcp is not None and not tcp.is_closed:
+        """A new stream to the peer, on the multiplexed carrier when one is up (see
+        :meth:`_carrier`); raises ``TransportClosed`` once the session has ended."""
+        carrier = self._carrier()
+        mux = self._muxes[carrier][0] if carrier is not None else None
+        if mux is not None and not mux.is_closed:
             with contextlib.suppress(TransportClosed):  # it ended meanwhile: QUIC then
-                return await tcp.open_stream()
+                return await mux.open_stream()
         if self._protocol is None:
             raise TransportClosed(f"no session with {self.peer.name}")
         return await self._protocol.open_stream()
@@ -442,8 +486,9 @@ class PeerSession:
     async def aclose(self) -> None:
         """Close the TCP path and the QUIC connection (their streams fail: their pumps
         reset their sockets), then the paths."""
-        if self._tcp is not None:
-            await self._tcp.aclose()
+        for mux, link in list(self._muxes.values()):
+            await mux.aclose()
+            await link.aclose()
         if self._protocol is not None:
             await self._protocol.aclose()
         self._sender.cancel()

@@ -5,8 +5,8 @@ Each message is a JSON object preceded by its length (4 bytes, big-endian); its 
 from the network. The control stream (the first stream a client opens) carries hello →
 welcome or error, then ping/pong, refresh → refreshed or refresh_failed (a fresh token
 before the current one expires), and goaway when the relay is about to restart; every
-other stream starts with ``open``, answered by ``accept`` or ``reject``, after which raw
-bytes flow.
+other stream starts with ``open`` (or ``peer_splice``), answered by ``accept`` or
+``reject``, after which raw bytes flow.
 """
 
 from __future__ import annotations
@@ -176,6 +176,16 @@ class PeerOpen:
 
 
 @dataclass(frozen=True)
+class PeerSplice:
+    """Instead of ``open``: join this stream to the same tenant's peer ``peer_id``, which
+    opens one naming this device with the same ``attempt``."""
+
+    TYPE: ClassVar[str] = "peer_splice"
+    peer_id: str
+    attempt: int
+
+
+@dataclass(frozen=True)
 class Redeem:
     TYPE: ClassVar[str] = "redeem"
     code: str = field(repr=False)
@@ -222,6 +232,7 @@ Message = (
     | Signal
     | SignalFailed
     | PeerOpen
+    | PeerSplice
     | Redeem
     | Redeemed
     | TurnCredentials
@@ -249,6 +260,7 @@ _TYPES: dict[str, type[Message]] = {
         Signal,
         SignalFailed,
         PeerOpen,
+        PeerSplice,
         Redeem,
         Redeemed,
         TurnCredentials,

@@ -111,6 +111,10 @@ class Mesh:
         for peers in self._tenants.values():
             yield from peers.values()
 
+    def member(self, tenant_id: str, peer_id: str) -> Member | None:
+        """The current member ``peer_id`` of ``tenant_id`` (never another tenant's)."""
+        return self._tenants.get(tenant_id, {}).get(peer_id)
+
     def peers_by_tenant(self) -> dict[str, int]:
         return {tenant: len(peers) for tenant, peers in self._tenants.items()}
 

@@ -38,6 +38,7 @@ from cloudbridge_core.relay.mesh import Challenge, Member, Mesh, tell
 from cloudbridge_core.relay.metrics import RelayMetrics
 from cloudbridge_core.relay.pacing import Pacer
 from cloudbridge_core.relay.ratelimit import RateLimiter
+from cloudbridge_core.relay.splice import Arrival, Splicer
 from cloudbridge_core.relay.turn import TurnIssuer
 from cloudbridge_core.settings import PerformanceSettings, RateLimitSettings, ServerSettings
 from cloudbridge_core.tenants import is_tenant_id
@@ -134,6 +135,8 @@ class Relay:
         self.metrics = metrics or RelayMetrics()
         self.turn = turn
         self.mesh = Mesh(self.metrics)
+        #: joins the peer_splice streams of two peers of one tenant
+        self.splicer = Splicer(self.mesh)
         #: the pre-auth budget transports hold strangers to; follows ``limits`` on reload
         self.preauth = PreauthGate(self._preauth_limits)
         #: exchanges an invite's code for a token and the client's config (set by the runner)
@@ -466,20 +469,19 @@ class Relay:
         try:
             # asyncio.timeout rather than wait_for, here and in _dial: no task per setup
             async with asyncio.timeout(self.limits.handshake_timeout):
-                opened = await header.expect(messages.Open)
+                opened = await header.expect(messages.Open, messages.PeerSplice)
         except (TimeoutError, CloudBridgeError) as error:
             log.info("stream_dropped", tenant_id=claims.tenant_id, reason=str(error) or "timeout")
             with contextlib.suppress(CloudBridgeError):
                 await stream.aclose()
             return
-        assert isinstance(opened, messages.Open)  # expect() checked the kind
         if state.expired():  # between exp and the session's end: nothing new
             self.metrics.tunnels_rejected.labels(TokenExpired.code).inc()
             expired = TokenExpired("the session's token expired: refresh it or reconnect")
             await _reject(stream, expired)
             return
-        if opened.target == derp.TARGET:
-            await self._derp(stream, header, claims, state.member)
+        if not isinstance(opened, messages.Open) or opened.target == derp.TARGET:
+            await self._for_peers(stream, header, claims, state.member, opened)
             return
         try:
             if TUNNEL not in state.claims.permissions:
@@ -537,6 +539,62 @@ class Relay:
         with contextlib.suppress(TransportError):
             await header.send(messages.Accept())
             await self.mesh.serve_derp(member, stream, header.take_buffered())
+
+    async def _for_peers(
+        self,
+        stream: Stream,
+        header: MessageStream,
+        claims: Claims,
+        member: Member | None,
+        opened: messages.Message,
+    ) -> None:
+        """A stream of the mesh's: the DERP channel, or a peer_splice."""
+        if isinstance(opened, messages.PeerSplice):
+            await self._splice(stream, header, claims, member, opened)
+        else:
+            await self._derp(stream, header, claims, member)
+
+    async def _splice(
+        self,
+        stream: Stream,
+        header: MessageStream,
+        claims: Claims,
+        member: Member | None,
+        request: messages.PeerSplice,
+    ) -> None:
+        """Join this stream to the one the named peer opens for it (``relay/splice.py``)."""
+        arrival = Arrival(stream, header)
+        try:
+            if member is None:
+                self.mesh.rejected("not_joined", claims.tenant_id, "peer_splice before mesh_join")
+                raise Unauthorized("join the mesh (mesh_join) before peer_splice")
+            if self.draining:
+                raise ServerUnavailable("the relay is restarting")
+            pairing = await self.splicer.meet(
+                member, request, arrival, self.limits.handshake_timeout
+            )
+        except CloudBridgeError as error:
+            self.metrics.tunnels_rejected.labels(error.code).inc()
+            log.info("peer_splice_rejected", tenant_id=claims.tenant_id, code=error.code)
+            await _reject(stream, error)
+            return
+        if pairing is None:  # the peer's side ran the copy
+            return
+        self.streams_active += 1
+        self._streams_idle.clear()
+        try:
+            clean = await self.splicer.join(pairing, self.limits.buffer_size)
+        finally:
+            self.streams_active -= 1
+            if not self.streams_active:
+                self._streams_idle.set()
+        self.metrics.derp_bytes.inc(sum(pairing.moved))
+        log.debug(
+            "peer_splice_closed",
+            tenant_id=claims.tenant_id,
+            moved=pairing.moved,
+            clean=clean,
+        )
 
     async def _dial(self, tenant: str, target: str) -> socket.socket:
         loop = asyncio.get_running_loop()
