@@ -126,6 +126,14 @@ GOALS = [
         paths=("mtu1500-peer",),
     ),
     Goal(
+        "peer tunnel over DERP bulk >= 0.5x relayed TLS",
+        tuple(BULK),
+        "cloudbridge-tls",
+        operator.ge,
+        0.5,
+        paths=("peer-derp",),
+    ),
+    Goal(
         "UDP-only peer tunnel bulk >= 1.0x the QUIC engine, 1,500-byte MTU",
         tuple(BULK),
         "mtu1500-quic-engine",
@@ -234,6 +242,7 @@ COMPARISONS: list[tuple[str, tuple[str, ...] | None, str, list[str] | None]] = [
     ("wstunnel", ("cloudbridge-websocket",), "WebSocket transport to wstunnel", None),
     ("cloudbridge-grpc", ("cloudbridge-quic",), "QUIC transport to gRPC", None),
     ("cloudbridge-tls", ("peer",), "Peer tunnel (direct path) to the relayed TLS tunnel", None),
+    ("cloudbridge-tls", ("peer-derp",), "Peer tunnel over DERP to the relayed TLS tunnel", None),
     (
         "quic-engine",
         ("peer-udp",),

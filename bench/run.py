@@ -9,6 +9,9 @@ own process). On loopback (part "references", then part "relayed"):
     wstunnel        wstunnel (npm) server and client, a TCP forward over WebSocket
     cloudbridge-T   `cloudbridge tunnel` over transport T (quic, grpc, websocket, tls: those
                     installed) through a relay (`relay serve --dev`), both on loopback
+    peer-derp       a peer tunnel (`tunnel --remote-peer`, relay-only) to a peer on loopback
+                    (`cloudbridge p2p`) exposing the target, through the same relay: the
+                    DERP path, on the byte stream the relay splices
 
 Across a 1,500-byte MTU link (part "mtu1500": a network namespace joined by a veth pair
 holds a second target and relay; needs root and iproute2):
@@ -30,7 +33,8 @@ per idle connection (PSS of the forwarder's processes with N idle connections op
 before, divided by N); CPU seconds per GiB (user+sys of the forwarder's processes over the
 1- and 8-connection bulk runs, divided by the GiB they moved). Then ratio tables per group
 (loopback, mtu1500): to socat, to ssh -L (bulk), the WebSocket transport to wstunnel, QUIC
-to gRPC, the peer tunnel to the relayed TLS tunnel, on a UDP-only path to the QUIC engine;
+to gRPC, the peer tunnel to the relayed TLS tunnel (on the direct path, or over DERP on
+loopback), on a UDP-only path to the QUIC engine;
 and issue 15's goals, met or not. Then the floods of floods.py (part "floods"): what a
 hostile stranger or tenant costs a bystander. docs/performance.md says how each figure is
 taken.
@@ -80,7 +84,7 @@ TARGET = [sys.executable, str(Path(__file__).with_name("target.py"))]
 REFERENCES = ["direct", "socat", "ssh", "wstunnel"]
 PARTS = {
     "references": REFERENCES,
-    "relayed": [f"cloudbridge-{t}" for t in paths.TRANSPORTS],
+    "relayed": [*(f"cloudbridge-{t}" for t in paths.TRANSPORTS), "peer-derp"],
     # the far end (relay and target) in a namespace behind a 1,500-byte MTU link
     # and a peer tunnel (tunnel --remote-peer) on the direct path across the same link
     "mtu1500": [
@@ -219,6 +223,8 @@ class Bed:
             return REFERENCE_PATHS[name](self.target)
         if self._relay is None:
             self._relay = self.stack.enter_context(paths.relay())
+        if name == "peer-derp":
+            return paths.derp_peer(self._relay, self.target, self.connections)
         transport = name.removeprefix("cloudbridge-")
         return paths.cloudbridge(self._relay, transport, self.target, self.connections)
 
