@@ -74,11 +74,13 @@ CLOSE_GRACE = 2.0
 
 
 class ProtocolPipe(asyncio.Protocol):
-    """A :class:`Pipe` that is itself the asyncio protocol of a TCP or TLS connection.
+    """A :class:`DirectPipe` that is itself the asyncio protocol of a TCP or TLS connection.
 
-    What arrives is handed to :meth:`receive` as the loop delivered it (no stream reader
-    copying it in and out again); past ``high_water`` bytes unread, the pipe stops reading
-    the socket until :meth:`receive` catches up, so the peer's TCP window holds it back.
+    Once attached (a :class:`MuxSession` attaches), what arrives goes to the receiver in
+    ``data_received``. Until then, and for a user of :meth:`receive` alone, it is handed
+    to :meth:`receive` as the loop delivered it (no stream reader copying it in and out
+    again); past ``high_water`` bytes unread, the pipe stops reading the socket until
+    :meth:`receive` catches up, so the peer's TCP window holds it back.
     """
 
     def __init__(self, high_water: int = HIGH_WATER) -> None:
