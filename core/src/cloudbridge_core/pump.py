@@ -225,8 +225,11 @@ async def _pump_direct(stream: DirectStream, sock: socket.socket, result: PumpRe
     loop = asyncio.get_running_loop()
     bridge = _Bridge(stream, sock, result, loop.create_future())
     try:
-        # any connected socket: the relay's to its target as well as a tunnel's accepted one
-        await loop.connect_accepted_socket(lambda: bridge, sock)
+        try:
+            # any connected socket: the relay's to its target as well as a tunnel's accepted one
+            await loop.connect_accepted_socket(lambda: bridge, sock)
+        except OSError as exc:  # gone before it could be wrapped: a peer's failure too
+            bridge.fail(exc)
         await bridge.finished
     finally:
         # at once, without waiting (the caller may be cancelled): neither outlives the pump
