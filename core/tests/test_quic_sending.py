@@ -1,15 +1,19 @@
 """How the QUIC session sends: a transmit's datagrams in segmented sends (UDP GSO) on
-real loopback sockets, and the pacer that wakes once per batch of packets."""
+real loopback sockets, the pacer that wakes once per batch of packets, and the sockets'
+buffers."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
 from aioquic.quic.recovery import QuicPacketRecovery
+from cloudbridge_core.quic.buffers import UDP_BUFFER, widen_buffers
 from cloudbridge_core.quic.gso import MAX_BYTES, DatagramSender
 from cloudbridge_core.quic.pacing import PACING_BATCH, PACING_TICK, BatchPacer
 
@@ -117,3 +121,16 @@ def test_a_full_congestion_window_holds_sending_without_a_pacing_timer() -> None
         paced.update_after_send(now)
     # the window holds sending back; the next acknowledgement transmits, not a timer
     assert paced.next_send_time(now) is None
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Linux's buffer sizes and caps")
+def test_quic_sockets_get_the_largest_buffers_the_kernel_allows() -> None:
+    caps = {
+        socket.SO_RCVBUF: int(Path("/proc/sys/net/core/rmem_max").read_text()),
+        socket.SO_SNDBUF: int(Path("/proc/sys/net/core/wmem_max").read_text()),
+    }
+    with socket.socket(type=socket.SOCK_DGRAM) as sock:
+        widen_buffers(sock)
+        for option, cap in caps.items():
+            # Linux doubles what it grants, for its own bookkeeping
+            assert sock.getsockopt(socket.SOL_SOCKET, option) >= 2 * min(UDP_BUFFER, cap)

@@ -19,6 +19,7 @@ from aioice.candidate import Candidate
 from cloudbridge_core.errors import P2PConnectionFailed
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.providers import PeerInfo, SignalChannel
+from cloudbridge_core.quic.buffers import widen_buffers
 from cloudbridge_core.quic.gso import DatagramSender
 
 log = get_logger("p2p.ice")
@@ -78,6 +79,11 @@ class UdpIcePath(IcePath):
     """A direct or STUN path: the nominated pair's own UDP socket, which sends without
     waiting, so a whole batch goes out at once (a TURN pair may have to bind a channel
     first: its ``send`` waits)."""
+
+    def __init__(self, connection: aioice.Connection, kind: str, details: dict[str, Any]) -> None:
+        super().__init__(connection, kind, details)
+        # the buffers the relay's QUIC sockets get (quic/buffers.py), for the same bursts
+        widen_buffers(connection._nominated[1].protocol.transport.get_extra_info("socket"))
 
     def send_batch(self, datagrams: Sequence[bytes]) -> None:
         pair = self._connection._nominated.get(1)  # aioice keeps the pair private

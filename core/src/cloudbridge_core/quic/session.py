@@ -14,6 +14,7 @@ from aioquic.quic import events
 from aioquic.quic.connection import QuicConnection
 
 from cloudbridge_core.errors import StreamAborted, TransportClosed, TransportError
+from cloudbridge_core.quic.buffers import widen_buffers
 from cloudbridge_core.quic.flow import BoundedQuicConnection
 from cloudbridge_core.quic.gso import DatagramSender
 from cloudbridge_core.quic.pacing import batch_pacing
@@ -303,6 +304,9 @@ class QuicSession(QuicConnectionProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # a peer session's virtual transport has none
+            widen_buffers(sock)
         # uvloop's UDP transport is not an asyncio.DatagramTransport subclass, but one
         self._sender = DatagramSender(
             cast("asyncio.DatagramTransport", transport), self.error_received
