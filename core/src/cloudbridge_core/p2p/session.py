@@ -485,22 +485,25 @@ class PeerSession:
 
     async def aclose(self) -> None:
         """Close the TCP path and the QUIC connection (their streams fail: their pumps
-        reset their sockets), then the paths."""
-        for mux, link in list(self._muxes.values()):
-            await mux.aclose()
-            await link.aclose()
-        if self._protocol is not None:
-            await self._protocol.aclose()
-        self._sender.cancel()
-        for kind in list(self._readers):
-            self._drop_reader(kind)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(self._sender, *self._tasks, return_exceptions=True)
-        for path in self._paths.values():
-            with contextlib.suppress(Exception):
-                await path.aclose()
-        self._paths.clear()
+        reset their sockets), then the paths. Its tasks end even if this is cancelled
+        meanwhile (a manager closing while a dropped peer's session closes)."""
+        try:
+            for mux, link in list(self._muxes.values()):
+                await mux.aclose()
+                await link.aclose()
+            if self._protocol is not None:
+                await self._protocol.aclose()
+        finally:
+            self._sender.cancel()
+            for kind in list(self._readers):
+                self._drop_reader(kind)
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(self._sender, *self._tasks, return_exceptions=True)
+            for path in self._paths.values():
+                with contextlib.suppress(Exception):
+                    await path.aclose()
+            self._paths.clear()
 
     def _drop_reader(self, kind: str) -> None:
         reader = self._readers.pop(kind, None)

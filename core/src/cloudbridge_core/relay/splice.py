@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from cloudbridge_core.errors import (
     ConnectionTimeout,
     LimitExceeded,
-    P2PConnectionFailed,
+    TargetUnreachable,
     TransportError,
 )
 from cloudbridge_core.protocol import messages
@@ -76,19 +76,19 @@ class Splicer:
         """The pairing for the first of the two to arrive, once the second has come (the
         caller then runs :meth:`join`); None for the second, after the copy has ended.
 
-        Raises ``P2PConnectionFailed`` for a peer unknown in the member's tenant (others'
+        Raises ``TargetUnreachable`` for a peer unknown in the member's tenant (others'
         included), ``LimitExceeded`` past :data:`MAX_WAITING_PER_MEMBER` or for an attempt
         already waiting, ``ConnectionTimeout`` when the peer does not come ``within``."""
         tenant = member.tenant_id
         if request.peer_id == member.peer_id or self._mesh.member(tenant, request.peer_id) is None:
             self._mesh.rejected("unknown_peer", tenant, "peer_splice to an unknown peer")
-            raise P2PConnectionFailed("no such peer in the mesh")
+            raise TargetUnreachable("no such peer in the mesh")
         theirs = (tenant, request.peer_id, member.peer_id, request.attempt)
         partner = self._waiting.pop(theirs, None)
         if partner is not None and not partner.done():
             partner.set_result(arrival)
             if not await asyncio.shield(arrival.over):
-                raise P2PConnectionFailed("the peer's stream went away")
+                raise TargetUnreachable("the peer's stream went away")
             return None
         key = (tenant, member.peer_id, request.peer_id, request.attempt)
         mine = (tenant, member.peer_id)
