@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import json
 import os
+import socket
 import ssl
 import time
 import urllib.request
@@ -266,6 +267,44 @@ def test_no_task_or_socket_leak_after_1000_connections(tmp_path: Path) -> None:
             assert open_sockets() <= fds_before
             assert len(bed.relay.relay.sessions_by_tenant) == 1
             await tunnel.aclose()
+        await connection.aclose()
+
+    run(tmp_path, scenario)
+
+
+def test_an_answer_read_after_the_tunnel_finished_arrives_whole(tmp_path: Path) -> None:
+    """The application half-closes and reads the answer only once the tunnel's connection
+    is done with it: the answer waits in the tunnel's socket, which must then close with
+    a FIN after it (a reset would drop what the application has not read yet)."""
+    size = 192 * 1024  # within one stream window: the relay sends it all unasked
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.write(os.urandom(size))
+        await writer.drain()
+        writer.close()
+
+    async def scenario(bed: Bed) -> None:
+        connection = await bed.connect()
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        tunnel = Tunnel(TunnelSpec(0, "127.0.0.1", server.sockets[0].getsockname()[1]), connection)
+        await tunnel.start()
+        loop = asyncio.get_running_loop()
+        with socket.socket() as application:
+            # a small receive window: most of the answer stays on the tunnel's side
+            application.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            application.setblocking(False)
+            await loop.sock_connect(application, ("127.0.0.1", tunnel.port))
+            await loop.sock_sendall(application, b"question")
+            application.shutdown(socket.SHUT_WR)
+            await tunnel.aclose(drain=30.0)  # returns once the connection's pump is done
+            assert tunnel.statistics.to_dict()["errors"] == 0
+            received = 0
+            while data := await loop.sock_recv(application, 65536):
+                received += len(data)
+            assert received == size
+        server.close()
+        await server.wait_closed()
         await connection.aclose()
 
     run(tmp_path, scenario)

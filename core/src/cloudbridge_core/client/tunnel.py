@@ -173,6 +173,7 @@ class Tunnel:
         started = time.perf_counter()
         moved = PumpResult()
         counted = False
+        pumped = False  # from then on the pump closes the socket, however it ends
         try:
             if self._limit is not None:
                 self._limit.acquire()
@@ -192,6 +193,7 @@ class Tunnel:
                 )
                 if early:
                     await asyncio.get_running_loop().sock_sendall(client, early)
+                pumped = True
                 await pump(stream, client, buffer_size=buffer_size, result=moved)
                 if moved.error:
                     stats.errors += 1
@@ -203,7 +205,11 @@ class Tunnel:
         finally:
             if counted and self._limit is not None:
                 self._limit.release()
-            abort(client)  # a no-op once the pump has closed it; before that, a failure
+            if not pumped:
+                # refused, or failed on the way: the application learns of it by a reset.
+                # Never after the pump: its transport may still be sending the answer's
+                # end, which a reset would drop
+                abort(client)
             stats.bytes_sent += moved.sent
             stats.bytes_received += moved.received
             stats.active_connections -= 1
