@@ -70,6 +70,11 @@ FIRST_PING_TIMEOUT = 5.0
 STREAM_WINDOW = 1 << 20
 CONNECTION_WINDOW = 16 << 20
 MAX_STREAMS = 1024
+#: the multiplexed carriers' limits (both peers use the same: a stream's send window is
+#: the other side's receive window). Through the relay a stream's window spans three
+#: processes and four TLS layers: the QUIC session's window keeps it from limiting a
+#: stream to 256 KiB per round trip there.
+MUX_LIMITS = {TCP: MuxLimits(), RELAYED: MuxLimits(initial_window=STREAM_WINDOW)}
 
 StreamServer = Callable[[Stream], Coroutine[Any, Any, None]]
 
@@ -209,7 +214,7 @@ class PeerSession:
         """Carry new streams over ``link`` (:data:`TCP` or :data:`RELAYED`), until it ends."""
         old, before = self._muxes.get(carrier), self.path
         link.pipe.count = self._count
-        session = MuxSession(link.pipe, is_dialer=link.dialed, limits=MuxLimits())
+        session = MuxSession(link.pipe, is_dialer=link.dialed, limits=MUX_LIMITS[carrier])
         self._muxes[carrier] = (session, link)
         self._changed(before, self.path, carrier, f"{carrier} path established")
         log.info(
