@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib.util
 import os
 import socket
 import struct
@@ -14,7 +15,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 from cloudbridge_core.protocol.mux import MuxLimits
 from cloudbridge_core.providers import Endpoint, Session
-from cloudbridge_core.pump import PumpResult, prepare, pump
+from cloudbridge_core.pump import PumpResult, connect, prepare, pump
 from cloudbridge_core.testing.tls import loopback_tls
 from cloudbridge_core.transports.mux_session import MuxSession, MuxStream
 from cloudbridge_core.transports.tls import TlsTransport
@@ -163,3 +164,30 @@ def test_a_cancelled_pump_resets_both_ends() -> None:
         assert tasks[0].cancelled()
 
     run(scenario)
+
+
+#: the loops the client and the relay run on (uvloop wherever it is installed)
+LOOPS = [pytest.param(asyncio.new_event_loop, id="asyncio")]
+if importlib.util.find_spec("uvloop") is not None:
+    import uvloop
+
+    LOOPS.append(pytest.param(uvloop.new_event_loop, id="uvloop"))
+
+
+@pytest.mark.parametrize("new_loop", LOOPS)
+def test_connect_reaches_a_listener_and_reports_a_refused_port(
+    new_loop: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    async def main() -> None:
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            with prepare(socket.socket()) as sock:
+                await connect(sock, listener.getsockname())
+                accepted, _ = listener.accept()
+                with accepted:
+                    assert accepted.getpeername() == sock.getsockname()
+            closed_port = listener.getsockname()
+        with prepare(socket.socket()) as sock, pytest.raises(ConnectionRefusedError):
+            await connect(sock, closed_port)
+
+    with asyncio.Runner(loop_factory=new_loop) as runner:
+        runner.run(main())

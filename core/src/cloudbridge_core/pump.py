@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import struct
 from collections.abc import Callable
@@ -49,6 +50,37 @@ def prepare(sock: socket.socket) -> socket.socket:
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
+
+
+async def connect(sock: socket.socket, address: tuple[object, ...]) -> None:
+    """``loop.sock_connect`` for an address already resolved, without resolving it again.
+
+    uvloop's ``sock_connect`` passes every address, an IP literal too, to ``getaddrinfo``
+    in its thread pool first: a thread hop and an extra loop turn per connection. A loop
+    without readiness callbacks (Windows' proactor) connects its own way.
+
+    Raises:
+        OSError: the connection failed (refused, unreachable).
+    """
+    loop = asyncio.get_running_loop()
+    connected: asyncio.Future[None] = loop.create_future()
+    try:
+        loop.add_writer(sock.fileno(), _settle, connected)
+    except NotImplementedError:
+        await loop.sock_connect(sock, address)
+        return
+    try:
+        try:
+            sock.connect(address)
+            return
+        except (BlockingIOError, InterruptedError):
+            pass
+        await connected
+    finally:
+        loop.remove_writer(sock.fileno())
+    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if error:
+        raise OSError(error, os.strerror(error))
 
 
 class BufferPool:

@@ -32,7 +32,7 @@ from cloudbridge_core.errors import (
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.protocol import derp, messages
 from cloudbridge_core.providers import AuthProvider, Claims, Session, Stream
-from cloudbridge_core.pump import abort, prepare, pump
+from cloudbridge_core.pump import abort, connect, prepare, pump
 from cloudbridge_core.relay.egress import EgressPolicy
 from cloudbridge_core.relay.mesh import Challenge, Member, Mesh, tell
 from cloudbridge_core.relay.metrics import RelayMetrics
@@ -597,7 +597,6 @@ class Relay:
         )
 
     async def _dial(self, tenant: str, target: str) -> socket.socket:
-        loop = asyncio.get_running_loop()
         try:
             # resolved once and checked address by address: the address dialled is one
             # the policy judged, never the name again (which could re-resolve elsewhere)
@@ -608,7 +607,7 @@ class Relay:
         sock = prepare(socket.socket(family, socket.SOCK_STREAM))
         try:
             async with asyncio.timeout(self.limits.connect_timeout):
-                await loop.sock_connect(sock, address)
+                await connect(sock, address)
         except TimeoutError as exc:
             sock.close()
             raise ConnectionTimeout(f"{target} did not answer in time") from exc
