@@ -280,8 +280,6 @@ class PeerManager:
                 self._spawn(self._begin(state, name))
             if self._tcp_enabled:
                 self._spawn(self._begin(state, TCP))
-            if self._relayed_enabled:
-                self._spawn(self._begin(state, RELAYED))
         return state
 
     def _signalled(self, peer_id: str, kind: str, body: Mapping[str, Any]) -> None:
@@ -367,6 +365,8 @@ class PeerManager:
         before = state.session.current
         state.session.add_path(path)
         self._path_moved(state, before)
+        if state.controlling and self._carrier_due(state, RELAYED):  # on DERP: at once
+            self._spawn(self._begin(state, RELAYED))
 
     async def _run_tcp(self, state: PeerState, channel: AttemptChannel) -> None:
         attempt = Attempt(TCP, channel.attempt)
@@ -445,15 +445,16 @@ class PeerManager:
 
     def _carrier_due(self, state: PeerState, carrier: str) -> bool:
         """A new attempt at a multiplexed carrier (``tcp``; ``relay-stream`` while QUIC
-        has no better path than DERP): at once after one ended; after a failed one,
-        within :data:`RETRY_WHEN_DOWN` for the first :data:`TCP_QUICK_RETRIES` (the peer
-        may not have known this device yet), then every ``upgrade_interval`` (a peer that
-        never answers is an older client, a relay that refuses an older relay)."""
+        is on DERP, where it would carry the streams otherwise): at once after one ended;
+        after a failed one, within :data:`RETRY_WHEN_DOWN` for the first
+        :data:`TCP_QUICK_RETRIES` (the peer may not have known this device yet), then every
+        ``upgrade_interval`` (a peer that never answers is an older client, a relay that
+        refuses an older relay)."""
         enabled = self._tcp_enabled if carrier == TCP else self._relayed_enabled
         session = state.session
         if not enabled or session.has(carrier):
             return False
-        if carrier == RELAYED and (session.has(TCP) or session.current not in (None, "derp")):
+        if carrier == RELAYED and (session.has(TCP) or session.current != "derp"):
             return False
         attempt = state.attempts.get(carrier)
         if attempt is None:

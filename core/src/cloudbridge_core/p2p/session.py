@@ -216,7 +216,8 @@ class PeerSession:
         link.pipe.count = self._count
         session = MuxSession(link.pipe, is_dialer=link.dialed, limits=MUX_LIMITS[carrier])
         self._muxes[carrier] = (session, link)
-        self._changed(before, self.path, carrier, f"{carrier} path established")
+        if carrier == TCP or self.path != before:  # a relay stream under QUIC's derp: same path
+            self._changed(before, self.path, carrier, f"{carrier} path established")
         log.info(
             f"{carrier.replace('-', '_')}_path_up",
             peer=self.peer.name,
@@ -252,7 +253,9 @@ class PeerSession:
                 self.lost_at[carrier] = time.time()
                 if not self._connected.is_set() and not self._muxes:
                     self._usable.clear()
-                self._changed(before, self.path, self.protocol or "quic", f"{carrier} path ended")
+                if carrier == TCP or self.path != before:
+                    why = f"{carrier} path ended"
+                    self._changed(before, self.path, self.protocol or "quic", why)
                 log.info(f"{carrier.replace('-', '_')}_path_lost", peer=self.peer.name)
             await session.aclose()
             await link.aclose()
