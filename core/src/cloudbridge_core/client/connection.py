@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cloudbridge_core import __version__
+from cloudbridge_core.client.opening import OpeningStream
 from cloudbridge_core.client.tokens import token_exp
 from cloudbridge_core.config import Config
 from cloudbridge_core.errors import (
@@ -194,6 +195,17 @@ class RelayConnection:
                 await stream.aclose()
             raise error_for_code(reply.code, reply.message)
         return stream, header.take_buffered()
+
+    async def open_tunnel_at_once(
+        self, target: str, first: bytes, accepted: Callable[[], None]
+    ) -> OpeningStream:
+        """A stream to ``target`` carrying ``first`` right behind its ``open``, without
+        waiting for the relay's answer: the stream reads the answer off the front of what
+        comes back, calls ``accepted`` on an accept and fails on a reject (see
+        :mod:`~cloudbridge_core.client.opening`)."""
+        stream = await self.session.open_stream()
+        await stream.write(messages.encode(messages.Open(target)) + first)
+        return OpeningStream(stream, accepted)
 
     async def aclose(self) -> None:
         await self.session.aclose()

@@ -64,6 +64,16 @@ class ConnectionLimit:
         self.active -= 1
 
 
+def _sent_already(client: socket.socket, size: int) -> bytes:
+    """What the application has sent by now (often its whole request): it goes to the
+    relay in the same record as the stream's ``open``. Raises ``OSError`` when the
+    connection was reset."""
+    try:
+        return client.recv(size)
+    except (BlockingIOError, InterruptedError):
+        return b""
+
+
 class ConnectionSource(Protocol):
     """A relay connection (or a link that moves between them), held per tunnelled connection."""
 
@@ -179,22 +189,32 @@ class Tunnel:
                 self._limit.acquire()
                 counted = True
             async with self._connection.use() as connection:
-                stream, early = await connection.open_tunnel(spec.target)
-                setup = time.perf_counter() - started
-                stats.setup_seconds_total += setup
-                if self._metrics is not None:
-                    self._metrics.setup_latency.observe(setup)
-                log.debug(
-                    "tunnel_opened",
-                    target=spec.target,
-                    transport=connection.transport,
-                    session_id=connection.welcome.session_id,
-                    latency_ms=round(setup * 1000, 2),
-                )
-                if early:
-                    await asyncio.get_running_loop().sock_sendall(client, early)
+
+                def accepted() -> None:
+                    setup = time.perf_counter() - started
+                    stats.setup_seconds_total += setup
+                    if self._metrics is not None:
+                        self._metrics.setup_latency.observe(setup)
+                    log.debug(
+                        "tunnel_opened",
+                        target=spec.target,
+                        transport=connection.transport,
+                        session_id=connection.welcome.session_id,
+                        latency_ms=round(setup * 1000, 2),
+                    )
+
+                try:
+                    first = _sent_already(client, buffer_size)
+                except OSError as exc:  # reset before anything was carried
+                    moved.error = f"{type(exc).__name__}: {exc}"
+                    stats.errors += 1
+                    return
+                stream = await connection.open_tunnel_at_once(spec.target, first, accepted)
+                moved.sent += len(first)
                 pumped = True
                 await pump(stream, client, buffer_size=buffer_size, result=moved)
+                if stream.refused is not None:
+                    raise stream.refused
                 if moved.error:
                     stats.errors += 1
         except CloudBridgeError as error:
