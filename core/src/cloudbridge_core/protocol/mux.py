@@ -55,6 +55,12 @@ class Flag(IntFlag):
     ACK = 8
 
 
+# the same values as plain ints, for parsing: making an enum member of every frame's type
+# and flags, and combining flags, took longer than the rest of a small frame's handling
+_DATA, _WINDOW_UPDATE, _PING, _GO_AWAY = (int(kind) for kind in FrameType)
+_SYN, _FIN, _RST, _ACK = int(Flag.SYN), int(Flag.FIN), int(Flag.RST), int(Flag.ACK)
+
+
 class CloseCode(IntEnum):
     NORMAL = 0
     PROTOCOL_ERROR = 1
@@ -274,7 +280,7 @@ class MuxConnection:
         try:
             while end - offset >= HEADER.size:
                 kind, flags, stream_id, length = HEADER.unpack_from(buffer, offset)
-                payload_size = length if kind == FrameType.DATA else 0
+                payload_size = length if kind == _DATA else 0
                 # before authentication a frame larger than the whole budget is refused at
                 # its header, before its payload is buffered
                 limit = self._preauth_window if self.preauth else self.limits.max_frame_size
@@ -287,7 +293,7 @@ class MuxConnection:
                     break
                 payload = bytes(view[start : start + payload_size]) if payload_size else b""
                 offset = start + payload_size
-                events.extend(self._handle(kind, Flag(flags & 0x0F), stream_id, length, payload))
+                events.extend(self._handle(kind, flags, stream_id, length, payload))
                 if self.closed:
                     break
         except (ProtocolViolation, ValueError) as exc:
@@ -299,34 +305,35 @@ class MuxConnection:
         return events
 
     def _handle(
-        self, kind: int, flags: Flag, stream_id: int, length: int, payload: bytes
+        self, kind: int, flags: int, stream_id: int, length: int, payload: bytes
     ) -> list[Event]:
-        frame_type = FrameType(kind)  # ValueError for an unknown type
-        if frame_type is FrameType.PING:
-            if flags & Flag.ACK:
+        if kind == _PING:
+            if flags & _ACK:
                 return [PongReceived(length)]
             self._frame(FrameType.PING, Flag.ACK, 0, length)
             return [PingReceived(length)]
-        if frame_type is FrameType.GO_AWAY:
+        if kind == _GO_AWAY:
             self.abandon()
             return [ConnectionClosed(length)]
+        if kind not in (_DATA, _WINDOW_UPDATE):
+            raise ValueError(f"{kind} is not a valid FrameType")
         if stream_id == 0:
-            raise ProtocolViolation(f"{frame_type.name} frame on stream 0")
+            raise ProtocolViolation(f"{FrameType(kind).name} frame on stream 0")
         events: list[Event] = []
-        if flags & Flag.SYN:
+        if flags & _SYN:
             events.extend(self._peer_opens(stream_id))
         stream = self._streams.get(stream_id)
         if stream is None:
             return events  # refused, or already reset or finished here: nothing to do
-        if flags & Flag.RST:
+        if flags & _RST:
             del self._streams[stream_id]
             return [*events, StreamReset(stream_id)]
-        if frame_type is FrameType.DATA and payload:
+        if kind == _DATA and payload:
             events.append(self._data(stream_id, stream, payload))
-        elif frame_type is FrameType.WINDOW_UPDATE and length:
+        elif kind == _WINDOW_UPDATE and length:
             stream.send_window += length
             events.append(WindowUpdated(stream_id))
-        if flags & Flag.FIN and not stream.remote_closed:
+        if flags & _FIN and not stream.remote_closed:
             stream.remote_closed = True
             events.append(StreamEnded(stream_id))
             self._forget_if_done(stream_id)
