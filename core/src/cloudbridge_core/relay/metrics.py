@@ -121,6 +121,9 @@ class RelayMetrics:
             ["direction"],
             registry=registry,
         )
+        # made once: a labels() lookup per tunnel takes a lock and a dict lookup
+        self.bytes_to_target = self.bytes.labels("to_target")
+        self.bytes_from_target = self.bytes.labels("from_target")
         self.sessions_reaped = Counter(
             "cloudbridge_relay_sessions_reaped",
             "Sessions closed because they stopped heartbeating.",

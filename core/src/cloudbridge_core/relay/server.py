@@ -32,7 +32,7 @@ from cloudbridge_core.errors import (
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.protocol import derp, messages
 from cloudbridge_core.providers import AuthProvider, Claims, Session, Stream
-from cloudbridge_core.pump import abort, connect, prepare, pump
+from cloudbridge_core.pump import PumpResult, abort, connect, prepare, pump
 from cloudbridge_core.relay.egress import EgressPolicy
 from cloudbridge_core.relay.mesh import Challenge, Member, Mesh, tell
 from cloudbridge_core.relay.metrics import RelayMetrics
@@ -512,13 +512,15 @@ class Relay:
         self.streams_active += 1
         self._streams_idle.clear()
         try:
-            result = await pump(stream, target, buffer_size=self.limits.buffer_size)
+            # what came with the open (sent above) counts as carried to the target too
+            result = PumpResult(received=len(early))
+            await pump(stream, target, buffer_size=self.limits.buffer_size, result=result)
         finally:
             self.streams_active -= 1
             if not self.streams_active:
                 self._streams_idle.set()
-        self.metrics.bytes.labels("to_target").inc(result.received)
-        self.metrics.bytes.labels("from_target").inc(result.sent)
+        self.metrics.bytes_to_target.inc(result.received)
+        self.metrics.bytes_from_target.inc(result.sent)
         log.debug(
             "tunnel_closed",
             tenant_id=claims.tenant_id,
