@@ -210,7 +210,7 @@ class PeerManager:
 
     async def ping(self, name: str, within: float) -> dict[str, Any]:
         state = self.find(name)
-        await state.session.wait_connected(within)
+        await state.session.wait_quic(within)  # the relayed stream may carry before it
         rtt = await state.session.ping(within)
         # measured over the QUIC session, which stays up beside a TCP path
         return {

@@ -454,9 +454,18 @@ class PeerSession:
                 f"no session with {self.peer.name} within {within:g}s (paths: {paths})"
             ) from None
 
+    async def wait_quic(self, within: float) -> None:
+        """Until the QUIC session is up (a multiplexed carrier may be up before it)."""
+        try:
+            await asyncio.wait_for(self._connected.wait(), within)
+        except TimeoutError:
+            raise P2PConnectionFailed(
+                f"no QUIC session with {self.peer.name} within {within:g}s"
+            ) from None
+
     @property
     def connected(self) -> bool:
-        """The QUIC session or a TCP path is up."""
+        """The QUIC session or a multiplexed carrier is up."""
         return self._usable.is_set()
 
     async def open_stream(self) -> Stream:
