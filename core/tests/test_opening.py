@@ -210,3 +210,43 @@ def test_reads_raise_the_refusal() -> None:
         assert accepted == []
 
     run(case)
+
+
+def test_the_relays_accept_goes_out_with_the_next_write() -> None:
+    """The relay's side: a stream's accept queued with ``send_soon`` shares the write of
+    the target's first bytes (one record), or goes alone once ``within`` has passed."""
+
+    async def main() -> None:
+        pipe = MemoryPipe()
+        writes: list[bytes] = []
+        wrote = asyncio.Event()
+
+        def write_now(data: bytes | bytearray) -> None:
+            writes.append(bytes(data))
+            wrote.set()
+
+        pipe.write_now = write_now  # type: ignore[method-assign]
+        relay = MuxSession(pipe, is_dialer=False)
+        client = mux.MuxConnection(is_dialer=True)
+        for stream_id in (client.open_stream(), client.open_stream()):
+            client.send_data(stream_id, OPEN)
+        relay.pipe_data(bytes(client.data_to_send()))
+        first, second = await relay.accept_stream(), await relay.accept_stream()
+        assert isinstance(first, MuxStream)
+        assert isinstance(second, MuxStream)
+
+        first.send_soon(ACCEPT, within=60.0)
+        assert writes == []
+        first.send_now(b"target's first bytes")
+        assert len(writes) == 1
+        events = client.receive_data(writes[0])
+        data = [event.data for event in events if isinstance(event, mux.DataReceived)]
+        assert data == [ACCEPT, b"target's first bytes"]
+
+        wrote.clear()
+        second.send_soon(ACCEPT, within=0.01)
+        await asyncio.wait_for(wrote.wait(), 10)  # nothing else writes: the deadline does
+        events = client.receive_data(writes[1])
+        assert [event.data for event in events if isinstance(event, mux.DataReceived)] == [ACCEPT]
+
+    asyncio.run(main())

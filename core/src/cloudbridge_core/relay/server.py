@@ -42,7 +42,7 @@ from cloudbridge_core.relay.splice import Arrival, Splicer
 from cloudbridge_core.relay.turn import TurnIssuer
 from cloudbridge_core.settings import PerformanceSettings, RateLimitSettings, ServerSettings
 from cloudbridge_core.tenants import is_tenant_id
-from cloudbridge_core.transports.mux_session import MuxSession
+from cloudbridge_core.transports.mux_session import MuxSession, MuxStream
 from cloudbridge_core.transports.preauth import PreauthGate, PreauthLimits
 from cloudbridge_core.wire import MessageStream
 
@@ -50,6 +50,9 @@ log = get_logger("relay.server")
 
 CONNECT = "relay:connect"
 TUNNEL = "tunnel:create"
+#: a tunnel's accept waits this long at most for the target's first bytes to go with it
+ACCEPT_JOINS_DATA_WITHIN = 0.001
+ACCEPT = messages.encode(messages.Accept())
 #: how often a session past its token's ``exp`` is checked for a refresh before it is sent
 #: TURN credentials again (it ends ``server.token_expiry_grace`` after ``exp`` otherwise)
 EXPIRED_RECHECK = 1.0
@@ -497,10 +500,7 @@ class Relay:
             await _reject(stream, error)
             return
         try:
-            await header.send(messages.Accept())
-            early = header.take_buffered()
-            if early:
-                await asyncio.get_running_loop().sock_sendall(target, early)
+            early = await _accept(stream, header, target)
         except (TransportError, OSError):
             abort(target)
             return
@@ -513,7 +513,7 @@ class Relay:
         self._streams_idle.clear()
         try:
             # what came with the open (sent above) counts as carried to the target too
-            result = PumpResult(received=len(early))
+            result = PumpResult(received=early)
             await pump(stream, target, buffer_size=self.limits.buffer_size, result=result)
         finally:
             self.streams_active -= 1
@@ -639,6 +639,20 @@ def _check_not_expired(claims: Claims) -> None:
 
 def _utc(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def _accept(stream: Stream, header: MessageStream, target: socket.socket) -> int:
+    """Accept a tunnel and send its target what came with the open; return how much."""
+    if isinstance(stream, MuxStream) and stream.direct:
+        # the client does not wait for it (client/opening.py): it goes out with the
+        # target's first bytes, in one record, when they come soon enough
+        stream.send_soon(ACCEPT, ACCEPT_JOINS_DATA_WITHIN)
+    else:
+        await header.send(messages.Accept())
+    early = header.take_buffered()
+    if early:
+        await asyncio.get_running_loop().sock_sendall(target, early)
+    return len(early)
 
 
 async def _reject(stream: Stream, error: CloudBridgeError) -> None:

@@ -294,6 +294,15 @@ class MuxStream:
         self._session.flush_now()
         return sent
 
+    def send_soon(self, data: bytes, within: float) -> None:
+        """Queue ``data`` to go out with the session's next write, or alone ``within``
+        seconds from now at the latest (:meth:`MuxSession.flush_soon`): a small message
+        (a tunnel's accept) then shares a record with the bytes that follow it closely.
+        ``data`` must fit the peer's window. Needs :attr:`direct`."""
+        if self._session.send(self.stream_id, data) < len(data):
+            raise TransportClosed(f"stream {self.stream_id} has no window for {len(data)} bytes")
+        self._session.flush_soon(within)
+
     def consume(self, count: int) -> None:
         """A sink has taken ``count`` bytes: the peer may send that much more."""
         self._session.consumed(self.stream_id, count)
@@ -475,6 +484,8 @@ class MuxSession:
         self.pace_pings: Callable[[int], Awaitable[None]] | None = None
         self._backlog_room = asyncio.Event()
         self._pacing: asyncio.Task[None] | None = None
+        #: writes what is queued unless a write comes first (see :meth:`flush_soon`)
+        self._deferred: asyncio.TimerHandle | None = None
         #: called once the pipe takes more (see :meth:`when_writable`)
         self._writable_callbacks: list[Callable[[], None]] = []
         self._reader: asyncio.Task[None] | None = None
@@ -595,6 +606,7 @@ class MuxSession:
             return
         async with self._send_lock:
             data = self._connection.data_to_send()
+            self._cancel_deferred()
             if data:
                 try:
                     await self._pipe.send(data)
@@ -607,10 +619,27 @@ class MuxSession:
         connection shuts the session."""
         if self._direct is None or not self._connection.has_data_to_send:
             return
+        self._cancel_deferred()
         try:
             self._direct.write_now(self._connection.data_to_send())
         except (OSError, ConnectionError) as exc:
             self._shut(f"connection lost: {exc}")
+
+    def flush_soon(self, within: float) -> None:
+        """Write what is queued with the next write, or ``within`` seconds from now if
+        none comes first (a direct session): one record instead of two when more follows
+        soon, and no wake-up when it does."""
+        if self._deferred is None:
+            self._deferred = asyncio.get_running_loop().call_later(within, self._flush_deferred)
+
+    def _flush_deferred(self) -> None:
+        self._deferred = None
+        self.flush_now()
+
+    def _cancel_deferred(self) -> None:
+        if self._deferred is not None:
+            self._deferred.cancel()
+            self._deferred = None
 
     def when_writable(self, callback: Callable[[], None]) -> bool:
         """False when the pipe takes more now; else ``callback`` runs once it does."""
@@ -739,6 +768,7 @@ class MuxSession:
             return
         self._close_reason = reason
         self._closed.set()
+        self._cancel_deferred()
         self._end_preauth()
         self._connection.abandon()
         streams = list(self._streams.values())
