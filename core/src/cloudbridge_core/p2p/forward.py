@@ -51,6 +51,7 @@ class PeerTunnel:
         stats.active_connections += 1
         started = time.perf_counter()
         moved = PumpResult()
+        pumped = False  # from then on the pump closes the socket, however it ends
         try:
             stream, early = await self._mesh.open(
                 self.spec.peer, self.spec.remote_port, ATTEMPT_TIMEOUT
@@ -58,6 +59,7 @@ class PeerTunnel:
             stats.setup_seconds_total += time.perf_counter() - started
             if early:
                 await asyncio.get_running_loop().sock_sendall(client, early)
+            pumped = True
             await pump(stream, client, result=moved)
             if moved.error:
                 stats.errors += 1
@@ -66,7 +68,8 @@ class PeerTunnel:
             code = error.code if isinstance(error, CloudBridgeError) else "io_error"
             log.warning("peer_tunnel_failed", peer=self.spec.peer, code=code, reason=str(error))
         finally:
-            abort(client)  # a no-op once the pump has closed it; before that, a failure
+            if not pumped:  # never after the pump: a reset would drop an answer's unsent end
+                abort(client)
             stats.bytes_sent += moved.sent
             stats.bytes_received += moved.received
             stats.active_connections -= 1
