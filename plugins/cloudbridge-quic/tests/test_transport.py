@@ -114,11 +114,9 @@ def test_large_transfer_integrity_over_many_streams() -> None:
     asyncio.run(main())
 
 
-def test_reset_streams_give_their_unread_bytes_back_to_the_connection() -> None:
-    """Bytes a stream received but nobody read count against the connection's window
-    (credit follows reads); a reset stream gives them back, and those still arriving for
-    it, or a few resets would stall the whole session. Late bytes for a reset stream
-    never show up as a new stream."""
+def test_reset_streams_never_stall_the_session_or_come_back_as_new_ones() -> None:
+    """Streams reset with bytes unread, and with more still arriving, leave the session
+    carrying as before; late bytes for a reset stream never show up as a new stream."""
     window = 65536
     settings = plugin_settings(SETTINGS_SCHEMA, stream_window=window, connection_window=4 * window)
     kit = TransportKit(lambda: QuicTransport(settings))
@@ -147,6 +145,39 @@ def test_reset_streams_give_their_unread_bytes_back_to_the_connection() -> None:
             stream = await client.open_stream()
             writer = asyncio.create_task(stream.write(payload))
             peer = await asyncio.wait_for(server.accept_stream(), 10)  # this one, no ghost
+            received = bytearray()
+            while len(received) < len(payload):
+                received += await asyncio.wait_for(peer.read(), 10)
+            assert received == payload
+            await writer
+
+    asyncio.run(main())
+
+
+def test_streams_whose_readers_stall_leave_room_for_the_others() -> None:
+    """Each stream buffers at most its window unread, and that alone bounds memory: were
+    the connection's window to follow reads as well, streams nobody reads (downloads whose
+    applications are busy) would use it up and starve every other stream, new ones too."""
+    window = 65536
+    settings = plugin_settings(SETTINGS_SCHEMA, stream_window=window, connection_window=4 * window)
+    kit = TransportKit(lambda: QuicTransport(settings))
+
+    async def main() -> None:
+        async with kit.pair() as (client, accepted):
+            server = await asyncio.wait_for(accepted.get(), 10)
+            assert isinstance(server, QuicSession)
+            stalled = []
+            for _ in range(8):  # twice the connection's window, arrived and left unread
+                stream = await client.open_stream()
+                await stream.write(os.urandom(window))
+                stalled.append(await asyncio.wait_for(server.accept_stream(), 10))
+                receiver = server._quic._streams[stalled[-1].stream_id].receiver
+                while receiver.highest_offset < window:  # noqa: ASYNC110 - aioquic has no event for it
+                    await asyncio.sleep(0.01)
+            payload = os.urandom(4 * window)
+            stream = await client.open_stream()
+            writer = asyncio.create_task(stream.write(payload))
+            peer = await asyncio.wait_for(server.accept_stream(), 10)
             received = bytearray()
             while len(received) < len(payload):
                 received += await asyncio.wait_for(peer.read(), 10)

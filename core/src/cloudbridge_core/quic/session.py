@@ -174,6 +174,9 @@ class QuicSession(QuicConnectionProtocol):
         self._keepalive_interval = keepalive
         self._keepalive: asyncio.Task[None] | None = None
         self._streams: dict[int, QuicStream] = {}
+        #: streams the application left while the peer may still send on them: what
+        #: arrives for them is dropped, never taken for a new stream
+        self._abandoned: set[int] = set()
         self._incoming: asyncio.Queue[QuicStream | None] = asyncio.Queue()
         self._progress: asyncio.Future[None] | None = None
         self._error: TransportError | None = None
@@ -286,18 +289,18 @@ class QuicSession(QuicConnectionProtocol):
 
     def abandon(self, stream: QuicStream, *, reset: bool) -> None:
         """Stop feeding ``stream`` (once); with ``reset``, RESET_STREAM (a no-op once all
-        of it is acknowledged) and, while the peer may still send, STOP_SENDING. What it
-        received unread, and receives from now on, goes back to the connection's window."""
+        of it is acknowledged) and, while the peer may still send, STOP_SENDING."""
         if self._streams.get(stream.stream_id) is not stream:
             return
         del self._streams[stream.stream_id]
+        self._bounded.forget(stream.stream_id)
         if reset:
             with contextlib.suppress(ValueError, AssertionError):  # the stream already ended
                 self._quic.reset_stream(stream.stream_id, STREAM_CANCELLED)
                 if not stream.peer_finished:
                     self._quic.stop_stream(stream.stream_id, STREAM_CANCELLED)
-        if self._bounded.abandon(stream.stream_id) or reset:
             self._transmit_soon()
+        self._settle(stream.stream_id)
         self._wake_writers()
 
     # ---- aioquic callbacks ------------------------------------------------------------------
@@ -351,7 +354,7 @@ class QuicSession(QuicConnectionProtocol):
                 if self._preauth_bytes > PREAUTH_BYTES or (stream is None and self._streams):
                     self._refuse(_PROTOCOL_VIOLATION, "more than a hello before authentication")
                     return
-            if event.stream_id in self._bounded.abandoned:  # still arriving after a reset
+            if event.stream_id in self._abandoned:  # still arriving after a reset
                 self._settle(event.stream_id)
                 return
             if stream is None:
@@ -400,12 +403,16 @@ class QuicSession(QuicConnectionProtocol):
         if stream is not None:
             stream.failed(StreamAborted(why))
             self.abandon(stream, reset=True)
-        elif stream_id in self._bounded.abandoned:
+        elif stream_id in self._abandoned:
             self._settle(stream_id)
 
     def _settle(self, stream_id: int) -> None:
-        if self._bounded.settle(stream_id):
-            self._transmit_soon()
+        """Remember an abandoned stream until the peer can send nothing more on it."""
+        receiver = self._quic._streams.get(stream_id)
+        if receiver is None or receiver.receiver.is_finished:
+            self._abandoned.discard(stream_id)
+        else:
+            self._abandoned.add(stream_id)
 
     def _terminate(self, error: TransportError) -> None:
         if self._error is not None:

@@ -45,7 +45,10 @@ SETTINGS_SCHEMA: dict[str, Any] = {
             "minimum": 65536,
             "maximum": 1073741824,
             "default": 16777216,
-            "description": "Bytes a peer may send on all streams before readers catch up.",
+            "description": (
+                "Bytes a peer may send on all streams beyond what has arrived"
+                " (what is left unread is bounded per stream by stream_window)."
+            ),
         },
         "max_streams": {
             "type": "integer",
