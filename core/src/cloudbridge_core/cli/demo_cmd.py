@@ -19,7 +19,7 @@ import click
 from cloudbridge_core.cli.output import message
 from cloudbridge_core.cli.runtime import Runtime, runtime_of
 from cloudbridge_core.cli.serving import run_async, wait_for_stop
-from cloudbridge_core.client.race import connect
+from cloudbridge_core.client.link import RelayLink
 from cloudbridge_core.client.tunnel import Tunnel, TunnelSpec
 from cloudbridge_core.config import Config, load_config
 from cloudbridge_core.relay.runner import start_relay
@@ -96,9 +96,12 @@ def demo(ctx: click.Context, duration: float | None, connections: int, as_json: 
                     "auth.token": token,
                 },
             )
-            connection = await connect(client_config, runtime.plugins)
+            # the link, not a bare session: it sends the heartbeats without which the relay
+            # reaps a session (after 90 s), and reconnects as `cloudbridge tunnel` does
+            link = RelayLink(client_config, runtime.plugins)
+            await link.start()
             target_port = target.sockets[0].getsockname()[1]
-            tunnel = Tunnel(TunnelSpec(0, "127.0.0.1", target_port), connection)
+            tunnel = Tunnel(TunnelSpec(0, "127.0.0.1", target_port), link)
             await tunnel.start()
             listening = ", ".join(f"{name} on 127.0.0.1:{port}" for name, port in ports.items())
             message(f"relay: {listening}; tenant 'demo'")
@@ -119,7 +122,7 @@ def demo(ctx: click.Context, duration: float | None, connections: int, as_json: 
                 for task in (*pushers, reporter):
                     task.cancel()
                 await asyncio.gather(*pushers, reporter, return_exceptions=True)
-                await connection.aclose()
+                await link.aclose()
                 await relay.aclose()
                 target.close()
                 await target.wait_closed()
