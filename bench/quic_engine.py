@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
 import importlib
 import json
 import resource
@@ -31,10 +30,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cloudbridge_core.tlsutil import generate_ca
 
 ALPN = "cloudbridge-bench/1"
 MIB = 1 << 20
@@ -44,29 +40,6 @@ PIECE = 64 * 1024
 SOURCE = memoryview(bytes(range(256)) * (PIECE // 256))
 #: the runs, as the bench's bulk figures: (direction, streams on the one connection)
 RUNS = [("up", 1), ("down", 1), ("up", 8), ("down", 8)]
-
-
-def _pem_pair() -> tuple[bytes, bytes]:
-    """A throwaway self-signed certificate and its key (the client does not verify it)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return certificate.public_bytes(serialization.Encoding.PEM), key_pem
 
 
 @dataclass
@@ -228,7 +201,8 @@ def _configuration(engine: Engine, args: argparse.Namespace, *, is_client: bool)
 
 
 async def serve(engine: Engine, args: argparse.Namespace) -> None:
-    certificate_pem, key_pem = _pem_pair()
+    pair = generate_ca("bench")  # self-signed; the client does not verify it
+    certificate_pem, key_pem = pair.certificate, pair.key
     configuration = _configuration(engine, args, is_client=False)
     configuration.certificate = engine.tls.load_pem_x509_certificates(certificate_pem)[0]
     configuration.private_key = engine.tls.load_pem_private_key(key_pem)
