@@ -339,19 +339,14 @@ class PeerManager:
     async def _run(
         self, state: PeerState, name: str, strategy: NatStrategy, channel: AttemptChannel
     ) -> None:
-        attempt = Attempt(name, channel.attempt)
-        state.attempts[name] = attempt
-        if self.metrics is not None:
-            self.metrics.attempts.labels(name).inc()
+        attempt = self._attempt_started(state, name, channel.attempt)
         try:
             path = await asyncio.wait_for(strategy.connect(state.info, channel), ATTEMPT_TIMEOUT)
         except (CloudBridgeError, OSError, TimeoutError) as error:
-            attempt.state, attempt.ended_at = "failed", time.time()
-            attempt.error = str(error) or f"no path within {ATTEMPT_TIMEOUT:g}s"
-            attempt.details = error.details if isinstance(error, P2PConnectionFailed) else {}
-            log.info(
-                "path_attempt_failed", peer=state.info.name, strategy=name, reason=attempt.error
+            self._attempt_failed(
+                state, attempt, str(error) or f"no path within {ATTEMPT_TIMEOUT:g}s"
             )
+            attempt.details = error.details if isinstance(error, P2PConnectionFailed) else {}
             return
         finally:
             state.channels.pop((name, channel.attempt), None)
@@ -369,20 +364,15 @@ class PeerManager:
             self._spawn(self._begin(state, RELAYED))
 
     async def _run_tcp(self, state: PeerState, channel: AttemptChannel) -> None:
-        attempt = Attempt(TCP, channel.attempt)
-        state.attempts[TCP] = attempt
-        if self.metrics is not None:
-            self.metrics.attempts.labels(TCP).inc()
+        attempt = self._attempt_started(state, TCP, channel.attempt)
         runner = TcpAttempt(self._identity, state.info, channel, self.tcp_listener)
         state.tcp_attempt = runner
         try:
             link = await asyncio.wait_for(runner.run(), ATTEMPT_TIMEOUT)
         except (CloudBridgeError, OSError, TimeoutError) as error:
-            attempt.state, attempt.ended_at = "failed", time.time()
-            attempt.error = str(error) or f"no TCP path within {ATTEMPT_TIMEOUT:g}s"
             state.failures[TCP] = state.failures.get(TCP, 0) + 1
-            log.info(
-                "path_attempt_failed", peer=state.info.name, strategy=TCP, reason=attempt.error
+            self._attempt_failed(
+                state, attempt, str(error) or f"no TCP path within {ATTEMPT_TIMEOUT:g}s"
             )
             return
         finally:
@@ -401,10 +391,7 @@ class PeerManager:
         state.session.attach_tcp(link)
 
     async def _run_relayed(self, state: PeerState, channel: AttemptChannel) -> None:
-        attempt = Attempt(RELAYED, channel.attempt)
-        state.attempts[RELAYED] = attempt
-        if self.metrics is not None:
-            self.metrics.attempts.labels(RELAYED).inc()
+        attempt = self._attempt_started(state, RELAYED, channel.attempt)
         try:
             link = await asyncio.wait_for(
                 relayed.connect(
@@ -417,11 +404,9 @@ class PeerManager:
                 ATTEMPT_TIMEOUT,
             )
         except (CloudBridgeError, OSError, TimeoutError) as error:
-            attempt.state, attempt.ended_at = "failed", time.time()
-            attempt.error = str(error) or f"no relayed stream within {ATTEMPT_TIMEOUT:g}s"
             state.failures[RELAYED] = state.failures.get(RELAYED, 0) + 1
-            log.info(
-                "path_attempt_failed", peer=state.info.name, strategy=RELAYED, reason=attempt.error
+            self._attempt_failed(
+                state, attempt, str(error) or f"no relayed stream within {ATTEMPT_TIMEOUT:g}s"
             )
             return
         finally:
@@ -435,6 +420,19 @@ class PeerManager:
             await link.aclose()
             return
         state.session.attach(RELAYED, link)
+
+    def _attempt_started(self, state: PeerState, name: str, number: int) -> Attempt:
+        attempt = state.attempts[name] = Attempt(name, number)
+        if self.metrics is not None:
+            self.metrics.attempts.labels(name).inc()
+        return attempt
+
+    @staticmethod
+    def _attempt_failed(state: PeerState, attempt: Attempt, reason: str) -> None:
+        attempt.state, attempt.ended_at, attempt.error = "failed", time.time(), reason
+        log.info(
+            "path_attempt_failed", peer=state.info.name, strategy=attempt.strategy, reason=reason
+        )
 
     def _tcp_verified(self, peer: PeerInfo, link: TcpLink) -> None:
         """A connection the peer dialed, its certificate verified: for the attempt under way."""
