@@ -18,13 +18,15 @@ from pathlib import Path
 import pytest
 from cloudbridge_core.client.link import RelayLink
 from cloudbridge_core.errors import P2PConnectionFailed, Unauthorized
+from cloudbridge_core.p2p.forward import PeerTunnel
 from cloudbridge_core.p2p.identity import DeviceIdentity
 from cloudbridge_core.p2p.manager import PeerManager
 from cloudbridge_core.p2p.metrics import P2PMetrics
+from cloudbridge_core.p2p.setup import PeerTunnelSpec
 from cloudbridge_core.relay.mesh import Mesh
 from cloudbridge_core.testing.streams import read_all
 from prometheus_client import CollectorRegistry
-from relaybed import BOTH, Bed, echo_server, run
+from relaybed import BOTH, Bed, echo_server, round_trip, run
 
 pytestmark = pytest.mark.timeout(90)
 MESH = [*BOTH, "p2p:mesh"]
@@ -76,6 +78,20 @@ async def sha256_round_trip(mesh: PeerManager, peer: str, port: int, size: int) 
     await sending
     await stream.aclose()
     return hashlib.sha256(payload).hexdigest(), hashlib.sha256(received).hexdigest()
+
+
+async def tunnel_round_trip(mesh: PeerManager, peer: str, port: int, size: int) -> None:
+    """A peer tunnel (the core's pump on both peers) carries ``size`` bytes to an echo
+    service on ``peer``'s ``port`` and back, intact and without an error."""
+    tunnel = PeerTunnel(PeerTunnelSpec(0, peer, port), mesh)
+    await tunnel.start()
+    try:
+        payload = os.urandom(size)
+        echoed = await round_trip(tunnel.port, payload)
+    finally:
+        await tunnel.aclose()
+    assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
+    assert tunnel.statistics.errors == 0
 
 
 def test_peer_tunnel_over_derp_carries_data_and_reaches_only_exposed_ports(

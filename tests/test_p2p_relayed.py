@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import socket
 import tempfile
@@ -43,8 +42,8 @@ from cloudbridge_core.testing.conformance import (
     run_check,
     untrusted_certificate_rejected,
 )
-from relaybed import Bed, echo_server, relay_bed, round_trip, run
-from test_p2p_loopback import MESH, sha256_round_trip, until
+from relaybed import Bed, echo_server, relay_bed, run
+from test_p2p_loopback import MESH, sha256_round_trip, tunnel_round_trip, until
 from test_p2p_tcp import identities, read_to_end
 
 pytestmark = pytest.mark.timeout(90)
@@ -119,16 +118,7 @@ def test_a_peer_tunnel_in_relay_only_mode_takes_the_relayed_stream(tmp_path: Pat
             )
             assert status["bytes_received"] > 8 << 20  # the payload came back on the stream
             assert "on derp" in laptop.explain("server")["summary"]
-            # a peer tunnel (the core's pump on both peers) over it
-            tunnel = PeerTunnel(PeerTunnelSpec(0, "server", echo_port), laptop)
-            await tunnel.start()
-            try:
-                payload = os.urandom(4 << 20)
-                echoed = await round_trip(tunnel.port, payload)
-            finally:
-                await tunnel.aclose()
-            assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
-            assert tunnel.statistics.errors == 0
+            await tunnel_round_trip(laptop, "server", echo_port, 4 << 20)  # a peer tunnel over it
             # the peer's side opens streams over the same stream
             sent, received = await sha256_round_trip(server, "laptop", echo_port, 1 << 20)
             assert sent == received

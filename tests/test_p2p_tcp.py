@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -32,8 +31,8 @@ from cloudbridge_core.providers import PeerInfo
 from cloudbridge_core.tlsutil import generate_ca
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from relaybed import Bed, echo_server, round_trip, run
-from test_p2p_loopback import MESH, sha256_round_trip, until
+from relaybed import Bed, echo_server, run
+from test_p2p_loopback import MESH, sha256_round_trip, tunnel_round_trip, until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -104,16 +103,7 @@ def test_a_peer_tunnel_takes_the_tcp_path_and_carries_data(tmp_path: Path) -> No
             assert status["endpoint"].startswith("127.0.0.1:")
             assert status["bytes_received"] > 8 << 20  # the payload came back over TCP
             assert "over tcp" in laptop.explain("server")["summary"]
-            # a peer tunnel (the core's pump on both peers) over it
-            tunnel = PeerTunnel(PeerTunnelSpec(0, "server", echo_port), laptop)
-            await tunnel.start()
-            try:
-                payload = os.urandom(4 << 20)
-                echoed = await round_trip(tunnel.port, payload)
-            finally:
-                await tunnel.aclose()
-            assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
-            assert tunnel.statistics.errors == 0
+            await tunnel_round_trip(laptop, "server", echo_port, 4 << 20)  # a peer tunnel over it
             # the peer's side opens streams over the same connection
             sent, received = await sha256_round_trip(server, "laptop", echo_port, 1 << 20)
             assert sent == received
