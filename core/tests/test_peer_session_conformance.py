@@ -106,16 +106,26 @@ async def udp_paths(kind: type[UdpPath]) -> tuple[UdpPath, UdpPath]:
     )
 
 
+def info(identity: DeviceIdentity) -> PeerInfo:
+    certificate = identity.ca.certificate.decode()
+    return PeerInfo(identity.peer_id, "other", identity.public_key, certificate=certificate)
+
+
 class PeerEnd:
     """One peer's :class:`PeerSession` seen as a :class:`Session`: the streams the peer
-    opens are served by queueing them for ``accept_stream``."""
+    opens are served by queueing them for ``accept_stream``. With ``link``, the session
+    carries its streams on that TCP path; without, on its QUIC session."""
 
-    def __init__(self, identity: DeviceIdentity, other: DeviceIdentity) -> None:
+    def __init__(
+        self, identity: DeviceIdentity, other: DeviceIdentity, link: tcp.TcpLink | None = None
+    ) -> None:
         self._incoming: asyncio.Queue[Stream] = asyncio.Queue()
-        info = PeerInfo(
-            other.peer_id, "other", other.public_key, certificate=other.ca.certificate.decode()
-        )
-        self.session = PeerSession(identity, info, identity.peer_id < other.peer_id, self._serve)
+        controlling = identity.peer_id < other.peer_id
+        self.session = PeerSession(identity, info(other), controlling, self._serve)
+        self._on_tcp = link is not None
+        if link is not None:
+            self.session.attach_tcp(link)
+            assert self.session.protocol == "tcp"
 
     async def _serve(self, stream: Stream) -> None:
         self._incoming.put_nowait(stream)
@@ -124,11 +134,19 @@ class PeerEnd:
         return await self.session.open_stream()
 
     async def accept_stream(self) -> Stream:
-        await self.session.wait_connected(10)
-        protocol = self.session._protocol  # its end is what ends accepting, as on a relay
-        assert protocol is not None
+        if self._on_tcp:
+            carried = self.session.carried_by("tcp")
+            if carried is None:
+                raise TransportClosed("the TCP path has ended")
+            carrier_ended = carried[0].wait_closed()
+        else:
+            await self.session.wait_connected(10)
+            protocol = self.session._protocol
+            assert protocol is not None
+            carrier_ended = protocol.wait_closed()
+        # the carrier's end is what ends accepting, as on a relay
         incoming = asyncio.ensure_future(self._incoming.get())
-        ended = asyncio.ensure_future(protocol.wait_closed())
+        ended = asyncio.ensure_future(carrier_ended)
         await asyncio.wait({incoming, ended}, return_when=asyncio.FIRST_COMPLETED)
         ended.cancel()
         if incoming.done():
@@ -194,48 +212,6 @@ def test_conformance_on_a_path_whose_sends_wait(check: object) -> None:
     run_check(check, PeerSessionKit(UdpPath))  # type: ignore[arg-type]
 
 
-def info(identity: DeviceIdentity) -> PeerInfo:
-    certificate = identity.ca.certificate.decode()
-    return PeerInfo(identity.peer_id, "other", identity.public_key, certificate=certificate)
-
-
-class TcpPeerEnd:
-    """One peer's :class:`PeerSession` on a TCP path, seen as a :class:`Session`."""
-
-    def __init__(self, identity: DeviceIdentity, other: DeviceIdentity, link: tcp.TcpLink) -> None:
-        self._incoming: asyncio.Queue[Stream] = asyncio.Queue()
-        controlling = identity.peer_id < other.peer_id
-        self.session = PeerSession(identity, info(other), controlling, self._serve)
-        self.session.attach_tcp(link)
-        assert self.session.protocol == "tcp"
-
-    async def _serve(self, stream: Stream) -> None:
-        self._incoming.put_nowait(stream)
-
-    async def open_stream(self) -> Stream:
-        return await self.session.open_stream()
-
-    async def accept_stream(self) -> Stream:
-        carried = self.session.carried_by("tcp")  # its end ends accepting, as on a relay
-        if carried is None:
-            raise TransportClosed("the TCP path has ended")
-        carrier = carried[0]
-        incoming = asyncio.ensure_future(self._incoming.get())
-        ended = asyncio.ensure_future(carrier.wait_closed())
-        await asyncio.wait({incoming, ended}, return_when=asyncio.FIRST_COMPLETED)
-        ended.cancel()
-        if incoming.done():
-            return incoming.result()
-        incoming.cancel()
-        raise TransportClosed("the TCP path has ended")
-
-    def authenticated(self) -> None:
-        """Peers are authenticated before their session starts."""
-
-    async def aclose(self) -> None:
-        await self.session.aclose()
-
-
 class TcpPeerSessionKit(TransportKit):
     """The kit's ``pair`` as two peers on a loopback TCP path."""
 
@@ -262,8 +238,8 @@ class TcpPeerSessionKit(TransportKit):
         try:
             endpoints = tcp.parse_endpoints({"endpoints": listener.endpoints()})
             dialed = await tcp.dial(dialer, info(acceptor), endpoints)
-            client = TcpPeerEnd(dialer, acceptor, dialed)
-            server = TcpPeerEnd(acceptor, dialer, await asyncio.wait_for(accepted_link, 10))
+            client = PeerEnd(dialer, acceptor, dialed)
+            server = PeerEnd(acceptor, dialer, await asyncio.wait_for(accepted_link, 10))
         finally:
             await listener.aclose()
         accepted: asyncio.Queue[Session] = asyncio.Queue()
