@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from cloudbridge_core.tlsutil import generate_ca
 from procs import BIN, Unavailable, free_port, serving, started
 
 #: the transports measured, in auto mode's preference order (plugins that are installed)
@@ -150,6 +151,49 @@ def wstunnel(target: int) -> Iterator[Forwarder]:
         ) as client,
     ):
         yield Forwarder("wstunnel", port, [server.pid, client.pid])
+
+
+@contextmanager
+def wstunnel_tls(target: int) -> Iterator[Forwarder]:
+    """wstunnel as it runs over TLS (``wss://``), the work the WebSocket transport does: its
+    server has no TLS of its own and is meant to sit behind a terminator, here socat's
+    OpenSSL (a process per connection, 128 KiB buffers so that it is not the bottleneck)."""
+    if not (WSTUNNEL.exists() and shutil.which("node") and shutil.which("socat")):
+        raise Unavailable(
+            "wstunnel or socat is missing (npm ci --prefix bench/wstunnel; ./dev bench does it)"
+        )
+    with ExitStack() as stack:
+        home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-wss-")))
+        pair = generate_ca("bench")  # self-signed; the client accepts any certificate
+        (home / "server.pem").write_bytes(pair.certificate + pair.key)
+        server_port, tls_port, port = free_port(), free_port(), free_port()
+        server = stack.enter_context(
+            serving(
+                [str(WSTUNNEL), "-s", f"127.0.0.1:{server_port}", "-t", f"127.0.0.1:{target}"],
+                server_port,
+            )
+        )
+        terminator = stack.enter_context(
+            serving(
+                [
+                    *("socat", "-b", str(128 * 1024)),
+                    f"OPENSSL-LISTEN:{tls_port},cert={home / 'server.pem'},verify=0,"
+                    "fork,reuseaddr,nodelay,backlog=4096,bind=127.0.0.1",
+                    f"TCP:127.0.0.1:{server_port},nodelay",
+                ],
+                tls_port,
+            )
+        )
+        client = stack.enter_context(
+            serving(
+                [
+                    *(str(WSTUNNEL), "--anycert", "--uuid", "bench"),
+                    *("-t", f"127.0.0.1:{port}:127.0.0.1:{target}", f"wss://127.0.0.1:{tls_port}"),
+                ],
+                port,
+            )
+        )
+        yield Forwarder("wstunnel-tls", port, [server.pid, terminator.pid, client.pid])
 
 
 @dataclass

@@ -149,6 +149,14 @@ GOALS = [
         1.5,
         paths=("cloudbridge-websocket",),
     ),
+    Goal(
+        "bulk >= 1.5x wstunnel over TLS (both encrypt)",
+        tuple(BULK),
+        "wstunnel-tls",
+        operator.ge,
+        1.5,
+        paths=("cloudbridge-websocket",),
+    ),
 ]
 
 
@@ -240,6 +248,12 @@ COMPARISONS: list[tuple[str, tuple[str, ...] | None, str, list[str] | None]] = [
     ("socat", None, "Ratio to socat", None),
     ("ssh", None, "Ratio to ssh -L (bulk)", [*BULK, "parallel_bytes_per_second"]),
     ("wstunnel", ("cloudbridge-websocket",), "WebSocket transport to wstunnel", None),
+    (
+        "wstunnel-tls",
+        ("cloudbridge-websocket",),
+        "WebSocket transport to wstunnel over TLS",
+        None,
+    ),
     ("cloudbridge-grpc", ("cloudbridge-quic",), "QUIC transport to gRPC", None),
     ("cloudbridge-tls", ("peer",), "Peer tunnel (direct path) to the relayed TLS tunnel", None),
     ("cloudbridge-tls", ("peer-derp",), "Peer tunnel over DERP to the relayed TLS tunnel", None),

@@ -7,6 +7,8 @@ own process). On loopback (part "references", then part "relayed"):
     socat           socat TCP-LISTEN,fork -> TCP
     ssh             ssh -L through a throwaway sshd on loopback (default cipher)
     wstunnel        wstunnel (npm) server and client, a TCP forward over WebSocket
+    wstunnel-tls    the same over TLS (wss://), its server behind socat's OpenSSL, as
+                    wstunnel's server is run behind a TLS terminator
     cloudbridge-T   `cloudbridge tunnel` over transport T (quic, grpc, websocket, tls: those
                     installed) through a relay (`relay serve --dev`), both on loopback
     peer-derp       a peer tunnel (`tunnel --remote-peer`, relay-only) to a peer on loopback
@@ -81,7 +83,7 @@ from report import BULK, MTU, Figures
 MIB = 1 << 20
 GIB = 1 << 30
 TARGET = [sys.executable, str(Path(__file__).with_name("target.py"))]
-REFERENCES = ["direct", "socat", "ssh", "wstunnel"]
+REFERENCES = ["direct", "socat", "ssh", "wstunnel", "wstunnel-tls"]
 PARTS = {
     "references": REFERENCES,
     "relayed": [*(f"cloudbridge-{t}" for t in paths.TRANSPORTS), "peer-derp"],
@@ -200,6 +202,7 @@ REFERENCE_PATHS: dict[str, Callable[[int], AbstractContextManager[paths.Forwarde
     "socat": paths.socat,
     "ssh": paths.ssh,
     "wstunnel": paths.wstunnel,
+    "wstunnel-tls": paths.wstunnel_tls,
 }
 
 
