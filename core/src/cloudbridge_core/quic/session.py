@@ -199,6 +199,16 @@ class QuicSession(QuicConnectionProtocol):
             raise self._error or TransportClosed("the QUIC connection is closed")
         return stream
 
+    async def wait_connected(self) -> None:
+        """Until the handshake has completed, however early: aioquic's own wait misses a
+        handshake that completed before it was called (its event resolves only a waiter
+        that exists), which a connect on a fast path can race; raises ``ConnectionError``
+        if the connection ended without one."""
+        if self.handshake is None and self._error is None:
+            await super().wait_connected()
+        if self.handshake is None:
+            raise ConnectionError("the QUIC connection ended before its handshake completed")
+
     def authenticated(self) -> None:
         """The relay authenticated the peer: lift the pre-auth budget. Idempotent."""
         self._gate = None
