@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from cloudbridge_core.transports.preauth import PreauthGate
+    from cloudbridge_core.transports.sniff import RawSplices
 
 ProviderT = TypeVar("ProviderT")
 
@@ -126,7 +127,9 @@ class Endpoint:
     ``preauth`` (serving only) is the relay's pre-auth budget: ask it for an admission
     when a connection is accepted, close the connection at once without one, finish the
     handshake by the admission's deadline and hand it to the session (see
-    :mod:`cloudbridge_core.transports.preauth`).
+    :mod:`cloudbridge_core.transports.preauth`). ``raw_splices`` (serving only) takes
+    peers' raw connections, told from TLS clients by their preamble, on a listener that
+    can (the built-in TLS transport's; see :mod:`cloudbridge_core.transports.sniff`).
     """
 
     host: str
@@ -136,6 +139,7 @@ class Endpoint:
     documents: Mapping[str, tuple[str, bytes]] = field(default_factory=dict)
     material: TlsMaterial | None = None
     preauth: PreauthGate | None = None
+    raw_splices: RawSplices | None = None
 
 
 class Listener(Protocol):

@@ -15,6 +15,7 @@ from cloudbridge_core.errors import (
     TransportError,
 )
 from cloudbridge_core.protocol.mux import MuxLimits
+from cloudbridge_core.protocol.preamble import ticket_of
 from cloudbridge_core.providers import Endpoint, Session
 from cloudbridge_core.pump import abort, prepare
 from cloudbridge_core.transports.mux_session import (
@@ -25,6 +26,7 @@ from cloudbridge_core.transports.mux_session import (
 )
 from cloudbridge_core.transports.preauth import Admission, PreauthGate
 from cloudbridge_core.transports.serving import run_session_handler
+from cloudbridge_core.transports.sniff import RawSplices, can_sniff, sniff
 
 #: the TLS handshake's deadline when the endpoint has no pre-auth gate
 HANDSHAKE_TIMEOUT = 10.0
@@ -45,6 +47,8 @@ class TlsListener:
         self._limits = limits
         self._gate: PreauthGate | None = None
         self._tls: ssl.SSLContext | None = None
+        #: takes peers' raw connections (sniffed in ``_serve``), where the loop can peek
+        self._raw: RawSplices | None = None
         self._sockets: list[socket.socket] = []
         self._acceptors: list[asyncio.Task[None]] = []
         #: every accepted connection's task, from the handshake to the session's end
@@ -61,12 +65,16 @@ class TlsListener:
         self._gate = endpoint.preauth
         self._tls = endpoint.tls
         loop = asyncio.get_running_loop()
+        if endpoint.raw_splices is not None and can_sniff(loop):
+            self._raw = endpoint.raw_splices
         # the listener accepts by itself (rather than loop.create_server): it admits a
         # connection before any TLS, and hands it to TLS before any byte of it is read
         self._sockets = await _listening_sockets(endpoint.host, endpoint.port)
         self._acceptors = [
             loop.create_task(accept_forever(sock, self._accepted)) for sock in self._sockets
         ]
+        if self._raw is not None:
+            self._raw.listening(self.port)
 
     def _accepted(self, connection: socket.socket, address: object) -> None:
         """A TCP connection, before TLS: admitted within the caps, or dropped at once."""
@@ -87,6 +95,16 @@ class TlsListener:
         timeout = HANDSHAKE_TIMEOUT if admission is None else max(admission.remaining(), 0.001)
         pipe = ProtocolPipe(high_water)
         try:
+            if self._raw is not None:  # a peer's raw connection, or TLS (left unread)
+                prepare(connection)
+                loop = asyncio.get_running_loop()
+                started = loop.time()
+                async with asyncio.timeout(timeout):
+                    raw = await sniff(connection)
+                if raw is not None:
+                    await self._splice_raw(connection, admission, raw)
+                    return
+                timeout = max(timeout - (loop.time() - started), 0.001)
             # the pipe is taken from here, not from the result: uvloop returns its own
             # SSL protocol there
             await asyncio.get_running_loop().connect_accepted_socket(
@@ -110,6 +128,22 @@ class TlsListener:
             await run_session_handler(self._handler, session)
         finally:
             self._sessions.discard(session)
+
+    async def _splice_raw(
+        self, connection: socket.socket, admission: Admission | None, raw: bytes
+    ) -> None:
+        """A preamble read: the ticket's connection goes to the relay's desk, which checks
+        it before anything else; anything else is dropped and counted (never logged: a
+        ticket is a secret while it lasts)."""
+        assert self._raw is not None
+        if admission is not None:  # from here the desk's own deadlines and caps hold
+            admission.release()
+        ticket = ticket_of(raw)
+        if ticket is None:
+            self._raw.refused("bad_preamble")
+            abort(connection)
+            return
+        await self._raw.redeem(ticket, connection)
 
     async def aclose(self) -> None:
         if not self._sockets:
