@@ -270,3 +270,35 @@ def test_resolve_checks_every_answer_and_returns_a_checked_one() -> None:
                 await policy.resolve("acme", garbage)
 
     asyncio.run(main())
+
+
+def test_allowed_address_literals_are_remembered_per_tenant_and_policy() -> None:
+    async def main() -> None:
+        policy = from_section({"tenants": {"acme": {"allow": ["10.20.0.0/16:22"]}}})
+        for tenant, target in [("acme", "10.20.1.1:22"), ("acme", "93.184.215.14:80")]:
+            assert policy.decided(tenant, target) is None
+            found = await policy.resolve(tenant, target)
+            assert policy.decided(tenant, target) == found  # dialled again without resolving
+        with pytest.raises(EgressDenied):
+            await policy.resolve("globex", "10.20.1.1:22")
+        assert policy.decided("globex", "10.20.1.1:22") is None  # a verdict is per tenant
+        # a policy replaced (a reload) judges afresh
+        assert replace(policy, allow_loopback=True).decided("acme", "10.20.1.1:22") is None
+        # the relay's own ports: whether an address is this host's may change
+        own = replace(policy, own_ports=frozenset({80}))
+        await own.resolve("acme", "93.184.215.14:80")
+        assert own.decided("acme", "93.184.215.14:80") is None
+
+    asyncio.run(main())
+
+
+def test_names_are_never_remembered() -> None:
+    async def resolver(host: str, port: int) -> list[tuple[Any, ...]]:
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.215.14", port))]
+
+    async def main() -> None:
+        policy = replace(EgressPolicy(), resolver=resolver)
+        await policy.resolve("acme", "example.test:80")
+        assert policy.decided("acme", "example.test:80") is None  # a name may move
+
+    asyncio.run(main())

@@ -35,6 +35,8 @@ Resolver = Callable[[str, int], Awaitable[list[tuple[Any, ...]]]]
 _RULE = re.compile(
     r"^(?P<target>\[[^\]]+\](?:/\d+)?|[^:\s]+)(?::(?P<low>\d{1,5})(?:-(?P<high>\d{1,5}))?)?$"
 )
+#: address-literal targets remembered as allowed, per policy (see :meth:`EgressPolicy.decided`)
+DECIDED_KEPT = 256
 #: the forms ``inet_aton`` (and so ``getaddrinfo``) reads as an IPv4 address:
 #: ``2130706433``, ``0x7f.1``, ``0177.0.0.1``, ``127.1``
 _LEGACY_IPV4 = re.compile(r"^(?:0x[0-9a-f]+|[0-9]+)(?:\.(?:0x[0-9a-f]+|[0-9]+)){0,3}$")
@@ -175,6 +177,10 @@ class EgressPolicy:
     own_ports: frozenset[int] = frozenset()
     #: resolves a target once; ``None`` is the event loop's ``getaddrinfo``
     resolver: Resolver | None = None
+    #: (tenant, target) -> what :meth:`resolve` returned, for address literals it allowed
+    _decided: dict[tuple[str, str], tuple[int, tuple[Any, ...]]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @classmethod
     def from_settings(
@@ -230,7 +236,20 @@ class EgressPolicy:
             raise TargetUnreachable(f"{host} has no IPv4 or IPv6 address")
         addresses = [ipaddress.ip_address(str(sockaddr[0]).split("%")[0]) for _, sockaddr in found]
         self.check(tenant, host, addresses, port)
+        # an address literal resolves to itself and the policy is immutable, so the verdict
+        # holds for as long as the policy does; not for the relay's own ports, whose check
+        # asks which addresses are this host's (interfaces come and go), nor for names
+        if self.resolver is None and port not in self.own_ports and literal(host) is not None:
+            if len(self._decided) >= DECIDED_KEPT:
+                del self._decided[next(iter(self._decided))]
+            self._decided[tenant, target] = found[0]
         return found[0]
+
+    def decided(self, tenant: str, target: str) -> tuple[int, tuple[Any, ...]] | None:
+        """What :meth:`resolve` returned for ``target`` before, when it is an address
+        literal the policy allowed ``tenant`` (then there is nothing to resolve again and
+        the same checks would pass): a tunnel to it is dialled without waiting. Else None."""
+        return self._decided.get((tenant, target))
 
     def check(self, tenant: str, host: str, addresses: Sequence[IpAddress], port: int) -> None:
         """Raise :class:`EgressDenied` unless ``tenant`` may reach every one of

@@ -599,13 +599,17 @@ class Relay:
         )
 
     async def _dial(self, tenant: str, target: str) -> socket.socket:
-        try:
-            # resolved once and checked address by address: the address dialled is one
-            # the policy judged, never the name again (which could re-resolve elsewhere)
-            async with asyncio.timeout(self.limits.connect_timeout):
-                family, address = await self.egress.resolve(tenant, target)
-        except TimeoutError as exc:
-            raise TargetUnreachable(f"cannot resolve {target} in time") from exc
+        decided = self.egress.decided(tenant, target)
+        if decided is not None:
+            family, address = decided
+        else:
+            try:
+                # resolved once and checked address by address: the address dialled is one
+                # the policy judged, never the name again (which could re-resolve elsewhere)
+                async with asyncio.timeout(self.limits.connect_timeout):
+                    family, address = await self.egress.resolve(tenant, target)
+            except TimeoutError as exc:
+                raise TargetUnreachable(f"cannot resolve {target} in time") from exc
         sock = prepare(socket.socket(family, socket.SOCK_STREAM))
         try:
             async with asyncio.timeout(self.limits.connect_timeout):
