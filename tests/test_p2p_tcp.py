@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,8 +28,10 @@ from cloudbridge_core.p2p.forward import PeerTunnel
 from cloudbridge_core.p2p.identity import DeviceIdentity
 from cloudbridge_core.p2p.manager import PeerManager
 from cloudbridge_core.p2p.setup import PeerTunnelSpec
+from cloudbridge_core.protocol.mux import MuxLimits
 from cloudbridge_core.providers import PeerInfo
 from cloudbridge_core.tlsutil import generate_ca
+from cloudbridge_core.transports.mux_session import MuxSession
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from relaybed import Bed, echo_server, run
@@ -196,6 +199,64 @@ def test_a_certificate_from_no_known_peer_is_refused(tmp_path: Path) -> None:
         assert tcp.identify(_der(known), [info(known)]) is not None
 
     run(tmp_path, scenario)
+
+
+def test_peers_agree_on_the_multiplexer_limits_and_an_older_peer_keeps_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two peers of this version take /2 (1 MiB windows, 256 KiB frames); with a peer that
+    offers only /1 (an older client, which always runs a relay session's limits) both take
+    /1. Each way, 4 MiB then cross one stream: had this side kept /2's limits, its sends
+    would overrun the older peer's 256 KiB window (a protocol violation that ends the
+    session), and the older peer would wait for ever for an update /2 gives only after
+    512 KiB."""
+
+    async def scenario() -> None:
+        mine, older = DeviceIdentity.create(), DeviceIdentity.create()
+        verified: asyncio.Queue[tcp.TcpLink] = asyncio.Queue()
+        listener = tcp.PeerTcpListener(
+            mine, lambda: [info(older)], lambda _, link: verified.put_nowait(link), ["127.0.0.1"]
+        )
+        await listener.start("127.0.0.1")
+        endpoint = tcp.parse_endpoints({"endpoints": listener.endpoints()})
+        try:
+            current = await tcp.dial(older, info(mine), endpoint)
+            accepted = await asyncio.wait_for(verified.get(), 10)
+            assert current.limits == accepted.limits == tcp.LIMITS[tcp.ALPN]
+            assert accepted.limits.initial_window == 1 << 20
+            current.abort()
+            accepted.abort()
+
+            def offering_v1(identity: DeviceIdentity, peer: PeerInfo) -> ssl.SSLContext:
+                context = newest(identity, peer)
+                context.set_alpn_protocols([tcp.ALPN_V1])
+                return context
+
+            newest = tcp.client_context
+            monkeypatch.setattr(tcp, "client_context", offering_v1)
+            dialed = await tcp.dial(older, info(mine), endpoint)
+            accepted = await asyncio.wait_for(verified.get(), 10)
+        finally:
+            await listener.aclose()
+        assert accepted.limits == tcp.LIMITS[tcp.ALPN_V1] == MuxLimits()
+        old_end = MuxSession(dialed.pipe, is_dialer=True, limits=MuxLimits())
+        new_end = MuxSession(accepted.pipe, is_dialer=False, limits=accepted.limits)
+        try:
+            payload = os.urandom(4 << 20)
+            for sender, receiver in ((new_end, old_end), (old_end, new_end)):
+                stream = await sender.open_stream()
+                writing = asyncio.ensure_future(stream.write(payload))
+                other = await asyncio.wait_for(receiver.accept_stream(), 10)
+                received = bytearray()
+                while len(received) < len(payload):
+                    received += await asyncio.wait_for(other.read(1 << 20), 10)
+                await writing
+                assert received == payload
+        finally:
+            await old_end.aclose()
+            await new_end.aclose()
+
+    asyncio.run(scenario())
 
 
 def info(identity: DeviceIdentity) -> PeerInfo:

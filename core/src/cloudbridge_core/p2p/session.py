@@ -70,11 +70,11 @@ FIRST_PING_TIMEOUT = 5.0
 STREAM_WINDOW = 1 << 20
 CONNECTION_WINDOW = 16 << 20
 MAX_STREAMS = 1024
-#: the multiplexed carriers' limits (both peers use the same: a stream's send window is
-#: the other side's receive window). Through the relay a stream's window spans three
-#: processes and four TLS layers: the QUIC session's window keeps it from limiting a
-#: stream to 256 KiB per round trip there.
-MUX_LIMITS = {TCP: MuxLimits(), RELAYED: MuxLimits(initial_window=STREAM_WINDOW)}
+#: the relayed carrier's limits (both peers use the same: a stream's send window is the
+#: other side's receive window; the TCP path's are agreed in its handshake, tcp.LIMITS).
+#: Through the relay a stream's window spans three processes and four TLS layers: the
+#: QUIC session's window keeps it from limiting a stream to 256 KiB per round trip there.
+MUX_LIMITS = {RELAYED: MuxLimits(initial_window=STREAM_WINDOW)}
 
 StreamServer = Callable[[Stream], Coroutine[Any, Any, None]]
 
@@ -214,7 +214,8 @@ class PeerSession:
         """Carry new streams over ``link`` (:data:`TCP` or :data:`RELAYED`), until it ends."""
         old, before = self._muxes.get(carrier), self.path
         link.pipe.count = self._count
-        session = MuxSession(link.pipe, is_dialer=link.dialed, limits=MUX_LIMITS[carrier])
+        limits = link.limits if carrier == TCP else MUX_LIMITS[carrier]
+        session = MuxSession(link.pipe, is_dialer=link.dialed, limits=limits)
         self._muxes[carrier] = (session, link)
         if carrier == TCP or self.path != before:  # a relay stream under QUIC's derp: same path
             self._changed(before, self.path, carrier, f"{carrier} path established")

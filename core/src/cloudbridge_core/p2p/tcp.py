@@ -14,6 +14,9 @@ requires a client certificate issued by the CA of a peer it knows. The controlli
 succeeds, else one the other peer dialed; it says so with :data:`CHOSEN` on that connection,
 the other acknowledges with the same byte, and the multiplexer starts. Streams still open
 with a ``peer_open`` header and its proof.
+
+The TLS handshake also agrees on the multiplexer's limits (:data:`LIMITS`, by ALPN): both
+peers must use the same, since a stream's send window is the other side's receive window.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from cloudbridge_core.accept import accept_forever
 from cloudbridge_core.errors import P2PConnectionFailed
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.p2p.identity import DeviceIdentity, server_name
+from cloudbridge_core.protocol.mux import MuxLimits
 from cloudbridge_core.providers import PeerInfo, SignalChannel
 from cloudbridge_core.pump import abort, prepare
 from cloudbridge_core.tlsutil import load_key_pair
@@ -47,7 +51,19 @@ log = get_logger("p2p.tcp")
 
 #: the signal kind of TCP path attempts (a peer that does not know it ignores it)
 KIND = "tcp"
-ALPN = "cloudbridge-peer-tcp/1"
+#: the TCP path's protocol versions, newest first (an older peer offers only the last)
+ALPN = "cloudbridge-peer-tcp/2"
+ALPN_V1 = "cloudbridge-peer-tcp/1"
+#: the multiplexer's limits of each version. /2: the peer session's stream window (1 MiB,
+#: as on QUIC and the relayed stream: what a peer may make this one buffer per stream, a
+#: security limit) and frames as large as one read of a socket (256 KiB). Against /1 (a
+#: relay session's limits) a bulk transfer takes fewer frames, writes to the target's
+#: socket and window updates per byte, and its sender no longer waits for credit between
+#: two reads of its socket (docs/performance.md, the TCP path)
+LIMITS = {
+    ALPN: MuxLimits(max_frame_size=256 * 1024, initial_window=1024 * 1024),
+    ALPN_V1: MuxLimits(),
+}
 #: the controlling peer's word that this connection carries the session, and the answer
 CHOSEN = b"\x01"
 #: endpoints taken from a peer's signal; more are ignored (a security limit)
@@ -103,6 +119,15 @@ class TcpLink:
         #: whether this side dialed (it is then the multiplexer's dialer)
         self.dialed = dialed
         self.endpoint = endpoint
+
+    @property
+    def limits(self) -> MuxLimits:
+        """The multiplexer limits the handshake agreed on (:data:`LIMITS`; /1's when the
+        peer chose none)."""
+        transport = self.pipe.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        chosen = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
+        return LIMITS.get(chosen or ALPN_V1, LIMITS[ALPN_V1])
 
     async def send_chosen(self) -> None:
         await self.pipe.send(CHOSEN)
@@ -160,7 +185,7 @@ def client_context(identity: DeviceIdentity, peer: PeerInfo) -> ssl.SSLContext:
     """Dial ``peer``: pin its published CA, present this device's certificate."""
     context = ssl.create_default_context(cadata=peer.certificate)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
-    context.set_alpn_protocols([ALPN])
+    context.set_alpn_protocols(list(LIMITS))
     load_key_pair(context, identity.server)
     return context
 
@@ -170,7 +195,7 @@ def server_context(identity: DeviceIdentity, peers: Iterable[PeerInfo]) -> ssl.S
     required (:func:`identify` then says whose)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
-    context.set_alpn_protocols([ALPN])
+    context.set_alpn_protocols(list(LIMITS))  # the first the dialer offers too is chosen
     context.num_tickets = 0  # no resumption between peers: every connection is verified
     load_key_pair(context, identity.server)
     context.verify_mode = ssl.CERT_REQUIRED
