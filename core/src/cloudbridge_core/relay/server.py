@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from cloudbridge_core.errors import (
     CloudBridgeError,
@@ -32,7 +33,7 @@ from cloudbridge_core.errors import (
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.protocol import derp, messages
 from cloudbridge_core.providers import AuthProvider, Claims, Session, Stream
-from cloudbridge_core.pump import PumpResult, abort, connect, prepare, pump
+from cloudbridge_core.pump import PumpResult, abort, connect, prepare, pump, pump_dialled
 from cloudbridge_core.relay.egress import EgressPolicy
 from cloudbridge_core.relay.mesh import Challenge, Member, Mesh, tell
 from cloudbridge_core.relay.metrics import RelayMetrics
@@ -491,7 +492,11 @@ class Relay:
                 raise Unauthorized(f"token lacks the {TUNNEL} permission")
             if self.draining:
                 raise ServerUnavailable("the relay is restarting")
-            target = await self._dial(claims.tenant_id, opened.target)
+            family, address = await self._resolve(claims.tenant_id, opened.target)
+            if isinstance(stream, MuxStream) and stream.direct and _unscoped(address):
+                await self._carry_dialled(stream, header, claims, opened.target, address)
+                return
+            target = await self._dial(opened.target, family, address)
         except CloudBridgeError as error:
             self.metrics.tunnels_rejected.labels(error.code).inc()
             log.info(
@@ -519,12 +524,62 @@ class Relay:
             self.streams_active -= 1
             if not self.streams_active:
                 self._streams_idle.set()
+        self._tunnel_closed(claims, opened.target, result, started_at)
+
+    async def _carry_dialled(
+        self,
+        stream: MuxStream,
+        header: MessageStream,
+        claims: Claims,
+        target: str,
+        address: tuple[Any, ...],
+    ) -> None:
+        """Connect to the target and carry the tunnel in one (:func:`pump_dialled`).
+
+        Raises ``ConnectionTimeout`` or ``TargetUnreachable`` when the connection fails;
+        nothing has been accepted then.
+        """
+        first = header.take_buffered()
+        # what came with the open counts as carried to the target too
+        result = PumpResult(received=len(first))
+
+        def connected() -> None:
+            # the client does not wait for it (client/opening.py): it goes out with the
+            # target's first bytes, in one record, when they come soon enough
+            stream.send_soon(ACCEPT, ACCEPT_JOINS_DATA_WITHIN)
+            self.metrics.streams.inc()
+
+        started_at = time.monotonic()
+        self.streams_active += 1
+        self._streams_idle.clear()
+        try:
+            await pump_dialled(
+                stream,
+                address,
+                first=first,
+                connected=connected,
+                connect_within=self.limits.connect_timeout,
+                result=result,
+            )
+        except TimeoutError as exc:
+            raise ConnectionTimeout(f"{target} did not answer in time") from exc
+        except OSError as exc:
+            raise TargetUnreachable(f"cannot connect to {target}: {exc.strerror or exc}") from exc
+        finally:
+            self.streams_active -= 1
+            if not self.streams_active:
+                self._streams_idle.set()
+        self._tunnel_closed(claims, target, result, started_at)
+
+    def _tunnel_closed(
+        self, claims: Claims, target: str, result: PumpResult, started_at: float
+    ) -> None:
         self.metrics.bytes_to_target.inc(result.received)
         self.metrics.bytes_from_target.inc(result.sent)
         log.debug(
             "tunnel_closed",
             tenant_id=claims.tenant_id,
-            target=opened.target,
+            target=target,
             sent=result.sent,
             received=result.received,
             error=result.error,
@@ -598,18 +653,19 @@ class Relay:
             clean=clean,
         )
 
-    async def _dial(self, tenant: str, target: str) -> socket.socket:
+    async def _resolve(self, tenant: str, target: str) -> tuple[int, tuple[Any, ...]]:
         decided = self.egress.decided(tenant, target)
         if decided is not None:
-            family, address = decided
-        else:
-            try:
-                # resolved once and checked address by address: the address dialled is one
-                # the policy judged, never the name again (which could re-resolve elsewhere)
-                async with asyncio.timeout(self.limits.connect_timeout):
-                    family, address = await self.egress.resolve(tenant, target)
-            except TimeoutError as exc:
-                raise TargetUnreachable(f"cannot resolve {target} in time") from exc
+            return decided
+        try:
+            # resolved once and checked address by address: the address dialled is one
+            # the policy judged, never the name again (which could re-resolve elsewhere)
+            async with asyncio.timeout(self.limits.connect_timeout):
+                return await self.egress.resolve(tenant, target)
+        except TimeoutError as exc:
+            raise TargetUnreachable(f"cannot resolve {target} in time") from exc
+
+    async def _dial(self, target: str, family: int, address: tuple[Any, ...]) -> socket.socket:
         sock = prepare(socket.socket(family, socket.SOCK_STREAM))
         try:
             async with asyncio.timeout(self.limits.connect_timeout):
@@ -628,6 +684,12 @@ def _source_address(session: Session) -> str | None:
     per address)."""
     address = getattr(session, "peer_address", None)
     return address if isinstance(address, str) else None
+
+
+def _unscoped(address: tuple[Any, ...]) -> bool:
+    """Whether ``address`` is whole as a host and a port: not an IPv6 address with a scope
+    id (a link-local one), which the loop's ``create_connection`` would drop."""
+    return len(address) == 2 or not address[3]
 
 
 def _check_not_expired(claims: Claims) -> None:
