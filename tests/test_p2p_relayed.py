@@ -14,7 +14,7 @@ import os
 import socket
 import tempfile
 import types
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ import pytest
 from cloudbridge_core.client.link import RelayLink
 from cloudbridge_core.errors import TargetUnreachable, TransportClosed
 from cloudbridge_core.p2p import relayed
+from cloudbridge_core.p2p.channel import AttemptChannel
 from cloudbridge_core.p2p.forward import PeerTunnel
 from cloudbridge_core.p2p.identity import DeviceIdentity
 from cloudbridge_core.p2p.manager import PeerManager
@@ -88,6 +89,11 @@ async def member(
         await link.aclose()
 
 
+def no_tickets(bed: Bed) -> None:
+    """The relay offers no tickets, as one without a TLS listener: peers splice streams."""
+    bed.relay.relay.tickets.port = None
+
+
 def carrier(manager: PeerManager) -> tuple[str, str] | None:
     peers = manager.status()
     return (peers[0]["path"], peers[0]["protocol"]) if peers else None
@@ -99,7 +105,11 @@ def sample(bed: Bed, name: str, **labels: str) -> float:
 
 
 def test_a_peer_tunnel_in_relay_only_mode_takes_the_relayed_stream(tmp_path: Path) -> None:
+    """A relay that offers no tickets (no TLS listener to take raw connections): the peers
+    fall back from ``relay-tcp`` to a splice of relay streams."""
+
     async def scenario(bed: Bed) -> None:
+        no_tickets(bed)
         async with (
             echo_server() as echo_port,
             member(bed, "laptop", expose=(echo_port,)) as laptop,
@@ -165,6 +175,7 @@ def test_a_broken_splice_resets_the_application_and_everything_is_freed(tmp_path
     and tasks return to their baseline once the peers are gone."""
 
     async def scenario(bed: Bed) -> None:
+        no_tickets(bed)
         source = await asyncio.start_server(_endless, "127.0.0.1", 0)
         source_port = source.sockets[0].getsockname()[1]
         loop = asyncio.get_running_loop()
@@ -235,10 +246,13 @@ def test_a_relay_without_peer_splice_leaves_the_peers_on_quic_over_derp(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An older relay reads only ``open`` at the start of a stream: it drops the stream
-    (here the relay's message module has no ``peer_splice`` to expect), the attempt fails
+    (here the relay's message module has no ``peer_ticket`` nor ``peer_splice`` to
+    expect), so the peers get no ticket, the relay stream they fall back to fails
     at once, and QUIC over DERP carries the streams."""
     unknown = type("Unknown", (), {})  # a kind no message decodes to
-    older = types.SimpleNamespace(**{**vars(messages), "PeerSplice": unknown})
+    older = types.SimpleNamespace(
+        **{**vars(messages), "PeerSplice": unknown, "PeerTicket": unknown}
+    )
     monkeypatch.setattr(relay_server, "messages", older)
 
     async def scenario(bed: Bed) -> None:
@@ -270,13 +284,13 @@ PEER_CHECKS = [check for check in CHECKS if check not in RELAY_ENDPOINT_CHECKS]
 
 
 class RelayedPeerEnd:
-    """One peer's :class:`PeerSession` on a relayed stream, seen as a :class:`Session`."""
+    """One peer's :class:`PeerSession` on a relayed link, seen as a :class:`Session`."""
 
     def __init__(self, identity: DeviceIdentity, other: PeerInfo, link: relayed.RelayedLink):
         self._incoming: asyncio.Queue[Stream] = asyncio.Queue()
         self.session = PeerSession(identity, other, link.dialed, self._serve)
         self.session.attach(RELAYED, link)
-        assert self.session.protocol == RELAYED
+        assert self.session.protocol == link.protocol
 
     async def _serve(self, stream: Stream) -> None:
         self._incoming.put_nowait(stream)
@@ -287,7 +301,7 @@ class RelayedPeerEnd:
     async def accept_stream(self) -> Stream:
         carried = self.session.carried_by(RELAYED)  # its end ends accepting, as on a relay
         if carried is None:
-            raise TransportClosed("the relayed stream has ended")
+            raise TransportClosed("the relayed link has ended")
         incoming = asyncio.ensure_future(self._incoming.get())
         ended = asyncio.ensure_future(carried[0].wait_closed())
         await asyncio.wait({incoming, ended}, return_when=asyncio.FIRST_COMPLETED)
@@ -295,7 +309,7 @@ class RelayedPeerEnd:
         if incoming.done():
             return incoming.result()
         incoming.cancel()
-        raise TransportClosed("the relayed stream has ended")
+        raise TransportClosed("the relayed link has ended")
 
     def authenticated(self) -> None:
         """Peers are authenticated before their session starts."""
@@ -305,11 +319,14 @@ class RelayedPeerEnd:
 
 
 class RelayedPeerSessionKit(TransportKit):
-    """The kit's ``pair`` as two peers joined by an in-process relay's splice (each a mesh
-    member of one tenant; no QUIC session runs, so every stream takes the splice)."""
+    """The kit's ``pair`` as two peers joined by an in-process relay (each a mesh member of
+    one tenant; no QUIC session runs, so every stream takes the relayed link): on
+    ``carrier`` ``relay-stream`` the relay offers no tickets, so the peers take a splice of
+    relay streams; on ``relay-tcp`` their raw connections to its TLS port."""
 
-    def __init__(self) -> None:
+    def __init__(self, carrier: str = RELAYED) -> None:
         super().__init__(make=self._no_transport)
+        self._carrier = carrier
 
     @staticmethod
     def _no_transport() -> Transport:
@@ -321,15 +338,32 @@ class RelayedPeerSessionKit(TransportKit):
     ) -> AsyncIterator[tuple[Session, asyncio.Queue[Session]]]:
         with tempfile.TemporaryDirectory(prefix="relayed-kit-") as directory:
             async with relay_bed(Path(directory)) as bed, contextlib.AsyncExitStack() as stack:
-                ends = [await stack.enter_async_context(_joined(bed, n)) for n in ("a", "b")]
+                if self._carrier == RELAYED:
+                    no_tickets(bed)
+                channels: dict[str, AttemptChannel] = {}
+                ends = [
+                    await stack.enter_async_context(_joined(bed, n, channels)) for n in ("a", "b")
+                ]
                 await until(lambda: all(m.peers for m, _ in ends), 10)
                 (one, one_identity), (two, two_identity) = ends
                 one_sees, two_sees = one.peers[two.peer_id], two.peers[one.peer_id]
                 controls = one.peer_id < two.peer_id
+                for membership, identity, sees, controlling in (
+                    (one, one_identity, one_sees, controls),
+                    (two, two_identity, two_sees, not controls),
+                ):
+                    channels[membership.peer_id] = AttemptChannel(
+                        membership, identity, sees, RELAYED, 1, controlling
+                    )
                 links = await asyncio.gather(
-                    relayed.connect(one, one_identity, one_sees, 1, controls),
-                    relayed.connect(two, two_identity, two_sees, 1, not controls),
+                    relayed.RelayedConnector(one, one_identity).connect(
+                        one_sees, channels[one.peer_id], controls
+                    ),
+                    relayed.RelayedConnector(two, two_identity).connect(
+                        two_sees, channels[two.peer_id], not controls
+                    ),
                 )
+                assert [link.protocol for link in links] == [self._carrier] * 2
                 first = RelayedPeerEnd(one_identity, one_sees, links[0])
                 second = RelayedPeerEnd(two_identity, two_sees, links[1])
                 client, server = (first, second) if links[0].dialed else (second, first)
@@ -347,12 +381,19 @@ class RelayedPeerSessionKit(TransportKit):
 
 
 @asynccontextmanager
-async def _joined(bed: Bed, name: str) -> AsyncIterator[tuple[Membership, DeviceIdentity]]:
+async def _joined(
+    bed: Bed, name: str, channels: dict[str, AttemptChannel]
+) -> AsyncIterator[tuple[Membership, DeviceIdentity]]:
+    """A mesh member whose signals go to its attempt's channel (``channels[peer_id]``)."""
     config = bed.client_config(bed.token(permissions=MESH), **{"p2p.name": name})
     link = RelayLink(config, bed.plugins)
     await link.start()
     identity = DeviceIdentity.create()
-    membership = Membership(link, identity, name, lambda _peers: None, lambda *_: None)
+
+    def signalled(_peer_id: str, _kind: str, body: Mapping[str, Any]) -> None:
+        channels[identity.peer_id].inbox.put_nowait(body["data"])
+
+    membership = Membership(link, identity, name, lambda _peers: None, signalled)
     try:
         await membership.start(10)
         yield membership, identity

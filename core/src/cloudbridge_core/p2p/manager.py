@@ -28,12 +28,12 @@ from cloudbridge_core.client.link import RelayLink
 from cloudbridge_core.config import Config
 from cloudbridge_core.errors import CloudBridgeError, P2PConnectionFailed
 from cloudbridge_core.log import get_logger
-from cloudbridge_core.p2p import relayed
 from cloudbridge_core.p2p.channel import AttemptChannel
 from cloudbridge_core.p2p.identity import DeviceIdentity
 from cloudbridge_core.p2p.membership import Membership
 from cloudbridge_core.p2p.metrics import P2PMetrics
 from cloudbridge_core.p2p.relayed import KIND as RELAYED
+from cloudbridge_core.p2p.relayed import RelayedConnector
 from cloudbridge_core.p2p.session import RANK, PeerSession
 from cloudbridge_core.p2p.setup import MODES
 from cloudbridge_core.p2p.streams import accept_peer_stream, open_peer_stream
@@ -132,6 +132,7 @@ class PeerManager:
         self.strategies = _strategies(config, plugins, mode)
         name = self.settings.name or socket.gethostname()
         self.membership = Membership(link, identity, name, self._peers_changed, self._signalled)
+        self._relayed = RelayedConnector(self.membership, identity)
         self.peers: dict[str, PeerState] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._tcp_enabled = mode != "relay-only" if tcp is None else tcp
@@ -394,14 +395,7 @@ class PeerManager:
         attempt = self._attempt_started(state, RELAYED, channel.attempt)
         try:
             link = await asyncio.wait_for(
-                relayed.connect(
-                    self.membership,
-                    self._identity,
-                    state.info,
-                    channel.attempt,
-                    state.controlling,
-                ),
-                ATTEMPT_TIMEOUT,
+                self._relayed.connect(state.info, channel, state.controlling), ATTEMPT_TIMEOUT
             )
         except (CloudBridgeError, OSError, TimeoutError) as error:
             state.failures[RELAYED] = state.failures.get(RELAYED, 0) + 1
@@ -412,7 +406,12 @@ class PeerManager:
         finally:
             state.channels.pop((RELAYED, channel.attempt), None)
         attempt.state, attempt.ended_at = "established", time.time()
-        attempt.details = {"kind": "derp", "endpoint": link.endpoint, "dialed": link.dialed}
+        attempt.details = {
+            "kind": "derp",
+            "endpoint": link.endpoint,
+            "dialed": link.dialed,
+            "protocol": link.protocol,
+        }
         state.failures[RELAYED] = 0
         if self.metrics is not None:
             self.metrics.successes.labels(RELAYED).inc()

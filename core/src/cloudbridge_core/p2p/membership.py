@@ -144,6 +144,27 @@ class Membership:
             raise error_for_code(reply.code, reply.message)
         return stream, header.take_buffered()
 
+    async def ticket(self, peer_id: str, attempt: int) -> tuple[messages.Ticket, str | None]:
+        """A ticket for a raw connection to the relay joined to ``peer_id``'s for
+        ``attempt``, and the address the relay session reached (None where its transport
+        does not say); raises the relay's refusal, or ``TransportClosed`` /
+        ``ProtocolViolation`` from a relay that does not know ``peer_ticket``."""
+        session = self._link.current.session
+        stream = await session.open_stream()
+        header = MessageStream(stream)
+        try:
+            await header.send(messages.PeerTicket(peer_id, attempt))
+            reply = await header.expect(messages.Ticket, messages.Reject)
+        except BaseException:
+            await stream.reset()
+            raise
+        await stream.aclose()  # the answer is all it carries
+        if isinstance(reply, messages.Reject):
+            raise error_for_code(reply.code, reply.message)
+        assert isinstance(reply, messages.Ticket)  # what expect() lets through
+        address = getattr(session, "peer_address", None)
+        return reply, address if isinstance(address, str) else None
+
     async def aclose(self) -> None:
         for task in self._tasks:
             task.cancel()

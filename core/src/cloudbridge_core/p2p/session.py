@@ -35,6 +35,7 @@ from aioquic.tls import load_pem_private_key, load_pem_x509_certificates
 from cloudbridge_core.errors import P2PConnectionFailed, TransportClosed, TransportError
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.p2p.identity import DeviceIdentity, server_name
+from cloudbridge_core.p2p.relayed import RelayedLink
 from cloudbridge_core.p2p.tcp import TcpLink
 from cloudbridge_core.protocol.mux import MuxLimits
 from cloudbridge_core.providers import PeerInfo, PeerPath, Stream
@@ -179,11 +180,12 @@ class PeerSession:
 
     @property
     def protocol(self) -> str | None:
-        """What carries new streams: ``tcp``, ``relay-stream``, ``quic``, or None while
-        nothing is up."""
+        """What carries new streams: ``tcp``, ``relay-tcp`` or ``relay-stream`` (the
+        relayed link's), ``quic``, or None while nothing is up."""
         carrier = self._carrier()
         if carrier is not None:
-            return carrier
+            link = self._muxes[carrier][1]
+            return link.protocol if isinstance(link, RelayedLink) else carrier
         return "quic" if self._connected.is_set() else None
 
     def has(self, carrier: str) -> bool:

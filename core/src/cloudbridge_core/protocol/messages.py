@@ -6,7 +6,8 @@ from the network. The control stream (the first stream a client opens) carries h
 welcome or error, then ping/pong, refresh → refreshed or refresh_failed (a fresh token
 before the current one expires), and goaway when the relay is about to restart; every
 other stream starts with ``open`` (or ``peer_splice``), answered by ``accept`` or
-``reject``, after which raw bytes flow.
+``reject``, after which raw bytes flow; or with ``peer_ticket``, answered by ``ticket`` or
+``reject``, after which it ends.
 """
 
 from __future__ import annotations
@@ -186,6 +187,25 @@ class PeerSplice:
 
 
 @dataclass(frozen=True)
+class PeerTicket:
+    """Instead of ``open``: a ticket for a raw TCP connection to the relay's TLS port, which
+    the relay joins to the same tenant's peer ``peer_id``'s connection for ``attempt``."""
+
+    TYPE: ClassVar[str] = "peer_ticket"
+    peer_id: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """The answer to ``peer_ticket``: single-use, short-lived; see ``protocol/preamble.py``."""
+
+    TYPE: ClassVar[str] = "ticket"
+    ticket: str = field(repr=False)
+    port: int
+
+
+@dataclass(frozen=True)
 class Redeem:
     TYPE: ClassVar[str] = "redeem"
     code: str = field(repr=False)
@@ -233,6 +253,8 @@ Message = (
     | SignalFailed
     | PeerOpen
     | PeerSplice
+    | PeerTicket
+    | Ticket
     | Redeem
     | Redeemed
     | TurnCredentials
@@ -261,6 +283,8 @@ _TYPES: dict[str, type[Message]] = {
         SignalFailed,
         PeerOpen,
         PeerSplice,
+        PeerTicket,
+        Ticket,
         Redeem,
         Redeemed,
         TurnCredentials,

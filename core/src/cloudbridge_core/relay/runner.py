@@ -204,6 +204,7 @@ async def start_relay(
                     documents=documents,
                     material=material,
                     preauth=relay.preauth,
+                    raw_splices=relay.tickets,
                 ),
                 functools.partial(relay.handle, transport=name),
             )

@@ -40,6 +40,7 @@ from cloudbridge_core.relay.metrics import RelayMetrics
 from cloudbridge_core.relay.pacing import Pacer
 from cloudbridge_core.relay.ratelimit import RateLimiter
 from cloudbridge_core.relay.splice import Arrival, Splicer
+from cloudbridge_core.relay.tickets import TicketDesk
 from cloudbridge_core.relay.turn import TurnIssuer
 from cloudbridge_core.settings import PerformanceSettings, RateLimitSettings, ServerSettings
 from cloudbridge_core.tenants import is_tenant_id
@@ -141,6 +142,14 @@ class Relay:
         self.mesh = Mesh(self.metrics)
         #: joins the peer_splice streams of two peers of one tenant
         self.splicer = Splicer(self.mesh)
+        #: joins their raw connections to the TLS port (``peer_ticket``)
+        self.tickets = TicketDesk(
+            self.mesh,
+            self.splicer,
+            self.metrics,
+            lambda: self.limits.handshake_timeout,
+            self._stream_activity,
+        )
         #: the pre-auth budget transports hold strangers to; follows ``limits`` on reload
         self.preauth = PreauthGate(self._preauth_limits)
         #: exchanges an invite's code for a token and the client's config (set by the runner)
@@ -154,6 +163,13 @@ class Relay:
         self._controls: set[MessageStream] = set()
         self._streams_idle = asyncio.Event()
         self._streams_idle.set()
+
+    def _stream_activity(self, change: int) -> None:
+        self.streams_active += change
+        if self.streams_active:
+            self._streams_idle.clear()
+        else:
+            self._streams_idle.set()
 
     def _preauth_limits(self) -> PreauthLimits:
         return PreauthLimits(
@@ -473,7 +489,9 @@ class Relay:
         try:
             # asyncio.timeout rather than wait_for, here and in _dial: no task per setup
             async with asyncio.timeout(self.limits.handshake_timeout):
-                opened = await header.expect(messages.Open, messages.PeerSplice)
+                opened = await header.expect(
+                    messages.Open, messages.PeerSplice, messages.PeerTicket
+                )
         except (TimeoutError, CloudBridgeError) as error:
             log.info("stream_dropped", tenant_id=claims.tenant_id, reason=str(error) or "timeout")
             with contextlib.suppress(CloudBridgeError):
@@ -605,9 +623,11 @@ class Relay:
         member: Member | None,
         opened: messages.Message,
     ) -> None:
-        """A stream of the mesh's: the DERP channel, or a peer_splice."""
+        """A stream of the mesh's: the DERP channel, a peer_splice or a peer_ticket."""
         if isinstance(opened, messages.PeerSplice):
             await self._splice(stream, header, claims, member, opened)
+        elif isinstance(opened, messages.PeerTicket):
+            await self._ticket(stream, header, claims, member, opened)
         else:
             await self._derp(stream, header, claims, member)
 
@@ -664,6 +684,31 @@ class Relay:
                 return await self.egress.resolve(tenant, target)
         except TimeoutError as exc:
             raise TargetUnreachable(f"cannot resolve {target} in time") from exc
+
+    async def _ticket(
+        self,
+        stream: Stream,
+        header: MessageStream,
+        claims: Claims,
+        member: Member | None,
+        request: messages.PeerTicket,
+    ) -> None:
+        """A ticket for a raw connection to the TLS port (``relay/tickets.py``)."""
+        try:
+            if member is None:
+                self.mesh.rejected("not_joined", claims.tenant_id, "peer_ticket before mesh_join")
+                raise Unauthorized("join the mesh (mesh_join) before peer_ticket")
+            if self.draining:
+                raise ServerUnavailable("the relay is restarting")
+            ticket = self.tickets.issue(member, request)
+        except CloudBridgeError as error:
+            self.metrics.tunnels_rejected.labels(error.code).inc()
+            log.info("peer_ticket_rejected", tenant_id=claims.tenant_id, code=error.code)
+            await _reject(stream, error)
+            return
+        with contextlib.suppress(TransportError):
+            await header.send(ticket)
+            await stream.close_write()
 
     async def _dial(self, target: str, family: int, address: tuple[Any, ...]) -> socket.socket:
         sock = prepare(socket.socket(family, socket.SOCK_STREAM))

@@ -80,9 +80,7 @@ class Splicer:
         included), ``LimitExceeded`` past :data:`MAX_WAITING_PER_MEMBER` or for an attempt
         already waiting, ``ConnectionTimeout`` when the peer does not come ``within``."""
         tenant = member.tenant_id
-        if request.peer_id == member.peer_id or self._mesh.member(tenant, request.peer_id) is None:
-            self._mesh.rejected("unknown_peer", tenant, "peer_splice to an unknown peer")
-            raise TargetUnreachable("no such peer in the mesh")
+        self._check_peer(member, request.peer_id)
         theirs = (tenant, request.peer_id, member.peer_id, request.attempt)
         partner = self._waiting.pop(theirs, None)
         if partner is not None and not partner.done():
@@ -91,13 +89,12 @@ class Splicer:
                 raise TargetUnreachable("the peer's stream went away")
             return None
         key = (tenant, member.peer_id, request.peer_id, request.attempt)
-        mine = (tenant, member.peer_id)
-        if key in self._waiting or self._waiting_per_member[mine] >= MAX_WAITING_PER_MEMBER:
+        if key in self._waiting:
             self._mesh.rejected("limit", tenant, "peer_splice: too many waiting")
             raise LimitExceeded("too many peer_splice streams waiting for their peers")
+        self.reserve(member, request.peer_id)
         came: asyncio.Future[Arrival] = asyncio.get_running_loop().create_future()
         self._waiting[key] = came
-        self._waiting_per_member[mine] += 1
         second: Arrival | None = None
         try:
             async with asyncio.timeout(within):
@@ -108,13 +105,36 @@ class Splicer:
         finally:
             if self._waiting.get(key) is came:
                 del self._waiting[key]
-            self._waiting_per_member[mine] -= 1
-            if not self._waiting_per_member[mine]:
-                del self._waiting_per_member[mine]
+            self.release(tenant, member.peer_id)
             if second is None and came.done() and not came.cancelled():
                 # it came just as this side gave up
                 came.result().over.set_result(False)
         return Pairing(arrival, second)
+
+    def reserve(self, member: Member, peer_id: str) -> None:
+        """A place for one of ``member``'s splices waiting for ``peer_id`` (a stream here,
+        or a ticket and its connection in ``relay/tickets.py``); :meth:`release` it.
+
+        Raises ``TargetUnreachable`` for a peer unknown in the member's tenant (others'
+        included), ``LimitExceeded`` past :data:`MAX_WAITING_PER_MEMBER`."""
+        self._check_peer(member, peer_id)
+        mine = (member.tenant_id, member.peer_id)
+        if self._waiting_per_member[mine] >= MAX_WAITING_PER_MEMBER:
+            self._mesh.rejected("limit", member.tenant_id, "peer splice: too many waiting")
+            raise LimitExceeded("too many peer splices waiting for their peers")
+        self._waiting_per_member[mine] += 1
+
+    def release(self, tenant: str, peer_id: str) -> None:
+        mine = (tenant, peer_id)
+        self._waiting_per_member[mine] -= 1
+        if self._waiting_per_member[mine] <= 0:
+            del self._waiting_per_member[mine]
+
+    def _check_peer(self, member: Member, peer_id: str) -> None:
+        tenant = member.tenant_id
+        if peer_id == member.peer_id or self._mesh.member(tenant, peer_id) is None:
+            self._mesh.rejected("unknown_peer", tenant, "peer splice to an unknown peer")
+            raise TargetUnreachable("no such peer in the mesh")
 
     async def join(self, pairing: Pairing, buffer_size: int) -> bool:
         """Accept both streams and copy between them until both directions have ended;

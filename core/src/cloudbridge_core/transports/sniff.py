@@ -37,29 +37,41 @@ def can_sniff(loop: asyncio.AbstractEventLoop) -> bool:
     return proactor is None or not isinstance(loop, proactor)
 
 
-async def sniff(connection: socket.socket) -> bytes | None:
+async def sniff(connection: socket.socket, within: float) -> bytes | None:
     """The preamble's bytes, read off the connection (fewer when it ended first), or None
-    for any other connection, which is left unread. The caller bounds the wait.
+    for any other connection, which is left unread; all within ``within`` seconds.
 
     Raises:
+        ConnectionAbortedError: not a byte within ``within``, as asyncio's TLS handshake
+            deadline ends a silent TLS client (not counted as a pre-auth expiry).
+        TimeoutError: the preamble started and did not end within ``within``.
         OSError: the connection failed before its first byte.
     """
     loop = asyncio.get_running_loop()
-    while True:
-        try:
-            first = connection.recv(1, socket.MSG_PEEK)
-            break
-        except (BlockingIOError, InterruptedError):
-            await _readable(loop, connection)
+    deadline = loop.time() + within
+    try:
+        async with asyncio.timeout_at(deadline):
+            first = await _peek(loop, connection)
+    except TimeoutError:
+        raise ConnectionAbortedError("no byte within the handshake deadline") from None
     if not first or not may_be_preamble(first):
         return None  # TLS, or anything else: the TLS handshake judges it, as before
     data = b""
-    while len(data) < PREAMBLE_SIZE:
-        chunk = await loop.sock_recv(connection, PREAMBLE_SIZE - len(data))
-        if not chunk:
-            break
-        data += chunk
+    async with asyncio.timeout_at(deadline):
+        while len(data) < PREAMBLE_SIZE:
+            chunk = await loop.sock_recv(connection, PREAMBLE_SIZE - len(data))
+            if not chunk:
+                break
+            data += chunk
     return data
+
+
+async def _peek(loop: asyncio.AbstractEventLoop, connection: socket.socket) -> bytes:
+    while True:
+        try:
+            return connection.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            await _readable(loop, connection)
 
 
 async def _readable(loop: asyncio.AbstractEventLoop, connection: socket.socket) -> None:

@@ -99,8 +99,7 @@ class TlsListener:
                 prepare(connection)
                 loop = asyncio.get_running_loop()
                 started = loop.time()
-                async with asyncio.timeout(timeout):
-                    raw = await sniff(connection)
+                raw = await sniff(connection, timeout)
                 if raw is not None:
                     await self._splice_raw(connection, admission, raw)
                     return
