@@ -497,8 +497,9 @@ def udp_peer(server: Relay, space: Namespace, target: int, connections: int) -> 
         yield forwarder
 
 
-#: what carries a peer session over DERP: a byte stream the relay splices
-DERP_PROTOCOL = "relay-stream"
+#: what carries a peer session over DERP: raw connections to the relay's TLS port, which
+#: the relay joins (the cheaper of the two relayed carriers)
+DERP_PROTOCOL = "relay-tcp"
 
 
 def derp_peer(server: Relay, target: int, connections: int) -> AbstractContextManager[Forwarder]:
