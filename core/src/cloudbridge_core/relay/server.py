@@ -30,7 +30,7 @@ from cloudbridge_core.errors import (
     TransportError,
     Unauthorized,
 )
-from cloudbridge_core.log import get_logger
+from cloudbridge_core.log import debug_on, get_logger
 from cloudbridge_core.protocol import derp, messages
 from cloudbridge_core.providers import AuthProvider, Claims, Session, Stream
 from cloudbridge_core.pump import PumpResult, abort, connect, prepare, pump, pump_dialled
@@ -49,6 +49,7 @@ from cloudbridge_core.transports.preauth import PreauthGate, PreauthLimits
 from cloudbridge_core.wire import MessageStream
 
 log = get_logger("relay.server")
+_debug = debug_on("relay.server")
 
 CONNECT = "relay:connect"
 TUNNEL = "tunnel:create"
@@ -608,15 +609,16 @@ class Relay:
     ) -> None:
         self.metrics.bytes_to_target.inc(result.received)
         self.metrics.bytes_from_target.inc(result.sent)
-        log.debug(
-            "tunnel_closed",
-            tenant_id=claims.tenant_id,
-            target=target,
-            sent=result.sent,
-            received=result.received,
-            error=result.error,
-            duration_ms=round((time.monotonic() - started_at) * 1000, 1),
-        )
+        if _debug():
+            log.debug(
+                "tunnel_closed",
+                tenant_id=claims.tenant_id,
+                target=target,
+                sent=result.sent,
+                received=result.received,
+                error=result.error,
+                duration_ms=round((time.monotonic() - started_at) * 1000, 1),
+            )
 
     async def _derp(
         self, stream: Stream, header: MessageStream, claims: Claims, member: Member | None
