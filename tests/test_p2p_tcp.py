@@ -159,6 +159,36 @@ def test_only_one_reachable_peer_is_enough(tmp_path: Path, unreachable: str) -> 
     run(tmp_path, scenario)
 
 
+def test_a_peer_tunnel_to_a_port_not_exposed_resets_the_application(tmp_path: Path) -> None:
+    """The tunnel does not wait for the peer's answer (the application's bytes follow the
+    stream's header at once): a refusal still reaches the application as a reset, never a
+    clean EOF, and counts as the tunnel's error."""
+
+    async def scenario(bed: Bed) -> None:
+        async with (
+            echo_server() as echo_port,
+            echo_server() as hidden_port,
+            member(bed, "laptop") as laptop,
+            member(bed, "server", expose=(echo_port,)) as server,
+        ):
+            await until(lambda: protocol(laptop) == "tcp" and protocol(server) == "tcp", 30)
+            tunnel = PeerTunnel(PeerTunnelSpec(0, "server", hidden_port), laptop)
+            await tunnel.start()
+            application = socket.create_connection(("127.0.0.1", tunnel.port))
+            try:
+                application.sendall(b"sent before any answer")
+                application.setblocking(False)
+                with pytest.raises(ConnectionResetError):
+                    await read_to_end(application)
+                await until(lambda: tunnel.statistics.errors == 1)
+            finally:
+                application.close()
+                await tunnel.aclose()
+            await tunnel_round_trip(laptop, "server", echo_port, 1 << 20)
+
+    run(tmp_path, scenario)
+
+
 def test_a_certificate_from_no_known_peer_is_refused(tmp_path: Path) -> None:
     """Both directions: a listener refuses a dialer whose certificate no known peer's CA
     issued (even one naming a known peer), and a dialer refuses a listener that is not

@@ -13,12 +13,11 @@ from cloudbridge_core.accept import accept_forever
 from cloudbridge_core.client.connection import RelayConnection
 from cloudbridge_core.client.metrics import ClientMetrics
 from cloudbridge_core.errors import CloudBridgeError, LimitExceeded
-from cloudbridge_core.log import debug_on, get_logger
+from cloudbridge_core.log import get_logger
 from cloudbridge_core.pump import PumpResult, abort, prepare, pump
 from cloudbridge_core.settings import TunnelSettings
 
 log = get_logger("tunnel")
-_debug = debug_on("tunnel")
 
 
 @dataclass
@@ -65,10 +64,10 @@ class ConnectionLimit:
         self.active -= 1
 
 
-def _sent_already(client: socket.socket, size: int) -> bytes:
-    """What the application has sent by now (often its whole request): it goes to the
-    relay in the same record as the stream's ``open``. Raises ``OSError`` when the
-    connection was reset."""
+def sent_already(client: socket.socket, size: int) -> bytes:
+    """What the application has sent by now (often its whole request): it goes in the same
+    record as the stream's ``open`` (a peer tunnel's ``peer_open``). Raises ``OSError``
+    when the connection was reset."""
     try:
         return client.recv(size)
     except (BlockingIOError, InterruptedError):
@@ -196,17 +195,16 @@ class Tunnel:
                     stats.setup_seconds_total += setup
                     if self._metrics is not None:
                         self._metrics.setup_latency.observe(setup)
-                    if _debug():
-                        log.debug(
-                            "tunnel_opened",
-                            target=spec.target,
-                            transport=connection.transport,
-                            session_id=connection.welcome.session_id,
-                            latency_ms=round(setup * 1000, 2),
-                        )
+                    log.debug(
+                        "tunnel_opened",
+                        target=spec.target,
+                        transport=connection.transport,
+                        session_id=connection.welcome.session_id,
+                        latency_ms=round(setup * 1000, 2),
+                    )
 
                 try:
-                    first = _sent_already(client, buffer_size)
+                    first = sent_already(client, buffer_size)
                 except OSError as exc:  # reset before anything was carried
                     moved.error = f"{type(exc).__name__}: {exc}"
                     stats.errors += 1

@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from cloudbridge_core.accept import accept_forever
-from cloudbridge_core.client.tunnel import TunnelStatistics
+from cloudbridge_core.client.tunnel import TunnelStatistics, sent_already
 from cloudbridge_core.errors import CloudBridgeError
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.p2p.manager import ATTEMPT_TIMEOUT, PeerManager
@@ -17,6 +17,9 @@ from cloudbridge_core.p2p.setup import PeerTunnelSpec
 from cloudbridge_core.pump import PumpResult, abort, prepare, pump
 
 log = get_logger("p2p.tunnel")
+
+#: each read of the application's connection, as a relayed tunnel's by default
+BUFFER_SIZE = 65536
 
 
 class PeerTunnel:
@@ -52,15 +55,21 @@ class PeerTunnel:
         started = time.perf_counter()
         moved = PumpResult()
         pumped = False  # from then on the pump closes the socket, however it ends
-        try:
-            stream, early = await self._mesh.open(
-                self.spec.peer, self.spec.remote_port, ATTEMPT_TIMEOUT
-            )
+
+        def accepted() -> None:
             stats.setup_seconds_total += time.perf_counter() - started
-            if early:
-                await asyncio.get_running_loop().sock_sendall(client, early)
+
+        try:
+            # what the application has sent by now goes in the same record as the header
+            first = sent_already(client, BUFFER_SIZE)
+            stream = await self._mesh.open_at_once(
+                self.spec.peer, self.spec.remote_port, first, accepted, ATTEMPT_TIMEOUT
+            )
+            moved.sent += len(first)
             pumped = True
-            await pump(stream, client, result=moved)
+            await pump(stream, client, buffer_size=BUFFER_SIZE, result=moved)
+            if stream.refused is not None:
+                raise stream.refused
             if moved.error:
                 stats.errors += 1
         except (CloudBridgeError, OSError) as error:

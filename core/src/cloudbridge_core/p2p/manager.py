@@ -20,11 +20,12 @@ import contextlib
 import datetime
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from cloudbridge_core.client.link import RelayLink
+from cloudbridge_core.client.opening import OpeningStream
 from cloudbridge_core.config import Config
 from cloudbridge_core.errors import CloudBridgeError, P2PConnectionFailed
 from cloudbridge_core.log import get_logger
@@ -36,7 +37,11 @@ from cloudbridge_core.p2p.relayed import KIND as RELAYED
 from cloudbridge_core.p2p.relayed import RelayedConnector
 from cloudbridge_core.p2p.session import RANK, PeerSession
 from cloudbridge_core.p2p.setup import MODES
-from cloudbridge_core.p2p.streams import accept_peer_stream, open_peer_stream
+from cloudbridge_core.p2p.streams import (
+    accept_peer_stream,
+    open_peer_stream,
+    open_peer_stream_at_once,
+)
 from cloudbridge_core.p2p.tcp import KIND as TCP
 from cloudbridge_core.p2p.tcp import PeerTcpListener, TcpAttempt, TcpLink
 from cloudbridge_core.plugins import Plugins
@@ -208,6 +213,18 @@ class PeerManager:
         return await open_peer_stream(
             state.session, port, self._identity.proof_for(state.key), within
         )
+
+    async def open_at_once(
+        self, name: str, port: int, first: bytes, accepted: Callable[[], None], within: float
+    ) -> OpeningStream:
+        """A stream to ``port`` exposed by the peer ``name``, over its best path, carrying
+        ``first`` without waiting for the peer's answer (see
+        :func:`open_peer_stream_at_once`); ``within`` bounds the wait for a session."""
+        state = self.find(name)
+        if not state.session.connected:  # a task and a timer per stream otherwise
+            await state.session.wait_connected(within)
+        proof = self._identity.proof_for(state.key)
+        return await open_peer_stream_at_once(state.session, port, proof, first, accepted)
 
     async def ping(self, name: str, within: float) -> dict[str, Any]:
         state = self.find(name)

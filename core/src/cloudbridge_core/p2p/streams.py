@@ -1,14 +1,21 @@
 """Streams between peers: a ``peer_open`` header (port and proof), accept or reject, then
 the bytes of one TCP connection, both ways, carried by the core's pump exactly as on a
 relayed tunnel (half-close passes through; a reset, a refused target or a lost session
-reaches the other end as a reset)."""
+reaches the other end as a reset).
+
+A peer tunnel opens its streams as a relayed tunnel does (:func:`open_peer_stream_at_once`):
+the application's first bytes follow the header at once and the answer is read off the
+front of what comes back, so a setup waits for no round trip of its own.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import socket
+from collections.abc import Callable
 
+from cloudbridge_core.client.opening import OpeningStream
 from cloudbridge_core.errors import (
     CloudBridgeError,
     TargetUnreachable,
@@ -21,12 +28,17 @@ from cloudbridge_core.p2p.identity import DeviceIdentity
 from cloudbridge_core.p2p.session import PeerSession
 from cloudbridge_core.protocol import messages
 from cloudbridge_core.providers import Stream
-from cloudbridge_core.pump import prepare, pump
+from cloudbridge_core.pump import connect, prepare, pump
+from cloudbridge_core.transports.mux_session import MuxStream
 from cloudbridge_core.wire import MessageStream
 
 log = get_logger("p2p.streams")
 
 HEADER_TIMEOUT = 10.0
+#: a stream's accept waits this long at most for the target's first bytes to go with it
+#: (as a relay's does; the opener does not wait for it)
+ACCEPT_JOINS_DATA_WITHIN = 0.001
+ACCEPT = messages.encode(messages.Accept())
 
 
 async def open_peer_stream(
@@ -51,6 +63,18 @@ async def open_peer_stream(
     return stream, header.take_buffered()
 
 
+async def open_peer_stream_at_once(
+    session: PeerSession, port: int, proof: str, first: bytes, accepted: Callable[[], None]
+) -> OpeningStream:
+    """A stream to ``port`` on the peer carrying ``first`` right behind its header, without
+    waiting for the answer: the stream reads it off the front of what comes back, calls
+    ``accepted`` on an accept and fails with the peer's error on a reject (see
+    :class:`~cloudbridge_core.client.opening.OpeningStream`)."""
+    stream = await session.open_stream()
+    await stream.write(messages.encode(messages.PeerOpen(port, proof)) + first)
+    return OpeningStream(stream, accepted)
+
+
 async def accept_peer_stream(
     stream: Stream,
     identity: DeviceIdentity,
@@ -59,17 +83,37 @@ async def accept_peer_stream(
     peer_name: str,
 ) -> None:
     """Serve a stream a peer opened: only to an exposed port, only with a valid proof."""
+    target = await _admit(stream, identity, peer_key, exposed, peer_name)
+    if target is not None:
+        # pumped from here: the header's reader and message are not held while it runs
+        await pump(stream, target)
+
+
+async def _admit(
+    stream: Stream,
+    identity: DeviceIdentity,
+    peer_key: bytes,
+    exposed: set[int],
+    peer_name: str,
+) -> socket.socket | None:
+    """The target, connected and sent what came with the header, once the stream is
+    accepted; None when it is refused (the stream is ended then)."""
     header = MessageStream(stream)
     target: socket.socket | None = None
     try:
-        request = await asyncio.wait_for(header.expect(messages.PeerOpen), HEADER_TIMEOUT)
+        async with asyncio.timeout(HEADER_TIMEOUT):  # no task per stream, as wait_for makes
+            request = await header.expect(messages.PeerOpen)
         assert isinstance(request, messages.PeerOpen)  # expect() checked it
         if not identity.accepts_proof(peer_key, request.proof):
             raise Unauthorized("the stream's proof does not match the peer's key")
         if request.port not in exposed:
             raise Unauthorized(f"port {request.port} is not exposed (p2p.expose)")
         target = await _connect(request.port)
-        await header.send(messages.Accept())
+        if isinstance(stream, MuxStream) and stream.direct:
+            # in one record with the target's first bytes when they come soon enough
+            stream.send_soon(ACCEPT, ACCEPT_JOINS_DATA_WITHIN)
+        else:
+            await header.send(messages.Accept())
         early = header.take_buffered()
         if early:
             await asyncio.get_running_loop().sock_sendall(target, early)
@@ -77,19 +121,19 @@ async def accept_peer_stream(
         if target is not None:
             target.close()
         await _refuse(stream, error, peer_name)
-        return
+        return None
     except BaseException:
         if target is not None:
             target.close()
         await stream.reset()
         raise
-    await pump(stream, target)
+    return target
 
 
 async def _connect(port: int) -> socket.socket:
     sock = prepare(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
     try:
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        await connect(sock, ("127.0.0.1", port))  # no resolver thread per dial
     except OSError as exc:
         sock.close()
         raise TargetUnreachable(f"nothing listens on port {port}") from exc
