@@ -331,25 +331,27 @@ class RelayLink:
             )
 
     async def _measure(self, connection: RelayConnection) -> float:
-        """The best of a few pings; the session counts as dead only when every one fails."""
+        """The best of a few pings, all within one ``connect_timeout``: the session counts as
+        dead when none is answered in it, so a silent relay is found within
+        ``health_check_interval + connect_timeout`` (pings travel on a reliable stream: a
+        later one cannot be answered before an earlier one)."""
         timeout = self._config.settings.transport.connect_timeout
         rtts: list[float] = []
-        failure: CloudBridgeError | None = None
         tried = 0
         try:
-            for tried in range(1, PINGS_PER_MEASUREMENT + 1):  # noqa: B007 - counted for metrics
-                try:
+            async with asyncio.timeout(timeout):
+                for tried in range(1, PINGS_PER_MEASUREMENT + 1):  # noqa: B007 - for metrics
                     rtts.append(await connection.ping(timeout))
-                except HeartbeatFailed as error:
-                    failure = error
+        except (TimeoutError, HeartbeatFailed):  # the deadline, or a ping's own one
+            if not rtts:
+                raise HeartbeatFailed(
+                    f"no pong over {connection.transport} in {timeout:g}s"
+                ) from None
         except TransportError as error:  # the session itself is gone: no point retrying
             raise HeartbeatFailed(f"{connection.transport} session ended: {error}") from None
         finally:
             if self._metrics is not None and connection is self._current:
                 self._metrics.heartbeats(rtts, tried - len(rtts))
-        if not rtts:
-            assert failure is not None
-            raise failure
         return min(rtts)
 
     async def _reconnect(self, why: str) -> None:

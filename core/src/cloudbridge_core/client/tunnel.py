@@ -13,11 +13,12 @@ from cloudbridge_core.accept import accept_forever
 from cloudbridge_core.client.connection import RelayConnection
 from cloudbridge_core.client.metrics import ClientMetrics
 from cloudbridge_core.errors import CloudBridgeError, LimitExceeded
-from cloudbridge_core.log import get_logger
+from cloudbridge_core.log import debug_on, get_logger
 from cloudbridge_core.pump import PumpResult, abort, prepare, pump
 from cloudbridge_core.settings import TunnelSettings
 
 log = get_logger("tunnel")
+_debug = debug_on("tunnel")
 
 
 @dataclass
@@ -195,13 +196,14 @@ class Tunnel:
                     stats.setup_seconds_total += setup
                     if self._metrics is not None:
                         self._metrics.setup_latency.observe(setup)
-                    log.debug(
-                        "tunnel_opened",
-                        target=spec.target,
-                        transport=connection.transport,
-                        session_id=connection.welcome.session_id,
-                        latency_ms=round(setup * 1000, 2),
-                    )
+                    if _debug():
+                        log.debug(
+                            "tunnel_opened",
+                            target=spec.target,
+                            transport=connection.transport,
+                            session_id=connection.welcome.session_id,
+                            latency_ms=round(setup * 1000, 2),
+                        )
 
                 try:
                     first = sent_already(client, buffer_size)

@@ -30,7 +30,7 @@ from cloudbridge_core.errors import (
     TransportError,
     Unauthorized,
 )
-from cloudbridge_core.log import get_logger
+from cloudbridge_core.log import debug_on, get_logger
 from cloudbridge_core.protocol import derp, messages
 from cloudbridge_core.providers import AuthProvider, Claims, Session, Stream
 from cloudbridge_core.pump import PumpResult, abort, connect, prepare, pump, pump_dialled
@@ -49,12 +49,15 @@ from cloudbridge_core.transports.preauth import PreauthGate, PreauthLimits
 from cloudbridge_core.wire import MessageStream
 
 log = get_logger("relay.server")
+_debug = debug_on("relay.server")
 
 CONNECT = "relay:connect"
 TUNNEL = "tunnel:create"
 #: a tunnel's accept waits this long at most for the target's first bytes to go with it
 ACCEPT_JOINS_DATA_WITHIN = 0.001
 ACCEPT = messages.encode(messages.Accept())
+#: how long a refused or redeeming client is given to read the answer and close
+ANSWER_LINGER = 2.0
 #: how often a session past its token's ``exp`` is checked for a refresh before it is sent
 #: TURN credentials again (it ends ``server.token_expiry_grace`` after ``exp`` otherwise)
 EXPIRED_RECHECK = 1.0
@@ -96,8 +99,14 @@ class RelayLimits:
         )
 
 
-class _Redeemed(Exception):
-    """The session redeemed an invite and has nothing more to do."""
+class _Answered(Exception):
+    """The session's hello was answered with all it will get (an invite's redemption, or a
+    refusal, ``error``) on ``control``, which the client has still to read."""
+
+    def __init__(self, control: Stream, error: CloudBridgeError | None = None) -> None:
+        super().__init__()
+        self.control = control
+        self.error = error
 
 
 @dataclass
@@ -189,8 +198,14 @@ class Relay:
         except TimeoutError:
             log.info("handshake_timeout")
             return
-        except _Redeemed:
-            return  # the session was only for an invite
+        except _Answered as answered:
+            if answered.error is not None:
+                self.metrics.auth_failures.labels(answered.error.code).inc()
+                log.info(
+                    "session_rejected", code=answered.error.code, reason=answered.error.message
+                )
+            await _until_read(answered.control)
+            return
         except CloudBridgeError as error:
             self.metrics.auth_failures.labels(error.code).inc()
             log.info("session_rejected", code=error.code, reason=error.message)
@@ -237,7 +252,7 @@ class Relay:
         hello = await control.expect(messages.Hello, messages.Redeem)
         if isinstance(hello, messages.Redeem):
             await self._redeem(control, hello)
-            raise _Redeemed
+            raise _Answered(control.stream)
         assert isinstance(hello, messages.Hello)  # expect() checked the kind
         try:
             claims = await self.auth.validate(hello.token)
@@ -255,7 +270,7 @@ class Relay:
         except CloudBridgeError as error:
             with contextlib.suppress(TransportError):
                 await control.send(messages.ErrorMessage(error.code, error.message))
-            raise
+            raise _Answered(control.stream, error) from error
         session_id = secrets.token_urlsafe(12)
         # before the welcome: the client may open streams as soon as it reads it
         lift: Callable[[], None] | None = getattr(session, "authenticated", None)
@@ -594,15 +609,16 @@ class Relay:
     ) -> None:
         self.metrics.bytes_to_target.inc(result.received)
         self.metrics.bytes_from_target.inc(result.sent)
-        log.debug(
-            "tunnel_closed",
-            tenant_id=claims.tenant_id,
-            target=target,
-            sent=result.sent,
-            received=result.received,
-            error=result.error,
-            duration_ms=round((time.monotonic() - started_at) * 1000, 1),
-        )
+        if _debug():
+            log.debug(
+                "tunnel_closed",
+                tenant_id=claims.tenant_id,
+                target=target,
+                sent=result.sent,
+                received=result.received,
+                error=result.error,
+                duration_ms=round((time.monotonic() - started_at) * 1000, 1),
+            )
 
     async def _derp(
         self, stream: Stream, header: MessageStream, claims: Claims, member: Member | None
@@ -764,6 +780,18 @@ async def _accept(stream: Stream, header: MessageStream, target: socket.socket) 
     if early:
         await asyncio.get_running_loop().sock_sendall(target, early)
     return len(early)
+
+
+async def _until_read(control: Stream) -> None:
+    """Until the client has read the relay's last answer and gone (a client closes its
+    session on a refusal), for :data:`ANSWER_LINGER` at most: closing the session at once
+    can overtake the answer (QUIC's close fails the stream's unread data, gRPC's cancels
+    the call), and a refused token would then look like a lost connection, to be retried."""
+    with contextlib.suppress(TransportError, TimeoutError):
+        async with asyncio.timeout(ANSWER_LINGER):
+            await control.close_write()
+            while await control.read():
+                pass
 
 
 async def _reject(stream: Stream, error: CloudBridgeError) -> None:
