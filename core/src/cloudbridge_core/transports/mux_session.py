@@ -475,7 +475,8 @@ class MuxSession:
             admission.watch(self._expired)
         self._streams: dict[int, MuxStream] = {}
         self._incoming: deque[MuxStream] = deque()
-        self._accepting: asyncio.Future[None] | None = None
+        #: a future per caller waiting in accept_stream (rarely more than one)
+        self._accepting: list[asyncio.Future[None]] = []
         self._send_lock = asyncio.Lock()
         self._closed = asyncio.Event()
         self._close_reason = "session closed"
@@ -525,9 +526,14 @@ class MuxSession:
     async def accept_stream(self) -> MuxStream:
         while not self._incoming:
             self._raise_if_closed()
-            if self._accepting is None or self._accepting.done():
-                self._accepting = asyncio.get_running_loop().create_future()
-            await asyncio.shield(self._accepting)  # one waiter, shared by concurrent callers
+            # woken directly: one future shared behind asyncio.shield cost a callback and a
+            # turn of the loop more per stream (the relay accepts one per tunnel)
+            waiter = asyncio.get_running_loop().create_future()
+            self._accepting.append(waiter)
+            try:
+                await waiter
+            finally:
+                self._accepting.remove(waiter)
         stream = self._incoming.popleft()
         self._backlog_room.set()
         if self._direct is not None and len(self._incoming) < self._connection.limits.max_streams:
@@ -734,7 +740,7 @@ class MuxSession:
         if isinstance(event, mux.StreamOpened):
             opened = self._streams[event.stream_id] = MuxStream(self, event.stream_id)
             self._incoming.append(opened)
-            _wake(self._accepting)
+            self._wake_acceptors()
             return
         stream = self._streams.get(event.stream_id)
         if stream is None:
@@ -763,6 +769,10 @@ class MuxSession:
         if not self._connection.has_stream(stream_id):
             self._streams.pop(stream_id, None)
 
+    def _wake_acceptors(self) -> None:
+        for waiter in self._accepting:
+            _wake(waiter)
+
     def _shut(self, reason: str) -> None:
         if self._closed.is_set():
             return
@@ -775,7 +785,7 @@ class MuxSession:
         self._streams.clear()
         for stream in streams:
             stream.fail(TransportClosed(reason))
-        _wake(self._accepting)
+        self._wake_acceptors()
         if self._pacing is not None:
             self._pacing.cancel()
         callbacks, self._writable_callbacks = self._writable_callbacks, []
