@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cli_process import issue_token
+from cli_process import environment, issue_token
 from cloudbridge_core.client.link import RelayLink
 from cloudbridge_core.client.tunnel import Tunnel, TunnelSpec
 from cloudbridge_core.config import Config, load_config, merged_schema
@@ -146,6 +146,53 @@ def test_relay_killed_and_restarted_the_tunnel_comes_back(relay: Relay, echo_por
     asyncio.run(main())
 
 
+def restart_with_other_keys(relay: Relay, tmp_path: Path) -> None:
+    """Kill the relay and start it again with the same certificate and ports and another
+    signing key: the tokens it issued before are refused."""
+    relay.kill()
+    other = tmp_path / "other-keys"
+    other.mkdir(mode=0o700)
+    for name in ("ca.pem", "ca.key", "server.pem", "server.key"):
+        shutil.copy2(relay.state / name, other / name)
+    relay.start(other)
+
+
+def test_a_running_client_whose_token_is_refused_exits_4_with_a_hint(
+    relay: Relay, tmp_path: Path, echo_port: int
+) -> None:
+    """Issue 16: the client used to stay up, failing every new connection as unavailable."""
+    env = environment(
+        CLOUDBRIDGE_AUTH__TOKEN=relay.token(),
+        CLOUDBRIDGE_DISABLE_PLUGINS="quic",
+        CLOUDBRIDGE_TRANSPORT__HEALTH_CHECK_INTERVAL="1s",
+        CLOUDBRIDGE_METRICS__ENABLED="false",
+    )
+    tunnel = subprocess.Popen(
+        [
+            *(BIN / "cloudbridge", "tunnel", "--config", str(relay.state / "client.yaml")),
+            *("--control-socket", str(tmp_path / "client.sock"), "--local-port", "0"),
+            *("--remote-host", "127.0.0.1", "--remote-port", str(echo_port)),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert tunnel.stderr is not None
+    try:
+        lines = iter(tunnel.stderr)
+        assert any("tunnel 127.0.0.1:" in line for line in lines), "the tunnel never started"
+        restart_with_other_keys(relay, tmp_path)
+        code = tunnel.wait(timeout=60)
+        rest = "".join(lines)
+    finally:
+        tunnel.kill()
+        tunnel.wait()
+        tunnel.stderr.close()
+    assert code == 4, rest
+    assert "error: the relay refused this client's token" in rest
+    assert "hint: get a new token: join with an invite" in rest
+
+
 def test_a_relay_that_no_longer_accepts_the_token_stops_the_retries(
     relay: Relay, tmp_path: Path
 ) -> None:
@@ -153,12 +200,7 @@ def test_a_relay_that_no_longer_accepts_the_token_stops_the_retries(
         plugins = tcp_plugins()
         link = RelayLink(client_config(relay, plugins), plugins)
         await link.start()
-        relay.kill()
-        other = tmp_path / "other-keys"  # same certificate and ports, another signing key
-        other.mkdir(mode=0o700)
-        for name in ("ca.pem", "ca.key", "server.pem", "server.key"):
-            shutil.copy2(relay.state / name, other / name)
-        relay.start(other)
+        restart_with_other_keys(relay, tmp_path)
         for _ in range(300):
             if link.status()["state"] == "refused":
                 break

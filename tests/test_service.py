@@ -75,6 +75,7 @@ def test_the_unit_is_hardened_valid_and_keeps_the_token_out(config: Path, tmp_pa
         f"ExecStart={BIN / 'cloudbridge'} p2p --config {config}",
         "Restart=on-failure",
         "RestartSec=5s",
+        "RestartPreventExitStatus=2 3 4",
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
         "PrivateTmp=yes",

@@ -182,7 +182,7 @@ async def run_client(
             )
         notify("READY=1")
         if reload is None:
-            await wait_for_stop()
+            await _until_stopped(link)
             return
         metrics.watch_reloads(reload)
         reload.subscribe(_follow_link(link, config))
@@ -192,7 +192,22 @@ async def run_client(
         if manager is not None:
             reload.subscribe(manager.follow)
         async with reload:
-            await wait_for_stop()
+            await _until_stopped(link)
+
+
+async def _until_stopped(link: RelayLink) -> None:
+    """Until SIGINT/SIGTERM, or until the relay refuses the token for good, which is then
+    raised (after the caller's drain): the command exits 4 and says how to get a new one."""
+    stopped = asyncio.ensure_future(wait_for_stop())
+    refused = asyncio.ensure_future(link.wait_refused())
+    try:
+        await asyncio.wait((stopped, refused), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in (stopped, refused):
+            waiter.cancel()
+        await asyncio.gather(stopped, refused, return_exceptions=True)
+    if refused.done() and not refused.cancelled():
+        raise refused.result()
 
 
 def _watcher(runtime: Runtime, config: Config) -> ConfigWatcher | None:

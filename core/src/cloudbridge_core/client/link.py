@@ -98,6 +98,9 @@ class RelayLink:
         self._breakers: dict[str, CircuitBreaker] = {}
         self._connected = asyncio.Event()
         self._wake = asyncio.Event()
+        self._refused = asyncio.Event()
+        #: the relay's refusal of this client's token, once it came (nothing retries it)
+        self.refusal: AuthError | None = None
         self.state = "connecting"
 
     # ---- lifecycle ----
@@ -106,6 +109,13 @@ class RelayLink:
         connection, reason = await self._race(self._candidates())
         self._install(connection, reason)
         self._watcher = asyncio.create_task(self._watch())
+
+    async def wait_refused(self) -> AuthError:
+        """Until the relay refuses this client's token for good: what a long-running command
+        stops with (exit 4), since no retry would change the answer."""
+        await self._refused.wait()
+        assert self.refusal is not None  # set before the event
+        return self.refusal
 
     def lost(self, connection: RelayConnection) -> None:
         """A tunnel found the session dead: check now rather than at the next interval."""
@@ -245,9 +255,17 @@ class RelayLink:
             except AuthError as error:  # reported once; retrying would only repeat it
                 self.state = "refused"
                 self.last_error = error.message
-                log.error(
-                    "reconnect_refused", code=error.code, reason=error.message, hint=error.hint
+                self.refusal = type(error)(
+                    f"the relay refused this client's token: {error.message}",
+                    hint=error.hint or f"get a new token: {ONBOARDING_HINT}",
                 )
+                log.error(
+                    "reconnect_refused",
+                    code=error.code,
+                    reason=error.message,
+                    hint=self.refusal.hint,
+                )
+                self._refused.set()
                 return
             except CloudBridgeError as error:
                 self.last_error = error.message

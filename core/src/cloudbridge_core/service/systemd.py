@@ -126,6 +126,8 @@ def render_unit(config: Config, config_path: Path, executable: Path, tokens: Ser
         f"EnvironmentFile=-{environment_file(config)}",
         f"Restart={'on-failure' if service_settings.auto_restart else 'no'}",
         f"RestartSec={service_settings.restart_delay:g}s",
+        # a usage, config or auth error (exit 2, 3, 4) comes back the same after a restart
+        "RestartPreventExitStatus=2 3 4",
         "StateDirectory=cloudbridge",
         "RuntimeDirectory=cloudbridge",
         "Environment=" + " ".join(f"{k}={v}" for k, v in environment.items()),
