@@ -177,7 +177,7 @@ def test_tickets_of_another_tenant_or_pair_are_never_spliced(
     run(tmp_path, scenario, handshake_timeout="1s")
 
 
-def test_reused_expired_garbage_and_slow_preambles_are_dropped(
+def test_reused_doubled_expired_garbage_and_slow_preambles_are_dropped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(tickets, "TICKET_TTL", 0.5)
@@ -192,10 +192,18 @@ def test_reused_expired_garbage_and_slow_preambles_are_dropped(
             # used twice: the first connection waits for its partner, the second is dropped
             ticket = await _ticket(laptop, server, 7)
             first = await _raw(bed, preamble(ticket))
-            await until(lambda: bed.relay.relay.tickets.outstanding == 1, 5)  # waiting
+            await until(lambda: bed.relay.relay.tickets.waiting == 1, 5)
             await _closed_by_relay(*await _raw(bed, preamble(ticket)))
             assert sample(bed, REJECTED, reason="bad_ticket") - bad == 1
             await _closed_by_relay(*first)  # its partner never came
+            # a second ticket for an attempt whose connection already waits
+            limited = sample(bed, REJECTED, reason="limit")
+            one, two = await _ticket(laptop, server, 9), await _ticket(laptop, server, 9)
+            first = await _raw(bed, preamble(one))
+            await until(lambda: bed.relay.relay.tickets.waiting == 1, 5)
+            await _closed_by_relay(*await _raw(bed, preamble(two)))
+            assert sample(bed, REJECTED, reason="limit") - limited == 1
+            await _closed_by_relay(*first)
             # expired before it is used
             late = await _ticket(laptop, server, 8)
             await until(lambda: bed.relay.relay.tickets.outstanding == 0, 5)

@@ -140,6 +140,9 @@ class PeerManager:
         self._relayed = RelayedConnector(self.membership, identity)
         self.peers: dict[str, PeerState] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: dropped peers' sessions closing: waited for, never cancelled, by :meth:`aclose`
+        #: (a close cancelled before it started would leave the session's tasks running)
+        self._closing: set[asyncio.Task[None]] = set()
         self._tcp_enabled = mode != "relay-only" if tcp is None else tcp
         derp = any(name == "derp" for name, _ in self.strategies)
         self._relayed_enabled = derp if relayed is None else relayed
@@ -190,6 +193,7 @@ class PeerManager:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._closing, return_exceptions=True)
         await asyncio.gather(*(p.session.aclose() for p in self.peers.values()))
         self.peers.clear()
         if self.tcp_listener is not None:
@@ -276,7 +280,9 @@ class PeerManager:
     def _drop(self, peer_id: str) -> None:
         state = self.peers.pop(peer_id)
         log.info("peer_removed", peer=state.info.name, peer_id=peer_id)
-        self._spawn(state.session.aclose())
+        closing = asyncio.get_running_loop().create_task(state.session.aclose())
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
 
     def _add(self, info: PeerInfo) -> PeerState:
         controlling = self.membership.peer_id < info.peer_id

@@ -88,6 +88,11 @@ class TicketDesk:
         self._waiting: dict[_Key, asyncio.Future[socket.socket]] = {}
 
     @property
+    def waiting(self) -> int:
+        """Connections waiting for their partner's."""
+        return len(self._waiting)
+
+    @property
     def outstanding(self) -> int:
         """Tickets issued and not yet used or expired, and connections waiting."""
         return len(self._issued) + len(self._waiting)
@@ -134,6 +139,10 @@ class TicketDesk:
             partner = self._waiting.pop((tenant, peer, holder, attempt), None)
             if partner is not None and not partner.done():
                 partner.set_result(connection)  # the first to come runs the copy
+                return
+            if issued.key in self._waiting:  # a second ticket of the holder's, same attempt
+                self._mesh.rejected("limit", tenant, "peer_ticket: the attempt already waits")
+                abort(connection)
                 return
             other = await self._wait(issued.key, connection)
         finally:
