@@ -35,7 +35,7 @@ from aioquic.tls import load_pem_private_key, load_pem_x509_certificates
 from cloudbridge_core.errors import P2PConnectionFailed, TransportClosed, TransportError
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.p2p.identity import DeviceIdentity, server_name
-from cloudbridge_core.p2p.relayed import RelayedLink
+from cloudbridge_core.p2p.relayed import TICKETED, RelayedLink
 from cloudbridge_core.p2p.tcp import TcpLink
 from cloudbridge_core.protocol.mux import MuxLimits
 from cloudbridge_core.providers import PeerInfo, PeerPath, Stream
@@ -216,7 +216,10 @@ class PeerSession:
         """Carry new streams over ``link`` (:data:`TCP` or :data:`RELAYED`), until it ends."""
         old, before = self._muxes.get(carrier), self.path
         link.pipe.count = self._count
-        limits = link.limits if carrier == TCP else MUX_LIMITS[carrier]
+        # raw connections through the relay are as new as the TCP path's ALPN: both peers
+        # take the limits their handshake agreed on there too
+        raw = isinstance(link, RelayedLink) and link.protocol == TICKETED
+        limits = link.limits if carrier == TCP or raw else MUX_LIMITS[carrier]
         session = MuxSession(link.pipe, is_dialer=link.dialed, limits=limits)
         self._muxes[carrier] = (session, link)
         if carrier == TCP or self.path != before:  # a relay stream under QUIC's derp: same path
