@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cloudbridge_core.errors import TargetUnreachable
@@ -25,7 +28,7 @@ from cloudbridge_core.p2p.setup import PeerTunnelSpec
 from cloudbridge_core.protocol.preamble import MAGIC, PREAMBLE_SIZE, preamble, ticket_bytes
 from cloudbridge_core.relay import tickets
 from cloudbridge_core.testing.conformance import run_check
-from relaybed import Bed, echo_server, run
+from relaybed import Bed, echo_server, relay_bed, run
 from test_p2p_loopback import sha256_round_trip, tunnel_round_trip, until
 from test_p2p_relayed import (
     PEER_CHECKS,
@@ -43,8 +46,35 @@ TICKETED = relayed.TICKETED
 ON_RAW = ("derp", TICKETED)
 REJECTED = "cloudbridge_relay_p2p_rejected_total"
 
+#: the loops peers and relays run on (uvloop wherever it is installed: the relay's copy
+#: relies on its transports' half-close, buffer limits and aborts)
+LOOPS = [pytest.param(asyncio.new_event_loop, id="asyncio")]
+if importlib.util.find_spec("uvloop") is not None:
+    import uvloop
 
-def test_a_peer_tunnel_in_relay_only_mode_takes_raw_connections(tmp_path: Path) -> None:
+    LOOPS.append(pytest.param(uvloop.new_event_loop, id="uvloop"))
+
+
+def run_on(
+    new_loop: Callable[[], asyncio.AbstractEventLoop],
+    tmp_path: Path,
+    scenario: Callable[[Bed], Awaitable[None]],
+    **server: Any,
+) -> None:
+    """:func:`relaybed.run` on the loop ``new_loop`` makes."""
+
+    async def main() -> None:
+        async with relay_bed(tmp_path, **server) as bed:
+            await scenario(bed)
+
+    with asyncio.Runner(loop_factory=new_loop) as runner:
+        runner.run(main())
+
+
+@pytest.mark.parametrize("new_loop", LOOPS)
+def test_a_peer_tunnel_in_relay_only_mode_takes_raw_connections(
+    tmp_path: Path, new_loop: Callable[[], asyncio.AbstractEventLoop]
+) -> None:
     async def scenario(bed: Bed) -> None:
         async with (
             echo_server() as echo_port,
@@ -68,7 +98,7 @@ def test_a_peer_tunnel_in_relay_only_mode_takes_raw_connections(tmp_path: Path) 
         await until(lambda: bed.relay.relay.streams_active == 0, 10)
         assert sample(bed, "cloudbridge_relay_derp_bytes_total") - spliced > 2 * (13 << 20)
 
-    run(tmp_path, scenario)
+    run_on(new_loop, tmp_path, scenario)
 
 
 def test_a_refused_connection_to_the_tls_port_leaves_the_peers_on_the_relay_stream(
@@ -240,9 +270,10 @@ def _descriptors() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+@pytest.mark.parametrize("new_loop", LOOPS)
 @pytest.mark.parametrize("end", ["peer_reset", "relay_closed"])
 def test_a_broken_raw_splice_resets_the_application_and_everything_is_freed(
-    tmp_path: Path, end: str
+    tmp_path: Path, end: str, new_loop: Callable[[], asyncio.AbstractEventLoop]
 ) -> None:
     """Mid-download, the far peer's raw connection is reset (``peer_reset``), or the
     relay's TLS listener closes, taking its splices with it (``relay_closed``): the
@@ -285,7 +316,7 @@ def test_a_broken_raw_splice_resets_the_application_and_everything_is_freed(
         await source.wait_closed()
         await until(lambda: _descriptors() <= descriptors and len(asyncio.all_tasks()) <= tasks, 15)
 
-    run(tmp_path, scenario)
+    run_on(new_loop, tmp_path, scenario)
 
 
 @pytest.mark.parametrize("check", PEER_CHECKS, ids=lambda check: check.__name__)

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -67,7 +68,7 @@ def _peer_config(state: Path, token: str, name: str, expose: list[int]) -> Path:
     return path
 
 
-def _peer_path(control_socket: Path) -> str | None:
+def _peer_status(control_socket: Path) -> dict[str, Any] | None:
     status = subprocess.run(
         [BIN / "cloudbridge", "status", "--control-socket", str(control_socket), "--json"],
         capture_output=True,
@@ -77,11 +78,19 @@ def _peer_path(control_socket: Path) -> str | None:
     if status.returncode != 0:
         return None
     peers = json.loads(status.stdout).get("peers") or []
-    return peers[0]["path"] if peers and peers[0]["connected"] else None
+    return peers[0] if peers and peers[0]["connected"] else None
+
+
+def _peer_path(control_socket: Path) -> str | None:
+    found = _peer_status(control_socket)
+    return found["path"] if found is not None else None
 
 
 @contextmanager
-def peers(tmp_path: Path, path: str, target_port: int) -> Iterator[PeerDeployment]:
+def peers(
+    tmp_path: Path, path: str, target_port: int, transport: str = "websocket"
+) -> Iterator[PeerDeployment]:
+    """``transport``: the one the peers' relay sessions take."""
     state = tmp_path / "relay"
     env = environment(
         CLOUDBRIDGE_SERVER__LISTEN="127.0.0.1",
@@ -97,7 +106,7 @@ def peers(tmp_path: Path, path: str, target_port: int) -> Iterator[PeerDeploymen
     try:
         token = issue_token(state, "p2p:mesh")
         # any relay transport does: it only introduces the peers (and carries DERP)
-        client_env = {**env, "CLOUDBRIDGE_TRANSPORT__MODE": "websocket"}
+        client_env = {**env, "CLOUDBRIDGE_TRANSPORT__MODE": transport}
         exposing = start(
             *("p2p", "--config", str(_peer_config(state, token, "far", [target_port]))),
             *("--control-socket", str(tmp_path / "far.sock"), "--mode", MODES[path]),
@@ -182,3 +191,24 @@ def test_a_killed_exposing_peer_reaches_the_application_as_a_reset(
         while descriptors(tunnel_pid) > before and time.monotonic() < deadline:
             time.sleep(0.1)
         assert descriptors(tunnel_pid) <= before
+
+
+def test_a_killed_relay_reaches_the_application_over_relay_tcp_as_a_reset(tmp_path: Path) -> None:
+    """Over DERP on raw connections through the relay's TLS port (``relay-tcp``, the
+    peers' sessions on TLS), the relay is killed with SIGKILL mid-download: its sockets
+    close under the peers' TLS, and the application sees a reset, never a clean EOF."""
+    with (
+        target(endless_source) as source,
+        peers(tmp_path, "derp", source.port, transport="tls") as deployment,
+    ):
+        carried = _peer_status(tmp_path / "near.sock")
+        assert carried is not None
+        assert carried["protocol"] == "relay-tcp"
+        with socket.create_connection(("127.0.0.1", deployment.local_port)) as application:
+            application.settimeout(NOTICE_WITHIN)
+            received = 0
+            while received < 1024 * 1024:
+                received += len(application.recv(CHUNK))
+            kill(deployment.relay)
+            _, end = read_until_end(application)
+        assert end == "reset"
