@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cloudbridge_core.errors import TargetUnreachable
+from cloudbridge_core.errors import LimitExceeded, TargetUnreachable
 from cloudbridge_core.p2p import relayed
 from cloudbridge_core.p2p.forward import PeerTunnel
 from cloudbridge_core.p2p.manager import PeerManager
@@ -99,6 +99,24 @@ def test_a_peer_tunnel_in_relay_only_mode_takes_raw_connections(
         assert sample(bed, "cloudbridge_relay_derp_bytes_total") - spliced > 2 * (13 << 20)
 
     run_on(new_loop, tmp_path, scenario)
+
+
+def test_no_ticket_past_the_members_spliced_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tickets, "MAX_SPLICED_PER_MEMBER", 1)
+
+    async def scenario(bed: Bed) -> None:
+        async with member(bed, "laptop") as laptop, member(bed, "server") as server:
+            await until(lambda: carrier(laptop) == ON_RAW == carrier(server), 30)
+            limited = sample(bed, REJECTED, reason="limit")
+            for one, other in ((laptop, server), (server, laptop)):
+                with pytest.raises(LimitExceeded, match="too many raw peer splices"):
+                    await one.membership.ticket(other.membership.peer_id, 999)
+            assert sample(bed, REJECTED, reason="limit") - limited == 2
+            assert bed.relay.relay.tickets.outstanding == 0
+
+    run(tmp_path, scenario)
 
 
 def test_a_refused_connection_to_the_tls_port_leaves_the_peers_on_the_relay_stream(

@@ -32,11 +32,12 @@ import contextlib
 import secrets
 import socket
 import struct
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
-from cloudbridge_core.errors import ServerUnavailable
+from cloudbridge_core.errors import LimitExceeded, ServerUnavailable
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.protocol import messages
 from cloudbridge_core.protocol.preamble import TICKET_SIZE, ticket_text
@@ -49,6 +50,10 @@ log = get_logger("relay.tickets")
 
 #: how long a ticket may wait for its connection (a security limit)
 TICKET_TTL = 10.0
+#: raw splices one member may have copying at once, whoever asked first; no ticket past
+#: it (a security limit: each holds two descriptors; a peer needs one per peer it
+#: reaches over DERP, at most ``p2p.max_connections``, 100 by default)
+MAX_SPLICED_PER_MEMBER = 256
 #: bytes a socket's write buffer may hold before the other socket is no longer read
 HIGH_WATER = 256 * 1024
 #: a spliced peer that vanishes without a FIN or RST is noticed by the kernel
@@ -86,6 +91,7 @@ class TicketDesk:
         self.port: int | None = None
         self._issued: dict[bytes, _Issued] = {}
         self._waiting: dict[_Key, asyncio.Future[socket.socket]] = {}
+        self._spliced: Counter[tuple[str, str]] = Counter()
 
     @property
     def waiting(self) -> int:
@@ -107,10 +113,14 @@ class TicketDesk:
     def issue(self, member: Member, request: messages.PeerTicket) -> messages.Ticket:
         """A ticket for ``member``'s connection to ``request.peer_id`` for its attempt.
 
-        Raises ``ServerUnavailable`` without a TLS listener to take the connection, and
-        what :meth:`Splicer.reserve` raises (an unknown peer, the waiting cap)."""
+        Raises ``ServerUnavailable`` without a TLS listener to take the connection,
+        ``LimitExceeded`` past :data:`MAX_SPLICED_PER_MEMBER`, and what
+        :meth:`Splicer.reserve` raises (an unknown peer, the waiting cap)."""
         if self.port is None:
             raise ServerUnavailable("the relay takes no raw connections (no TLS listener)")
+        if self._spliced[(member.tenant_id, member.peer_id)] >= MAX_SPLICED_PER_MEMBER:
+            self._mesh.rejected("limit", member.tenant_id, "peer_ticket: too many spliced")
+            raise LimitExceeded("too many raw peer splices at once")
         self._splicer.reserve(member, request.peer_id)
         ticket = secrets.token_bytes(TICKET_SIZE)
         key = (member.tenant_id, member.peer_id, request.peer_id, request.attempt)
@@ -148,7 +158,15 @@ class TicketDesk:
         finally:
             self._splicer.release(tenant, holder)
         if other is not None:
-            await self._splice(tenant, connection, other)
+            members = [(tenant, holder), (tenant, peer)]
+            self._spliced.update(members)
+            try:
+                await self._splice(tenant, connection, other)
+            finally:
+                self._spliced.subtract(members)
+                for key in members:
+                    if self._spliced[key] <= 0:
+                        del self._spliced[key]
 
     async def _wait(self, key: _Key, connection: socket.socket) -> socket.socket | None:
         came: asyncio.Future[socket.socket] = asyncio.get_running_loop().create_future()
