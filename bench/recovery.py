@@ -49,6 +49,7 @@ from cloudbridge_core.client.link import RelayLink
 from cloudbridge_core.config import Config, load_config, merged_schema
 from cloudbridge_core.log import configure_logging
 from cloudbridge_core.plugins import Plugins, load_plugins
+from cloudbridge_core.testing.blackhole import Blackhole
 from procs import BIN, free_port
 
 #: the longest a scenario waits for every client to be back
@@ -215,50 +216,6 @@ async def restart(relay: Relay, clients: Fleet, _outage: float) -> None:
     await clients.until_back()
 
 
-class Blackhole:
-    """A TCP proxy to the relay that can stop carrying the connections it holds: what they
-    send is swallowed and nothing is closed, while new connections pass."""
-
-    def __init__(self, upstream: int) -> None:
-        self.upstream = upstream
-        self.generation = 0
-        self._never = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.port = 0
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream)
-        for source, sink in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._copy(source, sink, self.generation))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _copy(
-        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, generation: int
-    ) -> None:
-        try:
-            with contextlib.suppress(ConnectionError):
-                while data := await source.read(65536):
-                    if generation != self.generation:
-                        await self._never.wait()
-                    sink.write(data)
-                    await sink.drain()
-        finally:
-            sink.close()
-
-    async def aclose(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._server is not None:
-            self._server.close()
-
-
 async def blackhole(relay: Relay, plugins: Plugins, count: int) -> dict[str, Any]:
     proxy = Blackhole(relay.ports["tls"])
     await proxy.start()
@@ -268,7 +225,7 @@ async def blackhole(relay: Relay, plugins: Plugins, count: int) -> dict[str, Any
     try:
         async with fleet(config, plugins, count) as clients:
             clients.mark()
-            proxy.generation += 1
+            proxy.swallow_open_connections()
             await clients.until_back()
             figures = clients.figures()
             await asyncio.sleep(1)  # the relay's side of the silent sessions: see below
