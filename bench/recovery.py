@@ -204,15 +204,16 @@ async def kill(relay: Relay, clients: Fleet, outage: float) -> None:
     relay.signal(signal.SIGKILL)
     relay.wait()
     await asyncio.sleep(outage)
-    relay.start()
+    await asyncio.get_running_loop().run_in_executor(None, relay.start)  # clients keep running
     await clients.until_back()
 
 
 async def restart(relay: Relay, clients: Fleet, _outage: float) -> None:
     clients.mark()
     relay.signal(signal.SIGTERM)
-    await asyncio.get_running_loop().run_in_executor(None, relay.wait)
-    relay.start()
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, relay.wait)
+    await loop.run_in_executor(None, relay.start)
     await clients.until_back()
 
 

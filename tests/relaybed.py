@@ -60,8 +60,8 @@ class Bed:
             schema=merged_schema(self.plugins.config_sections()),
         )
 
-    async def connect(self, token: str | None = None) -> RelayConnection:
-        return await connect(self.client_config(token or self.token()), self.plugins)
+    async def connect(self, token: str | None = None, **settings: Any) -> RelayConnection:
+        return await connect(self.client_config(token or self.token(), **settings), self.plugins)
 
 
 @asynccontextmanager
@@ -97,6 +97,15 @@ async def echo_server() -> AsyncIterator[int]:
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def until(condition: Callable[[], object], within: float = 10) -> None:
+    """Poll ``condition`` (state another task or thread changes) until it holds, bounded:
+    a hang guard, not a measured bound."""
+    deadline = asyncio.get_running_loop().time() + within
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
 
 
 async def round_trip(port: int, payload: bytes) -> bytes:

@@ -1,7 +1,8 @@
 """A relay that goes silent with its connections still open (black-holed) is found within
 ``health_check_interval + connect_timeout`` (issue 16): one measurement's pings share one
 deadline, so the check that finds it waits one ``connect_timeout`` once, not once per ping.
-How long detection takes is reported by the bench, not asserted here."""
+The new session names the lost one, and the relay closes it at once. How long detection
+takes is reported by the bench, not asserted here."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from relaybed import Bed, run
 pytestmark = pytest.mark.timeout(120)
 
 
-def test_a_silent_relay_is_found_by_one_unanswered_ping_and_replaced(tmp_path: Path) -> None:
+def test_a_silent_relay_is_found_by_one_unanswered_ping_and_the_session_replaced(
+    tmp_path: Path,
+) -> None:
     async def scenario(bed: Bed) -> None:
         proxy = Blackhole(bed.relay.listeners["tls"].port)
         config = bed.client_config(
@@ -43,6 +46,15 @@ def test_a_silent_relay_is_found_by_one_unanswered_ping_and_replaced(tmp_path: P
             assert link.status()["state"] == "connected"
             # the check that found it sent one ping and waited one connect_timeout
             assert metrics.heartbeat_failures._value.get() == 1
+            # the new hello named the silent session: the relay closed it at once, where it
+            # would otherwise hold it beside the new one until its heartbeat timeout
+            relay = bed.relay.relay
+            assert relay.metrics.sessions_replaced._value.get() == 1
+            for _ in range(100):
+                if sum(relay.sessions_by_tenant.values()) == 1:
+                    break
+                await asyncio.sleep(0.02)
+            assert dict(relay.sessions_by_tenant) == {"acme": 1}
         finally:
             await link.aclose()
             await proxy.aclose()

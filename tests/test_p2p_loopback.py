@@ -26,7 +26,7 @@ from cloudbridge_core.p2p.setup import PeerTunnelSpec
 from cloudbridge_core.relay.mesh import Mesh
 from cloudbridge_core.testing.streams import read_all
 from prometheus_client import CollectorRegistry
-from relaybed import BOTH, Bed, echo_server, round_trip, run
+from relaybed import BOTH, Bed, echo_server, round_trip, run, until
 
 pytestmark = pytest.mark.timeout(90)
 MESH = [*BOTH, "p2p:mesh"]
@@ -50,13 +50,6 @@ async def member(
     finally:
         await manager.aclose()
         await link.aclose()
-
-
-async def until(condition: object, within: float = 10) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while not condition():  # type: ignore[operator]
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
 
 
 def sample(manager: PeerManager, name: str, **labels: str) -> float:

@@ -34,8 +34,8 @@ from cloudbridge_core.tlsutil import generate_ca
 from cloudbridge_core.transports.mux_session import MuxSession
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from relaybed import Bed, echo_server, run
-from test_p2p_loopback import MESH, sha256_round_trip, tunnel_round_trip, until
+from relaybed import Bed, echo_server, run, until
+from test_p2p_loopback import MESH, sha256_round_trip, tunnel_round_trip
 
 pytestmark = pytest.mark.timeout(90)
 

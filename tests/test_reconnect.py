@@ -20,6 +20,7 @@ from cloudbridge_core.client.tunnel import Tunnel, TunnelSpec
 from cloudbridge_core.config import Config, load_config, merged_schema
 from cloudbridge_core.plugins import Plugins, PluginSelection, load_plugins
 from loopback import free_port
+from relaybed import until
 
 pytestmark = pytest.mark.timeout(120)
 BIN = Path(sys.executable).parent
@@ -237,10 +238,8 @@ def test_sigterm_drains_open_tunnels_and_the_client_waits_for_the_restart(
             assert await reader.readexactly(4) == b"ping"
             assert relay.process is not None
             relay.process.send_signal(signal.SIGTERM)
-            signalled = time.monotonic()
-            while link.status()["state"] != "reconnecting":
-                assert time.monotonic() - signalled < 1, link.status()
-                await asyncio.sleep(0.02)
+            # checks come every 60 s: only the goaway can tell the client this soon
+            await until(lambda: link.status()["state"] == "reconnecting")
             assert link.status()["last_error"] == "the relay is restarting"
             assert relay.process.poll() is None  # draining: the open tunnel goes on
             during_drain = asyncio.create_task(echo(tunnel.port, b"made while draining"))
@@ -277,11 +276,10 @@ def test_a_second_sigterm_stops_the_relay_without_waiting_for_the_drain(
             relay.process.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.5)
             assert relay.process.poll() is None  # draining (up to 10 s) for the open tunnel
-            signalled = time.monotonic()
             relay.process.send_signal(signal.SIGTERM)
-            code = await asyncio.to_thread(relay.process.wait, 10)
+            # half the drain: a relay still waiting for the tunnel would not be done by then
+            code = await asyncio.to_thread(relay.process.wait, 5)
             assert code == -signal.SIGTERM
-            assert time.monotonic() - signalled < 2
             writer.close()
         finally:
             await tunnel.aclose()

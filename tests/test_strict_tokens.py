@@ -11,7 +11,7 @@ import json
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,7 +25,7 @@ from cloudbridge_core.plugins import load_plugins
 from cloudbridge_core.relay.runner import start_relay
 from cloudbridge_core.relay.state import RelayState, local_hostnames
 from cloudbridge_core.relay.tokens import jwks
-from relaybed import Bed, relay_bed
+from relaybed import Bed, relay_bed, until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -39,14 +39,6 @@ def cloudbridge(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
         env=environment(**env),
         timeout=30,
     )
-
-
-async def until(condition: Callable[[], bool], within: float = 10) -> None:
-    """Poll ``condition`` (state in another thread or task) until it holds, bounded."""
-    deadline = asyncio.get_running_loop().time() + within
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
 
 
 # ---- lifetimes at issue ----------------------------------------------------------------

@@ -129,6 +129,13 @@ class Held:
         await self.writer.drain()
         assert await asyncio.wait_for(self.reader.readexactly(len(payload)), 10) == payload
 
+    async def finish(self) -> None:
+        """Close both ways and wait for the relay's end: the session it ended on may be
+        replaced (and closed by the relay) right after."""
+        self.writer.write_eof()
+        assert await asyncio.wait_for(self.reader.read(), 10) == b""
+        self.writer.close()
+
     def close(self) -> None:
         self.writer.close()
 
@@ -158,7 +165,7 @@ def test_udp_blocked_falls_back_and_udp_restored_comes_back_without_dropping(
         try:
             first = await Held.open(tunnel.port)
             await first.echo(b"over quic")
-            first.close()
+            await first.finish()
 
             relay_net.net.nft(DROP_QUIC)
             took = await wait_for_transport_other_than(link, "quic", within=10)

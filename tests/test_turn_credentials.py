@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from cloudbridge_core.protocol import messages
 from cloudbridge_core.relay.turn import TurnIssuer
 from coturn import coturn_with_secret
 from prometheus_client import CollectorRegistry
-from relaybed import BOTH, Bed, echo_server, run
+from relaybed import BOTH, Bed, echo_server, run, until
 from test_p2p_loopback import sha256_round_trip
 
 pytestmark = pytest.mark.timeout(90)
@@ -42,13 +42,6 @@ def turn_section(tmp_path: Path, port: int) -> dict[str, Any]:
 def issued(bed: Bed) -> float:
     registry = bed.relay.relay.metrics.registry
     return registry.get_sample_value("cloudbridge_relay_turn_credentials_issued_total") or 0.0
-
-
-async def until(condition: Callable[[], object], within: float = 30) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
 
 
 @asynccontextmanager

@@ -273,3 +273,45 @@ def test_settings_come_from_the_config_with_the_schemas_defaults() -> None:
     assert settings.retry.circuit_breaker == BreakerSettings(
         failure_threshold=7, reset_timeout=60.0, half_open_max_calls=1, success_threshold=1
     )
+
+
+def test_a_relay_saying_when_to_come_back_counts_as_an_answer() -> None:
+    breaker = CircuitBreaker(
+        "relay",
+        BreakerSettings(
+            failure_threshold=2, reset_timeout=30, half_open_max_calls=1, success_threshold=1
+        ),
+    )
+
+    async def fail_with(error: BaseException) -> None:
+        with pytest.raises(type(error)):
+            async with breaker.guard():
+                raise error
+
+    async def scenario() -> None:
+        pacing = errors.ServerUnavailable("come back in 2s", retry_after=2.0)
+        for _ in range(3):  # a relay pacing its admissions is up: never an open circuit
+            await fail_with(errors.ServerUnavailable("down"))
+            await fail_with(pacing)
+        assert breaker.state is BreakerState.CLOSED
+
+    asyncio.run(scenario())
+
+
+def test_try_now_lets_a_trial_through_an_open_circuit_before_its_reset_timeout() -> None:
+    breaker = CircuitBreaker(
+        "relay",
+        BreakerSettings(
+            failure_threshold=1, reset_timeout=30, half_open_max_calls=1, success_threshold=1
+        ),
+        clock=lambda: 0.0,
+    )
+    breaker.record_failure()
+    assert breaker.state is BreakerState.OPEN
+    with pytest.raises(errors.CircuitOpen):
+        breaker.allow()
+    breaker.try_now()
+    assert breaker.state is BreakerState.HALF_OPEN
+    breaker.allow()
+    breaker.record_success()
+    assert breaker.state is BreakerState.CLOSED

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from cloudbridge_core import errors
 from cloudbridge_core.config import load_config
-from cloudbridge_core.retry import Backoff, RetryPolicies, call_with_retry
+from cloudbridge_core.retry import Backoff, RetryPolicies, call_with_retry, reconnect_delay
 from hypothesis import given
 from hypothesis import strategies as st
 from tenacity import Retrying
@@ -216,3 +216,35 @@ def test_circuit_open_waits_for_the_breaker_and_backs_off(
     result, sleeps, _ = run_retries([errors.CircuitOpen("open", retry_after=retry_after)])
     assert result == "ok"
     assert sleeps == [waited]
+
+
+def retry_settings(section: dict[str, Any]) -> Any:
+    overrides = {f"retry.{key}": (value, "test") for key, value in section.items()}
+    return load_config(None, environ={}, overrides=overrides).settings.retry
+
+
+@given(outage=st.floats(min_value=0, max_value=1000), seed=st.integers())
+def test_a_reconnection_waits_up_to_the_outage_so_far_within_the_bounds(
+    outage: float, seed: int
+) -> None:
+    settings = retry_settings({"initial_delay": "1s", "max_delay": "60s"})
+    delay = reconnect_delay(errors.ServerUnavailable("down"), outage, settings, random.Random(seed))
+    assert 0 <= delay <= min(60.0, max(1.0, outage))
+
+
+def test_reconnections_spread_over_the_whole_window() -> None:
+    settings = retry_settings({})
+    rng = random.Random(7)
+    delays = [
+        reconnect_delay(errors.ServerUnavailable("down"), 8.0, settings, rng) for _ in range(4000)
+    ]
+    per_second = [sum(1 for d in delays if second <= d < second + 1) for second in range(8)]
+    assert min(per_second) > 400  # full jitter: every second of the window gets its share
+
+
+def test_a_relays_slot_is_followed_and_a_breakers_wait_is_not() -> None:
+    settings = retry_settings({})
+    slot = errors.ServerUnavailable("come back in 7.5s", retry_after=7.5)
+    assert reconnect_delay(slot, 0.2, settings) == 7.5
+    opened = errors.CircuitOpen("open", retry_after=30.0)
+    assert reconnect_delay(opened, 2.0, settings, random.Random(1)) <= 2.0

@@ -40,8 +40,12 @@ def counts_as_failure(error: BaseException) -> bool:
 
 
 def proves_answer(error: BaseException) -> bool:
-    """Whether ``error`` shows the endpoint answered: a deliberate, final refusal."""
-    return isinstance(error, CloudBridgeError) and not error.retryable
+    """Whether ``error`` shows the endpoint answered: a deliberate, final refusal, or its
+    word on when to come back (a relay pacing its admissions is well)."""
+    if not isinstance(error, CloudBridgeError):
+        return False
+    told_when = error.retry_after is not None and not isinstance(error, CircuitOpen)
+    return told_when or not error.retryable
 
 
 class CircuitBreaker:
@@ -98,6 +102,13 @@ class CircuitBreaker:
                     retry_after=0.0,
                 )
             self._trials += 1
+
+    def try_now(self) -> None:
+        """Turn an open circuit half-open at once, for a caller whose own backoff spaces its
+        calls already (a reconnection that finds every endpoint's circuit open would
+        otherwise wait ``reset_timeout`` however short the outage)."""
+        if self.state is BreakerState.OPEN:
+            self._move(BreakerState.HALF_OPEN)
 
     def record_success(self) -> None:
         """An admitted call worked (or the endpoint answered it)."""

@@ -62,10 +62,15 @@ class CloudBridgeError(Exception):
     retry_delay: ClassVar[float | None] = None
     exit_code: ClassVar[ExitCode] = ExitCode.FAILURE
 
-    def __init__(self, message: str, *, hint: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, hint: str | None = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
+        #: seconds after which the other end asked to be tried again (a relay pacing its
+        #: admissions gives each client its own); None: the client's own backoff decides
+        self.retry_after = retry_after
 
     def to_dict(self) -> dict[str, Any]:
         """The ``{"code", "message", "hint"}`` object used in JSON output and wire errors."""
@@ -189,9 +194,10 @@ class CircuitOpen(CloudBridgeError):
     retryable = True
     exit_code = ExitCode.RELAY_UNAVAILABLE
 
+    retry_after: float
+
     def __init__(self, message: str, *, retry_after: float, hint: str | None = None) -> None:
-        super().__init__(message, hint=hint)
-        self.retry_after = retry_after
+        super().__init__(message, hint=hint, retry_after=retry_after)
 
 
 class P2PConnectionFailed(CloudBridgeError):
@@ -276,12 +282,14 @@ class Unhealthy(CloudBridgeError):
     exit_code = ExitCode.UNHEALTHY
 
 
-def error_for_code(code: str, message: str) -> CloudBridgeError:
+def error_for_code(code: str, message: str, retry_after: float | None = None) -> CloudBridgeError:
     """Rebuild a classified error received on the wire (unknown codes stay generic)."""
     for cls in all_error_classes():
         if cls.code == code and cls not in (ConfigError, CircuitOpen):
-            return cls(message)
-    error = CloudBridgeError(message)
+            error = cls(message)
+            error.retry_after = retry_after
+            return error
+    error = CloudBridgeError(message, retry_after=retry_after)
     error.message = f"{message} ({code})"
     return error
 

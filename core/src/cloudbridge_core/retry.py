@@ -126,6 +126,29 @@ class RetryPolicies:
         return self.default
 
 
+def reconnect_delay(
+    error: CloudBridgeError,
+    outage: float,
+    settings: RetrySettings,
+    rng: random.Random | None = None,
+) -> float:
+    """How long a client that lost its relay session waits after a failed attempt, having
+    been without a session for ``outage`` seconds.
+
+    The relay's own answer of when to come back (``error.retry_after``: a slot of this
+    client's own) is followed as it is. Otherwise the wait is full jitter: a random time up
+    to the outage so far, at least ``retry.initial_delay`` and at most ``retry.max_delay``,
+    so attempts thin out as an outage lasts (about two per doubling of it) while clients
+    that lost the relay together spread out over the whole outage instead of returning in
+    step. A circuit breaker's wait is not followed: the reconnection spaces its own
+    attempts (``RelayLink`` lets a trial through when every circuit is open).
+    """
+    if error.retry_after is not None and not isinstance(error, CircuitOpen):
+        return error.retry_after
+    window = min(settings.max_delay, max(settings.initial_delay, outage))
+    return (rng or _RANDOM).uniform(0, window)
+
+
 def is_retryable(error: BaseException) -> bool:
     """Whether ``error`` is a classified error worth trying again."""
     return isinstance(error, CloudBridgeError) and error.retryable

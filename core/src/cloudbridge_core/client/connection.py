@@ -258,9 +258,10 @@ def _loaded(spec: ProviderSpec[Transport], settings: str) -> Transport:
 
 
 async def attempt(
-    config: Config, name: str, spec: ProviderSpec[Transport], token: str
+    config: Config, name: str, spec: ProviderSpec[Transport], token: str, replaces: str = ""
 ) -> RelayConnection:
-    """Connect over one transport and authenticate, within ``transport.connect_timeout``."""
+    """Connect over one transport and authenticate, within ``transport.connect_timeout``;
+    ``replaces`` names the session this client lost on this relay (``hello.replaces``)."""
     context, material = tls_for(config.settings.relay.tls)
     timeout = config.settings.transport.connect_timeout
     settings = json.dumps(config.section(f"transport.{name}"), sort_keys=True)
@@ -273,20 +274,21 @@ async def attempt(
             session = await transport.connect(endpoint)
     except TimeoutError:
         raise ConnectionTimeout(f"no {name} connection to the relay in {timeout:g}s") from None
-    return await _authenticate(session, token, name, started)
+    return await _authenticate(session, token, name, started, replaces)
 
 
 async def _authenticate(
-    session: Session, token: str, transport: str, started: float
+    session: Session, token: str, transport: str, started: float, replaces: str
 ) -> RelayConnection:
     try:
         control = MessageStream(await session.open_stream(), messages.MAX_RELAY_MESSAGE_SIZE)
-        await control.send(
-            messages.Hello(token=token, client_version=__version__, capabilities=CAPABILITIES)
+        hello = messages.Hello(
+            token=token, client_version=__version__, capabilities=CAPABILITIES, replaces=replaces
         )
+        await control.send(hello)
         reply = await control.expect(messages.Welcome, messages.ErrorMessage)
         if isinstance(reply, messages.ErrorMessage):
-            raise error_for_code(reply.code, reply.message)
+            raise error_for_code(reply.code, reply.message, reply.retry_in_seconds or None)
     except BaseException:
         await session.aclose()
         raise

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -32,6 +33,7 @@ from cloudbridge_core.config import Config
 from cloudbridge_core.config.changes import ConfigChanges
 from cloudbridge_core.errors import (
     AuthError,
+    CircuitOpen,
     CloudBridgeError,
     HeartbeatFailed,
     ServerUnavailable,
@@ -43,7 +45,7 @@ from cloudbridge_core.errors import (
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.plugins import Plugins, transport_port
 from cloudbridge_core.providers import ProviderSpec, Transport
-from cloudbridge_core.retry import RetryPolicies
+from cloudbridge_core.retry import reconnect_delay
 
 log = get_logger("relay.link")
 
@@ -106,7 +108,17 @@ class RelayLink:
     # ---- lifecycle ----
 
     async def start(self) -> None:
-        connection, reason = await self._race(self._candidates())
+        """Connect; a relay pacing its admissions is waited for (it said when), any other
+        failure is raised."""
+        while True:
+            try:
+                connection, reason = await self._race(self._candidates())
+                break
+            except CloudBridgeError as error:
+                if error.retry_after is None or isinstance(error, CircuitOpen):
+                    raise
+                log.info("relay_busy", reason=error.message)
+                await asyncio.sleep(error.retry_after)
         self._install(connection, reason)
         self._watcher = asyncio.create_task(self._watch())
 
@@ -122,6 +134,11 @@ class RelayLink:
         if connection is self._current:
             self._connected.clear()
             self._wake.set()
+
+    def check_soon(self) -> None:
+        """Something carried over the session went silent: check it now (a heartbeat within
+        ``connect_timeout``) rather than at the next interval."""
+        self._wake.set()
 
     def _going_away(self, connection: RelayConnection) -> None:
         """The relay announced a restart: new tunnelled connections wait for it to return
@@ -279,7 +296,12 @@ class RelayLink:
         except CloudBridgeError as error:
             self.last_error = f"{current.transport} session lost: {error.message}"
             log.warning("session_lost", transport=current.transport, reason=error.message)
-            await self._reconnect(f"{current.transport} session lost")
+            announced = current.going_away
+            await self._reconnect(
+                f"{current.transport} session lost",
+                replaces=current.welcome.session_id,
+                spread=announced.reconnect_in_seconds if announced else 0.0,
+            )
             return
         if self._config.settings.transport.mode != "auto" or current.going_away is not None:
             return
@@ -372,18 +394,27 @@ class RelayLink:
                 self._metrics.heartbeats(rtts, tried - len(rtts))
         return min(rtts)
 
-    async def _reconnect(self, why: str) -> None:
-        """Race again until a transport works, backing off between rounds (never giving up:
-        tunnel listeners stay open meanwhile); a refused token stops it at once."""
+    async def _reconnect(self, why: str, replaces: str, spread: float) -> None:
+        """Race again until a transport works (never giving up: tunnel listeners stay open
+        meanwhile); a refused token stops it at once.
+
+        The relay's clients must not all come back in the same second: after a goaway the
+        first attempt waits a random time within the relay's ``spread`` window, and after a
+        failure :func:`reconnect_delay` decides (the relay's word, else full jitter over the
+        outage so far). The relay is told which session this one ``replaces``, so that it
+        closes it at once if it still holds it.
+        """
         self._connected.clear()
         lost_at = time.monotonic()
-        policies = RetryPolicies.from_settings(self._config.settings.retry)
+        if spread:
+            self.state = "reconnecting"
+            await asyncio.sleep(random.uniform(0, spread))  # noqa: S311 - spreading, no secret
         attempt = 0
         while True:
             if self._metrics is not None:
                 self._metrics.reconnection_attempts.inc()
             try:
-                connection, reason = await self._race(self._candidates())
+                connection, reason = await self._race(self._candidates(), replaces)
             except AuthError as error:
                 self.state = "refused"
                 self.last_error = error.message
@@ -391,7 +422,8 @@ class RelayLink:
             except CloudBridgeError as error:
                 if self._metrics is not None:
                     self._metrics.errors.labels(error.code).inc()
-                delay = policies.policy_for(error).delay_for(attempt)
+                outage = time.monotonic() - lost_at
+                delay = reconnect_delay(error, outage, self._config.settings.retry)
                 self.state = "reconnecting"
                 self.last_error = f"reconnect attempt {attempt + 1} failed: {error.message}"
                 log.warning(
@@ -442,13 +474,24 @@ class RelayLink:
         names = [candidate[0] for candidate in self._candidates()]
         return names.index(name) if name in names else len(names)
 
-    async def _race(self, candidates: list[Candidate]) -> tuple[RelayConnection, str]:
+    async def _race(
+        self, candidates: list[Candidate], replaces: str = ""
+    ) -> tuple[RelayConnection, str]:
         head_start = self._config.settings.transport.race_head_start
         breakers = {name: self._breaker(name) for name, _ in candidates}
+        if all(breaker.state is BreakerState.OPEN for breaker in breakers.values()):
+            for breaker in breakers.values():  # every endpoint failed: the caller spaces tries
+                breaker.try_now()
         token = await self.tokens.token()
         try:
             return await race(
-                self._config, candidates, head_start, token, self._transport_failed, breakers
+                self._config,
+                candidates,
+                head_start,
+                token,
+                self._transport_failed,
+                breakers,
+                replaces,
             )
         except TokenExpired as error:
             raise TokenExpired(

@@ -20,7 +20,12 @@ from cloudbridge_core.client.connection import (
 )
 from cloudbridge_core.client.tokens import TokenSupply
 from cloudbridge_core.config import Config
-from cloudbridge_core.errors import AuthError, CloudBridgeError, TlsVerificationFailed
+from cloudbridge_core.errors import (
+    AuthError,
+    CircuitOpen,
+    CloudBridgeError,
+    TlsVerificationFailed,
+)
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.plugins import Plugins
 from cloudbridge_core.providers import ProviderSpec, Transport
@@ -32,11 +37,25 @@ Attempt = asyncio.Task[RelayConnection]
 
 
 async def connect(config: Config, plugins: Plugins) -> RelayConnection:
-    """Connect to the relay over the best transport that works (one-shot: no watching)."""
+    """Connect to the relay over the best transport that works (one-shot: no watching).
+
+    A relay pacing its admissions is waited for while the slot it gives comes within
+    ``transport.connect_timeout``; a later one is raised, with when to come back.
+    """
     token = await TokenSupply(config, plugins).token()  # before any network attempt
     head_start = config.settings.transport.race_head_start
-    connection, _ = await race(config, transport_order(config, plugins), head_start, token)
-    return connection
+    patience = config.settings.transport.connect_timeout
+    while True:
+        try:
+            connection, _ = await race(config, transport_order(config, plugins), head_start, token)
+        except CloudBridgeError as error:
+            slot = error.retry_after
+            if slot is None or isinstance(error, CircuitOpen) or slot > patience:
+                raise
+            patience -= slot
+            await asyncio.sleep(slot)
+            continue
+        return connection
 
 
 async def race(
@@ -46,11 +65,14 @@ async def race(
     token: str,
     failed: Callable[[str, CloudBridgeError], None] | None = None,
     breakers: Mapping[str, CircuitBreaker] | None = None,
+    replaces: str = "",
 ) -> tuple[RelayConnection, str]:
     """The first candidate to connect, and why it was chosen; ``failed`` hears of the others.
 
     With ``breakers`` (by transport), an endpoint that keeps failing is skipped at once
-    (``circuit_open``) until its breaker lets a trial through.
+    (``circuit_open``) until its breaker lets a trial through. A relay that answers when to
+    come back (it is pacing its admissions, or restarting) ends the race: it would give
+    every transport the same answer.
     """
     names: dict[Attempt, str] = {}
     failures: dict[str, CloudBridgeError] = {}
@@ -58,7 +80,8 @@ async def race(
     try:
         for index, (name, spec) in enumerate(candidates):
             breaker = (breakers or {}).get(name)
-            names[asyncio.create_task(_guarded(breaker, config, name, spec, token))] = name
+            connecting = _guarded(breaker, config, name, spec, token, replaces)
+            names[asyncio.create_task(connecting)] = name
             last = index == len(candidates) - 1
             winner = await _first_success(names, failures, None if last else head_start, config)
             if winner is not None:
@@ -77,11 +100,12 @@ async def _guarded(
     name: str,
     spec: ProviderSpec[Transport],
     token: str,
+    replaces: str,
 ) -> RelayConnection:
     if breaker is None:
-        return await attempt(config, name, spec, token)
+        return await attempt(config, name, spec, token, replaces)
     async with breaker.guard():
-        return await attempt(config, name, spec, token)
+        return await attempt(config, name, spec, token, replaces)
 
 
 async def _first_success(
@@ -104,6 +128,8 @@ async def _first_success(
                 return task
             if isinstance(error, AuthError) or not isinstance(error, CloudBridgeError):
                 raise error  # a refused token is refused on every transport alike
+            if error.retry_after is not None and not isinstance(error, CircuitOpen):
+                raise error  # the relay's own answer: when to come back
             failures[names[task]] = error
             transport = config.settings.transport
             if isinstance(error, TlsVerificationFailed) and not (

@@ -39,6 +39,8 @@ class Hello:
     client_version: str
     capabilities: tuple[str, ...] = ()
     version: int = PROTOCOL_VERSION
+    #: the session this client lost on this relay, for the relay to close if it still holds it
+    replaces: str = ""
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,8 @@ class ErrorMessage:
     TYPE: ClassVar[str] = "error"
     code: str
     message: str
+    #: when to try again, from a relay pacing its admissions (0: no advice)
+    retry_in_seconds: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,16 @@ class RelayMetrics:
             "Sessions ended because their token expired without a refresh.",
             registry=registry,
         )
+        self.sessions_deferred = Counter(
+            "cloudbridge_relay_sessions_deferred",
+            "Hellos told to come back later: over server.admission's rate (each given a slot).",
+            registry=registry,
+        )
+        self.sessions_replaced = Counter(
+            "cloudbridge_relay_sessions_replaced",
+            "Sessions closed because their client reconnected and named them (hello.replaces).",
+            registry=registry,
+        )
 
         self.p2p_rejected = Counter(
             "cloudbridge_relay_p2p_rejected",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import secrets
 import socket
 import time
@@ -34,6 +35,7 @@ from cloudbridge_core.log import debug_on, get_logger
 from cloudbridge_core.protocol import derp, messages
 from cloudbridge_core.providers import AuthProvider, Claims, Session, Stream
 from cloudbridge_core.pump import PumpResult, abort, connect, prepare, pump, pump_dialled
+from cloudbridge_core.relay.admission import Admission
 from cloudbridge_core.relay.egress import EgressPolicy
 from cloudbridge_core.relay.mesh import Challenge, Member, Mesh, tell
 from cloudbridge_core.relay.metrics import RelayMetrics
@@ -42,7 +44,12 @@ from cloudbridge_core.relay.ratelimit import RateLimiter
 from cloudbridge_core.relay.splice import Arrival, Splicer
 from cloudbridge_core.relay.tickets import TicketDesk
 from cloudbridge_core.relay.turn import TurnIssuer
-from cloudbridge_core.settings import PerformanceSettings, RateLimitSettings, ServerSettings
+from cloudbridge_core.settings import (
+    PerformanceSettings,
+    RateLimitSettings,
+    RateQuota,
+    ServerSettings,
+)
 from cloudbridge_core.tenants import is_tenant_id
 from cloudbridge_core.transports.mux_session import MuxSession, MuxStream
 from cloudbridge_core.transports.preauth import PreauthGate, PreauthLimits
@@ -79,6 +86,7 @@ class RelayLimits:
     heartbeat_timeout: float = 90.0
     drain_timeout: float = 10.0
     rate_limits: RateLimitSettings = field(kw_only=True)  # the schema holds its defaults
+    admission: RateQuota = field(kw_only=True)
     token_expiry_grace: float = 10.0
 
     @classmethod
@@ -96,6 +104,7 @@ class RelayLimits:
             max_streams_per_session=server.max_streams_per_session,
             buffer_size=performance.buffer_size,
             rate_limits=server.rate_limits,
+            admission=server.admission,
         )
 
 
@@ -168,8 +177,13 @@ class Relay:
         self.streams_active = 0
         self.reaped_sessions = 0
         self.rate_limiter = RateLimiter()
+        #: paces new sessions relay-wide (``server.admission``); follows ``limits`` on reload
+        self.admission = Admission(lambda: self.limits.admission)
+        #: the live sessions by id, for a reconnecting client to name the one it lost
+        self._sessions: dict[str, tuple[Claims, Session]] = {}
         self.draining = False
         self._controls: set[MessageStream] = set()
+        self._closing: set[asyncio.Task[None]] = set()
         self._streams_idle = asyncio.Event()
         self._streams_idle.set()
 
@@ -194,7 +208,7 @@ class Relay:
             # holding the pre-auth budget has started it at the accept already)
             async with asyncio.timeout(self.limits.preauth_timeout):
                 control = MessageStream(await session.accept_stream())
-                claims = await self._authenticate(control, transport, session)
+                claims, session_id = await self._authenticate(control, transport, session)
         except TimeoutError:
             log.info("handshake_timeout")
             return
@@ -211,12 +225,14 @@ class Relay:
             log.info("session_rejected", code=error.code, reason=error.message)
             return
         tenant = claims.tenant_id
+        self._sessions[session_id] = (claims, session)
         self.sessions_by_tenant[tenant] += 1
         self.sessions_by_transport[transport] += 1
         self.metrics.sessions_opened.labels(transport).inc()
         try:
             await self._serve(session, control, claims)
         finally:
+            del self._sessions[session_id]
             self.sessions_by_tenant[tenant] -= 1
             if not self.sessions_by_tenant[tenant]:
                 del self.sessions_by_tenant[tenant]
@@ -231,7 +247,7 @@ class Relay:
         (bounded) for open tunnels to finish."""
         self.draining = True
         started = time.monotonic()
-        goaway = messages.Goaway("restarting", self.limits.drain_timeout)
+        goaway = messages.Goaway("restarting", self._comeback_window())
         notices = [tell(control, goaway) for control in list(self._controls)]
         for failed in await asyncio.gather(
             *notices, self.mesh.restarting(), return_exceptions=True
@@ -246,9 +262,13 @@ class Relay:
             duration_ms=round((time.monotonic() - started) * 1000, 1),
         )
 
+    def _comeback_window(self) -> float:
+        """The seconds over which this relay's clients should spread their return."""
+        return round(self.admission.spread_window(len(self._sessions)), 3)
+
     async def _authenticate(
         self, control: MessageStream, transport: str, session: Session
-    ) -> Claims:
+    ) -> tuple[Claims, str]:
         hello = await control.expect(messages.Hello, messages.Redeem)
         if isinstance(hello, messages.Redeem):
             await self._redeem(control, hello)
@@ -262,15 +282,33 @@ class Relay:
             if CONNECT not in claims.permissions:
                 raise Unauthorized(f"token lacks the {CONNECT} permission")
             if self.draining:
-                raise ServerUnavailable("the relay is restarting")
+                raise ServerUnavailable(
+                    "the relay is restarting",
+                    retry_after=random.uniform(0, self._comeback_window()),  # noqa: S311
+                )
             if self.sessions_by_tenant[claims.tenant_id] >= self.limits.max_sessions_per_tenant:
                 raise LimitExceeded(
                     f"tenant already holds {self.limits.max_sessions_per_tenant} sessions"
                 )
         except CloudBridgeError as error:
+            retry_in = round(error.retry_after or 0.0, 3)
             with contextlib.suppress(TransportError):
-                await control.send(messages.ErrorMessage(error.code, error.message))
+                await control.send(messages.ErrorMessage(error.code, error.message, retry_in))
             raise _Answered(control.stream, error) from error
+        slot_in = self.admission.admit()
+        if slot_in:  # not a failure: the client comes back at its slot (hence no error)
+            self.metrics.sessions_deferred.inc()
+            deferred = messages.ErrorMessage(
+                ServerUnavailable.code,
+                f"the relay admits {self.limits.admission.rate:g} new sessions a second:"
+                f" come back in {slot_in:.1f}s",
+                round(slot_in, 3),
+            )
+            with contextlib.suppress(TransportError):
+                await control.send(deferred)
+            raise _Answered(control.stream)
+        if hello.replaces:
+            self._close_replaced(hello.replaces, claims)
         session_id = secrets.token_urlsafe(12)
         # before the welcome: the client may open streams as soon as it reads it
         lift: Callable[[], None] | None = getattr(session, "authenticated", None)
@@ -291,7 +329,23 @@ class Relay:
             session_id=session_id,
             transport=transport,
         )
-        return claims
+        return claims, session_id
+
+    def _close_replaced(self, session_id: str, claims: Claims) -> None:
+        """Close the session a reconnecting client lost, if this relay still holds it for
+        the same tenant and subject: a black-holed session would otherwise linger until its
+        heartbeat timeout, beside the new one. An unknown id is ignored alike."""
+        held = self._sessions.get(session_id)
+        if held is None or (held[0].tenant_id, held[0].subject) != (
+            claims.tenant_id,
+            claims.subject,
+        ):
+            return
+        self.metrics.sessions_replaced.inc()
+        log.info("session_replaced", tenant_id=claims.tenant_id, session_id=session_id)
+        closing = asyncio.get_running_loop().create_task(_close_quietly(held[1]))
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
 
     async def _redeem(self, control: MessageStream, request: messages.Redeem) -> None:
         """An invite's code for a token and where to reach the relay (``cloudbridge join``)."""
@@ -780,6 +834,11 @@ async def _accept(stream: Stream, header: MessageStream, target: socket.socket) 
     if early:
         await asyncio.get_running_loop().sock_sendall(target, early)
     return len(early)
+
+
+async def _close_quietly(session: Session) -> None:
+    with contextlib.suppress(CloudBridgeError):  # it is going anyway: nothing to report
+        await session.aclose()
 
 
 async def _until_read(control: Stream) -> None:

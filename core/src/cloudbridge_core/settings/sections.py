@@ -211,6 +211,7 @@ class ServerSettings:
     connect_timeout: float
     max_sessions_per_tenant: int
     max_streams_per_session: int
+    admission: RateQuota
     token_ttl: float
     max_token_ttl: float
     egress: EgressSettings
