@@ -123,13 +123,23 @@ def nat(tmp_path: Path) -> Iterator[NatBed]:
         yield bed
 
 
+#: quick heartbeats and upgrades, so that the tests see paths found and dropped in seconds
+QUICK = {"heartbeat_interval": "1s", "heartbeat_timeout": "1s", "upgrade_interval": "3s"}
+
+
 def start_mesh(
-    bed: NatBed, tmp: Path, *, turn: bool, issued_turn: bool = False
+    bed: NatBed,
+    tmp: Path,
+    *,
+    turn: bool,
+    issued_turn: bool = False,
+    timings: dict[str, str] = QUICK,
 ) -> tuple[Mesh, Path, Path, Path]:
     """The relay and coturn in the wan; ``server`` (exposing the echo port) in h2; a peer
     tunnel from ``laptop`` in h1; ``outsider``, of another tenant, in h1 too. ``turn``: the
     peers have coturn's long-term user in ``p2p.ice.turn_servers``; ``issued_turn``: coturn
-    takes only the credentials the relay issues (``server.turn``)."""
+    takes only the credentials the relay issues (``server.turn``); ``timings``: the peers'
+    heartbeat and upgrade settings."""
     turnserver = shutil.which("turnserver")
     assert turnserver, "coturn is not installed (./dev test installs it)"
     conf = tmp / "turnserver.conf"
@@ -182,9 +192,7 @@ def start_mesh(
             "name": name,
             "expose": expose,
             "ice": ice,
-            "heartbeat_interval": "1s",
-            "heartbeat_timeout": "1s",
-            "upgrade_interval": "3s",
+            **timings,
         }
         auth = {"token": tokens[tenant]}
         document = {**written, "auth": auth, "metrics": {"enabled": False}, "p2p": p2p}
@@ -308,6 +316,39 @@ def test_a_broken_direct_path_falls_back_mid_transfer_and_comes_back(
     print(f"direct path restored: back on stun after {back:.2f} s")
     sent, received = mesh.roundtrip(1 << 20, 0)
     assert sent == received
+
+
+def test_all_udp_lost_mid_transfer_moves_to_derp_without_flapping_and_back(
+    nat: NatBed, tmp_path: Path
+) -> None:
+    """Default heartbeats (30 s, 10 s): the transfer itself shows the path dead. Every UDP
+    packet dropped takes the peers' path and the clients' QUIC relay sessions at once, so
+    DERP works only once each relay link has moved to TCP."""
+    timings = {"upgrade_interval": "10s"}
+    mesh, laptop, _, _ = start_mesh(nat, tmp_path, turn=False, timings=timings)
+    mesh.wait_for_path(laptop, "stun", within=40)
+    transfer = mesh.paced_roundtrip(8 << 20, seconds=8)
+    time.sleep(2)
+    nat.block("no_udp", "meta l4proto udp")
+    fell = mesh.wait_for_path(laptop, "derp", within=30)
+    print(f"all UDP dropped: on derp after {fell:.2f} s")
+    sent, received = transfer.result()
+    assert sent == received  # nothing lost nor cut short on the way
+    changes = len(path_changes(mesh, laptop))
+    time.sleep(12)  # more than an upgrade interval: attempts fail, the path stays
+    assert mesh.peer_path(laptop) == "derp"
+    assert len(path_changes(mesh, laptop)) == changes, path_changes(mesh, laptop)
+    nat.unblock("no_udp")
+    back = mesh.wait_for_path(laptop, "stun", within=25)
+    print(f"UDP back: on stun after {back:.2f} s")
+    sent, received = mesh.roundtrip(1 << 20, 0)
+    assert sent == received
+
+
+def path_changes(mesh: Mesh, config: Path) -> list[dict[str, Any]]:
+    explained = mesh.cloudbridge("status", "--config", str(config), "--explain", "server", "--json")
+    changes: list[dict[str, Any]] = json.loads(explained)["path_changes"]
+    return changes
 
 
 def test_a_relay_restart_keeps_direct_peer_sessions_and_their_tunnels(

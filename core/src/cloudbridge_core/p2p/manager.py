@@ -54,6 +54,10 @@ log = get_logger("p2p")
 ATTEMPT_TIMEOUT = 15.0
 #: while no path works at all, attempts are retried this often
 RETRY_WHEN_DOWN = 2.0
+#: seconds a path may stay silent while data waits for acknowledgement (QUIC acknowledges
+#: within 25 ms of a packet, and probes when it hears nothing: silence this long is a path
+#: that stopped carrying, on any path this mesh uses)
+STALL_AFTER = 2.0
 #: failed TCP path attempts retried as quickly as paths are while none works
 TCP_QUICK_RETRIES = 2
 #: what a reload changes for what follows; the others need a restart (x-restart-required)
@@ -136,6 +140,7 @@ class PeerManager:
         self.metrics = metrics
         self.strategies = _strategies(config, plugins, mode)
         name = self.settings.name or socket.gethostname()
+        self._link = link
         self.membership = Membership(link, identity, name, self._peers_changed, self._signalled)
         self._relayed = RelayedConnector(self.membership, identity)
         self.peers: dict[str, PeerState] = {}
@@ -507,6 +512,8 @@ class PeerManager:
             if now - last_beat >= self.settings.heartbeat_interval:
                 last_beat = now
                 await asyncio.gather(*(self._beat(s) for s in list(self.peers.values())))
+            for state in list(self.peers.values()):
+                self._fail_stalled(state)
             for peer_id in [p for p in self.peers if p not in self.membership.peers]:
                 if not _holds_without_relay(self.peers[peer_id]):
                     self._drop(peer_id)  # away from the relay, and now unreachable too
@@ -520,6 +527,17 @@ class PeerManager:
                             self._spawn(self._begin(state, carrier))
             if self.metrics is not None:
                 self.metrics.observe(self.peers.values())
+
+    def _fail_stalled(self, state: PeerState) -> None:
+        """A path gone silent under a transfer is left for the next best within about
+        :data:`STALL_AFTER` (or the heartbeat timeout, when shorter). What silenced it
+        (a network that dropped UDP, a new address) may have silenced the relay session
+        too, which DERP and every new attempt's signalling need: the link checks it now
+        rather than at its next health check."""
+        before = state.session.current
+        if state.session.check_stalled(min(STALL_AFTER, self.settings.heartbeat_timeout)):
+            self._link.check_soon()
+        self._path_moved(state, before)
 
     async def _beat(self, state: PeerState) -> None:
         if not state.session.connected or state.session.current is None:

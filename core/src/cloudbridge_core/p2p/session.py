@@ -112,6 +112,10 @@ class _PeerQuicSession(QuicSession):
         super().transmit()
         self._peer.flush()
 
+    def waits_for_acks(self) -> bool:
+        """Whether sent packets are still unacknowledged (aioquic keeps no public count)."""
+        return bool(self._quic._loss.bytes_in_flight)
+
     def path_datagram_size(self) -> int | None:
         return self._peer.datagram_size()
 
@@ -148,6 +152,9 @@ class PeerSession:
         #: the QUIC session's path (the TCP path, when up, is :attr:`path`)
         self.current: str | None = None
         self.last_seen: float | None = None
+        #: monotonic times: the last datagram from the peer, and when :attr:`current` was taken
+        self._heard_at = 0.0
+        self._current_since = 0.0
         self.rtt_seconds: float | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -299,6 +306,7 @@ class PeerSession:
         self.changes.append({"at": time.time(), "from": self.current, "to": best, "reason": why})
         log.info("path_selected", peer=self.peer.name, path=best, previous=self.current, reason=why)
         self.current = best
+        self._current_since = time.monotonic()
         if self._protocol is not None and self._protocol.handshake is not None:
             self._protocol.fit_datagrams()
 
@@ -328,8 +336,23 @@ class PeerSession:
         if self._paths.get(path.kind) is not path:
             return  # from a path replaced meanwhile
         self.last_seen = time.time()
+        self._heard_at = time.monotonic()
         self.bytes_received += len(datagram)
         self._deliver(datagram)
+
+    def check_stalled(self, after: float) -> str | None:
+        """Fail the current path when it has been silent for ``after`` seconds while QUIC
+        waits for acknowledgements: a path that dies under a transfer is found in about
+        that time, not at the next heartbeat (QUIC then resends over the next best path).
+        An idle session is left to the heartbeats. Returns the path failed, if one was."""
+        kind, protocol = self.current, self._protocol
+        if kind is None or protocol is None or not protocol.waits_for_acks():
+            return None
+        silent = time.monotonic() - max(self._heard_at, self._current_since)
+        if silent < after:
+            return None
+        self.path_failed(kind, f"silent for {silent:.1f}s with data unacknowledged")
+        return kind
 
     def _deliver(self, datagram: bytes) -> None:
         if self._protocol is None:
