@@ -39,18 +39,19 @@ to gRPC, the peer tunnel to the relayed TLS tunnel (on the direct path, or over 
 loopback), on a UDP-only path to the QUIC engine;
 and issue 15's goals, met or not. Then the floods of floods.py (part "floods"): what a
 hostile stranger or tenant costs a bystander. docs/performance.md says how each figure is
-taken.
+taken. Last, part "recovery" (recovery.py): --clients clients on one relay, killed and
+restarted, and black-holed sessions, against issue 16's bounds.
 
-    ./dev bench                              everything (about 5 minutes on 2 cores)
+    ./dev bench                              everything (about 10 minutes on 2 cores)
     ./dev bench --only socat,ssh,tls         some paths, or parts: references, relayed,
-                                             mtu1500, floods
+                                             mtu1500, floods, recovery
     ./dev bench --quick --only direct,tls    a smoke run: small sizes, a few seconds a path
     ./dev bench --repeat 3 --json out.json   the median of 3 rounds, every figure in a file
 
 Options: --megabytes (what each bulk run moves: on 1 connection, or shared by 8 or by the
 parallel ones), --parallel, --round-trips, --setups, --idle, --timeout (a bulk run's
 bound; the parallel run's is at least 3x the path's own 8-connection time), --repeat,
---flood-seconds, --json FILE. Tables go to stdout,
+--flood-seconds, --clients (recovery), --json FILE. Tables go to stdout,
 progress to stderr. ./dev bench installs the reference tools when missing (socat,
 openssh-server and -client, and nftables for the UDP-only peer path, with apt; wstunnel
 with `npm ci --prefix bench/wstunnel`); a path that cannot run is skipped with the reason,
@@ -182,9 +183,9 @@ def measure_engine(engine: paths.Engine, args: argparse.Namespace) -> Figures:
 
 
 def selected(only: str | None, quick: bool) -> list[str]:
-    every = [*REFERENCES, *PARTS["relayed"], *PARTS["mtu1500"], "floods"]
+    every = [*REFERENCES, *PARTS["relayed"], *PARTS["mtu1500"], "floods", "recovery"]
     if only is None:
-        return [name for name in every if not (quick and name == "floods")]
+        return [name for name in every if not (quick and name in ("floods", "recovery"))]
     wanted: list[str] = []
     for word in (part.strip() for part in only.split(",")):
         names = PARTS.get(word) or [
@@ -354,12 +355,15 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=60.0, help="bound of a bulk run (60 s)")
     parser.add_argument("--repeat", type=int, default=1, help="rounds; figures are medians")
     parser.add_argument("--flood-seconds", type=float, default=5.0, help="length of each flood")
+    parser.add_argument("--clients", type=int, help="client links of the recovery runs (1000)")
     parser.add_argument("--json", type=Path, help="write every figure to this file")
     args = parser.parse_args()
     defaults = (
         {"megabytes": 16, "parallel": 8, "round_trips": 100, "setups": 20, "idle": 20}
+        | {"clients": 50}
         if args.quick
         else {"megabytes": 128, "parallel": 64, "round_trips": 2000, "setups": 300, "idle": 1000}
+        | {"clients": 1000}
     )
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -368,7 +372,7 @@ def main() -> None:
         names = selected(args.only, args.quick)
     except ValueError as error:
         parser.error(f"--only: {error}")
-    path_names = [name for name in names if name != "floods"]
+    path_names = [name for name in names if name not in ("floods", "recovery")]
     if path_names:
         results, skipped, errors = run_paths(path_names, args)
         check_target(results)
@@ -381,6 +385,10 @@ def main() -> None:
         from floods import run_floods  # noqa: PLC0415 - aioquic and the core: only for floods
 
         asyncio.run(run_floods(args.flood_seconds))
+    if "recovery" in names:
+        # a process of its own: a thousand client links want the descriptors and the loop
+        recovery = [sys.executable, str(Path(__file__).with_name("recovery.py"))]
+        subprocess.run([*recovery, "--clients", str(args.clients)], check=True)
 
 
 if __name__ == "__main__":
