@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
@@ -203,6 +203,17 @@ class BreakerModel(RuleBasedStateMachine):
 TestBreakerModel = BreakerModel.TestCase
 
 
+def failing(breaker: CircuitBreaker) -> Callable[[BaseException], Awaitable[None]]:
+    """A call through ``breaker``'s guard that fails with the given error."""
+
+    async def fail_with(error: BaseException) -> None:
+        with pytest.raises(type(error)):
+            async with breaker.guard():
+                raise error
+
+    return fail_with
+
+
 def test_guard_counts_only_endpoint_failures() -> None:
     breaker = CircuitBreaker(
         "relay",
@@ -210,11 +221,7 @@ def test_guard_counts_only_endpoint_failures() -> None:
             failure_threshold=2, reset_timeout=30, half_open_max_calls=1, success_threshold=1
         ),
     )
-
-    async def fail_with(error: BaseException) -> None:
-        with pytest.raises(type(error)):
-            async with breaker.guard():
-                raise error
+    fail_with = failing(breaker)
 
     async def scenario() -> None:
         await fail_with(errors.ServerUnavailable("down"))
@@ -282,11 +289,7 @@ def test_a_relay_saying_when_to_come_back_counts_as_an_answer() -> None:
             failure_threshold=2, reset_timeout=30, half_open_max_calls=1, success_threshold=1
         ),
     )
-
-    async def fail_with(error: BaseException) -> None:
-        with pytest.raises(type(error)):
-            async with breaker.guard():
-                raise error
+    fail_with = failing(breaker)
 
     async def scenario() -> None:
         pacing = errors.ServerUnavailable("come back in 2s", retry_after=2.0)
