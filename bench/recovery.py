@@ -17,7 +17,8 @@ would come from many addresses). Per transport:
 
 Figures: clients back on a new session (of all), seconds from the kill, the SIGTERM or the
 silence to each client's new session (p50, p99, max), the largest share of the arrivals in
-any one second, and the sessions the relay holds once every client is back (one each).
+any one second, and the sessions the relay holds once every client is back (one each);
+after the silence, also when the last client found its session dead.
 Issue 16's bounds: all back; p99 <= 15 s after a kill or a restart; no second holds more
 than 10% of the arrivals; a silent session found within health_check_interval +
 connect_timeout (7 s here). Tables to stdout, progress to stderr.
@@ -30,6 +31,7 @@ import asyncio
 import collections
 import contextlib
 import json
+import math
 import os
 import resource
 import signal
@@ -227,13 +229,30 @@ async def blackhole(relay: Relay, plugins: Plugins, count: int) -> dict[str, Any
         async with fleet(config, plugins, count) as clients:
             clients.mark()
             proxy.swallow_open_connections()
+            found = asyncio.create_task(found_dead(clients))
             await clients.until_back()
             figures = clients.figures()
+            figures["detected_max_seconds"] = await found
             await asyncio.sleep(1)  # the relay's side of the silent sessions: see below
             figures["relay_sessions"] = relay.sessions()
             return figures
     finally:
         await proxy.aclose()
+
+
+async def found_dead(clients: Fleet) -> float:
+    """Seconds from the silence until the last client found its session dead (its link
+    says the session was lost, before it reconnects): the figure the bound is about."""
+    found: dict[int, float] = {}
+    for _ in range(int(PATIENCE * 50)):
+        for index, link in enumerate(clients.links):
+            # the first error a link reports is the loss (a deferral may follow at once)
+            if index not in found and link.last_error is not None:
+                found[index] = time.monotonic() - clients.since
+        if len(found) == len(clients.links):
+            return max(found.values())
+        await asyncio.sleep(0.02)
+    return math.inf
 
 
 SCENARIOS = {"kill": kill, "restart": restart}
@@ -296,12 +315,15 @@ def report(results: dict[str, Any]) -> str:
         if "p50_seconds" not in figures:
             goals.append(f"{name}: no client came back  NO")
             continue
-        bound = SILENT_BOUND if name.endswith("blackhole") else BOUND_P99
-        checks = [
-            ("all back", figures["back"] == figures["of"]),
-            (f"p99 <= {bound:g} s", figures["p99_seconds"] <= bound),
-            ("one session each", figures["relay_sessions"] == figures["of"]),
-        ]
+        checks = [("all back", figures["back"] == figures["of"])]
+        if name.endswith("blackhole"):
+            found = figures["detected_max_seconds"]
+            checks.append(
+                (f"found dead in {found:.2f} s <= {SILENT_BOUND:g} s", found <= SILENT_BOUND)
+            )
+        else:
+            checks.append((f"p99 <= {BOUND_P99:g} s", figures["p99_seconds"] <= BOUND_P99))
+        checks.append(("one session each", figures["relay_sessions"] == figures["of"]))
         if not name.endswith("blackhole"):
             checks.append(
                 (
