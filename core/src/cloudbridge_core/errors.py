@@ -71,6 +71,8 @@ class CloudBridgeError(Exception):
         #: seconds after which the other end asked to be tried again (a relay pacing its
         #: admissions gives each client its own); None: the client's own backoff decides
         self.retry_after = retry_after
+        #: the slot the other end reserved for that time, to present when coming back
+        self.slot = ""
 
     def to_dict(self) -> dict[str, Any]:
         """The ``{"code", "message", "hint"}`` object used in JSON output and wire errors."""
@@ -282,15 +284,17 @@ class Unhealthy(CloudBridgeError):
     exit_code = ExitCode.UNHEALTHY
 
 
-def error_for_code(code: str, message: str, retry_after: float | None = None) -> CloudBridgeError:
+def error_for_code(
+    code: str, message: str, retry_after: float | None = None, slot: str = ""
+) -> CloudBridgeError:
     """Rebuild a classified error received on the wire (unknown codes stay generic)."""
-    for cls in all_error_classes():
-        if cls.code == code and cls not in (ConfigError, CircuitOpen):
-            error = cls(message)
-            error.retry_after = retry_after
-            return error
-    error = CloudBridgeError(message, retry_after=retry_after)
-    error.message = f"{message} ({code})"
+    known = [
+        c for c in all_error_classes() if c.code == code and c not in (ConfigError, CircuitOpen)
+    ]
+    error = known[0](message) if known else CloudBridgeError(message)
+    if not known:
+        error.message = f"{message} ({code})"
+    error.retry_after, error.slot = retry_after, slot
     return error
 
 

@@ -257,11 +257,26 @@ def _loaded(spec: ProviderSpec[Transport], settings: str) -> Transport:
     return spec.load(json.loads(settings))
 
 
+@dataclass(frozen=True)
+class Comeback:
+    """What a client coming back tells the relay in its hello: the session it lost
+    (``replaces``) and the slot the relay reserved for it when pacing its admissions."""
+
+    replaces: str = ""
+    slot: str = ""
+
+
+FIRST_TIME = Comeback()
+
+
 async def attempt(
-    config: Config, name: str, spec: ProviderSpec[Transport], token: str, replaces: str = ""
+    config: Config,
+    name: str,
+    spec: ProviderSpec[Transport],
+    token: str,
+    comeback: Comeback = FIRST_TIME,
 ) -> RelayConnection:
-    """Connect over one transport and authenticate, within ``transport.connect_timeout``;
-    ``replaces`` names the session this client lost on this relay (``hello.replaces``)."""
+    """Connect over one transport and authenticate, within ``transport.connect_timeout``."""
     context, material = tls_for(config.settings.relay.tls)
     timeout = config.settings.transport.connect_timeout
     settings = json.dumps(config.section(f"transport.{name}"), sort_keys=True)
@@ -274,21 +289,27 @@ async def attempt(
             session = await transport.connect(endpoint)
     except TimeoutError:
         raise ConnectionTimeout(f"no {name} connection to the relay in {timeout:g}s") from None
-    return await _authenticate(session, token, name, started, replaces)
+    return await _authenticate(session, token, name, started, comeback)
 
 
 async def _authenticate(
-    session: Session, token: str, transport: str, started: float, replaces: str
+    session: Session, token: str, transport: str, started: float, comeback: Comeback
 ) -> RelayConnection:
     try:
         control = MessageStream(await session.open_stream(), messages.MAX_RELAY_MESSAGE_SIZE)
         hello = messages.Hello(
-            token=token, client_version=__version__, capabilities=CAPABILITIES, replaces=replaces
+            token=token,
+            client_version=__version__,
+            capabilities=CAPABILITIES,
+            replaces=comeback.replaces,
+            slot=comeback.slot,
         )
         await control.send(hello)
         reply = await control.expect(messages.Welcome, messages.ErrorMessage)
         if isinstance(reply, messages.ErrorMessage):
-            raise error_for_code(reply.code, reply.message, reply.retry_in_seconds or None)
+            raise error_for_code(
+                reply.code, reply.message, reply.retry_in_seconds or None, reply.slot
+            )
     except BaseException:
         await session.aclose()
         raise

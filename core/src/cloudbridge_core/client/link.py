@@ -25,7 +25,13 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from cloudbridge_core.breaker import BreakerState, CircuitBreaker
-from cloudbridge_core.client.connection import RelayConnection, attempt, transport_order
+from cloudbridge_core.client.connection import (
+    FIRST_TIME,
+    Comeback,
+    RelayConnection,
+    attempt,
+    transport_order,
+)
 from cloudbridge_core.client.metrics import ClientMetrics
 from cloudbridge_core.client.race import Candidate, race
 from cloudbridge_core.client.tokens import ONBOARDING_HINT, TokenSupply, token_exp
@@ -110,14 +116,16 @@ class RelayLink:
     async def start(self) -> None:
         """Connect; a relay pacing its admissions is waited for (it said when), any other
         failure is raised."""
+        comeback = FIRST_TIME
         while True:
             try:
-                connection, reason = await self._race(self._candidates())
+                connection, reason = await self._race(self._candidates(), comeback)
                 break
             except CloudBridgeError as error:
                 if error.retry_after is None or isinstance(error, CircuitOpen):
                     raise
                 log.info("relay_busy", reason=error.message)
+                comeback = Comeback(slot=error.slot)
                 await asyncio.sleep(error.retry_after)
         self._install(connection, reason)
         self._watcher = asyncio.create_task(self._watch())
@@ -410,11 +418,12 @@ class RelayLink:
             self.state = "reconnecting"
             await asyncio.sleep(random.uniform(0, spread))  # noqa: S311 - spreading, no secret
         attempt = 0
+        comeback = Comeback(replaces)
         while True:
             if self._metrics is not None:
                 self._metrics.reconnection_attempts.inc()
             try:
-                connection, reason = await self._race(self._candidates(), replaces)
+                connection, reason = await self._race(self._candidates(), comeback)
             except AuthError as error:
                 self.state = "refused"
                 self.last_error = error.message
@@ -424,6 +433,7 @@ class RelayLink:
                     self._metrics.errors.labels(error.code).inc()
                 outage = time.monotonic() - lost_at
                 delay = reconnect_delay(error, outage, self._config.settings.retry)
+                comeback = Comeback(replaces, error.slot)
                 self.state = "reconnecting"
                 self.last_error = f"reconnect attempt {attempt + 1} failed: {error.message}"
                 log.warning(
@@ -475,7 +485,7 @@ class RelayLink:
         return names.index(name) if name in names else len(names)
 
     async def _race(
-        self, candidates: list[Candidate], replaces: str = ""
+        self, candidates: list[Candidate], comeback: Comeback = FIRST_TIME
     ) -> tuple[RelayConnection, str]:
         head_start = self._config.settings.transport.race_head_start
         breakers = {name: self._breaker(name) for name, _ in candidates}
@@ -491,7 +501,7 @@ class RelayLink:
                 token,
                 self._transport_failed,
                 breakers,
-                replaces,
+                comeback,
             )
         except TokenExpired as error:
             raise TokenExpired(

@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from cloudbridge_core.breaker import CircuitBreaker
 from cloudbridge_core.client.connection import (
+    FIRST_TIME,
+    Comeback,
     RelayConnection,
     attempt,
     transport_order,
@@ -45,15 +47,19 @@ async def connect(config: Config, plugins: Plugins) -> RelayConnection:
     token = await TokenSupply(config, plugins).token()  # before any network attempt
     head_start = config.settings.transport.race_head_start
     patience = config.settings.transport.connect_timeout
+    comeback = FIRST_TIME
     while True:
         try:
-            connection, _ = await race(config, transport_order(config, plugins), head_start, token)
+            connection, _ = await race(
+                config, transport_order(config, plugins), head_start, token, comeback=comeback
+            )
         except CloudBridgeError as error:
-            slot = error.retry_after
-            if slot is None or isinstance(error, CircuitOpen) or slot > patience:
+            wait = error.retry_after
+            if wait is None or isinstance(error, CircuitOpen) or wait > patience:
                 raise
-            patience -= slot
-            await asyncio.sleep(slot)
+            patience -= wait
+            comeback = Comeback(slot=error.slot)
+            await asyncio.sleep(wait)
             continue
         return connection
 
@@ -65,7 +71,7 @@ async def race(
     token: str,
     failed: Callable[[str, CloudBridgeError], None] | None = None,
     breakers: Mapping[str, CircuitBreaker] | None = None,
-    replaces: str = "",
+    comeback: Comeback = FIRST_TIME,
 ) -> tuple[RelayConnection, str]:
     """The first candidate to connect, and why it was chosen; ``failed`` hears of the others.
 
@@ -80,7 +86,7 @@ async def race(
     try:
         for index, (name, spec) in enumerate(candidates):
             breaker = (breakers or {}).get(name)
-            connecting = _guarded(breaker, config, name, spec, token, replaces)
+            connecting = _guarded(breaker, config, name, spec, token, comeback)
             names[asyncio.create_task(connecting)] = name
             last = index == len(candidates) - 1
             winner = await _first_success(names, failures, None if last else head_start, config)
@@ -100,12 +106,12 @@ async def _guarded(
     name: str,
     spec: ProviderSpec[Transport],
     token: str,
-    replaces: str,
+    comeback: Comeback,
 ) -> RelayConnection:
     if breaker is None:
-        return await attempt(config, name, spec, token, replaces)
+        return await attempt(config, name, spec, token, comeback)
     async with breaker.guard():
-        return await attempt(config, name, spec, token, replaces)
+        return await attempt(config, name, spec, token, comeback)
 
 
 async def _first_success(

@@ -41,6 +41,8 @@ class Hello:
     version: int = PROTOCOL_VERSION
     #: the session this client lost on this relay, for the relay to close if it still holds it
     replaces: str = ""
+    #: the slot a relay pacing its admissions reserved for this client (``error.slot``)
+    slot: str = ""
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,8 @@ class ErrorMessage:
     message: str
     #: when to try again, from a relay pacing its admissions (0: no advice)
     retry_in_seconds: float = 0.0
+    #: the slot reserved for this client at that time, to present in its next hello
+    slot: str = ""
 
 
 @dataclass(frozen=True)

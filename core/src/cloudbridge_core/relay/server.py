@@ -295,7 +295,7 @@ class Relay:
             with contextlib.suppress(TransportError):
                 await control.send(messages.ErrorMessage(error.code, error.message, retry_in))
             raise _Answered(control.stream, error) from error
-        slot_in = self.admission.admit()
+        slot_in, slot = self.admission.admit(hello.slot)
         if slot_in:  # not a failure: the client comes back at its slot (hence no error)
             self.metrics.sessions_deferred.inc()
             deferred = messages.ErrorMessage(
@@ -303,6 +303,7 @@ class Relay:
                 f"the relay admits {self.limits.admission.rate:g} new sessions a second:"
                 f" come back in {slot_in:.1f}s",
                 round(slot_in, 3),
+                slot,
             )
             with contextlib.suppress(TransportError):
                 await control.send(deferred)
