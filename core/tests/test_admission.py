@@ -1,11 +1,12 @@
 """The relay's admission pacing (``server.admission``): a rate, a burst, and for every client
-over them a slot of its own, reserved: the next free time, presented by its id."""
+over them a turn of its own: held at the relay when near, else a reserved slot to come
+back to (a little early) with its id."""
 
 from __future__ import annotations
 
 import pytest
 from cloudbridge_core.relay import admission as admission_module
-from cloudbridge_core.relay.admission import SLOT_GRACE, Admission
+from cloudbridge_core.relay.admission import HOLD, LEAD, NOW, SLOT_GRACE, Admission, Turn
 from cloudbridge_core.settings import RateQuota
 
 
@@ -17,70 +18,84 @@ class Clock:
         return self.now
 
 
-def test_a_burst_then_slots_one_interval_apart() -> None:
+def paced(rate: float, burst: int = 1) -> tuple[Admission, Clock]:
     clock = Clock()
-    admission = Admission(lambda: RateQuota(rate=10, burst=3), clock)
-    assert [admission.admit() for _ in range(3)] == [(0.0, "")] * 3
-    deferred = [admission.admit() for _ in range(4)]
-    # the burst took three turns at once; then one a tenth of a second, nobody sharing one
-    assert [wait for wait, _ in deferred] == pytest.approx([0.1, 0.2, 0.3, 0.4])
-    assert len({slot for _, slot in deferred}) == 4
+    return Admission(lambda: RateQuota(rate=rate, burst=burst), clock), clock
 
 
-def test_a_client_back_at_its_slot_is_admitted_before_newcomers() -> None:
-    clock = Clock()
-    admission = Admission(lambda: RateQuota(rate=10, burst=1), clock)
-    assert admission.admit() == (0.0, "")
-    reserved = [admission.admit() for _ in range(3)]
-    clock.now += 0.1
-    newcomer, _ = admission.admit()
-    assert newcomer == pytest.approx(0.3)  # after the slots reserved: none is taken from them
-    for wait, slot in reserved:
-        clock.now = 100.0 + wait
-        assert admission.admit(slot) == (0.0, "")
+def test_a_burst_then_near_turns_held_then_slots_one_interval_apart() -> None:
+    admission, _ = paced(rate=10, burst=3)
+    assert [admission.admit() for _ in range(3)] == [NOW] * 3
+    held = [admission.admit() for _ in range(5)]
+    # the burst took three turns at once; the next five are within HOLD: waited for here
+    assert [turn.hold for turn in held] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
+    deferred = [admission.admit() for _ in range(3)]
+    assert [turn.retry_in for turn in deferred] == pytest.approx(
+        [0.6 - LEAD, 0.7 - LEAD, 0.8 - LEAD]
+    )
+    assert len({turn.slot for turn in deferred}) == 3
+    assert all(turn.slot for turn in deferred)
 
 
-def test_a_slot_is_single_use_and_early_comers_keep_theirs() -> None:
-    clock = Clock()
-    admission = Admission(lambda: RateQuota(rate=10, burst=1), clock)
+def test_clients_back_with_their_slots_go_before_newcomers() -> None:
+    admission, clock = paced(rate=1)
+    assert admission.admit() == NOW
+    reserved = [admission.admit() for _ in range(3)]  # turns at +1, +2, +3
+    assert [turn.retry_in for turn in reserved] == pytest.approx([1 - LEAD, 2 - LEAD, 3 - LEAD])
+    clock.now += 0.5
+    newcomer = admission.admit()
+    assert newcomer.retry_in == pytest.approx(3.5 - LEAD)  # after the slots: none taken
+    for turn in reserved:
+        clock.now = 100.0 + turn.retry_in  # back LEAD early, as told
+        assert admission.admit(turn.slot) == Turn(hold=pytest.approx(LEAD))
+
+
+def test_a_late_client_is_let_in_at_once_and_a_slot_serves_once() -> None:
+    admission, clock = paced(rate=1)
     admission.admit()
-    wait, slot = admission.admit()
-    assert admission.admit(slot) == (pytest.approx(wait), slot)  # too early: the same slot
-    clock.now += wait
-    assert admission.admit(slot) == (0.0, "")
-    again, other = admission.admit(slot)  # used: a newcomer's turn
-    assert again > 0
-    assert other != slot
+    turn = admission.admit()
+    clock.now += 3
+    assert admission.admit(turn.slot) == NOW
+    assert admission.admit() == NOW  # a newcomer takes the next turn
+    again = admission.admit(turn.slot)  # used: a newcomer's answer, a slot of its own
+    assert again.retry_in == pytest.approx(1 - LEAD)
+    assert again.slot not in ("", turn.slot)
+
+
+def test_a_client_far_too_early_keeps_its_slot() -> None:
+    admission, _ = paced(rate=1)
+    admission.admit()
+    admission.admit()
+    turn = admission.admit()  # at +2
+    assert admission.admit(turn.slot) == Turn(retry_in=pytest.approx(2 - LEAD), slot=turn.slot)
 
 
 def test_an_unknown_or_lapsed_slot_counts_for_nothing() -> None:
-    clock = Clock()
-    admission = Admission(lambda: RateQuota(rate=10, burst=1), clock)
+    admission, clock = paced(rate=1)
     admission.admit()
-    wait, slot = admission.admit()
-    assert admission.admit("made-up")[0] > 0
-    clock.now += wait + SLOT_GRACE + 1
+    turn = admission.admit()
+    assert admission.admit("made-up").retry_in > HOLD
+    clock.now += 1 + SLOT_GRACE + 10
     admission.admit()  # an idle relay's turn
-    assert admission.admit(slot)[0] > 0
+    assert admission.admit(turn.slot) != NOW
 
 
 def test_reservations_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(admission_module, "MAX_SLOTS", 2)
-    admission = Admission(lambda: RateQuota(rate=10, burst=1), Clock())
+    admission, _ = paced(rate=1)
     admission.admit()
-    slots = [admission.admit()[1] for _ in range(3)]
-    assert slots[2] == ""  # told when, nothing held for it
-    assert all(slots[:2])
+    turns = [admission.admit() for _ in range(3)]
+    assert turns[2].slot == ""  # told when, nothing held for it
+    assert turns[2].retry_in == pytest.approx(3)  # no slot to be held for it early
+    assert all(turn.slot for turn in turns[:2])
 
 
 def test_an_idle_relay_admits_at_once() -> None:
-    clock = Clock()
-    admission = Admission(lambda: RateQuota(rate=10, burst=1), clock)
+    admission, clock = paced(rate=1)
     admission.admit()
     admission.admit()
     clock.now += 60
-    assert admission.admit() == (0.0, "")
-    assert admission.admit()[0] == pytest.approx(0.1)
+    assert admission.admit() == NOW
 
 
 def test_a_reloaded_rate_applies_to_the_next_hello() -> None:
@@ -88,15 +103,15 @@ def test_a_reloaded_rate_applies_to_the_next_hello() -> None:
     quota = RateQuota(rate=1, burst=1)
     admission = Admission(lambda: quota, clock)
     admission.admit()
-    assert admission.admit()[0] == pytest.approx(1.0)
+    assert admission.admit().retry_in == pytest.approx(1 - LEAD)
     quota = RateQuota(rate=1000, burst=2000)
     # the slot reserved at the old rate stays; the next turns come at the new one
-    assert admission.admit()[0] < 0.01
+    assert admission.admit().hold < 0.01
     clock.now += 0.01
-    assert admission.admit() == (0.0, "")
+    assert admission.admit() == NOW
 
 
 def test_the_goaway_window_is_the_sessions_over_the_rate_at_least_a_second() -> None:
-    admission = Admission(lambda: RateQuota(rate=95, burst=3))
+    admission, _ = paced(rate=95, burst=3)
     assert admission.spread_window(1000) == pytest.approx(1000 / 95)
     assert admission.spread_window(3) == 1.0

@@ -5,9 +5,11 @@ admits ``server.admission.rate`` sessions a second (``burst`` at once: a GCRA, t
 theoretical arrival time of the next admission moving on by ``1 / rate`` with each one) and
 gives every other client a slot of its own: the next free time, reserved for it. The answer
 names the slot (``retry_in_seconds`` and an opaque ``slot`` id); a client that comes back
-with the id from the slot's time on is admitted without taking anyone else's turn, so
-arrivals follow the rate instead of bunching, and nobody who waited is pushed to the back
-by a newcomer. An id is single-use and lapses :data:`SLOT_GRACE` seconds after its time.
+with the id is admitted without taking anyone else's turn, so nobody who waited is pushed
+to the back by a newcomer. Clients are told to come :data:`LEAD` early and the relay holds
+an early one until its time: a client's connect takes longer on a busy host, and clients
+arriving late would crowd the seconds after their slots. An id is single-use and lapses
+:data:`SLOT_GRACE` seconds after its time.
 """
 
 from __future__ import annotations
@@ -16,19 +18,37 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from cloudbridge_core.settings import RateQuota
 
 #: seconds a slot stays valid after its time: the client's sleep, its race and handshake
 SLOT_GRACE = 10.0
+#: how much earlier than its slot a client is told to come back (its connect and hello)
+LEAD = 0.25
+#: a client with a slot this close is held by the relay until its time, not sent away
+HOLD = 2 * LEAD
 #: reservations held at most (a security limit: each is an id and a time); past it, clients
 #: are told when to come back without a reservation
 MAX_SLOTS = 100_000
 
 
+@dataclass(frozen=True)
+class Turn:
+    """A hello's answer: start now; wait here ``hold`` seconds, then start; or come back in
+    ``retry_in`` seconds with ``slot`` (empty: no reservation could be held)."""
+
+    hold: float = 0.0
+    retry_in: float = 0.0
+    slot: str = ""
+
+
+NOW = Turn()
+
+
 class Admission:
-    """``admit(slot)`` is ``(0, "")`` for a session that may start now, else the seconds
-    until the client's slot and the slot's id, to present then."""
+    """``admit(slot)``: when the session of a hello (with the slot it was given, if any)
+    may start."""
 
     def __init__(
         self, quota: Callable[[], RateQuota], clock: Callable[[], float] = time.monotonic
@@ -39,28 +59,33 @@ class Admission:
         #: reserved slots by id, in the order of their times (handed out in that order)
         self._slots: OrderedDict[str, float] = OrderedDict()
 
-    def admit(self, slot: str = "") -> tuple[float, str]:
+    def admit(self, slot: str = "") -> Turn:
         now = self._clock()
         self._forget_lapsed(now)
         reserved = self._slots.get(slot) if slot else None
         if reserved is not None:
-            if now >= reserved:
-                del self._slots[slot]
-                return 0.0, ""
-            return reserved - now, slot  # early: the same slot, still held
+            return self._redeem(slot, reserved - now)
         quota = self._quota()
         interval = 1.0 / quota.rate
         tolerance = (quota.burst - 1) * interval
         due = max(self._next_admission, now)
         self._next_admission = due + interval  # admitted now, or reserved for later
-        at = due - tolerance
-        if at <= now:
-            return 0.0, ""
+        wait = due - tolerance - now
+        if wait <= 0:
+            return NOW
+        if wait <= HOLD:
+            return Turn(hold=wait)
         if len(self._slots) >= MAX_SLOTS:
-            return at - now, ""
+            return Turn(retry_in=wait)
         reservation = secrets.token_urlsafe(12)
-        self._slots[reservation] = at
-        return at - now, reservation
+        self._slots[reservation] = now + wait
+        return Turn(retry_in=wait - LEAD, slot=reservation)
+
+    def _redeem(self, slot: str, wait: float) -> Turn:
+        if wait > HOLD:
+            return Turn(retry_in=wait - LEAD, slot=slot)  # far too early: the same slot
+        del self._slots[slot]
+        return Turn(hold=wait) if wait > 0 else NOW
 
     def spread_window(self, sessions: int) -> float:
         """How long ``sessions`` clients take to be admitted again: the window a ``goaway``

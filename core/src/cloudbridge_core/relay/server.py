@@ -295,15 +295,17 @@ class Relay:
             with contextlib.suppress(TransportError):
                 await control.send(messages.ErrorMessage(error.code, error.message, retry_in))
             raise _Answered(control.stream, error) from error
-        slot_in, slot = self.admission.admit(hello.slot)
-        if slot_in:  # not a failure: the client comes back at its slot (hence no error)
+        turn = self.admission.admit(hello.slot)
+        if turn.hold:  # its turn is near: cheaper for both than another connect
+            await asyncio.sleep(turn.hold)
+        elif turn.retry_in:  # not a failure: the client comes back at its slot (no error)
             self.metrics.sessions_deferred.inc()
             deferred = messages.ErrorMessage(
                 ServerUnavailable.code,
                 f"the relay admits {self.limits.admission.rate:g} new sessions a second:"
-                f" come back in {slot_in:.1f}s",
-                round(slot_in, 3),
-                slot,
+                f" come back in {turn.retry_in:.1f}s",
+                round(turn.retry_in, 3),
+                turn.slot,
             )
             with contextlib.suppress(TransportError):
                 await control.send(deferred)
