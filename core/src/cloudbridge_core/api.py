@@ -82,6 +82,7 @@ if TYPE_CHECKING:
     from cloudbridge_core.protocol.mux import MuxLimits
     from cloudbridge_core.quic.flow import bound as bound_quic_connection
     from cloudbridge_core.quic.pmtu import forbid_fragmentation, path_payload_size
+    from cloudbridge_core.quic.reset import StatelessResets
     from cloudbridge_core.quic.session import QuicSession
     from cloudbridge_core.retry import Backoff
     from cloudbridge_core.settings import build
@@ -108,6 +109,7 @@ _LAZY = {
     "bound_quic_connection": ("cloudbridge_core.quic.flow", "bound"),
     "forbid_fragmentation": ("cloudbridge_core.quic.pmtu", "forbid_fragmentation"),
     "path_payload_size": ("cloudbridge_core.quic.pmtu", "path_payload_size"),
+    "StatelessResets": ("cloudbridge_core.quic.reset", "StatelessResets"),
     "QuicSession": ("cloudbridge_core.quic.session", "QuicSession"),
     "Backoff": ("cloudbridge_core.retry", "Backoff"),
     "build": ("cloudbridge_core.settings", "build"),
@@ -174,6 +176,7 @@ __all__ = [
     "ServerUnavailable",
     "Session",
     "SignalChannel",
+    "StatelessResets",
     "StoredTokens",
     "Stream",
     "StreamAborted",

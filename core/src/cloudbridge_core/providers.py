@@ -130,6 +130,9 @@ class Endpoint:
     :mod:`cloudbridge_core.transports.preauth`). ``raw_splices`` (serving only) takes
     peers' raw connections, told from TLS clients by their preamble, on a listener that
     can (the built-in TLS transport's; see :mod:`cloudbridge_core.transports.sniff`).
+    ``reset_key`` (serving only) is a secret the relay keeps across restarts, for
+    transports whose stateless resets need one (QUIC's; see
+    :mod:`cloudbridge_core.quic.reset`).
     """
 
     host: str
@@ -140,6 +143,7 @@ class Endpoint:
     material: TlsMaterial | None = None
     preauth: PreauthGate | None = None
     raw_splices: RawSplices | None = None
+    reset_key: bytes | None = field(default=None, repr=False)  # a secret
 
 
 class Listener(Protocol):

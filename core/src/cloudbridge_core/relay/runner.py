@@ -193,6 +193,7 @@ async def start_relay(
         for name in transports
     }
     documents = {JWKS_PATH: ("application/json", json.dumps(jwks(state.signing_key)).encode())}
+    reset_key = state.reset_key
     try:
         for name, spec in transports.items():
             transport = spec.load(plugins.settings_for("transport", name, config.converted))
@@ -205,6 +206,7 @@ async def start_relay(
                     material=material,
                     preauth=relay.preauth,
                     raw_splices=relay.tickets,
+                    reset_key=reset_key,
                 ),
                 functools.partial(relay.handle, transport=name),
             )

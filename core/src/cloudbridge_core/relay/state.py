@@ -4,12 +4,15 @@ ca.pem / ca.key             the relay's private CA (clients pin it)
 server.pem / server.key     its TLS certificate, signed by the CA
 signing-key.pem             RS256 key that signs the tokens it issues
 signing-key.pub.pem         its public half (the auth plugin validates with it)
+reset.key                   the secret QUIC stateless reset tokens derive from, so that a
+                            restarted relay can reset its predecessor's connections
 client.yaml                 a ready client config that only lacks a token
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +25,9 @@ import yaml
 from cloudbridge_core import tlsutil
 from cloudbridge_core.relay import tokens
 from cloudbridge_core.secretfile import write_secret
+
+#: bytes of the stateless reset key (HMAC-SHA256's block is 64; 32 are its strength)
+RESET_KEY_SIZE = 32
 
 
 def default_state_dir() -> Path:
@@ -43,6 +49,15 @@ class RelayState:
     def public_key_file(self) -> Path:
         return self.directory / "signing-key.pub.pem"
 
+    @property
+    def reset_key_file(self) -> Path:
+        return self.directory / "reset.key"
+
+    @property
+    def reset_key(self) -> bytes:
+        """The secret stateless reset tokens derive from (created on first start)."""
+        return self.reset_key_file.read_bytes()
+
     @classmethod
     def load_or_create(cls, directory: Path, hostnames: list[str]) -> RelayState:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -53,7 +68,10 @@ class RelayState:
             write_secret(key_file, tokens.generate_signing_key())
         signing_key = key_file.read_bytes()
         (directory / "signing-key.pub.pem").write_bytes(tokens.public_pem(signing_key))
-        return cls(directory, ca, server, signing_key)
+        state = cls(directory, ca, server, signing_key)
+        if not state.reset_key_file.exists():
+            write_secret(state.reset_key_file, secrets.token_bytes(RESET_KEY_SIZE))
+        return state
 
     @classmethod
     def load(cls, directory: Path) -> RelayState:
