@@ -7,6 +7,9 @@ a sending relay's time in a profile. With UDP generic segmentation offload, one
 shorter) and the kernel cuts them apart. Where the kernel or the socket refuses it, or
 the loop gives no socket (a peer session's virtual transport), each datagram goes
 through the transport as before.
+
+A connected socket (a client's, connected to the relay so that it hears ICMP errors)
+sends without an address: uvloop refuses one on such a socket (EISCONN).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class DatagramSender:
         sock = transport.get_extra_info("socket")
         #: what the transport holds unsent (asyncio's and uvloop's UDP transports say)
         self._queued: Callable[[], int] | None = getattr(transport, "get_write_buffer_size", None)
+        self._connected = transport.get_extra_info("peername") is not None
         self._fileno = -1
         self._family = socket.AF_INET
         if sys.platform == "linux" and sock is not None and self._queued is not None:
@@ -51,7 +55,8 @@ class DatagramSender:
         batch: list[bytes] = []
         address: Any = None
         size = total = 0
-        for data, to in datagrams:
+        for data, destination in datagrams:
+            to = None if self._connected else destination
             if batch and (
                 to != address
                 or len(data) > size

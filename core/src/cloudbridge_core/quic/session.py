@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, cast
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic import events
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import QuicErrorCode
 
 from cloudbridge_core.errors import StreamAborted, TransportClosed, TransportError
 from cloudbridge_core.quic.buffers import widen_buffers
@@ -38,6 +39,10 @@ PREAUTH_BYTES = 32 * 1024
 #: QUIC transport error codes (RFC 9000, 20.1)
 _CONNECTION_REFUSED = 0x2
 _PROTOCOL_VIOLATION = 0xA
+#: seconds the relay must have been silent before an ICMP port unreachable ends the
+#: session. A security limit: anyone on the path can forge one, and this keeps a forgery
+#: from ending a session whose relay is still talking
+REFUSAL_SILENCE = 1.0
 
 
 class QuicStream:
@@ -180,6 +185,10 @@ class QuicSession(QuicConnectionProtocol):
         self._incoming: asyncio.Queue[QuicStream | None] = asyncio.Queue()
         self._progress: asyncio.Future[None] | None = None
         self._error: TransportError | None = None
+        #: when the last datagram arrived (loop time); None: none yet
+        self._heard: float | None = None
+        #: the peer's port is closed: the client's socket heard an ICMP port unreachable
+        self.refused = False
         self.handshake: events.HandshakeCompleted | None = None
 
     # ---- Session ---------------------------------------------------------------------------
@@ -262,6 +271,7 @@ class QuicSession(QuicConnectionProtocol):
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))  # noqa: S104 - any local address
+            sock.connect(old.get_extra_info("peername"))  # to hear ICMP, as the first socket
             forbid_fragmentation(sock)
             await self._loop.create_datagram_endpoint(lambda: self, sock=sock)  # sets _transport
         except BaseException:
@@ -341,13 +351,14 @@ class QuicSession(QuicConnectionProtocol):
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         # aioquic transmits after every datagram; transmitting once per batch of datagrams
         # read together (uvloop reads up to 32 per wakeup) acknowledges them in one packet
+        self._heard = self._loop.time()
         if self._gate is not None and self._admission is None:
             self._admission = self._gate.admit(str(addr[0]))
             if self._admission is None:  # over a cap (counted by the gate)
                 self._refuse(_CONNECTION_REFUSED, "too many unauthenticated connections")
                 return
             self._admission.watch(self._expired)
-        self._quic.receive_datagram(data, addr, now=self._loop.time())  # type: ignore[arg-type]
+        self._quic.receive_datagram(data, addr, now=self._heard)  # type: ignore[arg-type]
         self._process_events()
         self._transmit_soon()
         self._wake_writers()
@@ -355,6 +366,14 @@ class QuicSession(QuicConnectionProtocol):
     def error_received(self, exc: Exception) -> None:
         if is_too_big(exc):  # the path MTU dropped: ask the kernel again
             self.fit_datagrams()
+        elif (
+            isinstance(exc, ConnectionRefusedError)
+            and self._error is None
+            and (self._heard is None or self._loop.time() - self._heard >= REFUSAL_SILENCE)
+        ):
+            # only a client's socket hears this: it is connected to the relay's address
+            self.refused = True
+            self._lost(TransportClosed("the relay's port is closed (ICMP port unreachable)"))
 
     def quic_event_received(self, event: events.QuicEvent) -> None:
         if isinstance(event, events.StreamDataReceived):
@@ -423,6 +442,21 @@ class QuicSession(QuicConnectionProtocol):
             self._abandoned.discard(stream_id)
         else:
             self._abandoned.add(stream_id)
+
+    def _lost(self, error: TransportClosed) -> None:
+        """The relay is gone: end the session and its connection now, sending nothing
+        more (to a closed port)."""
+        if self._error is not None:
+            return
+        self._terminate(error)
+        quic = self._quic
+        if quic._close_event is None:
+            quic._close_event = events.ConnectionTerminated(
+                error_code=QuicErrorCode.NO_ERROR, frame_type=None, reason_phrase=error.message
+            )
+        quic._close_end()  # also fails a connect waiting for its handshake
+        self._process_events()
+        self.transmit()  # sends nothing, and stops the timer
 
     def _terminate(self, error: TransportError) -> None:
         if self._error is not None:

@@ -161,6 +161,8 @@ class QuicTransport:
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))  # noqa: S104 - any local address
+            # connected, the socket hears the ICMP port unreachable of a relay that is down
+            sock.connect(address)
             forbid_fragmentation(sock)
             transport, session = await loop.create_datagram_endpoint(
                 lambda: QuicSession(
@@ -170,6 +172,9 @@ class QuicTransport:
                 ),
                 sock=sock,
             )
+        except OSError as exc:  # no route to the relay, among others
+            sock.close()
+            raise ServerUnavailable(f"cannot reach {where}: {exc.strerror or exc}") from exc
         except BaseException:  # cancelled by a race another transport won, among others
             sock.close()
             raise
@@ -184,6 +189,10 @@ class QuicTransport:
             raise ConnectionTimeout(f"no QUIC handshake with {where} in time") from exc
         except ConnectionError as exc:
             transport.close()
+            if session.refused:
+                raise ServerUnavailable(
+                    f"{where} refused the QUIC connection: nothing listens on its UDP port"
+                ) from exc
             closing = connection._close_event
             if closing is not None and closing.error_code in _CERTIFICATE_ALERTS:
                 raise TlsVerificationFailed(
