@@ -1,12 +1,14 @@
 """A relay process killed with SIGKILL ends its QUIC clients' sessions at their next
 keepalive (issue 16), where they used to wait for a health check or the idle timeout
-(30 s each): its closed port answers with an ICMP port unreachable."""
+(30 s each): its closed port answers with an ICMP port unreachable, and a relay restarted
+in the same state directory answers with a QUIC stateless reset."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
 import socket
+import stat
 import subprocess
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
@@ -118,3 +120,24 @@ def test_a_killed_relay_ends_the_session_at_a_keepalive(relay: Relay, loop: str)
         assert error.message == "the relay's port is closed (ICMP port unreachable)"
 
     run(loop, main)
+
+
+def test_a_relay_restarted_in_its_state_directory_resets_the_old_session(relay: Relay) -> None:
+    key = relay.state / "reset.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    first_key = key.read_bytes()
+
+    async def main() -> None:
+        connection = await relay.connect()
+        try:
+            # while the loop is blocked here the client sends nothing: no datagram meets
+            # the closed port (the ICMP case above), the next keepalive meets the new relay
+            relay.kill()
+            relay.start()
+            error = await ended(connection)
+        finally:
+            await connection.aclose()
+        assert error.message == "the relay restarted (QUIC stateless reset)"
+
+    run("asyncio", main)
+    assert key.read_bytes() == first_key  # kept, not made anew

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import socket
 from collections import deque
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from cloudbridge_core.quic.pmtu import (
     is_too_big,
     path_payload_size,
 )
+from cloudbridge_core.quic.reset import SMALLEST_RESET, TOKEN_SIZE
 
 if TYPE_CHECKING:
     from cloudbridge_core.transports.preauth import Admission, PreauthGate
@@ -351,6 +353,10 @@ class QuicSession(QuicConnectionProtocol):
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         # aioquic transmits after every datagram; transmitting once per batch of datagrams
         # read together (uvloop reads up to 32 per wakeup) acknowledges them in one packet
+        datagram = cast("bytes", data)  # a datagram transport's
+        if self._is_stateless_reset(datagram):
+            self._lost(TransportClosed("the relay restarted (QUIC stateless reset)"))
+            return
         self._heard = self._loop.time()
         if self._gate is not None and self._admission is None:
             self._admission = self._gate.admit(str(addr[0]))
@@ -358,7 +364,7 @@ class QuicSession(QuicConnectionProtocol):
                 self._refuse(_CONNECTION_REFUSED, "too many unauthenticated connections")
                 return
             self._admission.watch(self._expired)
-        self._quic.receive_datagram(data, addr, now=self._heard)  # type: ignore[arg-type]
+        self._quic.receive_datagram(datagram, addr, now=self._heard)
         self._process_events()
         self._transmit_soon()
         self._wake_writers()
@@ -443,9 +449,23 @@ class QuicSession(QuicConnectionProtocol):
         else:
             self._abandoned.add(stream_id)
 
+    def _is_stateless_reset(self, data: bytes) -> bool:
+        """Whether ``data`` ends in the reset token of the connection ID this side sends
+        to (RFC 9000 10.3.1: never those of unused or retired IDs). Only short-header
+        datagrams that can be resets are compared, once each, so this costs nearly
+        nothing per datagram; only the relay's tokens can be recomputed after a restart
+        (:mod:`cloudbridge_core.quic.reset`), so only the relay sends resets that match."""
+        token = self._quic._peer_cid.stateless_reset_token
+        return (
+            len(data) >= SMALLEST_RESET
+            and not data[0] & 0x80
+            and bool(token)
+            and hmac.compare_digest(data[-TOKEN_SIZE:], token)
+        )
+
     def _lost(self, error: TransportClosed) -> None:
         """The relay is gone: end the session and its connection now, sending nothing
-        more (to a closed port)."""
+        more (to a closed port, or to a relay that has said it knows nothing of it)."""
         if self._error is not None:
             return
         self._terminate(error)

@@ -5,16 +5,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import secrets
 import socket
 import ssl
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from aioquic.asyncio.server import QuicServer, serve
+from aioquic.asyncio.server import QuicServer
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
+from aioquic.quic.connection import NetworkAddress, QuicConnection
 from aioquic.tls import SessionTicket, load_pem_private_key, load_pem_x509_certificates
 from cloudbridge_core.api import (
     ALPN,
@@ -23,6 +24,7 @@ from cloudbridge_core.api import (
     QuicSession,
     ServerUnavailable,
     Session,
+    StatelessResets,
     TlsMaterial,
     TlsVerificationFailed,
     TransportError,
@@ -36,6 +38,8 @@ from cloudbridge_core.api import (
 MAX_TICKETS = 10_000
 #: TLS alerts the client raises for a certificate it does not trust
 _CERTIFICATE_ALERTS = (0x100 + 42, 0x100 + 48)  # bad_certificate, unknown_ca
+#: bytes of the key reset tokens derive from when the relay gives none
+_RESET_KEY_SIZE = 32
 
 
 class TicketStore:
@@ -51,6 +55,27 @@ class TicketStore:
 
     def pop(self, label: bytes) -> SessionTicket | None:
         return self._tickets.pop(label, None)
+
+
+class ResettingQuicServer(QuicServer):
+    """aioquic's server, answering a short-header datagram for a connection it does not
+    know (one a previous process of the relay held) with a stateless reset."""
+
+    def __init__(self, resets: StatelessResets, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._resets = resets
+
+    def datagram_received(self, data: bytes | str, addr: NetworkAddress) -> None:
+        datagram = cast("bytes", data)
+        if datagram and not datagram[0] & 0x80:  # a short header: no new connection
+            connection_id = datagram[1 : 1 + self._configuration.connection_id_length]
+            if connection_id not in self._protocols:
+                reset = self._resets.answer(datagram, connection_id, self._loop.time())
+                if reset is not None:
+                    assert self._transport is not None  # it is receiving
+                    self._transport.sendto(reset, addr)
+                return
+        super().datagram_received(data, addr)
 
 
 class QuicListener:
@@ -214,26 +239,34 @@ class QuicTransport:
         configuration.certificate_chain = chain
         configuration.private_key = load_pem_private_key(material.key)
         listener = QuicListener(handler)
+        # without the relay's key, resets still end connections this process forgot
+        resets = StatelessResets(endpoint.reset_key or secrets.token_bytes(_RESET_KEY_SIZE))
 
         def create_session(connection: QuicConnection, **_: Any) -> QuicSession:
+            bounded = self._bound(connection)
+            resets.adopt(bounded)
             return QuicSession(
-                self._bound(connection),
+                bounded,
                 datagram_ceiling=self.settings.max_datagram_size,
                 on_ready=listener.session_ready,
                 preauth=endpoint.preauth,
             )
 
-        listener.server = await serve(
-            endpoint.host,
-            endpoint.port,
-            configuration=configuration,
-            create_protocol=create_session,
-            session_ticket_fetcher=listener.tickets.pop,
-            session_ticket_handler=listener.tickets.add,
-            # address validation: a spoofed Initial gets a stateless Retry, never a connection
-            retry=self.settings.retry,
+        def create_server() -> ResettingQuicServer:
+            return ResettingQuicServer(
+                resets,
+                configuration=configuration,
+                create_protocol=create_session,
+                session_ticket_fetcher=listener.tickets.pop,
+                session_ticket_handler=listener.tickets.add,
+                # address validation: a spoofed Initial gets a stateless Retry, never a connection
+                retry=self.settings.retry,
+            )
+
+        _, listener.server = await asyncio.get_running_loop().create_datagram_endpoint(
+            create_server, local_addr=(endpoint.host, endpoint.port)
         )
-        assert listener.server._transport is not None  # bound by serve()
+        assert listener.server._transport is not None  # bound by create_datagram_endpoint
         forbid_fragmentation(listener.server._transport.get_extra_info("socket"))
         return listener
 
