@@ -105,6 +105,14 @@ class NatBed:
                 f"  {rule} drop\n }}\n}}\n",
             )
 
+    def forget_mappings(self, i: int) -> None:
+        """Router ``i`` loses every NAT mapping it holds (they expired, or it rebooted)."""
+        subprocess.run(
+            ["ip", "netns", "exec", self.routers[i], "conntrack", "-F"],
+            check=True,
+            capture_output=True,  # it says how many entries went, on stderr
+        )
+
     def unblock(self, name: str) -> None:
         for router in self.routers.values():
             run(f"ip netns exec {router} nft delete table ip {name}")

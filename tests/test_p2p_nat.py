@@ -345,6 +345,24 @@ def test_all_udp_lost_mid_transfer_moves_to_derp_without_flapping_and_back(
     assert sent == received
 
 
+def test_new_connections_work_after_both_nats_forget_their_mappings(
+    nat: NatBed, tmp_path: Path
+) -> None:
+    """Default heartbeats: a new connection finds the broken path itself (it waits for
+    acknowledgements that never come) and goes over DERP; the peers meet directly again."""
+    mesh, laptop, _, _ = start_mesh(nat, tmp_path, turn=False, timings={"upgrade_interval": "5s"})
+    mesh.wait_for_path(laptop, "stun", within=40)
+    nat.forget_mappings(1)
+    nat.forget_mappings(2)
+    started = time.monotonic()
+    sent, received = mesh.roundtrip(1 << 20, 0)
+    assert sent == received
+    print(f"mappings forgotten: 1 MiB both ways in {time.monotonic() - started:.2f} s")
+    mesh.wait_for_path(laptop, "stun", within=30)
+    sent, received = mesh.roundtrip(1 << 20, 0)
+    assert sent == received
+
+
 def path_changes(mesh: Mesh, config: Path) -> list[dict[str, Any]]:
     explained = mesh.cloudbridge("status", "--config", str(config), "--explain", "server", "--json")
     changes: list[dict[str, Any]] = json.loads(explained)["path_changes"]

@@ -144,6 +144,8 @@ class PeerManager:
         self.membership = Membership(link, identity, name, self._peers_changed, self._signalled)
         self._relayed = RelayedConnector(self.membership, identity)
         self.peers: dict[str, PeerState] = {}
+        #: peers whose heartbeat is under way (one at a time each)
+        self._beating: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         #: dropped peers' sessions closing: waited for, never cancelled, by :meth:`aclose`
         #: (a close cancelled before it started would leave the session's tasks running)
@@ -511,7 +513,7 @@ class PeerManager:
             now = time.monotonic()
             if now - last_beat >= self.settings.heartbeat_interval:
                 last_beat = now
-                await asyncio.gather(*(self._beat(s) for s in list(self.peers.values())))
+                self._heartbeats()
             for state in list(self.peers.values()):
                 self._fail_stalled(state)
             for peer_id in [p for p in self.peers if p not in self.membership.peers]:
@@ -528,6 +530,13 @@ class PeerManager:
             if self.metrics is not None:
                 self.metrics.observe(self.peers.values())
 
+    def _heartbeats(self) -> None:
+        """A ping for each peer, not awaited: one waits up to ``heartbeat_timeout``, and the
+        loop must go on finding stalled paths meanwhile."""
+        for state in self.peers.values():
+            if state.info.peer_id not in self._beating:
+                self._spawn(self._beat(state))
+
     def _fail_stalled(self, state: PeerState) -> None:
         """A path gone silent under a transfer is left for the next best within about
         :data:`STALL_AFTER` (or the heartbeat timeout, when shorter). What silenced it
@@ -543,8 +552,12 @@ class PeerManager:
         if not state.session.connected or state.session.current is None:
             return
         before = state.session.current
-        with contextlib.suppress(CloudBridgeError):
-            await state.session.ping(self.settings.heartbeat_timeout)
+        self._beating.add(state.info.peer_id)
+        try:
+            with contextlib.suppress(CloudBridgeError):
+                await state.session.ping(self.settings.heartbeat_timeout)
+        finally:
+            self._beating.discard(state.info.peer_id)
         self._path_moved(state, before)
 
     def _due(self, state: PeerState, name: str) -> bool:

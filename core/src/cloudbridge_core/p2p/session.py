@@ -51,6 +51,9 @@ ALPN = "cloudbridge-peer/1"
 VIRTUAL_ADDRESS = ("192.0.2.1", 9)
 #: best first; a path's rank decides which one carries the session
 RANK = {"direct": 0, "stun": 1, "turn": 2, "derp": 3}
+#: seconds the current path must have been silent before datagrams over another one mean
+#: that the peer moved to it
+FOLLOW_AFTER = 1.0
 #: the carriers on the core multiplexer: a direct TCP connection, a relay stream
 TCP = "tcp"
 RELAYED = "relay-stream"
@@ -152,8 +155,9 @@ class PeerSession:
         #: the QUIC session's path (the TCP path, when up, is :attr:`path`)
         self.current: str | None = None
         self.last_seen: float | None = None
-        #: monotonic times: the last datagram from the peer, and when :attr:`current` was taken
-        self._heard_at = 0.0
+        #: monotonic times: the last datagram from the peer over each path, and when
+        #: :attr:`current` was taken
+        self._heard: dict[str, float] = {}
         self._current_since = 0.0
         self.rtt_seconds: float | None = None
         self.bytes_sent = 0
@@ -336,9 +340,33 @@ class PeerSession:
         if self._paths.get(path.kind) is not path:
             return  # from a path replaced meanwhile
         self.last_seen = time.time()
-        self._heard_at = time.monotonic()
+        now = self._heard[path.kind] = time.monotonic()
         self.bytes_received += len(datagram)
+        if path.kind != self.current:
+            self._follow(path.kind, now)
         self._deliver(datagram)
+
+    def _silent_since(self, kind: str) -> float:
+        """Since when the current path ``kind`` has carried nothing from the peer."""
+        return max(self._heard.get(kind, 0.0), self._current_since)
+
+    def _follow(self, kind: str, now: float) -> None:
+        """The peer speaks over ``kind``, not over the current path: when that one has been
+        silent for :data:`FOLLOW_AFTER`, the peer has moved (it lost the path first, or its
+        address changed), and answering over a silent path would answer into nothing. A
+        fallback that delivers is usable again; a better path comes back only by an attempt."""
+        current = self.current
+        if current is not None and now - self._silent_since(current) < FOLLOW_AFTER:
+            return
+        if current is not None and RANK[kind] < RANK[current]:
+            return  # a better path is won back by a new attempt (hysteresis), not by a packet
+        self.suspect.discard(kind)
+        if current is not None:
+            self.suspect.add(current)
+            log.info(
+                "path_failed", peer=self.peer.name, path=current, reason=f"the peer moved to {kind}"
+            )
+        self._choose(f"the peer speaks over {kind}")
 
     def check_stalled(self, after: float) -> str | None:
         """Fail the current path when it has been silent for ``after`` seconds while QUIC
@@ -348,7 +376,7 @@ class PeerSession:
         kind, protocol = self.current, self._protocol
         if kind is None or protocol is None or not protocol.waits_for_acks():
             return None
-        silent = time.monotonic() - max(self._heard_at, self._current_since)
+        silent = time.monotonic() - self._silent_since(kind)
         if silent < after:
             return None
         self.path_failed(kind, f"silent for {silent:.1f}s with data unacknowledged")
