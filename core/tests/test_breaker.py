@@ -203,6 +203,13 @@ class BreakerModel(RuleBasedStateMachine):
 TestBreakerModel = BreakerModel.TestCase
 
 
+def opening_after_two() -> CircuitBreaker:
+    settings = BreakerSettings(
+        failure_threshold=2, reset_timeout=30, half_open_max_calls=1, success_threshold=1
+    )
+    return CircuitBreaker("relay", settings)
+
+
 def failing(breaker: CircuitBreaker) -> Callable[[BaseException], Awaitable[None]]:
     """A call through ``breaker``'s guard that fails with the given error."""
 
@@ -215,12 +222,7 @@ def failing(breaker: CircuitBreaker) -> Callable[[BaseException], Awaitable[None
 
 
 def test_guard_counts_only_endpoint_failures() -> None:
-    breaker = CircuitBreaker(
-        "relay",
-        BreakerSettings(
-            failure_threshold=2, reset_timeout=30, half_open_max_calls=1, success_threshold=1
-        ),
-    )
+    breaker = opening_after_two()
     fail_with = failing(breaker)
 
     async def scenario() -> None:
@@ -283,12 +285,7 @@ def test_settings_come_from_the_config_with_the_schemas_defaults() -> None:
 
 
 def test_a_relay_saying_when_to_come_back_counts_as_an_answer() -> None:
-    breaker = CircuitBreaker(
-        "relay",
-        BreakerSettings(
-            failure_threshold=2, reset_timeout=30, half_open_max_calls=1, success_threshold=1
-        ),
-    )
+    breaker = opening_after_two()
     fail_with = failing(breaker)
 
     async def scenario() -> None:
