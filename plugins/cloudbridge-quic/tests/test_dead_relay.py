@@ -102,20 +102,35 @@ def test_a_reset_with_the_token_ends_the_session_and_random_bytes_do_not() -> No
     asyncio.run(main())
 
 
-def test_a_refusal_while_the_relay_talks_is_ignored_and_after_a_silence_ends_the_session() -> None:
+def test_a_refusal_counts_only_from_a_silent_relay_that_leaves_a_ping_unanswered() -> None:
     """Anyone on the path can forge an ICMP port unreachable: one arriving while datagrams
-    still come from the relay (here an echo's, just received) leaves the session."""
+    still come from the relay leaves the session, and so does one after a silence when
+    the relay answers the PING it makes the client send. Only an unanswered PING (a PTO
+    without an answer, moved back here rather than waited for) lets one end it."""
 
     async def main() -> None:
         async with relay_and_client() as (_, session):
+            refusal = ConnectionRefusedError(111, "Connection refused")
             assert await echo(session, b"talking") == b"talking"
-            session.error_received(ConnectionRefusedError(111, "Connection refused"))
+            session.error_received(refusal)  # the echo has just been heard
+            assert session._probed is None
+            assert session._heard is not None
+            session._heard -= REFUSAL_SILENCE  # silent since
+            session.error_received(refusal)
+            probed = session._probed
+            assert probed is not None  # a PING, and the session goes on
+            while session._heard < probed:  # noqa: ASYNC110 - the PING's ACK has no event
+                await asyncio.sleep(0.01)
+            session.error_received(refusal)
             assert not session.refused
             assert await echo(session, b"still here") == b"still here"
-            # the same refusal once the relay has been silent for REFUSAL_SILENCE
-            assert session._heard is not None
+
             session._heard -= REFUSAL_SILENCE
-            session.error_received(ConnectionRefusedError(111, "Connection refused"))
+            session.error_received(refusal)
+            assert session._probed is not None
+            session._probed -= session._quic._loss.get_probe_timeout()
+            session._heard = session._probed - REFUSAL_SILENCE  # the PING had no answer
+            session.error_received(refusal)
             assert session.refused
             with pytest.raises(TransportClosed, match=r"port is closed \(ICMP port unreachable\)"):
                 await session.accept_stream()

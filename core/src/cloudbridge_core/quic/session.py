@@ -41,9 +41,9 @@ PREAUTH_BYTES = 32 * 1024
 #: QUIC transport error codes (RFC 9000, 20.1)
 _CONNECTION_REFUSED = 0x2
 _PROTOCOL_VIOLATION = 0xA
-#: seconds the relay must have been silent before an ICMP port unreachable ends the
-#: session. A security limit: anyone on the path can forge one, and this keeps a forgery
-#: from ending a session whose relay is still talking
+#: seconds the relay must have been silent before an ICMP port unreachable counts. A
+#: security limit (with the probe that follows, see ``QuicSession._refused``): anyone on the
+#: path can forge one, and a forgery must not end a session whose relay still talks
 REFUSAL_SILENCE = 1.0
 
 
@@ -189,6 +189,8 @@ class QuicSession(QuicConnectionProtocol):
         self._error: TransportError | None = None
         #: when the last datagram arrived (loop time); None: none yet
         self._heard: float | None = None
+        #: when a refusal made this side PING the relay to see whether it still answers
+        self._probed: float | None = None
         #: the peer's port is closed: the client's socket heard an ICMP port unreachable
         self.refused = False
         self.handshake: events.HandshakeCompleted | None = None
@@ -372,14 +374,9 @@ class QuicSession(QuicConnectionProtocol):
     def error_received(self, exc: Exception) -> None:
         if is_too_big(exc):  # the path MTU dropped: ask the kernel again
             self.fit_datagrams()
-        elif (
-            isinstance(exc, ConnectionRefusedError)
-            and self._error is None
-            and (self._heard is None or self._loop.time() - self._heard >= REFUSAL_SILENCE)
-        ):
+        elif isinstance(exc, ConnectionRefusedError) and self._error is None:
             # only a client's socket hears this: it is connected to the relay's address
-            self.refused = True
-            self._lost(TransportClosed("the relay's port is closed (ICMP port unreachable)"))
+            self._refused()
 
     def quic_event_received(self, event: events.QuicEvent) -> None:
         if isinstance(event, events.StreamDataReceived):
@@ -448,6 +445,26 @@ class QuicSession(QuicConnectionProtocol):
             self._abandoned.discard(stream_id)
         else:
             self._abandoned.add(stream_id)
+
+    def _refused(self) -> None:
+        """An ICMP port unreachable: the relay's port is closed, or someone forged one.
+        During the handshake it ends the session at once. After it, only once the relay
+        has been silent for :data:`REFUSAL_SILENCE` and has left a PING, sent at the
+        first such refusal, unanswered for QUIC's probe timeout: a relay that still
+        answers keeps its session, however many refusals are forged."""
+        now = self._loop.time()
+        if self._heard is not None:
+            if now - self._heard < REFUSAL_SILENCE:
+                return
+            if self._probed is None or self._probed < self._heard:
+                self._probed = now
+                self._quic.send_ping(0)
+                self._transmit_soon()
+                return
+            if now - self._probed < self._quic._loss.get_probe_timeout():
+                return
+        self.refused = True
+        self._lost(TransportClosed("the relay's port is closed (ICMP port unreachable)"))
 
     def _is_stateless_reset(self, data: bytes) -> bool:
         """Whether ``data`` ends in the reset token of the connection ID this side sends
