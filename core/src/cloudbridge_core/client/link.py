@@ -429,15 +429,17 @@ class RelayLink:
                 self.last_error = error.message
                 raise
             except CloudBridgeError as error:
-                if self._metrics is not None:
+                # a relay pacing its admissions, or restarting, said when: not a failure
+                told = error.retry_after is not None and not isinstance(error, CircuitOpen)
+                if self._metrics is not None and not told:
                     self._metrics.errors.labels(error.code).inc()
                 outage = time.monotonic() - lost_at
                 delay = reconnect_delay(error, outage, self._config.settings.retry)
                 comeback = Comeback(replaces, error.slot)
                 self.state = "reconnecting"
                 self.last_error = f"reconnect attempt {attempt + 1} failed: {error.message}"
-                log.warning(
-                    "reconnect_failed",
+                (log.info if told else log.warning)(
+                    "relay_busy" if told else "reconnect_failed",
                     attempt=attempt + 1,
                     code=error.code,
                     reason=error.message,
