@@ -271,8 +271,12 @@ class RelayLink:
             interval = self._config.settings.transport.health_check_interval
             if self._current is not None:  # the relay reaps sessions that ping less often
                 interval = min(interval, self._current.welcome.heartbeat_interval_seconds)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancel that
+            # comes as the wait ends (aclose cancelling while a lost session wakes it), and
+            # the link then reconnected forever after it was closed
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval)
+                async with asyncio.timeout(interval):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 async with self._switching:
