@@ -150,6 +150,9 @@ class PeerManager:
         #: dropped peers' sessions closing: waited for, never cancelled, by :meth:`aclose`
         #: (a close cancelled before it started would leave the session's tasks running)
         self._closing: set[asyncio.Task[None]] = set()
+        #: set by :meth:`aclose`: membership events that arrive while it runs start nothing
+        #: (a peer added then would keep its session's tasks running after the close)
+        self._closed = False
         self._tcp_enabled = mode != "relay-only" if tcp is None else tcp
         derp = any(name == "derp" for name, _ in self.strategies)
         self._relayed_enabled = derp if relayed is None else relayed
@@ -197,6 +200,7 @@ class PeerManager:
         return applied
 
     async def aclose(self) -> None:
+        self._closed = True
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -269,6 +273,8 @@ class PeerManager:
     # ---- membership ----
 
     def _peers_changed(self, peers: Mapping[str, PeerInfo]) -> None:
+        if self._closed:
+            return
         for peer_id in [p for p in self.peers if p not in peers]:
             if not _holds_without_relay(self.peers[peer_id]):
                 self._drop(peer_id)
@@ -322,7 +328,7 @@ class PeerManager:
             or (kind == TCP and self._tcp_enabled)
             or (kind == RELAYED and self._relayed_enabled)
         )
-        if state is None or not known or not isinstance(number, int):
+        if self._closed or state is None or not known or not isinstance(number, int):
             log.debug("signal_ignored", peer_id=peer_id, kind=kind)
             return
         if body.get("begin") and not state.controlling:
