@@ -7,11 +7,13 @@ takes is reported by the bench, not asserted here."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 from pathlib import Path
 
 import pytest
 from cloudbridge_core.client.link import RelayLink
 from cloudbridge_core.client.metrics import ClientMetrics
+from cloudbridge_core.errors import ConnectionTimeout
 from cloudbridge_core.testing.blackhole import Blackhole
 from relaybed import Bed, run
 
@@ -58,5 +60,37 @@ def test_a_silent_relay_is_found_by_one_unanswered_ping_and_the_session_replaced
         finally:
             await link.aclose()
             await proxy.aclose()
+
+    run(tmp_path, scenario)
+
+
+def test_a_relay_that_never_answers_the_hello_fails_the_connect_in_connect_timeout(
+    tmp_path: Path,
+) -> None:
+    """The TLS handshake completes, the hello goes unanswered (a relay hung past its
+    accept loop): the connect fails as a timeout, where it used to wait forever."""
+
+    async def scenario(bed: Bed) -> None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(bed.state_dir / "server.pem", bed.state_dir / "server.key")
+        heard: list[bytes] = []
+
+        async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            heard.append(await reader.read(1))
+            await reader.read()  # until the client gives up
+            writer.close()
+
+        server = await asyncio.start_server(mute, "127.0.0.1", 0, ssl=context)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            with pytest.raises(ConnectionTimeout, match="no answer to its hello"):
+                async with asyncio.timeout(30):  # a hang guard
+                    await bed.connect(
+                        **{"transport.tls.port": port, "transport.connect_timeout": "1s"}
+                    )
+            assert heard  # the hello was sent: the wait was for its answer
+        finally:
+            server.close()
+            await server.wait_closed()
 
     run(tmp_path, scenario)

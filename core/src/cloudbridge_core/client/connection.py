@@ -284,28 +284,45 @@ async def attempt(
     port = transport_port(name, config.data)
     endpoint = Endpoint(config.settings.relay.host, port, context, timeout, material=material)
     started = time.perf_counter()
+    deadline = asyncio.get_running_loop().time() + timeout
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout_at(deadline):
             session = await transport.connect(endpoint)
     except TimeoutError:
         raise ConnectionTimeout(f"no {name} connection to the relay in {timeout:g}s") from None
-    return await _authenticate(session, token, name, started, comeback)
+    return await _authenticate(session, token, name, started, comeback, deadline)
 
 
 async def _authenticate(
-    session: Session, token: str, transport: str, started: float, comeback: Comeback
+    session: Session,
+    token: str,
+    transport: str,
+    started: float,
+    comeback: Comeback,
+    deadline: float,
 ) -> RelayConnection:
+    """Hello and its answer, by the deadline the connect began: a relay that accepts the
+    connection and never answers (hung past its accept loop) would otherwise hold the
+    client forever."""
     try:
-        control = MessageStream(await session.open_stream(), messages.MAX_RELAY_MESSAGE_SIZE)
-        hello = messages.Hello(
-            token=token,
-            client_version=__version__,
-            capabilities=CAPABILITIES,
-            replaces=comeback.replaces,
-            slot=comeback.slot,
-        )
-        await control.send(hello)
-        reply = await control.expect(messages.Welcome, messages.ErrorMessage)
+        try:
+            async with asyncio.timeout_at(deadline):
+                stream = await session.open_stream()
+                control = MessageStream(stream, messages.MAX_RELAY_MESSAGE_SIZE)
+                hello = messages.Hello(
+                    token=token,
+                    client_version=__version__,
+                    capabilities=CAPABILITIES,
+                    replaces=comeback.replaces,
+                    slot=comeback.slot,
+                )
+                await control.send(hello)
+                reply = await control.expect(messages.Welcome, messages.ErrorMessage)
+        except TimeoutError:
+            raise ConnectionTimeout(
+                f"the relay took the {transport} connection but sent no answer to its hello"
+                f" in {time.perf_counter() - started:.1f}s"
+            ) from None
         if isinstance(reply, messages.ErrorMessage):
             raise error_for_code(
                 reply.code, reply.message, reply.retry_in_seconds or None, reply.slot
