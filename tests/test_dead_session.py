@@ -11,9 +11,10 @@ import ssl
 from pathlib import Path
 
 import pytest
+from cloudbridge_core.client.connection import RelayConnection
 from cloudbridge_core.client.link import RelayLink
 from cloudbridge_core.client.metrics import ClientMetrics
-from cloudbridge_core.errors import ConnectionTimeout
+from cloudbridge_core.errors import ConnectionTimeout, TransportClosed
 from cloudbridge_core.testing.blackhole import Blackhole
 from relaybed import Bed, run
 
@@ -94,3 +95,32 @@ def test_a_relay_that_never_answers_the_hello_fails_the_connect_in_connect_timeo
             await server.wait_closed()
 
     run(tmp_path, scenario)
+
+
+def test_a_lost_quic_session_is_reported_with_the_sessions_own_reason(tmp_path: Path) -> None:
+    """What ended a QUIC session (the relay's close here; an ICMP port unreachable or a
+    stateless reset after a crash) reaches the ping that finds it, and so the link's
+    ``session_lost`` line: not only "the control stream has ended"."""
+
+    async def scenario(bed: Bed) -> None:
+        connection = await bed.connect()
+        try:
+            await connection.ping(5)
+            await bed.relay.listeners["quic"].aclose()
+            error = await first_failed_ping(connection)
+            assert "control stream has ended: " in error.message
+            assert error.message.endswith("session closed")
+        finally:
+            await connection.aclose()
+
+    run(tmp_path, scenario, transport="quic")
+
+
+async def first_failed_ping(connection: RelayConnection) -> TransportClosed:
+    async with asyncio.timeout(10):  # a hang guard
+        while True:
+            try:
+                await connection.ping(5)
+            except TransportClosed as error:
+                return error
+            await asyncio.sleep(0.05)

@@ -77,6 +77,8 @@ class RelayConnection:
     _challenged: asyncio.Event = field(default_factory=asyncio.Event)  # or the stream ended
     _refreshing: asyncio.Future[messages.Message] | None = None
     _reader: asyncio.Task[None] | None = None
+    #: why the control stream ended (the session's own reason: a stateless reset, ICMP)
+    _end_reason: str = ""
 
     def __post_init__(self) -> None:
         self._reader = asyncio.get_running_loop().create_task(self._read_control())
@@ -90,8 +92,12 @@ class RelayConnection:
                 f"no mesh_challenge over {self.transport} in {within:g}s"
             ) from None
         if self._challenge is None:
-            raise TransportClosed(f"the {self.transport} session's control stream has ended")
+            raise self._stream_ended()
         return self._challenge
+
+    def _stream_ended(self) -> TransportClosed:
+        why = f": {self._end_reason}" if self._end_reason else ""
+        return TransportClosed(f"the {self.transport} session's control stream has ended{why}")
 
     async def refresh(self, token: str, within: float) -> float:
         """Move this session onto ``token`` (same tenant and subject); its new ``exp``.
@@ -128,7 +134,7 @@ class RelayConnection:
     async def ping(self, within: float) -> float:
         """The round-trip time to the relay over this session, in seconds."""
         if self._reader is None or self._reader.done():
-            raise TransportClosed(f"the {self.transport} session's control stream has ended")
+            raise self._stream_ended()
         nonce = secrets.randbits(31)
         answered = asyncio.get_running_loop().create_future()
         self._pongs[nonce] = answered
@@ -149,7 +155,8 @@ class RelayConnection:
             while True:
                 self._dispatch(await self.control.receive())
         except CloudBridgeError as error:
-            ended = TransportClosed(f"control stream ended: {error}")
+            self._end_reason = error.message
+            ended = TransportClosed(f"control stream ended: {error.message}")
             waiting: list[asyncio.Future[Any]] = [*self._pongs.values()]
             if self._refreshing is not None:
                 waiting.append(self._refreshing)
