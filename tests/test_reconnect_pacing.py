@@ -8,16 +8,21 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from cloudbridge_core.client.connection import RelayConnection
 from cloudbridge_core.client.link import RelayLink
 from cloudbridge_core.errors import ServerUnavailable
-from relaybed import Bed, run
+from cloudbridge_core.relay import admission
+from relaybed import Bed, run, until
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def test_clients_over_the_admission_rate_wait_for_their_slot_and_all_connect(
+def test_clients_over_the_admission_rate_are_held_for_their_turn_and_all_connect(
     tmp_path: Path,
 ) -> None:
+    """Each client connects once: the relay holds the hellos beyond its rate (``queued``)
+    and welcomes each at its turn, rather than sending them away to connect again."""
+
     async def scenario(bed: Bed) -> None:
         config = bed.client_config(bed.token(), **{"metrics.enabled": False})
         links = [RelayLink(config, bed.plugins) for _ in range(4)]
@@ -26,8 +31,9 @@ def test_clients_over_the_admission_rate_wait_for_their_slot_and_all_connect(
             assert {link.status()["state"] for link in links} == {"connected"}
             assert len({link.status()["session_id"] for link in links}) == 4
             relay = bed.relay.relay
-            # one admitted at once, each of the three others given a slot and let in on it
-            assert relay.metrics.sessions_deferred._value.get() == 3
+            # one admitted at once, the three others held 1, 2 and 3 s: none sent away
+            assert relay.metrics.sessions_queued._value.get() == 3
+            assert relay.metrics.sessions_deferred._value.get() == 0
             assert sum(relay.sessions_by_tenant.values()) == 4
         finally:
             await asyncio.gather(*(link.aclose() for link in links))
@@ -35,18 +41,68 @@ def test_clients_over_the_admission_rate_wait_for_their_slot_and_all_connect(
     run(tmp_path, scenario, admission={"rate": 1, "burst": 1})
 
 
-def test_a_one_shot_connect_waits_for_a_near_slot_and_reports_a_far_one(
+def test_a_turn_beyond_the_queue_bound_is_a_slot_to_come_back_to(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(admission, "MAX_QUEUE_WAIT", 1.5)
+
+    async def scenario(bed: Bed) -> None:
+        first = await bed.connect()
+        impatient = {"transport.connect_timeout": "0.2s"}
+        # turns 1 s away (held: waited for past connect_timeout) and 2 s away (a slot)
+        second, third = await asyncio.gather(
+            bed.connect(**impatient), bed.connect(**impatient), return_exceptions=True
+        )
+        try:
+            assert isinstance(second, RelayConnection)
+            assert isinstance(third, ServerUnavailable)
+            assert "come back in" in third.message
+            assert third.retry_after == pytest.approx(2 - admission.LEAD, abs=0.3)
+            metrics = bed.relay.relay.metrics
+            assert metrics.sessions_queued._value.get() == 1
+            assert metrics.sessions_deferred._value.get() == 1
+        finally:
+            await first.aclose()
+            if isinstance(second, RelayConnection):
+                await second.aclose()
+
+    run(tmp_path, scenario, admission={"rate": 1, "burst": 1})
+
+
+def test_a_client_held_for_its_turn_is_told_at_once_when_the_relay_starts_restarting(
     tmp_path: Path,
 ) -> None:
     async def scenario(bed: Bed) -> None:
         first = await bed.connect()
-        second = await bed.connect()  # its slot is 1 s away: within connect_timeout
-        # it came back with the slot's id and was let in on it, not deferred again
-        assert bed.relay.relay.metrics.sessions_deferred._value.get() == 1
+        held = asyncio.create_task(bed.connect())  # its turn is 10 s away
         try:
-            with pytest.raises(ServerUnavailable, match="come back in") as refused:
-                await bed.connect(**{"transport.connect_timeout": "0.2s"})
-            assert refused.value.retry_after == pytest.approx(0.75, abs=0.3)
+            await until(lambda: bed.relay.relay.metrics.sessions_queued._value.get() == 1)
+            await bed.relay.relay.drain()
+            with pytest.raises(ServerUnavailable, match="restarting"):
+                async with asyncio.timeout(5):  # a hang guard: not its 10 s turn
+                    await held
+        finally:
+            await first.aclose()
+
+    run(tmp_path, scenario, admission={"rate": 0.1, "burst": 1})
+
+
+def test_a_held_hello_ends_the_transport_race_no_other_transport_queues_too(
+    tmp_path: Path,
+) -> None:
+    async def scenario(bed: Bed) -> None:
+        first = await bed.connect()
+        ports = {
+            f"transport.{name}.port": listener.port
+            for name, listener in bed.relay.listeners.items()
+        }
+        second = await bed.connect(
+            **{"transport.mode": "auto", "transport.race_head_start": "50ms", **ports}
+        )
+        try:
+            relay = bed.relay.relay
+            assert relay.metrics.sessions_queued._value.get() == 1
+            assert sum(relay.sessions_by_tenant.values()) == 2
         finally:
             await first.aclose()
             await second.aclose()

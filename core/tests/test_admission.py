@@ -6,7 +6,15 @@ from __future__ import annotations
 
 import pytest
 from cloudbridge_core.relay import admission as admission_module
-from cloudbridge_core.relay.admission import HOLD, LEAD, NOW, SLOT_GRACE, Admission, Turn
+from cloudbridge_core.relay.admission import (
+    HOLD,
+    LEAD,
+    MAX_QUEUE_WAIT,
+    NOW,
+    SLOT_GRACE,
+    Admission,
+    Turn,
+)
 from cloudbridge_core.settings import RateQuota
 
 
@@ -115,3 +123,14 @@ def test_the_goaway_window_is_the_sessions_over_the_rate_at_least_a_second() -> 
     admission, _ = paced(rate=95, burst=3)
     assert admission.spread_window(1000) == pytest.approx(1000 / 95)
     assert admission.spread_window(3) == 1.0
+
+
+def test_a_client_that_can_wait_is_held_for_a_turn_up_to_the_queue_bound() -> None:
+    admission, _ = paced(rate=1)
+    admission.admit()
+    queued = [admission.admit(can_wait=True) for _ in range(int(MAX_QUEUE_WAIT))]
+    assert [turn.hold for turn in queued] == pytest.approx(range(1, int(MAX_QUEUE_WAIT) + 1))
+    assert not any(turn.slot for turn in queued)  # nothing reserved: the relay holds them
+    beyond = admission.admit(can_wait=True)
+    assert beyond.retry_in == pytest.approx(MAX_QUEUE_WAIT + 1 - LEAD)
+    assert beyond.slot

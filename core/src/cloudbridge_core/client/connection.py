@@ -44,7 +44,9 @@ from cloudbridge_core.wire import MessageStream
 
 log = get_logger("relay.client")
 
-CAPABILITIES = ("mux", "tunnel")
+CAPABILITIES = ("mux", "tunnel", "queue")
+#: what ends a hello's wait
+ANSWERS = (messages.Welcome, messages.ErrorMessage)
 
 
 @dataclass(eq=False)
@@ -156,7 +158,7 @@ class RelayConnection:
                 self._dispatch(await self.control.receive())
         except CloudBridgeError as error:
             self._end_reason = error.message
-            ended = TransportClosed(f"control stream ended: {error.message}")
+            ended = self._stream_ended()
             waiting: list[asyncio.Future[Any]] = [*self._pongs.values()]
             if self._refreshing is not None:
                 waiting.append(self._refreshing)
@@ -282,8 +284,10 @@ async def attempt(
     spec: ProviderSpec[Transport],
     token: str,
     comeback: Comeback = FIRST_TIME,
+    on_queued: Callable[[], None] | None = None,
 ) -> RelayConnection:
-    """Connect over one transport and authenticate, within ``transport.connect_timeout``."""
+    """Connect over one transport and authenticate, within ``transport.connect_timeout``
+    (and the wait a relay pacing its admissions names, ``queued``: ``on_queued`` hears it)."""
     context, material = tls_for(config.settings.relay.tls)
     timeout = config.settings.transport.connect_timeout
     settings = json.dumps(config.section(f"transport.{name}"), sort_keys=True)
@@ -291,40 +295,57 @@ async def attempt(
     port = transport_port(name, config.data)
     endpoint = Endpoint(config.settings.relay.host, port, context, timeout, material=material)
     started = time.perf_counter()
-    deadline = asyncio.get_running_loop().time() + timeout
     try:
-        async with asyncio.timeout_at(deadline):
+        async with asyncio.timeout(timeout):
             session = await transport.connect(endpoint)
     except TimeoutError:
         raise ConnectionTimeout(f"no {name} connection to the relay in {timeout:g}s") from None
-    return await _authenticate(session, token, name, started, comeback, deadline)
+    hello = messages.Hello(
+        token=token,
+        client_version=__version__,
+        capabilities=CAPABILITIES,
+        replaces=comeback.replaces,
+        slot=comeback.slot,
+    )
+    remaining = timeout - (time.perf_counter() - started)
+    reply, control = await _introduce(session, hello, name, remaining, timeout, on_queued)
+    log.info(
+        "connected",
+        transport=name,
+        tenant_id=reply.tenant_id,
+        session_id=reply.session_id,
+        latency_ms=round((time.perf_counter() - started) * 1000, 2),
+    )
+    return RelayConnection(session, reply, name, control, token_expires_at=token_exp(token))
 
 
-async def _authenticate(
+async def _introduce(
     session: Session,
-    token: str,
+    hello: messages.Hello,
     transport: str,
-    started: float,
-    comeback: Comeback,
-    deadline: float,
-) -> RelayConnection:
-    """Hello and its answer, by the deadline the connect began: a relay that accepts the
-    connection and never answers (hung past its accept loop) would otherwise hold the
-    client forever."""
+    within: float,
+    patience: float,
+    on_queued: Callable[[], None] | None,
+) -> tuple[messages.Welcome, MessageStream]:
+    """Send ``hello`` and wait ``within`` seconds for the welcome, or the wait the relay
+    names (``queued``) plus ``patience``; a relay that takes the connection and never
+    answers (hung past its accept loop) would otherwise hold the client forever."""
+    started = time.perf_counter()
     try:
         try:
-            async with asyncio.timeout_at(deadline):
-                stream = await session.open_stream()
-                control = MessageStream(stream, messages.MAX_RELAY_MESSAGE_SIZE)
-                hello = messages.Hello(
-                    token=token,
-                    client_version=__version__,
-                    capabilities=CAPABILITIES,
-                    replaces=comeback.replaces,
-                    slot=comeback.slot,
+            async with asyncio.timeout(within) as limit:
+                control = MessageStream(
+                    await session.open_stream(), messages.MAX_RELAY_MESSAGE_SIZE
                 )
                 await control.send(hello)
-                reply = await control.expect(messages.Welcome, messages.ErrorMessage)
+                reply = await control.expect(*ANSWERS, messages.Queued)
+                if isinstance(reply, messages.Queued):  # held by the relay until its turn
+                    log.info("relay_queued", transport=transport, wait_seconds=reply.wait_seconds)
+                    if on_queued is not None:
+                        on_queued()
+                    now = asyncio.get_running_loop().time()
+                    limit.reschedule(now + reply.wait_seconds + patience)
+                    reply = await control.expect(*ANSWERS)
         except TimeoutError:
             raise ConnectionTimeout(
                 f"the relay took the {transport} connection but sent no answer to its hello"
@@ -337,13 +358,5 @@ async def _authenticate(
     except BaseException:
         await session.aclose()
         raise
-    assert isinstance(reply, messages.Welcome)  # expect() allowed only these two kinds
-    log.info(
-        "connected",
-        transport=transport,
-        tenant_id=reply.tenant_id,
-        session_id=reply.session_id,
-        latency_ms=round((time.perf_counter() - started) * 1000, 2),
-    )
-    expires_at = token_exp(token)
-    return RelayConnection(session, reply, transport, control, token_expires_at=expires_at)
+    assert isinstance(reply, messages.Welcome)  # expect() allowed only these kinds
+    return reply, control

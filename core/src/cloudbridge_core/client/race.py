@@ -78,18 +78,22 @@ async def race(
     With ``breakers`` (by transport), an endpoint that keeps failing is skipped at once
     (``circuit_open``) until its breaker lets a trial through. A relay that answers when to
     come back (it is pacing its admissions, or restarting) ends the race: it would give
-    every transport the same answer.
+    every transport the same answer; one that holds a candidate's hello for its turn
+    (``queued``) is waited for without starting the others.
     """
     names: dict[Attempt, str] = {}
     failures: dict[str, CloudBridgeError] = {}
     winner: Attempt | None = None
+    queued = asyncio.Event()  # a candidate's hello is held for its turn: it has connected
     try:
         for index, (name, spec) in enumerate(candidates):
             breaker = (breakers or {}).get(name)
-            connecting = _guarded(breaker, config, name, spec, token, comeback)
+            connecting = _guarded(breaker, config, name, spec, token, comeback, queued.set)
             names[asyncio.create_task(connecting)] = name
             last = index == len(candidates) - 1
             winner = await _first_success(names, failures, None if last else head_start, config)
+            if winner is None and queued.is_set():  # another candidate would queue again
+                winner = await _first_success(names, failures, None, config)
             if winner is not None:
                 return winner.result(), _reason(names[winner], candidates, failures, config)
     finally:
@@ -107,11 +111,12 @@ async def _guarded(
     spec: ProviderSpec[Transport],
     token: str,
     comeback: Comeback,
+    on_queued: Callable[[], None],
 ) -> RelayConnection:
     if breaker is None:
-        return await attempt(config, name, spec, token, comeback)
+        return await attempt(config, name, spec, token, comeback, on_queued)
     async with breaker.guard():
-        return await attempt(config, name, spec, token, comeback)
+        return await attempt(config, name, spec, token, comeback, on_queued)
 
 
 async def _first_success(

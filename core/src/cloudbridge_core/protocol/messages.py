@@ -3,8 +3,9 @@
 Each message is a JSON object preceded by its length (4 bytes, big-endian); its shape is
 ``schemas/protocol/messages.schema.json``, checked on every decode because the bytes come
 from the network. The control stream (the first stream a client opens) carries hello →
-welcome or error, then ping/pong, refresh → refreshed or refresh_failed (a fresh token
-before the current one expires), and goaway when the relay is about to restart; every
+welcome or error (a relay pacing its admissions may first answer ``queued``), then
+ping/pong, refresh → refreshed or refresh_failed (a fresh token before the current one
+expires), and goaway when the relay is about to restart; every
 other stream starts with ``open`` (or ``peer_splice``), answered by ``accept`` or
 ``reject``, after which raw bytes flow; or with ``peer_ticket``, answered by ``ticket`` or
 ``reject``, after which it ends.
@@ -63,6 +64,14 @@ class ErrorMessage:
     retry_in_seconds: float = 0.0
     #: the slot reserved for this client at that time, to present in its next hello
     slot: str = ""
+
+
+@dataclass(frozen=True)
+class Queued:
+    """Before welcome: the relay holds the hello until the client's turn, this far away."""
+
+    TYPE: ClassVar[str] = "queued"
+    wait_seconds: float
 
 
 @dataclass(frozen=True)
@@ -243,6 +252,7 @@ Message = (
     Hello
     | Welcome
     | ErrorMessage
+    | Queued
     | Ping
     | Pong
     | Goaway
@@ -273,6 +283,7 @@ _TYPES: dict[str, type[Message]] = {
         Hello,
         Welcome,
         ErrorMessage,
+        Queued,
         Ping,
         Pong,
         Goaway,

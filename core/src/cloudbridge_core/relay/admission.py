@@ -10,6 +10,12 @@ to the back by a newcomer. Clients are told to come :data:`LEAD` early and the r
 an early one until its time: a client's connect takes longer on a busy host, and clients
 arriving late would crowd the seconds after their slots. An id is single-use and lapses
 :data:`SLOT_GRACE` seconds after its time.
+
+A client that says it can wait (the ``queue`` capability) is not sent away when its turn
+is up to :data:`MAX_QUEUE_WAIT` away: the relay tells it how long (``queued``) and holds
+its hello until then. Each client then makes one handshake, not two (after a crash that
+halved the relay's work, which for QUIC is mostly handshakes), and sessions start when
+the relay says, not when clients on a busy host manage to come back.
 """
 
 from __future__ import annotations
@@ -28,6 +34,11 @@ SLOT_GRACE = 10.0
 LEAD = 0.25
 #: a client with a slot this close is held by the relay until its time, not sent away
 HOLD = 2 * LEAD
+#: the hello capability of a client that waits for a ``queued`` answer's welcome
+QUEUE = "queue"
+#: the longest a client that can wait is held (``queued``) rather than given a slot: it
+#: bounds the connections the relay holds waiting to ``rate`` x this
+MAX_QUEUE_WAIT = 15.0
 #: reservations held at most (a security limit: each is an id and a time); past it, clients
 #: are told when to come back without a reservation
 MAX_SLOTS = 100_000
@@ -59,7 +70,8 @@ class Admission:
         #: reserved slots by id, in the order of their times (handed out in that order)
         self._slots: OrderedDict[str, float] = OrderedDict()
 
-    def admit(self, slot: str = "") -> Turn:
+    def admit(self, slot: str = "", *, can_wait: bool = False) -> Turn:
+        """``can_wait``: the client waits for a turn up to :data:`MAX_QUEUE_WAIT` away."""
         now = self._clock()
         self._forget_lapsed(now)
         reserved = self._slots.get(slot) if slot else None
@@ -73,7 +85,7 @@ class Admission:
         wait = due - tolerance - now
         if wait <= 0:
             return NOW
-        if wait <= HOLD:
+        if wait <= (MAX_QUEUE_WAIT if can_wait else HOLD):
             return Turn(hold=wait)
         if len(self._slots) >= MAX_SLOTS:
             return Turn(retry_in=wait)

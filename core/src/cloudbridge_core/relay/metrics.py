@@ -139,6 +139,11 @@ class RelayMetrics:
             "Hellos told to come back later: over server.admission's rate (each given a slot).",
             registry=registry,
         )
+        self.sessions_queued = Counter(
+            "cloudbridge_relay_sessions_queued",
+            "Hellos held until their turn (queued) over server.admission's rate.",
+            registry=registry,
+        )
         self.sessions_replaced = Counter(
             "cloudbridge_relay_sessions_replaced",
             "Sessions closed because their client reconnected and named them (hello.replaces).",

@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 from cloudbridge_core.errors import (
     CloudBridgeError,
@@ -35,7 +35,7 @@ from cloudbridge_core.log import debug_on, get_logger
 from cloudbridge_core.protocol import derp, messages
 from cloudbridge_core.providers import AuthProvider, Claims, Session, Stream
 from cloudbridge_core.pump import PumpResult, abort, connect, prepare, pump, pump_dialled
-from cloudbridge_core.relay.admission import Admission
+from cloudbridge_core.relay.admission import HOLD, QUEUE, Admission, Turn
 from cloudbridge_core.relay.egress import EgressPolicy
 from cloudbridge_core.relay.mesh import Challenge, Member, Mesh, tell
 from cloudbridge_core.relay.metrics import RelayMetrics
@@ -106,6 +106,14 @@ class RelayLimits:
             rate_limits=server.rate_limits,
             admission=server.admission,
         )
+
+
+async def _refuse(control: MessageStream, error: CloudBridgeError) -> NoReturn:
+    """Answer the hello with ``error`` (and when to come back, if it says)."""
+    retry_in = round(error.retry_after or 0.0, 3)
+    with contextlib.suppress(TransportError):
+        await control.send(messages.ErrorMessage(error.code, error.message, retry_in))
+    raise _Answered(control.stream, error) from error
 
 
 class _Answered(Exception):
@@ -182,6 +190,8 @@ class Relay:
         #: the live sessions by id, for a reconnecting client to name the one it lost
         self._sessions: dict[str, tuple[Claims, Session]] = {}
         self.draining = False
+        #: wakes the clients held for their turn when a drain starts (they are told to go)
+        self._drain_started = asyncio.Event()
         self._controls: set[MessageStream] = set()
         self._closing: set[asyncio.Task[None]] = set()
         self._streams_idle = asyncio.Event()
@@ -208,7 +218,9 @@ class Relay:
             # holding the pre-auth budget has started it at the accept already)
             async with asyncio.timeout(self.limits.preauth_timeout):
                 control = MessageStream(await session.accept_stream())
-                claims, session_id = await self._authenticate(control, transport, session)
+                claims, hello, turn = await self._authenticate(control)
+            # past the pre-auth deadline: a queued client waits longer than it allows
+            session_id = await self._welcome(control, transport, session, claims, hello, turn)
         except TimeoutError:
             log.info("handshake_timeout")
             return
@@ -246,6 +258,7 @@ class Relay:
         client then waits for the restart instead of opening tunnels here), and wait
         (bounded) for open tunnels to finish."""
         self.draining = True
+        self._drain_started.set()
         started = time.monotonic()
         goaway = messages.Goaway("restarting", self._comeback_window())
         notices = [tell(control, goaway) for control in list(self._controls)]
@@ -262,13 +275,18 @@ class Relay:
             duration_ms=round((time.monotonic() - started) * 1000, 1),
         )
 
+    def _restarting(self) -> ServerUnavailable:
+        return ServerUnavailable(
+            "the relay is restarting",
+            retry_after=random.uniform(0, self._comeback_window()),  # noqa: S311
+        )
+
     def _comeback_window(self) -> float:
         """The seconds over which this relay's clients should spread their return."""
         return round(self.admission.spread_window(len(self._sessions)), 3)
 
-    async def _authenticate(
-        self, control: MessageStream, transport: str, session: Session
-    ) -> tuple[Claims, str]:
+    async def _authenticate(self, control: MessageStream) -> tuple[Claims, messages.Hello, Turn]:
+        """The hello's claims, checked, and the turn admission gives it (or ``_Answered``)."""
         hello = await control.expect(messages.Hello, messages.Redeem)
         if isinstance(hello, messages.Redeem):
             await self._redeem(control, hello)
@@ -282,23 +300,15 @@ class Relay:
             if CONNECT not in claims.permissions:
                 raise Unauthorized(f"token lacks the {CONNECT} permission")
             if self.draining:
-                raise ServerUnavailable(
-                    "the relay is restarting",
-                    retry_after=random.uniform(0, self._comeback_window()),  # noqa: S311
-                )
+                raise self._restarting()
             if self.sessions_by_tenant[claims.tenant_id] >= self.limits.max_sessions_per_tenant:
                 raise LimitExceeded(
                     f"tenant already holds {self.limits.max_sessions_per_tenant} sessions"
                 )
         except CloudBridgeError as error:
-            retry_in = round(error.retry_after or 0.0, 3)
-            with contextlib.suppress(TransportError):
-                await control.send(messages.ErrorMessage(error.code, error.message, retry_in))
-            raise _Answered(control.stream, error) from error
-        turn = self.admission.admit(hello.slot)
-        if turn.hold:  # its turn is near: cheaper for both than another connect
-            await asyncio.sleep(turn.hold)
-        elif turn.retry_in:  # not a failure: the client comes back at its slot (no error)
+            await _refuse(control, error)
+        turn = self.admission.admit(hello.slot, can_wait=QUEUE in hello.capabilities)
+        if turn.retry_in:  # not a failure: the client comes back at its slot (no error)
             self.metrics.sessions_deferred.inc()
             deferred = messages.ErrorMessage(
                 ServerUnavailable.code,
@@ -310,13 +320,36 @@ class Relay:
             with contextlib.suppress(TransportError):
                 await control.send(deferred)
             raise _Answered(control.stream)
-        if hello.replaces:
-            self._close_replaced(hello.replaces, claims)
-        session_id = secrets.token_urlsafe(12)
-        # before the welcome: the client may open streams as soon as it reads it
+        return claims, hello, turn
+
+    async def _welcome(
+        self,
+        control: MessageStream,
+        transport: str,
+        session: Session,
+        claims: Claims,
+        hello: messages.Hello,
+        turn: Turn,
+    ) -> str:
+        """Open the session once its turn has come; its id. A client held longer than
+        :data:`HOLD` is told so first (``queued``): it waits past its connect timeout."""
+        # authenticated: it no longer counts against the pre-auth budget, and the client
+        # may open streams as soon as it reads the welcome
         lift: Callable[[], None] | None = getattr(session, "authenticated", None)
         if lift is not None:  # transports older than Session.authenticated lack it
             lift()
+        if turn.hold > HOLD:
+            self.metrics.sessions_queued.inc()
+            await control.send(messages.Queued(round(turn.hold, 3)))
+        if turn.hold:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(turn.hold):
+                    await self._drain_started.wait()
+        if self.draining:  # it started while the client waited
+            await _refuse(control, self._restarting())
+        if hello.replaces:
+            self._close_replaced(hello.replaces, claims)
+        session_id = secrets.token_urlsafe(12)
         await control.send(
             messages.Welcome(
                 session_id=session_id,
@@ -332,7 +365,7 @@ class Relay:
             session_id=session_id,
             transport=transport,
         )
-        return claims, session_id
+        return session_id
 
     def _close_replaced(self, session_id: str, claims: Claims) -> None:
         """Close the session a reconnecting client lost, if this relay still holds it for
