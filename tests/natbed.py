@@ -18,6 +18,7 @@ import subprocess
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import IO
 
 WAN = "203.0.113.1"
 ROUTER = {1: "203.0.113.11", 2: "203.0.113.12"}
@@ -42,6 +43,17 @@ table ip filter {{
   }}
 }}
 """
+
+
+def _drain(stream: IO[str], seen: list[str], log: Path | None) -> None:
+    if log is None:
+        stream.read()
+        return
+    with log.open("w") as kept:
+        kept.writelines(seen)
+        for line in stream:
+            kept.write(line)
+            kept.flush()
 
 
 def run(command: str, stdin: str | None = None) -> None:
@@ -124,8 +136,10 @@ class NatBed:
         *,
         ready: str,
         env: Mapping[str, str] | None = None,
+        log: Path | None = None,
     ) -> subprocess.Popen[str]:
-        """Start ``command`` in ``ns``; return once it printed ``ready`` (stdout or stderr)."""
+        """Start ``command`` in ``ns``; return once it printed ``ready`` (stdout or stderr).
+        ``log``: a file that keeps all it prints (else what follows ``ready`` is dropped)."""
         process = subprocess.Popen(
             ["ip", "netns", "exec", ns, *map(str, command)],
             stdout=subprocess.PIPE,
@@ -139,7 +153,9 @@ class NatBed:
         for line in process.stdout:
             seen.append(line)
             if ready in line:
-                drain = threading.Thread(target=process.stdout.read, daemon=True)
+                drain = threading.Thread(
+                    target=_drain, args=(process.stdout, seen, log), daemon=True
+                )
                 drain.start()
                 self._drains.append(drain)
                 return process

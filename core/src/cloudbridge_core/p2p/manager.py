@@ -522,6 +522,7 @@ class PeerManager:
                 self._heartbeats()
             for state in list(self.peers.values()):
                 self._fail_stalled(state)
+                state.session.probe_dropped()
             for peer_id in [p for p in self.peers if p not in self.membership.peers]:
                 if not _holds_without_relay(self.peers[peer_id]):
                     self._drop(peer_id)  # away from the relay, and now unreachable too

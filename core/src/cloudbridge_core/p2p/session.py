@@ -40,7 +40,7 @@ from cloudbridge_core.p2p.tcp import TcpLink
 from cloudbridge_core.protocol.mux import MuxLimits
 from cloudbridge_core.providers import PeerInfo, PeerPath, Stream
 from cloudbridge_core.quic.flow import bound
-from cloudbridge_core.quic.pmtu import path_payload_size
+from cloudbridge_core.quic.pmtu import apply_datagram_size, path_payload_size
 from cloudbridge_core.quic.session import QuicSession
 from cloudbridge_core.transports.mux_session import MuxSession
 
@@ -122,6 +122,18 @@ class _PeerQuicSession(QuicSession):
     def path_datagram_size(self) -> int | None:
         return self._peer.datagram_size()
 
+    def send_probe(self) -> None:
+        """A probe now, as QUIC sends when its probe timer fires: a PING, which the peer
+        acknowledges at once, sent even when the congestion window is full (after losses it
+        is), in datagrams of the size every path carries: copies may go over other paths
+        (:meth:`PeerSession.probe_dropped`)."""
+        apply_datagram_size(self._quic, SMALLEST_MAX_DATAGRAM_SIZE)
+        try:
+            self._quic._send_probe()  # aioquic's own, for its probe timeout
+            self.transmit()
+        finally:
+            self.fit_datagrams()
+
 
 class PeerSession:
     def __init__(
@@ -141,6 +153,10 @@ class PeerSession:
         self._readers: dict[str, asyncio.Task[None]] = {}
         self.suspect: set[str] = set()  # paths that stopped delivering
         self._pending: list[bytes] = []
+        #: dropped paths that get a copy of what is sent now (:meth:`probe_dropped`)
+        self._probing: list[str] = []
+        #: when each dropped path was last probed (monotonic)
+        self._probed_at: dict[str, float] = {}
         self._sending = asyncio.Event()
         self._sender = asyncio.get_running_loop().create_task(self._send())
         self._tasks: set[asyncio.Task[None]] = set()  # held: the loop keeps only weak refs
@@ -353,16 +369,27 @@ class PeerSession:
     def _follow(self, kind: str, now: float) -> None:
         """The peer speaks over ``kind``, not over the current path: when that one has been
         silent for :data:`FOLLOW_AFTER`, the peer has moved (it lost the path first, or its
-        address changed), and answering over a silent path would answer into nothing. A
-        fallback that delivers is usable again; a better path comes back only by an attempt."""
+        address changed), and answering over a silent path would answer into nothing; when
+        ``kind`` was probed (:meth:`probe_dropped`) less than that ago and the current path
+        has carried nothing since, the peer answered: the path carries both ways again.
+        While the current path delivers, datagrams over another one change nothing (no
+        flapping): a better path then comes back only through a new attempt."""
         current = self.current
-        if current is not None and now - self._silent_since(current) < FOLLOW_AFTER:
+        probed = self._probed_at.get(kind)
+        answered = (
+            probed is not None
+            and now - probed < FOLLOW_AFTER
+            and self._heard.get(current or "", 0.0) < probed
+        )
+        if (
+            not answered
+            and current is not None
+            and now - self._silent_since(current) < FOLLOW_AFTER
+        ):
             return
-        if current is not None and RANK[kind] < RANK[current]:
-            return  # a better path is won back by a new attempt (hysteresis), not by a packet
         self.suspect.discard(kind)
-        if current is not None:
-            self.suspect.add(current)
+        if current is not None and RANK[kind] > RANK[current]:
+            self.suspect.add(current)  # else the better path is chosen over it anyway
             log.info(
                 "path_failed", peer=self.peer.name, path=current, reason=f"the peer moved to {kind}"
             )
@@ -382,6 +409,39 @@ class PeerSession:
         self.path_failed(kind, f"silent for {silent:.1f}s with data unacknowledged")
         return kind
 
+    def probe_dropped(self) -> list[str]:
+        """While QUIC waits for acknowledgements and nothing has come from the peer over any
+        path for :data:`FOLLOW_AFTER`, send a QUIC probe over the current path (if any) and
+        over each dropped path that sends without waiting (direct, STUN); the manager calls
+        this about once a second. Returns the dropped paths probed.
+
+        Why: a NAT that forgot its mappings (it rebooted; they expired) lets nothing in to
+        its host until that host sends. A peer that was only answering sends nothing, and
+        its relay session too stays deaf until its next health check (up to 30 s), so
+        neither DERP nor the signalling of a new attempt reaches it. Its direct path opens
+        again at its next ICE consent check (every 4-6 s), and only a packet sent over that
+        path finds out: the peer answers it there, and :meth:`_follow` takes the path back.
+        """
+        protocol = self._protocol
+        if protocol is None or not self._connected.is_set() or not protocol.waits_for_acks():
+            return []
+        now = time.monotonic()
+        if now - max(self._heard.values(), default=0.0) < FOLLOW_AFTER:
+            return []
+        dropped = [
+            kind
+            for kind in self.paths
+            if kind in self.suspect and callable(getattr(self._paths[kind], "send_batch", None))
+        ]
+        if dropped:
+            self._probing = dropped
+            try:
+                protocol.send_probe()
+            finally:
+                self._probing = []
+            self._probed_at.update(dict.fromkeys(dropped, now))
+        return dropped
+
     def _deliver(self, datagram: bytes) -> None:
         if self._protocol is None:
             if self.controlling or not _is_initial(datagram):
@@ -400,6 +460,10 @@ class PeerSession:
         that sends without waiting (``send_batch``), else to the sender task."""
         if not self._pending:
             return
+        for kind in self._probing:  # copies: a dropped path that fails stays dropped
+            with contextlib.suppress(Exception):
+                self._paths[kind].send_batch(self._pending)  # type: ignore[attr-defined]
+                self.bytes_sent += sum(map(len, self._pending))
         path = self._paths.get(self.current) if self.current else None
         if path is None:
             self._pending.clear()  # no path: lost, as on a network that is down
