@@ -11,7 +11,8 @@ bring the session back. The waits are hang guards; nothing here is timed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 
 import pytest
 from cloudbridge_core.p2p.identity import DeviceIdentity
@@ -94,6 +95,29 @@ def info(identity: DeviceIdentity) -> PeerInfo:
     return PeerInfo(identity.peer_id, "other", identity.public_key, certificate=certificate)
 
 
+@asynccontextmanager
+async def peers(
+    *, deaf_derp: bool
+) -> AsyncIterator[tuple[PeerSession, PeerSession, CuttableStunPath, CuttableStunPath]]:
+    """The peer that opens streams (``waiting``), the one that answers, and the STUN paths
+    from each to the other; both on ``stun``, with a deaf DERP path beside it if asked."""
+    one, two = DeviceIdentity.create(), DeviceIdentity.create()
+    waiting = PeerSession(one, info(two), one.peer_id < two.peer_id, echo)
+    answering = PeerSession(two, info(one), two.peer_id < one.peer_id, echo)
+    to_answering, to_waiting = await stun_paths()
+    try:
+        for session, stun in ((waiting, to_answering), (answering, to_waiting)):
+            if deaf_derp:
+                session.add_path(DeafDerpPath())
+            session.add_path(stun)
+        await waiting.wait_quic(10)
+        await answering.wait_quic(10)
+        yield waiting, answering, to_answering, to_waiting
+    finally:
+        await waiting.aclose()
+        await answering.aclose()
+
+
 async def until(condition: Callable[[], bool], within: float = 20) -> None:
     """Until ``condition`` holds (``within`` is a hang guard)."""
     async with asyncio.timeout(within):
@@ -112,16 +136,7 @@ def test_a_dropped_path_that_carries_again_is_found_by_probes_and_taken_back() -
 
 
 async def probes_find_the_dropped_path() -> None:
-    one, two = DeviceIdentity.create(), DeviceIdentity.create()
-    waiting = PeerSession(one, info(two), one.peer_id < two.peer_id, echo)
-    answering = PeerSession(two, info(one), two.peer_id < one.peer_id, echo)
-    to_answering, to_waiting = await stun_paths()
-    try:
-        for session, stun in ((waiting, to_answering), (answering, to_waiting)):
-            session.add_path(DeafDerpPath())
-            session.add_path(stun)
-        await waiting.wait_quic(10)
-        await answering.wait_quic(10)
+    async with peers(deaf_derp=True) as (waiting, answering, to_answering, to_waiting):
         assert (waiting.current, answering.current) == ("stun", "stun")
         stream = await waiting.open_stream()
         await stream.write(b"before")
@@ -152,9 +167,6 @@ async def probes_find_the_dropped_path() -> None:
             received += await stream.read()
         assert received == b"x" * 50_000  # nothing lost on the way
         await stream.close_write()
-    finally:
-        await waiting.aclose()
-        await answering.aclose()
 
 
 def test_no_probes_while_the_current_path_delivers() -> None:
@@ -163,14 +175,7 @@ def test_no_probes_while_the_current_path_delivers() -> None:
 
 
 async def no_probes_while_heard() -> None:
-    one, two = DeviceIdentity.create(), DeviceIdentity.create()
-    waiting = PeerSession(one, info(two), one.peer_id < two.peer_id, echo)
-    answering = PeerSession(two, info(one), two.peer_id < one.peer_id, echo)
-    to_answering, to_waiting = await stun_paths()
-    try:
-        for session, stun in ((waiting, to_answering), (answering, to_waiting)):
-            session.add_path(stun)
-        await waiting.wait_quic(10)
+    async with peers(deaf_derp=False) as (waiting, _, _, _):
         stream = await waiting.open_stream()
         waiting.suspect.add("turn")  # a dropped path of another kind, not in the session
         for _ in range(20):
@@ -181,6 +186,3 @@ async def no_probes_while_heard() -> None:
                 received += await stream.read()
         assert waiting.current == "stun"
         await stream.close_write()
-    finally:
-        await waiting.aclose()
-        await answering.aclose()
