@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from cloudbridge_core.client.connection import RelayConnection
 from cloudbridge_core.client.link import RelayLink
-from cloudbridge_core.errors import ServerUnavailable
+from cloudbridge_core.errors import LimitExceeded, ServerUnavailable
 from cloudbridge_core.relay import admission
 from relaybed import Bed, run, until
 
@@ -85,6 +85,27 @@ def test_a_client_held_for_its_turn_is_told_at_once_when_the_relay_starts_restar
             await first.aclose()
 
     run(tmp_path, scenario, admission={"rate": 0.1, "burst": 1})
+
+
+def test_a_held_client_is_checked_again_at_its_turn_against_the_tenants_limit(
+    tmp_path: Path,
+) -> None:
+    """Held clients passed the limit when they said hello; sessions opened during their
+    wait count at their turn: the last one is refused, not let in beyond the limit."""
+
+    async def scenario(bed: Bed) -> None:
+        outcomes = await asyncio.gather(*(bed.connect() for _ in range(3)), return_exceptions=True)
+        opened = [o for o in outcomes if isinstance(o, RelayConnection)]
+        try:
+            assert len(opened) == 2
+            [refused] = [o for o in outcomes if not isinstance(o, RelayConnection)]
+            assert isinstance(refused, LimitExceeded)
+            assert bed.relay.relay.metrics.sessions_queued._value.get() == 2
+        finally:
+            for connection in opened:
+                await connection.aclose()
+
+    run(tmp_path, scenario, admission={"rate": 1, "burst": 1}, max_sessions_per_tenant=2)
 
 
 def test_a_held_hello_ends_the_transport_race_no_other_transport_queues_too(

@@ -275,6 +275,15 @@ class Relay:
             duration_ms=round((time.monotonic() - started) * 1000, 1),
         )
 
+    def _check_room(self, claims: Claims) -> None:
+        """Raise why the relay has no room for a session of ``claims`` now, if it has none."""
+        if self.draining:
+            raise self._restarting()
+        if self.sessions_by_tenant[claims.tenant_id] >= self.limits.max_sessions_per_tenant:
+            raise LimitExceeded(
+                f"tenant already holds {self.limits.max_sessions_per_tenant} sessions"
+            )
+
     def _restarting(self) -> ServerUnavailable:
         return ServerUnavailable(
             "the relay is restarting",
@@ -299,12 +308,7 @@ class Relay:
             _check_not_expired(claims)
             if CONNECT not in claims.permissions:
                 raise Unauthorized(f"token lacks the {CONNECT} permission")
-            if self.draining:
-                raise self._restarting()
-            if self.sessions_by_tenant[claims.tenant_id] >= self.limits.max_sessions_per_tenant:
-                raise LimitExceeded(
-                    f"tenant already holds {self.limits.max_sessions_per_tenant} sessions"
-                )
+            self._check_room(claims)
         except CloudBridgeError as error:
             await _refuse(control, error)
         turn = self.admission.admit(hello.slot, can_wait=QUEUE in hello.capabilities)
@@ -345,8 +349,11 @@ class Relay:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(turn.hold):
                     await self._drain_started.wait()
-        if self.draining:  # it started while the client waited
-            await _refuse(control, self._restarting())
+        try:  # again after the wait: a drain may have begun, sessions opened, time passed
+            _check_not_expired(claims)
+            self._check_room(claims)
+        except CloudBridgeError as error:
+            await _refuse(control, error)
         if hello.replaces:
             self._close_replaced(hello.replaces, claims)
         session_id = secrets.token_urlsafe(12)
