@@ -22,6 +22,8 @@ from typing import IO
 
 WAN = "203.0.113.1"
 ROUTER = {1: "203.0.113.11", 2: "203.0.113.12"}
+#: the public addresses routers move to (:meth:`NatBed.move`)
+MOVED = {1: "203.0.113.21", 2: "203.0.113.22"}
 HOST = {1: "198.18.10.2", 2: "198.18.20.2"}
 
 ROUTER_RULES = """
@@ -68,6 +70,8 @@ class NatBed:
             self.routers[i] = f"cbr{i}{tag}"
             self.hosts[i] = f"cbh{i}{tag}"
         self._tag = tag
+        #: each router's public address now
+        self.public = dict(ROUTER)
         self._processes: list[subprocess.Popen[str]] = []
         self._drains: list[threading.Thread] = []
 
@@ -124,6 +128,17 @@ class NatBed:
             check=True,
             capture_output=True,  # it says how many entries went, on stderr
         )
+
+    def move(self, i: int, address: str) -> None:
+        """Router ``i`` gets a new public address, as when the ISP hands a home router
+        another one or a laptop moves to another network: the old address is gone, and
+        with it every mapping it held (the kernel drops a masquerade's entries when its
+        address goes; the flush takes the rest); new flows leave from ``address``."""
+        router, wan_side = self.routers[i], f"r{i}w{self._tag}"
+        run(f"ip -n {router} addr del {self.public[i]}/24 dev {wan_side}")
+        run(f"ip -n {router} addr add {address}/24 dev {wan_side}")
+        self.public[i] = address
+        self.forget_mappings(i)
 
     def unblock(self, name: str) -> None:
         for router in self.routers.values():

@@ -9,7 +9,7 @@ The controlling peer of a pair (the lower peer id) starts every attempt: it send
 ``begin`` for attempt N of a strategy (or of the TCP path, kind ``tcp``, or of the
 relayed stream, kind ``relay-stream``), and both sides
 then run it with the signalling of attempt N. The other side only follows, so the two
-never race.
+never race; when it loses its path it asks for attempts (:data:`RETRY`).
 """
 
 from __future__ import annotations
@@ -60,6 +60,12 @@ RETRY_WHEN_DOWN = 2.0
 STALL_AFTER = 2.0
 #: failed TCP path attempts retried as quickly as paths are while none works
 TCP_QUICK_RETRIES = 2
+#: the signal by which the peer that only follows asks the controlling one for attempts
+#: now: it lost its path, which the other may still believe works (its address changed,
+#: so the other's direct path points at the old one, and its DERP path went with its
+#: relay session); the controlling peer would otherwise notice only when it next sends,
+#: at its next heartbeat (30 s by default). Older peers ignore it.
+RETRY = "retry"
 #: what a reload changes for what follows; the others need a restart (x-restart-required)
 LIVE_SETTINGS = (
     "expose",
@@ -105,6 +111,13 @@ class PeerState:
     tcp_attempt: TcpAttempt | None = None
     #: attempts of a multiplexed carrier (``tcp``, ``relay-stream``) failed in a row
     failures: dict[str, int] = field(default_factory=dict)
+    #: the session's path at the last look (:meth:`PeerManager._ask_when_worse`)
+    held: str | None = None
+    #: on the side that only follows, since when it asks for attempts (:data:`RETRY`),
+    #: None once one began; when it last asked, and why
+    asking_since: float | None = None
+    asked_at: float = 0.0
+    asked_for: str = ""
 
     @property
     def key(self) -> bytes:
@@ -153,6 +166,8 @@ class PeerManager:
         #: set by :meth:`aclose`: membership events that arrive while it runs start nothing
         #: (a peer added then would keep its session's tasks running after the close)
         self._closed = False
+        #: wakes the keep-up loop before its next second (a relay session joined again)
+        self._nudge = asyncio.Event()
         self._tcp_enabled = mode != "relay-only" if tcp is None else tcp
         derp = any(name == "derp" for name, _ in self.strategies)
         self._relayed_enabled = derp if relayed is None else relayed
@@ -289,6 +304,7 @@ class PeerManager:
                 log.warning("peer_limit_reached", peer=info.name, limit=limit)
                 continue
             self._add(info)
+        self._nudge.set()  # after a rejoin, what the dead session lost is retried now
 
     def _drop(self, peer_id: str) -> None:
         state = self.peers.pop(peer_id)
@@ -321,6 +337,13 @@ class PeerManager:
 
     def _signalled(self, peer_id: str, kind: str, body: Mapping[str, Any]) -> None:
         state = self.peers.get(peer_id)
+        if kind == RETRY and state is not None and state.controlling and not self._closed:
+            log.info("peer_asks_for_attempts", peer=state.info.name, reason=body.get("reason"))
+            for name, _ in self.strategies:
+                attempt = state.attempts.get(name)
+                if attempt is None or attempt.state != "trying":
+                    self._spawn(self._begin(state, name))
+            return
         strategy = dict(self.strategies).get(kind)
         number = body.get("attempt")
         known = (
@@ -332,6 +355,7 @@ class PeerManager:
             log.debug("signal_ignored", peer_id=peer_id, kind=kind)
             return
         if body.get("begin") and not state.controlling:
+            state.asking_since = None  # attempts begin: what was asked for
             channel = self._channel(state, kind, number)
             if strategy is not None:
                 self._spawn(self._run(state, kind, strategy, channel))
@@ -515,7 +539,10 @@ class PeerManager:
         and, on the controlling side, new attempts at better paths."""
         last_beat = 0.0
         while True:
-            await asyncio.sleep(min(1.0, self.settings.heartbeat_interval))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(1.0, self.settings.heartbeat_interval)):
+                    await self._nudge.wait()
+            self._nudge.clear()
             now = time.monotonic()
             if now - last_beat >= self.settings.heartbeat_interval:
                 last_beat = now
@@ -528,14 +555,20 @@ class PeerManager:
                     self._drop(peer_id)  # away from the relay, and now unreachable too
             for state in list(self.peers.values()):
                 if state.controlling:
-                    for name, _ in self.strategies:
-                        if self._due(state, name):
-                            self._spawn(self._begin(state, name))
-                    for carrier in (TCP, RELAYED):
-                        if self._carrier_due(state, carrier):
-                            self._spawn(self._begin(state, carrier))
+                    self._attempt_due(state)
+                else:
+                    self._ask_when_worse(state)
             if self.metrics is not None:
                 self.metrics.observe(self.peers.values())
+
+    def _attempt_due(self, state: PeerState) -> None:
+        """On the controlling side: begin the attempts that are due."""
+        for name, _ in self.strategies:
+            if self._due(state, name):
+                self._spawn(self._begin(state, name))
+        for carrier in (TCP, RELAYED):
+            if self._carrier_due(state, carrier):
+                self._spawn(self._begin(state, carrier))
 
     def _heartbeats(self) -> None:
         """A ping for each peer, not awaited: one waits up to ``heartbeat_timeout``, and the
@@ -554,6 +587,30 @@ class PeerManager:
         if state.session.check_stalled(min(STALL_AFTER, self.settings.heartbeat_timeout)):
             self._link.check_soon()
         self._path_moved(state, before)
+
+    def _ask_when_worse(self, state: PeerState) -> None:
+        """On the side that only follows: when the session's path gets worse (or none is
+        left), ask the controlling peer for attempts now (:data:`RETRY`), and again over
+        each relay session joined since, until one begins or :data:`ATTEMPT_TIMEOUT` has
+        passed: the path is often lost with the relay session the first ask goes over (a
+        new address cuts both)."""
+        before = state.held
+        current = state.held = state.session.current
+        now = time.time()
+        if before is not None and (current is None or RANK[current] > RANK[before]):
+            state.asking_since, state.asked_at = now, 0.0
+            state.asked_for = f"{before} path lost"
+        if state.asking_since is None:
+            return
+        if now - state.asking_since > ATTEMPT_TIMEOUT:
+            state.asking_since = None  # an older peer, which does not know the signal
+        elif state.asked_at < self.membership.joined_at or not state.asked_at:
+            state.asked_at = now
+            self._spawn(self._ask(state, state.asked_for))
+
+    async def _ask(self, state: PeerState, reason: str) -> None:
+        with contextlib.suppress(CloudBridgeError):  # a dead session: asked again on the next
+            await self.membership.send_signal(state.info.peer_id, RETRY, {"reason": reason})
 
     async def _beat(self, state: PeerState) -> None:
         if not state.session.connected or state.session.current is None:
@@ -580,8 +637,11 @@ class PeerManager:
         current = session.current
         if current is not None and kind is not None and RANK[kind] >= RANK[current]:
             return False  # no better than what works now
+        ended = attempt.ended_at or attempt.started_at
+        if attempt.state == "failed" and ended < self.membership.joined_at:
+            return True  # its signalling may have gone over a relay session already dead
         wait = self.settings.upgrade_interval if current is not None else RETRY_WHEN_DOWN
-        return time.time() - (attempt.ended_at or attempt.started_at) >= wait
+        return time.time() - ended >= wait
 
     def _next_retry(self, state: PeerState) -> float | None:
         ended = [a.ended_at for a in state.attempts.values() if a.ended_at and a.state == "failed"]

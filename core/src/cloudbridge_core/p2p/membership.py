@@ -75,6 +75,9 @@ class Membership:
         self._joined = asyncio.Event()
         #: the session whose relay last answered a join with the peer list, and its signal
         self._joined_on: RelayConnection | None = None
+        #: when a relay session first answered a join (the start, each reconnection): what
+        #: was signalled before went over a session that may have been dead already
+        self.joined_at = 0.0
         self._answered = asyncio.Event()
         self._refused: CloudBridgeError | None = None
         #: why the relay gave this device's place to another process, once it has
@@ -192,6 +195,8 @@ class Membership:
     def _received(self, connection: RelayConnection, message: messages.Message) -> None:
         if isinstance(message, messages.MeshPeers):
             self.peers = {p["peer_id"]: peer_info(p) for p in message.peers}
+            if self._joined_on is not connection:  # not a refresh's answer
+                self.joined_at = time.time()
             self._joined.set()
             self._joined_on = connection
             self._answered.set()

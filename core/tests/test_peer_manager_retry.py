@@ -1,0 +1,108 @@
+"""The peer that only follows asks the controlling one for attempts when it loses its path
+(issue 16, roaming: its new address cuts its direct path and its relay session, and the
+controlling peer, idle, believes its own direct path still works), again over each relay
+session joined since, until attempts begin; and the controlling peer begins them at once.
+
+A :class:`PeerManager` without its relay link: only the membership and sessions these
+decisions read are faked, and ``_begin`` is recorded rather than run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import pytest
+from cloudbridge_core.p2p.manager import RETRY, Attempt, PeerManager, PeerState
+from cloudbridge_core.p2p.session import PeerSession
+from cloudbridge_core.providers import PeerInfo
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@dataclass
+class FakeMembership:
+    joined_at: float = field(default_factory=time.time)
+    sent: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+
+    async def send_signal(self, peer_id: str, kind: str, body: Mapping[str, Any]) -> None:
+        self.sent.append((peer_id, kind, dict(body)))
+
+
+@dataclass
+class FakeSession:
+    current: str | None = "stun"
+
+
+def manager_with_peer(*, controlling: bool) -> tuple[PeerManager, PeerState, FakeMembership]:
+    manager = object.__new__(PeerManager)
+    membership = FakeMembership()
+    manager.membership = membership  # type: ignore[assignment]
+    manager.strategies = [("ice", object()), ("derp", object())]  # type: ignore[list-item]
+    manager._closed = False
+    manager._tasks = set()
+    manager._tcp_enabled = manager._relayed_enabled = False
+    info = PeerInfo(peer_id="peer", name="server", public_key="", certificate="")
+    state = PeerState(info, cast(PeerSession, FakeSession()), controlling)
+    manager.peers = {info.peer_id: state}
+    return manager, state, membership
+
+
+async def settle(manager: PeerManager) -> None:
+    await asyncio.gather(*manager._tasks)
+
+
+def test_the_following_peer_asks_when_its_path_gets_worse_and_again_after_a_rejoin() -> None:
+    asyncio.run(follower_asks())
+
+
+async def follower_asks() -> None:
+    manager, state, membership = manager_with_peer(controlling=False)
+
+    async def run(*args: object) -> None:
+        pass
+
+    manager._channel = lambda *args: None  # type: ignore[assignment,method-assign,return-value]
+    manager._run = run  # type: ignore[method-assign]
+    session = cast(FakeSession, state.session)
+    manager._ask_when_worse(state)  # on stun: nothing to ask
+    session.current = None  # its address changed: the path, and DERP with the relay session
+    manager._ask_when_worse(state)
+    await settle(manager)
+    assert membership.sent == [("peer", RETRY, {"reason": "stun path lost"})]
+    manager._ask_when_worse(state)  # the same relay session: not again
+    await settle(manager)
+    assert len(membership.sent) == 1
+    membership.joined_at = time.time() + 1  # the first ask went over a dead session
+    manager._ask_when_worse(state)
+    await settle(manager)
+    assert len(membership.sent) == 2
+    manager._signalled("peer", "ice", {"attempt": 7, "begin": True})  # asked, and answered
+    await settle(manager)
+    membership.joined_at = time.time() + 2
+    manager._ask_when_worse(state)
+    assert state.asking_since is None
+    await settle(manager)
+    assert len(membership.sent) == 2
+
+
+def test_the_controlling_peer_begins_every_attempt_not_under_way_when_asked() -> None:
+    asyncio.run(controlling_begins())
+
+
+async def controlling_begins() -> None:
+    manager, state, _ = manager_with_peer(controlling=True)
+    begun: list[str] = []
+
+    async def begin(state: PeerState, name: str) -> None:
+        begun.append(name)
+
+    manager._begin = begin  # type: ignore[method-assign]
+    state.attempts["derp"] = Attempt("derp", 3)  # trying
+    state.attempts["ice"] = Attempt("ice", 2, "established", details={"kind": "stun"})
+    manager._signalled("peer", RETRY, {"reason": "stun path lost"})
+    await settle(manager)
+    assert begun == ["ice"]  # its stun path looks fine from here, and is tried again anyway
