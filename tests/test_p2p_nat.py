@@ -321,6 +321,7 @@ def test_a_broken_direct_path_falls_back_mid_transfer_and_comes_back(
     assert sent == received
 
 
+@pytest.mark.timeout(240)  # a minute of watching for flaps on top of the rest
 def test_all_udp_lost_mid_transfer_moves_to_derp_without_flapping_and_back(
     nat: NatBed, tmp_path: Path
 ) -> None:
@@ -338,7 +339,7 @@ def test_all_udp_lost_mid_transfer_moves_to_derp_without_flapping_and_back(
     sent, received = transfer.result()
     assert sent == received  # nothing lost nor cut short on the way
     changes = len(path_changes(mesh, laptop))
-    time.sleep(12)  # more than an upgrade interval: attempts fail, the path stays
+    time.sleep(60)  # issue 16: no flapping for a minute (attempts fail, the path stays)
     assert mesh.peer_path(laptop) == "derp"
     assert len(path_changes(mesh, laptop)) == changes, path_changes(mesh, laptop)
     nat.unblock("no_udp")
