@@ -134,3 +134,15 @@ def test_a_client_that_can_wait_is_held_for_a_turn_up_to_the_queue_bound() -> No
     beyond = admission.admit(can_wait=True)
     assert beyond.retry_in == pytest.approx(MAX_QUEUE_WAIT + 1 - LEAD)
     assert beyond.slot
+
+
+def test_turns_that_come_due_together_start_a_rate_apart() -> None:
+    """A busy loop lets three held turns pass late, together: their sessions still start
+    at the rate, where they would all have opened in the same instant."""
+    admission, clock = paced(rate=2)
+    holds = [admission.admit(can_wait=True).hold for _ in range(3)]
+    assert holds == pytest.approx([0, 0.5, 1.0])
+    clock.now += 1.5  # the loop comes back to them only now
+    assert [admission.start_delay() for _ in holds] == pytest.approx([0, 0.5, 1.0])
+    clock.now += 10
+    assert admission.start_delay() == 0  # on time: no wait

@@ -57,6 +57,20 @@ class Turn:
 NOW = Turn()
 
 
+class _Pace:
+    """A GCRA: turns ``rate`` a second apart, ``burst`` of them at once."""
+
+    def __init__(self) -> None:
+        self._next = 0.0  # the theoretical time of the next turn
+
+    def take(self, now: float, quota: RateQuota) -> float:
+        """Take the next turn: seconds from ``now`` until it comes (0: now)."""
+        interval = 1.0 / quota.rate
+        due = max(self._next, now)
+        self._next = due + interval
+        return max(0.0, due - (quota.burst - 1) * interval - now)
+
+
 class Admission:
     """``admit(slot)``: when the session of a hello (with the slot it was given, if any)
     may start."""
@@ -66,7 +80,10 @@ class Admission:
     ) -> None:
         self._quota = quota  # read at each hello: a reload applies to the next one
         self._clock = clock
-        self._next_admission = 0.0
+        self._admissions = _Pace()
+        #: the same pace for the sessions that start: turns a busy loop let pass late
+        #: would otherwise start together
+        self._starts = _Pace()
         #: reserved slots by id, in the order of their times (handed out in that order)
         self._slots: OrderedDict[str, float] = OrderedDict()
 
@@ -77,13 +94,8 @@ class Admission:
         reserved = self._slots.get(slot) if slot else None
         if reserved is not None:
             return self._redeem(slot, reserved - now)
-        quota = self._quota()
-        interval = 1.0 / quota.rate
-        tolerance = (quota.burst - 1) * interval
-        due = max(self._next_admission, now)
-        self._next_admission = due + interval  # admitted now, or reserved for later
-        wait = due - tolerance - now
-        if wait <= 0:
+        wait = self._admissions.take(now, self._quota())  # now, or reserved for later
+        if not wait:
             return NOW
         if wait <= (MAX_QUEUE_WAIT if can_wait else HOLD):
             return Turn(hold=wait)
@@ -98,6 +110,12 @@ class Admission:
             return Turn(retry_in=wait - LEAD, slot=slot)  # far too early: the same slot
         del self._slots[slot]
         return Turn(hold=wait) if wait > 0 else NOW
+
+    def start_delay(self) -> float:
+        """Seconds a session whose turn has come waits before it starts: sessions start at
+        most ``rate`` a second (``burst`` at once) even when the relay's loop ran late and
+        several turns came due together (the held ones, late clients with slots)."""
+        return self._starts.take(self._clock(), self._quota())
 
     def spread_window(self, sessions: int) -> float:
         """How long ``sessions`` clients take to be admitted again: the window a ``goaway``

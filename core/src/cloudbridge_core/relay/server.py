@@ -275,6 +275,12 @@ class Relay:
             duration_ms=round((time.monotonic() - started) * 1000, 1),
         )
 
+    async def _wait_unless_draining(self, seconds: float) -> None:
+        if seconds:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    await self._drain_started.wait()
+
     def _check_room(self, claims: Claims) -> None:
         """Raise why the relay has no room for a session of ``claims`` now, if it has none."""
         if self.draining:
@@ -345,10 +351,8 @@ class Relay:
         if turn.hold > HOLD:
             self.metrics.sessions_queued.inc()
             await control.send(messages.Queued(round(turn.hold, 3)))
-        if turn.hold:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(turn.hold):
-                    await self._drain_started.wait()
+        await self._wait_unless_draining(turn.hold)
+        await self._wait_unless_draining(self.admission.start_delay())
         try:  # again after the wait: a drain may have begun, sessions opened, time passed
             _check_not_expired(claims)
             self._check_room(claims)
