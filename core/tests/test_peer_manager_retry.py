@@ -13,12 +13,14 @@ import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
 from cloudbridge_core.p2p.manager import RETRY, Attempt, PeerManager, PeerState
 from cloudbridge_core.p2p.session import PeerSession
 from cloudbridge_core.providers import PeerInfo
+from cloudbridge_core.settings import P2PSettings
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -106,3 +108,21 @@ async def controlling_begins() -> None:
     manager._signalled("peer", RETRY, {"reason": "stun path lost"})
     await settle(manager)
     assert begun == ["ice"]  # its stun path looks fine from here, and is tried again anyway
+
+
+def test_upgrade_attempts_begin_an_interval_apart_from_start_to_start() -> None:
+    """A failing ICE attempt takes its whole 15 s; counted from its end, the next began
+    25 s after it with a 10 s interval, and a path that came back waited up to that long."""
+    manager, state, membership = manager_with_peer(controlling=True)
+    manager.settings = cast(P2PSettings, SimpleNamespace(upgrade_interval=10.0))
+    membership.joined_at = 0.0
+    now = time.time()
+    failed = Attempt("ice", 4, "failed", started_at=now - 15, ended_at=now)
+    state.attempts["ice"] = failed
+    cast(FakeSession, state.session).current = "derp"
+    assert manager._due(state, "ice")  # 15 s since it began: due, though it just ended
+    failed.started_at = now - 5
+    assert not manager._due(state, "ice")
+    cast(FakeSession, state.session).current = None  # no path at all: 2 s after the end
+    failed.ended_at = now - 3
+    assert manager._due(state, "ice")
