@@ -48,7 +48,7 @@ def test_a_turn_beyond_the_queue_bound_is_a_slot_to_come_back_to(
 
     async def scenario(bed: Bed) -> None:
         first = await bed.connect()
-        impatient = {"transport.connect_timeout": "0.2s"}
+        impatient = {"transport.connect_timeout": "0.5s"}
         # turns 1 s away (held: waited for past connect_timeout) and 2 s away (a slot)
         second, third = await asyncio.gather(
             bed.connect(**impatient), bed.connect(**impatient), return_exceptions=True
