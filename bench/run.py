@@ -39,12 +39,16 @@ to gRPC, the peer tunnel to the relayed TLS tunnel (on the direct path, or over 
 loopback), on a UDP-only path to the QUIC engine;
 and issue 15's goals, met or not. Then the floods of floods.py (part "floods"): what a
 hostile stranger or tenant costs a bystander. docs/performance.md says how each figure is
-taken. Last, part "recovery" (recovery.py): --clients clients on one relay, killed and
-restarted, and black-holed sessions, against issue 16's bounds.
+taken. Then part "recovery" (recovery.py): --clients clients on one relay, killed and
+restarted, and black-holed sessions, against issue 16's bounds. Last, part "peers"
+(peers.py): two peers behind two NATs (network namespaces, nftables, coturn; needs root,
+conntrack and turnserver), their direct path broken three ways (all UDP lost mid-transfer,
+both NATs' mappings forgotten, the laptop's public address changed), each once, against
+issue 16's bounds for the peers' path.
 
-    ./dev bench                              everything (about 10 minutes on 2 cores)
+    ./dev bench                              everything (about 12 minutes on 2 cores)
     ./dev bench --only socat,ssh,tls         some paths, or parts: references, relayed,
-                                             mtu1500, floods, recovery
+                                             mtu1500, floods, recovery, peers
     ./dev bench --quick --only direct,tls    a smoke run: small sizes, a few seconds a path
     ./dev bench --repeat 3 --json out.json   the median of 3 rounds, every figure in a file
 
@@ -98,6 +102,8 @@ PARTS = {
         f"{MTU}peer-udp",
     ],
 }
+#: parts run by themselves, not paths: not in --quick
+PROCESS_PARTS = ["floods", "recovery", "peers"]
 
 
 def note(message: str) -> None:
@@ -183,9 +189,9 @@ def measure_engine(engine: paths.Engine, args: argparse.Namespace) -> Figures:
 
 
 def selected(only: str | None, quick: bool) -> list[str]:
-    every = [*REFERENCES, *PARTS["relayed"], *PARTS["mtu1500"], "floods", "recovery"]
+    every = [*REFERENCES, *PARTS["relayed"], *PARTS["mtu1500"], *PROCESS_PARTS]
     if only is None:
-        return [name for name in every if not (quick and name in ("floods", "recovery"))]
+        return [name for name in every if not (quick and name in PROCESS_PARTS)]
     wanted: list[str] = []
     for word in (part.strip() for part in only.split(",")):
         names = PARTS.get(word) or [
@@ -372,7 +378,7 @@ def main() -> None:
         names = selected(args.only, args.quick)
     except ValueError as error:
         parser.error(f"--only: {error}")
-    path_names = [name for name in names if name not in ("floods", "recovery")]
+    path_names = [name for name in names if name not in PROCESS_PARTS]
     if path_names:
         results, skipped, errors = run_paths(path_names, args)
         check_target(results)
@@ -389,6 +395,9 @@ def main() -> None:
         # a process of its own: a thousand client links want the descriptors and the loop
         recovery = [sys.executable, str(Path(__file__).with_name("recovery.py"))]
         subprocess.run([*recovery, "--clients", str(args.clients)], check=True)
+    if "peers" in names:
+        # network namespaces and a minute of watching: a process of its own, as recovery
+        subprocess.run([sys.executable, str(Path(__file__).with_name("peers.py"))], check=True)
 
 
 if __name__ == "__main__":

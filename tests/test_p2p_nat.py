@@ -6,112 +6,23 @@ cannot be created."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
+from nat_mesh import (
+    BIN,
+    block_between_peers,
+    namespaces_work,
+    path_changes,
+    start_mesh,
+    unblock_between_peers,
+)
 from natbed import MOVED, ROUTER, WAN, NatBed
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
-BIN = Path(sys.executable).parent
-TOOLS = Path(__file__).parent / "ns_tools.py"
-ECHO_PORT, LOCAL_PORT = 7000, 7100
-TURN_USER, TURN_PASSWORD = "alice", "s3cret-turn"
-TURN_SECRET = "shared-by-relay-and-coturn"
-
-
-def namespaces_work() -> str | None:
-    if shutil.which("ip") is None or shutil.which("nft") is None:
-        return "iproute2 and nftables are needed (./dev test installs them)"
-    probe = subprocess.run(
-        ["ip", "netns", "add", "cbprobe"], check=False, capture_output=True, text=True
-    )
-    if probe.returncode != 0:
-        return f"network namespaces cannot be created here: {probe.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", "cbprobe"], check=False)
-    return None
-
-
-@dataclass
-class Mesh:
-    bed: NatBed
-    tmp: Path
-    relay: subprocess.Popen[str]
-    relay_command: list[Any]
-    relay_env: dict[str, str]
-
-    def restart_relay(self) -> None:
-        self.relay.terminate()
-        assert self.relay.wait(30) == 0
-        self.relay = self.bed.spawn(
-            self.bed.wan, self.relay_command, ready="client config:", env=self.relay_env
-        )
-
-    def cloudbridge(self, *args: str) -> str:
-        return subprocess.run(
-            [BIN / "cloudbridge", *args], capture_output=True, text=True, check=True
-        ).stdout
-
-    def status(self, config: Path) -> dict[str, Any]:
-        document: dict[str, Any] = json.loads(
-            self.cloudbridge("status", "--config", str(config), "--json")
-        )
-        return document
-
-    def peer_path(self, config: Path) -> str | None:
-        peers = self.status(config)["peers"]
-        return peers[0]["path"] if peers and peers[0]["connected"] else None
-
-    def wait_for_path(self, config: Path, path: str, within: float) -> float:
-        started = time.monotonic()
-        while (seen := self.peer_path(config)) != path:
-            assert time.monotonic() - started < within, (
-                f"path {seen}, not {path}: {self.explain(config)}"
-            )
-            time.sleep(0.2)
-        return time.monotonic() - started
-
-    def explain(self, config: Path) -> str:
-        return self.cloudbridge("status", "--config", str(config), "--explain", "server")
-
-    def paced_roundtrip(self, size: int, seconds: float) -> PacedTransfer:
-        """A round trip through the peer tunnel that takes ``seconds``, started in h1."""
-        return PacedTransfer(
-            subprocess.Popen(
-                [
-                    *("ip", "netns", "exec", self.bed.hosts[1], sys.executable, str(TOOLS)),
-                    *("roundtrip", str(LOCAL_PORT), str(size), str(seconds)),
-                ],
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-        )
-
-    def roundtrip(self, size: int, seconds: float) -> tuple[str, str]:
-        sent, received = self.bed.exec(
-            self.bed.hosts[1],
-            [sys.executable, TOOLS, "roundtrip", str(LOCAL_PORT), str(size), str(seconds)],
-            timeout=120,
-        ).split()
-        return sent, received
-
-
-@dataclass
-class PacedTransfer:
-    process: subprocess.Popen[str]
-
-    def result(self) -> tuple[str, str]:
-        """The sha256 of what was sent and of what came back."""
-        output, _ = self.process.communicate(timeout=90)
-        sent, received = output.split()
-        return sent, received
 
 
 @pytest.fixture
@@ -121,116 +32,6 @@ def nat(tmp_path: Path) -> Iterator[NatBed]:
         pytest.skip(why)
     with NatBed() as bed:
         yield bed
-
-
-#: quick heartbeats and upgrades, so that the tests see paths found and dropped in seconds
-QUICK = {"heartbeat_interval": "1s", "heartbeat_timeout": "1s", "upgrade_interval": "3s"}
-
-
-def start_mesh(
-    bed: NatBed,
-    tmp: Path,
-    *,
-    turn: bool,
-    issued_turn: bool = False,
-    timings: dict[str, str] = QUICK,
-) -> tuple[Mesh, Path, Path, Path]:
-    """The relay and coturn in the wan; ``server`` (exposing the echo port) in h2; a peer
-    tunnel from ``laptop`` in h1; ``outsider``, of another tenant, in h1 too. ``turn``: the
-    peers have coturn's long-term user in ``p2p.ice.turn_servers``; ``issued_turn``: coturn
-    takes only the credentials the relay issues (``server.turn``); ``timings``: the peers'
-    heartbeat and upgrade settings."""
-    turnserver = shutil.which("turnserver")
-    assert turnserver, "coturn is not installed (./dev test installs it)"
-    conf = tmp / "turnserver.conf"
-    auth = (
-        f"use-auth-secret\nstatic-auth-secret={TURN_SECRET}\n"
-        if issued_turn
-        else f"lt-cred-mech\nuser={TURN_USER}:{TURN_PASSWORD}\n"
-    )
-    conf.write_text(
-        f"listening-ip={WAN}\nrelay-ip={WAN}\nlistening-port=3478\nmin-port=49160\n"
-        f"max-port=49400\nrealm=cloudbridge.test\n{auth}"
-        f"fingerprint\nno-tls\nno-dtls\nno-cli\npidfile={tmp}/turn.pid\nuserdb={tmp}/turndb\n"
-        "log-file=stdout\nsimple-log\n"
-    )
-    bed.spawn(bed.wan, [turnserver, "-c", conf], ready="IO method (admin thread)")
-    state = tmp / "relay"
-    env = {"CLOUDBRIDGE_SERVER__PUBLIC_HOST": WAN, "CLOUDBRIDGE_METRICS__ENABLED": "false"}
-    if issued_turn:
-        secret_file = tmp / "turn.secret"
-        secret_file.write_text(TURN_SECRET)
-        secret_file.chmod(0o600)
-        env["CLOUDBRIDGE_SERVER__TURN__SECRET_FILE"] = str(secret_file)
-        env["CLOUDBRIDGE_SERVER__TURN__URLS"] = json.dumps([f"turn:{WAN}:3478"])
-    relay: list[Any] = [BIN / "cloudbridge", "relay", "serve", "--state-dir", state]
-    started = bed.spawn(bed.wan, relay, ready="client config:", env=env, log=tmp / "relay.log")
-    mesh = Mesh(bed, tmp, started, relay, env)
-    tokens = {
-        tenant: mesh.cloudbridge(
-            *("relay", "token", "issue", "--state-dir", str(state), "--tenant", tenant),
-            *("--subject", "peer", "--permission", "relay:connect", "--permission", "p2p:mesh"),
-        ).strip()
-        for tenant in ("acme", "globex")
-    }
-    written = yaml.safe_load((state / "client.yaml").read_text())
-    # STUN from the relay itself, as its client.yaml says
-    ice: dict[str, Any] = dict(written["p2p"]["ice"])
-    assert ice["stun_servers"] == [f"stun:{WAN}:19302"]
-    if turn:
-        ice["turn_servers"] = [
-            {"url": f"turn:{WAN}:3478", "username": TURN_USER, "credential": TURN_PASSWORD}
-        ]
-    configs = []
-    for name, expose, tenant in (
-        ("laptop", [], "acme"),
-        ("server", [ECHO_PORT], "acme"),
-        ("outsider", [ECHO_PORT], "globex"),
-    ):
-        config = tmp / f"{name}.yaml"
-        p2p: dict[str, Any] = {
-            "name": name,
-            "expose": expose,
-            "ice": ice,
-            **timings,
-        }
-        auth = {"token": tokens[tenant]}
-        document = {**written, "auth": auth, "metrics": {"enabled": False}, "p2p": p2p}
-        config.write_text(yaml.safe_dump(document))
-        configs.append(config)
-    laptop, server, outsider = configs
-    bed.spawn(bed.hosts[2], [sys.executable, TOOLS, "echo", str(ECHO_PORT)], ready="echo ready")
-    for host, config in ((2, server), (1, outsider)):
-        p2p_command = [BIN / "cloudbridge", "p2p", "--config", config]
-        bed.spawn(
-            bed.hosts[host], p2p_command, ready="in the mesh as", log=config.with_suffix(".log")
-        )
-    bed.spawn(
-        bed.hosts[1],
-        [
-            *(BIN / "cloudbridge", "tunnel", "--config", laptop, "--local-port", str(LOCAL_PORT)),
-            *("--remote-peer", "server", "--remote-port", str(ECHO_PORT)),
-        ],
-        ready=f"tunnel 127.0.0.1:{LOCAL_PORT}",
-        log=laptop.with_suffix(".log"),
-    )
-    return mesh, laptop, server, outsider
-
-
-BETWEEN_PEERS = [
-    f"meta l4proto udp ip daddr {{ {ROUTER[1]}, {ROUTER[2]} }}",
-    f"meta l4proto udp ip saddr {{ {ROUTER[1]}, {ROUTER[2]} }}",
-]
-
-
-def block_between_peers(bed: NatBed) -> None:
-    for index, rule in enumerate(BETWEEN_PEERS):
-        bed.block(f"peers{index}", rule)
-
-
-def unblock_between_peers(bed: NatBed) -> None:
-    for index in range(len(BETWEEN_PEERS)):
-        bed.unblock(f"peers{index}")
 
 
 @pytest.mark.parametrize(
@@ -393,12 +194,6 @@ def test_new_connections_work_after_the_laptops_public_address_changes(
     assert peer["endpoint"].rpartition(":")[0] == MOVED[1], peer
     sent, received = mesh.roundtrip(1 << 20, 0)
     assert sent == received
-
-
-def path_changes(mesh: Mesh, config: Path) -> list[dict[str, Any]]:
-    explained = mesh.cloudbridge("status", "--config", str(config), "--explain", "server", "--json")
-    changes: list[dict[str, Any]] = json.loads(explained)["path_changes"]
-    return changes
 
 
 def test_a_relay_restart_keeps_direct_peer_sessions_and_their_tunnels(
