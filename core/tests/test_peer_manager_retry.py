@@ -17,7 +17,14 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
-from cloudbridge_core.p2p.manager import RETRY, Attempt, PeerManager, PeerState
+from cloudbridge_core.p2p.manager import (
+    ATTEMPT_TIMEOUT,
+    RETRY,
+    UPGRADE_ATTEMPT_FLOOR,
+    Attempt,
+    PeerManager,
+    PeerState,
+)
 from cloudbridge_core.p2p.session import PeerSession
 from cloudbridge_core.providers import PeerInfo
 from cloudbridge_core.settings import P2PSettings
@@ -126,3 +133,18 @@ def test_upgrade_attempts_begin_an_interval_apart_from_start_to_start() -> None:
     cast(FakeSession, state.session).current = None  # no path at all: 2 s after the end
     failed.ended_at = now - 3
     assert manager._due(state, "ice")
+
+
+def test_an_upgrade_attempt_lasts_at_most_the_upgrade_interval_but_at_least_the_floor() -> None:
+    """An attempt begun while UDP was dropped cannot succeed once it is back: it must not
+    hold off the next one beyond the upgrade interval (it ran 15 s, 10 s apart)."""
+    manager, state, _ = manager_with_peer(controlling=True)
+    session = cast(FakeSession, state.session)
+    manager.settings = cast(P2PSettings, SimpleNamespace(upgrade_interval=10.0))
+    session.current = "derp"
+    assert manager._attempt_timeout(state) == 10.0
+    session.current = None  # nothing works: the whole bound
+    assert manager._attempt_timeout(state) == ATTEMPT_TIMEOUT
+    manager.settings = cast(P2PSettings, SimpleNamespace(upgrade_interval=1.0))
+    session.current = "turn"
+    assert manager._attempt_timeout(state) == UPGRADE_ATTEMPT_FLOOR
