@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator
 
 import pytest
 from cloudbridge_core.errors import TransportClosed
 from cloudbridge_core.p2p import tcp
 from cloudbridge_core.p2p.identity import DeviceIdentity
 from cloudbridge_core.p2p.session import PeerSession
-from cloudbridge_core.providers import PeerInfo, Session, Stream, Transport
+from cloudbridge_core.providers import Session, Stream, Transport
 from cloudbridge_core.testing.conformance import (
     CHECKS,
     Handler,
@@ -39,6 +39,12 @@ from cloudbridge_core.testing.conformance import (
     run_check,
     slow_reader_bounds_memory,
     untrusted_certificate_rejected,
+)
+from cloudbridge_core.testing.loopback_paths import (
+    BatchingUdpPath,
+    UdpPath,
+    peer_info,
+    udp_paths,
 )
 
 pytestmark = pytest.mark.timeout(90)
@@ -52,65 +58,6 @@ RELAY_ENDPOINT_CHECKS = {
 PEER_CHECKS = [check for check in CHECKS if check not in RELAY_ENDPOINT_CHECKS]
 
 
-class _Socket(asyncio.DatagramProtocol):
-    def __init__(self) -> None:
-        self.received: asyncio.Queue[bytes] = asyncio.Queue()
-        self.deliver: Callable[[bytes], None] = self.received.put_nowait
-
-    def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
-        self.deliver(data)
-
-
-class UdpPath:
-    """A direct path: one UDP socket on loopback, sending to the other's."""
-
-    kind = "direct"
-
-    def __init__(
-        self, transport: asyncio.DatagramTransport, protocol: _Socket, remote: tuple[str, int]
-    ) -> None:
-        self._transport = transport
-        self._protocol = protocol
-        self._remote = remote
-        self.endpoint = f"{remote[0]}:{remote[1]}"
-
-    async def send(self, datagram: bytes) -> None:
-        self._transport.sendto(datagram, self._remote)
-
-    async def receive(self) -> bytes:
-        return await self._protocol.received.get()
-
-    async def aclose(self) -> None:
-        self._transport.close()
-
-
-class BatchingUdpPath(UdpPath):
-    """The same path sending a batch without waiting and handing over each datagram as it
-    arrives, as ICE's UDP paths do."""
-
-    def send_batch(self, datagrams: Sequence[bytes]) -> None:
-        for datagram in datagrams:
-            self._transport.sendto(datagram, self._remote)
-
-    def deliver_to(self, receiver: Callable[[bytes], None]) -> None:
-        self._protocol.deliver = receiver
-
-
-async def udp_paths(kind: type[UdpPath]) -> tuple[UdpPath, UdpPath]:
-    loop = asyncio.get_running_loop()
-    ends = [await loop.create_datagram_endpoint(_Socket, local_addr=("127.0.0.1", 0)) for _ in "ab"]
-    (a, a_protocol), (b, b_protocol) = ends
-    return (
-        kind(a, a_protocol, b.get_extra_info("sockname")),
-        kind(b, b_protocol, a.get_extra_info("sockname")),
-    )
-
-
-def info(identity: DeviceIdentity) -> PeerInfo:
-    certificate = identity.ca.certificate.decode()
-    return PeerInfo(identity.peer_id, "other", identity.public_key, certificate=certificate)
-
-
 class PeerEnd:
     """One peer's :class:`PeerSession` seen as a :class:`Session`: the streams the peer
     opens are served by queueing them for ``accept_stream``. With ``link``, the session
@@ -121,7 +68,7 @@ class PeerEnd:
     ) -> None:
         self._incoming: asyncio.Queue[Stream] = asyncio.Queue()
         controlling = identity.peer_id < other.peer_id
-        self.session = PeerSession(identity, info(other), controlling, self._serve)
+        self.session = PeerSession(identity, peer_info(other), controlling, self._serve)
         self._on_tcp = link is not None
         if link is not None:
             self.session.attach_tcp(link)
@@ -230,14 +177,14 @@ class TcpPeerSessionKit(TransportKit):
         accepted_link: asyncio.Future[tcp.TcpLink] = asyncio.get_running_loop().create_future()
         listener = tcp.PeerTcpListener(
             acceptor,
-            lambda: [info(dialer)],
+            lambda: [peer_info(dialer)],
             lambda _peer, link: accepted_link.set_result(link),
             ["127.0.0.1"],
         )
         await listener.start("127.0.0.1")
         try:
             endpoints = tcp.parse_endpoints({"endpoints": listener.endpoints()})
-            dialed = await tcp.dial(dialer, info(acceptor), endpoints)
+            dialed = await tcp.dial(dialer, peer_info(acceptor), endpoints)
             client = PeerEnd(dialer, acceptor, dialed)
             server = PeerEnd(acceptor, dialer, await asyncio.wait_for(accepted_link, 10))
         finally:

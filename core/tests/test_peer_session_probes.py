@@ -17,50 +17,25 @@ from contextlib import asynccontextmanager
 import pytest
 from cloudbridge_core.p2p.identity import DeviceIdentity
 from cloudbridge_core.p2p.session import PeerSession
-from cloudbridge_core.providers import PeerInfo, Stream
+from cloudbridge_core.providers import Stream
+from cloudbridge_core.testing.loopback_paths import BatchingUdpPath, peer_info, udp_paths
 
 pytestmark = pytest.mark.timeout(60)
 
 
-class _Socket(asyncio.DatagramProtocol):
-    def __init__(self) -> None:
-        self.deliver: Callable[[bytes], None] = lambda data: None
-
-    def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
-        self.deliver(data)
-
-
-class CuttableStunPath:
+class CuttableStunPath(BatchingUdpPath):
     """A UDP path that sends without waiting, as ICE's are; while ``cut``, whatever it
     sends is lost (a NAT without the mapping)."""
 
     kind = "stun"
-
-    def __init__(
-        self, transport: asyncio.DatagramTransport, protocol: _Socket, remote: tuple[str, int]
-    ) -> None:
-        self._transport, self._protocol, self._remote = transport, protocol, remote
-        self.endpoint = f"{remote[0]}:{remote[1]}"
-        self.cut = False
-        self._closed = asyncio.Event()
+    cut = False
 
     def send_batch(self, datagrams: Sequence[bytes]) -> None:
         if not self.cut:
-            for datagram in datagrams:
-                self._transport.sendto(datagram, self._remote)
+            super().send_batch(datagrams)
 
     async def send(self, datagram: bytes) -> None:
         self.send_batch([datagram])
-
-    def deliver_to(self, receiver: Callable[[bytes], None]) -> None:
-        self._protocol.deliver = receiver
-
-    async def receive(self) -> bytes:
-        await self._closed.wait()
-        raise ConnectionError("closed")
-
-    async def aclose(self) -> None:
-        self._transport.close()
 
 
 class DeafDerpPath:
@@ -80,21 +55,6 @@ class DeafDerpPath:
         """Nothing to close."""
 
 
-async def stun_paths() -> tuple[CuttableStunPath, CuttableStunPath]:
-    loop = asyncio.get_running_loop()
-    ends = [await loop.create_datagram_endpoint(_Socket, local_addr=("127.0.0.1", 0)) for _ in "ab"]
-    (a, a_protocol), (b, b_protocol) = ends
-    return (
-        CuttableStunPath(a, a_protocol, b.get_extra_info("sockname")),
-        CuttableStunPath(b, b_protocol, a.get_extra_info("sockname")),
-    )
-
-
-def info(identity: DeviceIdentity) -> PeerInfo:
-    certificate = identity.ca.certificate.decode()
-    return PeerInfo(identity.peer_id, "other", identity.public_key, certificate=certificate)
-
-
 @asynccontextmanager
 async def peers(
     *, deaf_derp: bool
@@ -102,9 +62,9 @@ async def peers(
     """The peer that opens streams (``waiting``), the one that answers, and the STUN paths
     from each to the other; both on ``stun``, with a deaf DERP path beside it if asked."""
     one, two = DeviceIdentity.create(), DeviceIdentity.create()
-    waiting = PeerSession(one, info(two), one.peer_id < two.peer_id, echo)
-    answering = PeerSession(two, info(one), two.peer_id < one.peer_id, echo)
-    to_answering, to_waiting = await stun_paths()
+    waiting = PeerSession(one, peer_info(two), one.peer_id < two.peer_id, echo)
+    answering = PeerSession(two, peer_info(one), two.peer_id < one.peer_id, echo)
+    to_answering, to_waiting = await udp_paths(CuttableStunPath)
     try:
         for session, stun in ((waiting, to_answering), (answering, to_waiting)):
             if deaf_derp:
