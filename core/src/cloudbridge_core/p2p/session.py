@@ -411,9 +411,10 @@ class PeerSession:
 
     def probe_dropped(self) -> list[str]:
         """While QUIC waits for acknowledgements and nothing has come from the peer over any
-        path for :data:`FOLLOW_AFTER`, send a QUIC probe over the current path (if any) and
-        over each dropped path that sends without waiting (direct, STUN); the manager calls
-        this about once a second. Returns the dropped paths probed.
+        path for :data:`FOLLOW_AFTER`, and a dropped path that sends without waiting (direct,
+        STUN) is left, send a QUIC probe over the current path (if any) and a copy over each
+        such dropped path (QUIC's own probes cover the current path alone); the manager
+        calls this about once a second. Returns the dropped paths probed.
 
         Why: a NAT that forgot its mappings (it rebooted; they expired) lets nothing in to
         its host until that host sends. A peer that was only answering sends nothing, and
