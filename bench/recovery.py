@@ -103,8 +103,13 @@ class Relay:
             [*command, str(self.state)], env=env, stderr=subprocess.PIPE, text=True
         )
         assert process.stderr is not None
-        if not any("client config:" in line for line in process.stderr):
-            raise RuntimeError(f"the relay exited with {process.wait()}")
+        said = collections.deque[str](maxlen=20)
+        for line in process.stderr:
+            if "client config:" in line:
+                break
+            said.append(line)
+        else:
+            raise RuntimeError(f"the relay exited with {process.wait()}:\n{''.join(said)}")
         self.opened = collections.Counter[str]()
         threading.Thread(target=self._count_sessions, args=(process.stderr,), daemon=True).start()
         self.process = process
