@@ -19,6 +19,7 @@ The ``code`` is the same string in wire messages, logs, metrics labels and CLI o
     ├── HeartbeatFailed                  heartbeat_failed  exit 5  retry after 2s
     ├── CircuitOpen                      circuit_open      exit 5  retry after the breaker's reset
     ├── P2PConnectionFailed              p2p_failed        exit 1  retry after 5s
+    ├── OverlayFailed                    overlay_failed    exit 1
     ├── TunnelClosed                     tunnel_closed     exit 1
     ├── EgressDenied                     egress_denied     exit 1
     ├── TargetUnreachable                unreachable       exit 1  retry after 2s
@@ -214,6 +215,13 @@ class P2PConnectionFailed(CloudBridgeError):
     ) -> None:
         super().__init__(message, hint=hint)
         self.details = dict(details or {})
+
+
+class OverlayFailed(CloudBridgeError):
+    """The overlay could not be brought up or changed: a missing capability
+    (CAP_NET_ADMIN), program (wireguard-go) or kernel feature, or a refused pool."""
+
+    code = "overlay_failed"
 
 
 class TunnelClosed(CloudBridgeError):

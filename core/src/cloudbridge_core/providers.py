@@ -327,15 +327,71 @@ class NatStrategy(Protocol):
 # ---- overlays and exporters ----------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class OverlayInterface:
+    """What the client asks an overlay to bring up: an interface ``name`` (at most 15
+    characters, unique per tenant and device on the host), its ``addresses`` with the
+    pool's prefix (``100.64.0.5/10``: the whole pool routes through it), this device's
+    overlay ``private_key`` (base64 X25519; it never leaves the device and is never
+    logged) and the ``mtu``."""
+
+    name: str
+    addresses: Sequence[str]
+    private_key: str = field(repr=False)
+    mtu: int = 1420
+
+
+@dataclass(frozen=True, slots=True)
+class OverlayPeer:
+    """One peer as the overlay should hold it.
+
+    ``endpoint`` is where its packets go now (``None``: no path yet). ``source_port``,
+    when set, is the local UDP port they must leave from and arrive on: the port a NAT
+    strategy punched (direct and STUN paths), which the overlay shares with the peer
+    session's own datagrams (an overlay's packets are told apart by :meth:`Overlay.carries`).
+    Without it the overlay sends from its own port: ``endpoint`` is then the client's
+    local proxy for a path that passes through Python (TURN, DERP).
+    """
+
+    public_key: str
+    allowed_ips: Sequence[str]
+    endpoint: tuple[str, int] | None = None
+    source_port: int | None = None
+    keepalive_seconds: int = 25
+
+
+@dataclass(frozen=True, slots=True)
+class OverlayState:
+    """What ``up`` brought up: the interface, how (``kernel``, ``wireguard-go``), and the
+    local UDP port the overlay listens on (the client's proxies send to it)."""
+
+    interface: str
+    backend: str
+    listen_port: int
+
+
 class Overlay(Protocol):
-    """An L3 overlay (WireGuard) over the paths to peers."""
+    """An L3 overlay (WireGuard) over the paths to peers, driven by the client.
 
-    async def up(self, address: str, private_key: str) -> None: ...
+    Failures are raised as :class:`~cloudbridge_core.errors.OverlayFailed` naming what is
+    missing (a capability, a program) or what failed; never a library's exception.
+    """
 
-    async def update_peers(self, peers: Sequence[PeerInfo]) -> None: ...
+    async def up(self, interface: OverlayInterface) -> OverlayState:
+        """Create the interface, give it its addresses and routes, and bring it up. An
+        interface of the same name left by an earlier run (one killed before ``down``) is
+        removed first, with everything that run created for it."""
+
+    async def update_peers(self, peers: Sequence[OverlayPeer]) -> None:
+        """Make the overlay's peers exactly ``peers``: add the new, change the changed
+        (a new endpoint keeps the peer's tunnel and the connections inside it), remove
+        the rest."""
+
+    def carries(self, datagram: bytes) -> bool:
+        """Whether a datagram that arrived on a peer path is one of the overlay's own."""
 
     async def down(self) -> None:
-        """Remove everything ``up`` created; idempotent."""
+        """Remove everything ``up`` and ``update_peers`` created; idempotent."""
 
 
 class Exporter(Protocol):
