@@ -34,6 +34,7 @@ TOP_LEVEL = {
     "relay",
     "auth",
     "p2p",
+    "overlay",
     "transport",
     "tunnels",
     "metrics",
@@ -48,7 +49,7 @@ TOP_LEVEL = {
 PLUGIN_SECTIONS = {
     "auth.jwt": "jwt",
     "auth.oidc": "oidc",
-    "p2p.wireguard": "wireguard",
+    "overlay.wireguard": "wireguard",
     "transport.tls": "tls",  # built into the core, but a plugin like any other (can be disabled)
     "transport.quic": "quic",
     "transport.grpc": "grpc",
@@ -70,6 +71,8 @@ OPTIONAL_WITHOUT_DEFAULT = {
         for kind in ("control_messages", "mux_pings", "stream_opens")
         for key in ("rate", "burst")
     ),
+    # a tenant's own overlay pool names it (required): no default to fall back on
+    "server.overlay.tenants.*.pool",
 }
 DURATION_KEY = re.compile(r"(_timeout|_interval|_delay|_rtt|_ttl|^timeout|^jitter|^delay)$")
 SECRET_KEY = re.compile(r"^(token|credential)$|secret|password|private_key")
@@ -358,7 +361,7 @@ def test_example_keeps_secrets_out_of_the_file() -> None:
     assert document["auth"]["token"] == "${CLOUDBRIDGE_TOKEN}"
     (turn,) = document["p2p"]["ice"]["turn_servers"]
     assert (turn["username"], turn["credential"]) == ("${TURN_USER}", "${TURN_PASS}")
-    assert document["p2p"]["wireguard"]["private_key"] == "${WG_PRIVATE_KEY}"
+    assert "private_key" not in document["overlay"]["wireguard"]
     assert "client_secret" not in document["auth"]["oidc"]
     assert document["metrics"]["prometheus_port"] != 9090
 

@@ -248,7 +248,8 @@ class TokenSource(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class PeerInfo:
-    """A peer of the same tenant, as the relay announces it."""
+    """A peer of the same tenant, as the relay announces it; ``overlay_ip`` and
+    ``overlay_key`` (its WireGuard public key) when it holds an overlay address."""
 
     peer_id: str
     name: str
@@ -256,6 +257,8 @@ class PeerInfo:
     endpoints: Sequence[str] = ()
     certificate: str = ""
     instance: str = ""
+    overlay_ip: str = ""
+    overlay_key: str = ""
 
 
 class SignalChannel(Protocol):

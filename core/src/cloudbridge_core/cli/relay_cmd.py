@@ -1,15 +1,18 @@
-"""``cloudbridge relay``: serve, and issue tokens signed by the relay's own key."""
+"""``cloudbridge relay``: serve, issue tokens signed by the relay's own key and invites,
+and show the overlay addresses it leases."""
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import click
 
-from cloudbridge_core.cli.output import message
+from cloudbridge_core.cli.output import emit_json, json_option, message, table
 from cloudbridge_core.cli.params import DURATION
 from cloudbridge_core.cli.runtime import config_option, runtime_of
 from cloudbridge_core.cli.serving import run_async, wait_for_stop
@@ -17,13 +20,14 @@ from cloudbridge_core.config import Config, validate
 from cloudbridge_core.durations import format_duration
 from cloudbridge_core.errors import UsageError
 from cloudbridge_core.exporters import exporting
-from cloudbridge_core.log import get_logger
+from cloudbridge_core.log import escape, get_logger
 from cloudbridge_core.plugins import transport_port
 from cloudbridge_core.prometheus_exporter import PrometheusExporter
 from cloudbridge_core.relay.invites import InviteLink, InviteStore
+from cloudbridge_core.relay.ipam import read_leases
 from cloudbridge_core.relay.live import follow
 from cloudbridge_core.relay.runner import start_relay, state_dir_of
-from cloudbridge_core.relay.state import RelayState
+from cloudbridge_core.relay.state import IPAM_FILE, RelayState
 from cloudbridge_core.relay.tokens import issue_token, jwks
 from cloudbridge_core.tenants import is_tenant_id
 
@@ -38,7 +42,7 @@ state_dir_option = click.option(
 
 @click.group()
 def relay() -> None:
-    """Run a relay and issue its tokens."""
+    """Run a relay, issue its tokens and invites, list its overlay addresses."""
 
 
 @relay.command()
@@ -240,3 +244,62 @@ def create_invite(
     host = config.settings.server.public_host or config.settings.relay.host
     link = InviteLink(host, transport_port("tls", config.data), code, state.ca.certificate)
     click.echo(link.url())
+
+
+@relay.group()
+def ipam() -> None:
+    """Overlay addresses the relay leases to each tenant's devices (server.overlay)."""
+
+
+@ipam.command("list")
+@config_option
+@state_dir_option
+@click.option("--tenant", required=True, help="Tenant whose overlay addresses to show.")
+@json_option
+@click.pass_context
+def list_leases(ctx: click.Context, state_dir: Path | None, tenant: str, as_json: bool) -> None:
+    """Show a tenant's overlay addresses (stdout): device, peer id, address and when the
+    device was last seen (UTC). Reads the relay's state directory, whether it runs or not."""
+    config = runtime_of(ctx).config()
+    _check_tenant(tenant)
+    directory = state_dir_of(config, state_dir)
+    if not directory.is_dir():
+        raise UsageError(
+            f"no relay state in {directory}",
+            hint="pass the relay's --state-dir (or server.state_dir), or start"
+            " 'cloudbridge relay serve' first",
+        )
+    tenants = read_leases(directory.absolute() / IPAM_FILE)
+    leases = sorted(
+        tenants.get(tenant, {}).values(), key=lambda lease: ipaddress.IPv4Address(lease.address)
+    )
+    if not leases:
+        holding = ", ".join(sorted(tenants)) or "none"
+        raise UsageError(
+            f"tenant {tenant!r} holds no overlay addresses in {directory}"
+            f" (tenants that do: {holding})",
+            hint="a device gets one when it joins the mesh with overlay.enabled",
+        )
+    rows = [
+        {
+            "device": lease.device,
+            "peer_id": lease.peer_id,
+            "address": lease.address,
+            "last_seen": _utc(lease.last_seen),
+        }
+        for lease in leases
+    ]
+    if as_json:
+        emit_json({"tenant": tenant, "leases": rows})
+        return
+    click.echo(
+        table(
+            # a device names itself: nothing in its name may drive the terminal
+            [(escape(r["device"]), r["peer_id"], r["address"], r["last_seen"]) for r in rows],
+            ("DEVICE", "PEER ID", "ADDRESS", "LAST SEEN"),
+        )
+    )
+
+
+def _utc(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -9,13 +9,16 @@ Besides standard JSON Schema 2020-12, config schemas (the core's and plugins') m
 - ``x-cloudbridge-provider``: ``{"family": "transport", "also": ["auto"]}`` marks a value
   naming a provider; :func:`merged_schema` limits it to what this host has;
 - ``x-cloudbridge-aliases``: ``{"warn": "warning"}``, spellings read as another value;
-- ``x-cloudbridge-messages``: ``{"enum": "{value} is not ..."}``, a failure in words.
+- ``x-cloudbridge-messages``: ``{"enum": "{value} is not ..."}``, a failure in words;
+- ``"format": "ipv4-network"``: an IPv4 network in CIDR form with no host bits set
+  (``100.64.0.0/10``), besides the standard formats.
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
+import ipaddress
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -192,11 +195,27 @@ ConfigValidator: type[Validator] = validators.extend(  # type: ignore[no-untyped
 )
 
 
+_CIDR = re.compile(r"[0-9]{1,3}(\.[0-9]{1,3}){3}/[0-9]{1,2}")
+
+
+def _ipv4_network(instance: object) -> bool:
+    """``100.64.0.0/10``: raises ``ValueError`` for host bits set or a bad address."""
+    if not isinstance(instance, str):
+        return True  # "type" reports it
+    if not _CIDR.fullmatch(instance):
+        return False
+    ipaddress.IPv4Network(instance)  # strict: host bits set raise ValueError
+    return True
+
+
+#: the standard formats plus CloudBridge's own (``ipv4-network``)
+FORMATS = copy.deepcopy(Draft202012Validator.FORMAT_CHECKER)
+FORMATS.checks("ipv4-network", raises=ValueError)(_ipv4_network)
+
+
 def config_validator(schema: Mapping[str, Any]) -> Validator:
     """A validator of config documents: formats checked, duration bounds understood."""
-    validator: Validator = ConfigValidator(
-        schema, format_checker=Draft202012Validator.FORMAT_CHECKER
-    )
+    validator: Validator = ConfigValidator(schema, format_checker=FORMATS)
     return validator
 
 

@@ -8,6 +8,9 @@ replaced; it says so and stops, rather than silently taking turns with the other
 A relay with ``server.turn`` sends a member its TURN credentials just before the peer list
 that answers its join: once joined on a session, the session has them or the relay issues
 none.
+
+With an ``overlay_key`` (the device's WireGuard public key), every join also asks for the
+device's overlay address; each peer list says what the relay leased it (``overlay``).
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ def peer_info(entry: Mapping[str, str]) -> PeerInfo:
         public_key=entry["public_key"],
         certificate=entry["certificate"],
         instance=entry.get("instance", ""),
+        overlay_ip=entry.get("overlay_ip", ""),
+        overlay_key=entry.get("overlay_key", ""),
     )
 
 
@@ -62,12 +67,19 @@ class Membership:
         name: str,
         on_peers: PeersListener,
         on_signal: SignalListener,
+        *,
+        overlay_key: str = "",
     ) -> None:
         self._link = link
         self._identity = identity
         self.name = name
         self._on_peers = on_peers
         self._on_signal = on_signal
+        #: this device's WireGuard public key, sent with every join; empty: no overlay
+        self.overlay_key = overlay_key
+        #: the relay's answer to it in the last peer list: ``{"address", "pool"}``, or
+        #: ``{"error"}`` when it leased none; empty without an overlay key
+        self.overlay: dict[str, str] = {}
         self.peers: dict[str, PeerInfo] = {}
         self.peer_id = identity.peer_id
         #: this process, as peers tell a relay reconnection (same) from a restart (new)
@@ -184,7 +196,11 @@ class Membership:
         connection.on_message = functools.partial(self._received, connection)
         certificate = self._identity.ca.certificate.decode()
         request = messages.MeshJoin(
-            self.name, self._identity.public_key, certificate, self.instance
+            self.name,
+            self._identity.public_key,
+            certificate,
+            self.instance,
+            overlay_key=self.overlay_key or None,
         )
         try:
             challenge = await connection.mesh_challenge(self._within)
@@ -195,6 +211,10 @@ class Membership:
     def _received(self, connection: RelayConnection, message: messages.Message) -> None:
         if isinstance(message, messages.MeshPeers):
             self.peers = {p["peer_id"]: peer_info(p) for p in message.peers}
+            overlay = dict(message.overlay or {})
+            if "error" in overlay and overlay != self.overlay:
+                log.warning("overlay_address_refused", reason=overlay["error"])
+            self.overlay = overlay
             if self._joined_on is not connection:  # not a refresh's answer
                 self.joined_at = time.time()
             self._joined.set()

@@ -146,6 +146,9 @@ class MeshJoin:
     certificate: str
     instance: str = ""
     proof: str = ""
+    #: the device's WireGuard public key (base64, 32 bytes) when it wants an overlay
+    #: address; None is left out of the message (older relays refuse fields they do not know)
+    overlay_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -155,11 +158,15 @@ class MeshRefresh:
 
 @dataclass(frozen=True)
 class MeshPeers:
-    """Each peer: ``peer_id``, ``name``, ``public_key``, ``certificate``, ``instance``."""
+    """Each peer: ``peer_id``, ``name``, ``public_key``, ``certificate``, ``instance``; and
+    ``overlay_ip``, ``overlay_key`` for a device holding an overlay address."""
 
     TYPE: ClassVar[str] = "mesh_peers"
     self: dict[str, str]
     peers: list[dict[str, str]]
+    #: this device's overlay address, ``{"address", "pool"}``, or why it has none,
+    #: ``{"error"}``; None (left out) when its join asked for none
+    overlay: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -363,7 +370,11 @@ def encode(message: Message) -> bytes:
     remembered = message.TYPE in CHECKED_KINDS
     if remembered and (known := _encoded.get(message)) is not None:
         return known
-    body = {"type": message.TYPE, **asdict(message)}
+    # an optional field left unset (None) is left out: what older peers never knew of
+    body = {
+        "type": message.TYPE,
+        **{key: value for key, value in asdict(message).items() if value is not None},
+    }
     if "capabilities" in body:
         body["capabilities"] = list(body["capabilities"])
     data = json.dumps(body, separators=(",", ":")).encode()

@@ -10,6 +10,11 @@ the proof is a MAC: each session gets a fresh relay X25519 key (``mesh_challenge
 the holder of the device's private key (or the relay, for this session) can compute it.
 This proves possession of exactly the key that names the device (a separate signing key
 would itself have to be bound to it) and needs nothing new stored or published.
+
+A join with an ``overlay_key`` (the device's WireGuard key) also asks for the device's
+overlay address: the relay's IPAM (``relay/ipam.py``) leases it one from its tenant's pool,
+by device key, and the device's entry then carries ``overlay_ip`` and ``overlay_key`` for
+its peers to reach it over the overlay.
 """
 
 from __future__ import annotations
@@ -19,17 +24,18 @@ import base64
 import contextlib
 import hashlib
 import hmac
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from cloudbridge_core.errors import TransportError, Unauthorized
+from cloudbridge_core.errors import ProtocolViolation, TransportError, Unauthorized
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.protocol import derp, messages
 from cloudbridge_core.providers import Claims, Stream
+from cloudbridge_core.relay.ipam import Allocation, Ipam
 from cloudbridge_core.relay.metrics import RelayMetrics
 from cloudbridge_core.wire import MessageStream
 
@@ -38,6 +44,8 @@ log = get_logger("relay.mesh")
 P2P = "p2p:mesh"
 #: a peer slow to take its packets loses them rather than holding up the sender
 DERP_WRITE_TIMEOUT = 1.0
+#: bytes of a WireGuard public key (Curve25519)
+OVERLAY_KEY_SIZE = 32
 
 
 def peer_id_of(public_key: str) -> str:
@@ -54,6 +62,15 @@ def join_proof(shared_secret: bytes, request: messages.MeshJoin) -> str:
     )
     signed = "\n".join((request.name, request.public_key, request.instance)).encode()
     return hmac.new(key, signed, hashlib.sha256).hexdigest()
+
+
+def is_overlay_key(value: str) -> bool:
+    """Whether ``value`` is a WireGuard public key as ``wg pubkey`` writes it: base64 of
+    :data:`OVERLAY_KEY_SIZE` bytes."""
+    try:
+        return len(base64.b64decode(value, validate=True)) == OVERLAY_KEY_SIZE
+    except ValueError:  # binascii.Error: not base64
+        return False
 
 
 class Challenge:
@@ -80,6 +97,8 @@ class Member:
     info: dict[str, str]
     control: MessageStream
     channel: Stream | None = None  # its DERP channel, once opened
+    #: its overlay address or why it has none (``mesh_peers.overlay``); None: not asked for
+    overlay: dict[str, str] | None = None
     _derp_writing: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -103,8 +122,12 @@ class Member:
 
 
 class Mesh:
-    def __init__(self, metrics: RelayMetrics) -> None:
+    """``ipam`` leases overlay addresses to the devices that ask; without it, a device that
+    asks is told the relay leases none."""
+
+    def __init__(self, metrics: RelayMetrics, ipam: Ipam | None = None) -> None:
         self._metrics = metrics
+        self.ipam = ipam
         self._tenants: dict[str, dict[str, Member]] = {}
 
     def members(self) -> Iterator[Member]:
@@ -126,8 +149,10 @@ class Mesh:
         challenge: Challenge,
         credentials: messages.TurnCredentials | None = None,
     ) -> Member:
-        """Add the device to its tenant's mesh; ``Unauthorized`` without ``p2p:mesh``, without
-        a proof answering ``challenge``, or for a key bound to another device (another name).
+        """Add the device to its tenant's mesh, with its overlay address when it sends an
+        ``overlay_key``; ``Unauthorized`` without ``p2p:mesh``, without a proof answering
+        ``challenge``, or for a key bound to another device (another name);
+        ``ProtocolViolation`` for an ``overlay_key`` that is not a WireGuard key.
         ``credentials`` (TURN) reach the member just before its peer list."""
         if P2P not in claims.permissions:
             self.rejected("unauthorized", claims.tenant_id, "mesh_join without " + P2P)
@@ -140,6 +165,11 @@ class Mesh:
         if bound is not None and bound.info["name"] != request.name:
             self.rejected("key_in_use", claims.tenant_id, "mesh_join with another device's key")
             raise Unauthorized("this device key is already bound to another device of the tenant")
+        if request.overlay_key and not is_overlay_key(request.overlay_key):
+            self.rejected("bad_overlay_key", claims.tenant_id, "mesh_join with a bad overlay_key")
+            raise ProtocolViolation(
+                "mesh_join's overlay_key is not a WireGuard public key (base64 of 32 bytes)"
+            )
         info = {
             "peer_id": peer_id_of(request.public_key),
             "name": request.name,
@@ -149,13 +179,20 @@ class Mesh:
         if request.instance:
             info["instance"] = request.instance
         member = Member(claims.tenant_id, claims.subject, info, control)
+        if request.overlay_key:
+            allocation = self._allocate(claims.tenant_id, request, peers.values())
+            member.overlay = allocation.wire()
+            if allocation.address:
+                info["overlay_ip"] = allocation.address
+                info["overlay_key"] = request.overlay_key
         peers = self._tenants.setdefault(claims.tenant_id, {})
         replaced = peers.get(member.peer_id)
         peers[member.peer_id] = member  # the same device again: its newest session wins
         others = [m for m in peers.values() if m is not member]
         if credentials is not None:
             await tell(control, credentials)
-        await tell(control, messages.MeshPeers(self=info, peers=[m.info for m in others]))
+        listed = messages.MeshPeers(info, [m.info for m in others], member.overlay)
+        await tell(control, listed)
         # a device back with a new session (a restart) is a new peer to the others: they
         # drop what they held for the old one (its QUIC session, its paths) and start over
         events = [messages.MeshEvent("joined", info)]
@@ -175,11 +212,21 @@ class Mesh:
         )
         return member
 
+    def _allocate(
+        self, tenant_id: str, request: messages.MeshJoin, members: Iterable[Member]
+    ) -> Allocation:
+        """The overlay address of the joining device: one lease per device key."""
+        if self.ipam is None:
+            return Allocation("", error="this relay leases no overlay addresses")
+        in_mesh = {m.info["public_key"] for m in members}
+        peer_id = peer_id_of(request.public_key)
+        return self.ipam.lease(tenant_id, request.public_key, request.name, peer_id, in_mesh)
+
     async def refresh(self, member: Member) -> None:
         others = [
             m.info for m in self._tenants.get(member.tenant_id, {}).values() if m is not member
         ]
-        await tell(member.control, messages.MeshPeers(self=member.info, peers=others))
+        await tell(member.control, messages.MeshPeers(member.info, others, member.overlay))
 
     async def leave(self, member: Member) -> None:
         peers = self._tenants.get(member.tenant_id, {})
@@ -188,6 +235,8 @@ class Mesh:
         del peers[member.peer_id]
         if not peers:
             del self._tenants[member.tenant_id]
+        if self.ipam is not None and "overlay_ip" in member.info:
+            self.ipam.seen(member.tenant_id, member.info["public_key"])
         gone = derp.Frame(derp.FrameType.PEER_GONE, member.key)
         await asyncio.gather(
             *(tell(m.control, messages.MeshEvent("left", member.info)) for m in peers.values()),

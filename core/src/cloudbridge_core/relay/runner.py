@@ -23,6 +23,7 @@ from cloudbridge_core.providers import AuthProvider, Endpoint, Listener, TlsMate
 from cloudbridge_core.relay.auth_keys import AuthKeysCollector, key_statistics, load_keys
 from cloudbridge_core.relay.egress import EgressPolicy
 from cloudbridge_core.relay.invites import InviteStore
+from cloudbridge_core.relay.ipam import Ipam
 from cloudbridge_core.relay.server import Relay, RelayLimits
 from cloudbridge_core.relay.state import RelayState, default_state_dir, local_hostnames
 from cloudbridge_core.relay.tokens import AUDIENCE, issue_token, jwks
@@ -171,7 +172,8 @@ async def start_relay(
     egress = EgressPolicy.from_settings(settings.server.egress, dev=dev)
     limits = RelayLimits.from_settings(settings.server, settings.performance)
     turn = TurnIssuer.from_settings(settings.server.turn)
-    relay = Relay(auth, egress, limits, turn=turn)
+    ipam = Ipam(state.ipam_file, settings.server.overlay)
+    relay = Relay(auth, egress, limits, turn=turn, ipam=ipam)
     relay.metrics.watch(relay, tenant_labels=settings.metrics.tenant_labels)
     relay.metrics.registry.register(AuthKeysCollector(relay))
     running = RunningRelay(state, relay)

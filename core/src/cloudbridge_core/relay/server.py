@@ -37,6 +37,7 @@ from cloudbridge_core.providers import AuthProvider, Claims, Session, Stream
 from cloudbridge_core.pump import PumpResult, abort, connect, prepare, pump, pump_dialled
 from cloudbridge_core.relay.admission import HOLD, QUEUE, Admission, Turn
 from cloudbridge_core.relay.egress import EgressPolicy
+from cloudbridge_core.relay.ipam import Ipam
 from cloudbridge_core.relay.mesh import Challenge, Member, Mesh, tell
 from cloudbridge_core.relay.metrics import RelayMetrics
 from cloudbridge_core.relay.pacing import Pacer
@@ -149,7 +150,8 @@ class Relay:
     reload): each is read where it is used, so a new one applies to the hellos, tunnels
     and streams that come next, while established sessions and open tunnels carry on.
     ``turn`` issues mesh members their tenant's TURN credentials; ``server.turn`` is set at
-    start (it needs a restart, like the TURN server's shared secret it holds).
+    start (it needs a restart, like the TURN server's shared secret it holds). ``ipam``
+    leases overlay addresses to the mesh's devices (``server.overlay``, also set at start).
     """
 
     def __init__(
@@ -159,13 +161,14 @@ class Relay:
         limits: RelayLimits,
         metrics: RelayMetrics | None = None,
         turn: TurnIssuer | None = None,
+        ipam: Ipam | None = None,
     ) -> None:
         self.auth = auth
         self.egress = egress
         self.limits = limits
         self.metrics = metrics or RelayMetrics()
         self.turn = turn
-        self.mesh = Mesh(self.metrics)
+        self.mesh = Mesh(self.metrics, ipam)
         #: joins the peer_splice streams of two peers of one tenant
         self.splicer = Splicer(self.mesh)
         #: joins their raw connections to the TLS port (``peer_ticket``)

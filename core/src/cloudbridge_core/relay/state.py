@@ -7,6 +7,8 @@ signing-key.pub.pem         its public half (the auth plugin validates with it)
 reset.key                   the secret QUIC stateless reset tokens derive from, so that a
                             restarted relay can reset its predecessor's connections
 client.yaml                 a ready client config that only lacks a token
+invites.json                the hashes of invite codes not used up yet
+ipam.json                   each tenant's overlay address leases, by device key (relay/ipam.py)
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from cloudbridge_core.secretfile import write_secret
 
 #: bytes of the stateless reset key (HMAC-SHA256's block is 64; 32 are its strength)
 RESET_KEY_SIZE = 32
+#: the overlay address leases, in the state directory
+IPAM_FILE = "ipam.json"
 
 
 def default_state_dir() -> Path:
@@ -92,6 +96,12 @@ class RelayState:
     @property
     def invites_file(self) -> Path:
         return self.directory / "invites.json"
+
+    @property
+    def ipam_file(self) -> Path:
+        """Each tenant's overlay address leases (absolute: the relay may not stay where it
+        started)."""
+        return self.directory.absolute() / IPAM_FILE
 
     def write_client_config(self, host: str, ports: dict[str, int], stun: str | None) -> Path:
         path = self.directory / "client.yaml"

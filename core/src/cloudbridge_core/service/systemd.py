@@ -112,7 +112,7 @@ def service_tokens(config: Config, *, renewable: bool) -> ServiceTokens:
 
 def render_unit(config: Config, config_path: Path, executable: Path, tokens: ServiceTokens) -> str:
     service_settings = config.settings.service
-    overlay = bool(config.section("p2p.wireguard").get("enabled"))
+    overlay = config.settings.overlay.enabled
     capabilities = "CAP_NET_ADMIN" if overlay else ""
     credential = tokens.credential
     token = ["--token-file", "%d/token"] if credential is not None else []

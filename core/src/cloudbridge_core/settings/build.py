@@ -13,6 +13,7 @@ from cloudbridge_core.settings.sections import (
     AuthSettings,
     LoggingSettings,
     MetricsSettings,
+    OverlaySettings,
     P2PSettings,
     PerformanceSettings,
     PluginsSettings,
@@ -34,6 +35,7 @@ class Settings:
     relay: RelaySettings
     auth: AuthSettings
     p2p: P2PSettings
+    overlay: OverlaySettings
     transport: TransportSettings
     tunnels: tuple[TunnelSettings, ...]
     metrics: MetricsSettings

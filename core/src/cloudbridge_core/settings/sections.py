@@ -51,6 +51,24 @@ class P2PSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class OverlayAllowRule:
+    peers: tuple[str, ...]
+    protocol: str
+    ports: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class OverlaySettings:
+    enabled: bool
+    type: str
+    interface: str | None
+    mtu: int
+    domain: str
+    dns: bool
+    allow: tuple[OverlayAllowRule, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class TransportSettings:
     mode: str
     prefer_protocol: str
@@ -194,6 +212,22 @@ class TurnSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ServerOverlayTenant:
+    """``server.overlay.tenants.<tenant>``: the tenant's own pool."""
+
+    pool: str
+
+
+@dataclass(frozen=True, slots=True)
+class ServerOverlaySettings:
+    """``server.overlay``: the overlay addresses the relay leases per tenant (IPAM)."""
+
+    pool: str
+    release_after: float
+    tenants: dict[str, ServerOverlayTenant]
+
+
+@dataclass(frozen=True, slots=True)
 class ServerSettings:
     listen: str
     stun_port: int
@@ -216,6 +250,7 @@ class ServerSettings:
     max_token_ttl: float
     egress: EgressSettings
     turn: TurnSettings
+    overlay: ServerOverlaySettings
     rate_limits: RateLimitSettings
 
 
