@@ -1,0 +1,1 @@
+"""CloudBridge WireGuard overlay."""
