@@ -1,5 +1,6 @@
 """Run inside a test's network namespace: an echo server, or a paced, sha256-checked round
-trip through a local port (``python ns_tools.py echo PORT`` / ``roundtrip PORT SIZE SECONDS``)."""
+trip through a local port (``python ns_tools.py echo PORT`` / ``roundtrip PORT SIZE SECONDS``);
+PORT may be HOST:PORT (default host 127.0.0.1)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import os
 import sys
 
 
-async def echo(port: int) -> None:
+async def echo(host: str, port: int) -> None:
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while data := await reader.read(65536):
             writer.write(data)
@@ -17,15 +18,15 @@ async def echo(port: int) -> None:
         writer.write_eof()
         writer.close()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", port)
+    server = await asyncio.start_server(serve, host, port)
     print("echo ready", flush=True)
     async with server:
         await server.serve_forever()
 
 
-async def roundtrip(port: int, size: int, seconds: float) -> None:
+async def roundtrip(host: str, port: int, size: int, seconds: float) -> None:
     payload = os.urandom(size)
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    reader, writer = await asyncio.open_connection(host, port)
     chunk = 64 * 1024
     pause = seconds / max(1, size // chunk)
 
@@ -46,7 +47,10 @@ async def roundtrip(port: int, size: int, seconds: float) -> None:
 
 
 if __name__ == "__main__":
+    where, _, number = sys.argv[2].rpartition(":")
     if sys.argv[1] == "echo":
-        asyncio.run(echo(int(sys.argv[2])))
+        asyncio.run(echo(where or "127.0.0.1", int(number)))
     else:
-        asyncio.run(roundtrip(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])))
+        asyncio.run(
+            roundtrip(where or "127.0.0.1", int(number), int(sys.argv[3]), float(sys.argv[4]))
+        )

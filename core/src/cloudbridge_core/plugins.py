@@ -68,7 +68,7 @@ FAMILY_ROOTS = {
     "transport": "transport",
     "auth_provider": "auth",
     "nat_strategy": "p2p",
-    "overlay": "p2p",
+    "overlay": "overlay",
     "exporter": "metrics",
 }
 FAMILY_WORDS = {

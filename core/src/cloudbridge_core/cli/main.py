@@ -35,6 +35,7 @@ CORE_COMMANDS = {
     "health": "health_cmd:health",
     "p2p": "p2p_cmd:p2p",
     "ping": "p2p_cmd:ping",
+    "ip": "ip_cmd:ip",
     "init": "init_cmd:init",
     "join": "join_cmd:join",
     "service": "service_cmd:service",

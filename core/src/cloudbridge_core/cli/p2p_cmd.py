@@ -4,6 +4,7 @@ answers and how fast."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import warnings
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from cloudbridge_core.cli.serving import run_async
 from cloudbridge_core.cli.tunnel_cmd import run_client
 from cloudbridge_core.client.control import config_digest, query
 from cloudbridge_core.errors import UsageError
-from cloudbridge_core.p2p.identity import DeviceIdentity
+from cloudbridge_core.p2p.identity import DeviceIdentity, load_or_create_key
 from cloudbridge_core.p2p.setup import MODES, MeshSetup
 
 
@@ -56,11 +57,22 @@ def join_mesh(runtime: Runtime, control_socket: Path | None, mode: str) -> None:
     config = runtime.config()
     if not config.settings.p2p.enabled:
         raise UsageError("p2p.enabled is false in the config: the mesh is turned off")
-    identity = DeviceIdentity.create(device_key_file(runtime.config_path))
+    key_file = device_key_file(runtime.config_path)
+    identity = DeviceIdentity.create(key_file)
+    setup = MeshSetup(identity, mode)
+    overlay = config.settings.overlay
+    if overlay.enabled:
+        spec = runtime.plugins.require("overlay", overlay.type)
+        setup.overlay = spec.load(
+            runtime.plugins.settings_for("overlay", overlay.type, config.converted)
+        )
+        # a key of its own, beside the device's: the overlay's peers never see the other
+        overlay_key = load_or_create_key(key_file.with_name("overlay-" + key_file.name))
+        setup.overlay_key = base64.b64encode(overlay_key.private_bytes_raw()).decode()
     socket = control_socket_of(runtime, control_socket)
 
     async def main() -> None:
-        await run_client(runtime, config, socket, mesh=MeshSetup(identity, mode))
+        await run_client(runtime, config, socket, mesh=setup)
 
     run_async(main)
 

@@ -84,6 +84,10 @@ def _text(reply: dict[str, Any]) -> str:
         lines.append(f"Last error: {reply['last_error']}")
     if reply["metrics_url"]:
         lines.append(f"Metrics:    {reply['metrics_url']}")
+    overlay = reply.get("overlay")
+    if overlay:
+        addresses = ", ".join(overlay["addresses"])
+        lines.append(f"Overlay:    {overlay['interface']} {addresses} ({overlay['backend']})")
     rows = [
         (
             t["local"],
@@ -96,9 +100,11 @@ def _text(reply: dict[str, Any]) -> str:
     ]
     if rows:
         lines += ["", table(rows, ("LOCAL", "TARGET", "ACTIVE/TOTAL", "SENT", "RECEIVED"))]
+    with_overlay = overlay is not None or any(p.get("overlay_ip") for p in reply.get("peers", []))
     peers = [
         (
             p["name"],
+            *([p.get("overlay_ip") or "-"] if with_overlay else []),
             _carried(p),
             p["endpoint"] or "-",
             f"{p['rtt_ms']:.1f} ms" if p["rtt_ms"] is not None else "-",
@@ -106,6 +112,7 @@ def _text(reply: dict[str, Any]) -> str:
         )
         for p in reply.get("peers", [])
     ]
+    headers = ("PEER", *(["OVERLAY IP"] if with_overlay else []), "PATH (CARRIER)", "ENDPOINT")
     if peers:
-        lines += ["", table(peers, ("PEER", "PATH (CARRIER)", "ENDPOINT", "RTT", "LAST SEEN"))]
+        lines += ["", table(peers, (*headers, "RTT", "LAST SEEN"))]
     return "\n".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from cloudbridge_core.cli.output import SCHEMA_VERSION, emit_json, json_option, message, table
 from cloudbridge_core.cli.runtime import (
@@ -29,7 +31,7 @@ from cloudbridge_core.client.tunnel import ConnectionLimit, Tunnel, TunnelSpec
 from cloudbridge_core.client.tunnel_set import TunnelSet
 from cloudbridge_core.config import Config, validate
 from cloudbridge_core.config.reload import ConfigWatcher
-from cloudbridge_core.errors import UsageError
+from cloudbridge_core.errors import OverlayFailed, UsageError
 from cloudbridge_core.exporters import Exporters, exporting
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.p2p.identity import DeviceIdentity
@@ -37,6 +39,7 @@ from cloudbridge_core.p2p.setup import MODES, MeshSetup, PeerTunnelSpec
 from cloudbridge_core.prometheus_exporter import PrometheusExporter
 
 if TYPE_CHECKING:
+    from cloudbridge_core.overlay.run import OverlayRun
     from cloudbridge_core.p2p.forward import PeerTunnel
     from cloudbridge_core.p2p.manager import PeerManager
 
@@ -157,6 +160,7 @@ async def run_client(
             stack.push_async_callback(manager.aclose)
             handlers.update(mesh_handlers(manager))
             message(f"in the mesh as {manager.membership.name} ({manager.membership.peer_id})")
+            client.overlay = await _bring_up_overlay(stack, config, link, manager, mesh)
         control = ControlServer(control_socket, handlers)
         exporters = await stack.enter_async_context(
             exporting(config, runtime.plugins, exposed, status_route)
@@ -189,8 +193,8 @@ async def run_client(
         reload.subscribe(runtime.follow_logging(config.settings.logging))
         reload.subscribe(relay_tunnels.follow)
         reload.subscribe(_follow_metrics(exporters, labels, client))
-        if manager is not None:
-            reload.subscribe(manager.follow)
+        for follow in _mesh_followers(client):
+            reload.subscribe(follow)
         async with reload:
             await _until_stopped(link)
 
@@ -266,6 +270,10 @@ async def _join_mesh(
     from cloudbridge_core.p2p.manager import PeerManager
     from cloudbridge_core.p2p.metrics import P2PMetrics
 
+    overlay_key = ""
+    if mesh.overlay_key:
+        private = X25519PrivateKey.from_private_bytes(base64.b64decode(mesh.overlay_key))
+        overlay_key = base64.b64encode(private.public_key().public_bytes_raw()).decode()
     manager = PeerManager(
         config,
         runtime.plugins,
@@ -274,9 +282,43 @@ async def _join_mesh(
         set(config.settings.p2p.expose),
         mesh.mode,
         P2PMetrics(metrics.registry),
+        overlay_key=overlay_key,
     )
     await manager.start()
     return manager
+
+
+def _mesh_followers(client: RunningClient) -> list[Callable[[Config], Any]]:
+    """The reload subscribers of the mesh and its overlay, where they run."""
+    running = [client.mesh, client.overlay]
+    return [part.follow for part in running if part is not None]
+
+
+async def _bring_up_overlay(
+    stack: contextlib.AsyncExitStack,
+    config: Config,
+    link: RelayLink,
+    manager: PeerManager,
+    mesh: MeshSetup,
+) -> OverlayRun | None:
+    """The overlay when the mesh has one, up and taken down by ``stack``; None when there
+    is none or it cannot be brought up (said why): the mesh goes on without it."""
+    from cloudbridge_core.overlay.run import OverlayRun
+
+    if mesh.overlay is None:
+        return None
+    run = OverlayRun(
+        config.settings.overlay, mesh.overlay, manager, mesh.overlay_key, link.tenant_id or ""
+    )
+    try:
+        await run.start()
+    except OverlayFailed as error:
+        log.error("overlay_failed", reason=error.message, hint=error.hint)
+        message(f"no overlay: {error.message}" + (f" ({error.hint})" if error.hint else ""))
+        return None
+    stack.push_async_callback(run.aclose)
+    message(f"overlay {run.interface} up: {', '.join(run.addresses)}")
+    return run
 
 
 def peer_tunnels(manager: PeerManager, mesh: MeshSetup) -> list[PeerTunnel]:

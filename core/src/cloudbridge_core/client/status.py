@@ -10,6 +10,7 @@ from cloudbridge_core.client.link import RelayLink
 from cloudbridge_core.client.tunnel import Tunnel
 
 if TYPE_CHECKING:
+    from cloudbridge_core.overlay.run import OverlayRun
     from cloudbridge_core.p2p.forward import PeerTunnel
     from cloudbridge_core.p2p.manager import PeerManager
 
@@ -21,6 +22,7 @@ class RunningClient:
     relay_host: str
     metrics_url: str | None = None
     mesh: PeerManager | None = None
+    overlay: OverlayRun | None = None
     started: float = field(default_factory=time.time)
 
     def tunnels_document(self) -> dict[str, Any]:
@@ -54,6 +56,7 @@ class RunningClient:
             "transport": transport,
             "tunnels": self.tunnels_document()["tunnels"],
             "peers": self.mesh.status() if self.mesh else [],
+            "overlay": self.overlay.document() if self.overlay else None,
             "metrics_url": self.metrics_url,
             "uptime_seconds": round(time.time() - self.started, 3),
             "last_error": transport["last_error"],

@@ -85,6 +85,16 @@ class UdpIcePath(IcePath):
         # the buffers the relay's QUIC sockets get (quic/buffers.py), for the same bursts
         widen_buffers(connection._nominated[1].protocol.transport.get_extra_info("socket"))
 
+    @property
+    def punched(self) -> tuple[int, tuple[str, int]] | None:
+        """The nominated pair's local UDP port and the peer's address: what an overlay
+        sends from and to so that its packets take the same way through both NATs."""
+        pair = self._connection._nominated.get(1)  # aioice keeps the pair private
+        if pair is None:
+            return None
+        host, port = pair.remote_addr
+        return pair.protocol.transport.get_extra_info("sockname")[1], (host, port)
+
     def send_batch(self, datagrams: Sequence[bytes]) -> None:
         pair = self._connection._nominated.get(1)  # aioice keeps the pair private
         if pair is None:

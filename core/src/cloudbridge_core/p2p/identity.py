@@ -52,7 +52,7 @@ class DeviceIdentity:
     @classmethod
     def create(cls, key_file: Path | None = None) -> DeviceIdentity:
         """Load the device key from ``key_file`` (made on first use), or a fresh one."""
-        private_key = _load_or_create(key_file) if key_file else X25519PrivateKey.generate()
+        private_key = load_or_create_key(key_file) if key_file else X25519PrivateKey.generate()
         public = base64.b64encode(private_key.public_key().public_bytes_raw()).decode()
         peer_id = peer_id_of(public)
         ca = generate_ca(f"cloudbridge peer {peer_id}", days=30)
@@ -126,7 +126,7 @@ def server_name(peer_id: str) -> str:
     return f"{peer_id.lower().replace('_', '-')}.peer.cloudbridge"
 
 
-def _load_or_create(key_file: Path) -> X25519PrivateKey:
+def load_or_create_key(key_file: Path) -> X25519PrivateKey:
     try:
         return X25519PrivateKey.from_private_bytes(base64.b64decode(key_file.read_text()))
     except FileNotFoundError:

@@ -130,6 +130,8 @@ class PeerState:
 class PeerManager:
     """The mesh as this device sees it. ``expose`` is the set of local ports peers may
     reach (``p2p.expose``); :meth:`apply` takes a reloaded ``p2p`` section.
+    ``overlay_key`` (this device's overlay public key) asks the relay for an overlay
+    address at each join.
     ``tcp_addresses`` are the addresses peers are told to dial for the TCP path (default:
     this machine's, as ICE offers them); ``tcp`` turns that path on or off (default: on
     unless ``relay-only``); ``relayed`` the relayed stream (default: on where DERP is one
@@ -147,6 +149,7 @@ class PeerManager:
         tcp_addresses: Sequence[str] | None = None,
         tcp: bool | None = None,
         relayed: bool | None = None,
+        overlay_key: str = "",
     ) -> None:
         self._connect_timeout = config.settings.relay.connect_timeout
         self._identity = identity
@@ -157,7 +160,9 @@ class PeerManager:
         self.strategies = _strategies(config, plugins, mode)
         name = self.settings.name or socket.gethostname()
         self._link = link
-        self.membership = Membership(link, identity, name, self._peers_changed, self._signalled)
+        self.membership = Membership(
+            link, identity, name, self._peers_changed, self._signalled, overlay_key=overlay_key
+        )
         self._relayed = RelayedConnector(self.membership, identity)
         self.peers: dict[str, PeerState] = {}
         #: peers whose heartbeat is under way (one at a time each)
@@ -688,6 +693,7 @@ class PeerManager:
             "bytes_sent": session.bytes_sent,
             "bytes_received": session.bytes_received,
             "paths": session.paths,
+            "overlay_ip": state.info.overlay_ip or None,
         }
 
 

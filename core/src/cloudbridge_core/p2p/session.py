@@ -179,6 +179,8 @@ class PeerSession:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.changes: deque[dict[str, Any]] = deque(maxlen=20)
+        #: the overlay's packets among the datagrams from the peer (:meth:`carry_overlay`)
+        self._overlay: tuple[Callable[[bytes], bool], Callable[[bytes], None]] | None = None
 
     # ---- paths ----
 
@@ -360,7 +362,29 @@ class PeerSession:
         self.bytes_received += len(datagram)
         if path.kind != self.current:
             self._follow(path.kind, now)
+        if self._overlay is not None and self._overlay[0](datagram):
+            self._overlay[1](datagram)
+            return
         self._deliver(datagram)
+
+    # ---- the overlay's packets ----
+
+    def carry_overlay(
+        self, carries: Callable[[bytes], bool], receiver: Callable[[bytes], None]
+    ) -> None:
+        """Hand datagrams from the peer that ``carries`` says are the overlay's to
+        ``receiver`` instead of QUIC (QUIC packets always have their fixed bit set, so
+        the two never mistake each other's)."""
+        self._overlay = (carries, receiver)
+
+    def send_overlay(self, packet: bytes) -> None:
+        """Send one of the overlay's packets over the current path, beside QUIC's."""
+        self.outgoing(packet)
+        self.flush()
+
+    def datagram_path(self) -> PeerPath | None:
+        """The path that carries QUIC's datagrams now (None while there is none)."""
+        return self._paths.get(self.current) if self.current else None
 
     def _silent_since(self, kind: str) -> float:
         """Since when the current path ``kind`` has carried nothing from the peer."""

@@ -1,0 +1,220 @@
+"""The overlay of one running client: brought up once the relay gave this device its
+address, then kept in step with the mesh.
+
+Each peer's endpoint follows the path its peer session holds now. A direct or STUN path
+is an ICE pair's own UDP socket: the overlay sends from and to that pair's ports (its
+plugin arranges it, e.g. by rewriting ports in the kernel), so the NATs the pair punched
+through let its packets pass and no packet goes through Python. Any other path (TURN,
+DERP) goes through the peer's loopback proxy and the peer session. A peer's endpoint is
+set again every :data:`REASSERT` seconds: the overlay follows the source of what it
+receives (WireGuard roams), and a stray packet through the proxy must not keep a peer off
+its direct path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import ipaddress
+import time
+from typing import TYPE_CHECKING, Any
+
+from cloudbridge_core.errors import CloudBridgeError, OverlayFailed
+from cloudbridge_core.log import get_logger
+from cloudbridge_core.overlay import allow
+from cloudbridge_core.overlay.names import NameResponder, label
+from cloudbridge_core.overlay.proxy import PeerProxy
+from cloudbridge_core.overlay.routes import conflicting_route
+from cloudbridge_core.providers import Overlay, OverlayInterface, OverlayPeer, OverlayState
+from cloudbridge_core.settings import OverlaySettings
+
+if TYPE_CHECKING:
+    from cloudbridge_core.config import Config
+    from cloudbridge_core.p2p.manager import PeerManager, PeerState
+    from cloudbridge_core.p2p.session import PeerSession
+
+log = get_logger("overlay")
+
+#: how often the overlay's peers are brought in line with the mesh and its paths
+FOLLOW_INTERVAL = 0.5
+#: how often unchanged peers are set again anyway (see the module docstring)
+REASSERT = 5.0
+
+
+def interface_name(tenant_id: str, peer_id: str) -> str:
+    """``cb`` and 8 hex digits: at most 15 characters, one per tenant and device."""
+    return "cb" + hashlib.sha256(f"{tenant_id}\0{peer_id}".encode()).hexdigest()[:8]
+
+
+class OverlayRun:
+    def __init__(
+        self,
+        settings: OverlaySettings,
+        overlay: Overlay,
+        mesh: PeerManager,
+        private_key: str,
+        tenant_id: str,
+    ) -> None:
+        self.settings = settings
+        self._overlay = overlay
+        self._mesh = mesh
+        self._private_key = private_key
+        self._tenant = tenant_id
+        self.interface = settings.interface or interface_name(tenant_id, mesh.membership.peer_id)
+        self.addresses: list[str] = []
+        self.state: OverlayState | None = None
+        self._pool: ipaddress.IPv4Network | None = None
+        self._proxies: dict[str, PeerProxy] = {}
+        #: the session each proxy's peer datagrams come from
+        self._hooked: dict[str, PeerSession] = {}
+        self._applied: list[OverlayPeer] | None = None
+        self._applied_at = 0.0
+        self._filtered: str | None = None
+        self._dns: NameResponder | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Bring the overlay up; raises :class:`OverlayFailed` saying why it cannot be."""
+        lease = self._mesh.membership.overlay
+        if not lease.get("address"):
+            reason = lease.get("error") or "the relay gave none (a relay without IPAM?)"
+            raise OverlayFailed(f"no overlay address for this device: {reason}")
+        self._pool = pool = ipaddress.IPv4Network(lease["pool"])
+        conflict = conflicting_route(pool, self.interface)
+        if conflict is not None:
+            raise OverlayFailed(
+                f"the tenant's overlay pool {pool} overlaps the route {conflict} on this host",
+                hint="give the tenant another pool on the relay (server.overlay.tenants.<tenant>"
+                ".pool or server.overlay.pool), or move that network",
+            )
+        await allow.remove(self.interface)  # left by a run killed before its cleanup
+        self.addresses = [f"{lease['address']}/{pool.prefixlen}"]
+        self.state = await self._overlay.up(
+            OverlayInterface(self.interface, self.addresses, self._private_key, self.settings.mtu)
+        )
+        try:
+            await self._filter()
+            if self.settings.dns:
+                self._dns = await NameResponder.serve(lease["address"], self.zone, self.names)
+        except BaseException:
+            await self.aclose()
+            raise
+        self._task = asyncio.get_running_loop().create_task(self._follow())
+        log.info(
+            "overlay_up",
+            interface=self.interface,
+            addresses=self.addresses,
+            backend=self.state.backend,
+        )
+
+    def follow(self, config: Config) -> list[str]:
+        """A reload subscriber: ``overlay.allow`` holds at the next reconcile (within
+        :data:`FOLLOW_INTERVAL`); the other keys need a restart."""
+        allowed = config.settings.overlay.allow
+        if allowed == self.settings.allow:
+            return []
+        self.settings = dataclasses.replace(self.settings, allow=allowed)
+        return ["overlay.allow"]
+
+    @property
+    def zone(self) -> str:
+        return f"{label(self._tenant)}.{self.settings.domain}"
+
+    def names(self) -> dict[str, str]:
+        """Each device of the tenant in the overlay, this one too: name -> address."""
+        lease = self._mesh.membership.overlay
+        found = {f"{label(self._mesh.membership.name)}.{self.zone}": lease.get("address", "")}
+        for state in self._mesh.peers.values():
+            if state.info.overlay_ip:
+                found[f"{label(state.info.name)}.{self.zone}"] = state.info.overlay_ip
+        return {name.lower(): address for name, address in found.items() if address}
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "interface": self.interface,
+            "addresses": self.addresses,
+            "backend": self.state.backend if self.state else None,
+        }
+
+    async def aclose(self) -> None:
+        """Remove everything this run created."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._dns is not None:
+            self._dns.close()
+        for proxy in self._proxies.values():
+            proxy.close()
+        self._proxies.clear()
+        with contextlib.suppress(OverlayFailed):
+            await allow.remove(self.interface)
+        await self._overlay.down()
+        log.info("overlay_down", interface=self.interface)
+
+    async def _follow(self) -> None:
+        failing = ""
+        while True:
+            try:
+                await self.reconcile()
+                failing = ""
+            except CloudBridgeError as error:
+                if error.message != failing:  # said once, not every half second
+                    log.warning("overlay_not_updated", code=error.code, reason=error.message)
+                failing = error.message
+            await asyncio.sleep(FOLLOW_INTERVAL)
+
+    async def reconcile(self) -> None:
+        """Bring the overlay's peers and the filter in line with the mesh now."""
+        assert self.state is not None  # reconciled only once up
+        wanted = []
+        for peer_id, state in list(self._mesh.peers.items()):
+            if state.info.overlay_key and state.info.overlay_ip:
+                wanted.append(await self._peer(peer_id, state))
+        for gone in set(self._proxies) - set(self._mesh.peers):
+            self._proxies.pop(gone).close()
+            self._hooked.pop(gone, None)
+        now = time.monotonic()
+        if wanted != self._applied or now - self._applied_at >= REASSERT:
+            await self._overlay.update_peers(wanted)
+            self._applied, self._applied_at = wanted, now
+        await self._filter()
+
+    async def _peer(self, peer_id: str, state: PeerState) -> OverlayPeer:
+        assert self.state is not None
+        proxy = self._proxies.get(peer_id)
+        if proxy is None:
+            proxy = self._proxies[peer_id] = await PeerProxy.open(
+                lambda packet: self._to_peer(peer_id, packet), self.state.listen_port
+            )
+        if self._hooked.get(peer_id) is not state.session:  # a new session: a restart
+            state.session.carry_overlay(self._overlay.carries, proxy.from_peer)
+            self._hooked[peer_id] = state.session
+        path = state.session.datagram_path()
+        punched = getattr(path, "punched", None)
+        allowed = [f"{state.info.overlay_ip}/32"]
+        if punched is not None:
+            port, remote = punched
+            return OverlayPeer(state.info.overlay_key, allowed, remote, source_port=port)
+        endpoint = proxy.endpoint if path is not None else None
+        return OverlayPeer(state.info.overlay_key, allowed, endpoint)
+
+    def _to_peer(self, peer_id: str, packet: bytes) -> None:
+        state = self._mesh.peers.get(peer_id)
+        if state is not None:
+            state.session.send_overlay(packet)
+
+    async def _filter(self) -> None:
+        assert self._pool is not None
+        peers = {
+            state.info.name: state.info.overlay_ip
+            for state in self._mesh.peers.values()
+            if state.info.overlay_ip
+        }
+        rules = allow.ruleset(
+            self.interface, self._pool, self.settings.allow, peers, self.settings.dns
+        )
+        if rules != self._filtered:
+            await allow.apply(rules)
+            self._filtered = rules
