@@ -6,14 +6,18 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 from pathlib import Path
+from types import SimpleNamespace
 
 import dns.asyncquery
 import dns.message
 import dns.rcode
 import dns.rdatatype
+import pytest
+from cloudbridge_core.errors import OverlayFailed
 from cloudbridge_core.overlay.names import NameResponder, label
 from cloudbridge_core.overlay.routes import conflicting_route, local_routes
-from cloudbridge_core.overlay.run import interface_name
+from cloudbridge_core.overlay.run import OverlayRun, interface_name
+from cloudbridge_core.providers import OverlayInterface, OverlayState
 
 # /proc/net/route as Linux writes it: addresses and masks in little-endian hex
 ROUTE_TABLE = """\
@@ -87,3 +91,33 @@ async def _the_responder_answers_peers_by_name_and_nothing_else() -> None:
     finally:
         responder.close()
         await asyncio.sleep(0)
+
+
+class _BrokenOverlay:
+    """A plugin that fails with a library's exception: what the core must not let through
+    (a stand-in on purpose: the core's boundary is what is under test)."""
+
+    async def up(self, interface: OverlayInterface) -> OverlayState:
+        raise ValueError("cannot open a UDP handle, invalid family 16")
+
+    async def update_peers(self, peers: object) -> None:
+        raise AssertionError("never up")
+
+    def carries(self, datagram: bytes) -> bool:
+        return False
+
+    async def down(self) -> None:
+        return None
+
+
+def test_a_plugins_own_exception_reaches_the_user_as_overlay_failed() -> None:
+    membership = SimpleNamespace(
+        overlay={"address": "100.77.0.2", "pool": "100.77.0.0/16"}, peer_id="p1", name="laptop"
+    )
+    mesh = SimpleNamespace(membership=membership, peers={})
+    settings = SimpleNamespace(
+        interface=None, mtu=1420, dns=False, allow=(), type="example", domain="x.internal"
+    )
+    run = OverlayRun(settings, _BrokenOverlay(), mesh, "private", "acme")  # type: ignore[arg-type]
+    with pytest.raises(OverlayFailed, match="example overlay failed in up: cannot open"):
+        asyncio.run(run.start())

@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import ipaddress
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from cloudbridge_core.errors import CloudBridgeError, OverlayFailed
@@ -91,9 +92,11 @@ class OverlayRun:
             )
         await allow.remove(self.interface)  # left by a run killed before its cleanup
         self.addresses = [f"{lease['address']}/{pool.prefixlen}"]
-        self.state = await self._overlay.up(
-            OverlayInterface(self.interface, self.addresses, self._private_key, self.settings.mtu)
+        wanted = OverlayInterface(
+            self.interface, self.addresses, self._private_key, self.settings.mtu
         )
+        async with self._plugin("up"):
+            self.state = await self._overlay.up(wanted)
         try:
             await self._filter()
             if self.settings.dns:
@@ -150,8 +153,27 @@ class OverlayRun:
         self._proxies.clear()
         with contextlib.suppress(OverlayFailed):
             await allow.remove(self.interface)
-        await self._overlay.down()
+        try:
+            async with self._plugin("down"):
+                await self._overlay.down()
+        except OverlayFailed as error:
+            log.error("overlay_not_removed", interface=self.interface, reason=error.message)
+            return
         log.info("overlay_down", interface=self.interface)
+
+    @contextlib.asynccontextmanager
+    async def _plugin(self, call: str) -> AsyncIterator[None]:
+        """A plugin's own exceptions as :class:`OverlayFailed`: a user never sees a
+        library's traceback, only what failed."""
+        try:
+            yield
+        except CloudBridgeError:
+            raise
+        except Exception as error:  # a plugin may fail any way: classified here
+            reason = str(error) or type(error).__name__
+            raise OverlayFailed(
+                f"the {self.settings.type} overlay failed in {call}: {reason}"
+            ) from error
 
     async def _follow(self) -> None:
         failing = ""
@@ -177,7 +199,8 @@ class OverlayRun:
             self._hooked.pop(gone, None)
         now = time.monotonic()
         if wanted != self._applied or now - self._applied_at >= REASSERT:
-            await self._overlay.update_peers(wanted)
+            async with self._plugin("update_peers"):
+                await self._overlay.update_peers(wanted)
             self._applied, self._applied_at = wanted, now
         await self._filter()
 
