@@ -33,6 +33,7 @@ def test_two_overlays_ping_each_other(pair: Pair) -> None:
     rtts = ping(pair.ns("a"), pair.OVERLAY["b"], count=5)
     print(f"overlay ping RTT over wireguard-go: {min(rtts):.3f}/{sum(rtts) / len(rtts):.3f} ms")
     ping(pair.ns("b"), pair.OVERLAY["a"], count=1)
+    ping(pair.ns("a"), pair.OVERLAY6["b"], count=1)  # IPv6 inside, alongside
     # the address carries the pool's prefix: the whole pool routes through the interface
     routes = subprocess.run(
         ["ip", "-n", pair.ns("a"), "route", "get", "100.96.200.7"],
@@ -81,6 +82,28 @@ def test_a_new_endpoint_keeps_the_peer_and_its_tcp_connections(pair: Pair) -> No
     # the same peer: its counters went on (a re-added peer starts from zero)
     assert after["rx_bytes"] > before["rx_bytes"] > 200_000
     assert after["last_handshake"] == before["last_handshake"]
+
+
+def test_an_unrelated_update_keeps_the_endpoint_wireguard_learned(pair: Pair) -> None:
+    states = {side: pair.up(side) for side in "ab"}
+    a, b = pair.drivers["a"], pair.drivers["b"]
+    # a is told a stale endpoint for b; b reaches a, and a's WireGuard learns b's real one
+    stale = pair.peer_of("b", 9)
+    a.call("peers", peers=[{**stale, "endpoint": ["198.18.0.9", 9]}])
+    b.call("peers", peers=[pair.peer_of("a", states["a"]["listen_port"])])
+    ping(pair.ns("b"), pair.OVERLAY["a"], count=1)
+    learned = ["198.18.0.2", states["b"]["listen_port"]]
+    assert a.call("status")["peers"][pair.keys["b"].public]["endpoint"] == learned
+    # another peer joins: b's entry is given as before, and what a learned stays
+    a.call(
+        "peers",
+        peers=[
+            {**stale, "endpoint": ["198.18.0.9", 9]},
+            peer(Keys.generate(), "100.96.0.7", None),
+        ],
+    )
+    assert a.call("status")["peers"][pair.keys["b"].public]["endpoint"] == learned
+    ping(pair.ns("a"), pair.OVERLAY["b"], count=1)
 
 
 def test_update_peers_removes_the_peers_not_listed(pair: Pair) -> None:

@@ -212,7 +212,8 @@ def link_exists(ns: str, name: str) -> bool:
 @dataclass
 class Pair:
     """Two namespaces joined by a veth (198.18.0.1 in ``a``, 198.18.0.2 in ``b``), each
-    with an overlay driver; overlay addresses 100.96.0.1 and 100.96.0.2 in 100.96.0.0/16."""
+    with an overlay driver; overlay addresses 100.96.0.1 and 100.96.0.2 in 100.96.0.0/16,
+    and fd7a:cb::1 and fd7a:cb::2 in fd7a:cb::/48."""
 
     tag: str = field(default_factory=lambda: secrets.token_hex(3))
     keys: dict[str, Keys] = field(default_factory=dict)
@@ -220,6 +221,7 @@ class Pair:
 
     UNDERLAY: ClassVar[dict[str, str]] = {"a": "198.18.0.1", "b": "198.18.0.2"}
     OVERLAY: ClassVar[dict[str, str]] = {"a": "100.96.0.1", "b": "100.96.0.2"}
+    OVERLAY6: ClassVar[dict[str, str]] = {"a": "fd7a:cb::1", "b": "fd7a:cb::2"}
 
     def ns(self, side: str) -> str:
         return f"cbwg{side}-{self.tag}"
@@ -244,13 +246,19 @@ class Pair:
 
     def up(self, side: str, **settings: Any) -> dict[str, Any]:
         return self.drivers[side].up(
-            self.name(side), [f"{self.OVERLAY[side]}/16"], self.keys[side], **settings
+            self.name(side),
+            [f"{self.OVERLAY[side]}/16", f"{self.OVERLAY6[side]}/48"],
+            self.keys[side],
+            **settings,
         )
 
     def peer_of(self, side: str, endpoint_port: int, **more: Any) -> dict[str, Any]:
         """``side`` as the other side's peer, reached at its underlay address."""
         return peer(
-            self.keys[side], self.OVERLAY[side], (self.UNDERLAY[side], endpoint_port), **more
+            self.keys[side],
+            self.OVERLAY[side],
+            (self.UNDERLAY[side], endpoint_port),
+            **{"allowed_ips": [f"{self.OVERLAY[side]}/32", f"{self.OVERLAY6[side]}/128"], **more},
         )
 
     def connect(self) -> dict[str, dict[str, Any]]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from cloudbridge_core.api import (
@@ -20,7 +20,7 @@ from cloudbridge_core.api import (
 from cloudbridge_wireguard import fastpath
 from cloudbridge_wireguard.kernel import KernelWireGuard
 from cloudbridge_wireguard.links import Links, parse_addresses, require_net_admin
-from cloudbridge_wireguard.uapi import DeviceStatus
+from cloudbridge_wireguard.uapi import DeviceStatus, peer_lines
 from cloudbridge_wireguard.userspace import WireGuardGo, remove_leftover
 from cloudbridge_wireguard.wire import check_interface_name, decode_key, is_wireguard_message
 
@@ -78,6 +78,8 @@ class WireGuardOverlay:
         self._device: Device | None = None
         self._listen_port = 0
         self._rewrites: tuple[fastpath.Rewrite, ...] = ()
+        #: the peers as last given to update_peers
+        self._given: dict[str, OverlayPeer] = {}
 
     async def __aenter__(self) -> WireGuardOverlay:
         return self
@@ -117,6 +119,8 @@ class WireGuardOverlay:
                 await self._device.configure(interface.private_key, self.settings.listen_port)
                 await links.configure(name, interface.addresses, interface.mtu)
                 self._listen_port = (await self._device.status()).listen_port
+                if not self._listen_port:
+                    raise OverlayFailed(f"WireGuard on {name} has no UDP socket (no listen port)")
             except BaseException:
                 with contextlib.suppress(OverlayFailed):
                     await self._teardown()
@@ -160,7 +164,7 @@ class WireGuardOverlay:
         if len(set(keys)) != len(keys):
             raise OverlayFailed("a peer appears twice in the overlay's peer list")
         for peer in peers:
-            decode_key(peer.public_key, f"peer key {peer.public_key!r}")
+            peer_lines(peer, existing=False)  # refuses a malformed peer before any change
         async with self._lock:
             device, name = self._device, self._interface
             if device is None or name is None:
@@ -175,19 +179,32 @@ class WireGuardOverlay:
                     fastpath.ruleset(name, self._listen_port, wanted), required=bool(wanted)
                 )
                 self._rewrites = wanted
-            await device.apply(peers, existing, remove)
-            for peer in peers:
-                if peer.public_key not in existing:
-                    log.debug("overlay peer added", interface=name, peer=peer.public_key)
-                elif status.peers[peer.public_key].endpoint != peer.endpoint and peer.endpoint:
-                    log.debug(
-                        "overlay peer moved",
-                        interface=name,
-                        peer=peer.public_key,
-                        endpoint=f"{peer.endpoint[0]}:{peer.endpoint[1]}",
-                    )
+            changes = list(self._changes(peers, existing))
+            await device.apply(changes, existing, remove)
+            self._given = {peer.public_key: peer for peer in peers}
+            for peer in changes:
+                change = "added" if peer.public_key not in existing else "changed"
+                log.debug(
+                    f"overlay peer {change}",
+                    interface=name,
+                    peer=peer.public_key,
+                    endpoint=f"{peer.endpoint[0]}:{peer.endpoint[1]}" if peer.endpoint else None,
+                )
             for public_key in remove:
                 log.debug("overlay peer removed", interface=name, peer=public_key)
+
+    def _changes(
+        self, peers: Sequence[OverlayPeer], existing: frozenset[str]
+    ) -> Iterator[OverlayPeer]:
+        """The peers to send: new ones, and changed ones, without their endpoint when only
+        something else changed (WireGuard may have learned a newer one from the peer's
+        packets, which an unrelated update must not undo)."""
+        for peer in peers:
+            before = self._given.get(peer.public_key)
+            if peer.public_key not in existing or before is None:
+                yield peer
+            elif peer != before:
+                yield peer if peer.endpoint != before.endpoint else replace(peer, endpoint=None)
 
     async def status(self) -> DeviceStatus:
         """The device as WireGuard reports it now: listen port, peers, their endpoints,
@@ -212,7 +229,7 @@ class WireGuardOverlay:
     async def _teardown(self) -> None:
         name, links, device = self._interface, self._links, self._device
         self._interface, self._links, self._device = None, None, None
-        self._rewrites, self._listen_port = (), 0
+        self._rewrites, self._listen_port, self._given = (), 0, {}
         if name is None:
             return
         failures: list[OverlayFailed] = []

@@ -33,8 +33,12 @@ NOT_INSTALLED = (
     "wireguard-go is not installed, and the kernel has no WireGuard: install the Debian "
     "package wireguard-go (apt install wireguard-go)"
 )
-#: wireguard-go logs this (at LOG_LEVEL=verbose) once its UAPI socket listens
-READY = "UAPI listener started"
+#: wireguard-go logs these (at LOG_LEVEL=verbose) once its UAPI socket listens, and once
+#: its device is up (it brings it up by itself, with a socket on any port, just after
+#: starting). Only an up device binds its socket when told a port, and says whether that
+#: failed; told one while still down it would fail later, silently, and stay down
+LISTENING = "UAPI listener started"
+DEVICE_UP = "requested Up, now Up"
 #: how long wireguard-go may take to create its device and socket
 START_TIMEOUT = 10.0
 #: how long a wireguard-go asked to stop (SIGTERM) may take before it is killed
@@ -87,16 +91,17 @@ class WireGuardGo:
             ) from None
         assert process.stdout is not None
         seen: deque[str] = deque(maxlen=20)
+        waiting = [LISTENING, DEVICE_UP]
         try:
             async with asyncio.timeout(START_TIMEOUT):
-                while line := (await process.stdout.readline()).decode("utf-8", "replace"):
-                    seen.append(line.rstrip())
-                    log.debug("wireguard-go", interface=interface, line=line.rstrip())
-                    if READY in line:
-                        break
+                while waiting and (line := await process.stdout.readline()):
+                    text = line.decode("utf-8", "replace").rstrip()
+                    seen.append(text)
+                    log.debug("wireguard-go", interface=interface, line=text)
+                    waiting = [said for said in waiting if said not in text]
         except TimeoutError:
             pass
-        if not seen or READY not in seen[-1]:
+        if waiting:
             await _stop(process)
             raise _start_failure(interface, seen)
         output = asyncio.create_task(_drain(interface, process.stdout))
