@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-# with --import-mode=importlib only the repository's tests/ is on sys.path: put this
-# folder there too, so the tests (and nothing else) can import wgbed
-sys.path.insert(0, str(Path(__file__).parent))
+# with --import-mode=importlib only the repository's tests/ is on sys.path: add this
+# folder after it, so these tests can import wgbed (whose name, like theirs, is unique)
+sys.path.append(str(Path(__file__).parent))
 
 from wgbed import Pair, needs_root_tools
 
