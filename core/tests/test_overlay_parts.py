@@ -15,8 +15,9 @@ import dns.rdatatype
 import pytest
 from cloudbridge_core.errors import OverlayFailed
 from cloudbridge_core.overlay.names import NameResponder, label
-from cloudbridge_core.overlay.routes import conflicting_route, local_routes
+from cloudbridge_core.overlay.routes import conflicting_route, local_routes, routed_through
 from cloudbridge_core.overlay.run import OverlayRun, interface_name
+from cloudbridge_core.overlay.tcp import TcpStream
 from cloudbridge_core.providers import OverlayInterface, OverlayState
 
 # /proc/net/route as Linux writes it: addresses and masks in little-endian hex
@@ -121,3 +122,41 @@ def test_a_plugins_own_exception_reaches_the_user_as_overlay_failed() -> None:
     run = OverlayRun(settings, _BrokenOverlay(), mesh, "private", "acme")  # type: ignore[arg-type]
     with pytest.raises(OverlayFailed, match="example overlay failed in up: cannot open"):
         asyncio.run(run.start())
+
+
+def test_an_address_is_routed_through_the_most_specific_route(tmp_path: Path) -> None:
+    table = tmp_path / "route"
+    table.write_text(ROUTE_TABLE)
+    assert routed_through("100.64.1.2", table) == "tailscale0"
+    assert routed_through("10.99.3.4", table) == "cb1234abcd"
+    assert routed_through("8.8.8.8", table) is None  # the default route only
+
+
+def test_a_tcp_stream_keeps_eof_and_reset_apart() -> None:
+    asyncio.run(_a_tcp_stream_keeps_eof_and_reset_apart())
+
+
+async def _a_tcp_stream_keeps_eof_and_reset_apart() -> None:
+    ends: asyncio.Queue[bytes | str] = asyncio.Queue()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            ends.put_nowait(await reader.read())
+        except ConnectionResetError:
+            ends.put_nowait("reset")
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    address = server.sockets[0].getsockname()
+    async with server:
+        finished = await TcpStream.connect(address, 2)
+        await finished.write(b"all of it")
+        await finished.close_write()
+        assert await ends.get() == b"all of it"
+        assert await finished.read() == b""  # the server closed: an EOF
+        await finished.aclose()
+        broken = await TcpStream.connect(address, 2)
+        await broken.write(b"part")
+        await asyncio.sleep(0.05)
+        await broken.reset()
+        assert await ends.get() == "reset"

@@ -46,3 +46,13 @@ def conflicting_route(
 
 def _address(little_endian_hex: str) -> str:
     return socket.inet_ntoa(struct.pack("<I", int(little_endian_hex, 16)))
+
+
+def routed_through(address: str, table: Path = ROUTES) -> str | None:
+    """The interface of the most specific route (not the default one) that holds
+    ``address``: where this host sends it; None when only the default route does."""
+    ip = ipaddress.IPv4Address(address)
+    holding = [(network, interface) for network, interface in local_routes(table) if ip in network]
+    if not holding:
+        return None
+    return max(holding, key=lambda route: route[0].prefixlen)[1]

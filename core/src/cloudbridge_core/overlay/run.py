@@ -99,11 +99,18 @@ class OverlayRun:
             self.state = await self._overlay.up(wanted)
         try:
             await self._filter()
-            if self.settings.dns:
-                self._dns = await NameResponder.serve(lease["address"], self.zone, self.names)
         except BaseException:
             await self.aclose()
             raise
+        if self.settings.dns:
+            try:
+                self._dns = await NameResponder.serve(lease["address"], self.zone, self.names)
+            except OSError as error:  # the port is taken there: the overlay works without names
+                log.warning(
+                    "overlay_names_not_served",
+                    address=f"{lease['address']}:53",
+                    reason=error.strerror or str(error),
+                )
         self._task = asyncio.get_running_loop().create_task(self._follow())
         log.info(
             "overlay_up",

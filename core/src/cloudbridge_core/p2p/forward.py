@@ -1,17 +1,23 @@
 """A local TCP port forwarded to a port a peer exposes, over the peer session's best path
-(``cloudbridge tunnel --remote-peer NAME``)."""
+(``cloudbridge tunnel --remote-peer NAME``), or over the overlay when it is up on this host
+and the peer has an overlay address: the kernel carries the bytes then (see
+:mod:`cloudbridge_core.overlay.tcp`)."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from cloudbridge_core.accept import accept_forever
+from cloudbridge_core.client.opening import OpeningStream
 from cloudbridge_core.client.tunnel import TunnelStatistics, sent_already
 from cloudbridge_core.errors import CloudBridgeError
 from cloudbridge_core.log import get_logger
+from cloudbridge_core.overlay.routes import routed_through
+from cloudbridge_core.overlay.tcp import TcpStream
 from cloudbridge_core.p2p.manager import ATTEMPT_TIMEOUT, PeerManager
 from cloudbridge_core.p2p.setup import PeerTunnelSpec
 from cloudbridge_core.pump import PumpResult, abort, prepare, pump
@@ -20,6 +26,10 @@ log = get_logger("p2p.tunnel")
 
 #: each read of the application's connection, as a relayed tunnel's by default
 BUFFER_SIZE = 65536
+#: how long a connection to the peer's overlay address may take before the tunnel takes
+#: the peer session instead, and how long it then keeps to the peer session
+OVERLAY_CONNECT_TIMEOUT = 2.0
+OVERLAY_RETRY = 60.0
 
 
 class PeerTunnel:
@@ -30,6 +40,8 @@ class PeerTunnel:
         self._listener: socket.socket | None = None
         self._acceptor: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()
+        #: when a connection over the overlay last failed (monotonic)
+        self._overlay_failed_at = -OVERLAY_RETRY
 
     @property
     def port(self) -> int:
@@ -62,9 +74,7 @@ class PeerTunnel:
         try:
             # what the application has sent by now goes in the same record as the header
             first = sent_already(client, BUFFER_SIZE)
-            stream = await self._mesh.open_at_once(
-                self.spec.peer, self.spec.remote_port, first, accepted, ATTEMPT_TIMEOUT
-            )
+            stream = await self._open(first, accepted)
             moved.sent += len(first)
             pumped = True
             await pump(stream, client, buffer_size=BUFFER_SIZE, result=moved)
@@ -82,6 +92,38 @@ class PeerTunnel:
             stats.bytes_sent += moved.sent
             stats.bytes_received += moved.received
             stats.active_connections -= 1
+
+    async def _open(self, first: bytes, accepted: Callable[[], None]) -> OpeningStream | TcpStream:
+        """A connection over the overlay when it is up and reaches the port, else a stream
+        of the peer session (a port only the peer's loopback serves, say)."""
+        address = self._overlay_address()
+        if address is not None:
+            try:
+                stream = await TcpStream.connect(address, OVERLAY_CONNECT_TIMEOUT)
+            except (OSError, TimeoutError) as error:
+                self._overlay_failed_at = time.monotonic()
+                log.info("peer_tunnel_not_over_overlay", peer=self.spec.peer, reason=str(error))
+            else:
+                if first:
+                    await stream.write(first)
+                accepted()
+                return stream
+        return await self._mesh.open_at_once(
+            self.spec.peer, self.spec.remote_port, first, accepted, ATTEMPT_TIMEOUT
+        )
+
+    def _overlay_address(self) -> tuple[str, int] | None:
+        """The peer's overlay address and the port, when this host routes it through an
+        interface (the overlay is up here) and it did not fail lately."""
+        if time.monotonic() - self._overlay_failed_at < OVERLAY_RETRY:
+            return None
+        try:
+            overlay_ip = self._mesh.find(self.spec.peer).info.overlay_ip
+        except CloudBridgeError:
+            return None
+        if not overlay_ip or routed_through(overlay_ip) is None:
+            return None
+        return overlay_ip, self.spec.remote_port
 
     def document(self) -> dict[str, Any]:
         return {
