@@ -61,7 +61,8 @@ class WireGuardGo:
 
     @classmethod
     async def start(cls, interface: str) -> WireGuardGo:
-        """Start wireguard-go for ``interface`` and wait until its UAPI socket listens.
+        """Start wireguard-go for ``interface``; wait until its UAPI socket listens and its
+        device is up.
 
         Raises :class:`OverlayFailed` when it is not installed or does not come up."""
         program = shutil.which(PROGRAM)
@@ -101,6 +102,9 @@ class WireGuardGo:
                     waiting = [said for said in waiting if said not in text]
         except TimeoutError:
             pass
+        except BaseException:  # cancelled: it must not outlive the attempt
+            await _stop(process)
+            raise
         if waiting:
             await _stop(process)
             raise _start_failure(interface, seen)
