@@ -18,6 +18,7 @@ from cloudbridge_core.overlay.names import NameResponder, label
 from cloudbridge_core.overlay.routes import conflicting_route, local_routes, routed_through
 from cloudbridge_core.overlay.run import OverlayRun, interface_name
 from cloudbridge_core.overlay.tcp import TcpStream
+from cloudbridge_core.p2p.channel import without_overlay
 from cloudbridge_core.providers import OverlayInterface, OverlayState
 
 # /proc/net/route as Linux writes it: addresses and masks in little-endian hex
@@ -160,3 +161,19 @@ async def _a_tcp_stream_keeps_eof_and_reset_apart() -> None:
         await asyncio.sleep(0.05)
         await broken.reset()
         assert await ends.get() == "reset"
+
+
+def test_paths_to_peers_never_run_through_the_overlay() -> None:
+    message = {
+        "ufrag": "u",
+        "candidates": [
+            "candidate:1 1 udp 2130706431 198.18.10.2 40000 typ host",
+            "candidate:2 1 udp 2130706431 100.64.0.1 40001 typ host",
+        ],
+        "endpoints": ["198.18.10.2:5000", "100.64.0.1:5000", "[fd00::1]:5000"],
+    }
+    kept = without_overlay(message, {"100.64.0.1"})
+    assert kept["candidates"] == ["candidate:1 1 udp 2130706431 198.18.10.2 40000 typ host"]
+    assert kept["endpoints"] == ["198.18.10.2:5000", "[fd00::1]:5000"]
+    assert kept["ufrag"] == "u"
+    assert without_overlay(message, set()) == message

@@ -266,7 +266,7 @@ def test_each_provider_is_loaded_with_its_own_plugins_section(
     assert list(plugins.transports()) == ["tls", "websocket", "grpc", "quic"]
     assert {"jwt", "oidc"} <= set(plugins.auth_providers())
     assert list(plugins.nat_strategies())[:2] == ["ice", "turn"]
-    assert plugins.overlays() == {}
+    assert list(plugins.overlays()) == ["wireguard"]
     assert {"prometheus", "pushgateway"} <= set(plugins.exporters())
 
 

@@ -267,8 +267,9 @@ class SignalChannel(Protocol):
 
     Both peers run each strategy at the same time; ``controlling`` is true on exactly one.
     The core's channel also has ``async turn_credentials() -> TurnCredentials | None`` (the
-    relay-issued TURN credentials, ``server.turn``); other channels may not, so strategies
-    ask for it with ``getattr``.
+    relay-issued TURN credentials, ``server.turn``) and ``overlay_addresses() -> set[str]``
+    (the tenant's overlay addresses, which no path may use); other channels may not, so
+    strategies ask for them with ``getattr``.
     """
 
     @property

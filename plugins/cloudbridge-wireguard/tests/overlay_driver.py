@@ -13,6 +13,7 @@ import socket
 import sys
 from typing import Any, TextIO
 
+import uvloop
 from cloudbridge_core.api import CloudBridgeError, Overlay, OverlayInterface, OverlayPeer
 from cloudbridge_wireguard.hooks import cloudbridge_overlays
 from cloudbridge_wireguard.wire import is_wireguard_message
@@ -152,4 +153,6 @@ if __name__ == "__main__":
     # answers keep the real stdout; logs (structlog prints) and the rest go to stderr
     answers = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
-    asyncio.run(main(answers))
+    # on the client's own loop: uvloop, which cannot make pyroute2's netlink endpoints
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main(answers))

@@ -5,10 +5,10 @@ Each peer's endpoint follows the path its peer session holds now. A direct or ST
 is an ICE pair's own UDP socket: the overlay sends from and to that pair's ports (its
 plugin arranges it, e.g. by rewriting ports in the kernel), so the NATs the pair punched
 through let its packets pass and no packet goes through Python. Any other path (TURN,
-DERP) goes through the peer's loopback proxy and the peer session. A peer's endpoint is
-set again every :data:`REASSERT` seconds: the overlay follows the source of what it
-receives (WireGuard roams), and a stray packet through the proxy must not keep a peer off
-its direct path.
+DERP) goes through the peer's loopback proxy and the peer session. An overlay packet that
+still reaches Python over a punched path (sent before this side's kernel rules were in
+place) is dropped, not handed on through the proxy: the overlay would follow its source
+(WireGuard roams) off the direct path, and a handshake lost is retried.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import ipaddress
-import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +28,13 @@ from cloudbridge_core.overlay import allow
 from cloudbridge_core.overlay.names import NameResponder, label
 from cloudbridge_core.overlay.proxy import PeerProxy
 from cloudbridge_core.overlay.routes import conflicting_route
-from cloudbridge_core.providers import Overlay, OverlayInterface, OverlayPeer, OverlayState
+from cloudbridge_core.providers import (
+    Overlay,
+    OverlayInterface,
+    OverlayPeer,
+    OverlayState,
+    PeerPath,
+)
 from cloudbridge_core.settings import OverlaySettings
 
 if TYPE_CHECKING:
@@ -40,8 +46,6 @@ log = get_logger("overlay")
 
 #: how often the overlay's peers are brought in line with the mesh and its paths
 FOLLOW_INTERVAL = 0.5
-#: how often unchanged peers are set again anyway (see the module docstring)
-REASSERT = 5.0
 
 
 def interface_name(tenant_id: str, peer_id: str) -> str:
@@ -70,8 +74,9 @@ class OverlayRun:
         self._proxies: dict[str, PeerProxy] = {}
         #: the session each proxy's peer datagrams come from
         self._hooked: dict[str, PeerSession] = {}
+        #: the punched path each peer's overlay packets take now, if any
+        self._punched: dict[str, PeerPath | None] = {}
         self._applied: list[OverlayPeer] | None = None
-        self._applied_at = 0.0
         self._filtered: str | None = None
         self._dns: NameResponder | None = None
         self._task: asyncio.Task[None] | None = None
@@ -204,11 +209,11 @@ class OverlayRun:
         for gone in set(self._proxies) - set(self._mesh.peers):
             self._proxies.pop(gone).close()
             self._hooked.pop(gone, None)
-        now = time.monotonic()
-        if wanted != self._applied or now - self._applied_at >= REASSERT:
+            self._punched.pop(gone, None)
+        if wanted != self._applied:
             async with self._plugin("update_peers"):
                 await self._overlay.update_peers(wanted)
-            self._applied, self._applied_at = wanted, now
+            self._applied = wanted
         await self._filter()
 
     async def _peer(self, peer_id: str, state: PeerState) -> OverlayPeer:
@@ -219,16 +224,25 @@ class OverlayRun:
                 lambda packet: self._to_peer(peer_id, packet), self.state.listen_port
             )
         if self._hooked.get(peer_id) is not state.session:  # a new session: a restart
-            state.session.carry_overlay(self._overlay.carries, proxy.from_peer)
+            receiver = functools.partial(self._from_peer, peer_id, proxy)
+            state.session.carry_overlay(self._overlay.carries, receiver)
             self._hooked[peer_id] = state.session
         path = state.session.datagram_path()
         punched = getattr(path, "punched", None)
         allowed = [f"{state.info.overlay_ip}/32"]
+        self._punched[peer_id] = path if punched is not None else None
         if punched is not None:
             port, remote = punched
             return OverlayPeer(state.info.overlay_key, allowed, remote, source_port=port)
         endpoint = proxy.endpoint if path is not None else None
         return OverlayPeer(state.info.overlay_key, allowed, endpoint)
+
+    def _from_peer(self, peer_id: str, proxy: PeerProxy, path: PeerPath, packet: bytes) -> None:
+        """An overlay packet from the peer, over ``path``: to the overlay through the
+        proxy, unless it came over the punched path the overlay itself uses for the peer
+        (see the module docstring)."""
+        if self._punched.get(peer_id) is not path:
+            proxy.from_peer(packet)
 
     def _to_peer(self, peer_id: str, packet: bytes) -> None:
         state = self._mesh.peers.get(peer_id)

@@ -15,6 +15,7 @@ from typing import Any
 
 import aioice
 from aioice.candidate import Candidate
+from aioice.ice import get_host_addresses
 
 from cloudbridge_core.errors import P2PConnectionFailed
 from cloudbridge_core.log import get_logger
@@ -119,7 +120,8 @@ async def ice_path(peer: PeerInfo, signal: SignalChannel, **connection_options: 
         ice_controlling=signal.controlling, use_ipv6=False, **connection_options
     )
     try:
-        await connection.gather_candidates()
+        overlay = getattr(signal, "overlay_addresses", None)
+        await gather_candidates(connection, overlay() if callable(overlay) else set())
         await signal.send(
             {
                 "ufrag": connection.local_username,
@@ -146,6 +148,26 @@ async def ice_path(peer: PeerInfo, signal: SignalChannel, **connection_options: 
     kind, details = _nominated(connection)
     log.info("ice_connected", peer=peer.name, path=kind, remote=details["remote"])
     return (IcePath if kind == "turn" else UdpIcePath)(connection, kind, details)
+
+
+async def gather_candidates(connection: aioice.Connection, excluded: set[str]) -> None:
+    """aioice's ``gather_candidates``, without host candidates on ``excluded`` addresses
+    (the tenant's overlay: a path to a peer must not run through it, and its STUN
+    requests, which no router forwards, would hold the gathering up for seconds)."""
+    if not excluded or connection._transport_policy != aioice.TransportPolicy.ALL:
+        await connection.gather_candidates()
+        return
+    # what gather_candidates does, over the other addresses (aioice takes no filter)
+    connection._local_candidates_start = True
+    addresses = [a for a in get_host_addresses(use_ipv4=True, use_ipv6=False) if a not in excluded]
+    for candidates in await asyncio.gather(
+        *(
+            connection.get_component_candidates(component=component, addresses=addresses)
+            for component in connection._components
+        )
+    ):
+        connection._local_candidates += candidates
+    connection._local_candidates_end = True
 
 
 def _nominated(connection: aioice.Connection) -> tuple[str, dict[str, Any]]:

@@ -125,6 +125,13 @@ class Membership:
             return None
         return issued
 
+    def overlay_addresses(self) -> set[str]:
+        """The tenant's overlay addresses this device knows: its own and its peers'."""
+        found = {peer.overlay_ip for peer in self.peers.values() if peer.overlay_ip}
+        if self.overlay.get("address"):
+            found.add(self.overlay["address"])
+        return found
+
     async def refresh(self) -> None:
         with contextlib.suppress(TransportError):
             await self._link.current.control.send(messages.MeshRefresh())

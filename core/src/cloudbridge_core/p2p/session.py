@@ -180,7 +180,9 @@ class PeerSession:
         self.bytes_received = 0
         self.changes: deque[dict[str, Any]] = deque(maxlen=20)
         #: the overlay's packets among the datagrams from the peer (:meth:`carry_overlay`)
-        self._overlay: tuple[Callable[[bytes], bool], Callable[[bytes], None]] | None = None
+        self._overlay: tuple[Callable[[bytes], bool], Callable[[PeerPath, bytes], None]] | None = (
+            None
+        )
 
     # ---- paths ----
 
@@ -363,18 +365,18 @@ class PeerSession:
         if path.kind != self.current:
             self._follow(path.kind, now)
         if self._overlay is not None and self._overlay[0](datagram):
-            self._overlay[1](datagram)
+            self._overlay[1](path, datagram)
             return
         self._deliver(datagram)
 
     # ---- the overlay's packets ----
 
     def carry_overlay(
-        self, carries: Callable[[bytes], bool], receiver: Callable[[bytes], None]
+        self, carries: Callable[[bytes], bool], receiver: Callable[[PeerPath, bytes], None]
     ) -> None:
         """Hand datagrams from the peer that ``carries`` says are the overlay's to
-        ``receiver`` instead of QUIC (QUIC packets always have their fixed bit set, so
-        the two never mistake each other's)."""
+        ``receiver``, with the path they came over, instead of QUIC (QUIC packets always
+        have their fixed bit set, so the two never mistake each other's)."""
         self._overlay = (carries, receiver)
 
     def send_overlay(self, packet: bytes) -> None:

@@ -9,15 +9,15 @@ this only sets the key, the port and the peers, and reads them back.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from typing import Any
 
 from cloudbridge_core.api import OverlayFailed, OverlayPeer
-from pyroute2 import AsyncWireGuard  # type: ignore[import-untyped]  # pyroute2 ships no types
+from pyroute2 import WireGuard  # type: ignore[import-untyped]  # pyroute2 ships no types
 from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
 
 from cloudbridge_wireguard.links import Links, error_code, failure
+from cloudbridge_wireguard.netlink import NetlinkThread
 from cloudbridge_wireguard.uapi import DeviceStatus, PeerStatus
 from cloudbridge_wireguard.wire import decode_key
 
@@ -30,14 +30,11 @@ class KernelWireGuard:
     def __init__(self, interface: str, links: Links) -> None:
         self.interface = interface
         self._links = links
-        try:
-            self._wg = AsyncWireGuard()
-        except (NetlinkError, OSError) as error:
-            raise failure("opening WireGuard's netlink family", error_code(error)) from None
+        self._wg = NetlinkThread(WireGuard)
 
     async def _set(self, what: str, **kwargs: Any) -> None:
         try:
-            await self._wg.set(self.interface, **kwargs)
+            await self._wg.call("set", self.interface, **kwargs)
         except (NetlinkError, OSError) as error:
             raise failure(what, error_code(error)) from None
         except ValueError:  # pyroute2's own key checks; ours ran first, so a peer key
@@ -53,7 +50,7 @@ class KernelWireGuard:
 
     async def status(self) -> DeviceStatus:
         try:
-            messages = [m async for m in await self._wg.info(self.interface)]
+            messages = list(await self._wg.call("info", self.interface))
         except (NetlinkError, OSError) as error:
             raise failure(f"reading {self.interface}", error_code(error)) from None
         listen_port, peers = 0, {}
@@ -100,6 +97,5 @@ class KernelWireGuard:
             )
 
     async def close(self) -> None:
-        with contextlib.suppress(NetlinkError, OSError):  # the kernel dropped it already
-            self._wg.close()
+        self._wg.close()
         await self._links.delete(self.interface)

@@ -7,7 +7,6 @@ in its namespace), so the overlay makes one in ``up`` and keeps it.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import ipaddress
 import os
@@ -16,8 +15,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cloudbridge_core.api import OverlayFailed, get_logger
-from pyroute2 import AsyncIPRoute  # type: ignore[import-untyped]  # pyroute2 ships no types
+from pyroute2 import IPRoute  # type: ignore[import-untyped]  # pyroute2 ships no types
 from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
+
+from cloudbridge_wireguard.netlink import NetlinkThread
 
 log = get_logger("overlay.wireguard")
 
@@ -85,19 +86,18 @@ class Links:
     """Netlink requests for the overlay's interface."""
 
     def __init__(self) -> None:
-        with netlink_errors("opening a netlink socket"):
-            self._ipr = AsyncIPRoute()
+        self._ipr = NetlinkThread(IPRoute)
 
     async def index(self, name: str) -> int | None:
         with netlink_errors(f"looking up interface {name}"):
-            found = await self._ipr.link_lookup(ifname=name)
+            found = await self._ipr.call("link_lookup", ifname=name)
         return found[0] if found else None
 
     async def add_wireguard(self, name: str) -> bool:
         """Create a kernel WireGuard interface; ``False`` when the kernel has none."""
         log.debug("overlay change", change=f"ip link add {name} type wireguard")
         try:
-            await self._ipr.link("add", ifname=name, kind="wireguard")
+            await self._ipr.call("link", "add", ifname=name, kind="wireguard")
         except (NetlinkError, OSError) as error:
             if error_code(error) in (errno.EOPNOTSUPP, errno.ENODEV, errno.ENOENT):
                 return False
@@ -111,7 +111,7 @@ class Links:
         if index is None:
             return None
         with netlink_errors(f"reading interface {name}"):
-            (link,) = await self._ipr.link("get", index=index)
+            (link,) = await self._ipr.call("link", "get", index=index)
         return str(link.get(("linkinfo", "kind")) or "")
 
     async def delete(self, name: str, kinds: Collection[str] = OVERLAY_KINDS) -> bool:
@@ -128,7 +128,7 @@ class Links:
             )
         log.debug("overlay change", change=f"ip link del {name}")
         try:
-            await self._ipr.link("del", index=index)
+            await self._ipr.call("link", "del", index=index)
         except (NetlinkError, OSError) as error:
             if error_code(error) == errno.ENODEV:  # gone meanwhile (its wireguard-go exited)
                 return True
@@ -144,7 +144,8 @@ class Links:
         for address in parse_addresses(addresses):
             log.debug("overlay change", change=f"ip address add {address} dev {name}")
             try:
-                await self._ipr.addr(
+                await self._ipr.call(
+                    "addr",
                     "add",
                     index=index,
                     address=str(address.ip),
@@ -155,8 +156,7 @@ class Links:
                     raise failure(f"adding {address} to {name}", error_code(error)) from None
         log.debug("overlay change", change=f"ip link set mtu {mtu} up dev {name}")
         with netlink_errors(f"setting MTU {mtu} and bringing {name} up"):
-            await self._ipr.link("set", index=index, mtu=mtu, state="up")
+            await self._ipr.call("link", "set", index=index, mtu=mtu, state="up")
 
     def close(self) -> None:
-        with contextlib.suppress(NetlinkError, OSError):  # the kernel dropped it already
-            self._ipr.close()
+        self._ipr.close()
