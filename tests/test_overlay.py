@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,6 +24,8 @@ from nat_mesh import (
     BIN,
     QUICK,
     TOOLS,
+    TURN_PASSWORD,
+    TURN_USER,
     Mesh,
     block_between_peers,
     namespaces_work,
@@ -59,10 +62,16 @@ class Overlay:
         addresses: list[str] = json.loads(done)["addresses"]
         return addresses[0]
 
-    def start(self, name: str) -> None:
-        host, config = (1, self.laptop) if name == "laptop" else (2, self.server)
-        self.processes[name] = self.mesh.bed.spawn(
-            self.mesh.bed.hosts[host],
+    def config(self, name: str) -> Path:
+        return self.laptop.with_name(f"{name}.yaml")
+
+    def start(self, name: str, ns: str | None = None) -> None:
+        """``cloudbridge p2p`` for ``name``: laptop in h1, server in h2, others in ``ns``."""
+        bed = self.mesh.bed
+        where = ns or (bed.hosts[1] if name == "laptop" else bed.hosts[2])
+        config = self.config(name)
+        self.processes[name] = bed.spawn(
+            where,
             [BIN / "cloudbridge", "p2p", "--config", config],
             ready="overlay ",
             log=config.with_suffix(".log"),
@@ -86,33 +95,53 @@ class Overlay:
         return found
 
 
+def start_coturn(bed: NatBed, tmp: Path) -> None:
+    turnserver = shutil.which("turnserver")
+    assert turnserver, "coturn is not installed (./dev test installs it)"
+    conf = tmp / "turnserver.conf"
+    conf.write_text(
+        f"listening-ip={WAN}\nrelay-ip={WAN}\nlistening-port=3478\nmin-port=49160\n"
+        f"max-port=49400\nrealm=cloudbridge.test\nlt-cred-mech\n"
+        f"user={TURN_USER}:{TURN_PASSWORD}\nfingerprint\nno-tls\nno-dtls\nno-cli\n"
+        f"pidfile={tmp}/turn.pid\nuserdb={tmp}/turndb\nlog-file=stdout\nsimple-log\n"
+    )
+    bed.spawn(bed.wan, [turnserver, "-c", conf], ready="IO method (admin thread)")
+
+
 @pytest.fixture(scope="module")
 def overlay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Overlay]:
     tmp = tmp_path_factory.mktemp("overlay")
     with NatBed() as bed:
+        start_coturn(bed, tmp)
         state = tmp / "relay"
         env = {"CLOUDBRIDGE_SERVER__PUBLIC_HOST": WAN, "CLOUDBRIDGE_METRICS__ENABLED": "false"}
         relay: list[Any] = [BIN / "cloudbridge", "relay", "serve", "--state-dir", state]
         started = bed.spawn(bed.wan, relay, ready="client config:", env=env, log=tmp / "relay.log")
         mesh = Mesh(bed, tmp, started, relay, env)
-        token = mesh.cloudbridge(
-            *("relay", "token", "issue", "--state-dir", str(state), "--tenant", "acme"),
-            *("--subject", "peer", "--permission", "relay:connect", "--permission", "p2p:mesh"),
-        ).strip()
         written = yaml.safe_load((state / "client.yaml").read_text())
-        configs = []
-        for name in ("laptop", "server"):
-            config = tmp / f"{name}.yaml"
-            document = {
-                **written,
-                "auth": {"token": token},
-                "metrics": {"enabled": False},
-                "p2p": {"name": name, "ice": written["p2p"]["ice"], **QUICK},
-                "overlay": {"enabled": True},
-            }
-            config.write_text(yaml.safe_dump(document))
-            configs.append(config)
-        found = Overlay(mesh, configs[0], configs[1], {})
+        ice = {
+            **written["p2p"]["ice"],
+            "turn_servers": [
+                {"url": f"turn:{WAN}:3478", "username": TURN_USER, "credential": TURN_PASSWORD}
+            ],
+        }
+        for tenant in ("acme", "globex"):
+            token = mesh.cloudbridge(
+                *("relay", "token", "issue", "--state-dir", str(state), "--tenant", tenant),
+                *("--subject", "peer", "--permission", "relay:connect"),
+                *("--permission", "p2p:mesh"),
+            ).strip()
+            names = ("laptop", "server", "gamma") if tenant == "acme" else ("g-one", "g-two")
+            for name in names:
+                document = {
+                    **written,
+                    "auth": {"token": token},
+                    "metrics": {"enabled": False},
+                    "p2p": {"name": name, "ice": ice, **QUICK},
+                    "overlay": {"enabled": True},
+                }
+                (tmp / f"{name}.yaml").write_text(yaml.safe_dump(document))
+        found = Overlay(mesh, tmp / "laptop.yaml", tmp / "server.yaml", {})
         found.start("server")
         found.start("laptop")
         yield found
@@ -196,6 +225,23 @@ def test_a_peer_tunnel_goes_over_the_overlay_when_it_is_up(overlay: Overlay) -> 
     assert sent == received
 
 
+def test_with_udp_between_the_peers_blocked_the_overlay_goes_over_turn(overlay: Overlay) -> None:
+    mesh, bed = overlay.mesh, overlay.mesh.bed
+    mesh.wait_for_path(overlay.laptop, "stun", within=30)
+    server_ip = overlay.address(overlay.server)
+    block_between_peers(bed)
+    try:
+        mesh.wait_for_path(overlay.laptop, "turn", within=30)
+        wait_for(lambda: pings(overlay, 1, server_ip), 15, "no ping over TURN")
+        sent, received = bed.exec(
+            bed.hosts[1],
+            [sys.executable, TOOLS, "roundtrip", f"{server_ip}:{ECHO_PORT}", str(1 << 20), "0"],
+        ).split()
+        assert sent == received
+    finally:
+        unblock_between_peers(bed)
+
+
 def test_a_transfer_inside_the_overlay_survives_stun_to_derp_and_back(overlay: Overlay) -> None:
     mesh, bed = overlay.mesh, overlay.mesh.bed
     mesh.wait_for_path(overlay.laptop, "stun", within=30)
@@ -209,16 +255,145 @@ def test_a_transfer_inside_the_overlay_survives_stun_to_derp_and_back(overlay: O
         text=True,
     )
     time.sleep(2)
-    block_between_peers(bed)
+    bed.block("no_udp", "meta l4proto udp")  # TURN too
     try:
-        mesh.wait_for_path(overlay.laptop, "derp", within=20)
+        mesh.wait_for_path(overlay.laptop, "derp", within=30)
         wait_for(lambda: pings(overlay, 1, server_ip), 15, "no ping over DERP")
     finally:
-        unblock_between_peers(bed)
+        bed.unblock("no_udp")
     mesh.wait_for_path(overlay.laptop, "stun", within=30)
     output, _ = transfer.communicate(timeout=90)
     sent, received = output.split()
     assert sent == received
+
+
+def wireguard_peers(interface: str) -> set[str]:
+    """The public keys (hex) the overlay interface holds, asked over its UAPI socket."""
+    with socket.socket(socket.AF_UNIX) as uapi:
+        uapi.connect(f"/var/run/wireguard/{interface}.sock")
+        uapi.sendall(b"get=1\n\n")
+        answer = b""
+        while not answer.endswith(b"\n\n"):
+            answer += uapi.recv(65536)
+    lines = answer.decode().splitlines()
+    return {line.split("=", 1)[1] for line in lines if line.startswith("public_key=")}
+
+
+def test_a_third_peer_is_reachable_in_seconds_and_removed_when_it_leaves(
+    overlay: Overlay,
+) -> None:
+    mesh, bed = overlay.mesh, overlay.mesh.bed
+    started = time.monotonic()
+    overlay.start("gamma", ns=bed.wan)  # a host with a public address of its own
+    gamma_ip = overlay.address(overlay.config("gamma"))
+    wait_for(lambda: pings(overlay, 1, gamma_ip), 20, "the laptop never reached gamma")
+    print(f"gamma reachable from the laptop {time.monotonic() - started:.1f} s after it started")
+    interface = mesh.status(overlay.laptop)["overlay"]["interface"]
+    held = len(wireguard_peers(interface))
+    overlay.processes["gamma"].terminate()
+    assert overlay.processes["gamma"].wait(30) == 0
+    wait_for(
+        lambda: len(wireguard_peers(interface)) == held - 1,
+        15,
+        "gamma was not removed from the laptop's overlay",
+    )
+    assert not pings(overlay, 1, gamma_ip)
+
+
+def test_two_tenants_with_the_same_pool_never_meet(overlay: Overlay) -> None:
+    mesh, bed = overlay.mesh, overlay.mesh.bed
+    # globex's two devices run on the routers, public hosts of their own
+    overlay.start("g-one", ns=bed.routers[1])
+    overlay.start("g-two", ns=bed.routers[2])
+    g_two_ip = overlay.address(overlay.config("g-two"))
+    globex = {overlay.address(overlay.config("g-one")), g_two_ip}
+    # the same pool, counted apart: globex's devices hold the very addresses acme's do
+    assert globex == {overlay.address(overlay.laptop), overlay.address(overlay.server)}
+    ping = ["ping", "-c", "1", "-W", "1", g_two_ip]
+    wait_for(
+        lambda: (
+            subprocess.run(
+                ["ip", "netns", "exec", bed.routers[1], *ping], capture_output=True, check=False
+            ).returncode
+            == 0
+        ),
+        20,
+        "globex's devices never reached each other",
+    )
+    # what each tenant's overlay holds: its own peers' keys, never the other tenant's
+    g_one = mesh.status(overlay.config("g-one"))["overlay"]["interface"]
+    laptop = mesh.status(overlay.laptop)["overlay"]["interface"]
+    assert wireguard_peers(g_one).isdisjoint(wireguard_peers(laptop))
+    # globex listens on g-two's address; from acme's laptop that address is acme's
+    # server (or nobody): the connection never reaches globex
+    bed.spawn(bed.routers[2], [sys.executable, TOOLS, "echo", f"{g_two_ip}:7002"], ready="echo")
+    reach = (
+        f"import socket; s = socket.socket(); s.settimeout(3)\n"
+        f"try:\n s.connect(({g_two_ip!r}, 7002)); print('reached')\n"
+        f"except OSError as e:\n print(type(e).__name__)"
+    )
+    assert bed.exec(bed.hosts[1], [sys.executable, "-c", reach]).strip() != "reached"
+
+
+def test_overlay_allow_follows_a_reload(overlay: Overlay) -> None:
+    bed = overlay.mesh.bed
+    server_ip = overlay.address(overlay.server)
+    wait_for(lambda: pings(overlay, 1, server_ip), 15, "no ping before the filter")
+    document = yaml.safe_load(overlay.server.read_text())
+    document["overlay"]["allow"] = [{"peers": ["laptop"], "protocol": "tcp", "ports": [ECHO_PORT]}]
+    overlay.server.write_text(yaml.safe_dump(document))
+    wait_for(lambda: not pings(overlay, 1, server_ip), 15, "ping still allowed")
+    sent, received = bed.exec(
+        bed.hosts[1],
+        [sys.executable, TOOLS, "roundtrip", f"{server_ip}:{ECHO_PORT}", str(1 << 16), "0"],
+    ).split()
+    assert sent == received
+    other = (
+        f"import socket; s = socket.socket(); s.settimeout(2)\n"
+        f"try:\n s.connect(({server_ip!r}, {ECHO_PORT + 1})); print('reached')\n"
+        f"except OSError as e:\n print(type(e).__name__)"
+    )
+    assert bed.exec(bed.hosts[1], [sys.executable, "-c", other]).strip() == "TimeoutError"
+    del document["overlay"]["allow"]
+    overlay.server.write_text(yaml.safe_dump(document))
+    wait_for(lambda: pings(overlay, 1, server_ip), 15, "ping not allowed again")
+
+
+def test_without_cap_net_admin_the_client_says_so_and_stays_in_the_mesh(overlay: Overlay) -> None:
+    mesh, bed = overlay.mesh, overlay.mesh.bed
+    config = overlay.server.with_name("nocap.yaml")
+    document = yaml.safe_load(overlay.server.read_text())
+    document["p2p"]["name"] = "nocap"
+    config.write_text(yaml.safe_dump(document))
+    log = config.with_suffix(".log")
+    setpriv = ["setpriv", "--inh-caps=-net_admin", "--bounding-set=-net_admin"]
+    bed.spawn(
+        bed.hosts[2],
+        [*setpriv, BIN / "cloudbridge", "p2p", "--config", config],
+        ready="in the mesh as",
+        log=log,
+    )
+    wait_for(
+        lambda: "no overlay: the overlay needs CAP_NET_ADMIN" in log.read_text(),
+        5,
+        "the client did not say the overlay needs CAP_NET_ADMIN",
+    )
+    status = mesh.status(config)
+    assert status["overlay"] is None
+    assert status["state"] == "connected"
+    wait_for(
+        lambda: any(p["name"] == "nocap" for p in mesh.status(overlay.laptop)["peers"]),
+        15,
+        "the laptop never saw the device without the overlay",
+    )
+    # it asked for no address: the relay holds none for it
+    leases = json.loads(
+        mesh.cloudbridge(
+            *("relay", "ipam", "list", "--state-dir", str(mesh.tmp / "relay")),
+            *("--tenant", "acme", "--json"),
+        )
+    )["leases"]
+    assert "nocap" not in [lease["device"] for lease in leases]
 
 
 def test_nothing_is_left_after_sigterm_nor_after_kill_and_a_restart(overlay: Overlay) -> None:

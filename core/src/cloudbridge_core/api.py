@@ -79,6 +79,7 @@ if TYPE_CHECKING:
     from cloudbridge_core.cli.runtime import config_option, runtime_of
     from cloudbridge_core.client.tokens import StoredTokens, token_expires_in
     from cloudbridge_core.log import get_logger
+    from cloudbridge_core.overlay.capability import NO_NET_ADMIN, require_net_admin
     from cloudbridge_core.p2p.ice import CLOSE_GRACE as ICE_CLOSE_GRACE
     from cloudbridge_core.p2p.ice import IcePath, ice_path
     from cloudbridge_core.protocol import derp
@@ -104,6 +105,8 @@ _LAZY = {
     "StoredTokens": ("cloudbridge_core.client.tokens", "StoredTokens"),
     "token_expires_in": ("cloudbridge_core.client.tokens", "token_expires_in"),
     "get_logger": ("cloudbridge_core.log", "get_logger"),
+    "NO_NET_ADMIN": ("cloudbridge_core.overlay.capability", "NO_NET_ADMIN"),
+    "require_net_admin": ("cloudbridge_core.overlay.capability", "require_net_admin"),
     "ICE_CLOSE_GRACE": ("cloudbridge_core.p2p.ice", "CLOSE_GRACE"),
     "IcePath": ("cloudbridge_core.p2p.ice", "IcePath"),
     "ice_path": ("cloudbridge_core.p2p.ice", "ice_path"),
@@ -143,6 +146,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ALPN",
     "ICE_CLOSE_GRACE",
+    "NO_NET_ADMIN",
     "TENANT_ID_PATTERN",
     "Admission",
     "AuthError",
@@ -213,6 +217,7 @@ __all__ = [
     "is_tenant_id",
     "message",
     "path_payload_size",
+    "require_net_admin",
     "run_session_handler",
     "runtime_of",
     "token_expires_in",

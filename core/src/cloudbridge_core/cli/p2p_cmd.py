@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 import platformdirs
 
-from cloudbridge_core.cli.output import emit_json, json_option
+from cloudbridge_core.cli.output import emit_json, json_option, message
 from cloudbridge_core.cli.runtime import (
     Runtime,
     config_option,
@@ -23,6 +23,7 @@ from cloudbridge_core.cli.serving import run_async
 from cloudbridge_core.cli.tunnel_cmd import run_client
 from cloudbridge_core.client.control import config_digest, query
 from cloudbridge_core.errors import UsageError
+from cloudbridge_core.overlay.capability import NO_NET_ADMIN, has_net_admin
 from cloudbridge_core.p2p.identity import DeviceIdentity, load_or_create_key
 from cloudbridge_core.p2p.setup import MODES, MeshSetup
 
@@ -61,7 +62,9 @@ def join_mesh(runtime: Runtime, control_socket: Path | None, mode: str) -> None:
     identity = DeviceIdentity.create(key_file)
     setup = MeshSetup(identity, mode)
     overlay = config.settings.overlay
-    if overlay.enabled:
+    if overlay.enabled and not has_net_admin():  # no address asked for, none held for nothing
+        message(f"no overlay: {NO_NET_ADMIN}")
+    elif overlay.enabled:
         spec = runtime.plugins.require("overlay", overlay.type)
         setup.overlay = spec.load(
             runtime.plugins.settings_for("overlay", overlay.type, config.converted)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from cloudbridge_core.errors import CloudBridgeError, OverlayFailed
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.overlay import allow
+from cloudbridge_core.overlay.capability import require_net_admin
 from cloudbridge_core.overlay.names import NameResponder, label
 from cloudbridge_core.overlay.proxy import PeerProxy
 from cloudbridge_core.overlay.routes import conflicting_route
@@ -87,6 +88,7 @@ class OverlayRun:
         if not lease.get("address"):
             reason = lease.get("error") or "the relay gave none (a relay without IPAM?)"
             raise OverlayFailed(f"no overlay address for this device: {reason}")
+        require_net_admin()
         self._pool = pool = ipaddress.IPv4Network(lease["pool"])
         conflict = conflicting_route(pool, self.interface)
         if conflict is not None:

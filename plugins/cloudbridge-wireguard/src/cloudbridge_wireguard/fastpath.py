@@ -24,9 +24,8 @@ import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from cloudbridge_core.api import OverlayFailed, OverlayPeer, get_logger
+from cloudbridge_core.api import NO_NET_ADMIN, OverlayFailed, OverlayPeer, get_logger
 
-from cloudbridge_wireguard.links import NO_CAPABILITY
 from cloudbridge_wireguard.wire import MESSAGE_HEADS, MIN_MESSAGE_BYTES
 
 log = get_logger("overlay.wireguard")
@@ -143,6 +142,6 @@ async def apply(script: str, *, required: bool) -> None:
     if process.returncode:
         said = err.decode("utf-8", "replace").strip()
         if "Operation not permitted" in said:
-            raise OverlayFailed(NO_CAPABILITY)
+            raise OverlayFailed(NO_NET_ADMIN)
         first = said.splitlines()[0] if said else f"exit code {process.returncode}"
         raise OverlayFailed(f"nftables refused the overlay's fast-path rules: {first}")

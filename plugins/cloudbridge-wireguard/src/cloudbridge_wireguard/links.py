@@ -12,9 +12,8 @@ import ipaddress
 import os
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 
-from cloudbridge_core.api import OverlayFailed, get_logger
+from cloudbridge_core.api import NO_NET_ADMIN, OverlayFailed, get_logger
 from pyroute2 import IPRoute  # type: ignore[import-untyped]  # pyroute2 ships no types
 from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
 
@@ -22,30 +21,8 @@ from cloudbridge_wireguard.netlink import NetlinkThread
 
 log = get_logger("overlay.wireguard")
 
-CAP_NET_ADMIN = 12
 #: what the overlay's interface can be: a kernel WireGuard link or wireguard-go's TUN
 OVERLAY_KINDS = frozenset({"wireguard", "tun"})
-NO_CAPABILITY = (
-    "the WireGuard overlay needs CAP_NET_ADMIN, which this process lacks: run cloudbridge "
-    "as root or grant it the capability (systemd: AmbientCapabilities=CAP_NET_ADMIN); "
-    "the mesh keeps running without the overlay"
-)
-
-
-def has_net_admin(status: Path = Path("/proc/self/status")) -> bool:
-    """Whether this process holds CAP_NET_ADMIN in its effective set."""
-    try:
-        for line in status.read_text().splitlines():
-            if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return os.geteuid() == 0  # no /proc: assume root has it, and let netlink say otherwise
-
-
-def require_net_admin() -> None:
-    if not has_net_admin():
-        raise OverlayFailed(NO_CAPABILITY)
 
 
 @contextmanager
@@ -64,7 +41,7 @@ def error_code(error: NetlinkError | OSError) -> int:
 
 def failure(action: str, code: int) -> OverlayFailed:
     if code in (errno.EPERM, errno.EACCES):
-        return OverlayFailed(NO_CAPABILITY)
+        return OverlayFailed(NO_NET_ADMIN)
     return OverlayFailed(f"{action} failed: {os.strerror(code)}")
 
 

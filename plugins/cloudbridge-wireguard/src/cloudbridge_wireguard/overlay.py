@@ -15,11 +15,12 @@ from cloudbridge_core.api import (
     OverlayState,
     build,
     get_logger,
+    require_net_admin,
 )
 
 from cloudbridge_wireguard import fastpath
 from cloudbridge_wireguard.kernel import KernelWireGuard
-from cloudbridge_wireguard.links import Links, parse_addresses, require_net_admin
+from cloudbridge_wireguard.links import Links, parse_addresses
 from cloudbridge_wireguard.uapi import DeviceStatus, peer_lines
 from cloudbridge_wireguard.userspace import WireGuardGo, remove_leftover
 from cloudbridge_wireguard.wire import check_interface_name, decode_key, is_wireguard_message

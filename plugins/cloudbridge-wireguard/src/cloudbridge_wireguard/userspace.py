@@ -12,9 +12,8 @@ from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
-from cloudbridge_core.api import OverlayFailed, OverlayPeer, get_logger
+from cloudbridge_core.api import NO_NET_ADMIN, OverlayFailed, OverlayPeer, get_logger
 
-from cloudbridge_wireguard.links import NO_CAPABILITY
 from cloudbridge_wireguard.uapi import (
     DeviceStatus,
     Uapi,
@@ -192,7 +191,7 @@ def _start_failure(interface: str, seen: Sequence[str]) -> OverlayFailed:
     said = " / ".join(line for line in seen if line and not line.startswith(("│", "┌", "└")))
     lowered = said.lower()
     if "operation not permitted" in lowered or "permission denied" in lowered:
-        return OverlayFailed(NO_CAPABILITY)
+        return OverlayFailed(NO_NET_ADMIN)
     if "/dev/net/tun" in lowered and "no such file" in lowered:
         return OverlayFailed(
             "wireguard-go needs the TUN device /dev/net/tun, which is missing "
