@@ -138,7 +138,11 @@ def test_the_overlay_alone_brings_cap_net_admin(tmp_path: Path) -> None:
         "overlay:\n  enabled: true\n"
     )
     done = install_dry_run(path, {"CLOUDBRIDGE_TOKEN": TOKEN})
-    assert "CapabilityBoundingSet=CAP_NET_ADMIN" in done.stdout.splitlines()
+    unit = done.stdout.splitlines()
+    assert "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_BIND_SERVICE" in unit
+    assert "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_BIND_SERVICE" in unit
+    assert "PrivateDevices=no" in unit  # /dev/net/tun for wireguard-go
+    assert "RuntimeDirectory=cloudbridge wireguard" in unit
 
 
 def test_an_invalid_config_is_refused_before_anything_is_written(tmp_path: Path) -> None:

@@ -195,10 +195,11 @@ class OverlayRun:
             try:
                 await self.reconcile()
                 failing = ""
-            except CloudBridgeError as error:
-                if error.message != failing:  # said once, not every half second
-                    log.warning("overlay_not_updated", code=error.code, reason=error.message)
-                failing = error.message
+            except (CloudBridgeError, OSError) as error:  # OSError: a proxy's socket
+                reason = error.message if isinstance(error, CloudBridgeError) else str(error)
+                if reason != failing:  # said once, not every half second
+                    log.warning("overlay_not_updated", reason=reason)
+                failing = reason
             await asyncio.sleep(FOLLOW_INTERVAL)
 
     async def reconcile(self) -> None:

@@ -3,7 +3,8 @@
 The unit runs ``cloudbridge p2p --config C`` with ``Type=notify`` (the client says READY
 once its tunnels listen), restarts on failure after ``service.restart_delay``, and keeps
 every privilege it does not need out: no new privileges, a read-only system, private
-/tmp, and no capabilities at all unless the WireGuard overlay is enabled (CAP_NET_ADMIN).
+/tmp, and no capabilities at all unless the WireGuard overlay is enabled (CAP_NET_ADMIN,
+and CAP_NET_BIND_SERVICE for its name responder on port 53).
 The token is never written in the unit: systemd hands the service a credential
 (``LoadCredential=token:FILE``, read from a 0600 file; the client reads it from
 ``$CREDENTIALS_DIRECTORY``) — or, when the auth provider renews tokens (OIDC), the tokens
@@ -112,8 +113,10 @@ def service_tokens(config: Config, *, renewable: bool) -> ServiceTokens:
 
 def render_unit(config: Config, config_path: Path, executable: Path, tokens: ServiceTokens) -> str:
     service_settings = config.settings.service
-    overlay = config.settings.overlay.enabled
-    capabilities = "CAP_NET_ADMIN" if overlay else ""
+    overlay = config.settings.overlay
+    # the overlay's interface, routes and filter; its name responder on port 53
+    needed = ["CAP_NET_ADMIN", *(["CAP_NET_BIND_SERVICE"] if overlay.dns else [])]
+    capabilities = " ".join(needed) if overlay.enabled else ""
     credential = tokens.credential
     token = ["--token-file", "%d/token"] if credential is not None else []
     environment = {"XDG_STATE_HOME": "%S", "XDG_RUNTIME_DIR": "%t", **tokens.environment}
@@ -129,11 +132,17 @@ def render_unit(config: Config, config_path: Path, executable: Path, tokens: Ser
         # a usage, config or auth error (exit 2, 3, 4) comes back the same after a restart
         "RestartPreventExitStatus=2 3 4",
         "StateDirectory=cloudbridge",
-        "RuntimeDirectory=cloudbridge",
+        # wireguard-go's control sockets live in /run/wireguard, read-only otherwise (made
+        # if missing, and kept: other WireGuard tools on the host share it)
+        *(
+            ["RuntimeDirectory=cloudbridge wireguard", "RuntimeDirectoryPreserve=yes"]
+            if overlay.enabled
+            else ["RuntimeDirectory=cloudbridge"]
+        ),
         "Environment=" + " ".join(f"{k}={v}" for k, v in environment.items()),
         f"CapabilityBoundingSet={capabilities}",
         f"AmbientCapabilities={capabilities}",
-        *(line.format(private_devices="no" if overlay else "yes") for line in HARDENING),
+        *(line.format(private_devices="no" if overlay.enabled else "yes") for line in HARDENING),
     ]
     if service_settings.user:
         service.append(f"User={service_settings.user}")
