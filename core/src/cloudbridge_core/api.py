@@ -80,6 +80,7 @@ if TYPE_CHECKING:
     from cloudbridge_core.client.tokens import StoredTokens, token_expires_in
     from cloudbridge_core.log import get_logger
     from cloudbridge_core.overlay.capability import NO_NET_ADMIN, require_net_admin
+    from cloudbridge_core.overlay.nft import nft_installed, run_nft
     from cloudbridge_core.p2p.ice import CLOSE_GRACE as ICE_CLOSE_GRACE
     from cloudbridge_core.p2p.ice import IcePath, ice_path
     from cloudbridge_core.protocol import derp
@@ -107,6 +108,8 @@ _LAZY = {
     "get_logger": ("cloudbridge_core.log", "get_logger"),
     "NO_NET_ADMIN": ("cloudbridge_core.overlay.capability", "NO_NET_ADMIN"),
     "require_net_admin": ("cloudbridge_core.overlay.capability", "require_net_admin"),
+    "nft_installed": ("cloudbridge_core.overlay.nft", "nft_installed"),
+    "run_nft": ("cloudbridge_core.overlay.nft", "run_nft"),
     "ICE_CLOSE_GRACE": ("cloudbridge_core.p2p.ice", "CLOSE_GRACE"),
     "IcePath": ("cloudbridge_core.p2p.ice", "IcePath"),
     "ice_path": ("cloudbridge_core.p2p.ice", "ice_path"),
@@ -216,8 +219,10 @@ __all__ = [
     "ice_path",
     "is_tenant_id",
     "message",
+    "nft_installed",
     "path_payload_size",
     "require_net_admin",
+    "run_nft",
     "run_session_handler",
     "runtime_of",
     "token_expires_in",

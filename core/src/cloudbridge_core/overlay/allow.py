@@ -5,14 +5,14 @@ connections always come back in."""
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import re
-import shutil
 from collections.abc import Mapping, Sequence
 
-from cloudbridge_core.errors import OverlayFailed
+from cloudbridge_core.overlay.nft import run_nft
 from cloudbridge_core.settings import OverlayAllowRule
+
+WHAT = "the overlay's inbound filter (overlay.allow)"
 
 
 def table_name(interface: str) -> str:
@@ -60,32 +60,10 @@ def _what(rule: OverlayAllowRule) -> str:
 
 
 async def apply(rules: str) -> None:
-    await _nft(rules)
+    await run_nft(rules, WHAT)
 
 
 async def remove(interface: str) -> None:
     """Delete the table, if there is one (a run killed before its own cleanup left it)."""
     name = table_name(interface)
-    await _nft(f"table inet {name} {{}}\ndelete table inet {name}\n")
-
-
-async def _nft(rules: str) -> None:
-    program = shutil.which("nft")
-    if program is None:
-        raise OverlayFailed(
-            "nft is not installed: overlay.allow needs nftables (Debian package nftables)"
-        )
-    process = await asyncio.create_subprocess_exec(
-        program,
-        "-f",
-        "-",
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, errors = await process.communicate(rules.encode())
-    if process.returncode:
-        said = errors.decode(errors="replace").strip().splitlines()
-        raise OverlayFailed(
-            "the overlay's inbound filter could not be set: " + (said[0] if said else "nft failed")
-        )
+    await run_nft(f"table inet {name} {{}}\ndelete table inet {name}\n", WHAT)

@@ -17,14 +17,11 @@ The table is rebuilt in one nft transaction on every change, and deleted by ``do
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
-import os
-import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from cloudbridge_core.api import NO_NET_ADMIN, OverlayFailed, OverlayPeer, get_logger
+from cloudbridge_core.api import OverlayFailed, OverlayPeer, get_logger, nft_installed, run_nft
 
 from cloudbridge_wireguard.wire import MESSAGE_HEADS, MIN_MESSAGE_BYTES
 
@@ -34,8 +31,6 @@ NOT_INSTALLED = (
     "the overlay's fast path (peers with a source_port) needs nftables: install the "
     "Debian package nftables (apt install nftables)"
 )
-#: how long one nft transaction may take
-TIMEOUT = 10.0
 _HEADS = ", ".join(f"0x{head:08x}" for head in MESSAGE_HEADS)
 
 
@@ -111,37 +106,12 @@ def ruleset(interface: str, listen_port: int, wanted: Iterable[Rewrite]) -> str:
 
 
 async def apply(script: str, *, required: bool) -> None:
-    """Run ``script`` as one nft transaction in this thread's network namespace.
+    """Run ``script`` as one nft transaction in this process's network namespace.
 
     Without nft installed, this is an error only when ``required`` (there are rewrites to
     make; a table to delete cannot exist without nft)."""
-    nft = shutil.which("nft")
-    if nft is None:
+    if not nft_installed():
         if required:
             raise OverlayFailed(NOT_INSTALLED)
         return
-    for line in script.splitlines():
-        log.debug("overlay change", change=f"nft {line.strip()}")
-    try:
-        process = await asyncio.create_subprocess_exec(
-            nft,
-            "-f",
-            "-",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        async with asyncio.timeout(TIMEOUT):
-            _out, err = await process.communicate(script.encode())
-    except OSError as error:
-        raise OverlayFailed(f"cannot run {nft}: {os.strerror(error.errno or 5)}") from None
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise OverlayFailed(f"nft did not finish within {TIMEOUT:g}s") from None
-    if process.returncode:
-        said = err.decode("utf-8", "replace").strip()
-        if "Operation not permitted" in said:
-            raise OverlayFailed(NO_NET_ADMIN)
-        first = said.splitlines()[0] if said else f"exit code {process.returncode}"
-        raise OverlayFailed(f"nftables refused the overlay's fast-path rules: {first}")
+    await run_nft(script, "the overlay's fast-path rules")
