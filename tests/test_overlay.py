@@ -133,10 +133,12 @@ def overlay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Overlay]:
             ).strip()
             names = ("laptop", "server", "gamma") if tenant == "acme" else ("g-one", "g-two", "g-3")
             for name in names:
+                # the laptop's metrics, in its own namespace: how its overlay packets travel
+                metrics = {"enabled": name == "laptop", "prometheus_host": "127.0.0.1"}
                 document = {
                     **written,
                     "auth": {"token": token},
-                    "metrics": {"enabled": False},
+                    "metrics": metrics,
                     "p2p": {"name": name, "ice": ice, **QUICK},
                     "overlay": {"enabled": True},
                 }
@@ -145,6 +147,19 @@ def overlay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Overlay]:
         found.start("server")
         found.start("laptop")
         yield found
+
+
+def laptop_metric(overlay: Overlay, sample: str) -> float:
+    """A sample of the laptop's /metrics (``name{labels}``), read inside h1."""
+    read = "import urllib.request; print(urllib.request.urlopen(sys.argv[1]).read().decode())"
+    exposed = overlay.mesh.bed.exec(
+        overlay.mesh.bed.hosts[1],
+        [sys.executable, "-c", f"import sys; {read}", "http://127.0.0.1:9464/metrics"],
+    )
+    for line in exposed.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{sample} not exposed")
 
 
 def wait_for(check: Any, within: float, what: str) -> None:
@@ -183,6 +198,13 @@ def test_peers_reach_each_other_by_address_and_name_on_the_stun_path(overlay: Ov
         timeout=60,
     ).split()
     assert sent == received
+    # on the STUN path the kernel carries the overlay: the 8 MiB never went through Python
+    assert laptop_metric(overlay, 'cloudbridge_client_overlay_peers{route="kernel"}') == 1
+    assert laptop_metric(overlay, "cloudbridge_client_overlay_up") == 1
+    proxied = laptop_metric(
+        overlay, 'cloudbridge_client_overlay_proxied_bytes_total{direction="sent"}'
+    )
+    assert proxied < 64 << 10, f"{proxied:.0f} bytes went through Python"
     resolved = bed.exec(
         bed.hosts[1], [sys.executable, "-c", RESOLVE, server_ip, "server.acme.cloudbridge.internal"]
     )
@@ -233,11 +255,19 @@ def test_with_udp_between_the_peers_blocked_the_overlay_goes_over_turn(overlay: 
     try:
         mesh.wait_for_path(overlay.laptop, "turn", within=30)
         wait_for(lambda: pings(overlay, 1, server_ip), 15, "no ping over TURN")
+        before = laptop_metric(
+            overlay, 'cloudbridge_client_overlay_proxied_bytes_total{direction="sent"}'
+        )
         sent, received = bed.exec(
             bed.hosts[1],
             [sys.executable, TOOLS, "roundtrip", f"{server_ip}:{ECHO_PORT}", str(1 << 20), "0"],
         ).split()
         assert sent == received
+        assert laptop_metric(overlay, 'cloudbridge_client_overlay_peers{route="proxy"}') == 1
+        after = laptop_metric(
+            overlay, 'cloudbridge_client_overlay_proxied_bytes_total{direction="sent"}'
+        )
+        assert after - before >= 1 << 20  # over TURN the client carries the packets
     finally:
         unblock_between_peers(bed)
 

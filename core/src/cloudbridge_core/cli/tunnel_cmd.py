@@ -160,7 +160,7 @@ async def run_client(
             stack.push_async_callback(manager.aclose)
             handlers.update(mesh_handlers(manager))
             message(f"in the mesh as {manager.membership.name} ({manager.membership.peer_id})")
-            client.overlay = await _bring_up_overlay(stack, config, link, manager, mesh)
+            client.overlay = await _bring_up_overlay(stack, config, link, manager, mesh, metrics)
         control = ControlServer(control_socket, handlers)
         exporters = await stack.enter_async_context(
             exporting(config, runtime.plugins, exposed, status_route)
@@ -300,15 +300,22 @@ async def _bring_up_overlay(
     link: RelayLink,
     manager: PeerManager,
     mesh: MeshSetup,
+    metrics: ClientMetrics,
 ) -> OverlayRun | None:
     """The overlay when the mesh has one, up and taken down by ``stack``; None when there
     is none or it cannot be brought up (said why): the mesh goes on without it."""
+    from cloudbridge_core.overlay.metrics import OverlayMetrics
     from cloudbridge_core.overlay.run import OverlayRun
 
     if mesh.overlay is None:
         return None
     run = OverlayRun(
-        config.settings.overlay, mesh.overlay, manager, mesh.overlay_key, link.tenant_id or ""
+        config.settings.overlay,
+        mesh.overlay,
+        manager,
+        mesh.overlay_key,
+        link.tenant_id or "",
+        OverlayMetrics(metrics.registry),
     )
     try:
         await run.start()

@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import hashlib
 import ipaddress
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,7 @@ from cloudbridge_core.errors import CloudBridgeError, OverlayFailed
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.overlay import allow
 from cloudbridge_core.overlay.capability import require_net_admin
+from cloudbridge_core.overlay.metrics import ROUTES, OverlayMetrics
 from cloudbridge_core.overlay.names import NameResponder, label
 from cloudbridge_core.overlay.proxy import PeerProxy
 from cloudbridge_core.overlay.routes import conflicting_route
@@ -62,8 +64,10 @@ class OverlayRun:
         mesh: PeerManager,
         private_key: str,
         tenant_id: str,
+        metrics: OverlayMetrics | None = None,
     ) -> None:
         self.settings = settings
+        self._metrics = metrics
         self._overlay = overlay
         self._mesh = mesh
         self._private_key = private_key
@@ -119,6 +123,8 @@ class OverlayRun:
                     reason=error.strerror or str(error),
                 )
         self._task = asyncio.get_running_loop().create_task(self._follow())
+        if self._metrics is not None:
+            self._metrics.up.set(1)
         log.info(
             "overlay_up",
             interface=self.interface,
@@ -165,6 +171,8 @@ class OverlayRun:
         for proxy in self._proxies.values():
             proxy.close()
         self._proxies.clear()
+        if self._metrics is not None:
+            self._metrics.up.set(0)
         with contextlib.suppress(OverlayFailed):
             await allow.remove(self.interface)
         try:
@@ -213,6 +221,10 @@ class OverlayRun:
             self._proxies.pop(gone).close()
             self._hooked.pop(gone, None)
             self._punched.pop(gone, None)
+        if self._metrics is not None:
+            routes = Counter(self._route(peer) for peer in wanted)
+            for route in ROUTES:
+                self._metrics.peers.labels(route).set(routes[route])
         if wanted != self._applied:
             async with self._plugin("update_peers"):
                 await self._overlay.update_peers(wanted)
@@ -240,17 +252,27 @@ class OverlayRun:
         endpoint = proxy.endpoint if path is not None else None
         return OverlayPeer(state.info.overlay_key, allowed, endpoint)
 
+    @staticmethod
+    def _route(peer: OverlayPeer) -> str:
+        if peer.endpoint is None:
+            return "none"
+        return "proxy" if peer.source_port is None else "kernel"
+
     def _from_peer(self, peer_id: str, proxy: PeerProxy, path: PeerPath, packet: bytes) -> None:
         """An overlay packet from the peer, over ``path``: to the overlay through the
         proxy, unless it came over the punched path the overlay itself uses for the peer
         (see the module docstring)."""
         if self._punched.get(peer_id) is not path:
             proxy.from_peer(packet)
+            if self._metrics is not None:
+                self._metrics.received.inc(len(packet))
 
     def _to_peer(self, peer_id: str, packet: bytes) -> None:
         state = self._mesh.peers.get(peer_id)
         if state is not None:
             state.session.send_overlay(packet)
+            if self._metrics is not None:
+                self._metrics.sent.inc(len(packet))
 
     async def _filter(self) -> None:
         assert self._pool is not None
