@@ -40,15 +40,19 @@ loopback), on a UDP-only path to the QUIC engine;
 and issue 15's goals, met or not. Then the floods of floods.py (part "floods"): what a
 hostile stranger or tenant costs a bystander. docs/performance.md says how each figure is
 taken. Then part "recovery" (recovery.py): --clients clients on one relay, killed and
-restarted, and black-holed sessions, against issue 16's bounds. Last, part "peers"
+restarted, and black-holed sessions, against issue 16's bounds. Then part "peers"
 (peers.py): two peers behind two NATs (network namespaces, nftables, coturn; needs root,
 conntrack and turnserver), their direct path broken three ways (all UDP lost mid-transfer,
 both NATs' mappings forgotten, the laptop's public address changed), each once, against
-issue 16's bounds for the peers' path.
+issue 16's bounds for the peers' path. Last, part "overlay" (overlay.py, on the bed of
+tests/test_overlay.py; needs root, nftables, wireguard-go, wg and iperf3): iperf3 between
+the two hosts over raw wireguard-go configured by hand, over the overlay on its direct (stun)
+path and over DERP, and through a relayed tunnel, with the ratios to raw wireguard-go and
+issue 17's goal (its figures go to FILE with .overlay.json for a suffix under --json).
 
-    ./dev bench                              everything (about 12 minutes on 2 cores)
+    ./dev bench                              everything (about 14 minutes on 2 cores)
     ./dev bench --only socat,ssh,tls         some paths, or parts: references, relayed,
-                                             mtu1500, floods, recovery, peers
+                                             mtu1500, floods, recovery, peers, overlay
     ./dev bench --quick --only direct,tls    a smoke run: small sizes, a few seconds a path
     ./dev bench --repeat 3 --json out.json   the median of 3 rounds, every figure in a file
 
@@ -103,7 +107,7 @@ PARTS = {
     ],
 }
 #: parts run by themselves, not paths: not in --quick
-PROCESS_PARTS = ["floods", "recovery", "peers"]
+PROCESS_PARTS = ["floods", "recovery", "peers", "overlay"]
 
 
 def note(message: str) -> None:
@@ -398,6 +402,12 @@ def main() -> None:
     if "peers" in names:
         # network namespaces and a minute of watching: a process of its own, as recovery
         subprocess.run([sys.executable, str(Path(__file__).with_name("peers.py"))], check=True)
+    if "overlay" in names:
+        # iperf3 over the overlay against raw wireguard-go (issue 17): namespaces, a process
+        overlay = [sys.executable, str(Path(__file__).with_name("overlay.py"))]
+        if args.json:
+            overlay += ["--json", str(args.json.with_suffix(".overlay.json"))]
+        subprocess.run(overlay, check=True)
 
 
 if __name__ == "__main__":
