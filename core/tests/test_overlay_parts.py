@@ -99,6 +99,8 @@ class _BrokenOverlay:
     """A plugin that fails with a library's exception: what the core must not let through
     (a stand-in on purpose: the core's boundary is what is under test)."""
 
+    downed = False
+
     async def up(self, interface: OverlayInterface) -> OverlayState:
         raise ValueError("cannot open a UDP handle, invalid family 16")
 
@@ -109,7 +111,7 @@ class _BrokenOverlay:
         return False
 
     async def down(self) -> None:
-        return None
+        self.downed = True
 
 
 def test_a_plugins_own_exception_reaches_the_user_as_overlay_failed() -> None:
@@ -120,9 +122,11 @@ def test_a_plugins_own_exception_reaches_the_user_as_overlay_failed() -> None:
     settings = SimpleNamespace(
         interface=None, mtu=1420, dns=False, allow=(), type="example", domain="x.internal"
     )
-    run = OverlayRun(settings, _BrokenOverlay(), mesh, "private", "acme")  # type: ignore[arg-type]
+    broken = _BrokenOverlay()
+    run = OverlayRun(settings, broken, mesh, "private", "acme")  # type: ignore[arg-type]
     with pytest.raises(OverlayFailed, match="example overlay failed in up: cannot open"):
         asyncio.run(run.start())
+    assert broken.downed  # what a half-done up created is taken down
 
 
 def test_an_address_is_routed_through_the_most_specific_route(tmp_path: Path) -> None:

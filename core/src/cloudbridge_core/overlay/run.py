@@ -106,11 +106,11 @@ class OverlayRun:
         wanted = OverlayInterface(
             self.interface, self.addresses, self._private_key, self.settings.mtu
         )
-        async with self._plugin("up"):
-            self.state = await self._overlay.up(wanted)
         try:
+            async with self._plugin("up"):
+                self.state = await self._overlay.up(wanted)
             await self._filter()
-        except BaseException:
+        except BaseException:  # what a half-done start created goes too
             await self.aclose()
             raise
         if self.settings.dns:
