@@ -176,6 +176,7 @@ def test_the_windows_service_definition(config: Path) -> None:
         "start_type": "auto",
         "account": r"NT AUTHORITY\LocalService",
         "config": str(config.resolve()),
+        "command": "p2p",
         "failure_actions": {
             "reset_period_seconds": 86400,
             "actions": [{"type": "restart", "delay_ms": 5000}] * 3,

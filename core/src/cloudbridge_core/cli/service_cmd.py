@@ -1,10 +1,12 @@
-"""``cloudbridge service``: install, remove, start, stop and show the client as a system
-service (systemd on Linux, launchd on macOS, the service control manager on Windows with
-``cloudbridge-core[windows]``). ``install`` checks the config first."""
+"""``cloudbridge service``: install, remove, start, stop, restart and show the client as a
+system service (systemd on Linux, launchd on macOS, the service control manager on Windows
+with ``cloudbridge-core[windows]``). ``install`` checks the config first, and puts a token
+given by a flag or the environment into the unit's credential (or refuses)."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +23,7 @@ from cloudbridge_core.service.launchd import LABEL, render_plist
 from cloudbridge_core.service.systemd import (
     ServiceTokens,
     environment_file,
+    given_token,
     render_unit,
     service_tokens,
     unit_name,
@@ -35,6 +38,17 @@ def _config_path(runtime: Runtime) -> Path:
     if path is None:
         raise UsageError("a service needs a config file: give --config")
     return path
+
+
+def _token_file(ctx: click.Context) -> Path | None:
+    """The file a ``--token-file`` flag named (before or after the subcommand)."""
+    current: click.Context | None = ctx
+    while current is not None:
+        value = current.params.get("token_file")
+        if value:
+            return Path(value)
+        current = current.parent
+    return None
 
 
 def _executable() -> Path:
@@ -56,12 +70,20 @@ def install(ctx: click.Context, dry_run: bool) -> None:
     config = runtime.config()  # an invalid config exits 3 before anything is written
     path = _config_path(runtime)
     tokens = ServiceTokens()
+    given = given_token(config, os.environ)
+    if given is not None and not sys.platform.startswith("linux"):
+        raise UsageError(
+            f"the token given by {given[1]} cannot be handed to this service",
+            hint="keep it in the config's token store first ('cloudbridge login' or 'join')",
+        )
     if sys.platform == "darwin":
         target = LAUNCHD_DIR / f"{LABEL}.plist"
         content = render_plist(config, path, _executable(), Path("/var/log/cloudbridge"))
     elif sys.platform.startswith("linux"):
         target = SYSTEMD_DIR / unit_name(config)
-        tokens = service_tokens(config, renewable=_renews_tokens(runtime, config))
+        tokens = service_tokens(
+            config, renewable=_renews_tokens(runtime, config), token_file=_token_file(ctx)
+        )
         content = render_unit(config, path, _executable(), tokens).encode()
     elif sys.platform == "win32":
         service = windows.definition(config, path)
@@ -76,8 +98,9 @@ def install(ctx: click.Context, dry_run: bool) -> None:
         raise UsageError("service install supports systemd, launchd and Windows services")
     if dry_run:
         click.echo(content.decode(), nl=False)
+        what = "the token given by " + given[1] if given is not None else "the stored token"
         for copy in tokens.copies:
-            message(f"would write {copy} (0600: a copy of the stored token)")
+            message(f"would write {copy} (0600: a copy of {what})")
         message(f"would write {target}")
         return
     try:
@@ -129,29 +152,71 @@ def _control(verb: str) -> click.Command:
     def command(ctx: click.Context) -> None:
         config = runtime_of(ctx).config()
         if sys.platform == "win32":
-            sc_verb = "query" if verb == "status" else verb
+            sc_verb = {"status": "query", "restart": "stop"}.get(verb, verb)
             click.echo(_manage("sc.exe", sc_verb, windows.SERVICE_NAME), nl=False)
+            if verb == "restart":
+                click.echo(_manage("sc.exe", "start", windows.SERVICE_NAME), nl=False)
+        elif verb == "status":
+            click.echo(service_status(unit_name(config)), nl=False)
         else:
             click.echo(_systemctl(verb, unit_name(config)), nl=False)
+            message(f"{verb} {unit_name(config)}: done")
 
     return command
+
+
+#: systemctl status: the unit is unknown (LSB "program or service status is unknown")
+NO_SUCH_UNIT = 4
+
+
+def service_status(unit: str) -> str:
+    """``systemctl status UNIT``'s text; raises a clear error when there is no systemd or
+    no such unit, rather than printing nothing."""
+    done = _run("systemctl", "status", "--no-pager", unit)
+    if _systemd_missing(done.stderr):
+        raise CloudBridgeError(
+            f"systemd is not running on this machine: {done.stderr.strip().splitlines()[0]}",
+            hint="run the client in the foreground ('cloudbridge up' or 'cloudbridge p2p')",
+        )
+    if done.returncode == NO_SUCH_UNIT or "could not be found" in done.stderr:
+        raise CloudBridgeError(
+            f"the service {unit} is not installed",
+            hint="install it with 'sudo cloudbridge service install --config ...'",
+        )
+    return done.stdout
+
+
+def _systemd_missing(stderr: str) -> bool:
+    return any(
+        sign in stderr
+        for sign in ("not been booted with systemd", "Failed to connect to bus", "Host is down")
+    )
 
 
 def _systemctl(*args: str) -> str:
     return _manage("systemctl", *args)
 
 
-def _manage(tool: str, *args: str) -> str:
+def _run(tool: str, *args: str) -> subprocess.CompletedProcess[str]:
     try:
-        done = subprocess.run(
+        return subprocess.run(
             [tool, *args], capture_output=True, text=True, check=False, timeout=30
         )
     except FileNotFoundError:
-        raise CloudBridgeError(f"{tool} is not available on this machine") from None
+        what = "systemd is not available" if tool == "systemctl" else f"{tool} is not available"
+        raise CloudBridgeError(
+            f"{what} on this machine ({tool} not found)",
+            hint="run the client in the foreground ('cloudbridge up' or 'cloudbridge p2p')",
+        ) from None
+
+
+def _manage(tool: str, *args: str) -> str:
+    done = _run(tool, *args)
     if done.returncode != 0 and args[0] not in ("status", "query"):
-        raise CloudBridgeError(f"{tool} {' '.join(args)} failed: {done.stderr.strip()}")
+        reason = done.stderr.strip().splitlines()[0] if done.stderr.strip() else "no reason given"
+        raise CloudBridgeError(f"{tool} {' '.join(args)} failed: {reason}")
     return done.stdout
 
 
-for _verb in ("start", "stop", "status"):
+for _verb in ("start", "stop", "restart", "status"):
     service.add_command(_control(_verb))

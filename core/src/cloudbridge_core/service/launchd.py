@@ -6,6 +6,7 @@ import plistlib
 from pathlib import Path
 
 from cloudbridge_core.config import Config
+from cloudbridge_core.service.command import client_command
 
 LABEL = "com.cloudbridge.client"
 
@@ -13,7 +14,10 @@ LABEL = "com.cloudbridge.client"
 def render_plist(config: Config, config_path: Path, executable: Path, logs: Path) -> bytes:
     job = {
         "Label": LABEL,
-        "ProgramArguments": [str(executable), "p2p", "--config", str(config_path.resolve())],
+        "ProgramArguments": [
+            *(str(executable), client_command(config)),
+            *("--config", str(config_path.resolve())),
+        ],
         "RunAtLoad": True,
         "KeepAlive": {"SuccessfulExit": False} if config.settings.service.auto_restart else False,
         "ThrottleInterval": 5,

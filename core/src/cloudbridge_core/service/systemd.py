@@ -1,7 +1,8 @@
 """A hardened systemd unit for the client (``cloudbridge service install`` on Linux).
 
-The unit runs ``cloudbridge p2p --config C`` with ``Type=notify`` (the client says READY
-once its tunnels listen), restarts on failure after ``service.restart_delay``, and keeps
+The unit runs ``cloudbridge p2p --config C`` (``tunnel`` when the config turns the mesh
+off: see ``service.command``) with ``Type=notify`` (the client says READY once its tunnels
+listen), restarts on failure after ``service.restart_delay``, and keeps
 every privilege it does not need out: no new privileges, a read-only system, private
 /tmp, and no capabilities at all unless the WireGuard overlay is enabled (CAP_NET_ADMIN,
 and CAP_NET_BIND_SERVICE for its name responder on port 53).
@@ -15,6 +16,7 @@ like ``CLOUDBRIDGE_TOKEN``.
 
 from __future__ import annotations
 
+import os
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from pathlib import Path
 from cloudbridge_core.client.tokens import StoredTokens
 from cloudbridge_core.config import Config
 from cloudbridge_core.errors import AuthError
+from cloudbridge_core.service.command import client_command
 
 CONFIG_DIR = Path("/etc/cloudbridge")
 CREDENTIALS_DIR = CONFIG_DIR / "credentials"
@@ -77,10 +80,38 @@ class ServiceTokens:
     copies: Mapping[Path, str] = field(default_factory=dict)
 
 
-def service_tokens(config: Config, *, renewable: bool) -> ServiceTokens:
-    """A system service cannot reach a user's keyring: the token is copied for it, into a
-    root-only credential file, or (``renewable``: the auth provider renews tokens) with its
-    refresh token into the state directory, where the service can replace them."""
+def given_token(config: Config, environ: Mapping[str, str]) -> tuple[str, str] | None:
+    """A token the service would not see by itself — given by a flag (``--token``,
+    ``--token-stdin``, ``--token-file``) or the environment rather than in the config file —
+    and where it came from (``flag --token-file``, ``env CLOUDBRIDGE_TOKEN``)."""
+    token = config.settings.auth.token
+    if token:
+        origin = config.origin(("auth", "token")).source
+        if origin.startswith(("flag ", "env ")):
+            return token, origin
+        return None  # in the config file (or its environment file): the service reads it
+    token = environ.get("CLOUDBRIDGE_TOKEN")
+    return (token, "env CLOUDBRIDGE_TOKEN") if token else None
+
+
+def service_tokens(
+    config: Config,
+    *,
+    renewable: bool,
+    token_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> ServiceTokens:
+    """A system service cannot reach a user's keyring nor the installing shell's flags and
+    environment: the token is copied for it, into a root-only credential file, or
+    (``renewable``: the auth provider renews tokens) with its refresh token into the state
+    directory, where the service can replace them. A ``token_file`` given by
+    ``--token-file`` is the credential itself."""
+    given = given_token(config, os.environ if environ is None else environ)
+    if given is not None:
+        if token_file is not None and given[1] == "flag --token-file":
+            return ServiceTokens(credential=token_file.resolve())
+        credential = CREDENTIALS_DIR / f"{_stem(config)}.token"
+        return ServiceTokens(credential=credential, copies={credential: given[0]})
     if config.settings.auth.token:  # in the config or its environment file
         return ServiceTokens()
     stored = StoredTokens.of(config.settings.auth, config.settings.relay.host)
@@ -120,7 +151,8 @@ def render_unit(config: Config, config_path: Path, executable: Path, tokens: Ser
     credential = tokens.credential
     token = ["--token-file", "%d/token"] if credential is not None else []
     environment = {"XDG_STATE_HOME": "%S", "XDG_RUNTIME_DIR": "%t", **tokens.environment}
-    command = shlex.join([str(executable), *token, "p2p", "--config", str(config_path.resolve())])
+    verb = client_command(config)
+    command = shlex.join([str(executable), *token, verb, "--config", str(config_path.resolve())])
     service = [
         "Type=notify",
         "NotifyAccess=main",

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cloudbridge_core.config import Config
+from cloudbridge_core.service.command import client_command
 
 SERVICE_NAME = "CloudBridge"
 SERVICE_CLASS = "cloudbridge_core.service.windows_host.CloudBridgeService"
@@ -31,6 +32,8 @@ def definition(config: Config, config_path: Path) -> dict[str, Any]:
         "start_type": "auto",
         "account": ACCOUNT,
         "config": str(config_path.resolve()),
+        # p2p or tunnel, as the config says (see service.command)
+        "command": client_command(config),
         # three restarts after failures, reset after a day without one
         "failure_actions": {
             "reset_period_seconds": 86400,
@@ -52,6 +55,7 @@ def install(service: dict[str, Any]) -> None:
         description=service["description"],
     )
     win32serviceutil.SetServiceCustomOption(service["name"], "config", service["config"])
+    win32serviceutil.SetServiceCustomOption(service["name"], "command", service["command"])
     handle = win32service.OpenSCManager(None, None, win32service.SC_MANAGER_ALL_ACCESS)
     try:
         registered = win32service.OpenService(

@@ -1,6 +1,6 @@
 """What Windows' service control manager runs, in pywin32's service host: the client
-(``cloudbridge p2p --config C``, C as ``service install`` registered it), stopped cleanly
-when the service is stopped. Windows only: it imports pywin32."""
+(``cloudbridge p2p --config C``, or ``tunnel``: as ``service install`` registered it),
+stopped cleanly when the service is stopped. Windows only: it imports pywin32."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ class CloudBridgeService(win32serviceutil.ServiceFramework):
     def SvcDoRun(self) -> None:  # noqa: N802 - pywin32's name
         config = win32serviceutil.GetServiceCustomOption(SERVICE_NAME, "config")
         self.ReportServiceStatus(win32service.SERVICE_RUNNING)
-        code = run(cli, ["p2p", "--config", config])
+        command = win32serviceutil.GetServiceCustomOption(SERVICE_NAME, "command") or "p2p"
+        code = run(cli, [command, "--config", config])
         servicemanager.LogInfoMsg(f"{SERVICE_NAME} stopped (exit code {code})")
 
     def SvcStop(self) -> None:  # noqa: N802 - pywin32's name
