@@ -10,7 +10,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from cli_process import BIN, environment
+import yaml
+from cli_process import BIN, echo_once, environment, issue_token, start, stop
+from loopback import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -126,3 +128,122 @@ def test_the_unit_runs_tunnel_for_a_tunnel_only_config_with_the_given_token(
     )
     assert idle.returncode == 2
     assert "nothing for the service to run" in idle.stderr
+
+
+def background_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """State and runtime directories of this test's own (pid file, log, control socket)."""
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700, exist_ok=True)
+    return {
+        "XDG_STATE_HOME": str(tmp_path / "state"),
+        "XDG_RUNTIME_DIR": str(run),
+        "CLOUDBRIDGE_DISABLE_PLUGINS": "quic,grpc,websocket",
+        **extra,
+    }
+
+
+def test_up_connects_in_the_background_and_down_stops_it(tmp_path: Path, echo_port: int) -> None:
+    state = tmp_path / "D"
+    relay = start(
+        *("relay", "serve", "--dev", "--state-dir", str(state)),
+        env=environment(
+            CLOUDBRIDGE_SERVER__LISTEN="127.0.0.1",
+            CLOUDBRIDGE_DISABLE_PLUGINS="quic,grpc,websocket",
+            CLOUDBRIDGE_METRICS__PROMETHEUS_PORT=str(free_port()),
+            CLOUDBRIDGE_TRANSPORT__TLS__PORT=str(free_port()),
+        ),
+        ready="client config:",
+    )
+    try:
+        written = yaml.safe_load((state / "client.yaml").read_text())
+        local = free_port()
+        written["p2p"] = {"enabled": False}
+        written["metrics"] = {"prometheus_port": free_port()}
+        written["tunnels"] = [
+            {"local_port": local, "remote_host": "127.0.0.1", "remote_port": echo_port}
+        ]
+        config = tmp_path / "client.yaml"
+        config.write_text(yaml.safe_dump(written))
+        token_file = tmp_path / "token"
+        token_file.write_text(issue_token(state))
+        token_file.chmod(0o600)
+        env = background_env(tmp_path)
+        started = cloudbridge(
+            "--token-file",
+            str(token_file),
+            "up",
+            "--config",
+            str(config),
+            "--timeout",
+            "20",
+            env=env,
+        )
+        assert started.returncode == 0, started.stderr
+        assert "started 'cloudbridge tunnel' in the background" in started.stderr
+        assert "connected to localhost via tls" in started.stderr
+        assert echo_once(local, b"hello") == b"hello"
+        pid_files = list((tmp_path / "state" / "cloudbridge").glob("client-*.pid"))
+        assert len(pid_files) == 1
+        pid = int(pid_files[0].read_text())
+        again = cloudbridge("up", "--config", str(config), env=env)
+        assert again.returncode == 0, again.stderr
+        assert f"already running (pid {pid})" in again.stderr
+        stopped = cloudbridge("down", "--config", str(config), env=env)
+        assert stopped.returncode == 0, stopped.stderr
+        assert f"stopped the client (pid {pid})" in stopped.stderr
+        assert not pid_files[0].exists()
+        status = cloudbridge("status", "--config", str(config), env=env)
+        assert status.returncode == 5
+        nothing = cloudbridge("down", "--config", str(config), env=env)
+        assert nothing.returncode == 0
+        assert "no client started by 'cloudbridge up' is running" in nothing.stderr
+    finally:
+        assert stop(relay) == 0
+
+
+def test_up_gives_up_with_the_reason_when_the_relay_is_not_running(tmp_path: Path) -> None:
+    config = tmp_path / "client.yaml"
+    config.write_text(
+        "relay:\n  host: 127.0.0.1\n"
+        "p2p:\n  enabled: false\n"
+        f"tunnels:\n  - {{local_port: {free_port()}, remote_host: db, remote_port: 5432}}\n"
+        f"metrics:\n  prometheus_port: {free_port()}\n"
+    )
+    env = background_env(
+        tmp_path,
+        CLOUDBRIDGE_TOKEN=TOKEN,
+        CLOUDBRIDGE_TRANSPORT__TLS__PORT=str(free_port()),  # nothing listens there
+    )
+    try:
+        done = cloudbridge("up", "--config", str(config), "--timeout", "3", env=env)
+        assert done.returncode == 5, done.stderr
+        last = done.stderr.strip().splitlines()
+        assert any(
+            line.startswith(("error: not connected after 3s", "error: the client exited with"))
+            for line in last
+        ), done.stderr
+        assert "127.0.0.1" in done.stderr  # the reason names where it tried
+        assert "hint: see " in done.stderr
+    finally:
+        cloudbridge("down", "--config", str(config), env=env)
+
+
+def test_logout_forgets_the_token_kept_for_the_relay(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    token_file.chmod(0o600)
+    refresh = tmp_path / "token.refresh"
+    refresh.write_text("refresh")
+    config = tmp_path / "client.yaml"
+    config.write_text(
+        "relay:\n  host: relay.example.com\n"
+        f"auth:\n  token_storage: file\n  token_file: {token_file}\n"
+    )
+    done = cloudbridge("logout", "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    assert f"forgot the token for relay.example.com (file {token_file})" in done.stderr
+    assert not token_file.exists()
+    assert not refresh.exists()
+    again = cloudbridge("logout", "--config", str(config))
+    assert again.returncode == 0
+    assert "no token was kept for relay.example.com in the file" in again.stderr

@@ -39,6 +39,9 @@ CORE_COMMANDS = {
     "init": "init_cmd:init",
     "join": "join_cmd:join",
     "service": "service_cmd:service",
+    "up": "up_cmd:up",
+    "down": "up_cmd:down",
+    "logout": "logout_cmd:logout",
     "demo": "demo_cmd:demo",
 }
 
