@@ -9,6 +9,7 @@ The ``code`` is the same string in wire messages, logs, metrics labels and CLI o
     │   └── PluginSelectionError         plugin_unknown    exit 2
     ├── ConfigError                      config_invalid    exit 3
     ├── ProviderNotInstalled             provider_missing  exit 1
+    ├── AddressInUse                     address_in_use    exit 1
     ├── AuthError                        auth_failed       exit 4
     │   ├── InvalidToken                 invalid_token     exit 4
     │   ├── TokenExpired                 token_expired     exit 4
@@ -143,6 +144,13 @@ class ProviderNotInstalled(CloudBridgeError):
     """A command needs a provider (``transport 'quic'``) that no active plugin offers."""
 
     code = "provider_missing"
+
+
+class AddressInUse(CloudBridgeError):
+    """A local address this command has to listen on is taken (``EADDRINUSE``): a tunnel's
+    local port, a relay's transport port. Said before anything connects."""
+
+    code = "address_in_use"
 
 
 class AuthError(CloudBridgeError):

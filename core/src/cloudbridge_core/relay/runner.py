@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import functools
 import json
 import secrets
@@ -14,12 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from cloudbridge_core.config import Config
-from cloudbridge_core.errors import ConfigError, ConfigIssue, ProviderNotInstalled
+from cloudbridge_core.errors import (
+    AddressInUse,
+    CloudBridgeError,
+    ConfigError,
+    ConfigIssue,
+    ProviderNotInstalled,
+)
 from cloudbridge_core.httpd import Handler
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.plugins import Plugins, transport_port
 from cloudbridge_core.protocol import messages
-from cloudbridge_core.providers import AuthProvider, Endpoint, Listener, TlsMaterial
+from cloudbridge_core.providers import AuthProvider, Endpoint, Listener, TlsMaterial, Transport
 from cloudbridge_core.relay.auth_keys import AuthKeysCollector, key_statistics, load_keys
 from cloudbridge_core.relay.egress import EgressPolicy
 from cloudbridge_core.relay.invites import InviteStore
@@ -103,6 +110,41 @@ def _redeem(
         max_ttl=max_ttl,
     )
     return messages.Redeemed(token, invite.tenant_id, host, ports)
+
+
+def _cannot_listen(name: str, listen: str, port: int, exc: OSError) -> CloudBridgeError:
+    """A transport's port that cannot be had, said with the setting that moves it."""
+    where = f"{listen}:{port}"
+    if _in_use(exc):
+        return AddressInUse(
+            f"the relay cannot listen for {name} on {where}: the port is already in use",
+            hint=f"is another relay running? stop it, or set transport.{name}.port",
+        )
+    return CloudBridgeError(
+        f"the relay cannot listen for {name} on {where}: {exc.strerror or exc}",
+        hint=f"check server.listen and transport.{name}.port",
+    )
+
+
+async def _serve(transport: Transport, name: str, endpoint: Endpoint, relay: Relay) -> Listener:
+    """``transport`` listening at ``endpoint``; a port that cannot be had is said in words."""
+    try:
+        listener = await transport.serve(endpoint, functools.partial(relay.handle, transport=name))
+    except OSError as exc:
+        raise _cannot_listen(name, endpoint.host, endpoint.port, exc) from exc
+    # the serve command announces each listener to the user: this is only its debug echo
+    log.debug("listening", transport=name, address=endpoint.host, port=listener.port)
+    return listener
+
+
+def _in_use(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is, or was caused by, ``EADDRINUSE`` (uvloop wraps a UDP bind's)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def state_dir_of(config: Config, override: Path | None) -> Path:
@@ -199,20 +241,17 @@ async def start_relay(
     try:
         for name, spec in transports.items():
             transport = spec.load(plugins.settings_for("transport", name, config.converted))
-            running.listeners[name] = await transport.serve(
-                Endpoint(
-                    listen,
-                    ports[name],
-                    tls,
-                    documents=documents,
-                    material=material,
-                    preauth=relay.preauth,
-                    raw_splices=relay.tickets,
-                    reset_key=reset_key,
-                ),
-                functools.partial(relay.handle, transport=name),
+            endpoint = Endpoint(
+                listen,
+                ports[name],
+                tls,
+                documents=documents,
+                material=material,
+                preauth=relay.preauth,
+                raw_splices=relay.tickets,
+                reset_key=reset_key,
             )
-            log.info("listening", transport=name, address=listen, port=running.listeners[name].port)
+            running.listeners[name] = await _serve(transport, name, endpoint, relay)
     except BaseException:
         await running.aclose()
         raise
