@@ -47,13 +47,20 @@ def device_key_file(config_path: Path | None) -> Path:
     show_default=True,
     help="Paths to peers: p2p-first (relayed DERP as fallback), relay-only, p2p-only.",
 )
+@click.option(
+    "--once",
+    is_flag=True,
+    help="Try to connect once and exit 5 if the relay does not answer (default: keep trying).",
+)
 @click.pass_context
-def p2p(ctx: click.Context, control_socket: Path | None, mode: str) -> None:
+def p2p(ctx: click.Context, control_socket: Path | None, mode: str, once: bool) -> None:
     """Join the tenant's mesh: find its peers, reach them through NAT, serve p2p.expose."""
-    join_mesh(runtime_of(ctx), control_socket, mode)
+    join_mesh(runtime_of(ctx), control_socket, mode, once=once)
 
 
-def join_mesh(runtime: Runtime, control_socket: Path | None, mode: str) -> None:
+def join_mesh(
+    runtime: Runtime, control_socket: Path | None, mode: str, *, once: bool = False
+) -> None:
     """Run the client in the mesh until stopped (``cloudbridge p2p``, and ``join``)."""
     config = runtime.config()
     if not config.settings.p2p.enabled:
@@ -75,7 +82,7 @@ def join_mesh(runtime: Runtime, control_socket: Path | None, mode: str) -> None:
     socket = control_socket_of(runtime, control_socket)
 
     async def main() -> None:
-        await run_client(runtime, config, socket, mesh=setup)
+        await run_client(runtime, config, socket, mesh=setup, once=once)
 
     run_async(main)
 

@@ -30,6 +30,9 @@ def notify(state: str) -> None:
 
 
 _stop_requested: ContextVar[asyncio.Event] = ContextVar("stop_requested")
+#: how many of the command's tasks wait in wait_for_stop() now (one list shared by every
+#: task of the command: each copies the context, not the list)
+_waiting: ContextVar[list[int]] = ContextVar("waiting_for_stop")
 #: the running command's loop and stop event, for stops that come from another thread
 _running: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
 
@@ -41,24 +44,42 @@ def request_stop() -> None:
 
 
 async def wait_for_stop(duration: float | None = None) -> None:
-    """Return once SIGINT/SIGTERM has come (even during start-up) or after ``duration``."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(_stop_requested.get().wait(), duration)
+    """Return once SIGINT/SIGTERM has come or after ``duration``.
+
+    Only a command waiting here stops cleanly (drains); a signal that comes while it is
+    anywhere else (connecting, retrying, starting up) cancels it at once."""
+    waiting = _waiting.get([0])
+    waiting[0] += 1
+    try:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(_stop_requested.get().wait(), duration)
+    finally:
+        waiting[0] -= 1
 
 
 def run_async(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """Run ``main`` with SIGINT/SIGTERM asking for a clean stop from the first moment; a
-    second signal stops at once, without draining."""
+    """Run ``main`` until it returns or a signal stops it.
+
+    SIGINT/SIGTERM while ``main`` waits in :func:`wait_for_stop` asks for a clean stop (a
+    drain); at any other moment (connecting, retrying) it cancels ``main`` at once. A second
+    signal ends the process without draining. After SIGINT this raises
+    ``KeyboardInterrupt`` (the command exits 130); after SIGTERM it returns (exit 0)."""
+    received: list[signal.Signals] = []
 
     async def supervised() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        waiting = [0]
+        task = asyncio.current_task()
 
         def requested(sig: signal.Signals) -> None:
             if stop.is_set():
                 loop.remove_signal_handler(sig)  # back to the default: the signal now ends us
                 signal.raise_signal(sig)
+            received.append(sig)
             stop.set()
+            if task is not None and not waiting[0]:
+                task.cancel()  # not at a point that stops cleanly: stop where it is
 
         # Windows event loops take no signal handlers: there Ctrl-C raises KeyboardInterrupt
         # and the service host stops the client through request_stop()
@@ -66,9 +87,13 @@ def run_async(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
         for sig in signals:
             loop.add_signal_handler(sig, requested, sig)
         _stop_requested.set(stop)
+        _waiting.set(waiting)
         _running.append((loop, stop))
         try:
             await main()
+        except asyncio.CancelledError:
+            if not received:
+                raise
         finally:
             _running.remove((loop, stop))
             for sig in signals:
@@ -78,3 +103,5 @@ def run_async(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
         uvloop.run(supervised())
     else:
         asyncio.run(supervised())
+    if received and received[0] == signal.SIGINT:
+        raise KeyboardInterrupt

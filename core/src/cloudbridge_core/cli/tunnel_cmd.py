@@ -31,7 +31,7 @@ from cloudbridge_core.client.tunnel import ConnectionLimit, Tunnel, TunnelSpec
 from cloudbridge_core.client.tunnel_set import TunnelSet
 from cloudbridge_core.config import Config, validate
 from cloudbridge_core.config.reload import ConfigWatcher
-from cloudbridge_core.errors import OverlayFailed, UsageError
+from cloudbridge_core.errors import CloudBridgeError, OverlayFailed, UsageError
 from cloudbridge_core.exporters import Exporters, exporting
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.p2p.identity import DeviceIdentity
@@ -65,6 +65,11 @@ log = get_logger("client")
     help="With --remote-peer: p2p-first (relayed DERP as fallback), relay-only, p2p-only.",
 )
 @socket_option
+@click.option(
+    "--once",
+    is_flag=True,
+    help="Try to connect once and exit 5 if the relay does not answer (default: keep trying).",
+)
 @click.pass_context
 def tunnel(
     ctx: click.Context,
@@ -75,6 +80,7 @@ def tunnel(
     local_host: str,
     mode: str,
     control_socket: Path,
+    once: bool,
 ) -> None:
     """Forward a local port (and every entry of `tunnels:` in the config) through the relay,
     or to a peer's exposed port over the best path (--remote-peer)."""
@@ -109,7 +115,7 @@ def tunnel(
 
     async def main() -> None:
         socket = control_socket_of(runtime, control_socket)
-        await run_client(runtime, config, socket, fixed=fixed, mesh=mesh)
+        await run_client(runtime, config, socket, fixed=fixed, mesh=mesh, once=once)
 
     run_async(main)
 
@@ -121,9 +127,11 @@ async def run_client(
     *,
     fixed: Sequence[TunnelSpec] = (),
     mesh: MeshSetup | None = None,
+    once: bool = False,
 ) -> None:
-    """Connect, forward the config's ``tunnels`` and the ``fixed`` ones (given by flags),
-    answer on the control socket and follow config reloads until stopped.
+    """Listen on the config's ``tunnels`` and the ``fixed`` ones (given by flags), connect
+    (trying until the relay answers, or once with ``once``), answer on the control socket
+    and follow config reloads until stopped.
 
     A reload applies each section through its owner (the relay link, the tunnels, logging,
     the exporters, the mesh); the ``reloaded`` log line lists what they applied. Stopping
@@ -133,7 +141,6 @@ async def run_client(
     transports = list(runtime.plugins.transports())
     metrics = ClientMetrics(transports)
     link = RelayLink(config, runtime.plugins, metrics)
-    await link.start()
     performance = config.settings.performance
     limit = ConnectionLimit(performance.max_concurrent_tunnels)
     tunnels: list[Tunnel | PeerTunnel] = []
@@ -153,6 +160,10 @@ async def run_client(
     reload = _watcher(runtime, config)
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(link.aclose)
+        # the local ports first: a taken one fails at once, before any relay connection
+        await relay_tunnels.start([TunnelSpec.of(t) for t in config.settings.tunnels], fixed)
+        stack.push_async_callback(relay_tunnels.aclose, 0.0)  # until the drain takes over
+        await link.start(keep_trying=not once, waiting=_tell_waiting)
         manager = None
         if mesh is not None:
             manager = await _join_mesh(config, runtime, link, mesh, metrics)
@@ -172,7 +183,6 @@ async def run_client(
             return (reload.current if reload is not None else config).settings.server.drain_timeout
 
         stack.push_async_callback(_drain, relay_tunnels, forwards, control, drain_timeout)
-        await relay_tunnels.start([TunnelSpec.of(t) for t in config.settings.tunnels], fixed)
         for forward in forwards:
             await forward.start()
             tunnels.append(forward)
@@ -197,6 +207,16 @@ async def run_client(
             reload.subscribe(follow)
         async with reload:
             await _until_stopped(link)
+
+
+def _tell_waiting(error: CloudBridgeError) -> None:
+    """Said once per cause while the first connection is retried."""
+    message(f"waiting for the relay: {error.message}")
+    message(
+        "  "
+        + (f"{error.hint}; " if error.hint else "")
+        + "trying again until it answers (Ctrl-C stops; --once tries once)"
+    )
 
 
 async def _until_stopped(link: RelayLink) -> None:

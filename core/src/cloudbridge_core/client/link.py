@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -113,20 +114,60 @@ class RelayLink:
 
     # ---- lifecycle ----
 
-    async def start(self) -> None:
-        """Connect; a relay pacing its admissions is waited for (it said when), any other
-        failure is raised."""
+    async def start(
+        self,
+        *,
+        keep_trying: bool = False,
+        waiting: Callable[[CloudBridgeError], None] | None = None,
+    ) -> None:
+        """Connect; a relay pacing its admissions is waited for (it said when).
+
+        With ``keep_trying`` a retryable failure (nothing listens, no route, a timeout) is
+        tried again with the reconnection's backoff until it works, as a client that boots
+        before the network or the relay must; ``waiting`` hears each failure whose cause
+        differs from the one before (to tell the user once what it waits for). Otherwise,
+        and always for a refused token or any other non-retryable error, it is raised.
+        """
         comeback = FIRST_TIME
+        began = time.monotonic()
+        cause = ""
+        attempt = 0
         while True:
             try:
                 connection, reason = await self._race(self._candidates(), comeback)
                 break
+            except AuthError:
+                self.state = "refused"
+                raise
             except CloudBridgeError as error:
-                if error.retry_after is None or isinstance(error, CircuitOpen):
+                paced = error.retry_after is not None and not isinstance(error, CircuitOpen)
+                if not paced and not (keep_trying and error.retryable):
                     raise
-                log.info("relay_busy", reason=error.message)
+                attempt += 1
                 comeback = Comeback(slot=error.slot)
-                await asyncio.sleep(error.retry_after)
+                self.last_error = error.message
+                delay = reconnect_delay(
+                    error, time.monotonic() - began, self._config.settings.retry
+                )
+                now = _cause_of(error)
+                if paced:
+                    log.info("relay_busy", reason=error.message)
+                elif now != cause:
+                    # the caller tells the user these words itself: not twice on the terminal
+                    (log.warning if waiting is None else log.debug)(
+                        "relay_unreachable", code=error.code, reason=error.message
+                    )
+                    if waiting is not None:
+                        waiting(error)
+                else:
+                    log.debug(
+                        "connect_retry",
+                        attempt=attempt,
+                        code=error.code,
+                        retry_in_seconds=round(delay, 3),
+                    )
+                cause = now
+                await asyncio.sleep(delay)
         self._install(connection, reason)
         self._watcher = asyncio.create_task(self._watch())
 
@@ -569,6 +610,12 @@ class RelayLink:
                 closing.add_done_callback(self._closing.discard)
         if connection.going_away is not None:  # told before it was installed
             self._going_away(connection)
+
+
+def _cause_of(error: CloudBridgeError) -> str:
+    """What a failure says without its numbers (durations, attempt counts): a retry that
+    fails the same way is not reported again."""
+    return f"{error.code}:{re.sub(r'[0-9.]+', '#', error.message)}"
 
 
 def _moves_the_session(key: str) -> bool:

@@ -10,6 +10,7 @@ misconfiguration, and another transport to the same relay would only hide it.
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections.abc import Awaitable, Callable, Mapping
 
 from cloudbridge_core.breaker import CircuitBreaker
@@ -26,15 +27,23 @@ from cloudbridge_core.errors import (
     AuthError,
     CircuitOpen,
     CloudBridgeError,
+    ConnectionTimeout,
+    ServerUnavailable,
     TlsVerificationFailed,
+    TransportError,
 )
 from cloudbridge_core.log import get_logger
-from cloudbridge_core.plugins import Plugins
+from cloudbridge_core.plugins import Plugins, transport_port
 from cloudbridge_core.providers import ProviderSpec, Transport
 
 log = get_logger("relay.link")
 
 Candidate = tuple[str, ProviderSpec[Transport]]
+#: the hint of a failure where something answered, but not as a relay would
+_NOT_A_RELAY = (
+    "something answers there, but not as a CloudBridge relay: check relay.host and"
+    " transport.{name}.port against what the relay prints when it starts"
+)
 Attempt = asyncio.Task[RelayConnection]
 
 
@@ -101,7 +110,7 @@ async def race(
             for failed_name, error in failures.items():
                 failed(failed_name, error)
         await _discard([task for task in names if task is not winner])
-    raise next(reversed(failures.values()))
+    raise _summary(config, candidates, failures)
 
 
 async def _guarded(
@@ -158,7 +167,8 @@ async def _first_success(
                     or "check relay.tls.ca_file; transport.fallback_on_certificate_error: true"
                     " lets the client use another transport meanwhile",
                 ) from error
-            log.warning(
+            # debug: when all fail, the race's error sums them up; when one wins, its reason
+            log.debug(
                 "transport_failed", transport=names[task], code=error.code, reason=error.message
             )
             if not transport.fallback_enabled:
@@ -176,6 +186,108 @@ async def _discard(tasks: list[Attempt]) -> None:
         if isinstance(outcome, RelayConnection):
             results.append(outcome.aclose())
     await asyncio.gather(*results, return_exceptions=True)
+
+
+def _summary(
+    config: Config, candidates: list[Candidate], failures: dict[str, CloudBridgeError]
+) -> CloudBridgeError:
+    """One error for a race every candidate lost, naming the most useful cause: nothing
+    listening anywhere says "is the relay running?"; otherwise the failure that got
+    furthest (something answered, but not as a relay would) leads, with the others after it.
+    """
+    if not failures:  # every candidate was skipped: nothing was tried
+        return ServerUnavailable("no transport to the relay could be tried")
+    host = config.settings.relay.host
+    refused = {name: error for name, error in failures.items() if _refused(error)}
+    if len(failures) == 1 and not refused:
+        [(name, only)] = failures.items()
+        error = _with_reason(only, name)
+        if _usefulness(only) == 0 and error.hint is None:
+            error.hint = _NOT_A_RELAY.format(name=name)
+        return error
+    if refused and all(
+        name in refused or isinstance(error, ConnectionTimeout) for name, error in failures.items()
+    ):
+        ports = [
+            f"{transport_port(name, config.data)} ({name})"
+            for name, _ in candidates
+            if name in refused
+        ]
+        waited = [name for name in failures if name not in refused]
+        also = f"; {', '.join(waited)} got no answer" if waited else ""
+        where = f"{host} port{'s' if len(ports) > 1 else ''} {', '.join(ports)}"
+        return ServerUnavailable(
+            f"nothing listens at {where}{also} — is the relay running?",
+            hint="start it (cloudbridge relay serve), or check relay.host and"
+            " transport.<name>.port against what the relay prints when it starts",
+        )
+    ranked = sorted(failures.items(), key=lambda item: _usefulness(item[1]))
+    lead_name, lead = ranked[0]
+    others = "; ".join(f"{name}: {_briefly(error)}" for name, error in ranked[1:])
+    summary = _with_reason(lead, lead_name)
+    if _usefulness(lead) == 0 and lead.hint is None:
+        summary.hint = _NOT_A_RELAY.format(name=lead_name)
+    if others:
+        summary.message = f"{summary.message} (also {others})"
+    return summary
+
+
+def _usefulness(error: CloudBridgeError) -> int:
+    """Lower is more useful: something answered (a wrong port, a proxy), then timeouts
+    (a filter), then refusals (nothing there)."""
+    if _refused(error):
+        return 3
+    if isinstance(error, ConnectionTimeout | CircuitOpen):
+        return 2
+    if isinstance(error, TransportError | ServerUnavailable):  # a reset, a bad handshake
+        return 0
+    return 1
+
+
+def _briefly(error: CloudBridgeError) -> str:
+    if _refused(error):
+        return "refused"
+    if isinstance(error, ConnectionTimeout):
+        return "no answer in time"
+    return _described(error)
+
+
+def _refused(error: CloudBridgeError) -> bool:
+    cause: BaseException | None = error
+    for _ in range(8):
+        if cause is None:
+            break
+        if isinstance(cause, ConnectionRefusedError) or (
+            isinstance(cause, OSError) and cause.errno == errno.ECONNREFUSED
+        ):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return isinstance(error, ServerUnavailable) and "refused" in error.message
+
+
+def _described(error: CloudBridgeError) -> str:
+    """The error's message, never with an empty reason (``cannot connect to h:p: ``)."""
+    text = error.message.rstrip()
+    if text and not text.endswith(":"):
+        return text
+    cause = error.__cause__ or error.__context__
+    if isinstance(cause, ConnectionResetError | BrokenPipeError):
+        why = "the connection was reset"
+    elif isinstance(cause, EOFError | ConnectionAbortedError) or cause is None:
+        why = "the connection was closed before the handshake finished"
+    else:
+        why = str(cause) or type(cause).__name__
+    return f"{text} {why}" if text else why
+
+
+def _with_reason(error: CloudBridgeError, name: str) -> CloudBridgeError:
+    """``error`` with its transport named and a reason it never lacks."""
+    text = _described(error)
+    if name not in text.lower():
+        text = f"{name}: {text}"
+    error.message = text
+    error.args = (text,)
+    return error
 
 
 def _reason(

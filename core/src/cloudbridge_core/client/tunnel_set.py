@@ -15,13 +15,14 @@ the list, each tunnel is handled on its own and the others are not touched:
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections.abc import Iterable, MutableSequence, Sequence
 from typing import Any
 
 from cloudbridge_core.client.metrics import ClientMetrics
 from cloudbridge_core.client.tunnel import ConnectionLimit, ConnectionSource, Tunnel, TunnelSpec
 from cloudbridge_core.config import Config
-from cloudbridge_core.errors import UsageError
+from cloudbridge_core.errors import AddressInUse, UsageError
 from cloudbridge_core.log import get_logger
 
 log = get_logger("tunnel")
@@ -60,14 +61,21 @@ class TunnelSet:
 
     async def start(self, specs: Sequence[TunnelSpec], fixed: Sequence[TunnelSpec] = ()) -> None:
         """Start the file's tunnels (``specs``) and the flags' (``fixed``); raises
-        ``UsageError`` naming the first that cannot listen (or a name used twice), after
-        stopping those already started."""
+        ``AddressInUse`` naming the first whose address is taken, ``UsageError`` for one
+        that cannot listen otherwise (or a name used twice), after stopping those already
+        started."""
         for spec, from_file in [*((s, True) for s in _unique(specs)), *((s, False) for s in fixed)]:
             tunnel = self._tunnel(spec)
             try:
                 await tunnel.start()
             except OSError as exc:
                 await self.aclose(0.0)
+                if exc.errno == errno.EADDRINUSE:
+                    raise AddressInUse(
+                        f"{spec.local} is already in use: tunnel {spec.key!r} cannot listen there",
+                        hint=f"stop what listens on port {spec.local_port}, or choose another"
+                        + (" local_port in tunnels:" if from_file else " --local-port"),
+                    ) from None
                 raise UsageError(_cannot_listen(spec, exc)) from None
             if from_file:
                 self._tunnels[spec.key] = tunnel
