@@ -167,6 +167,8 @@ def test_token_issue_claims_and_bad_input(tmp_path: Path) -> None:
         "acme",
         "--subject",
         "db1",
+        "--permission",
+        "relay:connect",
     ]
     issued = subprocess.run(
         [*base, "--mesh-config", '{"peer_ip": "100.96.0.5"}', "--ttl", "1h"],
@@ -369,7 +371,7 @@ def test_health_reports_the_seed_shape_and_answers_by_exit_code(tmp_path: Path) 
         ready = health("--check", "ready")
         assert (ready.returncode, ready.stdout) == (0, "")
         refused = health("--format", "json", env=environment(CLOUDBRIDGE_AUTH__TOKEN="x.y.z"))
-        assert refused.returncode == 6
+        assert refused.returncode == 4  # an auth failure (docs/errors.md)
         assert json.loads(refused.stdout)["details"]["authentication"]["status"] == "error"
     finally:
         assert stop(relay) == 0

@@ -47,7 +47,10 @@ def cloudbridge(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 def test_token_issue_and_invites_refuse_lifetimes_beyond_the_maximum(tmp_path: Path) -> None:
     state = tmp_path / "state"
     RelayState.load_or_create(state, ["localhost"])
-    issue = ("relay", "token", "issue", "--state-dir", str(state), "--subject", "laptop")
+    issue = (
+        *("relay", "token", "issue", "--state-dir", str(state), "--subject", "laptop"),
+        *("--permission", "relay:connect"),
+    )
     refused = cloudbridge(*issue, "--tenant", "acme", "--ttl", "36500d")
     assert refused.returncode == 2, refused.stderr
     assert "36500d is longer than the maximum 30d (server.max_token_ttl)" in refused.stderr

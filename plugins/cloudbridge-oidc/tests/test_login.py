@@ -183,7 +183,7 @@ def test_an_aborted_login_keeps_nothing(
     assert "the login was denied" in said
     assert not (tmp_path / "laptop.token").exists()
     refused = cloudbridge("health", "--config", str(config), "--format", "json")
-    assert refused.returncode == 6
+    assert refused.returncode == 4  # no token: auth required (docs/errors.md)
     assert "no token" in json.loads(refused.stdout)["reasons"][0]
 
 

@@ -1,9 +1,13 @@
-"""``cloudbridge health``: is this machine's client able to work? Exit 0 yes, 6 no."""
+"""``cloudbridge health``: is this machine's client able to work? Exit 0 yes, 4 when the
+token is missing or refused, 6 for any other failure (3 when the config is invalid)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +15,7 @@ import click
 
 from cloudbridge_core.cli.runtime import config_option, runtime_of
 from cloudbridge_core.client.control import query, socket_for
-from cloudbridge_core.client.health import check_health
+from cloudbridge_core.client.health import check_health, format_duration
 from cloudbridge_core.errors import CloudBridgeError, ExitCode
 
 
@@ -37,36 +41,73 @@ def _running(config_path: Path | None) -> dict[str, Any] | None:
 @click.option(
     "--check",
     type=click.Choice(["live", "ready"]),
-    help="Print nothing; answer by exit code (live: the config is usable; ready: connected).",
+    help="Print nothing; answer by exit code (live: the config is usable, else 3;"
+    " ready: connected, else 4 or 6 as without --check).",
 )
 @click.pass_context
 def health(ctx: click.Context, output: str, as_json: bool, check: str | None) -> int:
-    """Connect to the relay as the client would and report network, auth, relay and latency."""
+    """Connect to the relay as the client would and report network, auth, relay and latency.
+
+    \b
+    Exit codes: 0 healthy or degraded, 3 config invalid, 4 no token or the relay refused it,
+    6 unhealthy otherwise. --check prints nothing at all.
+    """
+    if check is not None:
+        return _silently(ctx, check)
+    return _report(ctx, as_json or output == "json")
+
+
+def _silently(ctx: click.Context, check: str) -> int:
+    """``--check``: the exit code alone; not a line on stdout or stderr."""
+    logging.disable(logging.CRITICAL)  # a probe's output is its exit code
     runtime = runtime_of(ctx)
-    config = runtime.config()  # an invalid config exits 3, also for --check live
-    if check == "live":
+    with (
+        open(os.devnull, "w") as silence,
+        contextlib.redirect_stdout(silence),
+        contextlib.redirect_stderr(silence),
+    ):
+        try:
+            config = runtime.config()  # an invalid config exits 3, also for --check live
+            if check == "live":
+                return int(ExitCode.OK)
+            document = asyncio.run(
+                check_health(config, runtime.plugins, _running(runtime.config_path))
+            )
+        except CloudBridgeError as error:
+            return int(error.exit_code)
+    return _exit_code(document)
+
+
+def _exit_code(document: dict[str, Any]) -> int:
+    if document["status"] != "unhealthy":
         return int(ExitCode.OK)
+    if document["details"]["authentication"]["status"] == "error":
+        return int(ExitCode.AUTH)
+    return int(ExitCode.UNHEALTHY)
+
+
+def _report(ctx: click.Context, as_json: bool) -> int:
+    runtime = runtime_of(ctx)
+    config = runtime.config()
     document = asyncio.run(check_health(config, runtime.plugins, _running(runtime.config_path)))
-    healthy = document["status"] != "unhealthy"
-    code = int(ExitCode.OK if healthy else ExitCode.UNHEALTHY)
-    if check == "ready":
-        return code
-    if as_json or output == "json":
+    code = _exit_code(document)
+    for warning in document["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
+    if as_json:
         click.echo(json.dumps(document, indent=2))
         return code
     relay = document["details"]["relay_connection"]
     auth = document["details"]["authentication"]
+    expires = auth["token_expires_in_seconds"]
     lines = [
         f"Status:     {document['status']}",
         f"Relay:      {relay['status']}"
         + (f" over {relay['transport']}, {relay['latency_ms']} ms" if relay["transport"] else ""),
         f"Token:      {auth['status']}"
-        + (
-            f", expires in {auth['token_expires_in_seconds']} s"
-            if auth["token_expires_in_seconds"] is not None
-            else ""
-        ),
+        + (f", expires in {format_duration(expires)}" if expires is not None else ""),
     ]
+    if auth.get("permissions") is not None:
+        lines.append(f"Allows:     {', '.join(auth['permissions']) or 'nothing'}")
     mesh = document["details"]["p2p_mesh"]
     lines.append(
         f"P2P mesh:   {mesh['status']}"

@@ -9,6 +9,7 @@ authentication questions of an existing config and keeps everything else.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import urllib.parse
@@ -23,10 +24,17 @@ from cloudbridge_core.cli.join_cmd import default_config_dir
 from cloudbridge_core.cli.output import message
 from cloudbridge_core.cli.runtime import Runtime, runtime_of
 from cloudbridge_core.cli.service_cmd import install
-from cloudbridge_core.client.tokens import StoredTokens, keyring_available, storage_settings
+from cloudbridge_core.client.connection import transport_order
+from cloudbridge_core.client.race import race
+from cloudbridge_core.client.tokens import (
+    StoredTokens,
+    jwt_problem,
+    keyring_available,
+    storage_settings,
+)
 from cloudbridge_core.config import Config, validate
 from cloudbridge_core.config.schema import defaults
-from cloudbridge_core.errors import AuthError, UsageError
+from cloudbridge_core.errors import AuthError, CloudBridgeError, ExitCode, UsageError
 
 T = TypeVar("T")
 DEFAULT_METRICS_PORT = 9464
@@ -35,9 +43,16 @@ DEFAULT_METRICS_PORT = 9464
 class Wizard:
     """Asks a question, or takes its flag; checks the answer either way."""
 
-    def __init__(self, flags: Mapping[str, Any], interactive: bool) -> None:
+    def __init__(
+        self,
+        flags: Mapping[str, Any],
+        interactive: bool,
+        hints: Mapping[str, str] | None = None,
+    ) -> None:
         self._flags = flags
         self.interactive = interactive
+        #: the option that gave an answer, where it is not ``--<flag>`` (the token: --token-stdin)
+        self._hints = hints or {}
 
     def ask(
         self,
@@ -49,7 +64,7 @@ class Wizard:
         hide: bool = False,
     ) -> T:
         given = self._flags.get(flag)
-        option = "--" + flag.replace("_", "-")
+        option = self._hints.get(flag, "--" + flag.replace("_", "-"))
         if given is not None:
             try:
                 return check(str(given))
@@ -118,13 +133,24 @@ def _url(text: str) -> str:
     return text.strip()
 
 
-def _token(text: str) -> str | None:
-    token = text.strip()
-    if not token:
-        return None  # CLOUDBRIDGE_TOKEN at run time
-    if any(c.isspace() for c in token):
-        raise click.BadParameter("a token has no spaces")
-    return token
+def _token_of(kind: str) -> Callable[[str], str | None]:
+    """The check of a token for auth ``kind``: a jwt token must at least parse as a JWT."""
+
+    def check(text: str) -> str | None:
+        token = text.strip()
+        if not token:
+            return None  # CLOUDBRIDGE_TOKEN at run time
+        if any(c.isspace() for c in token):
+            raise click.BadParameter("a token has no spaces")
+        problem = jwt_problem(token) if kind == "jwt" else None
+        if problem:
+            raise click.BadParameter(
+                f"this is not a JWT ({problem}); give the token 'cloudbridge relay token issue'"
+                " printed, or one from your identity provider"
+            )
+        return token
+
+    return check
 
 
 def _name(text: str) -> str:
@@ -160,13 +186,25 @@ def _name(text: str) -> str:
 @click.option("--metrics/--no-metrics", default=None, help="Serve Prometheus /metrics.")
 @click.option("--metrics-port", help=f"The /metrics port (default {DEFAULT_METRICS_PORT}).")
 @click.option("--service/--no-service", default=None, help="Install the system service now.")
+@click.option(
+    "--no-verify",
+    is_flag=True,
+    help="Do not contact the relay to check that it accepts the token.",
+)
 @click.pass_context
 def init(ctx: click.Context, /, config_dir: Path | None, **flags: Any) -> None:
-    """Write a config for this machine by answering a few questions."""
+    """Write a config for this machine by answering a few questions.
+
+    A token given is checked: it must be a JWT (auth jwt), and unless --no-verify the
+    relay must accept it when it can be reached (a refused token exits 4, writing nothing).
+    """
     runtime = runtime_of(ctx)
     interactive = not flags.pop("non_interactive")
     reauth = flags.pop("reauth")
+    verify = not flags.pop("no_verify")
+    hints: dict[str, str] = {}
     if flags.pop("token_stdin"):
+        hints["token"] = "--token-stdin"  # noqa: S105 - the flag's name, not a secret
         flags["token"] = sys.stdin.readline().strip()
         if not flags["token"]:
             raise click.BadParameter("stdin gave no token", param_hint="--token-stdin")
@@ -174,7 +212,7 @@ def init(ctx: click.Context, /, config_dir: Path | None, **flags: Any) -> None:
         raise UsageError("no terminal to ask questions on", hint="pass --non-interactive")
     # absolute, so the paths written into it work from any directory (a service runs from /)
     config_file = Path(os.path.abspath(config_dir or default_config_dir())) / "config.yaml"
-    wizard = Wizard(flags, interactive)
+    wizard = Wizard(flags, interactive, hints)
     if reauth:
         document = _existing(config_file)
     elif config_file.exists():
@@ -189,6 +227,8 @@ def init(ctx: click.Context, /, config_dir: Path | None, **flags: Any) -> None:
     if not reauth:
         document["metrics"] = _metrics(wizard)
     checked = _check(runtime, config_file, document)
+    if token is not None and verify:
+        _verify(runtime, checked, token)
     config_file.parent.mkdir(parents=True, exist_ok=True)
     if token is not None:
         StoredTokens.of(checked.settings.auth, relay_host).save(token)
@@ -252,7 +292,7 @@ def _auth(wizard: Wizard, runtime: Runtime, directory: Path) -> tuple[dict[str, 
         token = wizard.ask(
             "token",
             "Token (input hidden; empty: read $CLOUDBRIDGE_TOKEN when running)",
-            _token,
+            _token_of(kind),
             "",
             hide=True,
         )
@@ -294,6 +334,34 @@ def _check(runtime: Runtime, config_file: Path, document: dict[str, Any]) -> Con
         return validate(runtime.read(candidate), runtime.schema)
     finally:
         candidate.unlink(missing_ok=True)
+
+
+def _verify(runtime: Runtime, config: Config, token: str) -> None:
+    """Connect to the relay with ``token`` as the client will: a refusal (the token, or the
+    relay's certificate) is raised; a relay out of reach is only a warning."""
+
+    async def attempt() -> None:
+        candidates = transport_order(config, runtime.plugins)
+        head_start = config.settings.transport.race_head_start
+        connection, _ = await race(config, candidates, head_start, token)
+        await connection.aclose()
+
+    relay = config.settings.relay.host
+    try:
+        asyncio.run(asyncio.wait_for(attempt(), config.settings.transport.connect_timeout + 1))
+    except CloudBridgeError as error:
+        if error.exit_code == ExitCode.AUTH:
+            error.message = f"the relay at {relay} refused the connection: {error.message}"
+            error.hint = (
+                "check the token (cloudbridge relay token issue prints a new one) and"
+                " --ca-file; --no-verify skips this check"
+            )
+            raise error from None
+        message(f"warning: could not check the token with the relay at {relay}: {error.message}")
+    except TimeoutError:
+        message(f"warning: could not check the token: no answer from the relay at {relay}")
+    else:
+        message(f"the relay at {relay} accepted the token")
 
 
 def _write(path: Path, document: dict[str, Any]) -> None:

@@ -7,14 +7,17 @@ Exit codes (``docs/errors.md``): 0 ok, 1 failure, 2 usage, 3 config invalid, 4 a
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import click
 
 from cloudbridge_core import __version__
-from cloudbridge_core.cli.output import report_error
+from cloudbridge_core.cli.output import message, report_error
 from cloudbridge_core.cli.runtime import log, runtime_of
 from cloudbridge_core.errors import CloudBridgeError, ExitCode, ProviderNotInstalled
 from cloudbridge_core.log import LEVELS
@@ -51,6 +54,70 @@ def core_command(name: str) -> click.Command:
     command: click.Command = getattr(
         importlib.import_module(f"cloudbridge_core.cli.{module}"), attribute
     )
+    return with_global_options(command)
+
+
+def _late_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        runtime_of(ctx).use_config(value)
+
+
+def _late_token(flag: str) -> Callable[[click.Context, click.Parameter, Any], None]:
+    def use(ctx: click.Context, _param: click.Parameter, value: Any) -> None:
+        if value:
+            runtime_of(ctx).use_token({flag: value})
+
+    return use
+
+
+def _late_quiet(ctx: click.Context, _param: click.Parameter, value: int) -> None:
+    if value:
+        runtime_of(ctx).use_level("error", "-q")
+
+
+def _late_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        runtime = runtime_of(ctx)
+        runtime.debug = True
+        runtime.use_level("debug", "--debug")
+
+
+def _ignored(_ctx: click.Context, _param: click.Parameter, _value: object) -> None:
+    """``--json`` after a command that prints no document: run() still formats errors as JSON."""
+
+
+#: the root's options that also work after the subcommand: (names, how click takes them)
+GLOBAL_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
+    (("-c", "--config"), {"type": click.Path(dir_okay=False), "callback": _late_config}),
+    (
+        ("--token-file",),
+        {
+            "type": click.Path(exists=True, dir_okay=False),
+            "callback": _late_token("token_file"),
+        },
+    ),
+    (("--token-stdin",), {"is_flag": True, "callback": _late_token("token_stdin")}),
+    (("--token",), {"callback": _late_token("token")}),
+    (("--json",), {"is_flag": True, "callback": _ignored}),
+    (("--debug",), {"is_flag": True, "callback": _late_debug}),
+    (("-q", "--quiet"), {"count": True, "callback": _late_quiet}),
+]
+
+
+def with_global_options(command: click.Command) -> click.Command:
+    """``command`` (and its subcommands) also taking the global options after its name, as
+    hidden options; a name the command already uses for itself stays its own."""
+    if getattr(command, "_cloudbridge_globals", False):
+        return command
+    taken = {name for param in command.params for name in (*param.opts, *param.secondary_opts)}
+    for names, settings in GLOBAL_OPTIONS:
+        free = [name for name in names if name not in taken]
+        if any(name.startswith("--") for name in free):
+            command.params.append(click.Option(free, expose_value=False, hidden=True, **settings))
+    command._cloudbridge_globals = True  # type: ignore[attr-defined]
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            with_global_options(sub)
     return command
 
 
@@ -80,7 +147,26 @@ class CloudBridgeGroup(click.Group):
             return core_command(cmd_name)
         if ctx.resilient_parsing:
             return None
-        return self._plugin_commands(ctx).commands.get(cmd_name)
+        command = self._plugin_commands(ctx).commands.get(cmd_name)
+        return with_global_options(command) if command is not None else None
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        """As click's, and an unknown command gets a did-you-mean (``stauts``: ``status``)."""
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as error:
+            name = args[0] if args else ""
+            if name.startswith("-"):
+                raise
+            close = difflib.get_close_matches(name, self.list_commands(ctx), n=3, cutoff=0.6)
+            if not close:
+                raise
+            raise click.UsageError(
+                f"No such command {name!r}. Did you mean {' or '.join(map(repr, close))}?",
+                ctx,
+            ) from error
 
 
 @click.group(cls=CloudBridgeGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -94,6 +180,13 @@ class CloudBridgeGroup(click.Group):
 @click.option("--log-format", type=click.Choice(["text", "json"]), help="Override logging.format.")
 @click.option("-v", "--verbose", count=True, help="More logging (debug).")
 @click.option("-q", "--quiet", count=True, help="Less logging (errors only).")
+@click.option("--debug", is_flag=True, help="Debug logging, and a traceback for a failure.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Errors as one line of JSON on stderr (and data as JSON where the command prints it).",
+)
 @click.option(
     "--plugin",
     multiple=True,
@@ -122,6 +215,9 @@ def cli(ctx: click.Context, /, **_options: object) -> None:
     \b
     Exit codes: 0 ok, 1 failure, 2 usage, 3 config invalid, 4 auth required or invalid,
     5 relay unavailable, 6 unhealthy, 130 interrupted.
+
+    Global options (--config, --token-file, --token-stdin, --token, --json, --debug, -q)
+    also work after the subcommand: cloudbridge p2p --token-file F.
     """
     runtime = runtime_of(ctx)
     runtime.configure_logging()
@@ -136,11 +232,16 @@ def cli(ctx: click.Context, /, **_options: object) -> None:
 
 
 def run(command: click.Command, args: Sequence[str]) -> int:
-    """Invoke ``command`` and turn every outcome into a documented exit code."""
-    as_json = "--json" in args
+    """Invoke ``command`` and turn every outcome into a documented exit code: a failure is
+    one or two lines on stderr, with a traceback only under ``--debug``."""
+    options = list(args[: args.index("--")] if "--" in args else args)
+    as_json = "--json" in options
+    debug = "--debug" in options
     try:
         result = command.main(list(args), prog_name="cloudbridge", standalone_mode=False)
     except CloudBridgeError as error:
+        if debug:
+            traceback.print_exc()
         report_error(error, as_json=as_json)
         return int(error.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):
@@ -149,6 +250,19 @@ def run(command: click.Command, args: Sequence[str]) -> int:
     except click.ClickException as error:
         error.show()
         return error.exit_code
+    except OSError as error:
+        if debug:
+            traceback.print_exc()
+        where = f": {error.filename}" if error.filename else ""
+        message(f"error: {error.strerror or error}{where}")
+        message("hint: run again with --debug for the traceback")
+        return int(ExitCode.FAILURE)
+    except Exception as error:  # noqa: BLE001 - the last line: no traceback without --debug
+        if debug:
+            traceback.print_exc()
+        message(f"error: unexpected {type(error).__name__}: {error}")
+        message("hint: run again with --debug for the traceback, and report it as a bug")
+        return int(ExitCode.FAILURE)
     return result if isinstance(result, int) else int(ExitCode.OK)
 
 

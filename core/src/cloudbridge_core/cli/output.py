@@ -12,7 +12,15 @@ from cloudbridge_core.errors import CloudBridgeError, ConfigError
 
 SCHEMA_VERSION = 1
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+
+def _or_global_json(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    """``cloudbridge --json status`` as ``cloudbridge status --json``."""
+    return value or bool(ctx.find_root().params.get("as_json"))
+
+
+json_option = click.option(
+    "--json", "as_json", is_flag=True, callback=_or_global_json, help="Print one JSON document."
+)
 
 
 def emit_json(document: dict[str, Any]) -> None:

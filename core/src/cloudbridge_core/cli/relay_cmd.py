@@ -4,6 +4,7 @@ and show the overlay addresses it leases."""
 from __future__ import annotations
 
 import contextlib
+import difflib
 import ipaddress
 import json
 from datetime import UTC, datetime
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import yaml
 
 from cloudbridge_core.cli.output import emit_json, json_option, message, table
 from cloudbridge_core.cli.params import DURATION
@@ -19,7 +21,7 @@ from cloudbridge_core.cli.serving import run_async, wait_for_stop
 from cloudbridge_core.config import Config, validate
 from cloudbridge_core.durations import format_duration
 from cloudbridge_core.errors import UsageError
-from cloudbridge_core.exporters import exporting
+from cloudbridge_core.exporters import RELAY_METRICS_PORT, exporting
 from cloudbridge_core.log import escape, get_logger
 from cloudbridge_core.plugins import transport_port
 from cloudbridge_core.prometheus_exporter import PrometheusExporter
@@ -28,7 +30,7 @@ from cloudbridge_core.relay.ipam import read_leases
 from cloudbridge_core.relay.live import follow
 from cloudbridge_core.relay.runner import start_relay, state_dir_of
 from cloudbridge_core.relay.state import IPAM_FILE, RelayState
-from cloudbridge_core.relay.tokens import issue_token, jwks
+from cloudbridge_core.relay.tokens import PERMISSIONS, issue_token, jwks, unknown_permissions
 from cloudbridge_core.tenants import is_tenant_id
 
 log = get_logger("relay")
@@ -64,7 +66,13 @@ def serve(ctx: click.Context, state_dir: Path | None, dev: bool) -> None:
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(running.aclose)  # also when an exporter fails to start
             exporters = await stack.enter_async_context(
-                exporting(config, runtime.plugins, running.relay.metrics.registry, running.probes())
+                exporting(
+                    config,
+                    runtime.plugins,
+                    running.relay.metrics.registry,
+                    running.probes(),
+                    default_port=RELAY_METRICS_PORT,  # the client keeps 9464
+                )
             )
             # drained while /metrics and /readyz still answer; exporters flush after
             stack.push_async_callback(running.aclose)
@@ -110,7 +118,10 @@ def token() -> None:
 )
 @click.option("--subject", required=True, help="Who or what the token is for (a machine name).")
 @click.option(
-    "--permission", "permissions", multiple=True, help="relay:connect, tunnel:create, p2p:mesh ..."
+    "--permission",
+    "permissions",
+    multiple=True,
+    help=f"What the token allows (repeatable; at least one): {', '.join(PERMISSIONS)}.",
 )
 @click.option(
     "--ttl", type=DURATION, default=None, help='Lifetime, like "24h" (default: server.token_ttl).'
@@ -132,6 +143,7 @@ def issue(
 ) -> None:
     """Print a signed token (stdout) for a client of this relay."""
     config = runtime_of(ctx).config()
+    _check_permissions(permissions, required=True)
     lifetime = ttl if ttl is not None else config.settings.server.token_ttl
     _check_lifetime("--ttl" if ttl is not None else "server.token_ttl", lifetime, config)
     _check_tenant(tenant)
@@ -145,7 +157,7 @@ def issue(
             issuer=state.issuer,
             tenant=tenant,
             subject=subject,
-            permissions=permissions or ("relay:connect",),
+            permissions=permissions,
             ttl=lifetime,
             max_ttl=config.settings.server.max_token_ttl,
             extra={
@@ -154,6 +166,24 @@ def issue(
             },
         )
     )
+
+
+def _check_permissions(permissions: tuple[str, ...], *, required: bool) -> None:
+    """Only permissions the relay checks: a typo would mint a token that is refused later."""
+    known = f"known: {', '.join(PERMISSIONS)}"
+    needs = (
+        "a client needs relay:connect, plus tunnel:create to forward ports"
+        " or p2p:mesh to join the mesh"
+    )
+    if required and not permissions:
+        raise UsageError(f"--permission: give at least one ({known})", hint=needs)
+    unknown = unknown_permissions(permissions)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(PERMISSIONS), n=1)
+        raise UsageError(
+            f"--permission: {unknown[0]!r} is not a permission the relay knows ({known})",
+            hint=f"did you mean {close[0]!r}?" if close else needs,
+        )
 
 
 def _check_lifetime(what: str, lifetime: float, config: Config) -> None:
@@ -235,15 +265,34 @@ def create_invite(
         raise UsageError("--ttl: an invite needs a lifetime above zero")
     _check_lifetime("--ttl", lifetime, config)
     _check_tenant(tenant)
+    _check_permissions(permissions, required=False)
     try:
         state = RelayState.load(state_dir_of(config, state_dir))
     except FileNotFoundError as exc:
         raise UsageError(str(exc), hint="run 'cloudbridge relay serve' once first") from None
     granted = list(permissions or ("relay:connect", "tunnel:create", "p2p:mesh"))
     code = InviteStore(state.invites_file).create(tenant, granted, lifetime, uses)
-    host = config.settings.server.public_host or config.settings.relay.host
-    link = InviteLink(host, transport_port("tls", config.data), code, state.ca.certificate)
+    host, port = _served_address(state.directory / "client.yaml", config)
+    link = InviteLink(host, port, code, state.ca.certificate)
     click.echo(link.url())
+
+
+def _served_address(client_config: Path, config: Config) -> tuple[str, int]:
+    """Where the relay of this state directory serves tls: the ``client.yaml`` its last
+    ``relay serve`` wrote holds the host and the port it really listens on (this command's
+    own config may not be that relay's: no --config, other ports, port 0)."""
+    host = config.settings.server.public_host or config.settings.relay.host
+    try:
+        written = yaml.safe_load(client_config.read_text())
+    except (OSError, yaml.YAMLError):
+        written = None
+    if isinstance(written, dict):
+        relay = written.get("relay")
+        port = (written.get("transport") or {}).get("tls", {}).get("port")
+        if isinstance(port, int) and not isinstance(port, bool):
+            served = relay.get("host") if isinstance(relay, dict) else None
+            return (served if isinstance(served, str) and served else host), port
+    return host, transport_port("tls", config.data)
 
 
 @relay.group()

@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from cloudbridge_core.client.control import socket_for
+from cloudbridge_core.client.tokens import loose_permissions
 from cloudbridge_core.config import (
     Config,
     RawConfig,
@@ -38,6 +39,10 @@ class Runtime:
     flag_plugins: tuple[str, ...] = ()
     no_plugins: bool = False
     color: bool = True
+    #: --debug: tracebacks for failures, debug logging
+    debug: bool = False
+    #: the flag that gave the token (--token-file, --token-stdin, --token), if one did
+    token_flag: str | None = None
     environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
 
     @classmethod
@@ -46,6 +51,8 @@ class Runtime:
         verbosity = params.get("verbose", 0) - params.get("quiet", 0)
         if params.get("log_level"):
             overrides["logging.level"] = (params["log_level"], "--log-level")
+        elif params.get("debug"):
+            overrides["logging.level"] = ("debug", "--debug")
         elif verbosity:
             overrides["logging.level"] = ("debug" if verbosity > 0 else "error", "-v/-q")
         if params.get("log_format"):
@@ -59,13 +66,38 @@ class Runtime:
             flag_plugins=tuple(params.get("plugin") or ()),
             no_plugins=bool(params.get("no_plugins")),
             color=not params.get("no_color") and "NO_COLOR" not in os.environ,
+            debug=bool(params.get("debug")),
+            token_flag=token[1] if token is not None else None,
         )
+
+    def _forget(self) -> None:
+        for cached in ("config_path", "raw", "plugins", "schema"):
+            self.__dict__.pop(cached, None)
 
     def use_config(self, path: str) -> None:
         """A subcommand's own ``--config`` (``cloudbridge tunnel --config C``) wins."""
         self.config_flag = path
-        for cached in ("config_path", "raw", "plugins", "schema"):
-            self.__dict__.pop(cached, None)
+        self._forget()
+        self.configure_logging()
+
+    def use_token(self, params: Mapping[str, Any]) -> None:
+        """A token flag given after the subcommand (``cloudbridge p2p --token-file F``)."""
+        given = ["--" + name.replace("_", "-") for name, value in params.items() if value]
+        if given and self.token_flag is not None:
+            raise click.UsageError(f"{self.token_flag} and {given[0]} both give the token: use one")
+        token = _token_from(params)
+        if token is None:
+            return
+        self.token_flag = token[1]
+        self.overrides["auth.token"] = token
+        self._forget()
+
+    def use_level(self, level: str, flag: str) -> None:
+        """``-q`` or ``--debug`` given after the subcommand (``--log-level`` still wins)."""
+        if self.overrides.get("logging.level", (None, ""))[1] == "--log-level":
+            return
+        self.overrides["logging.level"] = (level, flag)
+        self._forget()
         self.configure_logging()
 
     @cached_property
@@ -161,7 +193,11 @@ def _token_from(params: Mapping[str, Any]) -> tuple[str, str] | None:
     if not given:
         return None
     if given[0] == "token_file":
-        token = Path(params["token_file"]).read_text().strip()
+        path = Path(params["token_file"])
+        token = path.read_text().strip()
+        warning = loose_permissions(path)
+        if warning:
+            click.echo(f"warning: {warning}", err=True)
     elif given[0] == "token_stdin":
         token = sys.stdin.readline().strip()
     else:

@@ -14,12 +14,20 @@ from typing import Any
 
 from cloudbridge_core.client.connection import RelayConnection, transport_order
 from cloudbridge_core.client.race import race
-from cloudbridge_core.client.tokens import TokenSupply, token_expires_in
+from cloudbridge_core.client.tokens import (
+    TokenSupply,
+    loose_permissions,
+    missing_permission,
+    token_expires_in,
+    token_permissions,
+)
 from cloudbridge_core.config import Config
 from cloudbridge_core.errors import CloudBridgeError, HeartbeatFailed
 from cloudbridge_core.plugins import Plugins
 
 PINGS = 5
+#: what a token needs to forward ports through the relay (relay/server.py checks it)
+TUNNEL_PERMISSION = "tunnel:create"
 #: a token with less left than this makes the client degraded: renew it soon
 TOKEN_RENEWAL_SECONDS = 3600
 
@@ -65,12 +73,24 @@ async def check_health(
     }
     problems: list[str] = []
     degraded: list[str] = []
+    warnings: list[str] = []
+    if tokens.stored.token_file is not None:
+        loose = loose_permissions(tokens.stored.token_file)
+        if loose:
+            warnings.append(loose)
     try:
         token = await tokens.token()
         expires_in = token_expires_in(token)
         details["authentication"]["token_expires_in_seconds"] = (
             round(expires_in) if expires_in is not None else None
         )
+        granted = token_permissions(token)
+        details["authentication"]["permissions"] = sorted(granted) if granted is not None else None
+        lacking = missing_permission(token, TUNNEL_PERMISSION)
+        if lacking and config.settings.tunnels:
+            degraded.append(f"{lacking}: the relay refuses the configured tunnels")
+        elif lacking:
+            warnings.append(f"{lacking}: the relay would refuse a tunnel")
         candidates = transport_order(config, plugins)
         head_start = config.settings.transport.race_head_start
         started = time.perf_counter()
@@ -78,14 +98,14 @@ async def check_health(
     except CloudBridgeError as error:
         problems.append(error.message)
         part = "authentication" if error.exit_code == 4 else "network_connectivity"
-        details[part].update(status="error", error=error.message)
-        return _document("unhealthy", details, problems)
+        details[part].update(status="error", error=error.message, code=error.code)
+        return _document("unhealthy", details, problems, warnings)
     try:
         connect_ms = (time.perf_counter() - started) * 1000
         details["network_connectivity"] = {"status": "ok", "latency_ms": round(connect_ms, 1)}
         details["authentication"]["status"] = "ok"
         if expires_in is not None and expires_in < TOKEN_RENEWAL_SECONDS:
-            degraded.append(f"the token expires in {round(expires_in)} s")
+            degraded.append(f"the token expires in {format_duration(expires_in)}")
         rtts = await _pings(connection, config.settings.transport.connect_timeout)
         latency = min(rtts) * 1000 if rtts else None
         details["relay_connection"] = {
@@ -108,7 +128,7 @@ async def check_health(
     finally:
         await connection.aclose()
     status = "unhealthy" if problems else "degraded" if degraded else "healthy"
-    return _document(status, details, problems + degraded)
+    return _document(status, details, problems + degraded, warnings)
 
 
 async def _pings(connection: RelayConnection, each_within: float) -> list[float]:
@@ -121,10 +141,24 @@ async def _pings(connection: RelayConnection, each_within: float) -> list[float]
     return rtts
 
 
-def _document(status: str, details: dict[str, Any], reasons: list[str]) -> dict[str, Any]:
+def format_duration(seconds: float) -> str:
+    """A lifetime for people: ``23h 59m``, ``2d 3h``, ``5m 10s``, ``40s``."""
+    whole = max(0, round(seconds))
+    parts: list[str] = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        amount, whole = divmod(whole, size)
+        if amount or (unit == "s" and not parts):
+            parts.append(f"{amount}{unit}")
+    return " ".join(parts[:2])
+
+
+def _document(
+    status: str, details: dict[str, Any], reasons: list[str], warnings: list[str]
+) -> dict[str, Any]:
     return {
         "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "status": status,
         "reasons": reasons,
+        "warnings": warnings,
         "details": details,
     }

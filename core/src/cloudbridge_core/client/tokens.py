@@ -34,14 +34,78 @@ ONBOARDING_HINT = (
 )
 
 
+#: the claim the relay's own tokens (and the jwt provider's default mapping) list permissions in
+PERMISSIONS_CLAIM = "custom:permissions"
+
+
+def _segment(text: str) -> Any:
+    return json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+
+
+def token_claims(token: str) -> dict[str, Any] | None:
+    """The token's claims when it is a JWT (read, not verified: the relay verifies it)."""
+    try:
+        claims = _segment(token.split(".")[1])
+    except (IndexError, TypeError, ValueError, binascii.Error):
+        return None
+    return claims if isinstance(claims, dict) else None
+
+
+def jwt_problem(token: str) -> str | None:
+    """Why ``token`` is not a JWT (three base64url parts, JSON header and claims), or None."""
+    parts = token.split(".")
+    if len(parts) != 3:  # header, claims, signature
+        return f"a JWT has three dot-separated parts, this has {len(parts)}"
+    for name, part in zip(("header", "claims"), parts, strict=False):
+        try:
+            decoded = _segment(part)
+        except (TypeError, ValueError, binascii.Error):
+            return f"its {name} part is not base64url-encoded JSON"
+        if not isinstance(decoded, dict):
+            return f"its {name} part is not a JSON object"
+    return None
+
+
+def token_permissions(token: str) -> frozenset[str] | None:
+    """The permissions the token lists, or None when it lists none this client can read (an
+    opaque token, or a provider mapping them from another claim): then only the relay knows."""
+    claims = token_claims(token)
+    listed = claims.get(PERMISSIONS_CLAIM) if claims is not None else None
+    if not isinstance(listed, list) or not all(isinstance(p, str) for p in listed):
+        return None
+    return frozenset(listed)
+
+
+def missing_permission(token: str, permission: str) -> str | None:
+    """A message when the token surely lacks ``permission``, else None."""
+    granted = token_permissions(token)
+    if granted is None or permission in granted:
+        return None
+    held = ", ".join(sorted(granted)) or "none"
+    return f"the token lacks the {permission} permission (it has: {held})"
+
+
 def token_exp(token: str) -> float | None:
     """The token's ``exp``, seconds since the epoch (read, not verified: the relay verifies it)."""
+    claims = token_claims(token)
     try:
-        payload = token.split(".")[1]
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-        return float(claims["exp"])
-    except (IndexError, KeyError, TypeError, ValueError, binascii.Error):
+        return float(claims["exp"]) if claims is not None else None
+    except (KeyError, TypeError, ValueError):
         return None
+
+
+def loose_permissions(path: Path) -> str | None:
+    """A warning when the secret in ``path`` is readable by its group or others."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    if mode & 0o077 == 0:
+        return None
+    return (
+        f"{path} is readable by {'others' if mode & 0o004 else 'its group'}"
+        f" (mode {mode & 0o777:o}): it holds a token; run chmod 600 {path}"
+    )
 
 
 def token_expires_in(token: str) -> float | None:
@@ -57,6 +121,9 @@ def keyring_available() -> bool:
     return _plaintext_reason() is None
 
 
+NO_KEYRING = "no keyring backend is available"
+
+
 def _plaintext_reason() -> str | None:
     """Why the keyring backend would not protect a token, or None when it would."""
     import keyring
@@ -66,10 +133,10 @@ def _plaintext_reason() -> str | None:
     if isinstance(backend, chainer.ChainerBackend):  # it writes to its first backend
         chained = backend.backends
         if not chained:
-            return "no keyring backend is available"
+            return NO_KEYRING
         backend = chained[0]
     if isinstance(backend, fail.Keyring) or backend.priority <= 0:
-        return "no keyring backend is available"
+        return NO_KEYRING
     # keyring's own scale: below 1 is "not recommended" (keyrings.alt's file backends: 0.5)
     if backend.priority < 1 or type(backend).__module__.startswith("keyrings.alt"):
         return f"the keyring backend {backend.name} is not an OS keyring (it may keep plaintext)"
@@ -152,8 +219,10 @@ class StoredTokens:
             return f"file {self.token_file}"
         import keyring
 
-        where = f"keyring {keyring.get_keyring().name} (service {self.keyring_service!r})"
         plaintext = _plaintext_reason()
+        if plaintext == NO_KEYRING:  # never keyring's own name for it ("fail Keyring")
+            return f"OS keyring (service {self.keyring_service!r}); {plaintext}"
+        where = f"keyring {keyring.get_keyring().name} (service {self.keyring_service!r})"
         return where if plaintext is None else f"{where}; {plaintext}"
 
 

@@ -19,6 +19,18 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 AUDIENCE = "cloudbridge"
 
+#: every permission the relay checks, and what it allows (relay/server.py, relay/mesh.py)
+PERMISSIONS = {
+    "relay:connect": "open a session with the relay (every client needs it)",
+    "tunnel:create": "forward ports through the relay (cloudbridge tunnel)",
+    "p2p:mesh": "join the tenant's mesh and reach its peers (cloudbridge p2p)",
+}
+
+
+def unknown_permissions(permissions: Iterable[str]) -> list[str]:
+    """The ones among ``permissions`` that the relay checks nowhere (a typo grants nothing)."""
+    return [permission for permission in permissions if permission not in PERMISSIONS]
+
 
 class TokenLifetimeTooLong(ValueError):
     """A lifetime above ``server.max_token_ttl``."""

@@ -1,0 +1,268 @@
+"""Issue 18, the first hour: global flags in either position, did-you-mean, up-front checks
+of permissions and tokens, and what ``health`` says - each through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from cli_process import BIN, environment, issue_token, start, stop
+from cloudbridge_core.relay import mesh, server
+from cloudbridge_core.relay.tokens import PERMISSIONS
+from loopback import free_port
+
+pytestmark = pytest.mark.timeout(60)
+
+#: the keyring library's own "no backend" (a headless server without a Secret Service)
+NO_KEYRING = {"PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring"}
+
+
+def cloudbridge(
+    *args: str, cwd: Path | None = None, stdin: str = "", **env: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [BIN / "cloudbridge", *args],
+        capture_output=True,
+        text=True,
+        env=environment(**NO_KEYRING, **env),
+        input=stdin,
+        cwd=cwd,
+        check=False,
+        timeout=30,
+    )
+
+
+@dataclass
+class Relay:
+    state: Path
+    tls_port: int
+
+    @property
+    def client_config(self) -> Path:
+        return self.state / "client.yaml"
+
+
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
+    """A relay on tls and websocket whose ports come from its config file, not defaults."""
+    home = tmp_path_factory.mktemp("relay")
+    tls_port = free_port()
+    config = home / "relay.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "server": {"listen": "127.0.0.1", "public_host": "127.0.0.1"},
+                "transport": {"tls": {"port": tls_port}, "websocket": {"port": free_port()}},
+                "metrics": {"enabled": False},
+            }
+        )
+    )
+    env = environment(CLOUDBRIDGE_DISABLE_PLUGINS="quic,grpc")
+    serving = start(
+        *("relay", "serve", "--dev", "--config", str(config), "--state-dir", str(home / "D")),
+        env=env,
+        ready="client config:",
+    )
+    try:
+        yield Relay(home / "D", tls_port)
+    finally:
+        assert stop(serving) == 0
+
+
+def client_config(relay: Relay, directory: Path, **extra: object) -> Path:
+    """The relay's client.yaml with ``extra`` sections, quic and grpc left out."""
+    document = yaml.safe_load(relay.client_config.read_text())
+    for name in ("quic", "grpc"):
+        document["transport"].pop(name, None)
+    document["plugins"] = {"disabled": ["quic", "grpc"]}
+    document.update(extra)
+    path = directory / "client.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+# ---- 1. global flags before or after the subcommand ------------------------------------------
+
+
+def test_global_flags_work_after_the_subcommand(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("a.b.c\n")
+    token_file.chmod(0o600)
+    config = tmp_path / "config.yaml"
+    config.write_text("relay:\n  host: relay.test\n")
+    for args in (
+        ("--token-file", str(token_file), "config", "show", "--origin"),
+        ("config", "show", "--origin", "--token-file", str(token_file)),
+        ("config", "show", "--config", str(config), "--origin", "--token-stdin"),
+    ):
+        shown = cloudbridge(*args, stdin="a.b.c\n")
+        assert shown.returncode == 0, shown.stderr
+        assert "auth.token = <redacted>  # flag --token-" in shown.stdout
+    after = cloudbridge("config", "show", "--config", str(config), "--json", "-q")
+    assert after.returncode == 0, after.stderr
+    assert json.loads(after.stdout)["config"]["relay"]["host"] == "relay.test"
+    before = cloudbridge("--json", "config", "path", "--config", str(config))
+    assert json.loads(before.stdout)["path"] == str(config)
+    # the token flags of the issue's report: no "No such option" any more
+    p2p = cloudbridge("p2p", "--token-file", str(token_file), "--config", str(tmp_path / "no"))
+    assert p2p.returncode == 3, p2p.stderr
+    assert "No such option" not in p2p.stderr
+    assert "config file not found" in p2p.stderr
+    both = cloudbridge("--token-file", str(token_file), "config", "show", "--token-stdin")
+    assert both.returncode == 2
+    assert "--token-file and --token-stdin both give the token" in both.stderr
+    # --json after the command: the error as one JSON line
+    failed = cloudbridge("config", "show", "--config", str(tmp_path / "no"), "--json")
+    assert failed.returncode == 3
+    assert json.loads(failed.stderr)["error"]["code"] == "config_invalid"
+    # tracebacks only with --debug, in either position
+    quiet = cloudbridge("config", "show", "--config", str(tmp_path / "no"))
+    assert "Traceback" not in quiet.stderr
+    assert len(quiet.stderr.strip().splitlines()) <= 3
+    for debug in (("--debug", "config", "show"), ("config", "show", "--debug")):
+        debugged = cloudbridge(*debug, "--config", str(tmp_path / "no"))
+        assert debugged.returncode == 3
+        assert "Traceback" in debugged.stderr
+
+
+# ---- 2. did-you-mean -----------------------------------------------------------------------
+
+
+def test_a_misspelled_command_gets_a_suggestion() -> None:
+    typo = cloudbridge("stauts")
+    assert typo.returncode == 2
+    assert "No such command 'stauts'. Did you mean 'status'?" in typo.stderr
+    unknown = cloudbridge("frobnicate")
+    assert unknown.returncode == 2
+    assert "No such command 'frobnicate'" in unknown.stderr
+
+
+# ---- 3. up-front checks ----------------------------------------------------------------------
+
+
+def test_token_issue_takes_only_known_permissions(relay: Relay) -> None:
+    issue = ("relay", "token", "issue", "--state-dir", str(relay.state), "--tenant", "acme")
+    none = cloudbridge(*issue, "--subject", "laptop")
+    assert none.returncode == 2
+    assert none.stdout == ""
+    assert "--permission: give at least one" in none.stderr
+    assert "relay:connect, tunnel:create, p2p:mesh" in none.stderr
+    typo = cloudbridge(
+        *(*issue, "--subject", "laptop", "--permission", "relay:connect"),
+        *("--permission", "tunel:create"),
+    )
+    assert typo.returncode == 2
+    assert typo.stdout == ""
+    assert "'tunel:create' is not a permission the relay knows" in typo.stderr
+    assert "did you mean 'tunnel:create'?" in typo.stderr
+    invite = cloudbridge(
+        *("relay", "invite", "create", "--state-dir", str(relay.state), "--tenant", "acme"),
+        *("--permission", "p2p:mesch"),
+    )
+    assert invite.returncode == 2
+    assert "'p2p:mesch' is not a permission" in invite.stderr
+
+
+def test_the_server_checks_no_permission_token_issue_does_not_know() -> None:
+    assert {server.CONNECT, server.TUNNEL, mesh.P2P} == set(PERMISSIONS)
+
+
+def test_health_says_when_the_token_cannot_create_tunnels(relay: Relay, tmp_path: Path) -> None:
+    token = issue_token(relay.state)  # relay:connect and tunnel:create
+    p2p_only = subprocess.run(
+        [
+            *(BIN / "cloudbridge", "relay", "token", "issue", "--state-dir", str(relay.state)),
+            *("--tenant", "acme", "--subject", "laptop"),
+            *("--permission", "relay:connect", "--permission", "p2p:mesh"),
+        ],
+        capture_output=True,
+        text=True,
+        env=environment(),
+        check=True,
+    ).stdout.strip()
+    tunnels = [{"local_port": free_port(), "remote_host": "127.0.0.1", "remote_port": 9}]
+    config = client_config(relay, tmp_path, tunnels=tunnels)
+    checked = cloudbridge("health", "--config", str(config), CLOUDBRIDGE_TOKEN=p2p_only)
+    assert checked.returncode == 0, checked.stderr  # degraded still answers
+    assert "Status:     degraded" in checked.stdout
+    assert "the token lacks the tunnel:create permission" in checked.stdout
+    assert "Allows:     p2p:mesh, relay:connect" in checked.stdout
+    fine = cloudbridge("health", "--config", str(config), "--json", CLOUDBRIDGE_TOKEN=token)
+    document = json.loads(fine.stdout)
+    assert document["status"] == "healthy", document
+    assert "tunnel:create" in document["details"]["authentication"]["permissions"]
+
+
+def test_init_refuses_a_token_that_is_no_jwt_or_that_the_relay_refuses(
+    relay: Relay, tmp_path: Path
+) -> None:
+    flags = (
+        *("init", "--non-interactive", "--relay-host", "127.0.0.1", "--transport", "tls"),
+        *("--relay-port", str(relay.tls_port), "--ca-file", str(relay.state / "ca.pem")),
+        *("--auth", "jwt", "--token-stdin", "--insecure-storage", "--no-metrics", "--no-service"),
+    )
+    garbage = cloudbridge(*flags, "--config-dir", str(tmp_path / "g"), stdin="garbage\n")
+    assert garbage.returncode == 2
+    assert "--token-stdin: this is not a JWT" in garbage.stderr
+    assert not (tmp_path / "g").exists()
+    # a JWT signed by no key the relay trusts
+    forged = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln"
+    refused = cloudbridge(*flags, "--config-dir", str(tmp_path / "f"), stdin=forged + "\n")
+    assert refused.returncode == 4, refused.stderr
+    assert "the relay at 127.0.0.1 refused the connection" in refused.stderr
+    assert not (tmp_path / "f" / "config.yaml").exists()
+    good = cloudbridge(
+        *flags, "--config-dir", str(tmp_path / "ok"), stdin=issue_token(relay.state) + "\n"
+    )
+    assert good.returncode == 0, good.stderr
+    assert "the relay at 127.0.0.1 accepted the token" in good.stderr
+
+
+# ---- 4. health ----------------------------------------------------------------------------
+
+
+def test_health_words_exit_codes_and_silent_checks(relay: Relay, tmp_path: Path) -> None:
+    config = client_config(relay, tmp_path)
+    # no token, no keyring: an auth failure (4), the keyring not named by its class
+    missing = cloudbridge("health", "--config", str(config))
+    assert missing.returncode == 4, missing.stdout + missing.stderr
+    assert "fail Keyring" not in missing.stdout + missing.stderr
+    assert "no keyring backend is available" in missing.stdout
+    assert cloudbridge("health", "--config", str(config), "--check", "ready").returncode == 4
+
+    token_file = tmp_path / "token"
+    token_file.write_text(issue_token(relay.state))
+    token_file.chmod(0o644)
+    healthy = cloudbridge("health", "--config", str(config), "--token-file", str(token_file))
+    assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+    assert "expires in 23h 59m" in healthy.stdout
+    assert f"warning: {token_file} is readable by others" in healthy.stderr
+    assert f"chmod 600 {token_file}" in healthy.stderr
+
+    token_file.chmod(0o600)
+    for check in ("live", "ready"):
+        silent = cloudbridge(
+            "health", "--config", str(config), "--check", check, "--token-file", str(token_file)
+        )
+        assert (silent.returncode, silent.stdout, silent.stderr) == (0, "", "")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("relay: [\n")
+    invalid = cloudbridge("health", "--config", str(broken), "--check", "live")
+    assert (invalid.returncode, invalid.stdout, invalid.stderr) == (3, "", "")
+
+
+# ---- 5. invites name the port the relay serves ---------------------------------------------
+
+
+def test_invite_create_without_config_names_the_served_port(relay: Relay, tmp_path: Path) -> None:
+    created = cloudbridge(
+        *("relay", "invite", "create", "--state-dir", str(relay.state), "--tenant", "acme"),
+        cwd=tmp_path,  # no config file here: only defaults, whose tls port is not the relay's
+    )
+    assert created.returncode == 0, created.stderr
+    assert created.stdout.startswith(f"cloudbridge://127.0.0.1:{relay.tls_port}/join?")
