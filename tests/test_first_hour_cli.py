@@ -137,6 +137,9 @@ def test_a_misspelled_command_gets_a_suggestion() -> None:
     typo = cloudbridge("stauts")
     assert typo.returncode == 2
     assert "No such command 'stauts'. Did you mean 'status'?" in typo.stderr
+    nested = cloudbridge("relay", "tokn", "issue")
+    assert nested.returncode == 2
+    assert "No such command 'tokn'. Did you mean 'token'?" in nested.stderr
     unknown = cloudbridge("frobnicate")
     assert unknown.returncode == 2
     assert "No such command 'frobnicate'" in unknown.stderr

@@ -8,6 +8,7 @@ from typing import Any
 import click
 import yaml
 
+from cloudbridge_core.cli.main import SuggestingGroup
 from cloudbridge_core.cli.output import emit_json, json_option, message
 from cloudbridge_core.cli.runtime import runtime_of
 from cloudbridge_core.config import validate
@@ -16,7 +17,7 @@ from cloudbridge_core.errors import ConfigError, ConfigIssue, ExitCode, Provider
 from cloudbridge_core.plugins import Plugins
 
 
-@click.group()
+@click.group(cls=SuggestingGroup)
 def config() -> None:
     """Inspect and validate configuration."""
 

@@ -121,7 +121,29 @@ def with_global_options(command: click.Command) -> click.Command:
     return command
 
 
-class CloudBridgeGroup(click.Group):
+class SuggestingGroup(click.Group):
+    """A group that answers an unknown command with the closest names (``stauts``: ``status``)."""
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        """As click's, and an unknown command gets a did-you-mean (``stauts``: ``status``)."""
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as error:
+            name = args[0] if args else ""
+            if name.startswith("-"):
+                raise
+            close = difflib.get_close_matches(name, self.list_commands(ctx), n=3, cutoff=0.6)
+            if not close:
+                raise
+            raise click.UsageError(
+                f"No such command {name!r}. Did you mean {' or '.join(map(repr, close))}?",
+                ctx,
+            ) from error
+
+
+class CloudBridgeGroup(SuggestingGroup):
     """A group whose commands are the core's plus those active plugins add."""
 
     def _plugin_commands(self, ctx: click.Context) -> click.Group:
@@ -149,24 +171,6 @@ class CloudBridgeGroup(click.Group):
             return None
         command = self._plugin_commands(ctx).commands.get(cmd_name)
         return with_global_options(command) if command is not None else None
-
-    def resolve_command(
-        self, ctx: click.Context, args: list[str]
-    ) -> tuple[str | None, click.Command | None, list[str]]:
-        """As click's, and an unknown command gets a did-you-mean (``stauts``: ``status``)."""
-        try:
-            return super().resolve_command(ctx, args)
-        except click.UsageError as error:
-            name = args[0] if args else ""
-            if name.startswith("-"):
-                raise
-            close = difflib.get_close_matches(name, self.list_commands(ctx), n=3, cutoff=0.6)
-            if not close:
-                raise
-            raise click.UsageError(
-                f"No such command {name!r}. Did you mean {' or '.join(map(repr, close))}?",
-                ctx,
-            ) from error
 
 
 @click.group(cls=CloudBridgeGroup, context_settings={"help_option_names": ["-h", "--help"]})

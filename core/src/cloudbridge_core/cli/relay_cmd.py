@@ -14,6 +14,7 @@ from typing import Any
 import click
 import yaml
 
+from cloudbridge_core.cli.main import SuggestingGroup
 from cloudbridge_core.cli.output import emit_json, json_option, message, table
 from cloudbridge_core.cli.params import DURATION
 from cloudbridge_core.cli.runtime import config_option, runtime_of
@@ -42,7 +43,7 @@ state_dir_option = click.option(
 )
 
 
-@click.group()
+@click.group(cls=SuggestingGroup)
 def relay() -> None:
     """Run a relay, issue its tokens and invites, list its overlay addresses."""
 
@@ -105,7 +106,7 @@ def serve(ctx: click.Context, state_dir: Path | None, dev: bool) -> None:
     run_async(main)
 
 
-@relay.group()
+@relay.group(cls=SuggestingGroup)
 def token() -> None:
     """Tokens signed by the relay's own key."""
 
@@ -230,7 +231,7 @@ def show_jwks(ctx: click.Context, state_dir: Path | None) -> None:
     click.echo(json.dumps(jwks(state.signing_key), indent=2))
 
 
-@relay.group()
+@relay.group(cls=SuggestingGroup)
 def invite() -> None:
     """One-time invite links that bring a machine onto this relay (cloudbridge join)."""
 
@@ -295,7 +296,7 @@ def _served_address(client_config: Path, config: Config) -> tuple[str, int]:
     return host, transport_port("tls", config.data)
 
 
-@relay.group()
+@relay.group(cls=SuggestingGroup)
 def ipam() -> None:
     """Overlay addresses the relay leases to each tenant's devices (server.overlay)."""
 
