@@ -6,7 +6,12 @@ as PID 1 here: units are checked through ``--dry-run``, systemctl is absent or a
 
 from __future__ import annotations
 
+import contextlib
+import re
+import socket
 import subprocess
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -247,3 +252,100 @@ def test_logout_forgets_the_token_kept_for_the_relay(tmp_path: Path) -> None:
     again = cloudbridge("logout", "--config", str(config))
     assert again.returncode == 0
     assert "no token was kept for relay.example.com in the file" in again.stderr
+
+
+@contextlib.contextmanager
+def taken(port: int) -> Iterator[None]:
+    """``port`` on loopback is busy for the block (already busy is as good)."""
+    holder = socket.socket()
+    try:
+        with contextlib.suppress(OSError):
+            holder.bind(("127.0.0.1", port))
+            holder.listen()
+        yield
+    finally:
+        holder.close()
+
+
+def said_before(process: subprocess.Popen[str], ready: str) -> list[str]:
+    """The lines ``process`` printed up to ``ready``; the rest is drained in the background."""
+    assert process.stderr is not None
+    lines = []
+    for line in process.stderr:
+        lines.append(line.rstrip("\n"))
+        if ready in line:
+            threading.Thread(target=process.stderr.read, daemon=True).start()
+            return lines
+    process.wait()
+    pytest.fail(f"exited with {process.returncode} before {ready!r}:\n" + "\n".join(lines))
+
+
+def test_relay_and_client_metrics_default_apart_and_a_busy_default_moves(
+    tmp_path: Path, echo_port: int
+) -> None:
+    state = tmp_path / "D"
+    relay_env = environment(
+        CLOUDBRIDGE_SERVER__LISTEN="127.0.0.1",
+        CLOUDBRIDGE_DISABLE_PLUGINS="quic,grpc,websocket",
+        CLOUDBRIDGE_TRANSPORT__TLS__PORT=str(free_port()),
+    )
+    busy = free_port()
+    with taken(busy):  # set explicitly and taken: a classified error naming the key
+        refused = subprocess.run(
+            [BIN / "cloudbridge", "relay", "serve", "--dev", "--state-dir", str(state)],
+            capture_output=True,
+            text=True,
+            env={**relay_env, "CLOUDBRIDGE_METRICS__PROMETHEUS_PORT": str(busy)},
+            check=False,
+            timeout=30,
+        )
+    assert refused.returncode == 1
+    assert (
+        f"error: metrics.prometheus_port {busy} on 127.0.0.1 is in use by another process"
+        " (address_in_use)"
+    ) in refused.stderr
+    assert "Traceback" not in refused.stderr
+    with taken(9465), taken(9464):  # the relay's and the client's defaults, both taken
+        relay = subprocess.Popen(
+            [BIN / "cloudbridge", "relay", "serve", "--dev", "--state-dir", str(state)],
+            stderr=subprocess.PIPE,
+            text=True,
+            env=relay_env,
+        )
+        try:
+            said = "\n".join(said_before(relay, "client config:"))
+            assert "metrics_port_busy" in said
+            served = re.search(r"metrics and probes: http://127\.0\.0\.1:(\d+)/metrics", said)
+            assert served is not None, said
+            assert int(served.group(1)) not in (9464, 9465)
+            config = tmp_path / "client.yaml"
+            written = yaml.safe_load((state / "client.yaml").read_text())
+            assert "prometheus_port" not in (written.get("metrics") or {})
+            config.write_text(yaml.safe_dump(written))
+            env = environment(
+                **background_env(tmp_path), CLOUDBRIDGE_AUTH__TOKEN=issue_token(state)
+            )
+            local = free_port()
+            client = start(
+                *("tunnel", "--config", str(config), "--local-port", str(local)),
+                *("--remote-host", "127.0.0.1", "--remote-port", str(echo_port)),
+                env=env,
+                ready="tunnel 127.0.0.1:",
+            )
+            try:
+                status = subprocess.run(
+                    [BIN / "cloudbridge", "status", "--config", str(config)],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                    check=False,
+                    timeout=30,
+                )
+                assert status.returncode == 0, status.stderr
+                shown = re.search(r"Metrics: +http://127\.0\.0\.1:(\d+)/metrics", status.stdout)
+                assert shown is not None, status.stdout
+                assert int(shown.group(1)) not in (9464, 9465, int(served.group(1)))
+            finally:
+                assert stop(client) == 0
+        finally:
+            assert stop(relay) == 0

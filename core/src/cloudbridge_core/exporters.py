@@ -4,6 +4,11 @@ Each exporter receives its own plugin's section (:meth:`Plugins.settings_for`) a
 when that section says ``enabled``: ``metrics.<name>.enabled`` for a plugin's exporter,
 ``metrics.enabled`` for the built-in ``prometheus`` one, whose section is ``metrics``
 (``prometheus_host``, ``prometheus_port``: keys users already write).
+
+The client serves ``/metrics`` on the schema's default port (9464), the relay on
+:data:`RELAY_METRICS_PORT` (9465) unless ``metrics.prometheus_port`` is set, so that both
+run on one host. A default port that is taken is traded for a free one (logged, and shown
+by ``status`` as ``metrics_url``); a port set explicitly that is taken is an error.
 """
 
 from __future__ import annotations
@@ -22,6 +27,18 @@ from cloudbridge_core.providers import Exporter
 
 log = get_logger("exporters")
 
+#: the relay's /metrics port when ``metrics.prometheus_port`` is not set (the client keeps
+#: the schema's 9464): a relay and a client on one host do not take each other's port
+RELAY_METRICS_PORT = 9465
+
+
+def metrics_port(config: Config, *, default: int | None = None) -> tuple[int, bool]:
+    """The port ``/metrics`` is served on, and whether the user set it (config file,
+    environment or flag); ``default`` replaces the schema's default when it was not set."""
+    explicit = config.origin(("metrics", "prometheus_port")).source != "default"
+    port = config.settings.metrics.prometheus_port
+    return (port if explicit or default is None else default), explicit
+
 
 @contextlib.asynccontextmanager
 async def exporting(
@@ -29,12 +46,17 @@ async def exporting(
     plugins: Plugins,
     registry: CollectorRegistry,
     routes: Mapping[str, Handler] | None = None,
+    *,
+    default_port: int | None = None,
 ) -> AsyncIterator[Exporters]:
     """Run every enabled exporter for the block; on exit each flushes and stops.
 
-    ``routes`` are the process's other local HTTP routes, served next to ``/metrics``.
+    ``routes`` are the process's other local HTTP routes, served next to ``/metrics``;
+    ``default_port`` is this process's ``/metrics`` port when the config sets none (the
+    relay's :data:`RELAY_METRICS_PORT`). Raises ``AddressInUse`` when a port the config
+    sets is taken.
     """
-    exporters = Exporters(plugins, registry, routes or {})
+    exporters = Exporters(plugins, registry, routes or {}, default_port=default_port)
     try:
         await exporters.apply(config)
         yield exporters
@@ -48,8 +70,14 @@ class Exporters:
     a new address), one newly enabled starts, one disabled stops; the others run on."""
 
     def __init__(
-        self, plugins: Plugins, registry: CollectorRegistry, routes: Mapping[str, Handler]
+        self,
+        plugins: Plugins,
+        registry: CollectorRegistry,
+        routes: Mapping[str, Handler],
+        *,
+        default_port: int | None = None,
     ) -> None:
+        self._default_port = default_port
         self._plugins = plugins
         self._registry = registry
         self._routes = routes
@@ -65,7 +93,13 @@ class Exporters:
         for name, spec in self._plugins.exporters().items():
             settings = self._plugins.settings_for("exporter", name, config.converted)
             if name == "prometheus":  # the built-in one serves the other local routes too
-                settings = {**settings, "routes": self._routes}
+                port, explicit = metrics_port(config, default=self._default_port)
+                settings = {
+                    **settings,
+                    "routes": self._routes,
+                    "prometheus_port": port,
+                    "port_explicit": explicit,
+                }
             if settings == self._settings.get(name):
                 continue
             self._settings[name] = settings

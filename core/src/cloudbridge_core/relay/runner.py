@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cloudbridge_core import exporters
 from cloudbridge_core.config import Config
 from cloudbridge_core.errors import (
     AddressInUse,
@@ -269,7 +270,8 @@ async def start_relay(
         log.info("listening", transport="stun", address=listen, port=stun_port)
     stun_url = f"stun:{public_host}:{stun_port}" if running.stun else None
     # a tenant must not tunnel into the relay itself, on any of its addresses
-    own_ports = {*actual.values(), stun_port, settings.metrics.prometheus_port}
+    metrics_port, _ = exporters.metrics_port(config, default=exporters.RELAY_METRICS_PORT)
+    own_ports = {*actual.values(), stun_port, metrics_port}
     relay.egress = dataclasses.replace(relay.egress, own_ports=frozenset(own_ports))
     running.client_config = state.write_client_config(public_host, actual, stun_url)
     relay.redeemer = functools.partial(
