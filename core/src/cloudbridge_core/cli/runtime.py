@@ -43,6 +43,8 @@ class Runtime:
     debug: bool = False
     #: the flag that gave the token (--token-file, --token-stdin, --token), if one did
     token_flag: str | None = None
+    #: the file --token-file named, before or after the subcommand (a service unit loads it)
+    token_file: Path | None = None
     environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
 
     @classmethod
@@ -68,6 +70,7 @@ class Runtime:
             color=not params.get("no_color") and "NO_COLOR" not in os.environ,
             debug=bool(params.get("debug")),
             token_flag=token[1] if token is not None else None,
+            token_file=Path(params["token_file"]) if params.get("token_file") else None,
         )
 
     def _forget(self) -> None:
@@ -89,6 +92,8 @@ class Runtime:
         if token is None:
             return
         self.token_flag = token[1]
+        if params.get("token_file"):
+            self.token_file = Path(params["token_file"])
         self.overrides["auth.token"] = token
         self._forget()
 
