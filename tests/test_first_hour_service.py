@@ -10,6 +10,7 @@ import contextlib
 import re
 import socket
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 import yaml
 from cli_process import BIN, echo_once, environment, issue_token, start, stop
 from loopback import free_port
+from secret_service import secret_service
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -349,3 +351,44 @@ def test_relay_and_client_metrics_default_apart_and_a_busy_default_moves(
                 assert stop(client) == 0
         finally:
             assert stop(relay) == 0
+
+
+def test_logout_forgets_the_token_in_the_keyring(tmp_path: Path) -> None:
+    config = tmp_path / "client.yaml"
+    config.write_text("relay:\n  host: relay.example.com\nauth:\n  token_storage: keyring\n")
+    read = "import keyring, sys; print(keyring.get_password('cloudbridge', sys.argv[1]))"
+    with secret_service(tmp_path / "home") as keyring_env:
+        env = {**environment(), **keyring_env}
+        for account, secret in (("relay.example.com", TOKEN), ("relay.example.com#refresh", "r")):
+            stored = subprocess.run(
+                [
+                    *(
+                        sys.executable,
+                        "-c",
+                        "import keyring, sys; keyring.set_password(*sys.argv[1:])",
+                    ),
+                    *("cloudbridge", account, secret),
+                ],
+                env=env,
+                check=False,
+            )
+            assert stored.returncode == 0
+        done = subprocess.run(
+            [BIN / "cloudbridge", "logout", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+            timeout=30,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "forgot the token for relay.example.com (keyring" in done.stderr
+        for account in ("relay.example.com", "relay.example.com#refresh"):
+            left = subprocess.run(
+                [sys.executable, "-c", read, account],
+                capture_output=True,
+                text=True,
+                env=env,
+                check=False,
+            )
+            assert left.stdout.strip() == "None"
