@@ -26,6 +26,8 @@ async def oversized_frame_in_a_message(endpoint: Endpoint) -> None:
 @pytest.mark.timeout(90)
 def test_conformance(conformance_check: Check) -> None:  # noqa: F811 - the fixture
     kit = TransportKit(
-        lambda: WebSocketTransport(plugin_settings(SETTINGS_SCHEMA)), oversized_frame_in_a_message
+        lambda: WebSocketTransport(plugin_settings(SETTINGS_SCHEMA)),
+        oversized_frame_in_a_message,
+        quiet_loop=True,
     )
     run_check(conformance_check, kit)

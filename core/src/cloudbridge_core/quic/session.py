@@ -340,9 +340,18 @@ class QuicSession(QuicConnectionProtocol):
         )
 
     def transmit(self) -> None:
-        """aioquic's transmit, with the datagrams sent together (:class:`DatagramSender`)."""
+        """aioquic's transmit, with the datagrams sent together (:class:`DatagramSender`);
+        nothing once the socket is closed (the client's own, closed by ``aclose``, or a
+        server's shared one, closed by its listener): asyncio would log each send to it
+        (``socket.send() raised exception.``) and its timer would keep firing."""
         self._transmit_task = None
         assert self._sender is not None  # connection_made came first
+        if self._transport is None or self._transport.is_closing():
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._timer_at = None
+            return
         self._sender.send(self._quic.datagrams_to_send(now=self._loop.time()))
         timer_at = self._quic.get_timer()
         if self._timer is not None and self._timer_at != timer_at:
@@ -351,6 +360,14 @@ class QuicSession(QuicConnectionProtocol):
         if self._timer is None and timer_at is not None:
             self._timer = self._loop.call_at(timer_at, self._handle_timer)
         self._timer_at = timer_at
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # a transport replaced by ``rebind`` reports its end too: only the current one counts
+        if self._transport is not None and self._transport.is_closing():
+            waiter = self._connected_waiter  # cleared by the ConnectionTerminated that follows
+            self._lost(TransportClosed("the session's socket was closed"))
+            if waiter is not None and waiter.done() and not waiter.cancelled():
+                waiter.exception()  # a connect that closed the socket has stopped waiting
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         # aioquic transmits after every datagram; transmitting once per batch of datagrams

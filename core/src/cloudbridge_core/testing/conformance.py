@@ -61,6 +61,9 @@ class TransportKit:
     make: Callable[[], Transport]
     send_oversized: Callable[[Endpoint], Awaitable[None]] | None = None
     host: str = "127.0.0.1"
+    #: what the event loop reports during a check (an exception in a callback, a task's
+    #: exception never retrieved: a library exception that escaped the transport) fails it
+    quiet_loop: bool = False
 
     def server_endpoint(self, port: int = 0) -> Endpoint:
         server_tls, _ = loopback_tls()
@@ -225,6 +228,85 @@ async def reset_is_idempotent_and_quiet(kit: TransportKit) -> None:
         await client.aclose()
         await open_at_the_end.reset()
         await peer.reset()
+
+
+async def _only_classified(case: str, call: Awaitable[object]) -> bool:
+    """Await ``call``: it may succeed or raise a :class:`TransportError` (True), nothing
+    else (a library's own exception would escape the pumps and retries above the transport)."""
+    try:
+        await asyncio.wait_for(call, 10)
+    except TransportError:
+        return True
+    except TimeoutError:
+        raise AssertionError(f"{case}: still waiting after 10 s") from None
+    except Exception as error:
+        raise AssertionError(
+            f"{case}: raised {type(error).__module__}.{type(error).__qualname__}: {error}"
+            " instead of a TransportError"
+        ) from error
+    return False
+
+
+async def _raises_classified(case: str, call: Awaitable[object]) -> None:
+    """Like :func:`_only_classified`, and ``call`` must fail."""
+    if not await _only_classified(case, call):
+        raise AssertionError(f"{case}: succeeded")
+
+
+async def streams_raise_only_classified_errors(kit: TransportKit) -> None:
+    """A stream used after it ended (reset by either end, its session closed by either
+    end) raises only :class:`TransportError` subclasses, never its library's exceptions:
+    writes and reads fail, ``close_write`` fails or does nothing, ``reset``/``aclose``
+    never raise."""
+    async with kit.pair() as (client, accepted):
+        server = await asyncio.wait_for(accepted.get(), 10)
+
+        # reset by this end: every later use
+        stream = await client.open_stream()
+        await stream.write(b"hello")
+        peer = await asyncio.wait_for(server.accept_stream(), 10)
+        assert await asyncio.wait_for(peer.read(), 10) == b"hello"
+        await stream.reset()
+        await _raises_classified("write after a local reset", stream.write(b"more"))
+        await _raises_classified("read after a local reset", stream.read())
+        await _only_classified("close_write after a local reset", stream.close_write())
+        await _only_classified("aclose after a local reset", stream.aclose())
+
+        # reset by the peer: writes fail within seconds, reads fail, then the same calls
+        await _only_classified("read after the peer's reset", read_all(peer))
+        await _writes_fail(peer, "the peer's reset")
+        await _raises_classified("write after the peer's reset", peer.write(b"more"))
+        await _raises_classified("read after the peer's reset", peer.read())
+        await _only_classified("close_write after the peer's reset", peer.close_write())
+        await _only_classified("reset after the peer's reset", peer.reset())
+
+        # half-closed by this end, then reset by the peer
+        stream = await client.open_stream()
+        await stream.write(b"request")
+        await stream.close_write()
+        peer = await asyncio.wait_for(server.accept_stream(), 10)
+        assert await asyncio.wait_for(read_all(peer), 10) == b"request"
+        await peer.reset()
+        await _writes_fail(peer, "its own reset")
+        await _only_classified("read after the peer's reset", read_all(stream))
+        await _raises_classified("write after close_write", stream.write(b"more"))
+        await _only_classified("close_write twice", stream.close_write())
+
+        # the session closed by this end and by the peer
+        mine = await client.open_stream()
+        await mine.write(b"hello")
+        theirs = await asyncio.wait_for(server.accept_stream(), 10)
+        assert await asyncio.wait_for(theirs.read(), 10) == b"hello"
+        await client.aclose()
+        await _raises_classified("write after the session closed", mine.write(b"more"))
+        await _raises_classified("read after the session closed", mine.read())
+        await _only_classified("close_write after the session closed", mine.close_write())
+        await _only_classified("aclose after the session closed", mine.aclose())
+        await _raises_classified("open_stream after the session closed", client.open_stream())
+        await _only_classified("read after the peer closed the session", read_all(theirs))
+        await _writes_fail(theirs, "the peer closed the session")
+        await _only_classified("close_write after the peer closed", theirs.close_write())
+        await _only_classified("aclose after the peer closed", theirs.aclose())
 
 
 async def two_hundred_concurrent_streams(kit: TransportKit) -> None:
@@ -415,6 +497,7 @@ CHECKS: list[Callable[[TransportKit], Awaitable[None]]] = [
     reset_reaches_the_peer,
     reset_after_half_close_reaches_the_peer,
     reset_is_idempotent_and_quiet,
+    streams_raise_only_classified_errors,
     two_hundred_concurrent_streams,
     slow_reader_bounds_memory,
     session_close_reaches_every_stream,
@@ -428,5 +511,22 @@ CHECKS: list[Callable[[TransportKit], Awaitable[None]]] = [
 def run_check(
     check: Callable[[TransportKit], Awaitable[None]], kit: TransportKit, timeout: float = 60
 ) -> Any:
-    """Run one check in a fresh event loop, bounded in time."""
-    return asyncio.run(asyncio.wait_for(check(kit), timeout))
+    """Run one check in a fresh event loop, bounded in time; with ``kit.quiet_loop``, what
+    the loop reports fails the check too."""
+    reported: list[str] = []
+
+    async def checked() -> Any:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _, context: reported.append(_describe(context)))
+        return await asyncio.wait_for(check(kit), timeout)
+
+    result = asyncio.run(checked())
+    if reported and kit.quiet_loop:
+        raise AssertionError("the event loop reported: " + "; ".join(reported))
+    return result
+
+
+def _describe(context: dict[str, Any]) -> str:
+    error = context.get("exception")
+    where = f"{context.get('message', 'an error')}"
+    return where if error is None else f"{where}: {type(error).__qualname__}: {error}"
