@@ -347,6 +347,11 @@ def test_relay_and_client_metrics_default_apart_and_a_busy_default_moves(
                 shown = re.search(r"Metrics: +http://127\.0\.0\.1:(\d+)/metrics", status.stdout)
                 assert shown is not None, status.stdout
                 assert int(shown.group(1)) not in (9464, 9465, int(served.group(1)))
+                # a client started in the foreground is found, not started twice
+                up = cloudbridge("up", "--config", str(config), env=env)
+                assert up.returncode == 0, up.stderr
+                assert "a client for this config already runs" in up.stderr
+                assert "connected to localhost via tls" in up.stderr
             finally:
                 assert stop(client) == 0
         finally:

@@ -125,12 +125,24 @@ def up(ctx: click.Context, timeout: float) -> None:
         message(f"already running (pid {pid}); 'cloudbridge down' stops it")
         _wait_connected(background.socket, timeout, None, str(background.log_file))
         return
+    if _answers(background.socket):
+        message(f"a client for this config already runs (it answers at {background.socket})")
+        _wait_connected(background.socket, timeout, None, "its own output")
+        return
     process = _spawn(ctx, runtime, verb, background)
     message(
         f"started 'cloudbridge {verb}' in the background (pid {process.pid}),"
         f" logging to {background.log_file}"
     )
     _wait_connected(background.socket, timeout, process, str(background.log_file))
+
+
+def _answers(socket: Path) -> bool:
+    try:
+        asyncio.run(query(socket, "status"))
+    except CloudBridgeError:
+        return False
+    return True
 
 
 def _spawn(
