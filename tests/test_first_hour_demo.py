@@ -1,0 +1,34 @@
+"""Issue 18, the first hour: the README's first command, ``./dev demo --duration 3``, prints
+no traceback and no warning, and exits 0."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from cli_process import BIN, environment
+
+pytestmark = pytest.mark.timeout(90)
+
+#: what a new user must not see: a traceback, an exception a task dropped, a warning
+#: (structlog's level column, Python's warnings module, asyncio's own messages)
+NOISE = re.compile(r"Traceback|Task exception|Exception in callback|never retrieved|warning", re.I)
+
+
+def test_the_demo_is_clean(tmp_path: Path) -> None:
+    ran = subprocess.run(
+        [BIN / "cloudbridge", "demo", "--duration", "3"],
+        capture_output=True,
+        text=True,
+        env=environment(HOME=str(tmp_path)),
+        cwd=tmp_path,
+        check=False,
+        timeout=60,
+    )
+    output = ran.stdout + ran.stderr
+    assert ran.returncode == 0, output
+    noisy = [line for line in output.splitlines() if NOISE.search(line)]
+    assert not noisy, "\n".join(noisy)
+    assert "throughput_bytes_per_second" in ran.stdout  # it did push traffic
