@@ -26,13 +26,15 @@ TRANSPORTS = ("tls", "websocket", "grpc", "quic")
 def relay_env(ports: dict[str, int], **extra: str) -> dict[str, str]:
     """Every transport on its own free port (never a default another process may hold)."""
     return environment(
-        CLOUDBRIDGE_SERVER__LISTEN="127.0.0.1",
-        CLOUDBRIDGE_SERVER__PUBLIC_HOST="127.0.0.1",
-        CLOUDBRIDGE_SERVER__STUN_PORT=str(free_port()),
-        CLOUDBRIDGE_RELAY__HOST="127.0.0.1",
-        CLOUDBRIDGE_METRICS__ENABLED="false",
-        **{f"CLOUDBRIDGE_TRANSPORT__{name.upper()}__PORT": str(p) for name, p in ports.items()},
-        **extra,
+        **{
+            "CLOUDBRIDGE_SERVER__LISTEN": "127.0.0.1",
+            "CLOUDBRIDGE_SERVER__PUBLIC_HOST": "127.0.0.1",
+            "CLOUDBRIDGE_SERVER__STUN_PORT": str(free_port()),
+            "CLOUDBRIDGE_RELAY__HOST": "127.0.0.1",
+            "CLOUDBRIDGE_METRICS__ENABLED": "false",
+            **{f"CLOUDBRIDGE_TRANSPORT__{name.upper()}__PORT": str(p) for name, p in ports.items()},
+            **extra,
+        }
     )
 
 
@@ -111,13 +113,21 @@ def test_a_taken_local_port_fails_before_connecting() -> None:
 
 def test_a_second_relay_on_the_same_ports_says_so(tmp_path: Path) -> None:
     ports = free_ports()
-    env = relay_env(ports)
+    port = str(free_port())
+    metrics = {"CLOUDBRIDGE_METRICS__ENABLED": "true", "CLOUDBRIDGE_METRICS__PROMETHEUS_PORT": port}
+    env = relay_env(ports, **metrics)
     serve = ("relay", "serve", "--dev", "--state-dir", str(tmp_path / "D"))
     first = start(*serve, env=env, ready="client config:")
     try:
         done, _ = cloudbridge(*serve, env=env)
+        # its own transport ports, the same metrics port (set explicitly: no fallback)
+        metrics_taken, _ = cloudbridge(*serve, env=relay_env(free_ports(), **metrics))
     finally:
         assert stop(first) == 0
+    assert metrics_taken.returncode == 1, metrics_taken.stderr
+    assert f"metrics.prometheus_port {port}" in metrics_taken.stderr
+    assert "(address_in_use)" in metrics_taken.stderr
+    no_traceback(metrics_taken.stderr)
     assert done.returncode == 1, done.stderr
     # the first transport that cannot listen is named, with the setting that moves it
     assert "the port is already in use (address_in_use)" in done.stderr
@@ -126,7 +136,7 @@ def test_a_second_relay_on_the_same_ports_says_so(tmp_path: Path) -> None:
     no_traceback(done.stderr)
 
 
-def test_no_relay_names_the_ports_and_a_wrong_port_gives_a_reason() -> None:
+def test_no_relay_names_the_ports_and_a_wrong_port_gives_a_reason(tmp_path: Path) -> None:
     ports = free_ports()
     done, took = cloudbridge(*tunnel_args("--once"), env=relay_env(ports, CLOUDBRIDGE_TOKEN="x"))
     assert done.returncode == 5, done.stderr
@@ -137,6 +147,12 @@ def test_no_relay_names_the_ports_and_a_wrong_port_gives_a_reason() -> None:
     assert "hint: start it (cloudbridge relay serve)" in done.stderr
     assert took < 5, "every transport was refused: no waiting for a timeout"
     no_traceback(done.stderr)
+    joined, _ = cloudbridge(
+        *("p2p", "--once", "--control-socket", str(tmp_path / "p2p.sock")),
+        env=relay_env(ports, CLOUDBRIDGE_TOKEN="x"),
+    )
+    assert joined.returncode == 5, joined.stderr
+    assert "is the relay running?" in joined.stderr
 
     with closing_server() as wrong:
         done, _ = cloudbridge(
