@@ -106,6 +106,26 @@ def _default_component(
     return event
 
 
+#: libraries whose info lines are their internals (aioice's every ICE check, websockets'
+#: "server listening" beside the relay's own line): shown at debug, as debug lines
+LIBRARY_LOGGERS = ("aioice", "aioquic", "websockets", "grpc")
+
+
+class _DemoteLibraryInfo(logging.Filter):
+    """Turns the info lines of :data:`LIBRARY_LOGGERS` into debug lines, dropped unless
+    debug is on; their warnings and errors pass as they are."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self._level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.INFO and record.name.split(".", 1)[0] in LIBRARY_LOGGERS:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return self._level <= logging.DEBUG
+        return True
+
+
 def configure_logging(
     *,
     level: str = "info",
@@ -160,6 +180,7 @@ def configure_logging(
     for old in root.handlers[:]:
         root.removeHandler(old)
         old.close()
+    handler.addFilter(_DemoteLibraryInfo(LEVELS[level]))
     root.addHandler(handler)
     root.setLevel(LEVELS[level])
     # watchfiles reports every change at info: with the log file next to the config file
