@@ -3,6 +3,7 @@ of permissions and tokens, and what ``health`` says - each through the real CLI.
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 from collections.abc import Iterator
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 from cli_process import BIN, environment, issue_token, start, stop
+from cloudbridge_core.client.tokens import require_permission
+from cloudbridge_core.errors import Unauthorized
 from cloudbridge_core.relay import mesh, server
 from cloudbridge_core.relay.tokens import PERMISSIONS
 from loopback import free_port
@@ -173,6 +176,26 @@ def test_token_issue_takes_only_known_permissions(relay: Relay) -> None:
 
 def test_the_server_checks_no_permission_token_issue_does_not_know() -> None:
     assert {server.CONNECT, server.TUNNEL, mesh.P2P} == set(PERMISSIONS)
+
+
+def test_a_client_can_refuse_a_tunnel_its_token_does_not_allow() -> None:
+    def encode(document: dict[str, object]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(document).encode()).decode().rstrip("=")
+
+    def jwt(claims: dict[str, object]) -> str:
+        return f"{encode({'alg': 'RS256'})}.{encode(claims)}.c2ln"
+
+    p2p_only = jwt({"custom:permissions": ["relay:connect", "p2p:mesh"]})
+    with pytest.raises(Unauthorized) as refused:
+        require_permission(p2p_only, "tunnel:create", "a tunnel")
+    assert refused.value.code == "unauthorized"
+    assert refused.value.exit_code == 4
+    assert "the token lacks the tunnel:create permission (it has: p2p:mesh, relay:connect)" in (
+        refused.value.message
+    )
+    assert "--permission tunnel:create" in (refused.value.hint or "")
+    require_permission(jwt({"custom:permissions": ["tunnel:create"]}), "tunnel:create", "a tunnel")
+    require_permission(jwt({"sub": "x"}), "tunnel:create", "a tunnel")  # only the relay knows
 
 
 def test_health_says_when_the_token_cannot_create_tunnels(relay: Relay, tmp_path: Path) -> None:

@@ -4,10 +4,10 @@ token is missing or refused, 6 for any other failure (3 when the config is inval
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -60,22 +60,27 @@ def health(ctx: click.Context, output: str, as_json: bool, check: str | None) ->
 def _silently(ctx: click.Context, check: str) -> int:
     """``--check``: the exit code alone; not a line on stdout or stderr."""
     logging.disable(logging.CRITICAL)  # a probe's output is its exit code
+    _silence_for_good()
     runtime = runtime_of(ctx)
-    with (
-        open(os.devnull, "w") as silence,
-        contextlib.redirect_stdout(silence),
-        contextlib.redirect_stderr(silence),
-    ):
-        try:
-            config = runtime.config()  # an invalid config exits 3, also for --check live
-            if check == "live":
-                return int(ExitCode.OK)
-            document = asyncio.run(
-                check_health(config, runtime.plugins, _running(runtime.config_path))
-            )
-        except CloudBridgeError as error:
-            return int(error.exit_code)
+    try:
+        config = runtime.config()  # an invalid config exits 3, also for --check live
+        if check == "live":
+            return int(ExitCode.OK)
+        document = asyncio.run(check_health(config, runtime.plugins, _running(runtime.config_path)))
+    except CloudBridgeError as error:
+        return int(error.exit_code)
     return _exit_code(document)
+
+
+def _silence_for_good() -> None:
+    """stdout and stderr to /dev/null for the rest of the process: also what a library
+    or the interpreter writes at exit (an unclosed transport's warning)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    null = os.open(os.devnull, os.O_WRONLY)
+    for stream in (1, 2):
+        os.dup2(null, stream)
+    os.close(null)
 
 
 def _exit_code(document: dict[str, Any]) -> int:

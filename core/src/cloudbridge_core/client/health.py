@@ -143,7 +143,7 @@ async def _pings(connection: RelayConnection, each_within: float) -> list[float]
 
 def format_duration(seconds: float) -> str:
     """A lifetime for people: ``23h 59m``, ``2d 3h``, ``5m 10s``, ``40s``."""
-    whole = max(0, round(seconds))
+    whole = max(0, int(seconds))  # a lifetime left: 86399.7 s is not a full day
     parts: list[str] = []
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
         amount, whole = divmod(whole, size)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cloudbridge_core.errors import AuthError, ConfigError, ConfigIssue
+from cloudbridge_core.errors import AuthError, ConfigError, ConfigIssue, Unauthorized
 from cloudbridge_core.providers import TokenSource
 from cloudbridge_core.secretfile import write_secret
 from cloudbridge_core.settings import AuthSettings
@@ -83,6 +83,18 @@ def missing_permission(token: str, permission: str) -> str | None:
         return None
     held = ", ".join(sorted(granted)) or "none"
     return f"the token lacks the {permission} permission (it has: {held})"
+
+
+def require_permission(token: str, permission: str, needed_for: str) -> None:
+    """Raise ``Unauthorized`` (exit 4) before connecting when the token surely lacks
+    ``permission`` (the relay would refuse ``needed_for`` anyway, stream by stream)."""
+    lacking = missing_permission(token, permission)
+    if lacking:
+        raise Unauthorized(
+            f"{lacking}, which {needed_for} needs",
+            hint=f"ask for a token with --permission {permission}"
+            " (cloudbridge relay token issue on the relay)",
+        )
 
 
 def token_exp(token: str) -> float | None:
@@ -282,6 +294,11 @@ class TokenSupply:
         if not token:
             raise AuthError(f"no token: none is kept in the {self.where()}", hint=ONBOARDING_HINT)
         return token
+
+    async def require(self, permission: str, needed_for: str) -> None:
+        """:func:`require_permission` on the token this client would present
+        (``await tokens.require("tunnel:create", "a tunnel")`` before connecting)."""
+        require_permission(await self.token(), permission, needed_for)
 
     def where(self) -> str:
         """Where the token comes from, for status and health (never the token itself)."""
