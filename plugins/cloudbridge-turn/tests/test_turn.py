@@ -27,7 +27,7 @@ from cloudbridge_core.providers import PeerInfo, Stream
 from cloudbridge_core.relay.turn import TurnIssuer
 from cloudbridge_core.testing.settings import plugin_settings
 from cloudbridge_turn.hooks import SETTINGS_SCHEMA
-from cloudbridge_turn.strategy import TurnServer, TurnStrategy
+from cloudbridge_turn.strategy import ASK_AGAIN_AFTER, NO_SERVER, TurnServer, TurnStrategy
 
 pytestmark = pytest.mark.timeout(60)
 USER, PASSWORD = "alice", "turn-test-credential"
@@ -371,3 +371,30 @@ def test_the_documented_coturn_config_refuses_loopback_peers(tmp_path: Path) -> 
         pytest.raises((P2PConnectionFailed, ConnectionError, TimeoutError)),
     ):
         asyncio.run(meet_with_issued_credentials(port))
+
+
+def test_without_any_server_the_strategy_says_it_is_unavailable() -> None:
+    """Issue 18: no server configured and none issued by the relay: after the attempt that
+    learns it, the strategy says why it cannot work (the peer manager skips it instead of
+    failing it every round), and asks the relay again after ASK_AGAIN_AFTER."""
+    now = [1_000_000.0]
+    strategy = TurnStrategy(settings_without_servers(), clock=lambda: now[0])
+    peer = PeerInfo("p", "peer", "k")
+    assert strategy.unavailable() is None  # the relay may issue credentials: try once
+
+    async def main() -> None:
+        with pytest.raises(P2PConnectionFailed, match="no TURN server"):
+            await strategy.connect(peer, Signals(True))
+
+    asyncio.run(main())
+    assert strategy.unavailable() == NO_SERVER
+    now[0] += ASK_AGAIN_AFTER
+    assert strategy.unavailable() is None
+
+    configured = TurnStrategy(
+        plugin_settings(
+            SETTINGS_SCHEMA,
+            turn_servers=[{"url": "turn:127.0.0.1", "username": USER, "credential": PASSWORD}],
+        )
+    )
+    assert configured.unavailable() is None

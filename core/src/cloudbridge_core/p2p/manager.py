@@ -121,6 +121,9 @@ class PeerState:
     asking_since: float | None = None
     asked_at: float = 0.0
     asked_for: str = ""
+    #: why each strategy last failed, as logged: the same reason again is logged at debug
+    #: (a strategy that cannot work here fails alike at every upgrade round, forever)
+    reported: dict[str, str] = field(default_factory=dict)
 
     @property
     def key(self) -> bytes:
@@ -388,6 +391,10 @@ class PeerManager:
         return channel
 
     async def _begin(self, state: PeerState, name: str) -> None:
+        why = _unavailable(dict(self.strategies).get(name))
+        if why is not None:  # TURN without a server: it would only fail, at every round
+            log.debug("path_attempt_skipped", peer=state.info.name, strategy=name, reason=why)
+            return
         state.numbers += 1
         number = state.numbers
         channel = self._channel(state, name, number)
@@ -419,6 +426,7 @@ class PeerManager:
         finally:
             state.channels.pop((name, channel.attempt), None)
         attempt.state, attempt.ended_at = "established", time.time()
+        state.reported.pop(attempt.strategy, None)  # a later failure is news again
         attempt.details = {"kind": path.kind, "endpoint": path.endpoint, **_details(path)}
         if self.metrics is not None:
             self.metrics.successes.labels(name).inc()
@@ -460,6 +468,7 @@ class PeerManager:
                 state.tcp_attempt = None
             state.channels.pop((TCP, channel.attempt), None)
         attempt.state, attempt.ended_at = "established", time.time()
+        state.reported.pop(attempt.strategy, None)  # a later failure is news again
         attempt.details = {"kind": "direct", "endpoint": link.endpoint, "dialed": link.dialed}
         state.failures[TCP] = 0
         if self.metrics is not None:
@@ -485,6 +494,7 @@ class PeerManager:
         finally:
             state.channels.pop((RELAYED, channel.attempt), None)
         attempt.state, attempt.ended_at = "established", time.time()
+        state.reported.pop(attempt.strategy, None)  # a later failure is news again
         attempt.details = {
             "kind": "derp",
             "endpoint": link.endpoint,
@@ -508,7 +518,9 @@ class PeerManager:
     @staticmethod
     def _attempt_failed(state: PeerState, attempt: Attempt, reason: str) -> None:
         attempt.state, attempt.ended_at, attempt.error = "failed", time.time(), reason
-        log.info(
+        repeated = state.reported.get(attempt.strategy) == reason
+        state.reported[attempt.strategy] = reason
+        (log.debug if repeated else log.info)(
             "path_attempt_failed", peer=state.info.name, strategy=attempt.strategy, reason=reason
         )
 
@@ -722,6 +734,14 @@ def _strategies(config: Config, plugins: Plugins, mode: str) -> list[tuple[str, 
         installed = ", ".join(n for n, _ in found) or "none"
         raise P2PConnectionFailed(f"no NAT strategy for mode {mode} (installed: {installed})")
     return chosen
+
+
+def _unavailable(strategy: NatStrategy | None) -> str | None:
+    """Why ``strategy`` cannot work now, when it says (an optional sync ``unavailable()``,
+    as the TURN strategy has: no server configured and none issued by the relay)."""
+    check = getattr(strategy, "unavailable", None)
+    reason = check() if callable(check) else None
+    return reason if isinstance(reason, str) else None
 
 
 def _details(path: Any) -> dict[str, Any]:

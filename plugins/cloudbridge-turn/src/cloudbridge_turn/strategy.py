@@ -31,6 +31,14 @@ URL = re.compile(
 #: relay-issued credentials are asked for again when they expire within this long, so an
 #: allocation never starts with credentials about to be refused
 RENEW_BEFORE = 60.0
+#: with no TURN server configured, after the relay said it issues no credentials, the
+#: strategy says it is unavailable (the peer manager then skips it) for this long before
+#: one attempt asks the relay again (its ``server.turn`` may have been set meanwhile)
+ASK_AGAIN_AFTER = 600.0
+NO_SERVER = (
+    "no TURN server: the relay issues no TURN credentials (server.turn) and "
+    "p2p.ice.turn_servers is empty"
+)
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,17 @@ class TurnStrategy:
         self._servers = [TurnServer.from_settings(e) for e in settings["turn_servers"]]
         self._clock = clock
         self._issued: TurnCredentials | None = None
+        #: when the relay last answered that it issues no TURN credentials
+        self._declined_at: float | None = None
+
+    def unavailable(self) -> str | None:
+        """Why an attempt cannot work now (no server at all), or None: read by the peer
+        manager before each attempt, so a strategy without a server is not attempted."""
+        if self._servers or self._declined_at is None:
+            return None
+        if self._clock() - self._declined_at >= ASK_AGAIN_AFTER:
+            return None
+        return NO_SERVER
 
     async def connect(self, peer: PeerInfo, signal: SignalChannel) -> IcePath:
         server = await self._server(signal)
@@ -92,12 +111,11 @@ class TurnStrategy:
     async def _server(self, signal: SignalChannel) -> TurnServer:
         issued = await self._relay_credentials(signal)
         if issued is not None:
+            self._declined_at = None
             return TurnServer.issued(issued)
         if not self._servers:
-            raise P2PConnectionFailed(
-                "no TURN server: the relay issues no TURN credentials (server.turn) and "
-                "p2p.ice.turn_servers is empty"
-            )
+            self._declined_at = self._clock()
+            raise P2PConnectionFailed(NO_SERVER)
         return self._servers[0]
 
     async def _relay_credentials(self, signal: SignalChannel) -> TurnCredentials | None:
