@@ -110,6 +110,11 @@ def test_the_unit_runs_tunnel_for_a_tunnel_only_config_with_the_given_token(
     command = f"{BIN / 'cloudbridge'} --token-file %d/token tunnel --config {config}"
     assert f"ExecStart={command}" in lines
     assert f"LoadCredential=token:{token_file}" in lines
+    late = cloudbridge(  # the flag after the subcommand is carried the same
+        "service", "install", "--dry-run", "--config", str(config), "--token-file", str(token_file)
+    )
+    assert late.returncode == 0, late.stderr
+    assert f"LoadCredential=token:{token_file}" in late.stdout.splitlines()
     credential = "/etc/cloudbridge/credentials/cloudbridge-client.token"
     from_env = cloudbridge(
         "service", "install", "--dry-run", "--config", str(config), env={"CLOUDBRIDGE_TOKEN": TOKEN}

@@ -40,17 +40,6 @@ def _config_path(runtime: Runtime) -> Path:
     return path
 
 
-def _token_file(ctx: click.Context) -> Path | None:
-    """The file a ``--token-file`` flag named (before or after the subcommand)."""
-    current: click.Context | None = ctx
-    while current is not None:
-        value = current.params.get("token_file")
-        if value:
-            return Path(value)
-        current = current.parent
-    return None
-
-
 def _executable() -> Path:
     return Path(sys.executable).parent / "cloudbridge"
 
@@ -82,7 +71,7 @@ def install(ctx: click.Context, dry_run: bool) -> None:
     elif sys.platform.startswith("linux"):
         target = SYSTEMD_DIR / unit_name(config)
         tokens = service_tokens(
-            config, renewable=_renews_tokens(runtime, config), token_file=_token_file(ctx)
+            config, renewable=_renews_tokens(runtime, config), token_file=runtime.token_file
         )
         content = render_unit(config, path, _executable(), tokens).encode()
     elif sys.platform == "win32":

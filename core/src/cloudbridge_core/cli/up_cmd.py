@@ -85,16 +85,6 @@ def _installed_unit(config: Config) -> str | None:
     return unit if (SYSTEMD_DIR / unit).exists() else None
 
 
-def _token_file(ctx: click.Context) -> Path | None:
-    current: click.Context | None = ctx
-    while current is not None:
-        value = current.params.get("token_file")
-        if value:
-            return Path(value).absolute()
-        current = current.parent
-    return None
-
-
 @click.command()
 @config_option
 @click.option(
@@ -129,7 +119,7 @@ def up(ctx: click.Context, timeout: float) -> None:
         message(f"a client for this config already runs (it answers at {background.socket})")
         _wait_connected(background.socket, timeout, None, "its own output")
         return
-    process = _spawn(ctx, runtime, verb, background)
+    process = _spawn(runtime, verb, background)
     message(
         f"started 'cloudbridge {verb}' in the background (pid {process.pid}),"
         f" logging to {background.log_file}"
@@ -145,12 +135,10 @@ def _answers(socket: Path) -> bool:
     return True
 
 
-def _spawn(
-    ctx: click.Context, runtime: Runtime, verb: str, background: Background
-) -> subprocess.Popen[bytes]:
+def _spawn(runtime: Runtime, verb: str, background: Background) -> subprocess.Popen[bytes]:
     command = [str(Path(sys.executable).parent / "cloudbridge")]
     environ = dict(os.environ)
-    token_file = _token_file(ctx)
+    token_file = runtime.token_file.absolute() if runtime.token_file is not None else None
     token = runtime.overrides.get("auth.token")
     if token_file is not None:
         command += ["--token-file", str(token_file)]
