@@ -11,6 +11,7 @@ import socket
 from typing import Any
 
 import pytest
+from cloudbridge_core.errors import StreamAborted
 from cloudbridge_core.testing.conformance import TransportKit
 from cloudbridge_core.testing.settings import plugin_settings
 from cloudbridge_core.testing.streams import echo_streams
@@ -96,3 +97,28 @@ def test_connect_cancelled_mid_handshake_sends_nothing_more(
         asyncio.run(main())
     assert not reported, [context.get("message") for context in reported]
     assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
+
+
+def test_a_stream_aioquic_reset_on_its_own_raises_stream_aborted() -> None:
+    """Map at the boundary: a stream whose sending side aioquic already reset (the peer's
+    STOP_SENDING, handled inside aioquic) fails writes with StreamAborted, never with
+    aioquic's ``RuntimeError: Cannot send data after the stream was reset``."""
+
+    async def main() -> None:
+        listener = await QuicTransport(SETTINGS).serve(KIT.server_endpoint(), echo_streams)
+        session = await QuicTransport(SETTINGS).connect(KIT.client_endpoint(listener.port))
+        try:
+            stream = await session.open_stream()
+            await stream.write(b"hello")
+            session._quic.reset_stream(stream.stream_id, 0)  # behind the stream's back
+            with pytest.raises(StreamAborted):
+                await stream.write(b"more")
+            with pytest.raises(StreamAborted):
+                await stream.read()
+            await stream.close_write()  # the stream has failed: nothing to do, no error
+            await stream.reset()
+        finally:
+            await session.aclose()
+            await listener.aclose()
+
+    asyncio.run(main())

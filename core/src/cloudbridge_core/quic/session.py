@@ -116,14 +116,14 @@ class QuicStream:
             await self._session.send_space(self)
             self._check_writable()
             piece = bytes(view[:_WRITE_PIECE])
-            self._session.send(self.stream_id, piece, end=False)
+            self._send(piece, end=False)
             view = view[len(piece) :]
 
     async def close_write(self) -> None:
         if self._write_closed or self._error is not None:
             return
         self._write_closed = True
-        self._session.send(self.stream_id, b"", end=True)
+        self._send(b"", end=True)
         if self._eof_read:
             self._session.abandon(self, reset=False)
 
@@ -146,6 +146,14 @@ class QuicStream:
         self._write_closed = True
         self.failed(StreamAborted("the stream was reset locally"))
         self._session.abandon(self, reset=not finished)
+
+    def _send(self, data: bytes, *, end: bool) -> None:
+        try:
+            self._session.send(self.stream_id, data, end=end)
+        except StreamAborted as error:  # aioquic ended its side first: the stream is over
+            self.failed(error)
+            self._session.abandon(self, reset=True)
+            raise
 
     def _check_writable(self) -> None:
         if self._error is not None:
@@ -288,7 +296,12 @@ class QuicSession(QuicConnectionProtocol):
     # ---- used by streams ------------------------------------------------------------------
 
     def send(self, stream_id: int, data: bytes, *, end: bool) -> None:
-        self._quic.send_stream_data(stream_id, data, end)
+        """Queue ``data`` on the stream; raises :class:`StreamAborted` where aioquic
+        refuses (its side was reset or finished): never aioquic's own exceptions."""
+        try:
+            self._quic.send_stream_data(stream_id, data, end)
+        except (RuntimeError, ValueError) as error:
+            raise StreamAborted(f"the QUIC stream cannot send: {error}") from error
         self._transmit_soon()
 
     async def send_space(self, stream: QuicStream) -> None:
