@@ -629,7 +629,13 @@ def _moves_the_session(key: str) -> bool:
 
 
 def _breaker_moved(endpoint: str, before: BreakerState, after: BreakerState) -> None:
-    log.warning("circuit_changed", endpoint=endpoint, previous=str(before), state=str(after))
+    """Opening and closing are news; the trial cycle of a relay that stays away (open,
+    half-open, open again at every retry) is not: at debug, or a waiting client repeats
+    a line per transport at each attempt."""
+    trial = BreakerState.HALF_OPEN in (before, after) and BreakerState.CLOSED not in (before, after)
+    (log.debug if trial else log.info)(
+        "circuit_changed", endpoint=endpoint, previous=str(before), state=str(after)
+    )
 
 
 def _slow_quic_note(datagram_size: int | None) -> str | None:
