@@ -218,7 +218,7 @@ def test_health_says_when_the_token_cannot_create_tunnels(relay: Relay, tmp_path
     assert "Status:     degraded" in checked.stdout
     assert "the token lacks the tunnel:create permission" in checked.stdout
     assert "Allows:     p2p:mesh, relay:connect" in checked.stdout
-    fine = cloudbridge("health", "--config", str(config), "--json", CLOUDBRIDGE_TOKEN=token)
+    fine = cloudbridge("--json", "health", "--config", str(config), CLOUDBRIDGE_TOKEN=token)
     document = json.loads(fine.stdout)
     assert document["status"] == "healthy", document
     assert "tunnel:create" in document["details"]["authentication"]["permissions"]

@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from cloudbridge_core.cli.output import json_option
 from cloudbridge_core.cli.runtime import config_option, runtime_of
 from cloudbridge_core.client.control import query, socket_for
 from cloudbridge_core.client.health import check_health, format_duration
@@ -37,7 +38,7 @@ def _running(config_path: Path | None) -> dict[str, Any] | None:
     show_default=True,
     help="How to print the result.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
+@json_option
 @click.option(
     "--check",
     type=click.Choice(["live", "ready"]),
