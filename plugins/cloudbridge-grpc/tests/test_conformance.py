@@ -47,6 +47,5 @@ def test_conformance(conformance_check: Check, limit: int) -> None:  # noqa: F81
     kit = TransportKit(
         lambda: GrpcTransport(plugin_settings(SETTINGS_SCHEMA, max_message_bytes=limit)),
         functools.partial(oversized_chunk, limit),
-        quiet_loop=True,
     )
     run_check(conformance_check, kit)

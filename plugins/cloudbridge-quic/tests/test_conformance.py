@@ -32,5 +32,5 @@ async def oversized_datagram_frame(endpoint: Endpoint) -> None:
 
 @pytest.mark.timeout(90)
 def test_conformance(conformance_check: Check) -> None:  # noqa: F811 - the fixture
-    kit = TransportKit(lambda: QuicTransport(SETTINGS), oversized_datagram_frame, quiet_loop=True)
+    kit = TransportKit(lambda: QuicTransport(SETTINGS), oversized_datagram_frame)
     run_check(conformance_check, kit)

@@ -28,6 +28,5 @@ def test_conformance(conformance_check: Check) -> None:  # noqa: F811 - the fixt
     kit = TransportKit(
         lambda: WebSocketTransport(plugin_settings(SETTINGS_SCHEMA)),
         oversized_frame_in_a_message,
-        quiet_loop=True,
     )
     run_check(conformance_check, kit)

@@ -575,12 +575,15 @@ class PeerSession:
         return protocol
 
     async def _until_connected(self, protocol: _PeerQuicSession) -> None:
-        with contextlib.suppress(ConnectionError):
+        try:
             await protocol.wait_connected()
-            self._connected.set()
-            self._usable.set()
-            log.info("peer_connected", peer=self.peer.name, path=self.current)
-        with contextlib.suppress(P2PConnectionFailed):  # status shows an RTT from the start
+        except ConnectionError:
+            return  # the session ended before its handshake did
+        self._connected.set()
+        self._usable.set()
+        log.info("peer_connected", peer=self.peer.name, path=self.current)
+        # status shows an RTT from the start; a session that ends meanwhile has none to show
+        with contextlib.suppress(P2PConnectionFailed, TransportError, ConnectionError):
             await self.ping(FIRST_PING_TIMEOUT)
 
     async def _accept(self, protocol: _PeerQuicSession) -> None:

@@ -61,9 +61,6 @@ class TransportKit:
     make: Callable[[], Transport]
     send_oversized: Callable[[Endpoint], Awaitable[None]] | None = None
     host: str = "127.0.0.1"
-    #: what the event loop reports during a check (an exception in a callback, a task's
-    #: exception never retrieved: a library exception that escaped the transport) fails it
-    quiet_loop: bool = False
 
     def server_endpoint(self, port: int = 0) -> Endpoint:
         server_tls, _ = loopback_tls()
@@ -511,8 +508,9 @@ CHECKS: list[Callable[[TransportKit], Awaitable[None]]] = [
 def run_check(
     check: Callable[[TransportKit], Awaitable[None]], kit: TransportKit, timeout: float = 60
 ) -> Any:
-    """Run one check in a fresh event loop, bounded in time; with ``kit.quiet_loop``, what
-    the loop reports fails the check too."""
+    """Run one check in a fresh event loop, bounded in time. What the loop reports fails
+    the check too (an exception in a callback, a task's exception never retrieved: a
+    library exception that escaped the transport)."""
     reported: list[str] = []
 
     async def checked() -> Any:
@@ -521,7 +519,7 @@ def run_check(
         return await asyncio.wait_for(check(kit), timeout)
 
     result = asyncio.run(checked())
-    if reported and kit.quiet_loop:
+    if reported:
         raise AssertionError("the event loop reported: " + "; ".join(reported))
     return result
 
