@@ -323,7 +323,12 @@ class PeerPath(Protocol):
 
 
 class NatStrategy(Protocol):
-    """One way through NAT. Strategies are tried by descending ``priority``."""
+    """One way through NAT. Strategies are tried by descending ``priority``.
+
+    A strategy may also offer a synchronous ``unavailable() -> str | None``: why it cannot
+    work now (TURN without a server), or None. The peer manager then skips its attempts,
+    saying why once at debug, instead of failing one every upgrade interval.
+    """
 
     async def connect(self, peer: PeerInfo, signal: SignalChannel) -> PeerPath: ...
 
