@@ -5,13 +5,15 @@ the real CLI."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import signal
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -107,6 +109,24 @@ def test_a_taken_local_port_fails_before_connecting() -> None:
     assert f"hint: stop what listens on port {port}, or choose another --local-port" in done.stderr
     assert "(address_in_use)" in done.stderr
     assert "relay" not in done.stderr  # nothing tried to connect
+    assert took < 5
+    no_traceback(done.stderr)
+
+
+def test_a_token_without_tunnel_create_is_refused_before_connecting() -> None:
+    def encoded(part: Mapping[str, object]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(part).encode()).decode().rstrip("=")
+
+    claims = {"custom:permissions": ["relay:connect", "p2p:mesh"]}
+    p2p_only = f"{encoded({'alg': 'RS256'})}.{encoded(claims)}.c2ln"
+    done, took = cloudbridge(
+        *tunnel_args(), env=relay_env(free_ports(), CLOUDBRIDGE_TOKEN=p2p_only)
+    )
+    assert done.returncode == 4, done.stderr
+    assert "the token lacks the tunnel:create permission (it has: p2p:mesh, relay:connect)" in (
+        done.stderr
+    )
+    assert "waiting for the relay" not in done.stderr  # refused before anything connects
     assert took < 5
     no_traceback(done.stderr)
 

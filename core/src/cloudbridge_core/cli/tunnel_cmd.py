@@ -160,10 +160,7 @@ async def run_client(
     reload = _watcher(runtime, config)
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(link.aclose)
-        # the local ports first: a taken one fails at once, before any relay connection
-        await relay_tunnels.start([TunnelSpec.of(t) for t in config.settings.tunnels], fixed)
-        stack.push_async_callback(relay_tunnels.aclose, 0.0)  # until the drain takes over
-        await link.start(keep_trying=not once, waiting=_tell_waiting)
+        await _listen_then_connect(stack, config, link, relay_tunnels, fixed, once)
         manager = None
         if mesh is not None:
             manager = await _join_mesh(config, runtime, link, mesh, metrics)
@@ -207,6 +204,24 @@ async def run_client(
             reload.subscribe(follow)
         async with reload:
             await _until_stopped(link)
+
+
+async def _listen_then_connect(
+    stack: contextlib.AsyncExitStack,
+    config: Config,
+    link: RelayLink,
+    relay_tunnels: TunnelSet,
+    fixed: Sequence[TunnelSpec],
+    once: bool,
+) -> None:
+    """What can fail without the relay fails first: a token without ``tunnel:create`` (every
+    stream would be refused), a taken local port; then connect (trying until it works,
+    unless ``once``)."""
+    if fixed or config.settings.tunnels:
+        await link.tokens.require("tunnel:create", "a tunnel through the relay")
+    await relay_tunnels.start([TunnelSpec.of(t) for t in config.settings.tunnels], fixed)
+    stack.push_async_callback(relay_tunnels.aclose, 0.0)  # until the drain takes over
+    await link.start(keep_trying=not once, waiting=_tell_waiting)
 
 
 def _tell_waiting(error: CloudBridgeError) -> None:
