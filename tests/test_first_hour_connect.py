@@ -203,6 +203,12 @@ def test_a_client_waits_for_the_relay_then_ctrl_c_exits_130(tmp_path: Path) -> N
     )
     sock = ("--control-socket", str(tmp_path / "client.sock"))
     client = start(*tunnel_args(*sock), env=env, ready="waiting for the relay: nothing listens")
+    # while it waits, status says what for (the local port is already taken by then)
+    waiting, _ = cloudbridge("status", "--json", *sock, env=env)
+    assert waiting.returncode == 0, waiting.stderr
+    document = json.loads(waiting.stdout)
+    assert document["state"] == "connecting", document
+    assert "nothing listens at 127.0.0.1" in document["last_error"], document
     relay = start(*serve, env=env, ready="client config:")
     try:
         # the drain thread of start() owns the client's stderr now: ask it, as users do

@@ -160,7 +160,8 @@ async def run_client(
     reload = _watcher(runtime, config)
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(link.aclose)
-        await _listen_then_connect(stack, config, link, relay_tunnels, fixed, once)
+        control = ControlServer(control_socket, handlers)
+        await _listen_then_connect(stack, config, link, relay_tunnels, fixed, once, control)
         manager = None
         if mesh is not None:
             manager = await _join_mesh(config, runtime, link, mesh, metrics)
@@ -169,7 +170,6 @@ async def run_client(
             handlers.update(mesh_handlers(manager))
             message(f"in the mesh as {manager.membership.name} ({manager.membership.peer_id})")
             client.overlay = await _bring_up_overlay(stack, config, link, manager, mesh, metrics)
-        control = ControlServer(control_socket, handlers)
         exporters = await stack.enter_async_context(
             exporting(config, runtime.plugins, exposed, status_route)
         )
@@ -185,12 +185,6 @@ async def run_client(
             tunnels.append(forward)
         _announce(tunnels, link)
         stack.callback(notify, "STOPPING=1")
-        if not await control.start():
-            log.warning(
-                "control_socket_in_use",
-                path=str(control_socket),
-                note="another client of this config answers status",
-            )
         notify("READY=1")
         if reload is None:
             await _until_stopped(link)
@@ -213,14 +207,23 @@ async def _listen_then_connect(
     relay_tunnels: TunnelSet,
     fixed: Sequence[TunnelSpec],
     once: bool,
+    control: ControlServer,
 ) -> None:
     """What can fail without the relay fails first: a token without ``tunnel:create`` (every
-    stream would be refused), a taken local port; then connect (trying until it works,
-    unless ``once``)."""
+    stream would be refused), a taken local port; then ``control`` answers ``status`` (what
+    the client waits for) while it connects (trying until it works, unless ``once``)."""
     if fixed or config.settings.tunnels:
         await link.tokens.require("tunnel:create", "a tunnel through the relay")
     await relay_tunnels.start([TunnelSpec.of(t) for t in config.settings.tunnels], fixed)
     stack.push_async_callback(relay_tunnels.aclose, 0.0)  # until the drain takes over
+    if await control.start():
+        stack.push_async_callback(control.aclose)  # until the drain takes over
+    else:
+        log.warning(
+            "control_socket_in_use",
+            path=str(control.path),
+            note="another client of this config answers status",
+        )
     await link.start(keep_trying=not once, waiting=_tell_waiting)
 
 
