@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import socket
 
 import grpc
@@ -238,3 +239,18 @@ def test_the_proto_declares_the_two_streaming_calls() -> None:
     methods = {m.name: (m.client_streaming, m.server_streaming) for m in service.methods}
     assert methods == {"Session": (True, True), "Stream": (True, True)}
     assert tunnel_pb2.DESCRIPTOR.package == "cloudbridge.v1"
+
+
+def test_a_taken_port_is_the_os_error_not_a_shared_port() -> None:
+    """grpc binds with SO_REUSEPORT unless told not to: a second relay would share the port."""
+
+    async def scenario() -> None:
+        first = await GrpcTransport(SETTINGS).serve(KIT.server_endpoint(), echo_streams)
+        try:
+            with pytest.raises(OSError, match=r"[Aa]ddress already in use") as refused:
+                await GrpcTransport(SETTINGS).serve(KIT.server_endpoint(first.port), echo_streams)
+            assert refused.value.errno == errno.EADDRINUSE
+        finally:
+            await first.aclose()
+
+    asyncio.run(scenario())

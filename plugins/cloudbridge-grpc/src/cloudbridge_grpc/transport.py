@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import secrets
 import socket
 import ssl
@@ -177,6 +178,9 @@ class GrpcTransport:
         # keepalive a client may use, not the relay's own, so any client's keepalives pass.
         options = [
             *self._options(),
+            # grpc binds with SO_REUSEPORT by default: a second relay on the same port would
+            # share it silently, taking half the connections
+            ("grpc.so_reuseport", 0),
             (
                 "grpc.http2.min_ping_interval_without_data_ms",
                 int(MIN_KEEPALIVE_INTERVAL * 500),
@@ -263,12 +267,27 @@ class GrpcTransport:
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
         credentials = grpc.ssl_server_credentials([(material.key, material.certificate)])
-        listener.port = server.add_secure_port(f"{host}:{endpoint.port}", credentials)
+        try:
+            listener.port = server.add_secure_port(f"{host}:{endpoint.port}", credentials)
+        except RuntimeError as exc:  # grpc says no more than "Failed to bind": ask the OS why
+            raise _bind_error(endpoint.host, endpoint.port) from exc
         await server.start()
         for service in ("", SERVICE):
             await health.set(service, health_pb2.HealthCheckResponse.SERVING)
         listener.server = server
         return listener
+
+
+def _bind_error(host: str, port: int) -> OSError:
+    """The OS's own error for binding ``host:port`` (what the core says in words), found
+    by binding a plain socket there as grpc would."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, port))
+    except OSError as error:
+        return error
+    return OSError(errno.EIO, f"grpc could not listen on {host}:{port}")
 
 
 async def _check_tls(endpoint: Endpoint, material: TlsMaterial, where: str) -> None:
