@@ -113,6 +113,19 @@ def test_a_taken_local_port_fails_before_connecting() -> None:
     no_traceback(done.stderr)
 
 
+def test_a_taken_local_port_of_a_peer_tunnel_fails_before_connecting() -> None:
+    env = relay_env(free_ports(), CLOUDBRIDGE_TOKEN="not-even-read")
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        args = ["tunnel", "--local-port", str(port), "--remote-peer", "server"]
+        done, took = cloudbridge(*args, "--remote-port", "22", env=env)
+    assert done.returncode == 1, done.stderr
+    assert f"127.0.0.1:{port} is already in use: the peer tunnel to peer:server:22" in (done.stderr)
+    assert "waiting for the relay" not in done.stderr  # nothing tried to connect
+    assert took < 5
+    no_traceback(done.stderr)
+
+
 def test_a_token_without_tunnel_create_is_refused_before_connecting() -> None:
     def encoded(part: Mapping[str, object]) -> str:
         return base64.urlsafe_b64encode(json.dumps(part).encode()).decode().rstrip("=")

@@ -161,6 +161,7 @@ async def run_client(
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(link.aclose)
         control = ControlServer(control_socket, handlers)
+        forwards = _bind_forwards(stack, mesh)
         await _listen_then_connect(stack, config, link, relay_tunnels, fixed, once, control)
         manager = None
         if mesh is not None:
@@ -174,14 +175,13 @@ async def run_client(
             exporting(config, runtime.plugins, exposed, status_route)
         )
         client.metrics_url = _metrics_url(exporters)
-        forwards = [] if manager is None or mesh is None else peer_tunnels(manager, mesh)
 
         def drain_timeout() -> float:  # the config in force when the stop comes
             return (reload.current if reload is not None else config).settings.server.drain_timeout
 
         stack.push_async_callback(_drain, relay_tunnels, forwards, control, drain_timeout)
         for forward in forwards:
-            await forward.start()
+            await forward.start(manager)
             tunnels.append(forward)
         _announce(tunnels, link)
         stack.callback(notify, "STOPPING=1")
@@ -366,11 +366,19 @@ async def _bring_up_overlay(
     return run
 
 
-def peer_tunnels(manager: PeerManager, mesh: MeshSetup) -> list[PeerTunnel]:
+def _bind_forwards(stack: contextlib.AsyncExitStack, mesh: MeshSetup | None) -> list[PeerTunnel]:
+    """The peer tunnels' local ports, bound before anything connects (a taken one stops
+    the command at once); they accept once the mesh is joined."""
+    if mesh is None or not mesh.forwards:
+        return []
     # the mesh brings QUIC and ICE with it: imported only by clients that join
     from cloudbridge_core.p2p.forward import PeerTunnel
 
-    return [PeerTunnel(spec, manager) for spec in mesh.forwards]
+    forwards = [PeerTunnel(spec) for spec in mesh.forwards]
+    for forward in forwards:
+        stack.push_async_callback(forward.aclose)
+        forward.bind()
+    return forwards
 
 
 def mesh_handlers(manager: PeerManager) -> dict[str, Handler]:

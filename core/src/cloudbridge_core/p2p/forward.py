@@ -6,6 +6,7 @@ and the peer has an overlay address: the kernel carries the bytes then (see
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import time
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from typing import Any
 from cloudbridge_core.accept import accept_forever
 from cloudbridge_core.client.opening import OpeningStream
 from cloudbridge_core.client.tunnel import TunnelStatistics, sent_already
-from cloudbridge_core.errors import CloudBridgeError
+from cloudbridge_core.errors import AddressInUse, CloudBridgeError
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.overlay.routes import routed_through
 from cloudbridge_core.overlay.tcp import TcpStream
@@ -33,9 +34,12 @@ OVERLAY_RETRY = 60.0
 
 
 class PeerTunnel:
-    def __init__(self, spec: PeerTunnelSpec, mesh: PeerManager) -> None:
+    """``mesh`` may come with :meth:`start`: the port can be bound (:meth:`bind`) before
+    the mesh is joined, so a taken one stops the command before anything connects."""
+
+    def __init__(self, spec: PeerTunnelSpec, mesh: PeerManager | None = None) -> None:
         self.spec = spec
-        self._mesh = mesh
+        self._joined = mesh
         self.statistics = TunnelStatistics()
         self._listener: socket.socket | None = None
         self._acceptor: asyncio.Task[None] | None = None
@@ -49,11 +53,36 @@ class PeerTunnel:
         port: int = self._listener.getsockname()[1]
         return port
 
-    async def start(self) -> None:
-        listener = socket.create_server((self.spec.local_host, self.spec.local_port), backlog=1024)
+    @property
+    def _mesh(self) -> PeerManager:
+        assert self._joined is not None  # accepting starts only with the mesh (start())
+        return self._joined
+
+    def bind(self) -> None:
+        """Listen on the local port (connections wait in the backlog until :meth:`start`);
+        raises ``AddressInUse`` when it is taken."""
+        if self._listener is not None:
+            return
+        local = (self.spec.local_host, self.spec.local_port)
+        try:
+            listener = socket.create_server(local, backlog=1024)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            raise AddressInUse(
+                f"{local[0]}:{local[1]} is already in use: the peer tunnel to"
+                f" {self.spec.target} cannot listen there",
+                hint=f"stop what listens on port {local[1]}, or choose another --local-port",
+            ) from None
         listener.setblocking(False)
         self._listener = listener
-        self._acceptor = asyncio.create_task(accept_forever(listener, self._accepted))
+
+    async def start(self, mesh: PeerManager | None = None) -> None:
+        if mesh is not None:
+            self._joined = mesh
+        self.bind()
+        assert self._listener is not None  # bound just now
+        self._acceptor = asyncio.create_task(accept_forever(self._listener, self._accepted))
 
     def _accepted(self, client: socket.socket, _address: object) -> None:
         task = asyncio.create_task(self._carry(prepare(client)))
