@@ -117,7 +117,7 @@ def test_peer_tunnel_over_derp_carries_data_and_reaches_only_exposed_ports(
                 assert status["last_seen"] is not None
                 ping = await laptop.ping("server", 5)
                 assert ping["path"] == "derp"
-                assert ping["rtt_ms"] > 0
+                assert ping["rtt_seconds"] > 0
                 await asyncio.sleep(1.2)  # the metrics follow each second
                 assert sample(laptop, "cloudbridge_client_p2p_peers", path="derp") == 1
                 assert sample(laptop, "cloudbridge_client_p2p_peers", path="stun") == 0

@@ -276,7 +276,8 @@ class PeerManager:
             "peer": state.info.name,
             "path": state.session.current,
             "protocol": "quic",
-            "rtt_ms": rtt * 1000,
+            "rtt_seconds": rtt,
+            "rtt_ms": rtt * 1000,  # the same, deprecated: JSON says seconds
         }
 
     def status(self) -> list[dict[str, Any]]:
@@ -700,6 +701,8 @@ class PeerManager:
             "protocol": session.protocol,
             "endpoint": session.endpoint,
             "connected": session.connected,
+            "rtt_seconds": round(session.rtt_seconds, 6) if session.rtt_seconds else None,
+            # the same, deprecated: JSON says seconds
             "rtt_ms": round(session.rtt_seconds * 1000, 3) if session.rtt_seconds else None,
             "last_seen": _timestamp(seen),
             "bytes_sent": session.bytes_sent,
