@@ -15,9 +15,33 @@ import pytest
 BIN = Path(sys.executable).parent
 
 
+#: the keyring library's own "no backend" (a headless server without a Secret Service)
+NO_KEYRING = {"PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring"}
+
+
 def environment(**extra: str) -> dict[str, str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDBRIDGE_")}
     return {**clean, **extra}
+
+
+def run_without_keyring(
+    *args: str | Path,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    stdin: str = "",
+) -> subprocess.CompletedProcess[str]:
+    """``cloudbridge ARGS`` to its end, on a machine without a keyring, in a clean
+    environment plus ``env``."""
+    return subprocess.run(
+        [BIN / "cloudbridge", *args],
+        capture_output=True,
+        text=True,
+        env=environment(**NO_KEYRING, **(env or {})),
+        input=stdin,
+        cwd=cwd,
+        check=False,
+        timeout=30,
+    )
 
 
 def issue_token(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cli_process import BIN, environment, issue_token, start, stop
+from cli_process import BIN, environment, issue_token, run_without_keyring, start, stop
 from cloudbridge_core.client.tokens import require_permission
 from cloudbridge_core.errors import Unauthorized
 from cloudbridge_core.relay import mesh, server
@@ -21,23 +21,11 @@ from loopback import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
-#: the keyring library's own "no backend" (a headless server without a Secret Service)
-NO_KEYRING = {"PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring"}
-
 
 def cloudbridge(
     *args: str, cwd: Path | None = None, stdin: str = "", **env: str
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [BIN / "cloudbridge", *args],
-        capture_output=True,
-        text=True,
-        env=environment(**NO_KEYRING, **env),
-        input=stdin,
-        cwd=cwd,
-        check=False,
-        timeout=30,
-    )
+    return run_without_keyring(*args, env=env, cwd=cwd, stdin=stdin)
 
 
 @dataclass

@@ -17,28 +17,27 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cli_process import BIN, echo_once, environment, issue_token, start, stop
+from cli_process import (
+    BIN,
+    echo_once,
+    environment,
+    issue_token,
+    run_without_keyring,
+    start,
+    stop,
+)
 from loopback import free_port
 from secret_service import secret_service
 
 pytestmark = pytest.mark.timeout(60)
 
 TOKEN = "eyJhbGciOiJSUzI1NiJ9.not-a-real-token.signature"  # must never appear in a unit
-NO_KEYRING = {"PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring"}
 
 
 def cloudbridge(
     *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [BIN / "cloudbridge", *args],
-        capture_output=True,
-        text=True,
-        env=environment(**NO_KEYRING, **(env or {})),
-        cwd=cwd,
-        check=False,
-        timeout=30,
-    )
+    return run_without_keyring(*args, env=env, cwd=cwd)
 
 
 def tunnel_only(tmp_path: Path) -> Path:
