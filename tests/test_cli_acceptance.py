@@ -365,9 +365,10 @@ def test_health_reports_the_seed_shape_and_answers_by_exit_code(tmp_path: Path) 
         }
         assert details["relay_connection"]["status"] == "connected"
         assert details["relay_connection"]["transport"] == "tls"
-        assert details["relay_connection"]["latency_ms"] > 0
+        Draft202012Validator(cli_schema("health")).validate(document)
+        assert details["relay_connection"]["latency_seconds"] > 0
         assert 86000 < details["authentication"]["token_expires_in_seconds"] <= 86400
-        assert details["performance"]["packet_loss_percent"] == 0
+        assert details["performance"]["packet_loss_ratio"] == 0
         ready = health("--check", "ready")
         assert (ready.returncode, ready.stdout) == (0, "")
         refused = health("--format", "json", env=environment(CLOUDBRIDGE_AUTH__TOKEN="x.y.z"))

@@ -4,7 +4,6 @@ token is missing or refused, 6 for any other failure (3 when the config is inval
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import sys
@@ -13,7 +12,7 @@ from typing import Any
 
 import click
 
-from cloudbridge_core.cli.output import json_option
+from cloudbridge_core.cli.output import emit_json, json_option
 from cloudbridge_core.cli.runtime import config_option, runtime_of
 from cloudbridge_core.client.control import query, socket_for
 from cloudbridge_core.client.health import check_health, format_duration
@@ -100,7 +99,7 @@ def _report(ctx: click.Context, as_json: bool) -> int:
     for warning in document["warnings"]:
         click.echo(f"warning: {warning}", err=True)
     if as_json:
-        click.echo(json.dumps(document, indent=2))
+        emit_json(document)
         return code
     relay = document["details"]["relay_connection"]
     auth = document["details"]["authentication"]

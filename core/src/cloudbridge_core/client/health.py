@@ -2,8 +2,10 @@
 
 The document has the seed's Part 6.5 shape: ``status`` (healthy, degraded, unhealthy) and
 ``details`` for network connectivity, authentication, the relay connection, the p2p mesh
-and performance. Degraded still works: on a fallback transport, losing heartbeats, or with
-a token about to expire.
+and performance, in base units (``*_seconds``, ``*_ratio``); the seed's ``*_ms`` and
+``*_percent`` fields stay beside them, deprecated (schemas/cli/health.schema.json).
+Degraded still works: on a fallback transport, losing heartbeats, or with a token about
+to expire.
 """
 
 from __future__ import annotations
@@ -57,15 +59,22 @@ async def check_health(
     """``running``: the status of the client running with this config, if one is."""
     tokens = TokenSupply(config, plugins)
     details: dict[str, Any] = {
-        "network_connectivity": {"status": "unknown", "latency_ms": None},
+        "network_connectivity": {"status": "unknown", "latency_seconds": None, "latency_ms": None},
         "authentication": {
             "status": "unknown",
             "token_expires_in_seconds": None,
             "token_source": tokens.where(),
         },
-        "relay_connection": {"status": "disconnected", "transport": None, "latency_ms": None},
+        "relay_connection": {
+            "status": "disconnected",
+            "transport": None,
+            "latency_seconds": None,
+            "latency_ms": None,
+        },
         "p2p_mesh": mesh_health(running, config.settings.p2p.enabled),
         "performance": {
+            "avg_latency_seconds": None,
+            "packet_loss_ratio": None,
             "avg_latency_ms": None,
             "packet_loss_percent": None,
             "throughput_mbps": None,
@@ -101,34 +110,41 @@ async def check_health(
         details[part].update(status="error", error=error.message, code=error.code)
         return _document("unhealthy", details, problems, warnings)
     try:
-        connect_ms = (time.perf_counter() - started) * 1000
-        details["network_connectivity"] = {"status": "ok", "latency_ms": round(connect_ms, 1)}
+        connect = time.perf_counter() - started
+        details["network_connectivity"] = {"status": "ok", **_seconds_and_ms("latency", connect)}
         details["authentication"]["status"] = "ok"
         if expires_in is not None and expires_in < TOKEN_RENEWAL_SECONDS:
             degraded.append(f"the token expires in {format_duration(expires_in)}")
         rtts = await _pings(connection, config.settings.transport.connect_timeout)
-        latency = min(rtts) * 1000 if rtts else None
         details["relay_connection"] = {
             "status": "connected",
             "transport": connection.transport,
             "reason": reason,
-            "latency_ms": round(latency, 2) if latency is not None else None,
+            **_seconds_and_ms("latency", min(rtts) if rtts else None),
         }
-        loss = 100 * (PINGS - len(rtts)) / PINGS
+        loss = (PINGS - len(rtts)) / PINGS
         details["performance"].update(
-            avg_latency_ms=round(1000 * sum(rtts) / len(rtts), 2) if rtts else None,
-            packet_loss_percent=loss,
+            **_seconds_and_ms("avg_latency", sum(rtts) / len(rtts) if rtts else None),
+            packet_loss_ratio=loss,
+            packet_loss_percent=100 * loss,
         )
         if not rtts:
             problems.append("the relay answered no heartbeat")
         elif loss:
-            degraded.append(f"{loss:g}% of heartbeats were lost")
+            degraded.append(f"{100 * loss:g}% of heartbeats were lost")
         if reason.startswith("fallback"):
             degraded.append(f"on a fallback transport: {reason}")
     finally:
         await connection.aclose()
     status = "unhealthy" if problems else "degraded" if degraded else "healthy"
     return _document(status, details, problems + degraded, warnings)
+
+
+def _seconds_and_ms(name: str, seconds: float | None) -> dict[str, float | None]:
+    """``<name>_seconds``, and the seed's ``<name>_ms`` beside it (deprecated)."""
+    if seconds is None:
+        return {f"{name}_seconds": None, f"{name}_ms": None}
+    return {f"{name}_seconds": round(seconds, 5), f"{name}_ms": round(seconds * 1000, 2)}
 
 
 async def _pings(connection: RelayConnection, each_within: float) -> list[float]:
