@@ -72,69 +72,71 @@ def demo(ctx: click.Context, duration: float | None, connections: int, as_json: 
 
     async def main() -> None:
         with tempfile.TemporaryDirectory(prefix="cloudbridge-demo-") as state_dir:
-            relay_config = _config(
-                runtime, {"server.state_dir": state_dir, "server.listen": "127.0.0.1"}
-            )
-            relay = await start_relay(relay_config, runtime.plugins, dev=True, port_override=0)
-            target = await asyncio.start_server(_echo, "127.0.0.1", 0)
-            state = relay.state
-            token = issue_token(
-                state.signing_key,
-                issuer=state.issuer,
-                tenant="demo",
-                subject="demo-client",
-                permissions=["relay:connect", "tunnel:create"],
-                ttl=3600,
-            )
-            ports = {name: listener.port for name, listener in relay.listeners.items()}
-            client_config = _config(
-                runtime,
-                {
-                    "relay.host": "127.0.0.1",
-                    **{f"transport.{name}.port": port for name, port in ports.items()},
-                    "relay.tls.ca_file": str(Path(state_dir) / "ca.pem"),
-                    "auth.token": token,
-                },
-            )
-            # the link, not a bare session: it sends the heartbeats without which the relay
-            # reaps a session (after 90 s), and reconnects as `cloudbridge tunnel` does
-            link = RelayLink(client_config, runtime.plugins)
-            await link.start()
-            target_port = target.sockets[0].getsockname()[1]
-            tunnel = Tunnel(TunnelSpec(0, "127.0.0.1", target_port), link)
-            await tunnel.start()
-            listening = ", ".join(f"{name} on 127.0.0.1:{port}" for name, port in ports.items())
-            message(f"relay: {listening}; tenant 'demo'")
-            message(f"tunnel 127.0.0.1:{tunnel.port} -> echo service on 127.0.0.1:{target_port}")
-            message(f"pushing traffic over {connections} connections; Ctrl-C to stop")
-            counted = [0]
-            pushers = [
-                asyncio.create_task(_traffic(tunnel.port, counted)) for _ in range(connections)
-            ]
-            reporter = asyncio.create_task(_report(counted))
-            started = time.perf_counter()
-            try:
-                await wait_for_stop(duration)
-            finally:
-                elapsed = time.perf_counter() - started
-                # the tunnel first: traffic cut by the demo itself is not a tunnel error
-                await tunnel.aclose()
-                for task in (*pushers, reporter):
-                    task.cancel()
-                await asyncio.gather(*pushers, reporter, return_exceptions=True)
-                await link.aclose()
-                await relay.aclose()
-                target.close()
-                await target.wait_closed()
-            stats = {
-                **tunnel.statistics.to_dict(),
-                "seconds": round(elapsed, 3),
-                "throughput_bytes_per_second": round(counted[0] / elapsed),
-            }
-            if as_json:
-                click.echo(json.dumps({"schema_version": 1, "tunnel": stats}, indent=2))
-            else:
-                click.echo("\n".join(f"{key}: {value}" for key, value in stats.items()))
+            async with contextlib.AsyncExitStack() as stack:  # closed however the demo ends
+                await _demo(stack, state_dir)
+
+    async def _demo(stack: contextlib.AsyncExitStack, state_dir: str) -> None:
+        relay_config = _config(
+            runtime, {"server.state_dir": state_dir, "server.listen": "127.0.0.1"}
+        )
+        relay = await start_relay(relay_config, runtime.plugins, dev=True, port_override=0)
+        stack.push_async_callback(relay.aclose)
+        target = await asyncio.start_server(_echo, "127.0.0.1", 0)
+        stack.push_async_callback(target.wait_closed)
+        stack.callback(target.close)
+        state = relay.state
+        token = issue_token(
+            state.signing_key,
+            issuer=state.issuer,
+            tenant="demo",
+            subject="demo-client",
+            permissions=["relay:connect", "tunnel:create"],
+            ttl=3600,
+        )
+        ports = {name: listener.port for name, listener in relay.listeners.items()}
+        client_config = _config(
+            runtime,
+            {
+                "relay.host": "127.0.0.1",
+                **{f"transport.{name}.port": port for name, port in ports.items()},
+                "relay.tls.ca_file": str(Path(state_dir) / "ca.pem"),
+                "auth.token": token,
+            },
+        )
+        # the link, not a bare session: it sends the heartbeats without which the relay
+        # reaps a session (after 90 s), and reconnects as `cloudbridge tunnel` does
+        link = RelayLink(client_config, runtime.plugins)
+        stack.push_async_callback(link.aclose)
+        await link.start()
+        target_port = target.sockets[0].getsockname()[1]
+        tunnel = Tunnel(TunnelSpec(0, "127.0.0.1", target_port), link)
+        await tunnel.start()
+        listening = ", ".join(f"{name} on 127.0.0.1:{port}" for name, port in ports.items())
+        message(f"relay: {listening}; tenant 'demo'")
+        message(f"tunnel 127.0.0.1:{tunnel.port} -> echo service on 127.0.0.1:{target_port}")
+        message(f"pushing traffic over {connections} connections; Ctrl-C to stop")
+        counted = [0]
+        pushers = [asyncio.create_task(_traffic(tunnel.port, counted)) for _ in range(connections)]
+        reporter = asyncio.create_task(_report(counted))
+        started = time.perf_counter()
+        try:
+            await wait_for_stop(duration)
+        finally:
+            elapsed = time.perf_counter() - started
+            # the tunnel first: traffic cut by the demo itself is not a tunnel error
+            await tunnel.aclose()
+            for task in (*pushers, reporter):
+                task.cancel()
+            await asyncio.gather(*pushers, reporter, return_exceptions=True)
+        stats = {
+            **tunnel.statistics.to_dict(),
+            "seconds": round(elapsed, 3),
+            "throughput_bytes_per_second": round(counted[0] / elapsed),
+        }
+        if as_json:
+            click.echo(json.dumps({"schema_version": 1, "tunnel": stats}, indent=2))
+        else:
+            click.echo("\n".join(f"{key}: {value}" for key, value in stats.items()))
 
     run_async(main)
 
