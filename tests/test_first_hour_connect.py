@@ -297,3 +297,23 @@ def test_each_relay_listener_is_announced_once(tmp_path: Path) -> None:
     for name, port in ports.items():
         mentions = [line for line in lines if f":{port}" in line or f"port={port}" in line]
         assert mentions == [f"relay listening: {name} on 127.0.0.1:{port}\n"], lines
+
+
+def test_without_a_config_file_the_client_says_where_it_looked(tmp_path: Path) -> None:
+    ports = free_ports()
+    env = environment(
+        XDG_CONFIG_HOME=str(tmp_path / "config"),
+        CLOUDBRIDGE_TOKEN="not.a.token",
+        CLOUDBRIDGE_METRICS__ENABLED="false",
+        # the default host, on ports nothing listens on: whatever runs on this machine
+        **{f"CLOUDBRIDGE_TRANSPORT__{name.upper()}__PORT": str(p) for name, p in ports.items()},
+    )
+    done, _ = cloudbridge(*tunnel_args("--once"), env=env)
+    assert done.returncode == 5, done.stderr
+    looked = tmp_path / "config" / "cloudbridge" / "config.yaml"
+    assert f"no config file (looked for {looked} and /etc/cloudbridge/config.yaml)" in done.stderr
+    assert "'cloudbridge join URL' (an invite) or 'cloudbridge init'" in done.stderr
+    named = environment(**env, CLOUDBRIDGE_RELAY__HOST="127.0.0.1")
+    done, _ = cloudbridge(*tunnel_args("--once"), env=named)
+    assert "no config file" not in done.stderr  # a relay named anywhere is what was meant
+    no_traceback(done.stderr)

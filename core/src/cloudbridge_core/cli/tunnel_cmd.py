@@ -30,6 +30,7 @@ from cloudbridge_core.client.status import RunningClient
 from cloudbridge_core.client.tunnel import ConnectionLimit, Tunnel, TunnelSpec
 from cloudbridge_core.client.tunnel_set import TunnelSet
 from cloudbridge_core.config import Config, validate
+from cloudbridge_core.config.loader import searched
 from cloudbridge_core.config.reload import ConfigWatcher
 from cloudbridge_core.errors import CloudBridgeError, OverlayFailed, UsageError
 from cloudbridge_core.exporters import Exporters, exporting
@@ -138,6 +139,7 @@ async def run_client(
     drains the tunnels first, then stops the exporters (a last push holds the final
     counts), then closes the relay session.
     """
+    _say_when_no_config(runtime, config)
     transports = list(runtime.plugins.transports())
     metrics = ClientMetrics(transports)
     link = RelayLink(config, runtime.plugins, metrics)
@@ -364,6 +366,18 @@ async def _bring_up_overlay(
     stack.push_async_callback(run.aclose)
     message(f"overlay {run.interface} up: {', '.join(run.addresses)}")
     return run
+
+
+def _say_when_no_config(runtime: Runtime, config: Config) -> None:
+    """No config file and no relay named anywhere: the client would try ``localhost``,
+    which is rarely what a new user meant. Said before anything is tried."""
+    if runtime.config_path is not None or config.origin(("relay", "host")).source != "default":
+        return
+    looked = " and ".join(str(path) for path in searched())
+    message(
+        f"no config file (looked for {looked}): trying a relay on {config.settings.relay.host};"
+        " set one up with 'cloudbridge join URL' (an invite) or 'cloudbridge init'"
+    )
 
 
 def _bind_forwards(stack: contextlib.AsyncExitStack, mesh: MeshSetup | None) -> list[PeerTunnel]:

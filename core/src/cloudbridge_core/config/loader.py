@@ -46,10 +46,15 @@ def search_path(explicit: str | os.PathLike[str] | None, environ: Mapping[str, s
             where = "--config" if explicit else "CLOUDBRIDGE_CONFIG"
             raise ConfigError([ConfigIssue("", f"config file not found ({where})", str(path))])
         return path
-    for candidate in (platformdirs.user_config_path("cloudbridge") / "config.yaml", SYSTEM_CONFIG):
+    for candidate in searched():
         if candidate.is_file():
             return candidate
     return None
+
+
+def searched() -> list[Path]:
+    """Where a config file is looked for when none is named, first found first."""
+    return [platformdirs.user_config_path("cloudbridge") / "config.yaml", SYSTEM_CONFIG]
 
 
 @dataclass(frozen=True)
