@@ -19,6 +19,7 @@ from cloudbridge_core.api import (
 )
 
 from cloudbridge_wireguard import fastpath
+from cloudbridge_wireguard.hooks import SETTINGS_SCHEMA
 from cloudbridge_wireguard.kernel import KernelWireGuard
 from cloudbridge_wireguard.links import Links, parse_addresses
 from cloudbridge_wireguard.uapi import DeviceStatus, peer_lines
@@ -27,8 +28,11 @@ from cloudbridge_wireguard.wire import check_interface_name, decode_key, is_wire
 
 log = get_logger("overlay.wireguard")
 
-DEFAULTS: Mapping[str, Any] = {"backend": "auto", "listen_port": 0}
-BACKENDS = ("auto", "kernel", "wireguard-go")
+#: the schema's defaults, for a provider built without the core's validated section
+DEFAULTS: Mapping[str, Any] = {
+    key: spec["default"] for key, spec in SETTINGS_SCHEMA["properties"].items()
+}
+BACKENDS: tuple[str, ...] = tuple(SETTINGS_SCHEMA["properties"]["backend"]["enum"])
 NO_KERNEL = (
     "kernel WireGuard is not available on this host (the kernel has no WireGuard module): "
     "set overlay.wireguard.backend to auto or wireguard-go"
