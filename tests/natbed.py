@@ -177,13 +177,19 @@ class NatBed:
         raise RuntimeError(f"{command[0]} exited before {ready!r}: {''.join(seen[-30:])}")
 
     def exec(self, ns: str, command: Sequence[str | Path], timeout: float = 60) -> str:
-        return subprocess.run(
+        """The command's stdout; its stderr is in the error when it fails."""
+        done = subprocess.run(
             ["ip", "netns", "exec", ns, *map(str, command)],
             capture_output=True,
             text=True,
-            check=True,
             timeout=timeout,
-        ).stdout
+        )
+        if done.returncode:
+            raise RuntimeError(
+                f"{' '.join(map(str, command))} in {ns} exited {done.returncode}: "
+                + done.stderr.strip()[-2000:]
+            )
+        return done.stdout
 
     def __exit__(self, *exc_info: object) -> None:
         for process in self._processes:

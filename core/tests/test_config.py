@@ -89,7 +89,7 @@ def test_every_error_is_reported_with_path_line_and_column(tmp_path: Path) -> No
         tmp_path / "c.yaml",
         """
         relay:
-          hots: relay.example.com
+          hst: relay.example.com
         server:
           stun_port: "fast"
         transport:
@@ -98,7 +98,7 @@ def test_every_error_is_reported_with_path_line_and_column(tmp_path: Path) -> No
     )
     found = issues_of(path)
     assert len(found) == 3
-    assert found[0] == f"{path}:2:3: relay.hots: unknown key 'hots' (did you mean 'host'?)"
+    assert found[0] == f"{path}:2:3: relay.hst: unknown key 'hst' (did you mean 'host'?)"
     assert found[1].startswith(f"{path}:4:3: server.stun_port: 'fast' is not of type 'integer'")
     assert found[2] == (
         f"{path}:6:3: transport.connect_timeout: invalid duration 5000:"

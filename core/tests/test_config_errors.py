@@ -88,23 +88,23 @@ def test_a_bad_indent_is_reported_at_the_bad_line(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "where"),
     [
-        ("relay:\n  host: relay.example.com\n  hots:\n    a: 1\n", "3:3"),
-        ("relay: {hots: {a: 1}}\n", "1:9"),
-        ("relay:\n  hots:\n    nested:\n      deeper: 1\n", "2:3"),
+        ("relay:\n  host: relay.example.com\n  hst:\n    a: 1\n", "3:3"),
+        ("relay: {hst: {a: 1}}\n", "1:9"),
+        ("relay:\n  hst:\n    nested:\n      deeper: 1\n", "2:3"),
     ],
 )
 def test_an_unknown_key_holding_a_mapping_is_located(tmp_path: Path, text: str, where: str) -> None:
     path = write(tmp_path / "c.yaml", text)
     assert issues_of(path) == [
-        f"{path}:{where}: relay.hots: unknown key 'hots' (did you mean 'host'?)"
+        f"{path}:{where}: relay.hst: unknown key 'hst' (did you mean 'host'?)"
     ]
 
 
 def test_an_unknown_section_from_the_environment_names_the_variable() -> None:
     with pytest.raises(ConfigError) as caught:
-        load_config(None, environ={"CLOUDBRIDGE_RELAY__HOTS__A": "1"})
+        load_config(None, environ={"CLOUDBRIDGE_RELAY__HST__A": "1"})
     assert [str(i) for i in caught.value.issues] == [
-        "env CLOUDBRIDGE_RELAY__HOTS__A: relay.hots: unknown key 'hots' (did you mean 'host'?)"
+        "env CLOUDBRIDGE_RELAY__HST__A: relay.hst: unknown key 'hst' (did you mean 'host'?)"
     ]
 
 
@@ -285,7 +285,7 @@ def test_validate_reports_every_kind_of_error_in_one_file_with_its_place(
         tmp_path / "c.yaml",
         """
         relay:
-          hots: relay.example.com
+          hst: relay.example.com
           tls:
             ca_file: missing-ca.pem
         transport:
@@ -309,7 +309,7 @@ def test_validate_reports_every_kind_of_error_in_one_file_with_its_place(
     result = cloudbridge("config", "validate", str(path))
     assert result.code == 3
     expected = [
-        "2:3: relay.hots: unknown key",
+        "2:3: relay.hst: unknown key",
         f"4:5: relay.tls.ca_file: {tmp_path / 'missing-ca.pem'} does not exist",
         "6:3: transport.mode: 'quick' is not an installed transport",
         "7:3: transport.connect_timeout: invalid duration '-5s'",

@@ -178,6 +178,10 @@ class Claims:
     permissions: frozenset[str]
     expires_at: float
     extra: Mapping[str, Any] = field(default_factory=dict)
+    #: the token's id (``jti``) and when it was issued (``iat``), when it says: what a
+    #: revocation names (``cloudbridge relay token revoke``)
+    token_id: str | None = None
+    issued_at: float | None = None
 
 
 class AuthProvider(Protocol):

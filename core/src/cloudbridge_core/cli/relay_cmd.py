@@ -7,6 +7,7 @@ import contextlib
 import difflib
 import ipaddress
 import json
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,9 @@ from cloudbridge_core.exporters import RELAY_METRICS_PORT, exporting
 from cloudbridge_core.log import escape, get_logger
 from cloudbridge_core.plugins import transport_port
 from cloudbridge_core.prometheus_exporter import PrometheusExporter
-from cloudbridge_core.relay.invites import InviteLink, InviteStore
+from cloudbridge_core.relay.cluster.backend import run_once
+from cloudbridge_core.relay.cluster.store import Invite
+from cloudbridge_core.relay.invites import InviteLink, new_code
 from cloudbridge_core.relay.ipam import read_leases
 from cloudbridge_core.relay.live import follow
 from cloudbridge_core.relay.runner import start_relay, state_dir_of
@@ -272,7 +275,10 @@ def create_invite(
     except FileNotFoundError as exc:
         raise UsageError(str(exc), hint="run 'cloudbridge relay serve' once first") from None
     granted = list(permissions or ("relay:connect", "tunnel:create", "p2p:mesh"))
-    code = InviteStore(state.invites_file).create(tenant, granted, lifetime, uses)
+    code, key = new_code()
+    invite = Invite(tenant, granted, time.time() + lifetime, uses)
+    cluster = config.settings.server.cluster
+    run_once(cluster, state.directory, lambda store: store.add_invite(key, invite))
     host, port = _served_address(state.directory / "client.yaml", config)
     link = InviteLink(host, port, code, state.ca.certificate)
     click.echo(link.url())

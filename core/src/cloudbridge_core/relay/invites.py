@@ -4,7 +4,8 @@ The invite URL carries a random code (not a token: a code is useless once used o
 expired, while a JWT in a URL lives on in shell history and proxy logs) and the relay's CA
 certificate, so that ``cloudbridge join`` can trust the relay before it shows the code.
 The relay keeps only a hash of each code, with its tenant, permissions, expiry and the
-uses left, in ``invites.json`` (0600) in its state directory.
+uses left: in ``invites.json`` (0600) in its state directory, or in the cluster's Redis
+(``relay/cluster``).
 """
 
 from __future__ import annotations
@@ -22,19 +23,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from cloudbridge_core.errors import InvalidToken, UsageError
+from cloudbridge_core.relay.cluster.store import Invite
 from cloudbridge_core.secretfile import write_secret
 
 SCHEME = "cloudbridge"
+UNKNOWN_INVITE = "unknown invite (already used, or never issued by this relay)"
+EXPIRED_INVITE = "the invite has expired"
 #: longest invite URL read (its CA certificate is most of it), a security limit
 MAX_INVITE_URL = 8192
-
-
-@dataclass
-class Invite:
-    tenant_id: str
-    permissions: list[str]
-    expires_at: float
-    uses_left: int
 
 
 @dataclass(frozen=True)
@@ -80,34 +76,42 @@ class InviteLink:
         return cls(parts.hostname, port, code, pem)
 
 
-class InviteStore:
+def new_code() -> tuple[str, str]:
+    """A new invite code and the hash it is kept under (the code is shown once, never kept)."""
+    code = secrets.token_urlsafe(24)
+    return code, digest(code)
+
+
+def digest(code: str) -> str:
+    return hashlib.sha256(code.encode()).hexdigest()
+
+
+class InviteFile:
+    """The invites of a relay alone (``invites.json``, 0600, in its state directory), which
+    ``relay invite create`` writes and the relay reads, two processes: every change is one
+    read and one write of the whole file."""
+
     def __init__(self, path: Path) -> None:
         self._path = path
 
-    def create(self, tenant_id: str, permissions: list[str], ttl: float, uses: int) -> str:
-        """A new code (returned once, kept only as a hash)."""
-        code = secrets.token_urlsafe(24)
+    def add(self, key: str, invite: Invite) -> None:
         invites = self._load()
-        invites[_digest(code)] = Invite(tenant_id, permissions, time.time() + ttl, uses)
+        invites[key] = invite
         self._save(invites)
-        return code
 
-    def redeem(self, code: str) -> Invite:
+    def take(self, key: str) -> Invite:
         """Use one of the invite's uses; ``InvalidToken`` when unknown, used up or expired."""
         invites = self._load()
-        key = _digest(code)
         invite = invites.get(key)
         if invite is None:
-            raise InvalidToken("unknown invite (already used, or never issued by this relay)")
+            raise InvalidToken(UNKNOWN_INVITE)
         if invite.expires_at <= time.time():
             del invites[key]
             self._save(invites)
-            raise InvalidToken("the invite has expired")
+            raise InvalidToken(EXPIRED_INVITE)
         invite.uses_left -= 1
         if invite.uses_left <= 0:
             del invites[key]
-        else:
-            invites[key] = invite
         self._save(invites)
         return invite
 
@@ -121,7 +125,3 @@ class InviteStore:
     def _save(self, invites: dict[str, Invite]) -> None:
         body = {key: asdict(value) for key, value in invites.items()}
         write_secret(self._path, json.dumps(body).encode())
-
-
-def _digest(code: str) -> str:
-    return hashlib.sha256(code.encode()).hexdigest()

@@ -29,8 +29,10 @@ from cloudbridge_core.plugins import Plugins, transport_port
 from cloudbridge_core.protocol import messages
 from cloudbridge_core.providers import AuthProvider, Endpoint, Listener, TlsMaterial, Transport
 from cloudbridge_core.relay.auth_keys import AuthKeysCollector, key_statistics, load_keys
+from cloudbridge_core.relay.cluster.backend import open_store
+from cloudbridge_core.relay.cluster.store import ClusterStore
 from cloudbridge_core.relay.egress import EgressPolicy
-from cloudbridge_core.relay.invites import InviteStore
+from cloudbridge_core.relay.invites import digest
 from cloudbridge_core.relay.ipam import Ipam
 from cloudbridge_core.relay.server import Relay, RelayLimits
 from cloudbridge_core.relay.state import RelayState, default_state_dir, local_hostnames
@@ -97,10 +99,15 @@ class RunningRelay:
         return 200, "text/plain", f"ready: {', '.join(self.listeners)}\n".encode()
 
 
-def _redeem(
-    state: RelayState, host: str, ports: dict[str, int], max_ttl: float, code: str
+async def _redeem(
+    state: RelayState,
+    store: ClusterStore,
+    host: str,
+    ports: dict[str, int],
+    max_ttl: float,
+    code: str,
 ) -> messages.Redeemed:
-    invite = InviteStore(state.invites_file).redeem(code)
+    invite = await store.take_invite(digest(code))
     token = issue_token(
         state.signing_key,
         issuer=state.issuer,
@@ -214,9 +221,14 @@ async def start_relay(
     auth = load_auth(config, plugins, state)
     egress = EgressPolicy.from_settings(settings.server.egress, dev=dev)
     limits = RelayLimits.from_settings(settings.server, settings.performance)
-    turn = TurnIssuer.from_settings(settings.server.turn)
-    ipam = Ipam(state.ipam_file, settings.server.overlay)
-    relay = Relay(auth, egress, limits, turn=turn, ipam=ipam)
+    relay = Relay(
+        auth,
+        egress,
+        limits,
+        turn=TurnIssuer.from_settings(settings.server.turn),
+        ipam=Ipam(state.ipam_file, settings.server.overlay),
+        cluster=open_store(settings.server.cluster, state.directory),
+    )
     relay.metrics.watch(relay, tenant_labels=settings.metrics.tenant_labels)
     relay.metrics.registry.register(AuthKeysCollector(relay))
     running = RunningRelay(state, relay)
@@ -275,6 +287,6 @@ async def start_relay(
     relay.egress = dataclasses.replace(relay.egress, own_ports=frozenset(own_ports))
     running.client_config = state.write_client_config(public_host, actual, stun_url)
     relay.redeemer = functools.partial(
-        _redeem, state, public_host, actual, settings.server.max_token_ttl
+        _redeem, state, relay.cluster, public_host, actual, settings.server.max_token_ttl
     )
     return running

@@ -14,7 +14,7 @@ import secrets
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NoReturn
@@ -36,6 +36,7 @@ from cloudbridge_core.protocol import derp, messages
 from cloudbridge_core.providers import AuthProvider, Claims, Session, Stream
 from cloudbridge_core.pump import PumpResult, abort, connect, prepare, pump, pump_dialled
 from cloudbridge_core.relay.admission import HOLD, QUEUE, Admission, Turn
+from cloudbridge_core.relay.cluster.store import ClusterStore
 from cloudbridge_core.relay.egress import EgressPolicy
 from cloudbridge_core.relay.ipam import Ipam
 from cloudbridge_core.relay.mesh import Challenge, Member, Mesh, tell
@@ -151,7 +152,8 @@ class Relay:
     and streams that come next, while established sessions and open tunnels carry on.
     ``turn`` issues mesh members their tenant's TURN credentials; ``server.turn`` is set at
     start (it needs a restart, like the TURN server's shared secret it holds). ``ipam``
-    leases overlay addresses to the mesh's devices (``server.overlay``, also set at start).
+    leases overlay addresses to the mesh's devices (``server.overlay``, also set at start);
+    ``cluster``, where state shared with other relays lives (``server.cluster``), too.
     """
 
     def __init__(
@@ -162,8 +164,12 @@ class Relay:
         metrics: RelayMetrics | None = None,
         turn: TurnIssuer | None = None,
         ipam: Ipam | None = None,
+        *,
+        cluster: ClusterStore,
     ) -> None:
         self.auth = auth
+        #: what the relays of a cluster share (``server.cluster``; a relay alone's in memory)
+        self.cluster = cluster
         self.egress = egress
         self.limits = limits
         self.metrics = metrics or RelayMetrics()
@@ -182,7 +188,7 @@ class Relay:
         #: the pre-auth budget transports hold strangers to; follows ``limits`` on reload
         self.preauth = PreauthGate(self._preauth_limits)
         #: exchanges an invite's code for a token and the client's config (set by the runner)
-        self.redeemer: Callable[[str], messages.Redeemed] | None = None
+        self.redeemer: Callable[[str], Awaitable[messages.Redeemed]] | None = None
         self.sessions_by_tenant: Counter[str] = Counter()
         self.sessions_by_transport: Counter[str] = Counter()
         self.streams_active = 0
@@ -402,7 +408,7 @@ class Relay:
         try:
             if self.redeemer is None:
                 raise Unauthorized("this relay does not take invites")
-            redeemed = self.redeemer(request.code)
+            redeemed = await self.redeemer(request.code)
         except CloudBridgeError as error:
             self.metrics.auth_failures.labels(error.code).inc()
             log.info("invite_refused", code=error.code, reason=error.message)

@@ -24,6 +24,7 @@ class RelayTlsSettings:
 @dataclass(frozen=True, slots=True)
 class RelaySettings:
     host: str
+    hosts: tuple[str, ...]
     tls: RelayTlsSettings
     connect_timeout: float
 
@@ -228,6 +229,21 @@ class ServerOverlaySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterSettings:
+    """``server.cluster``: where relay state lives, and this relay's part in a cluster."""
+
+    backend: str
+    redis_url: str | None
+    redis_password_file: str | None
+    redis_ca_file: str | None
+    name: str
+    member: str | None
+    link_port: int
+    link_host: str | None
+    presence_ttl: float
+
+
+@dataclass(frozen=True, slots=True)
 class ServerSettings:
     listen: str
     stun_port: int
@@ -251,6 +267,7 @@ class ServerSettings:
     egress: EgressSettings
     turn: TurnSettings
     overlay: ServerOverlaySettings
+    cluster: ClusterSettings
     rate_limits: RateLimitSettings
 
 

@@ -1,0 +1,129 @@
+"""The backend of a relay alone (``server.cluster.backend: memory``): nothing to run.
+
+Devices and sessions live in this process. Invites and revocations live in the state
+directory, because ``relay invite create`` and ``relay token revoke`` are other processes:
+the relay reads revocations again when the file changes (checked every
+:data:`REVOCATIONS_POLL` seconds), so a revocation reaches open sessions within seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from pathlib import Path
+
+from cloudbridge_core.relay.cluster.store import (
+    ClusterEvent,
+    Device,
+    Handlers,
+    Invite,
+    RelayRecord,
+    Revocation,
+)
+from cloudbridge_core.relay.invites import InviteFile
+from cloudbridge_core.secretfile import write_secret
+
+REVOCATIONS_FILE = "revocations.json"
+#: how often the relay looks for revocations written by ``relay token revoke``
+REVOCATIONS_POLL = 1.0
+
+
+class MemoryStore:
+    def __init__(self, state_dir: Path, member: str = "relay") -> None:
+        self.member = member
+        self._invites = InviteFile(state_dir / "invites.json")
+        self._revocations_file = state_dir.absolute() / REVOCATIONS_FILE
+        self._devices: dict[str, dict[str, Device]] = {}
+        self._sessions: dict[str, set[str]] = {}
+        self._record = RelayRecord("", "")
+        self._watcher: asyncio.Task[None] | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return True
+
+    async def start(self, handlers: Handlers, record: RelayRecord) -> None:
+        self._record = record
+        self._watcher = asyncio.create_task(self._watch_revocations(handlers))
+
+    async def aclose(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+
+    async def relays(self) -> dict[str, RelayRecord]:
+        return {self.member: self._record}
+
+    async def put_device(self, tenant_id: str, peer_id: str, info: dict[str, str]) -> None:
+        self._devices.setdefault(tenant_id, {})[peer_id] = Device(self.member, dict(info))
+
+    async def drop_device(self, tenant_id: str, peer_id: str) -> None:
+        devices = self._devices.get(tenant_id, {})
+        devices.pop(peer_id, None)
+        if not devices:
+            self._devices.pop(tenant_id, None)
+
+    async def devices(self, tenant_id: str) -> dict[str, Device]:
+        return dict(self._devices.get(tenant_id, {}))
+
+    async def send(self, relay: str, event: ClusterEvent) -> None:
+        """There is no other relay: nothing is delivered."""
+
+    async def add_invite(self, digest: str, invite: Invite) -> None:
+        self._invites.add(digest, invite)
+
+    async def take_invite(self, digest: str) -> Invite:
+        return self._invites.take(digest)
+
+    async def open_session(self, tenant_id: str, session_id: str, limit: int) -> bool:
+        sessions = self._sessions.setdefault(tenant_id, set())
+        if len(sessions) >= limit:
+            return False
+        sessions.add(session_id)
+        return True
+
+    async def close_session(self, tenant_id: str, session_id: str) -> None:
+        sessions = self._sessions.get(tenant_id, set())
+        sessions.discard(session_id)
+        if not sessions:
+            self._sessions.pop(tenant_id, None)
+
+    async def revoke(self, revocation: Revocation) -> None:
+        revocations = {r.key: r for r in self._read_revocations()}
+        revocations[revocation.key] = revocation
+        body = [r.to_dict() for r in revocations.values()]
+        write_secret(self._revocations_file, json.dumps(body).encode())
+
+    async def revocations(self) -> list[Revocation]:
+        return self._read_revocations()
+
+    def _read_revocations(self) -> list[Revocation]:
+        try:
+            raw = json.loads(self._revocations_file.read_text())
+        except FileNotFoundError:
+            return []
+        now = time.time()
+        return [r for r in (Revocation(**item) for item in raw) if r.until > now]
+
+    async def _watch_revocations(self, handlers: Handlers) -> None:
+        seen = {r.key for r in self._read_revocations()}
+        changed_at = self._changed_at()
+        while True:
+            await asyncio.sleep(REVOCATIONS_POLL)
+            if self._changed_at() == changed_at:
+                continue
+            changed_at = self._changed_at()
+            for revocation in self._read_revocations():
+                if revocation.key not in seen:
+                    seen.add(revocation.key)
+                    event = ClusterEvent("revoked", revocation.tenant_id, revocation.to_dict())
+                    await handlers.event(event)
+
+    def _changed_at(self) -> int:
+        try:
+            return self._revocations_file.stat().st_mtime_ns
+        except FileNotFoundError:
+            return 0
