@@ -15,6 +15,13 @@ A join with an ``overlay_key`` (the device's WireGuard key) also asks for the de
 overlay address: the relay's IPAM (``relay/ipam.py``) leases it one from its tenant's pool,
 by device key, and the device's entry then carries ``overlay_ip`` and ``overlay_key`` for
 its peers to reach it over the overlay.
+
+In a cluster a tenant's mesh spans relays: each relay holds the devices whose sessions it
+serves and learns the others' from the cluster's store (``relay/cluster``). Joins and leaves
+reach the other relays as events, signals for a device on another relay go to that relay
+through the store, and DERP packets for it over the relay-to-relay link
+(:attr:`Mesh.remote_packets`). When the store cannot be reached, each relay goes on with
+what it holds and knows: its own devices reach each other as before.
 """
 
 from __future__ import annotations
@@ -24,17 +31,25 @@ import base64
 import contextlib
 import hashlib
 import hmac
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from cloudbridge_core.errors import ProtocolViolation, TransportError, Unauthorized
+from cloudbridge_core.errors import (
+    ProtocolViolation,
+    ServerUnavailable,
+    TransportError,
+    Unauthorized,
+)
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.protocol import derp, messages
 from cloudbridge_core.providers import Claims, Stream
+from cloudbridge_core.relay.cluster.remote import RemoteDevices, valid_info
+from cloudbridge_core.relay.cluster.store import ClusterEvent, ClusterStore, Device
 from cloudbridge_core.relay.ipam import Allocation, Ipam
 from cloudbridge_core.relay.metrics import RelayMetrics
 from cloudbridge_core.wire import MessageStream
@@ -121,14 +136,25 @@ class Member:
         return True
 
 
+#: sends a DERP packet to a device on another relay: (relay, tenant, sender key, target
+#: key, payload) -> whether it went (it is dropped otherwise, as DERP may)
+RemotePackets = Callable[[str, str, bytes, bytes, bytes], Awaitable[bool]]
+
+
 class Mesh:
     """``ipam`` leases overlay addresses to the devices that ask; without it, a device that
-    asks is told the relay leases none."""
+    asks is told the relay leases none. ``cluster`` holds the devices of other relays."""
 
-    def __init__(self, metrics: RelayMetrics, ipam: Ipam | None = None) -> None:
+    def __init__(
+        self, metrics: RelayMetrics, cluster: ClusterStore, ipam: Ipam | None = None
+    ) -> None:
         self._metrics = metrics
         self.ipam = ipam
+        self._cluster = cluster
         self._tenants: dict[str, dict[str, Member]] = {}
+        self._remote = RemoteDevices(cluster.member)
+        #: set when the relay has a link to the other relays (a cluster)
+        self.remote_packets: RemotePackets | None = None
 
     def members(self) -> Iterator[Member]:
         for peers in self._tenants.values():
@@ -161,7 +187,9 @@ class Mesh:
             self.rejected("bad_proof", claims.tenant_id, "mesh_join without a valid proof")
             raise Unauthorized("mesh_join does not prove possession of the device key")
         peers = self._tenants.get(claims.tenant_id, {})
-        bound = peers.get(peer_id_of(request.public_key))
+        bound = peers.get(peer_id_of(request.public_key)) or self._remote.get(
+            claims.tenant_id, peer_id_of(request.public_key)
+        )
         if bound is not None and bound.info["name"] != request.name:
             self.rejected("key_in_use", claims.tenant_id, "mesh_join with another device's key")
             raise Unauthorized("this device key is already bound to another device of the tenant")
@@ -185,24 +213,34 @@ class Mesh:
             if allocation.address:
                 info["overlay_ip"] = allocation.address
                 info["overlay_key"] = request.overlay_key
+        await self._load_remote(claims.tenant_id)
         peers = self._tenants.setdefault(claims.tenant_id, {})
         replaced = peers.get(member.peer_id)
         peers[member.peer_id] = member  # the same device again: its newest session wins
+        replaced_remote = self._remote.get(claims.tenant_id, member.peer_id)
+        self._remote.drop(claims.tenant_id, member.peer_id)
         others = [m for m in peers.values() if m is not member]
         if credentials is not None:
             await tell(control, credentials)
-        listed = messages.MeshPeers(info, [m.info for m in others], member.overlay)
+        listed = messages.MeshPeers(
+            info, [m.info for m in others] + self._remote.infos(claims.tenant_id), member.overlay
+        )
         await tell(control, listed)
         # a device back with a new session (a restart) is a new peer to the others: they
         # drop what they held for the old one (its QUIC session, its paths) and start over
         events = [messages.MeshEvent("joined", info)]
+        previous = replaced or replaced_remote
+        if previous is not None:
+            events.insert(0, messages.MeshEvent("left", previous.info))
         if replaced is not None:
-            events.insert(0, messages.MeshEvent("left", replaced.info))
             # told why, so two processes sharing one device key do not take turns silently
             reason = "a newer session of this device joined the mesh"
             await tell(replaced.control, messages.MeshEvent("replaced", info, reason))
         for event in events:
             await asyncio.gather(*(tell(m.control, event) for m in others))
+        await self._shared(
+            "put_device", self._cluster.put_device(claims.tenant_id, member.peer_id, info)
+        )
         log.info(
             "peer_joined",
             tenant_id=claims.tenant_id,
@@ -225,7 +263,7 @@ class Mesh:
     async def refresh(self, member: Member) -> None:
         others = [
             m.info for m in self._tenants.get(member.tenant_id, {}).values() if m is not member
-        ]
+        ] + self._remote.infos(member.tenant_id)
         await tell(member.control, messages.MeshPeers(member.info, others, member.overlay))
 
     async def leave(self, member: Member) -> None:
@@ -235,6 +273,10 @@ class Mesh:
         del peers[member.peer_id]
         if not peers:
             del self._tenants[member.tenant_id]
+            self._remote.forget(member.tenant_id)  # loaded again when a device joins here
+        await self._shared(
+            "drop_device", self._cluster.drop_device(member.tenant_id, member.peer_id)
+        )
         if self.ipam is not None and "overlay_ip" in member.info:
             self.ipam.seen(member.tenant_id, member.info["public_key"])
         gone = derp.Frame(derp.FrameType.PEER_GONE, member.key)
@@ -250,6 +292,10 @@ class Mesh:
             self.rejected("not_joined", tenant_id, "signal before mesh_join")
             return
         target = self._tenants.get(tenant_id, {}).get(signal.peer_id)
+        remote = self._remote.get(tenant_id, signal.peer_id) if target is None else None
+        if remote is not None:
+            await self._signal_remote(sender, tenant_id, remote, signal)
+            return
         if target is None:
             self.rejected("unknown_peer", tenant_id, f"signal to unknown peer {signal.peer_id}")
             await tell(
@@ -284,6 +330,8 @@ class Mesh:
             (m for m in self._tenants.get(sender.tenant_id, {}).values() if m.key == frame.key),
             None,
         )
+        if target is None and await self._forward_remote(sender, frame):
+            return
         received = derp.Frame(derp.FrameType.RECV_PACKET, sender.key, frame.payload)
         if target is None or not await target.deliver(received):
             if target is None:
@@ -291,6 +339,147 @@ class Mesh:
             await sender.deliver(derp.Frame(derp.FrameType.PEER_GONE, frame.key))
             return
         self._metrics.derp_bytes.inc(len(frame.payload))
+
+    # ---- the other relays of a cluster ----
+
+    async def _shared(self, operation: str, call: Awaitable[None]) -> None:
+        """A change other relays should learn; when the store cannot be reached the mesh
+        goes on without them (the store's resync publishes it again)."""
+        try:
+            await call
+        except ServerUnavailable as error:
+            log.warning("cluster_degraded", operation=operation, reason=error.message)
+
+    async def _load_remote(self, tenant_id: str) -> None:
+        if self._remote.known(tenant_id):
+            return
+        try:
+            devices = await self._cluster.devices(tenant_id)
+        except ServerUnavailable as error:  # tried again at the tenant's next join
+            log.warning("cluster_degraded", operation="devices", reason=error.message)
+            return
+        self._remote.load(tenant_id, devices)
+
+    async def _signal_remote(
+        self, sender: Member, tenant_id: str, device: Device, signal: messages.Signal
+    ) -> None:
+        body = {"from": sender.peer_id, "to": signal.peer_id, "kind": signal.kind}
+        event = ClusterEvent(
+            "signal", tenant_id, {**body, "body": signal.body}, self._cluster.member
+        )
+        try:
+            await self._cluster.send(device.relay, event)
+        except ServerUnavailable:
+            self.rejected("cluster_unavailable", tenant_id, "signal to a peer on another relay")
+            reason = "the peer is on another relay, which cannot be reached now"
+            await tell(sender.control, messages.SignalFailed(signal.peer_id, "unavailable", reason))
+
+    async def _forward_remote(self, sender: Member, frame: derp.Frame) -> bool:
+        """Send a packet for a device on another relay over the link; False when no device
+        of the sender's tenant on another relay has the key."""
+        device = self._remote.by_key(sender.tenant_id, frame.key)
+        if device is None or self.remote_packets is None:
+            return False
+        if await self.remote_packets(
+            device.relay, sender.tenant_id, sender.key, frame.key, frame.payload
+        ):
+            self._metrics.derp_bytes.inc(len(frame.payload))
+        return True  # a packet the link could not take is dropped, as DERP may
+
+    async def deliver_remote(
+        self, tenant_id: str, sender_key: bytes, target_key: bytes, payload: bytes
+    ) -> bool:
+        """A packet from a device on another relay, for a device here."""
+        target = next(
+            (m for m in self._tenants.get(tenant_id, {}).values() if m.key == target_key), None
+        )
+        if target is None:
+            return False
+        return await target.deliver(derp.Frame(derp.FrameType.RECV_PACKET, sender_key, payload))
+
+    async def on_event(self, event: ClusterEvent) -> None:
+        """Another relay's ``joined``, ``left`` or ``signal``."""
+        if event.kind == "signal":
+            await self._remote_signal(event.tenant_id, event.body)
+            return
+        if event.kind == "left":
+            peer_id = event.body.get("peer_id")
+            device = self._remote.left(event.tenant_id, event.sender, str(peer_id))
+            if device is not None:
+                await self._tell_left(event.tenant_id, device.info)
+            return
+        info = valid_info(event.body)
+        if info is None:
+            log.debug("cluster_event_dropped", kind=event.kind, relay=event.sender)
+            return
+        if event.kind == "joined":
+            await self._remote_joined(event.tenant_id, event.sender, info)
+
+    async def _remote_joined(self, tenant_id: str, relay: str, info: dict[str, str]) -> None:
+        peers = self._tenants.get(tenant_id)
+        if not peers:
+            return  # no device of the tenant here: nobody to tell
+        here = peers.get(info["peer_id"])
+        if here is not None:  # the device's newest session is on another relay now
+            del peers[info["peer_id"]]
+            reason = "a newer session of this device joined the mesh at another relay"
+            await tell(here.control, messages.MeshEvent("replaced", info, reason))
+        replaced = self._remote.joined(tenant_id, relay, info)
+        previous = here.info if here is not None else replaced.info if replaced else None
+        if previous == info:
+            return  # published again (a resync): nothing changed
+        events = [messages.MeshEvent("joined", info)]
+        if previous is not None:
+            events.insert(0, messages.MeshEvent("left", previous))
+        for event in events:
+            await asyncio.gather(*(tell(m.control, event) for m in peers.values()))
+
+    async def _tell_left(self, tenant_id: str, info: dict[str, str]) -> None:
+        peers = list(self._tenants.get(tenant_id, {}).values())
+        event = messages.MeshEvent("left", info)
+        gone = derp.Frame(derp.FrameType.PEER_GONE, base64.b64decode(info["public_key"]))
+        await asyncio.gather(
+            *(tell(m.control, event) for m in peers), *(m.deliver(gone) for m in peers)
+        )
+
+    async def _remote_signal(self, tenant_id: str, body: dict[str, Any]) -> None:
+        sender, target_id = body.get("from"), body.get("to")
+        kind, payload = body.get("kind"), body.get("body")
+        if not (isinstance(sender, str) and isinstance(target_id, str)):
+            return
+        if not (isinstance(kind, str) and isinstance(payload, dict)):
+            return
+        target = self._tenants.get(tenant_id, {}).get(target_id)
+        if target is not None:
+            await tell(target.control, messages.Signal(sender, kind, payload))
+
+    async def relays_gone(self, relays: set[str]) -> None:
+        """Relays whose presence lapsed: their devices leave the meshes here."""
+        for tenant_id, device in self._remote.gone(relays):
+            await self._tell_left(tenant_id, device.info)
+
+    async def resynced(self) -> None:
+        """The store is back after an outage: publish this relay's devices again and
+        catch up with the joins and leaves missed meanwhile."""
+        for member in list(self.members()):
+            await self._shared(
+                "put_device",
+                self._cluster.put_device(member.tenant_id, member.peer_id, member.info),
+            )
+        for tenant_id in list(self._tenants):
+            before = {info["peer_id"]: info for info in self._remote.infos(tenant_id)}
+            self._remote.forget(tenant_id)
+            await self._load_remote(tenant_id)
+            after = {info["peer_id"]: info for info in self._remote.infos(tenant_id)}
+            for peer_id, info in before.items():
+                if peer_id not in after:
+                    await self._tell_left(tenant_id, info)
+            for peer_id, info in after.items():
+                if before.get(peer_id) != info:
+                    event = messages.MeshEvent("joined", info)
+                    await asyncio.gather(
+                        *(tell(m.control, event) for m in self._tenants.get(tenant_id, {}).values())
+                    )
 
     async def restarting(self) -> None:
         notice = derp.Frame(derp.FrameType.RESTARTING, bytes(derp.KEY_SIZE))

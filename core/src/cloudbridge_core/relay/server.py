@@ -174,7 +174,7 @@ class Relay:
         self.limits = limits
         self.metrics = metrics or RelayMetrics()
         self.turn = turn
-        self.mesh = Mesh(self.metrics, ipam)
+        self.mesh = Mesh(self.metrics, cluster, ipam)
         #: joins the peer_splice streams of two peers of one tenant
         self.splicer = Splicer(self.mesh)
         #: joins their raw connections to the TLS port (``peer_ticket``)
@@ -254,6 +254,8 @@ class Relay:
             await self._serve(session, control, claims)
         finally:
             del self._sessions[session_id]
+            with contextlib.suppress(ServerUnavailable):  # its entry lapses with the relay
+                await self.cluster.close_session(tenant, session_id)
             self.sessions_by_tenant[tenant] -= 1
             if not self.sessions_by_tenant[tenant]:
                 del self.sessions_by_tenant[tenant]
@@ -298,6 +300,19 @@ class Relay:
             raise LimitExceeded(
                 f"tenant already holds {self.limits.max_sessions_per_tenant} sessions"
             )
+
+    async def _count_in_cluster(self, tenant_id: str, session_id: str) -> None:
+        """Count the session against its tenant's limit across the cluster (a relay alone
+        counts its own, as :meth:`_check_room` did); while the cluster's store cannot be
+        reached, this relay's own count is the limit."""
+        limit = self.limits.max_sessions_per_tenant
+        try:
+            counted = await self.cluster.open_session(tenant_id, session_id, limit)
+        except ServerUnavailable as error:
+            log.warning("cluster_degraded", operation="open_session", reason=error.message)
+            return
+        if not counted:
+            raise LimitExceeded(f"tenant already holds {limit} sessions across the cluster")
 
     def _restarting(self) -> ServerUnavailable:
         return ServerUnavailable(
@@ -362,22 +377,27 @@ class Relay:
             await control.send(messages.Queued(round(turn.hold, 3)))
         await self._wait_unless_draining(turn.hold)
         await self._wait_unless_draining(self.admission.start_delay())
+        session_id = secrets.token_urlsafe(12)
         try:  # again after the wait: a drain may have begun, sessions opened, time passed
             _check_not_expired(claims)
             self._check_room(claims)
+            await self._count_in_cluster(claims.tenant_id, session_id)
         except CloudBridgeError as error:
             await _refuse(control, error)
         if hello.replaces:
             self._close_replaced(hello.replaces, claims)
-        session_id = secrets.token_urlsafe(12)
-        await control.send(
-            messages.Welcome(
-                session_id=session_id,
-                tenant_id=claims.tenant_id,
-                heartbeat_interval_seconds=self.limits.heartbeat_interval,
-                server_time=time.time(),
-            )
+        welcome = messages.Welcome(
+            session_id=session_id,
+            tenant_id=claims.tenant_id,
+            heartbeat_interval_seconds=self.limits.heartbeat_interval,
+            server_time=time.time(),
         )
+        try:
+            await control.send(welcome)
+        except BaseException:  # a client gone before its welcome holds no session
+            with contextlib.suppress(ServerUnavailable):
+                await self.cluster.close_session(claims.tenant_id, session_id)
+            raise
         log.info(
             "session_opened",
             tenant_id=claims.tenant_id,
