@@ -85,6 +85,19 @@ def test_valid_token_gives_claims(rsa_key: RSAKey, key_file: Path) -> None:
     assert (result.tenant_id, result.subject) == ("acme", "laptop")
     assert result.permissions == frozenset({"relay:connect", "tunnel:create"})
     assert result.extra == {"custom:mesh_config": {"peer_ip": "100.96.0.5"}}
+    assert (result.token_id, result.issued_at) == (None, float(claims()["iat"]))
+
+
+@pytest.mark.parametrize(
+    ("jti", "token_id"),
+    [("a1b2c3", "a1b2c3"), ("", None), ("x" * 257, None)],
+    ids=["string", "empty", "too-long"],
+)
+def test_token_id_comes_from_a_short_string_jti(
+    rsa_key: RSAKey, key_file: Path, jti: object, token_id: str | None
+) -> None:
+    validator = JwtValidator(settings(public_key_file=str(key_file)))
+    assert validate(validator, sign(rsa_key, claims(jti=jti))).token_id == token_id
 
 
 def hs256_signed_with(secret: bytes) -> str:

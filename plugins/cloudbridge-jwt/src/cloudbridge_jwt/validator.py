@@ -60,6 +60,9 @@ MAX_HEADER_BYTES = 2048
 #: deepest nesting of objects and arrays in a header or payload (a security limit: claims
 #: such as custom:mesh_config are shallow, and deep nesting exhausts a recursive parser)
 MAX_JSON_DEPTH = 16
+#: the longest ``jti`` kept as the token's id (a security limit: a revocation names it, and
+#: the relay keeps revocations; longer ones are not ids it issued or can be asked to revoke)
+MAX_TOKEN_ID_LENGTH = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +194,8 @@ class JwtValidator:
             permissions=frozenset(permissions),
             expires_at=float(claims["exp"]),
             extra=extra,
+            token_id=_token_id(claims.get("jti")),
+            issued_at=float(claims["iat"]),  # _check_times required it, a number
         )
 
     def _check_times(self, claims: dict[str, Any]) -> None:
@@ -315,6 +320,13 @@ class JwtValidator:
             log.warning("jwks_stale", url=url, error=problem, failures=self._failures)
         else:
             log.warning("jwks_fetch_failed", url=url, error=problem, failures=self._failures)
+
+
+def _token_id(jti: object) -> str | None:
+    """The token's ``jti`` when it is a usable id: a short non-empty string."""
+    if isinstance(jti, str) and 0 < len(jti) <= MAX_TOKEN_ID_LENGTH:
+        return jti
+    return None
 
 
 def _utc(seconds: float) -> str:
