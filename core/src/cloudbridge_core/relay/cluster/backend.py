@@ -6,11 +6,14 @@ import asyncio
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from cloudbridge_core.relay.cluster.memory import MemoryStore
 from cloudbridge_core.relay.cluster.store import ClusterStore
 from cloudbridge_core.settings.sections import ClusterSettings
+
+if TYPE_CHECKING:
+    from cloudbridge_core.relay.cluster.metrics import ClusterMetrics
 
 _T = TypeVar("_T")
 
@@ -21,8 +24,16 @@ def member_name(settings: ClusterSettings) -> str:
     return settings.member or f"{socket.gethostname()}:{settings.link_port}"
 
 
-def open_store(settings: ClusterSettings, state_dir: Path) -> ClusterStore:
-    """The configured backend, not yet started (:meth:`ClusterStore.start`)."""
+def open_store(
+    settings: ClusterSettings, state_dir: Path, metrics: ClusterMetrics | None = None
+) -> ClusterStore:
+    """The configured backend, not yet started (:meth:`ClusterStore.start`); ``ConfigError``
+    for a redis backend without ``redis_url``. ``metrics`` are recorded by the redis one."""
+    if settings.backend == "redis":
+        # redis-py is imported only by relays that use it
+        from cloudbridge_core.relay.cluster.redis_store import RedisStore
+
+        return RedisStore.from_settings(settings, member_name(settings), metrics)
     return MemoryStore(state_dir, member_name(settings))
 
 

@@ -1,0 +1,516 @@
+"""One contract for every backend of the relay's cluster store (``relay/cluster``): the
+memory backend of a relay alone, and the Redis one against a real redis-server. Where
+the backends differ (several relays share state only through Redis), the memory backend's
+"second relay" is the same store, or a second store on the same state directory."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis.asyncio
+from cloudbridge_core.errors import ConfigError, InvalidToken, ServerUnavailable
+from cloudbridge_core.providers import Claims
+from cloudbridge_core.relay.cluster.backend import open_store
+from cloudbridge_core.relay.cluster.metrics import ClusterMetrics
+from cloudbridge_core.relay.cluster.store import (
+    ClusterEvent,
+    ClusterStore,
+    Handlers,
+    Invite,
+    RelayRecord,
+    Revocation,
+)
+from cloudbridge_core.relay.invites import EXPIRED_INVITE, UNKNOWN_INVITE
+from cloudbridge_core.settings.sections import ClusterSettings
+from prometheus_client import CollectorRegistry
+from redis_server import RedisServer, redis_server
+
+PASSWORD = "s3cret-redis-password"
+URL_PASSWORD = "stale-url-password"
+#: the shortest presence_ttl the schema allows, so that a lapsed relay is noticed soon
+PRESENCE_TTL = 3.0
+#: a bound on waits for what Redis carries (pub/sub, presence lapsing), never a timing claim
+WAIT = 20.0
+
+
+@dataclass
+class Recorder:
+    """Handlers that remember what the store told them, and wait for it."""
+
+    events: list[ClusterEvent] = field(default_factory=list)
+    gone: list[set[str]] = field(default_factory=list)
+    resynced: int = 0
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def handlers(self) -> Handlers:
+        return Handlers(self._event, self._resynced, self._relays_gone)
+
+    async def _event(self, event: ClusterEvent) -> None:
+        self.events.append(event)
+        self._changed.set()
+
+    async def _resynced(self) -> None:
+        self.resynced += 1
+        self._changed.set()
+
+    async def _relays_gone(self, names: set[str]) -> None:
+        self.gone.append(names)
+        self._changed.set()
+
+    async def wait_until(self, condition: Callable[[], bool]) -> None:
+        async with asyncio.timeout(WAIT):
+            while not condition():
+                self._changed.clear()
+                await self._changed.wait()
+
+    def kinds(self) -> list[str]:
+        return [event.kind for event in self.events]
+
+    async def next_event(self, kind: str) -> ClusterEvent:
+        """The first event of ``kind``, once it has come."""
+        await self.wait_until(lambda: kind in self.kinds())
+        return next(event for event in self.events if event.kind == kind)
+
+
+@dataclass
+class Cluster:
+    """Opens stores of one backend, as a relay does (``open_store``)."""
+
+    backend: str
+    state_dir: Path
+    redis: RedisServer | None
+    password_file: Path | None
+
+    def settings(self, member: str) -> ClusterSettings:
+        # the password in the URL is stale: the password file overrides it
+        url = self.redis.url.replace("//", f"//:{URL_PASSWORD}@") if self.redis else None
+        return ClusterSettings(
+            backend=self.backend,
+            redis_url=url,
+            redis_password_file=str(self.password_file) if self.password_file else None,
+            redis_ca_file=None,
+            name="test-cluster",
+            member=member,
+            link_port=7480,
+            link_host=None,
+            presence_ttl=PRESENCE_TTL,
+        )
+
+    def store(self, member: str, metrics: ClusterMetrics | None = None) -> ClusterStore:
+        return open_store(self.settings(member), self.state_dir, metrics)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    if request.param == "memory":
+        yield Cluster("memory", state_dir, None, None)
+        return
+    password_file = tmp_path / "redis-password"
+    password_file.write_text(f"{PASSWORD}\nnot the password\n")
+    with redis_server(tmp_path, PASSWORD) as server:
+        yield Cluster("redis", state_dir, server, password_file)
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[Cluster]:
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    password_file = tmp_path / "redis-password"
+    password_file.write_text(f"{PASSWORD}\n")
+    with redis_server(tmp_path, PASSWORD) as server:
+        yield Cluster("redis", state_dir, server, password_file)
+
+
+def run(scenario: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(scenario())
+
+
+def record(member: str) -> RelayRecord:
+    return RelayRecord(f"{member}.relay.test", f"{member}.relay.test:7480")
+
+
+async def started(cluster: Cluster, member: str) -> tuple[ClusterStore, Recorder]:
+    store, recorder = cluster.store(member), Recorder()
+    await store.start(recorder.handlers, record(member))
+    # MemoryStore's revocation watcher notes what is known already when it first runs,
+    # not in start(): let it run, or a revocation written now would count as known
+    await asyncio.sleep(0)
+    return store, recorder
+
+
+def info(peer_id: str) -> dict[str, str]:
+    return {"peer_id": peer_id, "name": f"host-{peer_id}"}
+
+
+# ---- devices ----
+
+
+def test_devices_are_listed_per_tenant(cluster: Cluster) -> None:
+    async def scenario() -> None:
+        store, _ = await started(cluster, "relay-a")
+        try:
+            await store.put_device("acme", "p1", info("p1"))
+            await store.put_device("acme", "p2", info("p2"))
+            await store.put_device("globex", "p3", info("p3"))
+            acme = await store.devices("acme")
+            assert {peer: (d.relay, d.info) for peer, d in acme.items()} == {
+                "p1": ("relay-a", info("p1")),
+                "p2": ("relay-a", info("p2")),
+            }
+            assert set(await store.devices("globex")) == {"p3"}
+            await store.drop_device("acme", "p1")
+            await store.drop_device("acme", "never-joined")
+            assert set(await store.devices("acme")) == {"p2"}
+            assert set(await store.devices("globex")) == {"p3"}
+            assert await store.devices("initech") == {}
+        finally:
+            await store.aclose()
+
+    run(scenario)
+
+
+def test_a_relay_drops_only_the_devices_it_holds(redis_cluster: Cluster) -> None:
+    async def scenario() -> None:
+        a, _ = await started(redis_cluster, "relay-a")
+        b, _ = await started(redis_cluster, "relay-b")
+        try:
+            await a.put_device("acme", "p1", info("p1"))
+            await b.put_device("acme", "p2", info("p2"))
+            await b.drop_device("acme", "p1")
+            devices = await b.devices("acme")
+            assert {peer: d.relay for peer, d in devices.items()} == {
+                "p1": "relay-a",
+                "p2": "relay-b",
+            }
+        finally:
+            await a.aclose()
+            await b.aclose()
+
+    run(scenario)
+
+
+# ---- invites ----
+
+
+def test_invites_are_used_up_expire_and_are_unknown_otherwise(cluster: Cluster) -> None:
+    async def scenario() -> None:
+        store = cluster.store("relay-a")  # never started: a command's one operation
+        try:
+            later = time.time() + 600
+            await store.add_invite("once", Invite("acme", ["connect"], later, 1))
+            taken = await store.take_invite("once")
+            assert (taken.tenant_id, taken.permissions, taken.uses_left) == ("acme", ["connect"], 0)
+            with pytest.raises(InvalidToken, match=re.escape(UNKNOWN_INVITE)):
+                await store.take_invite("once")
+
+            await store.add_invite("thrice", Invite("acme", ["connect", "mesh"], later, 3))
+            left = [(await store.take_invite("thrice")).uses_left for _ in range(3)]
+            assert left == [2, 1, 0]
+            with pytest.raises(InvalidToken, match=re.escape(UNKNOWN_INVITE)):
+                await store.take_invite("thrice")
+
+            await store.add_invite("old", Invite("acme", ["connect"], time.time() - 1, 5))
+            with pytest.raises(InvalidToken, match=re.escape(EXPIRED_INVITE)):
+                await store.take_invite("old")
+            with pytest.raises(InvalidToken, match=re.escape(UNKNOWN_INVITE)):
+                await store.take_invite("old")
+
+            with pytest.raises(InvalidToken, match=re.escape(UNKNOWN_INVITE)):
+                await store.take_invite("never-issued")
+        finally:
+            await store.aclose()
+
+    run(scenario)
+
+
+def test_a_one_use_invite_taken_at_two_relays_at_once_is_taken_once(cluster: Cluster) -> None:
+    async def scenario() -> None:
+        a, b = cluster.store("relay-a"), cluster.store("relay-b")
+        try:
+            await a.add_invite("once", Invite("acme", ["connect"], time.time() + 600, 1))
+            results = await asyncio.gather(
+                a.take_invite("once"), b.take_invite("once"), return_exceptions=True
+            )
+            assert sorted(type(result).__name__ for result in results) == [
+                "InvalidToken",
+                "Invite",
+            ]
+        finally:
+            await a.aclose()
+            await b.aclose()
+
+    run(scenario)
+
+
+# ---- sessions ----
+
+
+def test_a_tenants_sessions_are_limited_across_relays(cluster: Cluster) -> None:
+    async def scenario() -> None:
+        a, _ = await started(cluster, "relay-a")
+        # relays share limits only through Redis: the memory backend's relay is alone
+        b, _ = await started(cluster, "relay-b") if cluster.backend == "redis" else (a, None)
+        try:
+            assert await a.open_session("acme", "s1", limit=2)
+            assert await b.open_session("acme", "s2", limit=2)
+            assert not await a.open_session("acme", "s3", limit=2)
+            assert not await b.open_session("acme", "s4", limit=2)
+            assert await b.open_session("globex", "s5", limit=2)
+            await a.close_session("acme", "s1")
+            assert await b.open_session("acme", "s4", limit=2)
+            assert not await a.open_session("acme", "s6", limit=2)
+        finally:
+            await a.aclose()
+            await b.aclose()
+
+    run(scenario)
+
+
+# ---- revocations ----
+
+
+def claims(subject: str, *, token_id: str = "t-0", issued_at: float = 0.0) -> Claims:  # noqa: S107  # a token id, no secret
+    return Claims(subject, "acme", frozenset(), time.time() + 600, {}, token_id, issued_at)
+
+
+def test_revocations_cover_a_token_or_a_subject_until_they_lapse(cluster: Cluster) -> None:
+    async def scenario() -> None:
+        store = cluster.store("relay-a")
+        try:
+            now = time.time()
+            by_id = Revocation("acme", now, now + 600, token_id="t-1")
+            by_subject = Revocation("acme", now, now + 600, subject="alice")
+            lapsed = Revocation("acme", now - 60, now - 1, subject="bob")
+            for revocation in (by_id, by_subject, lapsed):
+                await store.revoke(revocation)
+            in_force = {r.key: r for r in await store.revocations()}
+            assert in_force == {by_id.key: by_id, by_subject.key: by_subject}
+
+            def revoked(c: Claims) -> bool:
+                return any(r.covers(c) for r in in_force.values())
+
+            assert revoked(claims("carol", token_id="t-1"))
+            assert not revoked(claims("carol", token_id="t-2"))
+            assert revoked(claims("alice", issued_at=now - 10))
+            assert not revoked(claims("alice", issued_at=now + 10))
+            assert not revoked(claims("bob", issued_at=now - 120))
+        finally:
+            await store.aclose()
+
+    run(scenario)
+
+
+def test_a_revocation_reaches_every_relay_the_revoker_included(cluster: Cluster) -> None:
+    """Through Redis, or for the memory backend through the state directory (``relay
+    token revoke`` is another process)."""
+
+    async def scenario() -> None:
+        a, seen_by_a = await started(cluster, "relay-a")
+        b, seen_by_b = await started(cluster, "relay-b")
+        try:
+            now = time.time()
+            revocation = Revocation("acme", now, now + 600, subject="alice")
+            await b.revoke(revocation)
+            for recorder in (seen_by_a, seen_by_b):
+                event = await recorder.next_event("revoked")
+                assert recorder.kinds() == ["revoked"]
+                assert (event.tenant_id, event.body) == ("acme", revocation.to_dict())
+        finally:
+            await a.aclose()
+            await b.aclose()
+
+    run(scenario)
+
+
+# ---- events between relays ----
+
+
+def test_relays_tell_each_other_of_devices_and_signals(redis_cluster: Cluster) -> None:
+    async def scenario() -> None:
+        a, seen_by_a = await started(redis_cluster, "relay-a")
+        b, seen_by_b = await started(redis_cluster, "relay-b")
+        try:
+            await a.put_device("acme", "p1", info("p1"))
+            joined = await seen_by_b.next_event("joined")
+            assert (joined.tenant_id, joined.body, joined.sender) == ("acme", info("p1"), "relay-a")
+
+            await a.drop_device("acme", "p1")
+            left = await seen_by_b.next_event("left")
+            assert (left.tenant_id, left.body, left.sender) == ("acme", info("p1"), "relay-a")
+
+            signal = {"from": "p2", "to": "p1", "kind": "offer", "body": {"sdp": "v=0"}}
+            # the sender field is the sender's own name, whatever the caller put there
+            await b.send("relay-a", ClusterEvent("signal", "acme", signal, sender="relay-z"))
+            received = await seen_by_a.next_event("signal")
+            assert (received.body, received.sender) == (signal, "relay-b")
+
+            # a relay's own events come back only when they are revocations: on the one
+            # channel they arrive in order, so a's joined would be there before this
+            now = time.time()
+            await a.revoke(Revocation("acme", now, now + 600, token_id="t-1"))
+            await seen_by_a.next_event("revoked")
+            assert seen_by_a.kinds() == ["signal", "revoked"]
+            await seen_by_b.next_event("revoked")
+            assert seen_by_b.kinds() == ["joined", "left", "revoked"]
+        finally:
+            await a.aclose()
+            await b.aclose()
+
+    run(scenario)
+
+
+def test_malformed_events_in_redis_are_dropped(redis_cluster: Cluster) -> None:
+    async def scenario() -> None:
+        a, seen_by_a = await started(redis_cluster, "relay-a")
+        assert redis_cluster.redis is not None
+        raw = redis.asyncio.Redis.from_url(redis_cluster.redis.url, password=PASSWORD)
+        channel = "test-cluster:events"
+        good = {"kind": "joined", "tenant_id": "acme", "body": info("p9"), "sender": "relay-b"}
+        try:
+            for bad in (
+                b"\xff\xfe not json",
+                b"[1, 2]",
+                b"{}",
+                json.dumps({**good, "kind": "explode"}),
+                json.dumps({**good, "tenant_id": 7}),
+                json.dumps({**good, "body": {"peer_id": ["not", "a", "string"]}}),
+                json.dumps({**good, "sender": ""}),
+                json.dumps({**good, "kind": "signal", "body": {"from": "p1"}}),
+                json.dumps({**good, "kind": "revoked", "body": {"tenant_id": "acme"}}),
+                json.dumps({**good, "body": {"pad": "x" * 70000}}),
+            ):
+                await raw.publish(channel, bad)
+            await raw.publish(channel, json.dumps(good))
+            event = await seen_by_a.next_event("joined")
+            assert seen_by_a.events == [event]
+            assert (event.body, event.sender) == (info("p9"), "relay-b")
+        finally:
+            await raw.aclose()
+            await a.aclose()
+
+    run(scenario)
+
+
+# ---- presence ----
+
+
+def test_a_relay_alone_lists_itself(cluster: Cluster) -> None:
+    async def scenario() -> None:
+        store, _ = await started(cluster, "relay-a")
+        try:
+            assert await store.relays() == {"relay-a": record("relay-a")}
+        finally:
+            await store.aclose()
+
+    run(scenario)
+
+
+def test_a_relay_that_stops_refreshing_is_gone_with_its_devices(redis_cluster: Cluster) -> None:
+    async def scenario() -> None:
+        registry = CollectorRegistry()
+        a = Recorder()
+        store_a = redis_cluster.store("relay-a", ClusterMetrics(registry))
+        await store_a.start(a.handlers, record("relay-a"))
+        store_b, _ = await started(redis_cluster, "relay-b")
+        try:
+            assert await store_a.relays() == {
+                "relay-a": record("relay-a"),
+                "relay-b": record("relay-b"),
+            }
+            assert registry.get_sample_value("cloudbridge_relay_cluster_relays") == 2
+            await store_b.put_device("acme", "p2", info("p2"))
+            await store_a.put_device("acme", "p1", info("p1"))
+            assert set(await store_a.devices("acme")) == {"p1", "p2"}
+            await store_b.aclose()  # as a relay that died: its presence is left to lapse
+
+            await a.wait_until(lambda: bool(a.gone))
+            assert a.gone == [{"relay-b"}]
+            assert set(await store_a.devices("acme")) == {"p1"}
+            assert await store_a.relays() == {"relay-a": record("relay-a")}
+            assert redis_cluster.redis is not None
+            raw = redis.asyncio.Redis.from_url(redis_cluster.redis.url, password=PASSWORD)
+            try:  # the lapsed relay's devices left the mesh in Redis, not only the listing
+                assert await raw.hkeys("test-cluster:mesh:acme") == [b"p1"]
+            finally:
+                await raw.aclose()
+        finally:
+            await store_a.aclose()
+
+    run(scenario)
+
+
+def test_sessions_of_a_lapsed_relay_stop_counting(redis_cluster: Cluster) -> None:
+    async def scenario() -> None:
+        a, seen_by_a = await started(redis_cluster, "relay-a")
+        b, _ = await started(redis_cluster, "relay-b")
+        try:
+            assert await b.open_session("acme", "s1", limit=1)
+            assert not await a.open_session("acme", "s2", limit=1)
+            await b.aclose()
+            await seen_by_a.wait_until(lambda: bool(seen_by_a.gone))
+            assert await a.open_session("acme", "s2", limit=1)
+        finally:
+            await a.aclose()
+
+    run(scenario)
+
+
+# ---- outages ----
+
+
+def test_an_outage_is_unavailable_then_resynced(redis_cluster: Cluster) -> None:
+    async def scenario() -> None:
+        registry = CollectorRegistry()
+        recorder = Recorder()
+        store = redis_cluster.store("relay-a", ClusterMetrics(registry))
+        await store.start(recorder.handlers, record("relay-a"))
+        server = redis_cluster.redis
+        assert server is not None
+
+        def up() -> float | None:
+            return registry.get_sample_value("cloudbridge_relay_cluster_backend_up")
+
+        try:
+            assert store.healthy
+            assert up() == 1
+            server.stop()
+            with pytest.raises(ServerUnavailable) as raised:
+                await store.put_device("acme", "p1", info("p1"))
+            message = raised.value.message
+            assert message.startswith("the cluster's Redis cannot be reached: 127.0.0.1:")
+            assert PASSWORD not in message
+            assert URL_PASSWORD not in message
+            assert not store.healthy
+            assert up() == 0
+            assert registry.get_sample_value("cloudbridge_relay_cluster_backend_errors_total") >= 1
+            with pytest.raises(ServerUnavailable):
+                await store.take_invite("any")
+            assert recorder.resynced == 0
+
+            server.start()
+            await recorder.wait_until(lambda: recorder.resynced == 1)
+            assert store.healthy
+            assert up() == 1
+            await store.put_device("acme", "p1", info("p1"))
+            assert set(await store.devices("acme")) == {"p1"}
+        finally:
+            await store.aclose()
+
+    run(scenario)
+
+
+def test_a_redis_backend_needs_a_url(tmp_path: Path) -> None:
+    settings = Cluster("redis", tmp_path, None, None).settings("relay-a")
+    with pytest.raises(ConfigError) as raised:
+        open_store(settings, tmp_path)
+    assert raised.value.issues[0].path == "server.cluster.redis_url"
