@@ -11,6 +11,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -27,12 +28,29 @@ def _listening(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
-class RedisServer:
-    """``redis-server`` without persistence, requiring ``password`` when one is given."""
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of a TLS-only server: its certificate and key, and the CA it trusts."""
 
-    def __init__(self, binary: str, directory: Path, password: str | None = None) -> None:
+    certificate: Path
+    key: Path
+    ca: Path
+
+
+class RedisServer:
+    """``redis-server`` without persistence, requiring ``password`` when one is given, and
+    speaking only TLS (``rediss://``, clients unauthenticated) with ``tls``."""
+
+    def __init__(
+        self,
+        binary: str,
+        directory: Path,
+        password: str | None = None,
+        tls: TlsFiles | None = None,
+    ) -> None:
         self.port = _free_port()
         self.password = password
+        self.tls = tls
         self._binary = binary
         self._directory = directory
         self._process: subprocess.Popen[bytes] | None = None
@@ -40,10 +58,17 @@ class RedisServer:
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        command = [self._binary, "--port", str(self.port), "--bind", "127.0.0.1"]
+        command = [self._binary, "--bind", "127.0.0.1"]
+        if self.tls:
+            command += ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
+            command += ["--tls-cert-file", str(self.tls.certificate)]
+            command += ["--tls-key-file", str(self.tls.key), "--tls-ca-cert-file", str(self.tls.ca)]
+        else:
+            command += ["--port", str(self.port)]
         command += ["--save", "", "--appendonly", "no", "--dir", str(self._directory)]
         if self.password:
             command += ["--requirepass", self.password]
@@ -64,13 +89,15 @@ class RedisServer:
 
 
 @contextlib.contextmanager
-def redis_server(directory: Path, password: str | None = None) -> Iterator[RedisServer]:
+def redis_server(
+    directory: Path, password: str | None = None, tls: TlsFiles | None = None
+) -> Iterator[RedisServer]:
     """A started :class:`RedisServer`, stopped at the end."""
     binary = shutil.which("redis-server")
     if binary is None:
         assert not os.environ.get("CI"), "redis-server is not installed (./dev test installs it)"
         pytest.skip("redis-server is not installed (./dev test installs it)")
-    server = RedisServer(binary, directory, password)
+    server = RedisServer(binary, directory, password, tls)
     server.start()
     try:
         yield server

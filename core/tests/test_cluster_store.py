@@ -10,7 +10,7 @@ import json
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -29,8 +29,9 @@ from cloudbridge_core.relay.cluster.store import (
 )
 from cloudbridge_core.relay.invites import EXPIRED_INVITE, UNKNOWN_INVITE
 from cloudbridge_core.settings.sections import ClusterSettings
+from cloudbridge_core.tlsutil import generate_ca, issue_server_certificate
 from prometheus_client import CollectorRegistry
-from redis_server import RedisServer, redis_server
+from redis_server import RedisServer, TlsFiles, redis_server
 
 PASSWORD = "s3cret-redis-password"
 URL_PASSWORD = "stale-url-password"
@@ -91,7 +92,9 @@ class Cluster:
 
     def settings(self, member: str) -> ClusterSettings:
         # the password in the URL is stale: the password file overrides it
-        url = self.redis.url.replace("//", f"//:{URL_PASSWORD}@") if self.redis else None
+        url = self.redis.url if self.redis else None
+        if url and self.password_file:
+            url = url.replace("//", f"//:{URL_PASSWORD}@")
         return ClusterSettings(
             backend=self.backend,
             redis_url=url,
@@ -514,3 +517,59 @@ def test_a_redis_backend_needs_a_url(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as raised:
         open_store(settings, tmp_path)
     assert raised.value.issues[0].path == "server.cluster.redis_url"
+
+
+def test_rediss_is_verified_against_the_configured_ca(tmp_path: Path) -> None:
+    ca = generate_ca("redis test CA")
+    pair = issue_server_certificate(ca, ["127.0.0.1"])
+    files = TlsFiles(tmp_path / "redis.crt", tmp_path / "redis.key", tmp_path / "ca.crt")
+    files.certificate.write_bytes(pair.certificate)
+    files.key.write_bytes(pair.key)
+    files.ca.write_bytes(ca.certificate)
+    stranger = tmp_path / "other-ca.crt"
+    stranger.write_bytes(generate_ca("another CA").certificate)
+    with redis_server(tmp_path, tls=files) as server:
+        cluster = Cluster("redis", tmp_path, server, None)
+
+        async def scenario() -> None:
+            trusting = open_store(
+                replace(cluster.settings("a"), redis_ca_file=str(files.ca)), tmp_path
+            )
+            doubting = open_store(
+                replace(cluster.settings("b"), redis_ca_file=str(stranger)), tmp_path
+            )
+            try:
+                await trusting.add_invite("code", Invite("acme", [], time.time() + 60, 1))
+                assert (await trusting.take_invite("code")).tenant_id == "acme"
+                with pytest.raises(ServerUnavailable, match=r"(?i)certificate verify failed"):
+                    await doubting.take_invite("code")
+            finally:
+                await trusting.aclose()
+                await doubting.aclose()
+
+        run(scenario)
+
+
+def test_a_failing_handler_does_not_stop_the_events(redis_cluster: Cluster) -> None:
+    async def scenario() -> None:
+        recorder = Recorder()
+
+        async def fails_first(event: ClusterEvent) -> None:
+            if not recorder.events:
+                recorder.events.append(event)
+                raise RuntimeError("a bug in the relay's handler")
+            await recorder.handlers.event(event)
+
+        a = redis_cluster.store("relay-a")
+        await a.start(replace(recorder.handlers, event=fails_first), record("relay-a"))
+        b, _ = await started(redis_cluster, "relay-b")
+        try:
+            await b.put_device("acme", "p1", info("p1"))
+            await b.put_device("acme", "p2", info("p2"))
+            await recorder.wait_until(lambda: len(recorder.events) == 2)
+            assert [event.body["peer_id"] for event in recorder.events] == ["p1", "p2"]
+        finally:
+            await a.aclose()
+            await b.aclose()
+
+    run(scenario)

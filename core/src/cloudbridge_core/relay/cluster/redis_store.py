@@ -20,7 +20,7 @@ import json
 import ssl
 import time
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,13 @@ from redis.exceptions import RedisError
 from cloudbridge_core.errors import ConfigError, ConfigIssue, InvalidToken, ServerUnavailable
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.relay.cluster.metrics import ClusterMetrics
+from cloudbridge_core.relay.cluster.redis_scripts import (
+    DROP_DEVICE,
+    LIVE_RELAYS,
+    OPEN_SESSION,
+    REFRESH_SESSIONS,
+    TAKE_INVITE,
+)
 from cloudbridge_core.relay.cluster.store import (
     ClusterEvent,
     Device,
@@ -60,68 +67,6 @@ RECONNECT_DELAY = 1.0
 #: an expired invite is kept this long, so its late user hears "expired", not "unknown"
 INVITE_GRACE = 3600
 
-# KEYS: the invite. Returns {status, tenant_id, permissions, expires_at, uses_left}.
-_TAKE_INVITE = """
-local invite = redis.call('HMGET', KEYS[1], 'tenant_id', 'permissions', 'expires_at', 'uses_left')
-if not invite[1] then return {'unknown'} end
-local now = redis.call('TIME')
-if tonumber(invite[3]) <= tonumber(now[1]) + tonumber(now[2]) / 1000000 then
-  redis.call('DEL', KEYS[1])
-  return {'expired'}
-end
-local left = redis.call('HINCRBY', KEYS[1], 'uses_left', -1)
-if left <= 0 then redis.call('DEL', KEYS[1]) end
-return {'ok', invite[1], invite[2], invite[3], tostring(left)}
-"""
-
-# KEYS: the tenant's sessions. ARGV: member/session_id, limit, presence_ttl.
-_OPEN_SESSION = """
-local now = redis.call('TIME')
-now = tonumber(now[1]) + tonumber(now[2]) / 1000000
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3]) * 1000))
-return 1
-"""
-
-# KEYS: the tenant's sessions. ARGV: presence_ttl, then the sessions this relay holds.
-_REFRESH_SESSIONS = """
-local now = redis.call('TIME')
-now = tonumber(now[1]) + tonumber(now[2]) / 1000000
-for i = 2, #ARGV do
-  redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), ARGV[i])
-end
-redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1]) * 1000))
-return 1
-"""
-
-# KEYS: the tenant's mesh. ARGV: peer_id, this relay. The device, deleted if held here.
-_DROP_DEVICE = """
-local device = redis.call('HGET', KEYS[1], ARGV[1])
-if not device then return false end
-local ok, decoded = pcall(cjson.decode, device)
-if not ok or type(decoded) ~= 'table' or decoded.relay ~= ARGV[2] then return false end
-redis.call('HDEL', KEYS[1], ARGV[1])
-return device
-"""
-
-# KEYS: the set of relay names. ARGV: the prefix of presence keys. Names and records of
-# the live relays; names whose presence lapsed leave the set.
-_LIVE_RELAYS = """
-local live = {}
-for _, name in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local record = redis.call('GET', ARGV[1] .. name)
-  if record then
-    table.insert(live, name)
-    table.insert(live, record)
-  else
-    redis.call('SREM', KEYS[1], name)
-  end
-end
-return live
-"""
-
 
 def _first_line(path: str) -> str:
     try:
@@ -130,6 +75,15 @@ def _first_line(path: str) -> str:
         issue = ConfigIssue("server.cluster.redis_password_file", f"cannot read {path}: {error}")
         raise ConfigError([issue]) from None
     return lines[0] if lines else ""
+
+
+async def _tell(handler: str, call: Awaitable[None]) -> None:
+    """Call one of the relay's handlers: its failure is logged, and must not stop this
+    store keeping the relay present and delivering its events."""
+    try:
+        await call
+    except Exception:  # the relay's own bug, whatever it is: logged with its traceback
+        log.exception("cluster_handler_failed", handler=handler)
 
 
 def _text(value: bytes | str) -> str:
@@ -167,7 +121,6 @@ class RedisStore:
         self._metrics = metrics
         self._broadcast = f"{self._prefix}events"
         self._healthy = True
-        self._handlers: Handlers | None = None
         self._record = RelayRecord("", "")
         self._sessions: dict[str, set[str]] = {}
         self._live: set[str] = set()
@@ -175,11 +128,11 @@ class RedisStore:
         self._scripts = {
             name: client.register_script(text)
             for name, text in (
-                ("take_invite", _TAKE_INVITE),
-                ("open_session", _OPEN_SESSION),
-                ("refresh_sessions", _REFRESH_SESSIONS),
-                ("drop_device", _DROP_DEVICE),
-                ("relays", _LIVE_RELAYS),
+                ("take_invite", TAKE_INVITE),
+                ("open_session", OPEN_SESSION),
+                ("refresh_sessions", REFRESH_SESSIONS),
+                ("drop_device", DROP_DEVICE),
+                ("relays", LIVE_RELAYS),
             )
         }
 
@@ -229,7 +182,6 @@ class RedisStore:
     async def start(self, handlers: Handlers, record: RelayRecord) -> None:
         """Announce this relay and listen; a Redis that cannot be reached now is tried
         again in the background (``healthy`` is False until then)."""
-        self._handlers = handlers
         self._record = record
         subscribed = asyncio.get_running_loop().create_future()
         self._tasks = [
@@ -286,7 +238,7 @@ class RedisStore:
                 self._live = live
                 if gone:
                     await self._forget_devices(gone)
-                    await handlers.relays_gone(gone)
+                    await _tell("relays_gone", handlers.relays_gone(gone))
 
     async def _forget_devices(self, gone: set[str]) -> None:
         async with self._operation("forget_devices"):
@@ -350,13 +302,13 @@ class RedisStore:
             try:
                 async with self._subscription() as pubsub:
                     await self._announce()
-                    self._live = set(await self.relays())
-                    if not subscribed.done():
+                    if not subscribed.done():  # later, _keep_presence notices who left
+                        self._live = set(await self.relays())
                         subscribed.set_result(None)
                     self._set_healthy(True)
                     if recovering:
                         log.info("cluster_backend_back", backend=self._address)
-                        await handlers.resynced()
+                        await _tell("resynced", handlers.resynced())
                     recovering = False
                     while self._healthy:
                         message = await pubsub.get_message(
@@ -388,7 +340,7 @@ class RedisStore:
             log.debug("cluster_event_malformed", backend=self._address)
             return
         if event.sender != self.member or event.kind == "revoked":
-            await handlers.event(event)
+            await _tell("event", handlers.event(event))
 
     # ---- invites ----
 
