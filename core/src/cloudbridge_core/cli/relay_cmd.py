@@ -3,6 +3,7 @@ and show the overlay addresses it leases."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import difflib
 import ipaddress
@@ -28,7 +29,7 @@ from cloudbridge_core.log import escape, get_logger
 from cloudbridge_core.plugins import transport_port
 from cloudbridge_core.prometheus_exporter import PrometheusExporter
 from cloudbridge_core.relay.cluster.backend import run_once
-from cloudbridge_core.relay.cluster.store import Invite
+from cloudbridge_core.relay.cluster.store import Invite, Revocation
 from cloudbridge_core.relay.invites import InviteLink, new_code
 from cloudbridge_core.relay.ipam import read_leases
 from cloudbridge_core.relay.live import follow
@@ -38,6 +39,12 @@ from cloudbridge_core.relay.tokens import PERMISSIONS, issue_token, jwks, unknow
 from cloudbridge_core.tenants import is_tenant_id
 
 log = get_logger("relay")
+
+#: a revocation outlasts the tokens it covers by this much: validators accept a token a
+#: little past its ``exp`` (their clock-skew leeway)
+REVOCATION_MARGIN = 3600.0
+#: the longest token id a relay takes from a token (cloudbridge-jwt's limit too)
+MAX_TOKEN_ID_LENGTH = 256
 
 state_dir_option = click.option(
     "--state-dir",
@@ -145,7 +152,8 @@ def issue(
     mesh: str | None,
     network: str | None,
 ) -> None:
-    """Print a signed token (stdout) for a client of this relay."""
+    """Print a signed token (stdout) for a client of this relay; its id (for ``relay token
+    revoke --id``) goes to stderr."""
     config = runtime_of(ctx).config()
     _check_permissions(permissions, required=True)
     lifetime = ttl if ttl is not None else config.settings.server.token_ttl
@@ -155,21 +163,27 @@ def issue(
         state = RelayState.load(state_dir_of(config, state_dir))
     except FileNotFoundError as exc:
         raise UsageError(str(exc)) from None
-    click.echo(
-        issue_token(
-            state.signing_key,
-            issuer=state.issuer,
-            tenant=tenant,
-            subject=subject,
-            permissions=permissions,
-            ttl=lifetime,
-            max_ttl=config.settings.server.max_token_ttl,
-            extra={
-                **_json_claim("custom:mesh_config", "--mesh-config", mesh),
-                **_json_claim("custom:network_config", "--network-config", network),
-            },
-        )
+    token = issue_token(
+        state.signing_key,
+        issuer=state.issuer,
+        tenant=tenant,
+        subject=subject,
+        permissions=permissions,
+        ttl=lifetime,
+        max_ttl=config.settings.server.max_token_ttl,
+        extra={
+            **_json_claim("custom:mesh_config", "--mesh-config", mesh),
+            **_json_claim("custom:network_config", "--network-config", network),
+        },
     )
+    click.echo(token)
+    message(f"token id: {_token_id(token)}")
+
+
+def _token_id(token: str) -> str:
+    """The ``jti`` of a token :func:`issue_token` has just signed (its payload is ours)."""
+    payload = token.split(".")[1]
+    return str(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["jti"])
 
 
 def _check_permissions(permissions: tuple[str, ...], *, required: bool) -> None:
@@ -232,6 +246,105 @@ def show_jwks(ctx: click.Context, state_dir: Path | None) -> None:
     except FileNotFoundError as exc:
         raise UsageError(str(exc)) from None
     click.echo(json.dumps(jwks(state.signing_key), indent=2))
+
+
+@token.command("revoke")
+@config_option
+@state_dir_option
+@click.option("--tenant", required=True, help="Tenant of the tokens to revoke.")
+@click.option("--id", "token_id", help="The token's id (jti; 'relay token issue' prints it).")
+@click.option("--subject", help="Every token of this subject issued until now.")
+@json_option
+@click.pass_context
+def revoke(
+    ctx: click.Context,
+    state_dir: Path | None,
+    tenant: str,
+    token_id: str | None,
+    subject: str | None,
+    as_json: bool,
+) -> None:
+    """Revoke a token (--id) or every token of a subject issued until now (--subject):
+    relays refuse them and end their open sessions within seconds."""
+    config = runtime_of(ctx).config()
+    _check_tenant(tenant)
+    if (token_id is None) == (subject is None):
+        raise UsageError(
+            "give exactly one of --id and --subject",
+            hint="--id revokes one token; --subject, every token of that subject issued so far",
+        )
+    if token_id is not None and not 0 < len(token_id) <= MAX_TOKEN_ID_LENGTH:
+        raise UsageError(f"--id: a token id has 1 to {MAX_TOKEN_ID_LENGTH} characters")
+    if subject == "":
+        raise UsageError("--subject: give the subject the tokens were issued for")
+    now = time.time()
+    # every token a relay accepts expires within server.max_token_ttl of its issue
+    until = now + config.settings.server.max_token_ttl + REVOCATION_MARGIN
+    revocation = Revocation(tenant, now, until, token_id=token_id, subject=subject)
+    cluster = config.settings.server.cluster
+    run_once(cluster, _relay_state_dir(config, state_dir), lambda store: store.revoke(revocation))
+    what = f"token {token_id}" if token_id else f"the tokens of subject {subject!r} issued so far"
+    them = "it" if token_id else "them"
+    message(f"revoked {escape(what)} of tenant {tenant}: relays refuse {them} within seconds")
+    if as_json:
+        emit_json(_revocation_row(revocation))
+
+
+@token.command("revocations")
+@config_option
+@state_dir_option
+@json_option
+@click.pass_context
+def list_revocations(ctx: click.Context, state_dir: Path | None, as_json: bool) -> None:
+    """Show the revocations in force (stdout): tenant, token id or subject, when it was
+    made and when it lapses (once every token it covers has expired), in UTC."""
+    config = runtime_of(ctx).config()
+    directory = _relay_state_dir(config, state_dir)
+    revocations = run_once(config.settings.server.cluster, directory, lambda s: s.revocations())
+    rows = [_revocation_row(r) for r in sorted(revocations, key=lambda r: r.revoked_at)]
+    if as_json:
+        emit_json({"revocations": rows})
+        return
+    if not rows:
+        message("no revocation is in force")
+        return
+    click.echo(
+        table(
+            [
+                (
+                    r["tenant"],
+                    escape(f"id {r['token_id']}" if r["token_id"] else f"subject {r['subject']}"),
+                    r["revoked_at"],
+                    r["until"],
+                )
+                for r in rows
+            ],
+            ("TENANT", "TOKENS", "REVOKED AT", "UNTIL"),
+        )
+    )
+
+
+def _relay_state_dir(config: Config, override: Path | None) -> Path:
+    """The relay's state directory, which must exist: the memory backend keeps its
+    revocations there (another backend keeps them elsewhere, any directory will do)."""
+    directory = state_dir_of(config, override)
+    if config.settings.server.cluster.backend == "memory" and not directory.is_dir():
+        raise UsageError(
+            f"no relay state in {directory}",
+            hint="pass the relay's --state-dir (or server.state_dir), or start"
+            " 'cloudbridge relay serve' first",
+        )
+    return directory
+
+
+def _revocation_row(revocation: Revocation) -> dict[str, Any]:
+    return {
+        "tenant": revocation.tenant_id,
+        "token_id": revocation.token_id,
+        "subject": revocation.subject,
+        "revoked_at": _utc(revocation.revoked_at),
+        "until": _utc(revocation.until),
+    }
 
 
 @relay.group(cls=SuggestingGroup)

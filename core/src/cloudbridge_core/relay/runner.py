@@ -30,7 +30,7 @@ from cloudbridge_core.protocol import messages
 from cloudbridge_core.providers import AuthProvider, Endpoint, Listener, TlsMaterial, Transport
 from cloudbridge_core.relay.auth_keys import AuthKeysCollector, key_statistics, load_keys
 from cloudbridge_core.relay.cluster.backend import open_store
-from cloudbridge_core.relay.cluster.store import ClusterStore
+from cloudbridge_core.relay.cluster.store import ClusterStore, Handlers, RelayRecord
 from cloudbridge_core.relay.egress import EgressPolicy
 from cloudbridge_core.relay.invites import digest
 from cloudbridge_core.relay.ipam import Ipam
@@ -82,6 +82,7 @@ class RunningRelay:
                 await listener.aclose()
             if self.stun is not None:
                 self.stun.close()
+            await self.relay.cluster.aclose()
 
     def probes(self) -> dict[str, Handler]:
         """``/healthz`` and ``/readyz`` for orchestrators, served next to ``/metrics``."""
@@ -204,6 +205,17 @@ def load_auth(config: Config, plugins: Plugins, state: RelayState) -> AuthProvid
     return auth
 
 
+async def _join_cluster(relay: Relay, server: ServerSettings, public_host: str) -> None:
+    """Start the cluster's store (``server.cluster``), its events delivered to ``relay``,
+    then take in the revocations in force: no session is served before they are held (a
+    store that cannot be reached stops the start, ``ServerUnavailable``)."""
+    link = f"{server.cluster.link_host or public_host}:{server.cluster.link_port}"
+    handlers = Handlers(relay.on_cluster_event, relay.on_cluster_resynced, relay.on_relays_gone)
+    # started first: a revocation made while they load is then delivered, not missed
+    await relay.cluster.start(handlers, RelayRecord(public_host, link))
+    await relay.load_revocations()
+
+
 async def start_relay(
     config: Config,
     plugins: Plugins,
@@ -252,6 +264,7 @@ async def start_relay(
     documents = {JWKS_PATH: ("application/json", json.dumps(jwks(state.signing_key)).encode())}
     reset_key = state.reset_key
     try:
+        await _join_cluster(relay, settings.server, public_host)
         for name, spec in transports.items():
             transport = spec.load(plugins.settings_for("transport", name, config.converted))
             endpoint = Endpoint(

@@ -36,13 +36,14 @@ from cloudbridge_core.protocol import derp, messages
 from cloudbridge_core.providers import AuthProvider, Claims, Session, Stream
 from cloudbridge_core.pump import PumpResult, abort, connect, prepare, pump, pump_dialled
 from cloudbridge_core.relay.admission import HOLD, QUEUE, Admission, Turn
-from cloudbridge_core.relay.cluster.store import ClusterStore
+from cloudbridge_core.relay.cluster.store import ClusterEvent, ClusterStore, Revocation
 from cloudbridge_core.relay.egress import EgressPolicy
 from cloudbridge_core.relay.ipam import Ipam
 from cloudbridge_core.relay.mesh import Challenge, Member, Mesh, tell
 from cloudbridge_core.relay.metrics import RelayMetrics
 from cloudbridge_core.relay.pacing import Pacer
 from cloudbridge_core.relay.ratelimit import RateLimiter
+from cloudbridge_core.relay.revocations import REVOKED, Revocations, revocation_from
 from cloudbridge_core.relay.splice import Arrival, Splicer
 from cloudbridge_core.relay.tickets import TicketDesk
 from cloudbridge_core.relay.turn import TurnIssuer
@@ -128,7 +129,7 @@ class _Answered(Exception):
         self.error = error
 
 
-@dataclass
+@dataclass(eq=False)  # one per session, kept in a set: identity is its equality
 class _SessionState:
     """What a session holds: the rights of its latest token, its mesh membership."""
 
@@ -137,7 +138,7 @@ class _SessionState:
     member: Member | None = None
     #: sends the member fresh TURN credentials before its last ones expire (``server.turn``)
     turn_renewal: asyncio.Task[None] | None = None
-    #: set when the session's rights change (a refresh; a revocation, once there is one)
+    #: set when the session's rights change (a refresh; a revocation that may cover it)
     rights_changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def expired(self) -> bool:
@@ -170,6 +171,8 @@ class Relay:
         self.auth = auth
         #: what the relays of a cluster share (``server.cluster``; a relay alone's in memory)
         self.cluster = cluster
+        #: the tokens no session may use any more (``relay token revoke``), from ``cluster``
+        self.revocations = Revocations()
         self.egress = egress
         self.limits = limits
         self.metrics = metrics or RelayMetrics()
@@ -202,6 +205,8 @@ class Relay:
         #: wakes the clients held for their turn when a drain starts (they are told to go)
         self._drain_started = asyncio.Event()
         self._controls: set[MessageStream] = set()
+        #: the open sessions' rights, for a revocation to end the ones it covers
+        self._states: set[_SessionState] = set()
         self._closing: set[asyncio.Task[None]] = set()
         self._streams_idle = asyncio.Event()
         self._streams_idle.set()
@@ -336,6 +341,7 @@ class Relay:
             if not is_tenant_id(claims.tenant_id):  # from any provider: checked before any use
                 raise InvalidToken("the token's tenant claim is not a tenant id")
             _check_not_expired(claims)
+            self.revocations.check(claims)
             if CONNECT not in claims.permissions:
                 raise Unauthorized(f"token lacks the {CONNECT} permission")
             self._check_room(claims)
@@ -448,6 +454,7 @@ class Relay:
         if isinstance(session, MuxSession):  # it answers PINGs itself: it lets the relay pace them
             session.pace_pings = lambda count: pacer.pace("mux_pings", count)
         controller = asyncio.create_task(self._control_loop(session, control, claims, state, pacer))
+        self._states.add(state)
         expiry = asyncio.create_task(self._end_with_rights(session, control, state))
         self._controls.add(control)
         try:
@@ -465,6 +472,7 @@ class Relay:
                 task.add_done_callback(streams.discard)
         finally:
             self._controls.discard(control)
+            self._states.discard(state)
             controller.cancel()
             expiry.cancel()  # not awaited: freeing the session waits for no extra loop turns
             for task in list(streams):
@@ -479,21 +487,63 @@ class Relay:
     async def _end_with_rights(
         self, session: Session, control: MessageStream, state: _SessionState
     ) -> None:
-        """End the session ``server.token_expiry_grace`` after its token's ``exp`` unless a
-        refresh has moved ``exp`` on; tunnels opened meanwhile are refused (``_tunnel``)."""
+        """End the session as soon as a revocation covers its token, or
+        ``server.token_expiry_grace`` after its token's ``exp`` unless a refresh has moved
+        ``exp`` on; tunnels opened meanwhile are refused (``_tunnel``)."""
         while True:
             state.rights_changed.clear()
+            if self.revocations.covers(state.claims):  # also one that came before _serve
+                event, ending = "session_revoked", messages.ErrorMessage(InvalidToken.code, REVOKED)
+                break
             ends_at = state.claims.expires_at + self.limits.token_expiry_grace
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(state.rights_changed.wait(), ends_at - time.time())
             if not state.rights_changed.is_set():
+                self.metrics.sessions_expired.inc()
+                event = "session_expired"
+                ending = messages.ErrorMessage(TokenExpired.code, "the session's token expired")
                 break
         claims = state.claims
-        self.metrics.sessions_expired.inc()
-        log.info("session_expired", tenant_id=claims.tenant_id, subject=claims.subject)
-        await tell(control, messages.ErrorMessage(TokenExpired.code, "the session's token expired"))
+        log.info(event, tenant_id=claims.tenant_id, subject=claims.subject)
+        await tell(control, ending)
         with contextlib.suppress(CloudBridgeError):  # nobody awaits this task: _serve cancels it
             await session.aclose()  # ends _serve, which frees the session's streams
+
+    async def on_cluster_event(self, event: ClusterEvent) -> None:
+        """What the cluster's store delivers (another relay, or ``relay token revoke``)."""
+        if event.kind == "revoked":
+            try:
+                revocation = revocation_from(event.body)
+            except ValueError as error:
+                log.warning("cluster_event_malformed", kind=event.kind, reason=str(error))
+                return
+            await self.on_revoked(revocation)
+
+    async def on_revoked(self, revocation: Revocation) -> None:
+        """Refuse the tokens ``revocation`` covers from now on, and end their sessions."""
+        if self.revocations.added(revocation) is not None:
+            log.info("token_revoked", tenant_id=revocation.tenant_id)
+            self._end_revoked([revocation])
+
+    async def load_revocations(self) -> None:
+        """Hold the revocations in force, from the cluster's store (``ServerUnavailable``
+        when it cannot be reached); sessions of any this relay had missed end."""
+        self._end_revoked(self.revocations.replace(await self.cluster.revocations()))
+
+    async def on_cluster_resynced(self) -> None:
+        """The store is back after an outage: revocations made meanwhile apply now."""
+        try:
+            await self.load_revocations()
+        except ServerUnavailable as error:  # the ones held stay enforced meanwhile
+            log.warning("revocations_not_reloaded", reason=error.message)
+
+    async def on_relays_gone(self, relays: set[str]) -> None:
+        """Relays whose presence lapsed: nothing of theirs is held here yet."""
+
+    def _end_revoked(self, revocations: list[Revocation]) -> None:
+        for state in self._states:
+            if any(revocation.covers(state.claims) for revocation in revocations):
+                state.rights_changed.set()  # _end_with_rights sees the revocation and ends it
 
     async def _refresh(self, state: _SessionState, token: str) -> messages.Message:
         """Move the session onto a fresh token of the same tenant and subject."""
@@ -501,6 +551,7 @@ class Relay:
         try:
             claims = await self.auth.validate(token)
             _check_not_expired(claims)
+            self.revocations.check(claims)
             if (claims.tenant_id, claims.subject) != (old.tenant_id, old.subject):
                 raise Unauthorized("a refresh must be for the session's own tenant and subject")
             if CONNECT not in claims.permissions:
