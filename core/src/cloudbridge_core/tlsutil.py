@@ -20,6 +20,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 ALPN = "cloudbridge/1"
+#: the extended key usage that makes a certificate a cluster member's, on relay-to-relay
+#: links: an OID of the UUID arc (ITU-T X.667), so nobody else's certificates carry it
+CLUSTER_MEMBER_USAGE = x509.ObjectIdentifier("2.25.87267593560864207671908721115459478754")
+#: the one name a member certificate holds: members are reached at any address, and the
+#: link checks the marking above, never a host name
+MEMBER_SAN = "cloudbridge-relay-member"
 
 
 @dataclass(frozen=True)
@@ -83,11 +89,6 @@ def issue_server_certificate(
 ) -> KeyPair:
     """A server certificate for ``hostnames`` (names or IP addresses), signed by ``ca``;
     with ``client_auth`` it may also authenticate a TLS client (a peer dialing a peer)."""
-    ca_certificate = x509.load_pem_x509_certificate(ca.certificate)
-    ca_key = serialization.load_pem_private_key(ca.key, password=None)
-    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
-        raise ValueError("the CA key must be an EC key")
-    key = ec.generate_private_key(ec.SECP256R1())
     names: list[x509.GeneralName] = []
     for host in hostnames:
         try:
@@ -97,10 +98,51 @@ def issue_server_certificate(
     usages = [ExtendedKeyUsageOID.SERVER_AUTH]
     if client_auth:
         usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
+    return _issue(ca, hostnames[0], names, usages, days)
+
+
+def issue_member_certificate(ca: KeyPair, member: str, *, days: int = 365) -> KeyPair:
+    """The certificate a relay of a cluster presents on its relay-to-relay links, as
+    server and as client: named ``member``, signed by the cluster's ``ca``, and marked
+    with :data:`CLUSTER_MEMBER_USAGE`, which no other certificate of ours carries."""
+    usages = [
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+        CLUSTER_MEMBER_USAGE,
+    ]
+    return _issue(ca, member, [x509.DNSName(MEMBER_SAN)], usages, days)
+
+
+def member_name(der: bytes) -> str | None:
+    """The member the DER certificate ``der`` names, or None unless it is marked as a
+    cluster member's (the TLS handshake checks who signed it; this, what for)."""
+    try:
+        certificate = x509.load_der_x509_certificate(der)
+        usages = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except (ValueError, x509.ExtensionNotFound):
+        return None
+    if CLUSTER_MEMBER_USAGE not in usages:
+        return None
+    names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else None
+
+
+def _issue(
+    ca: KeyPair,
+    common_name: str,
+    names: list[x509.GeneralName],
+    usages: list[x509.ObjectIdentifier],
+    days: int,
+) -> KeyPair:
+    ca_certificate = x509.load_pem_x509_certificate(ca.certificate)
+    ca_key = serialization.load_pem_private_key(ca.key, password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ValueError("the CA key must be an EC key")
+    key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     certificate = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostnames[0])]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         .issuer_name(ca_certificate.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
