@@ -46,7 +46,11 @@ class MemoryStore:
 
     async def start(self, handlers: Handlers, record: RelayRecord) -> None:
         self._record = record
-        self._watcher = asyncio.create_task(self._watch_revocations(handlers))
+        # what is in force now is known: only what is written after this is news
+        known = {r.key for r in self._read_revocations()}
+        self._watcher = asyncio.create_task(
+            self._watch_revocations(handlers, known, self._changed_at())
+        )
 
     async def aclose(self) -> None:
         if self._watcher is not None:
@@ -108,9 +112,7 @@ class MemoryStore:
         now = time.time()
         return [r for r in (Revocation(**item) for item in raw) if r.until > now]
 
-    async def _watch_revocations(self, handlers: Handlers) -> None:
-        seen = {r.key for r in self._read_revocations()}
-        changed_at = self._changed_at()
+    async def _watch_revocations(self, handlers: Handlers, seen: set[str], changed_at: int) -> None:
         while True:
             await asyncio.sleep(REVOCATIONS_POLL)
             if self._changed_at() == changed_at:
