@@ -17,12 +17,14 @@ from cloudbridge_core import tlsutil
 from cloudbridge_core.relay.cluster.link import (
     ACCEPTED,
     LINK_ALPN,
-    MAX_PAYLOAD,
     LinkIdentity,
     LinkMetrics,
-    LinkPacket,
     LinkPool,
     LinkServer,
+)
+from cloudbridge_core.relay.cluster.link_frames import (
+    MAX_PAYLOAD,
+    LinkPacket,
     PacketReader,
     encode_packet,
 )

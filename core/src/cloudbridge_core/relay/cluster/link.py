@@ -17,13 +17,7 @@ a server refuses a client certificate only after the client's handshake has ende
 sends to B on A's link to B, and B answers on its own link to A. The server never writes
 after :data:`ACCEPTED`; the dialer never reads after it.
 
-**Framing** (after :data:`ACCEPTED`), big-endian::
-
-    length (4 bytes, of all that follows) | tenant id length (1) | tenant id (ASCII)
-    | sender key (32) | target key (32) | payload (at most derp.MAX_PAYLOAD)
-
-A frame with a length out of bounds (checked from its header, before its body is read:
-a security limit), an invalid tenant id or anything else malformed closes the link.
+**Framing** after :data:`ACCEPTED`: see :mod:`.link_frames`.
 
 **Best effort.** :meth:`LinkPool.send` never waits: it batches packets per link and hands
 them to the socket once per loop turn; when a link's batch or the socket's buffer is over
@@ -33,6 +27,17 @@ is dropped (``False``), as DERP drops for a slow device.
 Metrics: :class:`LinkMetrics` defines ``cloudbridge_relay_cluster_link_bytes_total``
 (``direction="sent|received"``: frame bytes handed to, and read from, the links) and
 ``cloudbridge_relay_cluster_link_packets_dropped_total``, in the registry it is given.
+
+Use (in an event loop; ``deliver`` hands a packet to a device of this relay)::
+
+    metrics = LinkMetrics(registry)
+    identity = LinkIdentity.issue(state.ca, member_name)  # a fresh certificate each start
+    server = await LinkServer.start(link_host, link_port, identity, deliver, metrics=metrics)
+    pool = LinkPool(identity, metrics=metrics)
+    pool.send(other_member, "10.0.0.2:7480", tenant_id, sender_key, target_key, payload)
+    pool.forget(other_member)  # it left the cluster, or its presence expired
+    await pool.aclose()
+    await server.aclose()
 """
 
 from __future__ import annotations
@@ -42,8 +47,7 @@ import contextlib
 import errno
 import socket
 import ssl
-import struct
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -61,10 +65,9 @@ from cloudbridge_core.errors import (
     TransportError,
 )
 from cloudbridge_core.log import get_logger
-from cloudbridge_core.protocol import derp
 from cloudbridge_core.pump import abort, prepare
+from cloudbridge_core.relay.cluster.link_frames import PacketReader, encode_packet
 from cloudbridge_core.retry import Backoff
-from cloudbridge_core.tenants import is_tenant_id
 
 log = get_logger("relay.cluster.link")
 
@@ -72,11 +75,6 @@ log = get_logger("relay.cluster.link")
 LINK_ALPN = "cloudbridge-link/1"
 #: what the server writes once it has taken the dialer for a member
 ACCEPTED = b"\x01"
-KEY_SIZE = derp.KEY_SIZE
-MAX_PAYLOAD = derp.MAX_PAYLOAD
-#: the longest tenant id (tenants.TENANT_ID_PATTERN)
-MAX_TENANT_ID = 63
-_HEADER = struct.Struct("!IB")
 #: the deadline of a TLS handshake on a link (a security limit)
 HANDSHAKE_TIMEOUT = 10.0
 #: links accepted but not yet authenticated, at most (a security limit)
@@ -143,68 +141,6 @@ class LinkIdentity:
         context.set_alpn_protocols([LINK_ALPN])
         tlsutil.load_key_pair(context, self.certificate)
         return context
-
-
-@dataclass(frozen=True, slots=True)
-class LinkPacket:
-    tenant_id: str
-    sender_key: bytes
-    target_key: bytes
-    payload: bytes
-
-
-def encode_packet(tenant_id: str, sender_key: bytes, target_key: bytes, payload: bytes) -> bytes:
-    """One frame; raises ``ValueError`` for what the other end would refuse."""
-    if not is_tenant_id(tenant_id):
-        raise ValueError("not a tenant id")
-    if len(sender_key) != KEY_SIZE or len(target_key) != KEY_SIZE:
-        raise ValueError(f"a key has {KEY_SIZE} bytes")
-    if len(payload) > MAX_PAYLOAD:
-        raise ValueError(f"a payload has at most {MAX_PAYLOAD} bytes")
-    tenant = tenant_id.encode("ascii")
-    length = 1 + len(tenant) + 2 * KEY_SIZE + len(payload)
-    return b"".join((_HEADER.pack(length, len(tenant)), tenant, sender_key, target_key, payload))
-
-
-class PacketReader:
-    """Splits a link's bytes into packets (sans-IO)."""
-
-    def __init__(self) -> None:
-        self._buffer = bytearray()
-
-    def feed(self, data: bytes) -> Iterator[LinkPacket]:
-        """The packets ``data`` completes, in order (iterate them before feeding more).
-        Raises ``ProtocolViolation`` at the first malformed frame, after the packets
-        before it."""
-        self._buffer += data
-        return self._packets()
-
-    def _packets(self) -> Iterator[LinkPacket]:
-        buffer = self._buffer
-        offset = 0
-        try:
-            while len(buffer) - offset >= _HEADER.size:
-                length, tenant_size = _HEADER.unpack_from(buffer, offset)
-                payload_size = length - 1 - tenant_size - 2 * KEY_SIZE
-                # checked from the header, before the body is buffered (a security limit)
-                if not (0 < tenant_size <= MAX_TENANT_ID and 0 <= payload_size <= MAX_PAYLOAD):
-                    raise ProtocolViolation(
-                        f"link frame of {length} bytes with a tenant id of {tenant_size} is invalid"
-                    )
-                end = offset + 4 + length
-                if len(buffer) < end:
-                    return
-                keys = offset + _HEADER.size + tenant_size
-                tenant_id = buffer[offset + _HEADER.size : keys].decode("ascii", "replace")
-                if not is_tenant_id(tenant_id):
-                    raise ProtocolViolation("link frame with an invalid tenant id")
-                sender = bytes(buffer[keys : keys + KEY_SIZE])
-                target = bytes(buffer[keys + KEY_SIZE : keys + 2 * KEY_SIZE])
-                payload = bytes(buffer[keys + 2 * KEY_SIZE : end])
-                offset = end
-                yield LinkPacket(tenant_id, sender, target, payload)
-        finally:  # what was read is dropped once, not frame by frame
-            del buffer[:offset]
 
 
 def _member_of(transport: asyncio.BaseTransport) -> str | None:
@@ -578,8 +514,10 @@ class _Link(asyncio.Protocol):
             return
         self._transport = transport
         transport.set_write_buffer_limits(high=self._pool.queue_bytes)
-        with contextlib.suppress(OSError):  # not a TCP socket: nothing to keep alive
-            _keep_alive(transport.get_extra_info("socket"))
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):  # not a TCP socket: nothing to keep alive
+                _keep_alive(sock)
 
     def data_received(self, data: bytes) -> None:
         if data == ACCEPTED and not self.up:
