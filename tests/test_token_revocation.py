@@ -223,6 +223,11 @@ def test_a_subject_revocation_covers_tokens_issued_before_it_and_one_tenant_only
     assert (row["tenant"], row["token_id"]) == ("acme", None)
     table = cloudbridge("relay", "token", "revocations", "--state-dir", relay.state)
     assert "subject build-box" in table.stdout
+    # revoked again: now the token issued after the first revocation goes too
+    again = open_tunnel(relay, after.token, tmp_path / "again", tunnels)
+    assert revoke(relay, "--tenant", "acme", "--subject", "build-box").returncode == 0
+    assert again.exit_code() == 4, again.output()
+    assert "the token has been revoked (invalid_token)" in again.output()
 
 
 @pytest.mark.parametrize(

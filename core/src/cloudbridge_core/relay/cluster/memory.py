@@ -46,8 +46,9 @@ class MemoryStore:
 
     async def start(self, handlers: Handlers, record: RelayRecord) -> None:
         self._record = record
-        # what is in force now is known: only what is written after this is news
-        known = {r.key for r in self._read_revocations()}
+        # what is in force now is known: only what is written after this is news (by key,
+        # whole: a subject revoked again later is news too)
+        known = {r.key: r for r in self._read_revocations()}
         self._watcher = asyncio.create_task(
             self._watch_revocations(handlers, known, self._changed_at())
         )
@@ -112,15 +113,17 @@ class MemoryStore:
         now = time.time()
         return [r for r in (Revocation(**item) for item in raw) if r.until > now]
 
-    async def _watch_revocations(self, handlers: Handlers, seen: set[str], changed_at: int) -> None:
+    async def _watch_revocations(
+        self, handlers: Handlers, seen: dict[str, Revocation], changed_at: int
+    ) -> None:
         while True:
             await asyncio.sleep(REVOCATIONS_POLL)
             if self._changed_at() == changed_at:
                 continue
             changed_at = self._changed_at()
             for revocation in self._read_revocations():
-                if revocation.key not in seen:
-                    seen.add(revocation.key)
+                if seen.get(revocation.key) != revocation:
+                    seen[revocation.key] = revocation
                     event = ClusterEvent("revoked", revocation.tenant_id, revocation.to_dict())
                     await handlers.event(event)
 
