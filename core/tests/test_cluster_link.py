@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import importlib.util
 import os
+import socket
 import ssl
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -411,6 +412,26 @@ def test_the_pool_links_again_to_a_member_that_restarted(
         assert [packet.payload for packet in before.packets] == [b"one"]
 
     run(main, new_loop)
+
+
+def test_a_server_on_no_host_in_particular_takes_links_on_every_address() -> None:
+    async def main() -> None:
+        inbox = Inbox()
+        identity = LinkIdentity.issue(CA, "relay-b")
+        server = await LinkServer.start("", 0, identity, inbox.deliver)
+        pool = LinkPool(LinkIdentity.issue(CA, "relay-a"))
+        try:
+            hosts = ["127.0.0.1", "[::1]"] if socket.has_dualstack_ipv6() else ["127.0.0.1"]
+            for host in hosts:
+                packet = LinkPacket("acme", ALICE, BOB, host.encode())
+                await send_all(pool, f"relay-b via {host}", f"{host}:{server.port}", [packet])
+            await inbox.wait_for(len(hosts))
+        finally:
+            await pool.aclose()
+            await server.aclose()
+        assert [packet.payload for packet in inbox.packets] == [h.encode() for h in hosts]
+
+    run(main, asyncio.new_event_loop)
 
 
 @given(

@@ -152,6 +152,16 @@ def _member_of(transport: asyncio.BaseTransport) -> str | None:
     return tlsutil.member_name(der) if der else None
 
 
+async def _listening_socket(host: str, port: int) -> socket.socket:
+    if not host and socket.has_dualstack_ipv6():
+        return socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True)
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    family, _, _, _, address = infos[0]
+    return socket.create_server(address, family=family)
+
+
 def _keep_alive(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for name, value in KEEPALIVE.items():
@@ -196,8 +206,8 @@ class LinkServer:
         max_unauthenticated: int = MAX_UNAUTHENTICATED,
         metrics: LinkMetrics | None = None,
     ) -> LinkServer:
-        """Listen on ``host:port`` (the first address ``host`` resolves to; every address of
-        one family when empty). Raises ``AddressInUse``, or ``CloudBridgeError`` for any other
+        """Listen on ``host:port`` (the first address ``host`` resolves to; every address,
+        IPv4 and IPv6, when empty). Raises ``AddressInUse``, or ``CloudBridgeError`` for any other
         address that cannot be had."""
         server = cls(
             identity,
@@ -208,11 +218,7 @@ class LinkServer:
         )
         where = f"{host}:{port}"
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(
-                host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-            )
-            family, _, _, _, address = infos[0]
-            server._socket = socket.create_server(address, family=family)
+            server._socket = await _listening_socket(host, port)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise AddressInUse(
