@@ -68,14 +68,23 @@ def _carried(peer: dict[str, Any]) -> str:
 
 def _text(reply: dict[str, Any]) -> str:
     transport = reply["transport"]
+    relay = reply["relay"]
     rtt = transport["rtt_seconds"]
+    on = relay.get("connected_to")
+    where = (
+        f"{on['host']} ({on['address']}:{on['port']}) via {transport['name']}"
+        if on
+        else f"{relay['host']}, not connected"
+    )
     lines = [
         f"State:      {reply['state']}",
-        f"Relay:      {reply['relay']['host']} (tenant {reply['relay']['tenant_id']})",
+        f"Relay:      {where} (tenant {relay['tenant_id']})",
         f"Token:      {reply['relay']['token_source']}",
         f"Transport:  {transport['name']} (mode {transport['mode']}) - {transport['reason']}",
         f"Latency:    {f'{rtt * 1000:.1f} ms' if rtt is not None else 'not measured yet'}",
     ]
+    if len(relay.get("hosts", [])) > 1:
+        lines.append(f"Relays:     {', '.join(relay['hosts'])} (the first that answers)")
     if transport["draining"]:
         lines.append(f"Draining:   {', '.join(transport['draining'])} (open connections finish)")
     if transport["note"]:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import json
 import secrets
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
@@ -38,13 +40,15 @@ from cloudbridge_core.providers import (
     TlsMaterial,
     Transport,
 )
-from cloudbridge_core.settings import RelayTlsSettings
+from cloudbridge_core.settings import RelaySettings, RelayTlsSettings
 from cloudbridge_core.tlsutil import client_context
 from cloudbridge_core.wire import MessageStream
 
 log = get_logger("relay.client")
 
 CAPABILITIES = ("mux", "tunnel", "queue")
+#: how long a connected session's host may take to resolve for ``status`` (else its name)
+RESOLVE_FOR_STATUS_SECONDS = 1.0
 #: what ends a hello's wait
 ANSWERS = (messages.Welcome, messages.ErrorMessage)
 
@@ -59,13 +63,18 @@ class RelayConnection:
     ``token_expires_at`` is when the relay ends the session unless :meth:`refresh` gives it
     a newer token; ``ended`` is the relay's reason when it ended the session for that.
     ``turn_credentials`` are the latest TURN credentials the relay issued on this session
-    (``server.turn``: sent with the answer to ``mesh_join``, then renewed).
+    (``server.turn``: sent with the answer to ``mesh_join``, then renewed). ``relay`` is the
+    host (from ``relay.hosts``, or ``relay.host``) the session is with, ``address`` and
+    ``port`` where that host was reached.
     """
 
     session: Session
     welcome: messages.Welcome
     transport: str
     control: MessageStream
+    relay: str = ""
+    address: str = ""
+    port: int = 0
     leases: int = 0
     going_away: messages.Goaway | None = None
     on_goaway: Callable[[RelayConnection], None] | None = None
@@ -239,6 +248,12 @@ def tls_for(tls: RelayTlsSettings) -> tuple[ssl.SSLContext, TlsMaterial]:
     return context, material
 
 
+def relay_hosts(relay: RelaySettings) -> tuple[str, ...]:
+    """The relays to try, in order: ``relay.hosts`` when set, else ``relay.host`` (a host
+    listed twice is tried once)."""
+    return tuple(dict.fromkeys(relay.hosts or (relay.host,)))
+
+
 def transport_order(config: Config, plugins: Plugins) -> list[tuple[str, ProviderSpec[Transport]]]:
     """The transports to try, best first: the one configured, or every installed one.
 
@@ -285,15 +300,19 @@ async def attempt(
     token: str,
     comeback: Comeback = FIRST_TIME,
     on_queued: Callable[[], None] | None = None,
+    host: str | None = None,
 ) -> RelayConnection:
-    """Connect over one transport and authenticate, within ``transport.connect_timeout``
-    (and the wait a relay pacing its admissions names, ``queued``: ``on_queued`` hears it)."""
+    """Connect over one transport to ``host`` (default ``relay.host``) and authenticate,
+    within ``transport.connect_timeout`` (and the wait a relay pacing its admissions names,
+    ``queued``: ``on_queued`` hears it). Every relay of a cluster shares the CA
+    (``relay.tls.ca_file``); the name checked in the certificate is ``host``."""
     context, material = tls_for(config.settings.relay.tls)
     timeout = config.settings.transport.connect_timeout
     settings = json.dumps(config.section(f"transport.{name}"), sort_keys=True)
     transport = _loaded(spec, settings)
     port = transport_port(name, config.data)
-    endpoint = Endpoint(config.settings.relay.host, port, context, timeout, material=material)
+    host = host or config.settings.relay.host
+    endpoint = Endpoint(host, port, context, timeout, material=material)
     started = time.perf_counter()
     try:
         async with asyncio.timeout(timeout):
@@ -309,14 +328,43 @@ async def attempt(
     )
     remaining = timeout - (time.perf_counter() - started)
     reply, control = await _introduce(session, hello, name, remaining, timeout, on_queued)
+    try:
+        address = await _address_of(host)
+    except BaseException:  # cancelled: this attempt lost its race
+        await session.aclose()
+        raise
     log.info(
         "connected",
         transport=name,
+        relay=host,
         tenant_id=reply.tenant_id,
         session_id=reply.session_id,
         latency_ms=round((time.perf_counter() - started) * 1000, 2),
     )
-    return RelayConnection(session, reply, name, control, token_expires_at=token_exp(token))
+    return RelayConnection(
+        session,
+        reply,
+        name,
+        control,
+        relay=host,
+        address=address,
+        port=port,
+        token_expires_at=token_exp(token),
+    )
+
+
+async def _address_of(host: str) -> str:
+    """The address ``host`` names, for ``status`` (the transport resolved it itself when it
+    connected: this asks the resolver again, which answers from its cache)."""
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.ip_address(host))
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(RESOLVE_FOR_STATUS_SECONDS):
+            found = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, TimeoutError):
+        return host
+    return str(found[0][4][0]) if found else host
 
 
 async def _introduce(

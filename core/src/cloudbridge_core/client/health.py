@@ -14,8 +14,8 @@ import datetime
 import time
 from typing import Any
 
-from cloudbridge_core.client.connection import RelayConnection, transport_order
-from cloudbridge_core.client.race import race
+from cloudbridge_core.client.connection import RelayConnection, relay_hosts, transport_order
+from cloudbridge_core.client.race import race_relays
 from cloudbridge_core.client.tokens import (
     TokenSupply,
     loose_permissions,
@@ -103,7 +103,8 @@ async def check_health(
         candidates = transport_order(config, plugins)
         head_start = config.settings.transport.race_head_start
         started = time.perf_counter()
-        connection, reason = await race(config, candidates, head_start, token)
+        hosts = relay_hosts(config.settings.relay)
+        connection, reason = await race_relays(config, hosts, candidates, head_start, token)
     except CloudBridgeError as error:
         problems.append(error.message)
         part = "authentication" if error.exit_code == 4 else "network_connectivity"

@@ -8,6 +8,10 @@ transports and move to one that is clearly better (hysteresis); while on a fallb
 tries the preferred transports again and moves back when they work (fall-forward).
 New tunnelled connections go to the new session; open ones finish on the old one.
 
+With several relays (``relay.hosts``) every race is also across relays (see
+:mod:`~cloudbridge_core.client.race`): a lost session is replaced on whichever relay
+answers first, so the client fails over to another relay and back without a restart.
+
 A session lasts as long as its token: before ``exp`` the link presents a newer token on it
 (``refresh``) when its token source has one; otherwise the relay ends the session and the
 link reconnects with whatever token there is then — an expired one is reported, with how
@@ -31,10 +35,11 @@ from cloudbridge_core.client.connection import (
     Comeback,
     RelayConnection,
     attempt,
+    relay_hosts,
     transport_order,
 )
 from cloudbridge_core.client.metrics import ClientMetrics
-from cloudbridge_core.client.race import Candidate, race
+from cloudbridge_core.client.race import Candidate, race_relays
 from cloudbridge_core.client.tokens import ONBOARDING_HINT, TokenSupply, token_exp
 from cloudbridge_core.config import Config
 from cloudbridge_core.config.changes import ConfigChanges
@@ -284,6 +289,20 @@ class RelayLink:
             self._retired.discard(connection)
             await connection.aclose()
 
+    def relay_status(self) -> dict[str, Any]:
+        """The relays configured and the one the session is on, for ``status --json``."""
+        current = self._current
+        return {
+            "hosts": list(relay_hosts(self._config.settings.relay)),
+            "connected_to": {
+                "host": current.relay,
+                "address": current.address,
+                "port": current.port,
+            }
+            if current
+            else None,
+        }
+
     def status(self) -> dict[str, Any]:
         """The ``transport`` object of ``cloudbridge status --json``."""
         current = self._current
@@ -497,6 +516,7 @@ class RelayLink:
             log.info(
                 "reconnected",
                 transport=connection.transport,
+                relay=connection.relay,
                 session_id=connection.welcome.session_id,
                 tenant_id=connection.welcome.tenant_id,
                 attempts=attempt + 1,
@@ -507,7 +527,8 @@ class RelayLink:
     async def _probe(self, name: str, spec: ProviderSpec[Transport]) -> tuple[float, Any]:
         """Connect over another transport and measure it; the result is kept for ``status``."""
         try:
-            probe = await attempt(self._config, name, spec, await self.tokens.token())
+            token = await self.tokens.token()
+            probe = await attempt(self._config, name, spec, token, host=self.current.relay)
             try:
                 rtt = await self._measure(probe)
             except BaseException:  # a failed ping, or the link closing mid-probe
@@ -535,19 +556,24 @@ class RelayLink:
         self, candidates: list[Candidate], comeback: Comeback = FIRST_TIME
     ) -> tuple[RelayConnection, str]:
         head_start = self._config.settings.transport.race_head_start
-        breakers = {name: self._breaker(name) for name, _ in candidates}
-        if all(breaker.state is BreakerState.OPEN for breaker in breakers.values()):
-            for breaker in breakers.values():  # every endpoint failed: the caller spaces tries
+        hosts = relay_hosts(self._config.settings.relay)
+        breakers = {
+            host: {name: self._breaker(name, host) for name, _ in candidates} for host in hosts
+        }
+        everyone = [breaker for by_name in breakers.values() for breaker in by_name.values()]
+        if all(breaker.state is BreakerState.OPEN for breaker in everyone):
+            for breaker in everyone:  # every endpoint failed: the caller spaces tries
                 breaker.try_now()
         token = await self.tokens.token()
         try:
-            return await race(
+            return await race_relays(
                 self._config,
+                hosts,
                 candidates,
                 head_start,
                 token,
                 self._transport_failed,
-                breakers,
+                breakers.__getitem__,
                 comeback,
             )
         except TokenExpired as error:
@@ -556,12 +582,9 @@ class RelayLink:
                 hint=f"get a new one: {ONBOARDING_HINT}",
             ) from None
 
-    def _breaker(self, transport: str) -> CircuitBreaker:
+    def _breaker(self, transport: str, host: str) -> CircuitBreaker:
         """One circuit breaker per relay endpoint (transport, host and port)."""
-        endpoint = (
-            f"{transport}://{self._config.settings.relay.host}:"
-            f"{transport_port(transport, self._config.data)}"
-        )
+        endpoint = f"{transport}://{host}:{transport_port(transport, self._config.data)}"
         if endpoint not in self._breakers:
             settings = self._config.settings.retry.circuit_breaker
             self._breakers[endpoint] = CircuitBreaker(
@@ -596,6 +619,7 @@ class RelayLink:
         log.info(
             "transport_selected",
             transport=connection.transport,
+            relay=connection.relay,
             previous=previous.transport if previous else None,
             reason=reason,
         )
@@ -622,7 +646,7 @@ def _moves_the_session(key: str) -> bool:
     """Whether a changed key alters where or how the client reaches the relay: its address
     and TLS, the transport mode, or a transport's own section (``transport.quic.port``)."""
     return (
-        key in ("relay.host", "transport.mode")
+        key in ("relay.host", "relay.hosts", "transport.mode")
         or key.startswith("relay.tls.")
         or (key.startswith("transport.") and key.count(".") >= 2)
     )

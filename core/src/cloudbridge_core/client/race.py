@@ -1,17 +1,22 @@
-"""Happy Eyeballs for transports: each candidate starts a head start after the previous one.
+"""Happy Eyeballs for transports and relays: each candidate starts a head start after the
+previous one.
 
 The first to connect and authenticate wins; a candidate that fails starts the next at
 once; the others are cancelled, and any that succeeded too are closed. A candidate whose
 endpoint presents a certificate the client does not trust ends the race with that error
 (unless ``transport.fallback_on_certificate_error``): that is an attack or a
 misconfiguration, and another transport to the same relay would only hide it.
+
+With several relays (``relay.hosts``) each relay runs that race, the next one starting
+``RELAY_STAGGER_SECONDS`` after the previous one (at once when it failed): a relay that is
+down or black-holed costs the stagger, not its ``connect_timeout``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from cloudbridge_core.breaker import CircuitBreaker
 from cloudbridge_core.client.connection import (
@@ -19,6 +24,7 @@ from cloudbridge_core.client.connection import (
     Comeback,
     RelayConnection,
     attempt,
+    relay_hosts,
     transport_order,
 )
 from cloudbridge_core.client.tokens import TokenSupply
@@ -45,6 +51,9 @@ _NOT_A_RELAY = (
     " transport.{name}.port against what the relay prints when it starts"
 )
 Attempt = asyncio.Task[RelayConnection]
+RelayRace = asyncio.Task[tuple[RelayConnection, str]]
+#: the head start of each relay over the next in ``relay.hosts`` (Happy Eyeballs' 250 ms)
+RELAY_STAGGER_SECONDS = 0.25
 
 
 async def connect(config: Config, plugins: Plugins) -> RelayConnection:
@@ -59,8 +68,13 @@ async def connect(config: Config, plugins: Plugins) -> RelayConnection:
     comeback = FIRST_TIME
     while True:
         try:
-            connection, _ = await race(
-                config, transport_order(config, plugins), head_start, token, comeback=comeback
+            connection, _ = await race_relays(
+                config,
+                relay_hosts(config.settings.relay),
+                transport_order(config, plugins),
+                head_start,
+                token,
+                comeback=comeback,
             )
         except CloudBridgeError as error:
             wait = error.retry_after
@@ -81,8 +95,10 @@ async def race(
     failed: Callable[[str, CloudBridgeError], None] | None = None,
     breakers: Mapping[str, CircuitBreaker] | None = None,
     comeback: Comeback = FIRST_TIME,
+    host: str | None = None,
 ) -> tuple[RelayConnection, str]:
-    """The first candidate to connect, and why it was chosen; ``failed`` hears of the others.
+    """The first candidate to connect to ``host`` (default ``relay.host``), and why it was
+    chosen; ``failed`` hears of the others.
 
     With ``breakers`` (by transport), an endpoint that keeps failing is skipped at once
     (``circuit_open``) until its breaker lets a trial through. A relay that answers when to
@@ -94,10 +110,11 @@ async def race(
     failures: dict[str, CloudBridgeError] = {}
     winner: Attempt | None = None
     queued = asyncio.Event()  # a candidate's hello is held for its turn: it has connected
+    host = host or config.settings.relay.host
     try:
         for index, (name, spec) in enumerate(candidates):
             breaker = (breakers or {}).get(name)
-            connecting = _guarded(breaker, config, name, spec, token, comeback, queued.set)
+            connecting = _guarded(breaker, config, name, spec, token, comeback, queued.set, host)
             names[asyncio.create_task(connecting)] = name
             last = index == len(candidates) - 1
             winner = await _first_success(names, failures, None if last else head_start, config)
@@ -110,7 +127,138 @@ async def race(
             for failed_name, error in failures.items():
                 failed(failed_name, error)
         await _discard([task for task in names if task is not winner])
-    raise _summary(config, candidates, failures)
+    raise _summary(config, candidates, failures, host)
+
+
+async def race_relays(
+    config: Config,
+    hosts: Sequence[str],
+    candidates: list[Candidate],
+    head_start: float,
+    token: str,
+    failed: Callable[[str, CloudBridgeError], None] | None = None,
+    breakers: Callable[[str], Mapping[str, CircuitBreaker]] | None = None,
+    comeback: Comeback = FIRST_TIME,
+) -> tuple[RelayConnection, str]:
+    """The first of ``hosts`` whose :func:`race` ends in a session, and why.
+
+    Each relay's race starts ``RELAY_STAGGER_SECONDS`` after the previous one, or as soon as
+    that one failed; the first session wins and the other races are cancelled (a session
+    they made too is closed). ``breakers`` gives each host's breakers by transport. A refused
+    token or an untrusted certificate ends the whole race; a relay that says when to come
+    back is only one relay: the others are still tried, and its answer is raised when none
+    of them works. Raises one error naming the most useful cause and the relays tried.
+    """
+    if len(hosts) == 1:  # one relay: its own race, with its own errors
+        return await race(
+            config,
+            candidates,
+            head_start,
+            token,
+            failed,
+            breakers(hosts[0]) if breakers else None,
+            comeback,
+            hosts[0],
+        )
+    races: dict[RelayRace, str] = {}
+    failures: dict[str, CloudBridgeError] = {}
+    winner: RelayRace | None = None
+    try:
+        for index, host in enumerate(hosts):
+            racing = race(
+                config,
+                candidates,
+                head_start,
+                token,
+                failed,
+                breakers(host) if breakers else None,
+                comeback,
+                host,
+            )
+            races[asyncio.create_task(racing)] = host
+            last = index == len(hosts) - 1
+            winner = await _first_relay(races, failures, None if last else RELAY_STAGGER_SECONDS)
+            if winner is not None:
+                connection, why = winner.result()
+                return connection, _relay_reason(races[winner], hosts, failures, why)
+    finally:
+        await _discard_races([task for task in races if task is not winner])
+    raise _relays_summary(hosts, failures)
+
+
+async def _first_relay(
+    races: dict[RelayRace, str],
+    failures: dict[str, CloudBridgeError],
+    wait_at_most: float | None,
+) -> RelayRace | None:
+    """Wait up to ``wait_at_most`` s (None: until all end) for a relay's session; None when
+    the stagger is over or a relay failed (the next one starts at once)."""
+    running = {task for task in races if not task.done()}
+    while running:
+        done, running = await asyncio.wait(
+            running, timeout=wait_at_most, return_when=asyncio.FIRST_COMPLETED
+        )
+        if not done:
+            return None
+        for task in done:
+            error = task.exception()
+            if error is None:
+                return task
+            if isinstance(error, AuthError | TlsVerificationFailed) or not isinstance(
+                error, CloudBridgeError
+            ):
+                raise error  # the cluster shares its keys: another relay would say the same
+            failures[races[task]] = error
+            log.debug("relay_failed", relay=races[task], code=error.code, reason=error.message)
+        if wait_at_most is not None:
+            return None
+    return None
+
+
+async def _discard_races(tasks: list[RelayRace]) -> None:
+    for task in tasks:
+        task.cancel()
+    results: list[Awaitable[object]] = []
+    for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+        if isinstance(outcome, tuple):
+            results.append(outcome[0].aclose())
+    await asyncio.gather(*results, return_exceptions=True)
+
+
+def _relays_summary(
+    hosts: Sequence[str], failures: dict[str, CloudBridgeError]
+) -> CloudBridgeError:
+    """One error for a race every relay lost: a relay's word on when to come back leads (the
+    client waits as told), else the most useful cause; the relays tried are listed."""
+    if not failures:
+        return ServerUnavailable(f"no relay could be tried ({', '.join(hosts)})")
+    paced = [
+        (host, error)
+        for host, error in failures.items()
+        if error.retry_after is not None and not isinstance(error, CircuitOpen)
+    ]
+    ranked = paced or sorted(failures.items(), key=lambda item: _usefulness(item[1]))
+    lead_host, lead = ranked[0]
+    others = "; ".join(
+        f"{host}: {_briefly(error)}" for host, error in failures.items() if host != lead_host
+    )
+    text = f"{lead_host}: {lead.message}" if lead_host not in lead.message else lead.message
+    lead.message = f"no relay answered ({', '.join(hosts)}): {text}" + (
+        f" (also {others})" if others else ""
+    )
+    lead.args = (lead.message,)
+    return lead
+
+
+def _relay_reason(
+    host: str, hosts: Sequence[str], failures: dict[str, CloudBridgeError], why: str
+) -> str:
+    ahead = list(hosts[: list(hosts).index(host)])
+    parts = [f"{h} failed: {_briefly(failures[h])}" for h in ahead if h in failures]
+    slower = [h for h in ahead if h not in failures]
+    if slower:
+        parts.append(f"{', '.join(slower)} did not answer within {RELAY_STAGGER_SECONDS:g}s")
+    return f"relay {host}" + (f" ({'; '.join(parts)})" if parts else "") + f"; {why}"
 
 
 async def _guarded(
@@ -121,11 +269,12 @@ async def _guarded(
     token: str,
     comeback: Comeback,
     on_queued: Callable[[], None],
+    host: str,
 ) -> RelayConnection:
     if breaker is None:
-        return await attempt(config, name, spec, token, comeback, on_queued)
+        return await attempt(config, name, spec, token, comeback, on_queued, host)
     async with breaker.guard():
-        return await attempt(config, name, spec, token, comeback, on_queued)
+        return await attempt(config, name, spec, token, comeback, on_queued, host)
 
 
 async def _first_success(
@@ -189,7 +338,7 @@ async def _discard(tasks: list[Attempt]) -> None:
 
 
 def _summary(
-    config: Config, candidates: list[Candidate], failures: dict[str, CloudBridgeError]
+    config: Config, candidates: list[Candidate], failures: dict[str, CloudBridgeError], host: str
 ) -> CloudBridgeError:
     """One error for a race every candidate lost, naming the most useful cause: nothing
     listening anywhere says "is the relay running?"; otherwise the failure that got
@@ -197,7 +346,6 @@ def _summary(
     """
     if not failures:  # every candidate was skipped: nothing was tried
         return ServerUnavailable("no transport to the relay could be tried")
-    host = config.settings.relay.host
     refused = {name: error for name, error in failures.items() if _refused(error)}
     if len(failures) == 1 and not refused:
         [(name, only)] = failures.items()
@@ -216,11 +364,13 @@ def _summary(
         waited = [name for name in failures if name not in refused]
         also = f"; {', '.join(waited)} got no answer" if waited else ""
         where = f"{host} port{'s' if len(ports) > 1 else ''} {', '.join(ports)}"
-        return ServerUnavailable(
+        nothing = ServerUnavailable(
             f"nothing listens at {where}{also} — is the relay running?",
             hint="start it (cloudbridge relay serve), or check relay.host and"
             " transport.<name>.port against what the relay prints when it starts",
         )
+        nothing.__cause__ = next(iter(refused.values()))  # ranks it as a refusal among relays
+        return nothing
     ranked = sorted(failures.items(), key=lambda item: _usefulness(item[1]))
     lead_name, lead = ranked[0]
     others = "; ".join(f"{name}: {_briefly(error)}" for name, error in ranked[1:])

@@ -52,6 +52,7 @@ class RunningClient:
                 "tenant_id": welcome.tenant_id if welcome else None,
                 "session_id": welcome.session_id if welcome else None,
                 "token_source": self.link.tokens.where(),
+                **self.link.relay_status(),
             },
             "transport": transport,
             "tunnels": self.tunnels_document()["tunnels"],

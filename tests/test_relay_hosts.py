@@ -1,0 +1,202 @@
+"""A client that knows several relays (``relay.hosts``): it connects to the first that
+answers, fails over when its relay dies and comes back, without a restart.
+
+Real processes: relays that share one state directory's keys (one CA, one token for all)
+listen on different loopback addresses (127.0.0.1, 127.0.0.2: Linux answers all of 127/8)
+on the same port, and a ``cloudbridge tunnel`` process whose ``status --json`` says which
+relay it is on.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cli_process import echo_once, issue_token, start, stop
+from cloudbridge_core.config.schema import cli_schema
+from jsonschema import Draft202012Validator
+from loopback import free_port
+from test_first_hour_connect import cloudbridge, relay_env
+
+pytestmark = pytest.mark.timeout(120)
+#: the built-in transport alone: quicker to start, and a kill is seen at once over TCP
+ONLY_TLS = {"CLOUDBRIDGE_DISABLE_PLUGINS": "quic,grpc,websocket"}
+#: what a relay of the cluster shares with the first one: its CA, token keys, reset key
+SHARED_KEYS = ("ca.pem", "ca.key", "signing-key.pem", "signing-key.pub.pem", "reset.key")
+
+
+@dataclass
+class Cluster:
+    """Relays on loopback addresses, all on ``port``, all with the first one's keys."""
+
+    home: Path
+    port: int = field(default_factory=free_port)
+    running: dict[str, subprocess.Popen[str]] = field(default_factory=dict)
+
+    def state(self, address: str) -> Path:
+        return self.home / address
+
+    def start(self, address: str) -> None:
+        state = self.state(address)
+        first = self.state("127.0.0.1")
+        if address != "127.0.0.1" and not state.exists():
+            state.mkdir(mode=0o700)
+            for name in SHARED_KEYS:
+                shutil.copy2(first / name, state / name)
+        env = relay_env(
+            {"tls": self.port},
+            CLOUDBRIDGE_SERVER__LISTEN=address,
+            CLOUDBRIDGE_SERVER__PUBLIC_HOST=address,  # the name its certificate carries
+            **ONLY_TLS,
+        )
+        serve = ("relay", "serve", "--dev", "--state-dir", str(state))
+        self.running[address] = start(*serve, env=env, ready="client config:")
+
+    def kill(self, address: str) -> None:
+        relay = self.running.pop(address)
+        relay.send_signal(signal.SIGKILL)
+        relay.wait(timeout=30)
+        assert relay.stderr is not None
+        relay.stderr.close()
+
+    def client_env(self, hosts: list[str], **extra: str) -> dict[str, str]:
+        return relay_env(
+            {"tls": self.port},
+            CLOUDBRIDGE_RELAY__HOSTS=json.dumps(hosts),
+            CLOUDBRIDGE_RELAY__TLS__CA_FILE=str(self.state("127.0.0.1") / "ca.pem"),
+            CLOUDBRIDGE_TOKEN=issue_token(self.state("127.0.0.1")),
+            CLOUDBRIDGE_TRANSPORT__HEALTH_CHECK_INTERVAL="1s",
+            CLOUDBRIDGE_RETRY__INITIAL_DELAY="100ms",
+            CLOUDBRIDGE_RETRY__MAX_DELAY="500ms",
+            CLOUDBRIDGE_RETRY__PER_ERROR="{}",
+            CLOUDBRIDGE_RELAY__CONNECT_TIMEOUT="20s",
+            **ONLY_TLS,
+            **extra,
+        )
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    cluster = Cluster(tmp_path)
+    cluster.start("127.0.0.1")  # the first relay makes the keys the others copy
+    yield cluster
+    for address in list(cluster.running):
+        cluster.kill(address)
+
+
+@dataclass
+class Client:
+    process: subprocess.Popen[str]
+    socket: Path
+    env: dict[str, str]
+    port: int
+
+    def status(self) -> dict[str, Any]:
+        done, _ = cloudbridge(
+            "status", "--json", "--control-socket", str(self.socket), env=self.env
+        )
+        assert done.returncode == 0, done.stderr
+        document: dict[str, Any] = json.loads(done.stdout)
+        Draft202012Validator(cli_schema("status")).validate(document)
+        return document
+
+    def on(self) -> str | None:
+        """The relay the session is on (None while reconnecting)."""
+        document = self.status()
+        connected = document["relay"]["connected_to"]
+        if document["state"] != "connected" or connected is None:
+            return None
+        return str(connected["host"])
+
+    def wait_on(self, host: str, within: float = 30) -> dict[str, Any]:
+        """Poll ``status`` until the session is on ``host``: a hang guard, not a measure."""
+        deadline = time.monotonic() + within
+        while self.on() != host:
+            assert self.process.poll() is None, "the client exited"
+            assert time.monotonic() < deadline, self.status()
+            time.sleep(0.2)
+        return self.status()
+
+
+@pytest.fixture
+def tunnel(tmp_path: Path, echo_port: int) -> Iterator[Any]:
+    started: list[Client] = []
+
+    def run(env: dict[str, str]) -> Client:
+        local = free_port()
+        control = tmp_path / f"client-{len(started)}.sock"
+        args = ("tunnel", "--local-port", str(local), "--remote-host", "127.0.0.1")
+        process = start(
+            *args,
+            *("--remote-port", str(echo_port), "--control-socket", str(control)),
+            env=env,
+            ready="tunnel 127.0.0.1:",
+        )
+        started.append(Client(process, control, env, local))
+        return started[-1]
+
+    yield run
+    for client in started:
+        assert stop(client.process) == 0
+
+
+def test_the_client_connects_to_the_relay_that_answers(cluster: Cluster, tunnel: Any) -> None:
+    cluster.start("127.0.0.2")
+    client = tunnel(cluster.client_env(["127.0.0.3", "127.0.0.2"]))  # nothing at .3
+    status = client.wait_on("127.0.0.2")
+    assert status["relay"]["connected_to"] == {
+        "host": "127.0.0.2",
+        "address": "127.0.0.2",
+        "port": cluster.port,
+    }
+    assert status["relay"]["hosts"] == ["127.0.0.3", "127.0.0.2"]
+    assert "127.0.0.3 failed: refused" in status["transport"]["reason"], status
+    assert echo_once(client.port, b"via the second relay") == b"via the second relay"
+    shown, _ = cloudbridge("status", "--control-socket", str(client.socket), env=client.env)
+    assert f"Relay:      127.0.0.2 (127.0.0.2:{cluster.port}) via tls" in shown.stdout
+
+
+def test_a_running_client_fails_over_and_back_without_a_restart(
+    cluster: Cluster, tunnel: Any
+) -> None:
+    cluster.start("127.0.0.2")
+    client = tunnel(cluster.client_env(["127.0.0.1", "127.0.0.2"]))
+    client.wait_on("127.0.0.1")
+    assert echo_once(client.port, b"on the first") == b"on the first"
+    lost = client.status()["relay"]["session_id"]
+
+    cluster.kill("127.0.0.1")
+    moved = client.wait_on("127.0.0.2")
+    assert moved["relay"]["session_id"] != lost
+    assert echo_once(client.port, b"on the second") == b"on the second"
+
+    cluster.start("127.0.0.1")
+    cluster.kill("127.0.0.2")
+    client.wait_on("127.0.0.1")
+    assert echo_once(client.port, b"back on the first") == b"back on the first"
+    assert client.process.poll() is None  # the same process all along
+
+
+def test_a_black_holed_relay_is_passed_over_for_the_next(cluster: Cluster, tunnel: Any) -> None:
+    cluster.start("127.0.0.2")
+    # takes connections (the kernel completes them) and never answers the TLS handshake
+    with socket.create_server(("127.0.0.4", cluster.port), backlog=16):
+        # a black hole costs the relays' stagger: waiting out its connect timeout would not
+        # be "did not answer within" the stagger, but "failed: no answer in time"
+        env = cluster.client_env(
+            ["127.0.0.4", "127.0.0.2"], CLOUDBRIDGE_TRANSPORT__CONNECT_TIMEOUT="30s"
+        )
+        client = tunnel(env)
+        status = client.wait_on("127.0.0.2")
+        reason = status["transport"]["reason"]
+        assert "relay 127.0.0.2 (127.0.0.4 did not answer within" in reason, reason
+        assert echo_once(client.port, b"past the black hole") == b"past the black hole"
