@@ -22,6 +22,7 @@ from cloudbridge_core.errors import (
     ConfigError,
     ConfigIssue,
     ProviderNotInstalled,
+    ServerUnavailable,
 )
 from cloudbridge_core.httpd import Handler
 from cloudbridge_core.log import get_logger
@@ -30,15 +31,18 @@ from cloudbridge_core.protocol import messages
 from cloudbridge_core.providers import AuthProvider, Endpoint, Listener, TlsMaterial, Transport
 from cloudbridge_core.relay.auth_keys import AuthKeysCollector, key_statistics, load_keys
 from cloudbridge_core.relay.cluster.backend import open_store
+from cloudbridge_core.relay.cluster.links import ClusterLinks
+from cloudbridge_core.relay.cluster.metrics import ClusterMetrics
 from cloudbridge_core.relay.cluster.store import ClusterStore, Handlers, RelayRecord
 from cloudbridge_core.relay.egress import EgressPolicy
 from cloudbridge_core.relay.invites import digest
 from cloudbridge_core.relay.ipam import Ipam
+from cloudbridge_core.relay.metrics import RelayMetrics
 from cloudbridge_core.relay.server import Relay, RelayLimits
 from cloudbridge_core.relay.state import RelayState, default_state_dir, local_hostnames
 from cloudbridge_core.relay.tokens import AUDIENCE, issue_token, jwks
 from cloudbridge_core.relay.turn import TurnIssuer
-from cloudbridge_core.settings import ServerSettings
+from cloudbridge_core.settings import ServerSettings, Settings
 from cloudbridge_core.tlsutil import KeyPair, server_context
 
 log = get_logger("relay")
@@ -82,14 +86,24 @@ class RunningRelay:
                 await listener.aclose()
             if self.stun is not None:
                 self.stun.close()
+            if self.relay.links is not None:
+                await self.relay.links.aclose()
             await self.relay.cluster.aclose()
 
     def probes(self) -> dict[str, Handler]:
         """``/healthz`` and ``/readyz`` for orchestrators, served next to ``/metrics``."""
-        return {
-            "/healthz": lambda: (200, "text/plain", b"ok\n"),
-            "/readyz": self._readiness,
-        }
+        return {"/healthz": self._health, "/readyz": self._readiness}
+
+    def _cluster_degraded(self) -> str:
+        """Why cross-relay features are degraded now, or ``""``: the relay still serves
+        what it holds (live and ready), and says so."""
+        if self.relay.cluster.healthy:
+            return ""
+        return " (cluster degraded: its Redis cannot be reached)"
+
+    def _health(self) -> tuple[int, str, bytes]:
+        degraded = self._cluster_degraded()
+        return 200, "text/plain", (f"degraded{degraded}" if degraded else "ok").encode() + b"\n"
 
     def _readiness(self) -> tuple[int, str, bytes]:
         if self.closing or not self.listeners:
@@ -97,7 +111,8 @@ class RunningRelay:
         keys = key_statistics(self.relay.auth)
         if not keys.loaded:  # every login would fail: an orchestrator should not route here
             return 503, "text/plain", f"auth keys not loaded: {keys.problem}\n".encode()
-        return 200, "text/plain", f"ready: {', '.join(self.listeners)}\n".encode()
+        ready = f"ready: {', '.join(self.listeners)}{self._cluster_degraded()}\n"
+        return 200, "text/plain", ready.encode()
 
 
 async def _redeem(
@@ -205,15 +220,53 @@ def load_auth(config: Config, plugins: Plugins, state: RelayState) -> AuthProvid
     return auth
 
 
-async def _join_cluster(relay: Relay, server: ServerSettings, public_host: str) -> None:
+async def _join_cluster(
+    relay: Relay, server: ServerSettings, public_host: str, state: RelayState
+) -> None:
     """Start the cluster's store (``server.cluster``), its events delivered to ``relay``,
     then take in the revocations in force: no session is served before they are held (a
-    store that cannot be reached stops the start, ``ServerUnavailable``)."""
-    link = f"{server.cluster.link_host or public_host}:{server.cluster.link_port}"
+    store that cannot be reached stops the start, ``ServerUnavailable``). A relay of a
+    cluster (backend redis) also listens for the other relays' links."""
+    cluster = server.cluster
+    link = f"{cluster.link_host or public_host}:{cluster.link_port}"
     handlers = Handlers(relay.on_cluster_event, relay.on_cluster_resynced, relay.on_relays_gone)
+    if cluster.backend != "memory":
+        relay.links = await ClusterLinks.start(
+            relay.cluster,
+            state.ca,
+            (server.listen, cluster.link_port),
+            relay.mesh.deliver_remote,
+            relay.metrics.registry,
+        )
+        relay.mesh.remote_packets = relay.links.send
     # started first: a revocation made while they load is then delivered, not missed
     await relay.cluster.start(handlers, RelayRecord(public_host, link))
     await relay.load_revocations()
+
+
+async def _cluster_hosts(relay: Relay) -> list[str]:
+    """Where clients reach the live relays of the cluster (none when its store cannot be
+    reached: the client config then names this relay alone)."""
+    try:
+        return [record.host for record in (await relay.cluster.relays()).values()]
+    except ServerUnavailable:
+        return []
+
+
+def _relay_of(settings: Settings, auth: AuthProvider, state: RelayState, *, dev: bool) -> Relay:
+    """The relay the settings describe, not yet serving."""
+    metrics = RelayMetrics()
+    cluster = settings.server.cluster
+    cluster_metrics = ClusterMetrics(metrics.registry) if cluster.backend != "memory" else None
+    return Relay(
+        auth,
+        EgressPolicy.from_settings(settings.server.egress, dev=dev),
+        RelayLimits.from_settings(settings.server, settings.performance),
+        metrics,
+        turn=TurnIssuer.from_settings(settings.server.turn),
+        ipam=Ipam(state.ipam_file, settings.server.overlay),
+        cluster=open_store(cluster, state.directory, cluster_metrics),
+    )
 
 
 async def start_relay(
@@ -230,17 +283,7 @@ async def start_relay(
     state = RelayState.load_or_create(
         state_dir_of(config, state_dir), [public_host, *local_hostnames()]
     )
-    auth = load_auth(config, plugins, state)
-    egress = EgressPolicy.from_settings(settings.server.egress, dev=dev)
-    limits = RelayLimits.from_settings(settings.server, settings.performance)
-    relay = Relay(
-        auth,
-        egress,
-        limits,
-        turn=TurnIssuer.from_settings(settings.server.turn),
-        ipam=Ipam(state.ipam_file, settings.server.overlay),
-        cluster=open_store(settings.server.cluster, state.directory),
-    )
+    relay = _relay_of(settings, load_auth(config, plugins, state), state, dev=dev)
     relay.metrics.watch(relay, tenant_labels=settings.metrics.tenant_labels)
     relay.metrics.registry.register(AuthKeysCollector(relay))
     running = RunningRelay(state, relay)
@@ -264,7 +307,7 @@ async def start_relay(
     documents = {JWKS_PATH: ("application/json", json.dumps(jwks(state.signing_key)).encode())}
     reset_key = state.reset_key
     try:
-        await _join_cluster(relay, settings.server, public_host)
+        await _join_cluster(relay, settings.server, public_host, state)
         for name, spec in transports.items():
             transport = spec.load(plugins.settings_for("transport", name, config.converted))
             endpoint = Endpoint(
@@ -298,7 +341,9 @@ async def start_relay(
     metrics_port, _ = exporters.metrics_port(config, default=exporters.RELAY_METRICS_PORT)
     own_ports = {*actual.values(), stun_port, metrics_port}
     relay.egress = dataclasses.replace(relay.egress, own_ports=frozenset(own_ports))
-    running.client_config = state.write_client_config(public_host, actual, stun_url)
+    running.client_config = state.write_client_config(
+        public_host, actual, stun_url, await _cluster_hosts(relay)
+    )
     relay.redeemer = functools.partial(
         _redeem, state, relay.cluster, public_host, actual, settings.server.max_token_ttl
     )

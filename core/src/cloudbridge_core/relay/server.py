@@ -36,6 +36,7 @@ from cloudbridge_core.protocol import derp, messages
 from cloudbridge_core.providers import AuthProvider, Claims, Session, Stream
 from cloudbridge_core.pump import PumpResult, abort, connect, prepare, pump, pump_dialled
 from cloudbridge_core.relay.admission import HOLD, QUEUE, Admission, Turn
+from cloudbridge_core.relay.cluster.links import ClusterLinks
 from cloudbridge_core.relay.cluster.store import ClusterEvent, ClusterStore, Revocation
 from cloudbridge_core.relay.egress import EgressPolicy
 from cloudbridge_core.relay.ipam import Ipam
@@ -171,6 +172,8 @@ class Relay:
         self.auth = auth
         #: what the relays of a cluster share (``server.cluster``; a relay alone's in memory)
         self.cluster = cluster
+        #: the links to the other relays of a cluster (set by the runner; None: alone)
+        self.links: ClusterLinks | None = None
         #: the tokens no session may use any more (``relay token revoke``), from ``cluster``
         self.revocations = Revocations()
         self.egress = egress
@@ -518,6 +521,8 @@ class Relay:
                 log.warning("cluster_event_malformed", kind=event.kind, reason=str(error))
                 return
             await self.on_revoked(revocation)
+        else:  # a device of another relay: it joined, left, or signals one here
+            await self.mesh.on_event(event)
 
     async def on_revoked(self, revocation: Revocation) -> None:
         """Refuse the tokens ``revocation`` covers from now on, and end their sessions."""
@@ -531,14 +536,20 @@ class Relay:
         self._end_revoked(self.revocations.replace(await self.cluster.revocations()))
 
     async def on_cluster_resynced(self) -> None:
-        """The store is back after an outage: revocations made meanwhile apply now."""
+        """The store is back after an outage: revocations made meanwhile apply now, and
+        the meshes catch up with the other relays."""
         try:
             await self.load_revocations()
         except ServerUnavailable as error:  # the ones held stay enforced meanwhile
             log.warning("revocations_not_reloaded", reason=error.message)
+        await self.mesh.resynced()
 
     async def on_relays_gone(self, relays: set[str]) -> None:
-        """Relays whose presence lapsed: nothing of theirs is held here yet."""
+        """Relays whose presence lapsed: their devices leave the meshes, their links close."""
+        log.info("cluster_relays_gone", relays=sorted(relays))
+        if self.links is not None:
+            self.links.forget(relays)
+        await self.mesh.relays_gone(relays)
 
     def _end_revoked(self, revocations: list[Revocation]) -> None:
         for state in self._states:

@@ -103,12 +103,20 @@ class RelayState:
         started)."""
         return self.directory.absolute() / IPAM_FILE
 
-    def write_client_config(self, host: str, ports: dict[str, int], stun: str | None) -> Path:
+    def write_client_config(
+        self, host: str, ports: dict[str, int], stun: str | None, cluster: list[str] | None = None
+    ) -> Path:
+        """``cluster``: the hosts of the cluster's relays, listed in ``relay.hosts`` (this
+        relay's ``host`` first) when there are others."""
         path = self.directory / "client.yaml"
         # absolute: the file is used from other directories (a service runs from /)
         ca_file = os.path.abspath(self.directory / "ca.pem")
+        relay: dict[str, Any] = {"host": host}
+        others = [other for other in cluster or [] if other != host]
+        if others:
+            relay["hosts"] = [host, *sorted(set(others))]
         config: dict[str, Any] = {
-            "relay": {"host": host, "tls": {"ca_file": ca_file}},
+            "relay": {**relay, "tls": {"ca_file": ca_file}},
             "transport": {name: {"port": port} for name, port in ports.items()},
             "auth": {"type": "jwt"},
         }
