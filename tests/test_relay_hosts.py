@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from cli_process import echo_once, issue_token, start, stop
 from cloudbridge_core.config.schema import cli_schema
 from jsonschema import Draft202012Validator
@@ -68,10 +69,12 @@ class Cluster:
         assert relay.stderr is not None
         relay.stderr.close()
 
-    def client_env(self, hosts: list[str], **extra: str) -> dict[str, str]:
+    def client_env(self, hosts: list[str] | None, **extra: str) -> dict[str, str]:
+        """The client's environment; ``hosts`` None leaves ``relay.hosts`` to its file."""
+        listed = {} if hosts is None else {"CLOUDBRIDGE_RELAY__HOSTS": json.dumps(hosts)}
         return relay_env(
             {"tls": self.port},
-            CLOUDBRIDGE_RELAY__HOSTS=json.dumps(hosts),
+            **listed,
             CLOUDBRIDGE_RELAY__TLS__CA_FILE=str(self.state("127.0.0.1") / "ca.pem"),
             CLOUDBRIDGE_TOKEN=issue_token(self.state("127.0.0.1")),
             CLOUDBRIDGE_TRANSPORT__HEALTH_CHECK_INTERVAL="1s",
@@ -131,13 +134,14 @@ class Client:
 def tunnel(tmp_path: Path, echo_port: int) -> Iterator[Any]:
     started: list[Client] = []
 
-    def run(env: dict[str, str]) -> Client:
+    def run(env: dict[str, str], *flags: str) -> Client:
         local = free_port()
         control = tmp_path / f"client-{len(started)}.sock"
         args = ("tunnel", "--local-port", str(local), "--remote-host", "127.0.0.1")
         process = start(
             *args,
             *("--remote-port", str(echo_port), "--control-socket", str(control)),
+            *flags,
             env=env,
             ready="tunnel 127.0.0.1:",
         )
@@ -200,3 +204,21 @@ def test_a_black_holed_relay_is_passed_over_for_the_next(cluster: Cluster, tunne
         reason = status["transport"]["reason"]
         assert "relay 127.0.0.2 (127.0.0.4 did not answer within" in reason, reason
         assert echo_once(client.port, b"past the black hole") == b"past the black hole"
+
+
+def test_a_changed_relay_hosts_moves_the_running_client(
+    cluster: Cluster, tunnel: Any, tmp_path: Path
+) -> None:
+    cluster.start("127.0.0.2")
+    config = tmp_path / "client.yaml"
+    config.write_text(yaml.safe_dump({"relay": {"hosts": ["127.0.0.1"]}}))
+    client = tunnel(cluster.client_env(None), "--config", str(config))
+    client.wait_on("127.0.0.1")
+    # as an editor saves it: a new file moved over the old one
+    edited = tmp_path / "client.yaml.new"
+    edited.write_text(yaml.safe_dump({"relay": {"hosts": ["127.0.0.2", "127.0.0.1"]}}))
+    edited.replace(config)
+    status = client.wait_on("127.0.0.2")
+    assert status["relay"]["hosts"] == ["127.0.0.2", "127.0.0.1"]
+    assert "relay.hosts changed" in status["transport"]["reason"], status
+    assert echo_once(client.port, b"after the reload") == b"after the reload"
