@@ -1,0 +1,167 @@
+"""Issue 19: relays sharing a real Redis (tests/cluster_bed.py) serve one tenant's mesh
+together — peers on different relays meet, invites are used once cluster-wide, limits and
+revocations hold at every relay, and a Redis outage degrades only what crosses relays."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from cli_process import BIN, NO_KEYRING, echo_once, environment, start, stop
+from cluster_bed import PLUGINS_OFF, ClusterBed, cluster_bed, until
+from loopback import echo, free_port, serving
+
+pytestmark = pytest.mark.timeout(180)
+
+ENV = environment(CLOUDBRIDGE_DISABLE_PLUGINS=PLUGINS_OFF, **NO_KEYRING)
+
+
+def p2p(config: Path) -> subprocess.Popen[str]:
+    return start("p2p", "--config", str(config), env=ENV, ready="in the mesh as")
+
+
+def peer_tunnel(config: Path, peer: str, port: int) -> tuple[subprocess.Popen[str], int]:
+    local = free_port()
+    process = start(
+        *("tunnel", "--config", str(config), "--local-port", str(local)),
+        *("--remote-peer", peer, "--remote-port", str(port)),
+        env=ENV,
+        ready=f"tunnel 127.0.0.1:{local}",
+    )
+    return process, local
+
+
+def relayed_tunnel(config: Path, port: int) -> tuple[subprocess.Popen[str], int]:
+    local = free_port()
+    process = start(
+        *("tunnel", "--config", str(config), "--local-port", str(local)),
+        *("--remote-host", "127.0.0.1", "--remote-port", str(port)),
+        env=ENV,
+        ready=f"tunnel 127.0.0.1:{local}",
+    )
+    return process, local
+
+
+def ended(process: subprocess.Popen[str]) -> int:
+    """The exit code of a command that ends by itself."""
+    code = process.wait(30)
+    assert process.stderr is not None
+    process.stderr.close()
+    return code
+
+
+def peer_names(bed: ClusterBed, config: Path) -> list[str]:
+    return sorted(peer["name"] for peer in bed.status(config)["peers"])
+
+
+def test_peers_of_one_tenant_on_two_relays_meet_and_carry_a_peer_tunnel(tmp_path: Path) -> None:
+    with cluster_bed(tmp_path) as bed, serving(echo) as echo_port:
+        server = bed.client_config("server", bed.token("acme", "server"), [2], expose=[echo_port])
+        outsider = bed.client_config(
+            "outsider", bed.token("globex", "outsider"), [2], expose=[echo_port]
+        )
+        laptop = bed.client_config("laptop", bed.token("acme", "laptop"), [1])
+        processes = [p2p(server), p2p(outsider)]
+        tunnel, local = peer_tunnel(laptop, "server", echo_port)
+        payload = os.urandom(1 << 20)
+        assert echo_once(local, payload) == payload
+        assert peer_names(bed, laptop) == ["server"]
+        assert peer_names(bed, server) == ["laptop"]
+        assert peer_names(bed, outsider) == []  # another tenant's devices are never listed
+        assert stop(tunnel) == 0
+        # the laptop left relay 1: relay 2 tells the server
+        until(lambda: peer_names(bed, server) == [], 30, "the laptop's leave reached relay 2")
+        for process in processes[:2]:
+            assert stop(process) == 0
+
+
+def test_a_one_use_invite_redeemed_at_two_relays_at_once_is_used_once(tmp_path: Path) -> None:
+    with cluster_bed(tmp_path) as bed:
+        created = bed.cloudbridge(
+            *("relay", "invite", "create", "--config", bed.relay_config(1)),
+            *("--state-dir", bed.state(1), "--tenant", "acme", "--uses", "1"),
+        )
+        assert created.returncode == 0, created.stderr
+        url = created.stdout.strip()
+        assert "//127.0.0.1:" in url
+        joins = [
+            subprocess.Popen(
+                [
+                    *(BIN / "cloudbridge", "join", url.replace("127.0.0.1", f"127.0.0.{n}")),
+                    *("--no-start", "--insecure-storage", "--config-dir", tmp_path / f"J{n}"),
+                ],
+                env=ENV,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for n in (1, 2)
+        ]
+        outputs = [join.communicate(timeout=60) for join in joins]
+        assert sorted(join.returncode for join in joins) == [0, 4], outputs
+
+
+def test_the_session_limit_of_a_tenant_holds_across_relays(tmp_path: Path) -> None:
+    with cluster_bed(tmp_path, max_sessions_per_tenant=1) as bed, serving(echo) as echo_port:
+        first = bed.client_config("first", bed.token("acme", "first"), [1])
+        second = bed.client_config("second", bed.token("acme", "second"), [2])
+        tunnel, local = relayed_tunnel(first, echo_port)
+        assert echo_once(local, b"one session") == b"one session"
+        refused = bed.cloudbridge("health", "--config", second, "--json")
+        assert refused.returncode == 6, refused.stderr  # unhealthy: the relay has no room
+        assert "across the cluster" in refused.stdout, refused.stdout
+        other_tenant = bed.client_config("other", bed.token("globex", "other"), [2])
+        assert bed.cloudbridge("health", "--config", other_tenant).returncode == 0
+        assert stop(tunnel) == 0
+        until(
+            lambda: bed.cloudbridge("health", "--config", second).returncode == 0,
+            30,
+            "the first session's end freed the tenant's place",
+        )
+
+
+def test_a_token_revoked_through_one_relay_ends_its_session_on_another(tmp_path: Path) -> None:
+    with cluster_bed(tmp_path) as bed, serving(echo) as echo_port:
+        config = bed.client_config("laptop", bed.token("acme", "laptop"), [2])
+        tunnel, local = relayed_tunnel(config, echo_port)
+        assert echo_once(local, b"before") == b"before"
+        revoked = bed.cloudbridge(
+            *("relay", "token", "revoke", "--config", bed.relay_config(1)),
+            *("--state-dir", bed.state(1), "--tenant", "acme", "--subject", "laptop"),
+        )
+        assert revoked.returncode == 0, revoked.stderr
+        assert ended(tunnel) == 4  # invalid_token: a foreground command stops, exit 4
+        for index in (1, 2):
+            again = bed.client_config(f"again{index}", bed.token("acme", "other"), [index])
+            assert bed.cloudbridge("health", "--config", again).returncode == 0
+        refused = bed.cloudbridge("health", "--config", config)
+        assert refused.returncode == 4, refused.stderr
+
+
+def test_a_redis_outage_keeps_sessions_and_the_cluster_recovers_by_itself(
+    tmp_path: Path,
+) -> None:
+    with cluster_bed(tmp_path) as bed, serving(echo) as echo_port:
+        server = bed.client_config("server", bed.token("acme", "server"), [1], expose=[echo_port])
+        tunnel_config = bed.client_config("tunnel", bed.token("acme", "tunnel"), [1])
+        processes = [p2p(server)]
+        tunnel, local = relayed_tunnel(tunnel_config, echo_port)
+        processes.append(tunnel)
+        assert bed.probe(1).startswith("ok")
+        bed.redis.stop()
+        until(lambda: bed.probe(1).startswith("degraded"), 30, "relay 1 says it is degraded")
+        assert "cluster_backend_up 0.0" in bed.probe(1, "/metrics")
+        # what the relay holds goes on: the open tunnel, new sessions at it
+        assert echo_once(local, b"during the outage") == b"during the outage"
+        assert bed.cloudbridge("health", "--config", server).returncode == 0
+        bed.redis.start()
+        until(lambda: bed.probe(1).startswith("ok"), 60, "relay 1 is back in the cluster")
+        # a device joining at relay 2 sees the one relay 1 held through the outage
+        laptop = bed.client_config("laptop", bed.token("acme", "laptop"), [2])
+        peer, peer_local = peer_tunnel(laptop, "server", echo_port)
+        processes.append(peer)
+        assert echo_once(peer_local, b"after the outage") == b"after the outage"
+        for process in processes:
+            assert stop(process) == 0
