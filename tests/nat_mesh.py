@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from natbed import ROUTER, WAN, NatBed
+from natbed import ROUTER, WAN, NatBed, run
 
 BIN = Path(sys.executable).parent
 TOOLS = Path(__file__).parent / "ns_tools.py"
@@ -117,6 +117,39 @@ class PacedTransfer:
 QUICK = {"heartbeat_interval": "1s", "heartbeat_timeout": "1s", "upgrade_interval": "3s"}
 
 
+#: the second relay of a cluster (``start_mesh(cluster=True)``), beside the first on the wan
+WAN2 = "203.0.113.2"
+#: what relays of a cluster share (docs/cluster.md)
+SHARED_STATE = ("ca.pem", "ca.key", "signing-key.pem", "signing-key.pub.pem", "reset.key")
+REDIS_PORT = 6379
+
+
+def cluster_env(address: str, member: str) -> dict[str, str]:
+    """A relay of the cluster listening on ``address`` only (two share the wan's ports)."""
+    prefix = "CLOUDBRIDGE_SERVER__CLUSTER__"
+    return {
+        "CLOUDBRIDGE_SERVER__LISTEN": address,
+        "CLOUDBRIDGE_SERVER__PUBLIC_HOST": address,
+        f"{prefix}BACKEND": "redis",
+        f"{prefix}REDIS_URL": f"redis://127.0.0.1:{REDIS_PORT}/0",
+        f"{prefix}MEMBER": member,
+        f"{prefix}PRESENCE_TTL": "3s",
+    }
+
+
+def start_second_relay(bed: NatBed, tmp: Path, env: dict[str, str]) -> None:
+    """A redis-server and a second relay on the wan (at :data:`WAN2`), sharing the first
+    relay's key material: a cluster of two."""
+    run(f"ip -n {bed.wan} addr add {WAN2}/24 dev br0")
+    state = tmp / "relay2"
+    state.mkdir(mode=0o700)
+    for name in SHARED_STATE:
+        shutil.copy2(tmp / "relay" / name, state / name)
+    relay: list[Any] = [BIN / "cloudbridge", "relay", "serve", "--state-dir", state]
+    second = {**env, **cluster_env(WAN2, "r2")}
+    bed.spawn(bed.wan, relay, ready="client config:", env=second, log=tmp / "relay2.log")
+
+
 def start_mesh(
     bed: NatBed,
     tmp: Path,
@@ -124,12 +157,14 @@ def start_mesh(
     turn: bool,
     issued_turn: bool = False,
     timings: dict[str, str] = QUICK,
+    cluster: bool = False,
 ) -> tuple[Mesh, Path, Path, Path]:
     """The relay and coturn in the wan; ``server`` (exposing the echo port) in h2; a peer
     tunnel from ``laptop`` in h1; ``outsider``, of another tenant, in h1 too. ``turn``: the
     peers have coturn's long-term user in ``p2p.ice.turn_servers``; ``issued_turn``: coturn
     takes only the credentials the relay issues (``server.turn``); ``timings``: the peers'
-    heartbeat and upgrade settings."""
+    heartbeat and upgrade settings; ``cluster``: two relays sharing a Redis, ``server`` and
+    ``outsider`` on the second."""
     turnserver = shutil.which("turnserver")
     assert turnserver, "coturn is not installed (./dev test installs it)"
     conf = tmp / "turnserver.conf"
@@ -153,8 +188,19 @@ def start_mesh(
         secret_file.chmod(0o600)
         env["CLOUDBRIDGE_SERVER__TURN__SECRET_FILE"] = str(secret_file)
         env["CLOUDBRIDGE_SERVER__TURN__URLS"] = json.dumps([f"turn:{WAN}:3478"])
+    if cluster:
+        redis = shutil.which("redis-server")
+        assert redis, "redis-server is not installed (./dev test installs it)"
+        bed.spawn(
+            bed.wan,
+            [redis, "--port", str(REDIS_PORT), "--bind", "127.0.0.1", "--save", ""],
+            ready="Ready to accept connections",
+        )
+        env.update(cluster_env(WAN, "r1"))
     relay: list[Any] = [BIN / "cloudbridge", "relay", "serve", "--state-dir", state]
     started = bed.spawn(bed.wan, relay, ready="client config:", env=env, log=tmp / "relay.log")
+    if cluster:
+        start_second_relay(bed, tmp, env)
     mesh = Mesh(bed, tmp, started, relay, env)
     tokens = {
         tenant: mesh.cloudbridge(
@@ -184,8 +230,11 @@ def start_mesh(
             "ice": ice,
             **timings,
         }
+        on_second = cluster and name != "laptop"
+        relay_section = {**written["relay"], "host": WAN2} if on_second else written["relay"]
         document = {
             **written,
+            "relay": relay_section,
             "auth": {"token": tokens[tenant]},
             "metrics": {"enabled": False},
             "p2p": p2p,
