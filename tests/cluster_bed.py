@@ -138,6 +138,20 @@ class ClusterBed:
         path.write_text(yaml.safe_dump(document))
         return path
 
+    def redis_sessions(self, tenant: str) -> list[str]:
+        """The sessions the cluster counts for ``tenant`` now: the unexpired entries of its
+        sorted set in Redis (scored by expiry, Unix seconds)."""
+        listed = subprocess.run(
+            [
+                *("redis-cli", "-p", str(self.redis.port), "zrangebyscore"),
+                *(f"cloudbridge:sessions:{tenant}", str(time.time()), "+inf"),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return listed.stdout.split()
+
     def status(self, config: Path) -> dict[str, Any]:
         shown = self.cloudbridge("status", "--config", str(config), "--json")
         assert shown.returncode == 0, shown.stderr

@@ -165,3 +165,32 @@ def test_a_redis_outage_keeps_sessions_and_the_cluster_recovers_by_itself(
         assert echo_once(peer_local, b"after the outage") == b"after the outage"
         for process in processes:
             assert stop(process) == 0
+
+
+def test_a_killed_relays_clients_move_to_another_and_nothing_is_doubled_when_it_returns(
+    tmp_path: Path,
+) -> None:
+    with cluster_bed(tmp_path) as bed, serving(echo) as echo_port:
+        server = bed.client_config("server", bed.token("acme", "server"), [2], expose=[echo_port])
+        laptop = bed.client_config("laptop", bed.token("acme", "laptop"), [1, 2])
+        serving_peer = p2p(server)
+        tunnel, local = peer_tunnel(laptop, "server", echo_port)
+        assert bed.status(laptop)["relay"]["connected_to"]["host"] == "127.0.0.1"
+        assert echo_once(local, b"on relay 1") == b"on relay 1"
+        bed.kill_relay(1)
+        until(
+            lambda: (bed.status(laptop)["relay"]["connected_to"] or {}).get("host") == "127.0.0.2",
+            60,
+            "the laptop moved to relay 2",
+        )
+        payload = os.urandom(1 << 20)
+        until(lambda: echo_once(local, payload) == payload, 60, "the tunnel carries data again")
+        bed.start_relay(1)
+        # relay 1 back: the laptop stays where it works, listed once, seen once by the server
+        assert peer_names(bed, server) == ["laptop"]
+        assert peer_names(bed, laptop) == ["server"]
+        # the server's session and the laptop's, once each (relay 1's lapsed with it)
+        until(lambda: len(bed.redis_sessions("acme")) == 2, 30, "two sessions counted")
+        assert not [s for s in bed.redis_sessions("acme") if s.startswith("r1/")]
+        for process in (tunnel, serving_peer):
+            assert stop(process) == 0
