@@ -194,3 +194,25 @@ def test_a_killed_relays_clients_move_to_another_and_nothing_is_doubled_when_it_
         assert not [s for s in bed.redis_sessions("acme") if s.startswith("r1/")]
         for process in (tunnel, serving_peer):
             assert stop(process) == 0
+
+
+def test_a_relay_of_a_cluster_does_not_start_without_redis_and_says_why(tmp_path: Path) -> None:
+    config = tmp_path / "relay.yaml"
+    dead = f"redis://:never-shown@127.0.0.1:{free_port()}/0"
+    config.write_text(
+        f"server:\n  listen: 127.0.0.1\n  cluster: {{backend: redis, redis_url: '{dead}'}}\n"
+        f"transport: {{tls: {{port: {free_port()}}}, websocket: {{port: {free_port()}}}}}\n"
+        "metrics: {enabled: false}\n"
+    )
+    refused = subprocess.run(
+        [BIN / "cloudbridge", "relay", "serve", "--config", config, "--state-dir", tmp_path / "D"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=60,
+        check=False,
+    )
+    assert refused.returncode == 5, refused.stderr  # unavailable: worth retrying later
+    assert "the cluster's Redis cannot be reached" in refused.stderr
+    assert "server.cluster.redis_url" in refused.stderr
+    assert "never-shown" not in refused.stderr + refused.stdout

@@ -241,7 +241,14 @@ async def _join_cluster(
         relay.mesh.remote_packets = relay.links.send
     # started first: a revocation made while they load is then delivered, not missed
     await relay.cluster.start(handlers, RelayRecord(public_host, link))
-    await relay.load_revocations()
+    try:
+        await relay.load_revocations()
+    except ServerUnavailable as error:
+        raise ServerUnavailable(
+            error.message,
+            hint="start Redis, or check server.cluster.redis_url: a relay of a cluster"
+            " starts once it holds the revocations in force",
+        ) from None
 
 
 async def _cluster_hosts(relay: Relay) -> list[str]:
@@ -258,14 +265,15 @@ def _relay_of(settings: Settings, auth: AuthProvider, state: RelayState, *, dev:
     metrics = RelayMetrics()
     cluster = settings.server.cluster
     cluster_metrics = ClusterMetrics(metrics.registry) if cluster.backend != "memory" else None
+    store = open_store(cluster, state.directory, cluster_metrics)
     return Relay(
         auth,
         EgressPolicy.from_settings(settings.server.egress, dev=dev),
         RelayLimits.from_settings(settings.server, settings.performance),
         metrics,
         turn=TurnIssuer.from_settings(settings.server.turn),
-        ipam=Ipam(state.ipam_file, settings.server.overlay),
-        cluster=open_store(cluster, state.directory, cluster_metrics),
+        ipam=Ipam(store, settings.server.overlay),
+        cluster=store,
     )
 
 
