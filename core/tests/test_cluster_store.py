@@ -6,6 +6,7 @@ the backends differ (several relays share state only through Redis), the memory 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import re
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio
+from cloudbridge_core.config import load_config
 from cloudbridge_core.errors import ConfigError, InvalidToken, ServerUnavailable
 from cloudbridge_core.providers import Claims
 from cloudbridge_core.relay.cluster.backend import open_store
@@ -28,6 +30,7 @@ from cloudbridge_core.relay.cluster.store import (
     Revocation,
 )
 from cloudbridge_core.relay.invites import EXPIRED_INVITE, UNKNOWN_INVITE
+from cloudbridge_core.relay.ipam import UNAVAILABLE, Ipam
 from cloudbridge_core.settings.sections import ClusterSettings
 from cloudbridge_core.tlsutil import generate_ca, issue_server_certificate
 from prometheus_client import CollectorRegistry
@@ -568,5 +571,165 @@ def test_a_failing_handler_does_not_stop_the_events(redis_cluster: Cluster) -> N
         finally:
             await a.aclose()
             await b.aclose()
+
+    run(scenario)
+
+
+# ---- overlay leases (IPAM) ----
+
+DAY = 86400.0
+
+
+class Clock:
+    """Unix seconds the test moves on by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def ipam_on(store: ClusterStore, clock: Clock | None = None, **keys: object) -> Ipam:
+    """A relay's IPAM keeping its leases in ``store``, with ``server.overlay`` ``keys``."""
+    overrides = {f"server.overlay.{key}": (value, "test") for key, value in keys.items()}
+    settings = load_config(None, environ={}, overrides=overrides).settings.server.overlay
+    return Ipam(store, settings, clock=clock or time.time)
+
+
+def device(n: int) -> str:
+    return f"device-key-{n}"
+
+
+async def address(ipam: Ipam, tenant: str, n: int, in_mesh: tuple[int, ...] = ()) -> str:
+    """Lease device ``n`` of ``tenant`` an address; the address, or the error."""
+    got = await ipam.lease(tenant, device(n), f"dev{n}", f"peer{n}", [device(m) for m in in_mesh])
+    return got.address or got.error
+
+
+def test_leases_are_sticky_lowest_free_and_per_tenant_across_relays(cluster: Cluster) -> None:
+    async def scenario() -> None:
+        # a relay alone shares its leases with the next one on its state directory only
+        a, b = cluster.store("relay-a"), cluster.store("relay-b")
+        at_a, at_b = ipam_on(a), ipam_on(b)
+        try:
+            assert [await address(at_a, "acme", n) for n in (1, 2, 3)] == [
+                "100.64.0.1",
+                "100.64.0.2",
+                "100.64.0.3",
+            ]
+            assert await address(at_b, "acme", 2) == "100.64.0.2"  # the device moved relay
+            assert await address(at_b, "acme", 4) == "100.64.0.4"
+            assert await address(at_b, "globex", 1) == "100.64.0.1"  # another namespace
+            leases = await b.ipam_leases("acme")
+            assert {key: lease.address for key, lease in leases.items()} == {
+                device(1): "100.64.0.1",
+                device(2): "100.64.0.2",
+                device(3): "100.64.0.3",
+                device(4): "100.64.0.4",
+            }
+            assert (leases[device(4)].device, leases[device(4)].peer_id) == ("dev4", "peer4")
+            assert set(await b.ipam_leases("globex")) == {device(1)}
+            assert await b.ipam_leases("initech") == {}
+        finally:
+            await a.aclose()
+            await b.aclose()
+
+    run(scenario)
+
+
+def test_two_relays_leasing_at_once_never_give_one_address_twice(cluster: Cluster) -> None:
+    async def scenario() -> None:
+        # four relays on Redis; the memory backend's relay is alone
+        stores = [cluster.store(f"relay-{n}") for n in range(4 if cluster.redis else 1)]
+        relays = [ipam_on(store, pool="10.9.0.0/24") for store in stores]
+        try:
+            got = await asyncio.gather(
+                *(address(relays[n % len(relays)], "acme", n) for n in range(24))
+            )
+            assert sorted(got, key=ipaddress.IPv4Address) == [f"10.9.0.{n}" for n in range(1, 25)]
+            leases = await stores[0].ipam_leases("acme")
+            assert {key: lease.address for key, lease in leases.items()} == {
+                device(n): got[n] for n in range(24)
+            }
+        finally:
+            for store in stores:
+                await store.aclose()
+
+    run(scenario)
+
+
+def test_a_lease_idle_for_release_after_is_released(cluster: Cluster) -> None:
+    async def scenario() -> None:
+        clock = Clock()
+        store = cluster.store("relay-a")
+        ipam = ipam_on(store, clock, release_after="1d")
+        try:
+            assert [await address(ipam, "acme", n) for n in (1, 2, 3)] == [
+                "100.64.0.1",
+                "100.64.0.2",
+                "100.64.0.3",
+            ]
+            clock.now += 0.5 * DAY
+            await ipam.seen("acme", device(2))  # device 2 leaves the mesh
+            clock.now += 0.75 * DAY  # 1 and 3 were seen 1.25 days ago, 2 only 0.75
+            # device 3 is in the mesh still: its lease stays; 1's address goes to 4
+            assert await address(ipam, "acme", 4, in_mesh=(3,)) == "100.64.0.1"
+            assert set(await store.ipam_leases("acme")) == {device(2), device(3), device(4)}
+        finally:
+            await store.aclose()
+
+    run(scenario)
+
+
+def test_during_an_outage_a_join_gets_no_address_not_a_guess(redis_cluster: Cluster) -> None:
+    async def scenario() -> None:
+        store = redis_cluster.store("relay-a")
+        ipam = ipam_on(store)
+        server = redis_cluster.redis
+        assert server is not None
+        try:
+            assert await address(ipam, "acme", 1) == "100.64.0.1"
+            server.stop()
+            refused = await ipam.lease("acme", device(2), "dev2", "peer2")
+            assert (refused.address, refused.error) == ("", UNAVAILABLE)
+            assert refused.wire() == {"error": UNAVAILABLE}
+            await ipam.seen("acme", device(1))  # a leave during the outage: logged, no raise
+            server.start()
+            # this test's Redis keeps nothing across its restart: the pool is empty again
+            assert await address(ipam, "acme", 2) == "100.64.0.1"
+            assert set(await store.ipam_leases("acme")) == {device(2)}
+        finally:
+            await store.aclose()
+
+    run(scenario)
+
+
+def test_leases_in_redis_that_no_relay_wrote_are_dropped(redis_cluster: Cluster) -> None:
+    async def scenario() -> None:
+        store = redis_cluster.store("relay-a")
+        ipam = ipam_on(store)
+        assert redis_cluster.redis is not None
+        raw = redis.asyncio.Redis.from_url(redis_cluster.redis.url, password=PASSWORD)
+        key = "test-cluster:ipam:acme"
+        good = {"address": "100.64.0.1", "device": "dev9", "peer_id": "peer9", "last_seen": 1}
+        try:
+            await raw.hset(
+                key,
+                mapping={
+                    device(9): json.dumps(good),
+                    "not-json": b"\xff{",
+                    "no-address": json.dumps({**good, "address": "100.64.0.999"}),
+                    "text-time": json.dumps({**good, "address": "100.64.0.2", "last_seen": "1"}),
+                    "huge": json.dumps({**good, "device": "x" * 10000}),
+                    "shared": json.dumps({**good, "last_seen": 0}),  # 9 was seen later
+                },
+            )
+            assert set(await store.ipam_leases("acme")) == {device(9)}
+            assert await address(ipam, "acme", 1, in_mesh=(9,)) == "100.64.0.2"
+            assert sorted(await raw.hkeys(key)) == sorted([device(1).encode(), device(9).encode()])
+        finally:
+            await raw.aclose()
+            await store.aclose()
 
     run(scenario)

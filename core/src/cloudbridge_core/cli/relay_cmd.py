@@ -31,10 +31,9 @@ from cloudbridge_core.prometheus_exporter import PrometheusExporter
 from cloudbridge_core.relay.cluster.backend import run_once
 from cloudbridge_core.relay.cluster.store import Invite, Revocation
 from cloudbridge_core.relay.invites import InviteLink, new_code
-from cloudbridge_core.relay.ipam import read_leases
 from cloudbridge_core.relay.live import follow
 from cloudbridge_core.relay.runner import start_relay, state_dir_of
-from cloudbridge_core.relay.state import IPAM_FILE, RelayState
+from cloudbridge_core.relay.state import RelayState
 from cloudbridge_core.relay.tokens import PERMISSIONS, issue_token, jwks, unknown_permissions
 from cloudbridge_core.tenants import is_tenant_id
 
@@ -428,25 +427,27 @@ def ipam() -> None:
 @click.pass_context
 def list_leases(ctx: click.Context, state_dir: Path | None, tenant: str, as_json: bool) -> None:
     """Show a tenant's overlay addresses (stdout): device, peer id, address and when the
-    device was last seen (UTC). Reads the relay's state directory, whether it runs or not."""
+    device was last seen (UTC). Reads the relay's state directory, or the cluster's Redis
+    (server.cluster.backend: redis), whether the relays run or not."""
     config = runtime_of(ctx).config()
     _check_tenant(tenant)
     directory = state_dir_of(config, state_dir)
-    if not directory.is_dir():
+    cluster = config.settings.server.cluster
+    if cluster.backend == "redis":
+        where = "the cluster's Redis"
+    elif directory.is_dir():
+        where = str(directory)
+    else:
         raise UsageError(
             f"no relay state in {directory}",
             hint="pass the relay's --state-dir (or server.state_dir), or start"
             " 'cloudbridge relay serve' first",
         )
-    tenants = read_leases(directory.absolute() / IPAM_FILE)
-    leases = sorted(
-        tenants.get(tenant, {}).values(), key=lambda lease: ipaddress.IPv4Address(lease.address)
-    )
+    held = run_once(cluster, directory, lambda store: store.ipam_leases(tenant))
+    leases = sorted(held.values(), key=lambda lease: ipaddress.IPv4Address(lease.address))
     if not leases:
-        holding = ", ".join(sorted(tenants)) or "none"
         raise UsageError(
-            f"tenant {tenant!r} holds no overlay addresses in {directory}"
-            f" (tenants that do: {holding})",
+            f"tenant {tenant!r} holds no overlay addresses in {where}",
             hint="a device gets one when it joins the mesh with overlay.enabled",
         )
     rows = [

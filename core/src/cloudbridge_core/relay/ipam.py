@@ -6,14 +6,21 @@ overlays never carry each other's packets. The pool is ``server.overlay.tenants.
 else ``server.overlay.pool``.
 
 A lease is sticky: the same device (its mesh ``public_key``) gets the same address back
-across client and relay restarts, because the leases live in ``ipam.json`` in the relay's
-state directory (0600, replaced atomically: a crash leaves the old file or the new one).
+across client and relay restarts, because the leases live in the cluster store
+(:meth:`ClusterStore.ipam_update`): a relay alone keeps them in ``ipam.json`` in its state
+directory (0600, replaced atomically: a crash leaves the old file or the new one), the
+relays of a cluster in its Redis, where each change is atomic for the whole cluster so
+two relays never lease one address twice. The rules live here alone, as a pure change
+of one tenant's leases; the store only loads and saves them. When the store cannot be
+reached, a join gets no address (an :class:`Allocation` saying why), never a guess.
+
 A lease holds its address, the device's name and peer id, and when the device was last
 seen (at each join and when it leaves the mesh). One whose device is away from the mesh
-for longer than ``server.overlay.release_after`` is released, which is checked when the
-relay starts and each time it leases an address: the only moments a released address can
-matter. A lease outside its tenant's current pool (the pool was changed) is replaced at
-the device's next join.
+for longer than ``server.overlay.release_after`` is released, which is checked each time
+the tenant leases an address: the only moment a released address can matter. A lease
+outside its tenant's current pool (the pool was changed) is replaced at the device's next
+join. A tenant's leases never share an address: of two (a file edited by hand), the one
+seen last stays, whenever they are read (:func:`one_lease_per_address`).
 
 A new lease takes the lowest free address of the pool, never the network or broadcast
 address (a /31 or /32 has none). IPv4 only.
@@ -25,15 +32,18 @@ import ipaddress
 import json
 import time
 from collections.abc import Callable, Collection
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cloudbridge_core.durations import format_duration
-from cloudbridge_core.errors import CloudBridgeError, ConfigError, ConfigIssue
+from cloudbridge_core.errors import CloudBridgeError, ConfigError, ConfigIssue, ServerUnavailable
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.secretfile import write_secret
 from cloudbridge_core.settings import ServerOverlaySettings
+
+if TYPE_CHECKING:  # the store's modules import this one for Lease
+    from cloudbridge_core.relay.cluster.store import ClusterStore
 
 log = get_logger("relay.ipam")
 
@@ -108,6 +118,18 @@ def read_leases(path: Path) -> Leases:
         raise _damaged(path, "not the shape of a lease file") from None
 
 
+def write_leases(path: Path, tenants: Leases) -> None:
+    """Replace ``path`` (0600, atomically) with ``tenants``; raises ``OSError``."""
+    document = {
+        "version": FILE_VERSION,
+        "tenants": {
+            tenant: {key: asdict(lease) for key, lease in leases.items()}
+            for tenant, leases in tenants.items()
+        },
+    }
+    write_secret(path, (json.dumps(document, indent=2) + "\n").encode())
+
+
 def _damaged(path: Path, reason: str) -> CloudBridgeError:
     return CloudBridgeError(
         f"cannot read the overlay leases in {path}: {reason}",
@@ -124,23 +146,36 @@ def parse_pool(key: str, pool: str) -> ipaddress.IPv4Network:
         raise ConfigError([ConfigIssue(key, f"not an IPv4 network: {exc}")]) from None
 
 
-class Ipam:
-    """Each tenant's overlay address leases, kept in ``path`` (``ipam.json``).
+#: what a join is told when the store keeping the leases cannot be reached
+UNAVAILABLE = "overlay addresses cannot be leased now: the cluster's Redis cannot be reached"
 
-    Opening it reads the file and releases the leases idle for longer than
-    ``release_after``; raises :class:`CloudBridgeError` when the file is damaged, and
-    :class:`ConfigError` for a pool that is not an IPv4 network. ``clock`` gives Unix
-    seconds (the tests' own clock).
+
+@dataclass
+class _Outcome:
+    """What one change of a tenant's leases did, logged once it is saved (a change may
+    run again when another relay changed the leases meanwhile)."""
+
+    allocation: Allocation
+    renewed: bool = False
+    released: list[Lease] = field(default_factory=list)
+    replaced: Lease | None = None
+
+
+class Ipam:
+    """Each tenant's overlay address leases, kept in ``store``.
+
+    Raises :class:`ConfigError` for a pool that is not an IPv4 network. ``clock`` gives
+    Unix seconds (the tests' own clock).
     """
 
     def __init__(
         self,
-        path: Path,
+        store: ClusterStore,
         settings: ServerOverlaySettings,
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.path = path.absolute()
+        self._store = store
         self._default = parse_pool("server.overlay.pool", settings.pool)
         self._pools = {
             tenant: parse_pool(f"server.overlay.tenants.{tenant}.pool", own.pool)
@@ -148,24 +183,16 @@ class Ipam:
         }
         self._release_after = settings.release_after
         self._clock = clock
-        self._tenants = read_leases(self.path)
-        changed = _drop_shared_addresses(self._tenants)
-        now = self._now()
-        for tenant in list(self._tenants):
-            changed |= self._release_idle(tenant, (), now)
-        if changed:
-            self._save()
 
     def pool_of(self, tenant_id: str) -> ipaddress.IPv4Network:
         return self._pools.get(tenant_id, self._default)
 
-    def leases(self, tenant_id: str) -> dict[str, Lease]:
-        """The tenant's leases by device key (a copy)."""
-        return {
-            key: Lease(**asdict(lease)) for key, lease in self._tenants.get(tenant_id, {}).items()
-        }
+    async def leases(self, tenant_id: str) -> dict[str, Lease]:
+        """The tenant's leases by device key; ``ServerUnavailable`` when the store cannot
+        be reached."""
+        return await self._store.ipam_leases(tenant_id)
 
-    def lease(
+    async def lease(
         self,
         tenant_id: str,
         device_key: str,
@@ -177,65 +204,65 @@ class Ipam:
         while that is in the tenant's pool, else the lowest free one; or why there is none.
         ``in_mesh`` are the keys of the tenant's devices in the mesh now (their leases are
         never released, however long ago they joined)."""
-        now = self._now()
+        now = int(self._clock())
         pool = self.pool_of(tenant_id)
-        changed = self._release_idle(tenant_id, {*in_mesh, device_key}, now)
-        leases = self._tenants.setdefault(tenant_id, {})
-        held = leases.get(device_key)
-        if held is not None and not _usable(pool, held.address):
-            log.info(
-                "overlay_lease_replaced",
-                tenant_id=tenant_id,
-                peer_id=peer_id,
-                address=held.address,
-                reason=f"outside the tenant's pool {pool}",
-            )
-            del leases[device_key]
-            held, changed = None, True
-        renewed = held is not None
-        if held is None:
+        keep = {*in_mesh, device_key}
+
+        def change(leases: dict[str, Lease]) -> _Outcome:
+            released = [
+                leases.pop(key)
+                for key in list(leases)
+                if key not in keep and now - leases[key].last_seen > self._release_after
+            ]
+            held = leases.get(device_key)
+            replaced = None
+            if held is not None and not _usable(pool, held.address):
+                replaced, held = leases.pop(device_key), None
+            if held is not None:
+                held.device, held.peer_id, held.last_seen = device, peer_id, now
+                return _Outcome(Allocation(str(pool), held.address), True, released, replaced)
             address = _lowest_free(pool, {lease.address for lease in leases.values()})
             if address is None:
-                if changed:
-                    self._save()
-                reason = self._exhausted(tenant_id, pool)
-                log.warning(
-                    "overlay_address_refused", tenant_id=tenant_id, peer_id=peer_id, reason=reason
-                )
-                return Allocation(str(pool), error=reason)
-            held = leases[device_key] = Lease(address, device, peer_id, now)
-        else:
-            held.device, held.peer_id, held.last_seen = device, peer_id, now
-        self._save()
-        log.info(
-            "overlay_address",
-            tenant_id=tenant_id,
-            peer_id=peer_id,
-            address=held.address,
-            renewed=renewed,
-        )
-        return Allocation(str(pool), held.address)
+                allocation = Allocation(str(pool), error=self._exhausted(tenant_id, pool))
+                return _Outcome(allocation, False, released, replaced)
+            leases[device_key] = Lease(address, device, peer_id, now)
+            return _Outcome(Allocation(str(pool), address), False, released, replaced)
 
-    def seen(self, tenant_id: str, device_key: str) -> None:
+        try:
+            outcome = await self._store.ipam_update(tenant_id, change)
+        except ServerUnavailable as exc:
+            log.warning(
+                "overlay_address_refused", tenant_id=tenant_id, peer_id=peer_id, reason=exc.message
+            )
+            return Allocation(str(pool), error=UNAVAILABLE)
+        self._log(tenant_id, peer_id, pool, now, outcome)
+        return outcome.allocation
+
+    async def seen(self, tenant_id: str, device_key: str) -> None:
         """The device left the mesh now: its lease, if it has one, counts its idle time
-        from here."""
-        held = self._tenants.get(tenant_id, {}).get(device_key)
-        if held is not None:
-            held.last_seen = self._now()
-            self._save()
+        from here. Logged, not raised, when the store cannot be reached (the lease then
+        counts from the device's join)."""
+        now = int(self._clock())
 
-    def _now(self) -> int:
-        return int(self._clock())
+        def change(leases: dict[str, Lease]) -> None:
+            held = leases.get(device_key)
+            if held is not None:
+                held.last_seen = now
 
-    def _release_idle(self, tenant_id: str, in_mesh: Collection[str], now: int) -> bool:
-        leases = self._tenants.get(tenant_id, {})
-        idle = [
-            key
-            for key, lease in leases.items()
-            if key not in in_mesh and now - lease.last_seen > self._release_after
-        ]
-        for key in idle:
-            released = leases.pop(key)
+        try:
+            await self._store.ipam_update(tenant_id, change)
+        except ServerUnavailable as exc:
+            log.warning("overlay_lease_not_renewed", tenant_id=tenant_id, reason=exc.message)
+
+    def _log(
+        self,
+        tenant_id: str,
+        peer_id: str,
+        pool: ipaddress.IPv4Network,
+        now: int,
+        outcome: _Outcome,
+    ) -> None:
+        for released in outcome.released:
             log.info(
                 "overlay_lease_released",
                 tenant_id=tenant_id,
@@ -243,9 +270,30 @@ class Ipam:
                 address=released.address,
                 idle=format_duration(now - released.last_seen),
             )
-        if not leases:
-            self._tenants.pop(tenant_id, None)
-        return bool(idle)
+        if outcome.replaced is not None:
+            log.info(
+                "overlay_lease_replaced",
+                tenant_id=tenant_id,
+                peer_id=peer_id,
+                address=outcome.replaced.address,
+                reason=f"outside the tenant's pool {pool}",
+            )
+        allocation = outcome.allocation
+        if allocation.error:
+            log.warning(
+                "overlay_address_refused",
+                tenant_id=tenant_id,
+                peer_id=peer_id,
+                reason=allocation.error,
+            )
+            return
+        log.info(
+            "overlay_address",
+            tenant_id=tenant_id,
+            peer_id=peer_id,
+            address=allocation.address,
+            renewed=outcome.renewed,
+        )
 
     def _exhausted(self, tenant_id: str, pool: ipaddress.IPv4Network) -> str:
         key = (
@@ -260,24 +308,6 @@ class Ipam:
             f" has been away for {format_duration(self._release_after)}); a larger pool in"
             f" {key} would make room"
         )
-
-    def _save(self) -> None:
-        document = {
-            "version": FILE_VERSION,
-            "tenants": {
-                tenant: {key: asdict(lease) for key, lease in leases.items()}
-                for tenant, leases in self._tenants.items()
-            },
-        }
-        try:
-            write_secret(self.path, (json.dumps(document, indent=2) + "\n").encode())
-        except OSError as exc:  # the leases stand meanwhile; the next save may succeed
-            log.error(
-                "overlay_leases_not_saved",
-                path=str(self.path),
-                reason=exc.strerror or str(exc),
-                note="a relay restarted before the next save may move devices to new addresses",
-            )
 
 
 def _usable(pool: ipaddress.IPv4Network, address: str) -> bool:
@@ -305,23 +335,22 @@ def _lowest_free(pool: ipaddress.IPv4Network, used: Collection[str]) -> str | No
     return str(ipaddress.IPv4Address(candidate)) if candidate <= last else None
 
 
-def _drop_shared_addresses(tenants: Leases) -> bool:
-    """Keep one lease per address in each tenant (a file edited by hand may hold two):
-    the one seen last. Whether any was dropped."""
+def one_lease_per_address(tenant_id: str, leases: dict[str, Lease]) -> bool:
+    """Keep one lease per address of the tenant (a file or a Redis edited by hand may hold
+    two): the one seen last. Whether any was dropped."""
     dropped = False
-    for tenant, leases in tenants.items():
-        holder: dict[str, str] = {}
-        for key, lease in sorted(leases.items(), key=lambda item: -item[1].last_seen):
-            if lease.address in holder:
-                del leases[key]
-                dropped = True
-                log.warning(
-                    "overlay_lease_dropped",
-                    tenant_id=tenant,
-                    peer_id=lease.peer_id,
-                    address=lease.address,
-                    reason="another device of the tenant holds the same address",
-                )
-            else:
-                holder[lease.address] = key
+    holder: set[str] = set()
+    for key, lease in sorted(leases.items(), key=lambda item: -item[1].last_seen):
+        if lease.address in holder:
+            del leases[key]
+            dropped = True
+            log.warning(
+                "overlay_lease_dropped",
+                tenant_id=tenant_id,
+                peer_id=lease.peer_id,
+                address=lease.address,
+                reason="another device of the tenant holds the same address",
+            )
+        else:
+            holder.add(lease.address)
     return dropped

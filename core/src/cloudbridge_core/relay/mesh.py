@@ -208,7 +208,7 @@ class Mesh:
             info["instance"] = request.instance
         member = Member(claims.tenant_id, claims.subject, info, control)
         if request.overlay_key:
-            allocation = self._allocate(claims.tenant_id, request, peers.values())
+            allocation = await self._allocate(claims.tenant_id, request, peers.values())
             member.overlay = allocation.wire()
             if allocation.address:
                 info["overlay_ip"] = allocation.address
@@ -250,7 +250,7 @@ class Mesh:
         )
         return member
 
-    def _allocate(
+    async def _allocate(
         self, tenant_id: str, request: messages.MeshJoin, members: Iterable[Member]
     ) -> Allocation:
         """The overlay address of the joining device: one lease per device key."""
@@ -258,7 +258,7 @@ class Mesh:
             return Allocation("", error="this relay leases no overlay addresses")
         in_mesh = {m.info["public_key"] for m in members}
         peer_id = peer_id_of(request.public_key)
-        return self.ipam.lease(tenant_id, request.public_key, request.name, peer_id, in_mesh)
+        return await self.ipam.lease(tenant_id, request.public_key, request.name, peer_id, in_mesh)
 
     async def refresh(self, member: Member) -> None:
         others = [
@@ -278,7 +278,7 @@ class Mesh:
             "drop_device", self._cluster.drop_device(member.tenant_id, member.peer_id)
         )
         if self.ipam is not None and "overlay_ip" in member.info:
-            self.ipam.seen(member.tenant_id, member.info["public_key"])
+            await self.ipam.seen(member.tenant_id, member.info["public_key"])
         gone = derp.Frame(derp.FrameType.PEER_GONE, member.key)
         await asyncio.gather(
             *(tell(m.control, messages.MeshEvent("left", member.info)) for m in peers.values()),

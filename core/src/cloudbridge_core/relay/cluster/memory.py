@@ -4,6 +4,8 @@ Devices and sessions live in this process. Invites and revocations live in the s
 directory, because ``relay invite create`` and ``relay token revoke`` are other processes:
 the relay reads revocations again when the file changes (checked every
 :data:`REVOCATIONS_POLL` seconds), so a revocation reaches open sessions within seconds.
+Overlay leases live in ``ipam.json`` there, read once (when the relay starts, so a damaged
+file stops it there) and written at each change, for ``relay ipam list`` to read.
 """
 
 from __future__ import annotations
@@ -12,8 +14,12 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
+from typing import TypeVar
 
+from cloudbridge_core.log import get_logger
 from cloudbridge_core.relay.cluster.store import (
     ClusterEvent,
     Device,
@@ -23,7 +29,19 @@ from cloudbridge_core.relay.cluster.store import (
     Revocation,
 )
 from cloudbridge_core.relay.invites import InviteFile
+from cloudbridge_core.relay.ipam import (
+    Lease,
+    Leases,
+    one_lease_per_address,
+    read_leases,
+    write_leases,
+)
+from cloudbridge_core.relay.state import IPAM_FILE
 from cloudbridge_core.secretfile import write_secret
+
+log = get_logger("relay.cluster")
+
+_T = TypeVar("_T")
 
 REVOCATIONS_FILE = "revocations.json"
 #: how often the relay looks for revocations written by ``relay token revoke``
@@ -35,6 +53,8 @@ class MemoryStore:
         self.member = member
         self._invites = InviteFile(state_dir / "invites.json")
         self._revocations_file = state_dir.absolute() / REVOCATIONS_FILE
+        self._ipam_file = state_dir.absolute() / IPAM_FILE
+        self._leases: Leases | None = None
         self._devices: dict[str, dict[str, Device]] = {}
         self._sessions: dict[str, set[str]] = {}
         self._record = RelayRecord("", "")
@@ -46,6 +66,7 @@ class MemoryStore:
 
     async def start(self, handlers: Handlers, record: RelayRecord) -> None:
         self._record = record
+        self._tenant_leases()
         # what is in force now is known: only what is written after this is news (by key,
         # whole: a subject revoked again later is news too)
         known = {r.key: r for r in self._read_revocations()}
@@ -104,6 +125,44 @@ class MemoryStore:
 
     async def revocations(self) -> list[Revocation]:
         return self._read_revocations()
+
+    async def ipam_update(self, tenant_id: str, change: Callable[[dict[str, Lease]], _T]) -> _T:
+        tenants = self._tenant_leases()
+        leases = tenants.get(tenant_id, {})
+        before = {key: asdict(lease) for key, lease in leases.items()}
+        result = change(leases)
+        if {key: asdict(lease) for key, lease in leases.items()} != before:
+            if leases:
+                tenants[tenant_id] = leases
+            else:
+                tenants.pop(tenant_id, None)
+            self._save_leases()
+        return result
+
+    async def ipam_leases(self, tenant_id: str) -> dict[str, Lease]:
+        leases = self._tenant_leases().get(tenant_id, {})
+        return {key: Lease(**asdict(lease)) for key, lease in leases.items()}
+
+    def _tenant_leases(self) -> Leases:
+        """Every tenant's leases, read from ``ipam.json`` the first time; raises
+        ``CloudBridgeError`` naming the file when it is damaged."""
+        if self._leases is None:
+            self._leases = read_leases(self._ipam_file)
+            dropped = [one_lease_per_address(t, leases) for t, leases in self._leases.items()]
+            if any(dropped):
+                self._save_leases()
+        return self._leases
+
+    def _save_leases(self) -> None:
+        try:
+            write_leases(self._ipam_file, self._tenant_leases())
+        except OSError as exc:  # the leases stand meanwhile; the next save may succeed
+            log.error(
+                "overlay_leases_not_saved",
+                path=str(self._ipam_file),
+                reason=exc.strerror or str(exc),
+                note="a relay restarted before the next save may move devices to new addresses",
+            )
 
     def _read_revocations(self) -> list[Revocation]:
         try:

@@ -5,7 +5,12 @@ a Redis. This relay's presence is a key that expires after ``presence_ttl`` unle
 refreshed (every third of it); its devices and sessions count only while it is present.
 Events travel by pub/sub: a channel every relay reads, and one per relay for ``send``.
 What must be decided once for the whole cluster (an invite's uses, a tenant's sessions) is
-one Lua script, atomic in Redis.
+one Lua script, atomic in Redis. A tenant's overlay leases are one hash (device key ->
+lease), changed by an optimistic transaction: WATCH, read, apply the change ipam.py
+computes, MULTI/EXEC, and again from the read when another relay changed the hash
+meanwhile. Not a Lua script, so the allocation rules stay in one place (Python); not a
+lock, so a relay dying mid-change leaves nothing to expire, and a join waits on no one:
+conflicts need two joins of one tenant at once, and each retry follows someone's success.
 
 What is read from Redis was written by another relay, or by anyone who can reach that
 Redis: each field is checked before use, and what does not fit is dropped (logged at
@@ -16,20 +21,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import ssl
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio
 from redis.asyncio.client import Pipeline, PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, WatchError
+from redis.typing import EncodableT
 
 from cloudbridge_core.errors import ConfigError, ConfigIssue, InvalidToken, ServerUnavailable
 from cloudbridge_core.log import get_logger
@@ -56,9 +63,12 @@ from cloudbridge_core.relay.cluster.wire import (
     decode_revocation,
 )
 from cloudbridge_core.relay.invites import EXPIRED_INVITE, UNKNOWN_INVITE
+from cloudbridge_core.relay.ipam import Lease, one_lease_per_address
 from cloudbridge_core.settings.sections import ClusterSettings
 
 log = get_logger("relay.cluster")
+
+_T = TypeVar("_T")
 
 #: seconds a command may take before Redis counts as unreachable
 SOCKET_TIMEOUT = 1.0
@@ -66,6 +76,10 @@ SOCKET_TIMEOUT = 1.0
 RECONNECT_DELAY = 1.0
 #: an expired invite is kept this long, so its late user hears "expired", not "unknown"
 INVITE_GRACE = 3600
+#: changes of one tenant's leases tried before giving up, each lost to another relay's
+IPAM_ATTEMPTS = 50
+#: longest lease read from Redis (a device's name is short; this is a memory bound)
+MAX_LEASE_BYTES = 4096
 
 
 def _first_line(path: str) -> str:
@@ -88,6 +102,25 @@ async def _tell(handler: str, call: Awaitable[None]) -> None:
 
 def _text(value: bytes | str) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+def _decode_lease(raw: bytes) -> Lease | None:
+    """A lease as a relay wrote it, else ``None`` (anyone who reaches Redis can write)."""
+    if len(raw) > MAX_LEASE_BYTES:
+        return None
+    try:
+        fields = json.loads(raw)
+        lease = Lease(
+            address=str(ipaddress.IPv4Address(fields["address"])),
+            device=fields["device"],
+            peer_id=fields["peer_id"],
+            last_seen=fields["last_seen"],
+        )
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+        return None
+    texts = isinstance(lease.device, str) and isinstance(lease.peer_id, str)
+    number = isinstance(lease.last_seen, int) and not isinstance(lease.last_seen, bool)
+    return lease if texts and number else None
 
 
 def _without_password(url: str) -> str:
@@ -189,6 +222,7 @@ class RedisStore:
             asyncio.create_task(self._keep_presence(handlers)),
         ]
         await subscribed
+        await self._forget_own_devices()
 
     async def aclose(self) -> None:
         for task in self._tasks:
@@ -240,17 +274,32 @@ class RedisStore:
                     await self._forget_devices(gone)
                     await _tell("relays_gone", handlers.relays_gone(gone))
 
-    async def _forget_devices(self, gone: set[str]) -> None:
+    async def _forget_devices(self, gone: set[str]) -> list[tuple[str, Device]]:
+        """Remove the devices ``gone`` relays held; each, with its tenant."""
+        forgotten: list[tuple[str, Device]] = []
+        mesh = f"{self._prefix}mesh:"
         async with self._operation("forget_devices"):
-            async for key in self._client.scan_iter(match=f"{self._prefix}mesh:*"):
+            async for key in self._client.scan_iter(match=f"{mesh}*"):
                 devices = await self._client.hgetall(key)
-                stale = [
-                    peer_id
+                stale = {
+                    peer_id: device
                     for peer_id, value in devices.items()
                     if (device := decode_device(value)) is not None and device.relay in gone
-                ]
+                }
                 if stale:
                     await self._client.hdel(key, *stale)
+                    tenant_id = _text(key).removeprefix(mesh)
+                    forgotten += [(tenant_id, device) for device in stale.values()]
+        return forgotten
+
+    async def _forget_own_devices(self) -> None:
+        """A relay (re)starting holds no device: what its previous run left (a crash, a
+        restart quicker than its presence's lapse) leaves the meshes of the others."""
+        with contextlib.suppress(ServerUnavailable):  # the devices lapse with its presence
+            for tenant_id, device in await self._forget_devices({self.member}):
+                event = ClusterEvent("left", tenant_id, dict(device.info))
+                async with self._operation("publish"):
+                    await self._client.publish(self._broadcast, self._encode(event))
 
     # ---- devices ----
 
@@ -432,6 +481,58 @@ class RedisStore:
             async with self._operation("revocations"):
                 await self._client.hdel(key, *lapsed)
         return in_force
+
+    # ---- overlay leases ----
+
+    def _ipam_key(self, tenant_id: str) -> str:
+        return f"{self._prefix}ipam:{tenant_id}"
+
+    async def ipam_update(self, tenant_id: str, change: Callable[[dict[str, Lease]], _T]) -> _T:
+        key = self._ipam_key(tenant_id)
+        async with self._operation("ipam_update"), self._client.pipeline() as pipe:
+            for _ in range(IPAM_ATTEMPTS):
+                try:
+                    await pipe.watch(key)
+                    raw = await pipe.hgetall(key)
+                    stored = self._leases(tenant_id, raw)
+                    leases = {k: Lease(**asdict(lease)) for k, lease in stored.items()}
+                    result = change(leases)
+                    written: dict[EncodableT, EncodableT] = {
+                        k: json.dumps(asdict(lease))
+                        for k, lease in leases.items()
+                        if stored.get(k) != lease
+                    }
+                    # what was dropped as unreadable goes too, so the hash stays clean
+                    gone = [k for k in raw if _text(k) not in leases]
+                    pipe.multi()  # type: ignore[no-untyped-call]  # unannotated in redis-py
+                    if written:
+                        pipe.hset(key, mapping=written)
+                    if gone:
+                        pipe.hdel(key, *gone)
+                    await pipe.execute()
+                    return result
+                except WatchError:
+                    continue  # another relay changed the leases: read them again
+        raise ServerUnavailable(
+            f"the overlay leases of tenant {tenant_id} changed {IPAM_ATTEMPTS} times"
+            " while this relay was changing them"
+        )
+
+    async def ipam_leases(self, tenant_id: str) -> dict[str, Lease]:
+        async with self._operation("ipam_leases"):
+            raw = await self._client.hgetall(self._ipam_key(tenant_id))
+        return self._leases(tenant_id, raw)
+
+    def _leases(self, tenant_id: str, raw: dict[Any, Any]) -> dict[str, Lease]:
+        leases: dict[str, Lease] = {}
+        for key, value in raw.items():
+            lease = _decode_lease(value)
+            if lease is None:
+                log.debug("overlay_lease_malformed", backend=self._address, tenant_id=tenant_id)
+            else:
+                leases[_text(key)] = lease
+        one_lease_per_address(tenant_id, leases)
+        return leases
 
     # ---- outages ----
 

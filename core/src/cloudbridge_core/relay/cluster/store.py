@@ -12,9 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from cloudbridge_core.providers import Claims
+from cloudbridge_core.relay.ipam import Lease
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -159,4 +162,15 @@ class ClusterStore(Protocol):
 
     async def revocations(self) -> list[Revocation]:
         """Every revocation still in force."""
+        ...
+
+    async def ipam_update(self, tenant_id: str, change: Callable[[dict[str, Lease]], _T]) -> _T:
+        """Apply ``change`` to the tenant's overlay leases (by device key; it changes the
+        dict in place) and save the result, atomically across the cluster; ``change``'s
+        result. ``change`` may run more than once (again when another relay changed the
+        leases meanwhile), so it does nothing but change the dict."""
+        ...
+
+    async def ipam_leases(self, tenant_id: str) -> dict[str, Lease]:
+        """The tenant's overlay leases by device key."""
         ...
