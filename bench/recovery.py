@@ -131,15 +131,7 @@ class Relay:
             self.process = None
 
     def sessions(self) -> float:
-        """Sessions the relay holds now (its ``cloudbridge_relay_sessions`` gauge)."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as response:
-            text = response.read().decode()
-        return sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith("cloudbridge_relay_sessions{")
-        )
+        return sessions_at(self.metrics_port)
 
     def token(self) -> str:
         issued = subprocess.run(
@@ -153,6 +145,18 @@ class Relay:
             check=True,
         )
         return issued.stdout.strip()
+
+
+def sessions_at(metrics_port: int) -> float:
+    """Sessions a relay holds now (its ``cloudbridge_relay_sessions`` gauge)."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("cloudbridge_relay_sessions{")
+    )
 
 
 class Fleet:

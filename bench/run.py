@@ -40,7 +40,10 @@ loopback), on a UDP-only path to the QUIC engine;
 and issue 15's goals, met or not. Then the floods of floods.py (part "floods"): what a
 hostile stranger or tenant costs a bystander. docs/performance.md says how each figure is
 taken. Then part "recovery" (recovery.py): --clients clients on one relay, killed and
-restarted, and black-holed sessions, against issue 16's bounds. Then part "peers"
+restarted, and black-holed sessions, against issue 16's bounds. Then part "cluster"
+(cluster.py): --sessions idle sessions (tls) over three relays on one Redis, and each
+relay's RSS per idle session, heartbeat CPU per 1,000 sessions and setups a second (issue
+19; its figures go to FILE with .cluster.json for a suffix under --json). Then part "peers"
 (peers.py): two peers behind two NATs (network namespaces, nftables, coturn; needs root,
 conntrack and turnserver), their direct path broken three ways (all UDP lost mid-transfer,
 both NATs' mappings forgotten, the laptop's public address changed), each once, against
@@ -50,16 +53,17 @@ the two hosts over raw wireguard-go configured by hand, over the overlay on its 
 path and over DERP, and through a relayed tunnel, with the ratios to raw wireguard-go and
 issue 17's goal (its figures go to FILE with .overlay.json for a suffix under --json).
 
-    ./dev bench                              everything (about 14 minutes on 2 cores)
+    ./dev bench                              everything (about 16 minutes on 2 cores)
     ./dev bench --only socat,ssh,tls         some paths, or parts: references, relayed,
-                                             mtu1500, floods, recovery, peers, overlay
+                                             mtu1500, floods, recovery, cluster, peers,
+                                             overlay
     ./dev bench --quick --only direct,tls    a smoke run: small sizes, a few seconds a path
     ./dev bench --repeat 3 --json out.json   the median of 3 rounds, every figure in a file
 
 Options: --megabytes (what each bulk run moves: on 1 connection, or shared by 8 or by the
 parallel ones), --parallel, --round-trips, --setups, --idle, --timeout (a bulk run's
 bound; the parallel run's is at least 3x the path's own 8-connection time), --repeat,
---flood-seconds, --clients (recovery), --json FILE. Tables go to stdout,
+--flood-seconds, --clients (recovery), --sessions (cluster), --json FILE. Tables go to stdout,
 progress to stderr. ./dev bench installs the reference tools when missing (socat,
 openssh-server and -client, and nftables for the UDP-only peer path, with apt; wstunnel
 with `npm ci --prefix bench/wstunnel`); a path that cannot run is skipped with the reason,
@@ -107,7 +111,7 @@ PARTS = {
     ],
 }
 #: parts run by themselves, not paths: not in --quick
-PROCESS_PARTS = ["floods", "recovery", "peers", "overlay"]
+PROCESS_PARTS = ["floods", "recovery", "cluster", "peers", "overlay"]
 
 
 def note(message: str) -> None:
@@ -366,6 +370,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="rounds; figures are medians")
     parser.add_argument("--flood-seconds", type=float, default=5.0, help="length of each flood")
     parser.add_argument("--clients", type=int, help="client links of the recovery runs (1000)")
+    parser.add_argument("--sessions", type=int, default=10_000, help="idle sessions (cluster)")
     parser.add_argument("--json", type=Path, help="write every figure to this file")
     args = parser.parse_args()
     defaults = (
@@ -391,6 +396,10 @@ def main() -> None:
             settings = {k: v for k, v in vars(args).items() if k != "json"}
             document = report.document(results, skipped, errors, settings, context())
             args.json.write_text(json.dumps(document, indent=2) + "\n")
+    run_process_parts(names, args)
+
+
+def run_process_parts(names: list[str], args: argparse.Namespace) -> None:
     if "floods" in names:
         from floods import run_floods  # noqa: PLC0415 - aioquic and the core: only for floods
 
@@ -399,6 +408,13 @@ def main() -> None:
         # a process of its own: a thousand client links want the descriptors and the loop
         recovery = [sys.executable, str(Path(__file__).with_name("recovery.py"))]
         subprocess.run([*recovery, "--clients", str(args.clients)], check=True)
+    if "cluster" in names:
+        # thousands of sessions in load generators of their own, and three relays
+        cluster = [sys.executable, str(Path(__file__).with_name("cluster.py"))]
+        cluster += ["--sessions", str(args.sessions)]
+        if args.json:
+            cluster += ["--json", str(args.json.with_suffix(".cluster.json"))]
+        subprocess.run(cluster, check=True)
     if "peers" in names:
         # network namespaces and a minute of watching: a process of its own, as recovery
         subprocess.run([sys.executable, str(Path(__file__).with_name("peers.py"))], check=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -122,3 +123,32 @@ def test_the_peer_tunnel_is_held_to_the_quic_engine(monkeypatch: pytest.MonkeyPa
     assert not goal["met"]
     text = report.render(results, {}, {}, 64)
     assert "UDP-only peer tunnel to the QUIC engine alone" in text
+
+
+def test_the_cluster_part_holds_every_session_and_reports_each_relay(tmp_path: Path) -> None:
+    """bench/cluster.py with a handful of sessions: three relays on a real Redis."""
+    if shutil.which("redis-server") is None:
+        assert not os.environ.get("CI"), "redis-server is not installed (./dev test installs it)"
+        pytest.skip("redis-server is not installed (./dev test installs it)")
+    output = tmp_path / "cluster.json"
+    run = subprocess.run(
+        [
+            *(sys.executable, str(ROOT / "bench" / "cluster.py"), "--sessions", "6"),
+            *("--idle", "1", "--timeout", "70", "--json", str(output)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=80,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    figures = json.loads(output.read_text())
+
+    assert figures["sessions_held"] == 6
+    assert {name: relay["sessions_held"] for name, relay in figures["relays"].items()} == {
+        "r1": 2,
+        "r2": 2,
+        "r3": 2,
+    }
+    assert all(relay["setups_per_second"] > 0 for relay in figures["relays"].values())
+    assert "sessions held 6 of 6  yes" in run.stdout
