@@ -9,6 +9,10 @@ reset.key                   the secret QUIC stateless reset tokens derive from, 
 client.yaml                 a ready client config that only lacks a token
 invites.json                the hashes of invite codes not used up yet
 ipam.json                   each tenant's overlay address leases, by device key (relay/ipam.py)
+revocations.json            the token revocations in force (relay token revoke)
+
+The last three are a relay alone's (``server.cluster.backend: memory``); a cluster keeps
+them in Redis (relay/cluster).
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ from cloudbridge_core.secretfile import write_secret
 
 #: bytes of the stateless reset key (HMAC-SHA256's block is 64; 32 are its strength)
 RESET_KEY_SIZE = 32
-#: the overlay address leases, in the state directory
+#: the invites, overlay address leases and revocations of a relay alone (relay/cluster/memory.py)
+INVITES_FILE = "invites.json"
 IPAM_FILE = "ipam.json"
+REVOCATIONS_FILE = "revocations.json"
 
 
 def default_state_dir() -> Path:
@@ -92,16 +98,6 @@ class RelayState:
             (directory / "server.pem").read_bytes(), (directory / "server.key").read_bytes()
         )
         return cls(directory, ca, server, key_file.read_bytes())
-
-    @property
-    def invites_file(self) -> Path:
-        return self.directory / "invites.json"
-
-    @property
-    def ipam_file(self) -> Path:
-        """Each tenant's overlay address leases (absolute: the relay may not stay where it
-        started)."""
-        return self.directory.absolute() / IPAM_FILE
 
     def write_client_config(
         self, host: str, ports: dict[str, int], stun: str | None, cluster: list[str] | None = None

@@ -36,14 +36,13 @@ from cloudbridge_core.relay.ipam import (
     read_leases,
     write_leases,
 )
-from cloudbridge_core.relay.state import IPAM_FILE
+from cloudbridge_core.relay.state import INVITES_FILE, IPAM_FILE, REVOCATIONS_FILE
 from cloudbridge_core.secretfile import write_secret
 
 log = get_logger("relay.cluster")
 
 _T = TypeVar("_T")
 
-REVOCATIONS_FILE = "revocations.json"
 #: how often the relay looks for revocations written by ``relay token revoke``
 REVOCATIONS_POLL = 1.0
 
@@ -51,7 +50,7 @@ REVOCATIONS_POLL = 1.0
 class MemoryStore:
     def __init__(self, state_dir: Path, member: str = "relay") -> None:
         self.member = member
-        self._invites = InviteFile(state_dir / "invites.json")
+        self._invites = InviteFile(state_dir / INVITES_FILE)
         self._revocations_file = state_dir.absolute() / REVOCATIONS_FILE
         self._ipam_file = state_dir.absolute() / IPAM_FILE
         self._leases: Leases | None = None
