@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from cloudbridge_core.client.connection import relay_hosts, transport_order
-from cloudbridge_core.client.race import race_relays
+from cloudbridge_core.client.race import RelayTarget, interleaved, race_relays, relay_targets
 from cloudbridge_core.config import Config, load_config
 from cloudbridge_core.errors import ServerUnavailable
 from cloudbridge_core.plugins import load_plugins
@@ -66,5 +66,79 @@ def test_when_no_relay_answers_the_error_names_every_relay_tried() -> None:
         assert "no relay answered (127.0.0.6, 127.0.0.7)" in message, message
         assert "nothing listens at 127.0.0.6" in message, message
         assert "127.0.0.7: refused" in message, message
+
+    asyncio.run(main())
+
+
+def test_a_names_addresses_keep_the_resolvers_order_once_each_families_alternating() -> None:
+    v4, v6 = socket.AF_INET, socket.AF_INET6
+    resolved = [
+        (v6, "2001:db8::1"),
+        (v6, "2001:db8::2"),
+        (v4, "192.0.2.1"),
+        (v6, "2001:db8::1"),  # once per socket type: the same address again
+        (v6, "2001:db8::3"),
+        (v4, "192.0.2.2"),
+    ]
+    assert interleaved(resolved) == [
+        "2001:db8::1",
+        "192.0.2.1",
+        "2001:db8::2",
+        "192.0.2.2",
+        "2001:db8::3",
+    ]
+    assert interleaved([(v4, "192.0.2.1"), (v6, "2001:db8::1")]) == ["192.0.2.1", "2001:db8::1"]
+    assert interleaved([]) == []
+
+
+def test_addresses_are_dialled_as_they_are_and_a_name_as_each_of_its_addresses() -> None:
+    async def main() -> None:
+        targets, failures = await relay_targets(["127.0.0.6", "::1", "localhost"], 5)
+        assert failures == {}
+        assert targets[:2] == [RelayTarget("127.0.0.6"), RelayTarget("::1")]
+        named = targets[2:]
+        assert RelayTarget("127.0.0.1", "localhost") in named, named  # /etc/hosts
+        assert all(target.server_name == "localhost" for target in named), named
+
+    asyncio.run(main())
+
+
+def test_a_name_that_does_not_resolve_fails_alone_and_the_others_are_tried() -> None:
+    port = closed_port()
+    missing = "cb-missing-relay.invalid"  # RFC 6761: never resolves
+    chosen = config(
+        **{
+            "relay.hosts": [missing, "127.0.0.6"],
+            "transport.mode": "tls",
+            "transport.tls.port": port,
+            "transport.connect_timeout": "5s",
+        }
+    )
+    candidates = transport_order(chosen, load_plugins())
+
+    async def main() -> None:
+        with pytest.raises(ServerUnavailable) as raised:
+            await race_relays(chosen, relay_hosts(chosen.settings.relay), candidates, 0.1, "t")
+        message = raised.value.message
+        assert f"no relay answered ({missing}, 127.0.0.6)" in message, message
+        assert f"cannot resolve {missing}: " in message, message
+        assert "127.0.0.6: refused" in message, message  # tried all the same
+
+    asyncio.run(main())
+
+
+def test_a_lone_name_that_does_not_resolve_says_so() -> None:
+    chosen = config(
+        **{
+            "relay.host": "cb-missing-relay.invalid",
+            "transport.mode": "tls",
+            "transport.tls.port": closed_port(),
+        }
+    )
+    candidates = transport_order(chosen, load_plugins())
+
+    async def main() -> None:
+        with pytest.raises(ServerUnavailable, match=r"cannot resolve cb-missing-relay\.invalid"):
+            await race_relays(chosen, relay_hosts(chosen.settings.relay), candidates, 0.1, "t")
 
     asyncio.run(main())

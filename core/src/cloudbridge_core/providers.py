@@ -133,6 +133,10 @@ class Endpoint:
     ``reset_key`` (serving only) is a secret the relay keeps across restarts, for
     transports whose stateless resets need one (QUIC's; see
     :mod:`cloudbridge_core.quic.reset`).
+    ``server_name`` (connecting only) is the name the relay's certificate is checked
+    against, and sent as SNI and HTTP ``Host`` where the transport sends them, when
+    ``host`` is one of that name's addresses (the client resolves a relay's name itself
+    and races its addresses); None means ``host``. See :attr:`verified_name`.
     """
 
     host: str
@@ -144,6 +148,12 @@ class Endpoint:
     preauth: PreauthGate | None = None
     raw_splices: RawSplices | None = None
     reset_key: bytes | None = field(default=None, repr=False)  # a secret
+    server_name: str | None = None
+
+    @property
+    def verified_name(self) -> str:
+        """The name the relay's certificate must carry: ``server_name``, else ``host``."""
+        return self.server_name or self.host
 
 
 class Listener(Protocol):

@@ -301,18 +301,20 @@ async def attempt(
     comeback: Comeback = FIRST_TIME,
     on_queued: Callable[[], None] | None = None,
     host: str | None = None,
+    server_name: str | None = None,
 ) -> RelayConnection:
     """Connect over one transport to ``host`` (default ``relay.host``) and authenticate,
     within ``transport.connect_timeout`` (and the wait a relay pacing its admissions names,
     ``queued``: ``on_queued`` hears it). Every relay of a cluster shares the CA
-    (``relay.tls.ca_file``); the name checked in the certificate is ``host``."""
+    (``relay.tls.ca_file``); the name checked in the certificate is ``server_name`` (the
+    relay's name, when ``host`` is one of its addresses), else ``host``."""
     context, material = tls_for(config.settings.relay.tls)
     timeout = config.settings.transport.connect_timeout
     settings = json.dumps(config.section(f"transport.{name}"), sort_keys=True)
     transport = _loaded(spec, settings)
     port = transport_port(name, config.data)
     host = host or config.settings.relay.host
-    endpoint = Endpoint(host, port, context, timeout, material=material)
+    endpoint = Endpoint(host, port, context, timeout, material=material, server_name=server_name)
     started = time.perf_counter()
     try:
         async with asyncio.timeout(timeout):
@@ -333,10 +335,11 @@ async def attempt(
     except BaseException:  # cancelled: this attempt lost its race
         await session.aclose()
         raise
+    relay = server_name or host
     log.info(
         "connected",
         transport=name,
-        relay=host,
+        relay=relay,
         tenant_id=reply.tenant_id,
         session_id=reply.session_id,
         latency_ms=round((time.perf_counter() - started) * 1000, 2),
@@ -346,7 +349,7 @@ async def attempt(
         reply,
         name,
         control,
-        relay=host,
+        relay=relay,
         address=address,
         port=port,
         token_expires_at=token_exp(token),

@@ -528,7 +528,15 @@ class RelayLink:
         """Connect over another transport and measure it; the result is kept for ``status``."""
         try:
             token = await self.tokens.token()
-            probe = await attempt(self._config, name, spec, token, host=self.current.relay)
+            current = self.current  # the same relay: its address, its certificate's name
+            probe = await attempt(
+                self._config,
+                name,
+                spec,
+                token,
+                host=current.address or current.relay,
+                server_name=current.relay if current.address != current.relay else None,
+            )
             try:
                 rtt = await self._measure(probe)
             except BaseException:  # a failed ping, or the link closing mid-probe
@@ -557,10 +565,9 @@ class RelayLink:
     ) -> tuple[RelayConnection, str]:
         head_start = self._config.settings.transport.race_head_start
         hosts = relay_hosts(self._config.settings.relay)
-        breakers = {
-            host: {name: self._breaker(name, host) for name, _ in candidates} for host in hosts
-        }
-        everyone = [breaker for by_name in breakers.values() for breaker in by_name.values()]
+        names = {name for name, _ in candidates}
+        # the endpoints dialled so far (a relay's name is dialled at each of its addresses)
+        everyone = [b for e, b in self._breakers.items() if e.partition("://")[0] in names]
         if all(breaker.state is BreakerState.OPEN for breaker in everyone):
             for breaker in everyone:  # every endpoint failed: the caller spaces tries
                 breaker.try_now()
@@ -573,7 +580,7 @@ class RelayLink:
                 head_start,
                 token,
                 self._transport_failed,
-                breakers.__getitem__,
+                lambda where: {name: self._breaker(name, where) for name, _ in candidates},
                 comeback,
             )
         except TokenExpired as error:
@@ -583,7 +590,7 @@ class RelayLink:
             ) from None
 
     def _breaker(self, transport: str, host: str) -> CircuitBreaker:
-        """One circuit breaker per relay endpoint (transport, host and port)."""
+        """One circuit breaker per relay endpoint (transport, address or host, and port)."""
         endpoint = f"{transport}://{host}:{transport_port(transport, self._config.data)}"
         if endpoint not in self._breakers:
             settings = self._config.settings.retry.circuit_breaker

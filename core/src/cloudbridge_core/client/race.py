@@ -9,14 +9,21 @@ misconfiguration, and another transport to the same relay would only hide it.
 
 With several relays (``relay.hosts``) each relay runs that race, the next one starting
 ``RELAY_STAGGER_SECONDS`` after the previous one (at once when it failed): a relay that is
-down or black-holed costs the stagger, not its ``connect_timeout``.
+down or black-holed costs the stagger, not its ``connect_timeout``. A relay named by a
+name with several addresses (DNS round robin over a cluster, ``/etc/hosts``) is that many
+relays: each address is raced on its own, families interleaved (RFC 8305), the
+certificate checked against the name.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import ipaddress
+import itertools
+import socket
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 from cloudbridge_core.breaker import CircuitBreaker
 from cloudbridge_core.client.connection import (
@@ -54,6 +61,20 @@ Attempt = asyncio.Task[RelayConnection]
 RelayRace = asyncio.Task[tuple[RelayConnection, str]]
 #: the head start of each relay over the next in ``relay.hosts`` (Happy Eyeballs' 250 ms)
 RELAY_STAGGER_SECONDS = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class RelayTarget:
+    """One relay to dial: ``host`` (an address of ``server_name`` when that is set, which
+    the relay's certificate must name), else the host as configured."""
+
+    host: str
+    server_name: str | None = None
+
+    @property
+    def label(self) -> str:
+        """How errors, reasons and logs name it: ``name (address)`` for a name's address."""
+        return self.host if self.server_name is None else f"{self.server_name} ({self.host})"
 
 
 async def connect(config: Config, plugins: Plugins) -> RelayConnection:
@@ -96,9 +117,10 @@ async def race(
     breakers: Mapping[str, CircuitBreaker] | None = None,
     comeback: Comeback = FIRST_TIME,
     host: str | None = None,
+    server_name: str | None = None,
 ) -> tuple[RelayConnection, str]:
-    """The first candidate to connect to ``host`` (default ``relay.host``), and why it was
-    chosen; ``failed`` hears of the others.
+    """The first candidate to connect to ``host`` (default ``relay.host``; an address of
+    ``server_name`` when that is set), and why it was chosen; ``failed`` hears of the others.
 
     With ``breakers`` (by transport), an endpoint that keeps failing is skipped at once
     (``circuit_open``) until its breaker lets a trial through. A relay that answers when to
@@ -114,7 +136,9 @@ async def race(
     try:
         for index, (name, spec) in enumerate(candidates):
             breaker = (breakers or {}).get(name)
-            connecting = _guarded(breaker, config, name, spec, token, comeback, queued.set, host)
+            connecting = _guarded(
+                breaker, config, name, spec, token, comeback, queued.set, host, server_name
+            )
             names[asyncio.create_task(connecting)] = name
             last = index == len(candidates) - 1
             winner = await _first_success(names, failures, None if last else head_start, config)
@@ -127,7 +151,7 @@ async def race(
             for failed_name, error in failures.items():
                 failed(failed_name, error)
         await _discard([task for task in names if task is not winner])
-    raise _summary(config, candidates, failures, host)
+    raise _summary(config, candidates, failures, RelayTarget(host, server_name).label)
 
 
 async def race_relays(
@@ -140,7 +164,9 @@ async def race_relays(
     breakers: Callable[[str], Mapping[str, CircuitBreaker]] | None = None,
     comeback: Comeback = FIRST_TIME,
 ) -> tuple[RelayConnection, str]:
-    """The first of ``hosts`` whose :func:`race` ends in a session, and why.
+    """The first of ``hosts`` whose :func:`race` ends in a session, and why; a name stands
+    for each of its addresses (:func:`relay_targets`), one that does not resolve is a relay
+    that failed.
 
     Each relay's race starts ``RELAY_STAGGER_SECONDS`` after the previous one, or as soon as
     that one failed; the first session wins and the other races are cancelled (a session
@@ -149,41 +175,108 @@ async def race_relays(
     back is only one relay: the others are still tried, and its answer is raised when none
     of them works. Raises one error naming the most useful cause and the relays tried.
     """
-    if len(hosts) == 1:  # one relay: its own race, with its own errors
+    targets, failures = await relay_targets(hosts, config.settings.transport.connect_timeout)
+    if len(targets) == 1 and not failures:  # one relay: its own race, with its own errors
+        [only] = targets
         return await race(
             config,
             candidates,
             head_start,
             token,
             failed,
-            breakers(hosts[0]) if breakers else None,
+            breakers(only.host) if breakers else None,
             comeback,
-            hosts[0],
+            only.host,
+            only.server_name,
         )
+    if not targets and len(failures) == 1:  # the one name did not resolve
+        raise next(iter(failures.values()))
+    tried = [target.label for target in targets]
+    labels = [label for host in hosts for label in _labels(host, tried, failures)]
     races: dict[RelayRace, str] = {}
-    failures: dict[str, CloudBridgeError] = {}
     winner: RelayRace | None = None
     try:
-        for index, host in enumerate(hosts):
+        for index, target in enumerate(targets):
             racing = race(
                 config,
                 candidates,
                 head_start,
                 token,
                 failed,
-                breakers(host) if breakers else None,
+                breakers(target.host) if breakers else None,
                 comeback,
-                host,
+                target.host,
+                target.server_name,
             )
-            races[asyncio.create_task(racing)] = host
-            last = index == len(hosts) - 1
+            races[asyncio.create_task(racing)] = target.label
+            last = index == len(targets) - 1
             winner = await _first_relay(races, failures, None if last else RELAY_STAGGER_SECONDS)
             if winner is not None:
                 connection, why = winner.result()
-                return connection, _relay_reason(races[winner], hosts, failures, why)
+                return connection, _relay_reason(races[winner], labels, failures, why)
     finally:
         await _discard_races([task for task in races if task is not winner])
     raise _relays_summary(hosts, failures)
+
+
+async def relay_targets(
+    hosts: Sequence[str], within: float
+) -> tuple[list[RelayTarget], dict[str, CloudBridgeError]]:
+    """The relays to dial for ``hosts``, in order: an address as it is, a name as each of
+    its addresses (resolved at once, all names together, each within ``within`` s); and
+    the names that did not resolve, with why."""
+    found = await asyncio.gather(*(_resolved(host, within) for host in hosts))
+    targets: list[RelayTarget] = []
+    failures: dict[str, CloudBridgeError] = {}
+    for host, result in zip(hosts, found, strict=True):
+        if isinstance(result, CloudBridgeError):
+            failures[host] = result
+        else:
+            targets += [t for t in result if t not in targets]  # a host listed twice
+    return targets, failures
+
+
+def interleaved(addresses: Iterable[tuple[int, str]]) -> list[str]:
+    """``(family, address)`` pairs as the resolver gave them (RFC 6724 order), without
+    repeats, families alternating from the resolver's first (RFC 8305 section 4): a
+    family that does not work costs one stagger, not one per address."""
+    unique = list(dict.fromkeys(addresses))
+    if not unique:
+        return []
+    first_family = unique[0][0]
+    first = [address for family, address in unique if family == first_family]
+    other = [address for family, address in unique if family != first_family]
+    pairs = itertools.zip_longest(first, other)
+    return [address for pair in pairs for address in pair if address is not None]
+
+
+async def _resolved(host: str, within: float) -> list[RelayTarget] | CloudBridgeError:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return [RelayTarget(host)]
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(within):
+            infos = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except TimeoutError:
+        return ConnectionTimeout(f"cannot resolve {host}: no answer within {within:g}s")
+    except OSError as exc:
+        return ServerUnavailable(f"cannot resolve {host}: {exc.strerror or exc}")
+    found = interleaved((family, str(address[0])) for family, _, _, _, address in infos)
+    if not found:
+        return ServerUnavailable(f"cannot resolve {host}: it has no address")
+    log.debug("relay_resolved", relay=host, addresses=found)
+    return [RelayTarget(address, host) for address in found]
+
+
+def _labels(host: str, tried: list[str], failures: Mapping[str, CloudBridgeError]) -> list[str]:
+    """How ``host`` appears among the relays tried: its own name, or its addresses'."""
+    if host in failures or host in tried:
+        return [host]
+    return [label for label in tried if label.startswith(f"{host} (")]
 
 
 async def _first_relay(
@@ -270,11 +363,12 @@ async def _guarded(
     comeback: Comeback,
     on_queued: Callable[[], None],
     host: str,
+    server_name: str | None,
 ) -> RelayConnection:
     if breaker is None:
-        return await attempt(config, name, spec, token, comeback, on_queued, host)
+        return await attempt(config, name, spec, token, comeback, on_queued, host, server_name)
     async with breaker.guard():
-        return await attempt(config, name, spec, token, comeback, on_queued, host)
+        return await attempt(config, name, spec, token, comeback, on_queued, host, server_name)
 
 
 async def _first_success(

@@ -212,7 +212,7 @@ class TlsTransport:
                     endpoint.host,
                     endpoint.port,
                     ssl=endpoint.tls,
-                    server_hostname=endpoint.host,
+                    server_hostname=endpoint.verified_name,
                     ssl_handshake_timeout=endpoint.connect_timeout,
                 ),
                 endpoint.connect_timeout,

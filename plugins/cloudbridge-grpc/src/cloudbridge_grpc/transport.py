@@ -219,10 +219,16 @@ class GrpcTransport:
         self, endpoint: Endpoint, material: TlsMaterial, where: str
     ) -> ClientSession:
         host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
+        options = self._options()
+        if endpoint.server_name is not None:  # an address of the name: check the name
+            options += [
+                ("grpc.ssl_target_name_override", endpoint.server_name),
+                ("grpc.default_authority", endpoint.server_name),
+            ]
         channel = grpc.aio.secure_channel(
             f"{host}:{endpoint.port}",
             grpc.ssl_channel_credentials(root_certificates=material.ca),
-            options=self._options(),
+            options=options,
         )
         session = ClientSession(channel, secrets.token_hex(16), self._piece)
         try:
@@ -307,7 +313,7 @@ async def _check_tls(endpoint: Endpoint, material: TlsMaterial, where: str) -> N
         with socket.socket(family, socket.SOCK_STREAM) as sock:
             sock.setblocking(False)
             await loop.sock_connect(sock, address)
-            await _handshake(loop, sock, context, endpoint.host)
+            await _handshake(loop, sock, context, endpoint.verified_name)
     except ssl.SSLCertVerificationError as exc:
         raise TlsVerificationFailed(
             f"the certificate of {where} is not trusted: {exc.verify_message}"

@@ -136,7 +136,7 @@ class QuicTransport:
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
         self.settings = build(QuicSettings, settings)
-        self._tickets: dict[tuple[str, int], SessionTicket] = {}
+        self._tickets: dict[tuple[str, str, int], SessionTicket] = {}
         # aioquic logs every handshake step at info under "quic"; ours say what matters
         logging.getLogger("quic").setLevel(logging.WARNING)
 
@@ -163,12 +163,13 @@ class QuicTransport:
         material = _material(endpoint)
         where = f"{endpoint.host}:{endpoint.port}"
         configuration = self._configuration(is_client=True)
-        configuration.server_name = endpoint.host
+        configuration.server_name = endpoint.verified_name
         if material.ca is not None:
             configuration.cadata = material.ca
         if not material.verify:
             configuration.verify_mode = ssl.CERT_NONE
-        key = (endpoint.host, endpoint.port)
+        # a ticket is the named server's: relays sharing a name may not share ticket keys
+        key = (endpoint.verified_name, endpoint.host, endpoint.port)
         configuration.session_ticket = self._tickets.get(key)
         connection = self._bound(
             QuicConnection(

@@ -298,9 +298,12 @@ class WebSocketTransport:
         }
 
     async def connect(self, endpoint: Endpoint) -> Session:
-        host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
+        name = endpoint.verified_name
+        host = f"[{name}]" if ":" in name else name
+        # the URI names the relay (its Host header and SNI); the socket goes to endpoint.host
         uri = f"wss://{host}:{endpoint.port}{self.settings.path}"
         where = f"{endpoint.host}:{endpoint.port}"
+        address: dict[str, Any] = {} if endpoint.server_name is None else {"host": endpoint.host}
         try:
             websocket = await asyncio.wait_for(
                 connect(
@@ -308,6 +311,7 @@ class WebSocketTransport:
                     ssl=endpoint.tls,
                     open_timeout=None,
                     create_connection=DirectClientConnection,
+                    **address,
                     **self._options(),
                 ),
                 endpoint.connect_timeout,
