@@ -8,7 +8,9 @@ tests/cluster_bed.py: relay N on 127.0.0.N, backend redis), with the per-address
 and admission caps raised (every session comes from 127.0.0.1 here, and the bench opens them
 as fast as it can). Load generators (processes of this script, ``--generators`` of them, each
 bound to one relay) hold the sessions as RelayLinks (recovery.py's fleet) on the ``tls``
-transport, the cheapest one; the sessions are spread evenly over the relays.
+transport, the cheapest one; the sessions are spread evenly over the relays. One generator a
+relay by default: a generator holds about 90 KiB a session (10,000 in one would be about
+1 GB, its handshakes on one core); six ramped about as fast as three (2 cores are the limit).
 
 Figures per relay: session setups per second while all three ramp at once (sessions over the
 time from the first generator's start to the last one's end, for that relay: on this
@@ -57,7 +59,8 @@ GOAL_KIB_PER_SESSION = 100
 #: the relays' own idle CPU (presence refreshes, the Redis link) is measured this long first
 #: (or as long as the idle window, when that is shorter)
 BASELINE_SECONDS = 10.0
-#: once the last session is open: the relays finish what the ramp left them
+#: after the relays start, and once the last session is open: the relays finish what their
+#: start or the ramp left them before anything is measured
 SETTLE_SECONDS = 5.0
 _ENV_PREFIX = "CLOUDBRIDGE_SERVER__"
 
@@ -179,6 +182,7 @@ def measure(args: argparse.Namespace, home: Path) -> dict[str, Any]:
         token = bed.token("bench", "bench", "relay:connect")
         window = min(BASELINE_SECONDS, args.idle)
         note(f"cluster: relays' idle CPU without sessions ({window:g} s)")
+        time.sleep(SETTLE_SECONDS)
         rss_before = {index: rss_bytes([pid]) for index, pid in relays.items()}
         cpu_before = {index: cpu_seconds([pid]) for index, pid in relays.items()}
         time.sleep(window)
