@@ -93,10 +93,12 @@ def test_a_names_addresses_keep_the_resolvers_order_once_each_families_alternati
 
 def test_addresses_are_dialled_as_they_are_and_a_name_as_each_of_its_addresses() -> None:
     async def main() -> None:
-        targets, failures = await relay_targets(["127.0.0.6", "::1", "localhost"], 5)
-        assert failures == {}
-        assert targets[:2] == [RelayTarget("127.0.0.6"), RelayTarget("::1")]
-        named = targets[2:]
+        found = await relay_targets(["127.0.0.6", "::1", "localhost"], 5)
+        assert list(found) == ["127.0.0.6", "::1", "localhost"]
+        assert found["127.0.0.6"] == [RelayTarget("127.0.0.6")]
+        assert found["::1"] == [RelayTarget("::1")]
+        named = found["localhost"]
+        assert isinstance(named, list), named
         assert RelayTarget("127.0.0.1", "localhost") in named, named  # /etc/hosts
         assert all(target.server_name == "localhost" for target in named), named
 

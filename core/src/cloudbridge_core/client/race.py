@@ -175,7 +175,11 @@ async def race_relays(
     back is only one relay: the others are still tried, and its answer is raised when none
     of them works. Raises one error naming the most useful cause and the relays tried.
     """
-    targets, failures = await relay_targets(hosts, config.settings.transport.connect_timeout)
+    resolved = await relay_targets(hosts, config.settings.transport.connect_timeout)
+    targets = [target for found in resolved.values() if isinstance(found, list) for target in found]
+    failures = {
+        host: found for host, found in resolved.items() if isinstance(found, CloudBridgeError)
+    }
     if len(targets) == 1 and not failures:  # one relay: its own race, with its own errors
         [only] = targets
         return await race(
@@ -191,8 +195,12 @@ async def race_relays(
         )
     if not targets and len(failures) == 1:  # the one name did not resolve
         raise next(iter(failures.values()))
-    tried = [target.label for target in targets]
-    labels = [label for host in hosts for label in _labels(host, tried, failures)]
+    # the relays in their order, as reasons name them: a name's addresses, or the name
+    labels = [
+        label
+        for host, found in resolved.items()
+        for label in ([host] if isinstance(found, CloudBridgeError) else _labels_of(found))
+    ]
     races: dict[RelayRace, str] = {}
     winner: RelayRace | None = None
     try:
@@ -221,19 +229,12 @@ async def race_relays(
 
 async def relay_targets(
     hosts: Sequence[str], within: float
-) -> tuple[list[RelayTarget], dict[str, CloudBridgeError]]:
-    """The relays to dial for ``hosts``, in order: an address as it is, a name as each of
-    its addresses (resolved at once, all names together, each within ``within`` s); and
-    the names that did not resolve, with why."""
+) -> dict[str, list[RelayTarget] | CloudBridgeError]:
+    """The relays to dial for each of ``hosts``, in order: an address as it is, a name as
+    each of its addresses, or why it did not resolve (all names together, each within
+    ``within`` s)."""
     found = await asyncio.gather(*(_resolved(host, within) for host in hosts))
-    targets: list[RelayTarget] = []
-    failures: dict[str, CloudBridgeError] = {}
-    for host, result in zip(hosts, found, strict=True):
-        if isinstance(result, CloudBridgeError):
-            failures[host] = result
-        else:
-            targets += [t for t in result if t not in targets]  # a host listed twice
-    return targets, failures
+    return dict(zip(hosts, found, strict=True))
 
 
 def interleaved(addresses: Iterable[tuple[int, str]]) -> list[str]:
@@ -272,11 +273,8 @@ async def _resolved(host: str, within: float) -> list[RelayTarget] | CloudBridge
     return [RelayTarget(address, host) for address in found]
 
 
-def _labels(host: str, tried: list[str], failures: Mapping[str, CloudBridgeError]) -> list[str]:
-    """How ``host`` appears among the relays tried: its own name, or its addresses'."""
-    if host in failures or host in tried:
-        return [host]
-    return [label for label in tried if label.startswith(f"{host} (")]
+def _labels_of(targets: list[RelayTarget]) -> list[str]:
+    return [target.label for target in targets]
 
 
 async def _first_relay(
