@@ -308,7 +308,7 @@ def main() -> None:
     if args.sessions < args.generators:
         parser.error("--sessions: at least one a generator")
     if shutil.which("redis-server") is None:
-        sys.exit("cluster: redis-server is not installed (./dev test installs it)")
+        sys.exit("cluster: redis-server is not installed (./dev bench installs it)")
     with bounded(args.timeout), tempfile.TemporaryDirectory(prefix="bench-cluster-") as home:
         figures = measure(args, Path(home))
     print(report(figures), flush=True)

@@ -78,6 +78,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -408,7 +409,9 @@ def run_process_parts(names: list[str], args: argparse.Namespace) -> None:
         # a process of its own: a thousand client links want the descriptors and the loop
         recovery = [sys.executable, str(Path(__file__).with_name("recovery.py"))]
         subprocess.run([*recovery, "--clients", str(args.clients)], check=True)
-    if "cluster" in names:
+    if "cluster" in names and shutil.which("redis-server") is None:
+        print("bench: part cluster skipped: redis-server is not installed", file=sys.stderr)
+    elif "cluster" in names:
         # thousands of sessions in load generators of their own, and three relays
         cluster = [sys.executable, str(Path(__file__).with_name("cluster.py"))]
         cluster += ["--sessions", str(args.sessions)]
