@@ -181,6 +181,7 @@ class NatBed:
         done = subprocess.run(
             ["ip", "netns", "exec", ns, *map(str, command)],
             capture_output=True,
+            check=False,  # the error below carries its stderr
             text=True,
             timeout=timeout,
         )
