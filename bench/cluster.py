@@ -49,6 +49,7 @@ from cloudbridge_core.log import configure_logging
 from cloudbridge_core.plugins import load_plugins
 from procs import cpu_seconds, rss_bytes
 from recovery import RELAY_ENV, fleet, sessions_at
+from report import table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' bed
 from cluster_bed import PLUGINS_OFF, ClusterBed, cluster_bed
@@ -261,14 +262,7 @@ def report(figures: dict[str, Any]) -> str:
             f"{figures['idle_cpu_share_per_1000']:.2%}",
         ]
     )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [
-        "  ".join(
-            cell.ljust(width) if i == 0 else cell.rjust(width)
-            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
-        ).rstrip()
-        for row in rows
-    ]
+    lines = table(rows).split("\n")
     settings = figures["settings"]
     per_session = figures["rss_per_session_bytes"] / KIB
     lines += [

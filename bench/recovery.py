@@ -55,6 +55,7 @@ from cloudbridge_core.log import configure_logging
 from cloudbridge_core.plugins import Plugins, load_plugins
 from cloudbridge_core.testing.blackhole import Blackhole
 from procs import BIN, free_port
+from report import table
 
 #: the longest a scenario waits for every client to be back
 PATIENCE = 90.0
@@ -326,14 +327,7 @@ def report(results: dict[str, Any]) -> str:
                 f"{figures.get('relay_sessions', 0):.0f}",
             ]
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [
-        "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        ).rstrip()
-        for row in rows
-    ]
+    lines = table(rows).split("\n")
     goals = ["", "Goals (issue 16)"]
     for name, figures in results.items():
         if "p50_seconds" not in figures:

@@ -210,7 +210,8 @@ def goals(results: dict[str, Figures], parallel: int) -> list[dict[str, Any]]:
     return checked
 
 
-def _table(rows: list[list[str]]) -> str:
+def table(rows: list[list[str]]) -> str:
+    """Rows as aligned columns: the first left, the others right."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "  ".join(
@@ -225,14 +226,14 @@ def _short(name: str) -> str:
     return name.removeprefix(MTU).removeprefix("cloudbridge-")
 
 
-def _ratio_table(table: dict[str, Figures], keys: list[str], parallel: int) -> str:
-    names = list(table)
+def _ratio_table(compared: dict[str, Figures], keys: list[str], parallel: int) -> str:
+    names = list(compared)
     rows = [["", *map(_short, names)]]
     for key in keys:
-        if any(key in row for row in table.values()):
-            cells = [f"{table[n][key]:.2f}x" if key in table[n] else "-" for n in names]
+        if any(key in row for row in compared.values()):
+            cells = [f"{compared[n][key]:.2f}x" if key in compared[n] else "-" for n in names]
             rows.append([BY_KEY[key].name.format(parallel=parallel), *cells])
-    return _table(rows)
+    return table(rows)
 
 
 def _goal_value(check: dict[str, Any]) -> str:
@@ -320,9 +321,9 @@ def render(
                 rows.append([metric.label(parallel), *cells])
         if parts:
             parts.append("")
-        parts += [f"Figures, {title}", _table(rows)]
-        for _, heading, keys, table in _comparisons(group):
-            parts += ["", heading, _ratio_table(table, keys, parallel)]
+        parts += [f"Figures, {title}", table(rows)]
+        for _, heading, keys, compared in _comparisons(group):
+            parts += ["", heading, _ratio_table(compared, keys, parallel)]
     checked = goals(results, parallel)
     if checked:
         rows = [["issue 15 goal", "path", "worst", "met"]]
@@ -330,7 +331,7 @@ def render(
             [c["goal"], _short(c["path"]), _goal_value(c), "yes" if c["met"] else "NO"]
             for c in checked
         ]
-        parts += ["", "Goals (issue 15)", _table(rows)]
+        parts += ["", "Goals (issue 15)", table(rows)]
     if skipped or errors:
         parts.append("")
     parts += [f"skipped {name}: {reason}" for name, reason in skipped.items()]

@@ -6,11 +6,13 @@ import asyncio
 import signal
 import sys
 from collections.abc import Generator, Iterator
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import pytest
 from loopback import echo, serving
+from relay_clients import StartTunnel, tunnel_clients
 from venvs import ROOT, Venv, make_venv
 
 
@@ -19,6 +21,12 @@ def echo_port() -> Iterator[int]:
     """A threaded TCP echo server on loopback."""
     with serving(echo) as port:
         yield port
+
+
+@pytest.fixture
+def tunnel(tmp_path: Path, echo_port: int) -> Iterator[StartTunnel]:
+    """Starts ``cloudbridge tunnel`` clients to ``echo_port`` (tests/relay_clients.py)."""
+    yield from tunnel_clients(tmp_path, echo_port)
 
 
 @pytest.fixture(scope="session")

@@ -14,18 +14,15 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
-from cli_process import echo_once, issue_token, start, stop
-from cloudbridge_core.config.schema import cli_schema
-from jsonschema import Draft202012Validator
+from cli_process import echo_once, issue_token, start
 from loopback import free_port
+from relay_clients import StartTunnel
 from test_first_hour_connect import cloudbridge, relay_env
 
 pytestmark = pytest.mark.timeout(120)
@@ -96,64 +93,9 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         cluster.kill(address)
 
 
-@dataclass
-class Client:
-    process: subprocess.Popen[str]
-    socket: Path
-    env: dict[str, str]
-    port: int
-
-    def status(self) -> dict[str, Any]:
-        done, _ = cloudbridge(
-            "status", "--json", "--control-socket", str(self.socket), env=self.env
-        )
-        assert done.returncode == 0, done.stderr
-        document: dict[str, Any] = json.loads(done.stdout)
-        Draft202012Validator(cli_schema("status")).validate(document)
-        return document
-
-    def on(self) -> str | None:
-        """The relay the session is on (None while reconnecting)."""
-        document = self.status()
-        connected = document["relay"]["connected_to"]
-        if document["state"] != "connected" or connected is None:
-            return None
-        return str(connected["host"])
-
-    def wait_on(self, host: str, within: float = 30) -> dict[str, Any]:
-        """Poll ``status`` until the session is on ``host``: a hang guard, not a measure."""
-        deadline = time.monotonic() + within
-        while self.on() != host:
-            assert self.process.poll() is None, "the client exited"
-            assert time.monotonic() < deadline, self.status()
-            time.sleep(0.2)
-        return self.status()
-
-
-@pytest.fixture
-def tunnel(tmp_path: Path, echo_port: int) -> Iterator[Any]:
-    started: list[Client] = []
-
-    def run(env: dict[str, str], *flags: str) -> Client:
-        local = free_port()
-        control = tmp_path / f"client-{len(started)}.sock"
-        args = ("tunnel", "--local-port", str(local), "--remote-host", "127.0.0.1")
-        process = start(
-            *args,
-            *("--remote-port", str(echo_port), "--control-socket", str(control)),
-            *flags,
-            env=env,
-            ready="tunnel 127.0.0.1:",
-        )
-        started.append(Client(process, control, env, local))
-        return started[-1]
-
-    yield run
-    for client in started:
-        assert stop(client.process) == 0
-
-
-def test_the_client_connects_to_the_relay_that_answers(cluster: Cluster, tunnel: Any) -> None:
+def test_the_client_connects_to_the_relay_that_answers(
+    cluster: Cluster, tunnel: StartTunnel
+) -> None:
     cluster.start("127.0.0.2")
     client = tunnel(cluster.client_env(["127.0.0.3", "127.0.0.2"]))  # nothing at .3
     status = client.wait_on("127.0.0.2")
@@ -170,7 +112,7 @@ def test_the_client_connects_to_the_relay_that_answers(cluster: Cluster, tunnel:
 
 
 def test_a_running_client_fails_over_and_back_without_a_restart(
-    cluster: Cluster, tunnel: Any
+    cluster: Cluster, tunnel: StartTunnel
 ) -> None:
     cluster.start("127.0.0.2")
     client = tunnel(cluster.client_env(["127.0.0.1", "127.0.0.2"]))
@@ -190,7 +132,9 @@ def test_a_running_client_fails_over_and_back_without_a_restart(
     assert client.process.poll() is None  # the same process all along
 
 
-def test_a_black_holed_relay_is_passed_over_for_the_next(cluster: Cluster, tunnel: Any) -> None:
+def test_a_black_holed_relay_is_passed_over_for_the_next(
+    cluster: Cluster, tunnel: StartTunnel
+) -> None:
     cluster.start("127.0.0.2")
     # takes connections (the kernel completes them) and never answers the TLS handshake
     with socket.create_server(("127.0.0.4", cluster.port), backlog=16):
@@ -207,7 +151,7 @@ def test_a_black_holed_relay_is_passed_over_for_the_next(cluster: Cluster, tunne
 
 
 def test_a_changed_relay_hosts_moves_the_running_client(
-    cluster: Cluster, tunnel: Any, tmp_path: Path
+    cluster: Cluster, tunnel: StartTunnel, tmp_path: Path
 ) -> None:
     cluster.start("127.0.0.2")
     config = tmp_path / "client.yaml"

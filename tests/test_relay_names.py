@@ -18,13 +18,12 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
-from cli_process import echo_once, issue_token, start, stop
-from loopback import free_port
+from cli_process import echo_once, issue_token, start
+from relay_clients import StartTunnel
 from test_first_hour_connect import TRANSPORTS, free_ports, relay_env
-from test_relay_hosts import SHARED_KEYS, Client
+from test_relay_hosts import SHARED_KEYS
 
 pytestmark = pytest.mark.timeout(120)
 HOSTS = Path("/etc/hosts")
@@ -103,31 +102,9 @@ def cluster(tmp_path: Path) -> Iterator[NamedCluster]:
         relay.stderr.close()
 
 
-@pytest.fixture
-def tunnel(tmp_path: Path, echo_port: int) -> Iterator[Any]:
-    started: list[Client] = []
-
-    def run(env: dict[str, str]) -> Client:
-        local = free_port()
-        control = tmp_path / f"client-{len(started)}.sock"
-        args = ("tunnel", "--local-port", str(local), "--remote-host", "127.0.0.1")
-        process = start(
-            *args,
-            *("--remote-port", str(echo_port), "--control-socket", str(control)),
-            env=env,
-            ready="tunnel 127.0.0.1:",
-        )
-        started.append(Client(process, control, env, local))
-        return started[-1]
-
-    yield run
-    for client in started:
-        assert stop(client.process) == 0
-
-
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_name_connects_at_its_address_that_answers_over_every_transport(
-    cluster: NamedCluster, tunnel: Any, transport: str
+    cluster: NamedCluster, tunnel: StartTunnel, transport: str
 ) -> None:
     with hosts_entry(cluster.name, ["127.0.0.3", "127.0.0.2"]):  # nothing at .3
         client = tunnel(cluster.client_env(transport))
@@ -144,7 +121,7 @@ def test_a_name_connects_at_its_address_that_answers_over_every_transport(
 
 
 def test_a_black_holed_address_of_a_name_is_passed_over_for_the_next(
-    cluster: NamedCluster, tunnel: Any
+    cluster: NamedCluster, tunnel: StartTunnel
 ) -> None:
     # takes connections (the kernel completes them) and never answers the TLS handshake
     with (
@@ -163,7 +140,7 @@ def test_a_black_holed_address_of_a_name_is_passed_over_for_the_next(
 
 
 def test_a_name_that_does_not_resolve_is_named_and_the_other_relays_tried(
-    cluster: NamedCluster, tunnel: Any
+    cluster: NamedCluster, tunnel: StartTunnel
 ) -> None:
     missing = f"cb-missing-{secrets.token_hex(4)}.test"
     with hosts_entry(cluster.name, ["127.0.0.2"]):

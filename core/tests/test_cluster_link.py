@@ -111,13 +111,18 @@ def send(pool: LinkPool, name: str, address: str, packet: LinkPacket) -> bool:
 
 
 def sample(rng: int, count: int, sender: bytes, target: bytes) -> list[LinkPacket]:
-    sizes = [0, 1, 1420, MAX_PAYLOAD]
+    """Packets of every size a link carries: empty, one byte, WireGuard's, and (one in a
+    hundred: the test keeps every packet twice) the largest."""
+
+    def size(i: int) -> int:
+        return MAX_PAYLOAD if i % 100 == 3 else (0, 1, 1420)[i % 3]
+
     return [
         LinkPacket(
             f"tenant-{(rng + i) % 3}",
             sender,
             target,
-            (i.to_bytes(4, "big") * (sizes[i % len(sizes)] // 4 + 1))[: sizes[i % len(sizes)]],
+            (i.to_bytes(4, "big") * (size(i) // 4 + 1))[: size(i)],
         )
         for i in range(count)
     ]
