@@ -241,6 +241,8 @@ def test_the_core_schema_marks_its_paths() -> None:
         "server.tls_cert_file": "file",
         "server.tls_key_file": "file",
         "server.turn.secret_file": "file",
+        "server.cluster.redis_password_file": "file",
+        "server.cluster.redis_ca_file": "file",
     }
     output = core_schema()["properties"]["logging"]["properties"]["output"]
     assert output["x-cloudbridge-path-except"] == ["stderr", "stdout"]
