@@ -27,7 +27,7 @@ import contextlib
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -50,6 +50,18 @@ def prepare(sock: socket.socket) -> socket.socket:
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
+
+
+def keep_alive(sock: Any, options: Mapping[str, int]) -> None:
+    """TCP keepalive on ``sock`` with ``options`` (``TCP_KEEPIDLE``, ``TCP_KEEPINTVL``,
+    ``TCP_KEEPCNT``, ``TCP_USER_TIMEOUT`` by name): a peer gone without a word (its host
+    lost, a NAT's mapping dropped) is noticed. Options the platform lacks are left out."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in options.items():
+        option = getattr(socket, name, None)
+        if option is not None:  # Linux has all; others some
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 async def connect(sock: socket.socket, address: tuple[object, ...]) -> None:

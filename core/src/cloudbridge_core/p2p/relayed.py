@@ -43,16 +43,16 @@ from cloudbridge_core.p2p.channel import AttemptChannel
 from cloudbridge_core.p2p.identity import DeviceIdentity, server_name
 from cloudbridge_core.p2p.membership import Membership
 from cloudbridge_core.p2p.tcp import (
+    KEEPALIVE,
     PeerPipe,
     TcpLink,
-    _keep_alive,
     client_context,
     identify,
     server_context,
 )
 from cloudbridge_core.protocol.preamble import preamble, ticket_bytes
 from cloudbridge_core.providers import PeerInfo, Stream
-from cloudbridge_core.pump import PumpResult, connect, prepare, pump
+from cloudbridge_core.pump import PumpResult, connect, keep_alive, prepare, pump
 
 log = get_logger("p2p.relayed")
 
@@ -236,7 +236,7 @@ async def _dial(address: str, port: int) -> socket.socket:
     except BaseException:
         sock.close()
         raise
-    _keep_alive(sock)
+    keep_alive(sock, KEEPALIVE)
     return sock
 
 

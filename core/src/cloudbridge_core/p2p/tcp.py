@@ -38,7 +38,7 @@ from cloudbridge_core.log import get_logger
 from cloudbridge_core.p2p.identity import DeviceIdentity, server_name
 from cloudbridge_core.protocol.mux import MuxLimits
 from cloudbridge_core.providers import PeerInfo, SignalChannel
-from cloudbridge_core.pump import abort, prepare
+from cloudbridge_core.pump import abort, keep_alive, prepare
 from cloudbridge_core.tlsutil import load_key_pair
 from cloudbridge_core.transports.mux_session import (
     HIGH_WATER,
@@ -153,15 +153,6 @@ class TcpLink:
 
 def _ignore(sent: int, received: int) -> None:
     """Bytes nobody counts."""
-
-
-def _keep_alive(sock: Any) -> None:
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for name, value in KEEPALIVE.items():
-        option = getattr(socket, name, None)
-        if option is not None:  # Linux has all; others some
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 def identify(certificate: bytes, peers: Iterable[PeerInfo]) -> PeerInfo | None:
@@ -297,7 +288,7 @@ class PeerTcpListener:
         pipe = PeerPipe(PREAUTH_HIGH_WATER)
         peer: PeerInfo | None = None
         try:
-            _keep_alive(connection)
+            keep_alive(connection, KEEPALIVE)
             await asyncio.get_running_loop().connect_accepted_socket(
                 lambda: pipe,
                 prepare(connection),
@@ -387,7 +378,7 @@ async def _dial_one(context: ssl.SSLContext, peer: PeerInfo, endpoint: tuple[str
         )
     sock = transport.get_extra_info("socket")
     if sock is not None:
-        _keep_alive(sock)
+        keep_alive(sock, KEEPALIVE)
     return TcpLink(pipe, dialed=True, endpoint=_endpoint((host, port)))
 
 

@@ -41,7 +41,7 @@ from cloudbridge_core.errors import LimitExceeded, ServerUnavailable
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.protocol import messages
 from cloudbridge_core.protocol.preamble import TICKET_SIZE, ticket_text
-from cloudbridge_core.pump import abort
+from cloudbridge_core.pump import abort, keep_alive
 from cloudbridge_core.relay.mesh import Member, Mesh
 from cloudbridge_core.relay.metrics import RelayMetrics
 from cloudbridge_core.relay.splice import Splicer
@@ -193,7 +193,7 @@ class TicketDesk:
         self._activity(1)
         try:
             for side in splice.sides:
-                _keep_alive(side.sock)
+                keep_alive(side.sock, KEEPALIVE)
                 await loop.connect_accepted_socket(side.itself, side.sock)
             splice.start()
             await splice.finished
@@ -323,12 +323,3 @@ class _Splice:
     def abort(self) -> None:
         for side in self.sides:
             side.abort()
-
-
-def _keep_alive(connection: socket.socket) -> None:
-    connection.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for name, value in KEEPALIVE.items():
-        option = getattr(socket, name, None)
-        if option is not None:  # Linux has all; others some
-            with contextlib.suppress(OSError):
-                connection.setsockopt(socket.IPPROTO_TCP, option, value)

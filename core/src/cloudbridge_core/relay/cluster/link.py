@@ -65,7 +65,7 @@ from cloudbridge_core.errors import (
     TransportError,
 )
 from cloudbridge_core.log import get_logger
-from cloudbridge_core.pump import abort, prepare
+from cloudbridge_core.pump import abort, keep_alive, prepare
 from cloudbridge_core.relay.cluster.link_frames import PacketReader, encode_packet
 from cloudbridge_core.retry import Backoff
 
@@ -162,15 +162,6 @@ async def _listening_socket(host: str, port: int) -> socket.socket:
     return socket.create_server(address, family=family)
 
 
-def _keep_alive(sock: socket.socket) -> None:
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for name, value in KEEPALIVE.items():
-        option = getattr(socket, name, None)
-        if option is not None:  # Linux has all; others some
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, option, value)
-
-
 class LinkServer:
     """Accepts links from the other members and hands their packets to ``deliver``."""
 
@@ -260,7 +251,7 @@ class LinkServer:
         reader = asyncio.StreamReader(limit=READ_SIZE)
         protocol = asyncio.StreamReaderProtocol(reader)
         try:
-            _keep_alive(prepare(connection))
+            keep_alive(prepare(connection), KEEPALIVE)
             transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
                 lambda: protocol,
                 connection,
@@ -523,7 +514,7 @@ class _Link(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):  # not a TCP socket: nothing to keep alive
-                _keep_alive(sock)
+                keep_alive(sock, KEEPALIVE)
 
     def data_received(self, data: bytes) -> None:
         if data == ACCEPTED and not self.up:
