@@ -367,8 +367,8 @@ class RedisStore:
                             await self._deliver(handlers, message["data"])
             except (RedisError, OSError) as error:
                 self._lost(error)
-            except ServerUnavailable:
-                pass  # already marked unhealthy
+            except ServerUnavailable as error:  # an operation above marked it unhealthy
+                log.debug("cluster_listener_retrying", reason=error.message)
             if not subscribed.done():
                 subscribed.set_result(None)
             recovering = True
