@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 from typing import Any
 
 import pytest
@@ -144,3 +145,42 @@ def test_a_lone_name_that_does_not_resolve_says_so() -> None:
             await race_relays(chosen, relay_hosts(chosen.settings.relay), candidates, 0.1, "t")
 
     asyncio.run(main())
+
+
+def test_a_relay_port_that_resets_the_connection_gets_one_wording() -> None:
+    """Whether the reset lands in the TCP or the TLS handshake, and whether the OS words it or
+    not, the user reads the same reason."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.setblocking(False)
+    port = server.getsockname()[1]
+    chosen = config(
+        **{
+            "relay.host": "127.0.0.1",
+            "transport.mode": "tls",
+            "transport.tls.port": port,
+            "transport.connect_timeout": "5s",
+        }
+    )
+    candidates = transport_order(chosen, load_plugins())
+
+    async def drop_every_connection() -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            connection, _ = await loop.sock_accept(server)
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            connection.close()
+
+    async def main() -> str:
+        dropping = asyncio.create_task(drop_every_connection())
+        try:
+            with pytest.raises(ServerUnavailable) as raised:
+                await race_relays(chosen, relay_hosts(chosen.settings.relay), candidates, 0.1, "t")
+        finally:
+            dropping.cancel()
+            server.close()
+        return raised.value.message
+
+    message = asyncio.run(main())
+    assert f"cannot connect to 127.0.0.1:{port}: " in message
+    assert "the connection was reset" in message, message
+    assert "by peer" not in message, message

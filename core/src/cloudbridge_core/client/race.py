@@ -507,12 +507,18 @@ def _refused(error: CloudBridgeError) -> bool:
     return isinstance(error, ServerUnavailable) and "refused" in error.message
 
 
+_CLOSED = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+
+
 def _described(error: CloudBridgeError) -> str:
     """The error's message, never with an empty reason (``cannot connect to h:p: ``)."""
     text = error.message.rstrip()
+    cause = error.__cause__ or error.__context__
+    if isinstance(cause, _CLOSED) and cause.strerror and text.endswith(cause.strerror):
+        # a reset reads the same whether it came during the TCP or the TLS handshake
+        text = text.removesuffix(cause.strerror).rstrip()
     if text and not text.endswith(":"):
         return text
-    cause = error.__cause__ or error.__context__
     if isinstance(cause, ConnectionResetError | BrokenPipeError):
         why = "the connection was reset"
     elif isinstance(cause, EOFError | ConnectionAbortedError) or cause is None:
