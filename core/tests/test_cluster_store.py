@@ -26,10 +26,11 @@ from cloudbridge_core.relay.cluster.store import (
     ClusterStore,
     Handlers,
     Invite,
+    InviteEntry,
     RelayRecord,
     Revocation,
 )
-from cloudbridge_core.relay.invites import EXPIRED_INVITE, UNKNOWN_INVITE
+from cloudbridge_core.relay.invites import EXPIRED_INVITE, UNKNOWN_INVITE, new_code
 from cloudbridge_core.relay.ipam import UNAVAILABLE, Ipam
 from cloudbridge_core.settings.sections import ClusterSettings
 from cloudbridge_core.tlsutil import generate_ca, issue_server_certificate
@@ -251,6 +252,102 @@ def test_a_one_use_invite_taken_at_two_relays_at_once_is_taken_once(cluster: Clu
         finally:
             await a.aclose()
             await b.aclose()
+
+    run(scenario)
+
+
+def test_listed_invites_show_an_id_never_the_code_tenant_by_tenant(cluster: Cluster) -> None:
+    async def scenario() -> None:
+        store = cluster.store("relay-a")
+        (code_a, digest_a), (code_b, digest_b), (code_g, digest_g) = (new_code() for _ in "abg")
+        now = time.time()
+        try:
+            await store.add_invite(digest_a, Invite("acme", ["relay:connect"], now + 900, 2))
+            await store.add_invite(digest_b, Invite("acme", ["p2p:mesh"], now + 300, 1))
+            await store.add_invite(digest_g, Invite("globex", ["relay:connect"], now + 600, 1))
+            every = await store.list_invites(None)
+            assert every == [
+                InviteEntry(digest_b[:12], "acme", ["p2p:mesh"], now + 300, 1),
+                InviteEntry(digest_g[:12], "globex", ["relay:connect"], now + 600, 1),
+                InviteEntry(digest_a[:12], "acme", ["relay:connect"], now + 900, 2),
+            ]
+            listed = json.dumps([entry.to_dict() for entry in every])
+            assert not any(code in listed for code in (code_a, code_b, code_g))
+            assert [e.invite_id for e in await store.list_invites("acme")] == [
+                digest_b[:12],
+                digest_a[:12],
+            ]
+            assert [e.tenant_id for e in await store.list_invites("globex")] == ["globex"]
+            assert await store.list_invites("initech") == []
+        finally:
+            await store.aclose()
+
+    run(scenario)
+
+
+def test_a_revoked_invite_is_unknown_and_only_its_tenant_revokes_it(cluster: Cluster) -> None:
+    async def scenario() -> None:
+        store = cluster.store("relay-a")
+        (_, acme), (_, globex) = new_code(), new_code()
+        later = time.time() + 600
+        try:
+            await store.add_invite(acme, Invite("acme", ["relay:connect"], later, 3))
+            await store.add_invite(globex, Invite("globex", ["relay:connect"], later, 1))
+            assert not await store.revoke_invite("globex", acme[:12])
+            assert not await store.revoke_invite("acme", "0123456789ab")
+            assert not await store.revoke_invite(None, "")  # no prefix of every invite
+            assert not await store.revoke_invite(None, acme)  # the digest is no id
+            assert await store.revoke_invite("acme", acme[:12])
+            assert not await store.revoke_invite("acme", acme[:12])
+            with pytest.raises(InvalidToken, match=re.escape(UNKNOWN_INVITE)):
+                await store.take_invite(acme)
+            assert [e.tenant_id for e in await store.list_invites(None)] == ["globex"]
+            assert await store.revoke_invite(None, globex[:12])
+            assert await store.list_invites(None) == []
+        finally:
+            await store.aclose()
+
+    run(scenario)
+
+
+def test_used_up_and_expired_invites_are_not_listed(cluster: Cluster) -> None:
+    async def scenario() -> None:
+        store = cluster.store("relay-a")
+        (_, once), (_, twice), (_, old) = new_code(), new_code(), new_code()
+        later = time.time() + 600
+        try:
+            await store.add_invite(once, Invite("acme", ["relay:connect"], later, 1))
+            await store.add_invite(twice, Invite("acme", ["relay:connect"], later, 2))
+            await store.add_invite(old, Invite("acme", ["relay:connect"], time.time() - 1, 5))
+            await store.take_invite(once)
+            await store.take_invite(twice)
+            listed = await store.list_invites("acme")
+            assert [(e.invite_id, e.uses_left) for e in listed] == [(twice[:12], 1)]
+            assert not await store.revoke_invite("acme", old[:12])
+        finally:
+            await store.aclose()
+
+    run(scenario)
+
+
+def test_invites_gone_from_redis_leave_their_tenants_set(redis_cluster: Cluster) -> None:
+    async def scenario() -> None:
+        store = redis_cluster.store("relay-a")
+        assert redis_cluster.redis is not None
+        raw = redis.asyncio.Redis.from_url(redis_cluster.redis.url, password=PASSWORD)
+        (_, once), (_, lapsed), (_, kept) = new_code(), new_code(), new_code()
+        later = time.time() + 600
+        try:
+            for digest in (once, lapsed, kept):
+                await store.add_invite(digest, Invite("acme", ["relay:connect"], later, 1))
+            await raw.hset(f"test-cluster:invite:{kept}", "permissions", "x" * 10000)
+            await store.take_invite(once)
+            await raw.delete(f"test-cluster:invite:{lapsed}")  # as when its key expires
+            assert await store.list_invites("acme") == []
+            assert await raw.smembers("test-cluster:invites:acme") == {kept.encode()}
+        finally:
+            await raw.aclose()
+            await store.aclose()
 
     run(scenario)
 

@@ -29,7 +29,12 @@ from cloudbridge_core.log import escape, get_logger
 from cloudbridge_core.plugins import transport_port
 from cloudbridge_core.prometheus_exporter import PrometheusExporter
 from cloudbridge_core.relay.cluster.backend import run_once
-from cloudbridge_core.relay.cluster.store import Invite, Revocation
+from cloudbridge_core.relay.cluster.store import (
+    Invite,
+    InviteEntry,
+    Revocation,
+    is_invite_id,
+)
 from cloudbridge_core.relay.invites import InviteLink, new_code
 from cloudbridge_core.relay.live import follow
 from cloudbridge_core.relay.runner import start_relay, state_dir_of
@@ -394,6 +399,97 @@ def create_invite(
     host, port = _served_address(state.directory / "client.yaml", config)
     link = InviteLink(host, port, code, state.ca.certificate)
     click.echo(link.url())
+
+
+@invite.command("list")
+@config_option
+@state_dir_option
+@click.option("--tenant", help="Only this tenant's invites (default: every tenant's).")
+@json_option
+@click.pass_context
+def list_invites(
+    ctx: click.Context, state_dir: Path | None, tenant: str | None, as_json: bool
+) -> None:
+    """Show the invites still usable (stdout), the soonest to expire first: id (for 'relay
+    invite revoke'), tenant, permissions, uses left and expiry (UTC). Never their codes:
+    the relay keeps only their hashes."""
+    config = runtime_of(ctx).config()
+    if tenant is not None:
+        _check_tenant(tenant)
+    directory = _relay_state_dir(config, state_dir)
+    cluster = config.settings.server.cluster
+    entries = run_once(cluster, directory, lambda store: store.list_invites(tenant))
+    rows = [_invite_row(entry) for entry in entries]
+    if as_json:
+        emit_json({"invites": rows})
+        return
+    if not rows:
+        message(f"tenant {tenant} has no usable invite" if tenant else "no invite is usable")
+        return
+    click.echo(
+        table(
+            [
+                (
+                    r["invite_id"],
+                    # what a Redis holds may be anyone's: nothing in it may drive the terminal
+                    escape(r["tenant"]),
+                    escape(", ".join(r["permissions"])),
+                    str(r["uses_left"]),
+                    r["expires_at"],
+                )
+                for r in rows
+            ],
+            ("ID", "TENANT", "PERMISSIONS", "USES LEFT", "EXPIRES AT"),
+        )
+    )
+
+
+@invite.command("revoke")
+@config_option
+@state_dir_option
+@click.argument("invite_id")
+@click.option("--tenant", help="Revoke it only if it is this tenant's.")
+@json_option
+@click.pass_context
+def revoke_invite(
+    ctx: click.Context,
+    state_dir: Path | None,
+    invite_id: str,
+    tenant: str | None,
+    as_json: bool,
+) -> None:
+    """Revoke an invite by its id ('relay invite list' shows it): its code no longer
+    brings anyone in."""
+    config = runtime_of(ctx).config()
+    if tenant is not None:
+        _check_tenant(tenant)
+    if not is_invite_id(invite_id):
+        raise UsageError(
+            f"{invite_id[:64]!r} is not an invite id (12 hex characters)",
+            hint="'cloudbridge relay invite list' shows the ids",
+        )
+    directory = _relay_state_dir(config, state_dir)
+    cluster = config.settings.server.cluster
+    revoked = run_once(cluster, directory, lambda store: store.revoke_invite(tenant, invite_id))
+    if as_json:
+        emit_json({"revoked": revoked, "invite_id": invite_id})
+    whose = f" of tenant {tenant}" if tenant else ""
+    if not revoked:
+        raise UsageError(
+            f"no usable invite {invite_id}{whose} (unknown, used up, expired or revoked)",
+            hint="'cloudbridge relay invite list' shows the usable invites",
+        )
+    message(f"revoked invite {invite_id}{whose}: its code no longer brings anyone in")
+
+
+def _invite_row(entry: InviteEntry) -> dict[str, Any]:
+    return {
+        "invite_id": entry.invite_id,
+        "tenant": entry.tenant_id,
+        "permissions": entry.permissions,
+        "uses_left": entry.uses_left,
+        "expires_at": _utc(entry.expires_at),
+    }
 
 
 def _served_address(client_config: Path, config: Config) -> tuple[str, int]:

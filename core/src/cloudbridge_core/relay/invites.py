@@ -23,7 +23,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from cloudbridge_core.errors import InvalidToken, UsageError
-from cloudbridge_core.relay.cluster.store import Invite
+from cloudbridge_core.relay.cluster.store import (
+    INVITE_ID_LENGTH,
+    Invite,
+    InviteEntry,
+    is_invite_id,
+)
 from cloudbridge_core.secretfile import write_secret
 
 SCHEME = "cloudbridge"
@@ -86,6 +91,16 @@ def digest(code: str) -> str:
     return hashlib.sha256(code.encode()).hexdigest()
 
 
+def _usable(invites: dict[str, Invite], tenant_id: str | None) -> dict[str, Invite]:
+    """Those of ``invites`` still usable, of ``tenant_id`` (of every tenant when None)."""
+    now = time.time()
+    return {
+        key: invite
+        for key, invite in invites.items()
+        if invite.usable(now) and tenant_id in (None, invite.tenant_id)
+    }
+
+
 class InviteFile:
     """The invites of a relay alone (``invites.json``, 0600, in its state directory), which
     ``relay invite create`` writes and the relay reads, two processes: every change is one
@@ -114,6 +129,28 @@ class InviteFile:
             del invites[key]
         self._save(invites)
         return invite
+
+    def entries(self, tenant_id: str | None) -> list[InviteEntry]:
+        """The usable invites of ``tenant_id`` (of every tenant when None), soonest to
+        expire first."""
+        usable = _usable(self._load(), tenant_id)
+        return sorted(
+            (InviteEntry.of(key, invite) for key, invite in usable.items()),
+            key=lambda entry: entry.expires_at,
+        )
+
+    def revoke(self, tenant_id: str | None, invite_id: str) -> bool:
+        """Remove the usable invite named ``invite_id`` of ``tenant_id`` (any tenant's when
+        None); False when there is not exactly one."""
+        if not is_invite_id(invite_id):
+            return False
+        invites = self._load()
+        named = [key for key in _usable(invites, tenant_id) if key[:INVITE_ID_LENGTH] == invite_id]
+        if len(named) != 1:
+            return False
+        del invites[named[0]]
+        self._save(invites)
+        return True
 
     def _load(self) -> dict[str, Invite]:
         try:

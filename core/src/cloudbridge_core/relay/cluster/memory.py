@@ -25,6 +25,7 @@ from cloudbridge_core.relay.cluster.store import (
     Device,
     Handlers,
     Invite,
+    InviteEntry,
     RelayRecord,
     Revocation,
 )
@@ -102,6 +103,12 @@ class MemoryStore:
 
     async def take_invite(self, digest: str) -> Invite:
         return self._invites.take(digest)
+
+    async def list_invites(self, tenant_id: str | None) -> list[InviteEntry]:
+        return self._invites.entries(tenant_id)
+
+    async def revoke_invite(self, tenant_id: str | None, invite_id: str) -> bool:
+        return self._invites.revoke(tenant_id, invite_id)
 
     async def open_session(self, tenant_id: str, session_id: str, limit: int) -> bool:
         sessions = self._sessions.setdefault(tenant_id, set())

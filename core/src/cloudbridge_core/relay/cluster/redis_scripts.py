@@ -2,17 +2,23 @@
 (Redis runs a script with nothing in between). ``TIME`` is Redis's clock, one for every
 relay."""
 
-# KEYS: the invite. Returns {status, tenant_id, permissions, expires_at, uses_left}.
+# KEYS: the invite. ARGV: the prefix of the tenants' invite sets, the invite's digest (its
+# member there). Returns {status, tenant_id, permissions, expires_at, uses_left}; an invite
+# expired or used up leaves its tenant's set.
 TAKE_INVITE = """
 local invite = redis.call('HMGET', KEYS[1], 'tenant_id', 'permissions', 'expires_at', 'uses_left')
 if not invite[1] then return {'unknown'} end
 local now = redis.call('TIME')
 if tonumber(invite[3]) <= tonumber(now[1]) + tonumber(now[2]) / 1000000 then
   redis.call('DEL', KEYS[1])
+  redis.call('SREM', ARGV[1] .. invite[1], ARGV[2])
   return {'expired'}
 end
 local left = redis.call('HINCRBY', KEYS[1], 'uses_left', -1)
-if left <= 0 then redis.call('DEL', KEYS[1]) end
+if left <= 0 then
+  redis.call('DEL', KEYS[1])
+  redis.call('SREM', ARGV[1] .. invite[1], ARGV[2])
+end
 return {'ok', invite[1], invite[2], invite[3], tostring(left)}
 """
 

@@ -53,8 +53,10 @@ from cloudbridge_core.relay.cluster.store import (
     Device,
     Handlers,
     Invite,
+    InviteEntry,
     RelayRecord,
     Revocation,
+    is_invite_id,
 )
 from cloudbridge_core.relay.cluster.wire import (
     decode_device,
@@ -80,6 +82,8 @@ INVITE_GRACE = 3600
 IPAM_ATTEMPTS = 50
 #: longest lease read from Redis (a device's name is short; this is a memory bound)
 MAX_LEASE_BYTES = 4096
+#: longest permissions field of an invite read from Redis (a memory bound)
+MAX_INVITE_PERMISSIONS_BYTES = 4096
 
 
 def _first_line(path: str) -> str:
@@ -121,6 +125,28 @@ def _decode_lease(raw: bytes) -> Lease | None:
     texts = isinstance(lease.device, str) and isinstance(lease.peer_id, str)
     number = isinstance(lease.last_seen, int) and not isinstance(lease.last_seen, bool)
     return lease if texts and number else None
+
+
+def _decode_invite(fields: dict[Any, Any]) -> Invite | None:
+    """An invite's hash as a relay wrote it, else ``None`` (anyone who reaches Redis can
+    write)."""
+    try:
+        permissions = fields[b"permissions"]
+        if len(permissions) > MAX_INVITE_PERMISSIONS_BYTES:
+            return None
+        invite = Invite(
+            fields[b"tenant_id"].decode(),
+            json.loads(permissions),
+            float(fields[b"expires_at"]),
+            int(fields[b"uses_left"]),
+        )
+    except (KeyError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(invite.permissions, list) or not all(
+        isinstance(p, str) for p in invite.permissions
+    ):
+        return None
+    return invite
 
 
 def _without_password(url: str) -> str:
@@ -393,8 +419,16 @@ class RedisStore:
 
     # ---- invites ----
 
+    def _invite_key(self, digest: str) -> str:
+        return f"{self._prefix}invite:{digest}"
+
+    def _tenant_invites_key(self, tenant_id: str) -> str:
+        """The set of the tenant's invites (their digests). A member whose invite lapsed
+        (its key expires ``INVITE_GRACE`` after the invite) leaves when invites are listed."""
+        return f"{self._prefix}invites:{tenant_id}"
+
     async def add_invite(self, digest: str, invite: Invite) -> None:
-        key = f"{self._prefix}invite:{digest}"
+        key = self._invite_key(digest)
         async with self._transaction("add_invite") as pipe:
             pipe.hset(
                 key,
@@ -406,10 +440,13 @@ class RedisStore:
                 },
             )
             pipe.expireat(key, int(invite.expires_at) + INVITE_GRACE)
+            pipe.sadd(self._tenant_invites_key(invite.tenant_id), digest)
 
     async def take_invite(self, digest: str) -> Invite:
         async with self._operation("take_invite"):
-            raw = await self._scripts["take_invite"](keys=[f"{self._prefix}invite:{digest}"])
+            raw = await self._scripts["take_invite"](
+                keys=[self._invite_key(digest)], args=[self._tenant_invites_key(""), digest]
+            )
         status = raw[0]
         if status == b"expired":
             raise InvalidToken(EXPIRED_INVITE)
@@ -428,6 +465,67 @@ class RedisStore:
         ):
             raise InvalidToken(UNKNOWN_INVITE)
         return invite
+
+    async def list_invites(self, tenant_id: str | None) -> list[InviteEntry]:
+        usable = await self._usable_invites(tenant_id)
+        entries = [InviteEntry.of(digest, invite) for digest, invite in usable.items()]
+        return sorted(entries, key=lambda entry: entry.expires_at)
+
+    async def revoke_invite(self, tenant_id: str | None, invite_id: str) -> bool:
+        if not is_invite_id(invite_id):
+            return False
+        usable = await self._usable_invites(tenant_id)
+        named = [digest for digest in usable if digest.startswith(invite_id)]
+        if len(named) != 1:
+            return False
+        digest = named[0]
+        async with (
+            self._operation("revoke_invite"),
+            self._client.pipeline(transaction=True) as pipe,
+        ):
+            pipe.delete(self._invite_key(digest))
+            pipe.srem(self._tenant_invites_key(usable[digest].tenant_id), digest)
+            deleted, _ = await pipe.execute()
+        return bool(deleted)  # not when its last use was taken meanwhile
+
+    async def _usable_invites(self, tenant_id: str | None) -> dict[str, Invite]:
+        """The usable invites of ``tenant_id`` (of every tenant when None) by digest; the
+        members of the tenants' sets whose invites are gone leave them."""
+        async with self._operation("list_invites"):
+            if tenant_id is None:
+                pattern = self._tenant_invites_key("*")
+                sets = [_text(key) async for key in self._client.scan_iter(match=pattern)]
+            else:
+                sets = [self._tenant_invites_key(tenant_id)]
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key in sets:
+                    pipe.smembers(key)
+                members = [
+                    (key, _text(digest))
+                    for key, digests in zip(sets, await pipe.execute(), strict=True)
+                    for digest in digests
+                ]
+                for _, digest in members:
+                    pipe.hgetall(self._invite_key(digest))
+                hashes = await pipe.execute()
+            gone = [member for member, fields in zip(members, hashes, strict=True) if not fields]
+            if gone:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for key, digest in gone:
+                        pipe.srem(key, digest)
+                    await pipe.execute()
+        now = time.time()
+        usable: dict[str, Invite] = {}
+        for (key, digest), fields in zip(members, hashes, strict=True):
+            if not fields:
+                continue
+            invite = _decode_invite(fields)
+            # a tenant's set holds only its own invites, unless someone else wrote there
+            if invite is None or key != self._tenant_invites_key(invite.tenant_id):
+                log.debug("invite_malformed", backend=self._address)
+            elif invite.usable(now):
+                usable[digest] = invite
+        return usable
 
     # ---- sessions ----
 

@@ -10,6 +10,7 @@ is cross-relay and fail closed where correctness needs it (an invite, a revocati
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, TypeVar
@@ -18,6 +19,14 @@ from cloudbridge_core.providers import Claims
 from cloudbridge_core.relay.ipam import Lease
 
 _T = TypeVar("_T")
+
+#: hex characters of a code's digest that name its invite (``relay invite list``/``revoke``)
+INVITE_ID_LENGTH = 12
+_INVITE_ID = re.compile(f"[0-9a-f]{{{INVITE_ID_LENGTH}}}")
+
+
+def is_invite_id(text: str) -> bool:
+    return _INVITE_ID.fullmatch(text) is not None
 
 
 @dataclass
@@ -28,6 +37,34 @@ class Invite:
     permissions: list[str]
     expires_at: float
     uses_left: int
+
+    def usable(self, now: float) -> bool:
+        return self.expires_at > now and self.uses_left > 0
+
+
+@dataclass(frozen=True)
+class InviteEntry:
+    """An invite as it is listed. ``invite_id`` names it: the start of its code's digest,
+    which tells nothing of the code (the relay keeps no code to show)."""
+
+    invite_id: str
+    tenant_id: str
+    permissions: list[str]
+    expires_at: float
+    uses_left: int
+
+    @classmethod
+    def of(cls, digest: str, invite: Invite) -> InviteEntry:
+        return cls(
+            digest[:INVITE_ID_LENGTH],
+            invite.tenant_id,
+            list(invite.permissions),
+            invite.expires_at,
+            invite.uses_left,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -147,6 +184,17 @@ class ClusterStore(Protocol):
     async def take_invite(self, digest: str) -> Invite:
         """Use one of the invite's uses, atomically across the cluster; ``InvalidToken``
         when it is unknown, used up or expired."""
+        ...
+
+    async def list_invites(self, tenant_id: str | None) -> list[InviteEntry]:
+        """The invites still usable (neither expired nor used up) of ``tenant_id``, or of
+        every tenant when it is None; the soonest to expire first."""
+        ...
+
+    async def revoke_invite(self, tenant_id: str | None, invite_id: str) -> bool:
+        """Remove the usable invite named ``invite_id`` (as :meth:`list_invites` shows it);
+        False when there is none, and when it is not ``tenant_id``'s (unless that is None):
+        another tenant's invites are out of sight."""
         ...
 
     async def open_session(self, tenant_id: str, session_id: str, limit: int) -> bool:
