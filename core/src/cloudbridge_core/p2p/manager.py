@@ -164,7 +164,13 @@ class PeerManager:
         name = self.settings.name or socket.gethostname()
         self._link = link
         self.membership = Membership(
-            link, identity, name, self._peers_changed, self._signalled, overlay_key=overlay_key
+            link,
+            identity,
+            name,
+            self._peers_changed,
+            self._signalled,
+            overlay_key=overlay_key,
+            reporter=self.explained,
         )
         self._relayed = RelayedConnector(self.membership, identity)
         self.peers: dict[str, PeerState] = {}
@@ -285,7 +291,13 @@ class PeerManager:
 
     def explain(self, name: str) -> dict[str, Any]:
         """Why a peer is on the path it is on: each strategy's last attempt and what's next."""
-        state = self.find(name)
+        return self._explain(self.find(name))
+
+    def explained(self) -> list[dict[str, Any]]:
+        """Every peer as :meth:`explain` documents it (what the relay is told)."""
+        return [self._explain(state) for state in self.peers.values()]
+
+    def _explain(self, state: PeerState) -> dict[str, Any]:
         session = state.session
         direct = session.path in ("direct", "stun")
         return {

@@ -11,6 +11,12 @@ none.
 
 With an ``overlay_key`` (the device's WireGuard public key), every join also asks for the
 device's overlay address; each peer list says what the relay leased it (``overlay``).
+
+With a ``reporter`` (each peer as ``PeerManager.explain`` documents it), a joined device
+tells its relay how it reaches its peers (``mesh_report``, ``p2p/report.py``): within about
+:data:`REPORT_SETTLE` of a peer's path changing, and every :data:`REPORT_INTERVAL` when
+anything else changed (bytes, a failed attempt) or :data:`REPORT_REPEAT` passed; again at
+once on each new relay session, whose relay knows nothing yet.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from cloudbridge_core.errors import (
 )
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.p2p.identity import DeviceIdentity
+from cloudbridge_core.p2p.report import mesh_report
 from cloudbridge_core.protocol import messages
 from cloudbridge_core.providers import PeerInfo, Stream
 from cloudbridge_core.wire import MessageStream
@@ -42,9 +49,16 @@ log = get_logger("p2p.mesh")
 #: how long a request for TURN credentials waits for the relay to answer the join on the
 #: current session (right after a start or a reconnection)
 TURN_CREDENTIALS_WAIT = 2.0
+#: how often a joined device looks whether a peer's path changed, to report it
+REPORT_SETTLE = 1.0
+#: how often it reports what else changed (counters, attempts)
+REPORT_INTERVAL = 10.0
+#: how often it reports the same again, for a relay that may have lost it
+REPORT_REPEAT = 30.0
 
 PeersListener = Callable[[dict[str, PeerInfo]], None]
 SignalListener = Callable[[str, str, Mapping[str, Any]], None]
+Reporter = Callable[[], list[dict[str, Any]]]
 
 
 def peer_info(entry: Mapping[str, str]) -> PeerInfo:
@@ -69,6 +83,7 @@ class Membership:
         on_signal: SignalListener,
         *,
         overlay_key: str = "",
+        reporter: Reporter | None = None,
     ) -> None:
         self._link = link
         self._identity = identity
@@ -96,6 +111,7 @@ class Membership:
         self.replaced: str | None = None
         self._within = 10.0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._reporter = reporter
 
     async def start(self, within: float) -> None:
         """Join; raises the relay's refusal (a token without ``p2p:mesh``) or a timeout."""
@@ -110,6 +126,8 @@ class Membership:
             ) from None
         if self._refused is not None:
             raise self._refused
+        if self._reporter is not None:
+            self._spawn(self._report(self._reporter))
 
     async def turn_credentials(self) -> messages.TurnCredentials | None:
         """The current session's latest TURN credentials unless expired; None when its relay
@@ -192,6 +210,33 @@ class Membership:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    async def _report(self, reporter: Reporter) -> None:
+        """Report to each relay session this device joined on (see the module's doc)."""
+        sent: messages.MeshReport | None = None
+        sent_on: RelayConnection | None = None
+        sent_paths: list[tuple[Any, ...]] = []
+        sent_at = checked_at = 0.0
+        while True:
+            await asyncio.sleep(REPORT_SETTLE)
+            connection = self._joined_on
+            if connection is None or connection is not self._link.current or self.replaced:
+                continue  # not joined on this session (yet): its relay would ignore it
+            peers = reporter()
+            paths = [_path_of(peer) for peer in peers]
+            now = time.monotonic()
+            fresh = connection is not sent_on
+            if not fresh and paths == sent_paths and now - checked_at < REPORT_INTERVAL:
+                continue
+            checked_at = now
+            report = mesh_report(peers)
+            if not fresh and report == sent and now - sent_at < REPORT_REPEAT:
+                continue
+            try:
+                await connection.control.send(report)
+            except TransportError:
+                continue  # the session is going: the next one gets a report of its own
+            sent, sent_on, sent_paths, sent_at = report, connection, paths, now
+
     def _spawn(self, work: Any) -> None:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
@@ -256,3 +301,9 @@ class Membership:
             self._refused = error_for_code(message.code, message.message)
             log.error("mesh_refused", code=message.code, reason=message.message)
             self._joined.set()
+
+
+def _path_of(peer: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What a change of ``peer``'s path changes in its ``explain`` document."""
+    changes = peer.get("path_changes") or [{}]
+    return (peer.get("peer_id"), peer.get("path"), changes[-1].get("at"))

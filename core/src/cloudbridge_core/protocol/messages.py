@@ -31,6 +31,9 @@ LENGTH = struct.Struct("!I")
 MAX_MESSAGE_SIZE = 16 * 1024
 #: largest message a client accepts from its relay: a tenant's peer list, certificates included
 MAX_RELAY_MESSAGE_SIZE = 1024 * 1024
+#: largest message the relay accepts on a session's control stream: a ``mesh_report``,
+#: which a client cuts to fit (a security limit: the relay keeps one per member)
+MAX_CONTROL_MESSAGE_SIZE = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,16 @@ class MeshRefresh:
 
 
 @dataclass(frozen=True)
+class MeshReport:
+    """How this device reaches each peer: ``peer_id``, ``name``, ``path``, ``rtt_seconds``,
+    ``last_seen``, ``bytes_sent``, ``bytes_received``, ``summary``, ``attempts``,
+    ``path_changes`` (see ``p2p/report.py``, which builds it within the schema's bounds)."""
+
+    TYPE: ClassVar[str] = "mesh_report"
+    peers: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
 class MeshPeers:
     """Each peer: ``peer_id``, ``name``, ``public_key``, ``certificate``, ``instance``; and
     ``overlay_ip``, ``overlay_key`` for a device holding an overlay address."""
@@ -272,6 +285,7 @@ Message = (
     | MeshChallenge
     | MeshJoin
     | MeshRefresh
+    | MeshReport
     | MeshPeers
     | MeshEvent
     | Signal
@@ -303,6 +317,7 @@ _TYPES: dict[str, type[Message]] = {
         MeshChallenge,
         MeshJoin,
         MeshRefresh,
+        MeshReport,
         MeshPeers,
         MeshEvent,
         Signal,

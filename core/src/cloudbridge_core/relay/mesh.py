@@ -31,6 +31,7 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -114,6 +115,11 @@ class Member:
     channel: Stream | None = None  # its DERP channel, once opened
     #: its overlay address or why it has none (``mesh_peers.overlay``); None: not asked for
     overlay: dict[str, str] | None = None
+    #: its latest ``mesh_report`` (``{"peers": [...]}``), naming only peers of its tenant;
+    #: None until it sends one
+    report: dict[str, Any] | None = None
+    #: when it did (``time.time()``)
+    reported_at: float | None = None
     _derp_writing: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -159,6 +165,10 @@ class Mesh:
     def members(self) -> Iterator[Member]:
         for peers in self._tenants.values():
             yield from peers.values()
+
+    def members_of(self, tenant_id: str) -> list[Member]:
+        """The devices of ``tenant_id`` joined on this relay (their current sessions)."""
+        return list(self._tenants.get(tenant_id, {}).values())
 
     def member(self, tenant_id: str, peer_id: str) -> Member | None:
         """The current member ``peer_id`` of ``tenant_id`` (never another tenant's)."""
@@ -304,6 +314,26 @@ class Mesh:
             )
             return
         await tell(target.control, messages.Signal(sender.peer_id, signal.kind, signal.body))
+
+    def report(self, member: Member, report: messages.MeshReport) -> None:
+        """Keep the member's report of how it reaches its peers, naming only peers of its
+        tenant (here or on another relay): a device cannot make the relay show other
+        tenants' ids. Others are dropped without a word: a peer that left the relay may
+        still be reached over a direct path. A replaced member's report is dropped, as its
+        signals are."""
+        if not self._current(member):
+            return
+        tenant = member.tenant_id
+        peers = [
+            peer
+            for peer in report.peers
+            if peer["peer_id"] != member.peer_id
+            and (
+                self.member(tenant, peer["peer_id"]) is not None
+                or self._remote.get(tenant, peer["peer_id"]) is not None
+            )
+        ]
+        member.report, member.reported_at = {"peers": peers}, time.time()
 
     async def serve_derp(self, member: Member, stream: Stream, early: bytes = b"") -> None:
         """The member's DERP channel: forward its packets to peers of its tenant by key."""

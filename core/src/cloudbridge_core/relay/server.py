@@ -234,7 +234,9 @@ class Relay:
             # one deadline for the control stream and the hello together (a transport
             # holding the pre-auth budget has started it at the accept already)
             async with asyncio.timeout(self.limits.preauth_timeout):
-                control = MessageStream(await session.accept_stream())
+                control = MessageStream(
+                    await session.accept_stream(), messages.MAX_CONTROL_MESSAGE_SIZE
+                )
                 claims, hello, turn = await self._authenticate(control)
             # past the pre-auth deadline: a queued client waits longer than it allows
             session_id = await self._welcome(control, transport, session, claims, hello, turn)
@@ -621,6 +623,10 @@ class Relay:
             await control.send(messages.Pong(message.nonce))
         elif isinstance(message, messages.Refresh):
             await control.send(await self._refresh(state, message.token))
+        elif isinstance(message, messages.MeshReport):
+            # kept from joined members only, like mesh_refresh; nothing new after exp
+            if state.member is not None and not state.expired():
+                self.mesh.report(state.member, message)
         elif isinstance(message, messages.MeshJoin | messages.MeshRefresh | messages.Signal):
             if state.expired():  # between exp and the session's end: nothing new
                 await self._refuse_expired(control, claims, message)
