@@ -7,6 +7,7 @@ tests/test_p2p_loopback.py).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,6 +19,7 @@ from cloudbridge_core.p2p import membership
 from cloudbridge_core.p2p.identity import DeviceIdentity
 from cloudbridge_core.p2p.manager import PeerManager
 from cloudbridge_core.protocol import messages
+from cloudbridge_core.relay import server
 from cloudbridge_core.relay.mesh import Member
 from cloudbridge_core.testing.streams import read_all
 from relaybed import BOTH, Bed, echo_server, run, until
@@ -149,5 +151,26 @@ def test_a_report_naming_another_tenants_device_is_kept_without_it(
             assert [m.info["name"] for m in bed.relay.relay.mesh.members_of("globex")] == [
                 "outsider"
             ]
+
+    run(tmp_path, scenario)
+
+
+def test_a_relay_that_does_not_take_reports_gets_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An older relay ends a session on a message it does not know: the client reports only
+    to a relay whose welcome names ``mesh_report``."""
+    monkeypatch.setattr(server, "TAKEN", frozenset())
+
+    async def scenario(bed: Bed) -> None:
+        async with device(bed, "laptop") as (laptop, link), device(bed, "server"):
+            await until(lambda: [p["path"] for p in laptop.status()] == ["derp"])
+            assert link.current.welcome.capabilities is None
+            first = link.current
+            await asyncio.sleep(2 * membership.REPORT_SETTLE + 0.5)
+            holder = member_of(bed, "acme", laptop)
+            assert holder is not None
+            assert holder.report is None
+            assert link.current is first  # and the session lives on
 
     run(tmp_path, scenario)

@@ -17,6 +17,10 @@ class MessageStream:
         self._reader = messages.MessageReader(max_size)
         self._writing = asyncio.Lock()
 
+    def allow(self, max_size: int) -> None:
+        """Take messages of up to ``max_size`` bytes from now on (after authentication)."""
+        self._reader.max_size = max_size
+
     async def send(self, message: messages.Message) -> None:
         async with self._writing:  # a message is one write, never interleaved with another
             await self.stream.write(messages.encode(message))

@@ -11,7 +11,7 @@ import json
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import yaml
@@ -37,10 +37,13 @@ from cloudbridge_core.relay.cluster.store import (
 )
 from cloudbridge_core.relay.invites import InviteLink, new_code
 from cloudbridge_core.relay.live import follow
-from cloudbridge_core.relay.runner import start_relay, state_dir_of
+from cloudbridge_core.relay.runner import RunningRelay, start_relay, state_dir_of
 from cloudbridge_core.relay.state import RelayState
 from cloudbridge_core.relay.tokens import PERMISSIONS, issue_token, jwks, unknown_permissions
 from cloudbridge_core.tenants import is_tenant_id
+
+if TYPE_CHECKING:
+    from cloudbridge_core.relay.console.app import ConsoleContext
 
 log = get_logger("relay")
 
@@ -94,6 +97,14 @@ def serve(ctx: click.Context, state_dir: Path | None, dev: bool) -> None:
             served = exporters.get("prometheus")
             if isinstance(served, PrometheusExporter) and served.url:
                 message(f"metrics and probes: {served.url}, /healthz, /readyz")
+            # the console's imports (jinja2, segno) are for a relay that serves, not every command
+            from cloudbridge_core.relay.console.serve import serving_console
+
+            console = await stack.enter_async_context(
+                serving_console(config, _console_context(running, config))
+            )
+            if console is not None:
+                message(f"console: {console} (log in with a relay:admin token)")
             listen = config.settings.server.listen
             for name, listener in running.listeners.items():
                 message(f"relay listening: {name} on {listen}:{listener.port}")
@@ -118,6 +129,21 @@ def serve(ctx: click.Context, state_dir: Path | None, dev: bool) -> None:
             await wait_for_stop()
 
     run_async(main)
+
+
+def _console_context(running: RunningRelay, config: Config) -> ConsoleContext:
+    from cloudbridge_core.relay.console.app import ConsoleContext
+
+    listeners = running.listeners
+    # invites name the tls port, as ``relay invite create`` does (any port when tls is off)
+    tls = listeners["tls"] if "tls" in listeners else next(iter(listeners.values()))
+    return ConsoleContext(
+        running.relay,
+        running.state,
+        running.public_host,
+        tls.port,
+        config.settings.server.max_token_ttl,
+    )
 
 
 @relay.group(cls=SuggestingGroup)

@@ -221,6 +221,8 @@ class Membership:
             connection = self._joined_on
             if connection is None or connection is not self._link.current or self.replaced:
                 continue  # not joined on this session (yet): its relay would ignore it
+            if messages.MESH_REPORT not in (connection.welcome.capabilities or ()):
+                continue  # an older relay, which would end the session on a report
             peers = reporter()
             paths = [_path_of(peer) for peer in peers]
             now = time.monotonic()

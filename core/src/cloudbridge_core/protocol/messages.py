@@ -34,6 +34,8 @@ MAX_RELAY_MESSAGE_SIZE = 1024 * 1024
 #: largest message the relay accepts on a session's control stream: a ``mesh_report``,
 #: which a client cuts to fit (a security limit: the relay keeps one per member)
 MAX_CONTROL_MESSAGE_SIZE = 64 * 1024
+#: the capability a client offers and a relay takes for ``mesh_report``
+MESH_REPORT = "mesh_report"
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,9 @@ class Welcome:
     tenant_id: str
     heartbeat_interval_seconds: float
     server_time: float
+    #: what the relay takes of what the hello offered (``mesh_report``); left out for a
+    #: client that offered nothing it could name (older clients know no such field)
+    capabilities: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -437,7 +442,8 @@ class MessageReader:
     """Splits a byte stream into messages; keeps whatever follows for the caller."""
 
     def __init__(self, max_size: int = MAX_MESSAGE_SIZE) -> None:
-        self._max_size = max_size
+        #: the largest message taken; raised once the peer is authenticated
+        self.max_size = max_size
         self._buffer = bytearray()
 
     def feed(self, data: bytes) -> None:
@@ -448,10 +454,8 @@ class MessageReader:
         if len(self._buffer) < LENGTH.size:
             return None
         (size,) = LENGTH.unpack_from(self._buffer)
-        if size > self._max_size:
-            raise ProtocolViolation(
-                f"message of {size} bytes exceeds the limit of {self._max_size}"
-            )
+        if size > self.max_size:
+            raise ProtocolViolation(f"message of {size} bytes exceeds the limit of {self.max_size}")
         if len(self._buffer) < LENGTH.size + size:
             return None
         body = bytes(self._buffer[LENGTH.size : LENGTH.size + size])

@@ -46,6 +46,11 @@ class Revocations:
         held = self._by_key.get(revocation.key)
         return revocation if self._add(revocation, held) else None
 
+    def held(self) -> list[Revocation]:
+        """The revocations in force."""
+        self._prune()
+        return list(self._by_key.values())
+
     def check(self, claims: Claims) -> None:
         """Raise ``InvalidToken`` when a revocation covers the token of ``claims``."""
         if self.covers(claims):

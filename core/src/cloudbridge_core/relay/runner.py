@@ -57,6 +57,8 @@ INVITE_TOKEN_TTL = 30 * 24 * 3600.0
 class RunningRelay:
     state: RelayState
     relay: Relay
+    #: where clients reach this relay (``server.public_host``, else ``relay.host``)
+    public_host: str
     listeners: dict[str, Listener] = field(default_factory=dict)
     client_config: Path | None = None
     stun: asyncio.DatagramTransport | None = None
@@ -294,7 +296,7 @@ async def start_relay(
     relay = _relay_of(settings, load_auth(config, plugins, state), state, dev=dev)
     relay.metrics.watch(relay, tenant_labels=settings.metrics.tenant_labels)
     relay.metrics.registry.register(AuthKeysCollector(relay))
-    running = RunningRelay(state, relay)
+    running = RunningRelay(state, relay, public_host)
     running.load_auth_keys()
     pair = _server_pair(settings.server, state)
     material = TlsMaterial(certificate=pair.certificate, key=pair.key)

@@ -63,6 +63,8 @@ log = get_logger("relay.server")
 _debug = debug_on("relay.server")
 
 CONNECT = "relay:connect"
+#: what the relay takes of what a hello offers (said back in the welcome)
+TAKEN = frozenset({messages.MESH_REPORT})
 TUNNEL = "tunnel:create"
 #: a tunnel's accept waits this long at most for the target's first bytes to go with it
 ACCEPT_JOINS_DATA_WITHIN = 0.001
@@ -234,10 +236,10 @@ class Relay:
             # one deadline for the control stream and the hello together (a transport
             # holding the pre-auth budget has started it at the accept already)
             async with asyncio.timeout(self.limits.preauth_timeout):
-                control = MessageStream(
-                    await session.accept_stream(), messages.MAX_CONTROL_MESSAGE_SIZE
-                )
+                control = MessageStream(await session.accept_stream())
                 claims, hello, turn = await self._authenticate(control)
+            # an authenticated client may send larger messages (its ``mesh_report``)
+            control.allow(messages.MAX_CONTROL_MESSAGE_SIZE)
             # past the pre-auth deadline: a queued client waits longer than it allows
             session_id = await self._welcome(control, transport, session, claims, hello, turn)
         except TimeoutError:
@@ -273,6 +275,10 @@ class Relay:
             if not self.sessions_by_transport[transport]:
                 del self.sessions_by_transport[transport]
             log.info("session_closed", tenant_id=tenant, subject=claims.subject)
+
+    def session_claims(self, tenant_id: str) -> list[Claims]:
+        """What the tenant's sessions here hold now (refreshed tokens included)."""
+        return [state.claims for state in self._states if state.claims.tenant_id == tenant_id]
 
     async def drain(self) -> None:
         """Refuse new sessions and tunnels, tell every session the relay is restarting (its
@@ -402,6 +408,7 @@ class Relay:
             tenant_id=claims.tenant_id,
             heartbeat_interval_seconds=self.limits.heartbeat_interval,
             server_time=time.time(),
+            capabilities=tuple(c for c in hello.capabilities if c in TAKEN) or None,
         )
         try:
             await control.send(welcome)

@@ -19,11 +19,13 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 AUDIENCE = "cloudbridge"
 
-#: every permission the relay checks, and what it allows (relay/server.py, relay/mesh.py)
+#: every permission the relay checks, and what it allows (relay/server.py, relay/mesh.py,
+#: relay/console)
 PERMISSIONS = {
     "relay:connect": "open a session with the relay (every client needs it)",
     "tunnel:create": "forward ports through the relay (cloudbridge tunnel)",
     "p2p:mesh": "join the tenant's mesh and reach its peers (cloudbridge p2p)",
+    "relay:admin": "log in to the relay's web console for the tenant (server.console)",
 }
 
 

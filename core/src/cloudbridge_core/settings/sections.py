@@ -244,6 +244,19 @@ class ClusterSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ConsoleSettings:
+    """``server.console``: the relay's web console."""
+
+    enabled: bool
+    host: str
+    port: int
+    tls_cert_file: str | None
+    tls_key_file: str | None
+    allowed_hosts: tuple[str, ...]
+    session_ttl: float
+
+
+@dataclass(frozen=True, slots=True)
 class ServerSettings:
     listen: str
     stun_port: int
@@ -268,6 +281,7 @@ class ServerSettings:
     turn: TurnSettings
     overlay: ServerOverlaySettings
     cluster: ClusterSettings
+    console: ConsoleSettings
     rate_limits: RateLimitSettings
 
 

@@ -1,0 +1,307 @@
+"""The relay's web console, driven in a real headless Chromium (Debian's ``chromium``, through
+playwright's ``executable_path``: no browser is downloaded) against a real relay with real
+clients on loopback. Each page's screenshot is written under the test's temp dir (its path
+is printed) for a person to look at; docs/console.md shows them."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from cli_process import BIN, NO_KEYRING, environment, start, stop
+from jsonschema import Draft202012Validator
+from loopback import free_port
+
+CHROMIUM = shutil.which("chromium")
+pytestmark = [
+    pytest.mark.timeout(180),
+    pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed"),
+]
+sync_api = pytest.importorskip("playwright.sync_api")
+
+ENV = environment(CLOUDBRIDGE_DISABLE_PLUGINS="quic,grpc", **NO_KEYRING)
+#: a hang guard for what the console shows after a change (live updates every 2 s)
+SHOWN_WITHIN_MS = 30_000
+DEVICE = ("relay:connect", "tunnel:create", "p2p:mesh")
+SCHEMAS = Path(__file__).resolve().parents[1] / "schemas" / "console"
+
+
+@dataclass
+class ConsoleBed:
+    home: Path
+    ports: dict[str, int]
+    url: str
+    shots: Path
+    devices: list[subprocess.Popen[str]] = field(default_factory=list)
+
+    @property
+    def state(self) -> Path:
+        return self.home / "relay"
+
+    def cloudbridge(self, *args: str | Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [BIN / "cloudbridge", *args],
+            capture_output=True,
+            text=True,
+            env=ENV,
+            check=False,
+            timeout=60,
+        )
+
+    def token(self, tenant: str, subject: str, *permissions: str) -> str:
+        issued = self.cloudbridge(
+            *("relay", "token", "issue", "--state-dir", self.state),
+            *("--tenant", tenant, "--subject", subject),
+            *(arg for permission in permissions for arg in ("--permission", permission)),
+        )
+        assert issued.returncode == 0, issued.stderr
+        return issued.stdout.strip()
+
+    def device_config(self, name: str, token: str) -> Path:
+        document = {
+            "relay": {"host": "127.0.0.1", "tls": {"ca_file": str(self.state / "ca.pem")}},
+            "auth": {"token": token},
+            "transport": {n: {"port": self.ports[n]} for n in ("tls", "websocket")},
+            "metrics": {"enabled": False},
+            "p2p": {"name": name},
+        }
+        path = self.home / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(document))
+        return path
+
+    def start_device(self, config: Path, **env: str) -> subprocess.Popen[str]:
+        process = start("p2p", "--config", str(config), env={**ENV, **env}, ready="in the mesh as")
+        self.devices.append(process)
+        return process
+
+    def api(self, path: str, token: str | None) -> tuple[int, Any]:
+        """``GET /api/v1{path}`` with ``token`` as its bearer: the status and the JSON."""
+        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        connection = http.client.HTTPConnection("127.0.0.1", self.ports["console"], timeout=10)
+        try:
+            connection.request("GET", f"/api/v1{path}", headers=headers)
+            answer = connection.getresponse()
+            return answer.status, json.loads(answer.read())
+        finally:
+            connection.close()
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsoleBed]:
+    home = tmp_path_factory.mktemp("console")
+    ports = {name: free_port() for name in ("tls", "websocket", "stun", "console")}
+    config = home / "relay.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "server": {
+                    "listen": "127.0.0.1",
+                    "public_host": "127.0.0.1",
+                    "stun_port": ports["stun"],
+                    "console": {"port": ports["console"]},
+                },
+                "transport": {n: {"port": ports[n]} for n in ("tls", "websocket")},
+                "metrics": {"enabled": False},
+            }
+        )
+    )
+    relay = start(
+        *("relay", "serve", "--dev", "--config", str(config), "--state-dir", str(home / "relay")),
+        env=ENV,
+        ready="client config:",
+    )
+    shots = tmp_path_factory.mktemp("console-screenshots")
+    print(f"console screenshots: {shots}")
+    bed = ConsoleBed(home, ports, f"http://127.0.0.1:{ports['console']}/", shots)
+    try:
+        for name in ("laptop", "server"):
+            bed.start_device(bed.device_config(name, bed.token("acme", name, *DEVICE)))
+        yield bed
+    finally:
+        for device in bed.devices:
+            if device.poll() is None:
+                stop(device)
+        assert stop(relay) == 0
+
+
+@pytest.fixture(scope="module")
+def browser(bed: ConsoleBed) -> Iterator[Any]:
+    with sync_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",  # tests run as root in CI
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+def log_in(browser: Any, bed: ConsoleBed, token: str) -> Any:
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.goto(bed.url + "console/")
+    assert page.url.endswith("/console/login")  # nothing shown before a login
+    page.get_by_label("Admin token").fill(token)
+    page.get_by_role("button", name="Log in").click()
+    page.wait_for_url("**/console/")
+    return page
+
+
+def test_log_in_see_devices_invite_one_watch_it_join_then_revoke_it(
+    bed: ConsoleBed, browser: Any
+) -> None:
+    expect = sync_api.expect
+    login = browser.new_page(viewport={"width": 1200, "height": 900})
+    login.goto(bed.url)
+    expect(login.get_by_role("heading", name="Log in")).to_be_visible()
+    login.screenshot(path=bed.shots / "login.png")
+    login.close()
+
+    page = log_in(browser, bed, bed.token("acme", "alice", "relay:admin"))
+    cookie = next(c for c in page.context.cookies() if c["name"] == "cloudbridge_console")
+    assert cookie["httpOnly"]
+    assert cookie["sameSite"] == "Strict"
+    assert not cookie["secure"]  # plain HTTP on loopback; HTTPS makes it Secure (docs)
+    expect(page.locator("#device-count")).to_have_text("2")
+    expect(page.locator("#tenant")).to_have_text("acme")
+
+    page.get_by_role("link", name="Devices").click()
+    table = page.locator("#device-table")
+    for name in ("laptop", "server"):
+        expect(table.get_by_role("row", name=name)).to_be_visible()
+    # each device reports a path to the other (direct on loopback; any path will do)
+    for name in ("laptop", "server"):
+        expect(table.get_by_role("row", name=name).locator("td.paths")).not_to_have_text(
+            "none", timeout=SHOWN_WITHIN_MS
+        )
+    expect(page.locator("svg.graph .edge")).to_have_count(1, timeout=SHOWN_WITHIN_MS)
+    page.screenshot(path=bed.shots / "devices.png", full_page=True)
+
+    page.get_by_role("link", name="laptop").click()
+    expect(page.get_by_role("heading", name="Device laptop")).to_be_visible()
+    expect(page.get_by_role("heading", name="To server:")).to_be_visible()
+    page.screenshot(path=bed.shots / "device.png", full_page=True)
+
+    page.get_by_role("link", name="Overview").click()
+    page.screenshot(path=bed.shots / "overview.png", full_page=True)
+
+    page.get_by_role("link", name="Invites").click()
+    page.get_by_label("Valid for").fill("1h")
+    page.get_by_label("Uses").fill("1")
+    page.get_by_role("button", name="Create invite").click()
+    url = page.get_by_label("Invite URL").input_value()
+    assert url.startswith(f"cloudbridge://127.0.0.1:{bed.ports['tls']}/join?")
+    expect(page.locator(".qr svg")).to_be_visible()
+    page.screenshot(path=bed.shots / "invites.png", full_page=True)
+
+    # the devices page stays open: the new device must appear without a reload
+    page.get_by_role("link", name="Devices").click()
+    rows = page.locator("#device-table tbody tr")
+    expect(rows).to_have_count(2)
+    joined = bed.cloudbridge(
+        *("join", url, "--no-start", "--config-dir", bed.home / "phone", "--insecure-storage")
+    )
+    assert joined.returncode == 0, joined.stderr
+    phone = bed.start_device(bed.home / "phone" / "config.yaml", CLOUDBRIDGE_P2P__NAME="phone")
+    expect(rows).to_have_count(3, timeout=SHOWN_WITHIN_MS)
+    expect(page.locator("#device-table").get_by_role("row", name="phone")).to_be_visible()
+
+    page.get_by_role("link", name="phone").click()
+    page.get_by_role("button", name="Revoke this device's access").click()
+    expect(page.locator("#revoked")).to_contain_text("every token of invited-")
+    page.screenshot(path=bed.shots / "tokens.png", full_page=True)
+    assert phone.wait(timeout=30) == 4  # the session ended: invalid_token, the exit code 4
+    page.get_by_role("link", name="Devices").click()
+    expect(rows).to_have_count(2, timeout=SHOWN_WITHIN_MS)
+    page.close()
+
+
+def test_a_wrong_or_missing_token_sees_nothing(bed: ConsoleBed, browser: Any) -> None:
+    expect = sync_api.expect
+    page = browser.new_page()
+    for token in ("not-a-token", bed.token("acme", "bob", *DEVICE)):  # garbage; no relay:admin
+        page.goto(bed.url + "console/login")
+        page.get_by_label("Admin token").fill(token)
+        page.get_by_role("button", name="Log in").click()
+        expect(page.locator("#login-error")).to_be_visible()
+        assert "laptop" not in page.content()
+        page.goto(bed.url + "console/devices")
+        assert page.url.endswith("/console/login")
+    page.close()
+    for token in (None, "not-a-token", bed.token("acme", "bob", *DEVICE)):
+        for path in ("/overview", "/devices", "/invites", "/tokens"):
+            status, body = bed.api(path, token)
+            assert status == 401, (path, body)
+            assert set(body) == {"error", "message"}, body
+
+
+def test_a_tenant_admin_never_sees_another_tenant(bed: ConsoleBed, browser: Any) -> None:
+    acme_admin = bed.token("acme", "alice", "relay:admin")
+    beta_admin = bed.token("beta", "carol", "relay:admin")
+    status, acme = bed.api("/devices", acme_admin)
+    assert status == 200
+    Draft202012Validator(console_schema("devices")).validate(acme)
+    assert {d["name"] for d in acme["devices"]} >= {"laptop", "server"}
+    status, beta = bed.api("/devices", beta_admin)
+    assert (status, beta["tenant_id"], beta["devices"], beta["links"]) == (200, "beta", [], [])
+    laptop = next(d["peer_id"] for d in acme["devices"] if d["name"] == "laptop")
+    assert bed.api(f"/devices/{laptop}", beta_admin)[0] == 404
+    status, tokens = bed.api("/tokens", beta_admin)
+    assert tokens["in_use"] == [], tokens
+    Draft202012Validator(console_schema("tokens")).validate(tokens)
+    status, overview = bed.api("/overview", beta_admin)
+    Draft202012Validator(console_schema("overview")).validate(overview)
+    assert overview["devices"] == 0
+
+    page = log_in(browser, bed, beta_admin)
+    page.goto(bed.url + "console/devices")
+    sync_api.expect(page.locator("#device-table tbody tr")).to_have_count(0)
+    assert "laptop" not in page.content()
+    page.goto(bed.url + f"console/devices/{laptop}")
+    assert "laptop" not in page.content()
+    page.close()
+
+
+def test_every_change_needs_the_logins_csrf_token(bed: ConsoleBed, browser: Any) -> None:
+    page = log_in(browser, bed, bed.token("acme", "alice", "relay:admin"))
+    page.goto(bed.url + "console/invites")
+    csrf = page.locator("input[name=csrf]").first.get_attribute("value")
+    forged = page.request.post(bed.url + "console/invites", form={"ttl": "1h", "uses": "1"})
+    assert forged.status == 403
+    wrong = page.request.post(
+        bed.url + "console/invites", form={"ttl": "1h", "uses": "1", "csrf": "x" * 43}
+    )
+    assert wrong.status == 403
+    api = page.request.post(bed.url + "api/v1/invites", data={"ttl": "1h"})
+    assert api.status == 403
+    made = page.request.post(
+        bed.url + "api/v1/invites", data={"ttl": "1h"}, headers={"X-CSRF-Token": csrf}
+    )
+    assert made.status == 201, made.text()
+    Draft202012Validator(console_schema("invite-created")).validate(made.json())
+    bad = page.request.post(
+        bed.url + "console/invites", form={"ttl": "forever", "uses": "1", "csrf": csrf}
+    )
+    assert bad.status == 400
+    assert "ttl: &#39;forever&#39; is not a duration" in bad.text()
+    page.close()
+
+
+def console_schema(name: str) -> dict[str, Any]:
+    schema: dict[str, Any] = json.loads((SCHEMAS / f"{name}.schema.json").read_text())
+    return schema
