@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -19,13 +20,11 @@ import yaml
 from cli_process import BIN, NO_KEYRING, environment, start, stop
 from jsonschema import Draft202012Validator
 from loopback import free_port
+from playwright import sync_api
 
+#: installed by ./dev test (Debian's package chromium)
 CHROMIUM = shutil.which("chromium")
-pytestmark = [
-    pytest.mark.timeout(180),
-    pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed"),
-]
-sync_api = pytest.importorskip("playwright.sync_api")
+pytestmark = pytest.mark.timeout(180)
 
 ENV = environment(CLOUDBRIDGE_DISABLE_PLUGINS="quic,grpc", **NO_KEYRING)
 #: a hang guard for what the console shows after a change (live updates every 2 s)
@@ -129,11 +128,14 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsoleBed]:
         for device in bed.devices:
             if device.poll() is None:
                 stop(device)
+            elif device.stderr is not None:  # one that ended (revoked) leaves its pipe
+                device.stderr.close()
         assert stop(relay) == 0
 
 
 @pytest.fixture(scope="module")
 def browser(bed: ConsoleBed) -> Iterator[Any]:
+    assert CHROMIUM is not None, "Debian's chromium is missing: ./dev test installs it"
     with sync_api.sync_playwright() as playwright:
         launched = playwright.chromium.launch(
             executable_path=CHROMIUM,
@@ -152,8 +154,8 @@ def browser(bed: ConsoleBed) -> Iterator[Any]:
             launched.close()
 
 
-def log_in(browser: Any, bed: ConsoleBed, token: str) -> Any:
-    page = browser.new_page(viewport={"width": 1200, "height": 900})
+def log_in(browser: Any, bed: ConsoleBed, token: str, *, javascript: bool = True) -> Any:
+    page = browser.new_page(viewport={"width": 1200, "height": 900}, java_script_enabled=javascript)
     page.goto(bed.url + "console/")
     assert page.url.endswith("/console/login")  # nothing shown before a login
     page.get_by_label("Admin token").fill(token)
@@ -277,6 +279,23 @@ def test_a_tenant_admin_never_sees_another_tenant(bed: ConsoleBed, browser: Any)
     page.close()
 
 
+def test_the_pages_read_and_change_without_javascript(bed: ConsoleBed, browser: Any) -> None:
+    expect = sync_api.expect
+    page = log_in(browser, bed, bed.token("acme", "alice", "relay:admin"), javascript=False)
+    expect(page.locator("#device-count")).to_have_text("2")
+    page.get_by_role("link", name="Devices").click()
+    for name in ("laptop", "server"):
+        expect(page.locator("#device-table").get_by_role("row", name=name)).to_be_visible()
+    page.get_by_role("link", name="Invites").click()
+    page.get_by_role("button", name="Create invite").click()
+    expect(page.get_by_label("Invite URL")).to_have_value(re.compile("^cloudbridge://"))
+    page.get_by_role("button", name="Log out").click()
+    page.wait_for_url("**/console/login")
+    page.goto(bed.url + "console/devices")
+    assert page.url.endswith("/console/login")  # the login is gone with its cookie
+    page.close()
+
+
 def test_every_change_needs_the_logins_csrf_token(bed: ConsoleBed, browser: Any) -> None:
     page = log_in(browser, bed, bed.token("acme", "alice", "relay:admin"))
     page.goto(bed.url + "console/invites")
@@ -300,6 +319,57 @@ def test_every_change_needs_the_logins_csrf_token(bed: ConsoleBed, browser: Any)
     assert bad.status == 400
     assert "ttl: &#39;forever&#39; is not a duration" in bad.text()
     page.close()
+
+
+def test_off_loopback_the_console_needs_tls_and_then_its_cookie_is_secure(
+    bed: ConsoleBed, browser: Any, tmp_path: Path
+) -> None:
+    ports = {name: free_port() for name in ("tls", "websocket", "stun", "console")}
+    console = {"port": ports["console"], "host": "0.0.0.0"}  # noqa: S104 - refused without TLS
+
+    def relay_config(**tls: str) -> Path:
+        path = tmp_path / "relay.yaml"
+        server = {"listen": "127.0.0.1", "stun_port": ports["stun"], "console": {**console, **tls}}
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "server": server,
+                    "transport": {n: {"port": ports[n]} for n in ("tls", "websocket")},
+                    "metrics": {"enabled": False},
+                }
+            )
+        )
+        return path
+
+    state = tmp_path / "state"  # a relay of its own: the refused start makes its CA
+    serve = ("relay", "serve", "--dev", "--state-dir", str(state), "--config")
+    refused = bed.cloudbridge(*serve, relay_config())
+    assert refused.returncode != 0
+    assert "server.console.tls_cert_file" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    # the relay's own certificate, signed by its CA, names 127.0.0.1
+    secure = relay_config(
+        tls_cert_file=str(state / "server.pem"), tls_key_file=str(state / "server.key")
+    )
+    relay = start(*serve, str(secure), env=ENV, ready="client config:")
+    try:
+        context = browser.new_context(ignore_https_errors=True)  # the relay's CA, not the OS's
+        page = context.new_page()
+        page.goto(f"https://127.0.0.1:{ports['console']}/console/login")
+        issued = bed.cloudbridge(
+            *("relay", "token", "issue", "--state-dir", state, "--tenant", "acme"),
+            *("--subject", "alice", "--permission", "relay:admin"),
+        )
+        page.get_by_label("Admin token").fill(issued.stdout.strip())
+        page.get_by_role("button", name="Log in").click()
+        page.wait_for_url("**/console/")
+        (cookie,) = context.cookies()
+        assert cookie["name"] == "__Host-cloudbridge_console"
+        assert (cookie["secure"], cookie["httpOnly"], cookie["sameSite"]) == (True, True, "Strict")
+        sync_api.expect(page.locator("#tenant")).to_have_text("acme")
+        context.close()
+    finally:
+        assert stop(relay) == 0
 
 
 def console_schema(name: str) -> dict[str, Any]:

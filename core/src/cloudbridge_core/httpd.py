@@ -57,8 +57,12 @@ class Request:
         return None
 
     def form(self) -> dict[str, str]:
-        """An ``application/x-www-form-urlencoded`` body, each field once (the last wins)."""
-        fields = urllib.parse.parse_qsl(self.body.decode("utf-8", "replace"), max_num_fields=32)
+        """An ``application/x-www-form-urlencoded`` body, each field once (the last wins);
+        empty when it is not one or has over 32 fields (no form here has more)."""
+        try:
+            fields = urllib.parse.parse_qsl(self.body.decode("utf-8", "replace"), max_num_fields=32)
+        except ValueError:
+            return {}
         return dict(fields)
 
 
