@@ -289,6 +289,15 @@ def test_the_pages_read_and_change_without_javascript(bed: ConsoleBed, browser: 
     page.get_by_role("link", name="Invites").click()
     page.get_by_role("button", name="Create invite").click()
     expect(page.get_by_label("Invite URL")).to_have_value(re.compile("^cloudbridge://"))
+    created = page.locator(".created").inner_text()
+    invite_id = re.search(r"Id ([0-9a-f]{12})", created)
+    assert invite_id is not None, created
+    row = page.locator(f"tr[data-invite='{invite_id[1]}']")
+    expect(row).to_have_count(1)
+    page.get_by_role("button", name=f"Revoke invite {invite_id[1]}").click()
+    expect(row).to_have_count(0)
+    page.keyboard.press("Tab")  # the first stop skips the navigation
+    expect(page.get_by_role("link", name="Skip to content")).to_be_focused()
     page.get_by_role("button", name="Log out").click()
     page.wait_for_url("**/console/login")
     page.goto(bed.url + "console/devices")
