@@ -16,7 +16,7 @@ from cli_process import BIN, environment, issue_token, run_without_keyring, star
 from cloudbridge_core.client.tokens import require_permission
 from cloudbridge_core.errors import Unauthorized
 from cloudbridge_core.relay import mesh, server
-from cloudbridge_core.relay.console import app as console_app
+from cloudbridge_core.relay.console import actions as console_actions
 from cloudbridge_core.relay.tokens import PERMISSIONS
 from loopback import free_port
 
@@ -164,7 +164,7 @@ def test_token_issue_takes_only_known_permissions(relay: Relay) -> None:
 
 
 def test_the_server_checks_no_permission_token_issue_does_not_know() -> None:
-    assert {server.CONNECT, server.TUNNEL, mesh.P2P, console_app.ADMIN} == set(PERMISSIONS)
+    assert {server.CONNECT, server.TUNNEL, mesh.P2P, console_actions.ADMIN} == set(PERMISSIONS)
 
 
 def test_a_client_can_refuse_a_tunnel_its_token_does_not_allow() -> None:

@@ -43,7 +43,7 @@ from cloudbridge_core.relay.tokens import PERMISSIONS, issue_token, jwks, unknow
 from cloudbridge_core.tenants import is_tenant_id
 
 if TYPE_CHECKING:
-    from cloudbridge_core.relay.console.app import ConsoleContext
+    from cloudbridge_core.relay.console.actions import ConsoleContext
 
 log = get_logger("relay")
 
@@ -132,7 +132,7 @@ def serve(ctx: click.Context, state_dir: Path | None, dev: bool) -> None:
 
 
 def _console_context(running: RunningRelay, config: Config) -> ConsoleContext:
-    from cloudbridge_core.relay.console.app import ConsoleContext
+    from cloudbridge_core.relay.console.actions import ConsoleContext
 
     listeners = running.listeners
     # invites name the tls port, as ``relay invite create`` does (any port when tls is off)

@@ -16,7 +16,8 @@ from cloudbridge_core.config import Config
 from cloudbridge_core.errors import AddressInUse, ConfigError, ConfigIssue
 from cloudbridge_core.httpd import LocalHttpServer
 from cloudbridge_core.log import get_logger
-from cloudbridge_core.relay.console.app import ConsoleApp, ConsoleContext
+from cloudbridge_core.relay.console.actions import ConsoleContext
+from cloudbridge_core.relay.console.app import ConsoleApp
 from cloudbridge_core.settings.sections import ConsoleSettings
 
 log = get_logger("relay.console")
