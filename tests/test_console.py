@@ -8,7 +8,6 @@ from __future__ import annotations
 import http.client
 import json
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,13 +16,12 @@ from typing import Any
 
 import pytest
 import yaml
+from browser import chromium
 from cli_process import BIN, NO_KEYRING, environment, start, stop
 from jsonschema import Draft202012Validator
 from loopback import free_port
 from playwright import sync_api
 
-#: installed by ./dev test (Debian's package chromium)
-CHROMIUM = shutil.which("chromium")
 pytestmark = pytest.mark.timeout(180)
 
 ENV = environment(CLOUDBRIDGE_DISABLE_PLUGINS="quic,grpc", **NO_KEYRING)
@@ -134,24 +132,9 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsoleBed]:
 
 
 @pytest.fixture(scope="module")
-def browser(bed: ConsoleBed) -> Iterator[Any]:
-    assert CHROMIUM is not None, "Debian's chromium is missing: ./dev test installs it"
-    with sync_api.sync_playwright() as playwright:
-        launched = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",  # tests run as root in CI
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
-        try:
-            yield launched
-        finally:
-            launched.close()
+def browser() -> Iterator[Any]:
+    with chromium() as launched:
+        yield launched
 
 
 def log_in(browser: Any, bed: ConsoleBed, token: str, *, javascript: bool = True) -> Any:

@@ -257,6 +257,21 @@ class TokenSource(Protocol):
     async def obtain_token(self, store: TokenStore) -> str | None: ...
 
 
+class BrowserLogin(Protocol):
+    """A person's login in a browser, for the relay's web console: the authorization code
+    flow with PKCE (RFC 7636) against the auth provider's issuer.
+
+    ``authorization_url`` is where the browser goes (carrying ``state`` and the challenge
+    of ``code_verifier``); ``exchange`` trades the code the browser brings back for an access
+    token, which the relay then validates like any other. Both raise classified errors
+    (``AuthError``, ``ServerUnavailable``), never a library's.
+    """
+
+    async def authorization_url(self, redirect_uri: str, state: str, code_verifier: str) -> str: ...
+
+    async def exchange(self, code: str, redirect_uri: str, code_verifier: str) -> str: ...
+
+
 # ---- NAT traversal -------------------------------------------------------------------
 
 
@@ -430,9 +445,13 @@ class Exporter(Protocol):
 class AuthProviderSpec(ProviderSpec[AuthProvider]):
     """An auth provider: ``load`` builds the relay's validator; ``token_source``, when the
     provider can obtain tokens itself (OIDC), builds the client's side from the same
-    settings section."""
+    settings section; ``browser_login``, when people can log in to the relay's console
+    through it."""
 
     token_source: Callable[[Mapping[str, Any]], TokenSource] | None = None
+    #: the relay console's browser login from the same settings section, or None when
+    #: those settings name no client for it
+    browser_login: Callable[[Mapping[str, Any]], BrowserLogin | None] | None = None
 
 
 TransportSpec = ProviderSpec[Transport]

@@ -26,7 +26,7 @@ from cloudbridge_core.durations import format_duration
 from cloudbridge_core.errors import UsageError
 from cloudbridge_core.exporters import RELAY_METRICS_PORT, exporting
 from cloudbridge_core.log import escape, get_logger
-from cloudbridge_core.plugins import transport_port
+from cloudbridge_core.plugins import Plugins, transport_port
 from cloudbridge_core.prometheus_exporter import PrometheusExporter
 from cloudbridge_core.relay.cluster.backend import run_once
 from cloudbridge_core.relay.cluster.store import (
@@ -37,7 +37,7 @@ from cloudbridge_core.relay.cluster.store import (
 )
 from cloudbridge_core.relay.invites import InviteLink, new_code
 from cloudbridge_core.relay.live import follow
-from cloudbridge_core.relay.runner import RunningRelay, start_relay, state_dir_of
+from cloudbridge_core.relay.runner import RunningRelay, browser_login, start_relay, state_dir_of
 from cloudbridge_core.relay.state import RelayState
 from cloudbridge_core.relay.tokens import PERMISSIONS, issue_token, jwks, unknown_permissions
 from cloudbridge_core.tenants import is_tenant_id
@@ -101,7 +101,7 @@ def serve(ctx: click.Context, state_dir: Path | None, dev: bool) -> None:
             from cloudbridge_core.relay.console.serve import serving_console
 
             console = await stack.enter_async_context(
-                serving_console(config, _console_context(running, config))
+                serving_console(config, _console_context(running, config, runtime.plugins))
             )
             if console is not None:
                 message(f"console: {console} (log in with a relay:admin token)")
@@ -131,7 +131,7 @@ def serve(ctx: click.Context, state_dir: Path | None, dev: bool) -> None:
     run_async(main)
 
 
-def _console_context(running: RunningRelay, config: Config) -> ConsoleContext:
+def _console_context(running: RunningRelay, config: Config, plugins: Plugins) -> ConsoleContext:
     from cloudbridge_core.relay.console.actions import ConsoleContext
 
     listeners = running.listeners
@@ -143,6 +143,7 @@ def _console_context(running: RunningRelay, config: Config) -> ConsoleContext:
         running.public_host,
         tls.port,
         config.settings.server.max_token_ttl,
+        browser_login(config, plugins, running.state),
     )
 
 

@@ -28,7 +28,15 @@ from cloudbridge_core.httpd import Handler
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.plugins import Plugins, transport_port
 from cloudbridge_core.protocol import messages
-from cloudbridge_core.providers import AuthProvider, Endpoint, Listener, TlsMaterial, Transport
+from cloudbridge_core.providers import (
+    AuthProvider,
+    AuthProviderSpec,
+    BrowserLogin,
+    Endpoint,
+    Listener,
+    TlsMaterial,
+    Transport,
+)
 from cloudbridge_core.relay.auth_keys import AuthKeysCollector, key_statistics, load_keys
 from cloudbridge_core.relay.cluster.backend import open_store
 from cloudbridge_core.relay.cluster.links import ClusterLinks
@@ -207,6 +215,16 @@ def auth_settings(
             max_token_lifetime=config.settings.server.max_token_ttl,
         )
     return kind, settings
+
+
+def browser_login(config: Config, plugins: Plugins, state: RelayState) -> BrowserLogin | None:
+    """How people log in to the console at the auth provider's issuer, when it offers a
+    way and its settings name a client for it (``auth.oidc.console_client_id``)."""
+    kind, settings = auth_settings(config, plugins, state)
+    spec = plugins.require("auth_provider", kind)
+    if not isinstance(spec, AuthProviderSpec) or spec.browser_login is None:
+        return None
+    return spec.browser_login(settings)
 
 
 def load_auth(config: Config, plugins: Plugins, state: RelayState) -> AuthProvider:

@@ -49,6 +49,7 @@ class ProviderMetadata:
     jwks_uri: str
     token_endpoint: str
     device_authorization_endpoint: str | None
+    authorization_endpoint: str | None = None
 
 
 def origin(url: str) -> str:
@@ -79,7 +80,12 @@ async def discover(
             hint="auth.oidc.issuer must be exactly the provider's issuer",
         )
     endpoints: dict[str, str | None] = {}
-    for name in ("jwks_uri", "token_endpoint", "device_authorization_endpoint"):
+    for name in (
+        "jwks_uri",
+        "token_endpoint",
+        "device_authorization_endpoint",
+        "authorization_endpoint",
+    ):
         value = document.get(name)
         if value is not None and not (isinstance(value, str) and _same_security(value, issuer)):
             raise ServerUnavailable(f"{url}: {name} {value!r} is not a usable URL")
@@ -98,6 +104,7 @@ async def discover(
         jwks_uri=str(endpoints["jwks_uri"]),
         token_endpoint=str(endpoints["token_endpoint"]),
         device_authorization_endpoint=endpoints["device_authorization_endpoint"],
+        authorization_endpoint=endpoints["authorization_endpoint"],
     )
 
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from cloudbridge_core.api import (
     AuthProvider,
     AuthProviderSpec,
+    BrowserLogin,
     ConfigSection,
     TokenSource,
     hookimpl,
@@ -61,6 +62,15 @@ SETTINGS_SCHEMA: dict[str, Any] = {
             "default": "cloudbridge-cli",
             "description": "The client registered with the provider for cloudbridge login.",
         },
+        "console_client_id": {
+            "type": ["string", "null"],
+            "minLength": 1,
+            "default": None,
+            "description": "On the relay: the client registered with the provider for the"
+            " relay's web console (authorization code with PKCE, no secret; its redirect URI"
+            " is the console's address + /console/login/oidc/callback). null: the console"
+            " takes pasted tokens only.",
+        },
         "client_secret": {
             "type": ["string", "null"],
             "default": None,
@@ -86,6 +96,14 @@ def _validator(settings: Mapping[str, Any]) -> AuthProvider:
     return OidcValidator(settings)
 
 
+def _browser_login(settings: Mapping[str, Any]) -> BrowserLogin | None:
+    if not settings.get("console_client_id"):
+        return None
+    from cloudbridge_oidc.browser import OidcBrowserLogin
+
+    return OidcBrowserLogin(settings)
+
+
 def _token_source(settings: Mapping[str, Any]) -> TokenSource:
     from cloudbridge_oidc.client import OidcClient
 
@@ -99,7 +117,9 @@ def cloudbridge_auth_providers() -> list[AuthProviderSpec]:
             name="oidc",
             load=_validator,
             token_source=_token_source,
-            description="OpenID Connect: discovery, JWKS rotation, device flow login",
+            browser_login=_browser_login,
+            description="OpenID Connect: discovery, JWKS rotation, device flow login,"
+            " the relay console's browser login",
         )
     ]
 

@@ -14,6 +14,7 @@ class OidcSettings:
     audience: str | None
     client_id: str
     client_secret: str | None = field(repr=False)
+    console_client_id: str | None
     scopes: tuple[str, ...]
     jwks_origins: tuple[str, ...]
     algorithms: tuple[str, ...]

@@ -17,6 +17,11 @@ const provider = new Provider(issuer, {
       grant_types: ['urn:ietf:params:oauth:grant-type:device_code', 'refresh_token'],
       redirect_uris: [], response_types: [],
     },
+    { // the relay's web console: authorization code with PKCE, at CONSOLE_REDIRECT_URI
+      client_id: 'cloudbridge-console', token_endpoint_auth_method: 'none',
+      grant_types: ['authorization_code'], response_types: ['code'],
+      redirect_uris: process.env.CONSOLE_REDIRECT_URI ? [process.env.CONSOLE_REDIRECT_URI] : [],
+    },
     { // a machine: client credentials
       client_id: 'cloudbridge-machine', client_secret: process.env.MACHINE_SECRET,
       grant_types: ['client_credentials'], redirect_uris: [], response_types: [],
@@ -40,8 +45,11 @@ const provider = new Provider(issuer, {
     },
   },
   issueRefreshToken: (ctx, client) => client.grantTypeAllowed('refresh_token'),
-  extraTokenClaims: () => ({
-    'custom:tenant_id': 'acme', 'custom:permissions': ['relay:connect', 'tunnel:create', 'p2p:mesh'],
+  // people logging in to the relay's console are its admins; everyone else a client
+  extraTokenClaims: (ctx, token) => ({
+    'custom:tenant_id': 'acme',
+    'custom:permissions': token.clientId === 'cloudbridge-console'
+      ? ['relay:admin'] : ['relay:connect', 'tunnel:create', 'p2p:mesh'],
   }),
   pkce: { required: () => false },
   ttl: { DeviceCode: Number(process.env.DEVICE_CODE_TTL || 600) },

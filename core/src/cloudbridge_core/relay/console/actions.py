@@ -10,7 +10,7 @@ from typing import Any
 from cloudbridge_core.durations import format_duration, parse_duration
 from cloudbridge_core.errors import CloudBridgeError
 from cloudbridge_core.log import get_logger
-from cloudbridge_core.providers import Claims
+from cloudbridge_core.providers import BrowserLogin, Claims
 from cloudbridge_core.relay.cluster.store import INVITE_ID_LENGTH, Invite, Revocation
 from cloudbridge_core.relay.console.data import utc
 from cloudbridge_core.relay.invites import InviteLink, new_code
@@ -41,13 +41,16 @@ class BadToken(CloudBridgeError):
 @dataclass
 class ConsoleContext:
     """What the console reads and changes: the relay, its state (CA, for invite URLs),
-    where clients reach it, and the longest token it issues."""
+    where clients reach it, the longest token it issues, and how people log in besides
+    pasting a token."""
 
     relay: Relay
     state: RelayState
     public_host: str
     tls_port: int
     max_token_ttl: float
+    #: the auth provider's browser login (OIDC), when it offers one
+    browser_login: BrowserLogin | None = None
 
 
 class ConsoleActions:

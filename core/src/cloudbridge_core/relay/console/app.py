@@ -3,7 +3,6 @@ CSRF checks; ``/api/v1/`` goes to :class:`ConsoleApi`."""
 
 from __future__ import annotations
 
-import time
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -12,12 +11,13 @@ import segno
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 
-from cloudbridge_core.errors import CloudBridgeError, ServerUnavailable
+from cloudbridge_core.errors import ServerUnavailable
 from cloudbridge_core.httpd import Request, Response
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.relay.console import data
 from cloudbridge_core.relay.console.actions import BadInput, ConsoleActions, ConsoleContext
 from cloudbridge_core.relay.console.api import ConsoleApi
+from cloudbridge_core.relay.console.login import ConsoleLogins
 from cloudbridge_core.relay.console.sessions import (
     ConsoleSession,
     ConsoleSessions,
@@ -59,6 +59,12 @@ class ConsoleApp:
         self._templates.filters["rtt"] = _rtt
         self._templates.filters["counts"] = data.counts
         self._pages = self._page_routes()
+        self._logins = ConsoleLogins(
+            self._actions,
+            self._sessions,
+            context.browser_login,
+            lambda status, template, **values: self._html(status, template, None, **values),
+        )
 
     async def __call__(self, request: Request) -> Response:
         path = request.path
@@ -69,8 +75,8 @@ class ConsoleApp:
             return redirect("/console/")
         if path.startswith("/api/v1/"):
             return await self._api(request)
-        if path == "/console/login":
-            return await self._login(request)
+        if path == "/console/login" or path.startswith("/console/login/"):
+            return await self._logins(request)
         try:
             return await self._logged_in(request)
         except ServerUnavailable as error:  # the cluster's store, for a page that needs it
@@ -95,24 +101,6 @@ class ConsoleApp:
         return await page(request, session, rest)
 
     # ---- login ----
-
-    async def _login(self, request: Request) -> Response:
-        if request.method == "GET":
-            return self._html(200, "login.html", None)
-        if request.method != "POST":
-            return text(405, "GET or POST")
-        token = request.form().get("token", "").strip()
-        try:
-            claims = await self._actions.admin(token)
-        except CloudBridgeError as error:
-            log.info("console_login_refused", code=error.code)
-            return self._html(401, "login.html", None, error=error.message)
-        session_id, session = self._sessions.open(claims)
-        log.info("console_login", tenant_id=claims.tenant_id, subject=claims.subject)
-        cookie = session_cookie(
-            session_id, secure=request.secure, max_age=int(session.expires_at - time.time())
-        )
-        return redirect("/console/", [("set-cookie", cookie)])
 
     def _login_of(self, request: Request) -> ConsoleSession | None:
         return self._session(request.cookie(cookie_name(request.secure)))

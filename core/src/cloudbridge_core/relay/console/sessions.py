@@ -78,3 +78,56 @@ def session_cookie(session_id: str, *, secure: bool, max_age: int) -> str:
     if secure:
         attributes.append("Secure")
     return "; ".join(attributes)
+
+
+#: browser logins under way at once (each a random state and PKCE verifier; a security limit)
+MAX_PENDING_LOGINS = 256
+#: how long a browser may take at the provider
+PENDING_LOGIN_TTL = 600.0
+#: binds a login under way to the browser that began it; ``Lax``, as the provider sends the
+#: browser back with a cross-site navigation, which a ``Strict`` cookie would not ride on
+LOGIN_COOKIE = "cloudbridge_console_login"
+
+
+@dataclass(frozen=True)
+class PendingLogin:
+    code_verifier: str
+    redirect_uri: str
+    began_at: float
+
+
+class PendingLogins:
+    """Browser logins sent to the provider and not back yet, by their ``state``."""
+
+    def __init__(self) -> None:
+        self._pending: OrderedDict[str, PendingLogin] = OrderedDict()
+
+    def begin(self, redirect_uri: str) -> tuple[str, PendingLogin]:
+        state = secrets.token_urlsafe(24)
+        pending = PendingLogin(secrets.token_urlsafe(48), redirect_uri, time.time())
+        self._pending[state] = pending
+        while len(self._pending) > MAX_PENDING_LOGINS:
+            self._pending.popitem(last=False)
+        return state, pending
+
+    def finish(self, state: str | None, cookie: str | None) -> PendingLogin | None:
+        """The login ``state`` names, once, if this browser began it and it is recent."""
+        if not state or not cookie or not hmac.compare_digest(state, cookie):
+            return None
+        pending = self._pending.pop(state, None)
+        if pending is None or time.time() - pending.began_at > PENDING_LOGIN_TTL:
+            return None
+        return pending
+
+
+def login_cookie(state: str, *, secure: bool) -> str:
+    attributes = [
+        f"{LOGIN_COOKIE}={state}",
+        "Path=/console/login",
+        "HttpOnly",
+        "SameSite=Lax",
+        f"Max-Age={int(PENDING_LOGIN_TTL) if state else 0}",
+    ]
+    if secure:
+        attributes.append("Secure")
+    return "; ".join(attributes)
