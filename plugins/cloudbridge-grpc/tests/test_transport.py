@@ -13,7 +13,7 @@ import pytest
 from cloudbridge_core.config import load_config, merged_schema
 from cloudbridge_core.errors import ConfigError, ServerUnavailable, TransportClosed, TransportError
 from cloudbridge_core.plugins import load_plugins
-from cloudbridge_core.providers import Session
+from cloudbridge_core.providers import Session, Stream
 from cloudbridge_core.testing.conformance import TransportKit
 from cloudbridge_core.testing.settings import plugin_settings
 from cloudbridge_core.testing.streams import echo_streams, read_all
@@ -254,3 +254,29 @@ def test_a_taken_port_is_the_os_error_not_a_shared_port() -> None:
             await first.aclose()
 
     asyncio.run(scenario())
+
+
+def test_writes_under_way_as_the_session_closes_end_with_a_transport_error() -> None:
+    """grpc reports a write that fails because the call was cancelled under it as its own
+    CancelledError, with the status INTERNAL rather than CANCELLED: before, that escaped
+    the writer (seen in the pre-auth test under load)."""
+    piece = b"\0" * 16 * 1024
+
+    async def write_on(stream: Stream) -> None:
+        while True:
+            await stream.write(piece)
+
+    async def main() -> None:
+        async with KIT.pair() as (client, accepted):
+            opened = [await client.open_stream() for _ in range(16)]
+            writers = [asyncio.create_task(write_on(stream)) for stream in opened]
+            server = await asyncio.wait_for(accepted.get(), 10)
+            for _ in opened:  # accepted, never read: the writers fill the windows
+                await asyncio.wait_for(server.accept_stream(), 10)
+            await asyncio.sleep(0.2)
+            await client.aclose()
+            ends = await asyncio.wait_for(asyncio.gather(*writers, return_exceptions=True), 10)
+        assert all(isinstance(end, TransportError) for end in ends), ends
+
+    for _ in range(10):  # the cancel must land inside a send: not every time
+        asyncio.run(main())

@@ -151,8 +151,8 @@ class ClientStream(_ChunkStream):
         except grpc.aio.AioRpcError as exc:
             raise _error_of(exc) from None
         except asyncio.CancelledError:
-            if self._call.cancelled() and not _being_cancelled():
-                return None  # we cancelled the call: fail() or aclose() said why
+            if not _being_cancelled():
+                return None  # the call was cancelled (see _send): fail() or aclose() said why
             raise
         return None if message is grpc.aio.EOF else message
 
@@ -168,7 +168,10 @@ class ClientStream(_ChunkStream):
             self._error = self._error or StreamAborted("the stream has ended")
             raise self._error from None
         except asyncio.CancelledError:
-            if self._call.cancelled() and not _being_cancelled():
+            # grpc's own, not our task's: the call was cancelled here, by fail() or as the
+            # session closed; its status may say INTERNAL (a send that failed under the
+            # cancel), so call.cancelled() cannot tell
+            if not _being_cancelled():
                 raise self._error or StreamAborted("the stream was reset") from None
             raise
 
