@@ -52,8 +52,8 @@ class Peer:
         assert isinstance(message, kind), message
         return message
 
-    async def join(self, name: str) -> messages.MeshPeers:
-        request = messages.MeshJoin(name, self.public_key, "-----BEGIN CERTIFICATE-----")
+    async def join(self, name: str, instance: str = "") -> messages.MeshPeers:
+        request = messages.MeshJoin(name, self.public_key, "-----BEGIN CERTIFICATE-----", instance)
         await self.send(await self.proven(request))
         listed = await self.next(messages.MeshPeers)
         assert isinstance(listed, messages.MeshPeers)
@@ -185,27 +185,40 @@ def test_derp_packets_reach_a_peer_of_the_tenant_by_key_and_no_other(tmp_path: P
     run(tmp_path, scenario, drain_timeout="100ms")
 
 
-def test_a_device_back_with_a_new_session_is_announced_as_left_then_joined(
-    tmp_path: Path,
+@pytest.mark.parametrize(
+    ("instance_back", "announced"),
+    [
+        ("process-2", [("left", "process-1"), ("joined", "process-2")]),
+        ("process-1", [("joined", "process-1")]),
+    ],
+    ids=["restarted", "reconnected"],
+)
+def test_a_device_back_with_a_new_session_is_announced_as_left_then_joined_if_restarted(
+    tmp_path: Path, instance_back: str, announced: list[tuple[str, str]]
 ) -> None:
+    """A new process (another ``instance``) is a new peer: the others drop what they held
+    for the old one. The same process on a new relay session (a reconnection, as when its
+    network changed) kept its peer sessions: told ``left``, a peer would drop its side."""
+
     async def scenario(bed: Bed) -> None:
         laptop, server = await peer(bed, "acme"), await peer(bed, "acme")
-        await laptop.join("laptop")
-        await server.join("server")
+        await laptop.join("laptop", "laptop-process")
+        await server.join("server", "process-1")
         assert isinstance(await laptop.next(messages.MeshEvent), messages.MeshEvent)
-        restarted = await peer(bed, "acme")
-        restarted.private_key = server.private_key  # the same device key, from a new process
-        listed = await restarted.join("server")
+        back = await peer(bed, "acme")
+        back.private_key = server.private_key  # the same device key, on a new session
+        listed = await back.join("server", instance_back)
         assert [p["name"] for p in listed.peers] == ["laptop"]
-        left, joined = await laptop.next(messages.MeshEvent), await laptop.next(messages.MeshEvent)
-        assert isinstance(left, messages.MeshEvent)
-        assert isinstance(joined, messages.MeshEvent)
-        assert (left.event, joined.event) == ("left", "joined")
-        assert left.peer["peer_id"] == joined.peer["peer_id"]
+        told = []
+        for _ in announced:
+            event = await laptop.next(messages.MeshEvent)
+            assert isinstance(event, messages.MeshEvent)
+            told.append((event.event, event.peer["instance"]))
+        assert told == announced
         await server.connection.aclose()  # the old session ends: nothing more to announce
         await asyncio.sleep(0.2)
         assert laptop.inbox.empty()
-        for each in (laptop, restarted):
+        for each in (laptop, back):
             await each.connection.aclose()
 
     run(tmp_path, scenario)

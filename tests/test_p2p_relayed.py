@@ -242,6 +242,35 @@ def test_a_peer_without_the_relayed_stream_is_reached_over_quic_over_derp(
     run(tmp_path, scenario, handshake_timeout="2s")
 
 
+def test_a_peer_back_on_a_new_relay_session_keeps_its_peer_session(tmp_path: Path) -> None:
+    """Roaming (issue 16) cuts a device's relay session: the relay may see it end, and tell
+    the others ``left``, before the same process joins again on a new one. Its peers keep
+    their peer session with it, as it keeps its own: dropped on ``left``, the device's
+    streams on it would fail (they were, before: the server made a new session at once)."""
+
+    async def scenario(bed: Bed) -> None:
+        controlling, controlled = identities()
+        links: list[RelayLink] = []
+        async with (
+            echo_server() as echo_port,
+            member(bed, "laptop", identity=controlling, links=links) as laptop,
+            member(
+                bed, "server", expose=(echo_port,), relayed_stream=False, identity=controlled
+            ) as server,
+        ):
+            await until(lambda: carrier(laptop) == ("derp", "quic") == carrier(server), 30)
+            held = server.peers[controlling.peer_id]
+            cut = links[0].current
+            await cut.aclose()  # the relay sees it end before the laptop is back
+            await until(lambda: links[0].current is not cut, 30)
+            await until(lambda: controlling.peer_id in server.membership.peers, 30)
+            sent, received = await sha256_round_trip(laptop, "server", echo_port, 1 << 20)
+            assert sent == received
+            assert server.peers[controlling.peer_id] is held
+
+    run(tmp_path, scenario, handshake_timeout="2s")
+
+
 def test_a_relay_without_peer_splice_leaves_the_peers_on_quic_over_derp(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

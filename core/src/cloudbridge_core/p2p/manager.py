@@ -69,6 +69,11 @@ TCP_QUICK_RETRIES = 2
 #: relay session); the controlling peer would otherwise notice only when it next sends,
 #: at its next heartbeat (30 s by default). Older peers ignore it.
 RETRY = "retry"
+#: seconds a peer gone from the relay's list keeps its session, though only the relay
+#: carried it: a device whose relay session was cut (roaming) is told ``left`` when the
+#: relay sees that session end, and joins again on a new one as the same process, with its
+#: peer sessions kept; dropped here meanwhile, its streams on this one would fail
+REJOIN_GRACE = 10.0
 #: what a reload changes for what follows; the others need a restart (x-restart-required)
 LIVE_SETTINGS = (
     "expose",
@@ -124,6 +129,8 @@ class PeerState:
     #: why each strategy last failed, as logged: the same reason again is logged at debug
     #: (a strategy that cannot work here fails alike at every upgrade round, forever)
     reported: dict[str, str] = field(default_factory=dict)
+    #: since when (monotonic) the peer is missing from the relay's list, None while listed
+    gone_since: float | None = None
 
     @property
     def key(self) -> bytes:
@@ -314,9 +321,7 @@ class PeerManager:
     def _peers_changed(self, peers: Mapping[str, PeerInfo]) -> None:
         if self._closed:
             return
-        for peer_id in [p for p in self.peers if p not in peers]:
-            if not _holds_without_relay(self.peers[peer_id]):
-                self._drop(peer_id)
+        self._drop_departed(peers)
         limit = self.settings.max_connections
         for peer_id, info in peers.items():
             known = self.peers.get(peer_id)
@@ -329,6 +334,21 @@ class PeerManager:
                 continue
             self._add(info)
         self._nudge.set()  # after a rejoin, what the dead session lost is retried now
+
+    def _drop_departed(self, listed: Mapping[str, PeerInfo]) -> None:
+        """Drop the peers missing from the relay's ``listed`` ones for
+        :data:`REJOIN_GRACE` whose session no path without the relay carries (a peer in
+        the list again, with the same ``instance``, is the same process: it kept its
+        session, so it keeps it here too)."""
+        now = time.monotonic()
+        for peer_id, state in list(self.peers.items()):
+            if peer_id in listed:
+                state.gone_since = None
+                continue
+            if state.gone_since is None:
+                state.gone_since = now
+            if now - state.gone_since >= REJOIN_GRACE and not _holds_without_relay(state):
+                self._drop(peer_id)
 
     def _drop(self, peer_id: str) -> None:
         state = self.peers.pop(peer_id)
@@ -594,9 +614,7 @@ class PeerManager:
             for state in list(self.peers.values()):
                 self._fail_stalled(state)
                 state.session.probe_dropped()
-            for peer_id in [p for p in self.peers if p not in self.membership.peers]:
-                if not _holds_without_relay(self.peers[peer_id]):
-                    self._drop(peer_id)  # away from the relay, and now unreachable too
+            self._drop_departed(self.membership.peers)  # away from the relay, and unreachable
             for state in list(self.peers.values()):
                 if state.controlling:
                     self._attempt_due(state)

@@ -236,12 +236,8 @@ class Mesh:
             info, [m.info for m in others] + self._remote.infos(claims.tenant_id), member.overlay
         )
         await tell(control, listed)
-        # a device back with a new session (a restart) is a new peer to the others: they
-        # drop what they held for the old one (its QUIC session, its paths) and start over
-        events = [messages.MeshEvent("joined", info)]
         previous = replaced or replaced_remote
-        if previous is not None:
-            events.insert(0, messages.MeshEvent("left", previous.info))
+        events = _rejoined(previous.info if previous is not None else None, info)
         if replaced is not None:
             # told why, so two processes sharing one device key do not take turns silently
             reason = "a newer session of this device joined the mesh"
@@ -458,10 +454,7 @@ class Mesh:
         previous = here.info if here is not None else replaced.info if replaced else None
         if previous == info:
             return  # published again (a resync): nothing changed
-        events = [messages.MeshEvent("joined", info)]
-        if previous is not None:
-            events.insert(0, messages.MeshEvent("left", previous))
-        for event in events:
+        for event in _rejoined(previous, info):
             await asyncio.gather(*(tell(m.control, event) for m in peers.values()))
 
     async def _tell_left(self, tenant_id: str, info: dict[str, str]) -> None:
@@ -518,6 +511,20 @@ class Mesh:
     def rejected(self, reason: str, tenant_id: str, what: str) -> None:
         self._metrics.p2p_rejected.labels(reason).inc()
         log.info("p2p_rejected", tenant_id=tenant_id, reason=reason, detail=what)
+
+
+def _rejoined(previous: dict[str, str] | None, info: dict[str, str]) -> list[messages.MeshEvent]:
+    """What the others are told when a device joins again, its ``previous`` entry still
+    held. A new process (a restart: another ``instance``) is a new peer to them: ``left``
+    then ``joined``, and they drop what they held for the old one (its QUIC session, its
+    paths). The same process back on a new relay session (a reconnection, as after its
+    network changed) is only ``joined``: it kept its peer sessions, so they keep theirs;
+    told ``left``, one whose direct path was lost with the move would drop its session
+    while the device goes on with its own, whose streams then fail."""
+    joined = messages.MeshEvent("joined", info)
+    if previous is None or (info.get("instance") and previous.get("instance") == info["instance"]):
+        return [joined]
+    return [messages.MeshEvent("left", previous), joined]
 
 
 async def tell(control: MessageStream, message: messages.Message) -> None:
