@@ -180,6 +180,7 @@ def test_log_in_see_devices_invite_one_watch_it_join_then_revoke_it(
     page.get_by_role("link", name="laptop").click()
     expect(page.get_by_role("heading", name="Device laptop")).to_be_visible()
     expect(page.get_by_role("heading", name="To server:")).to_be_visible()
+    shows_the_candidate_pair_that_worked(bed, page)
     page.screenshot(path=bed.shots / "device.png", full_page=True)
 
     page.get_by_role("link", name="Overview").click()
@@ -214,6 +215,24 @@ def test_log_in_see_devices_invite_one_watch_it_join_then_revoke_it(
     page.get_by_role("link", name="Devices").click()
     expect(rows).to_have_count(2, timeout=SHOWN_WITHIN_MS)
     page.close()
+
+
+def shows_the_candidate_pair_that_worked(bed: ConsoleBed, page: Any) -> None:
+    """The device ``page`` shows its ICE candidate pairs as its API document has them (the
+    devices run ICE on this host), the one that succeeded among them."""
+    succeeded = page.get_by_role("listitem").filter(has_text=re.compile(r" → .+: succeeded$"))
+    sync_api.expect(succeeded.first).to_be_visible(timeout=SHOWN_WITHIN_MS)
+    admin = bed.token("acme", "alice", "relay:admin")
+    status, device = bed.api("/devices/" + page.url.rsplit("/", 1)[1], admin)
+    assert status == 200
+    Draft202012Validator(console_schema("device")).validate(device)
+    (peer,) = device["peers"]
+    reported = {
+        f"{pair['local']} → {pair['remote']}: {pair['state']}"
+        for attempt in peer["attempts"]
+        for pair in attempt["candidate_pairs"]
+    }
+    assert succeeded.first.inner_text() in reported, reported
 
 
 def test_a_wrong_or_missing_token_sees_nothing(bed: ConsoleBed, browser: Any) -> None:

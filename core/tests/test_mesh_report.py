@@ -8,10 +8,24 @@ from typing import Any
 
 import pytest
 from cloudbridge_core.errors import ProtocolViolation
-from cloudbridge_core.p2p.report import MAX_REPORTED_PEERS, mesh_report
+from cloudbridge_core.p2p.report import MAX_CANDIDATE_PAIRS, MAX_REPORTED_PEERS, mesh_report
 from cloudbridge_core.protocol import messages
 
 STARTED = 1.7e9
+#: of the 12 pairs each attempt checked, the one a path runs on
+SUCCEEDED = 9
+
+
+def checked_pairs(text: str, size: int) -> list[dict[str, str]]:
+    """Candidate pairs as the ICE strategies write them into an attempt's details."""
+    return [
+        {
+            "local": f"host 10.0.0.{n}:5000" + text * size,
+            "remote": "srflx 192.0.2.4:6000" + text * size,
+            "state": "succeeded" if n == SUCCEEDED else "failed",
+        }
+        for n in range(12)
+    ]
 
 
 def explained(number: int, text: str = "x", size: int = 10) -> dict[str, Any]:
@@ -39,7 +53,12 @@ def explained(number: int, text: str = "x", size: int = 10) -> dict[str, Any]:
                 "started_at": STARTED,
                 "ended_at": STARTED + 5,
                 "error": text * size,
-                "details": {"kind": "stun", "endpoint": "192.0.2.1:4000"},
+                "details": {
+                    "kind": "stun",
+                    "endpoint": "192.0.2.1:4000",
+                    "candidate_pairs": checked_pairs(text, size),
+                    "local_candidate_types": ["host", "srflx"],
+                },
             }
             for attempt in range(12)
         ],
@@ -83,6 +102,7 @@ def test_a_small_report_carries_everything_the_schema_allows() -> None:
     assert len(first["attempts"]) == 8  # the schema's bound, of the 12 held
     assert [a["attempt"] for a in first["attempts"]] == list(range(4, 12))
     assert "details" not in first["attempts"][0]
+    assert len(first["attempts"][0]["candidate_pairs"]) == MAX_CANDIDATE_PAIRS
     assert len(first["path_changes"]) == 20
     assert first["path_changes"][0]["protocol"] == "quic"
 
@@ -96,6 +116,39 @@ def test_huge_strings_and_300_peers_are_cut_to_a_report_the_relay_takes() -> Non
     # the details went, each peer's path stayed
     assert all(p["path"] == "derp" and p["bytes_sent"] == 1234 for p in report.peers)
     assert all(len(p["name"]) == 16 for p in report.peers)
+
+
+def test_candidate_pairs_are_carried_cut_and_the_one_that_worked_is_kept() -> None:
+    peer = explained(1, size=100)
+    peer["attempts"] = [
+        peer["attempts"][0],
+        {**peer["attempts"][1], "details": {"kind": "derp"}},  # no ICE, no pairs
+        {key: value for key, value in peer["attempts"][2].items() if key != "details"},
+    ]
+    report = mesh_report([peer])
+    assert sent(report) == report
+    ice, derp, older = report.peers[0]["attempts"]
+    pairs = ice["candidate_pairs"]
+    # the first ones ICE checked, and the one that succeeded though it came later
+    assert [p["local"][: len("host 10.0.0.0")] for p in pairs] == [
+        f"host 10.0.0.{n}" for n in (0, 1, 2, 3, 4, 5, 6, SUCCEEDED)
+    ]
+    assert [p["state"] for p in pairs] == ["failed"] * 7 + ["succeeded"]
+    assert all(len(p["local"]) == len(p["remote"]) == 64 for p in pairs)
+    assert pairs[0]["remote"] == ("srflx 192.0.2.4:6000" + "x" * 100)[:64]
+    assert derp["candidate_pairs"] == older["candidate_pairs"] == []
+
+
+def test_a_report_too_large_for_every_pair_keeps_the_one_that_worked_per_attempt() -> None:
+    report = mesh_report([explained(n, size=1000) for n in range(4)])
+    assert sent(report) == report
+    assert len(messages.encode(report)) <= messages.MAX_CONTROL_MESSAGE_SIZE
+    for peer in report.peers:
+        assert len(peer["attempts"]) == 8  # the pairs went before the attempts
+        for attempt in peer["attempts"]:
+            (pair,) = attempt["candidate_pairs"]
+            assert pair["local"].startswith(f"host 10.0.0.{SUCCEEDED}:")
+            assert pair["state"] == "succeeded"
 
 
 def test_escaped_text_that_fits_no_peer_detail_drops_the_last_peers() -> None:
@@ -114,7 +167,15 @@ def test_values_out_of_the_schema_are_brought_within_it() -> None:
         "bytes_sent": -5,
         "bytes_received": 2**70,
         "path": "p" * 100,
-        "attempts": [{"strategy": "stun", "attempt": True, "started_at": float("nan")}],
+        "attempts": [
+            {
+                "strategy": "stun",
+                "attempt": True,
+                "started_at": float("nan"),
+                "details": {"candidate_pairs": ["junk", {"remote": 5, "state": "s" * 40}]},
+            },
+            {"strategy": "turn", "details": "junk"},
+        ],
         "path_changes": [{"at": -1.0, "to": None, "reason": None}],
     }
     malformed_id = {**explained(2), "peer_id": "no spaces allowed"}
@@ -135,15 +196,44 @@ def test_values_out_of_the_schema_are_brought_within_it() -> None:
             "error": None,
             "started_at": 0.0,
             "ended_at": None,
-        }
+            "candidate_pairs": [{"local": "", "remote": "5", "state": "s" * 32}],
+        },
+        {
+            "strategy": "turn",
+            "attempt": 0,
+            "state": "",
+            "error": None,
+            "started_at": 0.0,
+            "ended_at": None,
+            "candidate_pairs": [],
+        },
     ]
     assert peer["path_changes"] == [{"at": 0.0, "from": None, "to": None, "reason": ""}]
 
 
 def test_a_report_out_of_bounds_is_neither_sent_nor_read() -> None:
-    peer = mesh_report([explained(1)]).peers[0]
+    peer = mesh_report([{**explained(1), "attempts": []}]).peers[0]
     with pytest.raises(ValueError, match="'peers' fails 'maxItems'"):
         messages.encode(messages.MeshReport([peer] * 257))
     body = {"type": "mesh_report", "peers": [{**peer, "summary": "x" * 513}]}
     with pytest.raises(ProtocolViolation, match=r"'peers\.0\.summary' fails 'maxLength'"):
         messages.decode_body(json.dumps(body).encode())
+    attempt = mesh_report([explained(1)]).peers[0]["attempts"][0]
+    pairs = attempt["candidate_pairs"] + attempt["candidate_pairs"][:1]
+    body = {
+        "type": "mesh_report",
+        "peers": [{**peer, "attempts": [{**attempt, "candidate_pairs": pairs}]}],
+    }
+    with pytest.raises(
+        ProtocolViolation, match=r"'peers\.0\.attempts\.0\.candidate_pairs' fails 'maxItems'"
+    ):
+        messages.decode_body(json.dumps(body).encode())
+
+
+def test_an_older_device_reporting_no_candidate_pairs_is_read() -> None:
+    peer = mesh_report([explained(1)]).peers[0]
+    older = [{k: v for k, v in a.items() if k != "candidate_pairs"} for a in peer["attempts"]]
+    body = {"type": "mesh_report", "peers": [{**peer, "attempts": older}]}
+    read = messages.decode_body(json.dumps(body).encode())
+    assert isinstance(read, messages.MeshReport)
+    assert read.peers[0]["attempts"] == older

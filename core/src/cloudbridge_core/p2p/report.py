@@ -3,8 +3,8 @@
 The relay takes a report of :data:`~cloudbridge_core.protocol.messages.MAX_CONTROL_MESSAGE_SIZE`
 at most, within the schema's bounds, or ends the session; so every string is cut and every
 list trimmed here, and when a report is still too large its details go first (old path
-changes, then attempts, then the summary) and its last peers after them: which path each
-peer is on matters most to whoever reads it.
+changes, then the attempts' candidate pairs, then attempts, then the summary) and its last
+peers after them: which path each peer is on matters most to whoever reads it.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from cloudbridge_core.protocol import messages
 MAX_REPORTED_PEERS = 256
 MAX_ATTEMPTS = 8
 MAX_PATH_CHANGES = 20
+MAX_CANDIDATE_PAIRS = 8
+MAX_CANDIDATE = 64
 MAX_NAME = 63
 MAX_SUMMARY = 512
 MAX_REASON = 256
@@ -33,14 +35,16 @@ PEER_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
 #: what a report may take, its type and brackets included
 REPORT_BUDGET = messages.MAX_CONTROL_MESSAGE_SIZE - 64
 
-#: each step leaves less detail per peer: (path changes kept, attempts kept, summary cut,
-#: name cut); the relay knows each peer's full name by its id, and 256 peers fit the last
+#: each step leaves less detail per peer: (path changes kept, attempts kept, candidate
+#: pairs kept per attempt, summary cut, name cut); one pair still names the one that worked;
+#: the relay knows each peer's full name by its id, and 256 peers fit the last
 _DETAIL_STEPS = (
-    (MAX_PATH_CHANGES, MAX_ATTEMPTS, MAX_SUMMARY, MAX_NAME),
-    (5, MAX_ATTEMPTS, MAX_SUMMARY, MAX_NAME),
-    (1, 3, 256, MAX_NAME),
-    (0, 0, 128, MAX_NAME),
-    (0, 0, 0, 16),
+    (MAX_PATH_CHANGES, MAX_ATTEMPTS, MAX_CANDIDATE_PAIRS, MAX_SUMMARY, MAX_NAME),
+    (5, MAX_ATTEMPTS, MAX_CANDIDATE_PAIRS, MAX_SUMMARY, MAX_NAME),
+    (5, MAX_ATTEMPTS, 1, MAX_SUMMARY, MAX_NAME),
+    (1, 3, 0, 256, MAX_NAME),
+    (0, 0, 0, 128, MAX_NAME),
+    (0, 0, 0, 0, 16),
 )
 
 
@@ -62,7 +66,7 @@ def mesh_report(peers: Iterable[Mapping[str, Any]]) -> messages.MeshReport:
 
 
 def _entry(
-    peer: Mapping[str, Any], changes: int, attempts: int, summary: int, name: int
+    peer: Mapping[str, Any], changes: int, attempts: int, pairs: int, summary: int, name: int
 ) -> dict[str, Any]:
     return {
         "peer_id": str(peer["peer_id"]),
@@ -73,12 +77,14 @@ def _entry(
         "bytes_sent": _count(peer.get("bytes_sent")),
         "bytes_received": _count(peer.get("bytes_received")),
         "summary": (_text(peer.get("summary"), summary) or "") if summary else "",
-        "attempts": [_attempt(a) for a in _last(peer.get("attempts"), attempts)],
+        "attempts": [_attempt(a, pairs) for a in _last(peer.get("attempts"), attempts)],
         "path_changes": [_change(c) for c in _last(peer.get("path_changes"), changes)],
     }
 
 
-def _attempt(attempt: Mapping[str, Any]) -> dict[str, Any]:
+def _attempt(attempt: Mapping[str, Any], pairs: int) -> dict[str, Any]:
+    details = attempt.get("details")
+    checked = details.get("candidate_pairs") if isinstance(details, Mapping) else None
     return {
         "strategy": _text(attempt.get("strategy"), MAX_WORD) or "",
         "attempt": _count(attempt.get("attempt")),
@@ -86,6 +92,15 @@ def _attempt(attempt: Mapping[str, Any]) -> dict[str, Any]:
         "error": _text(attempt.get("error"), MAX_REASON),
         "started_at": _number(attempt.get("started_at"), MAX_TIME) or 0.0,
         "ended_at": _number(attempt.get("ended_at"), MAX_TIME),
+        "candidate_pairs": [_pair(p) for p in _pairs_kept(checked, pairs)],
+    }
+
+
+def _pair(pair: Mapping[str, Any]) -> dict[str, str]:
+    return {
+        "local": _text(pair.get("local"), MAX_CANDIDATE) or "",
+        "remote": _text(pair.get("remote"), MAX_CANDIDATE) or "",
+        "state": _text(pair.get("state"), MAX_WORD) or "",
     }
 
 
@@ -102,10 +117,21 @@ def _change(change: Mapping[str, Any]) -> dict[str, Any]:
 
 def _last(items: Any, count: int) -> list[Mapping[str, Any]]:
     """The last ``count`` mappings of ``items`` (the newest, for path changes)."""
-    if not isinstance(items, Iterable) or count <= 0:
+    return _mappings(items)[-count:] if count > 0 else []
+
+
+def _pairs_kept(pairs: Any, count: int) -> list[Mapping[str, Any]]:
+    """``count`` mappings of ``pairs`` in their order (ICE checks them by priority), those
+    that succeeded chosen before the others: the pair a path runs on says the most."""
+    mappings = _mappings(pairs)
+    kept = sorted(range(len(mappings)), key=lambda i: mappings[i].get("state") != "succeeded")
+    return [mappings[i] for i in sorted(kept[: max(count, 0)])]
+
+
+def _mappings(items: Any) -> list[Mapping[str, Any]]:
+    if not isinstance(items, Iterable):
         return []
-    mappings = [item for item in items if isinstance(item, Mapping)]
-    return mappings[-count:]
+    return [item for item in items if isinstance(item, Mapping)]
 
 
 def _text(value: Any, limit: int) -> str | None:

@@ -64,8 +64,8 @@ def _device(peer_id: str, device: Device, member: Member | None) -> dict[str, An
 def device_detail(
     devices: Iterable[dict[str, Any]], relay: Relay, tenant_id: str, peer_id: str
 ) -> dict[str, Any] | None:
-    """One device with what its report explains of each peer (attempts, path history), or
-    None when the tenant has no such device."""
+    """One device with what its report explains of each peer (attempts with their candidate
+    pairs, path history), or None when the tenant has no such device."""
     found = next((d for d in devices if d["peer_id"] == peer_id), None)
     if found is None:
         return None
@@ -76,7 +76,11 @@ def device_detail(
             **{key: p.get(key) for key in PEER_FIELDS},
             "last_seen": p.get("last_seen"),
             "summary": p.get("summary", ""),
-            "attempts": list(p.get("attempts", [])),
+            "attempts": [
+                # an older device reports no candidate pairs
+                {**a, "candidate_pairs": list(a.get("candidate_pairs", []))}
+                for a in p.get("attempts", [])
+            ],
             "path_changes": list(p.get("path_changes", [])),
         }
         for p in (report["peers"] if report else [])
