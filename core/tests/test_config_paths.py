@@ -240,6 +240,8 @@ def test_the_core_schema_marks_its_paths() -> None:
         "server.state_dir": "new-dir",
         "server.tls_cert_file": "file",
         "server.tls_key_file": "file",
+        "server.console.tls_cert_file": "file",
+        "server.console.tls_key_file": "file",
         "server.turn.secret_file": "file",
         "server.cluster.redis_password_file": "file",
         "server.cluster.redis_ca_file": "file",

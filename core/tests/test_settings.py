@@ -171,6 +171,7 @@ def test_durations_are_parsed_only_where_the_config_is_converted() -> None:
         CORE / "settings" / "convert.py",  # config values, converted once
         CORE / "config" / "schema.py",  # minDuration and maxDuration checks
         CORE / "cli" / "params.py",  # flags such as --ttl
+        CORE / "relay" / "console" / "actions.py",  # the console's fields such as ttl
     }
     parsing = {
         path

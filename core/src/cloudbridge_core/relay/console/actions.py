@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cloudbridge_core.durations import format_duration, parse_duration
-from cloudbridge_core.errors import CloudBridgeError
+from cloudbridge_core.errors import InvalidToken, TokenExpired
 from cloudbridge_core.log import get_logger
 from cloudbridge_core.providers import BrowserLogin, Claims
 from cloudbridge_core.relay.cluster.store import INVITE_ID_LENGTH, Invite, Revocation
@@ -34,10 +34,6 @@ class BadInput(ValueError):
     """A field of a form or JSON request that is wrong, named."""
 
 
-class BadToken(CloudBridgeError):
-    code = "invalid_token"
-
-
 @dataclass
 class ConsoleContext:
     """What the console reads and changes: the relay, its state (CA, for invite URLs),
@@ -61,13 +57,13 @@ class ConsoleActions:
     async def admin(self, token: str) -> Claims:
         """The claims of a valid, unrevoked, unexpired token with ``relay:admin``."""
         if not token:
-            raise BadToken("paste a token with the relay:admin permission")
+            raise InvalidToken("paste a token with the relay:admin permission")
         claims = await self._relay.auth.validate(token)
         if claims.expires_at <= time.time():
-            raise BadToken("the token has expired")
+            raise TokenExpired("the token has expired")
         self._relay.revocations.check(claims)
         if ADMIN not in claims.permissions:
-            raise BadToken(f"the token lacks the {ADMIN} permission")
+            raise InvalidToken(f"the token lacks the {ADMIN} permission")
         return claims
 
     async def create_invite(self, tenant_id: str, form: dict[str, Any]) -> dict[str, Any]:
