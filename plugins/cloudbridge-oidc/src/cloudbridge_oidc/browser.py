@@ -12,7 +12,7 @@ from authlib.integrations.base_client.errors import OAuthError
 from authlib.integrations.httpx_client import AsyncOAuth2Client
 from cloudbridge_core.api import AuthError, ServerUnavailable, build
 
-from cloudbridge_oidc.discovery import HTTP_TIMEOUT, ProviderMetadata, checked_issuer, discover
+from cloudbridge_oidc.discovery import HTTP_TIMEOUT, Discovery
 from cloudbridge_oidc.settings import OidcSettings
 
 
@@ -21,14 +21,14 @@ class OidcBrowserLogin:
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
         self.settings = build(OidcSettings, settings)
-        self._issuer = checked_issuer(self.settings.issuer)
+        self._discovery = Discovery(self.settings)
+        self._issuer = self._discovery.issuer
         if not self.settings.console_client_id:
             raise ValueError("auth.oidc.console_client_id is not set")
         self._client_id = self.settings.console_client_id
-        self._metadata: ProviderMetadata | None = None
 
     async def authorization_url(self, redirect_uri: str, state: str, code_verifier: str) -> str:
-        metadata = await self._discovered()
+        metadata = await self._discovery.metadata()
         if not metadata.authorization_endpoint:
             raise AuthError(
                 f"the provider {self._issuer} offers no browser login (authorization_endpoint)",
@@ -41,7 +41,7 @@ class OidcBrowserLogin:
         return str(url)
 
     async def exchange(self, code: str, redirect_uri: str, code_verifier: str) -> str:
-        metadata = await self._discovered()
+        metadata = await self._discovery.metadata()
         async with self._oauth(redirect_uri) as oauth:
             try:
                 token = await oauth.fetch_token(
@@ -58,15 +58,6 @@ class OidcBrowserLogin:
         if not access:
             raise AuthError("the provider answered no access token")
         return str(access)
-
-    async def _discovered(self) -> ProviderMetadata:
-        if self._metadata is None:
-            self._metadata = await discover(
-                self._issuer,
-                deadline=self.settings.jwks_fetch_timeout,
-                jwks_origins=self.settings.jwks_origins,
-            )
-        return self._metadata
 
     def _oauth(self, redirect_uri: str) -> AsyncOAuth2Client:
         return AsyncOAuth2Client(

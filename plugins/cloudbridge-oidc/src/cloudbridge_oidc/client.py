@@ -27,7 +27,7 @@ from cloudbridge_core.api import (
     token_expires_in,
 )
 
-from cloudbridge_oidc.discovery import HTTP_TIMEOUT, ProviderMetadata, checked_issuer, discover
+from cloudbridge_oidc.discovery import HTTP_TIMEOUT, Discovery
 from cloudbridge_oidc.settings import OidcSettings
 
 log = get_logger("auth.oidc")
@@ -54,9 +54,9 @@ class OidcClient:
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
         self.settings = build(OidcSettings, settings)
-        self._issuer = checked_issuer(self.settings.issuer)
+        self._discovery = Discovery(self.settings)
+        self._issuer = self._discovery.issuer
         self._scope = " ".join(self.settings.scopes)
-        self._metadata: ProviderMetadata | None = None
 
     @property
     def machine(self) -> bool:
@@ -89,7 +89,7 @@ class OidcClient:
 
     async def device_flow(self, show: Callable[[DeviceCode], None]) -> Mapping[str, Any]:
         """Ask for a device code, ``show`` it, and poll until the user has decided."""
-        metadata = await self._discovered()
+        metadata = await self._discovery.metadata()
         if not metadata.device_authorization_endpoint:
             raise AuthError(
                 f"the provider {self._issuer} does not offer the device flow",
@@ -137,7 +137,7 @@ class OidcClient:
         )
 
     async def _request(self, grant_type: str, **params: str) -> Mapping[str, Any]:
-        metadata = await self._discovered()
+        metadata = await self._discovery.metadata()
         async with self._oauth() as oauth:
             try:
                 token = await oauth.fetch_token(
@@ -152,15 +152,6 @@ class OidcClient:
         if not token.get("access_token"):
             raise AuthError("the provider answered no access token")
         return dict(token)
-
-    async def _discovered(self) -> ProviderMetadata:
-        if self._metadata is None:
-            self._metadata = await discover(
-                self._issuer,
-                deadline=self.settings.jwks_fetch_timeout,
-                jwks_origins=self.settings.jwks_origins,
-            )
-        return self._metadata
 
     def _oauth(self) -> AsyncOAuth2Client:
         return AsyncOAuth2Client(

@@ -18,6 +18,8 @@ from typing import Any
 import httpx2
 from cloudbridge_core.api import ServerUnavailable
 
+from cloudbridge_oidc.settings import OidcSettings
+
 HTTP_TIMEOUT = 15.0
 MAX_DOCUMENT_BYTES = 1024 * 1024
 
@@ -135,3 +137,21 @@ async def fetch_json(url: str, *, deadline: float = HTTP_TIMEOUT) -> dict[str, A
     if not isinstance(document, dict):
         raise ServerUnavailable(f"{url} did not answer a JSON object")
     return document
+
+
+class Discovery:
+    """The configured issuer's metadata, discovered at first use and then kept."""
+
+    def __init__(self, settings: OidcSettings) -> None:
+        self.issuer = checked_issuer(settings.issuer)
+        self._settings = settings
+        self._metadata: ProviderMetadata | None = None
+
+    async def metadata(self) -> ProviderMetadata:
+        if self._metadata is None:
+            self._metadata = await discover(
+                self.issuer,
+                deadline=self._settings.jwks_fetch_timeout,
+                jwks_origins=self._settings.jwks_origins,
+            )
+        return self._metadata
