@@ -167,6 +167,8 @@ class Fleet:
         self.links = links
         self.since = 0.0
         self.back: dict[int, float] = {}
+        #: seconds from the mark until the relay had exited, and until it served again
+        self.relay_timings: dict[str, float] = {}
         for index, link in enumerate(links):
             link.on_switch.append(lambda *_, index=index: self._switched(index))
 
@@ -176,7 +178,11 @@ class Fleet:
 
     def mark(self) -> None:
         self.back.clear()
+        self.relay_timings.clear()
         self.since = time.monotonic()
+
+    def relay_moment(self, name: str) -> None:
+        self.relay_timings[name] = time.monotonic() - self.since
 
     async def until_back(self) -> None:
         for _ in range(int(PATIENCE * 10)):
@@ -197,6 +203,7 @@ class Fleet:
             "max_seconds": times[-1],
             "largest_share_in_a_second": max(per_second.values()) / len(self.links),
             "client_arrivals_per_second": [per_second[s] for s in range(int(times[-1]) + 1)],
+            **{f"relay_{name}_seconds": at for name, at in self.relay_timings.items()},
         }
 
 
@@ -227,8 +234,10 @@ async def kill(relay: Relay, clients: Fleet, outage: float) -> None:
     clients.mark()
     relay.signal(signal.SIGKILL)
     relay.wait()
+    clients.relay_moment("exited")
     await asyncio.sleep(outage)
     await asyncio.get_running_loop().run_in_executor(None, relay.start)  # clients keep running
+    clients.relay_moment("serving")
     await clients.until_back()
 
 
@@ -237,7 +246,9 @@ async def restart(relay: Relay, clients: Fleet, _outage: float) -> None:
     relay.signal(signal.SIGTERM)
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, relay.wait)
+    clients.relay_moment("exited")
     await loop.run_in_executor(None, relay.start)
+    clients.relay_moment("serving")
     await clients.until_back()
 
 

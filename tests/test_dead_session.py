@@ -109,7 +109,7 @@ def test_a_lost_quic_session_is_reported_with_the_sessions_own_reason(tmp_path: 
             await bed.relay.listeners["quic"].aclose()
             error = await first_failed_ping(connection)
             assert "control stream has ended: " in error.message
-            assert error.message.endswith("session closed")
+            assert error.message.endswith("the relay is stopping")
         finally:
             await connection.aclose()
 

@@ -247,6 +247,15 @@ class QuicSession(QuicConnectionProtocol):
     def _refuse(self, error_code: int, reason: str) -> None:
         """Close a stranger's connection now, before it can cost more."""
         self._gate = None
+        self.close_now(reason, error_code)
+
+    def close_now(self, reason: str, error_code: int = 0) -> None:
+        """Send the CONNECTION_CLOSE and end the session at once, not after its closing
+        period (:meth:`aclose`): for a stranger, and for every session of a relay that
+        stops, whose loop took seconds to see 1,000 closing periods out while its clients
+        waited for it to come back."""
+        if self._error is not None:
+            return
         self._quic.close(error_code=error_code, reason_phrase=reason)
         self.transmit()
         self._terminate(TransportClosed(reason))

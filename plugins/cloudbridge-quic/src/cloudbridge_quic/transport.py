@@ -105,9 +105,10 @@ class QuicListener:
 
     async def aclose(self) -> None:
         handlers, self._handlers = self._handlers, {}
-        # all at once: each close waits up to a second for the client's acknowledgement,
-        # so one after another a relay with 1,000 sessions took minutes to stop
-        await asyncio.gather(*(session.aclose() for session in handlers), return_exceptions=True)
+        # without waiting out each closing period: the relay is stopping, and its clients
+        # come back sooner the sooner it has (1,000 sessions took 4 s)
+        for session in handlers:
+            session.close_now("the relay is stopping")
         for task in handlers.values():
             task.cancel()
         await asyncio.gather(*handlers.values(), return_exceptions=True)
