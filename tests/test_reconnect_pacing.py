@@ -57,7 +57,9 @@ def test_a_turn_beyond_the_queue_bound_is_a_slot_to_come_back_to(
             assert isinstance(second, RelayConnection)
             assert isinstance(third, ServerUnavailable)
             assert "come back in" in third.message
-            assert third.retry_after == pytest.approx(2 - admission.LEAD, abs=0.3)
+            # its turn, less however long the hellos took to arrive, is beyond the bound
+            turn_wait = third.retry_after + admission.LEAD
+            assert admission.MAX_QUEUE_WAIT < turn_wait <= 2 + 0.01
             metrics = bed.relay.relay.metrics
             assert metrics.sessions_queued._value.get() == 1
             assert metrics.sessions_deferred._value.get() == 1
