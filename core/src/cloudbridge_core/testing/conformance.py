@@ -506,19 +506,34 @@ CHECKS: list[Callable[[TransportKit], Awaitable[None]]] = [
 
 
 def run_check(
-    check: Callable[[TransportKit], Awaitable[None]], kit: TransportKit, timeout: float = 60
+    check: Callable[[TransportKit], Awaitable[None]],
+    kit: TransportKit,
+    timeout: float = 60,
+    *,
+    runner: asyncio.Runner | None = None,
 ) -> Any:
-    """Run one check in a fresh event loop, bounded in time. What the loop reports fails
-    the check too (an exception in a callback, a task's exception never retrieved: a
-    library exception that escaped the transport)."""
+    """Run one check, bounded in time, in a fresh event loop or in ``runner``'s: one loop
+    for every check suits a library that completes a call's last operations on the loop
+    that started it after the call has ended (grpc.aio: in a fresh loop per check, such a
+    completion meets a closed loop and is reported in the next check). Tasks a check
+    leaves behind are cancelled. What the loop reports fails the check too (an exception
+    in a callback, a task's exception never retrieved: a library exception that escaped
+    the transport)."""
     reported: list[str] = []
 
     async def checked() -> Any:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(lambda _, context: reported.append(_describe(context)))
-        return await asyncio.wait_for(check(kit), timeout)
+        before = asyncio.all_tasks()
+        try:
+            return await asyncio.wait_for(check(kit), timeout)
+        finally:
+            leftovers = asyncio.all_tasks() - before
+            for task in leftovers:
+                task.cancel()
+            await asyncio.gather(*leftovers, return_exceptions=True)
 
-    result = asyncio.run(checked())
+    result = asyncio.run(checked()) if runner is None else runner.run(checked())
     if reported:
         raise AssertionError("the event loop reported: " + "; ".join(reported))
     return result
