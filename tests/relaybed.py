@@ -99,15 +99,6 @@ async def echo_server() -> AsyncIterator[int]:
         await server.wait_closed()
 
 
-async def until(condition: Callable[[], object], within: float = 10) -> None:
-    """Poll ``condition`` (state another task or thread changes) until it holds, bounded:
-    a hang guard, not a measured bound."""
-    deadline = asyncio.get_running_loop().time() + within
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
-
-
 async def round_trip(port: int, payload: bytes) -> bytes:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
 

@@ -22,7 +22,8 @@ from cloudbridge_core.protocol import messages
 from cloudbridge_core.relay import server
 from cloudbridge_core.relay.mesh import Member
 from cloudbridge_core.testing.streams import read_all
-from relaybed import BOTH, Bed, echo_server, run, until
+from cloudbridge_core.testing.waiting import until
+from relaybed import BOTH, Bed, echo_server, run
 
 pytestmark = pytest.mark.timeout(90)
 MESH = [*BOTH, "p2p:mesh"]

@@ -18,8 +18,9 @@ from cloudbridge_core.client.link import RelayLink
 from cloudbridge_core.p2p.identity import DeviceIdentity
 from cloudbridge_core.p2p.membership import Membership
 from cloudbridge_core.protocol import messages
+from cloudbridge_core.testing.waiting import until
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from relaybed import BOTH, Bed, relay_bed, until
+from relaybed import BOTH, Bed, relay_bed
 
 pytestmark = pytest.mark.timeout(60)
 MESH = [*BOTH, "p2p:mesh"]

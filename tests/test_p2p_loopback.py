@@ -25,8 +25,9 @@ from cloudbridge_core.p2p.metrics import P2PMetrics
 from cloudbridge_core.p2p.setup import PeerTunnelSpec
 from cloudbridge_core.relay.mesh import Mesh
 from cloudbridge_core.testing.streams import read_all
+from cloudbridge_core.testing.waiting import until
 from prometheus_client import CollectorRegistry
-from relaybed import BOTH, Bed, echo_server, round_trip, run, until
+from relaybed import BOTH, Bed, echo_server, round_trip, run
 
 pytestmark = pytest.mark.timeout(90)
 MESH = [*BOTH, "p2p:mesh"]

@@ -28,7 +28,8 @@ from cloudbridge_core.p2p.setup import PeerTunnelSpec
 from cloudbridge_core.protocol.preamble import MAGIC, PREAMBLE_SIZE, preamble, ticket_bytes
 from cloudbridge_core.relay import tickets
 from cloudbridge_core.testing.conformance import run_check
-from relaybed import Bed, echo_server, relay_bed, run, until
+from cloudbridge_core.testing.waiting import until
+from relaybed import Bed, echo_server, relay_bed, run
 from test_p2p_loopback import sha256_round_trip, tunnel_round_trip
 from test_p2p_relayed import (
     PEER_CHECKS,

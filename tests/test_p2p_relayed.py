@@ -43,7 +43,8 @@ from cloudbridge_core.testing.conformance import (
     run_check,
     untrusted_certificate_rejected,
 )
-from relaybed import Bed, echo_server, relay_bed, run, until
+from cloudbridge_core.testing.waiting import until
+from relaybed import Bed, echo_server, relay_bed, run
 from test_p2p_loopback import MESH, sha256_round_trip, tunnel_round_trip
 from test_p2p_tcp import identities, read_to_end
 

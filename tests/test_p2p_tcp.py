@@ -30,11 +30,12 @@ from cloudbridge_core.p2p.manager import PeerManager
 from cloudbridge_core.p2p.setup import PeerTunnelSpec
 from cloudbridge_core.protocol.mux import MuxLimits
 from cloudbridge_core.providers import PeerInfo
+from cloudbridge_core.testing.waiting import until
 from cloudbridge_core.tlsutil import generate_ca
 from cloudbridge_core.transports.mux_session import MuxSession
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from relaybed import Bed, echo_server, run, until
+from relaybed import Bed, echo_server, run
 from test_p2p_loopback import MESH, sha256_round_trip, tunnel_round_trip
 
 pytestmark = pytest.mark.timeout(90)

@@ -19,8 +19,8 @@ from cloudbridge_core.client.link import RelayLink
 from cloudbridge_core.client.tunnel import Tunnel, TunnelSpec
 from cloudbridge_core.config import Config, load_config, merged_schema
 from cloudbridge_core.plugins import Plugins, PluginSelection, load_plugins
+from cloudbridge_core.testing.waiting import until
 from loopback import free_port
-from relaybed import until
 
 pytestmark = pytest.mark.timeout(120)
 BIN = Path(sys.executable).parent

@@ -12,7 +12,8 @@ from cloudbridge_core.client.connection import RelayConnection
 from cloudbridge_core.client.link import RelayLink
 from cloudbridge_core.errors import LimitExceeded, ServerUnavailable
 from cloudbridge_core.relay import admission
-from relaybed import Bed, run, until
+from cloudbridge_core.testing.waiting import until
+from relaybed import Bed, run
 
 pytestmark = pytest.mark.timeout(60)
 

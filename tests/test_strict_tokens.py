@@ -25,7 +25,8 @@ from cloudbridge_core.plugins import load_plugins
 from cloudbridge_core.relay.runner import start_relay
 from cloudbridge_core.relay.state import RelayState, local_hostnames
 from cloudbridge_core.relay.tokens import jwks
-from relaybed import Bed, relay_bed, until
+from cloudbridge_core.testing.waiting import until
+from relaybed import Bed, relay_bed
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -17,9 +17,10 @@ from cli_process import BIN, environment, run_without_keyring, start, stop
 from cloudbridge_core.config.schema import cli_schema
 from cloudbridge_core.errors import InvalidToken
 from cloudbridge_core.relay.cluster.store import Revocation
+from cloudbridge_core.testing.waiting import until
 from jsonschema import Draft202012Validator
 from loopback import free_port
-from relaybed import Bed, echo_server, run, until
+from relaybed import Bed, echo_server, run
 
 pytestmark = pytest.mark.timeout(90)
 

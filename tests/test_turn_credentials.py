@@ -22,9 +22,10 @@ from cloudbridge_core.p2p.metrics import P2PMetrics
 from cloudbridge_core.plugins import PluginSelection, load_plugins
 from cloudbridge_core.protocol import messages
 from cloudbridge_core.relay.turn import TurnIssuer
+from cloudbridge_core.testing.waiting import until
 from coturn import coturn_with_secret
 from prometheus_client import CollectorRegistry
-from relaybed import BOTH, Bed, echo_server, run, until
+from relaybed import BOTH, Bed, echo_server, run
 from test_p2p_loopback import sha256_round_trip
 
 pytestmark = pytest.mark.timeout(90)

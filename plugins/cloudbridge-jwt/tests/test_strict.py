@@ -10,7 +10,7 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from cloudbridge_core.errors import InvalidToken, ServerUnavailable, TokenExpired
 from cloudbridge_core.testing.settings import plugin_settings
+from cloudbridge_core.testing.waiting import until
 from cloudbridge_jwt import hooks
 from cloudbridge_jwt.validator import JwtValidator, _json_depth
 from cryptography.hazmat.primitives import hashes, serialization
@@ -96,14 +97,6 @@ def with_file(key: Key, tmp_path: Path, **overrides: Any) -> JwtValidator:
 
 def validate(validator: JwtValidator, token: str) -> Any:
     return asyncio.run(validator.validate(token))
-
-
-async def until(condition: Callable[[], bool], within: float = 10) -> None:
-    """Poll ``condition`` (state in another thread or task) until it holds, bounded."""
-    deadline = asyncio.get_running_loop().time() + within
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
 
 
 class JwksServer:

@@ -19,6 +19,7 @@ from cloudbridge_core.providers import Endpoint
 from cloudbridge_core.testing.conformance import TransportKit
 from cloudbridge_core.testing.settings import plugin_settings
 from cloudbridge_core.testing.streams import echo_streams, read_all
+from cloudbridge_core.testing.waiting import until
 from cloudbridge_quic.hooks import SETTINGS_SCHEMA
 from cloudbridge_quic.transport import QuicTransport
 
@@ -127,6 +128,35 @@ def test_a_relay_closes_its_sessions_together_when_their_clients_are_gone() -> N
             session._transport.abort()
         async with asyncio.timeout(5):  # a hang guard: one after another took over 10 s
             await listener.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_relay_forgets_the_ids_of_each_ended_connection_and_only_those() -> None:
+    """The relay's table of connection ids drops an ended connection's ids at once (a
+    stale id would route a newcomer's datagrams to a dead connection), and the others'
+    connections are served on."""
+
+    async def main() -> None:
+        listener = await QuicTransport(SETTINGS).serve(KIT.server_endpoint(), echo_streams)
+        assert listener.server is not None
+        table = listener.server._protocols
+        sessions = [
+            await QuicTransport(SETTINGS).connect(KIT.client_endpoint(listener.port))
+            for _ in range(6)
+        ]
+        for session in sessions:
+            assert await _echo(session, b"served") == b"served"
+        # each connection also holds the ids it issued beyond its first
+        assert len(table) > len(set(table.values())) == 6
+        ending, staying = sessions[:3], sessions[3:]
+        await asyncio.gather(*(session.aclose() for session in ending))
+        await until(lambda: len(set(table.values())) == 3)  # after their closing periods
+        for session in staying:
+            assert await _echo(session, b"still served") == b"still served"
+        await asyncio.gather(*(session.aclose() for session in staying))
+        await until(lambda: not table)
+        await listener.aclose()
 
     asyncio.run(main())
 

@@ -11,11 +11,11 @@ import ssl
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from aioquic.asyncio.server import QuicServer
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import NetworkAddress, QuicConnection
+from aioquic.quic.connection import QuicConnection
 from aioquic.tls import SessionTicket, load_pem_private_key, load_pem_x509_certificates
 from cloudbridge_core.api import (
     ALPN,
@@ -33,6 +33,8 @@ from cloudbridge_core.api import (
     forbid_fragmentation,
     run_session_handler,
 )
+
+from cloudbridge_quic.server import RelayQuicServer
 
 #: session tickets a relay remembers for resumption (memory bound)
 MAX_TICKETS = 10_000
@@ -55,27 +57,6 @@ class TicketStore:
 
     def pop(self, label: bytes) -> SessionTicket | None:
         return self._tickets.pop(label, None)
-
-
-class ResettingQuicServer(QuicServer):
-    """aioquic's server, answering a short-header datagram for a connection it does not
-    know (one a previous process of the relay held) with a stateless reset."""
-
-    def __init__(self, resets: StatelessResets, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._resets = resets
-
-    def datagram_received(self, data: bytes | str, addr: NetworkAddress) -> None:
-        datagram = cast("bytes", data)
-        if datagram and not datagram[0] & 0x80:  # a short header: no new connection
-            connection_id = datagram[1 : 1 + self._configuration.connection_id_length]
-            if connection_id not in self._protocols:
-                reset = self._resets.answer(datagram, connection_id, self._loop.time())
-                if reset is not None:
-                    assert self._transport is not None  # it is receiving
-                    self._transport.sendto(reset, addr)
-                return
-        super().datagram_received(data, addr)
 
 
 class QuicListener:
@@ -256,8 +237,8 @@ class QuicTransport:
                 preauth=endpoint.preauth,
             )
 
-        def create_server() -> ResettingQuicServer:
-            return ResettingQuicServer(
+        def create_server() -> RelayQuicServer:
+            return RelayQuicServer(
                 resets,
                 configuration=configuration,
                 create_protocol=create_session,
