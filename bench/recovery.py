@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import functools
 import json
 import math
 import os
@@ -176,6 +177,10 @@ class Fleet:
         if self.since and index not in self.back:
             self.back[index] = time.monotonic() - self.since
 
+    @property
+    def size(self) -> int:
+        return len(self.links)
+
     def mark(self) -> None:
         self.back.clear()
         self.relay_timings.clear()
@@ -186,37 +191,48 @@ class Fleet:
 
     async def until_back(self) -> None:
         for _ in range(int(PATIENCE * 10)):
-            if len(self.back) == len(self.links):
+            if len(self.back) == self.size:
                 return
             await asyncio.sleep(0.1)
 
     def figures(self) -> dict[str, Any]:
         times = sorted(self.back.values())
         if not times:
-            return {"back": 0, "of": len(self.links)}
+            return {"back": 0, "of": self.size}
         per_second = collections.Counter(int(t) for t in times)
         return {
             "back": len(times),
-            "of": len(self.links),
+            "of": self.size,
             "p50_seconds": statistics.median(times),
             "p99_seconds": times[min(len(times) - 1, int(len(times) * 0.99))],
             "max_seconds": times[-1],
-            "largest_share_in_a_second": max(per_second.values()) / len(self.links),
+            "largest_share_in_a_second": max(per_second.values()) / self.size,
             "client_arrivals_per_second": [per_second[s] for s in range(int(times[-1]) + 1)],
             **{f"relay_{name}_seconds": at for name, at in self.relay_timings.items()},
         }
 
 
 def client_config(relay: Relay, plugins: Plugins, transport: str, **settings: Any) -> Config:
+    return config_of(relay.state, relay.ports, relay.token(), plugins, transport, **settings)
+
+
+def config_of(
+    state: Path,
+    ports: dict[str, int],
+    token: str,
+    plugins: Plugins,
+    transport: str,
+    **settings: Any,
+) -> Config:
     overrides = {
-        "auth.token": (relay.token(), "bench"),
+        "auth.token": (token, "bench"),
         "transport.mode": (transport, "bench"),
         "metrics.enabled": (False, "bench"),
-        **{f"transport.{n}.port": (p, "bench") for n, p in relay.ports.items()},
+        **{f"transport.{n}.port": (p, "bench") for n, p in ports.items()},
         **{key: (value, "bench") for key, value in settings.items()},
     }
     schema = merged_schema(plugins.config_sections())
-    return load_config(relay.state / "client.yaml", environ={}, overrides=overrides, schema=schema)
+    return load_config(state / "client.yaml", environ={}, overrides=overrides, schema=schema)
 
 
 @contextlib.asynccontextmanager
@@ -228,6 +244,90 @@ async def fleet(config: Config, plugins: Plugins, count: int) -> AsyncIterator[F
         yield Fleet(links)
     finally:
         await asyncio.gather(*(link.aclose() for link in links), return_exceptions=True)
+
+
+class ProcessFleet(Fleet):
+    """Client links in child processes of this bench (``--fleet-child``), ``count`` each:
+    1,000 links in one process held its one core at 100% through a QUIC storm (each
+    handshake costs a client about 6 ms of CPU), so that process, not the relay, set the
+    pace. Each child reports every switch of its links with the time of the system's
+    monotonic clock, which all processes here share."""
+
+    def __init__(self, children: list[asyncio.subprocess.Process], count: int) -> None:
+        super().__init__([])
+        self.children = children
+        self.count = count
+        self.readers = [asyncio.create_task(self._read(n, c)) for n, c in enumerate(children)]
+
+    async def _read(self, child_number: int, child: asyncio.subprocess.Process) -> None:
+        assert child.stdout is not None
+        async for line in child.stdout:
+            index, at = line.split()
+            key = child_number * self.count + int(index)
+            if self.since and float(at) >= self.since and key not in self.back:
+                self.back[key] = float(at) - self.since
+
+    @property
+    def size(self) -> int:
+        return self.count * len(self.children)
+
+
+@contextlib.asynccontextmanager
+async def process_fleet(
+    relay: Relay, transport: str, count: int, processes: int
+) -> AsyncIterator[Fleet]:
+    child = {"state": str(relay.state), "ports": relay.ports, "token": relay.token()}
+    share = count // processes
+    children = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            __file__,
+            "--fleet-child",
+            json.dumps({**child, "transport": transport, "count": share}),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        for _ in range(processes)
+    ]
+    try:
+        for process in children:  # each says "ready" once its links are connected
+            assert process.stdout is not None
+            if (await process.stdout.readline()).strip() != b"ready":
+                raise RuntimeError(f"a fleet child exited with {await process.wait()}")
+        fleet = ProcessFleet(children, share)
+        yield fleet
+    finally:
+        for process in children:
+            assert process.stdin is not None
+            process.stdin.close()  # the child closes its links and exits
+        await asyncio.gather(*(process.wait() for process in children))
+
+
+async def fleet_child(spec: dict[str, Any]) -> None:
+    """``--fleet-child``: hold ``count`` links, say "ready", then a line per switch."""
+    plugins = load_plugins()
+    config = config_of(
+        Path(spec["state"]), spec["ports"], spec["token"], plugins, spec["transport"]
+    )
+    loop = asyncio.get_running_loop()
+    async with fleet(config, plugins, spec["count"]) as clients:
+        for index, link in enumerate(clients.links):
+            link.on_switch.append(functools.partial(_say_switched, index))
+        sys.stdout.write("ready\n")
+        sys.stdout.flush()
+        flushing = loop.create_task(_flush_every(0.1))
+        await loop.run_in_executor(None, sys.stdin.read)  # until the bench closes stdin
+        flushing.cancel()
+
+
+def _say_switched(index: int, *_: object) -> None:
+    sys.stdout.write(f"{index} {time.monotonic()}\n")
+
+
+async def _flush_every(seconds: float) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        sys.stdout.flush()
 
 
 async def kill(relay: Relay, clients: Fleet, outage: float) -> None:
@@ -299,8 +399,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         relay.start()
         try:
             for transport in args.transports.split(","):
-                config = client_config(relay, plugins, transport)
-                async with fleet(config, plugins, args.clients) as clients:
+                processes = args.client_processes
+                async with process_fleet(relay, transport, args.clients, processes) as clients:
                     for name, scenario in SCENARIOS.items():
                         if name not in args.only:
                             continue
@@ -373,13 +473,20 @@ def main() -> None:
         "--outage", type=float, default=3.0, help="seconds the killed relay stays away"
     )
     parser.add_argument("--only", default="kill,restart,blackhole")
+    parser.add_argument(
+        "--client-processes", type=int, default=2, help="processes the clients are shared by"
+    )
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--fleet-child", type=json.loads, help=argparse.SUPPRESS)
     args = parser.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # a socket a client, and more
     configure_logging(level="error")
     # the loop the CLI runs on (issue 16's QUIC connects failed only there)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        if args.fleet_child is not None:
+            runner.run(fleet_child(args.fleet_child))
+            return
         results = runner.run(run(args))
     print(report(results))
     if args.json is not None:
