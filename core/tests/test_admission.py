@@ -146,3 +146,16 @@ def test_turns_that_come_due_together_start_a_rate_apart() -> None:
     assert [admission.start_delay() for _ in holds] == pytest.approx([0, 0.5, 1.0])
     clock.now += 10
     assert admission.start_delay() == 0  # on time: no wait
+
+
+def test_sessions_start_no_more_than_the_pace_allows_in_any_second() -> None:
+    """Counted by when they did start: turns a late loop let pass together wait for room
+    in the last second rather than crowd it."""
+    admission, clock = paced(rate=2, burst=2)  # three a second at most
+    assert [admission.room_to_start() for _ in range(3)] == [0, 0, 0]
+    clock.now += 0.4
+    assert admission.room_to_start() == pytest.approx(0.6)  # until the first is a second old
+    clock.now += 0.6  # the first three are a second old: room for three more
+    assert [admission.room_to_start() for _ in range(4)] == pytest.approx([0, 0, 0, 1.0])
+    clock.now += 0.5
+    assert admission.room_to_start() == pytest.approx(0.5)

@@ -394,6 +394,8 @@ class Relay:
             await control.send(messages.Queued(round(turn.hold, 3)))
         await self._wait_unless_draining(turn.hold)
         await self._wait_unless_draining(self.admission.start_delay())
+        while not self.draining and (wait := self.admission.room_to_start()):
+            await self._wait_unless_draining(wait)
         session_id = secrets.token_urlsafe(12)
         try:  # again after the wait: a drain may have begun, sessions opened, time passed
             _check_not_expired(claims)
