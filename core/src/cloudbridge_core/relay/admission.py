@@ -88,9 +88,6 @@ class Admission:
         self._quota = quota  # read at each hello: a reload applies to the next one
         self._clock = clock
         self._admissions = _Pace()
-        #: the same pace for the sessions that start: turns a busy loop let pass late
-        #: would otherwise start together
-        self._starts = _Pace()
         #: when the sessions of the last second started (``rate + burst`` at most)
         self._started: deque[float] = deque()
         #: reserved slots by id, in the order of their times (handed out in that order)
@@ -120,18 +117,12 @@ class Admission:
         del self._slots[slot]
         return Turn(hold=wait) if wait > 0 else NOW
 
-    def start_delay(self) -> float:
-        """Seconds a session whose turn has come waits before it starts: sessions start at
-        most ``rate`` a second (``burst`` at once) even when the relay's loop ran late and
-        several turns came due together (the held ones, late clients with slots)."""
-        return self._starts.take(self._clock(), self._quota())
-
     def room_to_start(self) -> float:
-        """0 when a session may start now (it is then counted as started), else the seconds
-        until one may: at most what the pace allows in a second (``rate + burst - 1``)
-        start in any second, by when they did start. Turns a late loop let pass together
-        would otherwise start in one second, and crowd it (103 of 1,000 in one, seen at a
-        rate of 95)."""
+        """0 when a session whose turn has come may start now (it is then counted as
+        started), else the seconds until one may: at most what the pace allows in a second
+        (``rate + burst - 1``) start in any second, by when they did start. Turns a late loop
+        let pass together would otherwise start in one second and crowd it (103 of 1,000
+        at a rate of 95); turns it let pass late are caught up within that bound."""
         now = self._clock()
         quota = self._quota()
         allowed = max(1, math.floor(quota.rate + quota.burst - 1))

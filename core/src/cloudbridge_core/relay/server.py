@@ -393,7 +393,6 @@ class Relay:
             self.metrics.sessions_queued.inc()
             await control.send(messages.Queued(round(turn.hold, 3)))
         await self._wait_unless_draining(turn.hold)
-        await self._wait_unless_draining(self.admission.start_delay())
         while not self.draining and (wait := self.admission.room_to_start()):
             await self._wait_unless_draining(wait)
         session_id = secrets.token_urlsafe(12)
