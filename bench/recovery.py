@@ -276,19 +276,23 @@ class ProcessFleet(Fleet):
 async def process_fleet(
     relay: Relay, transport: str, count: int, processes: int
 ) -> AsyncIterator[Fleet]:
-    child = {"state": str(relay.state), "ports": relay.ports, "token": relay.token()}
     share = count // processes
+    # on stdin, not in the command line that any local user can read: it holds the token
+    spec = {"state": str(relay.state), "ports": relay.ports, "token": relay.token()}
+    line = json.dumps({**spec, "transport": transport, "count": share}).encode() + b"\n"
     children = [
         await asyncio.create_subprocess_exec(
             sys.executable,
             __file__,
             "--fleet-child",
-            json.dumps({**child, "transport": transport, "count": share}),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
         for _ in range(processes)
     ]
+    for process in children:
+        assert process.stdin is not None
+        process.stdin.write(line)
     try:
         for process in children:  # each says "ready" once its links are connected
             assert process.stdout is not None
@@ -303,13 +307,15 @@ async def process_fleet(
         await asyncio.gather(*(process.wait() for process in children))
 
 
-async def fleet_child(spec: dict[str, Any]) -> None:
-    """``--fleet-child``: hold ``count`` links, say "ready", then a line per switch.
+async def fleet_child() -> None:
+    """``--fleet-child``: read what to connect to from stdin's first line, hold ``count``
+    links, say "ready", then a line per switch.
 
     At a lower priority than the relay: here 1,000 clients share its two cores, and their
     attempts while it was down (about 2.5 ms of CPU each over QUIC) slowed its start by up to
     0.6 s, where clients on machines of their own take nothing from it."""
     os.nice(10)
+    spec = json.loads(sys.stdin.readline())
     plugins = load_plugins()
     config = config_of(
         Path(spec["state"]), spec["ports"], spec["token"], plugins, spec["transport"]
@@ -482,15 +488,15 @@ def main() -> None:
         "--client-processes", type=int, default=2, help="processes the clients are shared by"
     )
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--fleet-child", type=json.loads, help=argparse.SUPPRESS)
+    parser.add_argument("--fleet-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # a socket a client, and more
     configure_logging(level="error")
     # the loop the CLI runs on (issue 16's QUIC connects failed only there)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        if args.fleet_child is not None:
-            runner.run(fleet_child(args.fleet_child))
+        if args.fleet_child:
+            runner.run(fleet_child())
             return
         results = runner.run(run(args))
     print(report(results))
