@@ -1,10 +1,12 @@
 """Recovery against issue 16's bounds: many clients come back after their relay goes away.
 
     .venv/bin/python bench/recovery.py [--clients 1000] [--transports tls,quic] [--outage 3]
-                                       [--only kill,restart,blackhole] [--json FILE]
+                                       [--only kill,restart,blackhole] [--client-processes 2]
+                                       [--json FILE]
 
-The clients are RelayLinks in this one process (each its own session, the client's default
-settings); the relay is a ``cloudbridge relay serve --dev`` process on fixed ports, with its
+The clients are RelayLinks (each its own session, the client's default settings), shared by
+--client-processes child processes at a lower priority than the relay (the black-holed ones:
+in this process); the relay is a ``cloudbridge relay serve --dev`` process on fixed ports, with its
 per-address and per-tenant caps raised (every client comes from 127.0.0.1 here, where they
 would come from many addresses). Per transport:
 
