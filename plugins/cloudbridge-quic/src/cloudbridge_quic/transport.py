@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from aioquic.asyncio.server import QuicServer
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.tls import SessionTicket, load_pem_private_key, load_pem_x509_certificates
@@ -64,7 +63,7 @@ class QuicListener:
 
     def __init__(self, handler: Callable[[Session], Awaitable[None]]) -> None:
         self._handler = handler
-        self.server: QuicServer | None = None
+        self.server: RelayQuicServer | None = None
         self.tickets = TicketStore()
         self._handlers: dict[QuicSession, asyncio.Task[None]] = {}
 
