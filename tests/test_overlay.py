@@ -1,11 +1,13 @@
 """The overlay end to end: two peers of one tenant behind two NATs (tests/natbed.py), a
 relay with its IPAM, real wireguard-go through the cloudbridge-wireguard plugin. The peers
-reach each other by overlay address and by name, over the STUN path and over DERP when
-UDP between them is lost, a transfer inside the overlay survives the moves, and nothing
-is left behind after SIGTERM, nor after kill -9 and a restart."""
+reach each other by overlay address and by name, over the STUN path, over TURN when UDP
+between them is lost and over DERP when all UDP is; a transfer inside the overlay
+survives the moves; other tenants, on the same pool or beside them on one host, never
+meet them; and nothing is left behind after SIGTERM, nor after kill -9 and a restart."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import shutil
 import signal
@@ -20,6 +22,8 @@ from typing import Any
 
 import pytest
 import yaml
+from cloudbridge_core.config.schema import cli_schema
+from jsonschema import Draft202012Validator
 from nat_mesh import (
     BIN,
     QUICK,
@@ -42,6 +46,8 @@ pytestmark = [
 ]
 
 ECHO_PORT = 7000
+#: a tenant with a pool of its own, beside acme's default one (a LAN-free benchmark range)
+INITECH_POOL = "198.19.100.0/24"
 RESOLVE = """
 import sys, dns.message, dns.query, dns.rdatatype
 query = dns.message.make_query(sys.argv[2], dns.rdatatype.A)
@@ -58,8 +64,9 @@ class Overlay:
     processes: dict[str, subprocess.Popen[str]]
 
     def address(self, config: Path) -> str:
-        done = self.mesh.cloudbridge("ip", "--config", str(config), "--json")
-        addresses: list[str] = json.loads(done)["addresses"]
+        document = json.loads(self.mesh.cloudbridge("ip", "--config", str(config), "--json"))
+        Draft202012Validator(cli_schema("ip")).validate(document)
+        addresses: list[str] = document["addresses"]
         return addresses[0]
 
     def config(self, name: str) -> Path:
@@ -83,7 +90,8 @@ class Overlay:
         found = []
         if interface in self.mesh.bed.exec(ns, ["ip", "-o", "link"]):
             found.append("link")
-        if "cb" in self.mesh.bed.exec(ns, ["nft", "list", "tables"]):
+        # the interface's own tables: its filter (cbf_<interface>) and fast path (cb_<interface>)
+        if interface in self.mesh.bed.exec(ns, ["nft", "list", "tables"]):
             found.append("nft table")
         if Path(f"/var/run/wireguard/{interface}.sock").exists():
             found.append("UAPI socket")
@@ -114,7 +122,11 @@ def overlay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Overlay]:
     with NatBed() as bed:
         start_coturn(bed, tmp)
         state = tmp / "relay"
-        env = {"CLOUDBRIDGE_SERVER__PUBLIC_HOST": WAN, "CLOUDBRIDGE_METRICS__ENABLED": "false"}
+        env = {
+            "CLOUDBRIDGE_SERVER__PUBLIC_HOST": WAN,
+            "CLOUDBRIDGE_METRICS__ENABLED": "false",
+            "CLOUDBRIDGE_SERVER__OVERLAY__TENANTS__INITECH__POOL": INITECH_POOL,
+        }
         relay: list[Any] = [BIN / "cloudbridge", "relay", "serve", "--state-dir", state]
         started = bed.spawn(bed.wan, relay, ready="client config:", env=env, log=tmp / "relay.log")
         mesh = Mesh(bed, tmp, started, relay, env)
@@ -125,13 +137,17 @@ def overlay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Overlay]:
                 {"url": f"turn:{WAN}:3478", "username": TURN_USER, "credential": TURN_PASSWORD}
             ],
         }
-        for tenant in ("acme", "globex"):
+        devices = {
+            "acme": ("laptop", "server", "gamma"),
+            "globex": ("g-one", "g-two", "g-3"),
+            "initech": ("i-one", "i-two"),
+        }
+        for tenant, names in devices.items():
             token = mesh.cloudbridge(
                 *("relay", "token", "issue", "--state-dir", str(state), "--tenant", tenant),
                 *("--subject", "peer", "--permission", "relay:connect"),
                 *("--permission", "p2p:mesh"),
             ).strip()
-            names = ("laptop", "server", "gamma") if tenant == "acme" else ("g-one", "g-two", "g-3")
             for name in names:
                 # the laptop's metrics, in its own namespace: how its overlay packets travel
                 metrics = {"enabled": name == "laptop", "prometheus_host": "127.0.0.1"}
@@ -140,7 +156,7 @@ def overlay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Overlay]:
                     "auth": {"token": token},
                     "metrics": metrics,
                     "p2p": {"name": name, "ice": ice, **QUICK},
-                    "overlay": {"enabled": True},
+                    "overlay": {"enabled": True, "type": "wireguard"},
                 }
                 (tmp / f"{name}.yaml").write_text(yaml.safe_dump(document))
         found = Overlay(mesh, tmp / "laptop.yaml", tmp / "server.yaml", {})
@@ -185,9 +201,12 @@ def test_peers_reach_each_other_by_address_and_name_on_the_stun_path(overlay: Ov
     laptop_ip, server_ip = overlay.address(overlay.laptop), overlay.address(overlay.server)
     assert laptop_ip != server_ip
     status = mesh.status(overlay.laptop)
+    Draft202012Validator(cli_schema("status")).validate(status)
     assert status["overlay"]["backend"] == "wireguard-go"
     assert status["overlay"]["addresses"][0].startswith(laptop_ip + "/")
     assert [p["overlay_ip"] for p in status["peers"]] == [server_ip]
+    plain = mesh.cloudbridge("ip", "--config", str(overlay.laptop))
+    assert plain.splitlines() == [laptop_ip]
     wait_for(lambda: pings(overlay, 1, server_ip), 20, "no ping over the overlay")
     assert pings(overlay, 2, laptop_ip)
     bed = mesh.bed
@@ -279,19 +298,29 @@ def test_a_transfer_inside_the_overlay_survives_stun_to_derp_and_back(overlay: O
     transfer = subprocess.Popen(
         [
             *("ip", "netns", "exec", bed.hosts[1], sys.executable, str(TOOLS)),
-            *("roundtrip", f"{server_ip}:{ECHO_PORT}", str(8 << 20), "20"),
+            *("roundtrip", f"{server_ip}:{ECHO_PORT}", str(8 << 20), "40"),
         ],
         stdout=subprocess.PIPE,
         text=True,
     )
-    time.sleep(2)
+    time.sleep(2)  # some of it on the stun path first
     bed.block("no_udp", "meta l4proto udp")  # TURN too
     try:
-        mesh.wait_for_path(overlay.laptop, "derp", within=30)
+        to_derp = mesh.wait_for_path(overlay.laptop, "derp", within=30)
         wait_for(lambda: pings(overlay, 1, server_ip), 15, "no ping over DERP")
+        # a transfer of its own, begun and ended over DERP
+        sent, received = bed.exec(
+            bed.hosts[1],
+            [sys.executable, TOOLS, "roundtrip", f"{server_ip}:{ECHO_PORT}", str(1 << 20), "0"],
+        ).split()
+        assert sent == received
+        assert mesh.peer_path(overlay.laptop) == "derp"
     finally:
         bed.unblock("no_udp")
-    mesh.wait_for_path(overlay.laptop, "stun", within=30)
+    back = mesh.wait_for_path(overlay.laptop, "stun", within=30)
+    print(f"derp after {to_derp:.1f} s, stun again {back:.1f} s after UDP was let through")
+    # still running: the paced transfer spans both moves, or it would prove nothing
+    assert transfer.poll() is None, "the transfer ended before the path came back to stun"
     output, _ = transfer.communicate(timeout=90)
     sent, received = output.split()
     assert sent == received
@@ -382,6 +411,32 @@ def test_a_pool_over_a_route_of_this_host_is_refused_naming_it(overlay: Overlay)
     assert overlay.address(overlay.laptop) in mesh.status(overlay.laptop)["overlay"]["addresses"][0]
 
 
+def test_two_tenants_on_one_host_each_have_an_interface_of_their_own(overlay: Overlay) -> None:
+    mesh, bed = overlay.mesh, overlay.mesh.bed
+    # initech's devices run beside acme's, one in each host, on a pool of initech's own
+    overlay.start("i-one", ns=bed.hosts[1])
+    overlay.start("i-two", ns=bed.hosts[2])
+    initech = mesh.status(overlay.config("i-one"))["overlay"]
+    acme = mesh.status(overlay.laptop)["overlay"]
+    assert initech["interface"] != acme["interface"]
+    address = ipaddress.ip_interface(initech["addresses"][0])
+    assert address.network == ipaddress.ip_network(INITECH_POOL)
+    i_two_ip = overlay.address(overlay.config("i-two"))
+    wait_for(lambda: pings(overlay, 1, i_two_ip), 20, "initech's devices never reached each other")
+    assert pings(overlay, 1, overlay.address(overlay.server)), "acme's overlay was disturbed"
+    assert wireguard_peers(initech["interface"]).isdisjoint(wireguard_peers(acme["interface"]))
+    for name in ("i-one", "i-two"):
+        overlay.processes[name].terminate()
+        assert overlay.processes[name].wait(30) == 0
+    assert overlay.leftovers(1, initech["interface"]) == []
+    assert overlay.leftovers(1, acme["interface"]) == [
+        "link",
+        "nft table",
+        "UAPI socket",
+        "wireguard-go",
+    ]
+
+
 def test_overlay_allow_follows_a_reload(overlay: Overlay) -> None:
     bed = overlay.mesh.bed
     server_ip = overlay.address(overlay.server)
@@ -428,6 +483,17 @@ def test_without_cap_net_admin_the_client_says_so_and_stays_in_the_mesh(overlay:
     status = mesh.status(config)
     assert status["overlay"] is None
     assert status["state"] == "connected"
+    asked = subprocess.run(
+        [BIN / "cloudbridge", "ip", "--config", config, "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert asked.returncode == 1
+    assert asked.stdout == ""
+    error = json.loads(asked.stderr.strip().splitlines()[-1])["error"]
+    assert error["code"] == "overlay_failed"
+    assert "this device has no overlay address" in error["message"]
     wait_for(
         lambda: any(p["name"] == "nocap" for p in mesh.status(overlay.laptop)["peers"]),
         15,
