@@ -460,9 +460,9 @@ def test_every_key_is_documented() -> None:
             assert f"`{path}`" in documented, f"{path} is missing from docs/configuration.md"
     for path in PLUGIN_SECTIONS:
         assert f"`{path}`" in documented, f"{path} is missing from docs/configuration.md"
-    for path in OPTIONAL_WITHOUT_DEFAULT:  # documented in the tables of list items
-        key = path.rpartition(".")[2]
-        assert f"| `{key}` |" in documented, f"{path} is missing from docs/configuration.md"
+    for path, key, node in properties(core_schema()):
+        if is_leaf(node) and in_collection(path):  # in the tables of list items and maps
+            assert f"| `{key}` |" in documented, f"{path} is missing from docs/configuration.md"
 
 
 # --- CLI --json output schemas -----------------------------------------------------------
