@@ -7,8 +7,10 @@ meet them; and nothing is left behind after SIGTERM, nor after kill -9 and a res
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import json
+import re
 import shutil
 import signal
 import socket
@@ -35,7 +37,7 @@ from nat_mesh import (
     namespaces_work,
     unblock_between_peers,
 )
-from natbed import WAN, NatBed
+from natbed import ROUTER, WAN, NatBed
 
 pytestmark = [
     pytest.mark.skipif(namespaces_work() is not None, reason=str(namespaces_work())),
@@ -72,16 +74,31 @@ class Overlay:
     def config(self, name: str) -> Path:
         return self.laptop.with_name(f"{name}.yaml")
 
+    @property
+    def state_home(self) -> Path:
+        """The clients' XDG_STATE_HOME: their device and overlay keys, kept in the test's
+        directory rather than the home of whoever runs the tests."""
+        return self.mesh.tmp / "state"
+
+    def client(
+        self, ns: str, command: list[Any], ready: str, config: Path
+    ) -> subprocess.Popen[str]:
+        """A ``cloudbridge`` client process in ``ns``, its output in ``config``'s .log."""
+        return self.mesh.bed.spawn(
+            ns,
+            [BIN / "cloudbridge", *command],
+            ready=ready,
+            env={"XDG_STATE_HOME": str(self.state_home)},
+            log=config.with_suffix(".log"),
+        )
+
     def start(self, name: str, ns: str | None = None) -> None:
         """``cloudbridge p2p`` for ``name``: laptop in h1, server in h2, others in ``ns``."""
         bed = self.mesh.bed
         where = ns or (bed.hosts[1] if name == "laptop" else bed.hosts[2])
         config = self.config(name)
-        self.processes[name] = bed.spawn(
-            where,
-            [BIN / "cloudbridge", "p2p", "--config", config],
-            ready="overlay ",
-            log=config.with_suffix(".log"),
+        self.processes[name] = self.client(
+            where, ["p2p", "--config", config], ready="overlay ", config=config
         )
 
     def leftovers(self, host: int, interface: str) -> list[str]:
@@ -207,6 +224,11 @@ def test_peers_reach_each_other_by_address_and_name_on_the_stun_path(overlay: Ov
     assert [p["overlay_ip"] for p in status["peers"]] == [server_ip]
     plain = mesh.cloudbridge("ip", "--config", str(overlay.laptop))
     assert plain.splitlines() == [laptop_ip]
+    shown = mesh.cloudbridge("status", "--config", str(overlay.laptop)).splitlines()
+    interface, (address,) = status["overlay"]["interface"], status["overlay"]["addresses"]
+    assert f"Overlay:    {interface} {address} (wireguard-go)" in shown
+    (row,) = [line.split() for line in shown if line.startswith("server ")]
+    assert row[1] == server_ip  # the OVERLAY IP column
     wait_for(lambda: pings(overlay, 1, server_ip), 20, "no ping over the overlay")
     assert pings(overlay, 2, laptop_ip)
     bed = mesh.bed
@@ -246,14 +268,14 @@ def test_a_peer_tunnel_goes_over_the_overlay_when_it_is_up(overlay: Overlay) -> 
     document["p2p"]["name"] = "laptop-tunnel"
     config.write_text(yaml.safe_dump(document))
     local = 7300
-    bed.spawn(
+    overlay.client(
         bed.hosts[1],
         [
-            *(BIN / "cloudbridge", "tunnel", "--config", config, "--local-port", str(local)),
+            *("tunnel", "--config", config, "--local-port", str(local)),
             *("--remote-peer", "server", "--remote-port", str(ECHO_PORT + 1)),
         ],
         ready=f"tunnel 127.0.0.1:{local}",
-        log=config.with_suffix(".log"),
+        config=config,
     )
     wait_for(
         lambda: any(p["name"] == "server" for p in mesh.status(config)["peers"]),
@@ -394,15 +416,40 @@ def test_two_tenants_with_the_same_pool_never_meet(overlay: Overlay) -> None:
     assert bed.exec(bed.hosts[1], [sys.executable, "-c", reach]).strip() != "reached"
 
 
+def test_on_a_direct_path_the_kernel_carries_the_overlay(overlay: Overlay) -> None:
+    mesh, bed = overlay.mesh, overlay.mesh.bed
+    # globex's devices run on the routers: public addresses of their own, so host to host
+    for name, router in (("g-one", 1), ("g-two", 2)):
+        if name not in overlay.processes:
+            overlay.start(name, ns=bed.routers[router])
+    g_one = overlay.config("g-one")
+    mesh.wait_for_path(g_one, "direct", within=30)
+    g_two_ip = overlay.address(overlay.config("g-two"))
+    ping = ["ping", "-c", "3", "-i", "0.2", "-W", "1", g_two_ip]
+    wait_for(
+        lambda: (
+            subprocess.run(
+                ["ip", "netns", "exec", bed.routers[1], *ping], capture_output=True, check=False
+            ).returncode
+            == 0
+        ),
+        20,
+        "globex's devices never reached each other",
+    )
+    # WireGuard's packets to g-two leave from the punched port: the kernel rewrote them
+    interface = mesh.status(g_one)["overlay"]["interface"]
+    rules = bed.exec(bed.routers[1], ["nft", "list", "table", "inet", f"cb_{interface}"])
+    (leaving,) = [line for line in rules.splitlines() if f"ip daddr {ROUTER[2]}" in line]
+    assert int(re.search(r"counter packets (\d+)", leaving)[1]) >= 3  # type: ignore[index]
+
+
 def test_a_pool_over_a_route_of_this_host_is_refused_naming_it(overlay: Overlay) -> None:
     mesh, bed = overlay.mesh, overlay.mesh.bed
     # globex's pool is acme's, which the laptop's overlay already routes in h1
     laptop = mesh.status(overlay.laptop)["overlay"]["interface"]
     config = overlay.config("g-3")
     log = config.with_suffix(".log")
-    bed.spawn(
-        bed.hosts[1], [BIN / "cloudbridge", "p2p", "--config", config], ready="no overlay", log=log
-    )
+    overlay.client(bed.hosts[1], ["p2p", "--config", config], ready="no overlay", config=config)
     wait_for(lambda: log.exists() and "no overlay" in log.read_text(), 5, "no reason given")
     said = log.read_text()
     assert f"overlaps the route 100.64.0.0/10 dev {laptop}" in said
@@ -473,6 +520,7 @@ def test_without_cap_net_admin_the_client_says_so_and_stays_in_the_mesh(overlay:
         bed.hosts[2],
         [*setpriv, BIN / "cloudbridge", "p2p", "--config", config],
         ready="in the mesh as",
+        env={"XDG_STATE_HOME": str(overlay.state_home)},
         log=log,
     )
     wait_for(
@@ -511,6 +559,7 @@ def test_without_cap_net_admin_the_client_says_so_and_stays_in_the_mesh(overlay:
 
 def test_nothing_is_left_after_sigterm_nor_after_kill_and_a_restart(overlay: Overlay) -> None:
     interface = overlay.mesh.status(overlay.laptop)["overlay"]["interface"]
+    address = overlay.address(overlay.laptop)
     overlay.processes["laptop"].send_signal(signal.SIGKILL)
     overlay.processes["laptop"].wait(10)
     # what a kill leaves: the nftables tables at least (wireguard-go, told by the kernel
@@ -518,6 +567,20 @@ def test_nothing_is_left_after_sigterm_nor_after_kill_and_a_restart(overlay: Ove
     assert "nft table" in overlay.leftovers(1, interface)
     overlay.start("laptop")  # cleans it up, and comes back with the same address
     assert overlay.mesh.status(overlay.laptop)["overlay"]["interface"] == interface
+    assert overlay.address(overlay.laptop) == address
     overlay.processes["laptop"].terminate()
     assert overlay.processes["laptop"].wait(30) == 0
     assert overlay.leftovers(1, interface) == []
+
+
+def test_no_overlay_private_key_reaches_a_log(overlay: Overlay) -> None:
+    keys = sorted((overlay.state_home / "cloudbridge").glob("overlay-*.key"))
+    assert len(keys) >= 2, "the clients' overlay keys are not where the test keeps them"
+    logs = sorted(overlay.mesh.tmp.glob("*.log"))
+    assert len(logs) >= 2
+    for key in keys:
+        private = key.read_text().strip()
+        for log in logs:
+            written = log.read_text()
+            assert private not in written, f"{key.name} is in {log.name}"
+            assert base64.b64decode(private).hex() not in written, f"{key.name} is in {log.name}"
