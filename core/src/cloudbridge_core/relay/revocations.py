@@ -20,7 +20,7 @@ REVOKED = "the token has been revoked"
 
 
 class Revocations:
-    """``check(claims)`` refuses a revoked token; ``added`` and ``replace`` keep it current."""
+    """``check(claims)`` refuses a revoked token; ``added`` and ``merge`` keep it current."""
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
@@ -30,15 +30,11 @@ class Revocations:
         self._prune()
         return len(self._by_key)
 
-    def replace(self, revocations: Iterable[Revocation]) -> list[Revocation]:
-        """Hold exactly ``revocations`` (the store's whole list); the ones new here, or
-        wider than what was held, for the sessions they cover to end."""
-        previous, self._by_key = self._by_key, {}
-        changed = []
-        for revocation in revocations:
-            if self._add(revocation, previous.get(revocation.key)):
-                changed.append(revocation)
-        return changed
+    def merge(self, revocations: Iterable[Revocation]) -> list[Revocation]:
+        """Hold ``revocations`` (the store's whole list) too, keeping what was held: a
+        store that lost its data must not lift a revocation. The ones new here, or wider
+        than what was held, for the sessions they cover to end."""
+        return [r for r in revocations if self._add(r, self._by_key.get(r.key))]
 
     def added(self, revocation: Revocation) -> Revocation | None:
         """Hold ``revocation`` too; itself when it covers tokens not covered before (new,

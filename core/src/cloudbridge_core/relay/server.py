@@ -541,9 +541,18 @@ class Relay:
             self._end_revoked([revocation])
 
     async def load_revocations(self) -> None:
-        """Hold the revocations in force, from the cluster's store (``ServerUnavailable``
-        when it cannot be reached); sessions of any this relay had missed end."""
-        self._end_revoked(self.revocations.replace(await self.cluster.revocations()))
+        """Hold the revocations in force in the cluster's store, besides those held already
+        (``ServerUnavailable`` when it cannot be reached); sessions of any this relay had
+        missed end. What is held and the store lacks is written back: a Redis restarted
+        without its data (no persistence) forgot it, and a revoked token must not be taken
+        again, here nor at a relay started later. Nothing un-revokes a token, so a held
+        revocation is never stale; it is forgotten only once every token it covers expired.
+        """
+        stored = {revocation.key: revocation for revocation in await self.cluster.revocations()}
+        self._end_revoked(self.revocations.merge(stored.values()))
+        for revocation in self.revocations.held():
+            if stored.get(revocation.key) != revocation:
+                await self.cluster.revoke(revocation)
 
     async def on_cluster_resynced(self) -> None:
         """The store is back after an outage: revocations made meanwhile apply now, and
