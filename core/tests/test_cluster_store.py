@@ -568,6 +568,32 @@ def test_sessions_of_a_lapsed_relay_stop_counting(redis_cluster: Cluster) -> Non
 # ---- outages ----
 
 
+def test_sessions_held_through_an_outage_count_again_once_redis_is_back(
+    redis_cluster: Cluster,
+) -> None:
+    async def scenario() -> None:
+        a, seen_by_a = await started(redis_cluster, "relay-a")
+        b, seen_by_b = await started(redis_cluster, "relay-b")
+        server = redis_cluster.redis
+        assert server is not None
+        try:
+            assert await a.open_session("acme", "before", limit=2)
+            server.kill()
+            with pytest.raises(ServerUnavailable):  # the relay serves it on its own count
+                await a.open_session("acme", "during", limit=2)
+            server.start()  # without its data: the session held before is gone there too
+            await seen_by_a.wait_until(lambda: seen_by_a.resynced == 1)
+            await seen_by_b.wait_until(lambda: seen_by_b.resynced == 1)
+            assert not await b.open_session("acme", "elsewhere", limit=2)
+            await a.close_session("acme", "during")
+            assert await b.open_session("acme", "elsewhere", limit=2)
+        finally:
+            await a.aclose()
+            await b.aclose()
+
+    run(scenario)
+
+
 def test_an_outage_is_unavailable_then_resynced(redis_cluster: Cluster) -> None:
     async def scenario() -> None:
         registry = CollectorRegistry()

@@ -33,12 +33,19 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3]) * 1000))
 return 1
 """
 
-# KEYS: the tenant's sessions. ARGV: presence_ttl, then the sessions this relay holds.
+# KEYS: the tenant's sessions. ARGV: presence_ttl, 'restore' or 'refresh', then the sessions
+# this relay holds. A refresh touches only the entries there ('XX'): one a relay is closing
+# meanwhile is not written again. A restore (Redis back after an outage) writes them all: a
+# Redis restarted without its data lost them, and sessions opened meanwhile were never there.
 REFRESH_SESSIONS = """
 local now = redis.call('TIME')
 now = tonumber(now[1]) + tonumber(now[2]) / 1000000
-for i = 2, #ARGV do
-  redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), ARGV[i])
+for i = 3, #ARGV do
+  if ARGV[2] == 'restore' then
+    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i])
+  else
+    redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), ARGV[i])
+  end
 end
 redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1]) * 1000))
 return 1

@@ -275,16 +275,19 @@ class RedisStore:
             self._metrics.relays.set(len(live))
         return live
 
-    async def _announce(self) -> None:
+    async def _announce(self, *, restore: bool = False) -> None:
+        """Refresh this relay's presence and the sessions it holds; ``restore`` (on each
+        subscription: Redis may be back without the entries) writes the sessions again."""
         value = json.dumps(asdict(self._record))
         async with self._transaction("presence") as pipe:
             pipe.set(f"{self._prefix}relay:{self.member}", value, px=int(self._ttl * 1000))
             pipe.sadd(f"{self._prefix}relays", self.member)
+        mode = "restore" if restore else "refresh"
         async with self._operation("refresh_sessions"):
             for tenant_id, sessions in list(self._sessions.items()):
                 await self._scripts["refresh_sessions"](
                     keys=[self._sessions_key(tenant_id)],
-                    args=[self._ttl, *(f"{self.member}/{s}" for s in sessions)],
+                    args=[self._ttl, mode, *(f"{self.member}/{s}" for s in sessions)],
                 )
 
     async def _keep_presence(self, handlers: Handlers) -> None:
@@ -376,7 +379,7 @@ class RedisStore:
         while True:
             try:
                 async with self._subscription() as pubsub:
-                    await self._announce()
+                    await self._announce(restore=True)
                     if not subscribed.done():  # later, _keep_presence notices who left
                         self._live = set(await self.relays())
                         subscribed.set_result(None)
@@ -533,11 +536,17 @@ class RedisStore:
         return f"{self._prefix}sessions:{tenant_id}"
 
     async def open_session(self, tenant_id: str, session_id: str, limit: int) -> bool:
-        async with self._operation("open_session"):
-            opened = await self._scripts["open_session"](
-                keys=[self._sessions_key(tenant_id)],
-                args=[f"{self.member}/{session_id}", limit, self._ttl],
-            )
+        try:
+            async with self._operation("open_session"):
+                opened = await self._scripts["open_session"](
+                    keys=[self._sessions_key(tenant_id)],
+                    args=[f"{self.member}/{session_id}", limit, self._ttl],
+                )
+        except ServerUnavailable:
+            # the relay serves it on its own count meanwhile; it counts across the cluster
+            # again once Redis is back (the restore of the next subscription)
+            self._sessions.setdefault(tenant_id, set()).add(session_id)
+            raise
         if opened:
             self._sessions.setdefault(tenant_id, set()).add(session_id)
         return bool(opened)

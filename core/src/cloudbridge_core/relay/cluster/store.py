@@ -199,7 +199,9 @@ class ClusterStore(Protocol):
 
     async def open_session(self, tenant_id: str, session_id: str, limit: int) -> bool:
         """Count a session of ``tenant_id`` held here; False (not counted) when the tenant
-        holds ``limit`` sessions across the cluster already."""
+        holds ``limit`` sessions across the cluster already. ``ServerUnavailable`` while
+        the backend cannot be reached: the relay then serves the session on its own count,
+        and the backend counts it across the cluster once it is back."""
         ...
 
     async def close_session(self, tenant_id: str, session_id: str) -> None: ...
