@@ -60,9 +60,21 @@ class ClusterBed:
             },
             "transport": {name: {"port": self.ports[name]} for name in ("tls", "websocket")},
             "metrics": {"prometheus_port": self.metrics_port(index)},
+            # a file of JSON lines: the tests read the relay's log events while it runs
+            "logging": {"format": "json", "output": str(self.log(index))},
         }
         path.write_text(yaml.safe_dump(document))
         return path
+
+    def log(self, index: int) -> Path:
+        return self.home / f"r{index}.log"
+
+    def logged(self, index: int) -> list[str]:
+        """The events relay ``index`` has logged so far (every run of it), oldest first."""
+        if not self.log(index).exists():
+            return []
+        lines = self.log(index).read_text().splitlines()
+        return [json.loads(line)["event"] for line in lines if line.startswith("{")]
 
     def metrics_port(self, index: int) -> int:
         return self.ports.setdefault(f"metrics{index}", free_port())
@@ -107,10 +119,12 @@ class ClusterBed:
             timeout=60,
         )
 
-    def token(self, tenant: str, subject: str, *permissions: str) -> str:
+    def token(self, tenant: str, subject: str, *permissions: str, at: int = 1) -> str:
+        """A token issued with relay ``at``'s state directory: every member holds the
+        cluster's one signing key, so any of them may issue it."""
         granted = permissions or ("relay:connect", "tunnel:create", "p2p:mesh")
         issued = self.cloudbridge(
-            *("relay", "token", "issue", "--state-dir", self.state(1)),
+            *("relay", "token", "issue", "--state-dir", self.state(at)),
             *("--tenant", tenant, "--subject", subject),
             *(arg for permission in granted for arg in ("--permission", permission)),
         )

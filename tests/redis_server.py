@@ -1,6 +1,6 @@
 """A real redis-server on a free loopback port, for the tests of a relay cluster: stopped
-and started again on the same port to play an outage. Without redis-server the tests skip
-(``./dev test`` installs it); in CI they fail, as a missing install step should."""
+(or killed) and started again on the same port to play an outage. Without redis-server the
+tests skip (``./dev test`` installs it); in CI they fail, as a missing install step should."""
 
 from __future__ import annotations
 
@@ -84,6 +84,13 @@ class RedisServer:
     def stop(self) -> None:
         if self._process is not None:
             self._process.terminate()
+            self._process.wait()
+            self._process = None
+
+    def kill(self) -> None:
+        """``kill -9``: gone at once, mid-command, as a crashed or lost Redis host is."""
+        if self._process is not None:
+            self._process.kill()
             self._process.wait()
             self._process = None
 

@@ -4,6 +4,8 @@ revocations hold at every relay, and a Redis outage degrades only what crosses r
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import subprocess
 import time
@@ -18,6 +20,11 @@ from loopback import echo, free_port, serving
 pytestmark = pytest.mark.timeout(180)
 
 ENV = environment(CLOUDBRIDGE_DISABLE_PLUGINS=PLUGINS_OFF, **NO_KEYRING)
+#: issue 19: a token revoked at one relay ends its sessions at the others within 5 s
+REVOCATION_BOUND = 5.0
+#: docs/cluster.md: the clients of a crashed relay race the others at once, and a race takes
+#: at most transport.connect_timeout (its default: the bed's clients leave it)
+FAILOVER_BOUND = 5.0
 
 
 def p2p(config: Path) -> subprocess.Popen[str]:
@@ -127,24 +134,59 @@ def test_the_session_limit_of_a_tenant_holds_across_relays(tmp_path: Path) -> No
         )
 
 
+def token_id(token: str) -> str:
+    """The id (``jti``) of a token ``relay token issue`` wrote: what ``--id`` revokes."""
+    payload = token.split(".")[1]
+    return str(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["jti"])
+
+
+def revoke(bed: ClusterBed, through: int, *target: str) -> float:
+    """``relay token revoke`` with relay ``through``'s config and state; when it started
+    (the bound of a revocation counts from there, the command's own start-up included)."""
+    started = time.monotonic()
+    revoked = bed.cloudbridge(
+        *("relay", "token", "revoke", "--config", bed.relay_config(through)),
+        *("--state-dir", bed.state(through), "--tenant", "acme", *target),
+    )
+    assert revoked.returncode == 0, revoked.stderr
+    return started
+
+
+def connects(bed: ClusterBed, name: str, token: str, relay: int) -> int:
+    """The exit code of one ``health`` with ``token`` at ``relay``: 0 taken, 4 refused."""
+    config = bed.client_config(f"{name}-at-{relay}", token, [relay])
+    return bed.cloudbridge("health", "--config", config).returncode
+
+
+def said(bed: ClusterBed, health: str) -> list[bool]:
+    """Whether each relay's /healthz answers ``health`` now."""
+    return [bed.probe(index).startswith(health) for index in bed.relays]
+
+
 def test_a_token_revoked_through_one_relay_ends_its_session_on_another(tmp_path: Path) -> None:
-    with cluster_bed(tmp_path) as bed, serving(echo) as echo_port:
-        config = bed.client_config("laptop", bed.token("acme", "laptop"), [2])
-        tunnel, local = relayed_tunnel(config, echo_port)
-        assert echo_once(local, b"before") == b"before"
-        revoked_at = time.monotonic()
-        revoked = bed.cloudbridge(
-            *("relay", "token", "revoke", "--config", bed.relay_config(1)),
-            *("--state-dir", bed.state(1), "--tenant", "acme", "--subject", "laptop"),
-        )
-        assert revoked.returncode == 0, revoked.stderr
-        assert ended(tunnel) == 4  # invalid_token: a foreground command stops, exit 4
-        print(f"revocation: session on relay 2 ended {time.monotonic() - revoked_at:.2f} s after")
-        for index in (1, 2):
-            again = bed.client_config(f"again{index}", bed.token("acme", "other"), [index])
-            assert bed.cloudbridge("health", "--config", again).returncode == 0
-        refused = bed.cloudbridge("health", "--config", config)
-        assert refused.returncode == 4, refused.stderr
+    with cluster_bed(tmp_path, relays=3) as bed, serving(echo) as echo_port:
+        laptop = bed.token("acme", "laptop")
+        # issued at another member: the cluster's one signing key makes it good everywhere
+        phone = bed.token("acme", "phone", at=2)
+        tunnels = {}
+        for name, token in (("laptop", laptop), ("phone", phone)):
+            tunnels[name], local = relayed_tunnel(bed.client_config(name, token, [3]), echo_port)
+            assert echo_once(local, name.encode()) == name.encode()
+
+        revoked_at = revoke(bed, 1, "--id", token_id(laptop))
+        assert ended(tunnels["laptop"]) == 4  # invalid_token: a foreground command stops, exit 4
+        by_id = time.monotonic() - revoked_at
+        assert tunnels["phone"].poll() is None  # another token: untouched
+        revoked_at = revoke(bed, 2, "--subject", "phone")
+        assert ended(tunnels["phone"]) == 4
+        by_subject = time.monotonic() - revoked_at
+        print(f"revocation: sessions on relay 3 ended {by_id:.2f} s (id), {by_subject:.2f} s after")
+        assert max(by_id, by_subject) <= REVOCATION_BOUND
+
+        for relay in (1, 2, 3):  # refused anywhere; the tenant's other tokens are not
+            assert connects(bed, "laptop", laptop, relay) == 4
+            assert connects(bed, "phone", phone, relay) == 4
+        assert connects(bed, "tablet", bed.token("acme", "tablet", at=3), 1) == 0
 
 
 def test_a_redis_outage_keeps_sessions_and_the_cluster_recovers_by_itself(
@@ -157,14 +199,17 @@ def test_a_redis_outage_keeps_sessions_and_the_cluster_recovers_by_itself(
         tunnel, local = relayed_tunnel(tunnel_config, echo_port)
         processes.append(tunnel)
         assert bed.probe(1).startswith("ok")
-        bed.redis.stop()
+        bed.redis.kill()
         until(lambda: bed.probe(1).startswith("degraded"), 30, "relay 1 says it is degraded")
         assert "cluster_backend_up 0.0" in bed.probe(1, "/metrics")
+        assert "cluster_backend_lost" in bed.logged(1)
         # what the relay holds goes on: the open tunnel, new sessions at it
         assert echo_once(local, b"during the outage") == b"during the outage"
         assert bed.cloudbridge("health", "--config", server).returncode == 0
         bed.redis.start()
         until(lambda: bed.probe(1).startswith("ok"), 60, "relay 1 is back in the cluster")
+        assert "cluster_backend_up 1.0" in bed.probe(1, "/metrics")
+        assert "cluster_backend_back" in bed.logged(1)
         # a device joining at relay 2 sees the one relay 1 held through the outage
         laptop = bed.client_config("laptop", bed.token("acme", "laptop"), [2])
         peer, peer_local = peer_tunnel(laptop, "server", echo_port)
@@ -172,6 +217,51 @@ def test_a_redis_outage_keeps_sessions_and_the_cluster_recovers_by_itself(
         assert echo_once(peer_local, b"after the outage") == b"after the outage"
         for process in processes:
             assert stop(process) == 0
+
+
+def test_through_a_redis_outage_no_invite_is_used_and_no_revoked_token_taken(
+    tmp_path: Path,
+) -> None:
+    with cluster_bed(tmp_path) as bed:
+        stolen = bed.token("acme", "stolen")
+        revoke(bed, 1, "--subject", "stolen")
+        created = bed.cloudbridge(
+            *("relay", "invite", "create", "--config", bed.relay_config(1)),
+            *("--state-dir", bed.state(1), "--tenant", "acme", "--uses", "1"),
+        )
+        assert created.returncode == 0, created.stderr
+        bed.redis.kill()
+        until(lambda: all(said(bed, "degraded")), 30, "both relays say they are degraded")
+        # an invite's use cannot be counted: refused, worth trying again later
+        joined = bed.cloudbridge(
+            *("join", created.stdout.strip(), "--no-start", "--insecure-storage"),
+            *("--config-dir", tmp_path / "joiner"),
+        )
+        assert joined.returncode == 5, joined.stderr
+        # nor can a revocation be recorded; the ones in force still are
+        refused = bed.cloudbridge(
+            *("relay", "token", "revoke", "--config", bed.relay_config(2)),
+            *("--state-dir", bed.state(2), "--tenant", "acme", "--subject", "someone"),
+        )
+        assert refused.returncode == 5, refused.stderr
+        for relay in (1, 2):
+            assert connects(bed, "stolen", stolen, relay) == 4
+        # Redis comes back without its data (no persistence here): the relays still refuse
+        # the token, and write the revocation back for relays that start later
+        bed.redis.start()
+        until(lambda: all(said(bed, "ok")), 60, "both relays are back in the cluster")
+        for relay in (1, 2):
+            assert connects(bed, "stolen", stolen, relay) == 4
+
+        def revoked_subjects() -> list[str]:
+            listed = bed.cloudbridge(
+                *("relay", "token", "revocations", "--config", bed.relay_config(1)),
+                *("--state-dir", bed.state(1), "--json"),
+            )
+            assert listed.returncode == 0, listed.stderr
+            return [row["subject"] for row in json.loads(listed.stdout)["revocations"]]
+
+        until(lambda: revoked_subjects() == ["stolen"], 30, "the revocation is in Redis again")
 
 
 def test_a_killed_relays_clients_move_to_another_and_nothing_is_doubled_when_it_returns(
@@ -184,14 +274,16 @@ def test_a_killed_relays_clients_move_to_another_and_nothing_is_doubled_when_it_
         tunnel, local = peer_tunnel(laptop, "server", echo_port)
         assert bed.status(laptop)["relay"]["connected_to"]["host"] == "127.0.0.1"
         assert echo_once(local, b"on relay 1") == b"on relay 1"
-        killed = time.monotonic()
+        killed = time.time()  # the clock of the client's transport.since
         bed.kill_relay(1)
         until(
             lambda: (bed.status(laptop)["relay"]["connected_to"] or {}).get("host") == "127.0.0.2",
             60,
             "the laptop moved to relay 2",
         )
-        print(f"failover: on relay 2 {time.monotonic() - killed:.2f} s after the kill")
+        moved = bed.status(laptop)["transport"]["since"] - killed
+        print(f"failover: on relay 2 {moved:.2f} s after the kill")
+        assert moved <= FAILOVER_BOUND
         payload = os.urandom(1 << 20)
         until(lambda: echo_once(local, payload) == payload, 60, "the tunnel carries data again")
         bed.start_relay(1)
