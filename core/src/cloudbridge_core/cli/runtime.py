@@ -45,6 +45,9 @@ class Runtime:
     token_flag: str | None = None
     #: the file --token-file named, before or after the subcommand (a service unit loads it)
     token_file: Path | None = None
+    #: warnings about how the token was given, said when the config is first read: a
+    #: probe that prints nothing (``health --check``) has silenced its output by then
+    token_warnings: list[str] = field(default_factory=list)
     environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
 
     @classmethod
@@ -59,7 +62,8 @@ class Runtime:
             overrides["logging.level"] = ("debug" if verbosity > 0 else "error", "-v/-q")
         if params.get("log_format"):
             overrides["logging.format"] = (params["log_format"], "--log-format")
-        token = _token_from(params)
+        token_warnings: list[str] = []
+        token = _token_from(params, token_warnings)
         if token is not None:
             overrides["auth.token"] = token
         return cls(
@@ -71,6 +75,7 @@ class Runtime:
             debug=bool(params.get("debug")),
             token_flag=token[1] if token is not None else None,
             token_file=Path(params["token_file"]) if params.get("token_file") else None,
+            token_warnings=token_warnings,
         )
 
     def _forget(self) -> None:
@@ -88,7 +93,7 @@ class Runtime:
         given = ["--" + name.replace("_", "-") for name, value in params.items() if value]
         if given and self.token_flag is not None:
             raise click.UsageError(f"{self.token_flag} and {given[0]} both give the token: use one")
-        token = _token_from(params)
+        token = _token_from(params, self.token_warnings)
         if token is None:
             return
         self.token_flag = token[1]
@@ -113,6 +118,9 @@ class Runtime:
     def read(self, path: Path | None) -> RawConfig:
         """Every source of ``path``, read with the plugins' sections known: an environment
         value for a plugin's key (``CLOUDBRIDGE_TRANSPORT__QUIC__PORT``) gets its type."""
+        for warning in self.token_warnings:
+            click.echo(f"warning: {warning}", err=True)
+        self.token_warnings.clear()
         return read_sources(
             path, environ=self.environ, overrides=self.overrides, schema=self.schema
         )
@@ -189,8 +197,9 @@ class Runtime:
         return apply
 
 
-def _token_from(params: Mapping[str, Any]) -> tuple[str, str] | None:
-    """The token given by --token-file, --token-stdin or --token, and which one."""
+def _token_from(params: Mapping[str, Any], warnings: list[str]) -> tuple[str, str] | None:
+    """The token given by --token-file, --token-stdin or --token, and which one; what is
+    unsafe about how it was given goes to ``warnings``."""
     given = [flag for flag in ("token_file", "token_stdin", "token") if params.get(flag)]
     if len(given) > 1:
         names = " and ".join("--" + flag.replace("_", "-") for flag in given)
@@ -202,14 +211,13 @@ def _token_from(params: Mapping[str, Any]) -> tuple[str, str] | None:
         token = path.read_text().strip()
         warning = loose_permissions(path)
         if warning:
-            click.echo(f"warning: {warning}", err=True)
+            warnings.append(warning)
     elif given[0] == "token_stdin":
         token = sys.stdin.readline().strip()
     else:
-        click.echo(
-            "warning: a token on the command line is visible to other users (ps) and stays in"
-            " shell history; use --token-file, --token-stdin or CLOUDBRIDGE_TOKEN",
-            err=True,
+        warnings.append(
+            "a token on the command line is visible to other users (ps) and stays in"
+            " shell history; use --token-file, --token-stdin or CLOUDBRIDGE_TOKEN"
         )
         token = params["token"].strip()
     flag = "--" + given[0].replace("_", "-")
