@@ -92,6 +92,49 @@ def test_service_status_says_when_systemd_or_the_unit_is_missing(tmp_path: Path)
     restart = cloudbridge("service", "restart", "--config", str(config), env={"PATH": "/"})
     assert restart.returncode == 1
     assert "systemd is not available" in restart.stderr
+    # start, stop and restart say the same as status, in systemctl's words for each
+    unit = "cloudbridge-client.service"
+    for verb, said, code, error, hint in (
+        (
+            "restart",
+            "System has not been booted with systemd as init system (PID 1).",
+            1,
+            "error: systemd is not running on this machine",
+            "hint: run the client in the foreground",
+        ),
+        (
+            "start",
+            f"Failed to start {unit}: Unit {unit} not found.",
+            5,
+            f"error: the service {unit} is not installed",
+            "hint: install it with 'sudo cloudbridge service install",
+        ),
+        (
+            "stop",
+            f"Failed to stop {unit}: Unit {unit} not loaded.",
+            5,
+            f"error: the service {unit} is not installed",
+            "hint: install it with 'sudo cloudbridge service install",
+        ),
+        (
+            "restart",
+            f"Failed to restart {unit}: Access denied",
+            4,
+            f"error: systemctl restart {unit} failed: Failed to restart {unit}: Access denied",
+            "hint: a system service is managed as root: run it again with sudo",
+        ),
+    ):
+        fake = tmp_path / f"{verb}-{code}"
+        fake.mkdir()
+        failed = cloudbridge(
+            "service", verb, "--config", str(config), env=fake_systemctl(fake, said, code)
+        )
+        assert failed.returncode == 1
+        assert failed.stdout == ""
+        said_lines = failed.stderr.splitlines()
+        assert len(said_lines) == 2, failed.stderr  # what went wrong, what to do
+        assert said_lines[0].startswith(error), failed.stderr
+        assert said_lines[1].startswith(hint), failed.stderr
 
 
 def test_the_unit_runs_tunnel_for_a_tunnel_only_config_with_the_given_token(

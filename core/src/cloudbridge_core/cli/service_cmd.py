@@ -134,8 +134,17 @@ def _renews_tokens(runtime: Runtime, config: Config) -> bool:
     return spec is not None and spec.token_source is not None
 
 
+#: what each verb does, as its --help says
+CONTROL_HELP = {
+    "start": "Start the client's service (systemctl, sc.exe).",
+    "stop": "Stop the client's service (systemctl, sc.exe).",
+    "restart": "Restart the client's service (systemctl, sc.exe).",
+    "status": "Show the state of the client's service (systemctl, sc.exe).",
+}
+
+
 def _control(verb: str) -> click.Command:
-    @click.command(verb, help=f"{verb.capitalize()} the client's service (systemctl, sc.exe).")
+    @click.command(verb, help=CONTROL_HELP[verb])
     @config_option
     @click.pass_context
     def command(ctx: click.Context) -> None:
@@ -148,8 +157,12 @@ def _control(verb: str) -> click.Command:
         elif verb == "status":
             click.echo(service_status(unit_name(config)), nl=False)
         else:
-            click.echo(_systemctl(verb, unit_name(config)), nl=False)
-            message(f"{verb} {unit_name(config)}: done")
+            unit = unit_name(config)
+            done = _run("systemctl", verb, unit)
+            if done.returncode != 0:
+                raise _systemctl_error(done, unit)
+            click.echo(done.stdout, nl=False)
+            message(f"{verb} {unit}: done")
 
     return command
 
@@ -162,17 +175,40 @@ def service_status(unit: str) -> str:
     """``systemctl status UNIT``'s text; raises a clear error when there is no systemd or
     no such unit, rather than printing nothing."""
     done = _run("systemctl", "status", "--no-pager", unit)
+    if (
+        done.returncode == NO_SUCH_UNIT
+        or _systemd_missing(done.stderr)
+        or "could not be found" in done.stderr
+    ):
+        raise _systemctl_error(done, unit, unit_unknown=done.returncode == NO_SUCH_UNIT)
+    return done.stdout
+
+
+def _systemctl_error(
+    done: subprocess.CompletedProcess[str], unit: str, *, unit_unknown: bool = False
+) -> CloudBridgeError:
+    """What a failed systemctl call on ``unit`` means for the user: no systemd here, no
+    such unit (``unit_unknown``, or systemctl's words for it), or systemctl's first line."""
+    reason = done.stderr.strip().splitlines()[0] if done.stderr.strip() else "no reason given"
     if _systemd_missing(done.stderr):
-        raise CloudBridgeError(
-            f"systemd is not running on this machine: {done.stderr.strip().splitlines()[0]}",
+        return CloudBridgeError(
+            f"systemd is not running on this machine: {reason}",
             hint="run the client in the foreground ('cloudbridge up' or 'cloudbridge p2p')",
         )
-    if done.returncode == NO_SUCH_UNIT or "could not be found" in done.stderr:
-        raise CloudBridgeError(
+    # status says "Unit U could not be found.", start and restart "Unit U not found.",
+    # stop "Unit U not loaded."
+    if unit_unknown or any(
+        words in done.stderr for words in ("could not be found", "not found.", "not loaded.")
+    ):
+        return CloudBridgeError(
             f"the service {unit} is not installed",
             hint="install it with 'sudo cloudbridge service install --config ...'",
         )
-    return done.stdout
+    denied = "Access denied" in done.stderr or "authentication required" in done.stderr
+    return CloudBridgeError(
+        f"systemctl {' '.join(done.args[1:])} failed: {reason}",
+        hint="a system service is managed as root: run it again with sudo" if denied else None,
+    )
 
 
 def _systemd_missing(stderr: str) -> bool:
