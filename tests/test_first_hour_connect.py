@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import pytest
 from cli_process import BIN, environment, issue_token, start, stop
+from cloudbridge_core.config.schema import cli_schema
+from jsonschema import Draft202012Validator
 from loopback import free_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -94,6 +97,34 @@ def closing_server() -> Iterator[int]:
     finally:
         running = False
         thread.join()
+        server.close()
+
+
+@contextlib.contextmanager
+def silent_server() -> Iterator[tuple[int, threading.Event]]:
+    """A port that takes connections and never answers (a relay stuck mid-handshake), and
+    an event set once a connection came."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    came = threading.Event()
+    held: list[socket.socket] = []
+    running = True
+
+    def serve() -> None:
+        while running:
+            with contextlib.suppress(OSError):
+                held.append(server.accept()[0])
+                came.set()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1], came
+    finally:
+        running = False
+        thread.join()
+        for connection in held:
+            connection.close()
         server.close()
 
 
@@ -227,12 +258,16 @@ def test_a_client_waits_for_the_relay_then_ctrl_c_exits_130(tmp_path: Path) -> N
         # the drain thread of start() owns the client's stderr now: ask it, as users do
         deadline = time.monotonic() + 20
         while True:
-            listed, _ = cloudbridge("tunnel", "list", *sock, env=env)
-            if listed.returncode == 0 and "127.0.0.1:" in listed.stdout:
+            # listed from the start (bound before connecting); a transport once connected
+            listed, _ = cloudbridge("tunnel", "list", "--json", *sock, env=env)
+            if listed.returncode == 0 and json.loads(listed.stdout)["tunnels"][0]["transport"]:
                 break
             assert client.poll() is None, "the client gave up"
             assert time.monotonic() < deadline, listed.stderr
             time.sleep(0.2)
+        tunnels = json.loads(listed.stdout)
+        Draft202012Validator(cli_schema("tunnel-list")).validate(tunnels)
+        assert tunnels["tunnels"][0]["target"] == "127.0.0.1:9"
         client.send_signal(signal.SIGINT)
         assert client.wait(10) == 130  # a running client stopped by Ctrl-C
     finally:
@@ -271,6 +306,29 @@ def test_ctrl_c_while_connecting_exits_130_at_once_and_sigterm_0(tmp_path: Path)
         # each endpoint's circuit opens once; its trial at every retry is not news
         assert sum("circuit_changed" in line for line in said) <= len(TRANSPORTS), said
         no_traceback("".join(said))
+
+
+def test_ctrl_c_in_a_handshake_that_never_ends_exits_130_at_once(tmp_path: Path) -> None:
+    with silent_server() as (port, connected):
+        env = relay_env(
+            {**free_ports(), "tls": port}, CLOUDBRIDGE_TOKEN="x", CLOUDBRIDGE_TRANSPORT__MODE="tls"
+        )
+        client = subprocess.Popen(
+            [BIN / "cloudbridge", *tunnel_args("--control-socket", str(tmp_path / "c.sock"))],
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        assert connected.wait(20), "the client never connected"
+        began = time.monotonic()
+        client.send_signal(signal.SIGINT)
+        assert client.wait(10) == 130
+        assert time.monotonic() - began < 2, "it waited for the connect timeout"
+    assert client.stderr is not None
+    said = client.stderr.read()
+    client.stderr.close()
+    no_traceback(said)
+    assert said.splitlines()[-1] == "interrupted", said
 
 
 def test_each_relay_listener_is_announced_once(tmp_path: Path) -> None:
@@ -317,3 +375,86 @@ def test_without_a_config_file_the_client_says_where_it_looked(tmp_path: Path) -
     done, _ = cloudbridge(*tunnel_args("--once"), env=named)
     assert "no config file" not in done.stderr  # a relay named anywhere is what was meant
     no_traceback(done.stderr)
+
+
+#: what a new user must not read in a client's terminal at the default level: a library's
+#: internals (aioice's ICE checks, aioquic's version and ALPN of each peer session, logged
+#: as component "quic"), asyncio's own complaints, tracebacks
+LIBRARY_NOISE = re.compile(
+    r"component=(aioice|aioquic|quic|http3)\b|socket\.send\(\) raised|Exception in callback"
+    r"|never retrieved|Traceback"
+)
+
+
+def test_two_peers_meet_and_their_terminals_stay_quiet(tmp_path: Path) -> None:
+    state = tmp_path / "D"
+    env = relay_env({"tls": free_port()}, CLOUDBRIDGE_DISABLE_PLUGINS="quic,grpc,websocket")
+    relay = start(
+        *("relay", "serve", "--dev", "--state-dir", str(state)), env=env, ready="client config:"
+    )
+    peers: dict[str, subprocess.Popen[str]] = {}
+    try:
+        token = issue_token(state, "p2p:mesh")
+        sockets = {name: tmp_path / f"{name}.sock" for name in ("alpha", "beta")}
+        logs = {name: tmp_path / f"{name}.log" for name in sockets}
+        for name, control in sockets.items():
+            # a config file each: a device's key is kept per config, and two devices of a
+            # tenant may not share one
+            config = tmp_path / f"{name}.yaml"
+            config.write_text((state / "client.yaml").read_text())
+            with logs[name].open("w") as log:
+                peers[name] = subprocess.Popen(
+                    [
+                        *(BIN / "cloudbridge", "p2p", "--config", str(config)),
+                        *("--control-socket", str(control)),
+                    ],
+                    stderr=log,
+                    text=True,
+                    env={
+                        **env,
+                        "CLOUDBRIDGE_TOKEN": token,
+                        "CLOUDBRIDGE_P2P__NAME": name,
+                        "XDG_STATE_HOME": str(tmp_path / "state"),
+                    },
+                )
+        alpha = ("--control-socket", str(sockets["alpha"]))
+        deadline = time.monotonic() + 30
+        while True:
+            shown, _ = cloudbridge("status", "--json", *alpha, env=env)
+            met = shown.returncode == 0 and any(
+                peer["name"] == "beta" and peer["connected"]
+                for peer in json.loads(shown.stdout)["peers"]
+            )
+            if met:
+                break
+            exited = [name for name, p in peers.items() if p.poll() is not None]
+            assert not exited, "\n".join(logs[name].read_text() for name in exited)
+            assert time.monotonic() < deadline, shown.stdout + shown.stderr
+            time.sleep(0.2)
+        pong, _ = cloudbridge("ping", "beta", "--json", *alpha, env=env)
+        assert pong.returncode == 0, pong.stderr
+        answer = json.loads(pong.stdout)
+        Draft202012Validator(cli_schema("ping")).validate(answer)
+        assert answer["peer"] == "beta"
+        explained, _ = cloudbridge("status", "--explain", "beta", "--json", *alpha, env=env)
+        assert explained.returncode == 0, explained.stderr
+        why = json.loads(explained.stdout)
+        Draft202012Validator(cli_schema("status-explain")).validate(why)
+        assert {attempt["strategy"] for attempt in why["attempts"]} >= {"ice", "derp"}
+        for process in peers.values():
+            process.send_signal(signal.SIGINT)
+        assert [process.wait(10) for process in peers.values()] == [130, 130]
+    finally:
+        for process in peers.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        assert stop(relay) == 0
+    for name, log in logs.items():
+        said = log.read_text().splitlines()
+        assert f"in the mesh as {name}" in "\n".join(said), said
+        noisy = [line for line in said if LIBRARY_NOISE.search(line)]
+        assert not noisy, "\n".join(noisy)
+        failures = [line for line in said if "path_attempt_failed" in line]
+        strategies = [re.search(r"strategy=(\w+)", line) for line in failures]
+        assert len(failures) == len({s.group(1) for s in strategies if s}), failures

@@ -1,14 +1,17 @@
 """Issue 18, the first hour: the README's first command, ``./dev demo --duration 3``, prints
-no traceback and no warning, and exits 0."""
+no traceback and no warning, and exits 0; its ``--json`` report is the documented one."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
 from cli_process import BIN, environment
+from cloudbridge_core.config.schema import cli_schema
+from jsonschema import Draft202012Validator
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -32,3 +35,20 @@ def test_the_demo_is_clean(tmp_path: Path) -> None:
     noisy = [line for line in output.splitlines() if NOISE.search(line)]
     assert not noisy, "\n".join(noisy)
     assert "throughput_bytes_per_second" in ran.stdout  # it did push traffic
+
+
+def test_the_demo_reports_in_json_as_documented(tmp_path: Path) -> None:
+    ran = subprocess.run(
+        [BIN / "cloudbridge", "demo", "--duration", "1", "--json"],
+        capture_output=True,
+        text=True,
+        env=environment(HOME=str(tmp_path)),
+        cwd=tmp_path,
+        check=False,
+        timeout=60,
+    )
+    assert ran.returncode == 0, ran.stderr
+    document = json.loads(ran.stdout)
+    Draft202012Validator(cli_schema("demo")).validate(document)
+    assert document["tunnel"]["bytes_sent"] > 0
+    assert document["tunnel"]["throughput_bytes_per_second"] > 0

@@ -32,6 +32,8 @@ def test_ice_checks_are_not_shown_at_info(tmp_path: Path) -> None:
     configure_logging(level="info", fmt="json", output=str(target))
     logging.getLogger("aioice.ice").info(CHECK)
     logging.getLogger("websockets.server").info("server listening on 127.0.0.1:1")
+    logging.getLogger("quic").info("[f67d4ba1] ALPN negotiated protocol cloudbridge-peer/1")
+    logging.getLogger("http3").info("an HTTP/3 frame")
     logging.getLogger("aioice.ice").warning("a library warning")
     logging.getLogger("cloudbridge.relay").info("listening")
     assert [(line["level"], line["event"]) for line in _lines(target)] == [

@@ -107,8 +107,9 @@ def _default_component(
 
 
 #: libraries whose info lines are their internals (aioice's every ICE check, websockets'
-#: "server listening" beside the relay's own line): shown at debug, as debug lines
-LIBRARY_LOGGERS = ("aioice", "aioquic", "websockets", "grpc")
+#: "server listening" beside the relay's own line, aioquic's version and ALPN of every
+#: peer session): shown at debug, as debug lines. aioquic logs as "quic" and "http3".
+LIBRARY_LOGGERS = ("aioice", "aioquic", "quic", "http3", "websockets", "grpc")
 
 
 class _DemoteLibraryInfo(logging.Filter):
