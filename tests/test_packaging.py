@@ -88,7 +88,11 @@ def test_wheel_ships_its_schemas(core_alone: Venv) -> None:
 
 
 def test_each_plugin_installs_with_only_the_core(tmp_path: Path) -> None:
-    for plugin, family in (("jwt", "auth_provider"), ("websocket", "transport")):
+    for plugin, family in (
+        ("jwt", "auth_provider"),
+        ("websocket", "transport"),
+        ("wireguard", "overlay"),
+    ):
         venv = make_venv(tmp_path / plugin)
         venv.install(ROOT / "core", ROOT / "plugins" / f"cloudbridge-{plugin}")
         listed = {p["name"]: p for p in venv.cloudbridge_json("plugins", "list")["plugins"]}
