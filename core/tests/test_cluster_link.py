@@ -366,7 +366,12 @@ def test_a_member_that_stops_reading_never_blocks_send(
             return True
 
         async with member("relay-b", deliver_never) as server:
-            pool = LinkPool(LinkIdentity.issue(CA, "relay-a"), queue_bytes=256 * 1024)
+            registry = CollectorRegistry()
+            pool = LinkPool(
+                LinkIdentity.issue(CA, "relay-a"),
+                queue_bytes=256 * 1024,
+                metrics=LinkMetrics(registry),
+            )
             address = f"127.0.0.1:{server.port}"
             payload = os.urandom(1400)
             await send_all(pool, "relay-b", address, [LinkPacket("acme", ALICE, BOB, payload)])
@@ -379,6 +384,9 @@ def test_a_member_that_stops_reading_never_blocks_send(
                     await asyncio.sleep(0)  # the loop flushes the batch to the socket
             else:
                 pytest.fail("send never dropped a packet for a member that stopped reading")
+            # what an operator sees of it
+            dropped = "cloudbridge_relay_cluster_link_packets_dropped_total"
+            assert (registry.get_sample_value(dropped) or 0) >= 1
             assert pool.connected() == ["relay-b"]
             stuck.set()
             await pool.aclose()

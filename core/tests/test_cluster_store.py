@@ -528,6 +528,10 @@ def test_a_relay_that_stops_refreshing_is_gone_with_its_devices(redis_cluster: C
                 "relay-b": record("relay-b"),
             }
             assert registry.get_sample_value("cloudbridge_relay_cluster_relays") == 2
+            timed = registry.get_sample_value(
+                "cloudbridge_relay_cluster_backend_latency_seconds_count", {"operation": "relays"}
+            )
+            assert (timed or 0) >= 1
             await store_b.put_device("acme", "p2", info("p2"))
             await store_a.put_device("acme", "p1", info("p1"))
             assert set(await store_a.devices("acme")) == {"p1", "p2"}
