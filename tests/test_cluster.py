@@ -4,17 +4,25 @@ revocations hold at every relay, and a Redis outage degrades only what crosses r
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from cli_process import BIN, NO_KEYRING, echo_once, environment, start, stop
+from cloudbridge_core.client import connection, race
+from cloudbridge_core.config import load_config, merged_schema
+from cloudbridge_core.config.schema import cli_schema
+from cloudbridge_core.plugins import PluginSelection, load_plugins
+from cloudbridge_core.protocol import messages
 from cluster_bed import PLUGINS_OFF, ClusterBed, cluster_bed, until
+from jsonschema import Draft202012Validator
 from loopback import echo, free_port, serving
 
 pytestmark = pytest.mark.timeout(180)
@@ -59,6 +67,40 @@ def ended(process: subprocess.Popen[str]) -> int:
     assert process.stderr is not None
     process.stderr.close()
     return code
+
+
+def health_json(bed: ClusterBed, config: Path) -> dict[str, Any]:
+    """``cloudbridge health --json`` of the client ``config``, checked against its schema;
+    healthy or degraded, so exit 0."""
+    checked = bed.cloudbridge("health", "--config", config, "--json")
+    assert checked.returncode == 0, checked.stderr
+    report: dict[str, Any] = json.loads(checked.stdout)
+    Draft202012Validator(cli_schema("health")).validate(report)
+    return report
+
+
+def assert_relay_healthy(bed: ClusterBed, config: Path) -> None:
+    report = health_json(bed, config)
+    assert (report["status"], report["reasons"]) == ("healthy", [])
+    assert report["details"]["relay_connection"]["relay_degraded"] == []
+
+
+def welcome_of_an_older_client(config: Path, monkeypatch: pytest.MonkeyPatch) -> messages.Welcome:
+    """The welcome of the client ``config`` offering what clients offered before the
+    capability ``degraded``."""
+    offered = tuple(c for c in connection.CAPABILITIES if c != messages.DEGRADED)
+    monkeypatch.setattr(connection, "CAPABILITIES", offered)
+
+    async def welcome() -> messages.Welcome:
+        plugins = load_plugins(PluginSelection(deny=frozenset(PLUGINS_OFF.split(","))))
+        settings = load_config(config, environ={}, schema=merged_schema(plugins.config_sections()))
+        relay = await race.connect(settings, plugins)
+        try:
+            return relay.welcome
+        finally:
+            await relay.aclose()
+
+    return asyncio.run(welcome())
 
 
 def peer_names(bed: ClusterBed, config: Path) -> list[str]:
@@ -190,7 +232,7 @@ def test_a_token_revoked_through_one_relay_ends_its_session_on_another(tmp_path:
 
 
 def test_a_redis_outage_keeps_sessions_and_the_cluster_recovers_by_itself(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with cluster_bed(tmp_path) as bed, serving(echo) as echo_port:
         server = bed.client_config("server", bed.token("acme", "server"), [1], expose=[echo_port])
@@ -199,17 +241,35 @@ def test_a_redis_outage_keeps_sessions_and_the_cluster_recovers_by_itself(
         tunnel, local = relayed_tunnel(tunnel_config, echo_port)
         processes.append(tunnel)
         assert bed.probe(1).startswith("ok")
+        assert_relay_healthy(bed, server)
         bed.redis.kill()
         until(lambda: bed.probe(1).startswith("degraded"), 30, "relay 1 says it is degraded")
         assert "cluster_backend_up 0.0" in bed.probe(1, "/metrics")
         assert "cluster_backend_lost" in bed.logged(1)
         # what the relay holds goes on: the open tunnel, new sessions at it
         assert echo_once(local, b"during the outage") == b"during the outage"
-        assert bed.cloudbridge("health", "--config", server).returncode == 0
+        # and its clients' health check says why cross-relay features wait (still exit 0)
+        report = health_json(bed, server)
+        assert report["status"] == "degraded"
+        assert report["details"]["relay_connection"]["status"] == "connected"
+        assert [d["code"] for d in report["details"]["relay_connection"]["relay_degraded"]] == [
+            "cluster_backend"
+        ]
+        [reason] = report["reasons"]
+        assert reason.startswith("the relay is degraded: its cluster store (Redis) cannot be")
+        assert "sessions on this relay keep working" in reason
+        text = bed.cloudbridge("health", "--config", server)
+        assert text.returncode == 0, text.stderr
+        assert "Status:     degraded" in text.stdout
+        assert f"  - {reason}" in text.stdout
+        # a client older than the welcome's degraded would refuse the field: it gets none
+        older = welcome_of_an_older_client(server, monkeypatch)
+        assert (older.capabilities, older.degraded) == ((messages.MESH_REPORT,), None)
         bed.redis.start()
         until(lambda: bed.probe(1).startswith("ok"), 60, "relay 1 is back in the cluster")
         assert "cluster_backend_up 1.0" in bed.probe(1, "/metrics")
         assert "cluster_backend_back" in bed.logged(1)
+        assert_relay_healthy(bed, server)
         # a device joining at relay 2 sees the one relay 1 held through the outage
         laptop = bed.client_config("laptop", bed.token("acme", "laptop"), [2])
         peer, peer_local = peer_tunnel(laptop, "server", echo_port)

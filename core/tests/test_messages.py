@@ -15,6 +15,14 @@ EXAMPLES: list[m.Message] = [
     m.Welcome(
         session_id="s3ss10n-id", tenant_id="acme", heartbeat_interval_seconds=30, server_time=1.5e9
     ),
+    m.Welcome(
+        session_id="s3ss10n-id",
+        tenant_id="acme",
+        heartbeat_interval_seconds=30,
+        server_time=1.5e9,
+        capabilities=(m.MESH_REPORT, m.DEGRADED),
+        degraded=(m.CLUSTER_BACKEND,),
+    ),
     m.ErrorMessage(code="invalid_token", message="token signature is invalid"),
     m.Ping(nonce=7),
     m.Pong(nonce=7),

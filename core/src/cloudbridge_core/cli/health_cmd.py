@@ -107,7 +107,8 @@ def _report(ctx: click.Context, as_json: bool) -> int:
     lines = [
         f"Status:     {document['status']}",
         f"Relay:      {relay['status']}"
-        + (f" over {relay['transport']}, {relay['latency_ms']} ms" if relay["transport"] else ""),
+        + (f" over {relay['transport']}, {relay['latency_ms']} ms" if relay["transport"] else "")
+        + (", the relay is degraded (see below)" if relay.get("relay_degraded") else ""),
         f"Token:      {auth['status']}"
         + (f", expires in {format_duration(expires)}" if expires is not None else ""),
     ]

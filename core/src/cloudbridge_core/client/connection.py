@@ -46,7 +46,7 @@ from cloudbridge_core.wire import MessageStream
 
 log = get_logger("relay.client")
 
-CAPABILITIES = ("mux", "tunnel", "queue", messages.MESH_REPORT)
+CAPABILITIES = ("mux", "tunnel", "queue", messages.MESH_REPORT, messages.DEGRADED)
 #: how long a connected session's host may take to resolve for ``status`` (else its name)
 RESOLVE_FOR_STATUS_SECONDS = 1.0
 #: what ends a hello's wait

@@ -4,8 +4,9 @@ The document has the seed's Part 6.5 shape: ``status`` (healthy, degraded, unhea
 ``details`` for network connectivity, authentication, the relay connection, the p2p mesh
 and performance, in base units (``*_seconds``, ``*_ratio``); the seed's ``*_ms`` and
 ``*_percent`` fields stay beside them, deprecated (schemas/cli/health.schema.json).
-Degraded still works: on a fallback transport, losing heartbeats, or with a token about
-to expire.
+Degraded still works: on a fallback transport, losing heartbeats, with a token about
+to expire, or through a relay that says in its welcome that part of it is degraded (its
+cluster store cannot be reached).
 """
 
 from __future__ import annotations
@@ -26,12 +27,19 @@ from cloudbridge_core.client.tokens import (
 from cloudbridge_core.config import Config
 from cloudbridge_core.errors import CloudBridgeError, HeartbeatFailed
 from cloudbridge_core.plugins import Plugins
+from cloudbridge_core.protocol import messages
 
 PINGS = 5
 #: what a token needs to forward ports through the relay (relay/server.py checks it)
 TUNNEL_PERMISSION = "tunnel:create"
 #: a token with less left than this makes the client degraded: renew it soon
 TOKEN_RENEWAL_SECONDS = 3600
+#: what a welcome's ``degraded`` codes mean for the user of the relay
+RELAY_DEGRADED = {
+    messages.CLUSTER_BACKEND: "its cluster store (Redis) cannot be reached, so devices on"
+    " other relays, invites, token revocations and new overlay addresses wait until it is"
+    " back; sessions on this relay keep working",
+}
 
 
 def mesh_health(running: dict[str, Any] | None, enabled: bool) -> dict[str, Any]:
@@ -117,12 +125,7 @@ async def check_health(
         if expires_in is not None and expires_in < TOKEN_RENEWAL_SECONDS:
             degraded.append(f"the token expires in {format_duration(expires_in)}")
         rtts = await _pings(connection, config.settings.transport.connect_timeout)
-        details["relay_connection"] = {
-            "status": "connected",
-            "transport": connection.transport,
-            "reason": reason,
-            **_seconds_and_ms("latency", min(rtts) if rtts else None),
-        }
+        details["relay_connection"], relay_reasons = _relay_connection(connection, reason, rtts)
         loss = (PINGS - len(rtts)) / PINGS
         details["performance"].update(
             **_seconds_and_ms("avg_latency", sum(rtts) / len(rtts) if rtts else None),
@@ -133,12 +136,37 @@ async def check_health(
             problems.append("the relay answered no heartbeat")
         elif loss:
             degraded.append(f"{100 * loss:g}% of heartbeats were lost")
-        if reason.startswith("fallback"):
-            degraded.append(f"on a fallback transport: {reason}")
+        degraded += relay_reasons
     finally:
         await connection.aclose()
     status = "unhealthy" if problems else "degraded" if degraded else "healthy"
     return _document(status, details, problems + degraded, warnings)
+
+
+def _relay_connection(
+    connection: RelayConnection, reason: str, rtts: list[float]
+) -> tuple[dict[str, Any], list[str]]:
+    """The ``relay_connection`` part, and why the relay reached makes the client degraded:
+    a fallback transport, or what the relay's welcome names degraded."""
+    relay_degraded = [
+        {"code": code, "message": _relay_degraded_message(code)}
+        for code in connection.welcome.degraded or ()
+    ]
+    part = {
+        "status": "connected",
+        "transport": connection.transport,
+        "reason": reason,
+        **_seconds_and_ms("latency", min(rtts) if rtts else None),
+        "relay_degraded": relay_degraded,
+    }
+    reasons = [f"on a fallback transport: {reason}"] if reason.startswith("fallback") else []
+    return part, reasons + [f"the relay is degraded: {d['message']}" for d in relay_degraded]
+
+
+def _relay_degraded_message(code: str) -> str:
+    """What a welcome's ``degraded`` code means, in words; a code from a newer relay as is
+    (the schema keeps it to a short plain word)."""
+    return RELAY_DEGRADED.get(code, f"it names {code!r}, which this client does not know")
 
 
 def _seconds_and_ms(name: str, seconds: float | None) -> dict[str, float | None]:

@@ -36,6 +36,11 @@ MAX_RELAY_MESSAGE_SIZE = 1024 * 1024
 MAX_CONTROL_MESSAGE_SIZE = 64 * 1024
 #: the capability a client offers and a relay takes for ``mesh_report``
 MESH_REPORT = "mesh_report"
+#: the capability of a client that reads the welcome's ``degraded`` (older clients refuse a
+#: welcome with a field they do not know)
+DEGRADED = "degraded"
+#: in ``degraded``: the relay's cluster store (Redis) cannot be reached
+CLUSTER_BACKEND = "cluster_backend"
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,10 @@ class Welcome:
     #: what the relay takes of what the hello offered (``mesh_report``); left out for a
     #: client that offered nothing it could name (older clients know no such field)
     capabilities: tuple[str, ...] | None = None
+    #: what the relay cannot do now while it serves this session (``cluster_backend``); left
+    #: out when nothing is degraded, by older relays, and for a client that did not offer
+    #: ``degraded``
+    degraded: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -395,8 +404,9 @@ def encode(message: Message) -> bytes:
         "type": message.TYPE,
         **{key: value for key, value in asdict(message).items() if value is not None},
     }
-    if "capabilities" in body:
-        body["capabilities"] = list(body["capabilities"])
+    for listed in ("capabilities", "degraded"):
+        if listed in body:
+            body[listed] = list(body[listed])
     data = json.dumps(body, separators=(",", ":")).encode()
     if len(data) > MAX_RELAY_MESSAGE_SIZE:
         raise ValueError(
@@ -430,8 +440,9 @@ def decode_body(data: bytes) -> Message:
         where = ".".join(str(p) for p in error.absolute_path) or "message"
         raise ProtocolViolation(f"invalid {kind}: field {where!r} fails {error.validator!r}")
     fields = {k: v for k, v in body.items() if k != "type"}
-    if "capabilities" in fields:
-        fields["capabilities"] = tuple(fields["capabilities"])
+    for listed in ("capabilities", "degraded"):
+        if listed in fields:
+            fields[listed] = tuple(fields[listed])
     message = _TYPES[body["type"]](**fields)
     if kind in CHECKED_KINDS:
         _decoded.put(bytes(data), message)

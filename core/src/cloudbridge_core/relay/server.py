@@ -64,7 +64,7 @@ _debug = debug_on("relay.server")
 
 CONNECT = "relay:connect"
 #: what the relay takes of what a hello offers (said back in the welcome)
-TAKEN = frozenset({messages.MESH_REPORT})
+TAKEN = frozenset({messages.MESH_REPORT, messages.DEGRADED})
 TUNNEL = "tunnel:create"
 #: a tunnel's accept waits this long at most for the target's first bytes to go with it
 ACCEPT_JOINS_DATA_WITHIN = 0.001
@@ -404,12 +404,14 @@ class Relay:
             await _refuse(control, error)
         if hello.replaces:
             self._close_replaced(hello.replaces, claims)
+        taken = tuple(c for c in hello.capabilities if c in TAKEN)
         welcome = messages.Welcome(
             session_id=session_id,
             tenant_id=claims.tenant_id,
             heartbeat_interval_seconds=self.limits.heartbeat_interval,
             server_time=time.time(),
-            capabilities=tuple(c for c in hello.capabilities if c in TAKEN) or None,
+            capabilities=taken or None,
+            degraded=(self.degraded() or None) if messages.DEGRADED in taken else None,
         )
         try:
             await control.send(welcome)
@@ -425,6 +427,11 @@ class Relay:
             transport=transport,
         )
         return session_id
+
+    def degraded(self) -> tuple[str, ...]:
+        """What this relay cannot do now while it serves its sessions (the welcome's
+        ``degraded``): the cluster-wide part while its cluster store cannot be reached."""
+        return () if self.cluster.healthy else (messages.CLUSTER_BACKEND,)
 
     def _close_replaced(self, session_id: str, claims: Claims) -> None:
         """Close the session a reconnecting client lost, if this relay still holds it for
