@@ -33,6 +33,7 @@ def cloudbridge(
 class Relay:
     state: Path
     tls_port: int
+    websocket_port: int
 
     @property
     def client_config(self) -> Path:
@@ -43,13 +44,13 @@ class Relay:
 def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
     """A relay on tls and websocket whose ports come from its config file, not defaults."""
     home = tmp_path_factory.mktemp("relay")
-    tls_port = free_port()
+    tls_port, websocket_port = free_port(), free_port()
     config = home / "relay.yaml"
     config.write_text(
         yaml.safe_dump(
             {
                 "server": {"listen": "127.0.0.1", "public_host": "127.0.0.1"},
-                "transport": {"tls": {"port": tls_port}, "websocket": {"port": free_port()}},
+                "transport": {"tls": {"port": tls_port}, "websocket": {"port": websocket_port}},
                 "metrics": {"enabled": False},
             }
         )
@@ -61,7 +62,7 @@ def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
         ready="client config:",
     )
     try:
-        yield Relay(home / "D", tls_port)
+        yield Relay(home / "D", tls_port, websocket_port)
     finally:
         assert stop(serving) == 0
 
@@ -287,3 +288,27 @@ def test_invite_create_without_config_names_the_served_port(relay: Relay, tmp_pa
     )
     assert created.returncode == 0, created.stderr
     assert created.stdout.startswith(f"cloudbridge://127.0.0.1:{relay.tls_port}/join?")
+
+
+# ---- 6. a port that speaks TLS but is not the transport's -----------------------------------
+
+
+def test_a_tls_port_of_another_transport_is_named_as_a_likely_cause(
+    relay: Relay, tmp_path: Path
+) -> None:
+    config = client_config(relay, tmp_path)
+    mixed_up = cloudbridge(
+        *("tunnel", "--config", str(config), "--local-port", "0", "--once"),
+        *("--remote-host", "127.0.0.1", "--remote-port", "9"),
+        CLOUDBRIDGE_TOKEN=issue_token(relay.state),
+        CLOUDBRIDGE_TRANSPORT__MODE="tls",
+        CLOUDBRIDGE_TRANSPORT__TLS__PORT=str(relay.websocket_port),  # the websocket listener
+        CLOUDBRIDGE_TRANSPORT__CONNECT_TIMEOUT="1s",
+    )
+    assert mixed_up.returncode == 5, mixed_up.stderr
+    said = mixed_up.stderr.splitlines()
+    assert said[0].startswith("error: the relay took the tls connection but sent no answer"), said
+    assert said[1:] == [
+        "hint: is transport.tls.port the port the relay prints for tls?"
+        " (a relay too busy to answer looks alike)"
+    ]

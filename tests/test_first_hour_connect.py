@@ -230,6 +230,23 @@ def test_no_relay_names_the_ports_and_a_wrong_port_gives_a_reason(tmp_path: Path
     assert "not as a CloudBridge relay: check relay.host and transport.tls.port" in done.stderr
     no_traceback(done.stderr)
 
+    with silent_server() as (silent, _):  # a host that is down, a firewall that drops
+        done, _ = cloudbridge(
+            *tunnel_args("--once"),
+            env=relay_env(
+                {**ports, "tls": silent},
+                CLOUDBRIDGE_TOKEN="x",
+                CLOUDBRIDGE_TRANSPORT__MODE="tls",
+                CLOUDBRIDGE_TRANSPORT__CONNECT_TIMEOUT="1s",
+            ),
+        )
+    assert done.returncode == 5, done.stderr
+    assert done.stderr.splitlines() == [
+        "error: no tls connection to the relay in 1s (timeout)",
+        f"hint: nothing answered at 127.0.0.1:{silent}: a host that is down or a firewall that"
+        " drops the packets looks like this; check relay.host and transport.tls.port",
+    ]
+
 
 def test_a_client_waits_for_the_relay_then_ctrl_c_exits_130(tmp_path: Path) -> None:
     state = tmp_path / "D"

@@ -330,7 +330,11 @@ async def attempt(
         async with asyncio.timeout(timeout):
             session = await transport.connect(endpoint)
     except TimeoutError:
-        raise ConnectionTimeout(f"no {name} connection to the relay in {timeout:g}s") from None
+        raise ConnectionTimeout(
+            f"no {name} connection to the relay in {timeout:g}s",
+            hint=f"nothing answered at {host}:{port}: a host that is down or a firewall that"
+            f" drops the packets looks like this; check relay.host and transport.{name}.port",
+        ) from None
     hello = messages.Hello(
         token=token,
         client_version=__version__,
@@ -410,7 +414,10 @@ async def _introduce(
         except TimeoutError:
             raise ConnectionTimeout(
                 f"the relay took the {transport} connection but sent no answer to its hello"
-                f" in {time.perf_counter() - started:.1f}s"
+                f" in {time.perf_counter() - started:.1f}s",
+                # what answers there may speak TLS without being this transport's listener
+                hint=f"is transport.{transport}.port the port the relay prints for"
+                f" {transport}? (a relay too busy to answer looks alike)",
             ) from None
         if isinstance(reply, messages.ErrorMessage):
             raise error_for_code(
