@@ -20,16 +20,20 @@ pytestmark = pytest.mark.timeout(90)
 NOISE = re.compile(r"Traceback|Task exception|Exception in callback|never retrieved|warning", re.I)
 
 
-def test_the_demo_is_clean(tmp_path: Path) -> None:
-    ran = subprocess.run(
-        [BIN / "cloudbridge", "demo", "--duration", "3"],
+def run_demo(home: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [BIN / "cloudbridge", "demo", *options],
         capture_output=True,
         text=True,
-        env=environment(HOME=str(tmp_path)),
-        cwd=tmp_path,
+        env=environment(HOME=str(home)),
+        cwd=home,
         check=False,
         timeout=60,
     )
+
+
+def test_the_demo_is_clean(tmp_path: Path) -> None:
+    ran = run_demo(tmp_path, "--duration", "3")
     output = ran.stdout + ran.stderr
     assert ran.returncode == 0, output
     noisy = [line for line in output.splitlines() if NOISE.search(line)]
@@ -38,15 +42,7 @@ def test_the_demo_is_clean(tmp_path: Path) -> None:
 
 
 def test_the_demo_reports_in_json_as_documented(tmp_path: Path) -> None:
-    ran = subprocess.run(
-        [BIN / "cloudbridge", "demo", "--duration", "1", "--json"],
-        capture_output=True,
-        text=True,
-        env=environment(HOME=str(tmp_path)),
-        cwd=tmp_path,
-        check=False,
-        timeout=60,
-    )
+    ran = run_demo(tmp_path, "--duration", "1", "--json")
     assert ran.returncode == 0, ran.stderr
     document = json.loads(ran.stdout)
     Draft202012Validator(cli_schema("demo")).validate(document)
