@@ -348,6 +348,29 @@ def test_ctrl_c_in_a_handshake_that_never_ends_exits_130_at_once(tmp_path: Path)
     assert said.splitlines()[-1] == "interrupted", said
 
 
+def test_ctrl_c_while_the_cli_is_still_loading_exits_130_without_a_traceback(
+    tmp_path: Path,
+) -> None:
+    # loading the CLI (click, jsonschema, the plugins) takes a few hundred milliseconds,
+    # longer on a busy machine: these moments fall inside it, the last ones after it
+    env = relay_env(free_ports(), CLOUDBRIDGE_TOKEN="x")
+    for moment in (0.1, 0.2, 0.3, 0.45, 0.6, 2.0):
+        client = subprocess.Popen(
+            [BIN / "cloudbridge", *tunnel_args("--control-socket", str(tmp_path / "c.sock"))],
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        time.sleep(moment)
+        client.send_signal(signal.SIGINT)
+        assert client.wait(10) == 130, moment
+        assert client.stderr is not None
+        said = client.stderr.read()
+        client.stderr.close()
+        no_traceback(said)
+        assert said.splitlines()[-1] == "interrupted", (moment, said)
+
+
 def test_each_relay_listener_is_announced_once(tmp_path: Path) -> None:
     # websocket left out: the websockets library's own "server listening" line is the
     # library-noise part of issue 18 (logging), not the relay's announcement
