@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -312,3 +314,31 @@ def test_a_tls_port_of_another_transport_is_named_as_a_likely_cause(
         "hint: is transport.tls.port the port the relay prints for tls?"
         " (a relay too busy to answer looks alike)"
     ]
+
+
+def test_a_missing_or_forbidden_path_is_one_classified_error(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    missing = cloudbridge("relay", "serve", "--state-dir", str(tmp_path / "a-file" / "state"))
+    assert missing.returncode == 1, missing.stderr
+    assert missing.stderr.splitlines() == [
+        f"error: no such file or directory: {tmp_path / 'a-file' / 'state'} (file_missing)",
+        "hint: check the path (given on the command line or in the config)",
+    ]
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run the CLI as a user who may not read the path")
+    forbidden = subprocess.run(
+        [
+            *("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"),
+            *(BIN / "cloudbridge", "--json", "relay", "serve", "--state-dir", tmp_path / "state"),
+        ],
+        capture_output=True,
+        text=True,
+        env=environment(HOME=str(tmp_path)),
+        check=False,
+        timeout=30,
+    )
+    assert forbidden.returncode == 1, forbidden.stderr
+    (line,) = forbidden.stderr.splitlines()
+    error = json.loads(line)["error"]
+    assert error["code"] == "permission_denied", error
+    assert error["message"].startswith(f"permission denied: {tmp_path}"), error

@@ -10,6 +10,8 @@ The ``code`` is the same string in wire messages, logs, metrics labels and CLI o
     ├── ConfigError                      config_invalid    exit 3
     ├── ProviderNotInstalled             provider_missing  exit 1
     ├── AddressInUse                     address_in_use    exit 1
+    ├── FileMissing                      file_missing      exit 1
+    ├── PermissionDenied                 permission_denied exit 1
     ├── AuthError                        auth_failed       exit 4
     │   ├── InvalidToken                 invalid_token     exit 4
     │   ├── TokenExpired                 token_expired     exit 4
@@ -151,6 +153,18 @@ class AddressInUse(CloudBridgeError):
     local port, a relay's transport port. Said before anything connects."""
 
     code = "address_in_use"
+
+
+class FileMissing(CloudBridgeError):
+    """A file or directory the command was given (a flag, a config key) does not exist."""
+
+    code = "file_missing"
+
+
+class PermissionDenied(CloudBridgeError):
+    """The operating system refused this process a file, directory or socket it needs."""
+
+    code = "permission_denied"
 
 
 class AuthError(CloudBridgeError):

@@ -19,7 +19,13 @@ import click
 from cloudbridge_core import __version__
 from cloudbridge_core.cli.output import message, report_error
 from cloudbridge_core.cli.runtime import log, runtime_of
-from cloudbridge_core.errors import CloudBridgeError, ExitCode, ProviderNotInstalled
+from cloudbridge_core.errors import (
+    CloudBridgeError,
+    ExitCode,
+    FileMissing,
+    PermissionDenied,
+    ProviderNotInstalled,
+)
 from cloudbridge_core.log import LEVELS
 
 #: commands that must work even when an explicitly selected plugin is broken
@@ -257,10 +263,9 @@ def run(command: click.Command, args: Sequence[str]) -> int:
     except OSError as error:
         if debug:
             traceback.print_exc()
-        where = f": {error.filename}" if error.filename else ""
-        message(f"error: {error.strerror or error}{where}")
-        message("hint: run again with --debug for the traceback")
-        return int(ExitCode.FAILURE)
+        classified = classify_os_error(error)
+        report_error(classified, as_json=as_json)
+        return int(classified.exit_code)
     except Exception as error:  # noqa: BLE001 - the last line: no traceback without --debug
         if debug:
             traceback.print_exc()
@@ -268,6 +273,24 @@ def run(command: click.Command, args: Sequence[str]) -> int:
         message("hint: run again with --debug for the traceback, and report it as a bug")
         return int(ExitCode.FAILURE)
     return result if isinstance(result, int) else int(ExitCode.OK)
+
+
+def classify_os_error(error: OSError) -> CloudBridgeError:
+    """What the operating system refused, as a classified error naming the path at fault."""
+    where = f": {error.filename}" if error.filename else ""
+    if isinstance(error, FileNotFoundError | NotADirectoryError):
+        return FileMissing(
+            f"no such file or directory{where}",
+            hint="check the path (given on the command line or in the config)",
+        )
+    if isinstance(error, PermissionError):
+        return PermissionDenied(
+            f"permission denied{where}",
+            hint="run as a user who may use it, or change its owner or mode",
+        )
+    return CloudBridgeError(
+        f"{error.strerror or error}{where}", hint="run again with --debug for the traceback"
+    )
 
 
 def main() -> None:
