@@ -303,6 +303,17 @@ def test_logout_forgets_the_token_kept_for_the_relay(tmp_path: Path) -> None:
     assert "no token was kept for relay.example.com in the file" in again.stderr
 
 
+def test_logout_on_a_machine_without_a_keyring_says_none_was_kept(tmp_path: Path) -> None:
+    config = tmp_path / "client.yaml"
+    config.write_text("relay:\n  host: relay.example.com\n")
+    done = cloudbridge("logout", "--config", str(config), env={"HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [
+        "no token was kept for relay.example.com in the OS keyring (service 'cloudbridge');"
+        " no keyring backend is available"
+    ]
+
+
 @contextlib.contextmanager
 def taken(port: int) -> Iterator[None]:
     """``port`` on loopback is busy for the block (already busy is as good)."""

@@ -51,7 +51,8 @@ def _forget(stored: StoredTokens, kind: str) -> bool:
     entry = stored.account if kind == "access" else f"{stored.account}#{kind}"
     try:
         keyring.delete_password(stored.keyring_service, entry)
-    except keyring.errors.PasswordDeleteError:
+    except (keyring.errors.PasswordDeleteError, keyring.errors.NoKeyringError):
+        # a machine without a keyring kept nothing in one
         return False
     except keyring.errors.KeyringError as exc:
         raise AuthError(
