@@ -202,14 +202,16 @@ def wait_for(check: Any, within: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def pings(overlay: Overlay, host: int, address: str) -> bool:
-    ping = ["ping", "-c", "1", "-W", "1", address]
+def pings_from(namespace: str, address: str, count: int = 1) -> bool:
+    ping = ["ping", "-c", str(count), "-i", "0.2", "-W", "1", address]
     done = subprocess.run(
-        ["ip", "netns", "exec", overlay.mesh.bed.hosts[host], *ping],
-        capture_output=True,
-        check=False,
+        ["ip", "netns", "exec", namespace, *ping], capture_output=True, check=False
     )
     return done.returncode == 0
+
+
+def pings(overlay: Overlay, host: int, address: str) -> bool:
+    return pings_from(overlay.mesh.bed.hosts[host], address)
 
 
 def test_peers_reach_each_other_by_address_and_name_on_the_stun_path(overlay: Overlay) -> None:
@@ -390,14 +392,8 @@ def test_two_tenants_with_the_same_pool_never_meet(overlay: Overlay) -> None:
     globex = {overlay.address(overlay.config("g-one")), g_two_ip}
     # the same pool, counted apart: globex's devices hold the very addresses acme's do
     assert globex == {overlay.address(overlay.laptop), overlay.address(overlay.server)}
-    ping = ["ping", "-c", "1", "-W", "1", g_two_ip]
     wait_for(
-        lambda: (
-            subprocess.run(
-                ["ip", "netns", "exec", bed.routers[1], *ping], capture_output=True, check=False
-            ).returncode
-            == 0
-        ),
+        lambda: pings_from(bed.routers[1], g_two_ip),
         20,
         "globex's devices never reached each other",
     )
@@ -425,14 +421,8 @@ def test_on_a_direct_path_the_kernel_carries_the_overlay(overlay: Overlay) -> No
     g_one = overlay.config("g-one")
     mesh.wait_for_path(g_one, "direct", within=30)
     g_two_ip = overlay.address(overlay.config("g-two"))
-    ping = ["ping", "-c", "3", "-i", "0.2", "-W", "1", g_two_ip]
     wait_for(
-        lambda: (
-            subprocess.run(
-                ["ip", "netns", "exec", bed.routers[1], *ping], capture_output=True, check=False
-            ).returncode
-            == 0
-        ),
+        lambda: pings_from(bed.routers[1], g_two_ip, count=3),
         20,
         "globex's devices never reached each other",
     )
