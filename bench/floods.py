@@ -37,6 +37,7 @@ from aioquic.quic.connection import QuicConnection
 from cloudbridge_core.api import Endpoint, Stream, TlsTransport, client_context
 from cloudbridge_core.client.race import connect
 from cloudbridge_core.config import load_config, merged_schema
+from cloudbridge_core.log import configure_logging
 from cloudbridge_core.plugins import load_plugins
 from cloudbridge_core.protocol import messages
 from procs import BIN, ECHO, free_port, rss_bytes, started
@@ -248,6 +249,7 @@ def _p99(times: list[float]) -> float:
 
 
 async def run_floods(seconds: float) -> None:
+    configure_logging(level="error")  # the ping flood's own client logs: not onto the tables
     target = free_port()
     ports = {name: free_port() for name in ("tls", "quic", "grpc", "websocket")}
     env = {
