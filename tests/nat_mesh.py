@@ -68,17 +68,20 @@ class Mesh:
         peers = self.status(config)["peers"]
         return peers[0]["path"] if peers and peers[0]["connected"] else None
 
-    def wait_for_path(self, config: Path, path: str, within: float) -> float:
+    def wait_for_path(self, config: Path, path: str | set[str], within: float) -> float:
+        """Seconds until the first peer's path is ``path`` (or one of them)."""
+        wanted = {path} if isinstance(path, str) else path
         started = time.monotonic()
-        while (seen := self.peer_path(config)) != path:
-            assert time.monotonic() - started < within, (
-                f"path {seen}, not {path}: {self.explain(config)}"
-            )
+        while (seen := self.peer_path(config)) not in wanted:
+            if time.monotonic() - started >= within:
+                peers = self.status(config)["peers"]
+                why = self.explain(config, peers[0]["name"]) if peers else "no peer"
+                raise AssertionError(f"path {seen}, not {path}: {why}")
             time.sleep(0.2)
         return time.monotonic() - started
 
-    def explain(self, config: Path) -> str:
-        return self.cloudbridge("status", "--config", str(config), "--explain", "server")
+    def explain(self, config: Path, peer: str = "server") -> str:
+        return self.cloudbridge("status", "--config", str(config), "--explain", peer)
 
     def paced_roundtrip(self, size: int, seconds: float) -> PacedTransfer:
         """A round trip through the peer tunnel that takes ``seconds``, started in h1."""

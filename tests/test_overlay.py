@@ -412,14 +412,16 @@ def test_two_tenants_with_the_same_pool_never_meet(overlay: Overlay) -> None:
     assert bed.exec(bed.hosts[1], [sys.executable, "-c", reach]).strip() != "reached"
 
 
-def test_on_a_direct_path_the_kernel_carries_the_overlay(overlay: Overlay) -> None:
+def test_on_a_hole_punched_path_the_kernel_carries_the_overlay(overlay: Overlay) -> None:
     mesh, bed = overlay.mesh, overlay.mesh.bed
     # globex's devices run on the routers: public addresses of their own, so host to host
     for name, router in (("g-one", 1), ("g-two", 2)):
         if name not in overlay.processes:
             overlay.start(name, ns=bed.routers[router])
     g_one = overlay.config("g-one")
-    mesh.wait_for_path(g_one, "direct", within=30)
+    # ICE names the pair "stun" when a check arrives before the other's candidates (a
+    # peer-reflexive candidate, on a busy machine): the same UDP path between the routers
+    mesh.wait_for_path(g_one, {"direct", "stun"}, within=30)
     g_two_ip = overlay.address(overlay.config("g-two"))
     wait_for(
         lambda: pings_from(bed.routers[1], g_two_ip, count=3),
